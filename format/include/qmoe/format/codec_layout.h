@@ -1,0 +1,55 @@
+// Bit layouts of every qmoe codec, shared by host and device code. format/SPEC.md is the
+// normative description; this header is its executable form. No std containers here: the CUDA
+// kernels include it.
+//
+// Symbols: 0 = zero, 1 = the row's low level (lo <= 0), 2 = the row's high level (hi >= 0).
+#pragma once
+
+#include <cstdint>
+
+#include "qmoe/format/bf16.h"
+
+namespace qmoe {
+
+// ---- qmoe-v1: QMoE's dictionary code --------------------------------------------------------
+// Each row is an independent stream of uint16 codewords. Codeword c stands for entry c of a fixed
+// 65536-entry dictionary; an entry is a run of 1..14 *pairs* of symbols (a pair = the symbols of
+// an even column and the following odd column). Bits per weight: 16 / (2 * mean pairs per code);
+// ~0.74 at P(0) = 0.885.
+//
+// Decode table: 2 x int32 per entry (words 2e, 2e+1), 524288 bytes.
+//   bits 0..3 of both words : number of pairs of the entry (1..14)
+//   word k, pair j (j=0..6) : pair 7k+j; bits 4+4j..5+4j = s0 (even column),
+//                             bits 6+4j..7+4j = s1 (odd column); unused slots are 0.
+// A row of odd width ends with a half pair whose s1 is 0 and is not part of the matrix.
+namespace v1 {
+inline constexpr int kEntries = 65536;
+inline constexpr int kMaxPairs = 14;
+inline constexpr int kPairsPerWord = 7;
+inline constexpr int kTableWords = 2 * kEntries;
+inline constexpr int64_t kTableBytes = int64_t{kTableWords} * 4;
+static_assert(kTableBytes == 524288);
+
+// Number of pairs in the entry whose first table word is w0.
+QMOE_HD int entry_pairs(uint32_t w0) { return static_cast<int>(w0 & 0xfu); }
+// Symbol s0 (even column) / s1 (odd column) of pair j (0..6) of a table word.
+QMOE_HD int pair_s0(uint32_t word, int j) { return static_cast<int>((word >> (4 + 4 * j)) & 3u); }
+QMOE_HD int pair_s1(uint32_t word, int j) { return static_cast<int>((word >> (6 + 4 * j)) & 3u); }
+// Number of pairs a row of `cols` symbols is coded as.
+QMOE_HD int64_t row_pairs(int64_t cols) { return (cols + 1) / 2; }
+}  // namespace v1
+
+// ---- qmoe-p5: plain base-3 packing, the fallback for dense rows ------------------------------
+// Five symbols per byte: byte = s0 + 3*s1 + 9*s2 + 27*s3 + 81*s4 (<= 242), symbol i of the byte
+// is column 5*b + i of the row. Rows are ceil(cols/5) bytes; padding symbols are 0.
+// Bits per weight: 8/5 = 1.6, independent of the data.
+namespace p5 {
+inline constexpr int kSymbolsPerByte = 5;
+inline constexpr int kMaxByte = 242;
+QMOE_HD int64_t row_bytes(int64_t cols) { return (cols + 4) / 5; }
+}  // namespace p5
+
+// Value of symbol s given the row's levels (as float).
+QMOE_HD float symbol_value(int s, float lo, float hi) { return s == 1 ? lo : (s == 2 ? hi : 0.0f); }
+
+}  // namespace qmoe

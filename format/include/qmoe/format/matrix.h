@@ -1,0 +1,72 @@
+// In-memory forms of a ternary matrix: plain symbols (TernaryMatrix), an owning encoded matrix
+// (CompressedMatrix) and a non-owning view of one (CompressedView), e.g. into an mmapped container.
+#pragma once
+
+#include <cstdint>
+#include <optional>
+#include <span>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "qmoe/format/codec_layout.h"
+
+namespace qmoe {
+
+enum class Codec : uint8_t { kV1, kP5 };
+
+// "qmoe-v1" / "qmoe-p5", the names stored in files.
+std::string_view codec_name(Codec c);
+std::optional<Codec> codec_from_name(std::string_view s);
+
+// R x C ternary matrix. symbols: R*C bytes, row-major, each 0, 1 or 2.
+// levels: 2*R bf16 bit patterns, (lo_r, hi_r) at [2r, 2r+1], lo_r <= 0 <= hi_r.
+struct TernaryMatrix {
+  int64_t rows = 0;
+  int64_t cols = 0;
+  std::vector<uint8_t> symbols;
+  std::vector<uint16_t> levels;
+
+  TernaryMatrix() = default;
+  TernaryMatrix(int64_t r, int64_t c) : rows(r), cols(c), symbols(static_cast<size_t>(r * c)),
+                                         levels(static_cast<size_t>(2 * r)) {}
+  // Dense float value of every weight (R*C floats, row-major).
+  std::vector<float> to_dense() const;
+  double zero_fraction() const;
+};
+
+// Non-owning view of an encoded matrix. Which members are used depends on the codec:
+//   qmoe-v1: codes (num_codes uint16), row_offsets (rows+1 int32; row r is codes
+//            [row_offsets[r], row_offsets[r+1]); row_offsets[0] = 0, row_offsets[rows] = num_codes)
+//   qmoe-p5: packed (rows * p5::row_bytes(cols) bytes)
+//   both   : levels (2*rows bf16 bits, as in TernaryMatrix)
+// A view obtained from the container reader or the encoder has been validated (see validate()).
+struct CompressedView {
+  Codec codec = Codec::kV1;
+  int64_t rows = 0;
+  int64_t cols = 0;
+  std::span<const uint16_t> codes;
+  std::span<const int32_t> row_offsets;
+  std::span<const uint8_t> packed;
+  std::span<const uint16_t> levels;
+
+  // Bytes of codes, offsets and levels together.
+  int64_t compressed_bytes() const;
+  // compressed_bytes() * 8 / (rows * cols); the codes alone with codes_only.
+  double bits_per_weight(bool codes_only = false) const;
+};
+
+// Owning encoded matrix.
+struct CompressedMatrix {
+  Codec codec = Codec::kV1;
+  int64_t rows = 0;
+  int64_t cols = 0;
+  std::vector<uint16_t> codes;
+  std::vector<int32_t> row_offsets;
+  std::vector<uint8_t> packed;
+  std::vector<uint16_t> levels;
+
+  CompressedView view() const;
+};
+
+}  // namespace qmoe
