@@ -1,0 +1,96 @@
+// The qmoe container: a safetensors file (or a set of shards plus an index JSON) holding
+// compressed matrices as small groups of typed tensors, the codec dictionaries, and uncompressed
+// tensors unchanged. format/SPEC.md specifies it.
+#pragma once
+
+#include <cstdint>
+#include <filesystem>
+#include <map>
+#include <memory>
+#include <optional>
+#include <span>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "qmoe/format/dtype.h"
+#include "qmoe/format/matrix.h"
+#include "qmoe/format/safetensors.h"
+
+namespace qmoe {
+
+inline constexpr std::string_view kFormatName = "qmoe";
+inline constexpr int kFormatVersion = 1;
+
+// A compressed matrix of the container, with what it was before compression.
+struct CompressedEntry {
+  std::string name;             // logical name (the original tensor's name)
+  CompressedView view;          // zero-copy view into the mapping
+  DType original_dtype = DType::kF32;
+  std::vector<int64_t> original_shape;  // {rows, cols}
+  std::string shard;            // file the tensor group lives in
+};
+
+// A dense (passed-through) tensor of the container.
+struct DenseEntry {
+  std::string name;
+  DType dtype = DType::kF32;
+  std::vector<int64_t> shape;
+  std::span<const std::byte> bytes;
+  std::string shard;
+};
+
+struct ContainerOpenOptions {
+  bool verify_checksums = false;  // hash every tensor (xxh3-64) against the metadata
+  bool validate_codes = true;     // full validate() of every compressed matrix
+};
+
+// Read side. open() accepts a .safetensors file, an index .json, or a directory holding
+// "model.safetensors" or "model.safetensors.index.json". Everything is validated before open()
+// returns; errors are FormatError naming the file and tensor. Thread-safe for reading.
+class Container {
+ public:
+  static Container open(const std::filesystem::path& path, const ContainerOpenOptions& opt = {});
+
+  const std::map<std::string, std::string>& metadata() const;  // global (first shard / index)
+  std::vector<std::string> names() const;                        // logical names, sorted
+  const CompressedEntry* find_compressed(std::string_view name) const;  // nullptr if not
+  const DenseEntry* find_dense(std::string_view name) const;            // nullptr if not
+  const std::vector<CompressedEntry>& compressed() const;
+  const std::vector<DenseEntry>& dense() const;
+  std::vector<std::filesystem::path> files() const;
+  // Recomputes every checksum; returns the names of tensors that do not match (empty = sound).
+  std::vector<std::string> mismatched_checksums() const;
+
+ private:
+  struct Impl;
+  std::shared_ptr<const Impl> impl_;
+};
+
+struct ContainerWriteOptions {
+  // 0: one file. Otherwise shards of at most about this many bytes (a tensor group is never
+  // split), named "model-XXXXX-of-YYYYY.safetensors", plus "model.safetensors.index.json".
+  int64_t shard_size = 0;
+};
+
+// Write side. `out` is a file path when unsharded, a directory when sharded. Everything is
+// written under temporary names and renamed by finish(); destroying without finish() leaves no
+// file under a final name. Shards are streamed: memory stays bounded by about one shard.
+class ContainerWriter {
+ public:
+  ContainerWriter(std::filesystem::path out, ContainerWriteOptions opt = {});
+  ~ContainerWriter();
+  ContainerWriter(const ContainerWriter&) = delete;
+  ContainerWriter& operator=(const ContainerWriter&) = delete;
+
+  void set_metadata(std::string key, std::string value);
+  void add_dense(std::string name, DType dtype, std::vector<int64_t> shape, std::span<const std::byte> data);
+  void add_compressed(std::string name, const CompressedView& m, DType original_dtype);
+  std::vector<std::filesystem::path> finish();  // returns the files written
+
+ private:
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace qmoe
