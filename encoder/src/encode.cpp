@@ -1,0 +1,209 @@
+// qmoe-v1 and qmoe-p5 encoders.
+//
+// qmoe-v1 is greedy longest match through a trie of the dictionary, each row on its own: walk the
+// trie pair by pair; when the current node has no child for the next pair, emit the node's entry
+// and restart from the root with that pair; emit the last node at the end of the row. This is
+// exactly QMoE's encoding, so streams are interchangeable with it.
+#include <algorithm>
+#include <array>
+#include <limits>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include <omp.h>
+
+#include "qmoe/encoder/encode.h"
+#include "qmoe/format/error.h"
+#include "qmoe/format/reference.h"
+
+namespace qmoe {
+namespace {
+
+// Trie of the v1 dictionary: child[node * 9 + pair] is the entry extending `node` by `pair`, or
+// kNone. Node kRoot is the empty sequence. The dictionary is prefix-closed (a prefix is always
+// more probable than its extension and popped first), so every entry hangs off its prefix.
+// Entry 0 is the single pair (0,0): only the root can have it as a child, so 0 serves as "none".
+struct V1Trie {
+  static constexpr uint32_t kRoot = v1::kEntries;
+  static constexpr uint16_t kNone = 0;
+  std::vector<uint16_t> child;
+
+  V1Trie() {
+    std::vector<int32_t> links(static_cast<size_t>(v1::kEntries + 1) * 9, -1);
+    const int32_t* table = v1_decode_table();
+    for (uint32_t e = 0; e < v1::kEntries; ++e) {
+      const uint32_t w[2] = {static_cast<uint32_t>(table[2 * e]), static_cast<uint32_t>(table[2 * e + 1])};
+      const int n = v1::entry_pairs(w[0]);
+      int32_t node = kRoot;
+      for (int k = 0; k < n && node >= 0; ++k) {
+        const uint32_t word = w[k / v1::kPairsPerWord];
+        const int j = k % v1::kPairsPerWord;
+        const int pair = v1::pair_s0(word, j) + 3 * v1::pair_s1(word, j);
+        int32_t& link = links[static_cast<size_t>(node) * 9 + pair];
+        if (k + 1 == n) link = static_cast<int32_t>(e);
+        node = link;
+      }
+      if (node != static_cast<int32_t>(e)) {
+        throw Error("qmoe-v1 dictionary is not prefix-closed (entry " + std::to_string(e) + ")");
+      }
+    }
+    child.resize(links.size());
+    for (size_t i = 0; i < links.size(); ++i) {
+      const bool root = i >= static_cast<size_t>(kRoot) * 9;
+      if (root && links[i] < 0) throw Error("qmoe-v1 dictionary lacks a single pair");
+      if (!root && links[i] == 0) throw Error("qmoe-v1 dictionary: entry 0 is not the root's (0,0)");
+      child[i] = links[i] < 0 ? kNone : static_cast<uint16_t>(links[i]);
+    }
+  }
+
+  static const V1Trie& get() {
+    static const V1Trie trie;
+    return trie;
+  }
+};
+
+// Encodes one row of v1; calls sink(code) per codeword.
+template <class Sink>
+inline void encode_row_v1(const V1Trie& trie, const uint8_t* s, int64_t cols, Sink&& sink) {
+  if (cols == 0) return;
+  const uint16_t* child = trie.child.data();
+  const int64_t full = cols / 2;
+  // The first pair always starts at the root, whose children all exist.
+  uint32_t node = child[V1Trie::kRoot * 9 + (cols >= 2 ? s[0] + 3u * s[1] : s[0])];
+  auto step = [&](uint32_t pair) {
+    const uint16_t next = child[node * 9 + pair];
+    if (next == V1Trie::kNone) {
+      sink(static_cast<uint16_t>(node));
+      node = child[V1Trie::kRoot * 9 + pair];
+    } else {
+      node = next;
+    }
+  };
+  for (int64_t p = 1; p < full; ++p) step(s[2 * p] + 3u * s[2 * p + 1]);
+  if ((cols & 1) && full > 0) step(s[cols - 1]);
+  sink(static_cast<uint16_t>(node));
+}
+
+void check_symbols(const TernaryMatrix& t) {
+  if (t.rows < 0 || t.cols < 0) throw InvalidArgument("encode: negative shape");
+  if (t.symbols.size() != static_cast<size_t>(t.rows * t.cols)) {
+    throw InvalidArgument("encode: " + std::to_string(t.symbols.size()) + " symbols for a " +
+                          std::to_string(t.rows) + "x" + std::to_string(t.cols) + " matrix");
+  }
+  if (t.levels.size() != static_cast<size_t>(2 * t.rows)) {
+    throw InvalidArgument("encode: levels must hold 2*rows values");
+  }
+  uint8_t bad = 0;
+  for (uint8_t v : t.symbols) bad |= (v > 2) ? 1 : 0;
+  if (bad) throw InvalidArgument("encode: a symbol is not 0, 1 or 2");
+}
+
+// Rows are encoded in fixed blocks so the output does not depend on the thread count.
+constexpr int64_t kRowsPerBlock = 32;
+
+struct ThreadCount {
+  explicit ThreadCount(int threads) : saved(omp_get_max_threads()) {
+    if (threads > 0) omp_set_num_threads(threads);
+  }
+  ~ThreadCount() { omp_set_num_threads(saved); }
+  int saved;
+};
+
+CompressedMatrix encode_v1(const TernaryMatrix& t, int threads) {
+  const V1Trie& trie = V1Trie::get();
+  const int64_t nblocks = (t.rows + kRowsPerBlock - 1) / kRowsPerBlock;
+  std::vector<std::vector<uint16_t>> block_codes(static_cast<size_t>(nblocks));
+  CompressedMatrix m;
+  m.codec = Codec::kV1;
+  m.rows = t.rows;
+  m.cols = t.cols;
+  m.row_offsets.assign(static_cast<size_t>(t.rows + 1), 0);
+  std::vector<int64_t> row_counts(static_cast<size_t>(t.rows), 0);
+  {
+    ThreadCount tc(threads);
+#pragma omp parallel for schedule(dynamic, 1)
+    for (int64_t b = 0; b < nblocks; ++b) {
+      auto& out = block_codes[b];
+      const int64_t r0 = b * kRowsPerBlock, r1 = std::min(t.rows, r0 + kRowsPerBlock);
+      out.reserve(static_cast<size_t>((r1 - r0) * (t.cols / 16 + 2)));
+      for (int64_t r = r0; r < r1; ++r) {
+        const size_t before = out.size();
+        encode_row_v1(trie, t.symbols.data() + r * t.cols, t.cols, [&](uint16_t c) { out.push_back(c); });
+        row_counts[r] = static_cast<int64_t>(out.size() - before);
+      }
+    }
+  }
+  int64_t total = 0;
+  for (int64_t r = 0; r < t.rows; ++r) {
+    total += row_counts[r];
+    if (total > std::numeric_limits<int32_t>::max()) {
+      throw InvalidArgument("encode: matrix needs more than 2^31-1 qmoe-v1 codes; split it");
+    }
+    m.row_offsets[r + 1] = static_cast<int32_t>(total);
+  }
+  m.codes.resize(static_cast<size_t>(total));
+  {
+    ThreadCount tc(threads);
+#pragma omp parallel for schedule(static)
+    for (int64_t b = 0; b < nblocks; ++b) {
+      std::copy(block_codes[b].begin(), block_codes[b].end(),
+                m.codes.begin() + m.row_offsets[std::min(t.rows, b * kRowsPerBlock)]);
+    }
+  }
+  m.levels = t.levels;
+  return m;
+}
+
+CompressedMatrix encode_p5(const TernaryMatrix& t, int threads) {
+  CompressedMatrix m;
+  m.codec = Codec::kP5;
+  m.rows = t.rows;
+  m.cols = t.cols;
+  const int64_t nb = p5::row_bytes(t.cols);
+  m.packed.assign(static_cast<size_t>(t.rows * nb), 0);
+  ThreadCount tc(threads);
+#pragma omp parallel for schedule(static)
+  for (int64_t r = 0; r < t.rows; ++r) {
+    const uint8_t* s = t.symbols.data() + r * t.cols;
+    uint8_t* out = m.packed.data() + r * nb;
+    for (int64_t b = 0; b < nb; ++b) {
+      int v = 0;
+      for (int i = p5::kSymbolsPerByte - 1; i >= 0; --i) {
+        const int64_t c = 5 * b + i;
+        v = 3 * v + (c < t.cols ? s[c] : 0);
+      }
+      out[b] = static_cast<uint8_t>(v);
+    }
+  }
+  m.levels = t.levels;
+  return m;
+}
+
+}  // namespace
+
+int64_t v1_code_count(const TernaryMatrix& t, int threads) {
+  check_symbols(t);
+  const V1Trie& trie = V1Trie::get();
+  int64_t total = 0;
+  ThreadCount tc(threads);
+#pragma omp parallel for schedule(static) reduction(+ : total)
+  for (int64_t r = 0; r < t.rows; ++r) {
+    int64_t n = 0;
+    encode_row_v1(trie, t.symbols.data() + r * t.cols, t.cols, [&](uint16_t) { ++n; });
+    total += n;
+  }
+  return total;
+}
+
+CompressedMatrix encode(const TernaryMatrix& t, const EncodeOptions& opt) {
+  check_symbols(t);
+  if (opt.codec == Codec::kP5) return encode_p5(t, opt.threads);
+  CompressedMatrix v1m = encode_v1(t, opt.threads);
+  if (opt.codec == Codec::kV1) return v1m;
+  const int64_t p5_bytes = t.rows * p5::row_bytes(t.cols) + 4 * t.rows;
+  if (p5_bytes < v1m.view().compressed_bytes()) return encode_p5(t, opt.threads);
+  return v1m;
+}
+
+}  // namespace qmoe

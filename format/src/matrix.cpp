@@ -1,0 +1,68 @@
+#include "qmoe/format/matrix.h"
+
+#include <cmath>
+
+#include "qmoe/format/bf16.h"
+
+namespace qmoe {
+
+std::string_view codec_name(Codec c) {
+  switch (c) {
+    case Codec::kV1: return "qmoe-v1";
+    case Codec::kP5: return "qmoe-p5";
+  }
+  return "unknown";
+}
+
+std::optional<Codec> codec_from_name(std::string_view s) {
+  if (s == "qmoe-v1") return Codec::kV1;
+  if (s == "qmoe-p5") return Codec::kP5;
+  return std::nullopt;
+}
+
+std::vector<float> TernaryMatrix::to_dense() const {
+  std::vector<float> out(symbols.size());
+  for (int64_t r = 0; r < rows; ++r) {
+    const float lo = bf16_to_float(levels[2 * r]);
+    const float hi = bf16_to_float(levels[2 * r + 1]);
+    for (int64_t c = 0; c < cols; ++c) out[r * cols + c] = symbol_value(symbols[r * cols + c], lo, hi);
+  }
+  return out;
+}
+
+double TernaryMatrix::zero_fraction() const {
+  if (symbols.empty()) return 0.0;
+  int64_t zeros = 0;
+  for (uint8_t s : symbols) zeros += (s == 0);
+  return static_cast<double>(zeros) / static_cast<double>(symbols.size());
+}
+
+int64_t CompressedView::compressed_bytes() const {
+  const int64_t level_bytes = static_cast<int64_t>(levels.size_bytes());
+  if (codec == Codec::kV1) {
+    return static_cast<int64_t>(codes.size_bytes() + row_offsets.size_bytes()) + level_bytes;
+  }
+  return static_cast<int64_t>(packed.size_bytes()) + level_bytes;
+}
+
+double CompressedView::bits_per_weight(bool codes_only) const {
+  const double weights = static_cast<double>(rows) * static_cast<double>(cols);
+  if (weights == 0) return 0.0;
+  const double bytes = codes_only ? static_cast<double>(codec == Codec::kV1 ? codes.size_bytes() : packed.size_bytes())
+                                  : static_cast<double>(compressed_bytes());
+  return bytes * 8.0 / weights;
+}
+
+CompressedView CompressedMatrix::view() const {
+  CompressedView v;
+  v.codec = codec;
+  v.rows = rows;
+  v.cols = cols;
+  v.codes = codes;
+  v.row_offsets = row_offsets;
+  v.packed = packed;
+  v.levels = levels;
+  return v;
+}
+
+}  // namespace qmoe
