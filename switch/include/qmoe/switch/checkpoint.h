@@ -1,0 +1,120 @@
+// Switch Transformers checkpoints as qmoe reads them: the Hugging Face hub layout (config.json plus
+// model.safetensors, or shards with model.safetensors.index.json) or a qmoe container, and the
+// model's layout (blocks, sparse blocks, experts) found from the tensor names.
+#pragma once
+
+#include <cstdint>
+#include <filesystem>
+#include <memory>
+#include <optional>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "qmoe/format/container.h"
+#include "qmoe/format/matrix.h"
+#include "qmoe/format/safetensors.h"
+
+namespace qmoe::sw {
+
+// The fields of config.json the forward pass needs. Block counts and sparsity are NOT taken from
+// here (switch-c-2048's config is wrong): see SwitchLayout.
+struct SwitchConfig {
+  int64_t vocab_size = 0;
+  int64_t d_model = 0;
+  int64_t d_kv = 0;
+  int64_t d_ff = 0;
+  int64_t num_heads = 0;
+  int64_t num_experts = 0;  // as configured; the layout's count (from router shapes) wins
+  int64_t relative_attention_num_buckets = 32;
+  int64_t relative_attention_max_distance = 128;
+  int64_t expert_capacity = 64;  // informative; the forward pass takes capacity as an option
+  double layer_norm_epsilon = 1e-6;
+  bool tie_word_embeddings = true;
+  int32_t decoder_start_token_id = 0;
+  int32_t pad_token_id = 0;
+
+  // Parses config.json text. Throws FormatError naming `file` when a required field is missing,
+  // of the wrong type, or out of range, or when the model is not a Switch Transformer
+  // (model_type other than "switch_transformers", or no num_experts).
+  static SwitchConfig parse(std::string_view json_text, const std::string& file);
+  static SwitchConfig load(const std::filesystem::path& config_json);
+  // The config.json text of this config (the fields above only).
+  std::string to_json() const;
+};
+
+// One stack's blocks as found in the tensor names.
+struct StackLayout {
+  int64_t num_blocks = 0;
+  std::vector<bool> sparse;  // per block: has "...layer.{ff}.mlp.router.classifier.weight"
+};
+
+struct SwitchLayout {
+  StackLayout encoder;
+  StackLayout decoder;
+  int64_t num_experts = 0;  // from the router's shape (0 if no sparse block)
+};
+
+// Names of the tensors of a Switch checkpoint (HF layout). `stack` is "encoder" or "decoder".
+// The feed-forward layer index is 1 in the encoder and 2 in the decoder (after cross-attention).
+struct SwitchNames {
+  static std::string block_prefix(std::string_view stack, int64_t block);
+  static int64_t ff_layer(std::string_view stack) { return stack == "decoder" ? 2 : 1; }
+  static std::string ff_prefix(std::string_view stack, int64_t block);  // "<stack>.block.<b>.layer.<ff>."
+  static std::string router(std::string_view stack, int64_t block);
+  static std::string expert(std::string_view stack, int64_t block, int64_t expert, std::string_view w);  // w: wi|wo
+};
+
+// A float32 copy (or zero-copy view, for F32 tensors) of a stored tensor.
+struct FloatTensor {
+  std::vector<int64_t> shape;
+  const float* data = nullptr;   // points into `owned` or into the mapped file
+  std::vector<float> owned;      // filled when the tensor needed conversion (BF16, F16)
+  int64_t numel() const;
+};
+
+// Read access to the tensors of a Switch model, from a checkpoint directory or a qmoe container.
+// Thread-safe for reading; cheap to share through the shared_ptr returned by open().
+class SwitchSource {
+ public:
+  // `path`: a checkpoint directory (config.json + model.safetensors or the sharded form), a qmoe
+  // container (a directory or file that Container::open accepts, holding the checkpoint's tensors;
+  // its config comes from the container metadata key "config.json" or from a config.json beside
+  // it). Validates everything up front: config, shard files, index entries; FormatError otherwise.
+  static std::shared_ptr<const SwitchSource> open(const std::filesystem::path& path);
+
+  const SwitchConfig& config() const { return config_; }
+  const SwitchLayout& layout() const { return layout_; }
+  const std::filesystem::path& path() const { return path_; }
+  bool is_container() const { return container_.has_value(); }
+
+  // True if a dense tensor (or a compressed matrix, for containers) of this name exists. Tied
+  // aliases (encoder/decoder.embed_tokens.weight -> shared.weight) resolve as in HF's shards.
+  bool has(std::string_view name) const;
+  // The tensor as float32, checked against `shape` (empty: any). Throws FormatError naming the
+  // file and tensor when it is missing, compressed, of a non-float dtype or of another shape.
+  FloatTensor dense(std::string_view name, const std::vector<int64_t>& shape = {}) const;
+  // The compressed matrix of that name (containers only), nullptr if it is not compressed.
+  const CompressedView* compressed(std::string_view name) const;
+  // All tensor names (dense and compressed), sorted.
+  std::vector<std::string> names() const;
+
+ private:
+  struct Located {
+    const SafetensorsFile* file = nullptr;
+    const TensorInfo* info = nullptr;
+  };
+  std::optional<Located> locate(std::string_view name) const;
+  std::string file_of(std::string_view name) const;
+
+  std::filesystem::path path_;
+  SwitchConfig config_;
+  SwitchLayout layout_;
+  std::vector<SafetensorsFile> shards_;
+  std::vector<std::pair<std::string, Located>> index_;  // sorted by name
+  std::optional<Container> container_;
+
+  void build_layout();
+};
+
+}  // namespace qmoe::sw

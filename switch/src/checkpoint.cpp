@@ -1,0 +1,410 @@
+#include "qmoe/switch/checkpoint.h"
+
+#include <algorithm>
+#include <cstring>
+#include <fstream>
+#include <map>
+#include <regex>
+#include <set>
+#include <sstream>
+
+#include <nlohmann/json.hpp>
+
+#include "qmoe/format/bf16.h"
+#include "qmoe/format/error.h"
+
+namespace qmoe::sw {
+namespace fs = std::filesystem;
+using nlohmann::json;
+
+namespace {
+
+std::string read_text(const fs::path& p) {
+  std::ifstream in(p, std::ios::binary);
+  if (!in) throw FormatError(error_context(p.string(), "", "cannot open file"));
+  std::ostringstream ss;
+  ss << in.rdbuf();
+  return ss.str();
+}
+
+std::string shape_str(const std::vector<int64_t>& s) {
+  std::string r = "[";
+  for (size_t i = 0; i < s.size(); ++i) r += (i ? ", " : "") + std::to_string(s[i]);
+  return r + "]";
+}
+
+// Tied aliases that HF checkpoints may name without storing (resolved to shared.weight).
+std::optional<std::string> tied_alias_target(std::string_view name) {
+  if (name == "encoder.embed_tokens.weight" || name == "decoder.embed_tokens.weight") return "shared.weight";
+  return std::nullopt;
+}
+
+void convert_to_float(DType dt, std::span<const std::byte> bytes, std::vector<float>& out) {
+  const int64_t n = static_cast<int64_t>(bytes.size()) / dtype_size(dt);
+  out.resize(static_cast<size_t>(n));
+  for (int64_t i = 0; i < n; ++i) {
+    uint16_t h;
+    std::memcpy(&h, bytes.data() + 2 * i, 2);
+    out[static_cast<size_t>(i)] = dt == DType::kBF16 ? bf16_to_float(h) : fp16_to_float(h);
+  }
+}
+
+}  // namespace
+
+// ---- config -------------------------------------------------------------------------------------
+
+SwitchConfig SwitchConfig::parse(std::string_view json_text, const std::string& file) {
+  json j;
+  try {
+    j = json::parse(json_text);
+  } catch (const json::exception& e) {
+    throw FormatError(error_context(file, "", std::string("invalid JSON: ") + e.what()));
+  }
+  if (!j.is_object()) throw FormatError(error_context(file, "", "config is not a JSON object"));
+  if (j.contains("model_type") && j["model_type"] != "switch_transformers")
+    throw FormatError(error_context(file, "", "not a Switch Transformers config (model_type " +
+                                                  j["model_type"].dump() + ")"));
+  auto get_int = [&](const char* key, std::optional<int64_t> def, int64_t min) -> int64_t {
+    if (!j.contains(key) || j[key].is_null()) {
+      if (def) return *def;
+      throw FormatError(error_context(file, "", std::string("missing field '") + key + "'"));
+    }
+    if (!j[key].is_number_integer())
+      throw FormatError(error_context(file, "", std::string("field '") + key + "' is not an integer"));
+    const int64_t v = j[key].get<int64_t>();
+    if (v < min)
+      throw FormatError(error_context(file, "", std::string("field '") + key + "' = " + std::to_string(v) +
+                                                    " is below " + std::to_string(min)));
+    return v;
+  };
+  SwitchConfig c;
+  c.vocab_size = get_int("vocab_size", std::nullopt, 1);
+  c.d_model = get_int("d_model", std::nullopt, 1);
+  c.d_kv = get_int("d_kv", std::nullopt, 1);
+  c.d_ff = get_int("d_ff", std::nullopt, 1);
+  c.num_heads = get_int("num_heads", std::nullopt, 1);
+  c.num_experts = get_int("num_experts", std::nullopt, 1);
+  c.relative_attention_num_buckets = get_int("relative_attention_num_buckets", 32, 2);
+  c.relative_attention_max_distance = get_int("relative_attention_max_distance", 128, 1);
+  c.expert_capacity = get_int("expert_capacity", 64, 0);
+  c.decoder_start_token_id = static_cast<int32_t>(get_int("decoder_start_token_id", 0, 0));
+  c.pad_token_id = static_cast<int32_t>(get_int("pad_token_id", 0, 0));
+  if (j.contains("layer_norm_epsilon")) {
+    if (!j["layer_norm_epsilon"].is_number() || !(j["layer_norm_epsilon"].get<double>() > 0))
+      throw FormatError(error_context(file, "", "field 'layer_norm_epsilon' is not a positive number"));
+    c.layer_norm_epsilon = j["layer_norm_epsilon"].get<double>();
+  }
+  if (j.contains("tie_word_embeddings")) {
+    if (!j["tie_word_embeddings"].is_boolean())
+      throw FormatError(error_context(file, "", "field 'tie_word_embeddings' is not a boolean"));
+    c.tie_word_embeddings = j["tie_word_embeddings"].get<bool>();
+  }
+  if (j.contains("dense_act_fn") && j["dense_act_fn"] != "relu")
+    throw FormatError(error_context(file, "", "unsupported dense_act_fn " + j["dense_act_fn"].dump() +
+                                                  " (only relu)"));
+  if (j.contains("router_bias") && j["router_bias"] == true)
+    throw FormatError(error_context(file, "", "router_bias = true is not supported"));
+  if (j.contains("feed_forward_proj") && j["feed_forward_proj"] != "relu")
+    throw FormatError(error_context(file, "", "unsupported feed_forward_proj " + j["feed_forward_proj"].dump()));
+  return c;
+}
+
+SwitchConfig SwitchConfig::load(const fs::path& config_json) {
+  return parse(read_text(config_json), config_json.string());
+}
+
+std::string SwitchConfig::to_json() const {
+  json j = {{"model_type", "switch_transformers"},
+            {"vocab_size", vocab_size},
+            {"d_model", d_model},
+            {"d_kv", d_kv},
+            {"d_ff", d_ff},
+            {"num_heads", num_heads},
+            {"num_experts", num_experts},
+            {"relative_attention_num_buckets", relative_attention_num_buckets},
+            {"relative_attention_max_distance", relative_attention_max_distance},
+            {"expert_capacity", expert_capacity},
+            {"layer_norm_epsilon", layer_norm_epsilon},
+            {"tie_word_embeddings", tie_word_embeddings},
+            {"decoder_start_token_id", decoder_start_token_id},
+            {"pad_token_id", pad_token_id},
+            {"dense_act_fn", "relu"}};
+  return j.dump(2);
+}
+
+// ---- names --------------------------------------------------------------------------------------
+
+std::string SwitchNames::block_prefix(std::string_view stack, int64_t block) {
+  return std::string(stack) + ".block." + std::to_string(block) + ".";
+}
+std::string SwitchNames::ff_prefix(std::string_view stack, int64_t block) {
+  return block_prefix(stack, block) + "layer." + std::to_string(ff_layer(stack)) + ".";
+}
+std::string SwitchNames::router(std::string_view stack, int64_t block) {
+  return ff_prefix(stack, block) + "mlp.router.classifier.weight";
+}
+std::string SwitchNames::expert(std::string_view stack, int64_t block, int64_t expert, std::string_view w) {
+  return ff_prefix(stack, block) + "mlp.experts.expert_" + std::to_string(expert) + "." + std::string(w) + ".weight";
+}
+
+int64_t FloatTensor::numel() const {
+  int64_t n = 1;
+  for (auto s : shape) n *= s;
+  return n;
+}
+
+// ---- source -------------------------------------------------------------------------------------
+
+std::shared_ptr<const SwitchSource> SwitchSource::open(const fs::path& path) {
+  auto src = std::shared_ptr<SwitchSource>(new SwitchSource());
+  src->path_ = path;
+  std::error_code ec;
+  if (!fs::exists(path, ec)) throw FormatError(error_context(path.string(), "", "no such file or directory"));
+  const fs::path dir = fs::is_directory(path) ? path : path.parent_path();
+  const bool hf_single = fs::is_directory(path) && fs::exists(dir / "model.safetensors");
+  const bool hf_index = fs::is_directory(path) && fs::exists(dir / "model.safetensors.index.json");
+
+  // A qmoe container is recognised by its metadata; try it first when the files could be one.
+  std::optional<Container> container;
+  auto looks_like_container = [&]() {
+    fs::path probe;
+    if (!fs::is_directory(path)) {
+      if (path.extension() == ".json") return true;  // an index: let Container decide
+      probe = path;
+    } else if (hf_single) {
+      probe = dir / "model.safetensors";
+    } else if (hf_index) {
+      return true;
+    } else {
+      return false;
+    }
+    const auto f = SafetensorsFile::open(probe);
+    auto it = f.metadata().find("format");
+    return it != f.metadata().end() && it->second == kFormatName;
+  };
+  bool is_container = false;
+  if (looks_like_container()) {
+    if (hf_index && fs::is_directory(path)) {
+      const json idx = json::parse(read_text(dir / "model.safetensors.index.json"), nullptr, false);
+      is_container = idx.is_object() && idx.contains("metadata") && idx["metadata"].is_object() &&
+                     idx["metadata"].value("format", "") == kFormatName;
+    } else {
+      is_container = true;
+    }
+  }
+
+  if (is_container) {
+    src->container_ = Container::open(path);
+    const auto& md = src->container_->metadata();
+    if (auto it = md.find("config.json"); it != md.end()) {
+      src->config_ = SwitchConfig::parse(it->second, path.string() + " (metadata config.json)");
+    } else if (fs::exists(dir / "config.json")) {
+      src->config_ = SwitchConfig::load(dir / "config.json");
+    } else {
+      throw FormatError(error_context(path.string(), "",
+                                      "qmoe container without a Switch config (no metadata key 'config.json' "
+                                      "and no config.json beside it)"));
+    }
+  } else {
+    if (!fs::is_directory(path))
+      throw FormatError(error_context(path.string(), "", "not a checkpoint directory nor a qmoe container"));
+    if (!fs::exists(dir / "config.json"))
+      throw FormatError(error_context((dir / "config.json").string(), "", "missing config.json"));
+    src->config_ = SwitchConfig::load(dir / "config.json");
+    std::map<std::string, std::string> weight_map;  // tensor -> shard file name
+    std::vector<std::string> shard_names;
+    if (hf_index) {
+      const fs::path ip = dir / "model.safetensors.index.json";
+      json idx;
+      try {
+        idx = json::parse(read_text(ip));
+      } catch (const json::exception& e) {
+        throw FormatError(error_context(ip.string(), "", std::string("invalid JSON: ") + e.what()));
+      }
+      if (!idx.is_object() || !idx.contains("weight_map") || !idx["weight_map"].is_object())
+        throw FormatError(error_context(ip.string(), "", "no 'weight_map' object"));
+      for (auto& [k, v] : idx["weight_map"].items()) {
+        if (!v.is_string()) throw FormatError(error_context(ip.string(), k, "shard name is not a string"));
+        const std::string s = v.get<std::string>();
+        if (s.find('/') != std::string::npos || s.find('\\') != std::string::npos || s == ".." || s.empty())
+          throw FormatError(error_context(ip.string(), k, "shard name '" + s + "' is not a plain file name"));
+        weight_map[k] = s;
+        if (std::find(shard_names.begin(), shard_names.end(), s) == shard_names.end()) shard_names.push_back(s);
+      }
+      std::sort(shard_names.begin(), shard_names.end());
+    } else if (hf_single) {
+      shard_names.push_back("model.safetensors");
+    } else {
+      throw FormatError(error_context(dir.string(), "",
+                                      "no model.safetensors nor model.safetensors.index.json"));
+    }
+    src->shards_.reserve(shard_names.size());
+    for (const auto& s : shard_names) {
+      if (!fs::exists(dir / s))
+        throw FormatError(error_context((dir / s).string(), "", "missing shard file"));
+      src->shards_.push_back(SafetensorsFile::open(dir / s));
+    }
+    std::map<std::string, Located> located;
+    for (const auto& f : src->shards_)
+      for (const auto& t : f.tensors()) {
+        if (located.count(t.name))
+          throw FormatError(error_context(f.path().string(), t.name, "tensor stored in two shards"));
+        located[t.name] = Located{&f, &t};
+      }
+    // Every index entry must name a tensor in its shard, or be a tied alias that the shard's
+    // metadata or the tied-embedding convention resolves.
+    for (const auto& [name, shard] : weight_map) {
+      auto it = located.find(name);
+      if (it != located.end()) {
+        if (it->second.file->path().filename() != shard)
+          throw FormatError(error_context((dir / shard).string(), name,
+                                          "index names this shard but the tensor is in " +
+                                              it->second.file->path().filename().string()));
+        continue;
+      }
+      const auto& f = *std::find_if(src->shards_.begin(), src->shards_.end(),
+                                    [&](const SafetensorsFile& s) { return s.path().filename() == shard; });
+      std::optional<std::string> target;
+      if (auto m = f.metadata().find(name); m != f.metadata().end()) target = m->second;  // HF bot aliases
+      if (!target) target = tied_alias_target(name);
+      if (!target && name == "lm_head.weight" && src->config_.tie_word_embeddings) target = "shared.weight";
+      if (!target || !located.count(*target))
+        throw FormatError(error_context((dir / shard).string(), name, "index entry names a tensor the shard lacks"));
+      located[name] = located[*target];
+    }
+    src->index_.assign(located.begin(), located.end());
+  }
+  src->build_layout();
+  return src;
+}
+
+std::optional<SwitchSource::Located> SwitchSource::locate(std::string_view name) const {
+  auto it = std::lower_bound(index_.begin(), index_.end(), name,
+                             [](const auto& e, std::string_view n) { return e.first < n; });
+  if (it != index_.end() && it->first == name) return it->second;
+  return std::nullopt;
+}
+
+std::string SwitchSource::file_of(std::string_view name) const {
+  if (container_) {
+    if (auto* c = container_->find_compressed(name)) return c->shard;
+    if (auto* d = container_->find_dense(name)) return d->shard;
+    return path_.string();
+  }
+  if (auto l = locate(name)) return l->file->path().string();
+  return path_.string();
+}
+
+bool SwitchSource::has(std::string_view name) const {
+  if (container_) {
+    if (container_->find_compressed(name) || container_->find_dense(name)) return true;
+    if (auto t = tied_alias_target(name)) return container_->find_dense(*t) != nullptr;
+    return false;
+  }
+  return locate(name).has_value();
+}
+
+const CompressedView* SwitchSource::compressed(std::string_view name) const {
+  if (!container_) return nullptr;
+  const auto* c = container_->find_compressed(name);
+  return c ? &c->view : nullptr;
+}
+
+std::vector<std::string> SwitchSource::names() const {
+  if (container_) return container_->names();
+  std::vector<std::string> r;
+  r.reserve(index_.size());
+  for (const auto& e : index_) r.push_back(e.first);
+  return r;
+}
+
+FloatTensor SwitchSource::dense(std::string_view name, const std::vector<int64_t>& shape) const {
+  FloatTensor t;
+  DType dt;
+  std::span<const std::byte> bytes;
+  std::string file;
+  if (container_) {
+    const DenseEntry* d = container_->find_dense(name);
+    if (!d) {
+      if (auto a = tied_alias_target(name)) d = container_->find_dense(*a);
+    }
+    if (!d) {
+      if (container_->find_compressed(name))
+        throw FormatError(error_context(path_.string(), std::string(name),
+                                        "tensor is compressed where a dense tensor is needed"));
+      throw FormatError(error_context(path_.string(), std::string(name), "missing tensor"));
+    }
+    dt = d->dtype;
+    t.shape = d->shape;
+    bytes = d->bytes;
+    file = d->shard;
+  } else {
+    auto l = locate(name);
+    if (!l) throw FormatError(error_context(path_.string(), std::string(name), "missing tensor"));
+    dt = l->info->dtype;
+    t.shape = l->info->shape;
+    bytes = l->file->bytes(*l->info);
+    file = l->file->path().string();
+  }
+  if (!shape.empty() && t.shape != shape)
+    throw FormatError(error_context(file, std::string(name),
+                                    "shape " + shape_str(t.shape) + ", expected " + shape_str(shape)));
+  if (dt == DType::kF32) {
+    t.data = reinterpret_cast<const float*>(bytes.data());
+  } else if (dt == DType::kBF16 || dt == DType::kF16) {
+    convert_to_float(dt, bytes, t.owned);
+    t.data = t.owned.data();
+  } else {
+    throw FormatError(error_context(file, std::string(name),
+                                    "dtype " + std::string(dtype_name(dt)) + " (expected F32, BF16 or F16)"));
+  }
+  return t;
+}
+
+void SwitchSource::build_layout() {
+  const std::regex re(R"(^(encoder|decoder)\.block\.(\d+)\.(.*)$)");
+  std::map<std::string, std::set<int64_t>> blocks;
+  std::map<std::string, std::set<int64_t>> sparse;
+  for (const auto& n : names()) {
+    std::smatch m;
+    if (!std::regex_match(n, m, re)) continue;
+    const std::string stack = m[1];
+    const int64_t b = std::stoll(m[2]);
+    blocks[stack].insert(b);
+    if (n == SwitchNames::router(stack, b)) sparse[stack].insert(b);
+  }
+  layout_.num_experts = 0;
+  for (const char* stack : {"encoder", "decoder"}) {
+    StackLayout& s = std::string(stack) == "encoder" ? layout_.encoder : layout_.decoder;
+    const auto& bs = blocks[stack];
+    if (bs.empty()) throw FormatError(error_context(path_.string(), "", std::string("no ") + stack + " blocks"));
+    s.num_blocks = *bs.rbegin() + 1;
+    for (int64_t b = 0; b < s.num_blocks; ++b)
+      if (!bs.count(b))
+        throw FormatError(error_context(path_.string(), "",
+                                        std::string(stack) + " block " + std::to_string(b) + " is missing"));
+    s.sparse.assign(static_cast<size_t>(s.num_blocks), false);
+    for (int64_t b : sparse[stack]) {
+      s.sparse[static_cast<size_t>(b)] = true;
+      const std::string rn = SwitchNames::router(stack, b);
+      std::vector<int64_t> shp;
+      if (container_) {
+        auto* d = container_->find_dense(rn);
+        if (!d) throw FormatError(error_context(path_.string(), rn, "router is not a dense tensor"));
+        shp = d->shape;
+      } else {
+        shp = locate(rn)->info->shape;
+      }
+      if (shp.size() != 2 || shp[1] != config_.d_model || shp[0] < 1)
+        throw FormatError(error_context(file_of(rn), rn, "router shape " + shape_str(shp) + ", expected [E, " +
+                                                             std::to_string(config_.d_model) + "]"));
+      if (layout_.num_experts == 0) layout_.num_experts = shp[0];
+      if (shp[0] != layout_.num_experts)
+        throw FormatError(error_context(file_of(rn), rn, "router has " + std::to_string(shp[0]) +
+                                                             " experts, other blocks have " +
+                                                             std::to_string(layout_.num_experts)));
+    }
+  }
+}
+
+}  // namespace qmoe::sw
