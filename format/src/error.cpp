@@ -3,10 +3,16 @@
 namespace qmoe {
 
 std::string error_context(const std::string& file, const std::string& tensor, const std::string& what) {
-  std::string s = file;
-  if (!tensor.empty()) s += (s.empty() ? "" : ": ") + std::string("tensor '") + tensor + "'";
-  if (!what.empty()) s += (s.empty() ? "" : ": ") + what;
-  return s;
+  std::string out = file;
+  if (!tensor.empty()) {
+    if (!out.empty()) out += ": ";
+    out += "tensor '" + tensor + "'";
+  }
+  if (!what.empty()) {
+    if (!out.empty()) out += ": ";
+    out += what;
+  }
+  return out;
 }
 
 }  // namespace qmoe

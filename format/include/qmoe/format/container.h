@@ -22,6 +22,21 @@ namespace qmoe {
 inline constexpr std::string_view kFormatName = "qmoe";
 inline constexpr int kFormatVersion = 1;
 
+// Stored tensor names of a compressed matrix W are W + suffix (format/SPEC.md, "Tensor groups").
+inline constexpr std::string_view kCodesSuffix = ".qmoe_codes";            // qmoe-v1: U16 [num_codes]
+inline constexpr std::string_view kRowOffsetsSuffix = ".qmoe_row_offsets";  // qmoe-v1: I32 [rows+1]
+inline constexpr std::string_view kPackedSuffix = ".qmoe_packed";          // qmoe-p5: U8 [rows, ceil(cols/5)]
+inline constexpr std::string_view kLevelsSuffix = ".qmoe_levels";          // both: BF16 [rows, 2]
+// The qmoe-v1 decode table, I32 [65536, 2], in every file that holds a qmoe-v1 matrix.
+inline constexpr std::string_view kV1DictionaryTensor = "qmoe.dictionary.qmoe-v1";
+// Name of the index of a sharded container, and of the single file inside a directory.
+inline constexpr std::string_view kIndexFileName = "model.safetensors.index.json";
+inline constexpr std::string_view kSingleFileName = "model.safetensors";
+
+// The checksum format of "qmoe.xxh3.<tensor>" metadata: XXH3_64bits (seed 0) of the bytes as 16
+// lowercase hex digits.
+std::string checksum_hex(std::span<const std::byte> bytes);
+
 // A compressed matrix of the container, with what it was before compression.
 struct CompressedEntry {
   std::string name;             // logical name (the original tensor's name)
@@ -58,6 +73,7 @@ class Container {
   const DenseEntry* find_dense(std::string_view name) const;            // nullptr if not
   const std::vector<CompressedEntry>& compressed() const;
   const std::vector<DenseEntry>& dense() const;
+  // The files the container consists of: the index (when sharded) first, then the shards.
   std::vector<std::filesystem::path> files() const;
   // Recomputes every checksum; returns the names of tensors that do not match (empty = sound).
   std::vector<std::string> mismatched_checksums() const;
@@ -83,7 +99,15 @@ class ContainerWriter {
   ContainerWriter(const ContainerWriter&) = delete;
   ContainerWriter& operator=(const ContainerWriter&) = delete;
 
+  // User metadata, copied into every shard and the index. Keys "format", "format_version" and
+  // keys starting with "qmoe." are reserved (InvalidArgument). When sharded, call it before the
+  // first shard is closed (i.e. before adding more than shard_size bytes); later calls throw
+  // InvalidArgument.
   void set_metadata(std::string key, std::string value);
+  // Names must be unique across dense and compressed tensors; names starting with "qmoe." or
+  // whose last dot-separated part starts with "qmoe_" are reserved (InvalidArgument). The data
+  // is copied (into a staging file, not memory). add_compressed() validates the matrix
+  // completely (validate()) and throws InvalidArgument if it is malformed.
   void add_dense(std::string name, DType dtype, std::vector<int64_t> shape, std::span<const std::byte> data);
   void add_compressed(std::string name, const CompressedView& m, DType original_dtype);
   std::vector<std::filesystem::path> finish();  // returns the files written

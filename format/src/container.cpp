@@ -1,0 +1,677 @@
+// The qmoe container on top of safetensors: tensor groups, dictionary, checksums, shards and
+// index. format/SPEC.md, "Container", is the normative description; the reader checks every rule
+// listed there under "Errors a reader must raise" before open() returns.
+#include "qmoe/format/container.h"
+
+#include <fcntl.h>
+#include <unistd.h>
+#include <xxhash.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <cstdio>
+#include <cstring>
+#include <limits>
+#include <nlohmann/json.hpp>
+#include <set>
+#include <utility>
+
+#include "qmoe/format/error.h"
+#include "qmoe/format/reference.h"
+
+namespace qmoe {
+
+namespace internal {
+// Defined in safetensors.cpp.
+nlohmann::json parse_json_checked(std::string_view text, const std::string& context);
+std::optional<int64_t> json_size(const nlohmann::json& j);
+void write_all(int fd, const void* p, size_t n, const std::string& path);
+std::string io_error(const std::string& path, const char* what);
+}  // namespace internal
+
+namespace {
+
+constexpr std::string_view kMatrixKeyPrefix = "qmoe.matrix.";
+constexpr std::string_view kChecksumKeyPrefix = "qmoe.xxh3.";
+constexpr std::string_view kReservedPrefix = "qmoe.";
+// An index lists every stored tensor once; 256 MiB is far beyond any real one (a trillion-weight
+// model has a few hundred thousand tensors) and keeps a hostile file from exhausting memory.
+constexpr int64_t kMaxIndexBytes = int64_t{256} << 20;
+
+bool starts_with(std::string_view s, std::string_view p) { return s.substr(0, p.size()) == p; }
+
+// A stored name is a group member when its last dot-separated part starts with "qmoe_".
+bool is_member_name(std::string_view name) {
+  const size_t dot = name.rfind('.');
+  return dot != std::string_view::npos && starts_with(name.substr(dot + 1), "qmoe_");
+}
+
+bool is_float_dtype(DType t) {
+  return t == DType::kF16 || t == DType::kBF16 || t == DType::kF32 || t == DType::kF64;
+}
+
+std::string shape_str(const std::vector<int64_t>& s) {
+  std::string out = "[";
+  for (size_t i = 0; i < s.size(); ++i) out += (i ? ", " : "") + std::to_string(s[i]);
+  return out + "]";
+}
+
+std::string matrix_json(Codec codec, int64_t rows, int64_t cols, DType original) {
+  nlohmann::ordered_json j = nlohmann::ordered_json::object();
+  j["codec"] = codec_name(codec);
+  j["shape"] = {rows, cols};
+  j["dtype"] = dtype_name(original);
+  return j.dump();
+}
+
+std::span<const std::byte> v1_table_bytes() {
+  return {reinterpret_cast<const std::byte*>(v1_decode_table()), static_cast<size_t>(v1::kTableBytes)};
+}
+
+}  // namespace
+
+std::string checksum_hex(std::span<const std::byte> bytes) {
+  const XXH64_hash_t h = XXH3_64bits(bytes.data(), bytes.size());
+  char buf[17];
+  std::snprintf(buf, sizeof buf, "%016llx", static_cast<unsigned long long>(h));
+  return buf;
+}
+
+// ---- reader ------------------------------------------------------------------------------------
+
+struct Container::Impl {
+  std::filesystem::path index_path;  // empty when not sharded
+  std::vector<SafetensorsFile> shards;
+  std::map<std::string, std::string> metadata;
+  std::vector<CompressedEntry> compressed;
+  std::vector<DenseEntry> dense;
+  std::map<std::string, size_t, std::less<>> compressed_index;
+  std::map<std::string, size_t, std::less<>> dense_index;
+  struct Stored {
+    size_t shard;
+    std::string name;
+    std::string checksum;
+  };
+  std::vector<Stored> stored;  // every stored tensor, for checksums
+
+  // Validates shard `shard_idx` and appends its entries.
+  void load_shard(size_t shard_idx, const ContainerOpenOptions& opt);
+};
+
+namespace {
+
+struct MatrixDecl {
+  Codec codec;
+  int64_t rows;
+  int64_t cols;
+  DType dtype;
+};
+
+MatrixDecl parse_matrix_decl(const std::string& file, const std::string& name, const std::string& text) {
+  const std::string ctx = error_context(file, name, "qmoe.matrix metadata");
+  const nlohmann::json j = internal::parse_json_checked(text, ctx);
+  auto fail = [&](const std::string& what) { return FormatError(ctx + ": " + what); };
+  if (!j.is_object() || j.size() != 3 || !j.contains("codec") || !j.contains("shape") || !j.contains("dtype")) {
+    throw fail("must be an object with exactly \"codec\", \"shape\" and \"dtype\"");
+  }
+  const auto& c = j["codec"];
+  const auto codec = c.is_string() ? codec_from_name(c.get<std::string>()) : std::nullopt;
+  if (!codec) throw fail("unknown codec " + c.dump());
+  const auto& s = j["shape"];
+  if (!s.is_array() || s.size() != 2) throw fail("shape must be [rows, cols]");
+  const auto r = internal::json_size(s[0]);
+  const auto cl = internal::json_size(s[1]);
+  if (!r || !cl) throw fail("shape entries must be non-negative integers");
+  // rows + 1 row offsets are int32, and rows * cols weights must be addressable.
+  if (*r > std::numeric_limits<int32_t>::max() - 1) throw fail("too many rows");
+  if (*r != 0 && *cl > std::numeric_limits<int64_t>::max() / 8 / *r) throw fail("rows * cols overflows");
+  const auto& d = j["dtype"];
+  const auto dtype = d.is_string() ? dtype_from_name(d.get<std::string>()) : std::nullopt;
+  if (!dtype || !is_float_dtype(*dtype)) throw fail("dtype must be one of F16, BF16, F32, F64, not " + d.dump());
+  return {*codec, *r, *cl, *dtype};
+}
+
+bool is_lower_hex16(const std::string& s) {
+  if (s.size() != 16) return false;
+  return std::all_of(s.begin(), s.end(), [](char ch) { return (ch >= '0' && ch <= '9') || (ch >= 'a' && ch <= 'f'); });
+}
+
+}  // namespace
+
+void Container::Impl::load_shard(size_t shard_idx, const ContainerOpenOptions& opt) {
+  Impl& c = *this;
+  const SafetensorsFile& f = c.shards[shard_idx];
+  const std::string file = f.path().string();
+  const auto& md = f.metadata();
+  auto fail = [&](const std::string& tensor, const std::string& what) {
+    return FormatError(error_context(file, tensor, what));
+  };
+
+  const auto fmt = md.find("format");
+  if (fmt == md.end() || fmt->second != kFormatName) {
+    throw fail("", "not a qmoe container (__metadata__ \"format\" is " +
+                       (fmt == md.end() ? std::string("missing") : "\"" + fmt->second + "\"") + ", expected \"qmoe\")");
+  }
+  const auto ver = md.find("format_version");
+  if (ver == md.end() || ver->second != std::to_string(kFormatVersion)) {
+    throw fail("", "unsupported format_version " +
+                       (ver == md.end() ? std::string("(missing)") : "\"" + ver->second + "\"") + "; this reader reads " +
+                       std::to_string(kFormatVersion));
+  }
+
+  // Metadata keys: matrix declarations and checksums; other "qmoe." keys are reserved.
+  std::map<std::string, MatrixDecl> matrices;
+  std::map<std::string, std::string> checksums;
+  for (const auto& [key, value] : md) {
+    if (starts_with(key, kMatrixKeyPrefix)) {
+      const std::string name = key.substr(kMatrixKeyPrefix.size());
+      matrices.emplace(name, parse_matrix_decl(file, name, value));
+    } else if (starts_with(key, kChecksumKeyPrefix)) {
+      const std::string name = key.substr(kChecksumKeyPrefix.size());
+      if (f.find(name) == nullptr) throw fail(name, "has a checksum in __metadata__ but is not in the file");
+      if (!is_lower_hex16(value)) throw fail(name, "checksum \"" + value + "\" is not 16 lowercase hex digits");
+      checksums.emplace(name, value);
+    } else if (starts_with(key, kReservedPrefix)) {
+      throw fail("", "unknown reserved __metadata__ key \"" + key + "\"");
+    }
+  }
+
+  // Dictionary: required where a qmoe-v1 matrix is, and always exactly the generated table.
+  const bool needs_dictionary =
+      std::any_of(matrices.begin(), matrices.end(), [](const auto& m) { return m.second.codec == Codec::kV1; });
+  const std::string dict_name(kV1DictionaryTensor);
+  if (const TensorInfo* d = f.find(dict_name)) {
+    if (d->dtype != DType::kI32 || d->shape != std::vector<int64_t>{v1::kEntries, 2}) {
+      throw fail(dict_name, "must be I32 [65536, 2], is " + std::string(dtype_name(d->dtype)) + " " +
+                                shape_str(d->shape));
+    }
+    const auto got = f.bytes(*d);
+    const auto want = v1_table_bytes();
+    if (std::memcmp(got.data(), want.data(), want.size()) != 0) {
+      size_t i = 0;
+      while (got[i] == want[i]) ++i;
+      throw fail(dict_name, "differs from the qmoe-v1 dictionary at entry " + std::to_string(i / 8));
+    }
+  } else if (needs_dictionary) {
+    throw fail(dict_name, "is missing; the file holds qmoe-v1 matrices");
+  }
+
+  // Tensor groups.
+  std::set<std::string> claimed;
+  for (const auto& [name, decl] : matrices) {
+    if (name.empty() || starts_with(name, kReservedPrefix) || is_member_name(name)) {
+      throw fail(name, "reserved or empty matrix name");
+    }
+    if (c.compressed_index.count(name) != 0) throw fail(name, "compressed matrix appears twice in the container");
+    auto member = [&](std::string_view suffix, DType dtype, const std::vector<int64_t>& shape) -> const TensorInfo& {
+      const std::string mname = name + std::string(suffix);
+      const TensorInfo* t = f.find(mname);
+      if (t == nullptr) throw fail(name, "group member '" + mname + "' is missing");
+      if (t->dtype != dtype || (!shape.empty() && t->shape != shape)) {
+        throw fail(mname, "must be " + std::string(dtype_name(dtype)) + " " +
+                              (shape.empty() ? std::string("[n]") : shape_str(shape)) + ", is " +
+                              std::string(dtype_name(t->dtype)) + " " + shape_str(t->shape));
+      }
+      claimed.insert(mname);
+      return *t;
+    };
+    CompressedEntry e;
+    e.name = name;
+    e.original_dtype = decl.dtype;
+    e.original_shape = {decl.rows, decl.cols};
+    e.shard = file;
+    e.view.codec = decl.codec;
+    e.view.rows = decl.rows;
+    e.view.cols = decl.cols;
+    if (decl.codec == Codec::kV1) {
+      const TensorInfo& codes = member(kCodesSuffix, DType::kU16, {});
+      if (codes.shape.size() != 1) throw fail(codes.name, "must be 1-D, is " + shape_str(codes.shape));
+      if (codes.shape[0] > std::numeric_limits<int32_t>::max()) {
+        throw fail(codes.name, "holds more codes than int32 row offsets can address");
+      }
+      const TensorInfo& offs = member(kRowOffsetsSuffix, DType::kI32, {decl.rows + 1});
+      e.view.codes = f.as<uint16_t>(codes, DType::kU16);
+      e.view.row_offsets = f.as<int32_t>(offs, DType::kI32);
+    } else {
+      const TensorInfo& packed = member(kPackedSuffix, DType::kU8, {decl.rows, p5::row_bytes(decl.cols)});
+      e.view.packed = f.as<uint8_t>(packed, DType::kU8);
+    }
+    const TensorInfo& levels = member(kLevelsSuffix, DType::kBF16, {decl.rows, 2});
+    e.view.levels = f.as<uint16_t>(levels, DType::kBF16);
+    if (opt.validate_codes) validate(e.view, error_context(file, name, ""));
+    c.compressed_index.emplace(name, c.compressed.size());
+    c.compressed.push_back(std::move(e));
+  }
+
+  // Every stored tensor: classify, require a checksum, optionally verify it.
+  for (const TensorInfo& t : f.tensors()) {
+    if (starts_with(t.name, kReservedPrefix) && t.name != dict_name) {
+      throw fail(t.name, "unknown reserved tensor name (\"qmoe.\" prefix)");
+    }
+    if (is_member_name(t.name) && claimed.count(t.name) == 0) {
+      throw fail(t.name, "looks like a group member but belongs to no qmoe.matrix entry of its codec");
+    }
+    const auto ck = checksums.find(t.name);
+    if (ck == checksums.end()) throw fail(t.name, "has no checksum (qmoe.xxh3." + t.name + ") in __metadata__");
+    if (opt.verify_checksums) {
+      const std::string got = checksum_hex(f.bytes(t));
+      if (got != ck->second) throw fail(t.name, "checksum mismatch: stored " + ck->second + ", computed " + got);
+    }
+    c.stored.push_back({shard_idx, t.name, ck->second});
+    if (t.name == dict_name || claimed.count(t.name) != 0) continue;
+    if (c.dense_index.count(t.name) != 0) throw fail(t.name, "tensor appears twice in the container");
+    c.dense_index.emplace(t.name, c.dense.size());
+    c.dense.push_back(DenseEntry{t.name, t.dtype, t.shape, f.bytes(t), file});
+  }
+}
+
+namespace {
+
+std::string read_small_file(const std::filesystem::path& p, int64_t limit) {
+  const std::string file = p.string();
+  const int fd = ::open(file.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0) throw FormatError(internal::io_error(file, "cannot open"));
+  std::string out;
+  char buf[65536];
+  for (;;) {
+    const ssize_t r = ::read(fd, buf, sizeof buf);
+    if (r < 0 && errno == EINTR) continue;
+    if (r < 0) {
+      const std::string msg = internal::io_error(file, "read failed");
+      ::close(fd);
+      throw FormatError(msg);
+    }
+    if (r == 0) break;
+    out.append(buf, static_cast<size_t>(r));
+    if (static_cast<int64_t>(out.size()) > limit) {
+      ::close(fd);
+      throw FormatError(error_context(file, "", "larger than " + std::to_string(limit) + " bytes"));
+    }
+  }
+  ::close(fd);
+  return out;
+}
+
+void check_global_metadata(const std::string& file, const std::map<std::string, std::string>& md) {
+  const auto fmt = md.find("format");
+  const auto ver = md.find("format_version");
+  if (fmt == md.end() || fmt->second != kFormatName) {
+    throw FormatError(error_context(file, "", "not a qmoe container index (metadata \"format\" is not \"qmoe\")"));
+  }
+  if (ver == md.end() || ver->second != std::to_string(kFormatVersion)) {
+    throw FormatError(error_context(file, "", "unsupported format_version in the index"));
+  }
+}
+
+}  // namespace
+
+Container Container::open(const std::filesystem::path& path, const ContainerOpenOptions& opt) {
+  auto impl = std::make_shared<Impl>();
+  std::filesystem::path single;
+  std::error_code ec;
+  if (std::filesystem::is_directory(path, ec)) {
+    if (std::filesystem::exists(path / kIndexFileName, ec)) {
+      impl->index_path = path / kIndexFileName;
+    } else if (std::filesystem::exists(path / kSingleFileName, ec)) {
+      single = path / kSingleFileName;
+    } else {
+      throw FormatError(error_context(path.string(), "", "directory holds neither " + std::string(kIndexFileName) +
+                                                             " nor " + std::string(kSingleFileName)));
+    }
+  } else if (path.extension() == ".json") {
+    impl->index_path = path;
+  } else {
+    single = path;
+  }
+
+  if (impl->index_path.empty()) {
+    impl->shards.push_back(SafetensorsFile::open(single));
+    impl->load_shard(0, opt);
+    for (const auto& [k, v] : impl->shards[0].metadata()) {
+      if (!starts_with(k, kMatrixKeyPrefix) && !starts_with(k, kChecksumKeyPrefix)) impl->metadata.emplace(k, v);
+    }
+  } else {
+    const std::string ifile = impl->index_path.string();
+    const nlohmann::json idx = internal::parse_json_checked(read_small_file(impl->index_path, kMaxIndexBytes), ifile);
+    if (!idx.is_object()) throw FormatError(error_context(ifile, "", "index is not a JSON object"));
+    if (const auto m = idx.find("metadata"); m != idx.end() && !m->is_null()) {
+      if (!m->is_object()) throw FormatError(error_context(ifile, "", "\"metadata\" is not an object"));
+      for (const auto& [k, v] : m->items()) {
+        if (!v.is_string()) throw FormatError(error_context(ifile, "", "metadata value of \"" + k + "\" is not a string"));
+        impl->metadata.emplace(k, v.get<std::string>());
+      }
+    }
+    check_global_metadata(ifile, impl->metadata);
+    const auto wm = idx.find("weight_map");
+    if (wm == idx.end() || !wm->is_object()) {
+      throw FormatError(error_context(ifile, "", "missing or non-object \"weight_map\""));
+    }
+    std::map<std::string, std::vector<std::string>> by_shard;  // shard file -> tensors
+    for (const auto& [tensor, shard] : wm->items()) {
+      if (!shard.is_string()) throw FormatError(error_context(ifile, tensor, "weight_map value is not a string"));
+      const std::string s = shard.get<std::string>();
+      // Shards are plain file names beside the index: no directories, so an index cannot point
+      // a reader elsewhere on the machine.
+      if (s.empty() || s == "." || s == ".." || s.find('/') != std::string::npos || s.find('\0') != std::string::npos) {
+        throw FormatError(error_context(ifile, tensor, "shard name \"" + s + "\" is not a plain file name"));
+      }
+      by_shard[s].push_back(tensor);
+    }
+    const std::filesystem::path dir = impl->index_path.parent_path();
+    for (const auto& [shard, tensors] : by_shard) {
+      const std::filesystem::path sp = dir / shard;
+      if (!std::filesystem::exists(sp, ec)) {
+        throw FormatError(error_context(ifile, tensors.front(), "shard '" + shard + "' is missing (" + sp.string() + ")"));
+      }
+      const size_t k = impl->shards.size();
+      impl->shards.push_back(SafetensorsFile::open(sp));
+      const SafetensorsFile& f = impl->shards.back();
+      for (const std::string& t : tensors) {
+        if (f.find(t) == nullptr) {
+          throw FormatError(error_context(ifile, t, "listed for shard '" + shard + "' but absent from it"));
+        }
+      }
+      if (f.tensors().size() != tensors.size()) {
+        const std::set<std::string> listed(tensors.begin(), tensors.end());
+        for (const TensorInfo& t : f.tensors()) {
+          if (listed.count(t.name) == 0) {
+            throw FormatError(error_context(sp.string(), t.name, "is not listed in the index for this shard"));
+          }
+        }
+      }
+      impl->load_shard(k, opt);
+    }
+  }
+
+  // A logical name is either compressed or dense, never both.
+  for (const auto& [name, i] : impl->dense_index) {
+    if (impl->compressed_index.count(name) != 0) {
+      throw FormatError(error_context(impl->dense[i].shard, name, "is both a dense tensor and a compressed matrix"));
+    }
+  }
+  Container c;
+  c.impl_ = std::move(impl);
+  return c;
+}
+
+const std::map<std::string, std::string>& Container::metadata() const { return impl_->metadata; }
+
+std::vector<std::string> Container::names() const {
+  std::vector<std::string> out;
+  out.reserve(impl_->compressed.size() + impl_->dense.size());
+  for (const auto& e : impl_->compressed) out.push_back(e.name);
+  for (const auto& e : impl_->dense) out.push_back(e.name);
+  std::sort(out.begin(), out.end());
+  return out;
+}
+
+const CompressedEntry* Container::find_compressed(std::string_view name) const {
+  const auto it = impl_->compressed_index.find(name);
+  return it == impl_->compressed_index.end() ? nullptr : &impl_->compressed[it->second];
+}
+
+const DenseEntry* Container::find_dense(std::string_view name) const {
+  const auto it = impl_->dense_index.find(name);
+  return it == impl_->dense_index.end() ? nullptr : &impl_->dense[it->second];
+}
+
+const std::vector<CompressedEntry>& Container::compressed() const { return impl_->compressed; }
+const std::vector<DenseEntry>& Container::dense() const { return impl_->dense; }
+
+std::vector<std::filesystem::path> Container::files() const {
+  std::vector<std::filesystem::path> out;
+  if (!impl_->index_path.empty()) out.push_back(impl_->index_path);
+  for (const auto& s : impl_->shards) out.push_back(s.path());
+  return out;
+}
+
+std::vector<std::string> Container::mismatched_checksums() const {
+  std::vector<std::string> bad;
+  for (const auto& s : impl_->stored) {
+    const SafetensorsFile& f = impl_->shards[s.shard];
+    if (checksum_hex(f.bytes(*f.find(s.name))) != s.checksum) bad.push_back(s.name);
+  }
+  return bad;
+}
+
+// ---- writer ------------------------------------------------------------------------------------
+
+namespace {
+
+std::string shard_name(size_t k, size_t n) {
+  char buf[64];
+  std::snprintf(buf, sizeof buf, "model-%05zu-of-%05zu.safetensors", k, n);
+  return buf;
+}
+
+struct StoredTensor {
+  std::string name;
+  DType dtype;
+  std::vector<int64_t> shape;
+  std::span<const std::byte> bytes;
+};
+
+}  // namespace
+
+struct ContainerWriter::Impl {
+  std::filesystem::path out;
+  ContainerWriteOptions opt;
+  bool sharded = false;
+  bool finished = false;
+  std::map<std::string, std::string> user_metadata;
+  std::set<std::string, std::less<>> names;  // logical names and stored names
+
+  // The open file (shard).
+  std::unique_ptr<SafetensorsWriter> cur;
+  int64_t cur_bytes = 0;
+  bool cur_has_dictionary = false;
+  bool cur_empty = true;
+  // Sharded only: closed shards under intermediate names, renamed by finish().
+  std::vector<std::filesystem::path> closed;
+  std::vector<std::pair<std::string, size_t>> weight_map;  // stored name -> shard number (0-based)
+  bool any_closed = false;
+
+  ~Impl() {
+    cur.reset();  // removes its temporary file
+    if (!finished) {
+      for (const auto& p : closed) ::unlink(p.c_str());
+    }
+  }
+
+  std::filesystem::path intermediate(size_t k) const {
+    char buf[64];
+    std::snprintf(buf, sizeof buf, "model-%05zu.safetensors.partial.", k + 1);
+    return out / (buf + std::to_string(::getpid()));
+  }
+
+  void open_file() {
+    cur = std::make_unique<SafetensorsWriter>(sharded ? intermediate(closed.size()) : out);
+    cur_bytes = 0;
+    cur_has_dictionary = false;
+    cur_empty = true;
+  }
+
+  void put_global_metadata(SafetensorsWriter& w) const {
+    w.set_metadata("format", std::string(kFormatName));
+    w.set_metadata("format_version", std::to_string(kFormatVersion));
+    for (const auto& [k, v] : user_metadata) w.set_metadata(k, v);
+  }
+
+  void close_shard() {
+    put_global_metadata(*cur);
+    cur->finish();
+    closed.push_back(intermediate(closed.size()));
+    cur.reset();
+    any_closed = true;
+  }
+
+  void put(const StoredTensor& t) {
+    cur->add(t.name, t.dtype, t.shape, t.bytes);
+    cur->set_metadata(std::string(kChecksumKeyPrefix) + t.name, checksum_hex(t.bytes));
+    cur_bytes += static_cast<int64_t>(t.bytes.size());
+    cur_empty = false;
+    if (sharded) weight_map.emplace_back(t.name, closed.size());
+  }
+
+  // Adds a group of tensors that must share a file (plus the dictionary where needed).
+  void add_group(const std::vector<StoredTensor>& group, bool needs_dictionary, const std::string& matrix_key,
+                 const std::string& matrix_value) {
+    int64_t bytes = 0;
+    for (const auto& t : group) bytes += static_cast<int64_t>(t.bytes.size());
+    if (sharded && cur && !cur_empty) {
+      const int64_t extra = needs_dictionary && !cur_has_dictionary ? v1::kTableBytes : 0;
+      if (cur_bytes + bytes + extra > opt.shard_size) close_shard();
+    }
+    if (!cur) open_file();
+    if (needs_dictionary && !cur_has_dictionary) {
+      put({std::string(kV1DictionaryTensor), DType::kI32, {v1::kEntries, 2}, v1_table_bytes()});
+      cur_has_dictionary = true;
+    }
+    for (const auto& t : group) put(t);
+    if (!matrix_key.empty()) cur->set_metadata(matrix_key, matrix_value);
+  }
+
+  void check_name(const std::string& name) {
+    const std::string file = out.string();
+    if (finished) throw InvalidArgument(error_context(file, name, "writer already finished"));
+    if (name.empty() || name == "__metadata__" || starts_with(name, kReservedPrefix) || is_member_name(name)) {
+      throw InvalidArgument(error_context(file, name, "reserved or empty tensor name"));
+    }
+    if (names.count(name) != 0) throw InvalidArgument(error_context(file, name, "duplicate tensor name"));
+  }
+};
+
+ContainerWriter::ContainerWriter(std::filesystem::path out, ContainerWriteOptions opt)
+    : impl_(std::make_unique<Impl>()) {
+  if (opt.shard_size < 0) throw InvalidArgument("ContainerWriter: shard_size must be >= 0");
+  impl_->out = std::move(out);
+  impl_->opt = opt;
+  impl_->sharded = opt.shard_size > 0;
+  if (impl_->sharded) {
+    std::error_code ec;
+    std::filesystem::create_directories(impl_->out, ec);
+    if (!std::filesystem::is_directory(impl_->out)) {
+      throw InvalidArgument(error_context(impl_->out.string(), "", "cannot create the output directory"));
+    }
+  }
+}
+
+ContainerWriter::~ContainerWriter() = default;
+
+void ContainerWriter::set_metadata(std::string key, std::string value) {
+  Impl& w = *impl_;
+  if (w.finished) throw InvalidArgument(error_context(w.out.string(), "", "writer already finished"));
+  if (key == "format" || key == "format_version" || starts_with(key, kReservedPrefix)) {
+    throw InvalidArgument(error_context(w.out.string(), "", "metadata key \"" + key + "\" is reserved"));
+  }
+  if (w.any_closed) {
+    throw InvalidArgument(error_context(w.out.string(), "",
+                                        "set_metadata(\"" + key + "\") after the first shard was written"));
+  }
+  w.user_metadata[std::move(key)] = std::move(value);
+}
+
+void ContainerWriter::add_dense(std::string name, DType dtype, std::vector<int64_t> shape,
+                                std::span<const std::byte> data) {
+  impl_->check_name(name);
+  impl_->add_group({{name, dtype, std::move(shape), data}}, false, {}, {});
+  impl_->names.insert(std::move(name));
+}
+
+void ContainerWriter::add_compressed(std::string name, const CompressedView& m, DType original_dtype) {
+  Impl& w = *impl_;
+  w.check_name(name);
+  if (!is_float_dtype(original_dtype)) {
+    throw InvalidArgument(error_context(w.out.string(), name, "original dtype must be F16, BF16, F32 or F64"));
+  }
+  if (m.rows > std::numeric_limits<int32_t>::max() - 1) {
+    throw InvalidArgument(error_context(w.out.string(), name, "too many rows"));
+  }
+  try {
+    validate(m, error_context(w.out.string(), name, ""));
+  } catch (const FormatError& e) {
+    throw InvalidArgument(e.what());
+  }
+  auto as_bytes = [](auto span) { return std::as_bytes(span); };
+  std::vector<StoredTensor> group;
+  if (m.codec == Codec::kV1) {
+    group.push_back({name + std::string(kCodesSuffix), DType::kU16, {static_cast<int64_t>(m.codes.size())},
+                     as_bytes(m.codes)});
+    group.push_back({name + std::string(kRowOffsetsSuffix), DType::kI32, {m.rows + 1}, as_bytes(m.row_offsets)});
+  } else {
+    group.push_back({name + std::string(kPackedSuffix), DType::kU8, {m.rows, p5::row_bytes(m.cols)},
+                     as_bytes(m.packed)});
+  }
+  group.push_back({name + std::string(kLevelsSuffix), DType::kBF16, {m.rows, 2}, as_bytes(m.levels)});
+  w.add_group(group, m.codec == Codec::kV1, std::string(kMatrixKeyPrefix) + name,
+              matrix_json(m.codec, m.rows, m.cols, original_dtype));
+  w.names.insert(std::move(name));
+}
+
+std::vector<std::filesystem::path> ContainerWriter::finish() {
+  Impl& w = *impl_;
+  if (w.finished) throw InvalidArgument(error_context(w.out.string(), "", "writer already finished"));
+  if (!w.sharded) {
+    if (!w.cur) w.open_file();
+    w.put_global_metadata(*w.cur);
+    w.cur->finish();
+    w.cur.reset();
+    w.finished = true;
+    return {w.out};
+  }
+  if (w.cur || w.closed.empty()) {
+    if (!w.cur) w.open_file();
+    w.close_shard();
+  }
+  const size_t n = w.closed.size();
+  std::vector<std::filesystem::path> files;
+  for (size_t k = 0; k < n; ++k) files.push_back(w.out / shard_name(k + 1, n));
+
+  nlohmann::json index = nlohmann::json::object();
+  nlohmann::json md = nlohmann::json::object();
+  md["format"] = kFormatName;
+  md["format_version"] = std::to_string(kFormatVersion);
+  for (const auto& [k, v] : w.user_metadata) md[k] = v;
+  index["metadata"] = std::move(md);
+  nlohmann::json wm = nlohmann::json::object();
+  for (const auto& [t, k] : w.weight_map) wm[t] = shard_name(k + 1, n);
+  index["weight_map"] = std::move(wm);
+  std::string text;
+  try {
+    text = index.dump(2) + "\n";
+  } catch (const nlohmann::json::exception& e) {
+    throw InvalidArgument(error_context(w.out.string(), "", std::string("cannot encode the index: ") + e.what()));
+  }
+
+  const std::filesystem::path index_path = w.out / kIndexFileName;
+  const std::string tmp = index_path.string() + ".tmp." + std::to_string(::getpid());
+  const int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0666);
+  if (fd < 0) throw Error(internal::io_error(tmp, "cannot create"));
+  try {
+    internal::write_all(fd, text.data(), text.size(), tmp);
+    if (::fsync(fd) != 0) throw Error(internal::io_error(tmp, "fsync failed"));
+  } catch (...) {
+    ::close(fd);
+    ::unlink(tmp.c_str());
+    throw;
+  }
+  ::close(fd);
+  // Shards first, the index last: a reader never sees an index whose shards are not all there.
+  for (size_t k = 0; k < n; ++k) {
+    if (::rename(w.closed[k].c_str(), files[k].c_str()) != 0) {
+      const std::string msg = internal::io_error(files[k].string(), "rename failed");
+      ::unlink(tmp.c_str());
+      throw Error(msg);
+    }
+  }
+  if (::rename(tmp.c_str(), index_path.c_str()) != 0) {
+    const std::string msg = internal::io_error(index_path.string(), "rename failed");
+    ::unlink(tmp.c_str());
+    throw Error(msg);
+  }
+  w.finished = true;
+  files.push_back(index_path);
+  return files;
+}
+
+}  // namespace qmoe
