@@ -1,0 +1,92 @@
+// Fused decode x matrix products on the CPU: y = W x, Y = W X and one MoE layer's experts at once,
+// computed straight from the codes of a CompressedView (qmoe-v1 or qmoe-p5) without materialising
+// W. Multi-threaded with OpenMP over rows; SIMD kernels are picked at run time (AVX-512, AVX2 or
+// portable scalar code), so the library runs on any x86-64 (and non-x86) CPU.
+//
+// Numerics: a row's result is lo * (sum of x over its low-level columns) + hi * (sum of x over its
+// high-level columns), summed in fp32 in an order fixed by the row's data and the SIMD level. The
+// result of a call is bit-identical for any number of threads; it differs between SIMD levels and
+// between batch paths (1 token vs several) by fp32 rounding only. Tests bound the normalised error
+// against matvec_ref() (format/reference.h).
+//
+// Preconditions shared by every call: `w` has passed validate() (format/reference.h) — views from
+// the container reader and the encoder have; a view that fails validation is undefined behaviour
+// here (the kernels read the streams without re-checking them). Sizes that do not fit together
+// raise InvalidArgument; nothing is written then.
+#pragma once
+
+#include <cstdint>
+#include <optional>
+#include <span>
+#include <string_view>
+
+#include "qmoe/format/matrix.h"
+
+namespace qmoe::cpu {
+
+// ---- SIMD dispatch ------------------------------------------------------------------------------
+enum class SimdLevel : uint8_t {
+  kScalar = 0,  // portable C++ (the compiler's baseline ISA)
+  kAvx2 = 1,    // AVX2 + FMA + BMI2
+  kAvx512 = 2,  // AVX-512 F/BW/VL/DQ
+};
+
+// "scalar", "avx2", "avx512".
+std::string_view simd_level_name(SimdLevel l);
+std::optional<SimdLevel> simd_level_from_name(std::string_view s);
+
+// Whether the kernels of level `l` were compiled into this library and the CPU (and OS) runs them.
+bool simd_level_supported(SimdLevel l);
+// The highest supported level.
+SimdLevel best_simd_level();
+// The level calls use when their options name none: the value of the environment variable
+// QMOE_CPU_SIMD (scalar | avx2 | avx512) read on first use, else best_simd_level(), unless
+// set_simd_level() changed it. Throws InvalidArgument if QMOE_CPU_SIMD names an unknown or
+// unsupported level. Thread-safe.
+SimdLevel simd_level();
+// Sets the process-wide default level. Throws InvalidArgument if it is not supported.
+void set_simd_level(SimdLevel l);
+
+// ---- products -----------------------------------------------------------------------------------
+struct MatmulOptions {
+  // OpenMP threads; 0 = the OpenMP default (omp_get_max_threads()). Results do not depend on it.
+  int threads = 0;
+  // false: y = W x;  true: y += W x.
+  bool accumulate = false;
+  // SIMD level for this call; nullopt = simd_level(). Throws InvalidArgument if unsupported.
+  std::optional<SimdLevel> simd;
+};
+
+// Largest number of tokens one pass over the codes serves; larger batches are split into passes of
+// up to kMaxPassTokens tokens, each decoding the matrix again.
+inline constexpr int64_t kMaxPassTokens = 32;
+
+// y = W x (or y += W x). x: w.cols floats; y: w.rows floats; they must not overlap.
+void matvec(const CompressedView& w, const float* x, float* y, const MatmulOptions& opt = {});
+
+// Y = X W^T for n tokens, i.e. token t's output row is W times its input row (token-major, the
+// layout of activations in a forward pass): X is n x w.cols with row stride ldx >= w.cols, Y is
+// n x w.rows with row stride ldy >= w.rows (strides in floats). Each code is decoded once per pass
+// of up to kMaxPassTokens tokens and applied to all of them. n = 0 does nothing; n = 1 is matvec().
+void matmul(const CompressedView& w, int64_t n, const float* x, int64_t ldx, float* y, int64_t ldy,
+            const MatmulOptions& opt = {});
+
+// One expert of a grouped call: the tokens routed to it and where its outputs go.
+struct ExpertBatch {
+  CompressedView weight;              // rows x cols
+  std::span<const int32_t> in_rows;   // n rows of X to read (gather)
+  std::span<const int32_t> out_rows;  // n rows of Y to write (scatter); empty = in_rows
+  std::span<const float> scale;       // empty, or n factors applied to the outputs (router probs)
+};
+
+// One MoE layer's active experts, the CPU twin of a grouped GPU launch. For every item e and every
+// i < n_e:  Y[out_rows[i], 0:rows_e]  =  scale[i] * W_e X[in_rows[i], 0:cols_e]   (or += with
+// opt.accumulate, e.g. the down projection summing top-k experts into each token's output).
+// X has x_rows rows of stride ldx (>= every cols_e), Y has y_rows rows of stride ldy (>= every
+// rows_e). Items are applied in order, so accumulation order and results are fixed; with
+// accumulate = false, a Y row named by several items keeps the last one. Items with n = 0 cost
+// nothing. Throws InvalidArgument for out-of-range rows, mismatched span sizes or strides.
+void grouped_matmul(std::span<const ExpertBatch> items, const float* x, int64_t x_rows, int64_t ldx,
+                    float* y, int64_t y_rows, int64_t ldy, const MatmulOptions& opt = {});
+
+}  // namespace qmoe::cpu

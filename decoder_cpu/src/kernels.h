@@ -1,0 +1,73 @@
+// Interface between the dispatcher (matmul.cpp, built for the baseline ISA) and the kernel
+// translation units, one per SIMD level, each built with its own -m flags. Only plain structs live
+// here: no inline functions or templates, because a weak symbol compiled with AVX-512 flags could
+// be picked by the linker for the baseline path (see kernels_impl.h).
+#pragma once
+
+#include <cstdint>
+
+namespace qmoe::cpu::detail {
+
+// Per-dictionary data derived once from the decode tables (tables.cpp).
+struct Tables {
+  // qmoe-v1, indexed by codeword, 8 bytes each:
+  //   v1_mask: bits 0..27 = columns (from the codeword's first column) holding the low level,
+  //            bits 32..59 = columns holding the high level, bits 60..63 = number of pairs.
+  //   v1_list: bytes 0..2 = columns of the low-level symbols, byte 3 = n_low | (columns << 2),
+  //            bytes 4..6 = columns of the high-level symbols, byte 7 = n_high. Unused column
+  //            bytes are 0. Every dictionary entry has at most 3 non-zero symbols (checked when
+  //            the tables are built), which is what makes this fit.
+  const uint64_t* v1_mask = nullptr;
+  const uint64_t* v1_list = nullptr;
+  // qmoe-p5, indexed by byte (256 entries, 16 bytes each): bytes 0..4 = columns of the low-level
+  // symbols, byte 5 = n_low, bytes 8..12 = columns of the high-level symbols, byte 13 = n_high.
+  const uint8_t* p5_list = nullptr;
+};
+
+// The tables, built on first use from v1_decode_table(); thread-safe, valid forever. Throws Error
+// if the dictionary breaks an assumption the layout above relies on.
+const Tables& tables();
+
+// The matrix, as raw pointers (no std::span in kernel code, see above).
+struct Matrix {
+  int codec = 0;  // 0 = qmoe-v1, 1 = qmoe-p5
+  int64_t rows = 0;
+  int64_t cols = 0;
+  const uint16_t* codes = nullptr;       // v1
+  const int32_t* row_offsets = nullptr;  // v1, rows + 1
+  const uint8_t* packed = nullptr;       // p5, rows * ceil(cols / 5)
+  const uint16_t* levels = nullptr;      // 2 * rows bf16 bits
+};
+
+// Up to 32 tokens that share a pass over the codes.
+struct Pass {
+  // Inputs, column-major: xt[c * bp + t] is token t's input at column c, for c < cols + kColPad;
+  // tokens n..bp-1 and columns >= cols are 0. 64-byte aligned.
+  const float* xt = nullptr;
+  int bp = 1;                 // 1 (a single token, stored contiguously) or a multiple of 8 up to 32
+  int n = 1;                  // real tokens, <= bp
+  float* const* y = nullptr;  // n output rows: token t's result for row r goes to y[t][r]
+  const float* scale = nullptr;  // n factors, or null
+};
+
+// Zero columns after the last one, so kernels may read a full codeword's span past the row end.
+inline constexpr int64_t kColPad = 64;
+
+struct Work {
+  Matrix m;
+  const Pass* passes = nullptr;
+  int num_passes = 0;
+  bool accumulate = false;
+  // Per-thread scratch, list_capacity int32 for each of two lists.
+  int64_t list_capacity = 0;
+};
+
+// Computes rows [r0, r1) of every pass. scratch: 2 * work.list_capacity int32.
+using RowsFn = void (*)(const Work& work, const Tables& tables, int64_t r0, int64_t r1,
+                        int32_t* scratch);
+
+RowsFn rows_fn_scalar();
+RowsFn rows_fn_avx2();
+RowsFn rows_fn_avx512();
+
+}  // namespace qmoe::cpu::detail

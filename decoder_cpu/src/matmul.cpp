@@ -1,0 +1,353 @@
+// Dispatcher of the CPU kernels: argument checks, SIMD level selection, input transposition into
+// passes of up to 32 tokens, and the OpenMP split over rows. Built for the baseline ISA; the
+// kernels themselves live in kernels_<level>.cpp.
+#include "qmoe/decoder_cpu/matmul.h"
+
+#include <omp.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstdlib>
+#include <cstring>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include "kernels.h"
+#include "qmoe/format/error.h"
+
+namespace qmoe::cpu {
+namespace {
+
+using detail::kColPad;
+
+// ---- levels -------------------------------------------------------------------------------------
+bool cpu_runs(SimdLevel l) {
+  switch (l) {
+    case SimdLevel::kScalar:
+      return true;
+#if defined(QMOE_CPU_X86_KERNELS)
+    case SimdLevel::kAvx2:
+      return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+             __builtin_cpu_supports("bmi") && __builtin_cpu_supports("bmi2");
+    case SimdLevel::kAvx512:
+      return cpu_runs(SimdLevel::kAvx2) && __builtin_cpu_supports("avx512f") &&
+             __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
+             __builtin_cpu_supports("avx512dq");
+#else
+    default:
+      return false;
+#endif
+  }
+  return false;
+}
+
+detail::RowsFn rows_fn(SimdLevel l) {
+  switch (l) {
+    case SimdLevel::kScalar:
+      return detail::rows_fn_scalar();
+#if defined(QMOE_CPU_X86_KERNELS)
+    case SimdLevel::kAvx2:
+      return detail::rows_fn_avx2();
+    case SimdLevel::kAvx512:
+      return detail::rows_fn_avx512();
+#else
+    default:
+      return nullptr;
+#endif
+  }
+  return nullptr;
+}
+
+// -1 = not decided yet.
+std::atomic<int> g_level{-1};
+std::mutex g_level_mutex;
+
+SimdLevel checked(SimdLevel l) {
+  if (!simd_level_supported(l)) {
+    throw InvalidArgument("SIMD level '" + std::string(simd_level_name(l)) +
+                          "' is not supported by this CPU or build (best: " +
+                          std::string(simd_level_name(best_simd_level())) + ")");
+  }
+  return l;
+}
+
+// ---- scratch ------------------------------------------------------------------------------------
+// A growable 64-byte aligned buffer; one per thread for the lists, one per call for the inputs.
+template <class T>
+class Aligned {
+ public:
+  T* get(size_t n) {
+    if (n > cap_) {
+      const size_t bytes = (n * sizeof(T) + 63) / 64 * 64;
+      mem_.reset(static_cast<T*>(std::aligned_alloc(64, bytes)));
+      if (!mem_) throw std::bad_alloc();
+      cap_ = bytes / sizeof(T);
+    }
+    return mem_.get();
+  }
+
+ private:
+  struct Free {
+    void operator()(T* p) const { std::free(p); }
+  };
+  std::unique_ptr<T, Free> mem_;
+  size_t cap_ = 0;
+};
+
+// ---- argument checks ----------------------------------------------------------------------------
+void check_matrix(const CompressedView& w) {
+  if (w.rows < 0 || w.cols < 0) throw InvalidArgument("matrix has a negative shape");
+  if (w.cols > (int64_t{1} << 30)) throw InvalidArgument("matrix has more than 2^30 columns");
+  if (w.levels.size() != static_cast<size_t>(2 * w.rows)) {
+    throw InvalidArgument("matrix levels hold " + std::to_string(w.levels.size()) +
+                          " values, expected " + std::to_string(2 * w.rows));
+  }
+  if (w.codec == Codec::kV1) {
+    if (w.row_offsets.size() != static_cast<size_t>(w.rows + 1) || w.row_offsets[0] != 0 ||
+        static_cast<size_t>(w.row_offsets[static_cast<size_t>(w.rows)]) != w.codes.size()) {
+      throw InvalidArgument("qmoe-v1 matrix: row_offsets do not match rows and codes");
+    }
+  } else if (w.codec == Codec::kP5) {
+    if (w.packed.size() != static_cast<size_t>(w.rows * p5::row_bytes(w.cols))) {
+      throw InvalidArgument("qmoe-p5 matrix: packed size does not match its shape");
+    }
+  } else {
+    throw InvalidArgument("unknown codec");
+  }
+}
+
+// ---- the engine ---------------------------------------------------------------------------------
+constexpr int64_t kRowBlock = 64;  // rows per OpenMP work item (fixed: results do not depend on it)
+constexpr int kMaxPasses = 8;      // passes per sweep over the codes (bounds the input copies)
+constexpr int64_t kColBlock = 256;       // columns per transposition work item
+constexpr double kSerialWork = 1 << 17;  // below this many weight x token products: one thread
+
+thread_local Aligned<int32_t> t_lists;
+thread_local Aligned<float> t_inputs;
+
+// Computes, for tokens t < n, yout[t][r] (+)= scale[t] * (W xin[t])[r].
+void run(const CompressedView& w, int64_t n, const float* const* xin, float* const* yout,
+         const float* scale, const MatmulOptions& opt) {
+  if (n <= 0 || w.rows == 0) return;
+  const SimdLevel level = opt.simd ? checked(*opt.simd) : simd_level();
+  const detail::RowsFn fn = rows_fn(level);
+  const detail::Tables& tb = detail::tables();
+
+  detail::Work work;
+  work.m.codec = w.codec == Codec::kV1 ? 0 : 1;
+  work.m.rows = w.rows;
+  work.m.cols = w.cols;
+  work.m.codes = w.codes.data();
+  work.m.row_offsets = w.row_offsets.data();
+  work.m.packed = w.packed.data();
+  work.m.levels = w.levels.data();
+  work.accumulate = opt.accumulate;
+  if (w.codec == Codec::kV1) {
+    int64_t max_codes = 0;
+    for (int64_t r = 0; r < w.rows; ++r)
+      max_codes = std::max<int64_t>(max_codes, w.row_offsets[r + 1] - w.row_offsets[r]);
+    work.list_capacity = 3 * max_codes + 8;  // <= 3 symbols per codeword, 4 written per store
+  } else {
+    work.list_capacity = w.cols + 8;  // 5 written per byte
+  }
+
+  int threads = opt.threads > 0 ? opt.threads : omp_get_max_threads();
+  const double products =
+      static_cast<double>(w.rows) * static_cast<double>(w.cols) * static_cast<double>(n);
+  if (products < kSerialWork) threads = 1;
+  const int64_t padded_cols = w.cols + kColPad;
+  const int64_t row_blocks = (w.rows + kRowBlock - 1) / kRowBlock;
+
+  for (int64_t t0 = 0; t0 < n; t0 += kMaxPasses * kMaxPassTokens) {
+    // Passes of up to 32 tokens: 1 token stays a plain vector, more are padded to a multiple of 8.
+    detail::Pass passes[kMaxPasses];
+    int64_t offsets[kMaxPasses + 1];
+    int num_passes = 0;
+    int64_t floats = 0;
+    for (int64_t t = t0; t < n && num_passes < kMaxPasses; t += kMaxPassTokens) {
+      detail::Pass& p = passes[num_passes];
+      p.n = static_cast<int>(std::min(kMaxPassTokens, n - t));
+      p.bp = p.n == 1 ? 1 : (p.n + 7) / 8 * 8;
+      p.y = yout + t;
+      p.scale = scale != nullptr ? scale + t : nullptr;
+      offsets[num_passes++] = floats;
+      floats += padded_cols * p.bp;
+    }
+    float* inputs = t_inputs.get(static_cast<size_t>(std::max<int64_t>(floats, 1)));
+    for (int q = 0; q < num_passes; ++q) passes[q].xt = inputs + offsets[q];
+    work.passes = passes;
+    work.num_passes = num_passes;
+    const int64_t col_blocks = (padded_cols + kColBlock - 1) / kColBlock;
+
+#pragma omp parallel num_threads(threads) if (threads > 1)
+    {
+      // Inputs, column-major per pass: xt[c * bp + t]; zero past the last column and token.
+#pragma omp for schedule(static)
+      for (int64_t item = 0; item < num_passes * col_blocks; ++item) {
+        const int q = static_cast<int>(item / col_blocks);
+        const int64_t c0 = (item % col_blocks) * kColBlock;
+        const int64_t c1 = std::min(padded_cols, c0 + kColBlock);
+        const int64_t real_end = std::min(c1, w.cols);
+        const detail::Pass& p = passes[q];
+        float* xt = inputs + offsets[q];
+        const float* const* src = xin + (t0 + q * kMaxPassTokens);
+        if (p.bp == 1) {
+          if (real_end > c0)
+            std::memcpy(xt + c0, src[0] + c0, static_cast<size_t>(real_end - c0) * sizeof(float));
+          for (int64_t c = std::max(c0, real_end); c < c1; ++c) xt[c] = 0.0f;
+        } else {
+          for (int64_t c = c0; c < c1; ++c) {
+            float* dst = xt + c * p.bp;
+            if (c < w.cols) {
+              for (int t = 0; t < p.n; ++t) dst[t] = src[t][c];
+              for (int t = p.n; t < p.bp; ++t) dst[t] = 0.0f;
+            } else {
+              for (int t = 0; t < p.bp; ++t) dst[t] = 0.0f;
+            }
+          }
+        }
+      }
+      int32_t* lists = t_lists.get(static_cast<size_t>(2 * work.list_capacity));
+#pragma omp for schedule(static)
+      for (int64_t b = 0; b < row_blocks; ++b) {
+        fn(work, tb, b * kRowBlock, std::min(w.rows, (b + 1) * kRowBlock), lists);
+      }
+    }
+  }
+}
+
+}  // namespace
+
+std::string_view simd_level_name(SimdLevel l) {
+  switch (l) {
+    case SimdLevel::kScalar:
+      return "scalar";
+    case SimdLevel::kAvx2:
+      return "avx2";
+    case SimdLevel::kAvx512:
+      return "avx512";
+  }
+  return "unknown";
+}
+
+std::optional<SimdLevel> simd_level_from_name(std::string_view s) {
+  for (SimdLevel l : {SimdLevel::kScalar, SimdLevel::kAvx2, SimdLevel::kAvx512}) {
+    if (s == simd_level_name(l)) return l;
+  }
+  return std::nullopt;
+}
+
+bool simd_level_supported(SimdLevel l) {
+  return rows_fn(l) != nullptr && cpu_runs(l);
+}
+
+SimdLevel best_simd_level() {
+  for (SimdLevel l : {SimdLevel::kAvx512, SimdLevel::kAvx2}) {
+    if (simd_level_supported(l)) return l;
+  }
+  return SimdLevel::kScalar;
+}
+
+SimdLevel simd_level() {
+  const int cur = g_level.load(std::memory_order_acquire);
+  if (cur >= 0) return static_cast<SimdLevel>(cur);
+  std::lock_guard<std::mutex> lock(g_level_mutex);
+  if (g_level.load(std::memory_order_relaxed) < 0) {
+    SimdLevel l = best_simd_level();
+    if (const char* env = std::getenv("QMOE_CPU_SIMD"); env != nullptr && *env != '\0') {
+      const auto named = simd_level_from_name(env);
+      if (!named) {
+        throw InvalidArgument(std::string("QMOE_CPU_SIMD='") + env +
+                              "' is not one of scalar, avx2, avx512");
+      }
+      l = checked(*named);
+    }
+    g_level.store(static_cast<int>(l), std::memory_order_release);
+  }
+  return static_cast<SimdLevel>(g_level.load(std::memory_order_relaxed));
+}
+
+void set_simd_level(SimdLevel l) {
+  g_level.store(static_cast<int>(checked(l)), std::memory_order_release);
+}
+
+void matvec(const CompressedView& w, const float* x, float* y, const MatmulOptions& opt) {
+  check_matrix(w);
+  if (w.rows > 0 && y == nullptr) throw InvalidArgument("matvec: y is null");
+  if (w.cols > 0 && x == nullptr) throw InvalidArgument("matvec: x is null");
+  run(w, 1, &x, &y, nullptr, opt);
+}
+
+void matmul(const CompressedView& w, int64_t n, const float* x, int64_t ldx, float* y, int64_t ldy,
+            const MatmulOptions& opt) {
+  check_matrix(w);
+  if (n < 0) throw InvalidArgument("matmul: negative token count");
+  if (n == 0) return;
+  if (ldx < w.cols || ldy < w.rows) {
+    throw InvalidArgument("matmul: strides ldx=" + std::to_string(ldx) +
+                          ", ldy=" + std::to_string(ldy) + " are smaller than the matrix width " +
+                          std::to_string(w.cols) + " / height " + std::to_string(w.rows));
+  }
+  if ((w.rows > 0 && y == nullptr) || (w.cols > 0 && x == nullptr))
+    throw InvalidArgument("matmul: null x or y");
+  std::vector<const float*> xin(static_cast<size_t>(n));
+  std::vector<float*> yout(static_cast<size_t>(n));
+  for (int64_t t = 0; t < n; ++t) {
+    xin[static_cast<size_t>(t)] = x + t * ldx;
+    yout[static_cast<size_t>(t)] = y + t * ldy;
+  }
+  run(w, n, xin.data(), yout.data(), nullptr, opt);
+}
+
+void grouped_matmul(std::span<const ExpertBatch> items, const float* x, int64_t x_rows, int64_t ldx,
+                    float* y, int64_t y_rows, int64_t ldy, const MatmulOptions& opt) {
+  if (x_rows < 0 || y_rows < 0) throw InvalidArgument("grouped_matmul: negative row count");
+  // Check everything before writing anything.
+  for (size_t e = 0; e < items.size(); ++e) {
+    const ExpertBatch& it = items[e];
+    const std::string who = "grouped_matmul: item " + std::to_string(e) + ": ";
+    check_matrix(it.weight);
+    const size_t n = it.in_rows.size();
+    if (!it.out_rows.empty() && it.out_rows.size() != n)
+      throw InvalidArgument(who + "out_rows and in_rows differ in size");
+    if (!it.scale.empty() && it.scale.size() != n)
+      throw InvalidArgument(who + "scale and in_rows differ in size");
+    if (n == 0) continue;
+    if (ldx < it.weight.cols || ldy < it.weight.rows)
+      throw InvalidArgument(who + "ldx or ldy smaller than the matrix");
+    if ((it.weight.cols > 0 && x == nullptr) || (it.weight.rows > 0 && y == nullptr)) {
+      throw InvalidArgument(who + "null x or y");
+    }
+    for (size_t i = 0; i < n; ++i) {
+      if (it.in_rows[i] < 0 || it.in_rows[i] >= x_rows) {
+        throw InvalidArgument(who + "in_rows[" + std::to_string(i) +
+                              "] = " + std::to_string(it.in_rows[i]) + " is outside 0.." +
+                              std::to_string(x_rows - 1));
+      }
+      const int32_t o = it.out_rows.empty() ? it.in_rows[i] : it.out_rows[i];
+      if (o < 0 || o >= y_rows) {
+        throw InvalidArgument(who + "output row " + std::to_string(o) + " is outside 0.." +
+                              std::to_string(y_rows - 1));
+      }
+    }
+  }
+  std::vector<const float*> xin;
+  std::vector<float*> yout;
+  for (const ExpertBatch& it : items) {
+    const size_t n = it.in_rows.size();
+    if (n == 0) continue;
+    xin.resize(n);
+    yout.resize(n);
+    for (size_t i = 0; i < n; ++i) {
+      xin[i] = x + static_cast<int64_t>(it.in_rows[i]) * ldx;
+      yout[i] =
+          y + static_cast<int64_t>(it.out_rows.empty() ? it.in_rows[i] : it.out_rows[i]) * ldy;
+    }
+    run(it.weight, static_cast<int64_t>(n), xin.data(), yout.data(),
+        it.scale.empty() ? nullptr : it.scale.data(), opt);
+  }
+}
+
+}  // namespace qmoe::cpu

@@ -1,0 +1,73 @@
+// Per-dictionary tables of the CPU kernels (layout in kernels.h), derived from the decode tables.
+#include <string>
+#include <vector>
+
+#include "kernels.h"
+#include "qmoe/format/codec_layout.h"
+#include "qmoe/format/error.h"
+#include "qmoe/format/reference.h"
+
+namespace qmoe::cpu::detail {
+namespace {
+
+struct TableStore {
+  std::vector<uint64_t> v1_mask;
+  std::vector<uint64_t> v1_list;
+  std::vector<uint8_t> p5_list;
+  Tables view;
+
+  TableStore() : v1_mask(v1::kEntries), v1_list(v1::kEntries), p5_list(256 * 16, 0) {
+    const int32_t* table = v1_decode_table();
+    for (int e = 0; e < v1::kEntries; ++e) {
+      const uint32_t w[2] = {static_cast<uint32_t>(table[2 * e]),
+                             static_cast<uint32_t>(table[2 * e + 1])};
+      const int pairs = v1::entry_pairs(w[0]);
+      uint64_t mask = static_cast<uint64_t>(pairs) << 60;
+      uint64_t lo_cols = 0, hi_cols = 0;  // packed column bytes
+      int n_lo = 0, n_hi = 0;
+      for (int k = 0; k < pairs; ++k) {
+        const uint32_t word = w[k / v1::kPairsPerWord];
+        const int j = k % v1::kPairsPerWord;
+        const int sym[2] = {v1::pair_s0(word, j), v1::pair_s1(word, j)};
+        for (int h = 0; h < 2; ++h) {
+          const int col = 2 * k + h;
+          if (sym[h] == 0) continue;
+          if (n_lo + n_hi == 3) {
+            throw Error("qmoe-v1 dictionary entry " + std::to_string(e) +
+                        " has more than 3 non-zero symbols; the CPU kernels assume at most 3");
+          }
+          if (sym[h] == 1) {
+            mask |= uint64_t{1} << col;
+            lo_cols |= static_cast<uint64_t>(col) << (8 * n_lo++);
+          } else {
+            mask |= uint64_t{1} << (32 + col);
+            hi_cols |= static_cast<uint64_t>(col) << (8 * n_hi++);
+          }
+        }
+      }
+      v1_mask[e] = mask;
+      v1_list[e] = lo_cols | (static_cast<uint64_t>(n_lo | (2 * pairs) << 2) << 24) |
+                   (hi_cols << 32) | (static_cast<uint64_t>(n_hi) << 56);
+    }
+    for (int b = 0; b <= p5::kMaxByte; ++b) {
+      uint8_t* rec = &p5_list[16 * b];
+      int v = b;
+      for (int i = 0; i < p5::kSymbolsPerByte; ++i, v /= 3) {
+        if (v % 3 == 1) rec[rec[5]++] = static_cast<uint8_t>(i);
+        if (v % 3 == 2) rec[8 + rec[13]++] = static_cast<uint8_t>(i);
+      }
+    }
+    view.v1_mask = v1_mask.data();
+    view.v1_list = v1_list.data();
+    view.p5_list = p5_list.data();
+  }
+};
+
+}  // namespace
+
+const Tables& tables() {
+  static const TableStore store;
+  return store.view;
+}
+
+}  // namespace qmoe::cpu::detail
