@@ -1,0 +1,356 @@
+// qmoe_decoder_cpu against the reference decoder (format/reference.h): every SIMD level this CPU
+// runs, both codecs, shapes that are not a multiple of any tile, batches 1..70, y = Wx and y += Wx,
+// sentinels around every output, thread-count bit-identity and grouped expert routings.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <cstring>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "qmoe/decoder_cpu/matmul.h"
+#include "qmoe/encoder/encode.h"
+#include "qmoe/format/bf16.h"
+#include "qmoe/format/error.h"
+#include "qmoe/format/reference.h"
+
+namespace qmoe::cpu {
+namespace {
+
+// Normalised error sum((y - ref)^2) / sum(ref^2) allowed for an fp32 kernel against the double
+// reference. fp32 sums of k terms carry ~sqrt(k) * 2^-24 relative error; 1e-9 leaves a wide
+// margin at the widths tested while catching any misplaced or dropped symbol (>= 1e-4 typically).
+constexpr double kMaxNmse = 1e-9;
+// Written around and between outputs; must survive every call.
+constexpr float kSentinel = -12345.678f;
+
+const SimdLevel kLevels[] = {SimdLevel::kScalar, SimdLevel::kAvx2, SimdLevel::kAvx512};
+
+TernaryMatrix random_ternary(int64_t rows, int64_t cols, double p_zero, uint64_t seed) {
+  std::mt19937_64 rng(seed);
+  std::uniform_real_distribution<double> u(0.0, 1.0);
+  TernaryMatrix t(rows, cols);
+  for (auto& s : t.symbols) {
+    const double v = u(rng);
+    s = v < p_zero ? 0 : (v < p_zero + (1 - p_zero) / 2 ? 1 : 2);
+  }
+  for (int64_t r = 0; r < rows; ++r) {
+    t.levels[2 * r] = float_to_bf16(-static_cast<float>(0.01 + u(rng)));
+    t.levels[2 * r + 1] = float_to_bf16(static_cast<float>(0.01 + u(rng)));
+  }
+  return t;
+}
+
+CompressedMatrix make(int64_t rows, int64_t cols, double p_zero, uint64_t seed, Codec codec) {
+  EncodeOptions o;
+  o.codec = codec;
+  CompressedMatrix m = encode(random_ternary(rows, cols, p_zero, seed), o);
+  validate(m.view());
+  return m;
+}
+
+std::vector<float> random_vec(int64_t n, uint64_t seed) {
+  std::mt19937_64 rng(seed);
+  std::normal_distribution<float> d(0.0f, 1.0f);
+  std::vector<float> v(static_cast<size_t>(n));
+  for (auto& x : v) x = d(rng);
+  return v;
+}
+
+double nmse(const float* y, const float* ref, int64_t n) {
+  double num = 0.0, den = 0.0;
+  for (int64_t i = 0; i < n; ++i) {
+    num += (static_cast<double>(y[i]) - ref[i]) * (static_cast<double>(y[i]) - ref[i]);
+    den += static_cast<double>(ref[i]) * ref[i];
+  }
+  if (den == 0.0) return num;  // all-zero reference: demand (near) exact zeros
+  return num / den;
+}
+
+// out[t * rows + r] = (W x_t)[r] by the reference decoder.
+std::vector<float> ref_products(const CompressedView& w, const std::vector<float>& x, int64_t n,
+                                int64_t ldx) {
+  std::vector<float> out(static_cast<size_t>(n * w.rows));
+  for (int64_t t = 0; t < n; ++t) matvec_ref(w, x.data() + t * ldx, out.data() + t * w.rows);
+  return out;
+}
+
+std::string codec_str(Codec c) {
+  return std::string(codec_name(c));
+}
+
+class Levels : public ::testing::TestWithParam<SimdLevel> {
+ protected:
+  void SetUp() override {
+    if (!simd_level_supported(GetParam())) {
+      GTEST_SKIP() << "SIMD level " << simd_level_name(GetParam())
+                   << " is not supported on this CPU";
+    }
+    opt_.simd = GetParam();
+  }
+  MatmulOptions opt_;
+};
+
+struct Shape {
+  int64_t rows, cols;
+  double p_zero;
+};
+
+const Shape kShapes[] = {
+    {1, 1, 0.5},     {1, 2, 0.0},    {1, 97, 0.885}, {97, 1, 0.5},      {13, 29, 0.885},
+    {31, 28, 0.885}, {17, 257, 0.0}, {9, 300, 1.0},  {33, 1001, 0.885}, {70, 3071, 0.885},
+    {5, 64, 0.3},    {0, 17, 0.885}, {12, 0, 0.885}, {67, 768, 0.95},   {3, 5000, 0.6},
+};
+
+TEST_P(Levels, MatvecMatchesReference) {
+  uint64_t seed = 1;
+  for (Codec codec : {Codec::kV1, Codec::kP5}) {
+    for (const Shape& s : kShapes) {
+      SCOPED_TRACE(codec_str(codec) + " " + std::to_string(s.rows) + "x" + std::to_string(s.cols) +
+                   " p0=" + std::to_string(s.p_zero) + " seed=" + std::to_string(seed));
+      const CompressedMatrix m = make(s.rows, s.cols, s.p_zero, seed, codec);
+      const std::vector<float> x = random_vec(s.cols, seed + 100);
+      ++seed;
+      const std::vector<float> ref = ref_products(m.view(), x, 1, s.cols);
+      std::vector<float> buf(static_cast<size_t>(s.rows + 32), kSentinel);
+      float* y = buf.data() + 16;
+      matvec(m.view(), x.data(), y, opt_);
+      EXPECT_LE(nmse(y, ref.data(), s.rows), kMaxNmse);
+      for (int i = 0; i < 16; ++i) {
+        ASSERT_EQ(buf[static_cast<size_t>(i)], kSentinel) << "write before y";
+        ASSERT_EQ(buf[static_cast<size_t>(s.rows + 16 + i)], kSentinel) << "write after y";
+      }
+      if (s.p_zero == 1.0) {
+        for (int64_t r = 0; r < s.rows; ++r) ASSERT_EQ(y[r], 0.0f) << "empty row " << r;
+      }
+      // y += W x on top of a known y.
+      const std::vector<float> y0 = random_vec(s.rows, seed + 200);
+      std::memcpy(y, y0.data(), y0.size() * sizeof(float));
+      MatmulOptions acc = opt_;
+      acc.accumulate = true;
+      matvec(m.view(), x.data(), y, acc);
+      std::vector<float> want(static_cast<size_t>(s.rows));
+      for (int64_t r = 0; r < s.rows; ++r) want[r] = y0[r] + ref[r];
+      EXPECT_LE(nmse(y, want.data(), s.rows), kMaxNmse);
+      EXPECT_EQ(buf[15], kSentinel);
+      EXPECT_EQ(buf[static_cast<size_t>(s.rows + 16)], kSentinel);
+    }
+  }
+}
+
+TEST_P(Levels, MatmulMatchesReferenceForEveryBatch) {
+  for (Codec codec : {Codec::kV1, Codec::kP5}) {
+    const int64_t rows = 45, cols = 301;  // neither a multiple of 4 rows nor of 8/16/28 columns
+    const CompressedMatrix m = make(rows, cols, 0.885, 7, codec);
+    for (int64_t n : {1, 2, 3, 7, 8, 9, 15, 16, 17, 23, 24, 25, 31, 32, 33, 64, 70}) {
+      SCOPED_TRACE(codec_str(codec) + " n=" + std::to_string(n));
+      const int64_t ldx = cols + 3, ldy = rows + 5;
+      const std::vector<float> x = random_vec(n * ldx, 40 + n);
+      const std::vector<float> ref = ref_products(m.view(), x, n, ldx);
+      std::vector<float> buf(static_cast<size_t>(n * ldy + 32), kSentinel);
+      float* y = buf.data() + 16;
+      matmul(m.view(), n, x.data(), ldx, y, ldy, opt_);
+      for (int64_t t = 0; t < n; ++t) {
+        EXPECT_LE(nmse(y + t * ldy, ref.data() + t * rows, rows), kMaxNmse) << "token " << t;
+        for (int64_t r = rows; r < ldy; ++r)
+          ASSERT_EQ(y[t * ldy + r], kSentinel) << "write in the stride gap";
+      }
+      for (int i = 0; i < 16; ++i) {
+        ASSERT_EQ(buf[static_cast<size_t>(i)], kSentinel);
+        ASSERT_EQ(buf[buf.size() - 1 - static_cast<size_t>(i)], kSentinel);
+      }
+      // Accumulate doubles the result.
+      MatmulOptions acc = opt_;
+      acc.accumulate = true;
+      matmul(m.view(), n, x.data(), ldx, y, ldy, acc);
+      for (int64_t t = 0; t < n; ++t) {
+        std::vector<float> twice(static_cast<size_t>(rows));
+        for (int64_t r = 0; r < rows; ++r) twice[r] = 2.0f * ref[t * rows + r];
+        EXPECT_LE(nmse(y + t * ldy, twice.data(), rows), kMaxNmse) << "token " << t;
+      }
+    }
+  }
+}
+
+TEST_P(Levels, BitIdenticalForAnyThreadCount) {
+  for (Codec codec : {Codec::kV1, Codec::kP5}) {
+    const CompressedMatrix m = make(517, 1029, 0.885, 11, codec);
+    for (int64_t n : {1, 5, 32, 40}) {
+      SCOPED_TRACE(codec_str(codec) + " n=" + std::to_string(n));
+      const std::vector<float> x = random_vec(n * 1029, 12);
+      std::vector<float> first;
+      for (int threads : {1, 2, 3, 4, 7}) {
+        MatmulOptions o = opt_;
+        o.threads = threads;
+        std::vector<float> y(static_cast<size_t>(n * 517));
+        matmul(m.view(), n, x.data(), 1029, y.data(), 517, o);
+        if (first.empty()) {
+          first = y;
+        } else {
+          ASSERT_EQ(std::memcmp(first.data(), y.data(), y.size() * sizeof(float)), 0)
+              << threads << " threads";
+        }
+      }
+    }
+  }
+}
+
+// A decoded matrix has only the values lo, 0, hi: single-column inputs pick them out exactly.
+TEST_P(Levels, UnitVectorsPickOutColumnsExactly) {
+  const CompressedMatrix m = make(19, 61, 0.885, 21, Codec::kV1);
+  std::vector<float> dense(19 * 61);
+  decode_ref(m.view(), dense.data());
+  for (int64_t c = 0; c < 61; ++c) {
+    std::vector<float> x(61, 0.0f);
+    x[c] = 1.0f;
+    std::vector<float> y(19);
+    matvec(m.view(), x.data(), y.data(), opt_);
+    for (int64_t r = 0; r < 19; ++r)
+      ASSERT_EQ(y[r], dense[r * 61 + c]) << "row " << r << " column " << c;
+  }
+}
+
+// One MoE layer: expert e takes tokens tok[e], outputs scaled by router probabilities and summed
+// over each token's experts (down projection), or written to per-assignment slots (up projection).
+TEST_P(Levels, GroupedSkewedRoutings) {
+  const int64_t num_tokens = 53, d_in = 77, d_out = 39, num_experts = 9;
+  std::vector<CompressedMatrix> w;
+  for (int64_t e = 0; e < num_experts; ++e) {
+    w.push_back(make(d_out, d_in, 0.885, 300 + e, e % 3 == 2 ? Codec::kP5 : Codec::kV1));
+  }
+  const std::vector<float> x = random_vec(num_tokens * d_in, 5);
+  std::mt19937_64 rng(99);
+  // Routings: one expert takes almost every token; every token to expert 0; top-2 random; none.
+  for (int routing = 0; routing < 4; ++routing) {
+    SCOPED_TRACE("routing " + std::to_string(routing));
+    std::vector<std::vector<int32_t>> tok(num_experts);
+    std::vector<std::vector<float>> prob(num_experts);
+    for (int32_t t = 0; t < num_tokens; ++t) {
+      std::vector<int64_t> chosen;
+      if (routing == 0) chosen = {t < 51 ? 4 : 7};
+      if (routing == 1) chosen = {0};
+      if (routing == 2) {
+        const int64_t a = static_cast<int64_t>(rng() % num_experts);
+        const int64_t b = (a + 1 + static_cast<int64_t>(rng() % (num_experts - 1))) % num_experts;
+        chosen = {a, b};
+      }
+      for (int64_t e : chosen) {
+        tok[e].push_back(t);
+        prob[e].push_back(0.25f + 0.5f * static_cast<float>(rng() % 1000) / 1000.0f);
+      }
+    }
+    // Reference: y[t] = sum over its experts of p * W_e x_t, in item order.
+    std::vector<float> want(static_cast<size_t>(num_tokens * d_out), 0.0f);
+    std::vector<float> tmp(d_out);
+    for (int64_t e = 0; e < num_experts; ++e) {
+      for (size_t i = 0; i < tok[e].size(); ++i) {
+        matvec_ref(w[e].view(), x.data() + tok[e][i] * d_in, tmp.data());
+        for (int64_t r = 0; r < d_out; ++r) want[tok[e][i] * d_out + r] += prob[e][i] * tmp[r];
+      }
+    }
+    std::vector<ExpertBatch> items;
+    for (int64_t e = 0; e < num_experts; ++e) items.push_back({w[e].view(), tok[e], {}, prob[e]});
+    const int64_t ldy = d_out + 2;
+    std::vector<float> buf(static_cast<size_t>(num_tokens * ldy + 32), kSentinel);
+    float* y = buf.data() + 16;
+    for (int64_t t = 0; t < num_tokens; ++t) {
+      for (int64_t r = 0; r < d_out; ++r) y[t * ldy + r] = 0.0f;
+    }
+    MatmulOptions o = opt_;
+    o.accumulate = true;
+    grouped_matmul(items, x.data(), num_tokens, d_in, y, num_tokens, ldy, o);
+    for (int64_t t = 0; t < num_tokens; ++t) {
+      EXPECT_LE(nmse(y + t * ldy, want.data() + t * d_out, d_out), kMaxNmse) << "token " << t;
+      ASSERT_EQ(y[t * ldy + d_out], kSentinel);
+      ASSERT_EQ(y[t * ldy + d_out + 1], kSentinel);
+    }
+    ASSERT_EQ(buf[15], kSentinel);
+    ASSERT_EQ(buf[buf.size() - 16], kSentinel);
+
+    // Up projection: assignment slots (expert-major), no scaling, plain writes.
+    std::vector<ExpertBatch> up;
+    std::vector<std::vector<int32_t>> slots(num_experts);
+    int32_t next = 0;
+    for (int64_t e = 0; e < num_experts; ++e) {
+      for (size_t i = 0; i < tok[e].size(); ++i) slots[e].push_back(next++);
+      up.push_back({w[e].view(), tok[e], slots[e], {}});
+    }
+    std::vector<float> h(static_cast<size_t>(std::max(next, 1) * d_out), kSentinel);
+    grouped_matmul(up, x.data(), num_tokens, d_in, h.data(), next, d_out, opt_);
+    for (int64_t e = 0; e < num_experts; ++e) {
+      for (size_t i = 0; i < tok[e].size(); ++i) {
+        matvec_ref(w[e].view(), x.data() + tok[e][i] * d_in, tmp.data());
+        EXPECT_LE(nmse(h.data() + slots[e][i] * d_out, tmp.data(), d_out), kMaxNmse);
+      }
+    }
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(DecoderCpu, Levels, ::testing::ValuesIn(kLevels),
+                         [](const ::testing::TestParamInfo<SimdLevel>& i) {
+                           return std::string(simd_level_name(i.param));
+                         });
+
+// Levels agree with each other to fp32 rounding; the best level is what calls use by default
+// (unless QMOE_CPU_SIMD says otherwise).
+TEST(DecoderCpu, LevelsAndDefaults) {
+  EXPECT_TRUE(simd_level_supported(SimdLevel::kScalar));
+  EXPECT_TRUE(simd_level_supported(best_simd_level()));
+  EXPECT_EQ(simd_level_from_name("avx2"), SimdLevel::kAvx2);
+  EXPECT_EQ(simd_level_from_name("sse"), std::nullopt);
+  const SimdLevel before = simd_level();
+  set_simd_level(SimdLevel::kScalar);
+  EXPECT_EQ(simd_level(), SimdLevel::kScalar);
+  set_simd_level(before);
+  for (SimdLevel l : kLevels) {
+    if (!simd_level_supported(l)) {
+      EXPECT_THROW(set_simd_level(l), InvalidArgument);
+    }
+  }
+}
+
+TEST(DecoderCpu, InvalidArguments) {
+  const CompressedMatrix m = make(8, 20, 0.885, 3, Codec::kV1);
+  std::vector<float> x(200, 1.0f), y(200, kSentinel);
+  EXPECT_THROW(matmul(m.view(), 2, x.data(), 19, y.data(), 8), InvalidArgument);
+  EXPECT_THROW(matmul(m.view(), 2, x.data(), 20, y.data(), 7), InvalidArgument);
+  EXPECT_THROW(matmul(m.view(), -1, x.data(), 20, y.data(), 8), InvalidArgument);
+  CompressedView bad = m.view();
+  bad.levels = bad.levels.subspan(1);
+  EXPECT_THROW(matvec(bad, x.data(), y.data()), InvalidArgument);
+  bad = m.view();
+  bad.row_offsets = bad.row_offsets.subspan(0, 8);
+  EXPECT_THROW(matvec(bad, x.data(), y.data()), InvalidArgument);
+
+  const std::vector<int32_t> rows_ok = {0, 1}, rows_bad = {0, 5};
+  const std::vector<float> one_scale = {1.0f};
+  const ExpertBatch oob_in[] = {{m.view(), rows_bad, {}, {}}};
+  EXPECT_THROW(grouped_matmul(oob_in, x.data(), 5, 20, y.data(), 10, 8), InvalidArgument);
+  const ExpertBatch oob_out[] = {{m.view(), rows_ok, rows_bad, {}}};
+  EXPECT_THROW(grouped_matmul(oob_out, x.data(), 5, 20, y.data(), 5, 8), InvalidArgument);
+  const ExpertBatch bad_scale[] = {{m.view(), rows_ok, {}, one_scale}};
+  EXPECT_THROW(grouped_matmul(bad_scale, x.data(), 5, 20, y.data(), 5, 8), InvalidArgument);
+  for (float v : y) ASSERT_EQ(v, kSentinel) << "a rejected call wrote output";
+}
+
+// Batches of several passes decode the codes once per 8 passes of 32 tokens; a long batch (and
+// a wide matrix) exercises that loop. Labelled slow when it exceeds a few seconds.
+TEST(DecoderCpu, LargeBatchAllLevels) {
+  const CompressedMatrix m = make(96, 4099, 0.885, 77, Codec::kV1);
+  const int64_t n = 300;
+  const std::vector<float> x = random_vec(n * 4099, 78);
+  const std::vector<float> ref = ref_products(m.view(), x, n, 4099);
+  for (SimdLevel l : kLevels) {
+    if (!simd_level_supported(l)) continue;
+    SCOPED_TRACE(std::string(simd_level_name(l)));
+    MatmulOptions o;
+    o.simd = l;
+    std::vector<float> y(static_cast<size_t>(n * 96));
+    matmul(m.view(), n, x.data(), 4099, y.data(), 96, o);
+    EXPECT_LE(nmse(y.data(), ref.data(), n * 96), kMaxNmse);
+  }
+}
+
+}  // namespace
+}  // namespace qmoe::cpu
