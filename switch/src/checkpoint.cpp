@@ -155,7 +155,7 @@ int64_t FloatTensor::numel() const {
 
 // ---- source -------------------------------------------------------------------------------------
 
-std::shared_ptr<const SwitchSource> SwitchSource::open(const fs::path& path) {
+std::shared_ptr<const SwitchSource> SwitchSource::open(const fs::path& path, const fs::path& config_json) {
   auto src = std::shared_ptr<SwitchSource>(new SwitchSource());
   src->path_ = path;
   std::error_code ec;
@@ -196,7 +196,9 @@ std::shared_ptr<const SwitchSource> SwitchSource::open(const fs::path& path) {
   if (is_container) {
     src->container_ = Container::open(path);
     const auto& md = src->container_->metadata();
-    if (auto it = md.find("config.json"); it != md.end()) {
+    if (!config_json.empty()) {
+      src->config_ = SwitchConfig::load(config_json);
+    } else if (auto it = md.find("config.json"); it != md.end()) {
       src->config_ = SwitchConfig::parse(it->second, path.string() + " (metadata config.json)");
     } else if (fs::exists(dir / "config.json")) {
       src->config_ = SwitchConfig::load(dir / "config.json");
@@ -208,9 +210,9 @@ std::shared_ptr<const SwitchSource> SwitchSource::open(const fs::path& path) {
   } else {
     if (!fs::is_directory(path))
       throw FormatError(error_context(path.string(), "", "not a checkpoint directory nor a qmoe container"));
-    if (!fs::exists(dir / "config.json"))
-      throw FormatError(error_context((dir / "config.json").string(), "", "missing config.json"));
-    src->config_ = SwitchConfig::load(dir / "config.json");
+    const fs::path cfg = config_json.empty() ? dir / "config.json" : config_json;
+    if (!fs::exists(cfg)) throw FormatError(error_context(cfg.string(), "", "missing config.json"));
+    src->config_ = SwitchConfig::load(cfg);
     std::map<std::string, std::string> weight_map;  // tensor -> shard file name
     std::vector<std::string> shard_names;
     if (hf_index) {

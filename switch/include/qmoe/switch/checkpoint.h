@@ -80,8 +80,10 @@ class SwitchSource {
   // `path`: a checkpoint directory (config.json + model.safetensors or the sharded form), a qmoe
   // container (a directory or file that Container::open accepts, holding the checkpoint's tensors;
   // its config comes from the container metadata key "config.json" or from a config.json beside
-  // it). Validates everything up front: config, shard files, index entries; FormatError otherwise.
-  static std::shared_ptr<const SwitchSource> open(const std::filesystem::path& path);
+  // it; `config_json`, when given, is used instead). Validates everything up front: config, shard
+  // files, index entries; FormatError otherwise.
+  static std::shared_ptr<const SwitchSource> open(const std::filesystem::path& path,
+                                                  const std::filesystem::path& config_json = {});
 
   const SwitchConfig& config() const { return config_; }
   const SwitchLayout& layout() const { return layout_; }

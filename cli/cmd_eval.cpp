@@ -1,0 +1,99 @@
+// qmoe eval MODEL --tokens FILE: teacher-forced cross-entropy of a Switch model (a Hugging Face
+// checkpoint directory or a qmoe container) on a token file, and its speed.
+#include <omp.h>
+
+#include <cmath>
+#include <cstdio>
+#include <memory>
+#include <string>
+
+#include "command.h"
+#include "qmoe/format/error.h"
+#include "qmoe/switch/forward.h"
+#include "util.h"
+
+namespace qmoe::cli {
+namespace {
+
+struct EvalArgs {
+  std::string model, tokens, config;
+  int threads = 0;
+  int64_t batch = 8;
+  int64_t capacity = 0;
+  int64_t max_pairs = 0;
+  bool dense_experts = false;
+  bool progress = false;
+};
+
+int run_eval(const EvalArgs& a) {
+  if (a.threads < 0) throw InvalidArgument("--threads must be >= 0");
+  if (a.batch < 1) throw InvalidArgument("--batch must be >= 1");
+  if (a.capacity < 0) throw InvalidArgument("--capacity must be >= 0");
+  if (a.threads > 0) omp_set_num_threads(a.threads);
+  Stopwatch load_clock;
+  const auto src = sw::SwitchSource::open(a.model, a.config);
+  sw::LoadOptions lo;
+  lo.compressed_experts = !a.dense_experts;
+  const sw::SwitchModel m = sw::SwitchModel::load(src, lo);
+  sw::TokenPairs pairs = sw::TokenPairs::load(a.tokens, m.config.vocab_size);
+  if (a.max_pairs > 0 && a.max_pairs < pairs.num_pairs()) pairs = pairs.slice(0, a.max_pairs);
+  const double load_s = load_clock.seconds();
+
+  int64_t compressed = 0, experts = 0;
+  for (sw::Stack s : {sw::Stack::kEncoder, sw::Stack::kDecoder})
+    for (const auto& b : m.blocks(s))
+      for (const auto& e : b.ff.experts) {
+        ++experts;
+        compressed += e->kind() == "compressed" ? 1 : 0;
+      }
+  std::printf("model    %s (%s; %lld encoder + %lld decoder blocks, %lld experts per sparse block, "
+              "%lld of %lld experts run compressed)\n",
+              a.model.c_str(), src->is_container() ? "qmoe container" : "checkpoint",
+              static_cast<long long>(m.encoder.size()), static_cast<long long>(m.decoder.size()),
+              static_cast<long long>(m.layout.num_experts), static_cast<long long>(compressed),
+              static_cast<long long>(experts));
+  std::printf("tokens   %s: %lld pairs, %lld encoder + %lld decoder tokens (loaded in %.2f s)\n", a.tokens.c_str(),
+              static_cast<long long>(pairs.num_pairs()), static_cast<long long>(pairs.encoder_ids.size()),
+              static_cast<long long>(pairs.decoder_targets.size()), load_s);
+  std::fflush(stdout);
+
+  sw::ForwardOptions fo;
+  fo.expert_capacity = a.capacity;
+  const int64_t total = pairs.num_pairs();
+  const auto progress = [&](int64_t done) {
+    if (a.progress) std::fprintf(stderr, "\r%lld / %lld pairs", static_cast<long long>(done), static_cast<long long>(total));
+  };
+  const sw::EvalResult r = sw::evaluate(m, pairs, a.batch, fo, progress);
+  if (a.progress) std::fprintf(stderr, "\n");
+  const double toks = static_cast<double>(r.encoder_tokens + r.decoder_tokens);
+  std::printf("loss     %.6f nats per target token (%lld targets; perplexity %.3f)\n", r.loss.mean(),
+              static_cast<long long>(r.loss.targets), std::exp(r.loss.mean()));
+  std::printf("speed    %.1f tokens/s (encoder + decoder), %.1f target tokens/s, %.2f s, %d threads, batch %lld\n",
+              r.seconds > 0 ? toks / r.seconds : 0.0,
+              r.seconds > 0 ? static_cast<double>(r.decoder_tokens) / r.seconds : 0.0, r.seconds,
+              omp_get_max_threads(), static_cast<long long>(a.batch));
+  return 0;
+}
+
+const Registrar reg("eval", [](CLI::App& app) -> std::function<int()> {
+  auto args = std::make_shared<EvalArgs>();
+  app.description(
+      "Mean cross-entropy of the decoder targets of a token file (teacher forcing), and tokens/s, for a Switch "
+      "checkpoint directory or a qmoe container");
+  app.add_option("model", args->model, "checkpoint directory (config.json + safetensors) or qmoe container")
+      ->required();
+  app.add_option("--tokens", args->tokens, "token file (switch/TOKENS_FORMAT.md)")->required();
+  app.add_option("--config", args->config, "config.json to use (default: the model's own, or beside a container)");
+  app.add_option("--threads", args->threads, "OpenMP threads (0: all); results are identical for any count");
+  app.add_option("--batch", args->batch, "pairs per forward batch (default 8)");
+  app.add_option("--capacity", args->capacity,
+                 "expert capacity per sequence; 0 (default) = no dropping. Dropped tokens behave as in transformers");
+  app.add_option("--max-pairs", args->max_pairs, "evaluate only the first N pairs");
+  app.add_flag("--dense-experts", args->dense_experts,
+               "decode compressed experts once at load time instead of running them compressed");
+  app.add_flag("--progress", args->progress, "pairs done on stderr");
+  return [args] { return run_eval(*args); };
+});
+
+}  // namespace
+}  // namespace qmoe::cli

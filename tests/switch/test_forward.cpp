@@ -1,0 +1,183 @@
+// Golden tests of the forward pass against transformers 4.46.3 (fixtures/ made by
+// tools/make_switch_fixtures.py), and its determinism.
+#include <omp.h>
+
+#include <gtest/gtest.h>
+
+#include "qmoe/format/reference.h"
+#include "qmoe/switch/forward.h"
+#include "test_util.h"
+
+#ifdef QMOE_SWITCH_HAVE_ENCODER
+#include "qmoe/encoder/encode.h"
+#endif
+
+namespace qmoe::sw::test {
+namespace {
+
+struct GoldenCase {
+  const char* name;
+};
+
+class Golden : public ::testing::TestWithParam<GoldenCase> {};
+
+TEST_P(Golden, MatchesTransformers) {
+  const auto dir = fixture(GetParam().name);
+  const SwitchModel m = SwitchModel::load(dir);
+  const TokenPairs pairs = TokenPairs::load(dir / "tokens.safetensors", m.config.vocab_size);
+  const auto ref = SafetensorsFile::open(dir / "expected.safetensors");
+  ForwardOptions opt;
+  opt.expert_capacity = std::stoll(ref.metadata().at("expert_capacity"));
+  ASSERT_EQ(ref.metadata().at("transformers"), "4.46.3");
+
+  ForwardTrace tr;
+  const RowMatrix enc = encode(m, pairs, opt, &tr);
+  const RowMatrix dec = decode(m, pairs, enc, opt, &tr);
+  const RowMatrix lg = logits(m, dec);
+  ASSERT_EQ(tr.encoder_blocks.size(), m.encoder.size());
+  ASSERT_EQ(tr.decoder_blocks.size(), m.decoder.size());
+  double worst = 0;
+  auto check = [&](const std::string& name, const RowMatrix& ours) {
+    const double err = normalised_error(ref, name, ours);
+    worst = std::max(worst, err);
+    EXPECT_LE(err, kGoldenTol) << name;
+  };
+  for (size_t b = 0; b < tr.encoder_blocks.size(); ++b) check("encoder.block." + std::to_string(b), tr.encoder_blocks[b]);
+  check("encoder.final", tr.encoder_final);
+  for (size_t b = 0; b < tr.decoder_blocks.size(); ++b) check("decoder.block." + std::to_string(b), tr.decoder_blocks[b]);
+  check("logits", lg);
+  std::printf("%s: worst normalised error %.3g (tolerance %.0e)\n", GetParam().name, worst, kGoldenTol);
+
+  const LossResult loss = cross_entropy(m, pairs, opt);
+  const float ref_loss = ref.as<float>(*ref.find("loss"), DType::kF32)[0];
+  EXPECT_EQ(loss.targets, static_cast<int64_t>(pairs.decoder_targets.size()));
+  EXPECT_NEAR(loss.mean(), ref_loss, 1e-4 * std::max(1.0f, ref_loss));
+}
+
+INSTANTIATE_TEST_SUITE_P(Fixtures, Golden,
+                         ::testing::Values(GoldenCase{"every_other_f32"}, GoldenCase{"all_sparse_bf16"}),
+                         [](const auto& p) { return std::string(p.param.name); });
+
+TEST(Golden, CapacityDropsTokensInAllSparseFixture) {
+  // The all-sparse fixture's capacity (4) must actually drop tokens, else the golden test would not
+  // cover the dropped-token path.
+  const auto dir = fixture("all_sparse_bf16");
+  const SwitchModel m = SwitchModel::load(dir);
+  const TokenPairs pairs = TokenPairs::load(dir / "tokens.safetensors");
+  const SeqOffsets seqs = encoder_seqs(pairs);
+  RowMatrix h = embed(m, pairs.encoder_ids), x;
+  self_attention_layer(m, Stack::kEncoder, 0, seqs, h);
+  rms_norm(h, m.encoder[0].ff.layer_norm, m.config.layer_norm_epsilon, x);
+  ForwardOptions opt;
+  opt.expert_capacity = 4;
+  const Routing r = route(m.encoder[0].ff, x, seqs, opt);
+  int64_t dropped = 0, kept = 0;
+  for (auto d : r.dropped) dropped += d;
+  for (const auto& t : r.tokens_of) kept += static_cast<int64_t>(t.size());
+  EXPECT_GT(dropped, 0);
+  EXPECT_EQ(dropped + kept, x.rows());
+  // Without a limit nothing is dropped and the loss changes.
+  const double with_cap = cross_entropy(m, pairs, opt).mean();
+  const double no_cap = cross_entropy(m, pairs, ForwardOptions{}).mean();
+  EXPECT_NE(with_cap, no_cap);
+}
+
+TEST(Forward, BitIdenticalForAnyThreadCount) {
+  const auto dir = fixture("every_other_f32");
+  const SwitchModel m = SwitchModel::load(dir);
+  const TokenPairs pairs = TokenPairs::load(dir / "tokens.safetensors");
+  const int saved = omp_get_max_threads();
+  std::vector<RowMatrix> outs;
+  for (int t : {1, 2, 3, 8}) {
+    omp_set_num_threads(t);
+    const RowMatrix enc = encode(m, pairs);
+    outs.push_back(logits(m, decode(m, pairs, enc)));
+  }
+  omp_set_num_threads(saved);
+  for (size_t i = 1; i < outs.size(); ++i) {
+    ASSERT_EQ(outs[i].size(), outs[0].size());
+    EXPECT_EQ(0, std::memcmp(outs[i].data(), outs[0].data(), sizeof(float) * static_cast<size_t>(outs[0].size())))
+        << "thread count variant " << i;
+  }
+}
+
+TEST(Forward, RaggedBatchMatchesOnePairAtATime) {
+  const auto dir = fixture("every_other_f32");
+  const SwitchModel m = SwitchModel::load(dir);
+  const TokenPairs pairs = TokenPairs::load(dir / "tokens.safetensors");
+  const LossResult all = cross_entropy(m, pairs);
+  LossResult sum;
+  for (int64_t p = 0; p < pairs.num_pairs(); ++p) {
+    const LossResult one = cross_entropy(m, pairs.slice(p, p + 1));
+    sum.nll_sum += one.nll_sum;
+    sum.targets += one.targets;
+  }
+  EXPECT_EQ(all.targets, sum.targets);
+  EXPECT_NEAR(all.nll_sum, sum.nll_sum, 1e-4 * all.nll_sum);
+  const EvalResult ev = evaluate(m, pairs, 2);
+  EXPECT_NEAR(ev.loss.mean(), all.mean(), 1e-4);
+  EXPECT_EQ(ev.encoder_tokens, static_cast<int64_t>(pairs.encoder_ids.size()));
+}
+
+TEST(Forward, IgnoredTargetsAreNotCounted) {
+  const auto dir = fixture("every_other_f32");
+  const SwitchModel m = SwitchModel::load(dir);
+  TokenPairs pairs = TokenPairs::load(dir / "tokens.safetensors");
+  pairs.decoder_targets[2] = -100;
+  const LossResult l = cross_entropy(m, pairs);
+  EXPECT_EQ(l.targets, static_cast<int64_t>(pairs.decoder_targets.size()) - 1);
+  const auto shifted = shift_right(m, pairs.decoder(0));
+  EXPECT_EQ(shifted[0], m.config.decoder_start_token_id);
+  EXPECT_EQ(shifted[3], m.config.pad_token_id);  // the -100 at 2 feeds position 3 as pad
+}
+
+TEST(Forward, RelativePositionBuckets) {
+  // Values of T5's bucketing (32 buckets, max distance 128), worked by hand from its definition.
+  EXPECT_EQ(relative_position_bucket(0, true, 32, 128), 0);
+  EXPECT_EQ(relative_position_bucket(3, true, 32, 128), 19);
+  EXPECT_EQ(relative_position_bucket(-3, true, 32, 128), 3);
+  EXPECT_EQ(relative_position_bucket(-8, true, 32, 128), 8);   // 8 + floor(log(1)/log(16)*8) = 8
+  EXPECT_EQ(relative_position_bucket(-1000, true, 32, 128), 15);
+  EXPECT_EQ(relative_position_bucket(1000, true, 32, 128), 31);
+  EXPECT_EQ(relative_position_bucket(5, false, 32, 128), 0);   // future: bucket 0 in the decoder
+  EXPECT_EQ(relative_position_bucket(-5, false, 32, 128), 5);
+  EXPECT_EQ(relative_position_bucket(-16, false, 32, 128), 16);  // 16 + floor(log(1)) = 16
+  EXPECT_EQ(relative_position_bucket(-500, false, 32, 128), 31);
+}
+
+#ifdef QMOE_SWITCH_HAVE_ENCODER
+TEST(Experts, CompressedExpertEqualsDenseExpertOnDecodedWeights) {
+  const auto dir = fixture("every_other_f32");
+  const SwitchModel m = SwitchModel::load(dir);
+  const auto& dense = dynamic_cast<const DenseExpert&>(*m.encoder[1].ff.experts[2]);
+  for (Codec codec : {Codec::kV1, Codec::kP5}) {
+    EncodeOptions eo;
+    eo.codec = codec;
+    CompressedMatrix wi = encode(ternarize_rtn(dense.wi().t.data, dense.wi().out, dense.wi().in), eo);
+    CompressedMatrix wo = encode(ternarize_rtn(dense.wo().t.data, dense.wo().out, dense.wo().in), eo);
+    Linear li, lo;
+    li.out = wi.rows, li.in = wi.cols, li.t.owned.resize(static_cast<size_t>(wi.rows * wi.cols));
+    lo.out = wo.rows, lo.in = wo.cols, lo.t.owned.resize(static_cast<size_t>(wo.rows * wo.cols));
+    decode_ref(wi.view(), li.t.owned.data());
+    decode_ref(wo.view(), lo.t.owned.data());
+    li.t.data = li.t.owned.data();
+    lo.t.data = lo.t.owned.data();
+    const DenseExpert ref(std::move(li), std::move(lo));
+    const auto comp = CompressedExpert::owning(std::move(wi), std::move(wo));
+    for (int64_t n : {0, 1, 7, 33}) {
+      RowMatrix x = RowMatrix::Random(std::max<int64_t>(n, 1), m.config.d_model);
+      RowMatrix y1(std::max<int64_t>(n, 1), m.config.d_model), y2 = y1;
+      RowMatrix h1(std::max<int64_t>(n, 1), m.config.d_ff), h2 = h1;
+      ref.forward(x.data(), n, h1.data(), y1.data());
+      comp->forward(x.data(), n, h2.data(), y2.data());
+      if (n == 0) continue;
+      EXPECT_EQ(0, std::memcmp(y1.data(), y2.data(), sizeof(float) * static_cast<size_t>(y1.size())))
+          << "n=" << n << " codec " << static_cast<int>(codec);
+      EXPECT_EQ(0, std::memcmp(h1.data(), h2.data(), sizeof(float) * static_cast<size_t>(h1.size())));
+    }
+  }
+}
+#endif
+
+}  // namespace
+}  // namespace qmoe::sw::test
