@@ -1,0 +1,205 @@
+// GPTQ and Hessian accumulation on a Switch-base expert pair: wi 3072x768 (H 768x768) and
+// wo 768x3072 (H 3072x3072), Hessians from 4096 calibration tokens (the structured synthetic
+// generator for the expert input, relu(x wi^T) for the hidden activations). Every benchmark
+// reports the floating-point operations it executes (FLOPs), its rate (GFLOP/s), and the dense
+// float GEMM rate measured by this binary in the same run with the same thread count
+// (gemm_GFLOP/s, frac_of_gemm). GPTQ benchmarks also report the relative output error
+// ||(W-Q) X^T||^2 / ||W X^T||^2 of GPTQ and of round-to-nearest, and the fraction of zeros.
+//
+//   bench_gptq --benchmark_repetitions=3 --benchmark_report_aggregates_only=true
+//
+// Thread counts: 1 and all (omp_get_max_threads()).
+#include <benchmark/benchmark.h>
+#include <omp.h>
+
+#include <algorithm>
+#include <chrono>
+#include <map>
+#include <memory>
+#include <vector>
+
+#include <Eigen/Core>
+
+#include "qmoe/gptq/gptq.h"
+#include "qmoe/gptq/hessian.h"
+#include "qmoe/gptq/synthetic.h"
+
+namespace qmoe {
+namespace {
+
+constexpr int64_t kDModel = 768, kDFF = 3072, kTokens = 4096;
+
+struct ExpertPair {
+  std::vector<float> wi, wo;  // 3072x768, 768x3072
+  std::vector<float> x, hid;  // 4096x768 inputs, 4096x3072 hidden activations
+  std::vector<float> hi, ho;  // Hessians 768^2, 3072^2
+};
+
+const ExpertPair& pair() {
+  static const std::unique_ptr<ExpertPair> p = [] {
+    auto e = std::make_unique<ExpertPair>();
+    e->wi = synthetic::weights(kDFF, kDModel, 1);
+    e->wo = synthetic::weights(kDModel, kDFF, 2);
+    e->x = synthetic::activations(kTokens, kDModel, 3);
+    using RM = Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+    const Eigen::Map<const RM> x(e->x.data(), kTokens, kDModel), wi(e->wi.data(), kDFF, kDModel);
+    RM hid = (x * wi.transpose()).cwiseMax(0.0f);
+    e->hid.assign(hid.data(), hid.data() + hid.size());
+    HessianAccumulator ai(kDModel), ao(kDFF);
+    ai.add(e->x.data(), kTokens);
+    ao.add(e->hid.data(), kTokens);
+    e->hi = ai.hessian();
+    e->ho = ao.hessian();
+    return e;
+  }();
+  return *p;
+}
+
+int all_threads() { return omp_get_max_threads(); }
+
+// Dense float GEMM C(m x n) = A(m x k) B(k x n) with Eigen, split over fixed column blocks of C
+// for several threads (Eigen's own threading is off, as in qmoe_gptq). Returns GFLOP/s; measured
+// once per thread count, best of 3.
+double gemm_gflops(int threads) {
+  static std::map<int, double> cache;
+  if (auto it = cache.find(threads); it != cache.end()) return it->second;
+  const int64_t m = 1024, k = 1024, n = 2048, nb = 256;
+  const Eigen::MatrixXf a = Eigen::MatrixXf::Random(m, k), b = Eigen::MatrixXf::Random(k, n);
+  Eigen::MatrixXf c(m, n);
+  double best = 0;
+  for (int rep = 0; rep < 3; ++rep) {
+    const auto t0 = std::chrono::steady_clock::now();
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t j = 0; j < n; j += nb) c.middleCols(j, nb).noalias() = a * b.middleCols(j, nb);
+    const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    benchmark::DoNotOptimize(c.data());
+    best = std::max(best, 2.0 * m * k * n / s * 1e-9);
+  }
+  cache[threads] = best;
+  return best;
+}
+
+// Floating-point operations executed by gptq_quantize for a rows x cols matrix: the Cholesky
+// factorisation (n^3/3 multiply-adds), the feedback inside blocks and the lazy block GEMMs.
+double gptq_flops(int64_t rows, int64_t n, int64_t bs) {
+  double f = static_cast<double>(n) * n * n / 3.0;
+  for (int64_t i1 = 0; i1 < n; i1 += bs) {
+    const int64_t i2 = std::min(i1 + bs, n);
+    const double b = static_cast<double>(i2 - i1);
+    f += static_cast<double>(rows) * b * (b - 1);                  // rank-1 updates in the block
+    f += 2.0 * static_cast<double>(rows) * b * static_cast<double>(n - i2);  // lazy GEMM
+  }
+  return f;
+}
+
+double hessian_flops(int64_t d, int64_t n) {  // upper tiles of 256, as HessianAccumulator
+  const int64_t t = 256;
+  double f = 0;
+  for (int64_t i = 0; i < d; i += t) {
+    for (int64_t j = i; j < d; j += t) f += 2.0 * n * std::min(t, d - i) * std::min(t, d - j);
+  }
+  return f;
+}
+
+double rel_output_error(const std::vector<float>& w, const std::vector<float>& q,
+                        const std::vector<float>& x, int64_t rows, int64_t cols) {
+  using RM = Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+  const Eigen::Map<const RM> wm(w.data(), rows, cols), qm(q.data(), rows, cols), xm(x.data(), kTokens, cols);
+  const RM d = wm - qm;
+  return static_cast<double>((xm * d.transpose()).squaredNorm()) /
+         static_cast<double>((xm * wm.transpose()).squaredNorm());
+}
+
+void set_rate(benchmark::State& state, double flops, int threads) {
+  state.counters["FLOPs"] = flops;
+  state.counters["GFLOP/s"] = benchmark::Counter(flops * 1e-9, benchmark::Counter::kIsIterationInvariantRate);
+  state.counters["gemm_GFLOP/s"] = gemm_gflops(threads);
+  state.counters["threads"] = threads;
+}
+
+void BM_DenseGemm(benchmark::State& state) {
+  const int threads = state.range(0) == 0 ? all_threads() : static_cast<int>(state.range(0));
+  for (auto _ : state) benchmark::DoNotOptimize(gemm_gflops(threads));
+  state.counters["gemm_GFLOP/s"] = gemm_gflops(threads);
+  state.counters["threads"] = threads;
+}
+
+// range(0): 0 = wi (H 768^2 from the inputs), 1 = wo (H 3072^2 from the hidden activations).
+void BM_Hessian(benchmark::State& state) {
+  const ExpertPair& e = pair();
+  const bool wo = state.range(0) == 1;
+  const int threads = state.range(1) == 0 ? all_threads() : static_cast<int>(state.range(1));
+  const int64_t d = wo ? kDFF : kDModel;
+  for (auto _ : state) {
+    HessianAccumulator acc(d);
+    acc.add(wo ? e.hid.data() : e.x.data(), kTokens, 0, threads);
+    benchmark::DoNotOptimize(acc.sum().data());
+  }
+  const double f = hessian_flops(d, kTokens);
+  set_rate(state, f, threads);
+  state.counters["frac_of_gemm"] =
+      benchmark::Counter(f * 1e-9 / gemm_gflops(threads), benchmark::Counter::kIsIterationInvariantRate);
+}
+
+void BM_Gptq(benchmark::State& state) {
+  const ExpertPair& e = pair();
+  const bool wo = state.range(0) == 1;
+  const int threads = state.range(1) == 0 ? all_threads() : static_cast<int>(state.range(1));
+  const int64_t rows = wo ? kDModel : kDFF, cols = wo ? kDFF : kDModel;
+  const std::vector<float>& w = wo ? e.wo : e.wi;
+  const std::vector<float>& h = wo ? e.ho : e.hi;
+  GptqOptions opt;
+  opt.threads = threads;
+  GptqResult r;
+  for (auto _ : state) {
+    r = gptq_quantize(w.data(), rows, cols, h.data(), opt);
+    benchmark::DoNotOptimize(r.ternary.symbols.data());
+  }
+  const double f = gptq_flops(rows, cols, opt.blocksize);
+  set_rate(state, f, threads);
+  state.counters["frac_of_gemm"] =
+      benchmark::Counter(f * 1e-9 / gemm_gflops(threads), benchmark::Counter::kIsIterationInvariantRate);
+  const GptqResult rtn = rtn_quantize(w.data(), rows, cols, opt);
+  const std::vector<float>& x = wo ? e.hid : e.x;
+  state.counters["relerr_gptq"] = rel_output_error(w, r.ternary.to_dense(), x, rows, cols);
+  state.counters["relerr_rtn"] = rel_output_error(w, rtn.ternary.to_dense(), x, rows, cols);
+  state.counters["zeros_gptq"] = r.ternary.zero_fraction();
+  state.counters["zeros_rtn"] = rtn.ternary.zero_fraction();
+}
+
+// Several expert pairs (wi and wo of `experts` experts, sharing data) through
+// gptq_quantize_batch: range(1) = threads per matrix (1: parallel across experts; 0: all
+// threads inside each matrix, one matrix at a time).
+void BM_Batch(benchmark::State& state) {
+  const ExpertPair& e = pair();
+  const int64_t experts = state.range(0);
+  const int threads = all_threads();
+  const int per = state.range(1) == 0 ? threads : static_cast<int>(state.range(1));
+  std::vector<GptqProblem> probs;
+  for (int64_t i = 0; i < experts; ++i) {
+    probs.push_back({e.wi.data(), kDFF, kDModel, e.hi.data()});
+    probs.push_back({e.wo.data(), kDModel, kDFF, e.ho.data()});
+  }
+  GptqBatchOptions bo;
+  bo.threads = threads;
+  bo.threads_per_matrix = per;
+  for (auto _ : state) {
+    auto res = gptq_quantize_batch(probs, {}, bo);
+    benchmark::DoNotOptimize(res.data());
+  }
+  const double f = static_cast<double>(experts) * (gptq_flops(kDFF, kDModel, 128) + gptq_flops(kDModel, kDFF, 128));
+  set_rate(state, f, threads);
+  state.counters["threads_per_matrix"] = per;
+  state.counters["frac_of_gemm"] =
+      benchmark::Counter(f * 1e-9 / gemm_gflops(threads), benchmark::Counter::kIsIterationInvariantRate);
+}
+
+BENCHMARK(BM_DenseGemm)->Arg(1)->Arg(0)->Iterations(1);
+BENCHMARK(BM_Hessian)->ArgsProduct({{0, 1}, {1, 0}})->Unit(benchmark::kMillisecond)->UseRealTime();
+BENCHMARK(BM_Gptq)->ArgsProduct({{0, 1}, {1, 0}})->Unit(benchmark::kMillisecond)->UseRealTime();
+BENCHMARK(BM_Batch)->ArgsProduct({{4}, {1, 0}})->Unit(benchmark::kMillisecond)->UseRealTime()->Iterations(1);
+
+}  // namespace
+}  // namespace qmoe
+
+BENCHMARK_MAIN();
