@@ -39,9 +39,9 @@ class ExpertMlp {
   virtual ~ExpertMlp() = default;
   virtual int64_t d_model() const = 0;
   virtual int64_t d_ff() const = 0;
-  // x: n rows of d_model floats; hidden (n * d_ff floats, may be nullptr when not wanted by the
-  // caller... the implementation then uses its own scratch) receives ReLU(wi · x), the input of
-  // wo; y: n rows of d_model floats. n may be 0.
+  // x: n rows of d_model floats; hidden: n * d_ff floats that receive ReLU(wi · x), the input
+  // of wo (nullptr: the implementation uses scratch of its own); y: n rows of d_model floats.
+  // n may be 0. Thread-safe (const).
   virtual void forward(const float* x, int64_t n, float* hidden, float* y) const = 0;
   // "dense" or "compressed".
   virtual std::string kind() const = 0;
@@ -63,10 +63,9 @@ class DenseExpert final : public ExpertMlp {
 };
 
 // An expert whose wi [d_ff, d_model] and wo [d_model, d_ff] are compressed ternary matrices,
-// multiplied without materialising the whole dense matrix: each fixed 64-row slice of a matrix is
-// decoded once per call into a per-thread buffer and multiplied with the call's whole batch of
-// tokens. The views must stay valid while the expert lives; `keep_alive` (optional) holds whatever
-// owns them (a Container, a CompressedMatrix, ...).
+// multiplied straight from their codes by compressed_linear_forward() (never materialising the
+// dense matrix). The views must stay valid while the expert lives; `keep_alive` (optional) holds
+// whatever owns them (a Container, a CompressedMatrix, ...).
 class CompressedExpert final : public ExpertMlp {
  public:
   CompressedExpert(CompressedView wi, CompressedView wo, std::shared_ptr<const void> keep_alive = {});
@@ -84,8 +83,13 @@ class CompressedExpert final : public ExpertMlp {
   std::shared_ptr<const void> keep_alive_;
 };
 
-// y = W x for every row of X, W compressed [out, in]; same slicing and guarantees as linear_forward.
+// Y = X Wᵀ for n rows of X [n, in], W compressed [out, in], Y [n, out]. Runs decoder_cpu's fused
+// kernels (qmoe::cpu::matmul) when the library was built with them, else the _ref path below.
+// Bit-identical for any thread count either way.
 void compressed_linear_forward(const CompressedView& w, const float* x, int64_t n, float* y);
+// The plain path: each fixed 64-row slice of W decoded by decode_ref() into a per-thread buffer,
+// then an Eigen GEMM with the whole batch (equal, bit for bit, to linear_forward on the decoded W).
+void compressed_linear_forward_ref(const CompressedView& w, const float* x, int64_t n, float* y);
 
 struct Attention {
   Linear q, k, v, o;                 // [heads*d_kv, d_model] ×3, o: [d_model, heads*d_kv]
