@@ -1,0 +1,200 @@
+// Fused qmoe-v1 decode x activations: y = W x for 1..NB tokens per pass, any shape, one matrix or
+// one weight slot of many experts (grouped MoE launch). Each codeword is decoded once per pass and
+// applied to all of the pass's tokens.
+//
+// Work split: a block of kWarps warps owns kWarps consecutive rows (one per warp) of one expert
+// and one pass of up to NB tokens. The tokens' activations are staged in shared memory as fp32,
+// [column][token], one window of kWindowCols<NB> columns at a time (32 KiB, static, so every
+// architecture from sm_75 runs it without an opt-in). A warp walks its row's code stream through
+// the windows in column order, carrying a decoded chunk across window boundaries, so arbitrary
+// widths need no more shared memory. Only non-zero symbols do arithmetic (~11.5% of weights at
+// QMoE's sparsity): each costs one shared-memory read of NB floats and NB FMAs.
+#pragma once
+
+#include "v1_stream.cuh"
+
+namespace qmoe::cuda::kern {
+
+inline constexpr int kWarps = 8;
+inline constexpr int kThreads = 32 * kWarps;
+inline constexpr int kSmemFloats = 8192;  // 32 KiB of staged activations
+template <int NB>
+inline constexpr int kWindowCols = kSmemFloats / NB;
+template <int NB>
+inline constexpr int kWindowPairs = kWindowCols<NB> / 2;
+
+template <class S>
+struct FusedParams {
+  V1MatrixDev single;                // used when experts == nullptr
+  const V1MatrixDev* experts;        // grouped: one per blockIdx.y
+  const uint2* table;                // qmoe-v1 decode table
+  const S* x;
+  int64_t ldx;
+  S* y;
+  int64_t ldy;
+  const int32_t* expert_offsets;     // num_experts+1 slot offsets; nullptr: slots [0, num_tokens)
+  const int32_t* token_ids;          // input row per slot; nullptr: the slot index
+  const int32_t* out_ids;            // output row per slot; nullptr: the input row
+  const float* scales;               // per slot; nullptr: 1
+  int32_t num_tokens;
+  int32_t accumulate;
+  int32_t atomic;                    // F32 accumulate into shared output rows
+};
+
+// acc[b] += v * xp[b] for the NB staged tokens of one column.
+template <int NB>
+QMOE_DEV void fma_tokens(float v, const float* xp, float (&acc)[NB]) {
+  if constexpr (NB % 4 == 0) {
+QMOE_UNROLL
+    for (int b = 0; b < NB; b += 4) {
+      const float4 q = load_float4(xp + b);
+      acc[b] = fmaf(v, q.x, acc[b]);
+      acc[b + 1] = fmaf(v, q.y, acc[b + 1]);
+      acc[b + 2] = fmaf(v, q.z, acc[b + 2]);
+      acc[b + 3] = fmaf(v, q.w, acc[b + 3]);
+    }
+  } else {
+QMOE_UNROLL
+    for (int b = 0; b < NB; ++b) acc[b] = fmaf(v, xp[b], acc[b]);
+  }
+}
+
+// Applies pairs [pa, pb) of one entry (first pair `first`) against the window starting at pair p0.
+template <int NB>
+QMOE_DEV void v1_apply_entry(uint32_t w0, uint32_t w1, int32_t first, int32_t pa, int32_t pb,
+                             int32_t p0, float lo, float hi, const float* xs, float (&acc)[NB]) {
+QMOE_UNROLL
+  for (int h = 0; h < 2; ++h) {
+    const int32_t base = first + v1::kPairsPerWord * h;
+    const int32_t ja = pa - base > 0 ? pa - base : 0;
+    const int32_t jb = pb - base < v1::kPairsPerWord ? pb - base : v1::kPairsPerWord;
+    if (ja >= jb) continue;
+    const uint32_t w = h == 0 ? w0 : w1;
+    uint32_t nz = v1_nonzero_symbols(w) & v1_pair_range_mask(ja, jb);
+    const int32_t col0 = 2 * (base - p0);  // window column of the word's symbol 0 (may be < 0)
+    while (nz != 0) {
+      const int q = __ffs(static_cast<int>(nz)) - 1;  // lowest non-zero symbol field
+      nz &= nz - 1u;
+      const uint32_t sym = (w >> q) & 3u;
+      const int32_t col = col0 + ((q - 4) >> 1);
+      fma_tokens<NB>(sym == 1u ? lo : hi, xs + col * NB, acc);
+    }
+  }
+}
+
+// Grid: x = row groups of kWarps rows (grid-stride), y = expert (1 without grouping),
+//       z = passes of NB slots (grid-stride).  Block: kThreads (kWarps warps, one row each).
+template <class E, int NB>
+__global__ void __launch_bounds__(kThreads)
+    v1_fused_kernel(const FusedParams<typename E::S> p) {
+  using S = typename E::S;
+  constexpr int WP = kWindowPairs<NB>;
+  constexpr int WC = kWindowCols<NB>;
+  alignas(16) __shared__ float xs[kSmemFloats];
+  __shared__ int64_t in_row[NB];
+
+  const int lane = static_cast<int>(threadIdx.x) & 31;
+  const int warp = static_cast<int>(threadIdx.x) >> 5;
+  const V1MatrixDev m = p.experts != nullptr ? p.experts[blockIdx.y] : p.single;
+  int32_t slot_begin = 0, slot_end = p.num_tokens;
+  if (p.expert_offsets != nullptr) {
+    slot_begin = p.expert_offsets[blockIdx.y];
+    slot_end = p.expert_offsets[blockIdx.y + 1];
+  }
+  const int32_t n_slots = slot_end - slot_begin;
+  const int32_t groups = (m.rows + kWarps - 1) / kWarps;
+  const int32_t row_pairs = (m.cols + 1) / 2;
+  const int32_t windows = (row_pairs + WP - 1) / WP;
+  // Every loop bound below is uniform over the block, so all threads meet every barrier.
+  for (int32_t pass = blockIdx.z; pass * NB < n_slots; pass += gridDim.z) {
+    const int32_t s0 = slot_begin + pass * NB;
+    const int nb = n_slots - pass * NB < NB ? n_slots - pass * NB : NB;
+    bool staged = false;
+    for (int32_t g = blockIdx.x; g < groups; g += gridDim.x) {
+      const int32_t row = g * kWarps + warp;
+      const bool row_ok = row < m.rows;
+      float acc[NB];
+QMOE_UNROLL
+      for (int b = 0; b < NB; ++b) acc[b] = 0.0f;
+      float lo = 0.0f, hi = 0.0f;
+      int32_t next = 0, row_end = 0;
+      uint32_t codes[kCodesPerLane];
+      V1Chunk ch{};
+      if (row_ok) {
+        lo = bf16_to_float(ldg(m.levels_dev + 2 * row));
+        hi = bf16_to_float(ldg(m.levels_dev + 2 * row + 1));
+        next = ldg(m.row_offsets_dev + row);
+        row_end = ldg(m.row_offsets_dev + row + 1);
+        v1_load_codes(m.codes_dev, next, row_end, lane, codes);
+        v1_decode_chunk(p.table, codes, 0, lane, ch);
+        next += kChunkCodes;
+        v1_load_codes(m.codes_dev, next, row_end, lane, codes);  // prefetch
+      }
+      for (int32_t win = 0; win < windows; ++win) {
+        const int32_t p0 = win * WP;
+        const int32_t p1 = p0 + WP < row_pairs ? p0 + WP : row_pairs;
+        if (windows > 1 || !staged) {
+          __syncthreads();  // the previous window is no longer read
+          if (threadIdx.x < static_cast<unsigned>(NB)) {
+            const int b = static_cast<int>(threadIdx.x);
+            const int32_t slot = s0 + (b < nb ? b : 0);
+            in_row[b] = p.token_ids != nullptr ? p.token_ids[slot] : slot;
+          }
+          __syncthreads();
+          for (int i = static_cast<int>(threadIdx.x); i < WC * NB; i += kThreads) {
+            const int b = i / WC;
+            const int c = i - b * WC;
+            const int64_t col = 2 * static_cast<int64_t>(p0) + c;
+            float v = 0.0f;
+            if (b < nb && col < m.cols) v = E::load(ldg(p.x + in_row[b] * p.ldx + col));
+            xs[c * NB + b] = v;
+          }
+          __syncthreads();
+          staged = true;
+        }
+        if (!row_ok) continue;
+        for (;;) {
+QMOE_UNROLL
+          for (int k = 0; k < kCodesPerLane; ++k) {
+            const int32_t first = ch.first_pair[k];
+            const int32_t last = first + v1::entry_pairs(ch.w0[k]);
+            const int32_t pa = first > p0 ? first : p0;
+            const int32_t pb = last < p1 ? last : p1;
+            if (pa < pb) v1_apply_entry<NB>(ch.w0[k], ch.w1[k], first, pa, pb, p0, lo, hi, xs, acc);
+          }
+          // Warp-uniform: the chunk reaches past this window, or the row has no more codes.
+          if (ch.end_pair > p1 || next >= row_end) break;
+          v1_decode_chunk(p.table, codes, ch.end_pair, lane, ch);
+          next += kChunkCodes;
+          v1_load_codes(m.codes_dev, next, row_end, lane, codes);  // prefetch
+        }
+      }
+      if (!row_ok) continue;
+QMOE_UNROLL
+      for (int b = 0; b < NB; ++b) acc[b] = warp_sum(acc[b]);
+      if (lane < nb) {
+        float v = acc[0];
+QMOE_UNROLL
+        for (int b = 1; b < NB; ++b) v = lane == b ? acc[b] : v;  // static indices keep acc in registers
+        const int32_t slot = s0 + lane;
+        const int64_t in = p.token_ids != nullptr ? p.token_ids[slot] : slot;
+        const int64_t out = p.out_ids != nullptr ? p.out_ids[slot] : in;
+        if (p.scales != nullptr) v *= p.scales[slot];
+        S* dst = p.y + out * p.ldy + row;
+        bool done = false;
+        if constexpr (sizeof(S) == 4) {
+          if (p.atomic) {
+            atomicAdd(dst, v);  // several slots may share an output row (top-k routing)
+            done = true;
+          }
+        }
+        if (!done) {
+          if (p.accumulate) v += E::load(*dst);
+          *dst = E::store(v);
+        }
+      }
+    }
+  }
+}
+
+}  // namespace qmoe::cuda::kern

@@ -1,0 +1,347 @@
+// Every decoder_cuda kernel, run on the CPU through the CUDA emulation, against the reference
+// decoder: decoded weights bit-exact, products within the named normalised-error tolerances.
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <numeric>
+#include <string>
+
+#include "emu/runtime.h"
+#include "qmoe/decoder_cuda/emulated.h"
+#include "qmoe/format/error.h"
+#include "test_util.h"
+
+namespace qmoe::cuda::test {
+namespace {
+
+struct Shape {
+  int64_t rows, cols;
+  double p_zero;
+};
+
+// Ragged on purpose: 1x1, odd widths, rows not a multiple of the 8-row block, widths that need
+// several shared-memory windows for 8 and 32 tokens (1024 / 256 columns per window) and for one
+// token (8192 columns), rows longer than one 128-code chunk, all-zero and dense rows.
+const Shape kShapes[] = {{1, 1, 0.885},  {1, 2, 0.5},    {2, 3, 0.0},   {3, 5, 0.885},  {8, 64, 0.885},
+                         {9, 63, 0.3},   {17, 257, 0.885}, {7, 1001, 0.5}, {5, 2999, 0.2}, {3, 9001, 0.885},
+                         {4, 600, 1.0},  {11, 300, 0.0}};
+
+const DType kTypes[] = {DType::kBF16, DType::kF16, DType::kF32};
+
+std::string name(DType t) { return std::string(dtype_name(t)); }
+
+V1MatrixDev host_view(const CompressedMatrix& m) {
+  return V1MatrixDev{m.codes.data(), m.row_offsets.data(), m.levels.data(), static_cast<int32_t>(m.rows),
+                     static_cast<int32_t>(m.cols)};
+}
+
+// Runs the fused kernel for n tokens and checks values and sentinels.
+void check_fused(const CompressedMatrix& m, DType t, int64_t n, bool accumulate, int nb, emulated::Grid grid,
+                 uint64_t seed) {
+  SCOPED_TRACE(std::to_string(m.rows) + "x" + std::to_string(m.cols) + " " + name(t) + " tokens " +
+               std::to_string(n) + " nb " + std::to_string(nb) + (accumulate ? " accumulate" : "") + " grid " +
+               std::to_string(grid.x) + "," + std::to_string(grid.z) + " seed " + std::to_string(seed));
+  const int64_t ldx = m.cols + 2;
+  const int64_t ldy = m.rows + 3;
+  Acts x = random_acts(t, static_cast<size_t>(n * ldx + 1), seed);
+  Acts y(t, static_cast<size_t>(n * ldy + 5));
+  fill_sentinel(y);
+  Acts y0 = random_acts(t, y.size(), seed + 1);
+  if (accumulate) {
+    for (int64_t k = 0; k < n; ++k) {
+      for (int64_t r = 0; r < m.rows; ++r) y.set(k * ldy + r, y0.get(k * ldy + r));
+    }
+  }
+  emulated::v1_fused(host_view(m), v1_decode_table(), t, x.data(), ldx, y.data(), ldy, n, accumulate, nb, grid);
+  std::vector<double> got, want;
+  for (int64_t k = 0; k < n; ++k) {
+    const std::vector<float> ref = ref_matvec(m, x, static_cast<size_t>(k * ldx));
+    for (int64_t r = 0; r < m.rows; ++r) {
+      got.push_back(y.get(k * ldy + r));
+      want.push_back(static_cast<double>(ref[r]) + (accumulate ? y0.get(k * ldy + r) : 0.0));
+    }
+  }
+  EXPECT_LE(nerr(got, want), tolerance(t));
+  for (size_t i = 0; i < y.size(); ++i) {
+    const int64_t k = static_cast<int64_t>(i) / ldy, r = static_cast<int64_t>(i) % ldy;
+    const bool inside = k < n && r < m.rows;
+    ASSERT_EQ(is_sentinel(y, i), !inside) << "element " << i << (inside ? " not written" : " overwritten");
+  }
+}
+
+std::string shape_name(const ::testing::TestParamInfo<Shape>& p) {
+  return std::to_string(p.param.rows) + "x" + std::to_string(p.param.cols) + "_z" +
+         std::to_string(static_cast<int>(p.param.p_zero * 1000));
+}
+
+class FusedEmu : public ::testing::TestWithParam<Shape> {};
+
+TEST_P(FusedEmu, MatchesReferenceForEveryTypeAndBatch) {
+  const Shape s = GetParam();
+  const CompressedMatrix m = random_matrix(s.rows, s.cols, s.p_zero, 1000 + s.rows * 31 + s.cols);
+  uint64_t seed = 7;
+  for (DType t : kTypes) {
+    check_fused(m, t, 1, false, 0, {}, ++seed);
+    check_fused(m, t, 3, true, 0, {}, ++seed);    // 8-token variant, 3 live
+    check_fused(m, t, 13, false, 0, {}, ++seed);  // 32-token variant
+  }
+  // More tokens than one pass, forced variants, forced small grids (grid-stride loops).
+  check_fused(m, DType::kF32, 40, false, 0, {}, ++seed);
+  check_fused(m, DType::kBF16, 5, false, 1, {1, 2}, ++seed);
+  check_fused(m, DType::kF32, 17, true, 8, {1, 1}, ++seed);
+}
+
+INSTANTIATE_TEST_SUITE_P(Shapes, FusedEmu, ::testing::ValuesIn(kShapes), shape_name);
+
+TEST(FusedEmu, EmptyShapesAreNoOps) {
+  const CompressedMatrix m = random_matrix(0, 5, 0.5, 1);
+  Acts x(DType::kF32, 8), y(DType::kF32, 8);
+  fill_sentinel(y);
+  emulated::v1_fused(host_view(m), v1_decode_table(), DType::kF32, x.data(), 5, y.data(), 0, 1, false);
+  const CompressedMatrix m2 = random_matrix(3, 4, 0.5, 2);
+  emulated::v1_fused(host_view(m2), v1_decode_table(), DType::kF32, x.data(), 4, y.data(), 3, 0, false);
+  for (size_t i = 0; i < y.size(); ++i) EXPECT_TRUE(is_sentinel(y, i));
+  // Zero columns: y = 0 (or unchanged with accumulate).
+  const CompressedMatrix m3 = random_matrix(3, 0, 0.5, 3);
+  emulated::v1_fused(host_view(m3), v1_decode_table(), DType::kF32, x.data(), 0, y.data(), 3, 2, false);
+  for (size_t i = 0; i < 6; ++i) EXPECT_EQ(y.get(i), 0.0f);
+}
+
+TEST(FusedEmu, RejectsBadArguments) {
+  const CompressedMatrix m = random_matrix(4, 10, 0.5, 1);
+  Acts x(DType::kF32, 40), y(DType::kF32, 40);
+  EXPECT_THROW(emulated::v1_fused(host_view(m), v1_decode_table(), DType::kU8, x.data(), 10, y.data(), 4, 1, false),
+               InvalidArgument);
+  EXPECT_THROW(emulated::v1_fused(host_view(m), v1_decode_table(), DType::kF32, x.data(), 9, y.data(), 4, 2, false),
+               InvalidArgument);
+  EXPECT_THROW(emulated::v1_fused(host_view(m), v1_decode_table(), DType::kF32, x.data(), 10, y.data(), 3, 2, false),
+               InvalidArgument);
+  EXPECT_THROW(emulated::v1_fused(host_view(m), v1_decode_table(), DType::kF32, x.data(), 10, y.data(), 4, 2, false, 4),
+               InvalidArgument);
+}
+
+// ---- grouped MoE launch ------------------------------------------------------------------------
+
+struct Routing {
+  std::vector<int32_t> offsets, token_ids, out_ids;
+  std::vector<float> scales;
+};
+
+// Top-1 routing of n_tokens tokens over n_experts experts with the given expert for each token.
+Routing route(const std::vector<int>& expert_of, int n_experts, uint64_t seed) {
+  Routing r;
+  std::mt19937_64 rng(seed);
+  std::uniform_real_distribution<float> u(0.1f, 1.0f);
+  r.offsets.assign(n_experts + 1, 0);
+  for (int e : expert_of) ++r.offsets[e + 1];
+  std::partial_sum(r.offsets.begin(), r.offsets.end(), r.offsets.begin());
+  r.token_ids.resize(expert_of.size());
+  std::vector<int32_t> fill(r.offsets.begin(), r.offsets.end() - 1);
+  for (size_t tk = 0; tk < expert_of.size(); ++tk) r.token_ids[fill[expert_of[tk]]++] = static_cast<int32_t>(tk);
+  for (size_t i = 0; i < expert_of.size(); ++i) r.scales.push_back(u(rng));
+  return r;
+}
+
+void check_grouped(const std::vector<CompressedMatrix>& experts, const Routing& rt, int64_t n_tokens, DType t,
+                   bool use_scales, bool use_out_ids, bool accumulate, int nb, emulated::Grid grid, uint64_t seed) {
+  SCOPED_TRACE(name(t) + " nb " + std::to_string(nb) + (use_scales ? " scales" : "") + (use_out_ids ? " out_ids" : "") +
+               (accumulate ? " accumulate" : "") + " seed " + std::to_string(seed));
+  const int64_t cols = experts[0].cols;
+  int64_t max_rows = 0;
+  for (const auto& e : experts) max_rows = std::max(max_rows, e.rows);
+  const int64_t ldx = cols + 1, ldy = max_rows + 2;
+  const int64_t n_slots = static_cast<int64_t>(rt.token_ids.size());
+  // Outputs: by token (top-1) or, with out_ids, reversed slot order into a separate row per slot.
+  std::vector<int32_t> out_ids(rt.token_ids.size());
+  for (int64_t s = 0; s < n_slots; ++s) out_ids[s] = static_cast<int32_t>(n_slots - 1 - s);
+  const int64_t n_out = use_out_ids ? n_slots : n_tokens;
+  Acts x = random_acts(t, static_cast<size_t>(n_tokens * ldx), seed);
+  Acts y(t, static_cast<size_t>(n_out * ldy + 3));
+  fill_sentinel(y);
+  Acts y0 = random_acts(t, y.size(), seed + 1);
+  std::vector<V1MatrixDev> views;
+  for (const auto& e : experts) views.push_back(host_view(e));
+  // Rows each output row receives: the expert of the slot writing it.
+  std::vector<int64_t> rows_of(static_cast<size_t>(n_out), -1);
+  std::vector<int> expert_of_slot(static_cast<size_t>(n_slots));
+  for (size_t e = 0; e + 1 < rt.offsets.size(); ++e) {
+    for (int32_t s = rt.offsets[e]; s < rt.offsets[e + 1]; ++s) expert_of_slot[s] = static_cast<int>(e);
+  }
+  for (int64_t s = 0; s < n_slots; ++s) {
+    const int64_t o = use_out_ids ? out_ids[s] : rt.token_ids[s];
+    rows_of[o] = experts[expert_of_slot[s]].rows;
+    if (accumulate) {
+      for (int64_t r = 0; r < rows_of[o]; ++r) y.set(o * ldy + r, y0.get(o * ldy + r));
+    }
+  }
+  GroupedArgs g;
+  g.experts_dev = views.data();
+  g.num_experts = static_cast<int32_t>(experts.size());
+  g.max_rows = static_cast<int32_t>(max_rows);
+  g.cols = static_cast<int32_t>(cols);
+  g.expert_offsets_dev = rt.offsets.data();
+  g.token_ids_dev = rt.token_ids.data();
+  g.out_ids_dev = use_out_ids ? out_ids.data() : nullptr;
+  g.scales_dev = use_scales ? rt.scales.data() : nullptr;
+  g.total_slots = n_slots;
+  g.x_dev = x.data();
+  g.ldx = ldx;
+  g.y_dev = y.data();
+  g.ldy = ldy;
+  g.accumulate = accumulate;
+  g.tokens_per_pass = nb;
+  emulated::v1_grouped(g, v1_decode_table(), t, grid);
+  std::vector<double> got, want;
+  for (int64_t s = 0; s < n_slots; ++s) {
+    const CompressedMatrix& m = experts[expert_of_slot[s]];
+    const int64_t o = use_out_ids ? out_ids[s] : rt.token_ids[s];
+    const std::vector<float> ref = ref_matvec(m, x, static_cast<size_t>(rt.token_ids[s] * ldx));
+    const double sc = use_scales ? rt.scales[s] : 1.0;
+    for (int64_t r = 0; r < m.rows; ++r) {
+      got.push_back(y.get(o * ldy + r));
+      want.push_back(sc * ref[r] + (accumulate ? y0.get(o * ldy + r) : 0.0));
+    }
+  }
+  EXPECT_LE(nerr(got, want), tolerance(t));
+  for (size_t i = 0; i < y.size(); ++i) {
+    const int64_t o = static_cast<int64_t>(i) / ldy, r = static_cast<int64_t>(i) % ldy;
+    const bool inside = o < n_out && rows_of[o] >= 0 && r < rows_of[o];
+    ASSERT_EQ(is_sentinel(y, i), !inside) << "element " << i << (inside ? " not written" : " overwritten");
+  }
+}
+
+std::vector<CompressedMatrix> make_experts(int n, int64_t max_rows, int64_t cols, uint64_t seed) {
+  std::vector<CompressedMatrix> ex;
+  for (int e = 0; e < n; ++e) {
+    const int64_t rows = e % 3 == 2 ? max_rows - 5 : max_rows;  // some experts shorter than max_rows
+    ex.push_back(random_matrix(rows, cols, e % 4 == 3 ? 0.5 : 0.885, seed + e));
+  }
+  return ex;
+}
+
+TEST(GroupedEmu, SkewedRoutingOneExpertTakesAlmostAll) {
+  const auto experts = make_experts(10, 21, 301, 50);
+  std::vector<int> expert_of(37, 4);
+  expert_of[5] = 7;
+  expert_of[30] = 2;  // expert 2 is short (max_rows - 5 rows); most experts get nothing
+  const Routing rt = route(expert_of, 10, 3);
+  uint64_t seed = 100;
+  for (DType t : kTypes) {
+    check_grouped(experts, rt, 37, t, true, false, false, 0, {}, ++seed);
+    check_grouped(experts, rt, 37, t, false, true, true, 0, {}, ++seed);
+  }
+  check_grouped(experts, rt, 37, DType::kF32, true, false, false, 1, {}, ++seed);
+  check_grouped(experts, rt, 37, DType::kBF16, true, true, false, 8, {1, 2}, ++seed);
+  check_grouped(experts, rt, 37, DType::kF16, false, false, true, 32, {2, 1}, ++seed);
+}
+
+TEST(GroupedEmu, UniformRoutingAndEmptyExperts) {
+  const auto experts = make_experts(6, 16, 1030, 70);
+  std::vector<int> expert_of;
+  for (int tk = 0; tk < 20; ++tk) expert_of.push_back((tk * 7) % 5);  // expert 5 gets no tokens
+  const Routing rt = route(expert_of, 6, 4);
+  uint64_t seed = 200;
+  for (DType t : kTypes) check_grouped(experts, rt, 20, t, true, false, false, 0, {}, ++seed);
+  check_grouped(experts, rt, 20, DType::kF32, true, true, true, 8, {}, ++seed);
+}
+
+TEST(GroupedEmu, TopTwoRoutingAccumulatesAtomicallyInFp32) {
+  // Every token goes to two experts and both add into the token's output row.
+  const auto experts = make_experts(4, 12, 130, 90);
+  const int n_tokens = 9;
+  std::vector<int32_t> offsets{0}, token_ids;
+  std::vector<float> scales;
+  for (int e = 0; e < 4; ++e) {
+    for (int tk = 0; tk < n_tokens; ++tk) {
+      if (tk % 4 == e || (tk + 1) % 4 == e) {
+        token_ids.push_back(tk);
+        scales.push_back(0.25f + 0.1f * e);
+      }
+    }
+    offsets.push_back(static_cast<int32_t>(token_ids.size()));
+  }
+  // All experts here have 12 rows except expert 2 (7 rows).
+  const int64_t cols = 130, ldx = cols, ldy = 12;
+  Acts x = random_acts(DType::kF32, n_tokens * ldx, 5);
+  Acts y(DType::kF32, n_tokens * ldy);
+  for (size_t i = 0; i < y.size(); ++i) y.set(i, 0.5f);
+  std::vector<V1MatrixDev> views;
+  for (const auto& e : experts) views.push_back(host_view(e));
+  GroupedArgs g;
+  g.experts_dev = views.data();
+  g.num_experts = 4;
+  g.max_rows = 12;
+  g.cols = static_cast<int32_t>(cols);
+  g.expert_offsets_dev = offsets.data();
+  g.token_ids_dev = token_ids.data();
+  g.scales_dev = scales.data();
+  g.total_slots = static_cast<int64_t>(token_ids.size());
+  g.x_dev = x.data();
+  g.ldx = ldx;
+  g.y_dev = y.data();
+  g.ldy = ldy;
+  g.accumulate = true;
+  emulated::v1_grouped(g, v1_decode_table(), DType::kF32);
+  std::vector<double> want(y.size(), 0.5);
+  for (int e = 0; e < 4; ++e) {
+    for (int32_t s = offsets[e]; s < offsets[e + 1]; ++s) {
+      const auto ref = ref_matvec(experts[e], x, static_cast<size_t>(token_ids[s] * ldx));
+      for (int64_t r = 0; r < experts[e].rows; ++r) want[token_ids[s] * ldy + r] += scales[s] * ref[r];
+    }
+  }
+  std::vector<double> got(y.size());
+  for (size_t i = 0; i < y.size(); ++i) got[i] = y.get(i);
+  EXPECT_LE(nerr(got, want), kTolF32);
+}
+
+// ---- decode to dense -----------------------------------------------------------------------------
+
+class DenseEmu : public ::testing::TestWithParam<Shape> {};
+
+void check_dense(const CompressedMatrix& m, DType t, int64_t r0, int64_t r1) {
+  SCOPED_TRACE(std::string(codec_name(m.codec)) + " " + name(t) + " rows " + std::to_string(r0) + ".." +
+               std::to_string(r1));
+  const int64_t ld = m.cols + 3;
+  Acts out(t, static_cast<size_t>((r1 - r0) * ld + 4));
+  fill_sentinel(out);
+  if (m.codec == Codec::kV1) {
+    emulated::v1_decode_dense(host_view(m), v1_decode_table(), r0, r1, t, out.data(), ld);
+  } else {
+    emulated::p5_decode_dense(m.packed.data(), m.levels.data(), m.rows, m.cols, r0, r1, t, out.data(), ld);
+  }
+  std::vector<float> ref(static_cast<size_t>(m.rows * m.cols));
+  decode_ref(m.view(), ref.data());
+  Acts want(t, 1);
+  for (size_t i = 0; i < out.size(); ++i) {
+    const int64_t r = r0 + static_cast<int64_t>(i) / ld, c = static_cast<int64_t>(i) % ld;
+    if (r < r1 && c < m.cols) {
+      want.set(0, ref[r * m.cols + c]);
+      ASSERT_EQ(out.bits(i), want.bits(0)) << "row " << r << " col " << c;  // bit-exact
+    } else {
+      ASSERT_TRUE(is_sentinel(out, i)) << "element " << i << " overwritten";
+    }
+  }
+}
+
+TEST_P(DenseEmu, BitExactWithReferenceForEveryType) {
+  const Shape s = GetParam();
+  for (Codec codec : {Codec::kV1, Codec::kP5}) {
+    const CompressedMatrix m = random_matrix(s.rows, s.cols, s.p_zero, 3000 + s.rows + s.cols, codec);
+    for (DType t : kTypes) check_dense(m, t, 0, m.rows);
+    check_dense(m, DType::kBF16, m.rows / 3, m.rows - m.rows / 4);  // a tile of rows
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(Shapes, DenseEmu, ::testing::ValuesIn(kShapes), shape_name);
+
+TEST(DenseEmu, RejectsBadRowRanges) {
+  const CompressedMatrix m = random_matrix(4, 10, 0.5, 1);
+  Acts out(DType::kBF16, 64);
+  EXPECT_THROW(emulated::v1_decode_dense(host_view(m), v1_decode_table(), 2, 5, DType::kBF16, out.data(), 10),
+               InvalidArgument);
+  EXPECT_THROW(emulated::v1_decode_dense(host_view(m), v1_decode_table(), 0, 4, DType::kBF16, out.data(), 9),
+               InvalidArgument);
+}
+
+}  // namespace
+}  // namespace qmoe::cuda::test
