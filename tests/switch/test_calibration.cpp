@@ -1,6 +1,14 @@
 // The sequential calibration runner: same numbers as the plain forward pass, the right tokens per
 // expert, and recomputation with replaced (compressed) experts.
+#include <omp.h>
+
+#include <fstream>
+#include <set>
+#include <sstream>
+
 #include <gtest/gtest.h>
+
+#include "qmoe/format/reference.h"
 
 #include "qmoe/switch/calibration.h"
 #include "test_util.h"
@@ -11,6 +19,13 @@
 
 namespace qmoe::sw::test {
 namespace {
+
+std::string read_text(const std::filesystem::path& p) {
+  std::ifstream in(p);
+  std::stringstream ss;
+  ss << in.rdbuf();
+  return ss.str();
+}
 
 RowMatrix run_through(SwitchModel& m, const TokenPairs& pairs, const CalibrationOptions& opt,
                       const std::function<void(SequentialRunner&)>& at_sparse = {}) {
@@ -130,3 +145,120 @@ TEST(Calibration, BlocksAreRecomputedWithReplacedExperts) {
 
 }  // namespace
 }  // namespace qmoe::sw::test
+
+#ifdef QMOE_SWITCH_HAVE_GPTQ
+#include "qmoe/format/container.h"
+#include "qmoe/switch/compress_experts.h"
+
+namespace qmoe::sw::test {
+namespace {
+
+std::vector<std::vector<uint16_t>> codes_of(const std::vector<CompressedExpertResult>& rs) {
+  std::vector<std::vector<uint16_t>> c;
+  for (const auto& r : rs) {
+    c.push_back(r.wi.matrix.codes);
+    c.push_back(r.wo.matrix.codes);
+  }
+  return c;
+}
+
+TEST(CompressExperts, SequentialGptqReplacesEveryExpertDeterministically) {
+  const auto dir = fixture("every_other_f32");
+  const TokenPairs pairs = TokenPairs::load(dir / "tokens.safetensors");
+  std::vector<std::vector<CompressedExpertResult>> runs;
+  const int saved = omp_get_max_threads();
+  for (int threads : {1, 2}) {
+    omp_set_num_threads(threads);
+    SwitchModel m = SwitchModel::load(dir);
+    std::vector<CompressedExpertResult> got;
+    ExpertCompressOptions opt;
+    opt.encode.codec = Codec::kV1;
+    compress_experts(m, pairs, opt, [&](CompressedExpertResult& r) { got.push_back(r); });
+    ASSERT_EQ(got.size(), 16u);  // 4 sparse blocks x 4 experts, in stack order
+    EXPECT_EQ(got.front().stack, Stack::kEncoder);
+    EXPECT_EQ(got.front().block, 1);
+    EXPECT_EQ(got.back().stack, Stack::kDecoder);
+    EXPECT_EQ(got.back().block, 3);
+    int64_t tokens = 0;
+    for (const auto& r : got) {
+      tokens += r.tokens;
+      if (r.tokens > 0) {
+        EXPECT_EQ(r.wi.status, GptqStatus::kOk) << r.wi.reason;
+      }
+      EXPECT_EQ(r.wi.matrix.rows, m.config.d_ff);
+      EXPECT_EQ(r.wo.matrix.rows, m.config.d_model);
+    }
+    EXPECT_GT(tokens, 0);
+    for (Stack s : {Stack::kEncoder, Stack::kDecoder})
+      for (const auto& b : m.blocks(s))
+        for (const auto& e : b.ff.experts) EXPECT_EQ(e->kind(), "compressed");
+    runs.push_back(std::move(got));
+  }
+  omp_set_num_threads(saved);
+  EXPECT_EQ(codes_of(runs[0]), codes_of(runs[1]));
+}
+
+TEST(CompressExperts, RtnEqualsTernarizeRtn) {
+  const auto dir = fixture("every_other_f32");
+  const TokenPairs pairs = TokenPairs::load(dir / "tokens.safetensors");
+  const SwitchModel orig = SwitchModel::load(dir);
+  SwitchModel m = SwitchModel::load(dir);
+  ExpertCompressOptions opt;
+  opt.rtn = true;
+  compress_experts(m, pairs, opt, [&](CompressedExpertResult& r) {
+    const auto& d = dynamic_cast<const DenseExpert&>(*orig.blocks(r.stack)[static_cast<size_t>(r.block)]
+                                                           .ff.experts[static_cast<size_t>(r.expert)]);
+    const TernaryMatrix t = ternarize_rtn(d.wi().t.data, d.wi().out, d.wi().in);
+    std::vector<uint8_t> sym(static_cast<size_t>(t.rows * t.cols));
+    decode_symbols_ref(r.wi.matrix.view(), sym.data());
+    EXPECT_EQ(sym, t.symbols);
+    EXPECT_EQ(r.wi.matrix.levels, t.levels);
+  });
+}
+
+TEST(CompressExperts, ContainerRunsCompressedExpertsLikeTheInMemoryModel) {
+  const auto dir = fixture("all_sparse_bf16");
+  const TokenPairs pairs = TokenPairs::load(dir / "tokens.safetensors");
+  SwitchModel m = SwitchModel::load(dir);
+  const std::filesystem::path out = temp_dir("container") / "model.safetensors";
+  {
+    ContainerWriter w(out);
+    w.set_metadata("config.json", read_text(dir / "config.json"));
+    std::set<std::string> expert_names;
+    compress_experts(m, pairs, {}, [&](CompressedExpertResult& r) {
+      const auto wi = SwitchNames::expert(stack_name(r.stack), r.block, r.expert, "wi");
+      const auto wo = SwitchNames::expert(stack_name(r.stack), r.block, r.expert, "wo");
+      w.add_compressed(wi, r.wi.matrix.view(), DType::kBF16);
+      w.add_compressed(wo, r.wo.matrix.view(), DType::kBF16);
+      expert_names.insert(wi);
+      expert_names.insert(wo);
+    });
+    const auto src = SwitchSource::open(dir);
+    for (const auto& name : src->names()) {
+      if (expert_names.count(name)) continue;
+      const FloatTensor t = src->dense(name);
+      w.add_dense(name, DType::kF32, t.shape,
+                  std::span<const std::byte>(reinterpret_cast<const std::byte*>(t.data),
+                                             static_cast<size_t>(t.numel()) * 4));
+    }
+    w.finish();
+  }
+  const SwitchModel c = SwitchModel::load(out);
+  EXPECT_TRUE(c.source->is_container());
+  for (const auto& e : c.decoder[2].ff.experts) EXPECT_EQ(e->kind(), "compressed");
+  ForwardOptions fo;
+  const LossResult a = cross_entropy(m, pairs, fo), b = cross_entropy(c, pairs, fo);
+  EXPECT_EQ(a.nll_sum, b.nll_sum);
+  EXPECT_EQ(a.targets, b.targets);
+  // Decoded once at load time instead: same model up to summation order.
+  LoadOptions lo;
+  lo.compressed_experts = false;
+  const SwitchModel dd = SwitchModel::load(out, lo);
+  EXPECT_EQ(dd.decoder[2].ff.experts[0]->kind(), "dense");
+  EXPECT_NEAR(cross_entropy(dd, pairs, fo).mean(), a.mean(), 1e-4);
+  std::filesystem::remove_all(out.parent_path());
+}
+
+}  // namespace
+}  // namespace qmoe::sw::test
+#endif  // QMOE_SWITCH_HAVE_GPTQ
