@@ -90,6 +90,11 @@ class StructureCheck : public nlohmann::json_sax<nlohmann::json> {
 // Parses JSON text strictly (no duplicate keys, bounded depth, valid UTF-8); FormatError
 // prefixed with `context` otherwise. Shared with container.cpp (index files).
 nlohmann::json parse_json_checked(std::string_view text, const std::string& context) {
+  // nlohmann's lexer takes a NUL byte for the end of input and would ignore what follows it; a
+  // NUL is never valid JSON text (raw control characters are not allowed even inside strings).
+  if (const size_t nul = text.find('\0'); nul != std::string_view::npos) {
+    throw FormatError(error_context(context, "", "malformed JSON: NUL byte at byte " + std::to_string(nul)));
+  }
   StructureCheck check;
   const bool ok = nlohmann::json::sax_parse(text.begin(), text.end(), &check,
                                             nlohmann::json::input_format_t::json, true, false);

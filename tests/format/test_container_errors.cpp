@@ -1,0 +1,413 @@
+// Malformed containers: every case of format/SPEC.md "Errors a reader must raise" specific to the
+// qmoe layer. Each is a FormatError that names the file and the tensor; none may crash (the ASan
+// build runs these too).
+#include "format_test_util.h"
+
+namespace qmoe::test {
+namespace {
+
+using Header = nlohmann::ordered_json;
+using Data = std::vector<uint8_t>;
+
+// A 3 x 4 qmoe-v1 matrix "m" with one code per row, a 2 x 7 qmoe-p5 matrix "p" and a dense
+// F32 tensor "embed".
+struct Small {
+  TernaryMatrix tm, tp;
+  CompressedMatrix m, p;
+  std::vector<float> embed{1, 2, 3, 4};
+  Small() {
+    tm = TernaryMatrix(3, 4);
+    tm.symbols = {0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 2};
+    tm.levels = {float_to_bf16(-1), float_to_bf16(1), float_to_bf16(-0.5f), float_to_bf16(0.5f),
+                 float_to_bf16(-2), float_to_bf16(2)};
+    tp = random_ternary(2, 7, 0.5, 9);
+    m = GreedyV1::get().encode(tm);
+    p = encode_p5(tp);
+  }
+  fs::path write(const TempDir& dir, const std::string& name = "c.safetensors") const {
+    const fs::path path = dir / name;
+    ContainerWriter w(path);
+    w.add_dense("embed", DType::kF32, {4}, bytes_of(embed));
+    w.add_compressed("m", m.view(), DType::kF32);
+    w.add_compressed("p", p.view(), DType::kF32);
+    w.finish();
+    return path;
+  }
+};
+
+// Index of an entry of the dictionary with exactly n pairs.
+uint16_t entry_with_pairs(int n) {
+  const int32_t* t = v1_decode_table();
+  for (int e = 0; e < v1::kEntries; ++e) {
+    if (v1::entry_pairs(static_cast<uint32_t>(t[2 * e])) == n) return static_cast<uint16_t>(e);
+  }
+  throw std::runtime_error("no entry");
+}
+
+template <class T>
+void poke(Header& h, Data& d, const std::string& tensor, size_t index, T value) {
+  const auto b = h[tensor]["data_offsets"][0].get<size_t>();
+  std::memcpy(d.data() + b + index * sizeof(T), &value, sizeof(T));
+}
+
+// Renames a stored tensor together with its checksum key.
+void rename_tensor(Header& h, const std::string& from, const std::string& to) {
+  h[to] = h[from];
+  h.erase(from);
+  auto& md = h["__metadata__"];
+  md["qmoe.xxh3." + to] = md["qmoe.xxh3." + from];
+  md.erase("qmoe.xxh3." + from);
+}
+
+// Writes the small container, applies `edit` (with checksums refreshed afterwards when `fix`),
+// and expects Container::open to fail naming the file and every one of `parts`.
+void expect_bad(const std::function<void(Header&, Data&)>& edit, const std::vector<std::string>& parts,
+                bool fix_checksums = true, ContainerOpenOptions opt = {}) {
+  TempDir dir;
+  const fs::path p = Small().write(dir);
+  rewrite(p, [&](Header& h, Data& d) {
+    edit(h, d);
+    if (fix_checksums) refresh_checksums(h, d);
+  });
+  auto all = parts;
+  all.push_back(p.string());
+  expect_format_error([&] { (void)Container::open(p, opt); }, all);
+}
+
+TEST(ContainerErrors, SmallFixtureIsValid) {
+  TempDir dir;
+  Small s;
+  const auto c = Container::open(s.write(dir), {.verify_checksums = true});
+  EXPECT_EQ(decode(c.find_compressed("m")->view), s.tm.to_dense());
+  EXPECT_EQ(decode(c.find_compressed("p")->view), s.tp.to_dense());
+  EXPECT_EQ(c.find_compressed("m")->view.codes.size(), 3u);
+}
+
+TEST(ContainerErrors, CodesDecodeToMoreSymbolsThanTheWidth) {
+  expect_bad([](Header& h, Data& d) { poke<uint16_t>(h, d, "m.qmoe_codes", 1, entry_with_pairs(3)); },
+             {"tensor 'm'", "row 1", "more than"});
+}
+
+TEST(ContainerErrors, CodesDecodeToFewerSymbolsThanTheWidth) {
+  expect_bad([](Header& h, Data& d) { poke<uint16_t>(h, d, "m.qmoe_codes", 2, entry_with_pairs(1)); },
+             {"tensor 'm'", "row 2"});
+}
+
+TEST(ContainerErrors, RowOffsetsOutOfOrder) {
+  expect_bad([](Header& h, Data& d) { poke<int32_t>(h, d, "m.qmoe_row_offsets", 2, 0); }, {"tensor 'm'", "decrease"});
+  expect_bad([](Header& h, Data& d) { poke<int32_t>(h, d, "m.qmoe_row_offsets", 0, 1); }, {"tensor 'm'"});
+  expect_bad([](Header& h, Data& d) { poke<int32_t>(h, d, "m.qmoe_row_offsets", 3, 2); }, {"tensor 'm'"});
+  expect_bad([](Header& h, Data& d) { poke<int32_t>(h, d, "m.qmoe_row_offsets", 3, -7); }, {"tensor 'm'"});
+}
+
+TEST(ContainerErrors, NaNAndMisorderedLevels) {
+  expect_bad([](Header& h, Data& d) { poke<uint16_t>(h, d, "m.qmoe_levels", 3, 0x7fc0); },
+             {"tensor 'm'", "row 1", "levels"});
+  expect_bad([](Header& h, Data& d) { poke<uint16_t>(h, d, "p.qmoe_levels", 0, 0x7f80); },  // lo = +inf
+             {"tensor 'p'", "row 0", "levels"});
+  expect_bad([](Header& h, Data& d) { poke<uint16_t>(h, d, "m.qmoe_levels", 0, float_to_bf16(0.5f)); },
+             {"tensor 'm'", "levels"});
+}
+
+TEST(ContainerErrors, BadPackedBytes) {
+  expect_bad([](Header& h, Data& d) { poke<uint8_t>(h, d, "p.qmoe_packed", 0, 243); }, {"tensor 'p'", "242"});
+  // 7 columns: the second byte holds columns 5, 6 and three padding symbols that must be 0.
+  expect_bad([](Header& h, Data& d) { poke<uint8_t>(h, d, "p.qmoe_packed", 1, 9 * 2); }, {"tensor 'p'", "padding"});
+}
+
+TEST(ContainerErrors, UnvalidatedOpenStillDecodesSafely) {
+  TempDir dir;
+  const fs::path p = Small().write(dir);
+  rewrite(p, [](Header& h, Data& d) {
+    poke<uint16_t>(h, d, "m.qmoe_codes", 1, entry_with_pairs(14));
+    refresh_checksums(h, d);
+  });
+  const auto c = Container::open(p, {.validate_codes = false});
+  std::vector<float> out(12);
+  EXPECT_THROW(decode_ref(c.find_compressed("m")->view, out.data()), FormatError);
+}
+
+TEST(ContainerErrors, MissingGroupMember) {
+  expect_bad([](Header& h, Data&) { rename_tensor(h, "m.qmoe_levels", "stray"); },
+             {"tensor 'm'", "'m.qmoe_levels' is missing"});
+  expect_bad([](Header& h, Data&) { rename_tensor(h, "m.qmoe_row_offsets", "stray"); },
+             {"tensor 'm'", "'m.qmoe_row_offsets' is missing"});
+  expect_bad([](Header& h, Data&) { rename_tensor(h, "p.qmoe_packed", "stray"); },
+             {"tensor 'p'", "'p.qmoe_packed' is missing"});
+}
+
+TEST(ContainerErrors, ExtraGroupMember) {
+  // A member-like name with no qmoe.matrix entry, and a v1 member beside a p5 matrix.
+  expect_bad([](Header& h, Data&) { rename_tensor(h, "embed", "embed.qmoe_codes"); },
+             {"tensor 'embed.qmoe_codes'", "no qmoe.matrix"});
+  expect_bad([](Header& h, Data&) { rename_tensor(h, "embed", "p.qmoe_codes"); },
+             {"tensor 'p.qmoe_codes'", "no qmoe.matrix"});
+  // A group whose matrix entry was removed.
+  expect_bad([](Header& h, Data&) { h["__metadata__"].erase("qmoe.matrix.p"); },
+             {"no qmoe.matrix"});
+}
+
+TEST(ContainerErrors, WrongMemberDtypeOrShape) {
+  expect_bad([](Header& h, Data&) { h["m.qmoe_levels"]["dtype"] = "F16"; }, {"tensor 'm.qmoe_levels'", "BF16"});
+  expect_bad([](Header& h, Data&) { h["m.qmoe_codes"]["dtype"] = "I16"; }, {"tensor 'm.qmoe_codes'", "U16"});
+  expect_bad([](Header& h, Data&) { h["m.qmoe_row_offsets"]["dtype"] = "U32"; },
+             {"tensor 'm.qmoe_row_offsets'", "I32"});
+  expect_bad([](Header& h, Data&) { h["m.qmoe_levels"]["shape"] = {2, 3}; }, {"tensor 'm.qmoe_levels'", "[3, 2]"});
+  expect_bad([](Header& h, Data&) { h["p.qmoe_packed"]["shape"] = {1, 4}; }, {"tensor 'p.qmoe_packed'", "[2, 2]"});
+  expect_bad([](Header& h, Data&) { h["m.qmoe_codes"]["shape"] = {3, 1}; }, {"tensor 'm.qmoe_codes'", "1-D"});
+}
+
+TEST(ContainerErrors, BadMatrixDeclaration) {
+  auto set = [](std::string v) {
+    return [v](Header& h, Data&) { h["__metadata__"]["qmoe.matrix.m"] = v; };
+  };
+  expect_bad(set("{"), {"tensor 'm'", "malformed JSON"});
+  expect_bad(set(R"({"codec":"qmoe-v9","shape":[3,4],"dtype":"F32"})"), {"tensor 'm'", "unknown codec"});
+  expect_bad(set(R"({"codec":"qmoe-v1","shape":[3],"dtype":"F32"})"), {"tensor 'm'", "shape"});
+  expect_bad(set(R"({"codec":"qmoe-v1","shape":[3,-4],"dtype":"F32"})"), {"tensor 'm'", "non-negative"});
+  expect_bad(set(R"({"codec":"qmoe-v1","shape":[3,4],"dtype":"I32"})"), {"tensor 'm'", "dtype"});
+  expect_bad(set(R"({"codec":"qmoe-v1","shape":[3,4],"dtype":"F32","x":1})"), {"tensor 'm'", "exactly"});
+  expect_bad(set(R"({"codec":"qmoe-v1","shape":[3,5],"dtype":"F32"})"), {"tensor 'm'", "row 0"});
+  expect_bad(set(R"({"codec":"qmoe-p5","shape":[3,4],"dtype":"F32"})"), {"tensor 'm'"});
+  expect_bad(set(R"({"codec":"qmoe-v1","shape":[3,4],"dtype":"F32","dtype":"F16"})"), {"duplicate key"});
+}
+
+TEST(ContainerErrors, NotAQmoeContainer) {
+  expect_bad([](Header& h, Data&) { h["__metadata__"].erase("format"); }, {"not a qmoe container"});
+  expect_bad([](Header& h, Data&) { h["__metadata__"]["format"] = "gguf"; }, {"not a qmoe container"});
+  expect_bad([](Header& h, Data&) { h["__metadata__"]["format_version"] = "2"; }, {"format_version"});
+  expect_bad([](Header& h, Data&) { h["__metadata__"]["qmoe.future"] = "x"; }, {"qmoe.future"});
+  expect_bad([](Header& h, Data&) { rename_tensor(h, "embed", "qmoe.other"); }, {"tensor 'qmoe.other'", "reserved"});
+}
+
+TEST(ContainerErrors, DictionaryMismatch) {
+  expect_bad([](Header& h, Data& d) { poke<int32_t>(h, d, "qmoe.dictionary.qmoe-v1", 2 * 777 + 1, -1); },
+             {"tensor 'qmoe.dictionary.qmoe-v1'", "entry 777"});
+  expect_bad([](Header& h, Data&) { rename_tensor(h, "qmoe.dictionary.qmoe-v1", "dict"); },
+             {"tensor 'qmoe.dictionary.qmoe-v1'", "missing"});
+  expect_bad([](Header& h, Data&) { h["qmoe.dictionary.qmoe-v1"]["shape"] = {131072}; },
+             {"tensor 'qmoe.dictionary.qmoe-v1'", "[65536, 2]"});
+}
+
+TEST(ContainerErrors, Checksums) {
+  // A changed dense byte is found by verify_checksums and mismatched_checksums().
+  TempDir dir;
+  const fs::path p = Small().write(dir);
+  rewrite(p, [](Header& h, Data& d) { poke<float>(h, d, "embed", 2, 9.0f); });
+  const auto c = Container::open(p);
+  EXPECT_EQ(c.mismatched_checksums(), (std::vector<std::string>{"embed"}));
+  expect_format_error([&] { (void)Container::open(p, {.verify_checksums = true}); },
+                      {p.string(), "tensor 'embed'", "checksum mismatch"});
+  // Missing, malformed and orphaned checksum keys are errors even without verification.
+  expect_bad([](Header& h, Data&) { h["__metadata__"].erase("qmoe.xxh3.m.qmoe_codes"); },
+             {"tensor 'm.qmoe_codes'", "no checksum"}, false);
+  expect_bad([](Header& h, Data&) { h["__metadata__"]["qmoe.xxh3.embed"] = "ABCDEF0123456789"; },
+             {"tensor 'embed'", "16 lowercase hex"}, false);
+  expect_bad([](Header& h, Data&) { h["__metadata__"]["qmoe.xxh3.ghost"] = "0123456789abcdef"; },
+             {"tensor 'ghost'", "not in the file"}, false);
+  // A changed code is caught by the checksum before anything else when verifying.
+  expect_bad([](Header& h, Data& d) { poke<uint16_t>(h, d, "m.qmoe_codes", 0, 0); },
+             {"checksum mismatch"}, false, {.verify_checksums = true, .validate_codes = false});
+}
+
+TEST(ContainerErrors, NameUsedTwice) {
+  expect_bad(
+      [](Header& h, Data&) {
+        rename_tensor(h, "embed", "m");
+        h["m"]["dtype"] = "F32";
+      },
+      {"tensor 'm'", "both"});
+}
+
+// ---- sharded -----------------------------------------------------------------------------------
+
+fs::path write_sharded(const TempDir& dir) {
+  Small s;
+  ContainerWriter w(dir / "sh", {.shard_size = 20});  // {embed} {p} {dictionary, m}
+  w.add_dense("embed", DType::kF32, {4}, bytes_of(s.embed));
+  w.add_compressed("p", s.p.view(), DType::kF32);
+  w.add_compressed("m", s.m.view(), DType::kF32);
+  w.finish();
+  return dir / "sh";
+}
+
+TEST(ContainerErrors, MissingShard) {
+  TempDir dir;
+  const fs::path out = write_sharded(dir);
+  ASSERT_NO_THROW((void)Container::open(out));
+  fs::remove(out / "model-00002-of-00003.safetensors");
+  expect_format_error([&] { (void)Container::open(out); },
+                      {"model.safetensors.index.json", "shard 'model-00002-of-00003.safetensors' is missing"});
+}
+
+void edit_index(const fs::path& out, const std::function<void(nlohmann::json&)>& fn) {
+  auto j = nlohmann::json::parse(read_bytes(out / "model.safetensors.index.json"));
+  fn(j);
+  const std::string s = j.dump();
+  write_bytes(out / "model.safetensors.index.json", Data(s.begin(), s.end()));
+}
+
+TEST(ContainerErrors, InconsistentIndex) {
+  TempDir dir;
+  const fs::path out = write_sharded(dir);
+  const fs::path index = out / "model.safetensors.index.json";
+  const auto original = read_bytes(index);
+  auto restore = [&] { write_bytes(index, original); };
+
+  edit_index(out, [](auto& j) { j["weight_map"]["embed"] = "../elsewhere.safetensors"; });
+  expect_format_error([&] { (void)Container::open(out); }, {index.string(), "tensor 'embed'", "plain file name"});
+  restore();
+  edit_index(out, [](auto& j) { j["weight_map"]["ghost"] = "model-00001-of-00003.safetensors"; });
+  expect_format_error([&] { (void)Container::open(out); }, {index.string(), "tensor 'ghost'", "absent"});
+  restore();
+  edit_index(out, [](auto& j) { j["weight_map"].erase("m.qmoe_codes"); });
+  expect_format_error([&] { (void)Container::open(out); }, {"model-00003-of-00003.safetensors", "tensor 'm.qmoe_codes'",
+                                                            "not listed"});
+  restore();
+  edit_index(out, [](auto& j) { j["weight_map"]["embed"] = "model-00002-of-00003.safetensors"; });
+  expect_format_error([&] { (void)Container::open(out); }, {"tensor 'embed'"});
+  restore();
+  edit_index(out, [](auto& j) { j["metadata"]["format_version"] = "7"; });
+  expect_format_error([&] { (void)Container::open(out); }, {index.string(), "format_version"});
+  restore();
+  edit_index(out, [](auto& j) { j.erase("weight_map"); });
+  expect_format_error([&] { (void)Container::open(out); }, {index.string(), "weight_map"});
+  restore();
+  edit_index(out, [](auto& j) { j["weight_map"]["embed"] = 3; });
+  expect_format_error([&] { (void)Container::open(out); }, {index.string(), "tensor 'embed'"});
+  restore();
+  write_bytes(index, {'{', '"'});
+  expect_format_error([&] { (void)Container::open(out); }, {index.string(), "malformed JSON"});
+  restore();
+  ASSERT_NO_THROW((void)Container::open(index));
+  fs::remove(index);
+  expect_format_error([&] { (void)Container::open(out); }, {out.string(), "neither"});
+}
+
+TEST(ContainerErrors, EveryTruncationIsRejected) {
+  TempDir dir;
+  Small s;
+  const fs::path good = dir / "p5.safetensors";
+  {
+    ContainerWriter w(good);
+    w.add_dense("embed", DType::kF32, {4}, bytes_of(s.embed));
+    w.add_compressed("p", s.p.view(), DType::kF32);
+    w.finish();
+  }
+  const auto full = read_bytes(good);
+  const fs::path cut = dir / "cut.safetensors";
+  for (size_t n = 0; n < full.size(); ++n) {
+    write_bytes(cut, Data(full.begin(), full.begin() + static_cast<int64_t>(n)));
+    EXPECT_THROW((void)Container::open(cut), FormatError) << "cut at " << n;
+  }
+  // The v1 file is 0.5 MiB: cut it at a spread of points, including inside the dictionary.
+  const auto v1 = read_bytes(s.write(dir, "v1.safetensors"));
+  for (size_t n = 0; n < v1.size(); n += 4099) {
+    write_bytes(cut, Data(v1.begin(), v1.begin() + static_cast<int64_t>(n)));
+    EXPECT_THROW((void)Container::open(cut), FormatError) << "cut at " << n;
+  }
+  write_bytes(cut, Data(v1.begin(), v1.end() - 1));
+  EXPECT_THROW((void)Container::open(cut), FormatError);
+}
+
+// Writes the golden files below (run with QMOE_WRITE_GOLDEN=1 after a deliberate format change).
+TEST(ContainerGolden, Regenerate) {
+  if (std::getenv("QMOE_WRITE_GOLDEN") == nullptr) GTEST_SKIP() << "set QMOE_WRITE_GOLDEN=1 to rewrite the golden files";
+  const fs::path dir = fs::path(QMOE_SOURCE_DIR) / "tests/format/golden";
+  fs::create_directories(dir / "invalid");
+  TernaryMatrix t(2, 7);
+  t.symbols = {0, 1, 2, 0, 0, 0, 2, 2, 0, 0, 1, 0, 0, 0};
+  t.levels = {float_to_bf16(-1), float_to_bf16(1), float_to_bf16(-0.5f), float_to_bf16(0.5f)};
+  const std::vector<float> bias = {0.25f, -4.0f};
+  const fs::path valid = dir / "valid-p5.safetensors";
+  {
+    ContainerWriter w(valid);
+    w.set_metadata("note", "golden");
+    w.add_compressed("w", encode_p5(t).view(), DType::kF32);
+    w.add_dense("bias", DType::kF32, {2}, bytes_of(bias));
+    w.finish();
+  }
+  const auto full = read_bytes(valid);
+  auto variant = [&](const std::string& name, const std::function<void(Header&, Data&)>& edit, bool fix = true) {
+    const fs::path p = dir / "invalid" / name;
+    write_bytes(p, full);
+    rewrite(p, [&](Header& h, Data& d) {
+      edit(h, d);
+      if (fix) refresh_checksums(h, d);
+    });
+  };
+  write_bytes(dir / "invalid/truncated.safetensors", Data(full.begin(), full.begin() + 5));
+  {
+    Data b = full;
+    b[0] = static_cast<uint8_t>(b[0] + 200);
+    write_bytes(dir / "invalid/header-past-end.safetensors", Data(b.begin(), b.begin() + 100));
+  }
+  {
+    Data b = full;
+    *std::find(b.begin() + 8, b.end(), ':') = ';';
+    write_bytes(dir / "invalid/bad-json.safetensors", b);
+  }
+  auto last_tensor = [](Header& h) {
+    std::string last;
+    int64_t best = -1;
+    for (auto& [k, v] : h.items()) {
+      if (k != "__metadata__" && v["data_offsets"][0].get<int64_t>() > best) {
+        best = v["data_offsets"][0].get<int64_t>();
+        last = k;
+      }
+    }
+    return last;
+  };
+  variant("offset-gap.safetensors", [&](Header& h, Data& d) {
+    const std::string l = last_tensor(h);
+    h[l]["data_offsets"] = {h[l]["data_offsets"][0].get<int64_t>() + 1, h[l]["data_offsets"][1].get<int64_t>() + 1};
+    d.insert(d.begin() + h[l]["data_offsets"][0].get<int64_t>() - 1, 0);
+  }, false);
+  variant("offset-overlap.safetensors", [&](Header& h, Data& d) {
+    const std::string l = last_tensor(h);
+    h[l]["data_offsets"] = {h[l]["data_offsets"][0].get<int64_t>() - 1, h[l]["data_offsets"][1].get<int64_t>() - 1};
+    d.pop_back();
+  }, false);
+  variant("unknown-dtype.safetensors", [](Header& h, Data&) { h["bias"]["dtype"] = "X32"; }, false);
+  variant("padding-symbol.safetensors", [](Header& h, Data& d) { poke<uint8_t>(h, d, "w.qmoe_packed", 1, 2 + 27); });
+  variant("nan-level.safetensors", [](Header& h, Data& d) { poke<uint16_t>(h, d, "w.qmoe_levels", 1, 0x7fc0); });
+  variant("missing-member.safetensors", [](Header& h, Data&) { rename_tensor(h, "w.qmoe_levels", "stray"); });
+}
+
+// Committed golden files (tests/format/golden/): a valid qmoe-p5 container whose content is
+// known, and invalid files that must be rejected with the message fragment in their name list.
+TEST(ContainerGolden, ValidFileDecodesToKnownMatrix) {
+  const fs::path g = fs::path(QMOE_SOURCE_DIR) / "tests/format/golden/valid-p5.safetensors";
+  ASSERT_TRUE(fs::exists(g)) << g;
+  const auto c = Container::open(g, {.verify_checksums = true});
+  const auto* e = c.find_compressed("w");
+  ASSERT_NE(e, nullptr);
+  EXPECT_EQ(e->view.rows, 2);
+  EXPECT_EQ(e->view.cols, 7);
+  const std::vector<float> expect = {0, -1, 1, 0, 0, 0, 1, 0.5f, 0, 0, -0.5f, 0, 0, 0};
+  EXPECT_EQ(decode(e->view), expect);
+  ASSERT_NE(c.find_dense("bias"), nullptr);
+  EXPECT_EQ(c.metadata().at("note"), "golden");
+}
+
+TEST(ContainerGolden, InvalidFilesAreRejected) {
+  const std::vector<std::pair<std::string, std::string>> cases = {
+      {"truncated.safetensors", "truncated"},
+      {"header-past-end.safetensors", "past the end of the file"},
+      {"bad-json.safetensors", "malformed JSON"},
+      {"offset-gap.safetensors", "gap"},
+      {"offset-overlap.safetensors", "overlap"},
+      {"unknown-dtype.safetensors", "unknown dtype"},
+      {"padding-symbol.safetensors", "padding"},
+      {"nan-level.safetensors", "levels"},
+      {"missing-member.safetensors", "is missing"},
+  };
+  for (const auto& [file, fragment] : cases) {
+    const fs::path g = fs::path(QMOE_SOURCE_DIR) / "tests/format/golden/invalid" / file;
+    ASSERT_TRUE(fs::exists(g)) << g;
+    expect_format_error([&] { (void)Container::open(g); }, {file, fragment});
+  }
+}
+
+}  // namespace
+}  // namespace qmoe::test
