@@ -371,10 +371,10 @@ Container Container::open(const std::filesystem::path& path, const ContainerOpen
           throw FormatError(error_context(ifile, t, "listed for shard '" + shard + "' but absent from it"));
         }
       }
-      if (f.tensors().size() != tensors.size()) {
+      {
         const std::set<std::string> listed(tensors.begin(), tensors.end());
         for (const TensorInfo& t : f.tensors()) {
-          if (listed.count(t.name) == 0) {
+          if (listed.count(t.name) == 0 && t.name != kV1DictionaryTensor) {
             throw FormatError(error_context(sp.string(), t.name, "is not listed in the index for this shard"));
           }
         }
@@ -510,7 +510,9 @@ struct ContainerWriter::Impl {
     cur->set_metadata(std::string(kChecksumKeyPrefix) + t.name, checksum_hex(t.bytes));
     cur_bytes += static_cast<int64_t>(t.bytes.size());
     cur_empty = false;
-    if (sharded) weight_map.emplace_back(t.name, closed.size());
+    // The dictionary may be in several shards, so it cannot have one weight_map entry; every
+    // shard that needs it holds it, which is all a reader has to know.
+    if (sharded && t.name != kV1DictionaryTensor) weight_map.emplace_back(t.name, closed.size());
   }
 
   // Adds a group of tensors that must share a file (plus the dictionary where needed).
