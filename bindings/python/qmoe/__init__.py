@@ -1,0 +1,19 @@
+"""qmoe: sub-1-bit compression of Mixture-of-Experts expert weights.
+
+Ternary weights (per-row levels lo <= 0 <= hi) found by round-to-nearest or GPTQ, coded with a
+65536-entry dictionary (qmoe-v1) or base-3 packing (qmoe-p5), stored in a safetensors-compatible
+container and multiplied straight from the codes.
+
+Every function is implemented in C++ (the extension module ``qmoe._qmoe``); this package only
+re-exports it. Arguments are numpy arrays (anything ``numpy.asarray`` accepts without a copy works
+too, e.g. CPU torch tensors); float inputs may be float32, float16 or bfloat16
+(``ml_dtypes.bfloat16``, or uint16 bit patterns with ``bf16=True``). Bad arguments raise
+``ValueError``, malformed files or streams raise ``qmoe.FormatError`` (a ``RuntimeError``), other
+library failures raise ``RuntimeError``; the message is the library's. Heavy calls release the GIL.
+"""
+
+from ._qmoe import *  # noqa: F401,F403
+from ._qmoe import __version__  # noqa: F401
+from . import _qmoe as _ext
+
+__all__ = [name for name in dir(_ext) if not name.startswith("_")]

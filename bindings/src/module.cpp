@@ -1,0 +1,970 @@
+// The Python module `qmoe._qmoe`: a thin layer over the C++ library. Every function checks the
+// dtype, shape and contiguity of its numpy arguments, releases the GIL, calls the C++ API and
+// turns qmoe's exceptions into Python ones (InvalidArgument -> ValueError, FormatError ->
+// qmoe.FormatError, any other qmoe::Error -> RuntimeError). No format, packing or numeric logic
+// lives here: the only data transformation is widening float16/bfloat16 inputs to float32 for
+// C++ calls that take float32 (with the library's own conversions from qmoe/format/bf16.h).
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+#include <pybind11/stl/filesystem.h>
+
+#include <cstdint>
+#include <cstring>
+#include <filesystem>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <span>
+#include <stdexcept>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "qmoe/decoder_cpu/matmul.h"
+#include "qmoe/encoder/encode.h"
+#include "qmoe/format/bf16.h"
+#include "qmoe/format/container.h"
+#include "qmoe/format/dtype.h"
+#include "qmoe/format/error.h"
+#include "qmoe/format/matrix.h"
+#include "qmoe/format/reference.h"
+#include "qmoe/gptq/gptq.h"
+#include "qmoe/gptq/hessian.h"
+
+namespace py = pybind11;
+
+namespace {
+
+using qmoe::DType;
+
+// ---- numpy <-> C++ ---------------------------------------------------------------------------
+
+[[noreturn]] void bad_arg(const std::string& msg) { throw py::value_error(msg); }
+
+std::string dtype_str(const py::dtype& dt) { return py::str(dt).cast<std::string>(); }
+
+bool is_ml_bfloat16(const py::dtype& dt) {
+  return dt.itemsize() == 2 && dt.attr("name").cast<std::string>() == "bfloat16";
+}
+
+// The element type of a float array: float32, float16, ml_dtypes.bfloat16, or uint16 holding
+// bfloat16 bit patterns when `bf16` is set. ValueError for anything else.
+DType float_dtype(const py::array& a, const char* what, bool bf16) {
+  const py::dtype dt = a.dtype();
+  if (bf16) {
+    if (dt.is(py::dtype::of<uint16_t>()) || is_ml_bfloat16(dt)) return DType::kBF16;
+    bad_arg(std::string(what) + ": bf16=True expects uint16 bfloat16 bit patterns (got " + dtype_str(dt) + ")");
+  }
+  if (dt.is(py::dtype::of<float>())) return DType::kF32;
+  if (dt.is(py::dtype("float16"))) return DType::kF16;
+  if (is_ml_bfloat16(dt)) return DType::kBF16;
+  bad_arg(std::string(what) + ": expected float32, float16 or bfloat16 (ml_dtypes.bfloat16, or uint16 with "
+          "bf16=True), got " + dtype_str(dt));
+}
+
+// Converts anything numpy accepts (arrays, tensors with __array__, lists) to an array.
+py::array as_array(const py::handle& obj, const char* what) {
+  if (obj.is_none()) bad_arg(std::string(what) + ": expected an array, got None");
+  py::array a = py::array::ensure(obj);
+  if (!a) bad_arg(std::string(what) + ": not convertible to a numpy array");
+  return a;
+}
+
+void check_ndim(const py::array& a, const char* what, py::ssize_t ndim) {
+  if (a.ndim() != ndim) {
+    bad_arg(std::string(what) + ": expected " + std::to_string(ndim) + " dimensions, got " +
+            std::to_string(a.ndim()));
+  }
+}
+
+void check_c_contiguous(const py::array& a, const char* what) {
+  if (!(a.flags() & py::array::c_style)) {
+    bad_arg(std::string(what) + ": array must be C-contiguous (use numpy.ascontiguousarray)");
+  }
+}
+
+// A validated float input: shape checked, C-contiguous, one of the three float types.
+struct FloatArg {
+  py::array array;
+  DType dtype = DType::kF32;
+  const void* data() const { return array.data(); }
+  int64_t dim(int i) const { return static_cast<int64_t>(array.shape(i)); }
+};
+
+FloatArg float_arg(const py::handle& obj, const char* what, py::ssize_t ndim, bool bf16 = false) {
+  FloatArg f;
+  f.array = as_array(obj, what);
+  f.dtype = float_dtype(f.array, what, bf16);
+  check_ndim(f.array, what, ndim);
+  check_c_contiguous(f.array, what);
+  return f;
+}
+
+// float32 view of a float input: the data itself for float32, a widened copy otherwise. Call
+// without the GIL.
+class Float32 {
+ public:
+  Float32(const void* data, DType dtype, int64_t n) {
+    if (dtype == DType::kF32) {
+      ptr_ = static_cast<const float*>(data);
+      return;
+    }
+    copy_.resize(static_cast<size_t>(n));
+    const auto* h = static_cast<const uint16_t*>(data);
+    if (dtype == DType::kF16) {
+      for (int64_t i = 0; i < n; ++i) copy_[i] = qmoe::fp16_to_float(h[i]);
+    } else {
+      for (int64_t i = 0; i < n; ++i) copy_[i] = qmoe::bf16_to_float(h[i]);
+    }
+    ptr_ = copy_.data();
+  }
+  const float* get() const { return ptr_; }
+
+ private:
+  const float* ptr_ = nullptr;
+  std::vector<float> copy_;
+};
+
+// A numpy array owning a moved std::vector (no copy).
+template <class T>
+py::array_t<T> to_numpy(std::vector<T>&& v, std::vector<py::ssize_t> shape) {
+  auto* owned = new std::vector<T>(std::move(v));
+  py::capsule free_when_done(owned, [](void* p) { delete static_cast<std::vector<T>*>(p); });
+  return py::array_t<T>(std::move(shape), owned->data(), free_when_done);
+}
+
+// A read-only numpy array over memory kept alive by `base`.
+template <class T>
+py::array readonly_view(const T* data, std::vector<py::ssize_t> shape, py::handle base) {
+  py::array_t<T> a(std::move(shape), data, base);
+  a.attr("setflags")(py::arg("write") = false);
+  return a;
+}
+
+// ---- CompressedMatrix ------------------------------------------------------------------------
+
+std::optional<qmoe::Codec> parse_codec(const std::string& name, bool allow_auto) {
+  if (allow_auto && name == "auto") return std::nullopt;
+  if (auto c = qmoe::codec_from_name(name)) return c;
+  bad_arg("unknown codec '" + name + "' (expected 'qmoe-v1', 'qmoe-p5'" + (allow_auto ? ", or 'auto')" : ")"));
+}
+
+DType parse_dtype_name(const std::string& name) {
+  if (auto d = qmoe::dtype_from_name(name)) return *d;
+  bad_arg("unknown dtype name '" + name + "' (safetensors spelling: 'F32', 'F16', 'BF16', ...)");
+}
+
+// An encoded matrix seen from Python: a view plus whatever owns its memory (an in-memory
+// qmoe::CompressedMatrix, or an open container's mapping).
+struct PyCompressed {
+  std::shared_ptr<const void> owner;
+  qmoe::CompressedView view;
+  DType original_dtype = DType::kF32;
+
+  static PyCompressed owning(qmoe::CompressedMatrix&& m, DType original) {
+    auto held = std::make_shared<const qmoe::CompressedMatrix>(std::move(m));
+    PyCompressed p;
+    p.view = held->view();
+    p.owner = std::move(held);
+    p.original_dtype = original;
+    return p;
+  }
+};
+
+// x (cols) -> y (rows). x: float32/float16/bfloat16.
+py::array_t<float> matvec(const PyCompressed& m, const py::handle& x_obj, bool bf16, int threads) {
+  FloatArg x = float_arg(x_obj, "x", 1, bf16);
+  if (x.dim(0) != m.view.cols) {
+    bad_arg("x: expected " + std::to_string(m.view.cols) + " elements (the matrix's columns), got " +
+            std::to_string(x.dim(0)));
+  }
+  std::vector<float> y(static_cast<size_t>(m.view.rows));
+  {
+    py::gil_scoped_release nogil;
+    Float32 xf(x.data(), x.dtype, m.view.cols);
+    qmoe::cpu::MatmulOptions opt;
+    opt.threads = threads;
+    qmoe::cpu::matvec(m.view, xf.get(), y.data(), opt);
+  }
+  return to_numpy(std::move(y), {static_cast<py::ssize_t>(m.view.rows)});
+}
+
+// X (n, cols) -> Y (n, rows) = X W^T, the way a linear layer applies W to a batch of tokens.
+py::array_t<float> matmul(const PyCompressed& m, const py::handle& x_obj, bool bf16, int threads) {
+  FloatArg x = float_arg(x_obj, "X", 2, bf16);
+  if (x.dim(1) != m.view.cols) {
+    bad_arg("X: expected shape (n, " + std::to_string(m.view.cols) + "), got (" + std::to_string(x.dim(0)) +
+            ", " + std::to_string(x.dim(1)) + ")");
+  }
+  const int64_t n = x.dim(0);
+  std::vector<float> y(static_cast<size_t>(n * m.view.rows));
+  {
+    py::gil_scoped_release nogil;
+    Float32 xf(x.data(), x.dtype, n * m.view.cols);
+    qmoe::cpu::MatmulOptions opt;
+    opt.threads = threads;
+    qmoe::cpu::matmul(m.view, n, xf.get(), m.view.cols, y.data(), m.view.rows, opt);
+  }
+  return to_numpy(std::move(y), {static_cast<py::ssize_t>(n), static_cast<py::ssize_t>(m.view.rows)});
+}
+
+// ---- free functions --------------------------------------------------------------------------
+
+py::tuple ternarize_rtn(const py::handle& w_obj, bool bf16) {
+  FloatArg w = float_arg(w_obj, "w", 2, bf16);
+  qmoe::TernaryMatrix t;
+  {
+    py::gil_scoped_release nogil;
+    t = qmoe::ternarize_rtn(w.data(), w.dtype, w.dim(0), w.dim(1));
+  }
+  const auto rows = static_cast<py::ssize_t>(t.rows);
+  const auto cols = static_cast<py::ssize_t>(t.cols);
+  return py::make_tuple(to_numpy(std::move(t.symbols), {rows, cols}), to_numpy(std::move(t.levels), {rows, 2}));
+}
+
+// symbols (rows, cols) uint8 and levels (rows, 2) bf16 bits -> TernaryMatrix (copies).
+qmoe::TernaryMatrix ternary_from(const py::handle& s_obj, const py::handle& l_obj) {
+  py::array s = as_array(s_obj, "symbols");
+  if (!s.dtype().is(py::dtype::of<uint8_t>())) bad_arg("symbols: expected uint8, got " + dtype_str(s.dtype()));
+  check_ndim(s, "symbols", 2);
+  check_c_contiguous(s, "symbols");
+  py::array l = as_array(l_obj, "levels");
+  if (!l.dtype().is(py::dtype::of<uint16_t>()) && !is_ml_bfloat16(l.dtype())) {
+    bad_arg("levels: expected bfloat16 bit patterns as uint16 or ml_dtypes.bfloat16, got " + dtype_str(l.dtype()));
+  }
+  check_ndim(l, "levels", 2);
+  check_c_contiguous(l, "levels");
+  if (l.shape(0) != s.shape(0) || l.shape(1) != 2) {
+    bad_arg("levels: expected shape (" + std::to_string(s.shape(0)) + ", 2), got (" + std::to_string(l.shape(0)) +
+            ", " + std::to_string(l.shape(1)) + ")");
+  }
+  qmoe::TernaryMatrix t(static_cast<int64_t>(s.shape(0)), static_cast<int64_t>(s.shape(1)));
+  if (!t.symbols.empty()) std::memcpy(t.symbols.data(), s.data(), t.symbols.size());
+  if (!t.levels.empty()) std::memcpy(t.levels.data(), l.data(), t.levels.size() * sizeof(uint16_t));
+  return t;
+}
+
+PyCompressed encode(const py::handle& symbols, const py::handle& levels, const std::string& codec,
+                    const std::string& original_dtype, int threads) {
+  qmoe::EncodeOptions opt;
+  opt.codec = parse_codec(codec, true);
+  opt.threads = threads;
+  const DType orig = parse_dtype_name(original_dtype);
+  qmoe::TernaryMatrix t = ternary_from(symbols, levels);
+  qmoe::CompressedMatrix m;
+  {
+    py::gil_scoped_release nogil;
+    m = qmoe::encode(t, opt);
+  }
+  return PyCompressed::owning(std::move(m), orig);
+}
+
+// Raw tensors -> a validated CompressedMatrix (copies them).
+PyCompressed from_tensors(const std::string& codec_name, std::pair<int64_t, int64_t> shape,
+                          const py::handle& levels_obj, const py::handle& codes_obj,
+                          const py::handle& row_offsets_obj, const py::handle& packed_obj,
+                          const std::string& original_dtype) {
+  qmoe::CompressedMatrix m;
+  m.codec = *parse_codec(codec_name, false);
+  m.rows = shape.first;
+  m.cols = shape.second;
+  if (m.rows < 0 || m.cols < 0) bad_arg("shape: negative dimension");
+  const DType orig = parse_dtype_name(original_dtype);
+  auto copy_1d = [](const py::handle& obj, const char* what, const py::dtype& want, auto& out) {
+    py::array a = as_array(obj, what);
+    if (!a.dtype().is(want)) bad_arg(std::string(what) + ": expected " + dtype_str(want) + ", got " + dtype_str(a.dtype()));
+    check_c_contiguous(a, what);
+    out.resize(static_cast<size_t>(a.size()));
+    if (a.size() > 0) std::memcpy(out.data(), a.data(), static_cast<size_t>(a.nbytes()));
+  };
+  py::array lv = as_array(levels_obj, "levels");
+  if (is_ml_bfloat16(lv.dtype())) lv = lv.attr("view")(py::dtype::of<uint16_t>());
+  copy_1d(lv, "levels", py::dtype::of<uint16_t>(), m.levels);
+  if (m.codec == qmoe::Codec::kV1) {
+    if (codes_obj.is_none() || row_offsets_obj.is_none()) bad_arg("qmoe-v1 needs codes and row_offsets");
+    if (!packed_obj.is_none()) bad_arg("packed: only for qmoe-p5");
+    copy_1d(codes_obj, "codes", py::dtype::of<uint16_t>(), m.codes);
+    copy_1d(row_offsets_obj, "row_offsets", py::dtype::of<int32_t>(), m.row_offsets);
+  } else {
+    if (packed_obj.is_none()) bad_arg("qmoe-p5 needs packed");
+    if (!codes_obj.is_none() || !row_offsets_obj.is_none()) bad_arg("codes, row_offsets: only for qmoe-v1");
+    copy_1d(packed_obj, "packed", py::dtype::of<uint8_t>(), m.packed);
+  }
+  {
+    py::gil_scoped_release nogil;
+    qmoe::validate(m.view(), "CompressedMatrix.from_tensors");
+  }
+  return PyCompressed::owning(std::move(m), orig);
+}
+
+// ---- GPTQ ------------------------------------------------------------------------------------
+
+// An accumulator plus a lock: add() runs without the GIL, and two Python threads must not update
+// one accumulator at once.
+struct PyHessian {
+  qmoe::HessianAccumulator acc;
+  mutable std::mutex mu;
+  explicit PyHessian(qmoe::HessianAccumulator a) : acc(std::move(a)) {}
+};
+
+// x: (tokens, columns) float32 with contiguous rows and any row stride (a slice of a larger
+// batch is read in place), or float16/bfloat16 (widened). More than 2 dimensions: all but the
+// last are tokens, when C-contiguous (e.g. (batch, seq, columns) activations).
+int64_t hessian_add(PyHessian& h, const py::handle& x_obj, bool bf16, int threads) {
+  py::array x = as_array(x_obj, "x");
+  const DType dt = float_dtype(x, "x", bf16);
+  if (x.ndim() < 2) bad_arg("x: expected shape (tokens, columns), got " + std::to_string(x.ndim()) + " dimension(s)");
+  const int64_t cols = static_cast<int64_t>(x.shape(x.ndim() - 1));
+  if (cols != h.acc.dim()) {
+    bad_arg("x: expected " + std::to_string(h.acc.dim()) + " columns (the accumulator's), got " + std::to_string(cols));
+  }
+  int64_t n = 1;
+  for (py::ssize_t i = 0; i + 1 < x.ndim(); ++i) n *= static_cast<int64_t>(x.shape(i));
+  int64_t ld = cols;
+  const auto item = static_cast<py::ssize_t>(x.itemsize());
+  const bool rows_contiguous = cols <= 1 || x.strides(x.ndim() - 1) == item;
+  if (x.ndim() == 2 && dt == DType::kF32 && rows_contiguous && n > 1 && x.strides(0) % item == 0 &&
+      x.strides(0) / item >= cols) {
+    ld = static_cast<int64_t>(x.strides(0) / item);
+  } else if (n > 0 && !(x.flags() & py::array::c_style)) {
+    bad_arg("x: rows must be contiguous float32 with a positive row stride, or the array C-contiguous");
+  }
+  py::gil_scoped_release nogil;
+  Float32 xf(x.data(), dt, dt == DType::kF32 ? 0 : n * cols);
+  std::lock_guard lock(h.mu);
+  return h.acc.add(xf.get(), n, ld, threads);
+}
+
+py::object hessian_matrix(const PyHessian& h) {
+  std::vector<float> m;
+  {
+    py::gil_scoped_release nogil;
+    std::lock_guard lock(h.mu);
+    m = h.acc.hessian();
+  }
+  if (m.empty()) return py::none();
+  const auto d = static_cast<py::ssize_t>(h.acc.dim());
+  return to_numpy(std::move(m), {d, d});
+}
+
+qmoe::GptqGrid parse_grid(const std::string& name) {
+  for (auto g : {qmoe::GptqGrid::kTernary, qmoe::GptqGrid::kTernarySymmetric, qmoe::GptqGrid::kUniform2,
+                 qmoe::GptqGrid::kUniform3, qmoe::GptqGrid::kUniform4}) {
+    if (qmoe::gptq_grid_name(g) == name) return g;
+  }
+  bad_arg("unknown grid '" + name + "' (expected 'ternary', 'ternary-sym', 'uniform2', 'uniform3' or 'uniform4')");
+}
+
+struct PyGptqResult {
+  py::object symbols = py::none();
+  py::object levels = py::none();
+  py::object dequantized = py::none();
+  std::string grid;
+  std::string status;
+  std::string reason;
+  double loss = 0.0;
+  double output_loss = 0.0;
+  double lambda = 0.0;
+  int64_t dead_inputs = 0;
+};
+
+const char* status_name(qmoe::GptqStatus s) {
+  switch (s) {
+    case qmoe::GptqStatus::kOk: return "ok";
+    case qmoe::GptqStatus::kFallbackRtn: return "fallback-rtn";
+    case qmoe::GptqStatus::kFailed: return "failed";
+  }
+  return "unknown";
+}
+
+// w (rows, cols) and optional h (cols, cols), both float inputs; returns them as float32 views.
+struct GptqInputs {
+  FloatArg w;
+  std::optional<FloatArg> h;
+};
+
+GptqInputs gptq_inputs(const py::handle& w_obj, const py::handle& h_obj, bool bf16) {
+  GptqInputs in{float_arg(w_obj, "w", 2, bf16), std::nullopt};
+  if (!h_obj.is_none()) {
+    in.h = float_arg(h_obj, "h", 2, bf16);
+    const int64_t cols = in.w.dim(1);
+    if (in.h->dim(0) != cols || in.h->dim(1) != cols) {
+      bad_arg("h: expected shape (" + std::to_string(cols) + ", " + std::to_string(cols) + ") for w with " +
+              std::to_string(cols) + " columns, got (" + std::to_string(in.h->dim(0)) + ", " +
+              std::to_string(in.h->dim(1)) + ")");
+    }
+  }
+  return in;
+}
+
+qmoe::GptqOptions gptq_options(const std::string& grid, double percdamp, int64_t blocksize, bool actorder,
+                               bool double_precision, int threads) {
+  qmoe::GptqOptions opt;
+  opt.grid = parse_grid(grid);
+  opt.percdamp = percdamp;
+  opt.blocksize = blocksize;
+  opt.actorder = actorder;
+  opt.double_precision = double_precision;
+  opt.threads = threads;
+  return opt;
+}
+
+PyGptqResult gptq(const py::handle& w_obj, const py::handle& h_obj, const std::string& grid, double percdamp,
+                  int64_t blocksize, bool actorder, bool double_precision, int threads, bool bf16) {
+  const qmoe::GptqOptions opt = gptq_options(grid, percdamp, blocksize, actorder, double_precision, threads);
+  GptqInputs in = gptq_inputs(w_obj, h_obj, bf16);
+  const int64_t rows = in.w.dim(0), cols = in.w.dim(1);
+  qmoe::GptqResult r;
+  {
+    py::gil_scoped_release nogil;
+    Float32 w(in.w.data(), in.w.dtype, rows * cols);
+    std::optional<Float32> h;
+    if (in.h) h.emplace(in.h->data(), in.h->dtype, cols * cols);
+    r = qmoe::gptq_quantize(w.get(), rows, cols, h ? h->get() : nullptr, opt);
+  }
+  PyGptqResult out;
+  out.grid = std::string(qmoe::gptq_grid_name(opt.grid));
+  out.status = status_name(r.status);
+  out.reason = r.reason;
+  out.loss = r.loss;
+  out.output_loss = r.output_loss;
+  out.lambda = r.lambda;
+  out.dead_inputs = r.dead_inputs;
+  const auto R = static_cast<py::ssize_t>(rows), C = static_cast<py::ssize_t>(cols);
+  if (qmoe::gptq_grid_is_ternary(opt.grid)) {
+    out.symbols = to_numpy(std::move(r.ternary.symbols), {R, C});
+    out.levels = to_numpy(std::move(r.ternary.levels), {R, 2});
+  } else {
+    out.dequantized = to_numpy(std::move(r.dequantized), {R, C});
+  }
+  return out;
+}
+
+DType weight_dtype_of(const FloatArg& w) { return w.dtype; }
+
+py::object compress_matrix(const py::handle& w_obj, const py::handle& h_obj, const std::string& grid,
+                           double percdamp, int64_t blocksize, bool actorder, const std::string& codec,
+                           int threads, bool bf16, bool with_stats) {
+  const qmoe::GptqOptions opt = gptq_options(grid, percdamp, blocksize, actorder, false, threads);
+  qmoe::EncodeOptions enc;
+  enc.codec = parse_codec(codec, true);
+  enc.threads = threads;
+  GptqInputs in = gptq_inputs(w_obj, h_obj, bf16);
+  const int64_t rows = in.w.dim(0), cols = in.w.dim(1);
+  qmoe::CompressedExpert e;
+  {
+    py::gil_scoped_release nogil;
+    Float32 w(in.w.data(), in.w.dtype, rows * cols);
+    std::optional<Float32> h;
+    if (in.h) h.emplace(in.h->data(), in.h->dtype, cols * cols);
+    e = qmoe::compress_matrix(w.get(), rows, cols, h ? h->get() : nullptr, opt, enc);
+  }
+  py::object m = py::cast(PyCompressed::owning(std::move(e.matrix), weight_dtype_of(in.w)));
+  if (!with_stats) return m;
+  py::dict stats;
+  stats["status"] = status_name(e.status);
+  stats["reason"] = e.reason;
+  stats["loss"] = e.loss;
+  stats["output_loss"] = e.output_loss;
+  stats["zero_fraction"] = e.zero_fraction;
+  return py::make_tuple(m, stats);
+}
+
+// ---- containers ------------------------------------------------------------------------------
+
+// numpy dtype -> stored element type. Native byte order only.
+DType dense_dtype(const py::dtype& dt, const std::string& name) {
+  const char order = dt.attr("byteorder").cast<std::string>()[0];
+  if (order == '>') bad_arg("tensor '" + name + "': big-endian arrays are not supported");
+  if (is_ml_bfloat16(dt)) return DType::kBF16;
+  const char kind = dt.kind();
+  const auto size = dt.itemsize();
+  if (kind == 'b' && size == 1) return DType::kBool;
+  if (kind == 'u' || kind == 'i') {
+    const bool u = kind == 'u';
+    switch (size) {
+      case 1: return u ? DType::kU8 : DType::kI8;
+      case 2: return u ? DType::kU16 : DType::kI16;
+      case 4: return u ? DType::kU32 : DType::kI32;
+      case 8: return u ? DType::kU64 : DType::kI64;
+      default: break;
+    }
+  }
+  if (kind == 'f') {
+    switch (size) {
+      case 2: return DType::kF16;
+      case 4: return DType::kF32;
+      case 8: return DType::kF64;
+      default: break;
+    }
+  }
+  bad_arg("tensor '" + name + "': dtype " + dtype_str(dt) + " cannot be stored");
+}
+
+// Stored element type -> numpy dtype (BF16: ml_dtypes.bfloat16 unless raw_bf16 or ml_dtypes is
+// missing, then uint16 bit patterns).
+py::dtype numpy_dtype(DType t, bool raw_bf16) {
+  switch (t) {
+    case DType::kBool: return py::dtype("bool");
+    case DType::kU8: return py::dtype("uint8");
+    case DType::kI8: return py::dtype("int8");
+    case DType::kU16: return py::dtype("uint16");
+    case DType::kI16: return py::dtype("int16");
+    case DType::kF16: return py::dtype("float16");
+    case DType::kBF16:
+      if (!raw_bf16) {
+        try {
+          return py::dtype::from_args(py::module_::import("ml_dtypes").attr("bfloat16"));
+        } catch (const py::error_already_set& e) {
+          if (!e.matches(PyExc_ImportError)) throw;
+        }
+      }
+      return py::dtype("uint16");
+    case DType::kU32: return py::dtype("uint32");
+    case DType::kI32: return py::dtype("int32");
+    case DType::kF32: return py::dtype("float32");
+    case DType::kU64: return py::dtype("uint64");
+    case DType::kI64: return py::dtype("int64");
+    case DType::kF64: return py::dtype("float64");
+  }
+  throw std::logic_error("numpy_dtype: unknown DType");
+}
+
+std::vector<std::filesystem::path> save(const std::filesystem::path& path, const py::dict& tensors,
+                                        const std::optional<std::map<std::string, std::string>>& metadata,
+                                        int64_t shard_size) {
+  // Collect and check everything with the GIL held; write without it. `keep` holds the arrays
+  // (and matrices) whose memory the spans point into.
+  struct Dense {
+    std::string name;
+    DType dtype;
+    std::vector<int64_t> shape;
+    std::span<const std::byte> bytes;
+  };
+  struct Compressed {
+    std::string name;
+    qmoe::CompressedView view;
+    DType original;
+  };
+  std::vector<Dense> dense;
+  std::vector<Compressed> compressed;
+  std::vector<py::object> keep;
+  for (auto [key, value] : tensors) {
+    if (!py::isinstance<py::str>(key)) bad_arg("save: tensor names must be str");
+    std::string name = key.cast<std::string>();
+    if (py::isinstance<PyCompressed>(value)) {
+      const auto& p = value.cast<const PyCompressed&>();
+      compressed.push_back({std::move(name), p.view, p.original_dtype});
+      keep.push_back(py::reinterpret_borrow<py::object>(value));
+      continue;
+    }
+    py::array a = py::array::ensure(value);
+    if (!a) bad_arg("tensor '" + name + "': expected a CompressedMatrix or an array");
+    if (!(a.flags() & py::array::c_style)) {
+      bad_arg("tensor '" + name + "': array must be C-contiguous (use numpy.ascontiguousarray)");
+    }
+    Dense d{name, dense_dtype(a.dtype(), name), {}, {}};
+    for (py::ssize_t i = 0; i < a.ndim(); ++i) d.shape.push_back(static_cast<int64_t>(a.shape(i)));
+    d.bytes = {static_cast<const std::byte*>(a.data()), static_cast<size_t>(a.nbytes())};
+    dense.push_back(std::move(d));
+    keep.push_back(std::move(a));
+  }
+  py::gil_scoped_release nogil;
+  qmoe::ContainerWriteOptions opt;
+  opt.shard_size = shard_size;
+  qmoe::ContainerWriter w(path, opt);
+  if (metadata) {
+    for (const auto& [k, v] : *metadata) w.set_metadata(k, v);
+  }
+  for (auto& d : dense) w.add_dense(std::move(d.name), d.dtype, std::move(d.shape), d.bytes);
+  for (auto& c : compressed) w.add_compressed(std::move(c.name), c.view, c.original);
+  return w.finish();
+}
+
+std::shared_ptr<const qmoe::Container> open_container(const std::filesystem::path& path, bool verify_checksums) {
+  qmoe::ContainerOpenOptions opt;
+  opt.verify_checksums = verify_checksums;
+  py::gil_scoped_release nogil;
+  return std::make_shared<const qmoe::Container>(qmoe::Container::open(path, opt));
+}
+
+py::dict load(const std::filesystem::path& path, bool verify_checksums, bool raw_bf16) {
+  std::shared_ptr<const qmoe::Container> c = open_container(path, verify_checksums);
+  // One capsule keeps the mapping alive for every dense array.
+  auto* held = new std::shared_ptr<const qmoe::Container>(c);
+  py::capsule base(held, [](void* p) { delete static_cast<std::shared_ptr<const qmoe::Container>*>(p); });
+  py::dict out;
+  for (const std::string& name : c->names()) {
+    if (const qmoe::CompressedEntry* e = c->find_compressed(name)) {
+      PyCompressed p;
+      p.owner = c;
+      p.view = e->view;
+      p.original_dtype = e->original_dtype;
+      out[py::str(name)] = py::cast(std::move(p));
+    } else if (const qmoe::DenseEntry* d = c->find_dense(name)) {
+      std::vector<py::ssize_t> shape(d->shape.begin(), d->shape.end());
+      py::array a(numpy_dtype(d->dtype, raw_bf16), std::move(shape), d->bytes.data(), base);
+      a.attr("setflags")(py::arg("write") = false);
+      out[py::str(name)] = std::move(a);
+    }
+  }
+  return out;
+}
+
+std::map<std::string, std::string> load_metadata(const std::filesystem::path& path) {
+  return open_container(path, false)->metadata();
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_qmoe, m) {
+  m.doc() = "qmoe: sub-1-bit compression of Mixture-of-Experts expert weights (C++ extension).";
+  m.attr("__version__") = QMOE_VERSION;
+
+  // ---- exceptions --------------------------------------------------------------------------
+  // FormatError derives from RuntimeError, as qmoe::FormatError derives from qmoe::Error. The
+  // class object is deliberately never released: the translator may run until the interpreter
+  // shuts down.
+  static PyObject* format_error = PyErr_NewExceptionWithDoc(
+      "qmoe.FormatError",
+      "A file or encoded stream that is malformed, truncated or inconsistent. The message names the "
+      "file and tensor.",
+      PyExc_RuntimeError, nullptr);
+  if (format_error == nullptr) throw py::error_already_set();
+  m.attr("FormatError") = py::handle(format_error);
+  py::register_exception_translator([](std::exception_ptr p) {
+    try {
+      if (p) std::rethrow_exception(p);
+    } catch (const qmoe::FormatError& e) {
+      PyErr_SetString(format_error, e.what());
+    } catch (const qmoe::InvalidArgument& e) {
+      PyErr_SetString(PyExc_ValueError, e.what());
+    } catch (const qmoe::Error& e) {
+      PyErr_SetString(PyExc_RuntimeError, e.what());
+    }
+  });
+
+  // ---- CompressedMatrix --------------------------------------------------------------------
+  py::class_<PyCompressed>(m, "CompressedMatrix", R"doc(
+An encoded ternary matrix (rows x cols). Obtained from encode(), compress_matrix(), load() or
+CompressedMatrix.from_tensors(); immutable. Matrices returned by load() are zero-copy views into
+the memory-mapped file, which stays mapped while any of them (or their raw tensors) is alive.
+)doc")
+      .def_static("from_tensors", &from_tensors, py::arg("codec"), py::arg("shape"), py::kw_only(),
+                  py::arg("levels"), py::arg("codes") = py::none(), py::arg("row_offsets") = py::none(),
+                  py::arg("packed") = py::none(), py::arg("original_dtype") = "F32",
+                  R"doc(
+Builds a matrix from its raw tensors (copied), as stored in a container (format/SPEC.md).
+
+codec: "qmoe-v1" (needs codes uint16 and row_offsets int32 of rows+1 entries) or "qmoe-p5"
+(needs packed uint8 of rows*ceil(cols/5) bytes). levels: 2*rows bfloat16 bit patterns (uint16 or
+ml_dtypes.bfloat16, any shape), (lo, hi) per row. The whole stream is validated.
+Raises ValueError for wrong dtypes or a missing tensor, qmoe.FormatError for a malformed stream.
+)doc")
+      .def_property_readonly("shape", [](const PyCompressed& p) { return py::make_tuple(p.view.rows, p.view.cols); },
+                             "(rows, cols) of the matrix.")
+      .def_property_readonly("rows", [](const PyCompressed& p) { return p.view.rows; }, "Number of rows.")
+      .def_property_readonly("cols", [](const PyCompressed& p) { return p.view.cols; }, "Number of columns.")
+      .def_property_readonly("codec", [](const PyCompressed& p) { return std::string(qmoe::codec_name(p.view.codec)); },
+                             "Codec name: 'qmoe-v1' or 'qmoe-p5'.")
+      .def_property_readonly("original_dtype",
+                             [](const PyCompressed& p) { return std::string(qmoe::dtype_name(p.original_dtype)); },
+                             "dtype of the weights before compression, safetensors spelling ('F32', 'BF16', ...).")
+      .def_property_readonly("nbytes", [](const PyCompressed& p) { return p.view.compressed_bytes(); },
+                             "Bytes of codes (or packed data), row offsets and levels together.")
+      .def_property_readonly("bits_per_weight", [](const PyCompressed& p) { return p.view.bits_per_weight(false); },
+                             "nbytes * 8 / (rows * cols); 0 for an empty matrix.")
+      .def_property_readonly("code_bits_per_weight", [](const PyCompressed& p) { return p.view.bits_per_weight(true); },
+                             "Bits per weight of the codes (or packed data) alone.")
+      .def_property_readonly(
+          "codes",
+          [](py::object self) -> py::object {
+            const auto& p = self.cast<const PyCompressed&>();
+            if (p.view.codec != qmoe::Codec::kV1) return py::none();
+            return readonly_view(p.view.codes.data(), {static_cast<py::ssize_t>(p.view.codes.size())}, self);
+          },
+          "qmoe-v1 codewords, uint16 (read-only view); None for qmoe-p5.")
+      .def_property_readonly(
+          "row_offsets",
+          [](py::object self) -> py::object {
+            const auto& p = self.cast<const PyCompressed&>();
+            if (p.view.codec != qmoe::Codec::kV1) return py::none();
+            return readonly_view(p.view.row_offsets.data(), {static_cast<py::ssize_t>(p.view.row_offsets.size())},
+                                 self);
+          },
+          "qmoe-v1 row offsets into codes, int32, rows+1 entries (read-only view); None for qmoe-p5.")
+      .def_property_readonly(
+          "packed",
+          [](py::object self) -> py::object {
+            const auto& p = self.cast<const PyCompressed&>();
+            if (p.view.codec != qmoe::Codec::kP5) return py::none();
+            return readonly_view(p.view.packed.data(), {static_cast<py::ssize_t>(p.view.packed.size())}, self);
+          },
+          "qmoe-p5 base-3 packed bytes, uint8, rows*ceil(cols/5) (read-only view); None for qmoe-v1.")
+      .def_property_readonly(
+          "levels",
+          [](py::object self) {
+            const auto& p = self.cast<const PyCompressed&>();
+            return readonly_view(p.view.levels.data(), {static_cast<py::ssize_t>(p.view.rows), 2}, self);
+          },
+          "Per-row (lo, hi) levels as bfloat16 bit patterns, uint16 of shape (rows, 2) (read-only view).")
+      .def(
+          "decode",
+          [](const PyCompressed& p) {
+            std::vector<float> out(static_cast<size_t>(p.view.rows * p.view.cols));
+            {
+              py::gil_scoped_release nogil;
+              qmoe::decode_ref(p.view, out.data());
+            }
+            return to_numpy(std::move(out), {static_cast<py::ssize_t>(p.view.rows), static_cast<py::ssize_t>(p.view.cols)});
+          },
+          "Decodes to dense float32 of shape (rows, cols): each weight is its row's lo, 0 or hi.")
+      .def(
+          "decode_symbols",
+          [](const PyCompressed& p) {
+            std::vector<uint8_t> out(static_cast<size_t>(p.view.rows * p.view.cols));
+            {
+              py::gil_scoped_release nogil;
+              qmoe::decode_symbols_ref(p.view, out.data());
+            }
+            return to_numpy(std::move(out), {static_cast<py::ssize_t>(p.view.rows), static_cast<py::ssize_t>(p.view.cols)});
+          },
+          "Decodes to ternary symbols, uint8 of shape (rows, cols): 0 = zero, 1 = lo, 2 = hi.")
+      .def("matvec", &matvec, py::arg("x"), py::kw_only(), py::arg("bf16") = false, py::arg("threads") = 0, R"doc(
+y = W x straight from the codes (the CPU kernels; fp32 sums). x: 1-D float32, float16 or bfloat16
+(uint16 bit patterns with bf16=True) of cols elements, C-contiguous. threads: OpenMP threads
+(0 = default); the result does not depend on it. Returns float32 of rows elements.
+Raises ValueError for a wrong dtype, shape or layout.
+)doc")
+      .def("matmul", &matmul, py::arg("X"), py::kw_only(), py::arg("bf16") = false, py::arg("threads") = 0, R"doc(
+Y = X W^T for a batch of n tokens (the way a linear layer applies W), straight from the codes:
+each code is decoded once per pass of up to 32 tokens. X: float32, float16 or bfloat16 of shape
+(n, cols), C-contiguous. threads as for matvec(). Returns float32 of shape (n, rows).
+Raises ValueError for a wrong dtype, shape or layout.
+)doc")
+      .def("__repr__", [](const PyCompressed& p) {
+        return "CompressedMatrix(shape=(" + std::to_string(p.view.rows) + ", " + std::to_string(p.view.cols) +
+               "), codec='" + std::string(qmoe::codec_name(p.view.codec)) +
+               "', bits_per_weight=" + std::to_string(p.view.bits_per_weight(false)) + ")";
+      });
+
+  // ---- functions ---------------------------------------------------------------------------
+  m.def("ternarize_rtn", &ternarize_rtn, py::arg("w"), py::kw_only(), py::arg("bf16") = false, R"doc(
+Round-to-nearest ternarization, per row: lo = bf16(min(row, 0)), hi = bf16(max(row, 0)) (a zero
+row gets (-1, +1)); a weight becomes hi if w > hi/2, lo if w < lo/2, else 0.
+
+w: 2-D float32, float16 or bfloat16 (uint16 bit patterns with bf16=True), C-contiguous.
+Returns (symbols, levels): symbols uint8 (rows, cols) with 0 = zero, 1 = lo, 2 = hi; levels
+uint16 (rows, 2) holding the bfloat16 bit patterns of (lo, hi).
+Raises ValueError for a wrong dtype, shape or layout, or a non-finite weight.
+)doc");
+
+  m.def("encode", &encode, py::arg("symbols"), py::arg("levels"), py::kw_only(), py::arg("codec") = "qmoe-v1",
+        py::arg("original_dtype") = "F32", py::arg("threads") = 0, R"doc(
+Encodes a ternary matrix. symbols: uint8 (rows, cols), each 0, 1 or 2; levels: (rows, 2)
+bfloat16 bit patterns (uint16 or ml_dtypes.bfloat16), as returned by ternarize_rtn() or gptq().
+codec: "qmoe-v1" (dictionary codes), "qmoe-p5" (base-3 packing) or "auto" (the smaller one).
+original_dtype: the dtype the weights had, recorded when the matrix is saved ('F32', 'BF16', ...).
+threads: OpenMP threads (0 = default); the output is identical for any value.
+Raises ValueError for wrong dtypes or shapes, a symbol outside 0..2, or an unknown codec.
+)doc");
+
+  m.def("save", &save, py::arg("path"), py::arg("tensors"), py::kw_only(), py::arg("metadata") = py::none(),
+        py::arg("shard_size") = 0, R"doc(
+Writes a qmoe container (format/SPEC.md): a safetensors file any safetensors reader opens.
+
+tensors: dict of name -> CompressedMatrix (stored as its tensor group, e.g. "<name>.qmoe_codes")
+or array (stored unchanged; bool, int8..int64, uint8..uint64, float16/32/64 or
+ml_dtypes.bfloat16, C-contiguous, native byte order). metadata: str -> str pairs for the
+__metadata__ header (keys "format", "format_version" and "qmoe.*" are reserved).
+shard_size: 0 writes one file at `path`; otherwise `path` is a directory that receives shards of
+about shard_size bytes and model.safetensors.index.json. Files appear atomically.
+Returns the paths written. Raises ValueError for bad names, dtypes or arguments, RuntimeError for
+I/O failures.
+)doc");
+
+  m.def("load", &load, py::arg("path"), py::kw_only(), py::arg("verify_checksums") = false,
+        py::arg("raw_bf16") = false, R"doc(
+Opens a qmoe container (a .safetensors file, an index .json, or a directory holding either),
+memory-mapped and fully validated. Returns a dict of logical name -> CompressedMatrix for
+compressed matrices and read-only numpy arrays for dense tensors, sorted by name; both are
+zero-copy views that keep the mapping alive. BF16 tensors come back as ml_dtypes.bfloat16 when
+ml_dtypes is installed and raw_bf16 is False, as uint16 bit patterns otherwise.
+verify_checksums: also hash every tensor against its stored xxh3 checksum.
+Raises qmoe.FormatError for a missing, malformed or inconsistent file.
+)doc");
+
+  m.def("load_metadata", &load_metadata, py::arg("path"), R"doc(
+The metadata of a qmoe container (of its index when sharded) as a dict of str -> str: what was
+given to save(), plus "format" and "format_version" (the reserved "qmoe.*" bookkeeping entries
+are left out). Raises qmoe.FormatError as load() does.
+)doc");
+
+  // ---- GPTQ --------------------------------------------------------------------------------
+  py::class_<PyHessian>(m, "HessianAccumulator", R"doc(
+Streaming sum of x x^T over calibration tokens (in float64) and the token count, for GPTQ's
+Hessian H = (2 / tokens) * sum. Results are bit-identical for any thread count. Safe to use from
+several Python threads (calls on one accumulator are serialised); add() releases the GIL.
+)doc")
+      .def(py::init([](int64_t columns, int64_t token_cap) {
+             return std::make_unique<PyHessian>(qmoe::HessianAccumulator(columns, token_cap));
+           }),
+           py::arg("columns"), py::kw_only(), py::arg("token_cap") = 0, R"doc(
+columns: input features of the layer (the Hessian is columns x columns). token_cap: accept at
+most this many tokens in all (0 = unlimited); later ones are only counted in `dropped`.
+Raises ValueError for negative arguments.
+)doc")
+      .def_property_readonly("columns", [](const PyHessian& h) { return h.acc.dim(); }, "Input features (the Hessian's size).")
+      .def_property_readonly("count", [](const PyHessian& h) { std::lock_guard l(h.mu); return h.acc.tokens(); },
+                             "Tokens accumulated so far.")
+      .def_property_readonly("dropped", [](const PyHessian& h) { std::lock_guard l(h.mu); return h.acc.dropped(); },
+                             "Tokens refused because of token_cap.")
+      .def_property_readonly("token_cap", [](const PyHessian& h) { return h.acc.token_cap(); }, "The cap (0 = none).")
+      .def("add", &hessian_add, py::arg("x"), py::kw_only(), py::arg("bf16") = false, py::arg("threads") = 0, R"doc(
+Adds tokens. x: (tokens, columns) float32 whose rows are contiguous (any row stride: a slice of a
+larger batch is read in place, without a copy), or float16/bfloat16 (widened to float32); with
+more than 2 dimensions (e.g. (batch, seq, columns)) all but the last count as tokens and x must
+be C-contiguous. From a PyTorch hook: acc.add(inp.detach().float().cpu().numpy()).
+Returns the number of tokens accepted (fewer than given once token_cap is reached).
+Raises ValueError for a wrong dtype, shape or layout, or a non-finite value (nothing is added).
+)doc")
+      .def(
+          "merge",
+          [](PyHessian& self, const PyHessian& other) {
+            if (&self == &other) {
+              std::lock_guard l(self.mu);
+              const qmoe::HessianAccumulator copy = self.acc;
+              self.acc.merge(copy);
+              return;
+            }
+            std::scoped_lock l(self.mu, other.mu);
+            self.acc.merge(other.acc);
+          },
+          py::arg("other"), R"doc(
+Adds the sums and token counts of another accumulator of the same size (the cap is not applied).
+Raises ValueError when the sizes differ.
+)doc")
+      .def("hessian", &hessian_matrix, R"doc(
+GPTQ's H = (2 / count) * sum(x x^T) as float32 (columns, columns), or None before any token
+(which gptq() and compress_matrix() take as "no Hessian": round-to-nearest).
+)doc")
+      .def(
+          "sum",
+          [](const PyHessian& h) {
+            std::vector<double> s;
+            {
+              std::lock_guard l(h.mu);
+              s = h.acc.sum();
+            }
+            const auto d = static_cast<py::ssize_t>(h.acc.dim());
+            return to_numpy(std::move(s), {d, d});
+          },
+          "The raw sum of x x^T, float64 (columns, columns) (a copy).")
+      .def("__repr__", [](const PyHessian& h) {
+        std::lock_guard l(h.mu);
+        return "HessianAccumulator(columns=" + std::to_string(h.acc.dim()) + ", count=" + std::to_string(h.acc.tokens()) +
+               ")";
+      });
+
+  m.def(
+      "save_hessians",
+      [](const std::filesystem::path& path, const std::map<std::string, PyHessian*>& accs) {
+        std::map<std::string, qmoe::HessianAccumulator> copies;
+        for (const auto& [name, h] : accs) {
+          if (h == nullptr) bad_arg("save_hessians: accumulator '" + name + "' is None");
+          std::lock_guard l(h->mu);
+          copies.emplace(name, h->acc);
+        }
+        py::gil_scoped_release nogil;
+        qmoe::write_hessians(path, copies);
+      },
+      py::arg("path"), py::arg("accumulators"), R"doc(
+Writes a dict of name -> HessianAccumulator to a Hessian file (safetensors; gptq/HESSIAN_FORMAT.md),
+atomically. Raises ValueError for bad names (empty, or ending in ".xtx", ".tokens" or
+".dropped"), RuntimeError for I/O failures.
+)doc");
+
+  m.def(
+      "load_hessians",
+      [](const std::filesystem::path& path) {
+        std::map<std::string, qmoe::HessianAccumulator> accs;
+        {
+          py::gil_scoped_release nogil;
+          accs = qmoe::read_hessians(path);
+        }
+        py::dict out;
+        for (auto& [name, a] : accs) out[py::str(name)] = py::cast(std::make_unique<PyHessian>(std::move(a)));
+        return out;
+      },
+      py::arg("path"), R"doc(
+Reads every accumulator of a Hessian file: dict of name -> HessianAccumulator.
+Raises qmoe.FormatError for a file that is missing or not a valid Hessian file.
+)doc");
+
+  m.def("expert_token_cap", &qmoe::expert_token_cap, py::arg("total_tokens"), py::arg("num_experts"),
+        py::arg("multiplier") = 4.0, R"doc(
+QMoE's cap on the tokens used per expert: floor(multiplier * total_tokens / num_experts), at
+least 1 (for HessianAccumulator(token_cap=...)). Raises ValueError for num_experts <= 0,
+total_tokens < 0 or multiplier <= 0.
+)doc");
+
+  py::class_<PyGptqResult>(m, "GptqResult", R"doc(
+The result of gptq(). Unpacks as (symbols, levels, loss).
+)doc")
+      .def_readonly("symbols", &PyGptqResult::symbols,
+                    "Ternary grids: uint8 (rows, cols), 0 = zero, 1 = lo, 2 = hi. Uniform grids: None.")
+      .def_readonly("levels", &PyGptqResult::levels,
+                    "Ternary grids: uint16 (rows, 2), bfloat16 bit patterns of (lo, hi). Uniform grids: None.")
+      .def_readonly("dequantized", &PyGptqResult::dequantized,
+                    "Uniform grids: the quantized weights as float32 (rows, cols). Ternary grids: None.")
+      .def_readonly("grid", &PyGptqResult::grid, "The grid used.")
+      .def_readonly("status", &PyGptqResult::status,
+                    "'ok', or 'fallback-rtn' when round-to-nearest was used (no, empty or singular Hessian).")
+      .def_readonly("reason", &PyGptqResult::reason, "Why the fallback was taken ('' for 'ok').")
+      .def_property_readonly("fallback", [](const PyGptqResult& r) { return r.status == "fallback-rtn"; },
+                             "True when round-to-nearest was used instead of GPTQ.")
+      .def_readonly("loss", &PyGptqResult::loss,
+                    "GPTQ's layer loss 0.5 * tr((W - Q) Hd (W - Q)^T), Hd the dampened Hessian used.")
+      .def_readonly("output_loss", &PyGptqResult::output_loss,
+                    "loss without the dampening term: ||(W - Q) X^T||^2 / n for H = (2/n) X^T X.")
+      .def_readonly("lambda_", &PyGptqResult::lambda, "Dampening added to diag(H).")
+      .def_readonly("dead_inputs", &PyGptqResult::dead_inputs, "Inputs with H_ii = 0 (their weights were zeroed).")
+      .def("__iter__", [](const PyGptqResult& r) {
+        return py::iter(py::make_tuple(r.symbols, r.levels, r.loss));
+      })
+      .def("__repr__", [](const PyGptqResult& r) {
+        return "GptqResult(grid='" + r.grid + "', status='" + r.status + "', loss=" + std::to_string(r.loss) + ")";
+      });
+
+  m.def("gptq", &gptq, py::arg("w"), py::arg("h") = py::none(), py::kw_only(), py::arg("grid") = "ternary",
+        py::arg("percdamp") = 0.1, py::arg("blocksize") = 128, py::arg("actorder") = false,
+        py::arg("double_precision") = false, py::arg("threads") = 0, py::arg("bf16") = false, R"doc(
+GPTQ of one matrix (QMoE's ternary grid by default).
+
+w: (rows, cols) float32, float16 or bfloat16 (uint16 bit patterns with bf16=True), C-contiguous,
+a linear layer y = W x (cols = input features). h: (cols, cols) Hessian (symmetric; e.g.
+HessianAccumulator.hessian()), or None for round-to-nearest. grid: "ternary", "ternary-sym",
+"uniform2", "uniform3" or "uniform4". percdamp: dampening, lambda = percdamp * mean(diag H).
+blocksize: columns per lazy-update block. actorder: columns by descending diag(H).
+double_precision: float64 throughout. threads: OpenMP threads (0 = default); results are
+bit-identical for any value.
+Returns a GptqResult (unpacks as symbols, levels, loss). A missing, all-zero, non-finite or
+singular Hessian falls back to round-to-nearest (result.fallback, result.reason).
+Raises ValueError for a wrong dtype, shape or layout, non-finite weights or invalid options.
+)doc");
+
+  m.def("compress_matrix", &compress_matrix, py::arg("w"), py::arg("h") = py::none(), py::kw_only(),
+        py::arg("grid") = "ternary", py::arg("percdamp") = 0.1, py::arg("blocksize") = 128,
+        py::arg("actorder") = false, py::arg("codec") = "auto", py::arg("threads") = 0, py::arg("bf16") = false,
+        py::arg("with_stats") = false, R"doc(
+GPTQ (ternary grid) then encode: (W, H) -> CompressedMatrix, in one call.
+
+w, h, percdamp, blocksize, actorder, threads, bf16 as for gptq(); grid must be "ternary" or
+"ternary-sym". codec: "auto" (the smaller of qmoe-v1 and qmoe-p5), "qmoe-v1" or "qmoe-p5".
+The matrix records w's dtype as its original dtype. with_stats=True returns
+(matrix, {"status", "reason", "loss", "output_loss", "zero_fraction"}) instead.
+Raises ValueError as gptq() and encode() do, and for a non-ternary grid.
+)doc");
+}

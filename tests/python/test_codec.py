@@ -1,0 +1,225 @@
+"""Round trips through ternarize_rtn / encode / decode, and the CPU products from Python."""
+
+import gc
+
+import ml_dtypes
+import numpy as np
+import pytest
+
+import qmoe
+from conftest import CODECS, bf16_bits_to_float, dense_from_ternary, encode_rtn, nmse, sparse_weights
+
+SHAPES = [(1, 1), (1, 2), (3, 7), (5, 33), (16, 64), (7, 255), (33, 130)]
+
+
+def rtn_expected(w):
+    """Round-to-nearest as documented (test-side oracle): levels are bf16(min/max(row, 0))."""
+    w = w.astype(np.float32)
+    lo = np.minimum(w.min(axis=1), 0).astype(ml_dtypes.bfloat16).astype(np.float32)
+    hi = np.maximum(w.max(axis=1), 0).astype(ml_dtypes.bfloat16).astype(np.float32)
+    zero_row = (lo == 0) & (hi == 0)
+    lo[zero_row], hi[zero_row] = -1.0, 1.0
+    s = np.zeros(w.shape, dtype=np.uint8)
+    s[w > hi[:, None] / 2] = 2
+    s[w < lo[:, None] / 2] = 1
+    return s, lo, hi
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_ternarize_rtn_follows_the_documented_rule(rng, shape):
+    w = rng.standard_normal(shape).astype(np.float32)
+    w[0, :] = 0.0  # a zero row gets (-1, +1)
+    s, l = qmoe.ternarize_rtn(w)
+    assert s.dtype == np.uint8 and s.shape == shape
+    assert l.dtype == np.uint16 and l.shape == (shape[0], 2)
+    want_s, want_lo, want_hi = rtn_expected(w)
+    np.testing.assert_array_equal(s, want_s)
+    np.testing.assert_array_equal(bf16_bits_to_float(l[:, 0]), want_lo)
+    np.testing.assert_array_equal(bf16_bits_to_float(l[:, 1]), want_hi)
+    assert bf16_bits_to_float(l[0]).tolist() == [-1.0, 1.0]
+
+
+@pytest.mark.parametrize("codec", CODECS + ["auto"])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_encode_decode_round_trip(rng, codec, shape):
+    w = sparse_weights(rng, *shape)
+    m, s, l = encode_rtn(w, codec)
+    assert m.shape == shape and (m.rows, m.cols) == shape
+    assert m.codec in CODECS
+    if codec != "auto":
+        assert m.codec == codec
+    np.testing.assert_array_equal(m.decode_symbols(), s)
+    dense = m.decode()
+    assert dense.dtype == np.float32 and dense.shape == shape
+    np.testing.assert_array_equal(dense, dense_from_ternary(s, l))
+    np.testing.assert_array_equal(m.levels, l)
+
+
+def test_empty_matrices_round_trip():
+    for shape in [(0, 5), (4, 0), (0, 0)]:
+        w = np.zeros(shape, dtype=np.float32)
+        s, l = qmoe.ternarize_rtn(w)
+        assert s.shape == shape and l.shape == (shape[0], 2)
+        for codec in CODECS:
+            m = qmoe.encode(s, l, codec=codec)
+            assert m.shape == shape
+            assert m.decode().shape == shape
+            assert m.bits_per_weight == 0.0 or shape[0] * shape[1] > 0
+            assert m.matvec(np.zeros(shape[1], np.float32)).shape == (shape[0],)
+
+
+def test_encoding_is_deterministic(rng):
+    w = sparse_weights(rng, 40, 300)
+    a, _, _ = encode_rtn(w)
+    b, _, _ = encode_rtn(w)
+    np.testing.assert_array_equal(a.codes, b.codes)
+    np.testing.assert_array_equal(a.row_offsets, b.row_offsets)
+    s, l = qmoe.ternarize_rtn(w)
+    c = qmoe.encode(s, l, threads=1)
+    np.testing.assert_array_equal(a.codes, c.codes)
+
+
+def test_sparse_matrix_is_below_one_bit(rng):
+    w = sparse_weights(rng, 256, 1024, zero_fraction=0.92)
+    m, s, _ = encode_rtn(w, "qmoe-v1")
+    assert (s == 0).mean() > 0.88
+    assert m.bits_per_weight < 1.0
+    assert m.code_bits_per_weight < m.bits_per_weight
+    # nbytes counts the codes, the row offsets and the levels.
+    assert m.nbytes == m.codes.nbytes + m.row_offsets.nbytes + m.levels.nbytes
+    assert m.bits_per_weight == pytest.approx(m.nbytes * 8 / w.size)
+    assert "qmoe-v1" in repr(m)
+
+
+def test_raw_tensors(rng):
+    w = sparse_weights(rng, 9, 21)
+    v1, _, l = encode_rtn(w, "qmoe-v1")
+    assert v1.codes.dtype == np.uint16 and v1.codes.ndim == 1
+    assert v1.row_offsets.dtype == np.int32 and v1.row_offsets.shape == (10,)
+    assert v1.row_offsets[0] == 0 and v1.row_offsets[-1] == v1.codes.size
+    assert v1.packed is None
+    p5, _, _ = encode_rtn(w, "qmoe-p5")
+    assert p5.codes is None and p5.row_offsets is None
+    assert p5.packed.dtype == np.uint8 and p5.packed.size == 9 * 5  # ceil(21/5) bytes a row
+    assert p5.packed.max() <= 242
+    for arr in [v1.codes, v1.row_offsets, v1.levels, p5.packed]:
+        assert not arr.flags.writeable
+        with pytest.raises(ValueError):
+            arr[0] = 1
+
+
+def test_raw_tensor_views_keep_the_matrix_alive(rng):
+    w = sparse_weights(rng, 8, 50)
+    m, _, _ = encode_rtn(w)
+    codes, want = m.codes, m.codes.copy()
+    del m
+    gc.collect()
+    np.testing.assert_array_equal(codes, want)
+
+
+@pytest.mark.parametrize("codec", CODECS)
+def test_from_tensors_round_trip(rng, codec):
+    w = sparse_weights(rng, 12, 37)
+    m, s, l = encode_rtn(w, codec)
+    if codec == "qmoe-v1":
+        m2 = qmoe.CompressedMatrix.from_tensors(codec, m.shape, levels=m.levels, codes=m.codes,
+                                                row_offsets=m.row_offsets, original_dtype="BF16")
+    else:
+        m2 = qmoe.CompressedMatrix.from_tensors(codec, m.shape, levels=m.levels.view(ml_dtypes.bfloat16),
+                                                packed=m.packed)
+    assert m2.codec == codec and m2.shape == m.shape
+    np.testing.assert_array_equal(m2.decode_symbols(), s)
+    assert m2.original_dtype == ("BF16" if codec == "qmoe-v1" else "F32")
+
+
+@pytest.mark.parametrize("codec", CODECS)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_matvec_matches_the_decoded_matrix(rng, codec, shape):
+    w = sparse_weights(rng, *shape)
+    m, _, _ = encode_rtn(w, codec)
+    x = rng.standard_normal(shape[1]).astype(np.float32)
+    y = m.matvec(x)
+    assert y.dtype == np.float32 and y.shape == (shape[0],)
+    want = m.decode().astype(np.float64) @ x.astype(np.float64)
+    assert nmse(y, want) < 1e-10
+    np.testing.assert_array_equal(m.matvec(x, threads=1), m.matvec(x, threads=2))
+
+
+@pytest.mark.parametrize("codec", CODECS)
+@pytest.mark.parametrize("n", [0, 1, 3, 32, 33, 70])
+def test_matmul_matches_the_decoded_matrix(rng, codec, n):
+    w = sparse_weights(rng, 19, 45)
+    m, _, _ = encode_rtn(w, codec)
+    X = rng.standard_normal((n, 45)).astype(np.float32)
+    Y = m.matmul(X)
+    assert Y.dtype == np.float32 and Y.shape == (n, 19)
+    want = X.astype(np.float64) @ m.decode().astype(np.float64).T
+    if n:
+        assert nmse(Y, want) < 1e-10
+        np.testing.assert_allclose(Y[0], m.matvec(X[0]), rtol=1e-5, atol=1e-5)
+
+
+def test_half_precision_inputs(rng):
+    # Values exactly representable in float16 and bfloat16: every dtype gives the same answer.
+    w = (rng.integers(-8, 9, size=(6, 30)) / 8).astype(np.float32)
+    s32, l32 = qmoe.ternarize_rtn(w)
+    for variant in [dict(w=w.astype(np.float16)),
+                    dict(w=w.astype(ml_dtypes.bfloat16)),
+                    dict(w=w.astype(ml_dtypes.bfloat16).view(np.uint16), bf16=True)]:
+        s, l = qmoe.ternarize_rtn(**variant)
+        np.testing.assert_array_equal(s, s32)
+        np.testing.assert_array_equal(l, l32)
+    m = qmoe.encode(s32, l32)
+    x = (rng.integers(-4, 5, size=30) / 4).astype(np.float32)
+    y = m.matvec(x)
+    np.testing.assert_array_equal(m.matvec(x.astype(np.float16)), y)
+    np.testing.assert_array_equal(m.matvec(x.astype(ml_dtypes.bfloat16)), y)
+    np.testing.assert_array_equal(m.matvec(x.astype(ml_dtypes.bfloat16).view(np.uint16), bf16=True), y)
+    X = np.stack([x, -x])
+    np.testing.assert_array_equal(m.matmul(X.astype(np.float16)), m.matmul(X))
+
+
+def test_levels_as_bfloat16_are_accepted(rng):
+    w = sparse_weights(rng, 5, 20)
+    s, l = qmoe.ternarize_rtn(w)
+    a = qmoe.encode(s, l)
+    b = qmoe.encode(s, l.view(ml_dtypes.bfloat16))
+    np.testing.assert_array_equal(a.codes, b.codes)
+    np.testing.assert_array_equal(a.levels, b.levels)
+
+
+class ArrayLike:
+    """An object numpy converts through __array__, as it does CPU torch tensors."""
+
+    def __init__(self, a):
+        self.a = a
+
+    def __array__(self, dtype=None, copy=None):
+        return self.a
+
+
+def test_array_likes_are_converted(rng):
+    w = sparse_weights(rng, 3, 10)
+    s, l = qmoe.ternarize_rtn(w)
+    s2, l2 = qmoe.ternarize_rtn(ArrayLike(w))
+    np.testing.assert_array_equal(s, s2)
+    np.testing.assert_array_equal(l, l2)
+    m = qmoe.encode(s, l)
+    x = np.ones(10, np.float32)
+    np.testing.assert_array_equal(m.matvec(ArrayLike(x)), m.matvec(x))
+    # A Python list of floats becomes float64, which is refused rather than silently narrowed.
+    with pytest.raises(ValueError, match="float64"):
+        m.matvec([0.0] * 10)
+
+
+def test_calls_from_several_threads(rng):
+    from concurrent.futures import ThreadPoolExecutor
+
+    w = sparse_weights(rng, 64, 512)
+    m, _, _ = encode_rtn(w)
+    xs = [rng.standard_normal(512).astype(np.float32) for _ in range(16)]
+    want = [m.matvec(x) for x in xs]
+    with ThreadPoolExecutor(4) as pool:
+        got = list(pool.map(m.matvec, xs))
+    for g, e in zip(got, want):
+        np.testing.assert_array_equal(g, e)
