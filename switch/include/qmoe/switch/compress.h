@@ -1,0 +1,191 @@
+// Compression of a whole Switch Transformers checkpoint into a qmoe container (`qmoe compress`).
+//
+// Every expert matrix ({encoder,decoder}.block.{b}.layer.{f}.mlp.experts.expert_{e}.{wi,wo}.weight)
+// is ternarized -- by round to nearest, or by GPTQ when a HessianProvider supplies Hessians -- and
+// encoded (qmoe-v1 or qmoe-p5, the smaller per matrix unless a codec is forced); every other stored
+// tensor is copied byte for byte (or cast to bf16 on request).
+//
+// Scale: tensors are read lazily through the shards' mappings and their pages are handed back to
+// the page cache once used; expert matrices are processed by a pool of workers that admits a
+// matrix only while the estimated memory of the matrices in flight stays under the cap; each
+// result goes to its own small file in a work directory, and the container is assembled from
+// those files and the mappings at the end, shard by shard (ContainerWriter streams to disk).
+//
+// Resumability: the work directory "<output>.qmoe-work" holds one file per finished expert matrix,
+// each written under a temporary name and renamed, plus run.json that identifies the run (input
+// files, options that change the bytes). A run killed at any moment (SIGKILL included) continues
+// with resume = true from the finished matrices; the container is then byte-identical to the one
+// of an uninterrupted run, for any thread count or memory cap (both only schedule the work).
+// The work directory is removed once the container is complete.
+#pragma once
+
+#include <cstdint>
+#include <filesystem>
+#include <functional>
+#include <memory>
+#include <optional>
+#include <span>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "qmoe/format/dtype.h"
+#include "qmoe/format/matrix.h"
+
+namespace qmoe::sw {
+
+// One expert matrix of a checkpoint.
+struct ExpertMatrix {
+  std::string name;   // tensor name
+  std::string stack;  // "encoder" or "decoder"
+  int64_t block = 0;
+  int64_t expert = 0;
+  std::string which;  // "wi" ([d_ff, d_model]) or "wo" ([d_model, d_ff])
+  int64_t rows = 0;
+  int64_t cols = 0;
+  DType dtype = DType::kF32;
+  std::string file;  // shard holding it
+  int64_t numel() const { return rows * cols; }
+};
+
+// Where the Hessians for GPTQ come from: a Hessian file (gptq/HESSIAN_FORMAT.md) or, later,
+// calibration through the forward pass (sequential: block by block, each block's inputs computed
+// with the already compressed earlier blocks). With a provider the pipeline works block by block
+// and calls, in this order:
+//   validate(all expert matrices)                 -- before any work; throw FormatError naming
+//                                                    the file and tensor on any mismatch
+//   for each sparse block, encoder blocks first, then decoder blocks, ascending:
+//     begin_block(stack, block)                   -- calling thread
+//     hessian(m) for the block's matrices still to do -- from worker threads, concurrently
+//     end_block(stack, block, result)             -- calling thread; result(m) gives the
+//                                                    compressed matrix of each of the block's
+//                                                    expert matrices (also those of a resumed run)
+class HessianProvider {
+ public:
+  virtual ~HessianProvider() = default;
+  // Short text for the output's metadata ("file hessians.safetensors", "calibration ...").
+  virtual std::string describe() const = 0;
+  // Identifies the Hessians (e.g. file size and a hash of its header) so that a resumed run can
+  // check that it continues with the same ones.
+  virtual std::string fingerprint() const = 0;
+  virtual void validate(std::span<const ExpertMatrix> experts) const = 0;
+  virtual void begin_block(std::string_view /*stack*/, int64_t /*block*/) {}
+  // H = (2/n) X^T X, cols x cols float32, for matrix m; empty when no calibration token reached
+  // the expert (the matrix is then rounded to nearest, and its statistics say so). Thread-safe.
+  // `tokens` receives the number of tokens behind H.
+  virtual std::vector<float> hessian(const ExpertMatrix& m, int64_t& tokens) const = 0;
+  virtual void end_block(std::string_view /*stack*/, int64_t /*block*/,
+                         const std::function<CompressedMatrix(const ExpertMatrix&)>& /*result*/) {}
+};
+
+// Hessians from an accumulator file written by write_hessians() (gptq/hessian.h): one entry per
+// expert matrix, named as the tensor. Read lazily, one matrix at a time. Throws FormatError if the
+// file is not a valid Hessian file; validate() throws for a missing entry or one whose dimension
+// is not the matrix's input width. Throws Error when this build has no GPTQ.
+std::unique_ptr<HessianProvider> open_hessian_file(const std::filesystem::path& path);
+
+struct CompressProgress {
+  int64_t done = 0;      // expert matrices finished (resumed ones included)
+  int64_t total = 0;     // expert matrices in all
+  int64_t resumed = 0;   // of `done`, finished by an earlier run
+  double seconds = 0;    // since the compression phase started
+  std::string current;   // block being worked on ("encoder.block.3"), or the tensor being written
+  std::string phase;     // "compress" or "assemble"
+};
+
+struct CompressOptions {
+  int threads = 0;              // 0 = the OpenMP default
+  int64_t max_memory = 0;       // resident memory cap in bytes (0 = none)
+  int64_t shard_size = 0;       // 0 = one file, else shards of about this size (output is a dir)
+  bool resume = false;          // continue from "<output>.qmoe-work" if it is there
+  bool cast_bf16 = false;       // store passthrough F32/F16 tensors as BF16
+  std::optional<Codec> codec;   // nullopt: the smaller of qmoe-v1 and qmoe-p5 per matrix
+  bool check_disk = true;       // refuse to start without enough free space for the output
+  HessianProvider* hessians = nullptr;  // nullptr: round to nearest
+  // GPTQ settings (used with hessians), as in gptq/gptq.h.
+  double percdamp = 0.1;
+  int64_t blocksize = 128;
+  bool actorder = false;
+  // Called from the calling thread about 5 times a second and once at the end of each phase.
+  std::function<void(const CompressProgress&)> progress;
+  // Called with one-line notes (resumed work, cleaned-up leftovers).
+  std::function<void(const std::string&)> note;
+};
+
+struct BlockSummary {
+  std::string block;  // "encoder.block.1"
+  int64_t matrices = 0;
+  int64_t weights = 0;
+  int64_t compressed_bytes = 0;  // codes + offsets + levels
+  double bits_per_weight() const {
+    return weights ? 8.0 * static_cast<double>(compressed_bytes) / static_cast<double>(weights) : 0.0;
+  }
+};
+
+struct CompressSummary {
+  std::vector<std::filesystem::path> files;  // the container's files
+  std::string quantizer;                     // "rtn" or "gptq"
+  int64_t input_bytes = 0;                   // checkpoint files in all
+  int64_t output_bytes = 0;                  // container files in all
+  int64_t expert_matrices = 0;
+  int64_t resumed_matrices = 0;
+  int64_t expert_weights = 0;
+  int64_t expert_input_bytes = 0;            // expert tensors as stored in the checkpoint
+  int64_t expert_compressed_bytes = 0;
+  int64_t passthrough_tensors = 0;
+  int64_t v1_matrices = 0, p5_matrices = 0;
+  int64_t fallback_matrices = 0;             // GPTQ without tokens: rounded to nearest
+  double mean_zero_fraction = 0;
+  double compress_seconds = 0;               // compression phase (this run's share)
+  double assemble_seconds = 0;
+  double total_seconds = 0;
+  int64_t memory_budget = 0;                 // bytes admitted for matrices in flight (0 = no cap)
+  std::vector<BlockSummary> blocks;
+  double bits_per_expert_weight() const {
+    return expert_weights ? 8.0 * static_cast<double>(expert_compressed_bytes) / static_cast<double>(expert_weights)
+                          : 0.0;
+  }
+};
+
+// The checks compress_checkpoint() does before any work, and what it will do. Throws FormatError
+// naming the file and tensor for: missing files or shards, a config that is not a Switch
+// Transformer, no sparse block, a missing expert, an expert tensor of unexpected shape or dtype,
+// Hessians that do not match their expert; InvalidArgument for a bad output path; Error for too
+// little free disk space.
+struct CompressPlan {
+  std::vector<ExpertMatrix> experts;  // in processing order
+  int64_t input_bytes = 0;
+  int64_t passthrough_tensors = 0;
+  int64_t passthrough_bytes = 0;       // as written (after an optional cast)
+  int64_t output_bytes_bound = 0;      // upper bound of the container's size
+  int64_t disk_needed = 0;             // bound on the disk the run needs (work dir + output)
+  int64_t disk_free = 0;
+};
+CompressPlan plan_compression(const std::filesystem::path& checkpoint, const std::filesystem::path& output,
+                              const CompressOptions& opt);
+
+// Compresses `checkpoint` (a Hugging Face checkpoint directory) into `output` (a file, or a
+// directory when opt.shard_size > 0). Everything is written under temporary names; on any error
+// nothing is left under the output name (the work directory keeps finished matrices for a resume).
+CompressSummary compress_checkpoint(const std::filesystem::path& checkpoint, const std::filesystem::path& output,
+                                    const CompressOptions& opt = {});
+
+// The work directory of an output.
+std::filesystem::path work_dir_for(const std::filesystem::path& output);
+
+// Estimated peak bytes one expert matrix needs while being compressed (its input pages, symbols,
+// codes, and for GPTQ the Hessian and workspace).
+int64_t expert_memory_estimate(const ExpertMatrix& m, bool gptq);
+
+// Metadata keys the pipeline writes into the container (beside the format's own keys):
+inline constexpr std::string_view kMetaConfig = "config.json";          // the checkpoint's config.json
+inline constexpr std::string_view kMetaQuantizer = "quantizer";         // "rtn" or "gptq"
+inline constexpr std::string_view kMetaInputBytes = "source.bytes";     // checkpoint size in bytes
+inline constexpr std::string_view kMetaSource = "source.name";          // checkpoint directory name
+inline constexpr std::string_view kMetaOptions = "compress.options";    // JSON: codec, gptq settings, hessians
+// Per sparse block, "compress.stats.<stack>.block.<b>": JSON {"experts": E, "zero_fraction":
+// [wi_0, wo_0, wi_1, ...], and with GPTQ "loss": [...], "output_loss": [...], "tokens": [...],
+// "fallback": [indices rounded to nearest]}.
+inline constexpr std::string_view kMetaStatsPrefix = "compress.stats.";
+
+}  // namespace qmoe::sw

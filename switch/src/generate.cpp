@@ -1,0 +1,453 @@
+#include "qmoe/switch/generate.h"
+
+#include <fcntl.h>
+#include <sys/mman.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <cmath>
+#include <cstring>
+#include <fstream>
+#include <map>
+
+#include <nlohmann/json.hpp>
+#include <omp.h>
+
+#include "qmoe/format/bf16.h"
+#include "qmoe/format/error.h"
+#include "qmoe/switch/checkpoint.h"
+
+namespace qmoe::sw {
+namespace fs = std::filesystem;
+using nlohmann::json;
+
+namespace {
+
+// What a tensor holds decides its statistics.
+enum class Kind : uint8_t { kExpert, kDenseMlp, kAttention, kRelBias, kNorm, kRouter, kEmbedding, kHead };
+
+struct Spec {
+  std::string name;
+  std::vector<int64_t> shape;
+  Kind kind;
+  int64_t numel() const {
+    int64_t n = 1;
+    for (auto s : shape) n *= s;
+    return n;
+  }
+};
+
+uint64_t splitmix(uint64_t& s) {
+  uint64_t z = (s += 0x9e3779b97f4a7c15ull);
+  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+  z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+  return z ^ (z >> 31);
+}
+
+uint64_t hash_name(const std::string& s, uint64_t seed) {
+  uint64_t h = 1469598103934665603ull ^ seed;  // FNV-1a, then mixed
+  for (unsigned char c : s) h = (h ^ c) * 1099511628211ull;
+  return splitmix(h);
+}
+
+// Uniform in (0, 1], 53 bits.
+double unit(uint64_t& s) { return (static_cast<double>(splitmix(s) >> 11) + 1.0) * (1.0 / 9007199254740992.0); }
+
+// Standard normal pairs by Box-Muller, from a counter-based stream: element i of a tensor
+// depends only on (tensor seed, i), so any partition of the work gives the same bytes.
+void normals(uint64_t seed, int64_t begin, int64_t n, float* out) {
+  // Streams are cut in chunks of 2 values: chunk k is seeded by (seed, k).
+  int64_t i = begin;
+  const int64_t end = begin + n;
+  while (i < end) {
+    const int64_t pair = i / 2;
+    uint64_t s = seed ^ (static_cast<uint64_t>(pair) * 0xd1342543de82ef95ull);
+    const double u1 = unit(s), u2 = unit(s);
+    const double r = std::sqrt(-2.0 * std::log(u1));
+    const double z[2] = {r * std::cos(6.283185307179586 * u2), r * std::sin(6.283185307179586 * u2)};
+    for (int k = static_cast<int>(i - 2 * pair); k < 2 && i < end; ++k, ++i) out[i - begin] = static_cast<float>(z[k]);
+  }
+}
+
+std::vector<Spec> tensor_specs(const GenerateOptions& o) {
+  std::vector<Spec> v;
+  const int64_t dm = o.d_model, dff = o.d_ff, inner = o.d_kv * o.num_heads;
+  auto attention = [&](const std::string& p, bool bias) {
+    for (const char* w : {"q", "k", "v"}) v.push_back({p + w + ".weight", {inner, dm}, Kind::kAttention});
+    v.push_back({p + "o.weight", {dm, inner}, Kind::kAttention});
+    if (bias) v.push_back({p + "relative_attention_bias.weight", {32, o.num_heads}, Kind::kRelBias});
+  };
+  for (const char* stack : {"encoder", "decoder"}) {
+    const bool dec = std::string(stack) == "decoder";
+    const int64_t nb = dec ? o.num_decoder_layers : o.num_layers;
+    for (int64_t b = 0; b < nb; ++b) {
+      const std::string bp = SwitchNames::block_prefix(stack, b);
+      attention(bp + "layer.0.SelfAttention.", b == 0);
+      v.push_back({bp + "layer.0.layer_norm.weight", {dm}, Kind::kNorm});
+      if (dec) {
+        attention(bp + "layer.1.EncDecAttention.", false);
+        v.push_back({bp + "layer.1.layer_norm.weight", {dm}, Kind::kNorm});
+      }
+      const std::string fp = SwitchNames::ff_prefix(stack, b);
+      v.push_back({fp + "layer_norm.weight", {dm}, Kind::kNorm});
+      const bool sparse = o.sparse_step == 1 || b % o.sparse_step == 1;
+      if (sparse) {
+        v.push_back({SwitchNames::router(stack, b), {o.num_experts, dm}, Kind::kRouter});
+        for (int64_t e = 0; e < o.num_experts; ++e) {
+          v.push_back({SwitchNames::expert(stack, b, e, "wi"), {dff, dm}, Kind::kExpert});
+          v.push_back({SwitchNames::expert(stack, b, e, "wo"), {dm, dff}, Kind::kExpert});
+        }
+      } else {
+        v.push_back({fp + "mlp.wi.weight", {dff, dm}, Kind::kDenseMlp});
+        v.push_back({fp + "mlp.wo.weight", {dm, dff}, Kind::kDenseMlp});
+      }
+    }
+    v.push_back({std::string(stack) + ".final_layer_norm.weight", {dm}, Kind::kNorm});
+  }
+  v.push_back({"shared.weight", {o.vocab_size, dm}, Kind::kEmbedding});
+  std::sort(v.begin(), v.end(), [](const Spec& a, const Spec& b) { return a.name < b.name; });
+  return v;
+}
+
+// Fills `out` (numel floats) with the values of tensor `t`.
+//   matrices: N(0, 1/fan_in) scaled per row (log-normal, sigma 0.25) and, for MLP matrices, per
+//   column (log-normal, sigma 0.15; some input features are larger than others), with a heavy
+//   tail (1 value in 256 three times larger): the row maxima that set the ternary levels then sit
+//   where trained T5/Switch weights put them (about 88-92% zeros after round-to-nearest).
+//   layer norms: around 1; embedding: large (T5's shared embedding is not scaled down).
+void fill(const Spec& t, uint64_t seed, float* out, int threads) {
+  const uint64_t ts = hash_name(t.name, seed);
+  const int64_t n = t.numel();
+  const int64_t rows = t.shape.size() == 2 ? t.shape[0] : 1;
+  const int64_t cols = t.shape.size() == 2 ? t.shape[1] : t.shape[0];
+  const bool mlp = t.kind == Kind::kExpert || t.kind == Kind::kDenseMlp;
+  double scale = 1.0;
+  switch (t.kind) {
+    case Kind::kExpert:
+    case Kind::kDenseMlp:
+    case Kind::kAttention:
+    case Kind::kHead: scale = 1.0 / std::sqrt(static_cast<double>(cols)); break;
+    case Kind::kRouter: scale = 0.1 / std::sqrt(static_cast<double>(cols)); break;
+    case Kind::kRelBias: scale = 0.5; break;
+    case Kind::kNorm: scale = 0.1; break;
+    case Kind::kEmbedding: scale = 8.0; break;
+  }
+  std::vector<float> row_scale(static_cast<size_t>(rows), 1.0f), col_scale(static_cast<size_t>(cols), 1.0f);
+  if (mlp || t.kind == Kind::kAttention) {
+    normals(ts ^ 0x1111, 0, rows, row_scale.data());
+    for (auto& r : row_scale) r = static_cast<float>(std::exp(0.25 * r));
+  }
+  if (mlp) {
+    normals(ts ^ 0x2222, 0, cols, col_scale.data());
+    for (auto& c : col_scale) c = static_cast<float>(std::exp(0.15 * c));
+  }
+  constexpr int64_t kChunk = 1 << 16;
+  const int64_t chunks = (n + kChunk - 1) / kChunk;
+#pragma omp parallel for schedule(static) num_threads(threads > 0 ? threads : omp_get_max_threads())
+  for (int64_t c = 0; c < chunks; ++c) {
+    const int64_t b = c * kChunk, len = std::min(kChunk, n - b);
+    float* o = out + b;
+    normals(ts, b, len, o);
+    for (int64_t k = 0; k < len; ++k) {
+      const int64_t i = b + k;
+      double v = o[k] * scale;
+      if (t.kind == Kind::kNorm) {
+        v += 1.0;
+      } else if (t.kind != Kind::kEmbedding && t.kind != Kind::kRelBias) {
+        // Heavy tail: a deterministic 1-in-256 subset, picked by a hash of the index.
+        uint64_t h = ts ^ static_cast<uint64_t>(i) * 0x9e3779b97f4a7c15ull;
+        if ((splitmix(h) & 255u) == 0) v *= 3.0;
+        v *= row_scale[static_cast<size_t>(i / cols)] * col_scale[static_cast<size_t>(i % cols)];
+      }
+      o[k] = static_cast<float>(v);
+    }
+  }
+}
+
+json config_json(const GenerateOptions& o) {
+  const int64_t n_sparse_enc = o.sparse_step == 1 ? o.num_layers : o.num_layers / o.sparse_step;
+  int64_t n_sparse_dec = o.sparse_step == 1 ? o.num_decoder_layers : o.num_decoder_layers / o.sparse_step;
+  if (o.misleading_config) n_sparse_dec = o.num_decoder_layers / 2;  // as switch-c-2048's config
+  auto step = [](int64_t layers, int64_t sparse) { return sparse > 0 ? layers / sparse : layers; };
+  return json{{"architectures", {"SwitchTransformersForConditionalGeneration"}},
+              {"add_router_probs", false},
+              {"batch_prioritized_routing", false},
+              {"d_ff", o.d_ff},
+              {"d_kv", o.d_kv},
+              {"d_model", o.d_model},
+              {"decoder_sparse_step", step(o.num_decoder_layers, n_sparse_dec)},
+              {"decoder_start_token_id", 0},
+              {"dense_act_fn", "relu"},
+              {"dropout_rate", 0.1},
+              {"encoder_sparse_step", step(o.num_layers, n_sparse_enc)},
+              {"eos_token_id", 1},
+              {"expert_capacity", 64},
+              {"initializer_factor", 1.0},
+              {"is_encoder_decoder", true},
+              {"is_gated_act", false},
+              {"layer_norm_epsilon", 1e-6},
+              {"model_type", "switch_transformers"},
+              {"num_decoder_layers", o.num_decoder_layers},
+              {"num_experts", o.num_experts},
+              {"num_heads", o.num_heads},
+              {"num_layers", o.num_layers},
+              {"num_selected_experts", 1},
+              {"num_sparse_decoder_layers", n_sparse_dec},
+              {"num_sparse_encoder_layers", n_sparse_enc},
+              {"pad_token_id", 0},
+              {"relative_attention_max_distance", 128},
+              {"relative_attention_num_buckets", 32},
+              {"router_aux_loss_coef", 0.001},
+              {"router_bias", false},
+              {"router_dtype", "float32"},
+              {"router_ignore_padding_tokens", false},
+              {"router_jitter_noise", 0.01},
+              {"router_type", "tokens_masked"},
+              {"router_z_loss_coef", 0.001},
+              {"tie_word_embeddings", true},
+              {"torch_dtype", o.dtype == DType::kBF16 ? "bfloat16" : "float32"},
+              {"transformers_version", "4.46.3"},
+              {"use_cache", true},
+              {"vocab_size", o.vocab_size}};
+}
+
+[[noreturn]] void io_fail(const fs::path& p, const char* what) {
+  throw Error(p.string() + ": " + what + ": " + std::strerror(errno));
+}
+
+void write_text_atomic(const fs::path& p, const std::string& text) {
+  const fs::path tmp = p.string() + ".tmp." + std::to_string(::getpid());
+  {
+    std::ofstream f(tmp, std::ios::binary | std::ios::trunc);
+    if (!f) io_fail(tmp, "cannot create");
+    f << text;
+    if (!f) io_fail(tmp, "write failed");
+  }
+  std::error_code ec;
+  fs::rename(tmp, p, ec);
+  if (ec) throw Error(p.string() + ": rename failed: " + ec.message());
+}
+
+// Writes one safetensors file holding `specs` (in that order), generated straight into a
+// mapping of the output file so that memory stays small whatever the file size.
+int64_t write_shard(const fs::path& path, const std::vector<const Spec*>& specs, const GenerateOptions& o,
+                    const std::map<std::string, std::string>& metadata) {
+  const int64_t es = dtype_size(o.dtype);
+  json header = json::object();
+  json md = json::object();
+  for (const auto& [k, v] : metadata) md[k] = v;
+  header["__metadata__"] = md;
+  int64_t off = 0;
+  for (const Spec* s : specs) {
+    const int64_t nb = s->numel() * es;
+    header[s->name] = {{"dtype", std::string(dtype_name(o.dtype))}, {"shape", s->shape}, {"data_offsets", {off, off + nb}}};
+    off += nb;
+  }
+  std::string text = header.dump();
+  while ((text.size() + 8) % 8 != 0) text.push_back(' ');
+  const int64_t data_start = 8 + static_cast<int64_t>(text.size());
+  const int64_t total = data_start + off;
+
+  const fs::path tmp = path.string() + ".tmp." + std::to_string(::getpid());
+  const int fd = ::open(tmp.c_str(), O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+  if (fd < 0) io_fail(tmp, "cannot create");
+  if (::ftruncate(fd, total) != 0) {
+    ::close(fd);
+    ::unlink(tmp.c_str());
+    io_fail(tmp, "cannot size the file");
+  }
+  void* map = ::mmap(nullptr, static_cast<size_t>(total), PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+  ::close(fd);
+  if (map == MAP_FAILED) {
+    ::unlink(tmp.c_str());
+    io_fail(tmp, "mmap failed");
+  }
+  auto* base = static_cast<std::byte*>(map);
+  const uint64_t n_le = text.size();
+  std::memcpy(base, &n_le, 8);
+  std::memcpy(base + 8, text.data(), text.size());
+  const int64_t page = ::sysconf(_SC_PAGESIZE);
+  std::vector<float> buf;
+  int64_t pos = data_start;
+  for (const Spec* s : specs) {
+    const int64_t n = s->numel();
+    std::byte* dst = base + pos;
+    if (o.dtype == DType::kF32) {
+      fill(*s, o.seed, reinterpret_cast<float*>(dst), o.threads);  // data_start is 8-aligned
+    } else {
+      buf.resize(static_cast<size_t>(n));
+      fill(*s, o.seed, buf.data(), o.threads);
+      for (int64_t i = 0; i < n; ++i) {
+        const uint16_t h = float_to_bf16(buf[static_cast<size_t>(i)]);
+        std::memcpy(dst + 2 * i, &h, 2);
+      }
+    }
+    // Hand the written pages to the page cache so resident memory stays small.
+    const int64_t a = (pos + page - 1) / page * page, e = (pos + n * es) / page * page;
+    if (e > a) ::madvise(base + a, static_cast<size_t>(e - a), MADV_DONTNEED);
+    pos += n * es;
+  }
+  if (::munmap(map, static_cast<size_t>(total)) != 0) io_fail(tmp, "munmap failed");
+  std::error_code ec;
+  fs::rename(tmp, path, ec);
+  if (ec) throw Error(path.string() + ": rename failed: " + ec.message());
+  return total;
+}
+
+void check(const GenerateOptions& o) {
+  auto pos = [](int64_t v, const char* what) {
+    if (v < 1) throw InvalidArgument(std::string("generate: ") + what + " must be >= 1");
+  };
+  pos(o.vocab_size, "vocab_size");
+  pos(o.d_model, "d_model");
+  pos(o.d_ff, "d_ff");
+  pos(o.d_kv, "d_kv");
+  pos(o.num_heads, "num_heads");
+  pos(o.num_layers, "num_layers");
+  pos(o.num_decoder_layers, "num_decoder_layers");
+  pos(o.num_experts, "num_experts");
+  if (o.sparse_step != 1 && o.sparse_step != 2) throw InvalidArgument("generate: sparse_step must be 1 or 2");
+  if (o.dtype != DType::kF32 && o.dtype != DType::kBF16) throw InvalidArgument("generate: dtype must be F32 or BF16");
+  if (o.shard_size < 0) throw InvalidArgument("generate: shard_size must be >= 0");
+}
+
+}  // namespace
+
+GenerateOptions generate_preset(const std::string& name) {
+  GenerateOptions o;
+  if (name == "switch-base-8") return o;
+  if (name == "switch-base-8-bf16") {
+    o.dtype = DType::kBF16;
+    return o;
+  }
+  if (name == "small") {
+    o.d_model = 512;
+    o.d_ff = 2048;
+    o.d_kv = 64;
+    o.num_heads = 8;
+    o.num_layers = o.num_decoder_layers = 8;
+    o.vocab_size = 8192;
+    return o;
+  }
+  if (name == "tiny") {
+    o.d_model = 64;
+    o.d_ff = 256;
+    o.d_kv = 16;
+    o.num_heads = 4;
+    o.num_layers = o.num_decoder_layers = 4;
+    o.vocab_size = 512;
+    return o;
+  }
+  if (name == "c2048-style") {
+    o.d_model = 256;
+    o.d_ff = 1024;
+    o.d_kv = 32;
+    o.num_heads = 8;
+    o.num_layers = o.num_decoder_layers = 4;
+    o.vocab_size = 2048;
+    o.num_experts = 32;
+    o.sparse_step = 1;
+    o.dtype = DType::kBF16;
+    o.shard_size = 16 << 20;
+    o.misleading_config = true;
+    return o;
+  }
+  throw InvalidArgument("unknown checkpoint preset '" + name + "'");
+}
+
+std::vector<std::string> generate_preset_names() {
+  return {"switch-base-8", "switch-base-8-bf16", "small", "tiny", "c2048-style"};
+}
+
+int64_t experts_for_size(const GenerateOptions& opt, int64_t bytes) {
+  GenerateOptions one = opt;
+  one.num_experts = 1;
+  int64_t fixed = 0, per_expert = 0;
+  for (const auto& s : tensor_specs(one)) {
+    const int64_t nb = s.numel() * dtype_size(opt.dtype);
+    if (s.kind == Kind::kExpert) per_expert += nb;
+    else fixed += nb;
+  }
+  const int64_t e = per_expert > 0 ? (bytes - fixed + per_expert / 2) / per_expert : 1;
+  return std::max<int64_t>(1, e);
+}
+
+GenerateSummary generate_checkpoint(const fs::path& dir, const GenerateOptions& opt) {
+  check(opt);
+  std::error_code ec;
+  fs::create_directories(dir, ec);
+  if (!fs::is_directory(dir)) throw Error(dir.string() + ": cannot create the directory");
+  for (const auto& e : fs::directory_iterator(dir)) {  // replace an earlier checkpoint
+    const std::string n = e.path().filename().string();
+    if (n == "config.json" || n == "model.safetensors" || n == "model.safetensors.index.json" ||
+        (n.rfind("model-", 0) == 0 && e.path().extension() == ".safetensors"))
+      fs::remove(e.path());
+  }
+  const auto specs = tensor_specs(opt);
+  GenerateSummary sum;
+  const int64_t es = dtype_size(opt.dtype);
+  for (const auto& s : specs) {
+    ++sum.tensors;
+    sum.parameters += s.numel();
+    if (s.kind == Kind::kExpert) {
+      ++sum.expert_matrices;
+      sum.expert_weights += s.numel();
+    }
+  }
+  write_text_atomic(dir / "config.json", config_json(opt).dump(2) + "\n");
+  sum.files.push_back(dir / "config.json");
+  sum.total_bytes += static_cast<int64_t>(fs::file_size(dir / "config.json"));
+
+  if (opt.shard_size == 0) {
+    std::vector<const Spec*> all;
+    for (const auto& s : specs) all.push_back(&s);
+    sum.total_bytes += write_shard(dir / "model.safetensors", all, opt, {{"format", "pt"}});
+    sum.files.push_back(dir / "model.safetensors");
+    return sum;
+  }
+  std::vector<std::vector<const Spec*>> shards(1);
+  int64_t cur = 0;
+  for (const auto& s : specs) {
+    const int64_t nb = s.numel() * es;
+    if (!shards.back().empty() && cur + nb > opt.shard_size) {
+      shards.emplace_back();
+      cur = 0;
+    }
+    shards.back().push_back(&s);
+    cur += nb;
+  }
+  const size_t n = shards.size();
+  auto shard_file = [&](size_t k) {
+    char buf[64];
+    std::snprintf(buf, sizeof buf, "model-%05zu-of-%05zu.safetensors", k + 1, n);
+    return std::string(buf);
+  };
+  // The conversion bot's index names the tied aliases too, pointing at the shard that holds
+  // shared.weight; that shard's metadata maps each alias to it.
+  const char* aliases[] = {"decoder.embed_tokens.weight", "encoder.embed_tokens.weight", "lm_head.weight"};
+  json wm = json::object();
+  int64_t data_bytes = 0;
+  for (size_t k = 0; k < n; ++k) {
+    std::map<std::string, std::string> md{{"format", "pt"}};
+    for (const Spec* s : shards[k]) {
+      wm[s->name] = shard_file(k);
+      data_bytes += s->numel() * es;
+      if (s->name == "shared.weight") {
+        for (const char* a : aliases) {
+          md[a] = "shared.weight";
+          wm[a] = shard_file(k);
+        }
+      }
+    }
+    sum.total_bytes += write_shard(dir / shard_file(k), shards[k], opt, md);
+    sum.files.push_back(dir / shard_file(k));
+  }
+  const json index = {{"metadata", {{"total_size", data_bytes}}}, {"weight_map", wm}};
+  write_text_atomic(dir / "model.safetensors.index.json", index.dump(2) + "\n");
+  sum.files.push_back(dir / "model.safetensors.index.json");
+  sum.total_bytes += static_cast<int64_t>(fs::file_size(dir / "model.safetensors.index.json"));
+  return sum;
+}
+
+}  // namespace qmoe::sw
