@@ -15,17 +15,19 @@ struct EmuLauncher {
     emu::launch(grid, dim3(32 * kern::kDenseWarps), [&] { kern::v1_decode_dense_kernel<E>(p); });
   }
   template <class E>
-  void p5_dense(dim3 grid, const uint8_t* packed, const uint16_t* levels, int32_t cols, int32_t row_begin,
-                int32_t row_end, typename E::S* out, int64_t ld) {
-    emu::launch(grid, dim3(256),
-                [&] { kern::p5_decode_dense_kernel<E>(packed, levels, cols, row_begin, row_end, out, ld); });
+  void p5_dense(dim3 grid, const uint8_t* packed, const uint16_t* levels, int32_t cols,
+                int32_t row_begin, int32_t row_end, typename E::S* out, int64_t ld) {
+    emu::launch(grid, dim3(256), [&] {
+      kern::p5_decode_dense_kernel<E>(packed, levels, cols, row_begin, row_end, out, ld);
+    });
   }
 };
 
 }  // namespace
 
-void v1_fused(const V1MatrixDev& m, const int32_t* table, DType act, const void* x, int64_t ldx, void* y,
-              int64_t ldy, int64_t n_tokens, bool accumulate, int tokens_per_pass, Grid grid) {
+void v1_fused(const V1MatrixDev& m, const int32_t* table, DType act, const void* x, int64_t ldx,
+              void* y, int64_t ldy, int64_t n_tokens, bool accumulate, int tokens_per_pass,
+              Grid grid) {
   EmuLauncher l;
   kern::dispatch_v1_fused(l, m, table, act, x, ldx, y, ldy, n_tokens, accumulate, tokens_per_pass,
                           kern::GridOverride{grid.x, grid.z});
@@ -36,14 +38,14 @@ void v1_grouped(const GroupedArgs& g, const int32_t* table, DType act, Grid grid
   kern::dispatch_v1_grouped(l, g, table, act, kern::GridOverride{grid.x, grid.z});
 }
 
-void v1_decode_dense(const V1MatrixDev& m, const int32_t* table, int64_t row_begin, int64_t row_end, DType out,
-                     void* out_ptr, int64_t ld_out) {
+void v1_decode_dense(const V1MatrixDev& m, const int32_t* table, int64_t row_begin, int64_t row_end,
+                     DType out, void* out_ptr, int64_t ld_out) {
   EmuLauncher l;
   kern::dispatch_v1_dense(l, m, table, row_begin, row_end, out, out_ptr, ld_out);
 }
 
-void p5_decode_dense(const uint8_t* packed, const uint16_t* levels, int64_t rows, int64_t cols, int64_t row_begin,
-                     int64_t row_end, DType out, void* out_ptr, int64_t ld_out) {
+void p5_decode_dense(const uint8_t* packed, const uint16_t* levels, int64_t rows, int64_t cols,
+                     int64_t row_begin, int64_t row_end, DType out, void* out_ptr, int64_t ld_out) {
   EmuLauncher l;
   kern::dispatch_p5_dense(l, packed, levels, rows, cols, row_begin, row_end, out, out_ptr, ld_out);
 }

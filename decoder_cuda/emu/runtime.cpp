@@ -71,7 +71,8 @@ void fiber_entry() {
   try {
     (*l.body)();
   } catch (const std::exception& e) {
-    if (l.error.empty()) l.error = block_name(l) + " " + thread_name(l.fibers[l.current]) + ": exception: " + e.what();
+    if (l.error.empty())
+      l.error = block_name(l) + " " + thread_name(l.fibers[l.current]) + ": exception: " + e.what();
   } catch (...) {
     if (l.error.empty()) l.error = block_name(l) + ": unknown exception in kernel body";
   }
@@ -106,7 +107,8 @@ void run_block(Launch& l) {
   for (int t = 0; t < l.nthreads; ++t) {
     Fiber& f = l.fibers[t];
     if (!f.stack) f.stack = std::make_unique<char[]>(kStackBytes);
-    f.tid = {static_cast<unsigned>(t % l.block.x), static_cast<unsigned>((t / l.block.x) % l.block.y),
+    f.tid = {static_cast<unsigned>(t % l.block.x),
+             static_cast<unsigned>((t / l.block.x) % l.block.y),
              static_cast<unsigned>(t / (l.block.x * l.block.y))};
     f.state = State::kReady;
     getcontext(&f.ctx);
@@ -141,7 +143,8 @@ void run_block(Launch& l) {
         ++at_barrier;
         if (!first_barrier) {
           first_barrier = &f;
-        } else if (!other_site && (f.line != first_barrier->line || std::strcmp(f.file, first_barrier->file) != 0)) {
+        } else if (!other_site && (f.line != first_barrier->line ||
+                                   std::strcmp(f.file, first_barrier->file) != 0)) {
           other_site = &f;
         }
       } else {
@@ -164,12 +167,14 @@ void run_block(Launch& l) {
             " waits at " + site(other_site->file, other_site->line);
     } else if (at_barrier > 0 && done > 0) {
       msg = "divergent __syncthreads at " + site(first_barrier->file, first_barrier->line) + ": " +
-            std::to_string(at_barrier) + " of " + std::to_string(l.nthreads) + " threads wait but " +
-            std::to_string(done) + " exited (first: " + thread_name(*first_done) + ")";
+            std::to_string(at_barrier) + " of " + std::to_string(l.nthreads) +
+            " threads wait but " + std::to_string(done) +
+            " exited (first: " + thread_name(*first_done) + ")";
     } else {
-      msg = "deadlock: " + std::to_string(at_warp) + " threads wait at warp collectives (first: " +
-            thread_name(*first_warp) + " at " + site(first_warp->file, first_warp->line) + "), " +
-            std::to_string(at_barrier) + " at __syncthreads, " + std::to_string(done) + " exited";
+      msg = "deadlock: " + std::to_string(at_warp) +
+            " threads wait at warp collectives (first: " + thread_name(*first_warp) + " at " +
+            site(first_warp->file, first_warp->line) + "), " + std::to_string(at_barrier) +
+            " at __syncthreads, " + std::to_string(done) + " exited";
     }
     throw EmulationError("CUDA emulation: " + where + msg);
   }
@@ -177,10 +182,19 @@ void run_block(Launch& l) {
 
 }  // namespace
 
-const uint3& thread_idx() { Launch& l = active(); return l.fibers[l.current].tid; }
-const uint3& block_idx() { return active().block_id; }
-const dim3& block_dim() { return active().block; }
-const dim3& grid_dim() { return active().grid; }
+const uint3& thread_idx() {
+  Launch& l = active();
+  return l.fibers[l.current].tid;
+}
+const uint3& block_idx() {
+  return active().block_id;
+}
+const dim3& block_dim() {
+  return active().block;
+}
+const dim3& grid_dim() {
+  return active().grid;
+}
 
 void launch(dim3 grid, dim3 block, const std::function<void()>& body) {
   if (g_launch != nullptr) throw EmulationError("CUDA emulation: nested launch");
@@ -189,7 +203,8 @@ void launch(dim3 grid, dim3 block, const std::function<void()>& body) {
     throw EmulationError("CUDA emulation: launch with a zero grid or block dimension");
   }
   if (nthreads > kMaxThreads) {
-    throw EmulationError("CUDA emulation: block of " + std::to_string(nthreads) + " threads exceeds 1024");
+    throw EmulationError("CUDA emulation: block of " + std::to_string(nthreads) +
+                         " threads exceeds 1024");
   }
   thread_local Launch l;  // fiber stacks are kept between launches
   l.grid = grid;
@@ -232,12 +247,17 @@ uint64_t warp_collective(Collective kind, unsigned mask, uint64_t value, int arg
   const int t = l.current;
   const int lane = t % 32;
   Warp& w = l.warps[t / 32];
-  const std::string who = block_name(l) + " " + thread_name(l.fibers[t]) + " at " + site(file, line) + ": ";
-  if (((mask >> lane) & 1u) == 0) fail(l, who + "warp collective with a mask that excludes the calling lane");
-  if (width <= 0 || width > 32 || (width & (width - 1)) != 0) fail(l, who + "shuffle width must be a power of two <= 32");
+  const std::string who =
+      block_name(l) + " " + thread_name(l.fibers[t]) + " at " + site(file, line) + ": ";
+  if (((mask >> lane) & 1u) == 0)
+    fail(l, who + "warp collective with a mask that excludes the calling lane");
+  if (width <= 0 || width > 32 || (width & (width - 1)) != 0)
+    fail(l, who + "shuffle width must be a power of two <= 32");
   const int warp_base = (t / 32) * 32;
-  const unsigned existing = l.nthreads - warp_base >= 32 ? 0xffffffffu : ((1u << (l.nthreads - warp_base)) - 1u);
-  if ((mask & ~existing) != 0) fail(l, who + "warp collective mask names lanes that do not exist in the block");
+  const unsigned existing =
+      l.nthreads - warp_base >= 32 ? 0xffffffffu : ((1u << (l.nthreads - warp_base)) - 1u);
+  if ((mask & ~existing) != 0)
+    fail(l, who + "warp collective mask names lanes that do not exist in the block");
   if (w.arrived == 0) {
     w.mask = mask;
     w.kind = kind;
@@ -245,7 +265,8 @@ uint64_t warp_collective(Collective kind, unsigned mask, uint64_t value, int arg
     w.file = file;
     w.line = line;
   } else if (w.mask != mask || w.kind != kind || w.width != width) {
-    fail(l, who + "warp divergence: lanes meet at different collectives (other lanes wait at " + site(w.file, w.line) + ")");
+    fail(l, who + "warp divergence: lanes meet at different collectives (other lanes wait at " +
+                site(w.file, w.line) + ")");
   }
   w.in[lane] = value;
   w.arg[lane] = arg;
@@ -269,23 +290,42 @@ uint64_t warp_collective(Collective kind, unsigned mask, uint64_t value, int arg
     const int pos = i & (width - 1);
     int src = i;
     switch (kind) {
-      case Collective::kSync: break;
-      case Collective::kShfl: src = seg + (w.arg[i] & (width - 1)); break;
-      case Collective::kShflUp: src = pos >= w.arg[i] ? i - w.arg[i] : i; break;
-      case Collective::kShflDown: src = pos + w.arg[i] < width ? i + w.arg[i] : i; break;
+      case Collective::kSync:
+        break;
+      case Collective::kShfl:
+        src = seg + (w.arg[i] & (width - 1));
+        break;
+      case Collective::kShflUp:
+        src = pos >= w.arg[i] ? i - w.arg[i] : i;
+        break;
+      case Collective::kShflDown:
+        src = pos + w.arg[i] < width ? i + w.arg[i] : i;
+        break;
       case Collective::kShflXor: {
         const int s = i ^ w.arg[i];
         src = (s & ~(width - 1)) == seg ? s : i;
         break;
       }
-      case Collective::kBallot: case Collective::kAny: case Collective::kAll: break;
+      case Collective::kBallot:
+      case Collective::kAny:
+      case Collective::kAll:
+        break;
     }
-    if (((mask >> src) & 1u) == 0) fail(l, who + "shuffle reads lane " + std::to_string(src) + " which is not in the mask");
+    if (((mask >> src) & 1u) == 0)
+      fail(l, who + "shuffle reads lane " + std::to_string(src) + " which is not in the mask");
     switch (kind) {
-      case Collective::kBallot: w.out[i] = ballot; break;
-      case Collective::kAny: w.out[i] = ballot != 0; break;
-      case Collective::kAll: w.out[i] = ballot == mask; break;
-      default: w.out[i] = w.in[src]; break;
+      case Collective::kBallot:
+        w.out[i] = ballot;
+        break;
+      case Collective::kAny:
+        w.out[i] = ballot != 0;
+        break;
+      case Collective::kAll:
+        w.out[i] = ballot == mask;
+        break;
+      default:
+        w.out[i] = w.in[src];
+        break;
     }
     if (i != lane) l.fibers[warp_base + i].state = State::kReady;
   }

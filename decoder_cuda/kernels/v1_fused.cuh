@@ -41,22 +41,58 @@ struct FusedParams {
   int32_t atomic;                    // F32 accumulate into shared output rows
 };
 
-// acc[b] += v * xp[b] for the NB staged tokens of one column.
+// Shared-memory layout of the staged activations: column c's NB tokens are contiguous (one
+// LDS.128 per 4 tokens), with their 4-token groups XOR-swizzled by the column so that the staging
+// stores of 8 consecutive columns x 4 tokens hit 32 different banks.
 template <int NB>
-QMOE_DEV void fma_tokens(float v, const float* xp, float (&acc)[NB]) {
+QMOE_DEV int xs_index(int c, int b) {
+  if constexpr (NB < 4) {
+    return c * NB + b;
+  } else {
+    return c * NB + 4 * ((b >> 2) ^ (c & (NB / 4 - 1))) + (b & 3);
+  }
+}
+
+// acc[b] += v * x[c][b] for the NB staged tokens of window column c.
+template <int NB>
+QMOE_DEV void fma_tokens(float v, const float* xs, int c, float (&acc)[NB]) {
   if constexpr (NB % 4 == 0) {
-QMOE_UNROLL
+    QMOE_UNROLL
     for (int b = 0; b < NB; b += 4) {
-      const float4 q = load_float4(xp + b);
+      const float4 q = load_float4(xs + xs_index<NB>(c, b));
       acc[b] = fmaf(v, q.x, acc[b]);
       acc[b + 1] = fmaf(v, q.y, acc[b + 1]);
       acc[b + 2] = fmaf(v, q.z, acc[b + 2]);
       acc[b + 3] = fmaf(v, q.w, acc[b + 3]);
     }
   } else {
-QMOE_UNROLL
-    for (int b = 0; b < NB; ++b) acc[b] = fmaf(v, xp[b], acc[b]);
+    QMOE_UNROLL
+    for (int b = 0; b < NB; ++b) acc[b] = fmaf(v, xs[xs_index<NB>(c, b)], acc[b]);
   }
+}
+
+// Sums acc[b] over the warp and leaves token (lane % NB)'s total in acc[0]: a reduce-scatter
+// (NB-1 shuffles, each lane keeping the half its lane bit selects) then a butterfly over the lane
+// bits above NB, instead of NB full butterflies (5*NB shuffles).
+template <int S, int NB>
+QMOE_DEV void reduce_scatter_step(float (&acc)[NB], int lane) {
+  if constexpr (S >= 1) {
+    const bool upper = (lane & S) != 0;
+    QMOE_UNROLL
+    for (int j = 0; j < S; ++j) {
+      const float send = upper ? acc[j] : acc[j + S];
+      const float keep = upper ? acc[j + S] : acc[j];
+      acc[j] = keep + __shfl_xor_sync(kFullMask, send, S);  // the partner lane holds the other half
+    }
+    reduce_scatter_step<S / 2, NB>(acc, lane);  // compile-time S keeps acc[] in registers
+  }
+}
+
+template <int NB>
+QMOE_DEV void warp_reduce_scatter(float (&acc)[NB], int lane) {
+  reduce_scatter_step<NB / 2, NB>(acc, lane);
+  QMOE_UNROLL
+  for (int m = NB; m < 32; m <<= 1) acc[0] += __shfl_xor_sync(kFullMask, acc[0], m);
 }
 
 // Applies pairs [pa, pb) of one entry (first pair `first`) against the window starting at pair p0.
@@ -71,13 +107,12 @@ QMOE_UNROLL
     if (ja >= jb) continue;
     const uint32_t w = h == 0 ? w0 : w1;
     uint32_t nz = v1_nonzero_symbols(w) & v1_pair_range_mask(ja, jb);
-    const int32_t col0 = 2 * (base - p0);  // window column of the word's symbol 0 (may be < 0)
+    const int col0 = 2 * (base - p0);  // window column of the word's symbol 0 (may be < 0)
     while (nz != 0) {
       const int q = __ffs(static_cast<int>(nz)) - 1;  // lowest non-zero symbol field
       nz &= nz - 1u;
       const uint32_t sym = (w >> q) & 3u;
-      const int32_t col = col0 + ((q - 4) >> 1);
-      fma_tokens<NB>(sym == 1u ? lo : hi, xs + col * NB, acc);
+      fma_tokens<NB>(sym == 1u ? lo : hi, xs, col0 + ((q - 4) >> 1), acc);
     }
   }
 }
@@ -85,7 +120,7 @@ QMOE_UNROLL
 // Grid: x = row groups of kWarps rows (grid-stride), y = expert (1 without grouping),
 //       z = passes of NB slots (grid-stride).  Block: kThreads (kWarps warps, one row each).
 template <class E, int NB>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, 2)
     v1_fused_kernel(const FusedParams<typename E::S> p) {
   using S = typename E::S;
   constexpr int WP = kWindowPairs<NB>;
@@ -141,13 +176,23 @@ QMOE_UNROLL
             in_row[b] = p.token_ids != nullptr ? p.token_ids[slot] : slot;
           }
           __syncthreads();
+          // Thread i stages token b = 4*(i/32 / (WC/8)) + i%4 of column c = 8*(i/32 % (WC/8)) + i/4%8:
+          // global reads of 8 consecutive columns per token (full 32-byte sectors for fp32) and,
+          // with the swizzle, conflict-free shared stores.
           for (int i = static_cast<int>(threadIdx.x); i < WC * NB; i += kThreads) {
-            const int b = i / WC;
-            const int c = i - b * WC;
+            int b, c;
+            if constexpr (NB < 4) {
+              b = i / WC;
+              c = i - b * WC;
+            } else {
+              const int rest = i >> 5;
+              b = 4 * (rest / (WC / 8)) + (i & 3);
+              c = 8 * (rest % (WC / 8)) + ((i >> 2) & 7);
+            }
             const int64_t col = 2 * static_cast<int64_t>(p0) + c;
             float v = 0.0f;
             if (b < nb && col < m.cols) v = E::load(ldg(p.x + in_row[b] * p.ldx + col));
-            xs[c * NB + b] = v;
+            xs[xs_index<NB>(c, b)] = v;
           }
           __syncthreads();
           staged = true;
@@ -170,12 +215,9 @@ QMOE_UNROLL
         }
       }
       if (!row_ok) continue;
-QMOE_UNROLL
-      for (int b = 0; b < NB; ++b) acc[b] = warp_sum(acc[b]);
+      warp_reduce_scatter<NB>(acc, lane);
       if (lane < nb) {
-        float v = acc[0];
-QMOE_UNROLL
-        for (int b = 1; b < NB; ++b) v = lane == b ? acc[b] : v;  // static indices keep acc in registers
+        float v = acc[0];  // token `lane`'s sum
         const int32_t slot = s0 + lane;
         const int64_t in = p.token_ids != nullptr ? p.token_ids[slot] : slot;
         const int64_t out = p.out_ids != nullptr ? p.out_ids[slot] : in;

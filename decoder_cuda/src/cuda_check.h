@@ -19,8 +19,8 @@ inline std::string where(const char* file, int line) {
 
 inline void check_cuda(cudaError_t e, const char* call, const char* file, int line) {
   if (e == cudaSuccess) return;
-  throw CudaError(std::string(call) + " failed: " + cudaGetErrorString(e) + " (" + cudaGetErrorName(e) + ") at " +
-                  where(file, line));
+  throw CudaError(std::string(call) + " failed: " + cudaGetErrorString(e) + " (" +
+                  cudaGetErrorName(e) + ") at " + where(file, line));
 }
 
 inline void check_cublas(cublasStatus_t s, const char* call, const char* file, int line) {
@@ -32,7 +32,8 @@ inline void check_cublas(cublasStatus_t s, const char* call, const char* file, i
 }  // namespace qmoe::cuda::detail
 
 #define QMOE_CUDA_CHECK(call) ::qmoe::cuda::detail::check_cuda((call), #call, __FILE__, __LINE__)
-#define QMOE_CUBLAS_CHECK(call) ::qmoe::cuda::detail::check_cublas((call), #call, __FILE__, __LINE__)
+#define QMOE_CUBLAS_CHECK(call) \
+  ::qmoe::cuda::detail::check_cublas((call), #call, __FILE__, __LINE__)
 // After a <<<>>> launch: configuration errors surface through cudaGetLastError.
 #define QMOE_CUDA_CHECK_LAUNCH(name) \
   ::qmoe::cuda::detail::check_cuda(cudaGetLastError(), name, __FILE__, __LINE__)

@@ -15,18 +15,21 @@ struct FusedLauncher {
   template <class E>
   void v1_dense(dim3, const kern::DenseParams<typename E::S>&) {}
   template <class E>
-  void p5_dense(dim3, const uint8_t*, const uint16_t*, int32_t, int32_t, int32_t, typename E::S*, int64_t) {}
+  void p5_dense(dim3, const uint8_t*, const uint16_t*, int32_t, int32_t, int32_t, typename E::S*,
+                int64_t) {}
 };
 
 }  // namespace
 
-void launch_v1_fused(const V1MatrixDev& m, const int32_t* table_dev, DType act, const void* x_dev, int64_t ldx,
-                     void* y_dev, int64_t ldy, int64_t n_tokens, bool accumulate, cudaStream_t stream) {
+void launch_v1_fused(const V1MatrixDev& m, const int32_t* table_dev, DType act, const void* x_dev,
+                     int64_t ldx, void* y_dev, int64_t ldy, int64_t n_tokens, bool accumulate,
+                     cudaStream_t stream) {
   FusedLauncher l{stream};
   kern::dispatch_v1_fused(l, m, table_dev, act, x_dev, ldx, y_dev, ldy, n_tokens, accumulate);
 }
 
-void launch_v1_grouped(const GroupedArgs& g, const int32_t* table_dev, DType act, cudaStream_t stream) {
+void launch_v1_grouped(const GroupedArgs& g, const int32_t* table_dev, DType act,
+                       cudaStream_t stream) {
   FusedLauncher l{stream};
   kern::dispatch_v1_grouped(l, g, table_dev, act);
 }

@@ -43,9 +43,9 @@ const int32_t* v1_table_dev(int device) {
   return p;
 }
 
-void gemm_dense(cublasHandle_t handle, DType act, const void* w_dev, int64_t ldw, int64_t rows, int64_t cols,
-                const void* x_dev, int64_t ldx, void* y_dev, int64_t ldy, int64_t n_tokens, bool accumulate,
-                cudaStream_t stream) {
+void gemm_dense(cublasHandle_t handle, DType act, const void* w_dev, int64_t ldw, int64_t rows,
+                int64_t cols, const void* x_dev, int64_t ldx, void* y_dev, int64_t ldy,
+                int64_t n_tokens, bool accumulate, cudaStream_t stream) {
   if (act != DType::kBF16 && act != DType::kF16 && act != DType::kF32) {
     throw InvalidArgument("gemm_dense: activation type must be BF16, F16 or F32");
   }
@@ -58,16 +58,17 @@ void gemm_dense(cublasHandle_t handle, DType act, const void* w_dev, int64_t ldw
   if (rows > lim || cols > lim || n_tokens > lim || ldw > lim || ldx > lim || ldy > lim) {
     throw InvalidArgument("gemm_dense: dimension exceeds cuBLAS's int range");
   }
-  const cudaDataType_t t = act == DType::kBF16 ? CUDA_R_16BF : (act == DType::kF16 ? CUDA_R_16F : CUDA_R_32F);
+  const cudaDataType_t t =
+      act == DType::kBF16 ? CUDA_R_16BF : (act == DType::kF16 ? CUDA_R_16F : CUDA_R_32F);
   // Y^T (rows x n, column-major, ld ldy) = W (row-major rows x cols = column-major W^T) ^T * X^T.
   const float alpha = 1.0f;
   const float beta = accumulate ? 1.0f : 0.0f;
   QMOE_CUBLAS_CHECK(cublasSetStream(handle, stream));
-  QMOE_CUBLAS_CHECK(cublasGemmEx(handle, CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(rows), static_cast<int>(n_tokens),
-                                 static_cast<int>(cols), &alpha, w_dev, t, static_cast<int>(ldw), x_dev, t,
-                                 static_cast<int>(std::max<int64_t>(ldx, cols)), &beta, y_dev, t,
-                                 static_cast<int>(std::max<int64_t>(ldy, rows)), CUBLAS_COMPUTE_32F,
-                                 CUBLAS_GEMM_DEFAULT));
+  QMOE_CUBLAS_CHECK(cublasGemmEx(
+      handle, CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(rows), static_cast<int>(n_tokens),
+      static_cast<int>(cols), &alpha, w_dev, t, static_cast<int>(ldw), x_dev, t,
+      static_cast<int>(std::max<int64_t>(ldx, cols)), &beta, y_dev, t,
+      static_cast<int>(std::max<int64_t>(ldy, rows)), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
 }
 
 struct DeviceMatrix::Impl {
@@ -107,10 +108,12 @@ struct DeviceMatrix::Impl {
   }
 
   V1MatrixDev v1() const {
-    return V1MatrixDev{codes, offsets, levels, static_cast<int32_t>(rows), static_cast<int32_t>(cols)};
+    return V1MatrixDev{codes, offsets, levels, static_cast<int32_t>(rows),
+                       static_cast<int32_t>(cols)};
   }
 
-  void decode(DType out, void* out_dev, int64_t ld, int64_t r0, int64_t r1, cudaStream_t stream) const {
+  void decode(DType out, void* out_dev, int64_t ld, int64_t r0, int64_t r1,
+              cudaStream_t stream) const {
     if (codec == Codec::kV1) {
       launch_v1_decode_dense(v1(), table, r0, r1, out, out_dev, ld, stream);
     } else {
@@ -118,8 +121,8 @@ struct DeviceMatrix::Impl {
     }
   }
 
-  void forward_dense(DType act, const void* x, int64_t ldx, void* y, int64_t ldy, int64_t n, bool accumulate,
-                     cudaStream_t stream) {
+  void forward_dense(DType act, const void* x, int64_t ldx, void* y, int64_t ldy, int64_t n,
+                     bool accumulate, cudaStream_t stream) {
     const int64_t elem = dtype_size(act);
     const int64_t row_bytes = std::max<int64_t>(1, cols) * elem;
     const int64_t tile_rows = std::clamp<int64_t>(opt.dense_workspace_bytes / row_bytes, 1, rows);
@@ -146,7 +149,8 @@ struct DeviceMatrix::Impl {
 DeviceMatrix::DeviceMatrix(const CompressedView& m, ForwardOptions opt, cudaStream_t stream)
     : impl_(std::make_unique<Impl>()) {
   validate(m, "DeviceMatrix");
-  if (m.rows > INT32_MAX || m.cols > INT32_MAX) throw InvalidArgument("DeviceMatrix: rows and cols must be < 2^31");
+  if (m.rows > INT32_MAX || m.cols > INT32_MAX)
+    throw InvalidArgument("DeviceMatrix: rows and cols must be < 2^31");
   Impl& d = *impl_;
   d.codec = m.codec;
   d.rows = m.rows;
@@ -168,21 +172,35 @@ DeviceMatrix::~DeviceMatrix() = default;
 DeviceMatrix::DeviceMatrix(DeviceMatrix&&) noexcept = default;
 DeviceMatrix& DeviceMatrix::operator=(DeviceMatrix&&) noexcept = default;
 
-Codec DeviceMatrix::codec() const { return impl_->codec; }
-int64_t DeviceMatrix::rows() const { return impl_->rows; }
-int64_t DeviceMatrix::cols() const { return impl_->cols; }
-int DeviceMatrix::device() const { return impl_->device; }
-int64_t DeviceMatrix::device_bytes() const { return impl_->bytes; }
-const ForwardOptions& DeviceMatrix::options() const { return impl_->opt; }
-void DeviceMatrix::set_options(const ForwardOptions& opt) { impl_->opt = opt; }
+Codec DeviceMatrix::codec() const {
+  return impl_->codec;
+}
+int64_t DeviceMatrix::rows() const {
+  return impl_->rows;
+}
+int64_t DeviceMatrix::cols() const {
+  return impl_->cols;
+}
+int DeviceMatrix::device() const {
+  return impl_->device;
+}
+int64_t DeviceMatrix::device_bytes() const {
+  return impl_->bytes;
+}
+const ForwardOptions& DeviceMatrix::options() const {
+  return impl_->opt;
+}
+void DeviceMatrix::set_options(const ForwardOptions& opt) {
+  impl_->opt = opt;
+}
 
 V1MatrixDev DeviceMatrix::v1() const {
   if (impl_->codec != Codec::kV1) throw InvalidArgument("DeviceMatrix::v1: matrix is not qmoe-v1");
   return impl_->v1();
 }
 
-void DeviceMatrix::forward(DType act, const void* x_dev, int64_t ldx, void* y_dev, int64_t ldy, int64_t n_tokens,
-                           bool accumulate, cudaStream_t stream) {
+void DeviceMatrix::forward(DType act, const void* x_dev, int64_t ldx, void* y_dev, int64_t ldy,
+                           int64_t n_tokens, bool accumulate, cudaStream_t stream) {
   Impl& d = *impl_;
   if (n_tokens < 0) throw InvalidArgument("DeviceMatrix::forward: negative n_tokens");
   if (n_tokens == 0 || d.rows == 0) return;
@@ -193,8 +211,8 @@ void DeviceMatrix::forward(DType act, const void* x_dev, int64_t ldx, void* y_de
   }
 }
 
-void DeviceMatrix::decode_dense(DType out, void* out_dev, int64_t ld_out, int64_t row_begin, int64_t row_end,
-                                cudaStream_t stream) const {
+void DeviceMatrix::decode_dense(DType out, void* out_dev, int64_t ld_out, int64_t row_begin,
+                                int64_t row_end, cudaStream_t stream) const {
   impl_->decode(out, out_dev, ld_out, row_begin, row_end, stream);
 }
 

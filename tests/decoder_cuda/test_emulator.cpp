@@ -77,9 +77,13 @@ __global__ void per_block_shared_kernel(int* out) {
   out[(blockIdx.y * gridDim.x + blockIdx.x) * blockDim.x + threadIdx.x] = tag;
 }
 
-__global__ void atomic_kernel(int* counter) { atomicAdd(counter, 1); }
+__global__ void atomic_kernel(int* counter) {
+  atomicAdd(counter, 1);
+}
 
-__global__ void partial_warp_kernel(int* out) { out[threadIdx.x] = __shfl_sync(kAll, 1, 0); }
+__global__ void partial_warp_kernel(int* out) {
+  out[threadIdx.x] = __shfl_sync(kAll, 1, 0);
+}
 
 // ---- tests --------------------------------------------------------------------------------------
 
@@ -129,7 +133,8 @@ TEST(Emulator, ShuffleWithExitedLaneDeadlocks) {
 
 TEST(Emulator, MismatchedCollectivesAreReported) {
   std::vector<int> out(32, 0);
-  EXPECT_THROW(launch(dim3(1), dim3(32), [&] { mismatched_collectives_kernel(out.data()); }), EmulationError);
+  EXPECT_THROW(launch(dim3(1), dim3(32), [&] { mismatched_collectives_kernel(out.data()); }),
+               EmulationError);
 }
 
 TEST(Emulator, MaskNamingMissingLanesIsReported) {

@@ -19,7 +19,8 @@ namespace {
 class Gpu : public ::testing::Test {
  protected:
   void SetUp() override {
-    if (device_count() == 0) GTEST_SKIP() << "no CUDA device (cudaGetDeviceCount returned 0 or an error)";
+    if (device_count() == 0)
+      GTEST_SKIP() << "no CUDA device (cudaGetDeviceCount returned 0 or an error)";
   }
 };
 
@@ -51,15 +52,18 @@ struct Shape {
   int64_t rows, cols;
   double p_zero;
 };
-const Shape kShapes[] = {{1, 1, 0.885},    {2, 3, 0.0},     {9, 63, 0.3},     {17, 257, 0.885}, {7, 1001, 0.5},
-                         {5, 2999, 0.2},   {3, 9001, 0.885}, {4, 600, 1.0},    {768, 3072, 0.885},
+const Shape kShapes[] = {{1, 1, 0.885},      {2, 3, 0.0},        {9, 63, 0.3},
+                         {17, 257, 0.885},   {7, 1001, 0.5},     {5, 2999, 0.2},
+                         {3, 9001, 0.885},   {4, 600, 1.0},      {768, 3072, 0.885},
                          {3072, 768, 0.885}, {2080, 6144, 0.885}};
 const DType kTypes[] = {DType::kBF16, DType::kF16, DType::kF32};
 
 // Runs DeviceMatrix::forward (fused below the crossover, dense above) and checks values/sentinels.
-void check_forward(DeviceMatrix& dm, const CompressedMatrix& m, DType t, int64_t n, bool accumulate, uint64_t seed) {
-  SCOPED_TRACE(std::to_string(m.rows) + "x" + std::to_string(m.cols) + " " + std::string(dtype_name(t)) +
-               " tokens " + std::to_string(n) + (accumulate ? " accumulate" : ""));
+void check_forward(DeviceMatrix& dm, const CompressedMatrix& m, DType t, int64_t n, bool accumulate,
+                   uint64_t seed) {
+  SCOPED_TRACE(std::to_string(m.rows) + "x" + std::to_string(m.cols) + " " +
+               std::string(dtype_name(t)) + " tokens " + std::to_string(n) +
+               (accumulate ? " accumulate" : ""));
   const int64_t ldx = m.cols + 2, ldy = m.rows + 3;
   Acts x = random_acts(t, static_cast<size_t>(n * ldx + 1), seed);
   Acts y(t, static_cast<size_t>(n * ldy + 5));
@@ -112,7 +116,7 @@ TEST_F(Gpu, ForwardP5TakesTheDensePath) {
 TEST_F(Gpu, SmallDenseWorkspaceTilesRows) {
   const CompressedMatrix m = random_matrix(300, 700, 0.885, 6);
   ForwardOptions opt;
-  opt.dense_min_tokens = 1;                // always dense
+  opt.dense_min_tokens = 1;                 // always dense
   opt.dense_workspace_bytes = 700 * 2 * 7;  // 7 rows per tile for bf16
   DeviceMatrix dm(m.view(), opt);
   check_forward(dm, m, DType::kBF16, 5, true, 3);
@@ -201,7 +205,8 @@ TEST_F(Gpu, GroupedLayerWithSkewedRouting) {
           got.push_back(y.get(token_ids[s] * ldy + r));
           want.push_back(scales[s] * ref[r]);
         }
-        for (int64_t r = experts[e].rows; r < ldy; ++r) EXPECT_TRUE(is_sentinel(y, token_ids[s] * ldy + r));
+        for (int64_t r = experts[e].rows; r < ldy; ++r)
+          EXPECT_TRUE(is_sentinel(y, token_ids[s] * ldy + r));
       }
     }
     EXPECT_LE(nerr(got, want), tolerance(t)) << dtype_name(t);

@@ -22,25 +22,28 @@ struct Shape {
 // Ragged on purpose: 1x1, odd widths, rows not a multiple of the 8-row block, widths that need
 // several shared-memory windows for 8 and 32 tokens (1024 / 256 columns per window) and for one
 // token (8192 columns), rows longer than one 128-code chunk, all-zero and dense rows.
-const Shape kShapes[] = {{1, 1, 0.885},  {1, 2, 0.5},    {2, 3, 0.0},   {3, 5, 0.885},  {8, 64, 0.885},
-                         {9, 63, 0.3},   {17, 257, 0.885}, {7, 1001, 0.5}, {5, 2999, 0.2}, {3, 9001, 0.885},
-                         {4, 600, 1.0},  {11, 300, 0.0}};
+const Shape kShapes[] = {{1, 1, 0.885},  {1, 2, 0.5},      {2, 3, 0.0},      {3, 5, 0.885},
+                         {8, 64, 0.885}, {9, 63, 0.3},     {17, 257, 0.885}, {7, 1001, 0.5},
+                         {5, 2999, 0.2}, {3, 9001, 0.885}, {4, 600, 1.0},    {11, 300, 0.0}};
 
 const DType kTypes[] = {DType::kBF16, DType::kF16, DType::kF32};
 
-std::string name(DType t) { return std::string(dtype_name(t)); }
+std::string name(DType t) {
+  return std::string(dtype_name(t));
+}
 
 V1MatrixDev host_view(const CompressedMatrix& m) {
-  return V1MatrixDev{m.codes.data(), m.row_offsets.data(), m.levels.data(), static_cast<int32_t>(m.rows),
-                     static_cast<int32_t>(m.cols)};
+  return V1MatrixDev{m.codes.data(), m.row_offsets.data(), m.levels.data(),
+                     static_cast<int32_t>(m.rows), static_cast<int32_t>(m.cols)};
 }
 
 // Runs the fused kernel for n tokens and checks values and sentinels.
-void check_fused(const CompressedMatrix& m, DType t, int64_t n, bool accumulate, int nb, emulated::Grid grid,
-                 uint64_t seed) {
+void check_fused(const CompressedMatrix& m, DType t, int64_t n, bool accumulate, int nb,
+                 emulated::Grid grid, uint64_t seed) {
   SCOPED_TRACE(std::to_string(m.rows) + "x" + std::to_string(m.cols) + " " + name(t) + " tokens " +
-               std::to_string(n) + " nb " + std::to_string(nb) + (accumulate ? " accumulate" : "") + " grid " +
-               std::to_string(grid.x) + "," + std::to_string(grid.z) + " seed " + std::to_string(seed));
+               std::to_string(n) + " nb " + std::to_string(nb) + (accumulate ? " accumulate" : "") +
+               " grid " + std::to_string(grid.x) + "," + std::to_string(grid.z) + " seed " +
+               std::to_string(seed));
   const int64_t ldx = m.cols + 2;
   const int64_t ldy = m.rows + 3;
   Acts x = random_acts(t, static_cast<size_t>(n * ldx + 1), seed);
@@ -52,7 +55,8 @@ void check_fused(const CompressedMatrix& m, DType t, int64_t n, bool accumulate,
       for (int64_t r = 0; r < m.rows; ++r) y.set(k * ldy + r, y0.get(k * ldy + r));
     }
   }
-  emulated::v1_fused(host_view(m), v1_decode_table(), t, x.data(), ldx, y.data(), ldy, n, accumulate, nb, grid);
+  emulated::v1_fused(host_view(m), v1_decode_table(), t, x.data(), ldx, y.data(), ldy, n,
+                     accumulate, nb, grid);
   std::vector<double> got, want;
   for (int64_t k = 0; k < n; ++k) {
     const std::vector<float> ref = ref_matvec(m, x, static_cast<size_t>(k * ldx));
@@ -65,7 +69,8 @@ void check_fused(const CompressedMatrix& m, DType t, int64_t n, bool accumulate,
   for (size_t i = 0; i < y.size(); ++i) {
     const int64_t k = static_cast<int64_t>(i) / ldy, r = static_cast<int64_t>(i) % ldy;
     const bool inside = k < n && r < m.rows;
-    ASSERT_EQ(is_sentinel(y, i), !inside) << "element " << i << (inside ? " not written" : " overwritten");
+    ASSERT_EQ(is_sentinel(y, i), !inside)
+        << "element " << i << (inside ? " not written" : " overwritten");
   }
 }
 
@@ -97,26 +102,33 @@ TEST(FusedEmu, EmptyShapesAreNoOps) {
   const CompressedMatrix m = random_matrix(0, 5, 0.5, 1);
   Acts x(DType::kF32, 8), y(DType::kF32, 8);
   fill_sentinel(y);
-  emulated::v1_fused(host_view(m), v1_decode_table(), DType::kF32, x.data(), 5, y.data(), 0, 1, false);
+  emulated::v1_fused(host_view(m), v1_decode_table(), DType::kF32, x.data(), 5, y.data(), 0, 1,
+                     false);
   const CompressedMatrix m2 = random_matrix(3, 4, 0.5, 2);
-  emulated::v1_fused(host_view(m2), v1_decode_table(), DType::kF32, x.data(), 4, y.data(), 3, 0, false);
+  emulated::v1_fused(host_view(m2), v1_decode_table(), DType::kF32, x.data(), 4, y.data(), 3, 0,
+                     false);
   for (size_t i = 0; i < y.size(); ++i) EXPECT_TRUE(is_sentinel(y, i));
   // Zero columns: y = 0 (or unchanged with accumulate).
   const CompressedMatrix m3 = random_matrix(3, 0, 0.5, 3);
-  emulated::v1_fused(host_view(m3), v1_decode_table(), DType::kF32, x.data(), 0, y.data(), 3, 2, false);
+  emulated::v1_fused(host_view(m3), v1_decode_table(), DType::kF32, x.data(), 0, y.data(), 3, 2,
+                     false);
   for (size_t i = 0; i < 6; ++i) EXPECT_EQ(y.get(i), 0.0f);
 }
 
 TEST(FusedEmu, RejectsBadArguments) {
   const CompressedMatrix m = random_matrix(4, 10, 0.5, 1);
   Acts x(DType::kF32, 40), y(DType::kF32, 40);
-  EXPECT_THROW(emulated::v1_fused(host_view(m), v1_decode_table(), DType::kU8, x.data(), 10, y.data(), 4, 1, false),
+  EXPECT_THROW(emulated::v1_fused(host_view(m), v1_decode_table(), DType::kU8, x.data(), 10,
+                                  y.data(), 4, 1, false),
                InvalidArgument);
-  EXPECT_THROW(emulated::v1_fused(host_view(m), v1_decode_table(), DType::kF32, x.data(), 9, y.data(), 4, 2, false),
+  EXPECT_THROW(emulated::v1_fused(host_view(m), v1_decode_table(), DType::kF32, x.data(), 9,
+                                  y.data(), 4, 2, false),
                InvalidArgument);
-  EXPECT_THROW(emulated::v1_fused(host_view(m), v1_decode_table(), DType::kF32, x.data(), 10, y.data(), 3, 2, false),
+  EXPECT_THROW(emulated::v1_fused(host_view(m), v1_decode_table(), DType::kF32, x.data(), 10,
+                                  y.data(), 3, 2, false),
                InvalidArgument);
-  EXPECT_THROW(emulated::v1_fused(host_view(m), v1_decode_table(), DType::kF32, x.data(), 10, y.data(), 4, 2, false, 4),
+  EXPECT_THROW(emulated::v1_fused(host_view(m), v1_decode_table(), DType::kF32, x.data(), 10,
+                                  y.data(), 4, 2, false, 4),
                InvalidArgument);
 }
 
@@ -137,15 +149,18 @@ Routing route(const std::vector<int>& expert_of, int n_experts, uint64_t seed) {
   std::partial_sum(r.offsets.begin(), r.offsets.end(), r.offsets.begin());
   r.token_ids.resize(expert_of.size());
   std::vector<int32_t> fill(r.offsets.begin(), r.offsets.end() - 1);
-  for (size_t tk = 0; tk < expert_of.size(); ++tk) r.token_ids[fill[expert_of[tk]]++] = static_cast<int32_t>(tk);
+  for (size_t tk = 0; tk < expert_of.size(); ++tk)
+    r.token_ids[fill[expert_of[tk]]++] = static_cast<int32_t>(tk);
   for (size_t i = 0; i < expert_of.size(); ++i) r.scales.push_back(u(rng));
   return r;
 }
 
-void check_grouped(const std::vector<CompressedMatrix>& experts, const Routing& rt, int64_t n_tokens, DType t,
-                   bool use_scales, bool use_out_ids, bool accumulate, int nb, emulated::Grid grid, uint64_t seed) {
-  SCOPED_TRACE(name(t) + " nb " + std::to_string(nb) + (use_scales ? " scales" : "") + (use_out_ids ? " out_ids" : "") +
-               (accumulate ? " accumulate" : "") + " seed " + std::to_string(seed));
+void check_grouped(const std::vector<CompressedMatrix>& experts, const Routing& rt,
+                   int64_t n_tokens, DType t, bool use_scales, bool use_out_ids, bool accumulate,
+                   int nb, emulated::Grid grid, uint64_t seed) {
+  SCOPED_TRACE(name(t) + " nb " + std::to_string(nb) + (use_scales ? " scales" : "") +
+               (use_out_ids ? " out_ids" : "") + (accumulate ? " accumulate" : "") + " seed " +
+               std::to_string(seed));
   const int64_t cols = experts[0].cols;
   int64_t max_rows = 0;
   for (const auto& e : experts) max_rows = std::max(max_rows, e.rows);
@@ -165,7 +180,8 @@ void check_grouped(const std::vector<CompressedMatrix>& experts, const Routing& 
   std::vector<int64_t> rows_of(static_cast<size_t>(n_out), -1);
   std::vector<int> expert_of_slot(static_cast<size_t>(n_slots));
   for (size_t e = 0; e + 1 < rt.offsets.size(); ++e) {
-    for (int32_t s = rt.offsets[e]; s < rt.offsets[e + 1]; ++s) expert_of_slot[s] = static_cast<int>(e);
+    for (int32_t s = rt.offsets[e]; s < rt.offsets[e + 1]; ++s)
+      expert_of_slot[s] = static_cast<int>(e);
   }
   for (int64_t s = 0; s < n_slots; ++s) {
     const int64_t o = use_out_ids ? out_ids[s] : rt.token_ids[s];
@@ -206,14 +222,16 @@ void check_grouped(const std::vector<CompressedMatrix>& experts, const Routing& 
   for (size_t i = 0; i < y.size(); ++i) {
     const int64_t o = static_cast<int64_t>(i) / ldy, r = static_cast<int64_t>(i) % ldy;
     const bool inside = o < n_out && rows_of[o] >= 0 && r < rows_of[o];
-    ASSERT_EQ(is_sentinel(y, i), !inside) << "element " << i << (inside ? " not written" : " overwritten");
+    ASSERT_EQ(is_sentinel(y, i), !inside)
+        << "element " << i << (inside ? " not written" : " overwritten");
   }
 }
 
 std::vector<CompressedMatrix> make_experts(int n, int64_t max_rows, int64_t cols, uint64_t seed) {
   std::vector<CompressedMatrix> ex;
   for (int e = 0; e < n; ++e) {
-    const int64_t rows = e % 3 == 2 ? max_rows - 5 : max_rows;  // some experts shorter than max_rows
+    const int64_t rows =
+        e % 3 == 2 ? max_rows - 5 : max_rows;  // some experts shorter than max_rows
     ex.push_back(random_matrix(rows, cols, e % 4 == 3 ? 0.5 : 0.885, seed + e));
   }
   return ex;
@@ -286,7 +304,8 @@ TEST(GroupedEmu, TopTwoRoutingAccumulatesAtomicallyInFp32) {
   for (int e = 0; e < 4; ++e) {
     for (int32_t s = offsets[e]; s < offsets[e + 1]; ++s) {
       const auto ref = ref_matvec(experts[e], x, static_cast<size_t>(token_ids[s] * ldx));
-      for (int64_t r = 0; r < experts[e].rows; ++r) want[token_ids[s] * ldy + r] += scales[s] * ref[r];
+      for (int64_t r = 0; r < experts[e].rows; ++r)
+        want[token_ids[s] * ldy + r] += scales[s] * ref[r];
     }
   }
   std::vector<double> got(y.size());
@@ -294,20 +313,22 @@ TEST(GroupedEmu, TopTwoRoutingAccumulatesAtomicallyInFp32) {
   EXPECT_LE(nerr(got, want), kTolF32);
 }
 
-// ---- decode to dense -----------------------------------------------------------------------------
+// ---- decode to dense
+// -----------------------------------------------------------------------------
 
 class DenseEmu : public ::testing::TestWithParam<Shape> {};
 
 void check_dense(const CompressedMatrix& m, DType t, int64_t r0, int64_t r1) {
-  SCOPED_TRACE(std::string(codec_name(m.codec)) + " " + name(t) + " rows " + std::to_string(r0) + ".." +
-               std::to_string(r1));
+  SCOPED_TRACE(std::string(codec_name(m.codec)) + " " + name(t) + " rows " + std::to_string(r0) +
+               ".." + std::to_string(r1));
   const int64_t ld = m.cols + 3;
   Acts out(t, static_cast<size_t>((r1 - r0) * ld + 4));
   fill_sentinel(out);
   if (m.codec == Codec::kV1) {
     emulated::v1_decode_dense(host_view(m), v1_decode_table(), r0, r1, t, out.data(), ld);
   } else {
-    emulated::p5_decode_dense(m.packed.data(), m.levels.data(), m.rows, m.cols, r0, r1, t, out.data(), ld);
+    emulated::p5_decode_dense(m.packed.data(), m.levels.data(), m.rows, m.cols, r0, r1, t,
+                              out.data(), ld);
   }
   std::vector<float> ref(static_cast<size_t>(m.rows * m.cols));
   decode_ref(m.view(), ref.data());
@@ -326,7 +347,8 @@ void check_dense(const CompressedMatrix& m, DType t, int64_t r0, int64_t r1) {
 TEST_P(DenseEmu, BitExactWithReferenceForEveryType) {
   const Shape s = GetParam();
   for (Codec codec : {Codec::kV1, Codec::kP5}) {
-    const CompressedMatrix m = random_matrix(s.rows, s.cols, s.p_zero, 3000 + s.rows + s.cols, codec);
+    const CompressedMatrix m =
+        random_matrix(s.rows, s.cols, s.p_zero, 3000 + s.rows + s.cols, codec);
     for (DType t : kTypes) check_dense(m, t, 0, m.rows);
     check_dense(m, DType::kBF16, m.rows / 3, m.rows - m.rows / 4);  // a tile of rows
   }
@@ -337,10 +359,12 @@ INSTANTIATE_TEST_SUITE_P(Shapes, DenseEmu, ::testing::ValuesIn(kShapes), shape_n
 TEST(DenseEmu, RejectsBadRowRanges) {
   const CompressedMatrix m = random_matrix(4, 10, 0.5, 1);
   Acts out(DType::kBF16, 64);
-  EXPECT_THROW(emulated::v1_decode_dense(host_view(m), v1_decode_table(), 2, 5, DType::kBF16, out.data(), 10),
+  EXPECT_THROW(emulated::v1_decode_dense(host_view(m), v1_decode_table(), 2, 5, DType::kBF16,
+                                         out.data(), 10),
                InvalidArgument);
-  EXPECT_THROW(emulated::v1_decode_dense(host_view(m), v1_decode_table(), 0, 4, DType::kBF16, out.data(), 9),
-               InvalidArgument);
+  EXPECT_THROW(
+      emulated::v1_decode_dense(host_view(m), v1_decode_table(), 0, 4, DType::kBF16, out.data(), 9),
+      InvalidArgument);
 }
 
 }  // namespace

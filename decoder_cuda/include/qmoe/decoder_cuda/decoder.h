@@ -41,7 +41,8 @@ class DeviceMatrix {
  public:
   // Validates `m` (qmoe::validate, FormatError on a malformed matrix) and copies it to the
   // current device; synchronises `stream` before returning so `m` may be freed afterwards.
-  explicit DeviceMatrix(const CompressedView& m, ForwardOptions opt = {}, cudaStream_t stream = nullptr);
+  explicit DeviceMatrix(const CompressedView& m, ForwardOptions opt = {},
+                        cudaStream_t stream = nullptr);
   ~DeviceMatrix();
   DeviceMatrix(DeviceMatrix&&) noexcept;
   DeviceMatrix& operator=(DeviceMatrix&&) noexcept;
@@ -62,8 +63,8 @@ class DeviceMatrix {
   // y = W x (accumulate = false) or y += W x for n_tokens tokens: x_dev is n_tokens x cols with
   // row stride ldx, y_dev n_tokens x rows with row stride ldy, both of type act (kBF16, kF16,
   // kF32); fp32 accumulation. Asynchronous on `stream`.
-  void forward(DType act, const void* x_dev, int64_t ldx, void* y_dev, int64_t ldy, int64_t n_tokens,
-               bool accumulate, cudaStream_t stream = nullptr);
+  void forward(DType act, const void* x_dev, int64_t ldx, void* y_dev, int64_t ldy,
+               int64_t n_tokens, bool accumulate, cudaStream_t stream = nullptr);
 
   // Decodes rows [row_begin, row_end) to out_dev (type `out`, row stride ld_out >= cols),
   // bit-exact with decode_ref(). Asynchronous on `stream`.

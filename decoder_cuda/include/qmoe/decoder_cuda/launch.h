@@ -10,7 +10,7 @@
 #include "qmoe/format/dtype.h"
 
 // Forward declarations of the CUDA handle types, so that this header needs no CUDA headers.
-typedef struct CUstream_st* cudaStream_t;    // NOLINT(modernize-use-using)
+typedef struct CUstream_st* cudaStream_t;      // NOLINT(modernize-use-using)
 typedef struct cublasContext* cublasHandle_t;  // NOLINT(modernize-use-using)
 
 namespace qmoe::cuda {
@@ -70,7 +70,8 @@ struct GroupedArgs {
   // Tokens decoded together per codeword: 1, 8 or 32 (0 = chosen from total_slots/num_experts).
   int tokens_per_pass = 0;
 };
-void launch_v1_grouped(const GroupedArgs& g, const int32_t* table_dev, DType act, cudaStream_t stream);
+void launch_v1_grouped(const GroupedArgs& g, const int32_t* table_dev, DType act,
+                       cudaStream_t stream);
 
 // Decodes rows [row_begin, row_end) of a qmoe-v1 matrix to dense `out` (kBF16, kF16 or kF32):
 // row r goes to out_dev + (r - row_begin)*ld_out, ld_out >= cols. Bit-exact with decode_ref().
