@@ -1,0 +1,172 @@
+// qmoe encode | decode | verify | dictionary
+#include <cstring>
+#include <iostream>
+#include <regex>
+#include <string>
+#include <vector>
+
+#include "command.h"
+#include "qmoe/encoder/encode.h"
+#include "qmoe/format/bf16.h"
+#include "qmoe/format/container.h"
+#include "qmoe/format/error.h"
+#include "qmoe/format/reference.h"
+#include "qmoe/format/safetensors.h"
+#include "util.h"
+
+namespace qmoe::cli {
+namespace {
+
+bool is_float_dtype(DType t) { return t == DType::kF32 || t == DType::kF16 || t == DType::kBF16; }
+
+// ---- encode -------------------------------------------------------------------------------------
+struct EncodeArgs {
+  std::string input, output, tensors = ".*", codec = "auto";
+  int threads = 0;
+  std::string shard_size = "0";
+};
+
+int run_encode(const EncodeArgs& a) {
+  Stopwatch clock;
+  const auto in = SafetensorsFile::open(a.input);
+  const std::regex select(a.tensors);
+  std::optional<Codec> codec;
+  if (a.codec != "auto") {
+    codec = codec_from_name(a.codec);
+    if (!codec) throw InvalidArgument("unknown codec '" + a.codec + "' (qmoe-v1, qmoe-p5 or auto)");
+  }
+  ContainerWriter out(a.output, {.shard_size = parse_bytes(a.shard_size)});
+  // The input's own metadata is kept, except the keys the container defines itself; a source
+  // "format" (e.g. "pt") is kept as "source_format".
+  for (const auto& [k, v] : in.metadata()) {
+    if (k == "format") out.set_metadata("source_format", v);
+    else if (k != "format_version" && k.rfind("qmoe.", 0) != 0) out.set_metadata(k, v);
+  }
+  out.set_metadata("quantizer", "rtn");
+  int64_t n_compressed = 0, weights = 0, in_bytes = 0, out_bytes = 0;
+  for (const auto& t : in.tensors()) {
+    const bool pick = t.shape.size() == 2 && is_float_dtype(t.dtype) && std::regex_match(t.name, select);
+    if (!pick) {
+      out.add_dense(t.name, t.dtype, t.shape, in.bytes(t));
+      continue;
+    }
+    const auto tern = ternarize_rtn(in.bytes(t).data(), t.dtype, t.shape[0], t.shape[1]);
+    const auto m = encode(tern, {.codec = codec, .threads = a.threads});
+    out.add_compressed(t.name, m.view(), t.dtype);
+    ++n_compressed;
+    weights += t.numel();
+    in_bytes += t.nbytes();
+    out_bytes += m.view().compressed_bytes();
+    std::printf("%-60s %6lld x %-6lld %s  zeros %5.1f%%  %.3f bits/weight\n", t.name.c_str(),
+                static_cast<long long>(t.shape[0]), static_cast<long long>(t.shape[1]),
+                std::string(codec_name(m.codec)).c_str(), 100.0 * tern.zero_fraction(), m.view().bits_per_weight());
+  }
+  const auto files = out.finish();
+  const double secs = clock.seconds();
+  std::printf("encoded %lld matrices (%lld weights, round-to-nearest ternary): %s -> %s, %.3f bits/weight, "
+              "%.1f M weights/s; wrote %zu file(s) to %s\n",
+              static_cast<long long>(n_compressed), static_cast<long long>(weights), human_bytes(static_cast<double>(in_bytes)).c_str(),
+              human_bytes(static_cast<double>(out_bytes)).c_str(),
+              weights ? 8.0 * static_cast<double>(out_bytes) / static_cast<double>(weights) : 0.0,
+              static_cast<double>(weights) / secs / 1e6, files.size(), a.output.c_str());
+  return 0;
+}
+
+Registrar encode_cmd("encode", [](CLI::App& app) -> std::function<int()> {
+  auto a = std::make_shared<EncodeArgs>();
+  app.description("Ternarize (round to nearest) and encode the 2-D float tensors of a safetensors file");
+  app.add_option("input", a->input, "input .safetensors file")->required()->check(CLI::ExistingFile);
+  app.add_option("-o,--output", a->output, "output container (a directory when --shard-size is given)")->required();
+  app.add_option("--tensors", a->tensors, "regular expression selecting the tensors to compress (default: all 2-D float tensors)");
+  app.add_option("--codec", a->codec, "qmoe-v1, qmoe-p5 or auto (the smaller per matrix)");
+  app.add_option("--threads", a->threads, "threads (0 = all)");
+  app.add_option("--shard-size", a->shard_size, "shard the output at about this size (e.g. 2G); 0 = one file");
+  return [a] { return run_encode(*a); };
+});
+
+// ---- decode -------------------------------------------------------------------------------------
+struct DecodeArgs {
+  std::string input, output, dtype = "BF16";
+};
+
+int run_decode(const DecodeArgs& a) {
+  auto dtype = dtype_from_name(a.dtype);
+  if (!dtype || !is_float_dtype(*dtype)) throw InvalidArgument("--dtype must be F32, F16 or BF16");
+  const auto c = Container::open(a.input);
+  SafetensorsWriter out(a.output);
+  for (const auto& [k, v] : c.metadata()) {
+    if (k.rfind("qmoe.", 0) != 0 && k != "format" && k != "format_version") out.set_metadata(k, v);
+  }
+  for (const auto& d : c.dense()) out.add(d.name, d.dtype, d.shape, d.bytes);
+  std::vector<float> dense;
+  std::vector<std::byte> bytes;
+  for (const auto& e : c.compressed()) {
+    const auto& v = e.view;
+    dense.resize(static_cast<size_t>(v.rows * v.cols));
+    decode_ref(v, dense.data());
+    bytes.resize(dense.size() * static_cast<size_t>(dtype_size(*dtype)));
+    if (*dtype == DType::kF32) {
+      std::memcpy(bytes.data(), dense.data(), bytes.size());
+    } else {
+      auto* p = reinterpret_cast<uint16_t*>(bytes.data());
+      for (size_t i = 0; i < dense.size(); ++i) p[i] = *dtype == DType::kBF16 ? float_to_bf16(dense[i]) : float_to_fp16(dense[i]);
+    }
+    out.add(e.name, *dtype, {v.rows, v.cols}, bytes);
+  }
+  out.finish();
+  std::printf("decoded %zu compressed and %zu dense tensors to %s (%s)\n", c.compressed().size(), c.dense().size(),
+              a.output.c_str(), std::string(dtype_name(*dtype)).c_str());
+  return 0;
+}
+
+Registrar decode_cmd("decode", [](CLI::App& app) -> std::function<int()> {
+  auto a = std::make_shared<DecodeArgs>();
+  app.description("Expand a qmoe container back to a dense safetensors file");
+  app.add_option("input", a->input, "container file, index JSON or directory")->required();
+  app.add_option("-o,--output", a->output, "output .safetensors file")->required();
+  app.add_option("--dtype", a->dtype, "dtype of the decoded matrices: BF16 (default), F16 or F32");
+  return [a] { return run_decode(*a); };
+});
+
+// ---- verify -------------------------------------------------------------------------------------
+int run_verify(const std::string& input) {
+  Stopwatch clock;
+  try {
+    const auto c = Container::open(input, {.verify_checksums = true, .validate_codes = true});
+    int64_t weights = 0;
+    for (const auto& e : c.compressed()) weights += e.view.rows * e.view.cols;
+    std::printf("%s: OK (%zu compressed matrices, %lld weights, %zu dense tensors, %zu file(s); checksums, "
+                "offsets, codes and levels checked in %.2f s)\n",
+                input.c_str(), c.compressed().size(), static_cast<long long>(weights), c.dense().size(),
+                c.files().size(), clock.seconds());
+    return 0;
+  } catch (const FormatError& e) {
+    std::printf("%s: FAILED: %s\n", input.c_str(), e.what());
+    return 1;
+  }
+}
+
+Registrar verify_cmd("verify", [](CLI::App& app) -> std::function<int()> {
+  auto input = std::make_shared<std::string>();
+  app.description("Check a container completely: checksums, offsets, codes, levels (exit 0 when sound, 1 otherwise)");
+  app.add_option("input", *input, "container file, index JSON or directory")->required();
+  return [input] { return run_verify(*input); };
+});
+
+// ---- dictionary ---------------------------------------------------------------------------------
+Registrar dictionary_cmd("dictionary", [](CLI::App& app) -> std::function<int()> {
+  auto codec = std::make_shared<std::string>("qmoe-v1");
+  auto out = std::make_shared<std::string>();
+  app.description("Write a codec's decode table (qmoe-v1: 65536 x 2 int32, little endian)");
+  app.add_option("--codec", *codec, "codec (only qmoe-v1 has a dictionary)");
+  app.add_option("--out", *out, "output file")->required();
+  return [codec, out] {
+    if (*codec != "qmoe-v1") throw InvalidArgument("codec '" + *codec + "' has no dictionary (use qmoe-v1)");
+    write_file_atomic(*out, v1_decode_table(), static_cast<size_t>(v1::kTableBytes));
+    std::printf("wrote the qmoe-v1 decode table (%lld bytes) to %s\n", static_cast<long long>(v1::kTableBytes), out->c_str());
+    return 0;
+  };
+});
+
+}  // namespace
+}  // namespace qmoe::cli

@@ -1,0 +1,33 @@
+// Small helpers shared by the subcommands.
+#pragma once
+
+#include <chrono>
+#include <cstdint>
+#include <cstdio>
+#include <filesystem>
+#include <string>
+#include <vector>
+
+namespace qmoe::cli {
+
+// "1.23 MB"-style size (powers of 1000).
+std::string human_bytes(double bytes);
+// Parses "123", "64M", "1.5G", "2GiB" into bytes; throws InvalidArgument.
+int64_t parse_bytes(const std::string& s);
+// Peak resident set size of this process in bytes (from /proc/self/status VmHWM).
+int64_t peak_rss_bytes();
+// Writes `data` to `path` atomically (temporary file in the same folder, then rename).
+void write_file_atomic(const std::filesystem::path& path, const void* data, size_t size);
+
+class Stopwatch {
+ public:
+  Stopwatch() : t0_(std::chrono::steady_clock::now()) {}
+  double seconds() const {
+    return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0_).count();
+  }
+
+ private:
+  std::chrono::steady_clock::time_point t0_;
+};
+
+}  // namespace qmoe::cli
