@@ -198,7 +198,9 @@ void Container::Impl::load_shard(size_t shard_idx, const ContainerOpenOptions& o
 
   // Tensor groups.
   std::set<std::string> claimed;
-  for (const auto& [name, decl] : matrices) {
+  for (const auto& entry : matrices) {
+    const std::string& name = entry.first;  // not a structured binding: lambdas below capture it
+    const MatrixDecl& decl = entry.second;
     if (name.empty() || starts_with(name, kReservedPrefix) || is_member_name(name)) {
       throw fail(name, "reserved or empty matrix name");
     }

@@ -25,13 +25,15 @@ struct Small {
     p = encode_p5(tp);
   }
   fs::path write(const TempDir& dir, const std::string& name = "c.safetensors") const {
-    const fs::path path = dir / name;
+    write_to(dir / name);
+    return dir / name;
+  }
+  void write_to(const fs::path& path) const {
     ContainerWriter w(path);
     w.add_dense("embed", DType::kF32, {4}, bytes_of(embed));
     w.add_compressed("m", m.view(), DType::kF32);
     w.add_compressed("p", p.view(), DType::kF32);
     w.finish();
-    return path;
   }
 };
 
@@ -372,6 +374,15 @@ TEST(ContainerGolden, Regenerate) {
   variant("padding-symbol.safetensors", [](Header& h, Data& d) { poke<uint8_t>(h, d, "w.qmoe_packed", 1, 2 + 27); });
   variant("nan-level.safetensors", [](Header& h, Data& d) { poke<uint16_t>(h, d, "w.qmoe_levels", 1, 0x7fc0); });
   variant("missing-member.safetensors", [](Header& h, Data&) { rename_tensor(h, "w.qmoe_levels", "stray"); });
+
+  // Seeds for the container fuzzer (tests/fuzz): the files above and one with a qmoe-v1 matrix.
+  const fs::path corpus = fs::path(QMOE_SOURCE_DIR) / "tests/fuzz/corpus/container";
+  fs::create_directories(corpus);
+  fs::copy_file(valid, corpus / "valid-p5.safetensors", fs::copy_options::overwrite_existing);
+  for (const auto& e : fs::directory_iterator(dir / "invalid")) {
+    fs::copy_file(e.path(), corpus / e.path().filename(), fs::copy_options::overwrite_existing);
+  }
+  Small().write_to(corpus / "valid-v1.safetensors");
 }
 
 // Committed golden files (tests/format/golden/): a valid qmoe-p5 container whose content is

@@ -1,0 +1,95 @@
+// libFuzzer target: arbitrary bytes as an encoded matrix (CompressedView). validate() must accept
+// or throw FormatError; decoding a view that validate() accepted must succeed, and the three
+// reference entry points (symbols, dense, matvec) must agree.
+//
+// Input layout: byte 0 bit 0 = codec (0 v1, 1 p5), bit 1 = row offsets raw (1) or built from
+// per-row code counts (0, mostly monotone, reaches deeper); byte 1 = rows (0..15); bytes 2-3 =
+// cols (0..1023); then 2*rows bf16 levels; then for v1 the row offsets (rows+1 int32 raw, or
+// rows count bytes) and the codes (uint16) from the rest; for p5 the packed bytes from the rest.
+#include <cmath>
+#include <cstddef>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#include "qmoe/format/error.h"
+#include "qmoe/format/matrix.h"
+#include "qmoe/format/reference.h"
+
+namespace {
+
+struct Reader {
+  const uint8_t* p;
+  size_t n;
+  template <class T>
+  std::vector<T> take(size_t count) {
+    const size_t bytes = std::min(n, count * sizeof(T)) / sizeof(T) * sizeof(T);
+    std::vector<T> v(bytes / sizeof(T));
+    if (bytes > 0) std::memcpy(v.data(), p, bytes);
+    p += bytes;
+    n -= bytes;
+    return v;
+  }
+};
+
+}  // namespace
+
+extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
+  if (size < 4) return 0;
+  Reader in{data + 4, size - 4};
+  qmoe::CompressedView v;
+  v.codec = (data[0] & 1) ? qmoe::Codec::kP5 : qmoe::Codec::kV1;
+  v.rows = data[1] & 15;
+  v.cols = (data[2] | (data[3] << 8)) & 1023;
+  const auto levels = in.take<uint16_t>(static_cast<size_t>(2 * v.rows));
+  std::vector<int32_t> offsets;
+  std::vector<uint16_t> codes;
+  std::vector<uint8_t> packed;
+  if (v.codec == qmoe::Codec::kV1) {
+    if (data[0] & 2) {
+      offsets = in.take<int32_t>(static_cast<size_t>(v.rows + 1));
+    } else {
+      const auto counts = in.take<uint8_t>(static_cast<size_t>(v.rows));
+      offsets.push_back(0);
+      for (uint8_t c : counts) offsets.push_back(offsets.back() + c);
+    }
+    codes = in.take<uint16_t>(in.n / 2);
+  } else {
+    packed = in.take<uint8_t>(in.n);
+  }
+  v.levels = levels;
+  v.row_offsets = offsets;
+  v.codes = codes;
+  v.packed = packed;
+
+  const size_t n = static_cast<size_t>(v.rows * v.cols);
+  std::vector<float> dense(n);
+  // Decoding without validation must be safe too: it throws on malformed streams.
+  try {
+    qmoe::decode_ref(v, dense.data());
+  } catch (const qmoe::FormatError&) {
+  }
+  try {
+    qmoe::validate(v, "fuzz");
+  } catch (const qmoe::FormatError&) {
+    return 0;
+  }
+  std::vector<uint8_t> symbols(n);
+  qmoe::decode_symbols_ref(v, symbols.data());
+  qmoe::decode_ref(v, dense.data());
+  std::vector<float> x(static_cast<size_t>(v.cols), 1.0f), y(static_cast<size_t>(v.rows));
+  qmoe::matvec_ref(v, x.data(), y.data());
+  for (int64_t r = 0; r < v.rows; ++r) {
+    double sum = 0;
+    for (int64_t c = 0; c < v.cols; ++c) {
+      const size_t i = static_cast<size_t>(r * v.cols + c);
+      if (symbols[i] > 2) __builtin_trap();
+      const float want = qmoe::symbol_value(symbols[i], qmoe::bf16_to_float(v.levels[2 * r]),
+                                            qmoe::bf16_to_float(v.levels[2 * r + 1]));
+      if (dense[i] != want) __builtin_trap();
+      sum += want;
+    }
+    if (static_cast<float>(sum) != y[r]) __builtin_trap();
+  }
+  return 0;
+}
