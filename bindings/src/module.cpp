@@ -442,8 +442,6 @@ PyGptqResult gptq(const py::handle& w_obj, const py::handle& h_obj, const std::s
   return out;
 }
 
-DType weight_dtype_of(const FloatArg& w) { return w.dtype; }
-
 py::object compress_matrix(const py::handle& w_obj, const py::handle& h_obj, const std::string& grid,
                            double percdamp, int64_t blocksize, bool actorder, const std::string& codec,
                            int threads, bool bf16, bool with_stats) {
@@ -461,7 +459,7 @@ py::object compress_matrix(const py::handle& w_obj, const py::handle& h_obj, con
     if (in.h) h.emplace(in.h->data(), in.h->dtype, cols * cols);
     e = qmoe::compress_matrix(w.get(), rows, cols, h ? h->get() : nullptr, opt, enc);
   }
-  py::object m = py::cast(PyCompressed::owning(std::move(e.matrix), weight_dtype_of(in.w)));
+  py::object m = py::cast(PyCompressed::owning(std::move(e.matrix), in.w.dtype));
   if (!with_stats) return m;
   py::dict stats;
   stats["status"] = status_name(e.status);
@@ -781,7 +779,7 @@ ml_dtypes.bfloat16, C-contiguous, native byte order). metadata: str -> str pairs
 __metadata__ header (keys "format", "format_version" and "qmoe.*" are reserved).
 shard_size: 0 writes one file at `path`; otherwise `path` is a directory that receives shards of
 about shard_size bytes and model.safetensors.index.json. Files appear atomically.
-Returns the paths written. Raises ValueError for bad names, dtypes or arguments, RuntimeError for
+Returns the paths written (pathlib.Path). Raises ValueError for bad names, dtypes or arguments, RuntimeError for
 I/O failures.
 )doc");
 

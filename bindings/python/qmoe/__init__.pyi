@@ -1,0 +1,174 @@
+"""Type stubs of the qmoe module (the C++ extension qmoe._qmoe, re-exported by qmoe)."""
+
+import os
+import pathlib
+from typing import Any, Iterator, Literal, Mapping, Optional, Union, overload
+
+import numpy as np
+import numpy.typing as npt
+
+__version__: str
+
+PathLike = Union[str, os.PathLike[str]]
+# float32, float16, ml_dtypes.bfloat16, or uint16 bfloat16 bit patterns (with bf16=True).
+FloatArray = npt.ArrayLike
+CodecName = Literal["qmoe-v1", "qmoe-p5"]
+GridName = Literal["ternary", "ternary-sym", "uniform2", "uniform3", "uniform4"]
+
+class FormatError(RuntimeError):
+    """A file or encoded stream that is malformed, truncated or inconsistent."""
+
+class CompressedMatrix:
+    """An encoded ternary matrix (rows x cols); immutable."""
+
+    @staticmethod
+    def from_tensors(
+        codec: CodecName,
+        shape: tuple[int, int],
+        *,
+        levels: npt.ArrayLike,
+        codes: Optional[npt.ArrayLike] = None,
+        row_offsets: Optional[npt.ArrayLike] = None,
+        packed: Optional[npt.ArrayLike] = None,
+        original_dtype: str = "F32",
+    ) -> CompressedMatrix: ...
+    @property
+    def shape(self) -> tuple[int, int]: ...
+    @property
+    def rows(self) -> int: ...
+    @property
+    def cols(self) -> int: ...
+    @property
+    def codec(self) -> CodecName: ...
+    @property
+    def original_dtype(self) -> str: ...
+    @property
+    def nbytes(self) -> int: ...
+    @property
+    def bits_per_weight(self) -> float: ...
+    @property
+    def code_bits_per_weight(self) -> float: ...
+    @property
+    def codes(self) -> Optional[npt.NDArray[np.uint16]]: ...
+    @property
+    def row_offsets(self) -> Optional[npt.NDArray[np.int32]]: ...
+    @property
+    def packed(self) -> Optional[npt.NDArray[np.uint8]]: ...
+    @property
+    def levels(self) -> npt.NDArray[np.uint16]: ...
+    def decode(self) -> npt.NDArray[np.float32]: ...
+    def decode_symbols(self) -> npt.NDArray[np.uint8]: ...
+    def matvec(self, x: FloatArray, *, bf16: bool = False, threads: int = 0) -> npt.NDArray[np.float32]: ...
+    def matmul(self, X: FloatArray, *, bf16: bool = False, threads: int = 0) -> npt.NDArray[np.float32]: ...
+
+def ternarize_rtn(
+    w: FloatArray, *, bf16: bool = False
+) -> tuple[npt.NDArray[np.uint8], npt.NDArray[np.uint16]]: ...
+def encode(
+    symbols: npt.ArrayLike,
+    levels: npt.ArrayLike,
+    *,
+    codec: Union[CodecName, Literal["auto"]] = "qmoe-v1",
+    original_dtype: str = "F32",
+    threads: int = 0,
+) -> CompressedMatrix: ...
+
+class HessianAccumulator:
+    """Streaming sum of x x^T over calibration tokens, for GPTQ's Hessian."""
+
+    def __init__(self, columns: int, *, token_cap: int = 0) -> None: ...
+    @property
+    def columns(self) -> int: ...
+    @property
+    def count(self) -> int: ...
+    @property
+    def dropped(self) -> int: ...
+    @property
+    def token_cap(self) -> int: ...
+    def add(self, x: FloatArray, *, bf16: bool = False, threads: int = 0) -> int: ...
+    def merge(self, other: HessianAccumulator) -> None: ...
+    def hessian(self) -> Optional[npt.NDArray[np.float32]]: ...
+    def sum(self) -> npt.NDArray[np.float64]: ...
+
+def save_hessians(path: PathLike, accumulators: Mapping[str, HessianAccumulator]) -> None: ...
+def load_hessians(path: PathLike) -> dict[str, HessianAccumulator]: ...
+def expert_token_cap(total_tokens: int, num_experts: int, multiplier: float = 4.0) -> int: ...
+
+class GptqResult:
+    """The result of gptq(); unpacks as (symbols, levels, loss)."""
+
+    @property
+    def symbols(self) -> Optional[npt.NDArray[np.uint8]]: ...
+    @property
+    def levels(self) -> Optional[npt.NDArray[np.uint16]]: ...
+    @property
+    def dequantized(self) -> Optional[npt.NDArray[np.float32]]: ...
+    @property
+    def grid(self) -> GridName: ...
+    @property
+    def status(self) -> Literal["ok", "fallback-rtn"]: ...
+    @property
+    def reason(self) -> str: ...
+    @property
+    def fallback(self) -> bool: ...
+    @property
+    def loss(self) -> float: ...
+    @property
+    def output_loss(self) -> float: ...
+    @property
+    def lambda_(self) -> float: ...
+    @property
+    def dead_inputs(self) -> int: ...
+    def __iter__(self) -> Iterator[Any]: ...
+
+def gptq(
+    w: FloatArray,
+    h: Optional[FloatArray] = None,
+    *,
+    grid: GridName = "ternary",
+    percdamp: float = 0.1,
+    blocksize: int = 128,
+    actorder: bool = False,
+    double_precision: bool = False,
+    threads: int = 0,
+    bf16: bool = False,
+) -> GptqResult: ...
+@overload
+def compress_matrix(
+    w: FloatArray,
+    h: Optional[FloatArray] = None,
+    *,
+    grid: Literal["ternary", "ternary-sym"] = "ternary",
+    percdamp: float = 0.1,
+    blocksize: int = 128,
+    actorder: bool = False,
+    codec: Union[CodecName, Literal["auto"]] = "auto",
+    threads: int = 0,
+    bf16: bool = False,
+    with_stats: Literal[False] = False,
+) -> CompressedMatrix: ...
+@overload
+def compress_matrix(
+    w: FloatArray,
+    h: Optional[FloatArray] = None,
+    *,
+    grid: Literal["ternary", "ternary-sym"] = "ternary",
+    percdamp: float = 0.1,
+    blocksize: int = 128,
+    actorder: bool = False,
+    codec: Union[CodecName, Literal["auto"]] = "auto",
+    threads: int = 0,
+    bf16: bool = False,
+    with_stats: Literal[True],
+) -> tuple[CompressedMatrix, dict[str, Any]]: ...
+def save(
+    path: PathLike,
+    tensors: Mapping[str, Union[CompressedMatrix, npt.ArrayLike]],
+    *,
+    metadata: Optional[Mapping[str, str]] = None,
+    shard_size: int = 0,
+) -> list[pathlib.Path]: ...
+def load(
+    path: PathLike, *, verify_checksums: bool = False, raw_bf16: bool = False
+) -> dict[str, Union[CompressedMatrix, npt.NDArray[Any]]]: ...
+def load_metadata(path: PathLike) -> dict[str, str]: ...
