@@ -11,14 +11,19 @@ namespace qmoe::cpu::detail {
 // Per-dictionary data derived once from the decode tables (tables.cpp).
 struct Tables {
   // qmoe-v1, indexed by codeword, 8 bytes each:
-  //   v1_mask: bits 0..27 = columns (from the codeword's first column) holding the low level,
-  //            bits 32..59 = columns holding the high level, bits 60..63 = number of pairs.
   //   v1_list: bytes 0..2 = columns of the low-level symbols, byte 3 = n_low | (columns << 2),
   //            bytes 4..6 = columns of the high-level symbols, byte 7 = n_high. Unused column
   //            bytes are 0. Every dictionary entry has at most 3 non-zero symbols (checked when
   //            the tables are built), which is what makes this fit.
-  const uint64_t* v1_mask = nullptr;
   const uint64_t* v1_list = nullptr;
+  //   v1_slots: the non-zero symbols as three slots in column order: bytes 0 / 1 / 2 = columns of
+  //            slots 0 / 1 / 2 (0 when absent), bytes 3..4 = byte offset into v1_slot_masks of
+  //            the kinds (32 * (kind0 + 4 kind1 + 16 kind2), kind 0 absent, 1 low, 2 high),
+  //            byte 5 = columns the codeword covers.
+  const uint64_t* v1_slots = nullptr;
+  // 64 kind combinations x 2 (low, high) x 4 int32 lane masks: lane j is all ones when slot j has
+  // that kind; lane 3 is 0.
+  const int32_t* v1_slot_masks = nullptr;
   // qmoe-p5, indexed by byte (256 entries, 16 bytes each): bytes 0..4 = columns of the low-level
   // symbols, byte 5 = n_low, bytes 8..12 = columns of the high-level symbols, byte 13 = n_high.
   const uint8_t* p5_list = nullptr;

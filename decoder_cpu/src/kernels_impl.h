@@ -4,15 +4,15 @@
 // compiled for one ISA can be merged by the linker into another level's code path.
 //
 // Two ways through a row:
-//  * lists (every level, both codecs, any pass): decode the row's codes once into the ascending
-//    columns of its low-level and high-level symbols (at most 3 per v1 codeword, 5 per p5 byte),
-//    then, for every pass of tokens, sum the inputs at those columns. With column-major inputs a
-//    column is one contiguous vector of bp tokens, so each non-zero symbol costs one vector add
-//    per 8 tokens, whatever the batch: ~12% of the columns are visited.
-//  * masks (AVX-512, qmoe-v1, a single token): a codeword covers at most 28 columns, so two
-//    16-float loads at the codeword's column and four masked adds (low/high x two halves) add it
-//    in. The serial dependency (a codeword's width moves the column) is hidden by running four
-//    rows at once, each with its own accumulators.
+//  * slots (qmoe-v1, a single token): every dictionary entry has at most 3 non-zero symbols, so a
+//    codeword's inputs are one 4-float vector of its slot columns, split into low and high sums
+//    by two AND masks. One pass, no stores, a handful of operations per codeword.
+//  * lists (both codecs, any pass, the batch path): decode the row's codes once into the
+//    ascending columns of its low-level and high-level symbols (at most 3 per v1 codeword, 5 per
+//    p5 byte), then, for every pass of tokens, sum the inputs at those columns. With column-major
+//    inputs a column is one contiguous vector of bp tokens, so each non-zero symbol costs one
+//    vector add per 8 (16 with AVX-512) tokens, whatever the batch: ~12% of the columns are
+//    visited, and the decode is shared by up to 8 passes of 32 tokens.
 // A row's summation order depends only on its own codes and the level, never on the rows it is
 // interleaved with or on the thread that runs it; that makes results thread-count independent.
 #pragma once
@@ -20,7 +20,7 @@
 #include <cstdint>
 #include <cstring>
 
-#if defined(__AVX2__) || defined(__AVX512F__)
+#if defined(__AVX2__)
 #include <immintrin.h>
 #endif
 
@@ -102,26 +102,28 @@ inline float sum_at(const float* x, const int32_t* idx, int64_t n) {
   return (s0 + s1) + (s2 + s3);
 }
 
-// 8*NV tokens, column-major: column c is NV vectors at xt + c * 8 * NV (64-byte aligned rows of
-// 32-byte multiples). U partial sums per vector hide the add latency.
-template <int NV, int U>
-inline void sum_cols(const float* xt, const int32_t* idx, int64_t n, v8f* out) {
-  v8f acc[U][NV] = {};
+// Column-major tokens: column c is K vectors V at xt + c * K * lanes(V) (64-byte aligned, as the
+// pass stride is a multiple of 8 floats and the buffer is 64-byte aligned). U partial sums per
+// vector hide the add latency; they are combined in a fixed order. Writes K * lanes(V) floats.
+template <class V, int K, int U>
+inline void sum_cols(const float* xt, const int32_t* idx, int64_t n, float* out) {
+  constexpr int64_t kStride = K * static_cast<int64_t>(sizeof(V) / sizeof(float));
+  V acc[U][K] = {};
   int64_t i = 0;
   for (; i + U <= n; i += U) {
     for (int u = 0; u < U; ++u) {
-      const v8f* p = reinterpret_cast<const v8f*>(xt + static_cast<int64_t>(idx[i + u]) * (8 * NV));
-      for (int v = 0; v < NV; ++v) acc[u][v] += p[v];
+      const V* p = reinterpret_cast<const V*>(xt + static_cast<int64_t>(idx[i + u]) * kStride);
+      for (int v = 0; v < K; ++v) acc[u][v] += p[v];
     }
   }
   for (; i < n; ++i) {
-    const v8f* p = reinterpret_cast<const v8f*>(xt + static_cast<int64_t>(idx[i]) * (8 * NV));
-    for (int v = 0; v < NV; ++v) acc[0][v] += p[v];
+    const V* p = reinterpret_cast<const V*>(xt + static_cast<int64_t>(idx[i]) * kStride);
+    for (int v = 0; v < K; ++v) acc[0][v] += p[v];
   }
-  for (int v = 0; v < NV; ++v) {
-    v8f s = acc[0][v];
+  for (int v = 0; v < K; ++v) {
+    V s = acc[0][v];
     for (int u = 1; u < U; ++u) s += acc[u][v];
-    out[v] = s;
+    std::memcpy(out + v * (sizeof(V) / sizeof(float)), &s, sizeof(V));
   }
 }
 
@@ -131,17 +133,69 @@ inline void put(const Work& w, const Pass& p, int64_t r, int t, float v) {
   *dst = w.accumulate ? *dst + v : v;
 }
 
+// 8 * NV tokens.
 template <int NV>
 inline void finish_cols(const Work& w, const Pass& p, int64_t r, const int32_t* lo, int64_t n_lo,
                         const int32_t* hi, int64_t n_hi, float lo_level, float hi_level) {
   constexpr int U = NV == 1 ? 4 : 2;
-  v8f a[NV], b[NV];
-  sum_cols<NV, U>(p.xt, lo, n_lo, a);
-  sum_cols<NV, U>(p.xt, hi, n_hi, b);
   float sa[8 * NV], sb[8 * NV];
-  std::memcpy(sa, a, sizeof sa);
-  std::memcpy(sb, b, sizeof sb);
+#if defined(__AVX512F__)
+  if constexpr (NV % 2 == 0) {  // whole 16-float vectors: half the instructions of 8-float ones
+    typedef float v16f __attribute__((vector_size(64)));
+    sum_cols<v16f, NV / 2, U>(p.xt, lo, n_lo, sa);
+    sum_cols<v16f, NV / 2, U>(p.xt, hi, n_hi, sb);
+  } else
+#endif
+  {
+    sum_cols<v8f, NV, U>(p.xt, lo, n_lo, sa);
+    sum_cols<v8f, NV, U>(p.xt, hi, n_hi, sb);
+  }
   for (int t = 0; t < p.n; ++t) put(w, p, r, t, lo_level * sa[t] + hi_level * sb[t]);
+}
+
+// ---- one token, qmoe-v1: three slots per codeword -----------------------------------------
+// Every codeword has at most 3 non-zero symbols, so its inputs fit one 4-float vector: load the
+// three slot columns (an absent slot reads the codeword's first column), then AND with the slot
+// masks of the codeword's kinds, which zero absent slots exactly (whatever the input) and split
+// low from high. No lists, no second pass. Two accumulator pairs (even / odd codewords) halve the
+// add chain.
+typedef float v4f __attribute__((vector_size(16)));
+typedef int32_t v4i __attribute__((vector_size(16)));
+
+inline void v1_slots_step(const uint16_t*& c, int32_t& pos, const uint64_t* slots,
+                          const char* masks, const float* x, v4f& lo, v4f& hi) {
+  // Byte-aligned fields: each is one move or shift for the compiler.
+  const uint64_t r = slots[*c++];
+  const float* xp = x + pos;
+  const v4f v = {xp[r & 0xff], xp[(r >> 8) & 0xff], xp[(r >> 16) & 0xff], 0.0f};
+  const v4i* m = reinterpret_cast<const v4i*>(masks + ((r >> 24) & 0xffff));
+  lo += reinterpret_cast<v4f>(reinterpret_cast<v4i>(v) & m[0]);
+  hi += reinterpret_cast<v4f>(reinterpret_cast<v4i>(v) & m[1]);
+  pos += static_cast<int32_t>(r >> 40);
+}
+
+inline float hsum4(v4f v) {
+  return (v[0] + v[1]) + (v[2] + v[3]);
+}
+
+void rows_v1_slots(const Work& w, const Tables& tb, int64_t r0, int64_t r1) {
+  const Matrix& m = w.m;
+  const Pass& p = w.passes[0];
+  const char* masks = reinterpret_cast<const char*>(tb.v1_slot_masks);
+  for (int64_t r = r0; r < r1; ++r) {
+    const uint16_t* c = m.codes + m.row_offsets[r];
+    const uint16_t* end = m.codes + m.row_offsets[r + 1];
+    int32_t pos = 0;
+    v4f lo_a = {}, hi_a = {}, lo_b = {}, hi_b = {};
+    while (end - c >= 2) {
+      v1_slots_step(c, pos, tb.v1_slots, masks, p.xt, lo_a, hi_a);
+      v1_slots_step(c, pos, tb.v1_slots, masks, p.xt, lo_b, hi_b);
+    }
+    if (c != end) v1_slots_step(c, pos, tb.v1_slots, masks, p.xt, lo_a, hi_a);
+    const float lo_level = bf16_bits_to_float(m.levels[2 * r]);
+    const float hi_level = bf16_bits_to_float(m.levels[2 * r + 1]);
+    put(w, p, r, 0, lo_level * hsum4(lo_a + lo_b) + hi_level * hsum4(hi_a + hi_b));
+  }
 }
 
 void rows_lists(const Work& w, const Tables& tb, int64_t r0, int64_t r1, int32_t* scratch) {
@@ -182,115 +236,11 @@ void rows_lists(const Work& w, const Tables& tb, int64_t r0, int64_t r1, int32_t
   }
 }
 
-#if defined(__AVX512F__)
-// ---- AVX-512 masked path (qmoe-v1, one token) ---------------------------------------------
-// GCC 12's AVX-512 headers build casts and extracts on self-initialised "undefined" vectors, which
-// -Wmaybe-uninitialized reports at every use once inlined; the values are never read.
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-#endif
-struct Lane {
-  const uint16_t* c;
-  const uint16_t* end;
-  int64_t row;
-  int32_t pos;
-  __m512 lo0, lo1, hi0, hi1;  // low / high sums, columns 0..15 and 16..31 of each codeword
-};
-
-inline void lane_step(Lane& l, const float* x, const uint64_t* mask, __m512 one) {
-  const uint64_t m = mask[*l.c++];
-  const float* xp = x + l.pos;
-  const __m512 x0 = _mm512_loadu_ps(xp);
-  const __m512 x1 = _mm512_loadu_ps(xp + 16);
-  l.lo0 = _mm512_mask_add_ps(l.lo0, static_cast<__mmask16>(m), l.lo0, x0);
-  l.lo1 = _mm512_mask_add_ps(l.lo1, static_cast<__mmask16>(m >> 16), l.lo1, x1);
-  // The high sums go through the FMA units (x * 1 + acc rounds exactly like an add): cores with
-  // separate add and FMA pipes (Zen 4) then run all four updates of a codeword in parallel.
-  l.hi0 = _mm512_mask3_fmadd_ps(x0, one, l.hi0, static_cast<__mmask16>(m >> 32));
-  l.hi1 = _mm512_mask3_fmadd_ps(x1, one, l.hi1, static_cast<__mmask16>((m >> 48) & 0x0fffu));
-  l.pos += static_cast<int32_t>((m >> 59) & 0x1eu);  // 2 * pairs
-}
-
-// Horizontal sum in a fixed order.
-inline float hsum(__m512 v) {
-  const __m256 a = _mm256_add_ps(_mm512_castps512_ps256(v), _mm512_extractf32x8_ps(v, 1));
-  const __m128 b = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
-  const __m128 c = _mm_add_ps(b, _mm_movehl_ps(b, b));
-  return _mm_cvtss_f32(_mm_add_ss(c, _mm_movehdup_ps(c)));
-}
-
-inline void lane_finish(const Lane& l, const Work& w, const Pass& p) {
-  const float lo_level = bf16_bits_to_float(w.m.levels[2 * l.row]);
-  const float hi_level = bf16_bits_to_float(w.m.levels[2 * l.row + 1]);
-  const float s_lo = hsum(_mm512_add_ps(l.lo0, l.lo1));
-  const float s_hi = hsum(_mm512_add_ps(l.hi0, l.hi1));
-  put(w, p, l.row, 0, lo_level * s_lo + hi_level * s_hi);
-}
-
-// Starts the next row with at least one code on lane l; rows without codes (zero columns) are
-// finished on the way. Returns false when the range is exhausted.
-inline bool lane_load(Lane& l, const Work& w, const Pass& p, int64_t& next, int64_t r1) {
-  while (next < r1) {
-    const int64_t r = next++;
-    l.row = r;
-    l.c = w.m.codes + w.m.row_offsets[r];
-    l.end = w.m.codes + w.m.row_offsets[r + 1];
-    l.pos = 0;
-    l.lo0 = l.lo1 = l.hi0 = l.hi1 = _mm512_setzero_ps();
-    if (l.c != l.end) return true;
-    lane_finish(l, w, p);
-  }
-  return false;
-}
-
-void rows_v1_masked(const Work& w, const Tables& tb, int64_t r0, int64_t r1) {
-  const Pass& p = w.passes[0];
-  const float* x = p.xt;
-  const uint64_t* mask = tb.v1_mask;
-  const __m512 one = _mm512_set1_ps(1.0f);
-  constexpr int kLanes = 4;
-  Lane lanes[kLanes];
-  bool live[kLanes];
-  int64_t next = r0;
-  bool all = true;
-  for (int k = 0; k < kLanes; ++k) {
-    live[k] = lane_load(lanes[k], w, p, next, r1);
-    all = all && live[k];
-  }
-  // Steady state: every lane busy; a lane whose row ends takes the next row of the range.
-  while (all) {
-#pragma GCC unroll 4
-    for (int k = 0; k < kLanes; ++k) {
-      lane_step(lanes[k], x, mask, one);
-      if (lanes[k].c == lanes[k].end) [[unlikely]] {
-        lane_finish(lanes[k], w, p);
-        if (!lane_load(lanes[k], w, p, next, r1)) {
-          live[k] = false;
-          all = false;
-        }
-      }
-    }
-  }
-  // Drain: the rows still open run to their end one by one.
-  for (int k = 0; k < kLanes; ++k) {
-    if (!live[k]) continue;
-    while (lanes[k].c != lanes[k].end) lane_step(lanes[k], x, mask, one);
-    lane_finish(lanes[k], w, p);
-  }
-}
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC diagnostic pop
-#endif
-#endif
-
 void rows(const Work& w, const Tables& tb, int64_t r0, int64_t r1, int32_t* scratch) {
-#if defined(__AVX512F__)
   if (w.m.codec == 0 && w.num_passes == 1 && w.passes[0].bp == 1) {
-    rows_v1_masked(w, tb, r0, r1);
+    rows_v1_slots(w, tb, r0, r1);
     return;
   }
-#endif
   rows_lists(w, tb, r0, r1, scratch);
 }
 

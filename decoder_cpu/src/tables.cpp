@@ -11,20 +11,26 @@ namespace qmoe::cpu::detail {
 namespace {
 
 struct TableStore {
-  std::vector<uint64_t> v1_mask;
   std::vector<uint64_t> v1_list;
+  std::vector<uint64_t> v1_slots;
+  std::vector<int32_t> v1_slot_masks;
   std::vector<uint8_t> p5_list;
   Tables view;
 
-  TableStore() : v1_mask(v1::kEntries), v1_list(v1::kEntries), p5_list(256 * 16, 0) {
+  TableStore()
+      : v1_list(v1::kEntries),
+        v1_slots(v1::kEntries),
+        v1_slot_masks(64 * 2 * 4, 0),
+        p5_list(256 * 16, 0) {
     const int32_t* table = v1_decode_table();
     for (int e = 0; e < v1::kEntries; ++e) {
       const uint32_t w[2] = {static_cast<uint32_t>(table[2 * e]),
                              static_cast<uint32_t>(table[2 * e + 1])};
       const int pairs = v1::entry_pairs(w[0]);
-      uint64_t mask = static_cast<uint64_t>(pairs) << 60;
       uint64_t lo_cols = 0, hi_cols = 0;  // packed column bytes
       int n_lo = 0, n_hi = 0;
+      uint64_t slots = static_cast<uint64_t>(2 * pairs) << 40;
+      uint64_t kinds = 0;
       for (int k = 0; k < pairs; ++k) {
         const uint32_t word = w[k / v1::kPairsPerWord];
         const int j = k % v1::kPairsPerWord;
@@ -36,16 +42,17 @@ struct TableStore {
             throw Error("qmoe-v1 dictionary entry " + std::to_string(e) +
                         " has more than 3 non-zero symbols; the CPU kernels assume at most 3");
           }
+          const int slot = n_lo + n_hi;
+          slots |= static_cast<uint64_t>(col) << (8 * slot);
+          kinds |= static_cast<uint64_t>(sym[h]) << (2 * slot);
           if (sym[h] == 1) {
-            mask |= uint64_t{1} << col;
             lo_cols |= static_cast<uint64_t>(col) << (8 * n_lo++);
           } else {
-            mask |= uint64_t{1} << (32 + col);
             hi_cols |= static_cast<uint64_t>(col) << (8 * n_hi++);
           }
         }
       }
-      v1_mask[e] = mask;
+      v1_slots[e] = slots | (32 * kinds) << 24;
       v1_list[e] = lo_cols | (static_cast<uint64_t>(n_lo | (2 * pairs) << 2) << 24) |
                    (hi_cols << 32) | (static_cast<uint64_t>(n_hi) << 56);
     }
@@ -57,8 +64,16 @@ struct TableStore {
         if (v % 3 == 2) rec[8 + rec[13]++] = static_cast<uint8_t>(i);
       }
     }
-    view.v1_mask = v1_mask.data();
     view.v1_list = v1_list.data();
+    for (int kinds = 0; kinds < 64; ++kinds) {
+      for (int j = 0; j < 3; ++j) {
+        const int kind = (kinds >> (2 * j)) & 3;
+        if (kind == 1) v1_slot_masks[8 * kinds + j] = -1;
+        if (kind == 2) v1_slot_masks[8 * kinds + 4 + j] = -1;
+      }
+    }
+    view.v1_slots = v1_slots.data();
+    view.v1_slot_masks = v1_slot_masks.data();
     view.p5_list = p5_list.data();
   }
 };
