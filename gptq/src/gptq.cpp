@@ -23,6 +23,8 @@ namespace {
 constexpr int64_t kRowChunk = 128;
 // Tile of the Cholesky factorisation; fixed for the same reason.
 constexpr int64_t kCholTile = 256;
+// Columns fed back one at a time inside a block; the rest of the block is updated by a GEMM.
+constexpr int64_t kSubBlock = 16;
 
 template <class T>
 using Mat = Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic>;  // column-major
@@ -316,27 +318,36 @@ GptqResult gptq_impl(const float* w, int64_t rows, int64_t cols, const float* h,
     double loss = 0.0, dd = 0.0;
     for (int64_t i1 = 0; i1 < n; i1 += bs) {
       const int64_t i2 = std::min(i1 + bs, n);
-      for (int64_t k = i1; k < i2; ++k) {
-        const int64_t c = perm[k];
-        const T vkk = vdiag[k];
-        for (int64_t r = 0; r < rc; ++r) {
-          uint8_t s;
-          const T x = wc(r, k);
-          const T q = g.quantize(r0 + r, x, s);
-          const T d = w0(r, k) - q;
-          const T e = (x - q) * vkk;
-          loss += static_cast<double>(e) * static_cast<double>(e);
-          dd += static_cast<double>(d) * static_cast<double>(d);
-          dblk(r, k - i1) = d;
-          const size_t out = static_cast<size_t>((r0 + r) * cols + c);
-          if (g.ternary) {
-            res.ternary.symbols[out] = s;
-          } else {
-            res.dequantized[out] = static_cast<float>(q);
+      // Inside the block, sub-blocks of kSubBlock columns: feedback one column at a time within
+      // a sub-block, then one small GEMM for the rest of the block (rank-1 updates alone run at
+      // memory speed and dominated the time for short rows).
+      for (int64_t s1 = i1; s1 < i2; s1 += kSubBlock) {
+        const int64_t s2 = std::min(s1 + kSubBlock, i2);
+        for (int64_t k = s1; k < s2; ++k) {
+          const int64_t c = perm[k];
+          const T vkk = vdiag[k];
+          for (int64_t r = 0; r < rc; ++r) {
+            uint8_t s;
+            const T x = wc(r, k);
+            const T q = g.quantize(r0 + r, x, s);
+            const T d = w0(r, k) - q;
+            const T e = (x - q) * vkk;
+            loss += static_cast<double>(e) * static_cast<double>(e);
+            dd += static_cast<double>(d) * static_cast<double>(d);
+            dblk(r, k - i1) = d;
+            const size_t out = static_cast<size_t>((r0 + r) * cols + c);
+            if (g.ternary) {
+              res.ternary.symbols[out] = s;
+            } else {
+              res.dequantized[out] = static_cast<float>(q);
+            }
           }
+          for (int64_t j = k + 1; j < s2; ++j) wc.col(j) += gm(k, j) * dblk.col(k - i1);
         }
-        // Feedback inside the block, one column at a time.
-        for (int64_t j = k + 1; j < i2; ++j) wc.col(j) += gm(k, j) * dblk.col(k - i1);
+        if (s2 < i2) {
+          wc.middleCols(s2, i2 - s2).noalias() +=
+              dblk.middleCols(s1 - i1, s2 - s1) * gm.block(s1, s2, s2 - s1, i2 - s2);
+        }
       }
       // Lazy update of every later column at once.
       if (i2 < n) {
