@@ -401,6 +401,52 @@ TEST(ContainerGolden, ValidFileDecodesToKnownMatrix) {
   EXPECT_EQ(c.metadata().at("note"), "golden");
 }
 
+// The writer reproduces the committed golden file (format/SPEC.md 9.1) byte for byte.
+TEST(ContainerGolden, WriterReproducesSpecExampleP5) {
+  TempDir dir;
+  TernaryMatrix t(2, 7);
+  t.symbols = {0, 1, 2, 0, 0, 0, 2, 2, 0, 0, 1, 0, 0, 0};
+  t.levels = {float_to_bf16(-1), float_to_bf16(1), float_to_bf16(-0.5f), float_to_bf16(0.5f)};
+  const std::vector<float> bias = {0.25f, -4.0f};
+  ContainerWriter w(dir / "p5.safetensors");
+  w.set_metadata("note", "golden");
+  w.add_compressed("w", encode_p5(t).view(), DType::kF32);
+  w.add_dense("bias", DType::kF32, {2}, bytes_of(bias));
+  w.finish();
+  EXPECT_EQ(read_bytes(dir / "p5.safetensors"),
+            read_bytes(fs::path(QMOE_SOURCE_DIR) / "tests/format/golden/valid-p5.safetensors"));
+}
+
+// format/SPEC.md 9.2, checked byte for byte.
+TEST(ContainerGolden, SpecExampleV1) {
+  TempDir dir;
+  TernaryMatrix t(2, 5);
+  t.symbols = {0, 1, 0, 0, 2, 0, 0, 0, 0, 0};
+  t.levels = {float_to_bf16(-0.5f), float_to_bf16(0.75f), float_to_bf16(-1.0f), float_to_bf16(1.0f)};
+  const auto c = GreedyV1::get().encode(t);
+  EXPECT_EQ(c.codes, (std::vector<uint16_t>{503, 2}));
+  EXPECT_EQ(v1_decode_table()[2 * 503], 0x2043);
+  EXPECT_EQ(v1_decode_table()[2 * 503 + 1], 3);
+  const std::vector<float> b = {0.5f};
+  const fs::path p = dir / "v1.safetensors";
+  ContainerWriter w(p);
+  w.add_compressed("w", c.view(), DType::kF32);
+  w.add_dense("b", DType::kF32, {1}, bytes_of(b));
+  w.finish();
+  const auto bytes = read_bytes(p);
+  ASSERT_EQ(bytes.size(), 525068u);
+  const std::string header =
+      R"({"__metadata__":{"format":"qmoe","format_version":"1","qmoe.matrix.w":"{\"codec\":\"qmoe-v1\",\"shape\":[2,5],\"dtype\":\"F32\"}","qmoe.xxh3.b":"c98dd7ed5d5dfd9b","qmoe.xxh3.qmoe.dictionary.qmoe-v1":"19f839bbd9f45b7e","qmoe.xxh3.w.qmoe_codes":"81682cb5221f54e1","qmoe.xxh3.w.qmoe_levels":"36cd7915a40fadc6","qmoe.xxh3.w.qmoe_row_offsets":"f7d0630191d9c911"},"qmoe.dictionary.qmoe-v1":{"dtype":"I32","shape":[65536,2],"data_offsets":[0,524288]},"w.qmoe_row_offsets":{"dtype":"I32","shape":[3],"data_offsets":[524288,524300]},"b":{"dtype":"F32","shape":[1],"data_offsets":[524300,524304]},"w.qmoe_codes":{"dtype":"U16","shape":[2],"data_offsets":[524304,524308]},"w.qmoe_levels":{"dtype":"BF16","shape":[2,2],"data_offsets":[524308,524316]}})"
+      "     ";
+  EXPECT_EQ(std::vector<uint8_t>(bytes.begin(), bytes.begin() + 8), (std::vector<uint8_t>{0xe8, 0x02, 0, 0, 0, 0, 0, 0}));
+  EXPECT_EQ(std::string(bytes.begin() + 8, bytes.begin() + 752), header);
+  EXPECT_EQ(std::vector<uint8_t>(bytes.begin() + 752, bytes.begin() + 752 + 16),
+            (std::vector<uint8_t>{1, 0, 0, 0, 1, 0, 0, 0, 2, 0, 0, 0, 2, 0, 0, 0}));
+  const std::vector<uint8_t> tail = {0, 0, 0, 0, 1, 0, 0, 0, 2, 0, 0, 0, 0, 0, 0, 0x3f,
+                                     0xf7, 0x01, 0x02, 0x00, 0x00, 0xbf, 0x40, 0x3f, 0x80, 0xbf, 0x80, 0x3f};
+  EXPECT_EQ(std::vector<uint8_t>(bytes.end() - 28, bytes.end()), tail);
+}
+
 TEST(ContainerGolden, InvalidFilesAreRejected) {
   const std::vector<std::pair<std::string, std::string>> cases = {
       {"truncated.safetensors", "truncated"},
