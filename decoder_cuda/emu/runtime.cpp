@@ -3,6 +3,17 @@
 
 #include <ucontext.h>
 
+#if defined(__SANITIZE_ADDRESS__)
+#define QMOE_EMU_ASAN 1
+#elif defined(__has_feature)
+#if __has_feature(address_sanitizer)
+#define QMOE_EMU_ASAN 1
+#endif
+#endif
+#if defined(QMOE_EMU_ASAN)
+#include <sanitizer/common_interface_defs.h>
+#endif
+
 #include <memory>
 #include <vector>
 
@@ -45,9 +56,31 @@ struct Launch {
   std::vector<Warp> warps;
   ucontext_t scheduler{};
   std::string error;
+  const void* scheduler_stack = nullptr;  // for AddressSanitizer's fiber annotations
+  size_t scheduler_stack_size = 0;
 };
 
+// Thrown inside a fiber to unwind its stack (running destructors) after an error was recorded.
+struct FiberAbort {};
+
 thread_local Launch* g_launch = nullptr;
+
+// AddressSanitizer must be told about every stack switch, or it reports false stack errors.
+#if defined(QMOE_EMU_ASAN)
+void asan_enter_fiber(void** fake, const Fiber& f) { __sanitizer_start_switch_fiber(fake, f.stack.get(), kStackBytes); }
+void asan_back_in_scheduler(void* fake) { __sanitizer_finish_switch_fiber(fake, nullptr, nullptr); }
+void asan_leave_fiber(void** fake, const Launch& l) {
+  __sanitizer_start_switch_fiber(fake, l.scheduler_stack, l.scheduler_stack_size);
+}
+void asan_in_fiber(void* fake, Launch& l) {
+  __sanitizer_finish_switch_fiber(fake, &l.scheduler_stack, &l.scheduler_stack_size);
+}
+#else
+void asan_enter_fiber(void**, const Fiber&) {}
+void asan_back_in_scheduler(void*) {}
+void asan_leave_fiber(void**, const Launch&) {}
+void asan_in_fiber(void*, Launch&) {}
+#endif
 
 std::string site(const char* file, int line) {
   std::string f = file ? file : "?";
@@ -68,8 +101,11 @@ std::string block_name(const Launch& l) {
 
 void fiber_entry() {
   Launch& l = *g_launch;
+  asan_in_fiber(nullptr, l);
   try {
     (*l.body)();
+  } catch (const FiberAbort&) {
+    // l.error holds the reason; the stack is unwound.
   } catch (const std::exception& e) {
     if (l.error.empty())
       l.error = block_name(l) + " " + thread_name(l.fibers[l.current]) + ": exception: " + e.what();
@@ -77,6 +113,7 @@ void fiber_entry() {
     if (l.error.empty()) l.error = block_name(l) + ": unknown exception in kernel body";
   }
   l.fibers[l.current].state = State::kDone;
+  asan_leave_fiber(nullptr, l);  // this fiber's stack is finished
   // uc_link returns to the scheduler.
 }
 
@@ -90,16 +127,16 @@ Launch& active() {
 // Gives the CPU back to the scheduler from the running fiber.
 void yield_to_scheduler(Launch& l) {
   Fiber& f = l.fibers[l.current];
+  void* fake = nullptr;
+  asan_leave_fiber(&fake, l);
   swapcontext(&f.ctx, &l.scheduler);
+  asan_in_fiber(fake, l);
 }
 
-// Records the first error and parks the fiber forever.
+// Records the first error and unwinds the calling fiber; the scheduler then stops the launch.
 [[noreturn]] void fail(Launch& l, const std::string& msg) {
   if (l.error.empty()) l.error = msg;
-  Fiber& f = l.fibers[l.current];
-  f.state = State::kWarp;  // never resumed: the scheduler stops on error
-  swapcontext(&f.ctx, &l.scheduler);
-  __builtin_unreachable();
+  throw FiberAbort{};
 }
 
 void run_block(Launch& l) {
@@ -122,7 +159,10 @@ void run_block(Launch& l) {
     for (int t = 0; t < l.nthreads && l.error.empty(); ++t) {
       if (l.fibers[t].state != State::kReady) continue;
       l.current = t;
+      void* fake = nullptr;
+      asan_enter_fiber(&fake, l.fibers[t]);
       swapcontext(&l.scheduler, &l.fibers[t].ctx);
+      asan_back_in_scheduler(fake);
       l.current = -1;
       ran = true;
     }
@@ -247,17 +287,19 @@ uint64_t warp_collective(Collective kind, unsigned mask, uint64_t value, int arg
   const int t = l.current;
   const int lane = t % 32;
   Warp& w = l.warps[t / 32];
-  const std::string who =
-      block_name(l) + " " + thread_name(l.fibers[t]) + " at " + site(file, line) + ": ";
+  // Built only on error: collectives are the emulator's hot path.
+  auto who = [&] {
+    return block_name(l) + " " + thread_name(l.fibers[t]) + " at " + site(file, line) + ": ";
+  };
   if (((mask >> lane) & 1u) == 0)
-    fail(l, who + "warp collective with a mask that excludes the calling lane");
+    fail(l, who() + "warp collective with a mask that excludes the calling lane");
   if (width <= 0 || width > 32 || (width & (width - 1)) != 0)
-    fail(l, who + "shuffle width must be a power of two <= 32");
+    fail(l, who() + "shuffle width must be a power of two <= 32");
   const int warp_base = (t / 32) * 32;
   const unsigned existing =
       l.nthreads - warp_base >= 32 ? 0xffffffffu : ((1u << (l.nthreads - warp_base)) - 1u);
   if ((mask & ~existing) != 0)
-    fail(l, who + "warp collective mask names lanes that do not exist in the block");
+    fail(l, who() + "warp collective mask names lanes that do not exist in the block");
   if (w.arrived == 0) {
     w.mask = mask;
     w.kind = kind;
@@ -265,7 +307,7 @@ uint64_t warp_collective(Collective kind, unsigned mask, uint64_t value, int arg
     w.file = file;
     w.line = line;
   } else if (w.mask != mask || w.kind != kind || w.width != width) {
-    fail(l, who + "warp divergence: lanes meet at different collectives (other lanes wait at " +
+    fail(l, who() + "warp divergence: lanes meet at different collectives (other lanes wait at " +
                 site(w.file, w.line) + ")");
   }
   w.in[lane] = value;
@@ -312,7 +354,7 @@ uint64_t warp_collective(Collective kind, unsigned mask, uint64_t value, int arg
         break;
     }
     if (((mask >> src) & 1u) == 0)
-      fail(l, who + "shuffle reads lane " + std::to_string(src) + " which is not in the mask");
+      fail(l, who() + "shuffle reads lane " + std::to_string(src) + " which is not in the mask");
     switch (kind) {
       case Collective::kBallot:
         w.out[i] = ballot;

@@ -98,26 +98,31 @@ inline T from_bits(uint64_t b) {
 #define blockDim (::qmoe::emu::block_dim())
 #define gridDim (::qmoe::emu::grid_dim())
 #define __syncthreads() ::qmoe::emu::syncthreads(__FILE__, __LINE__)
-#define __syncwarp(mask) \
-  (void)::qmoe::emu::warp_collective(::qmoe::emu::Collective::kSync, (mask), 0, 0, 32, __FILE__, __LINE__)
+#define __syncwarp(mask)                                                                         \
+  (void)::qmoe::emu::warp_collective(::qmoe::emu::Collective::kSync, (mask), 0, 0, 32, __FILE__, \
+                                     __LINE__)
 
-#define QMOE_EMU_SHFL(kind, mask, v, arg, width)                                              \
-  ::qmoe::emu::from_bits<std::remove_cvref_t<decltype(v)>>(::qmoe::emu::warp_collective(     \
-      ::qmoe::emu::Collective::kind, (mask), ::qmoe::emu::to_bits(v), (arg), (width), __FILE__, \
-      __LINE__))
+#define QMOE_EMU_SHFL(kind, mask, v, arg, width)                                                   \
+  ::qmoe::emu::from_bits<std::remove_cvref_t<decltype(v)>>(                                        \
+      ::qmoe::emu::warp_collective(::qmoe::emu::Collective::kind, (mask), ::qmoe::emu::to_bits(v), \
+                                   (arg), (width), __FILE__, __LINE__))
 #define QMOE_EMU_W(width, ...) width
-#define __shfl_sync(mask, v, src, ...) QMOE_EMU_SHFL(kShfl, mask, v, src, QMOE_EMU_W(__VA_ARGS__ __VA_OPT__(,) 32))
-#define __shfl_up_sync(mask, v, d, ...) QMOE_EMU_SHFL(kShflUp, mask, v, d, QMOE_EMU_W(__VA_ARGS__ __VA_OPT__(,) 32))
-#define __shfl_down_sync(mask, v, d, ...) QMOE_EMU_SHFL(kShflDown, mask, v, d, QMOE_EMU_W(__VA_ARGS__ __VA_OPT__(,) 32))
-#define __shfl_xor_sync(mask, v, m, ...) QMOE_EMU_SHFL(kShflXor, mask, v, m, QMOE_EMU_W(__VA_ARGS__ __VA_OPT__(,) 32))
-#define __ballot_sync(mask, p)                                                                  \
+#define __shfl_sync(mask, v, src, ...) \
+  QMOE_EMU_SHFL(kShfl, mask, v, src, QMOE_EMU_W(__VA_ARGS__ __VA_OPT__(, ) 32))
+#define __shfl_up_sync(mask, v, d, ...) \
+  QMOE_EMU_SHFL(kShflUp, mask, v, d, QMOE_EMU_W(__VA_ARGS__ __VA_OPT__(, ) 32))
+#define __shfl_down_sync(mask, v, d, ...) \
+  QMOE_EMU_SHFL(kShflDown, mask, v, d, QMOE_EMU_W(__VA_ARGS__ __VA_OPT__(, ) 32))
+#define __shfl_xor_sync(mask, v, m, ...) \
+  QMOE_EMU_SHFL(kShflXor, mask, v, m, QMOE_EMU_W(__VA_ARGS__ __VA_OPT__(, ) 32))
+#define __ballot_sync(mask, p)                                                                 \
   static_cast<unsigned>(::qmoe::emu::warp_collective(::qmoe::emu::Collective::kBallot, (mask), \
                                                      (p) ? 1u : 0u, 0, 32, __FILE__, __LINE__))
-#define __any_sync(mask, p)                                                                  \
-  static_cast<int>(::qmoe::emu::warp_collective(::qmoe::emu::Collective::kAny, (mask),      \
+#define __any_sync(mask, p)                                                            \
+  static_cast<int>(::qmoe::emu::warp_collective(::qmoe::emu::Collective::kAny, (mask), \
                                                 (p) ? 1u : 0u, 0, 32, __FILE__, __LINE__))
-#define __all_sync(mask, p)                                                                  \
-  static_cast<int>(::qmoe::emu::warp_collective(::qmoe::emu::Collective::kAll, (mask),      \
+#define __all_sync(mask, p)                                                            \
+  static_cast<int>(::qmoe::emu::warp_collective(::qmoe::emu::Collective::kAll, (mask), \
                                                 (p) ? 1u : 0u, 0, 32, __FILE__, __LINE__))
 
 // ---- intrinsics the kernels use (semantics of the CUDA math/integer intrinsics) --------------
@@ -125,9 +130,15 @@ template <class T>
 inline T __ldg(const T* p) {
   return *p;
 }
-inline int __ffs(int v) { return v == 0 ? 0 : __builtin_ctz(static_cast<unsigned>(v)) + 1; }
-inline int __ffs(unsigned v) { return v == 0 ? 0 : __builtin_ctz(v) + 1; }
-inline int __popc(unsigned v) { return __builtin_popcount(v); }
+inline int __ffs(int v) {
+  return v == 0 ? 0 : __builtin_ctz(static_cast<unsigned>(v)) + 1;
+}
+inline int __ffs(unsigned v) {
+  return v == 0 ? 0 : __builtin_ctz(v) + 1;
+}
+inline int __popc(unsigned v) {
+  return __builtin_popcount(v);
+}
 // Fibers never run concurrently, so a plain read-modify-write is atomic.
 inline float atomicAdd(float* p, float v) {
   const float old = *p;

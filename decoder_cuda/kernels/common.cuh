@@ -35,12 +35,21 @@ struct Bf16 {
 struct F16 {
   using S = uint16_t;
 #if defined(__CUDA_ARCH__)
-  // Hardware cvt instructions; both directions are exact / round-to-nearest-even like the host path.
-  static QMOE_DEV float load(S v) { return __half2float(__ushort_as_half(v)); }
-  static QMOE_DEV S store(float f) { return __half_as_ushort(__float2half_rn(f)); }
+  // Hardware cvt instructions; both directions are exact / round-to-nearest-even like the host
+  // path.
+  static QMOE_DEV float load(S v) {
+    return __half2float(__ushort_as_half(v));
+  }
+  static QMOE_DEV S store(float f) {
+    return __half_as_ushort(__float2half_rn(f));
+  }
 #else
-  static QMOE_DEV float load(S v) { return fp16_to_float(v); }
-  static QMOE_DEV S store(float f) { return float_to_fp16(f); }
+  static QMOE_DEV float load(S v) {
+    return fp16_to_float(v);
+  }
+  static QMOE_DEV S store(float f) {
+    return float_to_fp16(f);
+  }
 #endif
 };
 struct F32 {
@@ -69,7 +78,7 @@ QMOE_DEV float4 load_float4(const float* p) {
 
 // Inclusive prefix sum over the 32 lanes (Kogge-Stone, 5 shuffles).
 QMOE_DEV int warp_inclusive_sum(int v, int lane) {
-QMOE_UNROLL
+  QMOE_UNROLL
   for (int d = 1; d < 32; d <<= 1) {
     const int u = __shfl_up_sync(kFullMask, v, d);  // lanes < d get their own value back
     if (lane >= d) v += u;
@@ -78,8 +87,9 @@ QMOE_UNROLL
 }
 
 QMOE_DEV float warp_sum(float v) {
-QMOE_UNROLL
-  for (int m = 16; m >= 1; m >>= 1) v += __shfl_xor_sync(kFullMask, v, m);  // butterfly: all lanes get the sum
+  QMOE_UNROLL
+  for (int m = 16; m >= 1; m >>= 1)
+    v += __shfl_xor_sync(kFullMask, v, m);  // butterfly: all lanes get the sum
   return v;
 }
 

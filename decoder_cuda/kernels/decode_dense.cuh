@@ -23,7 +23,8 @@ struct DenseParams {
 // per row. Each lane writes the pairs of its own entries: the warp covers a contiguous stretch
 // of ~21 columns per lane per chunk, so stores of a chunk stay within a few cache lines per lane.
 template <class E>
-__global__ void __launch_bounds__(32 * kDenseWarps) v1_decode_dense_kernel(const DenseParams<typename E::S> p) {
+__global__ void __launch_bounds__(32 * kDenseWarps)
+    v1_decode_dense_kernel(const DenseParams<typename E::S> p) {
   const int lane = static_cast<int>(threadIdx.x) & 31;
   const int32_t row = p.row_begin + static_cast<int32_t>(blockIdx.x) * kDenseWarps +
                       (static_cast<int32_t>(threadIdx.x) >> 5);
@@ -44,7 +45,7 @@ __global__ void __launch_bounds__(32 * kDenseWarps) v1_decode_dense_kernel(const
     next += kChunkCodes;
     v1_load_codes(p.m.codes_dev, next, row_end, lane, codes);  // prefetch the next chunk
     pair_base = ch.end_pair;
-QMOE_UNROLL
+    QMOE_UNROLL
     for (int k = 0; k < kCodesPerLane; ++k) {
       const int n = static_cast<int>(v1::entry_pairs(ch.w0[k]));
       for (int j = 0; j < n; ++j) {
@@ -63,9 +64,9 @@ QMOE_UNROLL
 // Grid: x = grid-stride over the (row, packed byte) pairs of [row_begin, row_end).
 // Block: 256, a thread per packed byte (5 weights).
 template <class E>
-__global__ void __launch_bounds__(256) p5_decode_dense_kernel(const uint8_t* packed, const uint16_t* levels,
-                                                              int32_t cols, int32_t row_begin, int32_t row_end,
-                                                              typename E::S* out, int64_t ld) {
+__global__ void __launch_bounds__(256)
+    p5_decode_dense_kernel(const uint8_t* packed, const uint16_t* levels, int32_t cols,
+                           int32_t row_begin, int32_t row_end, typename E::S* out, int64_t ld) {
   const int64_t nbytes = p5::row_bytes(cols);
   const int64_t total = static_cast<int64_t>(row_end - row_begin) * nbytes;
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < total;
@@ -76,7 +77,7 @@ __global__ void __launch_bounds__(256) p5_decode_dense_kernel(const uint8_t* pac
     const float hi = bf16_to_float(ldg(levels + 2 * r + 1));
     int v = ldg(packed + r * nbytes + b);
     typename E::S* o = out + (r - row_begin) * ld + 5 * b;
-QMOE_UNROLL
+    QMOE_UNROLL
     for (int s = 0; s < p5::kSymbolsPerByte; ++s, v /= 3) {
       if (5 * b + s < cols) o[s] = E::store(symbol_value(v % 3, lo, hi));
     }

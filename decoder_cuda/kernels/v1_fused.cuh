@@ -25,20 +25,20 @@ inline constexpr int kWindowPairs = kWindowCols<NB> / 2;
 
 template <class S>
 struct FusedParams {
-  V1MatrixDev single;                // used when experts == nullptr
-  const V1MatrixDev* experts;        // grouped: one per blockIdx.y
-  const uint2* table;                // qmoe-v1 decode table
+  V1MatrixDev single;          // used when experts == nullptr
+  const V1MatrixDev* experts;  // grouped: one per blockIdx.y
+  const uint2* table;          // qmoe-v1 decode table
   const S* x;
   int64_t ldx;
   S* y;
   int64_t ldy;
-  const int32_t* expert_offsets;     // num_experts+1 slot offsets; nullptr: slots [0, num_tokens)
-  const int32_t* token_ids;          // input row per slot; nullptr: the slot index
-  const int32_t* out_ids;            // output row per slot; nullptr: the input row
-  const float* scales;               // per slot; nullptr: 1
+  const int32_t* expert_offsets;  // num_experts+1 slot offsets; nullptr: slots [0, num_tokens)
+  const int32_t* token_ids;       // input row per slot; nullptr: the slot index
+  const int32_t* out_ids;         // output row per slot; nullptr: the input row
+  const float* scales;            // per slot; nullptr: 1
   int32_t num_tokens;
   int32_t accumulate;
-  int32_t atomic;                    // F32 accumulate into shared output rows
+  int32_t atomic;  // F32 accumulate into shared output rows
 };
 
 // Shared-memory layout of the staged activations: column c's NB tokens are contiguous (one
@@ -99,7 +99,7 @@ QMOE_DEV void warp_reduce_scatter(float (&acc)[NB], int lane) {
 template <int NB>
 QMOE_DEV void v1_apply_entry(uint32_t w0, uint32_t w1, int32_t first, int32_t pa, int32_t pb,
                              int32_t p0, float lo, float hi, const float* xs, float (&acc)[NB]) {
-QMOE_UNROLL
+  QMOE_UNROLL
   for (int h = 0; h < 2; ++h) {
     const int32_t base = first + v1::kPairsPerWord * h;
     const int32_t ja = pa - base > 0 ? pa - base : 0;
@@ -120,8 +120,7 @@ QMOE_UNROLL
 // Grid: x = row groups of kWarps rows (grid-stride), y = expert (1 without grouping),
 //       z = passes of NB slots (grid-stride).  Block: kThreads (kWarps warps, one row each).
 template <class E, int NB>
-__global__ void __launch_bounds__(kThreads, 2)
-    v1_fused_kernel(const FusedParams<typename E::S> p) {
+__global__ void __launch_bounds__(kThreads, 2) v1_fused_kernel(const FusedParams<typename E::S> p) {
   using S = typename E::S;
   constexpr int WP = kWindowPairs<NB>;
   constexpr int WC = kWindowCols<NB>;
@@ -149,7 +148,7 @@ __global__ void __launch_bounds__(kThreads, 2)
       const int32_t row = g * kWarps + warp;
       const bool row_ok = row < m.rows;
       float acc[NB];
-QMOE_UNROLL
+      QMOE_UNROLL
       for (int b = 0; b < NB; ++b) acc[b] = 0.0f;
       float lo = 0.0f, hi = 0.0f;
       int32_t next = 0, row_end = 0;
@@ -176,9 +175,9 @@ QMOE_UNROLL
             in_row[b] = p.token_ids != nullptr ? p.token_ids[slot] : slot;
           }
           __syncthreads();
-          // Thread i stages token b = 4*(i/32 / (WC/8)) + i%4 of column c = 8*(i/32 % (WC/8)) + i/4%8:
-          // global reads of 8 consecutive columns per token (full 32-byte sectors for fp32) and,
-          // with the swizzle, conflict-free shared stores.
+          // Thread i stages token b = 4*(i/32 / (WC/8)) + i%4 of column c = 8*(i/32 % (WC/8)) +
+          // i/4%8: global reads of 8 consecutive columns per token (full 32-byte sectors for fp32)
+          // and, with the swizzle, conflict-free shared stores.
           for (int i = static_cast<int>(threadIdx.x); i < WC * NB; i += kThreads) {
             int b, c;
             if constexpr (NB < 4) {
@@ -199,7 +198,7 @@ QMOE_UNROLL
         }
         if (!row_ok) continue;
         for (;;) {
-QMOE_UNROLL
+          QMOE_UNROLL
           for (int k = 0; k < kCodesPerLane; ++k) {
             const int32_t first = ch.first_pair[k];
             const int32_t last = first + v1::entry_pairs(ch.w0[k]);

@@ -23,7 +23,7 @@ struct V1Chunk {
 // Codes [base, base + kChunkCodes) of a row ending at code `end`; kNoCode past the end.
 QMOE_DEV void v1_load_codes(const uint16_t* codes, int32_t base, int32_t end, int lane,
                             uint32_t (&c)[kCodesPerLane]) {
-QMOE_UNROLL
+  QMOE_UNROLL
   for (int k = 0; k < kCodesPerLane; ++k) {
     const int32_t i = base + 32 * k + lane;
     c[k] = i < end ? static_cast<uint32_t>(ldg(codes + i)) : kNoCode;  // 64 B coalesced per k
@@ -33,14 +33,14 @@ QMOE_UNROLL
 // Looks up the chunk's entries and numbers their pairs from `pair_base`.
 QMOE_DEV void v1_decode_chunk(const uint2* table, const uint32_t (&c)[kCodesPerLane],
                               int32_t pair_base, int lane, V1Chunk& ch) {
-QMOE_UNROLL
+  QMOE_UNROLL
   for (int k = 0; k < kCodesPerLane; ++k) {
     uint2 e{0u, 0u};
     if (c[k] != kNoCode) e = ldg(table + c[k]);  // 8-byte entry; hot entries stay in L1
     ch.w0[k] = e.x;
     ch.w1[k] = e.y;
   }
-QMOE_UNROLL
+  QMOE_UNROLL
   for (int k = 0; k < kCodesPerLane; ++k) {
     const int n = static_cast<int>(v1::entry_pairs(ch.w0[k]));
     const int incl = warp_inclusive_sum(n, lane);
@@ -58,6 +58,8 @@ QMOE_DEV uint32_t v1_pair_range_mask(int ja, int jb) {
 }
 
 // Mask with bit 4+2t set iff symbol t (0..13) of the word is non-zero.
-QMOE_DEV uint32_t v1_nonzero_symbols(uint32_t w) { return (w | (w >> 1)) & 0x55555550u; }
+QMOE_DEV uint32_t v1_nonzero_symbols(uint32_t w) {
+  return (w | (w >> 1)) & 0x55555550u;
+}
 
 }  // namespace qmoe::cuda::kern

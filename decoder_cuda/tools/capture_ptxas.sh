@@ -4,6 +4,7 @@
 # ptxas -v resource lines) in <log dir>/<object name>.log for tools/ptxas_report.cmake.
 log_dir=$1
 shift
+if [ -z "$1" ]; then shift; fi  # an empty launcher slot
 obj=unknown
 prev=
 for a in "$@"; do
