@@ -178,23 +178,54 @@ inline float hsum4(v4f v) {
   return (v[0] + v[1]) + (v[2] + v[3]);
 }
 
-void rows_v1_slots(const Work& w, const Tables& tb, int64_t r0, int64_t r1) {
-  const Matrix& m = w.m;
+struct SlotRow {
+  const uint16_t* c;
+  const uint16_t* end;
+  int32_t pos;
+  v4f lo_a, hi_a, lo_b, hi_b;  // even / odd codewords
+};
+
+inline SlotRow slot_row(const Matrix& m, int64_t r) {
+  return {
+      m.codes + m.row_offsets[r], m.codes + m.row_offsets[r + 1], 0, v4f{}, v4f{}, v4f{}, v4f{}};
+}
+
+// Runs a row to its end and stores its result; the same sequence of operations whether or not
+// part of the row ran interleaved with another one.
+inline void slot_row_finish(SlotRow& s, const Work& w, const Tables& tb, const char* masks,
+                            int64_t r) {
   const Pass& p = w.passes[0];
+  while (s.end - s.c >= 2) {
+    v1_slots_step(s.c, s.pos, tb.v1_slots, masks, p.xt, s.lo_a, s.hi_a);
+    v1_slots_step(s.c, s.pos, tb.v1_slots, masks, p.xt, s.lo_b, s.hi_b);
+  }
+  if (s.c != s.end) v1_slots_step(s.c, s.pos, tb.v1_slots, masks, p.xt, s.lo_a, s.hi_a);
+  const float lo_level = bf16_bits_to_float(w.m.levels[2 * r]);
+  const float hi_level = bf16_bits_to_float(w.m.levels[2 * r + 1]);
+  put(w, p, r, 0, lo_level * hsum4(s.lo_a + s.lo_b) + hi_level * hsum4(s.hi_a + s.hi_b));
+}
+
+void rows_v1_slots(const Work& w, const Tables& tb, int64_t r0, int64_t r1) {
   const char* masks = reinterpret_cast<const char*>(tb.v1_slot_masks);
-  for (int64_t r = r0; r < r1; ++r) {
-    const uint16_t* c = m.codes + m.row_offsets[r];
-    const uint16_t* end = m.codes + m.row_offsets[r + 1];
-    int32_t pos = 0;
-    v4f lo_a = {}, hi_a = {}, lo_b = {}, hi_b = {};
-    while (end - c >= 2) {
-      v1_slots_step(c, pos, tb.v1_slots, masks, p.xt, lo_a, hi_a);
-      v1_slots_step(c, pos, tb.v1_slots, masks, p.xt, lo_b, hi_b);
+  const float* x = w.passes[0].xt;
+  int64_t r = r0;
+  // Two rows at a time: their codeword chains are independent, so the core overlaps them.
+  for (; r + 2 <= r1; r += 2) {
+    SlotRow s = slot_row(w.m, r), t = slot_row(w.m, r + 1);
+    const int64_t ls = s.end - s.c, lt = t.end - t.c;
+    const int64_t common = (ls < lt ? ls : lt) / 2;
+    for (int64_t i = 0; i < common; ++i) {
+      v1_slots_step(s.c, s.pos, tb.v1_slots, masks, x, s.lo_a, s.hi_a);
+      v1_slots_step(t.c, t.pos, tb.v1_slots, masks, x, t.lo_a, t.hi_a);
+      v1_slots_step(s.c, s.pos, tb.v1_slots, masks, x, s.lo_b, s.hi_b);
+      v1_slots_step(t.c, t.pos, tb.v1_slots, masks, x, t.lo_b, t.hi_b);
     }
-    if (c != end) v1_slots_step(c, pos, tb.v1_slots, masks, p.xt, lo_a, hi_a);
-    const float lo_level = bf16_bits_to_float(m.levels[2 * r]);
-    const float hi_level = bf16_bits_to_float(m.levels[2 * r + 1]);
-    put(w, p, r, 0, lo_level * hsum4(lo_a + lo_b) + hi_level * hsum4(hi_a + hi_b));
+    slot_row_finish(s, w, tb, masks, r);
+    slot_row_finish(t, w, tb, masks, r + 1);
+  }
+  if (r < r1) {
+    SlotRow s = slot_row(w.m, r);
+    slot_row_finish(s, w, tb, masks, r);
   }
 }
 

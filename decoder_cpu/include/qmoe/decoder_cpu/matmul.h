@@ -9,6 +9,9 @@
 // between batch paths (1 token vs several) by fp32 rounding only. Tests bound the normalised error
 // against matvec_ref() (format/reference.h).
 //
+// Calls are thread-safe; scratch buffers (inputs transposed per pass, per-row symbol lists) are
+// kept per thread between calls and grow when needed.
+//
 // Preconditions shared by every call: `w` has passed validate() (format/reference.h) — views from
 // the container reader and the encoder have; a view that fails validation is undefined behaviour
 // here (the kernels read the streams without re-checking them). Sizes that do not fit together
@@ -57,8 +60,9 @@ struct MatmulOptions {
   std::optional<SimdLevel> simd;
 };
 
-// Largest number of tokens one pass over the codes serves; larger batches are split into passes of
-// up to kMaxPassTokens tokens, each decoding the matrix again.
+// Tokens are processed in passes of up to kMaxPassTokens; each row is decoded once for up to 8
+// passes (256 tokens) and applied to all of them, so larger batches decode the matrix again only
+// every 256 tokens.
 inline constexpr int64_t kMaxPassTokens = 32;
 
 // y = W x (or y += W x). x: w.cols floats; y: w.rows floats; they must not overlap.
