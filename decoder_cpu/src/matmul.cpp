@@ -173,7 +173,7 @@ void run(const CompressedView& w, int64_t n, const float* const* xin, float* con
       p.y = yout + t;
       p.scale = scale != nullptr ? scale + t : nullptr;
       offsets[num_passes++] = floats;
-      floats += padded_cols * p.bp;
+      floats += (padded_cols * p.bp + 15) / 16 * 16;  // keep every pass 64-byte aligned
     }
     float* inputs = t_inputs.get(static_cast<size_t>(std::max<int64_t>(floats, 1)));
     for (int q = 0; q < num_passes; ++q) passes[q].xt = inputs + offsets[q];
