@@ -8,6 +8,9 @@
 //
 //   bench_gptq --benchmark_repetitions=3 --benchmark_report_aggregates_only=true
 //
+// The last benchmarks repeat Hessians and GPTQ at switch-c-2048's expert shapes (d_model 2080,
+// d_ff 6144), one thread, for extrapolating to that model.
+//
 // Thread counts: 1 and all (omp_get_max_threads(), or OMP_NUM_THREADS). Single-thread benchmarks
 // time CPU time, the others wall time; on a shared machine compare medians of repetitions.
 #include <benchmark/benchmark.h>
@@ -30,30 +33,42 @@ namespace qmoe {
 namespace {
 
 constexpr int64_t kDModel = 768, kDFF = 3072, kTokens = 4096;
+// switch-c-2048's expert shape, for the extrapolation to that model.
+constexpr int64_t kCDModel = 2080, kCDFF = 6144;
 
 struct ExpertPair {
-  std::vector<float> wi, wo;  // 3072x768, 768x3072
-  std::vector<float> x, hid;  // 4096x768 inputs, 4096x3072 hidden activations
-  std::vector<float> hi, ho;  // Hessians 768^2, 3072^2
+  int64_t d_model = 0, d_ff = 0;
+  std::vector<float> wi, wo;  // d_ff x d_model, d_model x d_ff
+  std::vector<float> x, hid;  // kTokens x d_model inputs, kTokens x d_ff hidden activations
+  std::vector<float> hi, ho;  // Hessians d_model^2, d_ff^2
 };
 
+std::unique_ptr<ExpertPair> make_pair(int64_t d_model, int64_t d_ff) {
+  auto e = std::make_unique<ExpertPair>();
+  e->d_model = d_model;
+  e->d_ff = d_ff;
+  e->wi = synthetic::weights(d_ff, d_model, 1);
+  e->wo = synthetic::weights(d_model, d_ff, 2);
+  e->x = synthetic::activations(kTokens, d_model, 3);
+  using RM = Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+  const Eigen::Map<const RM> x(e->x.data(), kTokens, d_model), wi(e->wi.data(), d_ff, d_model);
+  RM hid = (x * wi.transpose()).cwiseMax(0.0f);
+  e->hid.assign(hid.data(), hid.data() + hid.size());
+  HessianAccumulator ai(d_model), ao(d_ff);
+  ai.add(e->x.data(), kTokens);
+  ao.add(e->hid.data(), kTokens);
+  e->hi = ai.hessian();
+  e->ho = ao.hessian();
+  return e;
+}
+
 const ExpertPair& pair() {
-  static const std::unique_ptr<ExpertPair> p = [] {
-    auto e = std::make_unique<ExpertPair>();
-    e->wi = synthetic::weights(kDFF, kDModel, 1);
-    e->wo = synthetic::weights(kDModel, kDFF, 2);
-    e->x = synthetic::activations(kTokens, kDModel, 3);
-    using RM = Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
-    const Eigen::Map<const RM> x(e->x.data(), kTokens, kDModel), wi(e->wi.data(), kDFF, kDModel);
-    RM hid = (x * wi.transpose()).cwiseMax(0.0f);
-    e->hid.assign(hid.data(), hid.data() + hid.size());
-    HessianAccumulator ai(kDModel), ao(kDFF);
-    ai.add(e->x.data(), kTokens);
-    ao.add(e->hid.data(), kTokens);
-    e->hi = ai.hessian();
-    e->ho = ao.hessian();
-    return e;
-  }();
+  static const std::unique_ptr<ExpertPair> p = make_pair(kDModel, kDFF);
+  return *p;
+}
+
+const ExpertPair& pair_c2048() {
+  static const std::unique_ptr<ExpertPair> p = make_pair(kCDModel, kCDFF);
   return *p;
 }
 
@@ -115,7 +130,8 @@ double hessian_flops(int64_t d, int64_t n) {  // upper tiles of 256, as HessianA
 double rel_output_error(const std::vector<float>& w, const std::vector<float>& q,
                         const std::vector<float>& x, int64_t rows, int64_t cols) {
   using RM = Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
-  const Eigen::Map<const RM> wm(w.data(), rows, cols), qm(q.data(), rows, cols), xm(x.data(), kTokens, cols);
+  const Eigen::Map<const RM> wm(w.data(), rows, cols), qm(q.data(), rows, cols),
+      xm(x.data(), kTokens, cols);
   const RM d = wm - qm;
   return static_cast<double>((xm * d.transpose()).squaredNorm()) /
          static_cast<double>((xm * wm.transpose()).squaredNorm());
@@ -136,11 +152,12 @@ void BM_DenseGemm(benchmark::State& state) {
 }
 
 // range(0): 0 = wi (H 768^2 from the inputs), 1 = wo (H 3072^2 from the hidden activations).
+// range(1): threads (0 = all); range(2): 0 = Switch-base, 1 = switch-c-2048 shapes.
 void BM_Hessian(benchmark::State& state) {
-  const ExpertPair& e = pair();
+  const ExpertPair& e = state.range(2) == 1 ? pair_c2048() : pair();
   const bool wo = state.range(0) == 1;
   const int threads = state.range(1) == 0 ? all_threads() : static_cast<int>(state.range(1));
-  const int64_t d = wo ? kDFF : kDModel;
+  const int64_t d = wo ? e.d_ff : e.d_model;
   for (auto _ : state) {
     HessianAccumulator acc(d);
     acc.add(wo ? e.hid.data() : e.x.data(), kTokens, 0, threads);
@@ -152,11 +169,13 @@ void BM_Hessian(benchmark::State& state) {
       benchmark::Counter(f * 1e-9 / gemm_gflops(threads), benchmark::Counter::kIsIterationInvariantRate);
 }
 
+// range(0): 0 = wi, 1 = wo; range(1): threads (0 = all); range(2): 0 = Switch-base shapes,
+// 1 = switch-c-2048 shapes (wi 6144x2080 with H 2080^2, wo 2080x6144 with H 6144^2).
 void BM_Gptq(benchmark::State& state) {
-  const ExpertPair& e = pair();
+  const ExpertPair& e = state.range(2) == 1 ? pair_c2048() : pair();
   const bool wo = state.range(0) == 1;
   const int threads = state.range(1) == 0 ? all_threads() : static_cast<int>(state.range(1));
-  const int64_t rows = wo ? kDModel : kDFF, cols = wo ? kDFF : kDModel;
+  const int64_t rows = wo ? e.d_model : e.d_ff, cols = wo ? e.d_ff : e.d_model;
   const std::vector<float>& w = wo ? e.wo : e.wi;
   const std::vector<float>& h = wo ? e.ho : e.hi;
   GptqOptions opt;
@@ -207,11 +226,20 @@ void BM_Batch(benchmark::State& state) {
 
 // One thread: rates from CPU time (robust on a shared machine). All threads: wall time.
 BENCHMARK(BM_DenseGemm)->Arg(1)->Arg(0)->Iterations(1);
-BENCHMARK(BM_Hessian)->ArgsProduct({{0, 1}, {1}})->Unit(benchmark::kMillisecond);
-BENCHMARK(BM_Hessian)->ArgsProduct({{0, 1}, {0}})->Unit(benchmark::kMillisecond)->UseRealTime();
-BENCHMARK(BM_Gptq)->ArgsProduct({{0, 1}, {1}})->Unit(benchmark::kMillisecond);
-BENCHMARK(BM_Gptq)->ArgsProduct({{0, 1}, {0}})->Unit(benchmark::kMillisecond)->UseRealTime();
-BENCHMARK(BM_Batch)->ArgsProduct({{4}, {1, 0}})->Unit(benchmark::kMillisecond)->UseRealTime()->Iterations(1);
+BENCHMARK(BM_Hessian)->ArgsProduct({{0, 1}, {1}, {0}})->Unit(benchmark::kMillisecond);
+BENCHMARK(BM_Hessian)->ArgsProduct({{0, 1}, {0}, {0}})->Unit(benchmark::kMillisecond)->UseRealTime();
+BENCHMARK(BM_Gptq)->ArgsProduct({{0, 1}, {1}, {0}})->Unit(benchmark::kMillisecond);
+BENCHMARK(BM_Gptq)->ArgsProduct({{0, 1}, {0}, {0}})->Unit(benchmark::kMillisecond)->UseRealTime();
+// Batch: wall time; the CPU column is the process's CPU time (all threads).
+BENCHMARK(BM_Batch)
+    ->ArgsProduct({{4}, {1, 0}})
+    ->Unit(benchmark::kMillisecond)
+    ->UseRealTime()
+    ->MeasureProcessCPUTime()
+    ->Iterations(1);
+// switch-c-2048 shapes, one thread (for the extrapolation; the setup takes a while).
+BENCHMARK(BM_Hessian)->ArgsProduct({{0, 1}, {1}, {1}})->Unit(benchmark::kMillisecond)->Iterations(1);
+BENCHMARK(BM_Gptq)->ArgsProduct({{0, 1}, {1}, {1}})->Unit(benchmark::kMillisecond)->Iterations(1);
 
 }  // namespace
 }  // namespace qmoe
