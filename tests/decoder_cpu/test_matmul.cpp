@@ -4,6 +4,7 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <random>
 #include <string>
@@ -308,6 +309,14 @@ TEST(DecoderCpu, LevelsAndDefaults) {
       EXPECT_THROW(set_simd_level(l), InvalidArgument);
     }
   }
+}
+
+// Run by ctest a second time with QMOE_CPU_SIMD=scalar (tests/decoder_cpu/CMakeLists.txt).
+TEST(DecoderCpu, EnvironmentPicksTheDefaultLevel) {
+  const char* env = std::getenv("QMOE_CPU_SIMD");
+  if (env == nullptr || *env == '\0') GTEST_SKIP() << "QMOE_CPU_SIMD is not set in this run";
+  ASSERT_TRUE(simd_level_from_name(env).has_value()) << env;
+  EXPECT_EQ(simd_level(), *simd_level_from_name(env));
 }
 
 TEST(DecoderCpu, InvalidArguments) {
