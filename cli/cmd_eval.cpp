@@ -12,6 +12,10 @@
 #include "qmoe/switch/forward.h"
 #include "util.h"
 
+#ifdef QMOE_SWITCH_HAVE_GPTQ
+#include "qmoe/switch/compress_experts.h"
+#endif
+
 namespace qmoe::cli {
 namespace {
 
@@ -23,6 +27,9 @@ struct EvalArgs {
   int64_t max_pairs = 0;
   bool dense_experts = false;
   bool progress = false;
+  std::string quantize = "none";  // none | rtn | gptq
+  std::string calib_tokens;
+  bool no_sequential = false;
 };
 
 int run_eval(const EvalArgs& a) {
@@ -34,10 +41,43 @@ int run_eval(const EvalArgs& a) {
   const auto src = sw::SwitchSource::open(a.model, a.config);
   sw::LoadOptions lo;
   lo.compressed_experts = !a.dense_experts;
-  const sw::SwitchModel m = sw::SwitchModel::load(src, lo);
+  sw::SwitchModel m = sw::SwitchModel::load(src, lo);
   sw::TokenPairs pairs = sw::TokenPairs::load(a.tokens, m.config.vocab_size);
   if (a.max_pairs > 0 && a.max_pairs < pairs.num_pairs()) pairs = pairs.slice(0, a.max_pairs);
   const double load_s = load_clock.seconds();
+
+  if (a.quantize != "none") {
+#ifdef QMOE_SWITCH_HAVE_GPTQ
+    if (a.quantize != "rtn" && a.quantize != "gptq")
+      throw InvalidArgument("--quantize must be none, rtn or gptq (not '" + a.quantize + "')");
+    sw::ExpertCompressOptions co;
+    co.rtn = a.quantize == "rtn";
+    co.sequential = !a.no_sequential;
+    co.threads = a.threads;
+    sw::TokenPairs calib;
+    if (!co.rtn) {
+      if (a.calib_tokens.empty()) throw InvalidArgument("--quantize gptq needs --calib-tokens FILE");
+      calib = sw::TokenPairs::load(a.calib_tokens, m.config.vocab_size);
+    }
+    Stopwatch qclock;
+    int64_t bytes = 0, weights = 0;
+    double gptq_loss = 0;
+    sw::compress_experts(m, calib, co, [&](sw::CompressedExpertResult& r) {
+      for (const auto* c : {&r.wi, &r.wo}) {
+        bytes += c->matrix.view().compressed_bytes();
+        weights += c->matrix.rows * c->matrix.cols;
+        gptq_loss += c->output_loss;
+      }
+    });
+    std::printf("quantize %s%s: %.3f bits per expert weight, %.2f s", a.quantize.c_str(),
+                co.rtn ? "" : (co.sequential ? " (sequential)" : " (one pass, original model)"),
+                weights ? 8.0 * static_cast<double>(bytes) / static_cast<double>(weights) : 0.0, qclock.seconds());
+    if (!co.rtn) std::printf(", summed GPTQ layer output loss %.6g", gptq_loss);
+    std::printf("\n");
+#else
+    throw InvalidArgument("--quantize needs qmoe built with the gptq module");
+#endif
+  }
 
   int64_t compressed = 0, experts = 0;
   for (sw::Stack s : {sw::Stack::kEncoder, sw::Stack::kDecoder})
@@ -92,6 +132,13 @@ const Registrar reg("eval", [](CLI::App& app) -> std::function<int()> {
   app.add_flag("--dense-experts", args->dense_experts,
                "decode compressed experts once at load time instead of running them compressed");
   app.add_flag("--progress", args->progress, "pairs done on stderr");
+  app.add_option("--quantize", args->quantize,
+                 "compress the experts in memory before evaluating: none (default), rtn (round-to-nearest ternary) "
+                 "or gptq (ternary GPTQ on Hessians from --calib-tokens)");
+  app.add_option("--calib-tokens", args->calib_tokens, "calibration token file for --quantize gptq");
+  app.add_flag("--no-sequential", args->no_sequential,
+               "gptq: take every Hessian from the original model instead of recomputing each block with the "
+               "compressed experts of the blocks before it");
   return [args] { return run_eval(*args); };
 });
 

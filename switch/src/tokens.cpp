@@ -37,6 +37,8 @@ TokenPairs TokenPairs::slice(int64_t begin, int64_t end) const {
 }
 
 void TokenPairs::validate(int64_t vocab_size, const std::string& what) const {
+  if (encoder_offsets.empty() && decoder_offsets.empty() && encoder_ids.empty() && decoder_targets.empty())
+    return;  // default-constructed: no pairs
   auto check_offsets = [&](const std::vector<int64_t>& off, size_t n, const char* name) {
     if (off.empty() || off.front() != 0)
       throw FormatError(error_context(what, name, "offsets must start at 0"));

@@ -27,7 +27,8 @@ struct TokenPairs {
   // id is outside [0, vocab_size) (targets may also be -100). vocab_size 0: ids not range-checked.
   static TokenPairs load(const std::filesystem::path& path, int64_t vocab_size = 0);
   void save(const std::filesystem::path& path) const;
-  // Same checks as load() on an in-memory object; `what` names it in errors.
+  // Same checks as load() on an in-memory object; `what` names it in errors. A default-constructed
+  // object (all vectors empty) is valid and has no pairs.
   void validate(int64_t vocab_size, const std::string& what) const;
 };
 
