@@ -12,6 +12,7 @@
 #include <cstdint>
 #include <cstring>
 #include <filesystem>
+#include <functional>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -32,6 +33,7 @@
 #include "qmoe/format/reference.h"
 #include "qmoe/gptq/gptq.h"
 #include "qmoe/gptq/hessian.h"
+#include "qmoe/switch/compress.h"
 
 namespace py = pybind11;
 
@@ -615,6 +617,103 @@ std::map<std::string, std::string> load_metadata(const std::filesystem::path& pa
   return open_container(path, false)->metadata();
 }
 
+// ---- checkpoint pipeline -----------------------------------------------------------------------
+
+py::dict compress_checkpoint(const std::filesystem::path& checkpoint, const std::filesystem::path& output,
+                             const std::optional<std::filesystem::path>& hessians, int threads, int64_t max_memory,
+                             int64_t shard_size, bool resume, bool cast_bf16, const std::string& codec,
+                             double percdamp, int64_t blocksize, bool actorder, bool check_disk,
+                             const py::object& progress, const py::object& note) {
+  namespace sw = qmoe::sw;
+  sw::CompressOptions opt;
+  opt.threads = threads;
+  opt.max_memory = max_memory;
+  opt.shard_size = shard_size;
+  opt.resume = resume;
+  opt.cast_bf16 = cast_bf16;
+  opt.codec = parse_codec(codec, true);
+  opt.percdamp = percdamp;
+  opt.blocksize = blocksize;
+  opt.actorder = actorder;
+  opt.check_disk = check_disk;
+  // The pipeline calls progress and note from the calling thread, and may not unwind safely from
+  // an exception thrown inside them: a Python exception there is kept, the callbacks are not
+  // called again, and the exception is raised once the run has finished.
+  std::optional<py::error_already_set> pending;
+  if (!progress.is_none()) {
+    opt.progress = [&progress, &pending](const sw::CompressProgress& p) {
+      py::gil_scoped_acquire gil;
+      if (pending) return;
+      try {
+        py::dict d;
+        d["done"] = p.done;
+        d["total"] = p.total;
+        d["resumed"] = p.resumed;
+        d["seconds"] = p.seconds;
+        d["current"] = p.current;
+        d["phase"] = p.phase;
+        progress(d);
+      } catch (py::error_already_set& e) {
+        pending.emplace(std::move(e));
+      }
+    };
+  }
+  if (!note.is_none()) {
+    opt.note = [&note, &pending](const std::string& text) {
+      py::gil_scoped_acquire gil;
+      if (pending) return;
+      try {
+        note(text);
+      } catch (py::error_already_set& e) {
+        pending.emplace(std::move(e));
+      }
+    };
+  }
+  sw::CompressSummary s;
+  {
+    py::gil_scoped_release nogil;
+    std::unique_ptr<sw::HessianProvider> provider;
+    if (hessians) {
+      provider = sw::open_hessian_file(*hessians);
+      opt.hessians = provider.get();
+    }
+    s = sw::compress_checkpoint(checkpoint, output, opt);
+  }
+  if (pending) throw std::move(*pending);
+  py::dict d;
+  d["files"] = s.files;
+  d["quantizer"] = s.quantizer;
+  d["input_bytes"] = s.input_bytes;
+  d["output_bytes"] = s.output_bytes;
+  d["expert_matrices"] = s.expert_matrices;
+  d["resumed_matrices"] = s.resumed_matrices;
+  d["expert_weights"] = s.expert_weights;
+  d["expert_input_bytes"] = s.expert_input_bytes;
+  d["expert_compressed_bytes"] = s.expert_compressed_bytes;
+  d["bits_per_expert_weight"] = s.bits_per_expert_weight();
+  d["passthrough_tensors"] = s.passthrough_tensors;
+  d["v1_matrices"] = s.v1_matrices;
+  d["p5_matrices"] = s.p5_matrices;
+  d["fallback_matrices"] = s.fallback_matrices;
+  d["mean_zero_fraction"] = s.mean_zero_fraction;
+  d["compress_seconds"] = s.compress_seconds;
+  d["assemble_seconds"] = s.assemble_seconds;
+  d["total_seconds"] = s.total_seconds;
+  d["memory_budget"] = s.memory_budget;
+  py::list blocks;
+  for (const auto& b : s.blocks) {
+    py::dict bd;
+    bd["block"] = b.block;
+    bd["matrices"] = b.matrices;
+    bd["weights"] = b.weights;
+    bd["compressed_bytes"] = b.compressed_bytes;
+    bd["bits_per_weight"] = b.bits_per_weight();
+    blocks.append(bd);
+  }
+  d["blocks"] = blocks;
+  return d;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_qmoe, m) {
@@ -964,5 +1063,32 @@ w, h, percdamp, blocksize, actorder, threads, bf16 as for gptq(); grid must be "
 The matrix records w's dtype as its original dtype. with_stats=True returns
 (matrix, {"status", "reason", "loss", "output_loss", "zero_fraction"}) instead.
 Raises ValueError as gptq() and encode() do, and for a non-ternary grid.
+)doc");
+
+  m.def("compress_checkpoint", &compress_checkpoint, py::arg("checkpoint"), py::arg("output"), py::kw_only(),
+        py::arg("hessians") = py::none(), py::arg("threads") = 0, py::arg("max_memory") = 0,
+        py::arg("shard_size") = 0, py::arg("resume") = false, py::arg("cast_bf16") = false,
+        py::arg("codec") = "auto", py::arg("percdamp") = 0.1, py::arg("blocksize") = 128,
+        py::arg("actorder") = false, py::arg("check_disk") = true, py::arg("progress") = py::none(),
+        py::arg("note") = py::none(), R"doc(
+Compresses a Switch Transformers checkpoint into a qmoe container, as `qmoe compress` does: every
+expert matrix ternarized (GPTQ with Hessians from the file `hessians`, written by
+save_hessians() with one entry per expert tensor name; round to nearest without) and encoded,
+every other tensor copied unchanged.
+
+checkpoint: Hugging Face checkpoint directory (config.json + safetensors). output: the container
+file, or a directory when shard_size > 0 (bytes per shard). threads: 0 = all; the output is the
+same for any value. max_memory: cap on resident memory in bytes (0 = none). resume: continue an
+interrupted run from "<output>.qmoe-work". cast_bf16: store non-expert F32/F16 tensors as BF16.
+codec: "auto" (the smaller per matrix), "qmoe-v1" or "qmoe-p5". percdamp, blocksize, actorder:
+GPTQ settings as for gptq(). check_disk: refuse to start without enough free disk space.
+progress: called with a dict (done, total, resumed, seconds, current, phase) a few times a
+second. note: called with one-line notes (resumed work, cleaned-up leftovers). The pipeline
+cannot be interrupted from these callbacks: an exception raised in one stops further callbacks
+and is raised when the run has finished; Ctrl-C takes effect when the call returns.
+Returns a summary dict (files, quantizer, sizes, matrix counts, bits_per_expert_weight, timings,
+per-block statistics under "blocks").
+Raises qmoe.FormatError for a missing or malformed checkpoint or Hessian file, ValueError for bad
+arguments, RuntimeError for I/O failures or too little disk space.
 )doc");
 }

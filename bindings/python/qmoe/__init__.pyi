@@ -2,7 +2,7 @@
 
 import os
 import pathlib
-from typing import Any, Iterator, Literal, Mapping, Optional, Union, overload
+from typing import Any, Callable, Iterator, Literal, Mapping, Optional, Union, overload
 
 import numpy as np
 import numpy.typing as npt
@@ -172,3 +172,21 @@ def load(
     path: PathLike, *, verify_checksums: bool = False, raw_bf16: bool = False
 ) -> dict[str, Union[CompressedMatrix, npt.NDArray[Any]]]: ...
 def load_metadata(path: PathLike) -> dict[str, str]: ...
+def compress_checkpoint(
+    checkpoint: PathLike,
+    output: PathLike,
+    *,
+    hessians: Optional[PathLike] = None,
+    threads: int = 0,
+    max_memory: int = 0,
+    shard_size: int = 0,
+    resume: bool = False,
+    cast_bf16: bool = False,
+    codec: Union[CodecName, Literal["auto"]] = "auto",
+    percdamp: float = 0.1,
+    blocksize: int = 128,
+    actorder: bool = False,
+    check_disk: bool = True,
+    progress: Optional[Callable[[dict[str, Any]], None]] = None,
+    note: Optional[Callable[[str], None]] = None,
+) -> dict[str, Any]: ...

@@ -1,0 +1,108 @@
+"""qmoe.compress_checkpoint on the small Switch Transformers fixture of the C++ tests."""
+
+import json
+import os
+import pathlib
+
+import numpy as np
+import pytest
+
+import qmoe
+
+FIXTURE = pathlib.Path(__file__).resolve().parents[1] / "switch" / "fixtures" / "every_other_f32"
+
+
+@pytest.fixture
+def checkpoint():
+    if not (FIXTURE / "model.safetensors").is_file():
+        pytest.skip(f"fixture checkpoint {FIXTURE} is not in this tree")
+    return FIXTURE
+
+
+def expert_names(path):
+    from safetensors import safe_open
+
+    with safe_open(str(path / "model.safetensors"), framework="numpy") as f:
+        return {k: f.get_tensor(k) for k in f.keys() if ".mlp.experts.expert_" in k}
+
+
+def test_round_to_nearest(checkpoint, tmp_path):
+    out = tmp_path / "rtn.safetensors"
+    seen = []
+    summary = qmoe.compress_checkpoint(checkpoint, out, threads=2, progress=seen.append, check_disk=False)
+    assert [os.path.basename(f) for f in summary["files"]] == ["rtn.safetensors"]
+    experts = expert_names(checkpoint)
+    assert summary["quantizer"] == "rtn"
+    assert summary["expert_matrices"] == len(experts) > 0
+    assert summary["v1_matrices"] + summary["p5_matrices"] == len(experts)
+    assert summary["blocks"] and all(b["matrices"] > 0 for b in summary["blocks"])
+    assert seen and seen[-1]["done"] == seen[-1]["total"] == len(experts)
+    loaded = qmoe.load(out, verify_checksums=True)
+    for name, w in experts.items():
+        m = loaded[name]
+        assert isinstance(m, qmoe.CompressedMatrix) and m.shape == w.shape
+        s, l = qmoe.ternarize_rtn(w)
+        np.testing.assert_array_equal(m.decode_symbols(), s)
+        np.testing.assert_array_equal(m.levels, l)
+    dense = [k for k, v in loaded.items() if isinstance(v, np.ndarray)]
+    assert len(dense) == summary["passthrough_tensors"]
+    assert qmoe.load_metadata(out)["quantizer"] == "rtn"
+
+
+def compress_with_hessians(*args, **kwargs):
+    """compress_checkpoint with a Hessian file; skips (with the library's reason) while the
+    library is built without the Hessian file reader of the pipeline."""
+    try:
+        return qmoe.compress_checkpoint(*args, **kwargs)
+    except RuntimeError as e:
+        if "not available in this build" in str(e):
+            pytest.skip(f"pipeline without Hessian files: {e}")
+        raise
+
+
+def test_gptq_with_hessians_from_python(checkpoint, tmp_path):
+    rng = np.random.default_rng(5)
+    experts = expert_names(checkpoint)
+    accs = {}
+    for name, w in experts.items():
+        acc = qmoe.HessianAccumulator(w.shape[1])
+        acc.add(rng.standard_normal((64, w.shape[1])).astype(np.float32))
+        accs[name] = acc
+    hfile = tmp_path / "hessians.safetensors"
+    qmoe.save_hessians(hfile, accs)
+    out = tmp_path / "gptq"
+    summary = compress_with_hessians(checkpoint, out, hessians=hfile, shard_size=100000, check_disk=False)
+    assert summary["quantizer"] == "gptq" and summary["fallback_matrices"] == 0
+    assert len(summary["files"]) > 1
+    loaded = qmoe.load(out)
+    meta = qmoe.load_metadata(out)
+    assert meta["quantizer"] == "gptq"
+    name = sorted(experts)[0]
+    want = qmoe.compress_matrix(experts[name], accs[name].hessian(), codec=loaded[name].codec)
+    np.testing.assert_array_equal(loaded[name].decode_symbols(), want.decode_symbols())
+    assert json.loads(meta["compress.options"])
+
+
+def test_errors(checkpoint, tmp_path):
+    with pytest.raises(qmoe.FormatError, match="no such checkpoint"):
+        qmoe.compress_checkpoint(tmp_path / "missing", tmp_path / "o.safetensors")
+    with pytest.raises(ValueError, match="unknown codec"):
+        qmoe.compress_checkpoint(checkpoint, tmp_path / "o.safetensors", codec="x")
+
+    class Stop(Exception):
+        pass
+
+    calls = []
+
+    def stop(p):
+        calls.append(p)
+        raise Stop()
+
+    # The exception surfaces when the run ends; the callback is not called again after it.
+    with pytest.raises(Stop):
+        qmoe.compress_checkpoint(checkpoint, tmp_path / "stopped.safetensors", progress=stop, check_disk=False)
+    assert len(calls) == 1
+
+def test_missing_hessian_file(checkpoint, tmp_path):
+    with pytest.raises(qmoe.FormatError, match="none.safetensors"):
+        compress_with_hessians(checkpoint, tmp_path / "o.safetensors", hessians=tmp_path / "none.safetensors")
