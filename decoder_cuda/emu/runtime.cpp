@@ -67,8 +67,12 @@ thread_local Launch* g_launch = nullptr;
 
 // AddressSanitizer must be told about every stack switch, or it reports false stack errors.
 #if defined(QMOE_EMU_ASAN)
-void asan_enter_fiber(void** fake, const Fiber& f) { __sanitizer_start_switch_fiber(fake, f.stack.get(), kStackBytes); }
-void asan_back_in_scheduler(void* fake) { __sanitizer_finish_switch_fiber(fake, nullptr, nullptr); }
+void asan_enter_fiber(void** fake, const Fiber& f) {
+  __sanitizer_start_switch_fiber(fake, f.stack.get(), kStackBytes);
+}
+void asan_back_in_scheduler(void* fake) {
+  __sanitizer_finish_switch_fiber(fake, nullptr, nullptr);
+}
 void asan_leave_fiber(void** fake, const Launch& l) {
   __sanitizer_start_switch_fiber(fake, l.scheduler_stack, l.scheduler_stack_size);
 }
@@ -139,31 +143,38 @@ void yield_to_scheduler(Launch& l) {
   throw FiberAbort{};
 }
 
+// getcontext/swapcontext return twice as far as the compiler knows; keeping them in small
+// non-inlined functions keeps the scheduler's loop variables out of their frames.
+[[gnu::noinline]] void init_fiber(Launch& l, int t) {
+  Fiber& f = l.fibers[t];
+  if (!f.stack) f.stack = std::make_unique<char[]>(kStackBytes);
+  f.tid = {static_cast<unsigned>(t % l.block.x), static_cast<unsigned>((t / l.block.x) % l.block.y),
+           static_cast<unsigned>(t / (l.block.x * l.block.y))};
+  f.state = State::kReady;
+  getcontext(&f.ctx);
+  f.ctx.uc_stack.ss_sp = f.stack.get();
+  f.ctx.uc_stack.ss_size = kStackBytes;
+  f.ctx.uc_link = &l.scheduler;
+  makecontext(&f.ctx, fiber_entry, 0);
+}
+
+[[gnu::noinline]] void resume(Launch& l, int t) {
+  l.current = t;
+  void* fake = nullptr;
+  asan_enter_fiber(&fake, l.fibers[t]);
+  swapcontext(&l.scheduler, &l.fibers[t].ctx);
+  asan_back_in_scheduler(fake);
+  l.current = -1;
+}
+
 void run_block(Launch& l) {
   for (auto& w : l.warps) w = Warp{};
-  for (int t = 0; t < l.nthreads; ++t) {
-    Fiber& f = l.fibers[t];
-    if (!f.stack) f.stack = std::make_unique<char[]>(kStackBytes);
-    f.tid = {static_cast<unsigned>(t % l.block.x),
-             static_cast<unsigned>((t / l.block.x) % l.block.y),
-             static_cast<unsigned>(t / (l.block.x * l.block.y))};
-    f.state = State::kReady;
-    getcontext(&f.ctx);
-    f.ctx.uc_stack.ss_sp = f.stack.get();
-    f.ctx.uc_stack.ss_size = kStackBytes;
-    f.ctx.uc_link = &l.scheduler;
-    makecontext(&f.ctx, fiber_entry, 0);
-  }
+  for (int t = 0; t < l.nthreads; ++t) init_fiber(l, t);
   for (;;) {
     bool ran = false;
     for (int t = 0; t < l.nthreads && l.error.empty(); ++t) {
       if (l.fibers[t].state != State::kReady) continue;
-      l.current = t;
-      void* fake = nullptr;
-      asan_enter_fiber(&fake, l.fibers[t]);
-      swapcontext(&l.scheduler, &l.fibers[t].ctx);
-      asan_back_in_scheduler(fake);
-      l.current = -1;
+      resume(l, t);
       ran = true;
     }
     if (!l.error.empty()) throw EmulationError("CUDA emulation: " + l.error);
