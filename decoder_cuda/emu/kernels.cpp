@@ -8,7 +8,7 @@ namespace {
 struct EmuLauncher {
   template <class E, int NB>
   void fused(dim3 grid, const kern::FusedParams<typename E::S>& p) {
-    emu::launch(grid, dim3(kern::kThreads), [&] { kern::v1_fused_kernel<E, NB>(p); });
+    emu::launch(grid, dim3(kern::kThreads<NB>), [&] { kern::v1_fused_kernel<E, NB>(p); });
   }
   template <class E>
   void v1_dense(dim3 grid, const kern::DenseParams<typename E::S>& p) {

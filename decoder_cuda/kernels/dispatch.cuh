@@ -78,7 +78,8 @@ void dispatch_fused(L& launcher, const V1MatrixDev& single, const V1MatrixDev* e
                     const int32_t* expert_offsets, const int32_t* token_ids, const int32_t* out_ids,
                     const float* scales, int32_t num_tokens, bool accumulate, bool atomic, int nb,
                     GridOverride go) {
-  const int64_t groups = (static_cast<int64_t>(max_rows) + kWarps - 1) / kWarps;
+  const int warps = nb == 1 ? kWarps<1> : (nb == 8 ? kWarps<8> : kWarps<32>);
+  const int64_t groups = (static_cast<int64_t>(max_rows) + warps - 1) / warps;
   const int64_t passes = (max_slots + nb - 1) / nb;
   dim3 grid(static_cast<unsigned>(groups), static_cast<unsigned>(num_experts),
             static_cast<unsigned>(std::min(passes, kMaxGridYZ)));

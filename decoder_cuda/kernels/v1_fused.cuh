@@ -2,9 +2,9 @@
 // one weight slot of many experts (grouped MoE launch). Each codeword is decoded once per pass and
 // applied to all of the pass's tokens.
 //
-// Work split: a block of kWarps warps owns kWarps consecutive rows (one per warp) of one expert
-// and one pass of up to NB tokens. The tokens' activations are staged in shared memory as fp32,
-// [column][token], one window of kWindowCols<NB> columns at a time (32 KiB, static, so every
+// Work split: a block of kWarps<NB> warps owns as many consecutive rows (one per warp) of one
+// expert and one pass of up to NB tokens. The tokens' activations are staged in shared memory as
+// fp32, [column][token], one window of kWindowCols<NB> columns at a time (32 KiB, static, so every
 // architecture from sm_75 runs it without an opt-in). A warp walks its row's code stream through
 // the windows in column order, carrying a decoded chunk across window boundaries, so arbitrary
 // widths need no more shared memory. Only non-zero symbols do arithmetic (~11.5% of weights at
@@ -15,8 +15,16 @@
 
 namespace qmoe::cuda::kern {
 
-inline constexpr int kWarps = 8;
-inline constexpr int kThreads = 32 * kWarps;
+// Warps (= rows) per block. Staging costs NB elements per column per block, so for 8 and 32
+// tokens 16 rows share each staged window (half the staging work per weight); the register file
+// then holds one such block per SM (<= 128 registers per thread), the same 16 warps per SM as two
+// 8-warp blocks.
+template <int NB>
+inline constexpr int kWarps = NB >= 8 ? 16 : 8;
+template <int NB>
+inline constexpr int kThreads = 32 * kWarps<NB>;
+template <int NB>
+inline constexpr int kMinBlocksPerSm = NB >= 8 ? 1 : 2;
 inline constexpr int kSmemFloats = 8192;  // 32 KiB of staged activations
 template <int NB>
 inline constexpr int kWindowCols = kSmemFloats / NB;
@@ -117,10 +125,11 @@ QMOE_DEV void v1_apply_entry(uint32_t w0, uint32_t w1, int32_t first, int32_t pa
   }
 }
 
-// Grid: x = row groups of kWarps rows (grid-stride), y = expert (1 without grouping),
-//       z = passes of NB slots (grid-stride).  Block: kThreads (kWarps warps, one row each).
+// Grid: x = row groups of kWarps<NB> rows (grid-stride), y = expert (1 without grouping),
+//       z = passes of NB slots (grid-stride).  Block: kThreads<NB> (a warp per row).
 template <class E, int NB>
-__global__ void __launch_bounds__(kThreads, 2) v1_fused_kernel(const FusedParams<typename E::S> p) {
+__global__ void __launch_bounds__(kThreads<NB>, kMinBlocksPerSm<NB>)
+    v1_fused_kernel(const FusedParams<typename E::S> p) {
   using S = typename E::S;
   constexpr int WP = kWindowPairs<NB>;
   constexpr int WC = kWindowCols<NB>;
@@ -136,7 +145,7 @@ __global__ void __launch_bounds__(kThreads, 2) v1_fused_kernel(const FusedParams
     slot_end = p.expert_offsets[blockIdx.y + 1];
   }
   const int32_t n_slots = slot_end - slot_begin;
-  const int32_t groups = (m.rows + kWarps - 1) / kWarps;
+  const int32_t groups = (m.rows + kWarps<NB> - 1) / kWarps<NB>;
   const int32_t row_pairs = (m.cols + 1) / 2;
   const int32_t windows = (row_pairs + WP - 1) / WP;
   // Every loop bound below is uniform over the block, so all threads meet every barrier.
@@ -145,7 +154,7 @@ __global__ void __launch_bounds__(kThreads, 2) v1_fused_kernel(const FusedParams
     const int nb = n_slots - pass * NB < NB ? n_slots - pass * NB : NB;
     bool staged = false;
     for (int32_t g = blockIdx.x; g < groups; g += gridDim.x) {
-      const int32_t row = g * kWarps + warp;
+      const int32_t row = g * kWarps<NB> + warp;
       const bool row_ok = row < m.rows;
       float acc[NB];
       QMOE_UNROLL
@@ -178,7 +187,7 @@ __global__ void __launch_bounds__(kThreads, 2) v1_fused_kernel(const FusedParams
           // Thread i stages token b = 4*(i/32 / (WC/8)) + i%4 of column c = 8*(i/32 % (WC/8)) +
           // i/4%8: global reads of 8 consecutive columns per token (full 32-byte sectors for fp32)
           // and, with the swizzle, conflict-free shared stores.
-          for (int i = static_cast<int>(threadIdx.x); i < WC * NB; i += kThreads) {
+          for (int i = static_cast<int>(threadIdx.x); i < WC * NB; i += kThreads<NB>) {
             int b, c;
             if constexpr (NB < 4) {
               b = i / WC;

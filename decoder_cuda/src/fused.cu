@@ -9,7 +9,7 @@ struct FusedLauncher {
   cudaStream_t stream;
   template <class E, int NB>
   void fused(dim3 grid, const kern::FusedParams<typename E::S>& p) {
-    kern::v1_fused_kernel<E, NB><<<grid, kern::kThreads, 0, stream>>>(p);
+    kern::v1_fused_kernel<E, NB><<<grid, kern::kThreads<NB>, 0, stream>>>(p);
     QMOE_CUDA_CHECK_LAUNCH("v1_fused_kernel<<<>>>");
   }
   template <class E>
