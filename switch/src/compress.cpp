@@ -515,7 +515,7 @@ void cleanup_leftovers(const fs::path& dir, const std::string& stem, const Compr
     gone.push_back(e.path());
   }
   for (const auto& p : gone) {
-    fs::remove(p, ec);
+    fs::remove_all(p, ec);
     if (opt.note && !ec) opt.note("removed " + p.string() + " (left by an interrupted run)");
   }
 }
@@ -636,24 +636,35 @@ CompressSummary compress_checkpoint(const fs::path& checkpoint, const fs::path& 
   const fs::path work = work_dir_for(output);
   const std::string fp = fingerprint(*ck, opt);
   std::error_code ec;
+  {
+    // A work directory appears complete with its run.json or not at all: it is made under a
+    // temporary name and renamed. Those of killed runs are removed.
+    const fs::path parent = work.parent_path().empty() ? fs::path(".") : work.parent_path();
+    cleanup_leftovers(parent, work.filename().string() + ".tmp.", opt);
+  }
   if (fs::exists(work, ec)) {
-    const bool ours = fs::exists(work / kRunFile, ec);
-    if (!ours && !fs::is_empty(work, ec))
+    if (!fs::exists(work / kRunFile, ec))
       throw Error(error_context(work.string(), "", "exists and is not a qmoe work directory; remove it"));
-    if (opt.resume && ours) {
+    if (opt.resume) {
       if (read_text(work / kRunFile) != fp)
         throw Error(error_context(work.string(), "",
                                   "was made for another input or other options (see its run.json); remove it or run "
                                   "without --resume"));
     } else {
-      if (ours && opt.note) opt.note("starting afresh: removing the earlier work in " + work.string());
+      if (opt.note) opt.note("starting afresh: removing the earlier work in " + work.string());
       fs::remove_all(work, ec);
       if (ec) throw Error(work.string() + ": cannot remove: " + ec.message());
     }
   }
-  fs::create_directories(work, ec);
-  if (!fs::is_directory(work)) throw Error(work.string() + ": cannot create the work directory");
-  if (!fs::exists(work / kRunFile)) write_text_atomic(work / kRunFile, fp);
+  if (!fs::exists(work, ec)) {
+    const fs::path tmp = work.string() + ".tmp." + std::to_string(::getpid());
+    fs::remove_all(tmp, ec);
+    fs::create_directories(tmp, ec);
+    if (!fs::is_directory(tmp)) throw Error(tmp.string() + ": cannot create the work directory");
+    write_text_atomic(tmp / kRunFile, fp);
+    fs::rename(tmp, work, ec);
+    if (ec) throw Error(work.string() + ": cannot create the work directory: " + ec.message());
+  }
   cleanup_leftovers(work, "", opt);
   // Leftovers of an interrupted assembly: the writer's temporary files.
   {
@@ -866,7 +877,11 @@ CompressSummary compress_checkpoint(const fs::path& checkpoint, const fs::path& 
     for (const auto& p : stale) fs::remove(p, ec);
   }
   for (const auto& f : sum.files) sum.output_bytes += static_cast<int64_t>(fs::file_size(f));
-  fs::remove_all(work, ec);
+  // Renamed first, so that a kill while removing never leaves a work directory without run.json
+  // (the next run removes the renamed one).
+  const fs::path doomed = work.string() + ".tmp." + std::to_string(::getpid());
+  fs::rename(work, doomed, ec);
+  fs::remove_all(ec ? work : doomed, ec);
   sum.assemble_seconds = since(ta);
   sum.total_seconds = since(t0);
   tick("assemble", "done");
