@@ -1,0 +1,44 @@
+"""The scripts in examples/ and bench/python_overhead.py run and print what they promise."""
+
+import importlib.util
+import pathlib
+import re
+import subprocess
+import sys
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+
+
+def run(script, *args):
+    out = subprocess.run([sys.executable, str(ROOT / script), *args], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout + out.stderr
+    return out.stdout
+
+
+def test_gptq_one_matrix_prints_the_error_of_both_methods():
+    out = run("examples/gptq_one_matrix.py", "--rows", "64", "--cols", "256", "--tokens", "2048", "--rank", "16")
+    errors = {}
+    for method in ("RTN", "GPTQ"):
+        line = next(l for l in out.splitlines() if l.startswith(method + " "))
+        errors[method] = float(line.split()[4])
+    assert 0 < errors["GPTQ"] < errors["RTN"], out
+    assert "GPTQ status ok" in out
+
+
+def test_torch_moe_hessians_runs_or_skips_cleanly():
+    out = run("examples/torch_moe_hessians.py", "--batches", "4", "--tokens", "128")
+    if importlib.util.find_spec("torch") is None:
+        assert "PyTorch is not installed" in out
+        return
+    match = re.search(r"relative error ([0-9.]+)", out)
+    assert match, out
+    assert float(match.group(1)) < 1.0
+    assert "GPTQ" in out
+
+
+def test_python_overhead_bench_runs():
+    out = run("bench/python_overhead.py", "--experts", "2", "--calls", "20", "--repetitions", "2",
+              "--tokens", "1,3", "--bench", str(ROOT / "no-such-binary"))
+    assert re.search(r"matvec wi_3072x768 tokens:1 .* [0-9.]+", out), out
+    assert "matmul wi_3072x768 tokens:3" in out
+    assert "fixed cost of a call" in out
