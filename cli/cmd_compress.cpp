@@ -154,5 +154,34 @@ Registrar compress_cmd("compress", [](CLI::App& app) -> std::function<int()> {
   return [a] { return run_compress(*a); };
 });
 
+struct CheckArgs {
+  std::string checkpoint, container;
+  int threads = 0;
+};
+
+int run_check(const CheckArgs& a) {
+  const sw::CheckSummary s = sw::check_compressed(a.checkpoint, a.container, a.threads);
+  std::printf("check: %lld expert matrices (%lld weights) decoded", static_cast<long long>(s.expert_matrices),
+              static_cast<long long>(s.expert_weights));
+  if (s.exact_matrices == s.expert_matrices)
+    std::printf(", every one exactly equal to the round-to-nearest ternarization of the original");
+  std::printf("; %lld other tensors byte-identical\n", static_cast<long long>(s.passthrough_tensors));
+  std::printf("check: ternary vs original weights: relative Frobenius error %.4f\n", s.relative_error);
+  std::printf("check: reference decode %.1f M weights/s per thread; %.2f s in all\n",
+              s.decode_seconds > 0 ? static_cast<double>(s.expert_weights) / s.decode_seconds / 1e6 : 0.0, s.seconds);
+  return 0;
+}
+
+Registrar check_cmd("check-compressed", [](CLI::App& app) -> std::function<int()> {
+  auto a = std::make_shared<CheckArgs>();
+  app.description(
+      "Check a container against its checkpoint: experts decode to the ternarized originals (round-to-nearest "
+      "containers), other tensors byte-identical");
+  app.add_option("checkpoint", a->checkpoint, "the Hugging Face checkpoint directory it was compressed from")->required();
+  app.add_option("container", a->container, "the qmoe container")->required();
+  app.add_option("--threads", a->threads, "threads (0 = all)");
+  return [a] { return run_check(*a); };
+});
+
 }  // namespace
 }  // namespace qmoe::cli

@@ -170,6 +170,24 @@ CompressPlan plan_compression(const std::filesystem::path& checkpoint, const std
 CompressSummary compress_checkpoint(const std::filesystem::path& checkpoint, const std::filesystem::path& output,
                                     const CompressOptions& opt = {});
 
+// Checks a container against the checkpoint it was compressed from: every expert matrix decodes
+// (reference decoder) to exactly the round-to-nearest ternarization of the original (RTN
+// containers; for GPTQ ones the ternary values are only decoded and measured), every other tensor
+// is byte-identical (or the bf16 cast of the original). Also measures how far the ternary
+// matrices are from the original weights. Throws FormatError naming the tensor on the first
+// mismatch.
+struct CheckSummary {
+  int64_t expert_matrices = 0;
+  int64_t expert_weights = 0;
+  int64_t exact_matrices = 0;       // equal to the RTN ternarization (RTN containers)
+  int64_t passthrough_tensors = 0;  // byte-identical
+  double relative_error = 0;        // ||W - Q||_F / ||W||_F over all expert weights
+  double decode_seconds = 0;        // reference decode of every expert matrix
+  double seconds = 0;
+};
+CheckSummary check_compressed(const std::filesystem::path& checkpoint, const std::filesystem::path& container,
+                              int threads = 0);
+
 // The work directory of an output.
 std::filesystem::path work_dir_for(const std::filesystem::path& output);
 
