@@ -2,7 +2,9 @@
 // Host-only header: every pointer with a _dev suffix is device memory; sizes are in elements
 // unless stated; cudaStream_t comes last. All functions only enqueue work on `stream` (no
 // synchronisation, no allocation) and throw qmoe::CudaError naming the failing CUDA call, or
-// qmoe::InvalidArgument for bad shapes. They are thread-safe for distinct streams.
+// qmoe::InvalidArgument for bad shapes. They are thread-safe for distinct streams. Launch
+// configuration errors are reported by the launching call; faults while a kernel runs surface,
+// as always in CUDA, at the caller's next synchronising call.
 #pragma once
 
 #include <cstdint>
