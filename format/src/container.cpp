@@ -95,7 +95,7 @@ struct Container::Impl {
   std::vector<Stored> stored;  // every stored tensor, for checksums
 
   // Validates shard `shard_idx` and appends its entries.
-  void load_shard(size_t shard_idx, const ContainerOpenOptions& opt);
+  void load_shard(size_t shard_idx);
 };
 
 namespace {
@@ -138,7 +138,7 @@ bool is_lower_hex16(const std::string& s) {
 
 }  // namespace
 
-void Container::Impl::load_shard(size_t shard_idx, const ContainerOpenOptions& opt) {
+void Container::Impl::load_shard(size_t shard_idx) {
   Impl& c = *this;
   const SafetensorsFile& f = c.shards[shard_idx];
   const std::string file = f.path().string();
@@ -240,7 +240,6 @@ void Container::Impl::load_shard(size_t shard_idx, const ContainerOpenOptions& o
     }
     const TensorInfo& levels = member(kLevelsSuffix, DType::kBF16, {decl.rows, 2});
     e.view.levels = f.as<uint16_t>(levels, DType::kBF16);
-    if (opt.validate_codes) validate(e.view, error_context(file, name, ""));
     c.compressed_index.emplace(name, c.compressed.size());
     c.compressed.push_back(std::move(e));
   }
@@ -255,10 +254,6 @@ void Container::Impl::load_shard(size_t shard_idx, const ContainerOpenOptions& o
     }
     const auto ck = checksums.find(t.name);
     if (ck == checksums.end()) throw fail(t.name, "has no checksum (qmoe.xxh3." + t.name + ") in __metadata__");
-    if (opt.verify_checksums) {
-      const std::string got = checksum_hex(f.bytes(t));
-      if (got != ck->second) throw fail(t.name, "checksum mismatch: stored " + ck->second + ", computed " + got);
-    }
     c.stored.push_back({shard_idx, t.name, ck->second});
     if (t.name == dict_name || claimed.count(t.name) != 0) continue;
     if (c.dense_index.count(t.name) != 0) throw fail(t.name, "tensor appears twice in the container");
@@ -268,6 +263,26 @@ void Container::Impl::load_shard(size_t shard_idx, const ContainerOpenOptions& o
 }
 
 namespace {
+
+// Runs fn(0 .. n-1) on all threads; returns the message of the FormatError thrown for the
+// smallest index, or "" when none threw. Tensors are large and few, hence dynamic scheduling.
+template <class Fn>
+std::string parallel_errors(size_t n, const Fn& fn) {
+  std::vector<std::string> errors(n);
+  const auto count = static_cast<int64_t>(n);
+#pragma omp parallel for schedule(dynamic, 1)
+  for (int64_t i = 0; i < count; ++i) {
+    try {
+      fn(static_cast<size_t>(i));
+    } catch (const FormatError& e) {
+      errors[static_cast<size_t>(i)] = e.what();
+    }
+  }
+  for (auto& e : errors) {
+    if (!e.empty()) return std::move(e);
+  }
+  return {};
+}
 
 std::string read_small_file(const std::filesystem::path& p, int64_t limit) {
   const std::string file = p.string();
@@ -328,7 +343,7 @@ Container Container::open(const std::filesystem::path& path, const ContainerOpen
 
   if (impl->index_path.empty()) {
     impl->shards.push_back(SafetensorsFile::open(single));
-    impl->load_shard(0, opt);
+    impl->load_shard(0);
     for (const auto& [k, v] : impl->shards[0].metadata()) {
       if (!starts_with(k, kMatrixKeyPrefix) && !starts_with(k, kChecksumKeyPrefix)) impl->metadata.emplace(k, v);
     }
@@ -381,7 +396,7 @@ Container Container::open(const std::filesystem::path& path, const ContainerOpen
           }
         }
       }
-      impl->load_shard(k, opt);
+      impl->load_shard(k);
     }
   }
 
@@ -390,6 +405,29 @@ Container Container::open(const std::filesystem::path& path, const ContainerOpen
     if (impl->compressed_index.count(name) != 0) {
       throw FormatError(error_context(impl->dense[i].shard, name, "is both a dense tensor and a compressed matrix"));
     }
+  }
+  // The passes over the data (checksums, then codes) run in parallel over tensors; the error
+  // reported is the first in container order, so the message does not depend on thread timing.
+  if (opt.verify_checksums) {
+    const Impl& ci = *impl;
+    const auto errors = parallel_errors(ci.stored.size(), [&](size_t i) {
+      const auto& s = ci.stored[i];
+      const SafetensorsFile& f = ci.shards[s.shard];
+      const std::string got = checksum_hex(f.bytes(*f.find(s.name)));
+      if (got != s.checksum) {
+        throw FormatError(error_context(f.path().string(), s.name,
+                                        "checksum mismatch: stored " + s.checksum + ", computed " + got));
+      }
+    });
+    if (!errors.empty()) throw FormatError(errors);
+  }
+  if (opt.validate_codes) {
+    const Impl& ci = *impl;
+    const auto errors = parallel_errors(ci.compressed.size(), [&](size_t i) {
+      const CompressedEntry& e = ci.compressed[i];
+      validate(e.view, error_context(e.shard, e.name, ""));
+    });
+    if (!errors.empty()) throw FormatError(errors);
   }
   Container c;
   c.impl_ = std::move(impl);
@@ -428,10 +466,18 @@ std::vector<std::filesystem::path> Container::files() const {
 }
 
 std::vector<std::string> Container::mismatched_checksums() const {
-  std::vector<std::string> bad;
-  for (const auto& s : impl_->stored) {
+  const auto& stored = impl_->stored;
+  std::vector<char> mismatch(stored.size(), 0);
+  const auto count = static_cast<int64_t>(stored.size());
+#pragma omp parallel for schedule(dynamic, 1)
+  for (int64_t i = 0; i < count; ++i) {
+    const auto& s = stored[static_cast<size_t>(i)];
     const SafetensorsFile& f = impl_->shards[s.shard];
-    if (checksum_hex(f.bytes(*f.find(s.name))) != s.checksum) bad.push_back(s.name);
+    mismatch[static_cast<size_t>(i)] = checksum_hex(f.bytes(*f.find(s.name))) != s.checksum;
+  }
+  std::vector<std::string> bad;
+  for (size_t i = 0; i < stored.size(); ++i) {
+    if (mismatch[i]) bad.push_back(stored[i].name);
   }
   return bad;
 }
