@@ -3,6 +3,7 @@
 #include <omp.h>
 
 #include <fstream>
+#include <map>
 #include <set>
 #include <sstream>
 
@@ -257,6 +258,57 @@ TEST(CompressExperts, ContainerRunsCompressedExpertsLikeTheInMemoryModel) {
   EXPECT_EQ(dd.decoder[2].ff.experts[0]->kind(), "dense");
   EXPECT_NEAR(cross_entropy(dd, pairs, fo).mean(), a.mean(), 1e-4);
   std::filesystem::remove_all(out.parent_path());
+}
+
+}  // namespace
+}  // namespace qmoe::sw::test
+#endif  // QMOE_SWITCH_HAVE_GPTQ
+
+#ifdef QMOE_SWITCH_HAVE_GPTQ
+#include "qmoe/switch/calibration_provider.h"
+
+namespace qmoe::sw::test {
+namespace {
+
+TEST(CalibrationProvider, CompressCheckpointEqualsInMemorySequentialGptq) {
+  const auto dir = fixture("every_other_f32");
+  const TokenPairs pairs = TokenPairs::load(dir / "tokens.safetensors");
+  // In memory: compress_experts, sequential GPTQ.
+  SwitchModel mem = SwitchModel::load(dir);
+  std::map<std::string, std::vector<uint16_t>> codes;
+  compress_experts(mem, pairs, {}, [&](CompressedExpertResult& r) {
+    codes[SwitchNames::expert(stack_name(r.stack), r.block, r.expert, "wi")] = r.wi.matrix.codes;
+    codes[SwitchNames::expert(stack_name(r.stack), r.block, r.expert, "wo")] = r.wo.matrix.codes;
+  });
+  // The pipeline with the calibration provider.
+  const auto tmp = temp_dir("calib_provider");
+  const auto out = tmp / "out.safetensors";
+  auto provider = open_calibration(dir, dir / "tokens.safetensors");
+  EXPECT_NE(provider->describe().find("sequential"), std::string::npos);
+  CompressOptions co;
+  co.hessians = provider.get();
+  co.check_disk = false;
+  compress_checkpoint(dir, out, co);
+  const SwitchModel c = SwitchModel::load(out);
+  ASSERT_TRUE(c.source->is_container());
+  for (const auto& [name, cd] : codes) {
+    const CompressedView* v = c.source->compressed(name);
+    ASSERT_NE(v, nullptr) << name;
+    if (v->codec == Codec::kV1) {
+      EXPECT_TRUE(std::equal(cd.begin(), cd.end(), v->codes.begin(), v->codes.end())) << name;
+    }
+  }
+  const LossResult a = cross_entropy(mem, pairs), b = cross_entropy(c, pairs);
+  EXPECT_EQ(a.nll_sum, b.nll_sum);
+  std::filesystem::remove_all(tmp);
+}
+
+TEST(CalibrationProvider, Errors) {
+  const auto dir = fixture("every_other_f32");
+  EXPECT_THROW(open_calibration(dir, dir / "no_tokens.safetensors"), FormatError);
+  // Token ids outside the vocabulary of the model.
+  EXPECT_THROW(open_calibration(fixture("every_other_f32"), fixture("all_sparse_bf16") / "expected.safetensors"),
+               FormatError);
 }
 
 }  // namespace

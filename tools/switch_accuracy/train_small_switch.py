@@ -4,7 +4,7 @@ tools/switch_accuracy/run_experiment.sh (original vs round-to-nearest vs GPTQ te
 
 Text: the docstrings of the Python standard library of the running interpreter (English prose that
 every machine with Python has offline). Tokens: bytes (ids 3..258; 0 pad, 1 eos, 2 unused) and 32
-sentinels (259..290); vocabulary 320. Pairs: T5 span corruption of 96-byte windows (--window) (15% noise,
+sentinels (259..290); vocabulary 320. Pairs: T5 span corruption of 64-byte windows (--window) (15% noise,
 mean span 3): encoder input = text with each span replaced by a sentinel; decoder targets = each
 sentinel followed by its span, then eos.
 
@@ -102,10 +102,11 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
     ap.add_argument("--minutes", type=float, default=5.0)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--batch", type=int, default=16)
-    ap.add_argument("--window", type=int, default=96, help="bytes per training/eval window")
+    ap.add_argument("--d-model", type=int, default=96)
+    ap.add_argument("--window", type=int, default=64, help="bytes per training/eval window")
     args = ap.parse_args()
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)
@@ -118,7 +119,7 @@ def main():
     print(f"corpus: {len(train_text)} training bytes, {len(eval_text)} held-out bytes", flush=True)
 
     config = SwitchTransformersConfig(
-        vocab_size=VOCAB, d_model=128, d_kv=32, d_ff=512, num_heads=4, num_layers=4, num_decoder_layers=4,
+        vocab_size=VOCAB, d_model=args.d_model, d_kv=args.d_model // 4, d_ff=4 * args.d_model, num_heads=4, num_layers=4, num_decoder_layers=4,
         num_sparse_encoder_layers=2, num_sparse_decoder_layers=2, num_experts=8, expert_capacity=64,
         dropout_rate=0.0, router_jitter_noise=0.0, decoder_start_token_id=PAD, pad_token_id=PAD,
         eos_token_id=EOS, relative_attention_num_buckets=32, relative_attention_max_distance=128)
@@ -134,7 +135,7 @@ def main():
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         step += 1
-        if step % 100 == 0:
+        if step % 25 == 0:
             print(f"step {step} loss {out.loss.item():.4f} ({time.time() - t0:.0f} s)", flush=True)
     model.eval()
     os.makedirs(os.path.join(args.out, "model"), exist_ok=True)
