@@ -64,17 +64,11 @@ void launch_fused_nb(L& launcher, int nb, dim3 grid, const FusedParams<typename 
   }
 }
 
-inline int window_count(int32_t cols, int nb) {
-  const int32_t pairs = (cols + 1) / 2;
-  const int32_t wp = kSmemFloats / nb / 2;
-  return static_cast<int>((pairs + wp - 1) / wp);
-}
-
 // Common body of the single-matrix and grouped launches.
 template <class L>
 void dispatch_fused(L& launcher, const V1MatrixDev& single, const V1MatrixDev* experts,
-                    int32_t num_experts, int32_t max_rows, int32_t cols, const int32_t* table,
-                    DType act, const void* x, int64_t ldx, void* y, int64_t ldy, int64_t max_slots,
+                    int32_t num_experts, int32_t max_rows, const int32_t* table, DType act,
+                    const void* x, int64_t ldx, void* y, int64_t ldy, int64_t max_slots,
                     const int32_t* expert_offsets, const int32_t* token_ids, const int32_t* out_ids,
                     const float* scales, int32_t num_tokens, bool accumulate, bool atomic, int nb,
                     GridOverride go) {
@@ -83,9 +77,6 @@ void dispatch_fused(L& launcher, const V1MatrixDev& single, const V1MatrixDev* e
   const int64_t passes = (max_slots + nb - 1) / nb;
   dim3 grid(static_cast<unsigned>(groups), static_cast<unsigned>(num_experts),
             static_cast<unsigned>(std::min(passes, kMaxGridYZ)));
-  // With a single window the staged activations are reused by every row group a block walks, so
-  // fewer, longer-lived blocks read the activations fewer times; 2048 blocks still fill any GPU.
-  if (window_count(cols, nb) == 1 && num_experts == 1 && groups > 2048) grid.x = 2048;
   if (go.x != 0) grid.x = go.x;
   if (go.z != 0) grid.z = go.z;
   auto run = [&](auto elem) {
@@ -140,9 +131,9 @@ void dispatch_v1_fused(L& launcher, const V1MatrixDev& m, const int32_t* table, 
               (x != nullptr || m.cols == 0) && y != nullptr,
           std::string(fn) + ": null pointer");
   if (nb == 0) nb = choose_tokens_per_pass(n_tokens);
-  dispatch_fused(launcher, m, nullptr, 1, m.rows, m.cols, table, act, x, ldx, y, ldy, n_tokens,
-                 nullptr, nullptr, nullptr, nullptr, static_cast<int32_t>(n_tokens), accumulate,
-                 false, nb, go);
+  dispatch_fused(launcher, m, nullptr, 1, m.rows, table, act, x, ldx, y, ldy, n_tokens, nullptr,
+                 nullptr, nullptr, nullptr, static_cast<int32_t>(n_tokens), accumulate, false, nb,
+                 go);
 }
 
 template <class L>
@@ -162,8 +153,8 @@ void dispatch_v1_grouped(L& launcher, const GroupedArgs& g, const int32_t* table
           std::string(fn) + ": null pointer");
   int nb = g.tokens_per_pass;
   if (nb == 0) nb = choose_tokens_per_pass((g.total_slots + g.num_experts - 1) / g.num_experts);
-  dispatch_fused(launcher, V1MatrixDev{}, g.experts_dev, g.num_experts, g.max_rows, g.cols, table,
-                 act, g.x_dev, g.ldx, g.y_dev, g.ldy, g.total_slots, g.expert_offsets_dev,
+  dispatch_fused(launcher, V1MatrixDev{}, g.experts_dev, g.num_experts, g.max_rows, table, act,
+                 g.x_dev, g.ldx, g.y_dev, g.ldy, g.total_slots, g.expert_offsets_dev,
                  g.token_ids_dev, g.out_ids_dev, g.scales_dev, 0, g.accumulate,
                  g.accumulate && act == DType::kF32, nb, go);
 }

@@ -2,13 +2,15 @@
 // one weight slot of many experts (grouped MoE launch). Each codeword is decoded once per pass and
 // applied to all of the pass's tokens.
 //
-// Work split: a block of kWarps<NB> warps owns as many consecutive rows (one per warp) of one
-// expert and one pass of up to NB tokens. The tokens' activations are staged in shared memory as
-// fp32, [column][token], one window of kWindowCols<NB> columns at a time (32 KiB, static, so every
-// architecture from sm_75 runs it without an opt-in). A warp walks its row's code stream through
-// the windows in column order, carrying a decoded chunk across window boundaries, so arbitrary
-// widths need no more shared memory. Only non-zero symbols do arithmetic (~11.5% of weights at
-// QMoE's sparsity): each costs one shared-memory read of NB floats and NB FMAs.
+// Work split: a block of kWarps<NB> warps owns as many consecutive rows (a warp per row) of one
+// expert and one pass of up to NB tokens. For NB = 8 and 32 the tokens' activations are staged in
+// shared memory as fp32 [column][token], one window of kWindowCols<NB> columns at a time (32 KiB,
+// static, so every architecture from sm_75 runs it without an opt-in); a warp walks its row's
+// code stream through the windows in column order, carrying a decoded chunk across window
+// boundaries, so arbitrary widths need no more shared memory. A single token (NB = 1) reads its
+// activations straight from global memory (L1) instead: no staging, no barriers. Only non-zero
+// symbols do arithmetic (~11.5% of weights at QMoE's sparsity): each costs one read of NB
+// activations and NB FMAs.
 #pragma once
 
 #include "v1_stream.cuh"
@@ -103,10 +105,28 @@ QMOE_DEV void warp_reduce_scatter(float (&acc)[NB], int lane) {
   for (int m = NB; m < 32; m <<= 1) acc[0] += __shfl_xor_sync(kFullMask, acc[0], m);
 }
 
-// Applies pairs [pa, pb) of one entry (first pair `first`) against the window starting at pair p0.
+// Where the activations of the non-zero weights come from.
+// StagedX: the block's shared-memory window, NB tokens per column (NB = 8, 32).
 template <int NB>
+struct StagedX {
+  const float* xs;
+  QMOE_DEV void fma(float v, int c, float (&acc)[NB]) const { fma_tokens<NB>(v, xs, c, acc); }
+};
+// DirectX: one token straight from global memory. A 6144-column bf16 row is 12 KiB and stays in
+// L1, so a single token needs no staging, no barriers and no shared-memory carve-out, which
+// leaves the L1 to the dictionary's hot entries.
+template <class E>
+struct DirectX {
+  const typename E::S* x;
+  QMOE_DEV void fma(float v, int c, float (&acc)[1]) const {
+    acc[0] = fmaf(v, E::load(ldg(x + c)), acc[0]);  // read-only path: L1-cached
+  }
+};
+
+// Applies pairs [pa, pb) of one entry (first pair `first`) against the window starting at pair p0.
+template <int NB, class Src>
 QMOE_DEV void v1_apply_entry(uint32_t w0, uint32_t w1, int32_t first, int32_t pa, int32_t pb,
-                             int32_t p0, float lo, float hi, const float* xs, float (&acc)[NB]) {
+                             int32_t p0, float lo, float hi, const Src& src, float (&acc)[NB]) {
   QMOE_UNROLL
   for (int h = 0; h < 2; ++h) {
     const int32_t base = first + v1::kPairsPerWord * h;
@@ -120,8 +140,32 @@ QMOE_DEV void v1_apply_entry(uint32_t w0, uint32_t w1, int32_t first, int32_t pa
       const int q = __ffs(static_cast<int>(nz)) - 1;  // lowest non-zero symbol field
       nz &= nz - 1u;
       const uint32_t sym = (w >> q) & 3u;
-      fma_tokens<NB>(sym == 1u ? lo : hi, xs, col0 + ((q - 4) >> 1), acc);
+      src.fma(sym == 1u ? lo : hi, col0 + ((q - 4) >> 1), acc);
     }
+  }
+}
+
+// Consumes the warp's row from its current chunk up to pair p1 (window [p0, p1)), decoding further
+// chunks as needed; a chunk reaching past p1 is kept for the next window.
+template <int NB, class Src>
+QMOE_DEV void v1_consume_window(const uint16_t* codes_dev, const uint2* table, int lane, int32_t p0,
+                                int32_t p1, float lo, float hi, const Src& src, V1Chunk& ch,
+                                uint32_t (&codes)[kCodesPerLane], int32_t& next, int32_t row_end,
+                                float (&acc)[NB]) {
+  for (;;) {
+    QMOE_UNROLL
+    for (int k = 0; k < kCodesPerLane; ++k) {
+      const int32_t first = ch.first_pair[k];
+      const int32_t last = first + v1::entry_pairs(ch.w0[k]);
+      const int32_t pa = first > p0 ? first : p0;
+      const int32_t pb = last < p1 ? last : p1;
+      if (pa < pb) v1_apply_entry<NB>(ch.w0[k], ch.w1[k], first, pa, pb, p0, lo, hi, src, acc);
+    }
+    // Warp-uniform: the chunk reaches past this window, or the row has no more codes.
+    if (ch.end_pair > p1 || next >= row_end) break;
+    v1_decode_chunk(table, codes, ch.end_pair, lane, ch);
+    next += kChunkCodes;
+    v1_load_codes(codes_dev, next, row_end, lane, codes);  // prefetch
   }
 }
 
@@ -147,12 +191,16 @@ __global__ void __launch_bounds__(kThreads<NB>, kMinBlocksPerSm<NB>)
   const int32_t n_slots = slot_end - slot_begin;
   const int32_t groups = (m.rows + kWarps<NB> - 1) / kWarps<NB>;
   const int32_t row_pairs = (m.cols + 1) / 2;
-  const int32_t windows = (row_pairs + WP - 1) / WP;
+  // One token reads its activations from global memory in a single window over the whole row.
+  constexpr bool kDirect = NB == 1;
+  const int32_t wp = kDirect ? row_pairs : WP;
+  const int32_t windows = kDirect ? (row_pairs > 0 ? 1 : 0) : (row_pairs + WP - 1) / WP;
   // Every loop bound below is uniform over the block, so all threads meet every barrier.
   for (int32_t pass = blockIdx.z; pass * NB < n_slots; pass += gridDim.z) {
     const int32_t s0 = slot_begin + pass * NB;
     const int nb = n_slots - pass * NB < NB ? n_slots - pass * NB : NB;
     bool staged = false;
+    const int64_t in0 = p.token_ids != nullptr ? p.token_ids[s0] : s0;  // the DirectX token
     for (int32_t g = blockIdx.x; g < groups; g += gridDim.x) {
       const int32_t row = g * kWarps<NB> + warp;
       const bool row_ok = row < m.rows;
@@ -174,52 +222,46 @@ __global__ void __launch_bounds__(kThreads<NB>, kMinBlocksPerSm<NB>)
         v1_load_codes(m.codes_dev, next, row_end, lane, codes);  // prefetch
       }
       for (int32_t win = 0; win < windows; ++win) {
-        const int32_t p0 = win * WP;
-        const int32_t p1 = p0 + WP < row_pairs ? p0 + WP : row_pairs;
-        if (windows > 1 || !staged) {
-          __syncthreads();  // the previous window is no longer read
-          if (threadIdx.x < static_cast<unsigned>(NB)) {
-            const int b = static_cast<int>(threadIdx.x);
-            const int32_t slot = s0 + (b < nb ? b : 0);
-            in_row[b] = p.token_ids != nullptr ? p.token_ids[slot] : slot;
-          }
-          __syncthreads();
-          // Thread i stages token b = 4*(i/32 / (WC/8)) + i%4 of column c = 8*(i/32 % (WC/8)) +
-          // i/4%8: global reads of 8 consecutive columns per token (full 32-byte sectors for fp32)
-          // and, with the swizzle, conflict-free shared stores.
-          for (int i = static_cast<int>(threadIdx.x); i < WC * NB; i += kThreads<NB>) {
-            int b, c;
-            if constexpr (NB < 4) {
-              b = i / WC;
-              c = i - b * WC;
-            } else {
-              const int rest = i >> 5;
-              b = 4 * (rest / (WC / 8)) + (i & 3);
-              c = 8 * (rest % (WC / 8)) + ((i >> 2) & 7);
+        const int32_t p0 = win * wp;
+        const int32_t p1 = p0 + wp < row_pairs ? p0 + wp : row_pairs;
+        if constexpr (!kDirect) {
+          if (windows > 1 || !staged) {
+            __syncthreads();  // the previous window is no longer read
+            if (threadIdx.x < static_cast<unsigned>(NB)) {
+              const int b = static_cast<int>(threadIdx.x);
+              const int32_t slot = s0 + (b < nb ? b : 0);
+              in_row[b] = p.token_ids != nullptr ? p.token_ids[slot] : slot;
             }
-            const int64_t col = 2 * static_cast<int64_t>(p0) + c;
-            float v = 0.0f;
-            if (b < nb && col < m.cols) v = E::load(ldg(p.x + in_row[b] * p.ldx + col));
-            xs[xs_index<NB>(c, b)] = v;
+            __syncthreads();
+            // Thread i stages token b = 4*(i/32 / (WC/8)) + i%4 of column c = 8*(i/32 % (WC/8)) +
+            // i/4%8: global reads of 8 consecutive columns per token (full 32-byte sectors for
+            // fp32) and, with the swizzle, conflict-free shared stores.
+            for (int i = static_cast<int>(threadIdx.x); i < WC * NB; i += kThreads<NB>) {
+              int b, c;
+              if constexpr (NB < 4) {
+                b = i / WC;
+                c = i - b * WC;
+              } else {
+                const int rest = i >> 5;
+                b = 4 * (rest / (WC / 8)) + (i & 3);
+                c = 8 * (rest % (WC / 8)) + ((i >> 2) & 7);
+              }
+              const int64_t col = 2 * static_cast<int64_t>(p0) + c;
+              float v = 0.0f;
+              if (b < nb && col < m.cols) v = E::load(ldg(p.x + in_row[b] * p.ldx + col));
+              xs[xs_index<NB>(c, b)] = v;
+            }
+            __syncthreads();
+            staged = true;
           }
-          __syncthreads();
-          staged = true;
         }
         if (!row_ok) continue;
-        for (;;) {
-          QMOE_UNROLL
-          for (int k = 0; k < kCodesPerLane; ++k) {
-            const int32_t first = ch.first_pair[k];
-            const int32_t last = first + v1::entry_pairs(ch.w0[k]);
-            const int32_t pa = first > p0 ? first : p0;
-            const int32_t pb = last < p1 ? last : p1;
-            if (pa < pb) v1_apply_entry<NB>(ch.w0[k], ch.w1[k], first, pa, pb, p0, lo, hi, xs, acc);
-          }
-          // Warp-uniform: the chunk reaches past this window, or the row has no more codes.
-          if (ch.end_pair > p1 || next >= row_end) break;
-          v1_decode_chunk(p.table, codes, ch.end_pair, lane, ch);
-          next += kChunkCodes;
-          v1_load_codes(m.codes_dev, next, row_end, lane, codes);  // prefetch
+        if constexpr (kDirect) {
+          v1_consume_window<NB>(m.codes_dev, p.table, lane, p0, p1, lo, hi,
+                                DirectX<E>{p.x + in0 * p.ldx}, ch, codes, next, row_end, acc);
+        } else {
+          v1_consume_window<NB>(m.codes_dev, p.table, lane, p0, p1, lo, hi, StagedX<NB>{xs}, ch,
+                                codes, next, row_end, acc);
         }
       }
       if (!row_ok) continue;
