@@ -24,6 +24,7 @@ import pathlib
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 import numpy as np
@@ -62,18 +63,25 @@ def time_calls(call, pool, x, calls, repetitions):
 
 
 def cxx_time(bench, shape, tokens, threads, repetitions, experts):
+    """(median, min) over repetitions of bench_decoder_cpu's real time per call, microseconds."""
     name = f"qmoe/{shape}/tokens:{tokens}/threads:{threads}"
     env = dict(os.environ, QMOE_BENCH_EXPERTS=str(experts), OMP_NUM_THREADS=str(threads))
-    out = subprocess.run(
-        [str(bench), f"--benchmark_filter=^{name}$", f"--benchmark_repetitions={repetitions}",
-         "--benchmark_format=json", "--benchmark_report_aggregates_only=true"],
-        check=True, capture_output=True, text=True, env=env)
-    runs = json.loads(out.stdout)["benchmarks"]
+    # The benchmark prints its own table on stdout; the JSON goes to a file.
+    with tempfile.TemporaryDirectory() as tmp:
+        out = pathlib.Path(tmp) / "bench.json"
+        subprocess.run(
+            [str(bench), f"--benchmark_filter=^{name}(/real_time)?$", f"--benchmark_repetitions={repetitions}",
+             f"--benchmark_out={out}", "--benchmark_out_format=json"],
+            check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+        runs = json.loads(out.read_text())["benchmarks"]
+    times = []
     for r in runs:
-        if r.get("aggregate_name") == "median":
+        if r.get("run_type") == "iteration":
             assert r["time_unit"] == "us", r["time_unit"]
-            return r["real_time"]
-    raise RuntimeError(f"{bench}: no median for {name} (does the benchmark list it?)")
+            times.append(r["real_time"])
+    if not times:
+        raise RuntimeError(f"{bench}: no run of {name} (does the benchmark list it?)")
+    return statistics.median(times), min(times)
 
 
 def main():
@@ -99,7 +107,9 @@ def main():
         print(f"# C++ benchmark {args.bench} not found: only the Python side is measured")
 
     rng = np.random.default_rng(1)
-    print(f"{'call':<34} {'C++ us':>10} {'Python us':>10} {'(min)':>10} {'overhead us':>12}")
+    print("# microseconds per call: median and minimum over the repetitions; the overhead compares minima,")
+    print("# which are the least disturbed by other processes")
+    print(f"{'call':<34} {'C++ med':>9} {'C++ min':>9} {'Py med':>9} {'Py min':>9} {'overhead':>9}")
     for n in [int(t) for t in args.tokens.split(",")]:
         if n == 1:
             x = rng.standard_normal(cols).astype(np.float32)
@@ -114,16 +124,16 @@ def main():
         py_med, py_min = time_calls(call, pool, x, args.calls, args.repetitions)
         label = f"{'matvec' if n == 1 else 'matmul'} {args.shape} tokens:{n}"
         if have_cxx:
-            c = cxx_time(args.bench, args.shape, n, args.threads, args.repetitions, args.experts)
-            print(f"{label:<34} {c:>10.2f} {py_med:>10.2f} {py_min:>10.2f} {py_med - c:>12.2f}")
+            c_med, c_min = cxx_time(args.bench, args.shape, n, args.threads, args.repetitions, args.experts)
+            print(f"{label:<34} {c_med:>9.1f} {c_min:>9.1f} {py_med:>9.1f} {py_min:>9.1f} {py_min - c_min:>9.1f}")
         else:
-            print(f"{label:<34} {'-':>10} {py_med:>10.2f} {py_min:>10.2f} {'-':>12}")
+            print(f"{label:<34} {'-':>9} {'-':>9} {py_med:>9.1f} {py_min:>9.1f} {'-':>9}")
 
     # Fixed cost: a 1 x 2 matrix, where the kernel itself takes a few nanoseconds.
     tiny = qmoe.encode(np.array([[2, 1]], np.uint8), np.array([[0xBF80, 0x3F80]], np.uint16))
     xt = np.ones(2, np.float32)
     med, mn = time_calls(lambda m, v: m.matvec(v, threads=1), [tiny], xt, 20000, args.repetitions)
-    print(f"{'matvec 1x2 (fixed cost of a call)':<34} {'-':>10} {med:>10.2f} {mn:>10.2f} {'-':>12}")
+    print(f"{'matvec 1x2 (fixed cost of a call)':<34} {'-':>9} {'-':>9} {med:>9.2f} {mn:>9.2f} {'-':>9}")
     return 0
 
 
