@@ -87,6 +87,9 @@ int run_compress(const CompressArgs& a) {
   const sw::CompressPlan plan = sw::plan_compression(a.checkpoint, a.output, opt);
   std::printf("checkpoint %s: %zu expert matrices, %lld other tensors, %s\n", a.checkpoint.c_str(), plan.experts.size(),
               static_cast<long long>(plan.passthrough_tensors), human_bytes(static_cast<double>(plan.input_bytes)).c_str());
+  std::printf("disk: needs at most %s (work files, container, writer's staging copy), %s free\n",
+              human_bytes(static_cast<double>(plan.disk_needed)).c_str(),
+              human_bytes(static_cast<double>(plan.disk_free)).c_str());
   if (hess) {
     std::printf("quantizer: GPTQ ternary with Hessians from %s\n", hess->describe().c_str());
   } else {
