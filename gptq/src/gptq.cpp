@@ -393,6 +393,22 @@ GptqResult gptq_quantize(const float* w, int64_t rows, int64_t cols, const float
   return gptq_impl<float>(w, rows, cols, h, opt);
 }
 
+namespace {
+std::vector<float> hessian_for(const HessianAccumulator& acc, int64_t cols) {
+  if (acc.dim() != cols) {
+    throw InvalidArgument("gptq: Hessian dimension " + std::to_string(acc.dim()) +
+                          " != number of columns " + std::to_string(cols));
+  }
+  return acc.hessian();
+}
+}  // namespace
+
+GptqResult gptq_quantize(const float* w, int64_t rows, int64_t cols, const HessianAccumulator& acc,
+                         const GptqOptions& opt) {
+  const std::vector<float> h = hessian_for(acc, cols);
+  return gptq_quantize(w, rows, cols, h.empty() ? nullptr : h.data(), opt);
+}
+
 GptqResult rtn_quantize(const float* w, int64_t rows, int64_t cols, const GptqOptions& opt) {
   validate(w, rows, cols, opt);
   if (opt.double_precision) return rtn_impl<double>(w, rows, cols, opt, make_grids<double>(w, rows, cols, opt.grid));
@@ -424,6 +440,13 @@ CompressedExpert compress_matrix(const float* w, int64_t rows, int64_t cols, con
   out.loss = r.loss;
   out.output_loss = r.output_loss;
   return out;
+}
+
+CompressedExpert compress_matrix(const float* w, int64_t rows, int64_t cols,
+                                 const HessianAccumulator& acc, const GptqOptions& opt,
+                                 const EncodeOptions& enc) {
+  const std::vector<float> h = hessian_for(acc, cols);
+  return compress_matrix(w, rows, cols, h.empty() ? nullptr : h.data(), opt, enc);
 }
 
 }  // namespace qmoe

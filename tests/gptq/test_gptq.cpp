@@ -11,6 +11,7 @@
 #include "qmoe/format/error.h"
 #include "qmoe/format/reference.h"
 #include "qmoe/gptq/gptq.h"
+#include "qmoe/gptq/hessian.h"
 #include "qmoe/gptq/synthetic.h"
 
 namespace qmoe {
@@ -177,6 +178,24 @@ TEST(Gptq, EmptyHessianFallsBack) {
     EXPECT_NEAR(r.output_loss, 0.5 * dd, 1e-9 * dd);
     EXPECT_NEAR(r.loss, 0.55 * dd, 1e-9 * dd);
   }
+}
+
+TEST(Gptq, FromAccumulator) {
+  const Problem p = make_problem(30, 45, 250, 25);
+  HessianAccumulator acc(p.cols);
+  acc.add(p.x.data(), p.n);
+  const std::vector<float> h = acc.hessian();
+  const GptqResult a = gptq_quantize(p.w.data(), p.rows, p.cols, acc);
+  const GptqResult b = gptq_quantize(p.w.data(), p.rows, p.cols, h.data());
+  EXPECT_EQ(a.status, GptqStatus::kOk);
+  EXPECT_EQ(a.ternary.symbols, b.ternary.symbols);
+  EXPECT_TRUE(same_bits(a.loss, b.loss));
+  const GptqResult e = gptq_quantize(p.w.data(), p.rows, p.cols, HessianAccumulator(p.cols));
+  EXPECT_EQ(e.status, GptqStatus::kFallbackRtn);
+  EXPECT_THROW(gptq_quantize(p.w.data(), p.rows, p.cols, HessianAccumulator(p.cols + 1)), InvalidArgument);
+  const CompressedExpert c = compress_matrix(p.w.data(), p.rows, p.cols, acc);
+  EXPECT_EQ(c.status, GptqStatus::kOk);
+  EXPECT_TRUE(same_bits(c.loss, a.loss));
 }
 
 TEST(Gptq, DeadInputsAreZeroed) {

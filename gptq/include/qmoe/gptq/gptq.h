@@ -35,6 +35,7 @@
 
 #include "qmoe/encoder/encode.h"
 #include "qmoe/format/matrix.h"
+#include "qmoe/gptq/hessian.h"
 
 namespace qmoe {
 
@@ -95,6 +96,11 @@ struct GptqResult {
 GptqResult gptq_quantize(const float* w, int64_t rows, int64_t cols, const float* h,
                          const GptqOptions& opt = {});
 
+// The same with H = acc.hessian() (round-to-nearest when acc saw no tokens). acc.dim() must equal
+// cols (else InvalidArgument).
+GptqResult gptq_quantize(const float* w, int64_t rows, int64_t cols, const HessianAccumulator& acc,
+                         const GptqOptions& opt = {});
+
 // Round-to-nearest on the same grid (what the fallback does); loss as for the fallback.
 GptqResult rtn_quantize(const float* w, int64_t rows, int64_t cols, const GptqOptions& opt = {});
 
@@ -145,5 +151,8 @@ struct CompressedExpert {
 // then encode(). h may be nullptr (round-to-nearest). Errors as gptq_quantize() and encode().
 CompressedExpert compress_matrix(const float* w, int64_t rows, int64_t cols, const float* h,
                                  const GptqOptions& opt = {}, const EncodeOptions& enc = {});
+CompressedExpert compress_matrix(const float* w, int64_t rows, int64_t cols,
+                                 const HessianAccumulator& acc, const GptqOptions& opt = {},
+                                 const EncodeOptions& enc = {});
 
 }  // namespace qmoe
