@@ -94,7 +94,7 @@ def main():
     for name, module in model.named_modules():
         if isinstance(module, nn.Linear) and ".experts." in f".{name}":
             acc = qmoe.HessianAccumulator(module.in_features, token_cap=cap)
-            accs[name + ".weight"] = acc
+            accs[name] = acc  # Hessian files name an accumulator after its weight, without ".weight"
 
             def hook(mod, inputs, output, acc=acc):
                 x = inputs[0].detach()
@@ -112,9 +112,9 @@ def main():
     compressed = {}
     print(f"{'tensor':<22} {'tokens':>7} {'method':>7} {'codec':>8} {'bits/w':>7}")
     for name, module in model.named_modules():
-        if name + ".weight" not in accs:
+        if name not in accs:
             continue
-        acc = accs[name + ".weight"]
+        acc = accs[name]
         w = module.weight.detach().float().numpy()  # (out, in): y = W x
         m, stats = qmoe.compress_matrix(w, acc.hessian(), with_stats=True)
         compressed[name + ".weight"] = m

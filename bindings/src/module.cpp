@@ -1072,9 +1072,10 @@ Raises ValueError as gptq() and encode() do, and for a non-ternary grid.
         py::arg("actorder") = false, py::arg("check_disk") = true, py::arg("progress") = py::none(),
         py::arg("note") = py::none(), R"doc(
 Compresses a Switch Transformers checkpoint into a qmoe container, as `qmoe compress` does: every
-expert matrix ternarized (GPTQ with Hessians from the file `hessians`, written by
-save_hessians() with one entry per expert tensor name; round to nearest without) and encoded,
-every other tensor copied unchanged.
+expert matrix ternarized (GPTQ with Hessians from the file `hessians`, e.g. written by
+save_hessians() with one accumulator per expert matrix, named as its tensor without ".weight"
+(gptq/HESSIAN_FORMAT.md); round to nearest without) and encoded, every other tensor copied
+unchanged.
 
 checkpoint: Hugging Face checkpoint directory (config.json + safetensors). output: the container
 file, or a directory when shard_size > 0 (bytes per shard). threads: 0 = all; the output is the
