@@ -38,7 +38,9 @@ constexpr std::string_view kReservedPrefix = "qmoe.";
 // model has a few hundred thousand tensors) and keeps a hostile file from exhausting memory.
 constexpr int64_t kMaxIndexBytes = int64_t{256} << 20;
 
-bool starts_with(std::string_view s, std::string_view p) { return s.substr(0, p.size()) == p; }
+bool starts_with(std::string_view s, std::string_view p) {
+  return s.substr(0, p.size()) == p;
+}
 
 // A stored name is a group member when its last dot-separated part starts with "qmoe_".
 bool is_member_name(std::string_view name) {
@@ -65,7 +67,8 @@ std::string matrix_json(Codec codec, int64_t rows, int64_t cols, DType original)
 }
 
 std::span<const std::byte> v1_table_bytes() {
-  return {reinterpret_cast<const std::byte*>(v1_decode_table()), static_cast<size_t>(v1::kTableBytes)};
+  return {reinterpret_cast<const std::byte*>(v1_decode_table()),
+          static_cast<size_t>(v1::kTableBytes)};
 }
 
 }  // namespace
@@ -94,7 +97,8 @@ struct Container::Impl {
   };
   std::vector<Stored> stored;  // every stored tensor, for checksums
 
-  // Validates shard `shard_idx` and appends its entries.
+  // Checks the structure of shard `shard_idx` (everything but the passes over tensor data, which
+  // open() runs afterwards for all shards at once) and appends its entries.
   void load_shard(size_t shard_idx);
 };
 
@@ -107,11 +111,13 @@ struct MatrixDecl {
   DType dtype;
 };
 
-MatrixDecl parse_matrix_decl(const std::string& file, const std::string& name, const std::string& text) {
+MatrixDecl parse_matrix_decl(const std::string& file, const std::string& name,
+                             const std::string& text) {
   const std::string ctx = error_context(file, name, "qmoe.matrix metadata");
   const nlohmann::json j = internal::parse_json_checked(text, ctx);
   auto fail = [&](const std::string& what) { return FormatError(ctx + ": " + what); };
-  if (!j.is_object() || j.size() != 3 || !j.contains("codec") || !j.contains("shape") || !j.contains("dtype")) {
+  if (!j.is_object() || j.size() != 3 || !j.contains("codec") || !j.contains("shape") ||
+      !j.contains("dtype")) {
     throw fail("must be an object with exactly \"codec\", \"shape\" and \"dtype\"");
   }
   const auto& c = j["codec"];
@@ -124,16 +130,19 @@ MatrixDecl parse_matrix_decl(const std::string& file, const std::string& name, c
   if (!r || !cl) throw fail("shape entries must be non-negative integers");
   // rows + 1 row offsets are int32, and rows * cols weights must be addressable.
   if (*r > std::numeric_limits<int32_t>::max() - 1) throw fail("too many rows");
-  if (*r != 0 && *cl > std::numeric_limits<int64_t>::max() / 8 / *r) throw fail("rows * cols overflows");
+  if (*r != 0 && *cl > std::numeric_limits<int64_t>::max() / 8 / *r)
+    throw fail("rows * cols overflows");
   const auto& d = j["dtype"];
   const auto dtype = d.is_string() ? dtype_from_name(d.get<std::string>()) : std::nullopt;
-  if (!dtype || !is_float_dtype(*dtype)) throw fail("dtype must be one of F16, BF16, F32, F64, not " + d.dump());
+  if (!dtype || !is_float_dtype(*dtype))
+    throw fail("dtype must be one of F16, BF16, F32, F64, not " + d.dump());
   return {*codec, *r, *cl, *dtype};
 }
 
 bool is_lower_hex16(const std::string& s) {
   if (s.size() != 16) return false;
-  return std::all_of(s.begin(), s.end(), [](char ch) { return (ch >= '0' && ch <= '9') || (ch >= 'a' && ch <= 'f'); });
+  return std::all_of(s.begin(), s.end(),
+                     [](char ch) { return (ch >= '0' && ch <= '9') || (ch >= 'a' && ch <= 'f'); });
 }
 
 }  // namespace
@@ -150,13 +159,14 @@ void Container::Impl::load_shard(size_t shard_idx) {
   const auto fmt = md.find("format");
   if (fmt == md.end() || fmt->second != kFormatName) {
     throw fail("", "not a qmoe container (__metadata__ \"format\" is " +
-                       (fmt == md.end() ? std::string("missing") : "\"" + fmt->second + "\"") + ", expected \"qmoe\")");
+                       (fmt == md.end() ? std::string("missing") : "\"" + fmt->second + "\"") +
+                       ", expected \"qmoe\")");
   }
   const auto ver = md.find("format_version");
   if (ver == md.end() || ver->second != std::to_string(kFormatVersion)) {
     throw fail("", "unsupported format_version " +
-                       (ver == md.end() ? std::string("(missing)") : "\"" + ver->second + "\"") + "; this reader reads " +
-                       std::to_string(kFormatVersion));
+                       (ver == md.end() ? std::string("(missing)") : "\"" + ver->second + "\"") +
+                       "; this reader reads " + std::to_string(kFormatVersion));
   }
 
   // Metadata keys: matrix declarations and checksums; other "qmoe." keys are reserved.
@@ -168,8 +178,10 @@ void Container::Impl::load_shard(size_t shard_idx) {
       matrices.emplace(name, parse_matrix_decl(file, name, value));
     } else if (starts_with(key, kChecksumKeyPrefix)) {
       const std::string name = key.substr(kChecksumKeyPrefix.size());
-      if (f.find(name) == nullptr) throw fail(name, "has a checksum in __metadata__ but is not in the file");
-      if (!is_lower_hex16(value)) throw fail(name, "checksum \"" + value + "\" is not 16 lowercase hex digits");
+      if (f.find(name) == nullptr)
+        throw fail(name, "has a checksum in __metadata__ but is not in the file");
+      if (!is_lower_hex16(value))
+        throw fail(name, "checksum \"" + value + "\" is not 16 lowercase hex digits");
       checksums.emplace(name, value);
     } else if (starts_with(key, kReservedPrefix)) {
       throw fail("", "unknown reserved __metadata__ key \"" + key + "\"");
@@ -177,20 +189,21 @@ void Container::Impl::load_shard(size_t shard_idx) {
   }
 
   // Dictionary: required where a qmoe-v1 matrix is, and always exactly the generated table.
-  const bool needs_dictionary =
-      std::any_of(matrices.begin(), matrices.end(), [](const auto& m) { return m.second.codec == Codec::kV1; });
+  const bool needs_dictionary = std::any_of(
+      matrices.begin(), matrices.end(), [](const auto& m) { return m.second.codec == Codec::kV1; });
   const std::string dict_name(kV1DictionaryTensor);
   if (const TensorInfo* d = f.find(dict_name)) {
     if (d->dtype != DType::kI32 || d->shape != std::vector<int64_t>{v1::kEntries, 2}) {
-      throw fail(dict_name, "must be I32 [65536, 2], is " + std::string(dtype_name(d->dtype)) + " " +
-                                shape_str(d->shape));
+      throw fail(dict_name, "must be I32 [65536, 2], is " + std::string(dtype_name(d->dtype)) +
+                                " " + shape_str(d->shape));
     }
     const auto got = f.bytes(*d);
     const auto want = v1_table_bytes();
     if (std::memcmp(got.data(), want.data(), want.size()) != 0) {
       size_t i = 0;
       while (got[i] == want[i]) ++i;
-      throw fail(dict_name, "differs from the qmoe-v1 dictionary at entry " + std::to_string(i / 8));
+      throw fail(dict_name,
+                 "differs from the qmoe-v1 dictionary at entry " + std::to_string(i / 8));
     }
   } else if (needs_dictionary) {
     throw fail(dict_name, "is missing; the file holds qmoe-v1 matrices");
@@ -204,8 +217,10 @@ void Container::Impl::load_shard(size_t shard_idx) {
     if (name.empty() || starts_with(name, kReservedPrefix) || is_member_name(name)) {
       throw fail(name, "reserved or empty matrix name");
     }
-    if (c.compressed_index.count(name) != 0) throw fail(name, "compressed matrix appears twice in the container");
-    auto member = [&](std::string_view suffix, DType dtype, const std::vector<int64_t>& shape) -> const TensorInfo& {
+    if (c.compressed_index.count(name) != 0)
+      throw fail(name, "compressed matrix appears twice in the container");
+    auto member = [&](std::string_view suffix, DType dtype,
+                      const std::vector<int64_t>& shape) -> const TensorInfo& {
       const std::string mname = name + std::string(suffix);
       const TensorInfo* t = f.find(mname);
       if (t == nullptr) throw fail(name, "group member '" + mname + "' is missing");
@@ -227,7 +242,8 @@ void Container::Impl::load_shard(size_t shard_idx) {
     e.view.cols = decl.cols;
     if (decl.codec == Codec::kV1) {
       const TensorInfo& codes = member(kCodesSuffix, DType::kU16, {});
-      if (codes.shape.size() != 1) throw fail(codes.name, "must be 1-D, is " + shape_str(codes.shape));
+      if (codes.shape.size() != 1)
+        throw fail(codes.name, "must be 1-D, is " + shape_str(codes.shape));
       if (codes.shape[0] > std::numeric_limits<int32_t>::max()) {
         throw fail(codes.name, "holds more codes than int32 row offsets can address");
       }
@@ -235,7 +251,8 @@ void Container::Impl::load_shard(size_t shard_idx) {
       e.view.codes = f.as<uint16_t>(codes, DType::kU16);
       e.view.row_offsets = f.as<int32_t>(offs, DType::kI32);
     } else {
-      const TensorInfo& packed = member(kPackedSuffix, DType::kU8, {decl.rows, p5::row_bytes(decl.cols)});
+      const TensorInfo& packed =
+          member(kPackedSuffix, DType::kU8, {decl.rows, p5::row_bytes(decl.cols)});
       e.view.packed = f.as<uint8_t>(packed, DType::kU8);
     }
     const TensorInfo& levels = member(kLevelsSuffix, DType::kBF16, {decl.rows, 2});
@@ -250,13 +267,16 @@ void Container::Impl::load_shard(size_t shard_idx) {
       throw fail(t.name, "unknown reserved tensor name (\"qmoe.\" prefix)");
     }
     if (is_member_name(t.name) && claimed.count(t.name) == 0) {
-      throw fail(t.name, "looks like a group member but belongs to no qmoe.matrix entry of its codec");
+      throw fail(t.name,
+                 "looks like a group member but belongs to no qmoe.matrix entry of its codec");
     }
     const auto ck = checksums.find(t.name);
-    if (ck == checksums.end()) throw fail(t.name, "has no checksum (qmoe.xxh3." + t.name + ") in __metadata__");
+    if (ck == checksums.end())
+      throw fail(t.name, "has no checksum (qmoe.xxh3." + t.name + ") in __metadata__");
     c.stored.push_back({shard_idx, t.name, ck->second});
     if (t.name == dict_name || claimed.count(t.name) != 0) continue;
-    if (c.dense_index.count(t.name) != 0) throw fail(t.name, "tensor appears twice in the container");
+    if (c.dense_index.count(t.name) != 0)
+      throw fail(t.name, "tensor appears twice in the container");
     c.dense_index.emplace(t.name, c.dense.size());
     c.dense.push_back(DenseEntry{t.name, t.dtype, t.shape, f.bytes(t), file});
   }
@@ -313,7 +333,8 @@ void check_global_metadata(const std::string& file, const std::map<std::string, 
   const auto fmt = md.find("format");
   const auto ver = md.find("format_version");
   if (fmt == md.end() || fmt->second != kFormatName) {
-    throw FormatError(error_context(file, "", "not a qmoe container index (metadata \"format\" is not \"qmoe\")"));
+    throw FormatError(error_context(
+        file, "", "not a qmoe container index (metadata \"format\" is not \"qmoe\")"));
   }
   if (ver == md.end() || ver->second != std::to_string(kFormatVersion)) {
     throw FormatError(error_context(file, "", "unsupported format_version in the index"));
@@ -332,8 +353,9 @@ Container Container::open(const std::filesystem::path& path, const ContainerOpen
     } else if (std::filesystem::exists(path / kSingleFileName, ec)) {
       single = path / kSingleFileName;
     } else {
-      throw FormatError(error_context(path.string(), "", "directory holds neither " + std::string(kIndexFileName) +
-                                                             " nor " + std::string(kSingleFileName)));
+      throw FormatError(error_context(path.string(), "",
+                                      "directory holds neither " + std::string(kIndexFileName) +
+                                          " nor " + std::string(kSingleFileName)));
     }
   } else if (path.extension() == ".json") {
     impl->index_path = path;
@@ -345,16 +367,21 @@ Container Container::open(const std::filesystem::path& path, const ContainerOpen
     impl->shards.push_back(SafetensorsFile::open(single));
     impl->load_shard(0);
     for (const auto& [k, v] : impl->shards[0].metadata()) {
-      if (!starts_with(k, kMatrixKeyPrefix) && !starts_with(k, kChecksumKeyPrefix)) impl->metadata.emplace(k, v);
+      if (!starts_with(k, kMatrixKeyPrefix) && !starts_with(k, kChecksumKeyPrefix))
+        impl->metadata.emplace(k, v);
     }
   } else {
     const std::string ifile = impl->index_path.string();
-    const nlohmann::json idx = internal::parse_json_checked(read_small_file(impl->index_path, kMaxIndexBytes), ifile);
+    const nlohmann::json idx =
+        internal::parse_json_checked(read_small_file(impl->index_path, kMaxIndexBytes), ifile);
     if (!idx.is_object()) throw FormatError(error_context(ifile, "", "index is not a JSON object"));
     if (const auto m = idx.find("metadata"); m != idx.end() && !m->is_null()) {
-      if (!m->is_object()) throw FormatError(error_context(ifile, "", "\"metadata\" is not an object"));
+      if (!m->is_object())
+        throw FormatError(error_context(ifile, "", "\"metadata\" is not an object"));
       for (const auto& [k, v] : m->items()) {
-        if (!v.is_string()) throw FormatError(error_context(ifile, "", "metadata value of \"" + k + "\" is not a string"));
+        if (!v.is_string())
+          throw FormatError(
+              error_context(ifile, "", "metadata value of \"" + k + "\" is not a string"));
         impl->metadata.emplace(k, v.get<std::string>());
       }
     }
@@ -365,12 +392,15 @@ Container Container::open(const std::filesystem::path& path, const ContainerOpen
     }
     std::map<std::string, std::vector<std::string>> by_shard;  // shard file -> tensors
     for (const auto& [tensor, shard] : wm->items()) {
-      if (!shard.is_string()) throw FormatError(error_context(ifile, tensor, "weight_map value is not a string"));
+      if (!shard.is_string())
+        throw FormatError(error_context(ifile, tensor, "weight_map value is not a string"));
       const std::string s = shard.get<std::string>();
       // Shards are plain file names beside the index: no directories, so an index cannot point
       // a reader elsewhere on the machine.
-      if (s.empty() || s == "." || s == ".." || s.find('/') != std::string::npos || s.find('\0') != std::string::npos) {
-        throw FormatError(error_context(ifile, tensor, "shard name \"" + s + "\" is not a plain file name"));
+      if (s.empty() || s == "." || s == ".." || s.find('/') != std::string::npos ||
+          s.find('\0') != std::string::npos) {
+        throw FormatError(
+            error_context(ifile, tensor, "shard name \"" + s + "\" is not a plain file name"));
       }
       by_shard[s].push_back(tensor);
     }
@@ -378,21 +408,24 @@ Container Container::open(const std::filesystem::path& path, const ContainerOpen
     for (const auto& [shard, tensors] : by_shard) {
       const std::filesystem::path sp = dir / shard;
       if (!std::filesystem::exists(sp, ec)) {
-        throw FormatError(error_context(ifile, tensors.front(), "shard '" + shard + "' is missing (" + sp.string() + ")"));
+        throw FormatError(error_context(ifile, tensors.front(),
+                                        "shard '" + shard + "' is missing (" + sp.string() + ")"));
       }
       const size_t k = impl->shards.size();
       impl->shards.push_back(SafetensorsFile::open(sp));
       const SafetensorsFile& f = impl->shards.back();
       for (const std::string& t : tensors) {
         if (f.find(t) == nullptr) {
-          throw FormatError(error_context(ifile, t, "listed for shard '" + shard + "' but absent from it"));
+          throw FormatError(
+              error_context(ifile, t, "listed for shard '" + shard + "' but absent from it"));
         }
       }
       {
         const std::set<std::string> listed(tensors.begin(), tensors.end());
         for (const TensorInfo& t : f.tensors()) {
           if (listed.count(t.name) == 0 && t.name != kV1DictionaryTensor) {
-            throw FormatError(error_context(sp.string(), t.name, "is not listed in the index for this shard"));
+            throw FormatError(
+                error_context(sp.string(), t.name, "is not listed in the index for this shard"));
           }
         }
       }
@@ -403,7 +436,8 @@ Container Container::open(const std::filesystem::path& path, const ContainerOpen
   // A logical name is either compressed or dense, never both.
   for (const auto& [name, i] : impl->dense_index) {
     if (impl->compressed_index.count(name) != 0) {
-      throw FormatError(error_context(impl->dense[i].shard, name, "is both a dense tensor and a compressed matrix"));
+      throw FormatError(error_context(impl->dense[i].shard, name,
+                                      "is both a dense tensor and a compressed matrix"));
     }
   }
   // The passes over the data (checksums, then codes) run in parallel over tensors; the error
@@ -415,8 +449,9 @@ Container Container::open(const std::filesystem::path& path, const ContainerOpen
       const SafetensorsFile& f = ci.shards[s.shard];
       const std::string got = checksum_hex(f.bytes(*f.find(s.name)));
       if (got != s.checksum) {
-        throw FormatError(error_context(f.path().string(), s.name,
-                                        "checksum mismatch: stored " + s.checksum + ", computed " + got));
+        throw FormatError(
+            error_context(f.path().string(), s.name,
+                          "checksum mismatch: stored " + s.checksum + ", computed " + got));
       }
     });
     if (!errors.empty()) throw FormatError(errors);
@@ -434,7 +469,9 @@ Container Container::open(const std::filesystem::path& path, const ContainerOpen
   return c;
 }
 
-const std::map<std::string, std::string>& Container::metadata() const { return impl_->metadata; }
+const std::map<std::string, std::string>& Container::metadata() const {
+  return impl_->metadata;
+}
 
 std::vector<std::string> Container::names() const {
   std::vector<std::string> out;
@@ -455,8 +492,12 @@ const DenseEntry* Container::find_dense(std::string_view name) const {
   return it == impl_->dense_index.end() ? nullptr : &impl_->dense[it->second];
 }
 
-const std::vector<CompressedEntry>& Container::compressed() const { return impl_->compressed; }
-const std::vector<DenseEntry>& Container::dense() const { return impl_->dense; }
+const std::vector<CompressedEntry>& Container::compressed() const {
+  return impl_->compressed;
+}
+const std::vector<DenseEntry>& Container::dense() const {
+  return impl_->dense;
+}
 
 std::vector<std::filesystem::path> Container::files() const {
   std::vector<std::filesystem::path> out;
@@ -564,8 +605,8 @@ struct ContainerWriter::Impl {
   }
 
   // Adds a group of tensors that must share a file (plus the dictionary where needed).
-  void add_group(const std::vector<StoredTensor>& group, bool needs_dictionary, const std::string& matrix_key,
-                 const std::string& matrix_value) {
+  void add_group(const std::vector<StoredTensor>& group, bool needs_dictionary,
+                 const std::string& matrix_key, const std::string& matrix_value) {
     int64_t bytes = 0;
     for (const auto& t : group) bytes += static_cast<int64_t>(t.bytes.size());
     if (sharded && cur && !cur_empty) {
@@ -584,10 +625,12 @@ struct ContainerWriter::Impl {
   void check_name(const std::string& name) {
     const std::string file = out.string();
     if (finished) throw InvalidArgument(error_context(file, name, "writer already finished"));
-    if (name.empty() || name == "__metadata__" || starts_with(name, kReservedPrefix) || is_member_name(name)) {
+    if (name.empty() || name == "__metadata__" || starts_with(name, kReservedPrefix) ||
+        is_member_name(name)) {
       throw InvalidArgument(error_context(file, name, "reserved or empty tensor name"));
     }
-    if (names.count(name) != 0) throw InvalidArgument(error_context(file, name, "duplicate tensor name"));
+    if (names.count(name) != 0)
+      throw InvalidArgument(error_context(file, name, "duplicate tensor name"));
   }
 };
 
@@ -601,7 +644,8 @@ ContainerWriter::ContainerWriter(std::filesystem::path out, ContainerWriteOption
     std::error_code ec;
     std::filesystem::create_directories(impl_->out, ec);
     if (!std::filesystem::is_directory(impl_->out)) {
-      throw InvalidArgument(error_context(impl_->out.string(), "", "cannot create the output directory"));
+      throw InvalidArgument(
+          error_context(impl_->out.string(), "", "cannot create the output directory"));
     }
   }
 }
@@ -610,13 +654,15 @@ ContainerWriter::~ContainerWriter() = default;
 
 void ContainerWriter::set_metadata(std::string key, std::string value) {
   Impl& w = *impl_;
-  if (w.finished) throw InvalidArgument(error_context(w.out.string(), "", "writer already finished"));
+  if (w.finished)
+    throw InvalidArgument(error_context(w.out.string(), "", "writer already finished"));
   if (key == "format" || key == "format_version" || starts_with(key, kReservedPrefix)) {
-    throw InvalidArgument(error_context(w.out.string(), "", "metadata key \"" + key + "\" is reserved"));
+    throw InvalidArgument(
+        error_context(w.out.string(), "", "metadata key \"" + key + "\" is reserved"));
   }
   if (w.any_closed) {
-    throw InvalidArgument(error_context(w.out.string(), "",
-                                        "set_metadata(\"" + key + "\") after the first shard was written"));
+    throw InvalidArgument(error_context(
+        w.out.string(), "", "set_metadata(\"" + key + "\") after the first shard was written"));
   }
   w.user_metadata[std::move(key)] = std::move(value);
 }
@@ -628,11 +674,13 @@ void ContainerWriter::add_dense(std::string name, DType dtype, std::vector<int64
   impl_->names.insert(std::move(name));
 }
 
-void ContainerWriter::add_compressed(std::string name, const CompressedView& m, DType original_dtype) {
+void ContainerWriter::add_compressed(std::string name, const CompressedView& m,
+                                     DType original_dtype) {
   Impl& w = *impl_;
   w.check_name(name);
   if (!is_float_dtype(original_dtype)) {
-    throw InvalidArgument(error_context(w.out.string(), name, "original dtype must be F16, BF16, F32 or F64"));
+    throw InvalidArgument(
+        error_context(w.out.string(), name, "original dtype must be F16, BF16, F32 or F64"));
   }
   if (m.rows > std::numeric_limits<int32_t>::max() - 1) {
     throw InvalidArgument(error_context(w.out.string(), name, "too many rows"));
@@ -645,14 +693,22 @@ void ContainerWriter::add_compressed(std::string name, const CompressedView& m, 
   auto as_bytes = [](auto span) { return std::as_bytes(span); };
   std::vector<StoredTensor> group;
   if (m.codec == Codec::kV1) {
-    group.push_back({name + std::string(kCodesSuffix), DType::kU16, {static_cast<int64_t>(m.codes.size())},
+    group.push_back({name + std::string(kCodesSuffix),
+                     DType::kU16,
+                     {static_cast<int64_t>(m.codes.size())},
                      as_bytes(m.codes)});
-    group.push_back({name + std::string(kRowOffsetsSuffix), DType::kI32, {m.rows + 1}, as_bytes(m.row_offsets)});
+    group.push_back({name + std::string(kRowOffsetsSuffix),
+                     DType::kI32,
+                     {m.rows + 1},
+                     as_bytes(m.row_offsets)});
   } else {
-    group.push_back({name + std::string(kPackedSuffix), DType::kU8, {m.rows, p5::row_bytes(m.cols)},
+    group.push_back({name + std::string(kPackedSuffix),
+                     DType::kU8,
+                     {m.rows, p5::row_bytes(m.cols)},
                      as_bytes(m.packed)});
   }
-  group.push_back({name + std::string(kLevelsSuffix), DType::kBF16, {m.rows, 2}, as_bytes(m.levels)});
+  group.push_back(
+      {name + std::string(kLevelsSuffix), DType::kBF16, {m.rows, 2}, as_bytes(m.levels)});
   w.add_group(group, m.codec == Codec::kV1, std::string(kMatrixKeyPrefix) + name,
               matrix_json(m.codec, m.rows, m.cols, original_dtype));
   w.names.insert(std::move(name));
@@ -660,7 +716,8 @@ void ContainerWriter::add_compressed(std::string name, const CompressedView& m, 
 
 std::vector<std::filesystem::path> ContainerWriter::finish() {
   Impl& w = *impl_;
-  if (w.finished) throw InvalidArgument(error_context(w.out.string(), "", "writer already finished"));
+  if (w.finished)
+    throw InvalidArgument(error_context(w.out.string(), "", "writer already finished"));
   if (!w.sharded) {
     if (!w.cur) w.open_file();
     w.put_global_metadata(*w.cur);
@@ -690,7 +747,8 @@ std::vector<std::filesystem::path> ContainerWriter::finish() {
   try {
     text = index.dump(2) + "\n";
   } catch (const nlohmann::json::exception& e) {
-    throw InvalidArgument(error_context(w.out.string(), "", std::string("cannot encode the index: ") + e.what()));
+    throw InvalidArgument(
+        error_context(w.out.string(), "", std::string("cannot encode the index: ") + e.what()));
   }
 
   const std::filesystem::path index_path = w.out / kIndexFileName;

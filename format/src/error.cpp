@@ -2,7 +2,8 @@
 
 namespace qmoe {
 
-std::string error_context(const std::string& file, const std::string& tensor, const std::string& what) {
+std::string error_context(const std::string& file, const std::string& tensor,
+                          const std::string& what) {
   std::string out = file;
   if (!tensor.empty()) {
     if (!out.empty()) out += ": ";

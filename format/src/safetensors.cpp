@@ -69,7 +69,8 @@ class StructureCheck : public nlohmann::json_sax<nlohmann::json> {
     keys_.pop_back();
     return true;
   }
-  bool parse_error(std::size_t pos, const std::string&, const nlohmann::detail::exception& ex) override {
+  bool parse_error(std::size_t pos, const std::string&,
+                   const nlohmann::detail::exception& ex) override {
     error = "malformed JSON at byte " + std::to_string(pos) + " (" + ex.what() + ")";
     return false;
   }
@@ -93,13 +94,15 @@ nlohmann::json parse_json_checked(std::string_view text, const std::string& cont
   // nlohmann's lexer takes a NUL byte for the end of input and would ignore what follows it; a
   // NUL is never valid JSON text (raw control characters are not allowed even inside strings).
   if (const size_t nul = text.find('\0'); nul != std::string_view::npos) {
-    throw FormatError(error_context(context, "", "malformed JSON: NUL byte at byte " + std::to_string(nul)));
+    throw FormatError(
+        error_context(context, "", "malformed JSON: NUL byte at byte " + std::to_string(nul)));
   }
   StructureCheck check;
   const bool ok = nlohmann::json::sax_parse(text.begin(), text.end(), &check,
                                             nlohmann::json::input_format_t::json, true, false);
   if (!ok) {
-    throw FormatError(error_context(context, "", check.error.empty() ? "malformed JSON" : check.error));
+    throw FormatError(
+        error_context(context, "", check.error.empty() ? "malformed JSON" : check.error));
   }
   try {
     return nlohmann::json::parse(text.begin(), text.end());
@@ -188,7 +191,8 @@ struct SafetensorsFile::Impl {
 
 namespace {
 
-TensorInfo parse_tensor_entry(const std::string& file, const std::string& name, const nlohmann::json& v) {
+TensorInfo parse_tensor_entry(const std::string& file, const std::string& name,
+                              const nlohmann::json& v) {
   auto fail = [&](const std::string& what) -> FormatError {
     return FormatError(error_context(file, name, what));
   };
@@ -228,7 +232,8 @@ TensorInfo parse_tensor_entry(const std::string& file, const std::string& name, 
   const auto e = internal::json_size((*off)[1]);
   if (!b || !e) throw fail("data_offsets must be non-negative integers");
   if (*e < *b) {
-    throw fail("data_offsets [" + std::to_string(*b) + ", " + std::to_string(*e) + "] end before they begin");
+    throw fail("data_offsets [" + std::to_string(*b) + ", " + std::to_string(*e) +
+               "] end before they begin");
   }
   t.begin = *b;
   t.end = *e;
@@ -246,7 +251,9 @@ SafetensorsFile SafetensorsFile::open(const std::filesystem::path& path) {
   impl->path = path;
   impl->path_str = path.string();
   const std::string& file = impl->path_str;
-  auto fail = [&](const std::string& what) -> FormatError { return FormatError(error_context(file, "", what)); };
+  auto fail = [&](const std::string& what) -> FormatError {
+    return FormatError(error_context(file, "", what));
+  };
 
   const int fd = ::open(file.c_str(), O_RDONLY | O_CLOEXEC);
   if (fd < 0) throw FormatError(internal::io_error(file, "cannot open"));
@@ -263,7 +270,8 @@ SafetensorsFile SafetensorsFile::open(const std::filesystem::path& path) {
   const auto file_size = static_cast<uint64_t>(st.st_size);
   if (file_size < 8) {
     ::close(fd);
-    throw fail("truncated: " + std::to_string(file_size) + " bytes, shorter than the 8-byte header length");
+    throw fail("truncated: " + std::to_string(file_size) +
+               " bytes, shorter than the 8-byte header length");
   }
   void* p = ::mmap(nullptr, file_size, PROT_READ, MAP_PRIVATE, fd, 0);
   ::close(fd);  // the mapping keeps the file alive
@@ -273,12 +281,12 @@ SafetensorsFile SafetensorsFile::open(const std::filesystem::path& path) {
 
   const uint64_t n = load_u64_le(impl->map.data);
   if (n > kMaxHeaderBytes) {
-    throw fail("header length " + std::to_string(n) + " exceeds the limit of " + std::to_string(kMaxHeaderBytes) +
-               " bytes");
+    throw fail("header length " + std::to_string(n) + " exceeds the limit of " +
+               std::to_string(kMaxHeaderBytes) + " bytes");
   }
   if (n > file_size - 8) {
-    throw fail("header length " + std::to_string(n) + " runs past the end of the file (" + std::to_string(file_size) +
-               " bytes)");
+    throw fail("header length " + std::to_string(n) + " runs past the end of the file (" +
+               std::to_string(file_size) + " bytes)");
   }
   const std::string_view text(reinterpret_cast<const char*>(impl->map.data + 8), n);
   const nlohmann::json header = internal::parse_json_checked(text, file + ": header");
@@ -300,7 +308,8 @@ SafetensorsFile SafetensorsFile::open(const std::filesystem::path& path) {
     TensorInfo t = parse_tensor_entry(file, key, value);
     if (t.end > impl->data_size) {
       throw FormatError(error_context(file, key,
-                                      "data_offsets [" + std::to_string(t.begin) + ", " + std::to_string(t.end) +
+                                      "data_offsets [" + std::to_string(t.begin) + ", " +
+                                          std::to_string(t.end) +
                                           "] run past the end of the data section (" +
                                           std::to_string(impl->data_size) + " bytes)"));
     }
@@ -309,29 +318,31 @@ SafetensorsFile SafetensorsFile::open(const std::filesystem::path& path) {
 
   // The tensors must tile the data section exactly: sorted by offsets, each begins where the
   // previous one ended, the first at 0 and the last at the end of the file.
-  std::sort(impl->tensors.begin(), impl->tensors.end(), [](const TensorInfo& a, const TensorInfo& b) {
-    return std::tie(a.begin, a.end, a.name) < std::tie(b.begin, b.end, b.name);
-  });
+  std::sort(impl->tensors.begin(), impl->tensors.end(),
+            [](const TensorInfo& a, const TensorInfo& b) {
+              return std::tie(a.begin, a.end, a.name) < std::tie(b.begin, b.end, b.name);
+            });
   int64_t expect = 0;
   const TensorInfo* prev = nullptr;
   for (const TensorInfo& t : impl->tensors) {
     if (t.begin < expect) {
-      throw FormatError(error_context(file, t.name,
-                                      "data_offsets [" + std::to_string(t.begin) + ", " + std::to_string(t.end) +
-                                          "] overlap tensor '" + prev->name + "' (ends at " +
-                                          std::to_string(expect) + ")"));
+      throw FormatError(error_context(
+          file, t.name,
+          "data_offsets [" + std::to_string(t.begin) + ", " + std::to_string(t.end) +
+              "] overlap tensor '" + prev->name + "' (ends at " + std::to_string(expect) + ")"));
     }
     if (t.begin > expect) {
       throw FormatError(error_context(file, t.name,
-                                      "data_offsets [" + std::to_string(t.begin) + ", " + std::to_string(t.end) +
-                                          "] leave a gap after offset " + std::to_string(expect)));
+                                      "data_offsets [" + std::to_string(t.begin) + ", " +
+                                          std::to_string(t.end) + "] leave a gap after offset " +
+                                          std::to_string(expect)));
     }
     expect = t.end;
     prev = &t;
   }
   if (expect != impl->data_size) {
-    throw fail("the tensors cover " + std::to_string(expect) + " bytes of the " + std::to_string(impl->data_size) +
-               "-byte data section (trailing bytes)");
+    throw fail("the tensors cover " + std::to_string(expect) + " bytes of the " +
+               std::to_string(impl->data_size) + "-byte data section (trailing bytes)");
   }
   for (size_t i = 0; i < impl->tensors.size(); ++i) impl->index.emplace(impl->tensors[i].name, i);
 
@@ -340,9 +351,15 @@ SafetensorsFile SafetensorsFile::open(const std::filesystem::path& path) {
   return f;
 }
 
-const std::filesystem::path& SafetensorsFile::path() const { return impl_->path; }
-const std::map<std::string, std::string>& SafetensorsFile::metadata() const { return impl_->metadata; }
-const std::vector<TensorInfo>& SafetensorsFile::tensors() const { return impl_->tensors; }
+const std::filesystem::path& SafetensorsFile::path() const {
+  return impl_->path;
+}
+const std::map<std::string, std::string>& SafetensorsFile::metadata() const {
+  return impl_->metadata;
+}
+const std::vector<TensorInfo>& SafetensorsFile::tensors() const {
+  return impl_->tensors;
+}
 
 const TensorInfo* SafetensorsFile::find(std::string_view name) const {
   const auto it = impl_->index.find(name);
@@ -351,7 +368,8 @@ const TensorInfo* SafetensorsFile::find(std::string_view name) const {
 
 std::span<const std::byte> SafetensorsFile::bytes(const TensorInfo& t) const {
   if (t.begin < 0 || t.end < t.begin || t.end > impl_->data_size) {
-    throw InvalidArgument(error_context(impl_->path_str, t.name, "tensor offsets are not within this file"));
+    throw InvalidArgument(
+        error_context(impl_->path_str, t.name, "tensor offsets are not within this file"));
   }
   return {impl_->data + t.begin, static_cast<size_t>(t.end - t.begin)};
 }
@@ -365,7 +383,8 @@ void SafetensorsFile::check_dtype(const TensorInfo& t, DType expected) const {
   const auto addr = reinterpret_cast<uintptr_t>(bytes(t).data());
   if (addr % static_cast<uintptr_t>(dtype_size(expected)) != 0) {
     throw FormatError(error_context(impl_->path_str, t.name,
-                                    "data is not aligned to its " + std::to_string(dtype_size(expected)) +
+                                    "data is not aligned to its " +
+                                        std::to_string(dtype_size(expected)) +
                                         "-byte element size"));
   }
 }
@@ -399,8 +418,9 @@ void copy_range(int from, int64_t from_off, int to, int64_t n, const std::string
   }
   std::vector<char> buf(static_cast<size_t>(std::min<int64_t>(n, int64_t{4} << 20)));
   while (n > 0) {
-    const ssize_t r = ::pread(from, buf.data(), static_cast<size_t>(std::min<int64_t>(n, static_cast<int64_t>(buf.size()))),
-                              from_off);
+    const ssize_t r = ::pread(
+        from, buf.data(),
+        static_cast<size_t>(std::min<int64_t>(n, static_cast<int64_t>(buf.size()))), from_off);
     if (r < 0 && errno == EINTR) continue;
     if (r <= 0) throw Error(internal::io_error(path, "reading staged tensor data failed"));
     internal::write_all(to, buf.data(), static_cast<size_t>(r), path);
@@ -413,8 +433,8 @@ void copy_range(int from, int64_t from_off, int to, int64_t n, const std::string
 
 struct SafetensorsWriter::Impl {
   std::filesystem::path path;
-  std::string tmp;          // "<path>.tmp.<pid>", renamed to path by finish()
-  int staging_fd = -1;      // unlinked file holding tensor data in arrival order
+  std::string tmp;      // "<path>.tmp.<pid>", renamed to path by finish()
+  int staging_fd = -1;  // unlinked file holding tensor data in arrival order
   int64_t staged = 0;
   std::vector<PendingTensor> tensors;
   std::set<std::string, std::less<>> names;
@@ -458,13 +478,15 @@ struct SafetensorsWriter::Impl {
     try {
       s = h.dump();
     } catch (const nlohmann::json::exception& e) {
-      throw InvalidArgument(error_context(path.string(), "", std::string("cannot encode header: ") + e.what()));
+      throw InvalidArgument(
+          error_context(path.string(), "", std::string("cannot encode header: ") + e.what()));
     }
     s.append((8 - s.size() % 8) % 8, ' ');
     if (s.size() > kMaxHeaderBytes) {
-      throw InvalidArgument(error_context(path.string(), "",
-                                          "header would be " + std::to_string(s.size()) + " bytes, over the " +
-                                              std::to_string(kMaxHeaderBytes) + "-byte safetensors limit"));
+      throw InvalidArgument(
+          error_context(path.string(), "",
+                        "header would be " + std::to_string(s.size()) + " bytes, over the " +
+                            std::to_string(kMaxHeaderBytes) + "-byte safetensors limit"));
     }
     return s;
   }
@@ -482,7 +504,8 @@ SafetensorsWriter::SafetensorsWriter(std::filesystem::path path) : impl_(std::ma
 SafetensorsWriter::~SafetensorsWriter() = default;
 
 void SafetensorsWriter::set_metadata(std::string key, std::string value) {
-  if (impl_->finished) throw InvalidArgument(error_context(impl_->path.string(), "", "writer already finished"));
+  if (impl_->finished)
+    throw InvalidArgument(error_context(impl_->path.string(), "", "writer already finished"));
   impl_->metadata[std::move(key)] = std::move(value);
 }
 
@@ -490,25 +513,29 @@ void SafetensorsWriter::add(std::string name, DType dtype, std::vector<int64_t> 
                             std::span<const std::byte> data) {
   const std::string file = impl_->path.string();
   if (impl_->finished) throw InvalidArgument(error_context(file, name, "writer already finished"));
-  if (name == "__metadata__") throw InvalidArgument(error_context(file, name, "reserved tensor name"));
-  if (impl_->names.count(name) != 0) throw InvalidArgument(error_context(file, name, "duplicate tensor name"));
+  if (name == "__metadata__")
+    throw InvalidArgument(error_context(file, name, "reserved tensor name"));
+  if (impl_->names.count(name) != 0)
+    throw InvalidArgument(error_context(file, name, "duplicate tensor name"));
   uint64_t numel = 1;
   const uint64_t limit = static_cast<uint64_t>(std::numeric_limits<int64_t>::max());
   for (int64_t d : shape) {
     if (d < 0) throw InvalidArgument(error_context(file, name, "negative dimension"));
     const auto ud = static_cast<uint64_t>(d);
-    if (ud != 0 && numel > limit / ud) throw InvalidArgument(error_context(file, name, "shape overflows"));
+    if (ud != 0 && numel > limit / ud)
+      throw InvalidArgument(error_context(file, name, "shape overflows"));
     numel *= ud;
   }
   const auto esize = static_cast<uint64_t>(dtype_size(dtype));
   if (numel > limit / esize || numel * esize != data.size()) {
     throw InvalidArgument(error_context(file, name,
-                                        "data holds " + std::to_string(data.size()) + " bytes, shape needs " +
-                                            std::to_string(numel) + " x " + std::to_string(esize)));
+                                        "data holds " + std::to_string(data.size()) +
+                                            " bytes, shape needs " + std::to_string(numel) + " x " +
+                                            std::to_string(esize)));
   }
   internal::write_all(impl_->staging_fd, data.data(), data.size(), file);
-  impl_->tensors.push_back(
-      PendingTensor{name, dtype, std::move(shape), impl_->staged, static_cast<int64_t>(data.size())});
+  impl_->tensors.push_back(PendingTensor{name, dtype, std::move(shape), impl_->staged,
+                                         static_cast<int64_t>(data.size())});
   impl_->staged += static_cast<int64_t>(data.size());
   impl_->names.insert(std::move(name));
 }
@@ -519,7 +546,8 @@ int64_t SafetensorsWriter::size_bytes() const {
 
 void SafetensorsWriter::finish() {
   Impl& w = *impl_;
-  if (w.finished) throw InvalidArgument(error_context(w.path.string(), "", "writer already finished"));
+  if (w.finished)
+    throw InvalidArgument(error_context(w.path.string(), "", "writer already finished"));
   const std::string header = w.header();
   const int fd = ::open(w.tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0666);
   if (fd < 0) throw Error(internal::io_error(w.tmp, "cannot create"));
@@ -527,14 +555,16 @@ void SafetensorsWriter::finish() {
     const uint64_t n = header.size();
     internal::write_all(fd, &n, 8, w.tmp);
     internal::write_all(fd, header.data(), header.size(), w.tmp);
-    for (size_t i : w.order()) copy_range(w.staging_fd, w.tensors[i].staged_offset, fd, w.tensors[i].nbytes, w.tmp);
+    for (size_t i : w.order())
+      copy_range(w.staging_fd, w.tensors[i].staged_offset, fd, w.tensors[i].nbytes, w.tmp);
     if (::fsync(fd) != 0) throw Error(internal::io_error(w.tmp, "fsync failed"));
   } catch (...) {
     ::close(fd);
     throw;
   }
   if (::close(fd) != 0) throw Error(internal::io_error(w.tmp, "close failed"));
-  if (::rename(w.tmp.c_str(), w.path.c_str()) != 0) throw Error(internal::io_error(w.path.string(), "rename failed"));
+  if (::rename(w.tmp.c_str(), w.path.c_str()) != 0)
+    throw Error(internal::io_error(w.path.string(), "rename failed"));
   w.finished = true;
   ::close(w.staging_fd);
   w.staging_fd = -1;

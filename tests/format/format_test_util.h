@@ -86,11 +86,13 @@ inline std::pair<nlohmann::ordered_json, std::vector<uint8_t>> split_file(const 
   uint64_t n;
   std::memcpy(&n, b.data(), 8);
   const std::string header(b.begin() + 8, b.begin() + 8 + static_cast<int64_t>(n));
-  return {nlohmann::ordered_json::parse(header), std::vector<uint8_t>(b.begin() + 8 + static_cast<int64_t>(n), b.end())};
+  return {nlohmann::ordered_json::parse(header),
+          std::vector<uint8_t>(b.begin() + 8 + static_cast<int64_t>(n), b.end())};
 }
 
 // Rewrites a file's header (and optionally its data) in place; the header is re-padded to 8.
-inline void rewrite(const fs::path& p, const std::function<void(nlohmann::ordered_json&, std::vector<uint8_t>&)>& fn) {
+inline void rewrite(const fs::path& p,
+                    const std::function<void(nlohmann::ordered_json&, std::vector<uint8_t>&)>& fn) {
   auto [h, d] = split_file(p);
   fn(h, d);
   std::string text = h.dump();
@@ -218,10 +220,12 @@ std::span<const std::byte> bytes_of(const std::vector<T>& v) {
 }
 
 // Runs fn, expects a FormatError whose message contains every one of `parts`.
-inline void expect_format_error(const std::function<void()>& fn, const std::vector<std::string>& parts) {
+inline void expect_format_error(const std::function<void()>& fn,
+                                const std::vector<std::string>& parts) {
   try {
     fn();
-    ADD_FAILURE() << "no FormatError thrown (expected one mentioning '" << (parts.empty() ? "" : parts[0]) << "')";
+    ADD_FAILURE() << "no FormatError thrown (expected one mentioning '"
+                  << (parts.empty() ? "" : parts[0]) << "')";
   } catch (const FormatError& e) {
     for (const auto& p : parts) EXPECT_THAT(std::string(e.what()), ::testing::HasSubstr(p));
   }

@@ -36,8 +36,8 @@ struct Fixture {
     w.add_compressed("experts.1.wo", empty.view(), DType::kF32);
   }
   void check(const Container& c) const {
-    EXPECT_EQ(c.names(), (std::vector<std::string>{"embed", "experts.0.wi", "experts.0.wo", "experts.1.wi",
-                                                   "experts.1.wo", "norm"}));
+    EXPECT_EQ(c.names(), (std::vector<std::string>{"embed", "experts.0.wi", "experts.0.wo",
+                                                   "experts.1.wi", "experts.1.wo", "norm"}));
     EXPECT_EQ(c.metadata().at("format"), "qmoe");
     EXPECT_EQ(c.metadata().at("format_version"), "1");
     EXPECT_EQ(c.metadata().at("model"), "switch-base-8");
@@ -94,8 +94,10 @@ TEST(Container, RoundTripSingleFile) {
 
   // The metadata keys of format/SPEC.md, byte for byte.
   const auto f = SafetensorsFile::open(p);
-  EXPECT_EQ(f.metadata().at("qmoe.matrix.experts.0.wi"), R"({"codec":"qmoe-v1","shape":[7,64],"dtype":"F32"})");
-  EXPECT_EQ(f.metadata().at("qmoe.matrix.experts.0.wo"), R"({"codec":"qmoe-p5","shape":[5,23],"dtype":"BF16"})");
+  EXPECT_EQ(f.metadata().at("qmoe.matrix.experts.0.wi"),
+            R"({"codec":"qmoe-v1","shape":[7,64],"dtype":"F32"})");
+  EXPECT_EQ(f.metadata().at("qmoe.matrix.experts.0.wo"),
+            R"({"codec":"qmoe-p5","shape":[5,23],"dtype":"BF16"})");
   const auto* codes = f.find("experts.0.wi.qmoe_codes");
   ASSERT_NE(codes, nullptr);
   EXPECT_EQ(f.metadata().at("qmoe.xxh3.experts.0.wi.qmoe_codes"), checksum_hex(f.bytes(*codes)));
@@ -161,7 +163,8 @@ TEST(Container, ShardedRoundTrip) {
   const auto index = nlohmann::json::parse(read_bytes(out / "model.safetensors.index.json"));
   EXPECT_EQ(index["metadata"]["model"], "switch-base-8");
   EXPECT_EQ(index["metadata"]["format"], "qmoe");
-  EXPECT_EQ(index["weight_map"]["experts.0.wi.qmoe_codes"], index["weight_map"]["experts.0.wi.qmoe_levels"]);
+  EXPECT_EQ(index["weight_map"]["experts.0.wi.qmoe_codes"],
+            index["weight_map"]["experts.0.wi.qmoe_levels"]);
   EXPECT_EQ(index["weight_map"].size(), 13u);  // 3 + 2 + 3 + 3 group members, 2 dense
   EXPECT_FALSE(index["weight_map"].contains("qmoe.dictionary.qmoe-v1"));
 }
@@ -171,7 +174,8 @@ TEST(Container, ShardsPackGroupsUpToTheLimit) {
   const fs::path out = dir / "s";
   std::vector<float> t(100, 1.0f);  // 400 bytes each
   ContainerWriter w(out, {.shard_size = 1000});
-  for (int i = 0; i < 7; ++i) w.add_dense(std::string(1, static_cast<char>('a' + i)), DType::kF32, {100}, bytes_of(t));
+  for (int i = 0; i < 7; ++i)
+    w.add_dense(std::string(1, static_cast<char>('a' + i)), DType::kF32, {100}, bytes_of(t));
   const auto files = w.finish();
   ASSERT_EQ(files.size(), 5u);  // 2 + 2 + 2 + 1 tensors, + index
   const auto c = Container::open(out);
@@ -212,8 +216,10 @@ TEST(Container, WriterRejectsBadArguments) {
   EXPECT_THROW(w.set_metadata("format", "x"), InvalidArgument);
   EXPECT_THROW(w.set_metadata("format_version", "2"), InvalidArgument);
   EXPECT_THROW(w.set_metadata("qmoe.anything", "x"), InvalidArgument);
-  EXPECT_THROW(w.add_dense("qmoe.dictionary.qmoe-v1", DType::kF32, {2, 3}, bytes_of(fx.dense_f32)), InvalidArgument);
-  EXPECT_THROW(w.add_dense("x.qmoe_codes", DType::kF32, {2, 3}, bytes_of(fx.dense_f32)), InvalidArgument);
+  EXPECT_THROW(w.add_dense("qmoe.dictionary.qmoe-v1", DType::kF32, {2, 3}, bytes_of(fx.dense_f32)),
+               InvalidArgument);
+  EXPECT_THROW(w.add_dense("x.qmoe_codes", DType::kF32, {2, 3}, bytes_of(fx.dense_f32)),
+               InvalidArgument);
   EXPECT_THROW(w.add_dense("", DType::kF32, {2, 3}, bytes_of(fx.dense_f32)), InvalidArgument);
   EXPECT_THROW(w.add_dense("a", DType::kF32, {2, 4}, bytes_of(fx.dense_f32)), InvalidArgument);
   w.add_dense("a", DType::kF32, {2, 3}, bytes_of(fx.dense_f32));
@@ -282,9 +288,11 @@ TEST(Container, BigDeclaredShapeWithoutDataIsRejected) {
   w.finish();
   // Claim a 4096 x 14336 matrix without the data for it.
   rewrite(p, [](auto& h, auto&) {
-    h["__metadata__"]["qmoe.matrix.experts.0.wi"] = R"({"codec":"qmoe-v1","shape":[4096,14336],"dtype":"F32"})";
+    h["__metadata__"]["qmoe.matrix.experts.0.wi"] =
+        R"({"codec":"qmoe-v1","shape":[4096,14336],"dtype":"F32"})";
   });
-  expect_format_error([&] { (void)Container::open(p); }, {p.string(), "experts.0.wi.qmoe_row_offsets", "[4097]"});
+  expect_format_error([&] { (void)Container::open(p); },
+                      {p.string(), "experts.0.wi.qmoe_row_offsets", "[4097]"});
   rewrite(p, [](auto& h, auto&) {
     h["__metadata__"]["qmoe.matrix.experts.0.wi"] =
         R"({"codec":"qmoe-v1","shape":[4611686018427387904,4611686018427387904],"dtype":"F32"})";
@@ -295,7 +303,8 @@ TEST(Container, BigDeclaredShapeWithoutDataIsRejected) {
 // The Python `safetensors` package (the reference implementation) must open our files.
 TEST(Container, OpensInPythonSafetensors) {
   if (std::system("python3 -c 'import safetensors, numpy, ml_dtypes' >/dev/null 2>&1") != 0) {
-    GTEST_SKIP() << "python3 with safetensors, numpy and ml_dtypes is not installed (scripts/install-deps.sh)";
+    GTEST_SKIP() << "python3 with safetensors, numpy and ml_dtypes is not installed "
+                    "(scripts/install-deps.sh)";
   }
   TempDir dir;
   Fixture fx;
@@ -315,7 +324,8 @@ TEST(Container, OpensInPythonSafetensors) {
          "with safe_open(sys.argv[1], framework='numpy') as f:\n"
          "    md = f.metadata()\n"
          "assert md['format'] == 'qmoe' and md['format_version'] == '1', md\n"
-         "assert t['embed'].dtype == np.float32 and t['embed'].tolist() == [[1.5, -2.0, 3.25], [0.0, 7.0, -1.0]]\n"
+         "assert t['embed'].dtype == np.float32 and t['embed'].tolist() == [[1.5, -2.0, 3.25], "
+         "[0.0, 7.0, -1.0]]\n"
          "assert t['experts.0.wi.qmoe_codes'].dtype == np.uint16\n"
          "assert t['experts.0.wi.qmoe_row_offsets'].dtype == np.int32\n"
          "assert t['experts.0.wi.qmoe_levels'].shape == (7, 2)\n"

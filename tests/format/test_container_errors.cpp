@@ -18,8 +18,8 @@ struct Small {
   Small() {
     tm = TernaryMatrix(3, 4);
     tm.symbols = {0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 2};
-    tm.levels = {float_to_bf16(-1), float_to_bf16(1), float_to_bf16(-0.5f), float_to_bf16(0.5f),
-                 float_to_bf16(-2), float_to_bf16(2)};
+    tm.levels = {float_to_bf16(-1),   float_to_bf16(1),  float_to_bf16(-0.5f),
+                 float_to_bf16(0.5f), float_to_bf16(-2), float_to_bf16(2)};
     tp = random_ternary(2, 7, 0.5, 9);
     m = GreedyV1::get().encode(tm);
     p = encode_p5(tp);
@@ -63,8 +63,9 @@ void rename_tensor(Header& h, const std::string& from, const std::string& to) {
 
 // Writes the small container, applies `edit` (with checksums refreshed afterwards when `fix`),
 // and expects Container::open to fail naming the file and every one of `parts`.
-void expect_bad(const std::function<void(Header&, Data&)>& edit, const std::vector<std::string>& parts,
-                bool fix_checksums = true, ContainerOpenOptions opt = {}) {
+void expect_bad(const std::function<void(Header&, Data&)>& edit,
+                const std::vector<std::string>& parts, bool fix_checksums = true,
+                ContainerOpenOptions opt = {}) {
   TempDir dir;
   const fs::path p = Small().write(dir);
   rewrite(p, [&](Header& h, Data& d) {
@@ -86,35 +87,45 @@ TEST(ContainerErrors, SmallFixtureIsValid) {
 }
 
 TEST(ContainerErrors, CodesDecodeToMoreSymbolsThanTheWidth) {
-  expect_bad([](Header& h, Data& d) { poke<uint16_t>(h, d, "m.qmoe_codes", 1, entry_with_pairs(3)); },
-             {"tensor 'm'", "row 1", "more than"});
+  expect_bad(
+      [](Header& h, Data& d) { poke<uint16_t>(h, d, "m.qmoe_codes", 1, entry_with_pairs(3)); },
+      {"tensor 'm'", "row 1", "more than"});
 }
 
 TEST(ContainerErrors, CodesDecodeToFewerSymbolsThanTheWidth) {
-  expect_bad([](Header& h, Data& d) { poke<uint16_t>(h, d, "m.qmoe_codes", 2, entry_with_pairs(1)); },
-             {"tensor 'm'", "row 2"});
+  expect_bad(
+      [](Header& h, Data& d) { poke<uint16_t>(h, d, "m.qmoe_codes", 2, entry_with_pairs(1)); },
+      {"tensor 'm'", "row 2"});
 }
 
 TEST(ContainerErrors, RowOffsetsOutOfOrder) {
-  expect_bad([](Header& h, Data& d) { poke<int32_t>(h, d, "m.qmoe_row_offsets", 2, 0); }, {"tensor 'm'", "decrease"});
-  expect_bad([](Header& h, Data& d) { poke<int32_t>(h, d, "m.qmoe_row_offsets", 0, 1); }, {"tensor 'm'"});
-  expect_bad([](Header& h, Data& d) { poke<int32_t>(h, d, "m.qmoe_row_offsets", 3, 2); }, {"tensor 'm'"});
-  expect_bad([](Header& h, Data& d) { poke<int32_t>(h, d, "m.qmoe_row_offsets", 3, -7); }, {"tensor 'm'"});
+  expect_bad([](Header& h, Data& d) { poke<int32_t>(h, d, "m.qmoe_row_offsets", 2, 0); },
+             {"tensor 'm'", "decrease"});
+  expect_bad([](Header& h, Data& d) { poke<int32_t>(h, d, "m.qmoe_row_offsets", 0, 1); },
+             {"tensor 'm'"});
+  expect_bad([](Header& h, Data& d) { poke<int32_t>(h, d, "m.qmoe_row_offsets", 3, 2); },
+             {"tensor 'm'"});
+  expect_bad([](Header& h, Data& d) { poke<int32_t>(h, d, "m.qmoe_row_offsets", 3, -7); },
+             {"tensor 'm'"});
 }
 
 TEST(ContainerErrors, NaNAndMisorderedLevels) {
   expect_bad([](Header& h, Data& d) { poke<uint16_t>(h, d, "m.qmoe_levels", 3, 0x7fc0); },
              {"tensor 'm'", "row 1", "levels"});
-  expect_bad([](Header& h, Data& d) { poke<uint16_t>(h, d, "p.qmoe_levels", 0, 0x7f80); },  // lo = +inf
-             {"tensor 'p'", "row 0", "levels"});
-  expect_bad([](Header& h, Data& d) { poke<uint16_t>(h, d, "m.qmoe_levels", 0, float_to_bf16(0.5f)); },
-             {"tensor 'm'", "levels"});
+  expect_bad(
+      [](Header& h, Data& d) { poke<uint16_t>(h, d, "p.qmoe_levels", 0, 0x7f80); },  // lo = +inf
+      {"tensor 'p'", "row 0", "levels"});
+  expect_bad(
+      [](Header& h, Data& d) { poke<uint16_t>(h, d, "m.qmoe_levels", 0, float_to_bf16(0.5f)); },
+      {"tensor 'm'", "levels"});
 }
 
 TEST(ContainerErrors, BadPackedBytes) {
-  expect_bad([](Header& h, Data& d) { poke<uint8_t>(h, d, "p.qmoe_packed", 0, 243); }, {"tensor 'p'", "242"});
+  expect_bad([](Header& h, Data& d) { poke<uint8_t>(h, d, "p.qmoe_packed", 0, 243); },
+             {"tensor 'p'", "242"});
   // 7 columns: the second byte holds columns 5, 6 and three padding symbols that must be 0.
-  expect_bad([](Header& h, Data& d) { poke<uint8_t>(h, d, "p.qmoe_packed", 1, 9 * 2); }, {"tensor 'p'", "padding"});
+  expect_bad([](Header& h, Data& d) { poke<uint8_t>(h, d, "p.qmoe_packed", 1, 9 * 2); },
+             {"tensor 'p'", "padding"});
 }
 
 TEST(ContainerErrors, UnvalidatedOpenStillDecodesSafely) {
@@ -150,13 +161,27 @@ TEST(ContainerErrors, ExtraGroupMember) {
 }
 
 TEST(ContainerErrors, WrongMemberDtypeOrShape) {
-  expect_bad([](Header& h, Data&) { h["m.qmoe_levels"]["dtype"] = "F16"; }, {"tensor 'm.qmoe_levels'", "BF16"});
-  expect_bad([](Header& h, Data&) { h["m.qmoe_codes"]["dtype"] = "I16"; }, {"tensor 'm.qmoe_codes'", "U16"});
+  expect_bad([](Header& h, Data&) { h["m.qmoe_levels"]["dtype"] = "F16"; },
+             {"tensor 'm.qmoe_levels'", "BF16"});
+  expect_bad([](Header& h, Data&) { h["m.qmoe_codes"]["dtype"] = "I16"; },
+             {"tensor 'm.qmoe_codes'", "U16"});
   expect_bad([](Header& h, Data&) { h["m.qmoe_row_offsets"]["dtype"] = "U32"; },
              {"tensor 'm.qmoe_row_offsets'", "I32"});
-  expect_bad([](Header& h, Data&) { h["m.qmoe_levels"]["shape"] = {2, 3}; }, {"tensor 'm.qmoe_levels'", "[3, 2]"});
-  expect_bad([](Header& h, Data&) { h["p.qmoe_packed"]["shape"] = {1, 4}; }, {"tensor 'p.qmoe_packed'", "[2, 2]"});
-  expect_bad([](Header& h, Data&) { h["m.qmoe_codes"]["shape"] = {3, 1}; }, {"tensor 'm.qmoe_codes'", "1-D"});
+  expect_bad(
+      [](Header& h, Data&) {
+        h["m.qmoe_levels"]["shape"] = {2, 3};
+      },
+      {"tensor 'm.qmoe_levels'", "[3, 2]"});
+  expect_bad(
+      [](Header& h, Data&) {
+        h["p.qmoe_packed"]["shape"] = {1, 4};
+      },
+      {"tensor 'p.qmoe_packed'", "[2, 2]"});
+  expect_bad(
+      [](Header& h, Data&) {
+        h["m.qmoe_codes"]["shape"] = {3, 1};
+      },
+      {"tensor 'm.qmoe_codes'", "1-D"});
 }
 
 TEST(ContainerErrors, BadMatrixDeclaration) {
@@ -164,27 +189,35 @@ TEST(ContainerErrors, BadMatrixDeclaration) {
     return [v](Header& h, Data&) { h["__metadata__"]["qmoe.matrix.m"] = v; };
   };
   expect_bad(set("{"), {"tensor 'm'", "malformed JSON"});
-  expect_bad(set(R"({"codec":"qmoe-v9","shape":[3,4],"dtype":"F32"})"), {"tensor 'm'", "unknown codec"});
+  expect_bad(set(R"({"codec":"qmoe-v9","shape":[3,4],"dtype":"F32"})"),
+             {"tensor 'm'", "unknown codec"});
   expect_bad(set(R"({"codec":"qmoe-v1","shape":[3],"dtype":"F32"})"), {"tensor 'm'", "shape"});
-  expect_bad(set(R"({"codec":"qmoe-v1","shape":[3,-4],"dtype":"F32"})"), {"tensor 'm'", "non-negative"});
+  expect_bad(set(R"({"codec":"qmoe-v1","shape":[3,-4],"dtype":"F32"})"),
+             {"tensor 'm'", "non-negative"});
   expect_bad(set(R"({"codec":"qmoe-v1","shape":[3,4],"dtype":"I32"})"), {"tensor 'm'", "dtype"});
-  expect_bad(set(R"({"codec":"qmoe-v1","shape":[3,4],"dtype":"F32","x":1})"), {"tensor 'm'", "exactly"});
+  expect_bad(set(R"({"codec":"qmoe-v1","shape":[3,4],"dtype":"F32","x":1})"),
+             {"tensor 'm'", "exactly"});
   expect_bad(set(R"({"codec":"qmoe-v1","shape":[3,5],"dtype":"F32"})"), {"tensor 'm'", "row 0"});
   expect_bad(set(R"({"codec":"qmoe-p5","shape":[3,4],"dtype":"F32"})"), {"tensor 'm'"});
-  expect_bad(set(R"({"codec":"qmoe-v1","shape":[3,4],"dtype":"F32","dtype":"F16"})"), {"duplicate key"});
+  expect_bad(set(R"({"codec":"qmoe-v1","shape":[3,4],"dtype":"F32","dtype":"F16"})"),
+             {"duplicate key"});
 }
 
 TEST(ContainerErrors, NotAQmoeContainer) {
   expect_bad([](Header& h, Data&) { h["__metadata__"].erase("format"); }, {"not a qmoe container"});
-  expect_bad([](Header& h, Data&) { h["__metadata__"]["format"] = "gguf"; }, {"not a qmoe container"});
-  expect_bad([](Header& h, Data&) { h["__metadata__"]["format_version"] = "2"; }, {"format_version"});
+  expect_bad([](Header& h, Data&) { h["__metadata__"]["format"] = "gguf"; },
+             {"not a qmoe container"});
+  expect_bad([](Header& h, Data&) { h["__metadata__"]["format_version"] = "2"; },
+             {"format_version"});
   expect_bad([](Header& h, Data&) { h["__metadata__"]["qmoe.future"] = "x"; }, {"qmoe.future"});
-  expect_bad([](Header& h, Data&) { rename_tensor(h, "embed", "qmoe.other"); }, {"tensor 'qmoe.other'", "reserved"});
+  expect_bad([](Header& h, Data&) { rename_tensor(h, "embed", "qmoe.other"); },
+             {"tensor 'qmoe.other'", "reserved"});
 }
 
 TEST(ContainerErrors, DictionaryMismatch) {
-  expect_bad([](Header& h, Data& d) { poke<int32_t>(h, d, "qmoe.dictionary.qmoe-v1", 2 * 777 + 1, -1); },
-             {"tensor 'qmoe.dictionary.qmoe-v1'", "entry 777"});
+  expect_bad(
+      [](Header& h, Data& d) { poke<int32_t>(h, d, "qmoe.dictionary.qmoe-v1", 2 * 777 + 1, -1); },
+      {"tensor 'qmoe.dictionary.qmoe-v1'", "entry 777"});
   expect_bad([](Header& h, Data&) { rename_tensor(h, "qmoe.dictionary.qmoe-v1", "dict"); },
              {"tensor 'qmoe.dictionary.qmoe-v1'", "missing"});
   expect_bad([](Header& h, Data&) { h["qmoe.dictionary.qmoe-v1"]["shape"] = {131072}; },
@@ -238,8 +271,9 @@ TEST(ContainerErrors, MissingShard) {
   const fs::path out = write_sharded(dir);
   ASSERT_NO_THROW((void)Container::open(out));
   fs::remove(out / "model-00002-of-00003.safetensors");
-  expect_format_error([&] { (void)Container::open(out); },
-                      {"model.safetensors.index.json", "shard 'model-00002-of-00003.safetensors' is missing"});
+  expect_format_error(
+      [&] { (void)Container::open(out); },
+      {"model.safetensors.index.json", "shard 'model-00002-of-00003.safetensors' is missing"});
 }
 
 void edit_index(const fs::path& out, const std::function<void(nlohmann::json&)>& fn) {
@@ -257,14 +291,16 @@ TEST(ContainerErrors, InconsistentIndex) {
   auto restore = [&] { write_bytes(index, original); };
 
   edit_index(out, [](auto& j) { j["weight_map"]["embed"] = "../elsewhere.safetensors"; });
-  expect_format_error([&] { (void)Container::open(out); }, {index.string(), "tensor 'embed'", "plain file name"});
+  expect_format_error([&] { (void)Container::open(out); },
+                      {index.string(), "tensor 'embed'", "plain file name"});
   restore();
   edit_index(out, [](auto& j) { j["weight_map"]["ghost"] = "model-00001-of-00003.safetensors"; });
-  expect_format_error([&] { (void)Container::open(out); }, {index.string(), "tensor 'ghost'", "absent"});
+  expect_format_error([&] { (void)Container::open(out); },
+                      {index.string(), "tensor 'ghost'", "absent"});
   restore();
   edit_index(out, [](auto& j) { j["weight_map"].erase("m.qmoe_codes"); });
-  expect_format_error([&] { (void)Container::open(out); }, {"model-00003-of-00003.safetensors", "tensor 'm.qmoe_codes'",
-                                                            "not listed"});
+  expect_format_error([&] { (void)Container::open(out); },
+                      {"model-00003-of-00003.safetensors", "tensor 'm.qmoe_codes'", "not listed"});
   restore();
   edit_index(out, [](auto& j) { j["weight_map"]["embed"] = "model-00002-of-00003.safetensors"; });
   expect_format_error([&] { (void)Container::open(out); }, {"tensor 'embed'"});
@@ -314,7 +350,8 @@ TEST(ContainerErrors, EveryTruncationIsRejected) {
 
 // Writes the golden files below (run with QMOE_WRITE_GOLDEN=1 after a deliberate format change).
 TEST(ContainerGolden, Regenerate) {
-  if (std::getenv("QMOE_WRITE_GOLDEN") == nullptr) GTEST_SKIP() << "set QMOE_WRITE_GOLDEN=1 to rewrite the golden files";
+  if (std::getenv("QMOE_WRITE_GOLDEN") == nullptr)
+    GTEST_SKIP() << "set QMOE_WRITE_GOLDEN=1 to rewrite the golden files";
   const fs::path dir = fs::path(QMOE_SOURCE_DIR) / "tests/format/golden";
   fs::create_directories(dir / "invalid");
   TernaryMatrix t(2, 7);
@@ -330,7 +367,8 @@ TEST(ContainerGolden, Regenerate) {
     w.finish();
   }
   const auto full = read_bytes(valid);
-  auto variant = [&](const std::string& name, const std::function<void(Header&, Data&)>& edit, bool fix = true) {
+  auto variant = [&](const std::string& name, const std::function<void(Header&, Data&)>& edit,
+                     bool fix = true) {
     const fs::path p = dir / "invalid" / name;
     write_bytes(p, full);
     rewrite(p, [&](Header& h, Data& d) {
@@ -360,20 +398,32 @@ TEST(ContainerGolden, Regenerate) {
     }
     return last;
   };
-  variant("offset-gap.safetensors", [&](Header& h, Data& d) {
-    const std::string l = last_tensor(h);
-    h[l]["data_offsets"] = {h[l]["data_offsets"][0].get<int64_t>() + 1, h[l]["data_offsets"][1].get<int64_t>() + 1};
-    d.insert(d.begin() + h[l]["data_offsets"][0].get<int64_t>() - 1, 0);
-  }, false);
-  variant("offset-overlap.safetensors", [&](Header& h, Data& d) {
-    const std::string l = last_tensor(h);
-    h[l]["data_offsets"] = {h[l]["data_offsets"][0].get<int64_t>() - 1, h[l]["data_offsets"][1].get<int64_t>() - 1};
-    d.pop_back();
-  }, false);
-  variant("unknown-dtype.safetensors", [](Header& h, Data&) { h["bias"]["dtype"] = "X32"; }, false);
-  variant("padding-symbol.safetensors", [](Header& h, Data& d) { poke<uint8_t>(h, d, "w.qmoe_packed", 1, 2 + 27); });
-  variant("nan-level.safetensors", [](Header& h, Data& d) { poke<uint16_t>(h, d, "w.qmoe_levels", 1, 0x7fc0); });
-  variant("missing-member.safetensors", [](Header& h, Data&) { rename_tensor(h, "w.qmoe_levels", "stray"); });
+  variant(
+      "offset-gap.safetensors",
+      [&](Header& h, Data& d) {
+        const std::string l = last_tensor(h);
+        h[l]["data_offsets"] = {h[l]["data_offsets"][0].get<int64_t>() + 1,
+                                h[l]["data_offsets"][1].get<int64_t>() + 1};
+        d.insert(d.begin() + h[l]["data_offsets"][0].get<int64_t>() - 1, 0);
+      },
+      false);
+  variant(
+      "offset-overlap.safetensors",
+      [&](Header& h, Data& d) {
+        const std::string l = last_tensor(h);
+        h[l]["data_offsets"] = {h[l]["data_offsets"][0].get<int64_t>() - 1,
+                                h[l]["data_offsets"][1].get<int64_t>() - 1};
+        d.pop_back();
+      },
+      false);
+  variant(
+      "unknown-dtype.safetensors", [](Header& h, Data&) { h["bias"]["dtype"] = "X32"; }, false);
+  variant("padding-symbol.safetensors",
+          [](Header& h, Data& d) { poke<uint8_t>(h, d, "w.qmoe_packed", 1, 2 + 27); });
+  variant("nan-level.safetensors",
+          [](Header& h, Data& d) { poke<uint16_t>(h, d, "w.qmoe_levels", 1, 0x7fc0); });
+  variant("missing-member.safetensors",
+          [](Header& h, Data&) { rename_tensor(h, "w.qmoe_levels", "stray"); });
 
   // Seeds for the container fuzzer (tests/fuzz): the files above and one with a qmoe-v1 matrix.
   const fs::path corpus = fs::path(QMOE_SOURCE_DIR) / "tests/fuzz/corpus/container";
@@ -422,7 +472,8 @@ TEST(ContainerGolden, SpecExampleV1) {
   TempDir dir;
   TernaryMatrix t(2, 5);
   t.symbols = {0, 1, 0, 0, 2, 0, 0, 0, 0, 0};
-  t.levels = {float_to_bf16(-0.5f), float_to_bf16(0.75f), float_to_bf16(-1.0f), float_to_bf16(1.0f)};
+  t.levels = {float_to_bf16(-0.5f), float_to_bf16(0.75f), float_to_bf16(-1.0f),
+              float_to_bf16(1.0f)};
   const auto c = GreedyV1::get().encode(t);
   EXPECT_EQ(c.codes, (std::vector<uint16_t>{503, 2}));
   EXPECT_EQ(v1_decode_table()[2 * 503], 0x2043);
@@ -438,12 +489,14 @@ TEST(ContainerGolden, SpecExampleV1) {
   const std::string header =
       R"({"__metadata__":{"format":"qmoe","format_version":"1","qmoe.matrix.w":"{\"codec\":\"qmoe-v1\",\"shape\":[2,5],\"dtype\":\"F32\"}","qmoe.xxh3.b":"c98dd7ed5d5dfd9b","qmoe.xxh3.qmoe.dictionary.qmoe-v1":"19f839bbd9f45b7e","qmoe.xxh3.w.qmoe_codes":"81682cb5221f54e1","qmoe.xxh3.w.qmoe_levels":"36cd7915a40fadc6","qmoe.xxh3.w.qmoe_row_offsets":"f7d0630191d9c911"},"qmoe.dictionary.qmoe-v1":{"dtype":"I32","shape":[65536,2],"data_offsets":[0,524288]},"w.qmoe_row_offsets":{"dtype":"I32","shape":[3],"data_offsets":[524288,524300]},"b":{"dtype":"F32","shape":[1],"data_offsets":[524300,524304]},"w.qmoe_codes":{"dtype":"U16","shape":[2],"data_offsets":[524304,524308]},"w.qmoe_levels":{"dtype":"BF16","shape":[2,2],"data_offsets":[524308,524316]}})"
       "     ";
-  EXPECT_EQ(std::vector<uint8_t>(bytes.begin(), bytes.begin() + 8), (std::vector<uint8_t>{0xe8, 0x02, 0, 0, 0, 0, 0, 0}));
+  EXPECT_EQ(std::vector<uint8_t>(bytes.begin(), bytes.begin() + 8),
+            (std::vector<uint8_t>{0xe8, 0x02, 0, 0, 0, 0, 0, 0}));
   EXPECT_EQ(std::string(bytes.begin() + 8, bytes.begin() + 752), header);
   EXPECT_EQ(std::vector<uint8_t>(bytes.begin() + 752, bytes.begin() + 752 + 16),
             (std::vector<uint8_t>{1, 0, 0, 0, 1, 0, 0, 0, 2, 0, 0, 0, 2, 0, 0, 0}));
-  const std::vector<uint8_t> tail = {0, 0, 0, 0, 1, 0, 0, 0, 2, 0, 0, 0, 0, 0, 0, 0x3f,
-                                     0xf7, 0x01, 0x02, 0x00, 0x00, 0xbf, 0x40, 0x3f, 0x80, 0xbf, 0x80, 0x3f};
+  const std::vector<uint8_t> tail = {0,    0,    0,    0,    1,    0,    0,    0,    2,    0,
+                                     0,    0,    0,    0,    0,    0x3f, 0xf7, 0x01, 0x02, 0x00,
+                                     0x00, 0xbf, 0x40, 0x3f, 0x80, 0xbf, 0x80, 0x3f};
   EXPECT_EQ(std::vector<uint8_t>(bytes.end() - 28, bytes.end()), tail);
 }
 

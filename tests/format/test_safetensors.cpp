@@ -18,10 +18,10 @@ std::vector<uint8_t> iota_bytes(size_t n, uint8_t start = 0) {
 fs::path write_valid(const TempDir& dir) {
   const fs::path p = dir / "a.safetensors";
   SafetensorsWriter w(p);
-  const auto a = iota_bytes(3);                 // U8 [3]
-  const auto b = iota_bytes(4 * 6, 10);         // F32 [2, 3]
-  const auto c = iota_bytes(2 * 5, 100);        // BF16 [5]
-  const auto d = iota_bytes(8 * 2, 200);        // I64 [2]
+  const auto a = iota_bytes(3);           // U8 [3]
+  const auto b = iota_bytes(4 * 6, 10);   // F32 [2, 3]
+  const auto c = iota_bytes(2 * 5, 100);  // BF16 [5]
+  const auto d = iota_bytes(8 * 2, 200);  // I64 [2]
   w.add("a", DType::kU8, {3}, std::as_bytes(std::span(a)));
   w.add("b", DType::kF32, {2, 3}, std::as_bytes(std::span(b)));
   w.add("c", DType::kBF16, {5}, std::as_bytes(std::span(c)));
@@ -61,14 +61,16 @@ TEST(Safetensors, RoundTripLayoutAndAlignment) {
     EXPECT_EQ(reinterpret_cast<uintptr_t>(f.bytes(t).data()) % dtype_size(t.dtype), 0u) << t.name;
   }
   const auto b = f.bytes(*f.find("b"));
-  EXPECT_EQ(std::vector<uint8_t>(reinterpret_cast<const uint8_t*>(b.data()), reinterpret_cast<const uint8_t*>(b.data()) + b.size()),
+  EXPECT_EQ(std::vector<uint8_t>(reinterpret_cast<const uint8_t*>(b.data()),
+                                 reinterpret_cast<const uint8_t*>(b.data()) + b.size()),
             iota_bytes(24, 10));
   EXPECT_EQ(f.find("b")->shape, (std::vector<int64_t>{2, 3}));
   EXPECT_EQ(f.find("b")->numel(), 6);
   EXPECT_EQ(f.find("empty")->nbytes(), 0);
   EXPECT_EQ(f.find("nope"), nullptr);
   EXPECT_EQ(f.as<float>(*f.find("b"), DType::kF32).size(), 6u);
-  expect_format_error([&] { (void)f.as<int32_t>(*f.find("b"), DType::kI32); }, {p.string(), "'b'", "dtype is F32"});
+  expect_format_error([&] { (void)f.as<int32_t>(*f.find("b"), DType::kI32); },
+                      {p.string(), "'b'", "dtype is F32"});
 
   // Header length is a multiple of 8, padded with spaces.
   const auto raw = read_bytes(p);
@@ -97,10 +99,12 @@ TEST(Safetensors, WriterRejectsBadArguments) {
   const auto a = iota_bytes(4);
   EXPECT_THROW(w.add("a", DType::kF32, {2}, std::as_bytes(std::span(a))), InvalidArgument);
   EXPECT_THROW(w.add("a", DType::kU8, {-4}, std::as_bytes(std::span(a))), InvalidArgument);
-  EXPECT_THROW(w.add("__metadata__", DType::kU8, {4}, std::as_bytes(std::span(a))), InvalidArgument);
+  EXPECT_THROW(w.add("__metadata__", DType::kU8, {4}, std::as_bytes(std::span(a))),
+               InvalidArgument);
   w.add("a", DType::kU8, {4}, std::as_bytes(std::span(a)));
   EXPECT_THROW(w.add("a", DType::kU8, {4}, std::as_bytes(std::span(a))), InvalidArgument);
-  EXPECT_THROW(w.add("big", DType::kF64, {int64_t{1} << 40, int64_t{1} << 40}, {}), InvalidArgument);
+  EXPECT_THROW(w.add("big", DType::kF64, {int64_t{1} << 40, int64_t{1} << 40}, {}),
+               InvalidArgument);
 }
 
 TEST(Safetensors, AtomicWriteLeavesNothingWithoutFinish) {
@@ -127,11 +131,13 @@ TEST(Safetensors, AcceptsWhatTheReferenceAccepts) {
   const fs::path p = dir / "r.safetensors";
   // Unpadded header, leading whitespace, null metadata, extra tensor fields, unsorted offsets,
   // zero-size tensors sharing an offset, a scalar.
-  write_bytes(p, raw_file(R"( {"__metadata__":null,"b":{"dtype":"U8","shape":[1],"data_offsets":[1,2],"x":1},)"
-                          R"("a":{"dtype":"U8","shape":[],"data_offsets":[0,1]},)"
-                          R"("z0":{"dtype":"F32","shape":[0],"data_offsets":[2,2]},)"
-                          R"("z1":{"dtype":"F32","shape":[3,0],"data_offsets":[2,2]}})",
-                          {7, 9}));
+  write_bytes(
+      p,
+      raw_file(R"( {"__metadata__":null,"b":{"dtype":"U8","shape":[1],"data_offsets":[1,2],"x":1},)"
+               R"("a":{"dtype":"U8","shape":[],"data_offsets":[0,1]},)"
+               R"("z0":{"dtype":"F32","shape":[0],"data_offsets":[2,2]},)"
+               R"("z1":{"dtype":"F32","shape":[3,0],"data_offsets":[2,2]}})",
+               {7, 9}));
   const auto f = SafetensorsFile::open(p);
   EXPECT_TRUE(f.metadata().empty());
   EXPECT_EQ(f.tensors().size(), 4u);
@@ -167,44 +173,88 @@ INSTANTIATE_TEST_SUITE_P(
         BadCase{"garbage", "\x01\x02\xff", {}, {"malformed JSON"}},
         BadCase{"array", "[]", {}, {"not a JSON object"}},
         BadCase{"bad_utf8", "{\"a\xff\":1}", {}, {"malformed JSON"}},
-        BadCase{"duplicate_key", "{\"a\":{" + kU8 + R"("data_offsets":[0,2]},"a":{)" + kU8 + R"("data_offsets":[0,2]}})",
-                {1, 2}, {"duplicate key"}},
+        BadCase{
+            "duplicate_key",
+            "{\"a\":{" + kU8 + R"("data_offsets":[0,2]},"a":{)" + kU8 + R"("data_offsets":[0,2]}})",
+            {1, 2},
+            {"duplicate key"}},
         BadCase{"deep", std::string(100, '[') + std::string(100, ']'), {}, {"nested deeper"}},
         BadCase{"entry_not_object", R"({"a":[1]})", {}, {"'a'", "not a JSON object"}},
-        BadCase{"unknown_dtype", R"({"a":{"dtype":"F8_E4M3","shape":[2],"data_offsets":[0,2]}})", {1, 2},
+        BadCase{"unknown_dtype",
+                R"({"a":{"dtype":"F8_E4M3","shape":[2],"data_offsets":[0,2]}})",
+                {1, 2},
                 {"'a'", "unknown dtype"}},
-        BadCase{"missing_dtype", R"({"a":{"shape":[2],"data_offsets":[0,2]}})", {1, 2}, {"'a'", "dtype"}},
-        BadCase{"missing_shape", R"({"a":{"dtype":"U8","data_offsets":[0,2]}})", {1, 2}, {"'a'", "shape"}},
-        BadCase{"negative_dim", R"({"a":{"dtype":"U8","shape":[-2],"data_offsets":[0,2]}})", {1, 2},
+        BadCase{"missing_dtype",
+                R"({"a":{"shape":[2],"data_offsets":[0,2]}})",
+                {1, 2},
+                {"'a'", "dtype"}},
+        BadCase{"missing_shape",
+                R"({"a":{"dtype":"U8","data_offsets":[0,2]}})",
+                {1, 2},
+                {"'a'", "shape"}},
+        BadCase{"negative_dim",
+                R"({"a":{"dtype":"U8","shape":[-2],"data_offsets":[0,2]}})",
+                {1, 2},
                 {"'a'", "non-negative"}},
-        BadCase{"float_dim", R"({"a":{"dtype":"U8","shape":[2.0],"data_offsets":[0,2]}})", {1, 2},
+        BadCase{"float_dim",
+                R"({"a":{"dtype":"U8","shape":[2.0],"data_offsets":[0,2]}})",
+                {1, 2},
                 {"'a'", "non-negative"}},
-        BadCase{"huge_dim", R"({"a":{"dtype":"U8","shape":[18446744073709551615],"data_offsets":[0,2]}})", {1, 2},
+        BadCase{"huge_dim",
+                R"({"a":{"dtype":"U8","shape":[18446744073709551615],"data_offsets":[0,2]}})",
+                {1, 2},
                 {"'a'", "non-negative"}},
         BadCase{"overflow_numel",
-                R"({"a":{"dtype":"U8","shape":[4294967296,4294967296],"data_offsets":[0,0]}})", {},
+                R"({"a":{"dtype":"U8","shape":[4294967296,4294967296],"data_offsets":[0,0]}})",
+                {},
                 {"'a'", "overflow"}},
-        BadCase{"overflow_bytes", R"({"a":{"dtype":"F64","shape":[2305843009213693952],"data_offsets":[0,0]}})", {},
+        BadCase{"overflow_bytes",
+                R"({"a":{"dtype":"F64","shape":[2305843009213693952],"data_offsets":[0,0]}})",
+                {},
                 {"'a'", "overflow"}},
-        BadCase{"offsets_not_pair", R"({"a":{"dtype":"U8","shape":[2],"data_offsets":[0,2,4]}})", {1, 2},
+        BadCase{"offsets_not_pair",
+                R"({"a":{"dtype":"U8","shape":[2],"data_offsets":[0,2,4]}})",
+                {1, 2},
                 {"'a'", "data_offsets"}},
-        BadCase{"offsets_reversed", R"({"a":{"dtype":"U8","shape":[0],"data_offsets":[2,0]}})", {1, 2},
+        BadCase{"offsets_reversed",
+                R"({"a":{"dtype":"U8","shape":[0],"data_offsets":[2,0]}})",
+                {1, 2},
                 {"'a'", "end before"}},
-        BadCase{"size_mismatch", R"({"a":{"dtype":"U16","shape":[2],"data_offsets":[0,2]}})", {1, 2},
+        BadCase{"size_mismatch",
+                R"({"a":{"dtype":"U16","shape":[2],"data_offsets":[0,2]}})",
+                {1, 2},
                 {"'a'", "needs 4"}},
-        BadCase{"out_of_range", R"({"a":{"dtype":"U8","shape":[4],"data_offsets":[0,4]}})", {1, 2},
+        BadCase{"out_of_range",
+                R"({"a":{"dtype":"U8","shape":[4],"data_offsets":[0,4]}})",
+                {1, 2},
                 {"'a'", "past the end"}},
-        BadCase{"far_out_of_range",
-                R"({"a":{"dtype":"U8","shape":[2],"data_offsets":[9223372036854775806,9223372036854775808]}})",
-                {1, 2}, {"'a'", "non-negative"}},
-        BadCase{"gap", R"({"a":{"dtype":"U8","shape":[1],"data_offsets":[1,2]}})", {1, 2}, {"'a'", "gap"}},
-        BadCase{"gap_between", R"({"a":{"dtype":"U8","shape":[1],"data_offsets":[0,1]},"b":{"dtype":"U8","shape":[1],"data_offsets":[2,3]}})",
-                {1, 2, 3}, {"'b'", "gap"}},
-        BadCase{"overlap", R"({"a":{"dtype":"U8","shape":[2],"data_offsets":[0,2]},"b":{"dtype":"U8","shape":[2],"data_offsets":[1,3]}})",
-                {1, 2, 3}, {"'b'", "overlap"}},
-        BadCase{"same_range", R"({"a":{"dtype":"U8","shape":[2],"data_offsets":[0,2]},"b":{"dtype":"U8","shape":[2],"data_offsets":[0,2]}})",
-                {1, 2}, {"overlap"}},
-        BadCase{"trailing_bytes", R"({"a":{"dtype":"U8","shape":[2],"data_offsets":[0,2]}})", {1, 2, 3},
+        BadCase{
+            "far_out_of_range",
+            R"({"a":{"dtype":"U8","shape":[2],"data_offsets":[9223372036854775806,9223372036854775808]}})",
+            {1, 2},
+            {"'a'", "non-negative"}},
+        BadCase{"gap",
+                R"({"a":{"dtype":"U8","shape":[1],"data_offsets":[1,2]}})",
+                {1, 2},
+                {"'a'", "gap"}},
+        BadCase{
+            "gap_between",
+            R"({"a":{"dtype":"U8","shape":[1],"data_offsets":[0,1]},"b":{"dtype":"U8","shape":[1],"data_offsets":[2,3]}})",
+            {1, 2, 3},
+            {"'b'", "gap"}},
+        BadCase{
+            "overlap",
+            R"({"a":{"dtype":"U8","shape":[2],"data_offsets":[0,2]},"b":{"dtype":"U8","shape":[2],"data_offsets":[1,3]}})",
+            {1, 2, 3},
+            {"'b'", "overlap"}},
+        BadCase{
+            "same_range",
+            R"({"a":{"dtype":"U8","shape":[2],"data_offsets":[0,2]},"b":{"dtype":"U8","shape":[2],"data_offsets":[0,2]}})",
+            {1, 2},
+            {"overlap"}},
+        BadCase{"trailing_bytes",
+                R"({"a":{"dtype":"U8","shape":[2],"data_offsets":[0,2]}})",
+                {1, 2, 3},
                 {"trailing"}},
         BadCase{"metadata_not_strings", R"({"__metadata__":{"k":1}})", {}, {"not a string"}},
         BadCase{"metadata_array", R"({"__metadata__":[]})", {}, {"__metadata__"}},
@@ -226,7 +276,8 @@ TEST(Safetensors, HeaderLengthBeyondFile) {
   auto b = raw_file("{}", {});
   b[0] = 3;  // claims 3 bytes, 2 present
   write_bytes(p, b);
-  expect_format_error([&] { (void)SafetensorsFile::open(p); }, {p.string(), "past the end of the file"});
+  expect_format_error([&] { (void)SafetensorsFile::open(p); },
+                      {p.string(), "past the end of the file"});
   const uint64_t huge = ~uint64_t{0};
   std::memcpy(b.data(), &huge, 8);
   write_bytes(p, b);
@@ -239,7 +290,8 @@ TEST(Safetensors, HeaderLengthBeyondFile) {
 
 TEST(Safetensors, MissingFileAndDirectory) {
   TempDir dir;
-  expect_format_error([&] { (void)SafetensorsFile::open(dir / "absent.safetensors"); }, {"absent.safetensors"});
+  expect_format_error([&] { (void)SafetensorsFile::open(dir / "absent.safetensors"); },
+                      {"absent.safetensors"});
   expect_format_error([&] { (void)SafetensorsFile::open(dir.path()); }, {"not a regular file"});
 }
 
