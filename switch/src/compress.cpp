@@ -535,9 +535,14 @@ int64_t expert_memory_estimate(const ExpertMatrix& m, bool gptq) {
   // Input pages + symbols (1 byte/weight) + codes (v1 at worst ~1 byte/weight) + the work file.
   int64_t b = n * dtype_size(m.dtype) + n + n + n / 4 + 4 * m.rows;
   if (gptq) {
-    // float32 copy of W, GPTQ's working rows, the Hessian (float, plus the reader's float64) and
-    // its factor.
-    b += 4 * n + 4 * n + 16 * m.cols * m.cols;
+    // float32 copy of W, the Hessian (float, plus the float64 pages of the file it is read from),
+    // and GPTQ's own scratch (its factor of H, working rows).
+    b += 4 * n + 12 * m.cols * m.cols;
+#if defined(QMOE_SWITCH_HAVE_GPTQ)
+    b += gptq_workspace_bytes(m.rows, m.cols, GptqOptions{}, 1);
+#else
+    b += 4 * n + 4 * m.cols * m.cols;
+#endif
   }
   return b;
 }
@@ -811,6 +816,11 @@ CompressSummary compress_checkpoint(const fs::path& checkpoint, const fs::path& 
   for (const auto& k : block_order) sum.blocks.push_back(blocks[k]);
 
   // ---- assemble the container: every stored tensor, in name order
+  if (opt.shard_size > 0) {
+    // An earlier container in the output directory stops being one first: a run killed while the
+    // writer renames its shards must not leave an old index next to a mix of old and new shards.
+    fs::remove(output / std::string(kIndexFileName), ec);
+  }
   ContainerWriter writer(output, ContainerWriteOptions{.shard_size = opt.shard_size});
   writer.set_metadata(std::string(kMetaConfig), ck->config_text);
   writer.set_metadata(std::string(kMetaQuantizer), sum.quantizer);
