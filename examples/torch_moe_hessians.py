@@ -109,7 +109,7 @@ def main():
     for h in handles:
         h.remove()
 
-    compressed = {}
+    compressed, rtn = {}, {}
     print(f"{'tensor':<22} {'tokens':>7} {'method':>7} {'codec':>8} {'bits/w':>7}")
     for name, module in model.named_modules():
         if name not in accs:
@@ -118,6 +118,7 @@ def main():
         w = module.weight.detach().float().numpy()  # (out, in): y = W x
         m, stats = qmoe.compress_matrix(w, acc.hessian(), with_stats=True)
         compressed[name + ".weight"] = m
+        rtn[name + ".weight"] = qmoe.compress_matrix(w)  # no Hessian: round to nearest, for comparison
         method = "GPTQ" if stats["status"] == "ok" else "RTN"
         print(f"{name + '.weight':<22} {acc.count:>7} {method:>7} {m.codec:>8} {m.bits_per_weight:>7.3f}")
 
@@ -139,16 +140,20 @@ def main():
     with torch.no_grad():
         want = model(test).numpy()
         p, idx = model.route(test)
-    x = test.numpy()
-    got = np.zeros_like(x)
-    for e in range(args.experts):
-        sel = (idx == e).numpy()
-        if sel.any():
-            xe = np.ascontiguousarray(x[sel])
-            hidden = np.maximum(loaded[f"experts.{e}.wi.weight"].matmul(xe), 0)
-            got[sel] = p.numpy()[sel][:, None] * loaded[f"experts.{e}.wo.weight"].matmul(hidden)
-    err = np.linalg.norm(got - want) / np.linalg.norm(want)
-    print(f"MoE layer output, compressed vs original experts: relative error {err:.4f}")
+    x, p, idx = test.numpy(), p.numpy(), idx.numpy()
+
+    def layer(weights):
+        y = np.zeros_like(x)
+        for e in range(args.experts):
+            sel = idx == e
+            if sel.any():
+                hidden = np.maximum(weights[f"experts.{e}.wi.weight"].matmul(np.ascontiguousarray(x[sel])), 0)
+                y[sel] = p[sel][:, None] * weights[f"experts.{e}.wo.weight"].matmul(hidden)
+        return y
+
+    for label, weights in [("GPTQ (loaded back)", loaded), ("round to nearest", rtn)]:
+        err = np.linalg.norm(layer(weights) - want) / np.linalg.norm(want)
+        print(f"MoE layer output with {label} experts: relative error {err:.4f}")
     if out_dir is not None:
         out_dir.cleanup()
     return 0
