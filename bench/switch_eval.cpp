@@ -44,7 +44,8 @@ FloatTensor random_tensor(std::vector<int64_t> shape, float stddev, uint64_t see
     std::mt19937 rng(static_cast<uint32_t>(seed * 7919 + static_cast<uint64_t>(c)));
     std::uniform_real_distribution<float> u(-1.0f, 1.0f);
     for (int64_t i = c * chunk; i < std::min(n, (c + 1) * chunk); ++i)
-      t.owned[static_cast<size_t>(i)] = stddev * 1.2247f * (u(rng) + u(rng)) * 0.70710678f;  // var = std²
+      t.owned[static_cast<size_t>(i)] =
+          stddev * 1.2247f * (u(rng) + u(rng)) * 0.70710678f;  // var = std²
   }
   t.data = t.owned.data();
   return t;
@@ -69,7 +70,8 @@ FloatTensor ones(int64_t d) {
 SwitchModel make_model(bool compressed, double* bits_per_weight) {
   SwitchModel m;
   SwitchConfig& c = m.config;
-  c.vocab_size = 32128, c.d_model = 768, c.d_kv = 64, c.d_ff = 3072, c.num_heads = 12, c.num_experts = 8;
+  c.vocab_size = 32128, c.d_model = 768, c.d_kv = 64, c.d_ff = 3072, c.num_heads = 12,
+  c.num_experts = 8;
   const int64_t L = 12, E = 8, inner = c.num_heads * c.d_kv;
   m.layout.num_experts = E;
   uint64_t seed = 1;
@@ -90,7 +92,9 @@ SwitchModel make_model(bool compressed, double* bits_per_weight) {
         a.k = random_linear(inner, c.d_model, seed++);
         a.v = random_linear(inner, c.d_model, seed++);
         a.o = random_linear(c.d_model, inner, seed++);
-        if (bias) a.relative_bias = random_tensor({c.relative_attention_num_buckets, c.num_heads}, 1.0f, seed++);
+        if (bias)
+          a.relative_bias =
+              random_tensor({c.relative_attention_num_buckets, c.num_heads}, 1.0f, seed++);
       };
       blk.self_ln = ones(c.d_model);
       attn(blk.self_attn, b == 0);
@@ -109,8 +113,8 @@ SwitchModel make_model(bool compressed, double* bits_per_weight) {
       blk.ff.router = random_linear(E, c.d_model, seed++);
       for (int64_t e = 0; e < E; ++e) {
         if (!compressed) {
-          blk.ff.experts.push_back(std::make_shared<DenseExpert>(random_linear(c.d_ff, c.d_model, seed),
-                                                                 random_linear(c.d_model, c.d_ff, seed + 1)));
+          blk.ff.experts.push_back(std::make_shared<DenseExpert>(
+              random_linear(c.d_ff, c.d_model, seed), random_linear(c.d_model, c.d_ff, seed + 1)));
           seed += 2;
           continue;
         }
@@ -142,7 +146,9 @@ SwitchModel make_model(bool compressed, double* bits_per_weight) {
   }
   m.encoder_final_ln = ones(c.d_model);
   m.decoder_final_ln = ones(c.d_model);
-  if (bits_per_weight) *bits_per_weight = cweights ? 8.0 * static_cast<double>(cbytes) / static_cast<double>(cweights) : 32.0;
+  if (bits_per_weight)
+    *bits_per_weight =
+        cweights ? 8.0 * static_cast<double>(cbytes) / static_cast<double>(cweights) : 32.0;
   return m;
 }
 
@@ -180,13 +186,17 @@ Models& models() {
   return m;
 }
 
-int threads_of(const benchmark::State& st) { return st.range(1) == 0 ? omp_get_num_procs() : 1; }
+int threads_of(const benchmark::State& st) {
+  return st.range(1) == 0 ? omp_get_num_procs() : 1;
+}
 
 void set_counters(benchmark::State& st, const TokenPairs& p, double bits) {
   const double toks = static_cast<double>(p.encoder_ids.size() + p.decoder_targets.size());
-  st.counters["tokens/s"] = benchmark::Counter(toks * static_cast<double>(st.iterations()), benchmark::Counter::kIsRate);
+  st.counters["tokens/s"] =
+      benchmark::Counter(toks * static_cast<double>(st.iterations()), benchmark::Counter::kIsRate);
   st.counters["target_tokens/s"] = benchmark::Counter(
-      static_cast<double>(p.decoder_targets.size()) * static_cast<double>(st.iterations()), benchmark::Counter::kIsRate);
+      static_cast<double>(p.decoder_targets.size()) * static_cast<double>(st.iterations()),
+      benchmark::Counter::kIsRate);
   st.counters["bits_per_expert_weight"] = bits;
   st.counters["threads"] = threads_of(st);
 }

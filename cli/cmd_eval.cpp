@@ -56,7 +56,8 @@ int run_eval(const EvalArgs& a) {
     co.threads = a.threads;
     sw::TokenPairs calib;
     if (!co.rtn) {
-      if (a.calib_tokens.empty()) throw InvalidArgument("--quantize gptq needs --calib-tokens FILE");
+      if (a.calib_tokens.empty())
+        throw InvalidArgument("--quantize gptq needs --calib-tokens FILE");
       calib = sw::TokenPairs::load(a.calib_tokens, m.config.vocab_size);
     }
     Stopwatch qclock;
@@ -71,7 +72,8 @@ int run_eval(const EvalArgs& a) {
     });
     std::printf("quantize %s%s: %.3f bits per expert weight, %.2f s", a.quantize.c_str(),
                 co.rtn ? "" : (co.sequential ? " (sequential)" : " (one pass, original model)"),
-                weights ? 8.0 * static_cast<double>(bytes) / static_cast<double>(weights) : 0.0, qclock.seconds());
+                weights ? 8.0 * static_cast<double>(bytes) / static_cast<double>(weights) : 0.0,
+                qclock.seconds());
     if (!co.rtn) std::printf(", summed GPTQ layer output loss %.6g", gptq_loss);
     std::printf("\n");
 #else
@@ -86,14 +88,16 @@ int run_eval(const EvalArgs& a) {
         ++experts;
         compressed += e->kind() == "compressed" ? 1 : 0;
       }
-  std::printf("model    %s (%s; %lld encoder + %lld decoder blocks, %lld experts per sparse block, "
-              "%lld of %lld experts run compressed)\n",
-              a.model.c_str(), src->is_container() ? "qmoe container" : "checkpoint",
-              static_cast<long long>(m.encoder.size()), static_cast<long long>(m.decoder.size()),
-              static_cast<long long>(m.layout.num_experts), static_cast<long long>(compressed),
-              static_cast<long long>(experts));
-  std::printf("tokens   %s: %lld pairs, %lld encoder + %lld decoder tokens (loaded in %.2f s)\n", a.tokens.c_str(),
-              static_cast<long long>(pairs.num_pairs()), static_cast<long long>(pairs.encoder_ids.size()),
+  std::printf(
+      "model    %s (%s; %lld encoder + %lld decoder blocks, %lld experts per sparse block, "
+      "%lld of %lld experts run compressed)\n",
+      a.model.c_str(), src->is_container() ? "qmoe container" : "checkpoint",
+      static_cast<long long>(m.encoder.size()), static_cast<long long>(m.decoder.size()),
+      static_cast<long long>(m.layout.num_experts), static_cast<long long>(compressed),
+      static_cast<long long>(experts));
+  std::printf("tokens   %s: %lld pairs, %lld encoder + %lld decoder tokens (loaded in %.2f s)\n",
+              a.tokens.c_str(), static_cast<long long>(pairs.num_pairs()),
+              static_cast<long long>(pairs.encoder_ids.size()),
               static_cast<long long>(pairs.decoder_targets.size()), load_s);
   std::fflush(stdout);
 
@@ -101,44 +105,56 @@ int run_eval(const EvalArgs& a) {
   fo.expert_capacity = a.capacity;
   const int64_t total = pairs.num_pairs();
   const auto progress = [&](int64_t done) {
-    if (a.progress) std::fprintf(stderr, "\r%lld / %lld pairs", static_cast<long long>(done), static_cast<long long>(total));
+    if (a.progress)
+      std::fprintf(stderr, "\r%lld / %lld pairs", static_cast<long long>(done),
+                   static_cast<long long>(total));
   };
   const sw::EvalResult r = sw::evaluate(m, pairs, a.batch, fo, progress);
   if (a.progress) std::fprintf(stderr, "\n");
   const double toks = static_cast<double>(r.encoder_tokens + r.decoder_tokens);
-  std::printf("loss     %.6f nats per target token (%lld targets; perplexity %.3f)\n", r.loss.mean(),
-              static_cast<long long>(r.loss.targets), std::exp(r.loss.mean()));
-  std::printf("speed    %.1f tokens/s (encoder + decoder), %.1f target tokens/s, %.2f s, %d threads, batch %lld\n",
-              r.seconds > 0 ? toks / r.seconds : 0.0,
-              r.seconds > 0 ? static_cast<double>(r.decoder_tokens) / r.seconds : 0.0, r.seconds,
-              omp_get_max_threads(), static_cast<long long>(a.batch));
+  std::printf("loss     %.6f nats per target token (%lld targets; perplexity %.3f)\n",
+              r.loss.mean(), static_cast<long long>(r.loss.targets), std::exp(r.loss.mean()));
+  std::printf(
+      "speed    %.1f tokens/s (encoder + decoder), %.1f target tokens/s, %.2f s, %d threads, batch "
+      "%lld\n",
+      r.seconds > 0 ? toks / r.seconds : 0.0,
+      r.seconds > 0 ? static_cast<double>(r.decoder_tokens) / r.seconds : 0.0, r.seconds,
+      omp_get_max_threads(), static_cast<long long>(a.batch));
   return 0;
 }
 
 const Registrar reg("eval", [](CLI::App& app) -> std::function<int()> {
   auto args = std::make_shared<EvalArgs>();
   app.description(
-      "Mean cross-entropy of the decoder targets of a token file (teacher forcing), and tokens/s, for a Switch "
+      "Mean cross-entropy of the decoder targets of a token file (teacher forcing), and tokens/s, "
+      "for a Switch "
       "checkpoint directory or a qmoe container");
-  app.add_option("model", args->model, "checkpoint directory (config.json + safetensors) or qmoe container")
+  app.add_option("model", args->model,
+                 "checkpoint directory (config.json + safetensors) or qmoe container")
       ->required();
   app.add_option("--tokens", args->tokens, "token file (switch/TOKENS_FORMAT.md)")->required();
-  app.add_option("--config", args->config, "config.json to use (default: the model's own, or beside a container)");
-  app.add_option("--threads", args->threads, "OpenMP threads (0: all); results are identical for any count");
+  app.add_option("--config", args->config,
+                 "config.json to use (default: the model's own, or beside a container)");
+  app.add_option("--threads", args->threads,
+                 "OpenMP threads (0: all); results are identical for any count");
   app.add_option("--batch", args->batch, "pairs per forward batch (default 8)");
   app.add_option("--capacity", args->capacity,
-                 "expert capacity per sequence; 0 (default) = no dropping. Dropped tokens behave as in transformers");
+                 "expert capacity per sequence; 0 (default) = no dropping. Dropped tokens behave "
+                 "as in transformers");
   app.add_option("--max-pairs", args->max_pairs, "evaluate only the first N pairs");
   app.add_flag("--dense-experts", args->dense_experts,
                "decode compressed experts once at load time instead of running them compressed");
   app.add_flag("--progress", args->progress, "pairs done on stderr");
   app.add_option("--quantize", args->quantize,
-                 "compress the experts in memory before evaluating: none (default), rtn (round-to-nearest ternary) "
+                 "compress the experts in memory before evaluating: none (default), rtn "
+                 "(round-to-nearest ternary) "
                  "or gptq (ternary GPTQ on Hessians from --calib-tokens)");
-  app.add_option("--calib-tokens", args->calib_tokens, "calibration token file for --quantize gptq");
-  app.add_flag("--no-sequential", args->no_sequential,
-               "gptq: take every Hessian from the original model instead of recomputing each block with the "
-               "compressed experts of the blocks before it");
+  app.add_option("--calib-tokens", args->calib_tokens,
+                 "calibration token file for --quantize gptq");
+  app.add_flag(
+      "--no-sequential", args->no_sequential,
+      "gptq: take every Hessian from the original model instead of recomputing each block with the "
+      "compressed experts of the blocks before it");
   return [args] { return run_eval(*args); };
 });
 

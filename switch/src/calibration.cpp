@@ -57,7 +57,9 @@ int64_t SequentialRunner::block_index() const {
   return stack_ == Stack::kEncoder ? block_ : static_cast<int64_t>(model_.encoder.size()) + block_;
 }
 
-int64_t SequentialRunner::num_experts() const { return model_.layout.num_experts; }
+int64_t SequentialRunner::num_experts() const {
+  return model_.layout.num_experts;
+}
 
 bool SequentialRunner::sparse() const {
   if (done()) return false;
@@ -66,10 +68,12 @@ bool SequentialRunner::sparse() const {
 
 void SequentialRunner::begin_block() {
   if (done()) throw InvalidArgument("SequentialRunner::begin_block: all blocks are done");
-  if (in_block_) throw InvalidArgument("SequentialRunner::begin_block: end_block() of the current block first");
+  if (in_block_)
+    throw InvalidArgument("SequentialRunner::begin_block: end_block() of the current block first");
   const SeqOffsets& seqs = stack_ == Stack::kEncoder ? enc_seqs_ : dec_seqs_;
   self_attention_layer(model_, stack_, block_, seqs, h_);
-  if (stack_ == Stack::kDecoder) cross_attention_layer(model_, block_, dec_seqs_, enc_out_, enc_seqs_, h_);
+  if (stack_ == Stack::kDecoder)
+    cross_attention_layer(model_, block_, dec_seqs_, enc_out_, enc_seqs_, h_);
   const FeedForward& ff = model_.blocks(stack_)[static_cast<size_t>(block_)].ff;
   rms_norm(h_, ff.layer_norm, model_.config.layer_norm_epsilon, x_);
   routing_ = Routing{};
@@ -105,7 +109,9 @@ RowMatrix SequentialRunner::wi_inputs(int64_t e) const {
 
 RowMatrix SequentialRunner::wo_inputs(int64_t e, const ExpertMlp* expert) const {
   const RowMatrix x = wi_inputs(e);
-  if (!expert) expert = model_.blocks(stack_)[static_cast<size_t>(block_)].ff.experts[static_cast<size_t>(e)].get();
+  if (!expert)
+    expert =
+        model_.blocks(stack_)[static_cast<size_t>(block_)].ff.experts[static_cast<size_t>(e)].get();
   RowMatrix hidden(x.rows(), expert->d_ff()), y(x.rows(), x.cols());
   expert->forward(x.data(), x.rows(), hidden.data(), y.data());
   return hidden;

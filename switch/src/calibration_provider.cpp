@@ -16,7 +16,9 @@ namespace qmoe::sw {
 #ifdef QMOE_SWITCH_HAVE_GPTQ
 namespace {
 
-Stack stack_of(std::string_view s) { return s == "decoder" ? Stack::kDecoder : Stack::kEncoder; }
+Stack stack_of(std::string_view s) {
+  return s == "decoder" ? Stack::kDecoder : Stack::kEncoder;
+}
 
 class CalibrationProvider final : public HessianProvider {
  public:
@@ -24,13 +26,15 @@ class CalibrationProvider final : public HessianProvider {
                       const CalibrationProviderOptions& opt)
       : tokens_path_(tokens), opt_(opt), model_(SwitchModel::load(checkpoint)) {
     if (model_.source->is_container())
-      throw FormatError(error_context(checkpoint.string(), "", "calibration needs the original checkpoint, not a container"));
+      throw FormatError(error_context(
+          checkpoint.string(), "", "calibration needs the original checkpoint, not a container"));
     pairs_ = TokenPairs::load(tokens, model_.config.vocab_size);
     runner_ = std::make_unique<SequentialRunner>(model_, pairs_, opt_.calibration);
   }
 
   std::string describe() const override {
-    return "calibration " + tokens_path_.filename().string() + " (" + std::to_string(pairs_.num_pairs()) + " pairs, " +
+    return "calibration " + tokens_path_.filename().string() + " (" +
+           std::to_string(pairs_.num_pairs()) + " pairs, " +
            (opt_.sequential ? "sequential" : "one pass") + ")";
   }
 
@@ -40,8 +44,9 @@ class CalibrationProvider final : public HessianProvider {
     ss << in.rdbuf();
     std::string ids;
     for (int32_t id : opt_.calibration.excluded_ids) ids += std::to_string(id) + ",";
-    return "calib:" + std::to_string(std::hash<std::string>{}(ss.str())) + ":" + std::to_string(ss.str().size()) +
-           ":seq=" + std::to_string(opt_.sequential) + ":cap=" + std::to_string(opt_.token_cap_multiplier) +
+    return "calib:" + std::to_string(std::hash<std::string>{}(ss.str())) + ":" +
+           std::to_string(ss.str().size()) + ":seq=" + std::to_string(opt_.sequential) +
+           ":cap=" + std::to_string(opt_.token_cap_multiplier) +
            ":capacity=" + std::to_string(opt_.calibration.forward.expert_capacity) + ":excl=" + ids;
   }
 
@@ -50,11 +55,13 @@ class CalibrationProvider final : public HessianProvider {
       const auto& blocks = model_.blocks(stack_of(m.stack));
       if (m.block < 0 || m.block >= static_cast<int64_t>(blocks.size()) ||
           !blocks[static_cast<size_t>(m.block)].ff.sparse)
-        throw FormatError(error_context(m.file, m.name, "not an expert of a sparse block of the calibrated model"));
+        throw FormatError(error_context(m.file, m.name,
+                                        "not an expert of a sparse block of the calibrated model"));
       const int64_t cols = m.which == "wi" ? model_.config.d_model : model_.config.d_ff;
       if (m.cols != cols)
-        throw FormatError(error_context(m.file, m.name, "has " + std::to_string(m.cols) + " inputs, the model " +
-                                                            std::to_string(cols)));
+        throw FormatError(error_context(
+            m.file, m.name,
+            "has " + std::to_string(m.cols) + " inputs, the model " + std::to_string(cols)));
     }
   }
 
@@ -62,19 +69,20 @@ class CalibrationProvider final : public HessianProvider {
     const Stack s = stack_of(stack);
     auto before = [&] {
       return runner_->stack() == Stack::kEncoder && s == Stack::kDecoder ? true
-             : runner_->stack() == s                                    ? runner_->block() < block
-                                                                        : false;
+             : runner_->stack() == s                                     ? runner_->block() < block
+                                                                         : false;
     };
     while (!runner_->done() && before()) {
       runner_->begin_block();
       runner_->end_block();
     }
     if (runner_->done() || runner_->stack() != s || runner_->block() != block)
-      throw InvalidArgument("calibration: blocks must be visited in order (" + std::string(stack) + " block " +
-                            std::to_string(block) + " is behind the runner)");
+      throw InvalidArgument("calibration: blocks must be visited in order (" + std::string(stack) +
+                            " block " + std::to_string(block) + " is behind the runner)");
     runner_->begin_block();
     if (!runner_->sparse())
-      throw InvalidArgument("calibration: " + std::string(stack) + " block " + std::to_string(block) + " is not sparse");
+      throw InvalidArgument("calibration: " + std::string(stack) + " block " +
+                            std::to_string(block) + " is not sparse");
     const int64_t total = runner_->ff_input().rows();
     cap_ = opt_.token_cap_multiplier > 0 && total > 0
                ? expert_token_cap(total, runner_->num_experts(), opt_.token_cap_multiplier)
@@ -84,7 +92,8 @@ class CalibrationProvider final : public HessianProvider {
   std::vector<float> hessian(const ExpertMatrix& m, int64_t& tokens) const override {
     if (runner_->stack() != stack_of(m.stack) || runner_->block() != m.block)
       throw InvalidArgument("calibration: hessian(" + m.name + ") outside its block");
-    const RowMatrix x = m.which == "wi" ? runner_->wi_inputs(m.expert) : runner_->wo_inputs(m.expert);
+    const RowMatrix x =
+        m.which == "wi" ? runner_->wi_inputs(m.expert) : runner_->wo_inputs(m.expert);
     HessianAccumulator acc(x.cols(), cap_);
     acc.add(x.data(), x.rows(), 0, 1);
     tokens = acc.tokens();

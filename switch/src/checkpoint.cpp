@@ -35,7 +35,8 @@ std::string shape_str(const std::vector<int64_t>& s) {
 
 // Tied aliases that HF checkpoints may name without storing (resolved to shared.weight).
 std::optional<std::string> tied_alias_target(std::string_view name) {
-  if (name == "encoder.embed_tokens.weight" || name == "decoder.embed_tokens.weight") return "shared.weight";
+  if (name == "encoder.embed_tokens.weight" || name == "decoder.embed_tokens.weight")
+    return "shared.weight";
   return std::nullopt;
 }
 
@@ -62,19 +63,21 @@ SwitchConfig SwitchConfig::parse(std::string_view json_text, const std::string& 
   }
   if (!j.is_object()) throw FormatError(error_context(file, "", "config is not a JSON object"));
   if (j.contains("model_type") && j["model_type"] != "switch_transformers")
-    throw FormatError(error_context(file, "", "not a Switch Transformers config (model_type " +
-                                                  j["model_type"].dump() + ")"));
+    throw FormatError(error_context(
+        file, "", "not a Switch Transformers config (model_type " + j["model_type"].dump() + ")"));
   auto get_int = [&](const char* key, std::optional<int64_t> def, int64_t min) -> int64_t {
     if (!j.contains(key) || j[key].is_null()) {
       if (def) return *def;
       throw FormatError(error_context(file, "", std::string("missing field '") + key + "'"));
     }
     if (!j[key].is_number_integer())
-      throw FormatError(error_context(file, "", std::string("field '") + key + "' is not an integer"));
+      throw FormatError(
+          error_context(file, "", std::string("field '") + key + "' is not an integer"));
     const int64_t v = j[key].get<int64_t>();
     if (v < min)
-      throw FormatError(error_context(file, "", std::string("field '") + key + "' = " + std::to_string(v) +
-                                                    " is below " + std::to_string(min)));
+      throw FormatError(error_context(file, "",
+                                      std::string("field '") + key + "' = " + std::to_string(v) +
+                                          " is below " + std::to_string(min)));
     return v;
   };
   SwitchConfig c;
@@ -91,7 +94,8 @@ SwitchConfig SwitchConfig::parse(std::string_view json_text, const std::string& 
   c.pad_token_id = static_cast<int32_t>(get_int("pad_token_id", 0, 0));
   if (j.contains("layer_norm_epsilon")) {
     if (!j["layer_norm_epsilon"].is_number() || !(j["layer_norm_epsilon"].get<double>() > 0))
-      throw FormatError(error_context(file, "", "field 'layer_norm_epsilon' is not a positive number"));
+      throw FormatError(
+          error_context(file, "", "field 'layer_norm_epsilon' is not a positive number"));
     c.layer_norm_epsilon = j["layer_norm_epsilon"].get<double>();
   }
   if (j.contains("tie_word_embeddings")) {
@@ -100,12 +104,13 @@ SwitchConfig SwitchConfig::parse(std::string_view json_text, const std::string& 
     c.tie_word_embeddings = j["tie_word_embeddings"].get<bool>();
   }
   if (j.contains("dense_act_fn") && j["dense_act_fn"] != "relu")
-    throw FormatError(error_context(file, "", "unsupported dense_act_fn " + j["dense_act_fn"].dump() +
-                                                  " (only relu)"));
+    throw FormatError(error_context(
+        file, "", "unsupported dense_act_fn " + j["dense_act_fn"].dump() + " (only relu)"));
   if (j.contains("router_bias") && j["router_bias"] == true)
     throw FormatError(error_context(file, "", "router_bias = true is not supported"));
   if (j.contains("feed_forward_proj") && j["feed_forward_proj"] != "relu")
-    throw FormatError(error_context(file, "", "unsupported feed_forward_proj " + j["feed_forward_proj"].dump()));
+    throw FormatError(
+        error_context(file, "", "unsupported feed_forward_proj " + j["feed_forward_proj"].dump()));
   return c;
 }
 
@@ -143,8 +148,10 @@ std::string SwitchNames::ff_prefix(std::string_view stack, int64_t block) {
 std::string SwitchNames::router(std::string_view stack, int64_t block) {
   return ff_prefix(stack, block) + "mlp.router.classifier.weight";
 }
-std::string SwitchNames::expert(std::string_view stack, int64_t block, int64_t expert, std::string_view w) {
-  return ff_prefix(stack, block) + "mlp.experts.expert_" + std::to_string(expert) + "." + std::string(w) + ".weight";
+std::string SwitchNames::expert(std::string_view stack, int64_t block, int64_t expert,
+                                std::string_view w) {
+  return ff_prefix(stack, block) + "mlp.experts.expert_" + std::to_string(expert) + "." +
+         std::string(w) + ".weight";
 }
 
 int64_t FloatTensor::numel() const {
@@ -155,11 +162,13 @@ int64_t FloatTensor::numel() const {
 
 // ---- source -------------------------------------------------------------------------------------
 
-std::shared_ptr<const SwitchSource> SwitchSource::open(const fs::path& path, const fs::path& config_json) {
+std::shared_ptr<const SwitchSource> SwitchSource::open(const fs::path& path,
+                                                       const fs::path& config_json) {
   auto src = std::shared_ptr<SwitchSource>(new SwitchSource());
   src->path_ = path;
   std::error_code ec;
-  if (!fs::exists(path, ec)) throw FormatError(error_context(path.string(), "", "no such file or directory"));
+  if (!fs::exists(path, ec))
+    throw FormatError(error_context(path.string(), "", "no such file or directory"));
   const fs::path dir = fs::is_directory(path) ? path : path.parent_path();
   const bool hf_single = fs::is_directory(path) && fs::exists(dir / "model.safetensors");
   const bool hf_index = fs::is_directory(path) && fs::exists(dir / "model.safetensors.index.json");
@@ -203,13 +212,15 @@ std::shared_ptr<const SwitchSource> SwitchSource::open(const fs::path& path, con
     } else if (fs::exists(dir / "config.json")) {
       src->config_ = SwitchConfig::load(dir / "config.json");
     } else {
-      throw FormatError(error_context(path.string(), "",
-                                      "qmoe container without a Switch config (no metadata key 'config.json' "
-                                      "and no config.json beside it)"));
+      throw FormatError(
+          error_context(path.string(), "",
+                        "qmoe container without a Switch config (no metadata key 'config.json' "
+                        "and no config.json beside it)"));
     }
   } else {
     if (!fs::is_directory(path))
-      throw FormatError(error_context(path.string(), "", "not a checkpoint directory nor a qmoe container"));
+      throw FormatError(
+          error_context(path.string(), "", "not a checkpoint directory nor a qmoe container"));
     const fs::path cfg = config_json.empty() ? dir / "config.json" : config_json;
     if (!fs::exists(cfg)) throw FormatError(error_context(cfg.string(), "", "missing config.json"));
     src->config_ = SwitchConfig::load(cfg);
@@ -226,19 +237,23 @@ std::shared_ptr<const SwitchSource> SwitchSource::open(const fs::path& path, con
       if (!idx.is_object() || !idx.contains("weight_map") || !idx["weight_map"].is_object())
         throw FormatError(error_context(ip.string(), "", "no 'weight_map' object"));
       for (auto& [k, v] : idx["weight_map"].items()) {
-        if (!v.is_string()) throw FormatError(error_context(ip.string(), k, "shard name is not a string"));
+        if (!v.is_string())
+          throw FormatError(error_context(ip.string(), k, "shard name is not a string"));
         const std::string s = v.get<std::string>();
-        if (s.find('/') != std::string::npos || s.find('\\') != std::string::npos || s == ".." || s.empty())
-          throw FormatError(error_context(ip.string(), k, "shard name '" + s + "' is not a plain file name"));
+        if (s.find('/') != std::string::npos || s.find('\\') != std::string::npos || s == ".." ||
+            s.empty())
+          throw FormatError(
+              error_context(ip.string(), k, "shard name '" + s + "' is not a plain file name"));
         weight_map[k] = s;
-        if (std::find(shard_names.begin(), shard_names.end(), s) == shard_names.end()) shard_names.push_back(s);
+        if (std::find(shard_names.begin(), shard_names.end(), s) == shard_names.end())
+          shard_names.push_back(s);
       }
       std::sort(shard_names.begin(), shard_names.end());
     } else if (hf_single) {
       shard_names.push_back("model.safetensors");
     } else {
-      throw FormatError(error_context(dir.string(), "",
-                                      "no model.safetensors nor model.safetensors.index.json"));
+      throw FormatError(
+          error_context(dir.string(), "", "no model.safetensors nor model.safetensors.index.json"));
     }
     src->shards_.reserve(shard_names.size());
     for (const auto& s : shard_names) {
@@ -250,7 +265,8 @@ std::shared_ptr<const SwitchSource> SwitchSource::open(const fs::path& path, con
     for (const auto& f : src->shards_)
       for (const auto& t : f.tensors()) {
         if (located.count(t.name))
-          throw FormatError(error_context(f.path().string(), t.name, "tensor stored in two shards"));
+          throw FormatError(
+              error_context(f.path().string(), t.name, "tensor stored in two shards"));
         located[t.name] = Located{&f, &t};
       }
     // Every index entry must name a tensor in its shard, or be a tied alias that the shard's
@@ -264,14 +280,18 @@ std::shared_ptr<const SwitchSource> SwitchSource::open(const fs::path& path, con
                                               it->second.file->path().filename().string()));
         continue;
       }
-      const auto& f = *std::find_if(src->shards_.begin(), src->shards_.end(),
-                                    [&](const SafetensorsFile& s) { return s.path().filename() == shard; });
+      const auto& f =
+          *std::find_if(src->shards_.begin(), src->shards_.end(),
+                        [&](const SafetensorsFile& s) { return s.path().filename() == shard; });
       std::optional<std::string> target;
-      if (auto m = f.metadata().find(name); m != f.metadata().end()) target = m->second;  // HF bot aliases
+      if (auto m = f.metadata().find(name); m != f.metadata().end())
+        target = m->second;  // HF bot aliases
       if (!target) target = tied_alias_target(name);
-      if (!target && name == "lm_head.weight" && src->config_.tie_word_embeddings) target = "shared.weight";
+      if (!target && name == "lm_head.weight" && src->config_.tie_word_embeddings)
+        target = "shared.weight";
       if (!target || !located.count(*target))
-        throw FormatError(error_context((dir / shard).string(), name, "index entry names a tensor the shard lacks"));
+        throw FormatError(error_context((dir / shard).string(), name,
+                                        "index entry names a tensor the shard lacks"));
       located[name] = located[*target];
     }
     src->index_.assign(located.begin(), located.end());
@@ -349,16 +369,17 @@ FloatTensor SwitchSource::dense(std::string_view name, const std::vector<int64_t
     file = l->file->path().string();
   }
   if (!shape.empty() && t.shape != shape)
-    throw FormatError(error_context(file, std::string(name),
-                                    "shape " + shape_str(t.shape) + ", expected " + shape_str(shape)));
+    throw FormatError(error_context(
+        file, std::string(name), "shape " + shape_str(t.shape) + ", expected " + shape_str(shape)));
   if (dt == DType::kF32) {
     t.data = reinterpret_cast<const float*>(bytes.data());
   } else if (dt == DType::kBF16 || dt == DType::kF16) {
     convert_to_float(dt, bytes, t.owned);
     t.data = t.owned.data();
   } else {
-    throw FormatError(error_context(file, std::string(name),
-                                    "dtype " + std::string(dtype_name(dt)) + " (expected F32, BF16 or F16)"));
+    throw FormatError(
+        error_context(file, std::string(name),
+                      "dtype " + std::string(dtype_name(dt)) + " (expected F32, BF16 or F16)"));
   }
   return t;
 }
@@ -379,12 +400,14 @@ void SwitchSource::build_layout() {
   for (const char* stack : {"encoder", "decoder"}) {
     StackLayout& s = std::string(stack) == "encoder" ? layout_.encoder : layout_.decoder;
     const auto& bs = blocks[stack];
-    if (bs.empty()) throw FormatError(error_context(path_.string(), "", std::string("no ") + stack + " blocks"));
+    if (bs.empty())
+      throw FormatError(error_context(path_.string(), "", std::string("no ") + stack + " blocks"));
     s.num_blocks = *bs.rbegin() + 1;
     for (int64_t b = 0; b < s.num_blocks; ++b)
       if (!bs.count(b))
-        throw FormatError(error_context(path_.string(), "",
-                                        std::string(stack) + " block " + std::to_string(b) + " is missing"));
+        throw FormatError(
+            error_context(path_.string(), "",
+                          std::string(stack) + " block " + std::to_string(b) + " is missing"));
     s.sparse.assign(static_cast<size_t>(s.num_blocks), false);
     for (int64_t b : sparse[stack]) {
       s.sparse[static_cast<size_t>(b)] = true;
@@ -392,19 +415,22 @@ void SwitchSource::build_layout() {
       std::vector<int64_t> shp;
       if (container_) {
         auto* d = container_->find_dense(rn);
-        if (!d) throw FormatError(error_context(path_.string(), rn, "router is not a dense tensor"));
+        if (!d)
+          throw FormatError(error_context(path_.string(), rn, "router is not a dense tensor"));
         shp = d->shape;
       } else {
         shp = locate(rn)->info->shape;
       }
       if (shp.size() != 2 || shp[1] != config_.d_model || shp[0] < 1)
-        throw FormatError(error_context(file_of(rn), rn, "router shape " + shape_str(shp) + ", expected [E, " +
-                                                             std::to_string(config_.d_model) + "]"));
+        throw FormatError(error_context(file_of(rn), rn,
+                                        "router shape " + shape_str(shp) + ", expected [E, " +
+                                            std::to_string(config_.d_model) + "]"));
       if (layout_.num_experts == 0) layout_.num_experts = shp[0];
       if (shp[0] != layout_.num_experts)
-        throw FormatError(error_context(file_of(rn), rn, "router has " + std::to_string(shp[0]) +
-                                                             " experts, other blocks have " +
-                                                             std::to_string(layout_.num_experts)));
+        throw FormatError(error_context(file_of(rn), rn,
+                                        "router has " + std::to_string(shp[0]) +
+                                            " experts, other blocks have " +
+                                            std::to_string(layout_.num_experts)));
     }
   }
 }

@@ -15,8 +15,8 @@ const DenseExpert& dense_of(const SwitchModel& m, Stack s, int64_t b, int64_t e)
   const auto* d = dynamic_cast<const DenseExpert*>(
       m.blocks(s)[static_cast<size_t>(b)].ff.experts[static_cast<size_t>(e)].get());
   if (!d)
-    throw InvalidArgument(std::string("compress_experts: ") + stack_name(s) + " block " + std::to_string(b) +
-                          " expert " + std::to_string(e) + " is not dense");
+    throw InvalidArgument(std::string("compress_experts: ") + stack_name(s) + " block " +
+                          std::to_string(b) + " expert " + std::to_string(e) + " is not dense");
   return *d;
 }
 
@@ -24,7 +24,8 @@ const DenseExpert& dense_of(const SwitchModel& m, Stack s, int64_t b, int64_t e)
 
 void compress_experts(SwitchModel& model, const TokenPairs& calib, const ExpertCompressOptions& opt,
                       const std::function<void(CompressedExpertResult&)>& sink) {
-  if (!gptq_grid_is_ternary(opt.gptq.grid)) throw InvalidArgument("compress_experts: the GPTQ grid must be ternary");
+  if (!gptq_grid_is_ternary(opt.gptq.grid))
+    throw InvalidArgument("compress_experts: the GPTQ grid must be ternary");
   SequentialRunner run(model, calib, opt.calibration);
   const int64_t E = model.layout.num_experts;
   std::vector<CompressedExpertResult> deferred;  // non-sequential: applied after the last block
@@ -72,8 +73,9 @@ void compress_experts(SwitchModel& model, const TokenPairs& calib, const ExpertC
       for (int k = 0; k < 2; ++k) {
         GptqResult& g = res[static_cast<size_t>(2 * e + k)];
         if (g.status == GptqStatus::kFailed)
-          throw InvalidArgument(std::string("compress_experts: ") + stack_name(r.stack) + " block " +
-                                std::to_string(r.block) + " expert " + std::to_string(e) + ": " + g.reason);
+          throw InvalidArgument(std::string("compress_experts: ") + stack_name(r.stack) +
+                                " block " + std::to_string(r.block) + " expert " +
+                                std::to_string(e) + ": " + g.reason);
         qmoe::CompressedExpert& c = k == 0 ? r.wi : r.wo;
         c.matrix = encode(g.ternary, opt.encode);
         c.status = g.status;
@@ -83,7 +85,8 @@ void compress_experts(SwitchModel& model, const TokenPairs& calib, const ExpertC
         c.zero_fraction = g.ternary.zero_fraction();
       }
       if (opt.sequential) {
-        model.set_expert(r.stack, r.block, e, sw::CompressedExpert::owning(r.wi.matrix, r.wo.matrix));
+        model.set_expert(r.stack, r.block, e,
+                         sw::CompressedExpert::owning(r.wi.matrix, r.wo.matrix));
         if (sink) sink(r);
       } else {
         deferred.push_back(std::move(r));
@@ -92,7 +95,8 @@ void compress_experts(SwitchModel& model, const TokenPairs& calib, const ExpertC
     run.end_block();
   }
   for (auto& r : deferred) {
-    model.set_expert(r.stack, r.block, r.expert, sw::CompressedExpert::owning(r.wi.matrix, r.wo.matrix));
+    model.set_expert(r.stack, r.block, r.expert,
+                     sw::CompressedExpert::owning(r.wi.matrix, r.wo.matrix));
     if (sink) sink(r);
   }
 }

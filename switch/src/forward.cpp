@@ -32,8 +32,8 @@ RowMatrix project(const Linear& w, const RowMatrix& x) {
 // Multi-head attention of one stack layer on layer-normed queries xq and keys/values source xkv.
 // `bias_table` null: no position bias. `causal`: query q sees keys 0..q only.
 void attention(const SwitchModel& m, const Attention& a, const RowMatrix& xq, const SeqOffsets& qs,
-               const RowMatrix& xkv, const SeqOffsets& ks, const FloatTensor* bias_table, bool bidirectional,
-               bool causal, RowMatrix& h) {
+               const RowMatrix& xkv, const SeqOffsets& ks, const FloatTensor* bias_table,
+               bool bidirectional, bool causal, RowMatrix& h) {
   const int64_t H = m.config.num_heads, D = m.config.d_kv, inner = H * D;
   const RowMatrix Q = project(a.q, xq);
   const RowMatrix K = project(a.k, xkv);
@@ -43,16 +43,18 @@ void attention(const SwitchModel& m, const Attention& a, const RowMatrix& xq, co
 #pragma omp parallel for schedule(dynamic, 1) if (S * H > 1 && !omp_in_parallel())
   for (int64_t item = 0; item < S * H; ++item) {
     const int64_t s = item / H, hd = item % H;
-    const int64_t q0 = qs.offsets[static_cast<size_t>(s)], lq = qs.offsets[static_cast<size_t>(s) + 1] - q0;
-    const int64_t k0 = ks.offsets[static_cast<size_t>(s)], lk = ks.offsets[static_cast<size_t>(s) + 1] - k0;
+    const int64_t q0 = qs.offsets[static_cast<size_t>(s)],
+                  lq = qs.offsets[static_cast<size_t>(s) + 1] - q0;
+    const int64_t k0 = ks.offsets[static_cast<size_t>(s)],
+                  lk = ks.offsets[static_cast<size_t>(s) + 1] - k0;
     if (lq == 0) continue;
     RowMatrix scores = Q.block(q0, hd * D, lq, D) * K.block(k0, hd * D, lk, D).transpose();
     if (bias_table) {
       for (int64_t q = 0; q < lq; ++q)
         for (int64_t k = 0; k < lk; ++k) {
-          const int64_t bucket =
-              relative_position_bucket(k - q, bidirectional, m.config.relative_attention_num_buckets,
-                                       m.config.relative_attention_max_distance);
+          const int64_t bucket = relative_position_bucket(k - q, bidirectional,
+                                                          m.config.relative_attention_num_buckets,
+                                                          m.config.relative_attention_max_distance);
           scores(q, k) += bias_table->data[bucket * H + hd];
         }
     }
@@ -110,7 +112,8 @@ int64_t relative_position_bucket(int64_t relative_position, bool bidirectional, 
   if (rp < max_exact) return bucket + rp;
   // Logarithmic buckets up to max_distance, computed in float32 like the reference.
   const float ratio = std::log(static_cast<float>(rp) / static_cast<float>(max_exact)) /
-                      static_cast<float>(std::log(static_cast<double>(max_distance) / static_cast<double>(max_exact)));
+                      static_cast<float>(std::log(static_cast<double>(max_distance) /
+                                                  static_cast<double>(max_exact)));
   const int64_t large = max_exact + static_cast<int64_t>(ratio * static_cast<float>(n - max_exact));
   return bucket + std::min(large, n - 1);
 }
@@ -123,12 +126,14 @@ RowMatrix embed(const SwitchModel& m, std::span<const int32_t> ids) {
     if (id < 0 || id >= m.config.vocab_size)
       throw InvalidArgument("token id " + std::to_string(id) + " outside the vocabulary [0, " +
                             std::to_string(m.config.vocab_size) + ")");
-    std::copy_n(m.shared.data + static_cast<int64_t>(id) * d, d, h.row(static_cast<int64_t>(i)).data());
+    std::copy_n(m.shared.data + static_cast<int64_t>(id) * d, d,
+                h.row(static_cast<int64_t>(i)).data());
   }
   return h;
 }
 
-void self_attention_layer(const SwitchModel& m, Stack s, int64_t b, const SeqOffsets& seqs, RowMatrix& h) {
+void self_attention_layer(const SwitchModel& m, Stack s, int64_t b, const SeqOffsets& seqs,
+                          RowMatrix& h) {
   const auto& blocks = m.blocks(s);
   const Block& blk = blocks[static_cast<size_t>(b)];
   RowMatrix x;
@@ -137,15 +142,16 @@ void self_attention_layer(const SwitchModel& m, Stack s, int64_t b, const SeqOff
   attention(m, blk.self_attn, x, seqs, x, seqs, &blocks[0].self_attn.relative_bias, enc, !enc, h);
 }
 
-void cross_attention_layer(const SwitchModel& m, int64_t b, const SeqOffsets& dec_seqs, const RowMatrix& enc_out,
-                           const SeqOffsets& enc_seqs, RowMatrix& h) {
+void cross_attention_layer(const SwitchModel& m, int64_t b, const SeqOffsets& dec_seqs,
+                           const RowMatrix& enc_out, const SeqOffsets& enc_seqs, RowMatrix& h) {
   const Block& blk = m.decoder[static_cast<size_t>(b)];
   RowMatrix x;
   rms_norm(h, blk.cross_ln, m.config.layer_norm_epsilon, x);
   attention(m, blk.cross_attn, x, dec_seqs, enc_out, enc_seqs, nullptr, false, false, h);
 }
 
-Routing route(const FeedForward& ff, const RowMatrix& x, const SeqOffsets& seqs, const ForwardOptions& opt) {
+Routing route(const FeedForward& ff, const RowMatrix& x, const SeqOffsets& seqs,
+              const ForwardOptions& opt) {
   const int64_t n = x.rows(), E = ff.router.out;
   RowMatrix logits(n, E);
   linear_forward(ff.router.map(), x.data(), n, logits.data());
@@ -169,7 +175,8 @@ Routing route(const FeedForward& ff, const RowMatrix& x, const SeqOffsets& seqs,
   std::vector<int64_t> count(static_cast<size_t>(E));
   for (int64_t s = 0; s < seqs.num_seqs(); ++s) {
     std::fill(count.begin(), count.end(), 0);
-    for (int64_t t = seqs.offsets[static_cast<size_t>(s)]; t < seqs.offsets[static_cast<size_t>(s) + 1]; ++t) {
+    for (int64_t t = seqs.offsets[static_cast<size_t>(s)];
+         t < seqs.offsets[static_cast<size_t>(s) + 1]; ++t) {
       const auto e = static_cast<size_t>(r.expert[static_cast<size_t>(t)]);
       if (opt.expert_capacity > 0 && ++count[e] > opt.expert_capacity) {
         r.dropped[static_cast<size_t>(t)] = 1;
@@ -181,8 +188,8 @@ Routing route(const FeedForward& ff, const RowMatrix& x, const SeqOffsets& seqs,
   return r;
 }
 
-void feed_forward_apply(const FeedForward& ff, const RowMatrix& x, const Routing* routing, RowMatrix& h,
-                        std::span<const std::shared_ptr<const ExpertMlp>> experts) {
+void feed_forward_apply(const FeedForward& ff, const RowMatrix& x, const Routing* routing,
+                        RowMatrix& h, std::span<const std::shared_ptr<const ExpertMlp>> experts) {
   const int64_t n = x.rows(), d = x.cols();
   if (!ff.sparse) {
     RowMatrix hid(n, ff.wi.out), y(n, d);
@@ -195,8 +202,9 @@ void feed_forward_apply(const FeedForward& ff, const RowMatrix& x, const Routing
   if (!routing) throw InvalidArgument("feed_forward_apply: a sparse layer needs its routing");
   if (experts.empty()) experts = ff.experts;
   if (experts.size() != routing->tokens_of.size())
-    throw InvalidArgument("feed_forward_apply: " + std::to_string(experts.size()) + " experts for " +
-                          std::to_string(routing->tokens_of.size()) + " routed groups");
+    throw InvalidArgument("feed_forward_apply: " + std::to_string(experts.size()) +
+                          " experts for " + std::to_string(routing->tokens_of.size()) +
+                          " routed groups");
   RowMatrix y(n, d);
   // Dropped tokens: their layer-normed input passes through unchanged (then scaled by the prob).
   for (int64_t t = 0; t < n; ++t)
@@ -215,8 +223,8 @@ void feed_forward_apply(const FeedForward& ff, const RowMatrix& x, const Routing
   for (int64_t t = 0; t < n; ++t) h.row(t) += routing->prob[static_cast<size_t>(t)] * y.row(t);
 }
 
-void feed_forward_layer(const SwitchModel& m, Stack s, int64_t b, const SeqOffsets& seqs, RowMatrix& h,
-                        const ForwardOptions& opt) {
+void feed_forward_layer(const SwitchModel& m, Stack s, int64_t b, const SeqOffsets& seqs,
+                        RowMatrix& h, const ForwardOptions& opt) {
   const FeedForward& ff = m.blocks(s)[static_cast<size_t>(b)].ff;
   RowMatrix x;
   rms_norm(h, ff.layer_norm, m.config.layer_norm_epsilon, x);
@@ -253,7 +261,8 @@ std::vector<int32_t> shift_right(const SwitchModel& m, std::span<const int32_t> 
   return in;
 }
 
-RowMatrix encode(const SwitchModel& m, const TokenPairs& batch, const ForwardOptions& opt, ForwardTrace* trace) {
+RowMatrix encode(const SwitchModel& m, const TokenPairs& batch, const ForwardOptions& opt,
+                 ForwardTrace* trace) {
   const SeqOffsets seqs = encoder_seqs(batch);
   RowMatrix h = embed(m, batch.encoder_ids);
   for (int64_t b = 0; b < static_cast<int64_t>(m.encoder.size()); ++b) {
@@ -267,8 +276,8 @@ RowMatrix encode(const SwitchModel& m, const TokenPairs& batch, const ForwardOpt
   return out;
 }
 
-RowMatrix decode(const SwitchModel& m, const TokenPairs& batch, const RowMatrix& enc_out, const ForwardOptions& opt,
-                 ForwardTrace* trace) {
+RowMatrix decode(const SwitchModel& m, const TokenPairs& batch, const RowMatrix& enc_out,
+                 const ForwardOptions& opt, ForwardTrace* trace) {
   const SeqOffsets seqs = decoder_seqs(batch), eseqs = encoder_seqs(batch);
   std::vector<int32_t> inputs;
   inputs.reserve(batch.decoder_targets.size());
@@ -290,7 +299,8 @@ RowMatrix decode(const SwitchModel& m, const TokenPairs& batch, const RowMatrix&
 
 RowMatrix logits(const SwitchModel& m, const RowMatrix& dec_out) {
   RowMatrix x = dec_out;
-  if (m.scale_logits) x *= static_cast<float>(1.0 / std::sqrt(static_cast<double>(m.config.d_model)));
+  if (m.scale_logits)
+    x *= static_cast<float>(1.0 / std::sqrt(static_cast<double>(m.config.d_model)));
   RowMatrix y(x.rows(), m.lm_head.out);
   linear_forward(m.lm_head.map(), x.data(), x.rows(), y.data());
   return y;
@@ -325,8 +335,8 @@ LossResult cross_entropy(const SwitchModel& m, const TokenPairs& batch, const Fo
   return r;
 }
 
-EvalResult evaluate(const SwitchModel& m, const TokenPairs& pairs, int64_t batch_pairs, const ForwardOptions& opt,
-                    const std::function<void(int64_t)>& progress) {
+EvalResult evaluate(const SwitchModel& m, const TokenPairs& pairs, int64_t batch_pairs,
+                    const ForwardOptions& opt, const std::function<void(int64_t)>& progress) {
   if (batch_pairs < 1) throw InvalidArgument("evaluate: batch_pairs must be >= 1");
   EvalResult r;
   const auto t0 = std::chrono::steady_clock::now();

@@ -32,14 +32,16 @@ void for_each_slice(int64_t out, SliceFn&& fn) {
 }
 
 // A view of rows [r0, r1) of a compressed matrix; `offsets` receives rebased row offsets (v1).
-CompressedView row_slice(const CompressedView& m, int64_t r0, int64_t r1, std::vector<int32_t>& offsets) {
+CompressedView row_slice(const CompressedView& m, int64_t r0, int64_t r1,
+                         std::vector<int32_t>& offsets) {
   CompressedView v = m;
   v.rows = r1 - r0;
   v.levels = m.levels.subspan(static_cast<size_t>(2 * r0), static_cast<size_t>(2 * (r1 - r0)));
   if (m.codec == Codec::kV1) {
     const int32_t base = m.row_offsets[static_cast<size_t>(r0)];
     offsets.resize(static_cast<size_t>(r1 - r0 + 1));
-    for (int64_t r = r0; r <= r1; ++r) offsets[static_cast<size_t>(r - r0)] = m.row_offsets[static_cast<size_t>(r)] - base;
+    for (int64_t r = r0; r <= r1; ++r)
+      offsets[static_cast<size_t>(r - r0)] = m.row_offsets[static_cast<size_t>(r)] - base;
     v.row_offsets = offsets;
     v.codes = m.codes.subspan(static_cast<size_t>(base), static_cast<size_t>(offsets.back()));
   } else {
@@ -51,7 +53,9 @@ CompressedView row_slice(const CompressedView& m, int64_t r0, int64_t r1, std::v
 
 }  // namespace
 
-const char* stack_name(Stack s) { return s == Stack::kEncoder ? "encoder" : "decoder"; }
+const char* stack_name(Stack s) {
+  return s == Stack::kEncoder ? "encoder" : "decoder";
+}
 
 void linear_forward(const Eigen::Map<const RowMatrix>& w, const float* x, int64_t n, float* y) {
   const int64_t out = w.rows(), in = w.cols();
@@ -90,8 +94,9 @@ void compressed_linear_forward_ref(const CompressedView& w, const float* x, int6
 
 DenseExpert::DenseExpert(Linear wi, Linear wo) : wi_(std::move(wi)), wo_(std::move(wo)) {
   if (wo_.in != wi_.out || wo_.out != wi_.in)
-    throw InvalidArgument("DenseExpert: wi [" + std::to_string(wi_.out) + ", " + std::to_string(wi_.in) +
-                          "] and wo [" + std::to_string(wo_.out) + ", " + std::to_string(wo_.in) + "] do not match");
+    throw InvalidArgument("DenseExpert: wi [" + std::to_string(wi_.out) + ", " +
+                          std::to_string(wi_.in) + "] and wo [" + std::to_string(wo_.out) + ", " +
+                          std::to_string(wo_.in) + "] do not match");
 }
 
 void DenseExpert::forward(const float* x, int64_t n, float* hidden, float* y) const {
@@ -105,16 +110,19 @@ void DenseExpert::forward(const float* x, int64_t n, float* hidden, float* y) co
   linear_forward(wo_.map(), hidden, n, y);
 }
 
-CompressedExpert::CompressedExpert(CompressedView wi, CompressedView wo, std::shared_ptr<const void> keep_alive)
+CompressedExpert::CompressedExpert(CompressedView wi, CompressedView wo,
+                                   std::shared_ptr<const void> keep_alive)
     : wi_(wi), wo_(wo), keep_alive_(std::move(keep_alive)) {
   if (wo_.cols != wi_.rows || wo_.rows != wi_.cols)
-    throw InvalidArgument("CompressedExpert: wi [" + std::to_string(wi_.rows) + ", " + std::to_string(wi_.cols) +
-                          "] and wo [" + std::to_string(wo_.rows) + ", " + std::to_string(wo_.cols) +
-                          "] do not match");
+    throw InvalidArgument("CompressedExpert: wi [" + std::to_string(wi_.rows) + ", " +
+                          std::to_string(wi_.cols) + "] and wo [" + std::to_string(wo_.rows) +
+                          ", " + std::to_string(wo_.cols) + "] do not match");
 }
 
-std::shared_ptr<CompressedExpert> CompressedExpert::owning(CompressedMatrix wi, CompressedMatrix wo) {
-  auto owned = std::make_shared<std::pair<CompressedMatrix, CompressedMatrix>>(std::move(wi), std::move(wo));
+std::shared_ptr<CompressedExpert> CompressedExpert::owning(CompressedMatrix wi,
+                                                           CompressedMatrix wo) {
+  auto owned =
+      std::make_shared<std::pair<CompressedMatrix, CompressedMatrix>>(std::move(wi), std::move(wo));
   return std::make_shared<CompressedExpert>(owned->first.view(), owned->second.view(), owned);
 }
 
@@ -141,7 +149,8 @@ Linear load_linear(const SwitchSource& src, const std::string& name, int64_t out
   return l;
 }
 
-Attention load_attention(const SwitchSource& src, const std::string& prefix, const SwitchConfig& c, bool bias) {
+Attention load_attention(const SwitchSource& src, const std::string& prefix, const SwitchConfig& c,
+                         bool bias) {
   const int64_t inner = c.num_heads * c.d_kv;
   Attention a;
   a.q = load_linear(src, prefix + "q.weight", inner, c.d_model);
@@ -212,11 +221,14 @@ SwitchModel SwitchModel::load(std::shared_ptr<const SwitchSource> src, const Loa
         const CompressedView* cwo = src->compressed(wo);
         if (cwi && cwo) {
           if (cwi->rows != c.d_ff || cwi->cols != c.d_model)
-            throw FormatError(error_context(src->path().string(), wi, "compressed shape does not match d_ff x d_model"));
+            throw FormatError(error_context(src->path().string(), wi,
+                                            "compressed shape does not match d_ff x d_model"));
           if (cwo->rows != c.d_model || cwo->cols != c.d_ff)
-            throw FormatError(error_context(src->path().string(), wo, "compressed shape does not match d_model x d_ff"));
+            throw FormatError(error_context(src->path().string(), wo,
+                                            "compressed shape does not match d_model x d_ff"));
           if (opt.compressed_experts) {
-            ff.experts[static_cast<size_t>(e)] = std::make_shared<CompressedExpert>(*cwi, *cwo, src);
+            ff.experts[static_cast<size_t>(e)] =
+                std::make_shared<CompressedExpert>(*cwi, *cwo, src);
           } else {
             Linear lwi, lwo;
             lwi.out = c.d_ff, lwi.in = c.d_model;
@@ -229,7 +241,8 @@ SwitchModel SwitchModel::load(std::shared_ptr<const SwitchSource> src, const Loa
             decode_ref(*cwo, lwo.t.owned.data());
             lwi.t.data = lwi.t.owned.data();
             lwo.t.data = lwo.t.owned.data();
-            ff.experts[static_cast<size_t>(e)] = std::make_shared<DenseExpert>(std::move(lwi), std::move(lwo));
+            ff.experts[static_cast<size_t>(e)] =
+                std::make_shared<DenseExpert>(std::move(lwi), std::move(lwo));
           }
         } else if (cwi || cwo) {
           throw FormatError(error_context(src->path().string(), cwi ? wo : wi,
@@ -246,14 +259,16 @@ SwitchModel SwitchModel::load(std::shared_ptr<const SwitchSource> src, const Loa
   return m;
 }
 
-void SwitchModel::set_expert(Stack s, int64_t block, int64_t expert, std::shared_ptr<const ExpertMlp> mlp) {
+void SwitchModel::set_expert(Stack s, int64_t block, int64_t expert,
+                             std::shared_ptr<const ExpertMlp> mlp) {
   auto& bl = blocks(s);
   if (block < 0 || block >= static_cast<int64_t>(bl.size()))
-    throw InvalidArgument(std::string("set_expert: no ") + stack_name(s) + " block " + std::to_string(block));
+    throw InvalidArgument(std::string("set_expert: no ") + stack_name(s) + " block " +
+                          std::to_string(block));
   FeedForward& ff = bl[static_cast<size_t>(block)].ff;
   if (!ff.sparse)
-    throw InvalidArgument(std::string("set_expert: ") + stack_name(s) + " block " + std::to_string(block) +
-                          " is not sparse");
+    throw InvalidArgument(std::string("set_expert: ") + stack_name(s) + " block " +
+                          std::to_string(block) + " is not sparse");
   if (expert < 0 || expert >= static_cast<int64_t>(ff.experts.size()))
     throw InvalidArgument("set_expert: no expert " + std::to_string(expert));
   if (!mlp || mlp->d_model() != config.d_model || mlp->d_ff() != config.d_ff)

@@ -8,13 +8,17 @@
 namespace qmoe::sw {
 
 std::span<const int32_t> TokenPairs::encoder(int64_t i) const {
-  const auto b = encoder_offsets[static_cast<size_t>(i)], e = encoder_offsets[static_cast<size_t>(i) + 1];
-  return std::span<const int32_t>(encoder_ids).subspan(static_cast<size_t>(b), static_cast<size_t>(e - b));
+  const auto b = encoder_offsets[static_cast<size_t>(i)],
+             e = encoder_offsets[static_cast<size_t>(i) + 1];
+  return std::span<const int32_t>(encoder_ids)
+      .subspan(static_cast<size_t>(b), static_cast<size_t>(e - b));
 }
 
 std::span<const int32_t> TokenPairs::decoder(int64_t i) const {
-  const auto b = decoder_offsets[static_cast<size_t>(i)], e = decoder_offsets[static_cast<size_t>(i) + 1];
-  return std::span<const int32_t>(decoder_targets).subspan(static_cast<size_t>(b), static_cast<size_t>(e - b));
+  const auto b = decoder_offsets[static_cast<size_t>(i)],
+             e = decoder_offsets[static_cast<size_t>(i) + 1];
+  return std::span<const int32_t>(decoder_targets)
+      .subspan(static_cast<size_t>(b), static_cast<size_t>(e - b));
 }
 
 void TokenPairs::add(std::span<const int32_t> enc, std::span<const int32_t> dec) {
@@ -28,8 +32,9 @@ void TokenPairs::add(std::span<const int32_t> enc, std::span<const int32_t> dec)
 
 TokenPairs TokenPairs::slice(int64_t begin, int64_t end) const {
   if (begin < 0 || end < begin || end > num_pairs())
-    throw InvalidArgument("TokenPairs::slice: [" + std::to_string(begin) + ", " + std::to_string(end) +
-                          ") outside [0, " + std::to_string(num_pairs()) + ")");
+    throw InvalidArgument("TokenPairs::slice: [" + std::to_string(begin) + ", " +
+                          std::to_string(end) + ") outside [0, " + std::to_string(num_pairs()) +
+                          ")");
   TokenPairs r;
   for (int64_t i = begin; i < end; ++i) r.add(encoder(i), decoder(i));
   if (r.encoder_offsets.empty()) r.encoder_offsets = r.decoder_offsets = {0};
@@ -37,35 +42,43 @@ TokenPairs TokenPairs::slice(int64_t begin, int64_t end) const {
 }
 
 void TokenPairs::validate(int64_t vocab_size, const std::string& what) const {
-  if (encoder_offsets.empty() && decoder_offsets.empty() && encoder_ids.empty() && decoder_targets.empty())
+  if (encoder_offsets.empty() && decoder_offsets.empty() && encoder_ids.empty() &&
+      decoder_targets.empty())
     return;  // default-constructed: no pairs
   auto check_offsets = [&](const std::vector<int64_t>& off, size_t n, const char* name) {
     if (off.empty() || off.front() != 0)
       throw FormatError(error_context(what, name, "offsets must start at 0"));
     for (size_t i = 1; i < off.size(); ++i)
-      if (off[i] < off[i - 1]) throw FormatError(error_context(what, name, "offsets decrease at " + std::to_string(i)));
+      if (off[i] < off[i - 1])
+        throw FormatError(error_context(what, name, "offsets decrease at " + std::to_string(i)));
     if (static_cast<size_t>(off.back()) != n)
-      throw FormatError(error_context(what, name, "last offset " + std::to_string(off.back()) + " but " +
-                                                      std::to_string(n) + " ids"));
+      throw FormatError(error_context(
+          what, name,
+          "last offset " + std::to_string(off.back()) + " but " + std::to_string(n) + " ids"));
   };
   check_offsets(encoder_offsets, encoder_ids.size(), "encoder_offsets");
   check_offsets(decoder_offsets, decoder_targets.size(), "decoder_offsets");
   if (encoder_offsets.size() != decoder_offsets.size())
-    throw FormatError(error_context(what, "decoder_offsets", "pair count differs from encoder_offsets"));
+    throw FormatError(
+        error_context(what, "decoder_offsets", "pair count differs from encoder_offsets"));
   for (int64_t i = 0; i < num_pairs(); ++i)
     if (encoder(i).empty())
-      throw FormatError(error_context(what, "encoder_offsets", "pair " + std::to_string(i) + " has no encoder tokens"));
+      throw FormatError(error_context(what, "encoder_offsets",
+                                      "pair " + std::to_string(i) + " has no encoder tokens"));
   if (vocab_size > 0) {
     for (size_t i = 0; i < encoder_ids.size(); ++i)
       if (encoder_ids[i] < 0 || encoder_ids[i] >= vocab_size)
-        throw FormatError(error_context(what, "encoder_ids", "id " + std::to_string(encoder_ids[i]) + " at " +
-                                                                 std::to_string(i) + " outside [0, " +
-                                                                 std::to_string(vocab_size) + ")"));
+        throw FormatError(error_context(what, "encoder_ids",
+                                        "id " + std::to_string(encoder_ids[i]) + " at " +
+                                            std::to_string(i) + " outside [0, " +
+                                            std::to_string(vocab_size) + ")"));
     for (size_t i = 0; i < decoder_targets.size(); ++i)
-      if (decoder_targets[i] != -100 && (decoder_targets[i] < 0 || decoder_targets[i] >= vocab_size))
-        throw FormatError(error_context(what, "decoder_targets", "id " + std::to_string(decoder_targets[i]) +
-                                                                     " at " + std::to_string(i) + " outside [0, " +
-                                                                     std::to_string(vocab_size) + ") and not -100"));
+      if (decoder_targets[i] != -100 &&
+          (decoder_targets[i] < 0 || decoder_targets[i] >= vocab_size))
+        throw FormatError(error_context(what, "decoder_targets",
+                                        "id " + std::to_string(decoder_targets[i]) + " at " +
+                                            std::to_string(i) + " outside [0, " +
+                                            std::to_string(vocab_size) + ") and not -100"));
   }
 }
 
@@ -74,17 +87,20 @@ TokenPairs TokenPairs::load(const std::filesystem::path& path, int64_t vocab_siz
   const std::string file = path.string();
   auto fmt = f.metadata().find("format");
   if (fmt == f.metadata().end() || fmt->second != "qmoe-tokens")
-    throw FormatError(error_context(file, "", "not a qmoe token file (metadata format != \"qmoe-tokens\")"));
+    throw FormatError(
+        error_context(file, "", "not a qmoe token file (metadata format != \"qmoe-tokens\")"));
   auto ver = f.metadata().find("version");
   if (ver == f.metadata().end() || ver->second != "1")
     throw FormatError(error_context(file, "", "unsupported token file version (expected \"1\")"));
   auto get = [&](const char* name, DType dt) -> const TensorInfo& {
     const TensorInfo* t = f.find(name);
     if (!t) throw FormatError(error_context(file, name, "missing tensor"));
-    if (t->shape.size() != 1) throw FormatError(error_context(file, name, "must be one-dimensional"));
+    if (t->shape.size() != 1)
+      throw FormatError(error_context(file, name, "must be one-dimensional"));
     if (t->dtype != dt)
-      throw FormatError(error_context(file, name, "dtype " + std::string(dtype_name(t->dtype)) + ", expected " +
-                                                      std::string(dtype_name(dt))));
+      throw FormatError(error_context(file, name,
+                                      "dtype " + std::string(dtype_name(t->dtype)) + ", expected " +
+                                          std::string(dtype_name(dt))));
     return *t;
   };
   TokenPairs p;
@@ -111,7 +127,8 @@ void TokenPairs::save(const std::filesystem::path& path) const {
   w.set_metadata("version", "1");
   auto add = [&](const char* name, DType dt, const void* data, size_t n) {
     w.add(name, dt, {static_cast<int64_t>(n)},
-          std::span<const std::byte>(static_cast<const std::byte*>(data), n * static_cast<size_t>(dtype_size(dt))));
+          std::span<const std::byte>(static_cast<const std::byte*>(data),
+                                     n * static_cast<size_t>(dtype_size(dt))));
   };
   add("encoder_ids", DType::kI32, encoder_ids.data(), encoder_ids.size());
   add("encoder_offsets", DType::kI64, encoder_offsets.data(), encoder_offsets.size());

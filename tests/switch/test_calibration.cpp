@@ -50,12 +50,14 @@ TEST(Calibration, RunnerWithOriginalExpertsEqualsForward) {
   const RowMatrix h = run_through(m, pairs, {}, [&](SequentialRunner& run) {
     ++sparse_blocks;
     int64_t counted = 0;
-    for (int64_t e = 0; e < run.num_experts(); ++e) counted += static_cast<int64_t>(run.counted_tokens(e).size());
+    for (int64_t e = 0; e < run.num_experts(); ++e)
+      counted += static_cast<int64_t>(run.counted_tokens(e).size());
     EXPECT_EQ(counted, run.ff_input().rows());  // no capacity, nothing excluded: every token counts
   });
   EXPECT_EQ(sparse_blocks, 4);
   ASSERT_EQ(h.size(), tr.decoder_blocks.back().size());
-  EXPECT_EQ(0, std::memcmp(h.data(), tr.decoder_blocks.back().data(), sizeof(float) * static_cast<size_t>(h.size())));
+  EXPECT_EQ(0, std::memcmp(h.data(), tr.decoder_blocks.back().data(),
+                           sizeof(float) * static_cast<size_t>(h.size())));
 }
 
 TEST(Calibration, ExpertInputs) {
@@ -76,12 +78,14 @@ TEST(Calibration, ExpertInputs) {
     const auto toks = run.counted_tokens(e);
     ASSERT_EQ(x.rows(), static_cast<int64_t>(toks.size()));
     ASSERT_EQ(a.cols(), m.config.d_ff);
-    const auto& ex = dynamic_cast<const DenseExpert&>(*m.encoder[1].ff.experts[static_cast<size_t>(e)]);
+    const auto& ex =
+        dynamic_cast<const DenseExpert&>(*m.encoder[1].ff.experts[static_cast<size_t>(e)]);
     for (int64_t i = 0; i < x.rows(); ++i) {
       EXPECT_EQ(x.row(i), run.ff_input().row(toks[static_cast<size_t>(i)]));
       for (int64_t f = 0; f < m.config.d_ff; ++f) {
         double s = 0;
-        for (int64_t c = 0; c < m.config.d_model; ++c) s += double(ex.wi().t.data[f * m.config.d_model + c]) * x(i, c);
+        for (int64_t c = 0; c < m.config.d_model; ++c)
+          s += double(ex.wi().t.data[f * m.config.d_model + c]) * x(i, c);
         EXPECT_NEAR(a(i, f), std::max(s, 0.0), 1e-4);
       }
     }
@@ -103,7 +107,8 @@ TEST(Calibration, ExcludedIdsAreNotCounted) {
   run.end_block();
   run.begin_block();
   int64_t counted = 0;
-  for (int64_t e = 0; e < run.num_experts(); ++e) counted += static_cast<int64_t>(run.counted_tokens(e).size());
+  for (int64_t e = 0; e < run.num_experts(); ++e)
+    counted += static_cast<int64_t>(run.counted_tokens(e).size());
   EXPECT_EQ(counted, run.ff_input().rows() - expect_excluded);
   EXPECT_EQ(t5_sentinel_ids().front(), 32000);
   EXPECT_EQ(t5_sentinel_ids().back(), 32099);
@@ -124,23 +129,29 @@ TEST(Calibration, BlocksAreRecomputedWithReplacedExperts) {
   for (Stack s : {Stack::kEncoder, Stack::kDecoder})
     for (size_t b = 0; b < ref.blocks(s).size(); ++b)
       for (size_t e = 0; e < ref.blocks(s)[b].ff.experts.size(); ++e)
-        ref.set_expert(s, static_cast<int64_t>(b), static_cast<int64_t>(e), rtn_expert(*ref.blocks(s)[b].ff.experts[e]));
+        ref.set_expert(s, static_cast<int64_t>(b), static_cast<int64_t>(e),
+                       rtn_expert(*ref.blocks(s)[b].ff.experts[e]));
   ForwardTrace tr;
   decode(ref, pairs, encode(ref, pairs, {}, &tr), {}, &tr);
   // Sequential: each block's experts replaced only when the runner reaches it.
   SwitchModel m = SwitchModel::load(dir);
   const RowMatrix h = run_through(m, pairs, {}, [&](SequentialRunner& run) {
     for (int64_t e = 0; e < run.num_experts(); ++e) {
-      EXPECT_EQ(m.blocks(run.stack())[static_cast<size_t>(run.block())].ff.experts[static_cast<size_t>(e)]->kind(),
+      EXPECT_EQ(m.blocks(run.stack())[static_cast<size_t>(run.block())]
+                    .ff.experts[static_cast<size_t>(e)]
+                    ->kind(),
                 "dense");
       m.set_expert(run.stack(), run.block(), e,
-                   rtn_expert(*m.blocks(run.stack())[static_cast<size_t>(run.block())].ff.experts[static_cast<size_t>(e)]));
+                   rtn_expert(*m.blocks(run.stack())[static_cast<size_t>(run.block())]
+                                   .ff.experts[static_cast<size_t>(e)]));
     }
   });
   ASSERT_EQ(h.size(), tr.decoder_blocks.back().size());
-  EXPECT_EQ(0, std::memcmp(h.data(), tr.decoder_blocks.back().data(), sizeof(float) * static_cast<size_t>(h.size())));
+  EXPECT_EQ(0, std::memcmp(h.data(), tr.decoder_blocks.back().data(),
+                           sizeof(float) * static_cast<size_t>(h.size())));
   const SwitchModel fresh = SwitchModel::load(dir);
-  EXPECT_THROW(m.set_expert(Stack::kEncoder, 0, 99, rtn_expert(*fresh.encoder[0].ff.experts[0])), InvalidArgument);
+  EXPECT_THROW(m.set_expert(Stack::kEncoder, 0, 99, rtn_expert(*fresh.encoder[0].ff.experts[0])),
+               InvalidArgument);
 }
 #endif
 
@@ -207,8 +218,9 @@ TEST(CompressExperts, RtnEqualsTernarizeRtn) {
   ExpertCompressOptions opt;
   opt.rtn = true;
   compress_experts(m, pairs, opt, [&](CompressedExpertResult& r) {
-    const auto& d = dynamic_cast<const DenseExpert&>(*orig.blocks(r.stack)[static_cast<size_t>(r.block)]
-                                                           .ff.experts[static_cast<size_t>(r.expert)]);
+    const auto& d =
+        dynamic_cast<const DenseExpert&>(*orig.blocks(r.stack)[static_cast<size_t>(r.block)]
+                                              .ff.experts[static_cast<size_t>(r.expert)]);
     const TernaryMatrix t = ternarize_rtn(d.wi().t.data, d.wi().out, d.wi().in);
     std::vector<uint8_t> sym(static_cast<size_t>(t.rows * t.cols));
     decode_symbols_ref(r.wi.matrix.view(), sym.data());
@@ -307,7 +319,8 @@ TEST(CalibrationProvider, Errors) {
   const auto dir = fixture("every_other_f32");
   EXPECT_THROW(open_calibration(dir, dir / "no_tokens.safetensors"), FormatError);
   // Token ids outside the vocabulary of the model.
-  EXPECT_THROW(open_calibration(fixture("every_other_f32"), fixture("all_sparse_bf16") / "expected.safetensors"),
+  EXPECT_THROW(open_calibration(fixture("every_other_f32"),
+                                fixture("all_sparse_bf16") / "expected.safetensors"),
                FormatError);
 }
 

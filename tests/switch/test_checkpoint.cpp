@@ -19,7 +19,9 @@ std::string read(const fs::path& p) {
   return ss.str();
 }
 
-void write(const fs::path& p, const std::string& s) { std::ofstream(p) << s; }
+void write(const fs::path& p, const std::string& s) {
+  std::ofstream(p) << s;
+}
 
 void replace_in(const fs::path& p, const std::string& from, const std::string& to) {
   std::string s = read(p);
@@ -42,7 +44,8 @@ void expect_format_error(Fn&& fn, std::initializer_list<std::string> parts) {
     fn();
     ADD_FAILURE() << "no FormatError";
   } catch (const FormatError& e) {
-    for (const auto& p : parts) EXPECT_NE(std::string(e.what()).find(p), std::string::npos) << e.what() << " lacks " << p;
+    for (const auto& p : parts)
+      EXPECT_NE(std::string(e.what()).find(p), std::string::npos) << e.what() << " lacks " << p;
   }
 }
 
@@ -64,8 +67,10 @@ TEST(Checkpoint, LayoutFromTensorNames) {
 TEST(Checkpoint, ConfigSparsityIsIgnored) {
   // switch-c-2048's config claims dense blocks that are sparse: the tensor names decide.
   const fs::path d = copy_fixture("every_other_f32");
-  replace_in(d / "config.json", "\"num_sparse_encoder_layers\": 2", "\"num_sparse_encoder_layers\": 0");
-  EXPECT_EQ(SwitchSource::open(d)->layout().encoder.sparse, (std::vector<bool>{false, true, false, true}));
+  replace_in(d / "config.json", "\"num_sparse_encoder_layers\": 2",
+             "\"num_sparse_encoder_layers\": 0");
+  EXPECT_EQ(SwitchSource::open(d)->layout().encoder.sparse,
+            (std::vector<bool>{false, true, false, true}));
   fs::remove_all(d);
 }
 
@@ -103,7 +108,8 @@ TEST(Checkpoint, Errors) {
   {
     const fs::path d = copy_fixture("every_other_f32");
     replace_in(d / "config.json", "\"d_ff\": 64", "\"d_ff\": 65");
-    expect_format_error([&] { SwitchModel::load(d); }, {"model.safetensors", "wi.weight", "[64, 32]", "[65, 32]"});
+    expect_format_error([&] { SwitchModel::load(d); },
+                        {"model.safetensors", "wi.weight", "[64, 32]", "[65, 32]"});
     fs::remove_all(d);
   }
   {
@@ -115,7 +121,8 @@ TEST(Checkpoint, Errors) {
   {
     const fs::path d = copy_fixture("all_sparse_bf16");
     fs::remove(d / "model-00003-of-00006.safetensors");
-    expect_format_error([&] { SwitchSource::open(d); }, {"model-00003-of-00006.safetensors", "missing shard"});
+    expect_format_error([&] { SwitchSource::open(d); },
+                        {"model-00003-of-00006.safetensors", "missing shard"});
     fs::remove_all(d);
   }
   {
@@ -163,10 +170,12 @@ TEST(Tokens, FileRoundTripAndErrors) {
   EXPECT_EQ(q.decoder_targets, p.decoder_targets);
   EXPECT_EQ(q.encoder_offsets, p.encoder_offsets);
   EXPECT_EQ(q.decoder_offsets, p.decoder_offsets);
-  expect_format_error([&] { TokenPairs::load(d / "t.safetensors", 8); }, {"t.safetensors", "decoder_targets"});
+  expect_format_error([&] { TokenPairs::load(d / "t.safetensors", 8); },
+                      {"t.safetensors", "decoder_targets"});
   // A safetensors file that is not a token file.
-  expect_format_error([&] { TokenPairs::load(fixture("every_other_f32") / "expected.safetensors"); },
-                      {"expected.safetensors", "qmoe-tokens"});
+  expect_format_error(
+      [&] { TokenPairs::load(fixture("every_other_f32") / "expected.safetensors"); },
+      {"expected.safetensors", "qmoe-tokens"});
   fs::remove_all(d);
 }
 

@@ -42,11 +42,14 @@ TEST_P(Golden, MatchesTransformers) {
     worst = std::max(worst, err);
     EXPECT_LE(err, kGoldenTol) << name;
   };
-  for (size_t b = 0; b < tr.encoder_blocks.size(); ++b) check("encoder.block." + std::to_string(b), tr.encoder_blocks[b]);
+  for (size_t b = 0; b < tr.encoder_blocks.size(); ++b)
+    check("encoder.block." + std::to_string(b), tr.encoder_blocks[b]);
   check("encoder.final", tr.encoder_final);
-  for (size_t b = 0; b < tr.decoder_blocks.size(); ++b) check("decoder.block." + std::to_string(b), tr.decoder_blocks[b]);
+  for (size_t b = 0; b < tr.decoder_blocks.size(); ++b)
+    check("decoder.block." + std::to_string(b), tr.decoder_blocks[b]);
   check("logits", lg);
-  std::printf("%s: worst normalised error %.3g (tolerance %.0e)\n", GetParam().name, worst, kGoldenTol);
+  std::printf("%s: worst normalised error %.3g (tolerance %.0e)\n", GetParam().name, worst,
+              kGoldenTol);
 
   const LossResult loss = cross_entropy(m, pairs, opt);
   const float ref_loss = ref.as<float>(*ref.find("loss"), DType::kF32)[0];
@@ -55,7 +58,8 @@ TEST_P(Golden, MatchesTransformers) {
 }
 
 INSTANTIATE_TEST_SUITE_P(Fixtures, Golden,
-                         ::testing::Values(GoldenCase{"every_other_f32"}, GoldenCase{"all_sparse_bf16"}),
+                         ::testing::Values(GoldenCase{"every_other_f32"},
+                                           GoldenCase{"all_sparse_bf16"}),
                          [](const auto& p) { return std::string(p.param.name); });
 
 TEST(Golden, CapacityDropsTokensInAllSparseFixture) {
@@ -96,7 +100,8 @@ TEST(Forward, BitIdenticalForAnyThreadCount) {
   omp_set_num_threads(saved);
   for (size_t i = 1; i < outs.size(); ++i) {
     ASSERT_EQ(outs[i].size(), outs[0].size());
-    EXPECT_EQ(0, std::memcmp(outs[i].data(), outs[0].data(), sizeof(float) * static_cast<size_t>(outs[0].size())))
+    EXPECT_EQ(0, std::memcmp(outs[i].data(), outs[0].data(),
+                             sizeof(float) * static_cast<size_t>(outs[0].size())))
         << "thread count variant " << i;
   }
 }
@@ -136,10 +141,10 @@ TEST(Forward, RelativePositionBuckets) {
   EXPECT_EQ(relative_position_bucket(0, true, 32, 128), 0);
   EXPECT_EQ(relative_position_bucket(3, true, 32, 128), 19);
   EXPECT_EQ(relative_position_bucket(-3, true, 32, 128), 3);
-  EXPECT_EQ(relative_position_bucket(-8, true, 32, 128), 8);   // 8 + floor(log(1)/log(16)*8) = 8
+  EXPECT_EQ(relative_position_bucket(-8, true, 32, 128), 8);  // 8 + floor(log(1)/log(16)*8) = 8
   EXPECT_EQ(relative_position_bucket(-1000, true, 32, 128), 15);
   EXPECT_EQ(relative_position_bucket(1000, true, 32, 128), 31);
-  EXPECT_EQ(relative_position_bucket(5, false, 32, 128), 0);   // future: bucket 0 in the decoder
+  EXPECT_EQ(relative_position_bucket(5, false, 32, 128), 0);  // future: bucket 0 in the decoder
   EXPECT_EQ(relative_position_bucket(-5, false, 32, 128), 5);
   EXPECT_EQ(relative_position_bucket(-16, false, 32, 128), 16);  // 16 + floor(log(1)) = 16
   EXPECT_EQ(relative_position_bucket(-500, false, 32, 128), 31);
@@ -153,8 +158,10 @@ TEST(Experts, CompressedExpertEqualsDenseExpertOnDecodedWeights) {
   for (Codec codec : {Codec::kV1, Codec::kP5}) {
     EncodeOptions eo;
     eo.codec = codec;
-    CompressedMatrix wi = encode(ternarize_rtn(dense.wi().t.data, dense.wi().out, dense.wi().in), eo);
-    CompressedMatrix wo = encode(ternarize_rtn(dense.wo().t.data, dense.wo().out, dense.wo().in), eo);
+    CompressedMatrix wi =
+        encode(ternarize_rtn(dense.wi().t.data, dense.wi().out, dense.wi().in), eo);
+    CompressedMatrix wo =
+        encode(ternarize_rtn(dense.wo().t.data, dense.wo().out, dense.wo().in), eo);
     Linear li, lo;
     li.out = wi.rows, li.in = wi.cols, li.t.owned.resize(static_cast<size_t>(wi.rows * wi.cols));
     lo.out = wo.rows, lo.in = wo.cols, lo.t.owned.resize(static_cast<size_t>(wo.rows * wo.cols));
@@ -180,7 +187,8 @@ TEST(Experts, CompressedExpertEqualsDenseExpertOnDecodedWeights) {
       compressed_linear_forward_ref(comp->wo(), h1.data(), n, y3.data());
       RowMatrix y4(n, m.config.d_model);
       linear_forward(ref.wo().map(), h1.data(), n, y4.data());
-      EXPECT_EQ(0, std::memcmp(y3.data(), y4.data(), sizeof(float) * static_cast<size_t>(y3.size())));
+      EXPECT_EQ(0,
+                std::memcmp(y3.data(), y4.data(), sizeof(float) * static_cast<size_t>(y3.size())));
     }
   }
 }

@@ -31,7 +31,8 @@ inline double max_abs(const float* a, int64_t n) {
 }
 
 // Compares a matrix with tensor `name` of a reference file; returns the normalised max error.
-inline double normalised_error(const SafetensorsFile& ref, const std::string& name, const RowMatrix& ours) {
+inline double normalised_error(const SafetensorsFile& ref, const std::string& name,
+                               const RowMatrix& ours) {
   const TensorInfo* t = ref.find(name);
   if (!t) {
     ADD_FAILURE() << "reference tensor " << name << " missing";
@@ -42,14 +43,16 @@ inline double normalised_error(const SafetensorsFile& ref, const std::string& na
   if (static_cast<int64_t>(r.size()) != ours.size()) return 1e30;
   double err = 0;
   for (int64_t i = 0; i < ours.size(); ++i)
-    err = std::max(err, std::abs(static_cast<double>(ours.data()[i]) - static_cast<double>(r[static_cast<size_t>(i)])));
+    err = std::max(err, std::abs(static_cast<double>(ours.data()[i]) -
+                                 static_cast<double>(r[static_cast<size_t>(i)])));
   return err / std::max(1.0, max_abs(r.data(), static_cast<int64_t>(r.size())));
 }
 
 inline std::filesystem::path temp_dir(const std::string& tag) {
   static int counter = 0;
-  auto p = std::filesystem::temp_directory_path() /
-           ("qmoe_switch_" + tag + "_" + std::to_string(::getpid()) + "_" + std::to_string(counter++));
+  auto p =
+      std::filesystem::temp_directory_path() /
+      ("qmoe_switch_" + tag + "_" + std::to_string(::getpid()) + "_" + std::to_string(counter++));
   std::filesystem::remove_all(p);
   std::filesystem::create_directories(p);
   return p;

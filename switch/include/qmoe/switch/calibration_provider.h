@@ -20,9 +20,10 @@
 namespace qmoe::sw {
 
 struct CalibrationProviderOptions {
-  CalibrationOptions calibration;    // tokens that count (excluded ids), capacity (0 = none)
-  bool sequential = true;            // recompute each block with its compressed experts (QMoE)
-  double token_cap_multiplier = 4.0; // keep at most floor(m * tokens / experts) per expert; 0 = all
+  CalibrationOptions calibration;  // tokens that count (excluded ids), capacity (0 = none)
+  bool sequential = true;          // recompute each block with its compressed experts (QMoE)
+  double token_cap_multiplier =
+      4.0;  // keep at most floor(m * tokens / experts) per expert; 0 = all
 };
 
 // Loads `checkpoint` (dense experts, as the forward pass needs them) and the token file

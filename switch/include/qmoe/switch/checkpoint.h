@@ -60,16 +60,18 @@ struct SwitchLayout {
 struct SwitchNames {
   static std::string block_prefix(std::string_view stack, int64_t block);
   static int64_t ff_layer(std::string_view stack) { return stack == "decoder" ? 2 : 1; }
-  static std::string ff_prefix(std::string_view stack, int64_t block);  // "<stack>.block.<b>.layer.<ff>."
+  static std::string ff_prefix(std::string_view stack,
+                               int64_t block);  // "<stack>.block.<b>.layer.<ff>."
   static std::string router(std::string_view stack, int64_t block);
-  static std::string expert(std::string_view stack, int64_t block, int64_t expert, std::string_view w);  // w: wi|wo
+  static std::string expert(std::string_view stack, int64_t block, int64_t expert,
+                            std::string_view w);  // w: wi|wo
 };
 
 // A float32 copy (or zero-copy view, for F32 tensors) of a stored tensor.
 struct FloatTensor {
   std::vector<int64_t> shape;
-  const float* data = nullptr;   // points into `owned` or into the mapped file
-  std::vector<float> owned;      // filled when the tensor needed conversion (BF16, F16)
+  const float* data = nullptr;  // points into `owned` or into the mapped file
+  std::vector<float> owned;     // filled when the tensor needed conversion (BF16, F16)
   int64_t numel() const;
 };
 

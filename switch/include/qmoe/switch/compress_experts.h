@@ -20,22 +20,22 @@ struct ExpertCompressOptions {
   // true (QMoE): each block's output is recomputed with its compressed experts before the next
   // block is calibrated. false: every Hessian comes from the original model.
   bool sequential = true;
-  bool rtn = false;                // round-to-nearest ternary; calibration tokens are not used
-  GptqOptions gptq;                // grid must be ternary (kTernary or kTernarySymmetric)
+  bool rtn = false;  // round-to-nearest ternary; calibration tokens are not used
+  GptqOptions gptq;  // grid must be ternary (kTernary or kTernarySymmetric)
   EncodeOptions encode;
   // Tokens per expert kept for its Hessians: floor(m * tokens of the stack / experts) (QMoE's
   // cap, hessian.h expert_token_cap()); 0 = all tokens.
   double token_cap_multiplier = 4.0;
-  int threads = 0;                 // OpenMP threads for GPTQ (0 = default)
+  int threads = 0;  // OpenMP threads for GPTQ (0 = default)
 };
 
 struct CompressedExpertResult {
   Stack stack = Stack::kEncoder;
   int64_t block = 0;
   int64_t expert = 0;
-  qmoe::CompressedExpert wi;       // gptq.h: encoded matrix + GPTQ status and losses
+  qmoe::CompressedExpert wi;  // gptq.h: encoded matrix + GPTQ status and losses
   qmoe::CompressedExpert wo;
-  int64_t tokens = 0;              // calibration tokens in its Hessians (after the cap)
+  int64_t tokens = 0;  // calibration tokens in its Hessians (after the cap)
 };
 
 // Compresses every expert of every sparse block, in stack order (encoder blocks, then decoder),

@@ -40,9 +40,10 @@ struct SeqOffsets {
 
 // Per-token routing of one sparse layer.
 struct Routing {
-  std::vector<int32_t> expert;  // chosen expert (argmax of router probabilities; lowest index on ties)
-  std::vector<float> prob;      // its softmax probability (computed in float32)
-  std::vector<uint8_t> dropped; // 1 if over capacity
+  std::vector<int32_t>
+      expert;               // chosen expert (argmax of router probabilities; lowest index on ties)
+  std::vector<float> prob;  // its softmax probability (computed in float32)
+  std::vector<uint8_t> dropped;  // 1 if over capacity
   // Tokens routed to and kept by expert e, in row order.
   std::vector<std::vector<int64_t>> tokens_of;
 };
@@ -59,19 +60,22 @@ RowMatrix embed(const SwitchModel& m, std::span<const int32_t> ids);
 
 // h += SelfAttention(LN(h)) of block `b` of stack `s`. The position bias comes from block 0 of the
 // stack (bidirectional in the encoder, causal in the decoder); the decoder masks future keys.
-void self_attention_layer(const SwitchModel& m, Stack s, int64_t b, const SeqOffsets& seqs, RowMatrix& h);
+void self_attention_layer(const SwitchModel& m, Stack s, int64_t b, const SeqOffsets& seqs,
+                          RowMatrix& h);
 // h += CrossAttention(LN(h), encoder output) of decoder block b (no position bias).
-void cross_attention_layer(const SwitchModel& m, int64_t b, const SeqOffsets& dec_seqs, const RowMatrix& enc_out,
-                           const SeqOffsets& enc_seqs, RowMatrix& h);
+void cross_attention_layer(const SwitchModel& m, int64_t b, const SeqOffsets& dec_seqs,
+                           const RowMatrix& enc_out, const SeqOffsets& enc_seqs, RowMatrix& h);
 // Router of a sparse FF layer on layer-normed input x.
-Routing route(const FeedForward& ff, const RowMatrix& x, const SeqOffsets& seqs, const ForwardOptions& opt);
+Routing route(const FeedForward& ff, const RowMatrix& x, const SeqOffsets& seqs,
+              const ForwardOptions& opt);
 // h += FF(x) where x = LN(h) was computed by the caller; `routing` is required for sparse layers.
 // `experts` overrides ff.experts when non-empty (same count).
-void feed_forward_apply(const FeedForward& ff, const RowMatrix& x, const Routing* routing, RowMatrix& h,
+void feed_forward_apply(const FeedForward& ff, const RowMatrix& x, const Routing* routing,
+                        RowMatrix& h,
                         std::span<const std::shared_ptr<const ExpertMlp>> experts = {});
 // Whole FF layer: LN, route, apply.
-void feed_forward_layer(const SwitchModel& m, Stack s, int64_t b, const SeqOffsets& seqs, RowMatrix& h,
-                        const ForwardOptions& opt);
+void feed_forward_layer(const SwitchModel& m, Stack s, int64_t b, const SeqOffsets& seqs,
+                        RowMatrix& h, const ForwardOptions& opt);
 
 // ---- whole model ------------------------------------------------------------------------------
 
@@ -95,13 +99,14 @@ RowMatrix decode(const SwitchModel& m, const TokenPairs& batch, const RowMatrix&
 RowMatrix logits(const SwitchModel& m, const RowMatrix& dec_out);
 
 struct LossResult {
-  double nll_sum = 0;      // sum of -log p(target) over counted targets
-  int64_t targets = 0;     // counted targets (not -100)
+  double nll_sum = 0;   // sum of -log p(target) over counted targets
+  int64_t targets = 0;  // counted targets (not -100)
   double mean() const { return targets ? nll_sum / static_cast<double>(targets) : 0.0; }
 };
 // Teacher-forced cross-entropy of the batch's decoder targets (logits computed and discarded in
 // fixed row chunks, so memory stays at chunk × vocab).
-LossResult cross_entropy(const SwitchModel& m, const TokenPairs& batch, const ForwardOptions& opt = {});
+LossResult cross_entropy(const SwitchModel& m, const TokenPairs& batch,
+                         const ForwardOptions& opt = {});
 
 struct EvalResult {
   LossResult loss;
@@ -111,7 +116,8 @@ struct EvalResult {
 };
 // cross_entropy over all pairs in batches of `batch_pairs` pairs; `progress` (optional) is called
 // after each batch with pairs done.
-EvalResult evaluate(const SwitchModel& m, const TokenPairs& pairs, int64_t batch_pairs, const ForwardOptions& opt = {},
+EvalResult evaluate(const SwitchModel& m, const TokenPairs& pairs, int64_t batch_pairs,
+                    const ForwardOptions& opt = {},
                     const std::function<void(int64_t)>& progress = {});
 
 // Chunk the SeqOffsets of pairs' encoder or decoder side.

@@ -68,7 +68,8 @@ class DenseExpert final : public ExpertMlp {
 // whatever owns them (a Container, a CompressedMatrix, ...).
 class CompressedExpert final : public ExpertMlp {
  public:
-  CompressedExpert(CompressedView wi, CompressedView wo, std::shared_ptr<const void> keep_alive = {});
+  CompressedExpert(CompressedView wi, CompressedView wo,
+                   std::shared_ptr<const void> keep_alive = {});
   // Owns the two matrices (e.g. just produced by the compressor).
   static std::shared_ptr<CompressedExpert> owning(CompressedMatrix wi, CompressedMatrix wo);
   int64_t d_model() const override { return wi_.cols; }
@@ -92,23 +93,23 @@ void compressed_linear_forward(const CompressedView& w, const float* x, int64_t 
 void compressed_linear_forward_ref(const CompressedView& w, const float* x, int64_t n, float* y);
 
 struct Attention {
-  Linear q, k, v, o;                 // [heads*d_kv, d_model] ×3, o: [d_model, heads*d_kv]
-  FloatTensor relative_bias;         // [num_buckets, heads] in block 0 of each stack; empty otherwise
+  Linear q, k, v, o;          // [heads*d_kv, d_model] ×3, o: [d_model, heads*d_kv]
+  FloatTensor relative_bias;  // [num_buckets, heads] in block 0 of each stack; empty otherwise
 };
 
 struct FeedForward {
-  FloatTensor layer_norm;            // [d_model]
+  FloatTensor layer_norm;  // [d_model]
   bool sparse = false;
-  Linear wi, wo;                     // dense blocks
-  Linear router;                     // sparse blocks: [num_experts, d_model]
+  Linear wi, wo;                                          // dense blocks
+  Linear router;                                          // sparse blocks: [num_experts, d_model]
   std::vector<std::shared_ptr<const ExpertMlp>> experts;  // sparse blocks
 };
 
 struct Block {
   FloatTensor self_ln;
   Attention self_attn;
-  FloatTensor cross_ln;              // decoder only
-  Attention cross_attn;              // decoder only
+  FloatTensor cross_ln;  // decoder only
+  Attention cross_attn;  // decoder only
   FeedForward ff;
 };
 
@@ -127,9 +128,9 @@ struct SwitchModel {
   std::shared_ptr<const SwitchSource> source;
   SwitchConfig config;
   SwitchLayout layout;
-  FloatTensor shared;                // [vocab, d_model]
-  Linear lm_head;                    // [vocab, d_model]
-  bool scale_logits = true;          // tied embeddings: multiply by d_model^-0.5 before lm_head
+  FloatTensor shared;        // [vocab, d_model]
+  Linear lm_head;            // [vocab, d_model]
+  bool scale_logits = true;  // tied embeddings: multiply by d_model^-0.5 before lm_head
   std::vector<Block> encoder;
   FloatTensor encoder_final_ln;
   std::vector<Block> decoder;
@@ -140,8 +141,11 @@ struct SwitchModel {
   static SwitchModel load(const std::filesystem::path& path, const LoadOptions& opt = {});
 
   std::vector<Block>& blocks(Stack s) { return s == Stack::kEncoder ? encoder : decoder; }
-  const std::vector<Block>& blocks(Stack s) const { return s == Stack::kEncoder ? encoder : decoder; }
-  // Replaces one expert (block must be sparse, expert in range, shapes must match; else InvalidArgument).
+  const std::vector<Block>& blocks(Stack s) const {
+    return s == Stack::kEncoder ? encoder : decoder;
+  }
+  // Replaces one expert (block must be sparse, expert in range, shapes must match; else
+  // InvalidArgument).
   void set_expert(Stack s, int64_t block, int64_t expert, std::shared_ptr<const ExpertMlp> mlp);
 };
 

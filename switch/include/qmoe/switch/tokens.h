@@ -15,7 +15,9 @@ struct TokenPairs {
   std::vector<int32_t> decoder_targets;  // all pairs' decoder targets (-100: ignored by the loss)
   std::vector<int64_t> decoder_offsets;  // num_pairs + 1
 
-  int64_t num_pairs() const { return encoder_offsets.empty() ? 0 : static_cast<int64_t>(encoder_offsets.size()) - 1; }
+  int64_t num_pairs() const {
+    return encoder_offsets.empty() ? 0 : static_cast<int64_t>(encoder_offsets.size()) - 1;
+  }
   std::span<const int32_t> encoder(int64_t i) const;
   std::span<const int32_t> decoder(int64_t i) const;
   // Pairs [begin, end) as a new TokenPairs (offsets rebased to 0).
