@@ -66,7 +66,11 @@ struct Grids {
   // Quantizes x on row r's grid: returns the value, sets the symbol (ternary: 0, 1 = lo, 2 = hi;
   // uniform: the integer code). A level whose value is 0 is always written as symbol 0.
   T quantize(int64_t r, T x, uint8_t& sym) const {
-    if (ternary) {
+    return ternary ? quantize_as<true>(r, x, sym) : quantize_as<false>(r, x, sym);
+  }
+  template <bool kTernary>
+  T quantize_as(int64_t r, T x, uint8_t& sym) const {
+    if constexpr (kTernary) {
       const T lo = a[r], hi = b[r];
       if (x > hi / 2) {
         sym = hi != 0 ? 2 : 0;
@@ -326,21 +330,38 @@ GptqResult gptq_impl(const float* w, int64_t rows, int64_t cols, const float* h,
         for (int64_t k = s1; k < s2; ++k) {
           const int64_t c = perm[k];
           const T vkk = vdiag[k];
-          for (int64_t r = 0; r < rc; ++r) {
-            uint8_t s;
-            const T x = wc(r, k);
-            const T q = g.quantize(r0 + r, x, s);
-            const T d = w0(r, k) - q;
-            const T e = (x - q) * vkk;
-            loss += static_cast<double>(e) * static_cast<double>(e);
-            dd += static_cast<double>(d) * static_cast<double>(d);
-            dblk(r, k - i1) = d;
-            const size_t out = static_cast<size_t>((r0 + r) * cols + c);
-            if (g.ternary) {
-              res.ternary.symbols[out] = s;
-            } else {
-              res.dequantized[out] = static_cast<float>(q);
+          // Quantize column k of the chunk; the grid kind is a template argument so that the
+          // per-weight loop has no branch on it.
+          auto column = [&]<bool kTernary>() {
+            // Raw pointers and local sums: the uint8 symbol stores could otherwise alias them.
+            const T* xk = wc.col(k).data();
+            const T* x0 = w0.col(k).data();
+            T* dk = dblk.col(k - i1).data();
+            uint8_t* sym = g.ternary ? res.ternary.symbols.data() + r0 * cols + c : nullptr;
+            float* deq = g.ternary ? nullptr : res.dequantized.data() + r0 * cols + c;
+            double l = 0.0, d2 = 0.0;
+            for (int64_t r = 0; r < rc; ++r) {
+              uint8_t sv;
+              const T x = xk[r];
+              const T q = g.template quantize_as<kTernary>(r0 + r, x, sv);
+              const T d = x0[r] - q;
+              const T e = (x - q) * vkk;
+              l += static_cast<double>(e) * static_cast<double>(e);
+              d2 += static_cast<double>(d) * static_cast<double>(d);
+              dk[r] = d;
+              if constexpr (kTernary) {
+                sym[r * cols] = sv;
+              } else {
+                deq[r * cols] = static_cast<float>(q);
+              }
             }
+            loss += l;
+            dd += d2;
+          };
+          if (g.ternary) {
+            column.template operator()<true>();
+          } else {
+            column.template operator()<false>();
           }
           for (int64_t j = k + 1; j < s2; ++j) wc.col(j) += gm(k, j) * dblk.col(k - i1);
         }
