@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <numeric>
 #include <string>
+#include <vector>
 
 #include "qmoe/decoder_cuda/decoder.h"
 #include "test_util.h"
@@ -101,8 +102,13 @@ TEST_F(Gpu, ForwardFusedAndDenseMatchReference) {
   for (const Shape& s : kShapes) {
     const CompressedMatrix m = random_matrix(s.rows, s.cols, s.p_zero, 11 + s.rows + s.cols);
     DeviceMatrix dm(m.view());
+    // The reference is a slow CPU decoder: the Switch-sized shapes get fewer combinations.
+    const bool big = s.rows * s.cols > 1000000;
     for (DType t : kTypes) {
-      for (int64_t n : {1, 3, 8, 13, 32, 40, 100}) check_forward(dm, m, t, n, n % 2 == 1, ++seed);
+      if (big && t != DType::kBF16) continue;
+      const std::vector<int64_t> counts =
+          big ? std::vector<int64_t>{1, 8, 40} : std::vector<int64_t>{1, 3, 8, 13, 32, 40, 100};
+      for (int64_t n : counts) check_forward(dm, m, t, n, n % 2 == 1, ++seed);
     }
   }
 }
@@ -214,19 +220,13 @@ TEST_F(Gpu, GroupedLayerWithSkewedRouting) {
 }
 
 TEST_F(Gpu, CudaErrorsNameTheCall) {
-  const CompressedMatrix m = random_matrix(4, 10, 0.5, 1);
   try {
-    ForwardOptions opt;
-    opt.dense_min_tokens = 1;
-    opt.dense_workspace_bytes = int64_t{1} << 62;  // a tile this large cannot be allocated
-    DeviceMatrix dm(random_matrix(1 << 16, 1 << 15, 1.0, 2).view(), opt);
-    DevBuf<float> x(std::vector<float>(1 << 15)), y(std::vector<float>(1 << 16));
-    dm.forward(DType::kF32, x.p, 1 << 15, y.p, 1 << 16, 1, false);
-    cudaDeviceSynchronize();
-    SUCCEED() << "the device had memory for the whole decoded matrix";
+    (void)v1_table_dev(device_count() + 7);  // no such device
+    FAIL() << "no error for an invalid device ordinal";
   } catch (const CudaError& e) {
-    EXPECT_NE(std::string(e.what()).find("cudaMalloc"), std::string::npos) << e.what();
+    EXPECT_NE(std::string(e.what()).find("cudaSetDevice"), std::string::npos) << e.what();
   }
+  const CompressedMatrix m = random_matrix(4, 10, 0.5, 1);
   DeviceMatrix dm(m.view());
   EXPECT_THROW(dm.forward(DType::kU8, nullptr, 10, nullptr, 4, 1, false), InvalidArgument);
 }
