@@ -19,8 +19,8 @@ inline std::string where(const char* file, int line) {
 
 inline void check_cuda(cudaError_t e, const char* call, const char* file, int line) {
   if (e == cudaSuccess) return;
-  (void)cudaGetLastError();  // clear a non-sticky error so a later launch check does not report it
-                             // again
+  // Clear a non-sticky error, so that a later launch check does not report it a second time.
+  (void)cudaGetLastError();
   throw CudaError(std::string(call) + " failed: " + cudaGetErrorString(e) + " (" +
                   cudaGetErrorName(e) + ") at " + where(file, line));
 }
