@@ -123,6 +123,7 @@ constexpr int64_t kRowBlock = 64;  // rows per OpenMP work item (fixed: results 
 constexpr int kMaxPasses = 8;      // passes per sweep over the codes (bounds the input copies)
 constexpr int64_t kColBlock = 256;       // columns per transposition work item
 constexpr double kSerialWork = 1 << 17;  // below this many weight x token products: one thread
+constexpr int64_t kSerialPrepareFloats = 1 << 18;  // inputs up to 1 MiB are copied by one thread
 
 thread_local Aligned<int32_t> t_lists;
 thread_local Aligned<float> t_inputs;
@@ -180,34 +181,43 @@ void run(const CompressedView& w, int64_t n, const float* const* xin, float* con
     work.passes = passes;
     work.num_passes = num_passes;
     const int64_t col_blocks = (padded_cols + kColBlock - 1) / kColBlock;
+    // Inputs, column-major per pass: xt[c * bp + t]; zero past the last column and token.
+    auto prepare = [&](int64_t item) {
+      const int q = static_cast<int>(item / col_blocks);
+      const int64_t c0 = (item % col_blocks) * kColBlock;
+      const int64_t c1 = std::min(padded_cols, c0 + kColBlock);
+      const int64_t real_end = std::min(c1, w.cols);
+      const detail::Pass& p = passes[q];
+      float* xt = inputs + offsets[q];
+      const float* const* src = xin + (t0 + q * kMaxPassTokens);
+      if (p.bp == 1) {
+        if (real_end > c0)
+          std::memcpy(xt + c0, src[0] + c0, static_cast<size_t>(real_end - c0) * sizeof(float));
+        for (int64_t c = std::max(c0, real_end); c < c1; ++c) xt[c] = 0.0f;
+      } else {
+        for (int64_t c = c0; c < c1; ++c) {
+          float* dst = xt + c * p.bp;
+          if (c < w.cols) {
+            for (int t = 0; t < p.n; ++t) dst[t] = src[t][c];
+            for (int t = p.n; t < p.bp; ++t) dst[t] = 0.0f;
+          } else {
+            for (int t = 0; t < p.bp; ++t) dst[t] = 0.0f;
+          }
+        }
+      }
+    };
+    // Small inputs are prepared by the calling thread: a barrier costs more than the copy, and
+    // much more on a machine whose cores are oversubscribed.
+    const bool parallel_prepare = threads > 1 && floats > kSerialPrepareFloats;
+    if (!parallel_prepare) {
+      for (int64_t item = 0; item < num_passes * col_blocks; ++item) prepare(item);
+    }
 
 #pragma omp parallel num_threads(threads) if (threads > 1)
     {
-      // Inputs, column-major per pass: xt[c * bp + t]; zero past the last column and token.
+      if (parallel_prepare) {
 #pragma omp for schedule(static)
-      for (int64_t item = 0; item < num_passes * col_blocks; ++item) {
-        const int q = static_cast<int>(item / col_blocks);
-        const int64_t c0 = (item % col_blocks) * kColBlock;
-        const int64_t c1 = std::min(padded_cols, c0 + kColBlock);
-        const int64_t real_end = std::min(c1, w.cols);
-        const detail::Pass& p = passes[q];
-        float* xt = inputs + offsets[q];
-        const float* const* src = xin + (t0 + q * kMaxPassTokens);
-        if (p.bp == 1) {
-          if (real_end > c0)
-            std::memcpy(xt + c0, src[0] + c0, static_cast<size_t>(real_end - c0) * sizeof(float));
-          for (int64_t c = std::max(c0, real_end); c < c1; ++c) xt[c] = 0.0f;
-        } else {
-          for (int64_t c = c0; c < c1; ++c) {
-            float* dst = xt + c * p.bp;
-            if (c < w.cols) {
-              for (int t = 0; t < p.n; ++t) dst[t] = src[t][c];
-              for (int t = p.n; t < p.bp; ++t) dst[t] = 0.0f;
-            } else {
-              for (int t = 0; t < p.bp; ++t) dst[t] = 0.0f;
-            }
-          }
-        }
+        for (int64_t item = 0; item < num_passes * col_blocks; ++item) prepare(item);
       }
       int32_t* lists = t_lists.get(static_cast<size_t>(2 * work.list_capacity));
 #pragma omp for schedule(static)
