@@ -662,6 +662,7 @@ CompressSummary compress_checkpoint(const fs::path& checkpoint, const fs::path& 
     }
   }
   if (!fs::exists(work, ec)) {
+    if (opt.resume && opt.note) opt.note("nothing to resume (no " + work.string() + "): starting afresh");
     const fs::path tmp = work.string() + ".tmp." + std::to_string(::getpid());
     fs::remove_all(tmp, ec);
     fs::create_directories(tmp, ec);
