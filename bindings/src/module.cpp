@@ -35,6 +35,13 @@
 #include "qmoe/gptq/hessian.h"
 #include "qmoe/switch/compress.h"
 
+#ifdef QMOE_PY_CUDA
+#include <cuda_runtime.h>
+
+#include "qmoe/decoder_cuda/decoder.h"
+#include "qmoe/decoder_cuda/error.h"
+#endif
+
 namespace py = pybind11;
 
 namespace {
@@ -472,6 +479,123 @@ py::object compress_matrix(const py::handle& w_obj, const py::handle& h_obj, con
   return py::make_tuple(m, stats);
 }
 
+// ---- CUDA ------------------------------------------------------------------------------------
+// A CompressedMatrix copied to a GPU (qmoe::cuda::DeviceMatrix), used from host numpy arrays:
+// inputs are uploaded, outputs downloaded. Present in every build; without the CUDA kernels (no
+// nvcc at build time) or without a device, creating one raises RuntimeError.
+
+int cuda_device_count() {
+#ifdef QMOE_PY_CUDA
+  return qmoe::cuda::device_count();
+#else
+  return 0;
+#endif
+}
+
+#ifdef QMOE_PY_CUDA
+void cuda_check(cudaError_t e, const char* what) {
+  if (e != cudaSuccess) throw qmoe::CudaError(std::string(what) + " failed: " + cudaGetErrorString(e));
+}
+
+// Device memory freed on scope exit.
+class DeviceBuffer {
+ public:
+  explicit DeviceBuffer(size_t bytes) {
+    if (bytes > 0) cuda_check(cudaMalloc(&p_, bytes), "cudaMalloc");
+  }
+  ~DeviceBuffer() {
+    if (p_ != nullptr) cudaFree(p_);
+  }
+  DeviceBuffer(const DeviceBuffer&) = delete;
+  DeviceBuffer& operator=(const DeviceBuffer&) = delete;
+  void* get() const { return p_; }
+
+ private:
+  void* p_ = nullptr;
+};
+#endif
+
+struct PyCudaMatrix {
+  int64_t rows = 0;
+  int64_t cols = 0;
+  qmoe::Codec codec = qmoe::Codec::kV1;
+  int device = 0;
+  mutable std::mutex mu;  // DeviceMatrix calls must not overlap (shared workspace)
+#ifdef QMOE_PY_CUDA
+  std::unique_ptr<qmoe::cuda::DeviceMatrix> dm;
+#endif
+};
+
+std::unique_ptr<PyCudaMatrix> to_cuda(const PyCompressed& m, int device) {
+#ifdef QMOE_PY_CUDA
+  const int n = qmoe::cuda::device_count();
+  if (n == 0) throw qmoe::Error("to_cuda: no CUDA device is available");
+  if (device < 0 || device >= n) {
+    bad_arg("to_cuda: device " + std::to_string(device) + " does not exist (" + std::to_string(n) + " device(s))");
+  }
+  auto out = std::make_unique<PyCudaMatrix>();
+  out->rows = m.view.rows;
+  out->cols = m.view.cols;
+  out->codec = m.view.codec;
+  out->device = device;
+  py::gil_scoped_release nogil;
+  cuda_check(cudaSetDevice(device), "cudaSetDevice");
+  out->dm = std::make_unique<qmoe::cuda::DeviceMatrix>(m.view);
+  return out;
+#else
+  (void)m;
+  (void)device;
+  throw qmoe::Error("to_cuda: this qmoe was built without the CUDA kernels (no nvcc when it was installed)");
+#endif
+}
+
+// Y (n, rows) = X W^T on the GPU for X (n, cols) on the host; fp32 accumulation.
+py::array_t<float> cuda_matmul(const PyCudaMatrix& m, const py::handle& x_obj, bool bf16, bool vector) {
+  FloatArg x = float_arg(x_obj, vector ? "x" : "X", vector ? 1 : 2, bf16);
+  const int64_t n = vector ? 1 : x.dim(0);
+  const int64_t cols = x.dim(vector ? 0 : 1);
+  if (cols != m.cols) {
+    bad_arg(std::string(vector ? "x" : "X") + ": expected " + std::to_string(m.cols) + " columns, got " +
+            std::to_string(cols));
+  }
+  std::vector<float> y(static_cast<size_t>(n * m.rows));
+#ifdef QMOE_PY_CUDA
+  {
+    py::gil_scoped_release nogil;
+    Float32 xf(x.data(), x.dtype, n * cols);
+    std::lock_guard lock(m.mu);
+    cuda_check(cudaSetDevice(m.device), "cudaSetDevice");
+    DeviceBuffer xd(static_cast<size_t>(n * cols) * sizeof(float));
+    DeviceBuffer yd(y.size() * sizeof(float));
+    if (n > 0) {
+      cuda_check(cudaMemcpy(xd.get(), xf.get(), static_cast<size_t>(n * cols) * sizeof(float), cudaMemcpyHostToDevice),
+                 "cudaMemcpy (input)");
+      m.dm->forward(DType::kF32, xd.get(), cols, yd.get(), m.rows, n, false, nullptr);
+      cuda_check(cudaMemcpy(y.data(), yd.get(), y.size() * sizeof(float), cudaMemcpyDeviceToHost), "cudaMemcpy (output)");
+    }
+  }
+#endif
+  if (vector) return to_numpy(std::move(y), {static_cast<py::ssize_t>(m.rows)});
+  return to_numpy(std::move(y), {static_cast<py::ssize_t>(n), static_cast<py::ssize_t>(m.rows)});
+}
+
+py::array_t<float> cuda_decode(const PyCudaMatrix& m) {
+  std::vector<float> out(static_cast<size_t>(m.rows * m.cols));
+#ifdef QMOE_PY_CUDA
+  {
+    py::gil_scoped_release nogil;
+    std::lock_guard lock(m.mu);
+    cuda_check(cudaSetDevice(m.device), "cudaSetDevice");
+    DeviceBuffer d(out.size() * sizeof(float));
+    if (!out.empty()) {
+      m.dm->decode_dense(DType::kF32, d.get(), m.cols, 0, m.rows, nullptr);
+      cuda_check(cudaMemcpy(out.data(), d.get(), out.size() * sizeof(float), cudaMemcpyDeviceToHost), "cudaMemcpy");
+    }
+  }
+#endif
+  return to_numpy(std::move(out), {static_cast<py::ssize_t>(m.rows), static_cast<py::ssize_t>(m.cols)});
+}
+
 // ---- containers ------------------------------------------------------------------------------
 
 // numpy dtype -> stored element type. Native byte order only.
@@ -841,6 +965,11 @@ each code is decoded once per pass of up to 32 tokens. X: float32, float16 or bf
 (n, cols), C-contiguous. threads as for matvec(). Returns float32 of shape (n, rows).
 Raises ValueError for a wrong dtype, shape or layout.
 )doc")
+      .def("to_cuda", &to_cuda, py::arg("device") = 0, R"doc(
+Copies the matrix to GPU `device` and returns a CudaMatrix. Raises RuntimeError when qmoe was
+built without the CUDA kernels or no CUDA device is available (see cuda_device_count()),
+ValueError for a device that does not exist.
+)doc")
       .def("__repr__", [](const PyCompressed& p) {
         return "CompressedMatrix(shape=(" + std::to_string(p.view.rows) + ", " + std::to_string(p.view.cols) +
                "), codec='" + std::string(qmoe::codec_name(p.view.codec)) +
@@ -1091,5 +1220,45 @@ Returns a summary dict (files, quantizer, sizes, matrix counts, bits_per_expert_
 per-block statistics under "blocks").
 Raises qmoe.FormatError for a missing or malformed checkpoint or Hessian file, ValueError for bad
 arguments, RuntimeError for I/O failures or too little disk space.
+)doc");
+
+  // ---- CUDA --------------------------------------------------------------------------------
+  m.def("cuda_device_count", &cuda_device_count, R"doc(
+Number of CUDA devices qmoe can use: 0 when it was built without the CUDA kernels (no nvcc when
+it was installed), when there is no driver, or no device. Never raises.
+)doc");
+  m.attr("built_with_cuda") =
+#ifdef QMOE_PY_CUDA
+      true;
+#else
+      false;
+#endif
+
+  py::class_<PyCudaMatrix>(m, "CudaMatrix", R"doc(
+A compressed matrix on a GPU (CompressedMatrix.to_cuda()), multiplied by the CUDA kernels: fused
+decode x activations for few tokens, decode-to-dense + cuBLAS for many. Its methods take and
+return host numpy arrays (inputs are uploaded, outputs downloaded); calls on one object are
+serialised.
+)doc")
+      .def_property_readonly("shape", [](const PyCudaMatrix& c) { return py::make_tuple(c.rows, c.cols); },
+                             "(rows, cols) of the matrix.")
+      .def_property_readonly("codec", [](const PyCudaMatrix& c) { return std::string(qmoe::codec_name(c.codec)); },
+                             "Codec name: 'qmoe-v1' or 'qmoe-p5'.")
+      .def_property_readonly("device", [](const PyCudaMatrix& c) { return c.device; }, "CUDA device index.")
+      .def(
+          "matvec", [](const PyCudaMatrix& c, const py::handle& x, bool bf16) { return cuda_matmul(c, x, bf16, true); },
+          py::arg("x"), py::kw_only(), py::arg("bf16") = false, R"doc(
+y = W x on the GPU. x: 1-D float32, float16 or bfloat16 of cols elements (host memory).
+Returns float32 of rows elements. Raises ValueError for a wrong dtype, shape or layout,
+RuntimeError for a CUDA failure.
+)doc")
+      .def(
+          "matmul", [](const PyCudaMatrix& c, const py::handle& x, bool bf16) { return cuda_matmul(c, x, bf16, false); },
+          py::arg("X"), py::kw_only(), py::arg("bf16") = false, R"doc(
+Y = X W^T on the GPU for X of shape (n, cols) (host memory; float32, float16 or bfloat16).
+Returns float32 of shape (n, rows). Errors as matvec().
+)doc")
+      .def("decode", &cuda_decode, R"doc(
+Decodes on the GPU to dense float32 (rows, cols), bit-exact with CompressedMatrix.decode().
 )doc");
 }
