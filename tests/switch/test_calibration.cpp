@@ -210,6 +210,25 @@ TEST(CompressExperts, SequentialGptqReplacesEveryExpertDeterministically) {
   EXPECT_EQ(codes_of(runs[0]), codes_of(runs[1]));
 }
 
+TEST(CompressExperts, CompressedModelBitIdenticalForAnyThreadCount) {
+  const auto dir = fixture("all_sparse_bf16");
+  const TokenPairs pairs = TokenPairs::load(dir / "tokens.safetensors");
+  SwitchModel m = SwitchModel::load(dir);
+  ExpertCompressOptions opt;
+  opt.rtn = true;
+  compress_experts(m, pairs, opt);
+  const int saved = omp_get_max_threads();
+  std::vector<RowMatrix> outs;
+  for (int t : {1, 2, 5}) {
+    omp_set_num_threads(t);
+    outs.push_back(logits(m, decode(m, pairs, encode(m, pairs))));
+  }
+  omp_set_num_threads(saved);
+  for (size_t i = 1; i < outs.size(); ++i)
+    EXPECT_EQ(0, std::memcmp(outs[i].data(), outs[0].data(),
+                             sizeof(float) * static_cast<size_t>(outs[0].size())));
+}
+
 TEST(CompressExperts, RtnEqualsTernarizeRtn) {
   const auto dir = fixture("every_other_f32");
   const TokenPairs pairs = TokenPairs::load(dir / "tokens.safetensors");
