@@ -4,7 +4,6 @@
 #include <cstring>
 #include <fstream>
 #include <map>
-#include <regex>
 #include <set>
 #include <sstream>
 
@@ -385,14 +384,19 @@ FloatTensor SwitchSource::dense(std::string_view name, const std::vector<int64_t
 }
 
 void SwitchSource::build_layout() {
-  const std::regex re(R"(^(encoder|decoder)\.block\.(\d+)\.(.*)$)");
   std::map<std::string, std::set<int64_t>> blocks;
   std::map<std::string, std::set<int64_t>> sparse;
   for (const auto& n : names()) {
-    std::smatch m;
-    if (!std::regex_match(n, m, re)) continue;
-    const std::string stack = m[1];
-    const int64_t b = std::stoll(m[2]);
+    // "<stack>.block.<digits>.<rest>"
+    std::string stack;
+    for (const char* st : {"encoder", "decoder"})
+      if (n.starts_with(std::string(st) + ".block.")) stack = st;
+    if (stack.empty()) continue;
+    const size_t p0 = stack.size() + 7;
+    size_t p = p0;
+    while (p < n.size() && n[p] >= '0' && n[p] <= '9') ++p;
+    if (p == p0 || p - p0 > 9 || p >= n.size() || n[p] != '.') continue;
+    const int64_t b = std::stoll(n.substr(p0, p - p0));
     blocks[stack].insert(b);
     if (n == SwitchNames::router(stack, b)) sparse[stack].insert(b);
   }
