@@ -57,7 +57,8 @@ class SyntheticHessians final : public sw::HessianProvider {
     for (auto& x : v) x = nd(rng);
     for (int64_t i = 0; i < d; ++i)
       for (int64_t j = 0; j < d; ++j)
-        h[static_cast<size_t>(i * d + j)] = (i == j ? 1.0f : 0.0f) + v[i] * v[j] / static_cast<float>(d);
+        h[static_cast<size_t>(i * d + j)] =
+            (i == j ? 1.0f : 0.0f) + v[i] * v[j] / static_cast<float>(d);
     tokens = 2 * d;
     return h;
   }
@@ -77,11 +78,11 @@ void run(benchmark::State& state, int threads, bool gptq) {
   }
   const double experts = static_cast<double>(s.expert_matrices) / 2.0;
   state.counters["threads"] = threads;
-  state.counters["experts/s"] = benchmark::Counter(experts * static_cast<double>(state.iterations()),
-                                                   benchmark::Counter::kIsRate);
-  state.counters["weights/s"] = benchmark::Counter(static_cast<double>(s.expert_weights) *
-                                                       static_cast<double>(state.iterations()),
-                                                   benchmark::Counter::kIsRate);
+  state.counters["experts/s"] = benchmark::Counter(
+      experts * static_cast<double>(state.iterations()), benchmark::Counter::kIsRate);
+  state.counters["weights/s"] = benchmark::Counter(
+      static_cast<double>(s.expert_weights) * static_cast<double>(state.iterations()),
+      benchmark::Counter::kIsRate);
   state.counters["bits_per_expert_weight"] = s.bits_per_expert_weight();
   state.counters["zero_fraction"] = s.mean_zero_fraction;
   state.counters["compress_s"] = s.compress_seconds;
@@ -90,12 +91,24 @@ void run(benchmark::State& state, int threads, bool gptq) {
   state.counters["output_MB"] = static_cast<double>(s.output_bytes) / 1e6;
 }
 
-void BM_CompressRtn(benchmark::State& state) { run(state, static_cast<int>(state.range(0)), false); }
-void BM_CompressGptq(benchmark::State& state) { run(state, static_cast<int>(state.range(0)), true); }
+void BM_CompressRtn(benchmark::State& state) {
+  run(state, static_cast<int>(state.range(0)), false);
+}
+void BM_CompressGptq(benchmark::State& state) {
+  run(state, static_cast<int>(state.range(0)), true);
+}
 
 BENCHMARK(BM_CompressRtn)->Arg(1)->Iterations(1)->UseRealTime()->Unit(benchmark::kSecond);
-BENCHMARK(BM_CompressRtn)->Arg(omp_get_max_threads())->Iterations(1)->UseRealTime()->Unit(benchmark::kSecond);
-BENCHMARK(BM_CompressGptq)->Arg(omp_get_max_threads())->Iterations(1)->UseRealTime()->Unit(benchmark::kSecond);
+BENCHMARK(BM_CompressRtn)
+    ->Arg(omp_get_max_threads())
+    ->Iterations(1)
+    ->UseRealTime()
+    ->Unit(benchmark::kSecond);
+BENCHMARK(BM_CompressGptq)
+    ->Arg(omp_get_max_threads())
+    ->Iterations(1)
+    ->UseRealTime()
+    ->Unit(benchmark::kSecond);
 
 }  // namespace
 }  // namespace qmoe

@@ -17,7 +17,8 @@ namespace {
 
 struct CompressArgs {
   std::string checkpoint, output, hessians, codec = "auto";
-  bool rtn = false, resume = false, progress = false, cast_bf16 = false, no_disk_check = false, actorder = false;
+  bool rtn = false, resume = false, progress = false, cast_bf16 = false, no_disk_check = false,
+       actorder = false;
   int threads = 0;
   std::string max_memory = "0", shard_size = "0";
   double percdamp = 0.1;
@@ -28,12 +29,15 @@ std::string duration(double s) {
   if (!std::isfinite(s) || s < 0) return "--:--";
   const long t = std::lround(s);
   char buf[32];
-  if (t >= 3600) std::snprintf(buf, sizeof buf, "%ld:%02ld:%02ld", t / 3600, t / 60 % 60, t % 60);
-  else std::snprintf(buf, sizeof buf, "%ld:%02ld", t / 60, t % 60);
+  if (t >= 3600)
+    std::snprintf(buf, sizeof buf, "%ld:%02ld:%02ld", t / 3600, t / 60 % 60, t % 60);
+  else
+    std::snprintf(buf, sizeof buf, "%ld:%02ld", t / 60, t % 60);
   return buf;
 }
 
-// One line, redrawn in place: [#####     ] 96/192 matrices (48 experts)  3.1 experts/s  ETA 0:15  encoder.block.5
+// One line, redrawn in place: [#####     ] 96/192 matrices (48 experts)  3.1 experts/s  ETA 0:15
+// encoder.block.5
 void draw_bar(const sw::CompressProgress& p) {
   const int width = 28;
   const double frac = p.total ? static_cast<double>(p.done) / static_cast<double>(p.total) : 1.0;
@@ -41,15 +45,18 @@ void draw_bar(const sw::CompressProgress& p) {
   std::string bar(static_cast<size_t>(fill), '#');
   bar.resize(width, ' ');
   const int64_t this_run = p.done - p.resumed;
-  const double rate = p.seconds > 0 ? static_cast<double>(this_run) / p.seconds : 0.0;  // matrices/s
+  const double rate =
+      p.seconds > 0 ? static_cast<double>(this_run) / p.seconds : 0.0;  // matrices/s
   const double eta = rate > 0 ? static_cast<double>(p.total - p.done) / rate : NAN;
   if (p.phase == "assemble") {
     std::fprintf(stderr, "\r[%s] %lld/%lld matrices  writing the container: %-48.48s", bar.c_str(),
-                 static_cast<long long>(p.done), static_cast<long long>(p.total), p.current.c_str());
+                 static_cast<long long>(p.done), static_cast<long long>(p.total),
+                 p.current.c_str());
   } else {
-    std::fprintf(stderr, "\r[%s] %lld/%lld matrices (%lld experts)  %.2f experts/s  ETA %s  %-18s", bar.c_str(),
-                 static_cast<long long>(p.done), static_cast<long long>(p.total), static_cast<long long>(p.done / 2),
-                 rate / 2, duration(eta).c_str(), p.current.c_str());
+    std::fprintf(stderr, "\r[%s] %lld/%lld matrices (%lld experts)  %.2f experts/s  ETA %s  %-18s",
+                 bar.c_str(), static_cast<long long>(p.done), static_cast<long long>(p.total),
+                 static_cast<long long>(p.done / 2), rate / 2, duration(eta).c_str(),
+                 p.current.c_str());
   }
   std::fflush(stderr);
 }
@@ -68,9 +75,11 @@ int run_compress(const CompressArgs& a) {
   opt.actorder = a.actorder;
   if (a.codec != "auto") {
     opt.codec = codec_from_name(a.codec);
-    if (!opt.codec) throw InvalidArgument("unknown codec '" + a.codec + "' (qmoe-v1, qmoe-p5 or auto)");
+    if (!opt.codec)
+      throw InvalidArgument("unknown codec '" + a.codec + "' (qmoe-v1, qmoe-p5 or auto)");
   }
-  if (a.rtn && !a.hessians.empty()) throw InvalidArgument("--rtn and --hessians exclude each other");
+  if (a.rtn && !a.hessians.empty())
+    throw InvalidArgument("--rtn and --hessians exclude each other");
   std::unique_ptr<sw::HessianProvider> hess;
   if (!a.hessians.empty()) {
     hess = sw::open_hessian_file(a.hessians);
@@ -85,15 +94,18 @@ int run_compress(const CompressArgs& a) {
   };
 
   const sw::CompressPlan plan = sw::plan_compression(a.checkpoint, a.output, opt);
-  std::printf("checkpoint %s: %zu expert matrices, %lld other tensors, %s\n", a.checkpoint.c_str(), plan.experts.size(),
-              static_cast<long long>(plan.passthrough_tensors), human_bytes(static_cast<double>(plan.input_bytes)).c_str());
+  std::printf("checkpoint %s: %zu expert matrices, %lld other tensors, %s\n", a.checkpoint.c_str(),
+              plan.experts.size(), static_cast<long long>(plan.passthrough_tensors),
+              human_bytes(static_cast<double>(plan.input_bytes)).c_str());
   std::printf("disk: needs at most %s (work files, container, writer's staging copy), %s free\n",
               human_bytes(static_cast<double>(plan.disk_needed)).c_str(),
               human_bytes(static_cast<double>(plan.disk_free)).c_str());
   if (hess) {
     std::printf("quantizer: GPTQ ternary with Hessians from %s\n", hess->describe().c_str());
   } else {
-    std::printf("quantizer: round-to-nearest ternary (no Hessians given; recorded as \"rtn\" in the output)\n");
+    std::printf(
+        "quantizer: round-to-nearest ternary (no Hessians given; recorded as \"rtn\" in the "
+        "output)\n");
   }
   std::fflush(stdout);
 
@@ -106,29 +118,39 @@ int run_compress(const CompressArgs& a) {
   for (const auto& b : s.blocks)
     std::printf("%-24s %10lld %12lld %10.4f\n", b.block.c_str(), static_cast<long long>(b.matrices),
                 static_cast<long long>(b.weights), b.bits_per_weight());
-  std::printf("experts: %lld matrices (%lld qmoe-v1, %lld qmoe-p5), %lld weights, %.2f%% zeros, %s -> %s, "
-              "%.4f bits per expert weight\n",
-              static_cast<long long>(s.expert_matrices), static_cast<long long>(s.v1_matrices),
-              static_cast<long long>(s.p5_matrices), static_cast<long long>(s.expert_weights),
-              100.0 * s.mean_zero_fraction, human_bytes(static_cast<double>(s.expert_input_bytes)).c_str(),
-              human_bytes(static_cast<double>(s.expert_compressed_bytes)).c_str(), s.bits_per_expert_weight());
+  std::printf(
+      "experts: %lld matrices (%lld qmoe-v1, %lld qmoe-p5), %lld weights, %.2f%% zeros, %s -> %s, "
+      "%.4f bits per expert weight\n",
+      static_cast<long long>(s.expert_matrices), static_cast<long long>(s.v1_matrices),
+      static_cast<long long>(s.p5_matrices), static_cast<long long>(s.expert_weights),
+      100.0 * s.mean_zero_fraction, human_bytes(static_cast<double>(s.expert_input_bytes)).c_str(),
+      human_bytes(static_cast<double>(s.expert_compressed_bytes)).c_str(),
+      s.bits_per_expert_weight());
   if (s.quantizer == "gptq" && s.fallback_matrices > 0)
     std::printf("gptq: %lld matrices saw no calibration token and were rounded to nearest\n",
                 static_cast<long long>(s.fallback_matrices));
-  std::printf("container: %s (%zu file%s), %s; input %s (%.1fx smaller)\n", a.output.c_str(), s.files.size(),
-              s.files.size() == 1 ? "" : "s", human_bytes(static_cast<double>(s.output_bytes)).c_str(),
+  std::printf("container: %s (%zu file%s), %s; input %s (%.1fx smaller)\n", a.output.c_str(),
+              s.files.size(), s.files.size() == 1 ? "" : "s",
+              human_bytes(static_cast<double>(s.output_bytes)).c_str(),
               human_bytes(static_cast<double>(s.input_bytes)).c_str(),
-              s.output_bytes ? static_cast<double>(s.input_bytes) / static_cast<double>(s.output_bytes) : 0.0);
+              s.output_bytes
+                  ? static_cast<double>(s.input_bytes) / static_cast<double>(s.output_bytes)
+                  : 0.0);
   if (s.resumed_matrices > 0)
-    std::printf("resumed: %lld matrices were finished by an earlier run\n", static_cast<long long>(s.resumed_matrices));
-  std::printf("time: %.2f s (compress %.2f s: %.2f experts/s, %.1f M weights/s; assemble %.2f s)\n", clock.seconds(),
-              s.compress_seconds, s.compress_seconds > 0 ? fresh / s.compress_seconds : 0.0,
-              s.compress_seconds > 0 ? fresh * 2.0 * static_cast<double>(s.expert_weights) /
-                                           static_cast<double>(s.expert_matrices) / s.compress_seconds / 1e6
-                                     : 0.0,
+    std::printf("resumed: %lld matrices were finished by an earlier run\n",
+                static_cast<long long>(s.resumed_matrices));
+  std::printf("time: %.2f s (compress %.2f s: %.2f experts/s, %.1f M weights/s; assemble %.2f s)\n",
+              clock.seconds(), s.compress_seconds,
+              s.compress_seconds > 0 ? fresh / s.compress_seconds : 0.0,
+              s.compress_seconds > 0
+                  ? fresh * 2.0 * static_cast<double>(s.expert_weights) /
+                        static_cast<double>(s.expert_matrices) / s.compress_seconds / 1e6
+                  : 0.0,
               s.assemble_seconds);
-  std::printf("peak resident memory: %s", human_bytes(static_cast<double>(peak_rss_bytes())).c_str());
-  if (opt.max_memory > 0) std::printf(" (cap %s)", human_bytes(static_cast<double>(opt.max_memory)).c_str());
+  std::printf("peak resident memory: %s",
+              human_bytes(static_cast<double>(peak_rss_bytes())).c_str());
+  if (opt.max_memory > 0)
+    std::printf(" (cap %s)", human_bytes(static_cast<double>(opt.max_memory)).c_str());
   std::printf("\n");
   (void)experts;
   return 0;
@@ -137,23 +159,33 @@ int run_compress(const CompressArgs& a) {
 Registrar compress_cmd("compress", [](CLI::App& app) -> std::function<int()> {
   auto a = std::make_shared<CompressArgs>();
   app.description(
-      "Compress a Switch Transformers checkpoint: every expert matrix ternarized (GPTQ with --hessians, else round "
+      "Compress a Switch Transformers checkpoint: every expert matrix ternarized (GPTQ with "
+      "--hessians, else round "
       "to nearest) and encoded, every other tensor copied unchanged");
-  app.add_option("checkpoint", a->checkpoint, "Hugging Face checkpoint directory (config.json + safetensors)")->required();
-  app.add_option("-o,--output", a->output, "output container (a directory when --shard-size is given)")->required();
-  app.add_option("--hessians", a->hessians, "Hessian accumulator file (gptq/HESSIAN_FORMAT.md): GPTQ");
+  app.add_option("checkpoint", a->checkpoint,
+                 "Hugging Face checkpoint directory (config.json + safetensors)")
+      ->required();
+  app.add_option("-o,--output", a->output,
+                 "output container (a directory when --shard-size is given)")
+      ->required();
+  app.add_option("--hessians", a->hessians,
+                 "Hessian accumulator file (gptq/HESSIAN_FORMAT.md): GPTQ");
   app.add_flag("--rtn", a->rtn, "round to nearest (the default without --hessians)");
-  app.add_option("--threads", a->threads, "threads (0 = all); the output is the same for any value");
+  app.add_option("--threads", a->threads,
+                 "threads (0 = all); the output is the same for any value");
   app.add_option("--max-memory", a->max_memory, "cap on resident memory, e.g. 2G (0 = none)");
-  app.add_option("--shard-size", a->shard_size, "shard the output at about this size, e.g. 5G (0 = one file)");
+  app.add_option("--shard-size", a->shard_size,
+                 "shard the output at about this size, e.g. 5G (0 = one file)");
   app.add_flag("--resume", a->resume, "continue an interrupted run from <output>.qmoe-work");
   app.add_flag("--progress", a->progress, "progress bar on stderr even when it is not a terminal");
-  app.add_flag("--cast-bf16", a->cast_bf16, "store the F32/F16 tensors that are not experts as BF16");
+  app.add_flag("--cast-bf16", a->cast_bf16,
+               "store the F32/F16 tensors that are not experts as BF16");
   app.add_option("--codec", a->codec, "qmoe-v1, qmoe-p5 or auto (the smaller per matrix)");
   app.add_option("--percdamp", a->percdamp, "GPTQ dampening, a fraction of the mean diagonal of H");
   app.add_option("--blocksize", a->blocksize, "GPTQ lazy-update block size (columns)");
   app.add_flag("--actorder", a->actorder, "GPTQ: columns in order of decreasing Hessian diagonal");
-  app.add_flag("--no-disk-check", a->no_disk_check, "start even if the free disk space looks too small");
+  app.add_flag("--no-disk-check", a->no_disk_check,
+               "start even if the free disk space looks too small");
   return [a] { return run_compress(*a); };
 });
 
@@ -164,23 +196,30 @@ struct CheckArgs {
 
 int run_check(const CheckArgs& a) {
   const sw::CheckSummary s = sw::check_compressed(a.checkpoint, a.container, a.threads);
-  std::printf("check: %lld expert matrices (%lld weights) decoded", static_cast<long long>(s.expert_matrices),
-              static_cast<long long>(s.expert_weights));
+  std::printf("check: %lld expert matrices (%lld weights) decoded",
+              static_cast<long long>(s.expert_matrices), static_cast<long long>(s.expert_weights));
   if (s.exact_matrices == s.expert_matrices)
     std::printf(", every one exactly equal to the round-to-nearest ternarization of the original");
-  std::printf("; %lld other tensors byte-identical\n", static_cast<long long>(s.passthrough_tensors));
-  std::printf("check: ternary vs original weights: relative Frobenius error %.4f\n", s.relative_error);
-  std::printf("check: reference decode %.1f M weights/s per thread; %.2f s in all\n",
-              s.decode_seconds > 0 ? static_cast<double>(s.expert_weights) / s.decode_seconds / 1e6 : 0.0, s.seconds);
+  std::printf("; %lld other tensors byte-identical\n",
+              static_cast<long long>(s.passthrough_tensors));
+  std::printf("check: ternary vs original weights: relative Frobenius error %.4f\n",
+              s.relative_error);
+  std::printf(
+      "check: reference decode %.1f M weights/s per thread; %.2f s in all\n",
+      s.decode_seconds > 0 ? static_cast<double>(s.expert_weights) / s.decode_seconds / 1e6 : 0.0,
+      s.seconds);
   return 0;
 }
 
 Registrar check_cmd("check-compressed", [](CLI::App& app) -> std::function<int()> {
   auto a = std::make_shared<CheckArgs>();
   app.description(
-      "Check a container against its checkpoint: experts decode to the ternarized originals (round-to-nearest "
+      "Check a container against its checkpoint: experts decode to the ternarized originals "
+      "(round-to-nearest "
       "containers), other tensors byte-identical");
-  app.add_option("checkpoint", a->checkpoint, "the Hugging Face checkpoint directory it was compressed from")->required();
+  app.add_option("checkpoint", a->checkpoint,
+                 "the Hugging Face checkpoint directory it was compressed from")
+      ->required();
   app.add_option("container", a->container, "the qmoe container")->required();
   app.add_option("--threads", a->threads, "threads (0 = all)");
   return [a] { return run_check(*a); };

@@ -24,9 +24,12 @@ int run_generate(const GenerateArgs& a) {
   Stopwatch clock;
   sw::GenerateOptions o = sw::generate_preset(a.preset);
   if (!a.dtype.empty()) {
-    if (a.dtype == "f32" || a.dtype == "F32" || a.dtype == "float32") o.dtype = DType::kF32;
-    else if (a.dtype == "bf16" || a.dtype == "BF16" || a.dtype == "bfloat16") o.dtype = DType::kBF16;
-    else throw InvalidArgument("--dtype must be f32 or bf16");
+    if (a.dtype == "f32" || a.dtype == "F32" || a.dtype == "float32")
+      o.dtype = DType::kF32;
+    else if (a.dtype == "bf16" || a.dtype == "BF16" || a.dtype == "bfloat16")
+      o.dtype = DType::kBF16;
+    else
+      throw InvalidArgument("--dtype must be f32 or bf16");
   }
   if (a.d_model > 0) {
     o.d_model = a.d_model;
@@ -44,13 +47,16 @@ int run_generate(const GenerateArgs& a) {
   o.seed = a.seed;
   o.threads = a.threads;
   const auto s = sw::generate_checkpoint(a.out, o);
-  std::printf("generated %s: %lld tensors, %lld parameters (%lld expert matrices, %lld expert weights), %s, %s, "
-              "%lld experts, sparse %s, %zu file(s), %s in %.2f s\n",
-              a.out.c_str(), static_cast<long long>(s.tensors), static_cast<long long>(s.parameters),
-              static_cast<long long>(s.expert_matrices), static_cast<long long>(s.expert_weights),
-              std::string(dtype_name(o.dtype)).c_str(), o.shard_size ? "sharded" : "one file",
-              static_cast<long long>(o.num_experts), o.sparse_step == 1 ? "every block" : "every other block",
-              s.files.size(), human_bytes(static_cast<double>(s.total_bytes)).c_str(), clock.seconds());
+  std::printf(
+      "generated %s: %lld tensors, %lld parameters (%lld expert matrices, %lld expert weights), "
+      "%s, %s, "
+      "%lld experts, sparse %s, %zu file(s), %s in %.2f s\n",
+      a.out.c_str(), static_cast<long long>(s.tensors), static_cast<long long>(s.parameters),
+      static_cast<long long>(s.expert_matrices), static_cast<long long>(s.expert_weights),
+      std::string(dtype_name(o.dtype)).c_str(), o.shard_size ? "sharded" : "one file",
+      static_cast<long long>(o.num_experts),
+      o.sparse_step == 1 ? "every block" : "every other block", s.files.size(),
+      human_bytes(static_cast<double>(s.total_bytes)).c_str(), clock.seconds());
   return 0;
 }
 
@@ -58,23 +64,29 @@ Registrar generate_cmd("generate", [](CLI::App& app) -> std::function<int()> {
   auto a = std::make_shared<GenerateArgs>();
   std::string presets;
   for (const auto& p : sw::generate_preset_names()) presets += (presets.empty() ? "" : ", ") + p;
-  app.description("Write a synthetic Switch Transformers checkpoint (Hugging Face layout, realistic weight statistics)");
+  app.description(
+      "Write a synthetic Switch Transformers checkpoint (Hugging Face layout, realistic weight "
+      "statistics)");
   app.add_option("out", a->out, "output directory")->required();
   app.add_option("--preset", a->preset, "shape preset: " + presets + " (default switch-base-8)");
   app.add_option("--dtype", a->dtype, "f32 or bf16");
-  app.add_option("--shard-size", a->shard_size, "shard at about this size, e.g. 500M (with an index and tied aliases)");
+  app.add_option("--shard-size", a->shard_size,
+                 "shard at about this size, e.g. 500M (with an index and tied aliases)");
   app.add_option("--experts", a->experts, "experts per sparse block");
-  app.add_option("--target-size", a->target_size, "pick the number of experts so the checkpoint takes about this size");
+  app.add_option("--target-size", a->target_size,
+                 "pick the number of experts so the checkpoint takes about this size");
   app.add_option("--d-model", a->d_model, "d_model");
   app.add_option("--d-ff", a->d_ff, "d_ff");
   app.add_option("--layers", a->layers, "blocks per stack (encoder and decoder)");
   app.add_option("--vocab", a->vocab, "vocabulary size");
   app.add_flag("--all-sparse", a->all_sparse, "every block sparse (switch-c-2048 layout)");
   app.add_flag("--every-other", a->every_other, "every other block sparse (switch-base layout)");
-  app.add_flag("--misleading-config", a->misleading, "config.json understates the sparse decoder blocks, as "
-                                                     "switch-c-2048's does");
+  app.add_flag("--misleading-config", a->misleading,
+               "config.json understates the sparse decoder blocks, as "
+               "switch-c-2048's does");
   app.add_option("--seed", a->seed, "random seed");
-  app.add_option("--threads", a->threads, "threads (0 = all); the bytes are the same for any value");
+  app.add_option("--threads", a->threads,
+                 "threads (0 = all); the bytes are the same for any value");
   return [a] { return run_generate(*a); };
 });
 

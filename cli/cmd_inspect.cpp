@@ -32,12 +32,6 @@ std::string shape_str(const std::vector<int64_t>& s) {
   return r.empty() ? "scalar" : r;
 }
 
-int64_t numel(const std::vector<int64_t>& s) {
-  int64_t n = 1;
-  for (auto v : s) n *= v;
-  return n;
-}
-
 // Per expert matrix statistics the compress pipeline stores under "compress.stats.<block>".
 struct ExpertStat {
   double zero_fraction = -1, loss = -1, output_loss = -1;
@@ -47,19 +41,14 @@ struct ExpertStat {
 
 // "encoder.block.3.layer.1.mlp.experts.expert_5.wo.weight" -> ("encoder.block.3", 5, 1).
 bool parse_expert(const std::string& name, std::string& block, int64_t& expert, int& which) {
-  static const std::regex re(R"(^((encoder|decoder)\.block\.\d+)\.layer\.\d+\.mlp\.experts\.expert_(\d+)\.(wi|wo)\.weight$)");
+  static const std::regex re(
+      R"(^((encoder|decoder)\.block\.\d+)\.layer\.\d+\.mlp\.experts\.expert_(\d+)\.(wi|wo)\.weight$)");
   std::smatch m;
   if (!std::regex_match(name, m, re)) return false;
   block = m[1];
   expert = std::stoll(m[3]);
   which = m[4] == "wi" ? 0 : 1;
   return true;
-}
-
-std::string block_of(const std::string& name) {
-  static const std::regex re(R"(^((encoder|decoder)\.block\.\d+)\..*$)");
-  std::smatch m;
-  return std::regex_match(name, m, re) ? std::string(m[1]) : std::string("(other)");
 }
 
 int run_inspect(const InspectArgs& a) {
@@ -70,7 +59,8 @@ int run_inspect(const InspectArgs& a) {
     return it == md.end() ? std::string() : it->second;
   };
   int64_t container_bytes = 0;
-  for (const auto& f : c.files()) container_bytes += static_cast<int64_t>(std::filesystem::file_size(f));
+  for (const auto& f : c.files())
+    container_bytes += static_cast<int64_t>(std::filesystem::file_size(f));
   const std::string in_bytes_s = meta("source.bytes");
   const int64_t input_bytes = in_bytes_s.empty() ? 0 : std::stoll(in_bytes_s);
 
@@ -94,12 +84,14 @@ int run_inspect(const InspectArgs& a) {
     const size_t i = static_cast<size_t>(2 * e + w);
     const json& j = it->second;
     auto pick = [&](const char* key, double& out) {
-      if (j.contains(key) && j[key].is_array() && i < j[key].size() && j[key][i].is_number()) out = j[key][i].get<double>();
+      if (j.contains(key) && j[key].is_array() && i < j[key].size() && j[key][i].is_number())
+        out = j[key][i].get<double>();
     };
     pick("zero_fraction", s.zero_fraction);
     pick("loss", s.loss);
     pick("output_loss", s.output_loss);
-    if (j.contains("tokens") && j["tokens"].is_array() && i < j["tokens"].size()) s.tokens = j["tokens"][i].get<int64_t>();
+    if (j.contains("tokens") && j["tokens"].is_array() && i < j["tokens"].size())
+      s.tokens = j["tokens"][i].get<int64_t>();
     if (j.contains("fallback") && j["fallback"].is_array())
       for (const auto& f : j["fallback"])
         if (f.is_number_integer() && f.get<size_t>() == i) s.fallback = true;
@@ -120,12 +112,15 @@ int run_inspect(const InspectArgs& a) {
   int64_t dense_n = 0, dense_bytes = 0;
 
   std::vector<std::string> names = c.names();
-  if (!a.summary && !a.json_out) std::printf("%-64s %-12s %-8s %10s %9s %8s\n", "tensor", "shape", "codec", "codes", "bits/w", "loss");
+  if (!a.summary && !a.json_out)
+    std::printf("%-64s %-12s %-8s %10s %9s %8s\n", "tensor", "shape", "codec", "codes", "bits/w",
+                "loss");
   for (const auto& name : names) {
     if (const CompressedEntry* e = c.find_compressed(name)) {
       const CompressedView& v = e->view;
       const int64_t w = v.rows * v.cols;
-      const int64_t codes = v.codec == Codec::kV1 ? static_cast<int64_t>(v.codes.size()) : static_cast<int64_t>(v.packed.size());
+      const int64_t codes = v.codec == Codec::kV1 ? static_cast<int64_t>(v.codes.size())
+                                                  : static_cast<int64_t>(v.packed.size());
       const double bpw = v.bits_per_weight();
       ++comp_n;
       comp_weights += w;
@@ -154,9 +149,14 @@ int run_inspect(const InspectArgs& a) {
         }
       }
       if (a.json_out) {
-        json t = {{"name", name}, {"shape", e->original_shape}, {"dtype", std::string(dtype_name(e->original_dtype))},
-                  {"codec", std::string(codec_name(v.codec))}, {"codes", codes}, {"bytes", v.compressed_bytes()},
-                  {"bits_per_weight", bpw}, {"shard", std::filesystem::path(e->shard).filename().string()}};
+        json t = {{"name", name},
+                  {"shape", e->original_shape},
+                  {"dtype", std::string(dtype_name(e->original_dtype))},
+                  {"codec", std::string(codec_name(v.codec))},
+                  {"codes", codes},
+                  {"bytes", v.compressed_bytes()},
+                  {"bits_per_weight", bpw},
+                  {"shard", std::filesystem::path(e->shard).filename().string()}};
         if (st) {
           if (st->zero_fraction >= 0) t["zero_fraction"] = st->zero_fraction;
           if (st->loss >= 0) t["gptq_loss"] = st->loss;
@@ -167,30 +167,37 @@ int run_inspect(const InspectArgs& a) {
         jt.push_back(t);
       } else if (!a.summary) {
         char loss[32] = "";
-        if (st && st->loss >= 0) std::snprintf(loss, sizeof loss, "%.4g%s", st->loss, st->fallback ? "*" : "");
-        std::printf("%-64s %-12s %-8s %10lld %9.4f %8s\n", name.c_str(), shape_str(e->original_shape).c_str(),
-                    std::string(codec_name(v.codec)).c_str(), static_cast<long long>(codes), bpw, loss);
+        if (st && st->loss >= 0)
+          std::snprintf(loss, sizeof loss, "%.4g%s", st->loss, st->fallback ? "*" : "");
+        std::printf("%-64s %-12s %-8s %10lld %9.4f %8s\n", name.c_str(),
+                    shape_str(e->original_shape).c_str(), std::string(codec_name(v.codec)).c_str(),
+                    static_cast<long long>(codes), bpw, loss);
       }
     } else if (const DenseEntry* d = c.find_dense(name)) {
       ++dense_n;
       dense_bytes += static_cast<int64_t>(d->bytes.size());
       if (a.json_out) {
-        jt.push_back({{"name", name}, {"shape", d->shape}, {"dtype", std::string(dtype_name(d->dtype))},
-                      {"bytes", d->bytes.size()}, {"shard", std::filesystem::path(d->shard).filename().string()}});
+        jt.push_back({{"name", name},
+                      {"shape", d->shape},
+                      {"dtype", std::string(dtype_name(d->dtype))},
+                      {"bytes", d->bytes.size()},
+                      {"shard", std::filesystem::path(d->shard).filename().string()}});
       } else if (!a.summary) {
         std::printf("%-64s %-12s %-8s %10s %9s\n", name.c_str(), shape_str(d->shape).c_str(),
                     std::string(dtype_name(d->dtype)).c_str(), "-", "-");
       }
-      (void)numel;
     }
   }
-  auto bpw = [](int64_t bytes, int64_t w) { return w ? 8.0 * static_cast<double>(bytes) / static_cast<double>(w) : 0.0; };
+  auto bpw = [](int64_t bytes, int64_t w) {
+    return w ? 8.0 * static_cast<double>(bytes) / static_cast<double>(w) : 0.0;
+  };
   // Blocks in model order: encoder then decoder, by block number.
   std::vector<std::string> order;
   for (const auto& [k, b] : blocks) order.push_back(k);
   std::sort(order.begin(), order.end(), [](const std::string& x, const std::string& y) {
     auto key = [](const std::string& s) {
-      return std::make_pair(s.rfind("decoder", 0) == 0 ? 1 : 0, std::stoll(s.substr(s.rfind('.') + 1)));
+      return std::make_pair(s.rfind("decoder", 0) == 0 ? 1 : 0,
+                            std::stoll(s.substr(s.rfind('.') + 1)));
     };
     return key(x) < key(y);
   });
@@ -199,7 +206,10 @@ int run_inspect(const InspectArgs& a) {
     json jb = json::array();
     for (const auto& k : order) {
       const auto& b = blocks[k];
-      json x = {{"block", k}, {"matrices", b.matrices}, {"weights", b.weights}, {"bytes", b.bytes},
+      json x = {{"block", k},
+                {"matrices", b.matrices},
+                {"weights", b.weights},
+                {"bytes", b.bytes},
                 {"bits_per_expert_weight", bpw(b.bytes, b.weights)}};
       if (b.zeros_n) x["zero_fraction"] = b.zeros / static_cast<double>(b.zeros_n);
       if (b.loss_n) x["mean_gptq_loss"] = b.loss / static_cast<double>(b.loss_n);
@@ -229,31 +239,39 @@ int run_inspect(const InspectArgs& a) {
                   {"container_bytes", container_bytes}}}};
     if (input_bytes > 0) {
       out["totals"]["input_bytes"] = input_bytes;
-      out["totals"]["compression_ratio"] = static_cast<double>(input_bytes) / static_cast<double>(container_bytes);
+      out["totals"]["compression_ratio"] =
+          static_cast<double>(input_bytes) / static_cast<double>(container_bytes);
     }
     std::printf("%s\n", out.dump(2).c_str());
     return 0;
   }
 
   if (!order.empty()) {
-    std::printf("\n%-24s %9s %12s %14s %8s %12s\n", "block", "matrices", "weights", "bits/expert w", "zeros", "mean loss");
+    std::printf("\n%-24s %9s %12s %14s %8s %12s\n", "block", "matrices", "weights", "bits/expert w",
+                "zeros", "mean loss");
     for (const auto& k : order) {
       const auto& b = blocks[k];
       char zeros[16] = "-", loss[24] = "-";
-      if (b.zeros_n) std::snprintf(zeros, sizeof zeros, "%.2f%%", 100.0 * b.zeros / static_cast<double>(b.zeros_n));
-      if (b.loss_n) std::snprintf(loss, sizeof loss, "%.5g", b.loss / static_cast<double>(b.loss_n));
-      std::printf("%-24s %9lld %12lld %14.4f %8s %12s\n", k.c_str(), static_cast<long long>(b.matrices),
-                  static_cast<long long>(b.weights), bpw(b.bytes, b.weights), zeros, loss);
+      if (b.zeros_n)
+        std::snprintf(zeros, sizeof zeros, "%.2f%%",
+                      100.0 * b.zeros / static_cast<double>(b.zeros_n));
+      if (b.loss_n)
+        std::snprintf(loss, sizeof loss, "%.5g", b.loss / static_cast<double>(b.loss_n));
+      std::printf("%-24s %9lld %12lld %14.4f %8s %12s\n", k.c_str(),
+                  static_cast<long long>(b.matrices), static_cast<long long>(b.weights),
+                  bpw(b.bytes, b.weights), zeros, loss);
     }
   }
   std::printf("\ncontainer: %s, %zu file(s), %s", a.input.c_str(), c.files().size(),
               human_bytes(static_cast<double>(container_bytes)).c_str());
   if (!meta("quantizer").empty()) std::printf(", quantizer %s", meta("quantizer").c_str());
   std::printf("\n");
-  std::printf("compressed: %lld matrices (%lld qmoe-v1, %lld qmoe-p5), %lld weights, %lld codes, %s, %.4f bits/weight\n",
-              static_cast<long long>(comp_n), static_cast<long long>(v1), static_cast<long long>(p5),
-              static_cast<long long>(comp_weights), static_cast<long long>(comp_codes),
-              human_bytes(static_cast<double>(comp_bytes)).c_str(), bpw(comp_bytes, comp_weights));
+  std::printf(
+      "compressed: %lld matrices (%lld qmoe-v1, %lld qmoe-p5), %lld weights, %lld codes, %s, %.4f "
+      "bits/weight\n",
+      static_cast<long long>(comp_n), static_cast<long long>(v1), static_cast<long long>(p5),
+      static_cast<long long>(comp_weights), static_cast<long long>(comp_codes),
+      human_bytes(static_cast<double>(comp_bytes)).c_str(), bpw(comp_bytes, comp_weights));
   if (expert_weights > 0)
     std::printf("experts: %lld weights, %.4f bits per expert weight (originally %s)\n",
                 static_cast<long long>(expert_weights), bpw(expert_bytes, expert_weights),
@@ -261,7 +279,8 @@ int run_inspect(const InspectArgs& a) {
   std::printf("uncompressed: %lld tensors, %s\n", static_cast<long long>(dense_n),
               human_bytes(static_cast<double>(dense_bytes)).c_str());
   if (input_bytes > 0)
-    std::printf("size: %s against %s input (%.2fx smaller)\n", human_bytes(static_cast<double>(container_bytes)).c_str(),
+    std::printf("size: %s against %s input (%.2fx smaller)\n",
+                human_bytes(static_cast<double>(container_bytes)).c_str(),
                 human_bytes(static_cast<double>(input_bytes)).c_str(),
                 static_cast<double>(input_bytes) / static_cast<double>(container_bytes));
   return 0;
@@ -269,8 +288,10 @@ int run_inspect(const InspectArgs& a) {
 
 Registrar inspect_cmd("inspect", [](CLI::App& app) -> std::function<int()> {
   auto a = std::make_shared<InspectArgs>();
-  app.description("Show a container's tensors, codecs, bits per weight per tensor, per block and in total");
-  app.add_option("input", a->input, "container (.safetensors file, index .json or directory)")->required();
+  app.description(
+      "Show a container's tensors, codecs, bits per weight per tensor, per block and in total");
+  app.add_option("input", a->input, "container (.safetensors file, index .json or directory)")
+      ->required();
   app.add_flag("--json", a->json_out, "machine-readable output");
   app.add_flag("--summary", a->summary, "per block and totals only");
   return [a] { return run_inspect(*a); };

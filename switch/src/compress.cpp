@@ -24,8 +24,8 @@
 #include <sstream>
 #include <thread>
 
-#include <nlohmann/json.hpp>
 #include <omp.h>
+#include <nlohmann/json.hpp>
 
 #include "qmoe/encoder/encode.h"
 #include "qmoe/format/bf16.h"
@@ -59,7 +59,8 @@ void write_text_atomic(const fs::path& p, const std::string& text) {
   const fs::path tmp = p.string() + ".tmp." + std::to_string(::getpid());
   {
     std::ofstream f(tmp, std::ios::binary | std::ios::trunc);
-    if (!f) throw Error(p.string() + ": cannot create " + tmp.string() + ": " + std::strerror(errno));
+    if (!f)
+      throw Error(p.string() + ": cannot create " + tmp.string() + ": " + std::strerror(errno));
     f << text;
     f.flush();
     if (!f) throw Error(tmp.string() + ": write failed");
@@ -87,7 +88,9 @@ double round6(double v) {
   return std::strtod(b, nullptr);
 }
 
-bool is_float(DType t) { return t == DType::kF32 || t == DType::kF16 || t == DType::kBF16; }
+bool is_float(DType t) {
+  return t == DType::kF32 || t == DType::kF16 || t == DType::kBF16;
+}
 
 // Hands the pages of a mapped range back to the page cache: the mapping is read-only and backed by
 // the file, so touching them again just faults them back in. Keeps resident memory at what is in
@@ -114,7 +117,9 @@ int64_t current_rss_bytes() {
   return rss * ::sysconf(_SC_PAGESIZE);
 }
 
-bool pid_alive(long pid) { return pid > 0 && (::kill(static_cast<pid_t>(pid), 0) == 0 || errno == EPERM); }
+bool pid_alive(long pid) {
+  return pid > 0 && (::kill(static_cast<pid_t>(pid), 0) == 0 || errno == EPERM);
+}
 
 // The pid in "<stem>...tmp.<pid>", "<stem>...tmp.<pid>.<n>.data" or "<stem>...partial.<pid>" (the
 // temporary names of SafetensorsWriter and ContainerWriter); 0 when `name` is not one.
@@ -147,12 +152,15 @@ std::unique_ptr<Checkpoint> open_checkpoint(const fs::path& dir) {
   auto ck = std::make_unique<Checkpoint>();
   ck->dir = dir;
   std::error_code ec;
-  if (!fs::exists(dir, ec)) throw FormatError(error_context(dir.string(), "", "no such checkpoint directory"));
+  if (!fs::exists(dir, ec))
+    throw FormatError(error_context(dir.string(), "", "no such checkpoint directory"));
   if (!fs::is_directory(dir))
-    throw FormatError(error_context(dir.string(), "", "not a directory (expected a Hugging Face checkpoint directory)"));
+    throw FormatError(error_context(
+        dir.string(), "", "not a directory (expected a Hugging Face checkpoint directory)"));
   ck->src = SwitchSource::open(dir);  // config, shards, index entries, tied aliases, layout
   if (ck->src->is_container())
-    throw FormatError(error_context(dir.string(), "", "is already a qmoe container, not a checkpoint to compress"));
+    throw FormatError(error_context(dir.string(), "",
+                                    "is already a qmoe container, not a checkpoint to compress"));
   ck->config_text = read_text(dir / "config.json");
   ck->files.push_back(dir / "config.json");
   std::vector<std::string> shard_names;
@@ -198,19 +206,24 @@ std::vector<ExpertMatrix> find_experts(const Checkpoint& ck) {
           auto it = ck.stored.find(m.name);
           if (it == ck.stored.end())
             throw FormatError(error_context(ck.dir.string(), m.name,
-                                            "missing expert tensor (the router of " + SwitchNames::block_prefix(stack, b) +
-                                                " has " + std::to_string(lay.num_experts) + " experts)"));
+                                            "missing expert tensor (the router of " +
+                                                SwitchNames::block_prefix(stack, b) + " has " +
+                                                std::to_string(lay.num_experts) + " experts)"));
           const TensorInfo& t = *it->second.info;
           const std::string file = it->second.file->path().string();
-          const std::vector<int64_t> want = m.which == "wi" ? std::vector<int64_t>{cfg.d_ff, cfg.d_model}
-                                                            : std::vector<int64_t>{cfg.d_model, cfg.d_ff};
+          const std::vector<int64_t> want = m.which == "wi"
+                                                ? std::vector<int64_t>{cfg.d_ff, cfg.d_model}
+                                                : std::vector<int64_t>{cfg.d_model, cfg.d_ff};
           if (t.shape != want)
-            throw FormatError(error_context(file, m.name, "shape " + shape_str(t.shape) + ", expected " + shape_str(want) +
-                                                              " (d_ff " + std::to_string(cfg.d_ff) + ", d_model " +
-                                                              std::to_string(cfg.d_model) + " in config.json)"));
+            throw FormatError(error_context(file, m.name,
+                                            "shape " + shape_str(t.shape) + ", expected " +
+                                                shape_str(want) + " (d_ff " +
+                                                std::to_string(cfg.d_ff) + ", d_model " +
+                                                std::to_string(cfg.d_model) + " in config.json)"));
           if (!is_float(t.dtype))
-            throw FormatError(error_context(file, m.name, "dtype " + std::string(dtype_name(t.dtype)) +
-                                                              ", expected F32, BF16 or F16"));
+            throw FormatError(error_context(
+                file, m.name,
+                "dtype " + std::string(dtype_name(t.dtype)) + ", expected F32, BF16 or F16"));
           m.rows = want[0];
           m.cols = want[1];
           m.dtype = t.dtype;
@@ -222,14 +235,17 @@ std::vector<ExpertMatrix> find_experts(const Checkpoint& ck) {
     }
   }
   if (v.empty())
-    throw FormatError(error_context(ck.dir.string(), "", "no sparse block (no tensor named *.mlp.router.classifier.weight): "
-                                                         "not a Mixture-of-Experts checkpoint"));
+    throw FormatError(
+        error_context(ck.dir.string(), "",
+                      "no sparse block (no tensor named *.mlp.router.classifier.weight): "
+                      "not a Mixture-of-Experts checkpoint"));
   // An expert tensor that the layout does not explain (a dense block, an index beyond the router's
   // count, an unknown matrix) means the checkpoint is not what we think it is.
   for (const auto& [name, st] : ck.stored)
     if (name.find(".mlp.experts.") != std::string::npos && !names.count(name))
-      throw FormatError(error_context(st.file->path().string(), name,
-                                      "unexpected expert tensor (not a wi/wo of an expert the block's router knows)"));
+      throw FormatError(error_context(
+          st.file->path().string(), name,
+          "unexpected expert tensor (not a wi/wo of an expert the block's router knows)"));
   return v;
 }
 
@@ -237,7 +253,8 @@ std::vector<ExpertMatrix> find_experts(const Checkpoint& ck) {
 int64_t bound_compressed(const ExpertMatrix& m, const std::optional<Codec>& codec) {
   const int64_t levels = 4 * m.rows;
   const int64_t p5b = m.rows * p5::row_bytes(m.cols) + levels;
-  const int64_t v1b = m.rows * 2 * ((m.cols + 1) / 2) + 4 * (m.rows + 1) + levels;  // one pair per code at worst
+  const int64_t v1b =
+      m.rows * 2 * ((m.cols + 1) / 2) + 4 * (m.rows + 1) + levels;  // one pair per code at worst
   if (codec && *codec == Codec::kV1) return v1b;
   return p5b;
 }
@@ -270,10 +287,13 @@ Cached load_cached(const fs::path& p, const ExpertMatrix& m) {
   const auto& md = c.file.metadata();
   auto get = [&](const char* k) -> const std::string& {
     auto it = md.find(k);
-    if (it == md.end()) throw FormatError(error_context(p.string(), m.name, std::string("work file lacks '") + k + "'"));
+    if (it == md.end())
+      throw FormatError(
+          error_context(p.string(), m.name, std::string("work file lacks '") + k + "'"));
     return it->second;
   };
-  if (get("name") != m.name || std::stoll(get("rows")) != m.rows || std::stoll(get("cols")) != m.cols)
+  if (get("name") != m.name || std::stoll(get("rows")) != m.rows ||
+      std::stoll(get("cols")) != m.cols)
     throw FormatError(error_context(p.string(), m.name, "work file is for another matrix"));
   const auto codec = codec_from_name(get("codec"));
   if (!codec) throw FormatError(error_context(p.string(), m.name, "unknown codec in work file"));
@@ -283,7 +303,9 @@ Cached load_cached(const fs::path& p, const ExpertMatrix& m) {
   v.cols = m.cols;
   auto tensor = [&](const char* n) -> const TensorInfo& {
     const TensorInfo* t = c.file.find(n);
-    if (!t) throw FormatError(error_context(p.string(), m.name, std::string("work file lacks tensor '") + n + "'"));
+    if (!t)
+      throw FormatError(
+          error_context(p.string(), m.name, std::string("work file lacks tensor '") + n + "'"));
     return *t;
   };
   if (v.codec == Codec::kV1) {
@@ -303,7 +325,8 @@ Cached load_cached(const fs::path& p, const ExpertMatrix& m) {
   return c;
 }
 
-void store_cached(const fs::path& p, const ExpertMatrix& m, const CompressedMatrix& cm, const MatrixStats& s) {
+void store_cached(const fs::path& p, const ExpertMatrix& m, const CompressedMatrix& cm,
+                  const MatrixStats& s) {
   SafetensorsWriter w(p);
   w.set_metadata("name", m.name);
   w.set_metadata("rows", std::to_string(m.rows));
@@ -315,13 +338,16 @@ void store_cached(const fs::path& p, const ExpertMatrix& m, const CompressedMatr
   w.set_metadata("tokens", std::to_string(s.tokens));
   w.set_metadata("fallback", s.fallback ? "1" : "0");
   if (cm.codec == Codec::kV1) {
-    w.add("codes", DType::kU16, {static_cast<int64_t>(cm.codes.size())}, std::as_bytes(std::span(cm.codes)));
+    w.add("codes", DType::kU16, {static_cast<int64_t>(cm.codes.size())},
+          std::as_bytes(std::span(cm.codes)));
     w.add("row_offsets", DType::kI32, {static_cast<int64_t>(cm.row_offsets.size())},
           std::as_bytes(std::span(cm.row_offsets)));
   } else {
-    w.add("packed", DType::kU8, {static_cast<int64_t>(cm.packed.size())}, std::as_bytes(std::span(cm.packed)));
+    w.add("packed", DType::kU8, {static_cast<int64_t>(cm.packed.size())},
+          std::as_bytes(std::span(cm.packed)));
   }
-  w.add("levels", DType::kU16, {static_cast<int64_t>(cm.levels.size())}, std::as_bytes(std::span(cm.levels)));
+  w.add("levels", DType::kU16, {static_cast<int64_t>(cm.levels.size())},
+        std::as_bytes(std::span(cm.levels)));
   w.finish();
 }
 
@@ -329,7 +355,8 @@ std::string fingerprint(const Checkpoint& ck, const CompressOptions& opt) {
   json files = json::array();
   for (const auto& f : ck.files) {
     const auto t = fs::last_write_time(f).time_since_epoch().count();
-    files.push_back({f.filename().string(), static_cast<int64_t>(fs::file_size(f)), static_cast<int64_t>(t)});
+    files.push_back(
+        {f.filename().string(), static_cast<int64_t>(fs::file_size(f)), static_cast<int64_t>(t)});
   }
   json j = {{"version", kWorkVersion},
             {"input", fs::weakly_canonical(ck.dir).string()},
@@ -346,12 +373,15 @@ std::string fingerprint(const Checkpoint& ck, const CompressOptions& opt) {
   return j.dump(2) + "\n";
 }
 
-std::string block_key(const ExpertMatrix& m) { return m.stack + ".block." + std::to_string(m.block); }
+std::string block_key(const ExpertMatrix& m) {
+  return m.stack + ".block." + std::to_string(m.block);
+}
 
-// ---- one expert matrix ---------------------------------------------------------------------------
+// ---- one expert matrix
+// ---------------------------------------------------------------------------
 
-void compress_one(const Checkpoint& ck, const ExpertMatrix& m, const CompressOptions& opt, int threads,
-                  const fs::path& out) {
+void compress_one(const Checkpoint& ck, const ExpertMatrix& m, const CompressOptions& opt,
+                  int threads, const fs::path& out) {
   const Stored& st = ck.stored.at(m.name);
   const auto bytes = st.file->bytes(*st.info);
   CompressedMatrix cm;
@@ -361,7 +391,8 @@ void compress_one(const Checkpoint& ck, const ExpertMatrix& m, const CompressOpt
 #if defined(QMOE_SWITCH_HAVE_GPTQ)
       std::vector<float> owned;
       const float* w = nullptr;
-      if (m.dtype == DType::kF32 && reinterpret_cast<uintptr_t>(bytes.data()) % alignof(float) == 0) {
+      if (m.dtype == DType::kF32 &&
+          reinterpret_cast<uintptr_t>(bytes.data()) % alignof(float) == 0) {
         w = reinterpret_cast<const float*>(bytes.data());
       } else {
         owned.resize(static_cast<size_t>(m.numel()));
@@ -440,7 +471,8 @@ struct Pool {
     next = 0;
     in_use = 0;
     stop = false;
-    const int nworkers = static_cast<int>(std::min<size_t>(static_cast<size_t>(threads), todo.size()));
+    const int nworkers =
+        static_cast<int>(std::min<size_t>(static_cast<size_t>(threads), todo.size()));
     if (nworkers == 0) return;
     // Threads inside one matrix when there are fewer matrices than threads (the bytes do not
     // depend on it: encode and GPTQ are bit-identical for any thread count).
@@ -455,7 +487,8 @@ struct Pool {
           {
             std::unique_lock lk(mu);
             cv.wait(lk, [&] {
-              return stop || next >= todo.size() || in_use == 0 || in_use + estimate[todo[next]] <= budget;
+              return stop || next >= todo.size() || in_use == 0 ||
+                     in_use + estimate[todo[next]] <= budget;
             });
             if (stop || next >= todo.size()) break;
             i = todo[next++];
@@ -547,7 +580,8 @@ int64_t expert_memory_estimate(const ExpertMatrix& m, bool gptq) {
   return b;
 }
 
-CompressPlan plan_compression(const fs::path& checkpoint, const fs::path& output, const CompressOptions& opt) {
+CompressPlan plan_compression(const fs::path& checkpoint, const fs::path& output,
+                              const CompressOptions& opt) {
   if (opt.threads < 0) throw InvalidArgument("compress: threads must be >= 0");
   if (opt.max_memory < 0) throw InvalidArgument("compress: max_memory must be >= 0");
   if (opt.shard_size < 0) throw InvalidArgument("compress: shard_size must be >= 0");
@@ -568,7 +602,8 @@ CompressPlan plan_compression(const fs::path& checkpoint, const fs::path& output
     if (expert_names.count(name)) continue;
     ++plan.passthrough_tensors;
     int64_t nb = st.info->nbytes();
-    if (opt.cast_bf16 && (st.info->dtype == DType::kF32 || st.info->dtype == DType::kF16)) nb = st.info->numel() * 2;
+    if (opt.cast_bf16 && (st.info->dtype == DType::kF32 || st.info->dtype == DType::kF16))
+      nb = st.info->numel() * 2;
     plan.passthrough_bytes += nb;
     max_tensor = std::max(max_tensor, nb);
   }
@@ -577,47 +612,58 @@ CompressPlan plan_compression(const fs::path& checkpoint, const fs::path& output
   std::error_code ec;
   const fs::path in_canon = fs::weakly_canonical(checkpoint, ec);
   const fs::path out_canon = fs::weakly_canonical(output, ec);
-  if (out_canon == in_canon) throw InvalidArgument("compress: the output must not be the checkpoint directory");
+  if (out_canon == in_canon)
+    throw InvalidArgument("compress: the output must not be the checkpoint directory");
   if (opt.shard_size == 0 && fs::is_directory(output, ec))
-    throw InvalidArgument(error_context(output.string(), "", "is a directory; give a file name, or --shard-size for a "
-                                                             "sharded (directory) output"));
+    throw InvalidArgument(error_context(output.string(), "",
+                                        "is a directory; give a file name, or --shard-size for a "
+                                        "sharded (directory) output"));
   if (opt.shard_size > 0 && fs::exists(output, ec) && !fs::is_directory(output, ec))
-    throw InvalidArgument(error_context(output.string(), "", "exists and is not a directory (a sharded output is one)"));
+    throw InvalidArgument(error_context(output.string(), "",
+                                        "exists and is not a directory (a sharded output is one)"));
   fs::path parent = out_canon.parent_path();
   if (parent.empty()) parent = ".";
   if (!fs::is_directory(parent, ec))
-    throw InvalidArgument(error_context(output.string(), "", "the folder " + parent.string() + " does not exist"));
+    throw InvalidArgument(
+        error_context(output.string(), "", "the folder " + parent.string() + " does not exist"));
 
   // Disk: the work files still to write, the container, and the copy the writer stages per shard
   // (the whole container when unsharded).
-  const int64_t n_shards = opt.shard_size > 0 ? (plan.passthrough_bytes + experts_bound) / opt.shard_size + 1 : 1;
-  const int64_t headers =
-      static_cast<int64_t>(plan.experts.size()) * 512 + static_cast<int64_t>(ck->stored.size()) * 256;
-  plan.output_bytes_bound = plan.passthrough_bytes + experts_bound + n_shards * (v1::kTableBytes + headers) + (1 << 20);
+  const int64_t n_shards =
+      opt.shard_size > 0 ? (plan.passthrough_bytes + experts_bound) / opt.shard_size + 1 : 1;
+  const int64_t headers = static_cast<int64_t>(plan.experts.size()) * 512 +
+                          static_cast<int64_t>(ck->stored.size()) * 256;
+  plan.output_bytes_bound =
+      plan.passthrough_bytes + experts_bound + n_shards * (v1::kTableBytes + headers) + (1 << 20);
   int64_t work_left = 0;
   const fs::path work = work_dir_for(output);
   for (size_t i = 0; i < plan.experts.size(); ++i)
     if (!opt.resume || !fs::exists(matrix_file(work, i), ec))
       work_left += bound_compressed(plan.experts[i], opt.codec) + 8192;
-  const int64_t staging = opt.shard_size > 0 ? std::min(plan.output_bytes_bound, opt.shard_size + max_tensor)
-                                             : plan.output_bytes_bound;
+  const int64_t staging = opt.shard_size > 0
+                              ? std::min(plan.output_bytes_bound, opt.shard_size + max_tensor)
+                              : plan.output_bytes_bound;
   plan.disk_needed = work_left + plan.output_bytes_bound + staging;
   struct statvfs vfs {};
   if (::statvfs(parent.c_str(), &vfs) == 0) {
     plan.disk_free = static_cast<int64_t>(vfs.f_bavail) * static_cast<int64_t>(vfs.f_frsize);
     if (opt.check_disk && plan.disk_free < plan.disk_needed)
       throw Error(error_context(parent.string(), "",
-                                "not enough free disk space: the run needs up to " + std::to_string(plan.disk_needed) +
+                                "not enough free disk space: the run needs up to " +
+                                    std::to_string(plan.disk_needed) +
                                     " bytes (work files, output and the writer's staging copy), " +
                                     std::to_string(plan.disk_free) + " are free"));
   }
   return plan;
 }
 
-CompressSummary compress_checkpoint(const fs::path& checkpoint, const fs::path& output, const CompressOptions& opt) {
+CompressSummary compress_checkpoint(const fs::path& checkpoint, const fs::path& output,
+                                    const CompressOptions& opt) {
   using clock = std::chrono::steady_clock;
   const auto t0 = clock::now();
-  auto since = [](clock::time_point t) { return std::chrono::duration<double>(clock::now() - t).count(); };
+  auto since = [](clock::time_point t) {
+    return std::chrono::duration<double>(clock::now() - t).count();
+  };
 #if defined(__GLIBC__)
   // Large buffers straight from mmap and back to the system when freed: otherwise glibc's
   // growing threshold keeps freed matrix buffers in per-thread arenas and resident memory drifts
@@ -649,12 +695,14 @@ CompressSummary compress_checkpoint(const fs::path& checkpoint, const fs::path& 
   }
   if (fs::exists(work, ec)) {
     if (!fs::exists(work / kRunFile, ec))
-      throw Error(error_context(work.string(), "", "exists and is not a qmoe work directory; remove it"));
+      throw Error(
+          error_context(work.string(), "", "exists and is not a qmoe work directory; remove it"));
     if (opt.resume) {
       if (read_text(work / kRunFile) != fp)
-        throw Error(error_context(work.string(), "",
-                                  "was made for another input or other options (see its run.json); remove it or run "
-                                  "without --resume"));
+        throw Error(error_context(
+            work.string(), "",
+            "was made for another input or other options (see its run.json); remove it or run "
+            "without --resume"));
     } else {
       if (opt.note) opt.note("starting afresh: removing the earlier work in " + work.string());
       fs::remove_all(work, ec);
@@ -662,7 +710,8 @@ CompressSummary compress_checkpoint(const fs::path& checkpoint, const fs::path& 
     }
   }
   if (!fs::exists(work, ec)) {
-    if (opt.resume && opt.note) opt.note("nothing to resume (no " + work.string() + "): starting afresh");
+    if (opt.resume && opt.note)
+      opt.note("nothing to resume (no " + work.string() + "): starting afresh");
     const fs::path tmp = work.string() + ".tmp." + std::to_string(::getpid());
     fs::remove_all(tmp, ec);
     fs::create_directories(tmp, ec);
@@ -699,8 +748,8 @@ CompressSummary compress_checkpoint(const fs::path& checkpoint, const fs::path& 
   }
   sum.resumed_matrices = static_cast<int64_t>(experts.size() - todo.size());
   if (sum.resumed_matrices > 0 && opt.note)
-    opt.note("resuming: " + std::to_string(sum.resumed_matrices) + " of " + std::to_string(experts.size()) +
-             " expert matrices were finished by an earlier run");
+    opt.note("resuming: " + std::to_string(sum.resumed_matrices) + " of " +
+             std::to_string(experts.size()) + " expert matrices were finished by an earlier run");
 
   // ---- memory budget for the matrices in flight
   std::vector<int64_t> estimate(experts.size());
@@ -714,8 +763,9 @@ CompressSummary compress_checkpoint(const fs::path& checkpoint, const fs::path& 
     const int64_t reserve = int64_t{24} << 20;  // thread stacks, allocator slack, writer buffers
     budget = std::max<int64_t>(opt.max_memory - current_rss_bytes() - reserve, 0);
     if (budget < largest && opt.note)
-      opt.note("the memory cap leaves " + std::to_string(budget) + " bytes for work, less than one expert matrix needs (" +
-               std::to_string(largest) + "): matrices run one at a time and may exceed it");
+      opt.note("the memory cap leaves " + std::to_string(budget) +
+               " bytes for work, less than one expert matrix needs (" + std::to_string(largest) +
+               "): matrices run one at a time and may exceed it");
     sum.memory_budget = budget;
   }
 
@@ -826,9 +876,11 @@ CompressSummary compress_checkpoint(const fs::path& checkpoint, const fs::path& 
   writer.set_metadata(std::string(kMetaConfig), ck->config_text);
   writer.set_metadata(std::string(kMetaQuantizer), sum.quantizer);
   writer.set_metadata(std::string(kMetaInputBytes), std::to_string(plan.input_bytes));
-  writer.set_metadata(std::string(kMetaSource), fs::weakly_canonical(checkpoint).filename().string());
+  writer.set_metadata(std::string(kMetaSource),
+                      fs::weakly_canonical(checkpoint).filename().string());
   {
-    json o = {{"codec", opt.codec ? std::string(codec_name(*opt.codec)) : "auto"}, {"cast_bf16", opt.cast_bf16}};
+    json o = {{"codec", opt.codec ? std::string(codec_name(*opt.codec)) : "auto"},
+              {"cast_bf16", opt.cast_bf16}};
     if (gptq) {
       o["hessians"] = opt.hessians->describe();
       o["percdamp"] = opt.percdamp;
@@ -837,7 +889,8 @@ CompressSummary compress_checkpoint(const fs::path& checkpoint, const fs::path& 
     }
     writer.set_metadata(std::string(kMetaOptions), o.dump());
   }
-  for (const auto& k : block_order) writer.set_metadata(std::string(kMetaStatsPrefix) + k, stats[k].dump());
+  for (const auto& k : block_order)
+    writer.set_metadata(std::string(kMetaStatsPrefix) + k, stats[k].dump());
 
   std::map<std::string, size_t> expert_index;
   for (size_t i = 0; i < experts.size(); ++i) expert_index[experts[i].name] = i;
@@ -884,7 +937,8 @@ CompressSummary compress_checkpoint(const fs::path& checkpoint, const fs::path& 
     static const std::regex shard_re(R"(^model-\d{5}-of-\d{5}\.safetensors$)");
     std::vector<fs::path> stale;
     for (const auto& e : fs::directory_iterator(output, ec))
-      if (std::regex_match(e.path().filename().string(), shard_re) && !mine.count(e.path())) stale.push_back(e.path());
+      if (std::regex_match(e.path().filename().string(), shard_re) && !mine.count(e.path()))
+        stale.push_back(e.path());
     for (const auto& p : stale) fs::remove(p, ec);
   }
   for (const auto& f : sum.files) sum.output_bytes += static_cast<int64_t>(fs::file_size(f));

@@ -39,7 +39,9 @@ CheckSummary check_compressed(const fs::path& checkpoint, const fs::path& contai
   for (const auto& [name, ft] : stored) {
     if (c.find_compressed(name)) continue;
     const DenseEntry* d = c.find_dense(name);
-    if (!d) throw FormatError(error_context(container.string(), name, "tensor of the checkpoint is missing"));
+    if (!d)
+      throw FormatError(
+          error_context(container.string(), name, "tensor of the checkpoint is missing"));
     const auto want = ft.first->bytes(*ft.second);
     bool same = d->dtype == ft.second->dtype && d->bytes.size() == want.size() &&
                 std::memcmp(d->bytes.data(), want.data(), want.size()) == 0;
@@ -54,7 +56,9 @@ CheckSummary check_compressed(const fs::path& checkpoint, const fs::path& contai
         same = h == float_to_bf16(f);
       }
     }
-    if (!same) throw FormatError(error_context(container.string(), name, "differs from the checkpoint's tensor"));
+    if (!same)
+      throw FormatError(
+          error_context(container.string(), name, "differs from the checkpoint's tensor"));
     ++s.passthrough_tensors;
   }
 
@@ -69,7 +73,8 @@ CheckSummary check_compressed(const fs::path& checkpoint, const fs::path& contai
     try {
       const CompressedEntry& e = comp[k];
       auto it = stored.find(e.name);
-      if (it == stored.end()) throw FormatError(error_context(container.string(), e.name, "not in the checkpoint"));
+      if (it == stored.end())
+        throw FormatError(error_context(container.string(), e.name, "not in the checkpoint"));
       const TensorInfo& t = *it->second.second;
       const int64_t n = e.view.rows * e.view.cols;
       std::vector<float> dec(static_cast<size_t>(n));
@@ -80,8 +85,9 @@ CheckSummary check_compressed(const fs::path& checkpoint, const fs::path& contai
       if (rtn) {
         const TernaryMatrix want = ternarize_rtn(bytes.data(), t.dtype, t.shape[0], t.shape[1]);
         if (want.to_dense() != dec)
-          throw FormatError(error_context(container.string(), e.name,
-                                          "does not decode to the round-to-nearest ternarization of the original"));
+          throw FormatError(error_context(
+              container.string(), e.name,
+              "does not decode to the round-to-nearest ternarization of the original"));
         ++exact;
       }
       for (int64_t i = 0; i < n; ++i) {

@@ -19,14 +19,17 @@ namespace {
 
 class HessianFile final : public HessianProvider {
  public:
-  explicit HessianFile(const std::filesystem::path& path) : path_(path), file_(SafetensorsFile::open(path)) {
+  explicit HessianFile(const std::filesystem::path& path)
+      : path_(path), file_(SafetensorsFile::open(path)) {
     const auto& md = file_.metadata();
     auto it = md.find("format");
     if (it == md.end() || it->second != "qmoe-hessian")
-      throw FormatError(error_context(path.string(), "", "not a Hessian file (metadata format is not \"qmoe-hessian\")"));
+      throw FormatError(error_context(
+          path.string(), "", "not a Hessian file (metadata format is not \"qmoe-hessian\")"));
     it = md.find("format_version");
     if (it == md.end() || it->second != "1")
-      throw FormatError(error_context(path.string(), "", "unsupported Hessian file version (expected \"1\")"));
+      throw FormatError(
+          error_context(path.string(), "", "unsupported Hessian file version (expected \"1\")"));
   }
 
   std::string describe() const override { return path_.filename().string(); }
@@ -47,27 +50,33 @@ class HessianFile final : public HessianProvider {
       known.insert(base);
       const TensorInfo* x = file_.find(base + ".xtx");
       if (!x)
-        throw FormatError(error_context(path_.string(), base + ".xtx", "no Hessian for expert matrix " + m.name));
+        throw FormatError(
+            error_context(path_.string(), base + ".xtx", "no Hessian for expert matrix " + m.name));
       if (x->shape.size() != 2 || x->shape[0] != x->shape[1])
-        throw FormatError(error_context(path_.string(), x->name, "Hessian sum is not a square matrix"));
+        throw FormatError(
+            error_context(path_.string(), x->name, "Hessian sum is not a square matrix"));
       if (x->shape[0] != m.cols)
         throw FormatError(error_context(path_.string(), x->name,
-                                        "Hessian is " + std::to_string(x->shape[0]) + " x " + std::to_string(x->shape[1]) +
-                                            " but " + m.name + " has " + std::to_string(m.cols) +
+                                        "Hessian is " + std::to_string(x->shape[0]) + " x " +
+                                            std::to_string(x->shape[1]) + " but " + m.name +
+                                            " has " + std::to_string(m.cols) +
                                             " inputs: it does not belong to this expert"));
       if (x->dtype != DType::kF64 && x->dtype != DType::kF32)
-        throw FormatError(error_context(path_.string(), x->name, "dtype " + std::string(dtype_name(x->dtype)) +
-                                                                     ", expected F64 or F32"));
+        throw FormatError(
+            error_context(path_.string(), x->name,
+                          "dtype " + std::string(dtype_name(x->dtype)) + ", expected F64 or F32"));
       const TensorInfo* n = file_.find(base + ".tokens");
       if (!n || n->dtype != DType::kI64 || n->numel() != 1)
-        throw FormatError(error_context(path_.string(), base + ".tokens", "missing or not one I64 token count"));
+        throw FormatError(
+            error_context(path_.string(), base + ".tokens", "missing or not one I64 token count"));
     }
     for (const auto& t : file_.tensors()) {
       const auto dot = t.name.rfind('.');
       const std::string base = dot == std::string::npos ? t.name : t.name.substr(0, dot);
       if (!known.count(base))
-        throw FormatError(error_context(path_.string(), t.name,
-                                        "Hessian for a matrix that is not an expert of this checkpoint"));
+        throw FormatError(
+            error_context(path_.string(), t.name,
+                          "Hessian for a matrix that is not an expert of this checkpoint"));
     }
   }
 
@@ -78,7 +87,8 @@ class HessianFile final : public HessianProvider {
     if (!x || !n) throw FormatError(error_context(path_.string(), base + ".xtx", "missing"));
     int64_t count = 0;
     std::memcpy(&count, file_.bytes(*n).data(), 8);
-    if (count < 0) throw FormatError(error_context(path_.string(), n->name, "negative token count"));
+    if (count < 0)
+      throw FormatError(error_context(path_.string(), n->name, "negative token count"));
     tokens = count;
     if (count == 0) return {};
     const int64_t d = x->shape[0];
@@ -100,10 +110,12 @@ class HessianFile final : public HessianProvider {
       for (int64_t j = i; j < d; ++j) {
         const double v = at(i, j);
         if (!std::isfinite(v))
-          throw FormatError(error_context(path_.string(), x->name, "non-finite entry (" + std::to_string(i) + ", " +
-                                                                       std::to_string(j) + ")"));
+          throw FormatError(error_context(
+              path_.string(), x->name,
+              "non-finite entry (" + std::to_string(i) + ", " + std::to_string(j) + ")"));
         if (i == j && v < 0)
-          throw FormatError(error_context(path_.string(), x->name, "negative diagonal entry " + std::to_string(i)));
+          throw FormatError(error_context(path_.string(), x->name,
+                                          "negative diagonal entry " + std::to_string(i)));
         const float f = static_cast<float>(v * scale);
         h[static_cast<size_t>(i * d + j)] = f;
         h[static_cast<size_t>(j * d + i)] = f;
@@ -116,8 +128,9 @@ class HessianFile final : public HessianProvider {
  private:
   static std::string stem(const ExpertMatrix& m) {
     const std::string suffix = ".weight";
-    return m.name.size() > suffix.size() && m.name.ends_with(suffix) ? m.name.substr(0, m.name.size() - suffix.size())
-                                                                      : m.name;
+    return m.name.size() > suffix.size() && m.name.ends_with(suffix)
+               ? m.name.substr(0, m.name.size() - suffix.size())
+               : m.name;
   }
   static void release(std::span<const std::byte> b) {
     static const uintptr_t page = static_cast<uintptr_t>(::sysconf(_SC_PAGESIZE));
@@ -134,10 +147,13 @@ class HessianFile final : public HessianProvider {
 
 std::unique_ptr<HessianProvider> open_hessian_file(const std::filesystem::path& path) {
 #if defined(QMOE_SWITCH_HAVE_GPTQ)
-  if (!std::filesystem::exists(path)) throw FormatError(error_context(path.string(), "", "no such Hessian file"));
+  if (!std::filesystem::exists(path))
+    throw FormatError(error_context(path.string(), "", "no such Hessian file"));
   return std::make_unique<HessianFile>(path);
 #else
-  throw Error(path.string() + ": GPTQ with Hessian files is not available in this build (qmoe was built without gptq/)");
+  throw Error(
+      path.string() +
+      ": GPTQ with Hessian files is not available in this build (qmoe was built without gptq/)");
 #endif
 }
 

@@ -11,8 +11,8 @@
 #include <fstream>
 #include <map>
 
-#include <nlohmann/json.hpp>
 #include <omp.h>
+#include <nlohmann/json.hpp>
 
 #include "qmoe/format/bf16.h"
 #include "qmoe/format/error.h"
@@ -25,7 +25,16 @@ using nlohmann::json;
 namespace {
 
 // What a tensor holds decides its statistics.
-enum class Kind : uint8_t { kExpert, kDenseMlp, kAttention, kRelBias, kNorm, kRouter, kEmbedding, kHead };
+enum class Kind : uint8_t {
+  kExpert,
+  kDenseMlp,
+  kAttention,
+  kRelBias,
+  kNorm,
+  kRouter,
+  kEmbedding,
+  kHead
+};
 
 struct Spec {
   std::string name;
@@ -52,7 +61,9 @@ uint64_t hash_name(const std::string& s, uint64_t seed) {
 }
 
 // Uniform in (0, 1], 53 bits.
-double unit(uint64_t& s) { return (static_cast<double>(splitmix(s) >> 11) + 1.0) * (1.0 / 9007199254740992.0); }
+double unit(uint64_t& s) {
+  return (static_cast<double>(splitmix(s) >> 11) + 1.0) * (1.0 / 9007199254740992.0);
+}
 
 // Standard normal pairs by Box-Muller, from a counter-based stream: element i of a tensor
 // depends only on (tensor seed, i), so any partition of the work gives the same bytes.
@@ -65,8 +76,10 @@ void normals(uint64_t seed, int64_t begin, int64_t n, float* out) {
     uint64_t s = seed ^ (static_cast<uint64_t>(pair) * 0xd1342543de82ef95ull);
     const double u1 = unit(s), u2 = unit(s);
     const double r = std::sqrt(-2.0 * std::log(u1));
-    const double z[2] = {r * std::cos(6.283185307179586 * u2), r * std::sin(6.283185307179586 * u2)};
-    for (int k = static_cast<int>(i - 2 * pair); k < 2 && i < end; ++k, ++i) out[i - begin] = static_cast<float>(z[k]);
+    const double z[2] = {r * std::cos(6.283185307179586 * u2),
+                         r * std::sin(6.283185307179586 * u2)};
+    for (int k = static_cast<int>(i - 2 * pair); k < 2 && i < end; ++k, ++i)
+      out[i - begin] = static_cast<float>(z[k]);
   }
 }
 
@@ -74,9 +87,11 @@ std::vector<Spec> tensor_specs(const GenerateOptions& o) {
   std::vector<Spec> v;
   const int64_t dm = o.d_model, dff = o.d_ff, inner = o.d_kv * o.num_heads;
   auto attention = [&](const std::string& p, bool bias) {
-    for (const char* w : {"q", "k", "v"}) v.push_back({p + w + ".weight", {inner, dm}, Kind::kAttention});
+    for (const char* w : {"q", "k", "v"})
+      v.push_back({p + w + ".weight", {inner, dm}, Kind::kAttention});
     v.push_back({p + "o.weight", {dm, inner}, Kind::kAttention});
-    if (bias) v.push_back({p + "relative_attention_bias.weight", {32, o.num_heads}, Kind::kRelBias});
+    if (bias)
+      v.push_back({p + "relative_attention_bias.weight", {32, o.num_heads}, Kind::kRelBias});
   };
   for (const char* stack : {"encoder", "decoder"}) {
     const bool dec = std::string(stack) == "decoder";
@@ -127,13 +142,24 @@ void fill(const Spec& t, uint64_t seed, float* out, int threads) {
     case Kind::kExpert:
     case Kind::kDenseMlp:
     case Kind::kAttention:
-    case Kind::kHead: scale = 1.0 / std::sqrt(static_cast<double>(cols)); break;
-    case Kind::kRouter: scale = 0.1 / std::sqrt(static_cast<double>(cols)); break;
-    case Kind::kRelBias: scale = 0.5; break;
-    case Kind::kNorm: scale = 0.1; break;
-    case Kind::kEmbedding: scale = 8.0; break;
+    case Kind::kHead:
+      scale = 1.0 / std::sqrt(static_cast<double>(cols));
+      break;
+    case Kind::kRouter:
+      scale = 0.1 / std::sqrt(static_cast<double>(cols));
+      break;
+    case Kind::kRelBias:
+      scale = 0.5;
+      break;
+    case Kind::kNorm:
+      scale = 0.1;
+      break;
+    case Kind::kEmbedding:
+      scale = 8.0;
+      break;
   }
-  std::vector<float> row_scale(static_cast<size_t>(rows), 1.0f), col_scale(static_cast<size_t>(cols), 1.0f);
+  std::vector<float> row_scale(static_cast<size_t>(rows), 1.0f),
+      col_scale(static_cast<size_t>(cols), 1.0f);
   if (mlp || t.kind == Kind::kAttention) {
     normals(ts ^ 0x1111, 0, rows, row_scale.data());
     for (auto& r : row_scale) r = static_cast<float>(std::exp(0.25 * r));
@@ -144,7 +170,8 @@ void fill(const Spec& t, uint64_t seed, float* out, int threads) {
   }
   constexpr int64_t kChunk = 1 << 16;
   const int64_t chunks = (n + kChunk - 1) / kChunk;
-#pragma omp parallel for schedule(static) num_threads(threads > 0 ? threads : omp_get_max_threads()) if (chunks > 8)
+#pragma omp parallel for schedule(static) \
+    num_threads(threads > 0 ? threads : omp_get_max_threads()) if (chunks > 8)
   for (int64_t c = 0; c < chunks; ++c) {
     const int64_t b = c * kChunk, len = std::min(kChunk, n - b);
     float* o = out + b;
@@ -164,7 +191,8 @@ void fill(const Spec& t, uint64_t seed, float* out, int threads) {
 
 json config_json(const GenerateOptions& o) {
   const int64_t n_sparse_enc = o.sparse_step == 1 ? o.num_layers : o.num_layers / o.sparse_step;
-  int64_t n_sparse_dec = o.sparse_step == 1 ? o.num_decoder_layers : o.num_decoder_layers / o.sparse_step;
+  int64_t n_sparse_dec =
+      o.sparse_step == 1 ? o.num_decoder_layers : o.num_decoder_layers / o.sparse_step;
   if (o.misleading_config) n_sparse_dec = o.num_decoder_layers / 2;  // as switch-c-2048's config
   auto step = [](int64_t layers, int64_t sparse) { return sparse > 0 ? layers / sparse : layers; };
   return json{{"architectures", {"SwitchTransformersForConditionalGeneration"}},
@@ -228,8 +256,8 @@ void write_text_atomic(const fs::path& p, const std::string& text) {
 
 // Writes one safetensors file holding `specs` (in that order), generated straight into a
 // mapping of the output file so that memory stays small whatever the file size.
-int64_t write_shard(const fs::path& path, const std::vector<const Spec*>& specs, const GenerateOptions& o,
-                    const std::map<std::string, std::string>& metadata) {
+int64_t write_shard(const fs::path& path, const std::vector<const Spec*>& specs,
+                    const GenerateOptions& o, const std::map<std::string, std::string>& metadata) {
   const int64_t es = dtype_size(o.dtype);
   json header = json::object();
   json md = json::object();
@@ -238,7 +266,9 @@ int64_t write_shard(const fs::path& path, const std::vector<const Spec*>& specs,
   int64_t off = 0;
   for (const Spec* s : specs) {
     const int64_t nb = s->numel() * es;
-    header[s->name] = {{"dtype", std::string(dtype_name(o.dtype))}, {"shape", s->shape}, {"data_offsets", {off, off + nb}}};
+    header[s->name] = {{"dtype", std::string(dtype_name(o.dtype))},
+                       {"shape", s->shape},
+                       {"data_offsets", {off, off + nb}}};
     off += nb;
   }
   std::string text = header.dump();
@@ -254,7 +284,8 @@ int64_t write_shard(const fs::path& path, const std::vector<const Spec*>& specs,
     ::unlink(tmp.c_str());
     io_fail(tmp, "cannot size the file");
   }
-  void* map = ::mmap(nullptr, static_cast<size_t>(total), PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+  void* map =
+      ::mmap(nullptr, static_cast<size_t>(total), PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
   ::close(fd);
   if (map == MAP_FAILED) {
     ::unlink(tmp.c_str());
@@ -304,8 +335,10 @@ void check(const GenerateOptions& o) {
   pos(o.num_layers, "num_layers");
   pos(o.num_decoder_layers, "num_decoder_layers");
   pos(o.num_experts, "num_experts");
-  if (o.sparse_step != 1 && o.sparse_step != 2) throw InvalidArgument("generate: sparse_step must be 1 or 2");
-  if (o.dtype != DType::kF32 && o.dtype != DType::kBF16) throw InvalidArgument("generate: dtype must be F32 or BF16");
+  if (o.sparse_step != 1 && o.sparse_step != 2)
+    throw InvalidArgument("generate: sparse_step must be 1 or 2");
+  if (o.dtype != DType::kF32 && o.dtype != DType::kBF16)
+    throw InvalidArgument("generate: dtype must be F32 or BF16");
   if (o.shard_size < 0) throw InvalidArgument("generate: shard_size must be >= 0");
 }
 
@@ -363,8 +396,10 @@ int64_t experts_for_size(const GenerateOptions& opt, int64_t bytes) {
   int64_t fixed = 0, per_expert = 0;
   for (const auto& s : tensor_specs(one)) {
     const int64_t nb = s.numel() * dtype_size(opt.dtype);
-    if (s.kind == Kind::kExpert) per_expert += nb;
-    else fixed += nb;
+    if (s.kind == Kind::kExpert)
+      per_expert += nb;
+    else
+      fixed += nb;
   }
   const int64_t e = per_expert > 0 ? (bytes - fixed + per_expert / 2) / per_expert : 1;
   return std::max<int64_t>(1, e);
@@ -422,7 +457,8 @@ GenerateSummary generate_checkpoint(const fs::path& dir, const GenerateOptions& 
   };
   // The conversion bot's index names the tied aliases too, pointing at the shard that holds
   // shared.weight; that shard's metadata maps each alias to it.
-  const char* aliases[] = {"decoder.embed_tokens.weight", "encoder.embed_tokens.weight", "lm_head.weight"};
+  const char* aliases[] = {"decoder.embed_tokens.weight", "encoder.embed_tokens.weight",
+                           "lm_head.weight"};
   json wm = json::object();
   int64_t data_bytes = 0;
   for (size_t k = 0; k < n; ++k) {

@@ -52,7 +52,8 @@ inline void write_file(const fs::path& p, const std::string& s) {
 inline std::map<std::string, std::string> container_bytes(const fs::path& p) {
   std::map<std::string, std::string> r;
   if (fs::is_directory(p)) {
-    for (const auto& e : fs::directory_iterator(p)) r[e.path().filename().string()] = read_file(e.path());
+    for (const auto& e : fs::directory_iterator(p))
+      r[e.path().filename().string()] = read_file(e.path());
   } else if (fs::exists(p)) {
     r["(single file)"] = read_file(p);
   }
@@ -60,8 +61,10 @@ inline std::map<std::string, std::string> container_bytes(const fs::path& p) {
 }
 
 // "" when equal, else which file differs and where.
-inline std::string diff(const std::map<std::string, std::string>& a, const std::map<std::string, std::string>& b) {
-  if (a.size() != b.size()) return "different file counts: " + std::to_string(a.size()) + " vs " + std::to_string(b.size());
+inline std::string diff(const std::map<std::string, std::string>& a,
+                        const std::map<std::string, std::string>& b) {
+  if (a.size() != b.size())
+    return "different file counts: " + std::to_string(a.size()) + " vs " + std::to_string(b.size());
   for (const auto& [name, x] : a) {
     auto it = b.find(name);
     if (it == b.end()) return "file " + name + " missing";
@@ -69,25 +72,27 @@ inline std::string diff(const std::map<std::string, std::string>& a, const std::
     if (x == y) continue;
     size_t i = 0;
     while (i < x.size() && i < y.size() && x[i] == y[i]) ++i;
-    return "file " + name + " differs at byte " + std::to_string(i) + " (sizes " + std::to_string(x.size()) + ", " +
-           std::to_string(y.size()) + "): ..." + x.substr(i > 40 ? i - 40 : 0, 80) + "... vs ..." +
-           y.substr(i > 40 ? i - 40 : 0, 80) + "...";
+    return "file " + name + " differs at byte " + std::to_string(i) + " (sizes " +
+           std::to_string(x.size()) + ", " + std::to_string(y.size()) + "): ..." +
+           x.substr(i > 40 ? i - 40 : 0, 80) + "... vs ..." + y.substr(i > 40 ? i - 40 : 0, 80) +
+           "...";
   }
   return "";
 }
 
 struct CliResult {
-  int exit_code = -1;      // -1 when killed by a signal
+  int exit_code = -1;  // -1 when killed by a signal
   int signal = 0;
-  std::string output;      // stdout and stderr together
-  int64_t max_rss = 0;     // bytes (ru_maxrss of the child)
+  std::string output;   // stdout and stderr together
+  int64_t max_rss = 0;  // bytes (ru_maxrss of the child)
   double seconds = 0;
 };
 
 // Runs the qmoe CLI with `args`. With kill_after_s >= 0 the child gets SIGKILL after that many
 // seconds if it has not finished.
 inline CliResult run_cli(const std::vector<std::string>& args, double kill_after_s = -1.0) {
-  const fs::path log = fs::temp_directory_path() / ("qmoe_cli_" + std::to_string(::getpid()) + ".log");
+  const fs::path log =
+      fs::temp_directory_path() / ("qmoe_cli_" + std::to_string(::getpid()) + ".log");
   std::vector<std::string> all{QMOE_CLI};
   all.insert(all.end(), args.begin(), args.end());
   std::vector<char*> argv;
@@ -109,7 +114,8 @@ inline CliResult run_cli(const std::vector<std::string>& args, double kill_after
     for (;;) {
       const pid_t w = ::wait4(pid, &status, WNOHANG, &ru);
       if (w == pid) break;
-      const double el = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+      const double el =
+          std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
       if (el >= kill_after_s) {
         ::kill(pid, SIGKILL);
         ::wait4(pid, &status, 0, &ru);

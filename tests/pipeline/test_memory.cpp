@@ -1,6 +1,6 @@
 // `qmoe compress --max-memory`: on a checkpoint several times larger than the cap, the peak
-// resident memory of the process (ru_maxrss, i.e. VmHWM, mapped file pages included) stays under it,
-// and the bytes are those of a run without a cap.
+// resident memory of the process (ru_maxrss, i.e. VmHWM, mapped file pages included) stays under
+// it, and the bytes are those of a run without a cap.
 #include <gtest/gtest.h>
 
 #include "pipeline_test_util.h"
@@ -20,17 +20,18 @@ TEST(PipelineMemory, PeakStaysUnderTheCap) {
   // The capped runs come first: a child's ru_maxrss starts from the parent's resident size at
   // fork, so this process must still be small when it spawns them.
   for (const char* threads : {"1", "4"}) {
-    const auto r = run_cli({"compress", (t / "ckpt").string(), "-o", (t / ("out" + std::string(threads))).string(),
-                            "--shard-size", "32M", "--max-memory", "64MiB", "--threads", threads});
+    const auto r = run_cli({"compress", (t / "ckpt").string(), "-o",
+                            (t / ("out" + std::string(threads))).string(), "--shard-size", "32M",
+                            "--max-memory", "64MiB", "--threads", threads});
     ASSERT_EQ(r.exit_code, 0) << r.output;
     EXPECT_NE(r.output.find("peak resident memory"), std::string::npos) << r.output;
-    std::printf("threads %s: checkpoint %lld bytes, cap %lld, peak resident %lld bytes, %.2f s\n", threads,
-                static_cast<long long>(g.total_bytes), static_cast<long long>(cap), static_cast<long long>(r.max_rss),
-                r.seconds);
+    std::printf("threads %s: checkpoint %lld bytes, cap %lld, peak resident %lld bytes, %.2f s\n",
+                threads, static_cast<long long>(g.total_bytes), static_cast<long long>(cap),
+                static_cast<long long>(r.max_rss), r.seconds);
     EXPECT_LE(r.max_rss, cap) << r.output;
   }
-  const auto free_run = run_cli({"compress", (t / "ckpt").string(), "-o", (t / "free").string(), "--shard-size", "32M",
-                                 "--threads", "2"});
+  const auto free_run = run_cli({"compress", (t / "ckpt").string(), "-o", (t / "free").string(),
+                                 "--shard-size", "32M", "--threads", "2"});
   ASSERT_EQ(free_run.exit_code, 0) << free_run.output;
   const auto want = container_bytes(t / "free");
   for (const char* threads : {"1", "4"})

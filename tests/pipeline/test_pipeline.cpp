@@ -1,6 +1,6 @@
-// `qmoe compress` end to end: generate -> compress -> verify -> inspect -> decode -> compare with the
-// ternarized originals; passthrough bytes; determinism across threads and memory caps; resume after
-// SIGKILL at random points; every bad input; Hessians (GPTQ).
+// `qmoe compress` end to end: generate -> compress -> verify -> inspect -> decode -> compare with
+// the ternarized originals; passthrough bytes; determinism across threads and memory caps; resume
+// after SIGKILL at random points; every bad input; Hessians (GPTQ).
 #include <gtest/gtest.h>
 #include <sys/statvfs.h>
 
@@ -59,11 +59,13 @@ void expect_faithful(const fs::path& ckpt, const fs::path& out) {
       ASSERT_NE(e, nullptr) << name;
       EXPECT_EQ(e->original_shape, info->shape) << name;
       EXPECT_EQ(e->original_dtype, info->dtype) << name;
-      const TernaryMatrix want = ternarize_rtn(file.bytes(*info).data(), info->dtype, info->shape[0], info->shape[1]);
+      const TernaryMatrix want =
+          ternarize_rtn(file.bytes(*info).data(), info->dtype, info->shape[0], info->shape[1]);
       std::vector<uint8_t> sym(want.symbols.size());
       decode_symbols_ref(e->view, sym.data());
       EXPECT_EQ(sym, want.symbols) << name;
-      EXPECT_TRUE(std::equal(want.levels.begin(), want.levels.end(), e->view.levels.begin())) << name;
+      EXPECT_TRUE(std::equal(want.levels.begin(), want.levels.end(), e->view.levels.begin()))
+          << name;
       std::vector<float> dense_out(sym.size());
       decode_ref(e->view, dense_out.data());
       EXPECT_EQ(dense_out, want.to_dense()) << name;
@@ -118,7 +120,8 @@ TEST(Pipeline, ShardedBf16AllSparseWithTiedAliases) {
   o.misleading_config = true;
   sw::generate_checkpoint(t / "ckpt", o);
   const json idx = json::parse(read_file(t / "ckpt" / "model.safetensors.index.json"));
-  ASSERT_TRUE(idx["weight_map"].contains("lm_head.weight"));  // alias entries as the conversion bot writes
+  ASSERT_TRUE(
+      idx["weight_map"].contains("lm_head.weight"));  // alias entries as the conversion bot writes
   sw::CompressOptions opt;
   opt.shard_size = 200 << 10;
   const auto s = sw::compress_checkpoint(t / "ckpt", t / "out", opt);
@@ -167,13 +170,16 @@ TEST(Pipeline, CastBf16AndForcedCodec) {
 
 TEST(Pipeline, CliEndToEndInspectJson) {
   TempDir t("cli");
-  auto r = run_cli({"generate", (t / "ckpt").string(), "--preset", "tiny", "--experts", "4", "--vocab", "300"});
+  auto r = run_cli(
+      {"generate", (t / "ckpt").string(), "--preset", "tiny", "--experts", "4", "--vocab", "300"});
   ASSERT_EQ(r.exit_code, 0) << r.output;
-  r = run_cli({"compress", (t / "ckpt").string(), "-o", (t / "out.safetensors").string(), "--threads", "2"});
+  r = run_cli({"compress", (t / "ckpt").string(), "-o", (t / "out.safetensors").string(),
+               "--threads", "2"});
   ASSERT_EQ(r.exit_code, 0) << r.output;
   EXPECT_NE(r.output.find("round-to-nearest"), std::string::npos) << r.output;
   EXPECT_NE(r.output.find("peak resident memory"), std::string::npos) << r.output;
-  EXPECT_EQ(r.output.find("\r["), std::string::npos) << "no progress bar when stderr is not a terminal";
+  EXPECT_EQ(r.output.find("\r["), std::string::npos)
+      << "no progress bar when stderr is not a terminal";
   r = run_cli({"verify", (t / "out.safetensors").string()});
   EXPECT_EQ(r.exit_code, 0) << r.output;
   r = run_cli({"inspect", (t / "out.safetensors").string(), "--json"});
@@ -182,9 +188,11 @@ TEST(Pipeline, CliEndToEndInspectJson) {
   EXPECT_EQ(j["quantizer"], "rtn");
   EXPECT_EQ(j["blocks"].size(), 4u);
   const auto& tot = j["totals"];
-  EXPECT_EQ(tot["input_bytes"].get<int64_t>(), static_cast<int64_t>(fs::file_size(t / "ckpt" / "model.safetensors") +
-                                                                     fs::file_size(t / "ckpt" / "config.json")));
-  EXPECT_EQ(tot["container_bytes"].get<int64_t>(), static_cast<int64_t>(fs::file_size(t / "out.safetensors")));
+  EXPECT_EQ(tot["input_bytes"].get<int64_t>(),
+            static_cast<int64_t>(fs::file_size(t / "ckpt" / "model.safetensors") +
+                                 fs::file_size(t / "ckpt" / "config.json")));
+  EXPECT_EQ(tot["container_bytes"].get<int64_t>(),
+            static_cast<int64_t>(fs::file_size(t / "out.safetensors")));
   EXPECT_GT(tot["bits_per_expert_weight"].get<double>(), 0.3);
   EXPECT_LT(tot["bits_per_expert_weight"].get<double>(), 2.0);
   int zf = 0;
@@ -194,7 +202,8 @@ TEST(Pipeline, CliEndToEndInspectJson) {
   ASSERT_EQ(r.exit_code, 0) << r.output;
   EXPECT_NE(r.output.find("bits/expert w"), std::string::npos) << r.output;
   EXPECT_NE(r.output.find("against"), std::string::npos) << r.output;
-  r = run_cli({"compress", (t / "ckpt").string(), "-o", (t / "p.safetensors").string(), "--progress"});
+  r = run_cli(
+      {"compress", (t / "ckpt").string(), "-o", (t / "p.safetensors").string(), "--progress"});
   ASSERT_EQ(r.exit_code, 0) << r.output;
   EXPECT_NE(r.output.find("matrices"), std::string::npos) << r.output;
   EXPECT_EQ(read_file(t / "p.safetensors"), read_file(t / "out.safetensors"));
@@ -252,13 +261,15 @@ TEST(Pipeline, KillAndResumeIsByteIdentical) {
       }
       const auto fin = run_cli(args(out, true));
       ASSERT_EQ(fin.exit_code, 0) << fin.output << " seed " << seed;
-      EXPECT_EQ(diff(container_bytes(out), want), "") << "sharded " << sharded << " round " << round << " seed " << seed;
+      EXPECT_EQ(diff(container_bytes(out), want), "")
+          << "sharded " << sharded << " round " << round << " seed " << seed;
       EXPECT_FALSE(fs::exists(sw::work_dir_for(out)));
       // No temporary files left beside or inside the output.
       for (const auto& e : fs::directory_iterator(sharded ? fs::path(out) : t.path))
         EXPECT_EQ(e.path().filename().string().find(".tmp."), std::string::npos) << e.path();
     }
-    EXPECT_GT(killed, 0) << "no run was interrupted: the test checked nothing (seed " << seed << ")";
+    EXPECT_GT(killed, 0) << "no run was interrupted: the test checked nothing (seed " << seed
+                         << ")";
     std::printf("kill/resume (%s): %d kills, seed %llu\n", sharded ? "sharded" : "one file", killed,
                 static_cast<unsigned long long>(seed));
   }
@@ -291,13 +302,16 @@ TEST(Pipeline, ResumeRefusesAnotherRun) {
 
 // Rewrites a single-file checkpoint through `edit`, which may change, drop (return false) or add
 // tensors.
-using Edit = std::function<bool(std::string& name, DType& dt, std::vector<int64_t>& shape, std::string& bytes)>;
-void rewrite(const fs::path& dir, const Edit& edit, const std::vector<std::tuple<std::string, DType, std::vector<int64_t>>>& add = {}) {
+using Edit = std::function<bool(std::string& name, DType& dt, std::vector<int64_t>& shape,
+                                std::string& bytes)>;
+void rewrite(const fs::path& dir, const Edit& edit,
+             const std::vector<std::tuple<std::string, DType, std::vector<int64_t>>>& add = {}) {
   std::vector<std::tuple<std::string, DType, std::vector<int64_t>, std::string>> ts;
   {
     const auto f = SafetensorsFile::open(dir / "model.safetensors");
     for (const auto& t : f.tensors()) {
-      std::string name = t.name, bytes(reinterpret_cast<const char*>(f.bytes(t).data()), f.bytes(t).size());
+      std::string name = t.name,
+                  bytes(reinterpret_cast<const char*>(f.bytes(t).data()), f.bytes(t).size());
       DType dt = t.dtype;
       std::vector<int64_t> shape = t.shape;
       if (edit(name, dt, shape, bytes)) ts.emplace_back(name, dt, shape, bytes);
@@ -333,10 +347,16 @@ TEST(Pipeline, BadInputsFailBeforeAnyWork) {
          write_file(d / "config.json", j.dump());
        },
        {"config.json", "not a Switch"}},
-      {"malformed config", [](const fs::path& d) { write_file(d / "config.json", "{\"d_model\": "); }, {"config.json"}},
-      {"missing weights", [](const fs::path& d) { fs::remove(d / "model.safetensors"); }, {"model.safetensors"}},
+      {"malformed config",
+       [](const fs::path& d) { write_file(d / "config.json", "{\"d_model\": "); },
+       {"config.json"}},
+      {"missing weights",
+       [](const fs::path& d) { fs::remove(d / "model.safetensors"); },
+       {"model.safetensors"}},
       {"truncated weights",
-       [](const fs::path& d) { fs::resize_file(d / "model.safetensors", fs::file_size(d / "model.safetensors") - 100); },
+       [](const fs::path& d) {
+         fs::resize_file(d / "model.safetensors", fs::file_size(d / "model.safetensors") - 100);
+       },
        {"model.safetensors"}},
       {"expert of the wrong shape",
        [&](const fs::path& d) {
@@ -358,18 +378,24 @@ TEST(Pipeline, BadInputsFailBeforeAnyWork) {
        },
        {e1wo, "dtype"}},
       {"missing expert",
-       [&](const fs::path& d) { rewrite(d, [&](std::string& n, DType&, std::vector<int64_t>&, std::string&) { return n != e1wo; }); },
+       [&](const fs::path& d) {
+         rewrite(d, [&](std::string& n, DType&, std::vector<int64_t>&, std::string&) {
+           return n != e1wo;
+         });
+       },
        {e1wo, "missing"}},
       {"expert the router does not know",
        [](const fs::path& d) {
-         rewrite(d, [](std::string&, DType&, std::vector<int64_t>&, std::string&) { return true; },
-                 {{"encoder.block.1.layer.1.mlp.experts.expert_9.wi.weight", DType::kF32, {256, 64}}});
+         rewrite(
+             d, [](std::string&, DType&, std::vector<int64_t>&, std::string&) { return true; },
+             {{"encoder.block.1.layer.1.mlp.experts.expert_9.wi.weight", DType::kF32, {256, 64}}});
        },
        {"expert_9", "unexpected expert"}},
       {"no sparse block",
        [](const fs::path& d) {
          rewrite(d, [](std::string& n, DType&, std::vector<int64_t>&, std::string&) {
-           return n.find(".mlp.router.") == std::string::npos && n.find(".mlp.experts.") == std::string::npos;
+           return n.find(".mlp.router.") == std::string::npos &&
+                  n.find(".mlp.experts.") == std::string::npos;
          });
        },
        {"sparse"}},
@@ -378,9 +404,11 @@ TEST(Pipeline, BadInputsFailBeforeAnyWork) {
     TempDir t("bad");
     sw::generate_checkpoint(t / "ckpt", tiny());
     c.spoil(t / "ckpt");
-    const auto r = run_cli({"compress", (t / "ckpt").string(), "-o", (t / "out.safetensors").string()});
+    const auto r =
+        run_cli({"compress", (t / "ckpt").string(), "-o", (t / "out.safetensors").string()});
     EXPECT_NE(r.exit_code, 0) << c.what << ": " << r.output;
-    for (const auto& s : c.expect) EXPECT_NE(r.output.find(s), std::string::npos) << c.what << ": " << r.output;
+    for (const auto& s : c.expect)
+      EXPECT_NE(r.output.find(s), std::string::npos) << c.what << ": " << r.output;
     EXPECT_FALSE(fs::exists(t / "out.safetensors")) << c.what;
     EXPECT_FALSE(fs::exists(sw::work_dir_for(t / "out.safetensors"))) << c.what;
   }
@@ -396,7 +424,8 @@ TEST(Pipeline, MissingShardIsNamed) {
     if (e.path().filename().string().rfind("model-00002-of-", 0) == 0) victim = e.path();
   ASSERT_FALSE(victim.empty()) << "expected a sharded checkpoint";
   fs::remove(victim);
-  const auto r = run_cli({"compress", (t / "ckpt").string(), "-o", (t / "out").string(), "--shard-size", "1M"});
+  const auto r = run_cli(
+      {"compress", (t / "ckpt").string(), "-o", (t / "out").string(), "--shard-size", "1M"});
   EXPECT_NE(r.exit_code, 0) << r.output;
   EXPECT_NE(r.output.find(victim.filename().string()), std::string::npos) << r.output;
   EXPECT_FALSE(fs::exists(t / "out"));
@@ -422,8 +451,9 @@ TEST(Pipeline, NotEnoughDisk) {
   const int64_t huge = free_bytes + (int64_t{1} << 30);
   // Header of a second "shard" holding one huge U8 tensor, data left as a hole.
   const std::string name = "decoder.extra_huge.weight";
-  std::string header = "{\"__metadata__\":{\"format\":\"pt\"},\"" + name + "\":{\"dtype\":\"U8\",\"shape\":[" +
-                       std::to_string(huge) + "],\"data_offsets\":[0," + std::to_string(huge) + "]}}";
+  std::string header = "{\"__metadata__\":{\"format\":\"pt\"},\"" + name +
+                       "\":{\"dtype\":\"U8\",\"shape\":[" + std::to_string(huge) +
+                       "],\"data_offsets\":[0," + std::to_string(huge) + "]}}";
   while (header.size() % 8) header.push_back(' ');
   {
     std::ofstream f(t / "ckpt" / "model-00002-of-00002.safetensors", std::ios::binary);
@@ -432,8 +462,11 @@ TEST(Pipeline, NotEnoughDisk) {
     f << header;
   }
   std::error_code ec;
-  fs::resize_file(t / "ckpt" / "model-00002-of-00002.safetensors", static_cast<uintmax_t>(8 + static_cast<int64_t>(header.size()) + huge), ec);
-  if (ec) GTEST_SKIP() << "this filesystem cannot hold a sparse file of " << huge << " bytes: " << ec.message();
+  fs::resize_file(t / "ckpt" / "model-00002-of-00002.safetensors",
+                  static_cast<uintmax_t>(8 + static_cast<int64_t>(header.size()) + huge), ec);
+  if (ec)
+    GTEST_SKIP() << "this filesystem cannot hold a sparse file of " << huge
+                 << " bytes: " << ec.message();
   fs::rename(t / "ckpt" / "model.safetensors", t / "ckpt" / "model-00001-of-00002.safetensors");
   json wm = json::object();
   {
@@ -441,15 +474,18 @@ TEST(Pipeline, NotEnoughDisk) {
     for (const auto& tt : first.tensors()) wm[tt.name] = "model-00001-of-00002.safetensors";
   }
   wm[name] = "model-00002-of-00002.safetensors";
-  write_file(t / "ckpt" / "model.safetensors.index.json", json{{"metadata", json::object()}, {"weight_map", wm}}.dump());
-  const auto r = run_cli({"compress", (t / "ckpt").string(), "-o", (t / "out.safetensors").string()});
+  write_file(t / "ckpt" / "model.safetensors.index.json",
+             json{{"metadata", json::object()}, {"weight_map", wm}}.dump());
+  const auto r =
+      run_cli({"compress", (t / "ckpt").string(), "-o", (t / "out.safetensors").string()});
   EXPECT_NE(r.exit_code, 0) << r.output;
   EXPECT_NE(r.output.find("not enough free disk space"), std::string::npos) << r.output;
   EXPECT_FALSE(fs::exists(t / "out.safetensors"));
   EXPECT_FALSE(fs::exists(sw::work_dir_for(t / "out.safetensors")));
 }
 
-// ---- GPTQ through a Hessian file ------------------------------------------------------------------
+// ---- GPTQ through a Hessian file
+// ------------------------------------------------------------------
 
 #if defined(QMOE_SWITCH_HAVE_GPTQ)
 // Accumulators from random correlated inputs for every expert matrix of `ckpt`.
@@ -462,7 +498,8 @@ std::map<std::string, HessianAccumulator> random_hessians(const fs::path& ckpt, 
     if (n.find(".mlp.experts.") == std::string::npos) continue;
     const auto t = src->dense(n);
     const int64_t d = t.shape[1];
-    const int64_t tokens = n.find("expert_3") != std::string::npos ? 0 : 3 * d;  // expert 3 saw nothing
+    const int64_t tokens =
+        n.find("expert_3") != std::string::npos ? 0 : 3 * d;  // expert 3 saw nothing
     std::vector<float> x(static_cast<size_t>(tokens * d));
     for (int64_t i = 0; i < tokens; ++i) {
       const float common = nd(rng);
@@ -496,7 +533,8 @@ TEST(Pipeline, GptqFromHessianFile) {
     const auto w = src->dense(e.name);
     const auto& a = acc.at(e.name.substr(0, e.name.size() - 7));
     const auto h = a.hessian();
-    const auto want = compress_matrix(w.data, w.shape[0], w.shape[1], h.empty() ? nullptr : h.data());
+    const auto want =
+        compress_matrix(w.data, w.shape[0], w.shape[1], h.empty() ? nullptr : h.data());
     std::vector<uint8_t> got(static_cast<size_t>(w.numel())), exp(static_cast<size_t>(w.numel()));
     decode_symbols_ref(e.view, got.data());
     decode_symbols_ref(want.matrix.view(), exp.data());
@@ -526,22 +564,24 @@ TEST(Pipeline, HessiansThatDoNotMatch) {
   acc.erase(victim);
   acc.emplace(victim, HessianAccumulator(64));  // d_model instead of d_ff
   write_hessians(t / "h.safetensors", acc);
-  auto r = run_cli({"compress", (t / "ckpt").string(), "-o", (t / "out.safetensors").string(), "--hessians",
-                    (t / "h.safetensors").string()});
+  auto r = run_cli({"compress", (t / "ckpt").string(), "-o", (t / "out.safetensors").string(),
+                    "--hessians", (t / "h.safetensors").string()});
   EXPECT_NE(r.exit_code, 0) << r.output;
   EXPECT_NE(r.output.find(victim), std::string::npos) << r.output;
   EXPECT_NE(r.output.find("h.safetensors"), std::string::npos) << r.output;
   EXPECT_FALSE(fs::exists(t / "out.safetensors"));
   acc.erase(victim);
   write_hessians(t / "h2.safetensors", acc);
-  r = run_cli({"compress", (t / "ckpt").string(), "-o", (t / "out.safetensors").string(), "--hessians",
-               (t / "h2.safetensors").string()});
+  r = run_cli({"compress", (t / "ckpt").string(), "-o", (t / "out.safetensors").string(),
+               "--hessians", (t / "h2.safetensors").string()});
   EXPECT_NE(r.exit_code, 0) << r.output;
   EXPECT_NE(r.output.find("no Hessian"), std::string::npos) << r.output;
   EXPECT_FALSE(fs::exists(t / "out.safetensors"));
 }
 #else
-TEST(Pipeline, GptqFromHessianFile) { GTEST_SKIP() << "qmoe was built without gptq/"; }
+TEST(Pipeline, GptqFromHessianFile) {
+  GTEST_SKIP() << "qmoe was built without gptq/";
+}
 #endif
 
 }  // namespace

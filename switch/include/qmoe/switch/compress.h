@@ -85,22 +85,22 @@ class HessianProvider {
 std::unique_ptr<HessianProvider> open_hessian_file(const std::filesystem::path& path);
 
 struct CompressProgress {
-  int64_t done = 0;      // expert matrices finished (resumed ones included)
-  int64_t total = 0;     // expert matrices in all
-  int64_t resumed = 0;   // of `done`, finished by an earlier run
-  double seconds = 0;    // since the compression phase started
-  std::string current;   // block being worked on ("encoder.block.3"), or the tensor being written
-  std::string phase;     // "compress" or "assemble"
+  int64_t done = 0;     // expert matrices finished (resumed ones included)
+  int64_t total = 0;    // expert matrices in all
+  int64_t resumed = 0;  // of `done`, finished by an earlier run
+  double seconds = 0;   // since the compression phase started
+  std::string current;  // block being worked on ("encoder.block.3"), or the tensor being written
+  std::string phase;    // "compress" or "assemble"
 };
 
 struct CompressOptions {
-  int threads = 0;              // 0 = the OpenMP default
-  int64_t max_memory = 0;       // resident memory cap in bytes (0 = none)
-  int64_t shard_size = 0;       // 0 = one file, else shards of about this size (output is a dir)
-  bool resume = false;          // continue from "<output>.qmoe-work" if it is there
-  bool cast_bf16 = false;       // store passthrough F32/F16 tensors as BF16
-  std::optional<Codec> codec;   // nullopt: the smaller of qmoe-v1 and qmoe-p5 per matrix
-  bool check_disk = true;       // refuse to start without enough free space for the output
+  int threads = 0;             // 0 = the OpenMP default
+  int64_t max_memory = 0;      // resident memory cap in bytes (0 = none)
+  int64_t shard_size = 0;      // 0 = one file, else shards of about this size (output is a dir)
+  bool resume = false;         // continue from "<output>.qmoe-work" if it is there
+  bool cast_bf16 = false;      // store passthrough F32/F16 tensors as BF16
+  std::optional<Codec> codec;  // nullopt: the smaller of qmoe-v1 and qmoe-p5 per matrix
+  bool check_disk = true;      // refuse to start without enough free space for the output
   HessianProvider* hessians = nullptr;  // nullptr: round to nearest
   // GPTQ settings (used with hessians), as in gptq/gptq.h.
   double percdamp = 0.1;
@@ -118,7 +118,8 @@ struct BlockSummary {
   int64_t weights = 0;
   int64_t compressed_bytes = 0;  // codes + offsets + levels
   double bits_per_weight() const {
-    return weights ? 8.0 * static_cast<double>(compressed_bytes) / static_cast<double>(weights) : 0.0;
+    return weights ? 8.0 * static_cast<double>(compressed_bytes) / static_cast<double>(weights)
+                   : 0.0;
   }
 };
 
@@ -130,19 +131,20 @@ struct CompressSummary {
   int64_t expert_matrices = 0;
   int64_t resumed_matrices = 0;
   int64_t expert_weights = 0;
-  int64_t expert_input_bytes = 0;            // expert tensors as stored in the checkpoint
+  int64_t expert_input_bytes = 0;  // expert tensors as stored in the checkpoint
   int64_t expert_compressed_bytes = 0;
   int64_t passthrough_tensors = 0;
   int64_t v1_matrices = 0, p5_matrices = 0;
-  int64_t fallback_matrices = 0;             // GPTQ without tokens: rounded to nearest
+  int64_t fallback_matrices = 0;  // GPTQ without tokens: rounded to nearest
   double mean_zero_fraction = 0;
-  double compress_seconds = 0;               // compression phase (this run's share)
+  double compress_seconds = 0;  // compression phase (this run's share)
   double assemble_seconds = 0;
   double total_seconds = 0;
-  int64_t memory_budget = 0;                 // bytes admitted for matrices in flight (0 = no cap)
+  int64_t memory_budget = 0;  // bytes admitted for matrices in flight (0 = no cap)
   std::vector<BlockSummary> blocks;
   double bits_per_expert_weight() const {
-    return expert_weights ? 8.0 * static_cast<double>(expert_compressed_bytes) / static_cast<double>(expert_weights)
+    return expert_weights ? 8.0 * static_cast<double>(expert_compressed_bytes) /
+                                static_cast<double>(expert_weights)
                           : 0.0;
   }
 };
@@ -156,18 +158,19 @@ struct CompressPlan {
   std::vector<ExpertMatrix> experts;  // in processing order
   int64_t input_bytes = 0;
   int64_t passthrough_tensors = 0;
-  int64_t passthrough_bytes = 0;       // as written (after an optional cast)
-  int64_t output_bytes_bound = 0;      // upper bound of the container's size
-  int64_t disk_needed = 0;             // bound on the disk the run needs (work dir + output)
+  int64_t passthrough_bytes = 0;   // as written (after an optional cast)
+  int64_t output_bytes_bound = 0;  // upper bound of the container's size
+  int64_t disk_needed = 0;         // bound on the disk the run needs (work dir + output)
   int64_t disk_free = 0;
 };
-CompressPlan plan_compression(const std::filesystem::path& checkpoint, const std::filesystem::path& output,
-                              const CompressOptions& opt);
+CompressPlan plan_compression(const std::filesystem::path& checkpoint,
+                              const std::filesystem::path& output, const CompressOptions& opt);
 
 // Compresses `checkpoint` (a Hugging Face checkpoint directory) into `output` (a file, or a
 // directory when opt.shard_size > 0). Everything is written under temporary names; on any error
 // nothing is left under the output name (the work directory keeps finished matrices for a resume).
-CompressSummary compress_checkpoint(const std::filesystem::path& checkpoint, const std::filesystem::path& output,
+CompressSummary compress_checkpoint(const std::filesystem::path& checkpoint,
+                                    const std::filesystem::path& output,
                                     const CompressOptions& opt = {});
 
 // Checks a container against the checkpoint it was compressed from: every expert matrix decodes
@@ -185,8 +188,8 @@ struct CheckSummary {
   double decode_seconds = 0;        // reference decode of every expert matrix
   double seconds = 0;
 };
-CheckSummary check_compressed(const std::filesystem::path& checkpoint, const std::filesystem::path& container,
-                              int threads = 0);
+CheckSummary check_compressed(const std::filesystem::path& checkpoint,
+                              const std::filesystem::path& container, int threads = 0);
 
 // The work directory of an output.
 std::filesystem::path work_dir_for(const std::filesystem::path& output);
@@ -196,11 +199,12 @@ std::filesystem::path work_dir_for(const std::filesystem::path& output);
 int64_t expert_memory_estimate(const ExpertMatrix& m, bool gptq);
 
 // Metadata keys the pipeline writes into the container (beside the format's own keys):
-inline constexpr std::string_view kMetaConfig = "config.json";          // the checkpoint's config.json
-inline constexpr std::string_view kMetaQuantizer = "quantizer";         // "rtn" or "gptq"
-inline constexpr std::string_view kMetaInputBytes = "source.bytes";     // checkpoint size in bytes
-inline constexpr std::string_view kMetaSource = "source.name";          // checkpoint directory name
-inline constexpr std::string_view kMetaOptions = "compress.options";    // JSON: codec, gptq settings, hessians
+inline constexpr std::string_view kMetaConfig = "config.json";       // the checkpoint's config.json
+inline constexpr std::string_view kMetaQuantizer = "quantizer";      // "rtn" or "gptq"
+inline constexpr std::string_view kMetaInputBytes = "source.bytes";  // checkpoint size in bytes
+inline constexpr std::string_view kMetaSource = "source.name";       // checkpoint directory name
+inline constexpr std::string_view kMetaOptions =
+    "compress.options";  // JSON: codec, gptq settings, hessians
 // Per sparse block, "compress.stats.<stack>.block.<b>": JSON {"experts": E, "zero_fraction":
 // [wi_0, wo_0, wi_1, ...], and with GPTQ "loss": [...], "output_loss": [...], "tokens": [...],
 // "fallback": [indices rounded to nearest]}.
