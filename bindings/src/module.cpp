@@ -52,10 +52,16 @@ using qmoe::DType;
 
 [[noreturn]] void bad_arg(const std::string& msg) { throw py::value_error(msg); }
 
-std::string dtype_str(const py::dtype& dt) { return py::str(dt).cast<std::string>(); }
+std::string dtype_str(const py::dtype& dt) { return py::str(py::handle(dt)).cast<std::string>(); }
+
+// Element size and kind through the Python attributes: pybind11 before 2.12 reads them from the
+// descriptor struct with NumPy 1's layout, which NumPy 2 changed (Debian 12's pybind11 is 2.10).
+py::ssize_t itemsize_of(const py::dtype& dt) { return dt.attr("itemsize").cast<py::ssize_t>(); }
+char kind_of(const py::dtype& dt) { return dt.attr("kind").cast<std::string>().at(0); }
+size_t nbytes_of(const py::array& a) { return static_cast<size_t>(a.size() * itemsize_of(a.dtype())); }
 
 bool is_ml_bfloat16(const py::dtype& dt) {
-  return dt.itemsize() == 2 && dt.attr("name").cast<std::string>() == "bfloat16";
+  return itemsize_of(dt) == 2 && dt.attr("name").cast<std::string>() == "bfloat16";
 }
 
 // The element type of a float array: float32, float16, ml_dtypes.bfloat16, or uint16 holding
@@ -286,7 +292,7 @@ PyCompressed from_tensors(const std::string& codec_name, std::pair<int64_t, int6
     if (!a.dtype().is(want)) bad_arg(std::string(what) + ": expected " + dtype_str(want) + ", got " + dtype_str(a.dtype()));
     check_c_contiguous(a, what);
     out.resize(static_cast<size_t>(a.size()));
-    if (a.size() > 0) std::memcpy(out.data(), a.data(), static_cast<size_t>(a.nbytes()));
+    if (a.size() > 0) std::memcpy(out.data(), a.data(), nbytes_of(a));
   };
   py::array lv = as_array(levels_obj, "levels");
   if (is_ml_bfloat16(lv.dtype())) lv = lv.attr("view")(py::dtype::of<uint16_t>());
@@ -332,7 +338,7 @@ int64_t hessian_add(PyHessian& h, const py::handle& x_obj, bool bf16, int thread
   int64_t n = 1;
   for (py::ssize_t i = 0; i + 1 < x.ndim(); ++i) n *= static_cast<int64_t>(x.shape(i));
   int64_t ld = cols;
-  const auto item = static_cast<py::ssize_t>(x.itemsize());
+  const py::ssize_t item = itemsize_of(x.dtype());
   const bool rows_contiguous = cols <= 1 || x.strides(x.ndim() - 1) == item;
   if (x.ndim() == 2 && dt == DType::kF32 && rows_contiguous && n > 1 && x.strides(0) % item == 0 &&
       x.strides(0) / item >= cols) {
@@ -603,8 +609,8 @@ DType dense_dtype(const py::dtype& dt, const std::string& name) {
   const char order = dt.attr("byteorder").cast<std::string>()[0];
   if (order == '>') bad_arg("tensor '" + name + "': big-endian arrays are not supported");
   if (is_ml_bfloat16(dt)) return DType::kBF16;
-  const char kind = dt.kind();
-  const auto size = dt.itemsize();
+  const char kind = kind_of(dt);
+  const auto size = itemsize_of(dt);
   if (kind == 'b' && size == 1) return DType::kBool;
   if (kind == 'u' || kind == 'i') {
     const bool u = kind == 'u';
@@ -691,7 +697,7 @@ std::vector<std::filesystem::path> save(const std::filesystem::path& path, const
     }
     Dense d{name, dense_dtype(a.dtype(), name), {}, {}};
     for (py::ssize_t i = 0; i < a.ndim(); ++i) d.shape.push_back(static_cast<int64_t>(a.shape(i)));
-    d.bytes = {static_cast<const std::byte*>(a.data()), static_cast<size_t>(a.nbytes())};
+    d.bytes = {static_cast<const std::byte*>(a.data()), nbytes_of(a)};
     dense.push_back(std::move(d));
     keep.push_back(std::move(a));
   }
@@ -729,7 +735,14 @@ py::dict load(const std::filesystem::path& path, bool verify_checksums, bool raw
       out[py::str(name)] = py::cast(std::move(p));
     } else if (const qmoe::DenseEntry* d = c->find_dense(name)) {
       std::vector<py::ssize_t> shape(d->shape.begin(), d->shape.end());
-      py::array a(numpy_dtype(d->dtype, raw_bf16), std::move(shape), d->bytes.data(), base);
+      // C-order strides computed here rather than by pybind11 (see itemsize_of()).
+      std::vector<py::ssize_t> strides(shape.size());
+      py::ssize_t stride = static_cast<py::ssize_t>(qmoe::dtype_size(d->dtype));
+      for (size_t i = shape.size(); i-- > 0;) {
+        strides[i] = stride;
+        stride *= shape[i];
+      }
+      py::array a(numpy_dtype(d->dtype, raw_bf16), std::move(shape), std::move(strides), d->bytes.data(), base);
       a.attr("setflags")(py::arg("write") = false);
       out[py::str(name)] = std::move(a);
     }
