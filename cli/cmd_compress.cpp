@@ -9,6 +9,7 @@
 #include "command.h"
 #include "qmoe/format/error.h"
 #include "qmoe/format/matrix.h"
+#include "qmoe/switch/calibration_provider.h"
 #include "qmoe/switch/compress.h"
 #include "util.h"
 
@@ -16,7 +17,8 @@ namespace qmoe::cli {
 namespace {
 
 struct CompressArgs {
-  std::string checkpoint, output, hessians, codec = "auto";
+  std::string checkpoint, output, hessians, calib_tokens, codec = "auto";
+  bool calib_independent = false;
   bool rtn = false, resume = false, progress = false, cast_bf16 = false, no_disk_check = false,
        actorder = false;
   int threads = 0;
@@ -78,11 +80,18 @@ int run_compress(const CompressArgs& a) {
     if (!opt.codec)
       throw InvalidArgument("unknown codec '" + a.codec + "' (qmoe-v1, qmoe-p5 or auto)");
   }
-  if (a.rtn && !a.hessians.empty())
-    throw InvalidArgument("--rtn and --hessians exclude each other");
+  if (a.rtn && (!a.hessians.empty() || !a.calib_tokens.empty()))
+    throw InvalidArgument("--rtn excludes --hessians and --calib-tokens");
+  if (!a.hessians.empty() && !a.calib_tokens.empty())
+    throw InvalidArgument("--hessians and --calib-tokens exclude each other");
   std::unique_ptr<sw::HessianProvider> hess;
   if (!a.hessians.empty()) {
     hess = sw::open_hessian_file(a.hessians);
+    opt.hessians = hess.get();
+  } else if (!a.calib_tokens.empty()) {
+    sw::CalibrationProviderOptions co;
+    co.sequential = !a.calib_independent;
+    hess = sw::open_calibration(a.checkpoint, a.calib_tokens, co);
     opt.hessians = hess.get();
   }
   const bool bar = a.progress || ::isatty(STDERR_FILENO);
@@ -101,7 +110,7 @@ int run_compress(const CompressArgs& a) {
               human_bytes(static_cast<double>(plan.disk_needed)).c_str(),
               human_bytes(static_cast<double>(plan.disk_free)).c_str());
   if (hess) {
-    std::printf("quantizer: GPTQ ternary with Hessians from %s\n", hess->describe().c_str());
+    std::printf("quantizer: GPTQ ternary, Hessians from %s\n", hess->describe().c_str());
   } else {
     std::printf(
         "quantizer: round-to-nearest ternary (no Hessians given; recorded as \"rtn\" in the "
@@ -170,6 +179,12 @@ Registrar compress_cmd("compress", [](CLI::App& app) -> std::function<int()> {
       ->required();
   app.add_option("--hessians", a->hessians,
                  "Hessian accumulator file (gptq/HESSIAN_FORMAT.md): GPTQ");
+  app.add_option("--calib-tokens", a->calib_tokens,
+                 "calibration token file (switch/TOKENS_FORMAT.md): GPTQ with Hessians from QMoE's "
+                 "sequential calibration through the forward pass");
+  app.add_flag("--calib-independent", a->calib_independent,
+               "with --calib-tokens: every Hessian from the original model (no recomputation with "
+               "compressed blocks)");
   app.add_flag("--rtn", a->rtn, "round to nearest (the default without --hessians)");
   app.add_option("--threads", a->threads,
                  "threads (0 = all); the output is the same for any value");
