@@ -4,7 +4,6 @@
 #include <filesystem>
 #include <map>
 #include <memory>
-#include <regex>
 #include <string>
 
 #include <nlohmann/json.hpp>
@@ -41,13 +40,23 @@ struct ExpertStat {
 
 // "encoder.block.3.layer.1.mlp.experts.expert_5.wo.weight" -> ("encoder.block.3", 5, 1).
 bool parse_expert(const std::string& name, std::string& block, int64_t& expert, int& which) {
-  static const std::regex re(
-      R"(^((encoder|decoder)\.block\.\d+)\.layer\.\d+\.mlp\.experts\.expert_(\d+)\.(wi|wo)\.weight$)");
-  std::smatch m;
-  if (!std::regex_match(name, m, re)) return false;
-  block = m[1];
-  expert = std::stoll(m[3]);
-  which = m[4] == "wi" ? 0 : 1;
+  std::vector<std::string> p;
+  size_t b = 0;
+  for (size_t e; (e = name.find('.', b)) != std::string::npos; b = e + 1)
+    p.push_back(name.substr(b, e - b));
+  p.push_back(name.substr(b));
+  auto digits = [](const std::string& s) {
+    return !s.empty() && s.size() < 10 &&
+           std::all_of(s.begin(), s.end(), [](char c) { return c >= '0' && c <= '9'; });
+  };
+  if (p.size() != 10 || (p[0] != "encoder" && p[0] != "decoder") || p[1] != "block" ||
+      !digits(p[2]) || p[3] != "layer" || !digits(p[4]) || p[5] != "mlp" || p[6] != "experts" ||
+      p[7].rfind("expert_", 0) != 0 || !digits(p[7].substr(7)) || (p[8] != "wi" && p[8] != "wo") ||
+      p[9] != "weight")
+    return false;
+  block = p[0] + ".block." + p[2];
+  expert = std::stoll(p[7].substr(7));
+  which = p[8] == "wi" ? 0 : 1;
   return true;
 }
 

@@ -19,7 +19,6 @@
 #include <limits>
 #include <map>
 #include <mutex>
-#include <regex>
 #include <set>
 #include <sstream>
 #include <thread>
@@ -123,12 +122,30 @@ bool pid_alive(long pid) {
 
 // The pid in "<stem>...tmp.<pid>", "<stem>...tmp.<pid>.<n>.data" or "<stem>...partial.<pid>" (the
 // temporary names of SafetensorsWriter and ContainerWriter); 0 when `name` is not one.
+bool all_digits(std::string_view s) {
+  return !s.empty() && std::all_of(s.begin(), s.end(), [](char c) { return c >= '0' && c <= '9'; });
+}
+
 long temp_owner(const std::string& name, const std::string& stem) {
   if (name.rfind(stem, 0) != 0) return 0;
-  static const std::regex re(R"(^.*\.(tmp|partial)\.(\d+)(\.\d+\.data)?$)");
-  std::smatch m;
-  if (!std::regex_match(name, m, re)) return 0;
-  return std::stol(m[2]);
+  std::string_view s = name;
+  if (s.ends_with(".data")) {  // "<...>.tmp.<pid>.<n>.data"
+    s.remove_suffix(5);
+    const auto d = s.rfind('.');
+    if (d == std::string_view::npos || !all_digits(s.substr(d + 1))) return 0;
+    s = s.substr(0, d);
+  }
+  const auto d = s.rfind('.');
+  if (d == std::string_view::npos || !all_digits(s.substr(d + 1)) || s.size() - d > 12) return 0;
+  const long pid = std::stol(std::string(s.substr(d + 1)));
+  s = s.substr(0, d);
+  return s.ends_with(".tmp") || s.ends_with(".partial") ? pid : 0;
+}
+
+// "model-00001-of-00012.safetensors", the shard names ContainerWriter gives.
+bool is_shard_name(std::string_view n) {
+  return n.size() == 32 && n.starts_with("model-") && all_digits(n.substr(6, 5)) &&
+         n.substr(11, 4) == "-of-" && all_digits(n.substr(15, 5)) && n.substr(20) == ".safetensors";
 }
 
 // ---- the checkpoint as stored ------------------------------------------------------------------
@@ -934,10 +951,9 @@ CompressSummary compress_checkpoint(const fs::path& checkpoint, const fs::path& 
   // Shards of an earlier, differently sharded output in the same directory would confuse readers.
   if (opt.shard_size > 0) {
     std::set<fs::path> mine(sum.files.begin(), sum.files.end());
-    static const std::regex shard_re(R"(^model-\d{5}-of-\d{5}\.safetensors$)");
     std::vector<fs::path> stale;
     for (const auto& e : fs::directory_iterator(output, ec))
-      if (std::regex_match(e.path().filename().string(), shard_re) && !mine.count(e.path()))
+      if (is_shard_name(e.path().filename().string()) && !mine.count(e.path()))
         stale.push_back(e.path());
     for (const auto& p : stale) fs::remove(p, ec);
   }
