@@ -5,11 +5,16 @@ Ternary weights (per-row levels lo <= 0 <= hi) found by round-to-nearest or GPTQ
 container and multiplied straight from the codes.
 
 Every function is implemented in C++ (the extension module ``qmoe._qmoe``); this package only
-re-exports it. Arguments are numpy arrays (anything ``numpy.asarray`` accepts without a copy works
-too, e.g. CPU torch tensors); float inputs may be float32, float16 or bfloat16
+re-exports it. Arguments are numpy arrays, or anything ``numpy.asarray`` accepts (CPU torch
+tensors are read without a copy); float inputs may be float32, float16 or bfloat16
 (``ml_dtypes.bfloat16``, or uint16 bit patterns with ``bf16=True``). Bad arguments raise
 ``ValueError``, malformed files or streams raise ``qmoe.FormatError`` (a ``RuntimeError``), other
 library failures raise ``RuntimeError``; the message is the library's. Heavy calls release the GIL.
+
+Main entry points: ``ternarize_rtn``, ``HessianAccumulator``, ``gptq``, ``encode``,
+``compress_matrix`` -> ``CompressedMatrix`` (``.decode()``, ``.matvec()``, ``.matmul()`` on the
+CPU; ``.to_cuda()`` when the module was built with the CUDA kernels), ``save`` / ``load``
+(containers), ``save_hessians`` / ``load_hessians``, ``compress_checkpoint`` (``qmoe compress``).
 """
 
 from ._qmoe import *  # noqa: F401,F403
