@@ -1,7 +1,8 @@
 """qmoe.save / qmoe.load, and what any safetensors reader sees in a container.
 
-The stored layout checked here is the one format/SPEC.md specifies ("Tensor groups") and
-format/include/qmoe/format/container.h states: a compressed matrix W is stored as
+The stored layout checked here is the one format/SPEC.md specifies (sections 4.1-4.5; section 10
+for reading with the safetensors package, which needs ml_dtypes imported for BF16): a compressed
+matrix W is stored as
   W.qmoe_codes        U16  [num_codes]          (qmoe-v1)
   W.qmoe_row_offsets  I32  [rows + 1]           (qmoe-v1)
   W.qmoe_packed       U8   [rows, ceil(cols/5)] (qmoe-p5)
