@@ -1120,7 +1120,7 @@ GPTQ's H = (2 / count) * sum(x x^T) as float32 (columns, columns), or None befor
         qmoe::write_hessians(path, copies);
       },
       py::arg("path"), py::arg("accumulators"), R"doc(
-Writes a dict of name -> HessianAccumulator to a Hessian file (safetensors; gptq/HESSIAN_FORMAT.md),
+Writes a dict of name -> HessianAccumulator to a Hessian file (safetensors; format/SPEC.md section 11),
 atomically. Raises ValueError for bad names (empty, or ending in ".xtx", ".tokens" or
 ".dropped"), RuntimeError for I/O failures.
 )doc");
@@ -1216,7 +1216,7 @@ Raises ValueError as gptq() and encode() do, and for a non-ternary grid.
 Compresses a Switch Transformers checkpoint into a qmoe container, as `qmoe compress` does: every
 expert matrix ternarized (GPTQ with Hessians from the file `hessians`, e.g. written by
 save_hessians() with one accumulator per expert matrix, named as its tensor without ".weight"
-(gptq/HESSIAN_FORMAT.md); round to nearest without) and encoded, every other tensor copied
+(format/SPEC.md section 11); round to nearest without) and encoded, every other tensor copied
 unchanged.
 
 checkpoint: Hugging Face checkpoint directory (config.json + safetensors). output: the container

@@ -1,4 +1,4 @@
-// Hessian files: named accumulators in a safetensors file (gptq/HESSIAN_FORMAT.md).
+// Hessian files: named accumulators in a safetensors file (format/SPEC.md section 11).
 #include <cmath>
 #include <cstring>
 #include <string>

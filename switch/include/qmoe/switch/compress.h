@@ -48,7 +48,7 @@ struct ExpertMatrix {
   int64_t numel() const { return rows * cols; }
 };
 
-// Where the Hessians for GPTQ come from: a Hessian file (gptq/HESSIAN_FORMAT.md) or, later,
+// Where the Hessians for GPTQ come from: a Hessian file (format/SPEC.md section 11) or, later,
 // calibration through the forward pass (sequential: block by block, each block's inputs computed
 // with the already compressed earlier blocks). With a provider the pipeline works block by block
 // and calls, in this order:
