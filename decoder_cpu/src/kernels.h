@@ -24,6 +24,10 @@ struct Tables {
   // 64 kind combinations x 2 (low, high) x 4 int32 lane masks: lane j is all ones when slot j has
   // that kind; lane 3 is 0.
   const int32_t* v1_slot_masks = nullptr;
+  //   v1_perm, 32 bits, for the AVX-512 single-token kernel: bits 5j..5j+4 = column of slot j
+  //            (0 when absent), bit 15 + j set when slot j is low, bit 18 + j when it is high,
+  //            bits 27..31 = columns the codeword covers.
+  const uint32_t* v1_perm = nullptr;
   // qmoe-p5, indexed by byte (256 entries, 16 bytes each): bytes 0..4 = columns of the low-level
   // symbols, byte 5 = n_low, bytes 8..12 = columns of the high-level symbols, byte 13 = n_high.
   const uint8_t* p5_list = nullptr;

@@ -6,7 +6,9 @@
 // Two ways through a row:
 //  * slots (qmoe-v1, a single token): every dictionary entry has at most 3 non-zero symbols, so a
 //    codeword's inputs are one 4-float vector of its slot columns, split into low and high sums
-//    by two AND masks. One pass, no stores, a handful of operations per codeword.
+//    by two AND masks. One pass, no stores, a handful of operations per codeword. With AVX-512
+//    the same slots are picked by one two-source permute from the codeword's 32-column window
+//    (rows_v1_perm), which takes about a quarter less time per codeword.
 //  * lists (both codecs, any pass, the batch path): decode the row's codes once into the
 //    ascending columns of its low-level and high-level symbols (at most 3 per v1 codeword, 5 per
 //    p5 byte), then, for every pass of tokens, sum the inputs at those columns. With column-major
@@ -205,6 +207,89 @@ inline void slot_row_finish(SlotRow& s, const Work& w, const Tables& tb, const c
   put(w, p, r, 0, lo_level * hsum4(s.lo_a + s.lo_b) + hi_level * hsum4(s.hi_a + s.hi_b));
 }
 
+#if defined(__AVX512F__)
+// ---- one token, qmoe-v1, AVX-512: slots by permute ----------------------------------------
+// A codeword's columns lie in [pos, pos + 28), so two unaligned 16-float loads hold all its
+// inputs, and one two-source permute (vpermi2ps) moves its three slot inputs into lanes 0..2
+// (low sum) and 4..6 (high sum) of the accumulator; the permute's zero mask drops absent slots
+// and the other level. Index, mask and width all come from the codeword's 32-bit v1_perm word,
+// broadcast to every lane: a variable shift gives the lane's slot column (the permute reads the
+// low 5 bits only), a bit test the lane's mask. ~11 instructions per codeword, no branches; the
+// 256 KiB table stays in L2. Lanes 8..15 stay 0.
+typedef uint32_t v16u __attribute__((vector_size(64)));
+// A codeword starts at column <= cols (a row of odd width ends with a half pair) and its window
+// is 32 floats wide.
+static_assert(kColPad >= 33);
+
+struct PermRow {
+  const uint16_t* c;
+  const uint16_t* end;
+  int64_t pos;
+  __m512 a, b;  // even / odd codewords
+};
+
+inline void v1_perm_step(const uint16_t*& c, int64_t& pos, const uint32_t* tab, const float* x,
+                         __m512& acc) {
+  const uint32_t e = tab[*c++];
+  const v16u shift = {0, 5, 10, 0, 0, 5, 10, 0, 0, 0, 0, 0, 0, 0, 0, 0};
+  const v16u kind = {1u << 15, 1u << 16, 1u << 17, 0, 1u << 18, 1u << 19, 1u << 20, 0,
+                     0,        0,        0,        0, 0,        0,        0,        0};
+  const v16u word = v16u{} + e;  // broadcast
+  const __mmask16 k =
+      _mm512_test_epi32_mask(reinterpret_cast<__m512i>(word), reinterpret_cast<__m512i>(kind));
+  const float* xp = x + pos;
+  const __m512 v = _mm512_maskz_permutex2var_ps(
+      k, _mm512_loadu_ps(xp), reinterpret_cast<__m512i>(word >> shift), _mm512_loadu_ps(xp + 16));
+  acc = _mm512_add_ps(acc, v);
+  pos += e >> 27;
+}
+
+inline void perm_row_finish(PermRow& s, const Work& w, const uint32_t* tab, int64_t r) {
+  const Pass& p = w.passes[0];
+  while (s.end - s.c >= 2) {
+    v1_perm_step(s.c, s.pos, tab, p.xt, s.a);
+    v1_perm_step(s.c, s.pos, tab, p.xt, s.b);
+  }
+  if (s.c != s.end) v1_perm_step(s.c, s.pos, tab, p.xt, s.a);
+  alignas(64) float t[16];
+  _mm512_store_ps(t, _mm512_add_ps(s.a, s.b));
+  const float lo_level = bf16_bits_to_float(w.m.levels[2 * r]);
+  const float hi_level = bf16_bits_to_float(w.m.levels[2 * r + 1]);
+  put(w, p, r, 0,
+      lo_level * ((t[0] + t[1]) + (t[2] + t[3])) + hi_level * ((t[4] + t[5]) + (t[6] + t[7])));
+}
+
+void rows_v1_perm(const Work& w, const Tables& tb, int64_t r0, int64_t r1) {
+  const uint32_t* tab = tb.v1_perm;
+  const float* x = w.passes[0].xt;
+  const Matrix& m = w.m;
+  auto row = [&](int64_t r) {
+    return PermRow{m.codes + m.row_offsets[r], m.codes + m.row_offsets[r + 1], 0,
+                   _mm512_setzero_ps(), _mm512_setzero_ps()};
+  };
+  int64_t r = r0;
+  // Two rows at a time, as in rows_v1_slots: the same operations per row either way.
+  for (; r + 2 <= r1; r += 2) {
+    PermRow s = row(r), t = row(r + 1);
+    const int64_t ls = s.end - s.c, lt = t.end - t.c;
+    const int64_t common = (ls < lt ? ls : lt) / 2;
+    for (int64_t i = 0; i < common; ++i) {
+      v1_perm_step(s.c, s.pos, tab, x, s.a);
+      v1_perm_step(t.c, t.pos, tab, x, t.a);
+      v1_perm_step(s.c, s.pos, tab, x, s.b);
+      v1_perm_step(t.c, t.pos, tab, x, t.b);
+    }
+    perm_row_finish(s, w, tab, r);
+    perm_row_finish(t, w, tab, r + 1);
+  }
+  if (r < r1) {
+    PermRow s = row(r);
+    perm_row_finish(s, w, tab, r);
+  }
+}
+#endif
+
+#if !defined(__AVX512F__)  // AVX-512 takes rows_v1_perm
 void rows_v1_slots(const Work& w, const Tables& tb, int64_t r0, int64_t r1) {
   const char* masks = reinterpret_cast<const char*>(tb.v1_slot_masks);
   const float* x = w.passes[0].xt;
@@ -228,6 +313,7 @@ void rows_v1_slots(const Work& w, const Tables& tb, int64_t r0, int64_t r1) {
     slot_row_finish(s, w, tb, masks, r);
   }
 }
+#endif
 
 void rows_lists(const Work& w, const Tables& tb, int64_t r0, int64_t r1, int32_t* scratch) {
   const Matrix& m = w.m;
@@ -269,7 +355,11 @@ void rows_lists(const Work& w, const Tables& tb, int64_t r0, int64_t r1, int32_t
 
 void rows(const Work& w, const Tables& tb, int64_t r0, int64_t r1, int32_t* scratch) {
   if (w.m.codec == 0 && w.num_passes == 1 && w.passes[0].bp == 1) {
+#if defined(__AVX512F__)
+    rows_v1_perm(w, tb, r0, r1);
+#else
     rows_v1_slots(w, tb, r0, r1);
+#endif
     return;
   }
   rows_lists(w, tb, r0, r1, scratch);

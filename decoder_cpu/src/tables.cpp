@@ -10,9 +10,13 @@
 namespace qmoe::cpu::detail {
 namespace {
 
+// v1_perm holds columns and widths in 5-bit fields.
+static_assert(2 * v1::kMaxPairs <= 31);
+
 struct TableStore {
   std::vector<uint64_t> v1_list;
   std::vector<uint64_t> v1_slots;
+  std::vector<uint32_t> v1_perm;
   std::vector<int32_t> v1_slot_masks;
   std::vector<uint8_t> p5_list;
   Tables view;
@@ -20,6 +24,7 @@ struct TableStore {
   TableStore()
       : v1_list(v1::kEntries),
         v1_slots(v1::kEntries),
+        v1_perm(v1::kEntries),
         v1_slot_masks(64 * 2 * 4, 0),
         p5_list(256 * 16, 0) {
     const int32_t* table = v1_decode_table();
@@ -31,6 +36,7 @@ struct TableStore {
       int n_lo = 0, n_hi = 0;
       uint64_t slots = static_cast<uint64_t>(2 * pairs) << 40;
       uint64_t kinds = 0;
+      uint32_t perm = static_cast<uint32_t>(2 * pairs) << 27;
       for (int k = 0; k < pairs; ++k) {
         const uint32_t word = w[k / v1::kPairsPerWord];
         const int j = k % v1::kPairsPerWord;
@@ -45,6 +51,8 @@ struct TableStore {
           const int slot = n_lo + n_hi;
           slots |= static_cast<uint64_t>(col) << (8 * slot);
           kinds |= static_cast<uint64_t>(sym[h]) << (2 * slot);
+          perm |= static_cast<uint32_t>(col) << (5 * slot);
+          perm |= uint32_t{1} << (15 + slot + (sym[h] == 2 ? 3 : 0));
           if (sym[h] == 1) {
             lo_cols |= static_cast<uint64_t>(col) << (8 * n_lo++);
           } else {
@@ -53,6 +61,7 @@ struct TableStore {
         }
       }
       v1_slots[e] = slots | (32 * kinds) << 24;
+      v1_perm[e] = perm;
       v1_list[e] = lo_cols | (static_cast<uint64_t>(n_lo | (2 * pairs) << 2) << 24) |
                    (hi_cols << 32) | (static_cast<uint64_t>(n_hi) << 56);
     }
@@ -74,6 +83,7 @@ struct TableStore {
     }
     view.v1_slots = v1_slots.data();
     view.v1_slot_masks = v1_slot_masks.data();
+    view.v1_perm = v1_perm.data();
     view.p5_list = p5_list.data();
   }
 };
