@@ -1,7 +1,8 @@
 // qmoe encode | decode | verify | dictionary
+#include <regex.h>
+
 #include <cstring>
 #include <iostream>
-#include <regex>
 #include <string>
 #include <vector>
 
@@ -19,6 +20,26 @@ namespace {
 
 bool is_float_dtype(DType t) { return t == DType::kF32 || t == DType::kF16 || t == DType::kBF16; }
 
+// A POSIX extended regular expression that must match a whole tensor name.
+class NameFilter {
+ public:
+  explicit NameFilter(const std::string& pattern) {
+    const std::string anchored = "^(" + pattern + ")$";
+    if (const int rc = regcomp(&re_, anchored.c_str(), REG_EXTENDED | REG_NOSUB); rc != 0) {
+      char msg[256];
+      regerror(rc, &re_, msg, sizeof msg);
+      throw InvalidArgument("--tensors: invalid regular expression '" + pattern + "': " + msg);
+    }
+  }
+  ~NameFilter() { regfree(&re_); }
+  NameFilter(const NameFilter&) = delete;
+  NameFilter& operator=(const NameFilter&) = delete;
+  bool matches(const std::string& name) const { return regexec(&re_, name.c_str(), 0, nullptr, 0) == 0; }
+
+ private:
+  regex_t re_;
+};
+
 // ---- encode -------------------------------------------------------------------------------------
 struct EncodeArgs {
   std::string input, output, tensors = ".*", codec = "auto";
@@ -29,7 +50,7 @@ struct EncodeArgs {
 int run_encode(const EncodeArgs& a) {
   Stopwatch clock;
   const auto in = SafetensorsFile::open(a.input);
-  const std::regex select(a.tensors);
+  const NameFilter select(a.tensors);
   std::optional<Codec> codec;
   if (a.codec != "auto") {
     codec = codec_from_name(a.codec);
@@ -45,7 +66,7 @@ int run_encode(const EncodeArgs& a) {
   out.set_metadata("quantizer", "rtn");
   int64_t n_compressed = 0, weights = 0, in_bytes = 0, out_bytes = 0;
   for (const auto& t : in.tensors()) {
-    const bool pick = t.shape.size() == 2 && is_float_dtype(t.dtype) && std::regex_match(t.name, select);
+    const bool pick = t.shape.size() == 2 && is_float_dtype(t.dtype) && select.matches(t.name);
     if (!pick) {
       out.add_dense(t.name, t.dtype, t.shape, in.bytes(t));
       continue;
@@ -77,7 +98,7 @@ Registrar encode_cmd("encode", [](CLI::App& app) -> std::function<int()> {
   app.description("Ternarize (round to nearest) and encode the 2-D float tensors of a safetensors file");
   app.add_option("input", a->input, "input .safetensors file")->required()->check(CLI::ExistingFile);
   app.add_option("-o,--output", a->output, "output container (a directory when --shard-size is given)")->required();
-  app.add_option("--tensors", a->tensors, "regular expression selecting the tensors to compress (default: all 2-D float tensors)");
+  app.add_option("--tensors", a->tensors, "POSIX extended regular expression matching the whole names of the tensors to compress (default: all 2-D float tensors)");
   app.add_option("--codec", a->codec, "qmoe-v1, qmoe-p5 or auto (the smaller per matrix)");
   app.add_option("--threads", a->threads, "threads (0 = all)");
   app.add_option("--shard-size", a->shard_size, "shard the output at about this size (e.g. 2G); 0 = one file");

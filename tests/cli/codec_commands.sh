@@ -1,0 +1,69 @@
+#!/usr/bin/env bash
+# qmoe encode / verify / decode / dictionary on a committed Switch fixture, and their errors.
+#   codec_commands.sh QMOE_BINARY SOURCE_DIR SHARED_DIR
+set -euo pipefail
+qmoe=$1
+src=$2
+shared=$3
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+in="$src/tests/switch/fixtures/every_other_f32/model.safetensors"
+fail() { echo "FAIL: $*" >&2; exit 1; }
+expect_exit() {  # expect_exit CODE CMD...: runs CMD, checks its exit code, keeps its output
+  local want=$1; shift
+  set +e; "$@" >"$work/out" 2>&1; local got=$?; set -e
+  [ "$got" = "$want" ] || { cat "$work/out" >&2; fail "'$*' exited $got, expected $want"; }
+}
+
+# Only the expert matrices are compressed; every other tensor passes through.
+expect_exit 0 "$qmoe" encode "$in" -o "$work/c.safetensors" --tensors '.*\.experts\.expert_[0-9]+\.w[io]\.weight' --threads 2
+grep -q "^encoded 32 matrices" "$work/out" || { cat "$work/out"; fail "encode did not compress the 32 expert matrices"; }
+[ ! -e "$work/c.safetensors.tmp."* ] 2>/dev/null || fail "temporary file left behind"
+expect_exit 0 "$qmoe" verify "$work/c.safetensors"
+grep -q ": OK (32 compressed matrices" "$work/out" || fail "verify did not report 32 matrices"
+
+# Same bytes for any thread count.
+expect_exit 0 "$qmoe" encode "$in" -o "$work/c1.safetensors" --tensors '.*\.experts\.expert_[0-9]+\.w[io]\.weight' --threads 1
+cmp "$work/c.safetensors" "$work/c1.safetensors" || fail "output depends on the thread count"
+
+# Decode back: F32 output holds every tensor; decoded experts are ternary (3 values per row at most).
+expect_exit 0 "$qmoe" decode "$work/c.safetensors" -o "$work/d.safetensors" --dtype F32
+if python3 -c "import numpy, safetensors" 2>/dev/null; then
+  python3 - "$in" "$work/d.safetensors" <<'PY' || fail "decoded file does not match"
+import sys
+import numpy as np
+from safetensors.numpy import load_file
+a, b = load_file(sys.argv[1]), load_file(sys.argv[2])
+assert sorted(a) == sorted(b), "tensor names differ"
+for k in a:
+    if ".experts." in k and k.endswith(".weight"):
+        assert b[k].shape == a[k].shape
+        for row in b[k]:
+            assert len(np.unique(row)) <= 3, k
+            # zeros where the original was small
+        assert (b[k] == 0).mean() > 0.5, k
+    else:
+        assert np.array_equal(a[k], b[k]), "passthrough tensor changed: " + k
+PY
+fi
+
+# The dictionary subcommand writes the reference decode table.
+expect_exit 0 "$qmoe" dictionary --codec qmoe-v1 --out "$work/table.bin"
+[ "$(stat -c %s "$work/table.bin")" = 524288 ] || fail "decode table has the wrong size"
+if [ -f "$shared/reference/qmoe_v1_dec_table.i32le.bin" ]; then
+  cmp "$work/table.bin" "$shared/reference/qmoe_v1_dec_table.i32le.bin" || fail "decode table differs from the reference"
+fi
+
+# Errors: a clear message, a non-zero exit, nothing under the output name.
+expect_exit 2 "$qmoe" encode "$in" -o "$work/bad.safetensors" --tensors '(unclosed'
+grep -q "invalid regular expression" "$work/out" || fail "no message for a bad regex"
+[ ! -e "$work/bad.safetensors" ] || fail "output written despite the error"
+expect_exit 2 "$qmoe" encode "$in" -o "$work/bad.safetensors" --codec qmoe-v9
+[ ! -e "$work/bad.safetensors" ] || fail "output written despite the error"
+head -c 1000 "$work/c.safetensors" > "$work/trunc.safetensors"
+expect_exit 1 "$qmoe" verify "$work/trunc.safetensors"
+grep -q "trunc.safetensors" "$work/out" || fail "verify did not name the file"
+expect_exit 2 "$qmoe" decode "$work/trunc.safetensors" -o "$work/never.safetensors"
+[ ! -e "$work/never.safetensors" ] || fail "decode wrote output for a bad input"
+expect_exit 2 "$qmoe" dictionary --codec qmoe-p5 --out "$work/none.bin"
+echo "cli codec commands: all checks passed"
