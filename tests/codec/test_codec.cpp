@@ -9,7 +9,7 @@
 #include "qmoe/encoder/encode.h"
 #include "qmoe/format/error.h"
 #include "qmoe/format/reference.h"
-#include "test_util.h"
+#include "random_ternary.h"
 
 namespace qmoe {
 namespace {

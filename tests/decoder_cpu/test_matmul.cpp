@@ -15,6 +15,7 @@
 #include "qmoe/format/bf16.h"
 #include "qmoe/format/error.h"
 #include "qmoe/format/reference.h"
+#include "random_ternary.h"
 
 namespace qmoe::cpu {
 namespace {
@@ -28,20 +29,7 @@ constexpr float kSentinel = -12345.678f;
 
 const SimdLevel kLevels[] = {SimdLevel::kScalar, SimdLevel::kAvx2, SimdLevel::kAvx512};
 
-TernaryMatrix random_ternary(int64_t rows, int64_t cols, double p_zero, uint64_t seed) {
-  std::mt19937_64 rng(seed);
-  std::uniform_real_distribution<double> u(0.0, 1.0);
-  TernaryMatrix t(rows, cols);
-  for (auto& s : t.symbols) {
-    const double v = u(rng);
-    s = v < p_zero ? 0 : (v < p_zero + (1 - p_zero) / 2 ? 1 : 2);
-  }
-  for (int64_t r = 0; r < rows; ++r) {
-    t.levels[2 * r] = float_to_bf16(-static_cast<float>(0.01 + u(rng)));
-    t.levels[2 * r + 1] = float_to_bf16(static_cast<float>(0.01 + u(rng)));
-  }
-  return t;
-}
+using test::random_ternary;
 
 CompressedMatrix make(int64_t rows, int64_t cols, double p_zero, uint64_t seed, Codec codec) {
   EncodeOptions o;

@@ -5,6 +5,8 @@
 
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
+
+#include "random_ternary.h"
 #include <unistd.h>
 
 #include <cstdint>
@@ -115,21 +117,6 @@ inline void refresh_checksums(nlohmann::ordered_json& h, const std::vector<uint8
     h["__metadata__"]["qmoe.xxh3." + name] =
         checksum_hex(std::as_bytes(std::span<const uint8_t>(d.data() + b, e - b)));
   }
-}
-
-inline TernaryMatrix random_ternary(int64_t rows, int64_t cols, double p_zero, uint64_t seed) {
-  std::mt19937_64 rng(seed);
-  std::uniform_real_distribution<double> u(0.0, 1.0);
-  TernaryMatrix t(rows, cols);
-  for (auto& s : t.symbols) {
-    const double x = u(rng);
-    s = x < p_zero ? 0 : (x < p_zero + (1 - p_zero) / 2 ? 1 : 2);
-  }
-  for (int64_t r = 0; r < rows; ++r) {
-    t.levels[2 * r] = float_to_bf16(-static_cast<float>(0.01 + u(rng)));
-    t.levels[2 * r + 1] = float_to_bf16(static_cast<float>(0.01 + u(rng)));
-  }
-  return t;
 }
 
 // Greedy qmoe-v1 encoding (format/SPEC.md, "Encoding"): the dictionary is prefix-closed, so the

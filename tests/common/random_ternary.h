@@ -1,3 +1,5 @@
+// Random ternary matrices for the tests: P(0) = p_zero, low and high equally likely otherwise,
+// per-row levels in [0.01, 1.01) (bf16). The same seed gives the same matrix everywhere.
 #pragma once
 
 #include <cstdint>
@@ -8,7 +10,6 @@
 
 namespace qmoe::test {
 
-// Random ternary matrix: P(0) = p_zero, low and high equally likely otherwise; random levels.
 inline TernaryMatrix random_ternary(int64_t rows, int64_t cols, double p_zero, uint64_t seed) {
   std::mt19937_64 rng(seed);
   std::uniform_real_distribution<double> u(0.0, 1.0);
