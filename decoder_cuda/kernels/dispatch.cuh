@@ -41,6 +41,23 @@ inline void check_act(DType act, const char* fn) {
           std::string(fn) + ": activation type must be BF16, F16 or F32");
 }
 
+// Calls f(Bf16{}), f(F16{}) or f(F32{}) for the element type of `t` (checked by check_act first:
+// anything else is F32).
+template <class F>
+void with_element_type(DType t, F&& f) {
+  switch (t) {
+    case DType::kBF16:
+      f(Bf16{});
+      break;
+    case DType::kF16:
+      f(F16{});
+      break;
+    default:
+      f(F32{});
+      break;
+  }
+}
+
 template <class L, class E, int NB>
 void launch_fused_typed(L& launcher, dim3 grid, const FusedParams<typename E::S>& p) {
   launcher.template fused<E, NB>(grid, p);
@@ -99,17 +116,7 @@ void dispatch_fused(L& launcher, const V1MatrixDev& single, const V1MatrixDev* e
     p.atomic = atomic ? 1 : 0;
     launch_fused_nb<L, E>(launcher, nb, grid, p);
   };
-  switch (act) {
-    case DType::kBF16:
-      run(Bf16{});
-      break;
-    case DType::kF16:
-      run(F16{});
-      break;
-    default:
-      run(F32{});
-      break;
-  }
+  with_element_type(act, run);
 }
 
 template <class L>
@@ -180,17 +187,7 @@ void dispatch_v1_dense(L& launcher, const V1MatrixDev& m, const int32_t* table, 
                                  ld};
     launcher.template v1_dense<E>(grid, p);
   };
-  switch (out) {
-    case DType::kBF16:
-      run(Bf16{});
-      break;
-    case DType::kF16:
-      run(F16{});
-      break;
-    default:
-      run(F32{});
-      break;
-  }
+  with_element_type(out, run);
 }
 
 template <class L>
@@ -216,17 +213,7 @@ void dispatch_p5_dense(L& launcher, const uint8_t* packed, const uint16_t* level
                                   static_cast<int32_t>(row_begin), static_cast<int32_t>(row_end),
                                   static_cast<typename E::S*>(out_ptr), ld);
   };
-  switch (out) {
-    case DType::kBF16:
-      run(Bf16{});
-      break;
-    case DType::kF16:
-      run(F16{});
-      break;
-    default:
-      run(F32{});
-      break;
-  }
+  with_element_type(out, run);
 }
 
 }  // namespace qmoe::cuda::kern

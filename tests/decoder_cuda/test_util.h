@@ -10,6 +10,7 @@
 #include <random>
 #include <vector>
 
+#include "random_ternary.h"
 #include "qmoe/encoder/encode.h"
 #include "qmoe/format/bf16.h"
 #include "qmoe/format/dtype.h"
@@ -29,20 +30,10 @@ inline double tolerance(DType t) {
   return t == DType::kF32 ? kTolF32 : (t == DType::kF16 ? kTolF16 : kTolBF16);
 }
 
-// Random ternary matrix with P(0) = p_zero and random bf16 levels; encoded with `codec`.
+// Random ternary matrix (tests/common/random_ternary.h, levels >= 0.05) encoded with `codec`.
 inline CompressedMatrix random_matrix(int64_t rows, int64_t cols, double p_zero, uint64_t seed,
                                       Codec codec = Codec::kV1) {
-  std::mt19937_64 rng(seed);
-  std::uniform_real_distribution<double> u(0.0, 1.0);
-  TernaryMatrix t(rows, cols);
-  for (auto& s : t.symbols) {
-    const double x = u(rng);
-    s = x < p_zero ? 0 : (x < p_zero + (1 - p_zero) / 2 ? 1 : 2);
-  }
-  for (int64_t r = 0; r < rows; ++r) {
-    t.levels[2 * r] = float_to_bf16(-static_cast<float>(0.05 + u(rng)));
-    t.levels[2 * r + 1] = float_to_bf16(static_cast<float>(0.05 + u(rng)));
-  }
+  const TernaryMatrix t = qmoe::test::random_ternary(rows, cols, p_zero, seed, 0.05);
   EncodeOptions opt;
   opt.codec = codec;
   return encode(t, opt);
