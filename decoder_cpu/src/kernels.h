@@ -62,16 +62,26 @@ struct Pass {
 // Zero columns after the last one, so kernels may read a full codeword's span past the row end.
 inline constexpr int64_t kColPad = 64;
 
+// Rows per call of a RowsFn at most (the OpenMP work item; results do not depend on it), passes
+// per sweep over the codes, and tokens per pass.
+inline constexpr int64_t kRowBlock = 64;
+inline constexpr int kMaxPasses = 8;
+inline constexpr int kPassTokens = 32;
+// Floats of per-thread scratch a RowsFn uses after its two lists: the results of a row block,
+// kept until the block is done so that each token's outputs are written as one contiguous run.
+inline constexpr int64_t kStageFloats = kRowBlock * kMaxPasses * kPassTokens;
+
 struct Work {
   Matrix m;
   const Pass* passes = nullptr;
   int num_passes = 0;
   bool accumulate = false;
-  // Per-thread scratch, list_capacity int32 for each of two lists.
+  // Per-thread scratch: list_capacity int32 for each of two lists, then kStageFloats floats.
   int64_t list_capacity = 0;
 };
 
-// Computes rows [r0, r1) of every pass. scratch: 2 * work.list_capacity int32.
+// Computes rows [r0, r1) of every pass, r1 - r0 <= kRowBlock. scratch: 2 * work.list_capacity
+// int32 followed by kStageFloats floats, 64-byte aligned.
 using RowsFn = void (*)(const Work& work, const Tables& tables, int64_t r0, int64_t r1,
                         int32_t* scratch);
 

@@ -135,12 +135,13 @@ inline void put(const Work& w, const Pass& p, int64_t r, int t, float v) {
   *dst = w.accumulate ? *dst + v : v;
 }
 
-// 8 * NV tokens.
+// 8 * NV tokens: the row's result for each token of the pass, into out[0 .. 8 * NV).
 template <int NV>
-inline void finish_cols(const Work& w, const Pass& p, int64_t r, const int32_t* lo, int64_t n_lo,
-                        const int32_t* hi, int64_t n_hi, float lo_level, float hi_level) {
+inline void finish_cols(const Pass& p, const int32_t* lo, int64_t n_lo, const int32_t* hi,
+                        int64_t n_hi, float lo_level, float hi_level, float* out) {
   constexpr int U = NV == 1 ? 4 : 2;
-  float sa[8 * NV], sb[8 * NV];
+  alignas(64) float sa[8 * NV];
+  alignas(64) float sb[8 * NV];
 #if defined(__AVX512F__)
   if constexpr (NV % 2 == 0) {  // whole 16-float vectors: half the instructions of 8-float ones
     typedef float v16f __attribute__((vector_size(64)));
@@ -152,7 +153,7 @@ inline void finish_cols(const Work& w, const Pass& p, int64_t r, const int32_t* 
     sum_cols<v8f, NV, U>(p.xt, lo, n_lo, sa);
     sum_cols<v8f, NV, U>(p.xt, hi, n_hi, sb);
   }
-  for (int t = 0; t < p.n; ++t) put(w, p, r, t, lo_level * sa[t] + hi_level * sb[t]);
+  for (int t = 0; t < 8 * NV; ++t) out[t] = lo_level * sa[t] + hi_level * sb[t];
 }
 
 // ---- one token, qmoe-v1: three slots per codeword -----------------------------------------
@@ -315,10 +316,15 @@ void rows_v1_slots(const Work& w, const Tables& tb, int64_t r0, int64_t r1) {
 }
 #endif
 
+// Results are staged per row block (scratch after the lists, kStageFloats floats) and written out
+// token by token, so each output row gets one contiguous run of stores instead of one store per
+// row and token.
 void rows_lists(const Work& w, const Tables& tb, int64_t r0, int64_t r1, int32_t* scratch) {
   const Matrix& m = w.m;
   int32_t* lo = scratch;
   int32_t* hi = scratch + w.list_capacity;
+  float* stage = reinterpret_cast<float*>(scratch + 2 * w.list_capacity);
+  auto staged = [&](int q, int64_t r) { return stage + (q * kRowBlock + (r - r0)) * kPassTokens; };
   const int64_t p5_bytes = (m.cols + 4) / 5;
   for (int64_t r = r0; r < r1; ++r) {
     int64_t n_lo = 0, n_hi = 0;
@@ -332,22 +338,36 @@ void rows_lists(const Work& w, const Tables& tb, int64_t r0, int64_t r1, int32_t
     const float hi_level = bf16_bits_to_float(m.levels[2 * r + 1]);
     for (int q = 0; q < w.num_passes; ++q) {
       const Pass& p = w.passes[q];
+      float* out = staged(q, r);
       switch (p.bp) {
         case 1:
-          put(w, p, r, 0, lo_level * sum_at(p.xt, lo, n_lo) + hi_level * sum_at(p.xt, hi, n_hi));
+          out[0] = lo_level * sum_at(p.xt, lo, n_lo) + hi_level * sum_at(p.xt, hi, n_hi);
           break;
         case 8:
-          finish_cols<1>(w, p, r, lo, n_lo, hi, n_hi, lo_level, hi_level);
+          finish_cols<1>(p, lo, n_lo, hi, n_hi, lo_level, hi_level, out);
           break;
         case 16:
-          finish_cols<2>(w, p, r, lo, n_lo, hi, n_hi, lo_level, hi_level);
+          finish_cols<2>(p, lo, n_lo, hi, n_hi, lo_level, hi_level, out);
           break;
         case 24:
-          finish_cols<3>(w, p, r, lo, n_lo, hi, n_hi, lo_level, hi_level);
+          finish_cols<3>(p, lo, n_lo, hi, n_hi, lo_level, hi_level, out);
           break;
         default:
-          finish_cols<4>(w, p, r, lo, n_lo, hi, n_hi, lo_level, hi_level);
+          finish_cols<4>(p, lo, n_lo, hi, n_hi, lo_level, hi_level, out);
           break;
+      }
+    }
+  }
+  for (int q = 0; q < w.num_passes; ++q) {
+    const Pass& p = w.passes[q];
+    for (int t = 0; t < p.n; ++t) {
+      const float s = p.scale != nullptr ? p.scale[t] : 1.0f;
+      float* dst = p.y[t];
+      // The same two roundings as put(): the product, then the sum.
+      for (int64_t r = r0; r < r1; ++r) {
+        float v = staged(q, r)[t];
+        if (p.scale != nullptr) v *= s;
+        dst[r] = w.accumulate ? dst[r] + v : v;
       }
     }
   }

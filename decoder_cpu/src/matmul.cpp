@@ -119,8 +119,9 @@ void check_matrix(const CompressedView& w) {
 }
 
 // ---- the engine ---------------------------------------------------------------------------------
-constexpr int64_t kRowBlock = 64;  // rows per OpenMP work item (fixed: results do not depend on it)
-constexpr int kMaxPasses = 8;      // passes per sweep over the codes (bounds the input copies)
+using detail::kMaxPasses;
+using detail::kRowBlock;
+static_assert(detail::kPassTokens == kMaxPassTokens);
 constexpr int64_t kColBlock = 256;       // columns per transposition work item
 constexpr double kSerialWork = 1 << 17;  // below this many weight x token products: one thread
 constexpr int64_t kSerialPrepareFloats = 1 << 18;  // inputs up to 1 MiB are copied by one thread
@@ -153,6 +154,7 @@ void run(const CompressedView& w, int64_t n, const float* const* xin, float* con
   } else {
     work.list_capacity = w.cols + 8;  // 5 written per byte
   }
+  work.list_capacity = (work.list_capacity + 7) / 8 * 8;  // keeps the staged results aligned
 
   int threads = opt.threads > 0 ? opt.threads : omp_get_max_threads();
   const double products =
@@ -219,7 +221,9 @@ void run(const CompressedView& w, int64_t n, const float* const* xin, float* con
 #pragma omp for schedule(static)
         for (int64_t item = 0; item < num_passes * col_blocks; ++item) prepare(item);
       }
-      int32_t* lists = t_lists.get(static_cast<size_t>(2 * work.list_capacity));
+      // Lists, then the staged results (64-byte aligned: the list capacity is rounded up).
+      int32_t* lists =
+          t_lists.get(static_cast<size_t>(2 * work.list_capacity + detail::kStageFloats));
 #pragma omp for schedule(static)
       for (int64_t b = 0; b < row_blocks; ++b) {
         fn(work, tb, b * kRowBlock, std::min(w.rows, (b + 1) * kRowBlock), lists);
