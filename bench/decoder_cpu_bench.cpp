@@ -12,6 +12,9 @@
 // Dense copies take 4 bytes per weight: 64 + 64 experts of 2.4M weights = 1.2 GB, and 0.94 GB per
 // 4 big experts; pools are built on first use, so a --benchmark_filter builds only what it needs.
 //
+// A MoE layer (layer_*): 16, 64 or 256 tokens routed top-1 over the wi pool, as one grouped_matmul
+// call, as one call per active expert, and as dense fp32 Eigen per active expert.
+//
 // Per configuration: time per call (real time), weights/s and tokens/s, bytes/s of the weights
 // read (codes + offsets + levels for qmoe, fp32 for dense) and bits_per_weight. After the run a
 // table gives the median time of each path and its speed-up over dense fp32.
@@ -21,8 +24,10 @@
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <map>
 #include <memory>
+#include <ostream>
 #include <random>
 #include <string>
 #include <vector>
@@ -183,6 +188,83 @@ void run_path(benchmark::State& state, int shape, int64_t n, int threads, Path p
                path == Path::kDense ? 32.0 : p.bits_per_weight);
 }
 
+// ---- one MoE layer ---------------------------------------------------------------------------
+// T tokens routed top-1 over the pool's experts (a fixed pseudo-random routing, every expert of the
+// pool eligible), outputs scaled by a router probability: the whole layer as one grouped call, as
+// one matmul call per active expert, and dense fp32 Eigen per active expert (tokens gathered into
+// a contiguous block first, outputs scattered back, both timed).
+enum class LayerPath { kGrouped, kPerExpert, kDense };
+
+void run_layer(benchmark::State& state, int shape, int64_t tokens, int threads, LayerPath path) {
+  Pool& p = pool(shape);
+  const int64_t rows = p.shape.rows, cols = p.shape.cols;
+  const int experts = p.shape.experts;
+  std::vector<float> x(static_cast<size_t>(tokens * cols)), y(static_cast<size_t>(tokens * rows));
+  std::mt19937_64 rng(11);
+  std::normal_distribution<float> d(0.0f, 1.0f);
+  for (auto& v : x) v = d(rng);
+  std::vector<std::vector<int32_t>> tok(static_cast<size_t>(experts));
+  std::vector<std::vector<float>> prob(static_cast<size_t>(experts));
+  for (int32_t t = 0; t < tokens; ++t) {
+    const size_t e = static_cast<size_t>(rng() % static_cast<uint64_t>(experts));
+    tok[e].push_back(t);
+    prob[e].push_back(0.5f + static_cast<float>(rng() % 1000) / 2000.0f);
+  }
+  std::vector<cpu::ExpertBatch> items;
+  int active = 0;
+  for (int e = 0; e < experts; ++e) {
+    if (tok[static_cast<size_t>(e)].empty()) continue;
+    ++active;
+    items.push_back({p.comp[static_cast<size_t>(e)].view(),
+                     tok[static_cast<size_t>(e)],
+                     {},
+                     prob[static_cast<size_t>(e)]});
+  }
+  std::vector<float> xg(static_cast<size_t>(tokens * cols)), yg(static_cast<size_t>(tokens * rows));
+  cpu::MatmulOptions opt;
+  opt.threads = threads;
+  double bytes = 0;
+  for (auto _ : state) {
+    bytes = 0;
+    switch (path) {
+      case LayerPath::kGrouped:
+        cpu::grouped_matmul(items, x.data(), tokens, cols, y.data(), tokens, rows, opt);
+        for (const auto& it : items) bytes += static_cast<double>(it.weight.compressed_bytes());
+        break;
+      case LayerPath::kPerExpert:
+        for (const auto& it : items) {
+          cpu::grouped_matmul({&it, 1}, x.data(), tokens, cols, y.data(), tokens, rows, opt);
+          bytes += static_cast<double>(it.weight.compressed_bytes());
+        }
+        break;
+      case LayerPath::kDense:
+        for (int e = 0; e < experts; ++e) {
+          const auto& tk = tok[static_cast<size_t>(e)];
+          const int64_t n = static_cast<int64_t>(tk.size());
+          if (n == 0) continue;
+          for (int64_t i = 0; i < n; ++i) {
+            std::memcpy(xg.data() + i * cols, x.data() + tk[static_cast<size_t>(i)] * cols,
+                        static_cast<size_t>(cols) * sizeof(float));
+          }
+          dense_matmul(p.dense[static_cast<size_t>(e)].get(), rows, cols, xg.data(), n, yg.data(),
+                       threads);
+          const float* pr = prob[static_cast<size_t>(e)].data();
+          for (int64_t i = 0; i < n; ++i) {
+            float* dst = y.data() + tk[static_cast<size_t>(i)] * rows;
+            for (int64_t r = 0; r < rows; ++r) dst[r] = pr[i] * yg[i * rows + r];
+          }
+          bytes += 4.0 * static_cast<double>(rows * cols);
+        }
+        break;
+    }
+    benchmark::DoNotOptimize(y.data());
+    benchmark::ClobberMemory();
+  }
+  state.counters["active_experts"] = active;
+  set_counters(state, p, tokens, bytes, path == LayerPath::kDense ? 32.0 : p.bits_per_weight);
+  // weights/s counts the weights each token passes through (rows * cols per token).
+}
+
 // ---- summary table --------------------------------------------------------------------------
 // Collects the median (or the only) real time per benchmark and prints, after the run, one line
 // per shape/batch/threads with every path and its speed-up over dense fp32.
@@ -199,6 +281,7 @@ class SummaryReporter : public benchmark::ConsoleReporter {
   void Finalize() override {
     ConsoleReporter::Finalize();
     auto& out = GetOutputStream();
+    print_layers(out);
     out << "\n| shape | tokens | threads | qmoe µs | qmoe avx2 µs | dense fp32 µs | reference µs | "
            "dense / qmoe | dense / qmoe avx2 | qmoe µs per token |\n"
            "|---|---|---|---|---|---|---|---|---|---|\n";
@@ -229,6 +312,30 @@ class SummaryReporter : public benchmark::ConsoleReporter {
   }
 
  private:
+  // One line per layer configuration: grouped, per-expert calls, dense, and the ratios.
+  void print_layers(std::ostream& out) const {
+    bool header = false;
+    for (const auto& [key, t] : times_) {
+      if (key.rfind("layer_grouped/", 0) != 0) continue;
+      const std::string rest = key.substr(14);
+      auto get = [&](const std::string& k) {
+        const auto it = times_.find(k);
+        return it == times_.end() ? -1.0 : it->second;
+      };
+      const double per = get("layer_per_expert/" + rest), dense = get("layer_dense/" + rest);
+      if (!header) {
+        out << "\n| MoE layer | grouped µs | per-expert calls µs | dense fp32 µs | "
+               "per-expert / grouped | dense / grouped |\n|---|---|---|---|---|---|\n";
+        header = true;
+      }
+      char line[256];
+      std::snprintf(line, sizeof line, "| %s | %.1f | %.1f | %.1f | %.2fx | %.2fx |\n",
+                    rest.c_str(), t, per, dense, per > 0 ? per / t : 0.0,
+                    dense > 0 ? dense / t : 0.0);
+      out << line;
+    }
+  }
+
   std::map<std::string, double> times_;
 };
 
@@ -257,6 +364,25 @@ void register_all() {
         if (avx2 && !best_is_avx2) add("qmoe_avx2", Path::kQmoe, cpu::SimdLevel::kAvx2);
         if (avx2) add("dense", Path::kDense, std::nullopt);
         if (n == 1 && threads == 1) add("reference", Path::kRef, std::nullopt);
+      }
+    }
+  }
+  // One MoE layer over the wi pool (Switch-base up projections).
+  if (list[0].experts > 0) {
+    for (int64_t tokens : {16, 64, 256}) {
+      for (int threads : thread_counts) {
+        const std::string suffix = std::string(list[0].name) + "/tokens:" + std::to_string(tokens) +
+                                   "/threads:" + std::to_string(threads);
+        for (auto [name, path] : {std::pair{"layer_grouped", LayerPath::kGrouped},
+                                  std::pair{"layer_per_expert", LayerPath::kPerExpert},
+                                  std::pair{"layer_dense", LayerPath::kDense}}) {
+          if (path == LayerPath::kDense && !avx2) continue;
+          benchmark::RegisterBenchmark(
+              (std::string(name) + "/" + suffix).c_str(),
+              [=](benchmark::State& st) { run_layer(st, 0, tokens, threads, path); })
+              ->Unit(benchmark::kMicrosecond)
+              ->UseRealTime();
+        }
       }
     }
   }

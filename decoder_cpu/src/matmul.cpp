@@ -129,104 +129,154 @@ constexpr int64_t kSerialPrepareFloats = 1 << 18;  // inputs up to 1 MiB are cop
 thread_local Aligned<int32_t> t_lists;
 thread_local Aligned<float> t_inputs;
 
-// Computes, for tokens t < n, yout[t][r] (+)= scale[t] * (W xin[t])[r].
-void run(const CompressedView& w, int64_t n, const float* const* xin, float* const* yout,
-         const float* scale, const MatmulOptions& opt) {
-  if (n <= 0 || w.rows == 0) return;
+// One matrix and its tokens: for t < n, yout[t][r] (+)= scale[t] * (W xin[t])[r].
+struct Item {
+  const CompressedView* w;
+  int64_t n;
+  const float* const* xin;
+  float* const* yout;
+  const float* scale;
+};
+
+// A sweep over one matrix's codes for up to kMaxPasses passes of tokens.
+struct Job {
+  detail::Work work;
+  detail::Pass passes[kMaxPasses];
+  int64_t offsets[kMaxPasses];  // of each pass's inputs in the shared input buffer
+  const float* const* src;      // the job's first token
+  int64_t col_blocks = 0;
+};
+
+// Runs the items in one OpenMP region: first every job's inputs are transposed into passes, then
+// the threads split the row blocks (kRowBlock rows; block b of every matrix goes to the same
+// thread) and each runs the jobs in item order on its blocks. A given output element is therefore
+// written by one thread, in item order, whatever the thread count: accumulation over items is
+// race-free and bit-identical for any number of threads.
+void run(std::span<const Item> items, bool accumulate, const MatmulOptions& opt) {
   const SimdLevel level = opt.simd ? checked(*opt.simd) : simd_level();
   const detail::RowsFn fn = rows_fn(level);
   const detail::Tables& tb = detail::tables();
 
-  detail::Work work;
-  work.m.codec = w.codec == Codec::kV1 ? 0 : 1;
-  work.m.rows = w.rows;
-  work.m.cols = w.cols;
-  work.m.codes = w.codes.data();
-  work.m.row_offsets = w.row_offsets.data();
-  work.m.packed = w.packed.data();
-  work.m.levels = w.levels.data();
-  work.accumulate = opt.accumulate;
-  if (w.codec == Codec::kV1) {
-    int64_t max_codes = 0;
-    for (int64_t r = 0; r < w.rows; ++r)
-      max_codes = std::max<int64_t>(max_codes, w.row_offsets[r + 1] - w.row_offsets[r]);
-    work.list_capacity = 3 * max_codes + 8;  // <= 3 symbols per codeword, 4 written per store
-  } else {
-    work.list_capacity = w.cols + 8;  // 5 written per byte
-  }
-  work.list_capacity = (work.list_capacity + 7) / 8 * 8;  // keeps the staged results aligned
-
-  int threads = opt.threads > 0 ? opt.threads : omp_get_max_threads();
-  const double products =
-      static_cast<double>(w.rows) * static_cast<double>(w.cols) * static_cast<double>(n);
-  if (products < kSerialWork) threads = 1;
-  const int64_t padded_cols = w.cols + kColPad;
-  const int64_t row_blocks = (w.rows + kRowBlock - 1) / kRowBlock;
-
-  for (int64_t t0 = 0; t0 < n; t0 += kMaxPasses * kMaxPassTokens) {
-    // Passes of up to 32 tokens: 1 token stays a plain vector, more are padded to a multiple of 8.
-    detail::Pass passes[kMaxPasses];
-    int64_t offsets[kMaxPasses + 1];
-    int num_passes = 0;
-    int64_t floats = 0;
-    for (int64_t t = t0; t < n && num_passes < kMaxPasses; t += kMaxPassTokens) {
-      detail::Pass& p = passes[num_passes];
-      p.n = static_cast<int>(std::min(kMaxPassTokens, n - t));
-      p.bp = p.n == 1 ? 1 : (p.n + 7) / 8 * 8;
-      p.y = yout + t;
-      p.scale = scale != nullptr ? scale + t : nullptr;
-      offsets[num_passes++] = floats;
-      floats += (padded_cols * p.bp + 15) / 16 * 16;  // keep every pass 64-byte aligned
+  std::vector<Job> jobs;
+  int64_t floats = 0, max_rows = 0, max_capacity = 0;
+  double products = 0;
+  for (const Item& it : items) {
+    const CompressedView& w = *it.w;
+    if (it.n <= 0 || w.rows == 0) continue;
+    detail::Matrix m;
+    m.codec = w.codec == Codec::kV1 ? 0 : 1;
+    m.rows = w.rows;
+    m.cols = w.cols;
+    m.codes = w.codes.data();
+    m.row_offsets = w.row_offsets.data();
+    m.packed = w.packed.data();
+    m.levels = w.levels.data();
+    int64_t capacity = 0;
+    if (w.codec == Codec::kV1) {
+      int64_t max_codes = 0;
+      for (int64_t r = 0; r < w.rows; ++r)
+        max_codes = std::max<int64_t>(max_codes, w.row_offsets[r + 1] - w.row_offsets[r]);
+      capacity = 3 * max_codes + 8;  // <= 3 symbols per codeword, 4 written per store
+    } else {
+      capacity = w.cols + 8;  // 5 written per byte
     }
-    float* inputs = t_inputs.get(static_cast<size_t>(std::max<int64_t>(floats, 1)));
-    for (int q = 0; q < num_passes; ++q) passes[q].xt = inputs + offsets[q];
-    work.passes = passes;
-    work.num_passes = num_passes;
-    const int64_t col_blocks = (padded_cols + kColBlock - 1) / kColBlock;
-    // Inputs, column-major per pass: xt[c * bp + t]; zero past the last column and token.
-    auto prepare = [&](int64_t item) {
-      const int q = static_cast<int>(item / col_blocks);
-      const int64_t c0 = (item % col_blocks) * kColBlock;
-      const int64_t c1 = std::min(padded_cols, c0 + kColBlock);
-      const int64_t real_end = std::min(c1, w.cols);
-      const detail::Pass& p = passes[q];
-      float* xt = inputs + offsets[q];
-      const float* const* src = xin + (t0 + q * kMaxPassTokens);
-      if (p.bp == 1) {
-        if (real_end > c0)
-          std::memcpy(xt + c0, src[0] + c0, static_cast<size_t>(real_end - c0) * sizeof(float));
-        for (int64_t c = std::max(c0, real_end); c < c1; ++c) xt[c] = 0.0f;
-      } else {
-        for (int64_t c = c0; c < c1; ++c) {
-          float* dst = xt + c * p.bp;
-          if (c < w.cols) {
-            for (int t = 0; t < p.n; ++t) dst[t] = src[t][c];
-            for (int t = p.n; t < p.bp; ++t) dst[t] = 0.0f;
-          } else {
-            for (int t = 0; t < p.bp; ++t) dst[t] = 0.0f;
-          }
+    capacity = (capacity + 7) / 8 * 8;  // keeps the staged results aligned
+    max_capacity = std::max(max_capacity, capacity);
+    max_rows = std::max(max_rows, w.rows);
+    products +=
+        static_cast<double>(w.rows) * static_cast<double>(w.cols) * static_cast<double>(it.n);
+    const int64_t padded_cols = w.cols + kColPad;
+    for (int64_t t0 = 0; t0 < it.n; t0 += kMaxPasses * kMaxPassTokens) {
+      Job& job = jobs.emplace_back();
+      job.work.m = m;
+      job.work.accumulate = accumulate;
+      job.work.list_capacity = capacity;
+      job.src = it.xin + t0;
+      job.col_blocks = (padded_cols + kColBlock - 1) / kColBlock;
+      // Passes of up to 32 tokens: 1 token stays a plain vector, more are padded to a multiple
+      // of 8.
+      int num_passes = 0;
+      for (int64_t t = t0; t < it.n && num_passes < kMaxPasses; t += kMaxPassTokens) {
+        detail::Pass& p = job.passes[num_passes];
+        p.n = static_cast<int>(std::min(kMaxPassTokens, it.n - t));
+        p.bp = p.n == 1 ? 1 : (p.n + 7) / 8 * 8;
+        p.y = it.yout + t;
+        p.scale = it.scale != nullptr ? it.scale + t : nullptr;
+        job.offsets[num_passes++] = floats;
+        floats += (padded_cols * p.bp + 15) / 16 * 16;  // keep every pass 64-byte aligned
+      }
+      job.work.num_passes = num_passes;
+    }
+  }
+  if (jobs.empty()) return;
+
+  float* inputs = t_inputs.get(static_cast<size_t>(std::max<int64_t>(floats, 1)));
+  std::vector<int64_t> prep_start(jobs.size() + 1, 0);  // first transposition item of each job
+  for (size_t j = 0; j < jobs.size(); ++j) {
+    Job& job = jobs[j];
+    for (int q = 0; q < job.work.num_passes; ++q) job.passes[q].xt = inputs + job.offsets[q];
+    job.work.passes = job.passes;
+    prep_start[j + 1] = prep_start[j] + job.work.num_passes * job.col_blocks;
+  }
+  // Inputs, column-major per pass: xt[c * bp + t]; zero past the last column and token.
+  auto prepare = [&](const Job& job, int64_t item) {
+    const int q = static_cast<int>(item / job.col_blocks);
+    const int64_t cols = job.work.m.cols, padded_cols = cols + kColPad;
+    const int64_t c0 = (item % job.col_blocks) * kColBlock;
+    const int64_t c1 = std::min(padded_cols, c0 + kColBlock);
+    const int64_t real_end = std::min(c1, cols);
+    const detail::Pass& p = job.passes[q];
+    float* xt = inputs + job.offsets[q];
+    const float* const* src = job.src + q * kMaxPassTokens;
+    if (p.bp == 1) {
+      if (real_end > c0)
+        std::memcpy(xt + c0, src[0] + c0, static_cast<size_t>(real_end - c0) * sizeof(float));
+      for (int64_t c = std::max(c0, real_end); c < c1; ++c) xt[c] = 0.0f;
+    } else {
+      for (int64_t c = c0; c < c1; ++c) {
+        float* dst = xt + c * p.bp;
+        if (c < cols) {
+          for (int t = 0; t < p.n; ++t) dst[t] = src[t][c];
+          for (int t = p.n; t < p.bp; ++t) dst[t] = 0.0f;
+        } else {
+          for (int t = 0; t < p.bp; ++t) dst[t] = 0.0f;
         }
       }
-    };
-    // Small inputs are prepared by the calling thread: a barrier costs more than the copy, and
-    // much more on a machine whose cores are oversubscribed.
-    const bool parallel_prepare = threads > 1 && floats > kSerialPrepareFloats;
-    if (!parallel_prepare) {
-      for (int64_t item = 0; item < num_passes * col_blocks; ++item) prepare(item);
     }
+  };
+  auto prepare_flat = [&](int64_t item) {
+    const size_t j = static_cast<size_t>(
+        std::upper_bound(prep_start.begin(), prep_start.end(), item) - prep_start.begin() - 1);
+    prepare(jobs[j], item - prep_start[j]);
+  };
+  const int64_t prep_items = prep_start.back();
+
+  int threads = opt.threads > 0 ? opt.threads : omp_get_max_threads();
+  if (products < kSerialWork) threads = 1;
+  // Small inputs are prepared by the calling thread: a barrier costs more than the copy, and
+  // much more on a machine whose cores are oversubscribed.
+  const bool parallel_prepare = threads > 1 && floats > kSerialPrepareFloats;
+  if (!parallel_prepare) {
+    for (int64_t item = 0; item < prep_items; ++item) prepare_flat(item);
+  }
+  const int64_t row_blocks = (max_rows + kRowBlock - 1) / kRowBlock;
 
 #pragma omp parallel num_threads(threads) if (threads > 1)
-    {
-      if (parallel_prepare) {
+  {
+    if (parallel_prepare) {
 #pragma omp for schedule(static)
-        for (int64_t item = 0; item < num_passes * col_blocks; ++item) prepare(item);
-      }
-      // Lists, then the staged results (64-byte aligned: the list capacity is rounded up).
-      int32_t* lists =
-          t_lists.get(static_cast<size_t>(2 * work.list_capacity + detail::kStageFloats));
-#pragma omp for schedule(static)
-      for (int64_t b = 0; b < row_blocks; ++b) {
-        fn(work, tb, b * kRowBlock, std::min(w.rows, (b + 1) * kRowBlock), lists);
+      for (int64_t item = 0; item < prep_items; ++item) prepare_flat(item);
+    }
+    // Lists, then the staged results (64-byte aligned: the list capacity is rounded up).
+    int32_t* scratch = t_lists.get(static_cast<size_t>(2 * max_capacity + detail::kStageFloats));
+    // This thread's contiguous share of the row blocks, then every job over that share: each
+    // matrix's codes are read as one sequential stream per thread.
+    const int64_t nt = omp_get_num_threads(), id = omp_get_thread_num();
+    const int64_t b0 = row_blocks * id / nt, b1 = row_blocks * (id + 1) / nt;
+    for (const Job& job : jobs) {
+      const int64_t rows = job.work.m.rows;
+      for (int64_t b = b0; b < b1 && b * kRowBlock < rows; ++b) {
+        fn(job.work, tb, b * kRowBlock, std::min(rows, (b + 1) * kRowBlock), scratch);
       }
     }
   }
@@ -291,7 +341,8 @@ void matvec(const CompressedView& w, const float* x, float* y, const MatmulOptio
   check_matrix(w);
   if (w.rows > 0 && y == nullptr) throw InvalidArgument("matvec: y is null");
   if (w.cols > 0 && x == nullptr) throw InvalidArgument("matvec: x is null");
-  run(w, 1, &x, &y, nullptr, opt);
+  const Item item{&w, 1, &x, &y, nullptr};
+  run({&item, 1}, opt.accumulate, opt);
 }
 
 void matmul(const CompressedView& w, int64_t n, const float* x, int64_t ldx, float* y, int64_t ldy,
@@ -312,7 +363,8 @@ void matmul(const CompressedView& w, int64_t n, const float* x, int64_t ldx, flo
     xin[static_cast<size_t>(t)] = x + t * ldx;
     yout[static_cast<size_t>(t)] = y + t * ldy;
   }
-  run(w, n, xin.data(), yout.data(), nullptr, opt);
+  const Item item{&w, n, xin.data(), yout.data(), nullptr};
+  run({&item, 1}, opt.accumulate, opt);
 }
 
 void grouped_matmul(std::span<const ExpertBatch> items, const float* x, int64_t x_rows, int64_t ldx,
@@ -347,21 +399,26 @@ void grouped_matmul(std::span<const ExpertBatch> items, const float* x, int64_t 
       }
     }
   }
-  std::vector<const float*> xin;
-  std::vector<float*> yout;
+  size_t total = 0;
+  for (const ExpertBatch& it : items) total += it.in_rows.size();
+  std::vector<const float*> xin(total);
+  std::vector<float*> yout(total);
+  std::vector<Item> work;
+  work.reserve(items.size());
+  size_t k = 0;
   for (const ExpertBatch& it : items) {
     const size_t n = it.in_rows.size();
     if (n == 0) continue;
-    xin.resize(n);
-    yout.resize(n);
     for (size_t i = 0; i < n; ++i) {
-      xin[i] = x + static_cast<int64_t>(it.in_rows[i]) * ldx;
-      yout[i] =
+      xin[k + i] = x + static_cast<int64_t>(it.in_rows[i]) * ldx;
+      yout[k + i] =
           y + static_cast<int64_t>(it.out_rows.empty() ? it.in_rows[i] : it.out_rows[i]) * ldy;
     }
-    run(it.weight, static_cast<int64_t>(n), xin.data(), yout.data(),
-        it.scale.empty() ? nullptr : it.scale.data(), opt);
+    work.push_back({&it.weight, static_cast<int64_t>(n), xin.data() + k, yout.data() + k,
+                    it.scale.empty() ? nullptr : it.scale.data()});
+    k += n;
   }
+  run(work, opt.accumulate, opt);
 }
 
 }  // namespace qmoe::cpu

@@ -276,6 +276,62 @@ TEST_P(Levels, GroupedSkewedRoutings) {
   }
 }
 
+// Experts of different heights (spanning several 64-row blocks, one shorter than a block), one of
+// them with more tokens than a single sweep over its codes takes (8 passes of 32), top-2
+// accumulation into shared output rows: matches the reference, and is bit-identical for any
+// thread count.
+TEST_P(Levels, GroupedUnevenExpertsAnyThreadCount) {
+  const int64_t num_tokens = 300, d_in = 131;
+  const int64_t heights[] = {200, 45, 129, 64};
+  const int64_t d_out = 200;  // >= every height; lower experts leave the rest of a row alone
+  std::vector<CompressedMatrix> w;
+  for (size_t e = 0; e < std::size(heights); ++e) {
+    w.push_back(make(heights[e], d_in, 0.885, 500 + e, e == 3 ? Codec::kP5 : Codec::kV1));
+  }
+  const std::vector<float> x = random_vec(num_tokens * d_in, 8);
+  // Expert 0 takes every token (two sweeps); the others a strided subset.
+  std::vector<std::vector<int32_t>> tok(std::size(heights));
+  std::vector<std::vector<float>> prob(std::size(heights));
+  for (int32_t t = 0; t < num_tokens; ++t) {
+    tok[0].push_back(t);
+    prob[0].push_back(0.5f + 0.001f * static_cast<float>(t % 7));
+    const size_t e = 1 + static_cast<size_t>(t % 5) % 3;
+    if (t % 5 != 4) {
+      tok[e].push_back(t);
+      prob[e].push_back(0.25f + 0.01f * static_cast<float>(t % 11));
+    }
+  }
+  std::vector<float> want(static_cast<size_t>(num_tokens * d_out), 0.0f);
+  std::vector<float> tmp(static_cast<size_t>(d_out));
+  for (size_t e = 0; e < std::size(heights); ++e) {
+    for (size_t i = 0; i < tok[e].size(); ++i) {
+      matvec_ref(w[e].view(), x.data() + tok[e][i] * d_in, tmp.data());
+      for (int64_t r = 0; r < heights[e]; ++r) want[tok[e][i] * d_out + r] += prob[e][i] * tmp[r];
+    }
+  }
+  std::vector<ExpertBatch> items;
+  for (size_t e = 0; e < std::size(heights); ++e)
+    items.push_back({w[e].view(), tok[e], {}, prob[e]});
+  std::vector<float> first;
+  for (int threads : {1, 2, 3, 5}) {
+    SCOPED_TRACE(std::to_string(threads) + " threads");
+    MatmulOptions o = opt_;
+    o.threads = threads;
+    o.accumulate = true;
+    std::vector<float> y(static_cast<size_t>(num_tokens * d_out), 0.0f);
+    grouped_matmul(items, x.data(), num_tokens, d_in, y.data(), num_tokens, d_out, o);
+    for (int64_t t = 0; t < num_tokens; ++t) {
+      ASSERT_LE(nmse(y.data() + t * d_out, want.data() + t * d_out, d_out), kMaxNmse)
+          << "token " << t;
+    }
+    if (first.empty()) {
+      first = y;
+    } else {
+      ASSERT_EQ(std::memcmp(first.data(), y.data(), y.size() * sizeof(float)), 0);
+    }
+  }
+}
+
 INSTANTIATE_TEST_SUITE_P(DecoderCpu, Levels, ::testing::ValuesIn(kLevels),
                          [](const ::testing::TestParamInfo<SimdLevel>& i) {
                            return std::string(simd_level_name(i.param));
