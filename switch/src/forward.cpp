@@ -8,6 +8,9 @@
 #include <omp.h>
 
 #include "qmoe/format/error.h"
+#ifdef QMOE_SWITCH_HAVE_DECODER_CPU
+#include "qmoe/decoder_cpu/matmul.h"
+#endif
 
 namespace qmoe::sw {
 
@@ -188,6 +191,55 @@ Routing route(const FeedForward& ff, const RowMatrix& x, const SeqOffsets& seqs,
   return r;
 }
 
+namespace {
+
+// When every active expert is compressed and the CPU kernels are built: the layer's up
+// projections as one grouped call (hidden rows in expert order), ReLU, then the down projections
+// as a second grouped call writing each token's row of y. Each expert sees the same tokens in the
+// same order as a per-expert call, so the results are bit-identical to the loop in
+// feed_forward_apply. Returns false (nothing written) otherwise.
+bool grouped_experts_apply(const RowMatrix& x, const Routing& routing,
+                           std::span<const std::shared_ptr<const ExpertMlp>> experts,
+                           RowMatrix& y) {
+#ifdef QMOE_SWITCH_HAVE_DECODER_CPU
+  std::vector<const CompressedExpert*> comp(experts.size(), nullptr);
+  int64_t assignments = 0, d_ff = -1;
+  for (size_t e = 0; e < experts.size(); ++e) {
+    if (routing.tokens_of[e].empty()) continue;
+    comp[e] = dynamic_cast<const CompressedExpert*>(experts[e].get());
+    if (comp[e] == nullptr) return false;
+    if (d_ff >= 0 && comp[e]->d_ff() != d_ff) return false;
+    d_ff = comp[e]->d_ff();
+    assignments += static_cast<int64_t>(routing.tokens_of[e].size());
+  }
+  if (assignments == 0) return true;
+  const int64_t n = x.rows(), d = x.cols();
+  std::vector<std::vector<int32_t>> tokens(experts.size()), slots(experts.size());
+  std::vector<cpu::ExpertBatch> up, down;
+  int32_t next = 0;
+  for (size_t e = 0; e < experts.size(); ++e) {
+    if (comp[e] == nullptr) continue;
+    for (int64_t t : routing.tokens_of[e]) {
+      tokens[e].push_back(static_cast<int32_t>(t));
+      slots[e].push_back(next++);
+    }
+    up.push_back({comp[e]->wi(), tokens[e], slots[e], {}});
+    down.push_back({comp[e]->wo(), slots[e], tokens[e], {}});
+  }
+  RowMatrix hidden(assignments, d_ff);
+  cpu::grouped_matmul(up, x.data(), n, d, hidden.data(), assignments, d_ff);
+  float* hp = hidden.data();
+  for (int64_t i = 0; i < assignments * d_ff; ++i) hp[i] = std::max(hp[i], 0.0f);  // as forward()
+  cpu::grouped_matmul(down, hidden.data(), assignments, d_ff, y.data(), n, d);
+  return true;
+#else
+  (void)x, (void)routing, (void)experts, (void)y;
+  return false;
+#endif
+}
+
+}  // namespace
+
 void feed_forward_apply(const FeedForward& ff, const RowMatrix& x, const Routing* routing,
                         RowMatrix& h, std::span<const std::shared_ptr<const ExpertMlp>> experts) {
   const int64_t n = x.rows(), d = x.cols();
@@ -209,16 +261,18 @@ void feed_forward_apply(const FeedForward& ff, const RowMatrix& x, const Routing
   // Dropped tokens: their layer-normed input passes through unchanged (then scaled by the prob).
   for (int64_t t = 0; t < n; ++t)
     if (routing->dropped[static_cast<size_t>(t)]) y.row(t) = x.row(t);
-  RowMatrix xin, yout;
-  for (size_t e = 0; e < experts.size(); ++e) {
-    const auto& toks = routing->tokens_of[e];
-    if (toks.empty()) continue;
-    const auto k = static_cast<int64_t>(toks.size());
-    xin.resize(k, d);
-    yout.resize(k, d);
-    for (int64_t i = 0; i < k; ++i) xin.row(i) = x.row(toks[static_cast<size_t>(i)]);
-    experts[e]->forward(xin.data(), k, nullptr, yout.data());
-    for (int64_t i = 0; i < k; ++i) y.row(toks[static_cast<size_t>(i)]) = yout.row(i);
+  if (!grouped_experts_apply(x, *routing, experts, y)) {
+    RowMatrix xin, yout;
+    for (size_t e = 0; e < experts.size(); ++e) {
+      const auto& toks = routing->tokens_of[e];
+      if (toks.empty()) continue;
+      const auto k = static_cast<int64_t>(toks.size());
+      xin.resize(k, d);
+      yout.resize(k, d);
+      for (int64_t i = 0; i < k; ++i) xin.row(i) = x.row(toks[static_cast<size_t>(i)]);
+      experts[e]->forward(xin.data(), k, nullptr, yout.data());
+      for (int64_t i = 0; i < k; ++i) y.row(toks[static_cast<size_t>(i)]) = yout.row(i);
+    }
   }
   for (int64_t t = 0; t < n; ++t) h.row(t) += routing->prob[static_cast<size_t>(t)] * y.row(t);
 }

@@ -192,6 +192,74 @@ TEST(Experts, CompressedExpertEqualsDenseExpertOnDecodedWeights) {
     }
   }
 }
+
+// A sparse layer whose experts are all compressed runs as two grouped calls (up, then down
+// projections); the result is bit-identical to running each expert on its own tokens. With one
+// dense expert among them the layer falls back to per-expert calls.
+TEST(Experts, GroupedLayerEqualsPerExpertCalls) {
+  const auto dir = fixture("every_other_f32");
+  const SwitchModel m = SwitchModel::load(dir);
+  const FeedForward& ff = m.encoder[1].ff;
+  ASSERT_TRUE(ff.sparse);
+  std::vector<std::shared_ptr<const ExpertMlp>> comp;
+  for (const auto& e : ff.experts) {
+    const auto& d = dynamic_cast<const DenseExpert&>(*e);
+    comp.push_back(
+        CompressedExpert::owning(encode(ternarize_rtn(d.wi().t.data, d.wi().out, d.wi().in)),
+                                 encode(ternarize_rtn(d.wo().t.data, d.wo().out, d.wo().in))));
+  }
+  const int64_t n = 45;
+  const RowMatrix x = RowMatrix::Random(n, m.config.d_model);
+  SeqOffsets seqs;
+  seqs.offsets = {0, 20, n};
+  for (int64_t capacity : {0, 4}) {
+    ForwardOptions opt;
+    opt.expert_capacity = capacity;
+    const Routing r = route(ff, x, seqs, opt);
+    int active = 0;
+    for (const auto& t : r.tokens_of) active += t.empty() ? 0 : 1;
+    ASSERT_GE(active, 2);
+    // Per-expert reference, the arithmetic of feed_forward_apply's loop.
+    RowMatrix y(n, m.config.d_model);
+    for (int64_t t = 0; t < n; ++t)
+      if (r.dropped[static_cast<size_t>(t)]) y.row(t) = x.row(t);
+    for (size_t e = 0; e < comp.size(); ++e) {
+      const auto& toks = r.tokens_of[e];
+      if (toks.empty()) continue;
+      const auto k = static_cast<int64_t>(toks.size());
+      RowMatrix xin(k, m.config.d_model), yout(k, m.config.d_model);
+      for (int64_t i = 0; i < k; ++i) xin.row(i) = x.row(toks[static_cast<size_t>(i)]);
+      comp[e]->forward(xin.data(), k, nullptr, yout.data());
+      for (int64_t i = 0; i < k; ++i) y.row(toks[static_cast<size_t>(i)]) = yout.row(i);
+    }
+    const RowMatrix h0 = RowMatrix::Random(n, m.config.d_model);
+    RowMatrix want = h0;
+    for (int64_t t = 0; t < n; ++t) want.row(t) += r.prob[static_cast<size_t>(t)] * y.row(t);
+
+    RowMatrix got = h0;
+    feed_forward_apply(ff, x, &r, got, comp);
+    EXPECT_EQ(0, std::memcmp(got.data(), want.data(),
+                             sizeof(float) * static_cast<size_t>(n) *
+                                 static_cast<size_t>(m.config.d_model)))
+        << "capacity " << capacity;
+
+    // One dense expert: the per-expert loop; the other experts' rows are unchanged.
+    std::vector<std::shared_ptr<const ExpertMlp>> mixed = comp;
+    size_t dense_e = 0;
+    while (r.tokens_of[dense_e].empty()) ++dense_e;
+    mixed[dense_e] = ff.experts[dense_e];
+    RowMatrix got_mixed = h0;
+    feed_forward_apply(ff, x, &r, got_mixed, mixed);
+    for (int64_t t = 0; t < n; ++t) {
+      if (r.dropped[static_cast<size_t>(t)] ||
+          r.expert[static_cast<size_t>(t)] == static_cast<int32_t>(dense_e))
+        continue;
+      EXPECT_EQ(0, std::memcmp(got_mixed.row(t).data(), want.row(t).data(),
+                               sizeof(float) * static_cast<size_t>(m.config.d_model)))
+          << "token " << t;
+    }
+  }
+}
 #endif
 
 }  // namespace
