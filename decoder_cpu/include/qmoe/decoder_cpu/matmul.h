@@ -89,7 +89,10 @@ struct ExpertBatch {
 // X has x_rows rows of stride ldx (>= every cols_e), Y has y_rows rows of stride ldy (>= every
 // rows_e). Items are applied in order, so accumulation order and results are fixed; with
 // accumulate = false, a Y row named by several items keeps the last one. Items with n = 0 cost
-// nothing. Throws InvalidArgument for out-of-range rows, mismatched span sizes or strides.
+// nothing. Throws InvalidArgument for out-of-range rows, mismatched span sizes or strides (checked
+// before anything is written). The whole call is one OpenMP region: all inputs are gathered
+// first, then each thread runs every item over its own share of the output rows, in item order;
+// results are bit-identical to running the items one at a time, for any thread count.
 void grouped_matmul(std::span<const ExpertBatch> items, const float* x, int64_t x_rows, int64_t ldx,
                     float* y, int64_t y_rows, int64_t ldy, const MatmulOptions& opt = {});
 
