@@ -13,7 +13,8 @@ library failures raise ``RuntimeError``; the message is the library's. Heavy cal
 
 Main entry points: ``ternarize_rtn``, ``HessianAccumulator``, ``gptq``, ``encode``,
 ``compress_matrix`` -> ``CompressedMatrix`` (``.decode()``, ``.matvec()``, ``.matmul()`` on the
-CPU; ``.to_cuda()`` when the module was built with the CUDA kernels), ``save`` / ``load``
+CPU; ``.to_cuda()`` when the module was built with the CUDA kernels), ``grouped_matmul`` (one MoE
+layer's experts in one CPU call), ``save`` / ``load``
 (containers), ``save_hessians`` / ``load_hessians``, ``compress_checkpoint`` (``qmoe compress``).
 """
 

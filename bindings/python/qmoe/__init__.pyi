@@ -2,7 +2,7 @@
 
 import os
 import pathlib
-from typing import Any, Callable, Iterator, Literal, Mapping, Optional, Union, overload
+from typing import Any, Callable, Iterator, Literal, Mapping, Optional, Sequence, Union, overload
 
 import numpy as np
 import numpy.typing as npt
@@ -79,6 +79,18 @@ class CudaMatrix:
 built_with_cuda: bool
 
 def cuda_device_count() -> int: ...
+def grouped_matmul(
+    weights: Sequence[CompressedMatrix],
+    X: FloatArray,
+    tokens: Sequence[npt.ArrayLike],
+    *,
+    scales: Optional[Sequence[npt.ArrayLike]] = None,
+    out_rows: Optional[Sequence[npt.ArrayLike]] = None,
+    out: Optional[npt.NDArray[np.float32]] = None,
+    accumulate: bool = False,
+    bf16: bool = False,
+    threads: int = 0,
+) -> npt.NDArray[np.float32]: ...
 def ternarize_rtn(
     w: FloatArray, *, bf16: bool = False
 ) -> tuple[npt.NDArray[np.uint8], npt.NDArray[np.uint16]]: ...
