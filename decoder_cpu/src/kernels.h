@@ -16,15 +16,12 @@ struct Tables {
   //            bytes are 0. Every dictionary entry has at most 3 non-zero symbols (checked when
   //            the tables are built), which is what makes this fit.
   const uint64_t* v1_list = nullptr;
-  //   v1_slots: the non-zero symbols as three slots in column order: bytes 0 / 1 / 2 = columns of
-  //            slots 0 / 1 / 2 (0 when absent), bytes 3..4 = byte offset into v1_slot_masks of
-  //            the kinds (32 * (kind0 + 4 kind1 + 16 kind2), kind 0 absent, 1 low, 2 high),
-  //            byte 5 = columns the codeword covers.
-  const uint64_t* v1_slots = nullptr;
-  // 64 kind combinations x 2 (low, high) x 4 int32 lane masks: lane j is all ones when slot j has
-  // that kind; lane 3 is 0.
+  // 64 combinations of the v1_perm kind bits (bits 15..20 of a v1_perm word: bit j = slot j is
+  // low, bit 3 + j = slot j is high) x 2 (low, high) x 4 int32 lane masks: lane j is all ones when
+  // slot j has that kind; lane 3 is 0.
   const int32_t* v1_slot_masks = nullptr;
-  //   v1_perm, 32 bits, for the AVX-512 single-token kernel: bits 5j..5j+4 = column of slot j
+  //   v1_perm, 32 bits, for the single-token kernels: the non-zero symbols as three slots in
+  //            column order; bits 5j..5j+4 = column of slot j
   //            (0 when absent), bit 15 + j set when slot j is low, bit 18 + j when it is high,
   //            bits 27..31 = columns the codeword covers.
   const uint32_t* v1_perm = nullptr;

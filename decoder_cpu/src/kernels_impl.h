@@ -165,16 +165,16 @@ inline void finish_cols(const Pass& p, const int32_t* lo, int64_t n_lo, const in
 typedef float v4f __attribute__((vector_size(16)));
 typedef int32_t v4i __attribute__((vector_size(16)));
 
-inline void v1_slots_step(const uint16_t*& c, int32_t& pos, const uint64_t* slots,
-                          const char* masks, const float* x, v4f& lo, v4f& hi) {
-  // Byte-aligned fields: each is one move or shift for the compiler.
-  const uint64_t r = slots[*c++];
+inline void v1_slots_step(const uint16_t*& c, int32_t& pos, const uint32_t* perm,
+                          const int32_t* masks, const float* x, v4f& lo, v4f& hi) {
+  // The codeword's v1_perm word (256 KiB table): 5-bit columns, 6 kind bits, the width.
+  const uint32_t e = perm[*c++];
   const float* xp = x + pos;
-  const v4f v = {xp[r & 0xff], xp[(r >> 8) & 0xff], xp[(r >> 16) & 0xff], 0.0f};
-  const v4i* m = reinterpret_cast<const v4i*>(masks + ((r >> 24) & 0xffff));
+  const v4f v = {xp[e & 31], xp[(e >> 5) & 31], xp[(e >> 10) & 31], 0.0f};
+  const v4i* m = reinterpret_cast<const v4i*>(masks + 8 * ((e >> 15) & 63));
   lo += reinterpret_cast<v4f>(reinterpret_cast<v4i>(v) & m[0]);
   hi += reinterpret_cast<v4f>(reinterpret_cast<v4i>(v) & m[1]);
-  pos += static_cast<int32_t>(r >> 40);
+  pos += static_cast<int32_t>(e >> 27);
 }
 
 inline float hsum4(v4f v) {
@@ -195,14 +195,14 @@ inline SlotRow slot_row(const Matrix& m, int64_t r) {
 
 // Runs a row to its end and stores its result; the same sequence of operations whether or not
 // part of the row ran interleaved with another one.
-inline void slot_row_finish(SlotRow& s, const Work& w, const Tables& tb, const char* masks,
+inline void slot_row_finish(SlotRow& s, const Work& w, const Tables& tb, const int32_t* masks,
                             int64_t r) {
   const Pass& p = w.passes[0];
   while (s.end - s.c >= 2) {
-    v1_slots_step(s.c, s.pos, tb.v1_slots, masks, p.xt, s.lo_a, s.hi_a);
-    v1_slots_step(s.c, s.pos, tb.v1_slots, masks, p.xt, s.lo_b, s.hi_b);
+    v1_slots_step(s.c, s.pos, tb.v1_perm, masks, p.xt, s.lo_a, s.hi_a);
+    v1_slots_step(s.c, s.pos, tb.v1_perm, masks, p.xt, s.lo_b, s.hi_b);
   }
-  if (s.c != s.end) v1_slots_step(s.c, s.pos, tb.v1_slots, masks, p.xt, s.lo_a, s.hi_a);
+  if (s.c != s.end) v1_slots_step(s.c, s.pos, tb.v1_perm, masks, p.xt, s.lo_a, s.hi_a);
   const float lo_level = bf16_bits_to_float(w.m.levels[2 * r]);
   const float hi_level = bf16_bits_to_float(w.m.levels[2 * r + 1]);
   put(w, p, r, 0, lo_level * hsum4(s.lo_a + s.lo_b) + hi_level * hsum4(s.hi_a + s.hi_b));
@@ -292,7 +292,7 @@ void rows_v1_perm(const Work& w, const Tables& tb, int64_t r0, int64_t r1) {
 
 #if !defined(__AVX512F__)  // AVX-512 takes rows_v1_perm
 void rows_v1_slots(const Work& w, const Tables& tb, int64_t r0, int64_t r1) {
-  const char* masks = reinterpret_cast<const char*>(tb.v1_slot_masks);
+  const int32_t* masks = tb.v1_slot_masks;
   const float* x = w.passes[0].xt;
   int64_t r = r0;
   // Two rows at a time: their codeword chains are independent, so the core overlaps them.
@@ -301,10 +301,10 @@ void rows_v1_slots(const Work& w, const Tables& tb, int64_t r0, int64_t r1) {
     const int64_t ls = s.end - s.c, lt = t.end - t.c;
     const int64_t common = (ls < lt ? ls : lt) / 2;
     for (int64_t i = 0; i < common; ++i) {
-      v1_slots_step(s.c, s.pos, tb.v1_slots, masks, x, s.lo_a, s.hi_a);
-      v1_slots_step(t.c, t.pos, tb.v1_slots, masks, x, t.lo_a, t.hi_a);
-      v1_slots_step(s.c, s.pos, tb.v1_slots, masks, x, s.lo_b, s.hi_b);
-      v1_slots_step(t.c, t.pos, tb.v1_slots, masks, x, t.lo_b, t.hi_b);
+      v1_slots_step(s.c, s.pos, tb.v1_perm, masks, x, s.lo_a, s.hi_a);
+      v1_slots_step(t.c, t.pos, tb.v1_perm, masks, x, t.lo_a, t.hi_a);
+      v1_slots_step(s.c, s.pos, tb.v1_perm, masks, x, s.lo_b, s.hi_b);
+      v1_slots_step(t.c, t.pos, tb.v1_perm, masks, x, t.lo_b, t.hi_b);
     }
     slot_row_finish(s, w, tb, masks, r);
     slot_row_finish(t, w, tb, masks, r + 1);

@@ -15,7 +15,6 @@ static_assert(2 * v1::kMaxPairs <= 31);
 
 struct TableStore {
   std::vector<uint64_t> v1_list;
-  std::vector<uint64_t> v1_slots;
   std::vector<uint32_t> v1_perm;
   std::vector<int32_t> v1_slot_masks;
   std::vector<uint8_t> p5_list;
@@ -23,7 +22,6 @@ struct TableStore {
 
   TableStore()
       : v1_list(v1::kEntries),
-        v1_slots(v1::kEntries),
         v1_perm(v1::kEntries),
         v1_slot_masks(64 * 2 * 4, 0),
         p5_list(256 * 16, 0) {
@@ -34,8 +32,6 @@ struct TableStore {
       const int pairs = v1::entry_pairs(w[0]);
       uint64_t lo_cols = 0, hi_cols = 0;  // packed column bytes
       int n_lo = 0, n_hi = 0;
-      uint64_t slots = static_cast<uint64_t>(2 * pairs) << 40;
-      uint64_t kinds = 0;
       uint32_t perm = static_cast<uint32_t>(2 * pairs) << 27;
       for (int k = 0; k < pairs; ++k) {
         const uint32_t word = w[k / v1::kPairsPerWord];
@@ -49,8 +45,6 @@ struct TableStore {
                         " has more than 3 non-zero symbols; the CPU kernels assume at most 3");
           }
           const int slot = n_lo + n_hi;
-          slots |= static_cast<uint64_t>(col) << (8 * slot);
-          kinds |= static_cast<uint64_t>(sym[h]) << (2 * slot);
           perm |= static_cast<uint32_t>(col) << (5 * slot);
           perm |= uint32_t{1} << (15 + slot + (sym[h] == 2 ? 3 : 0));
           if (sym[h] == 1) {
@@ -60,7 +54,6 @@ struct TableStore {
           }
         }
       }
-      v1_slots[e] = slots | (32 * kinds) << 24;
       v1_perm[e] = perm;
       v1_list[e] = lo_cols | (static_cast<uint64_t>(n_lo | (2 * pairs) << 2) << 24) |
                    (hi_cols << 32) | (static_cast<uint64_t>(n_hi) << 56);
@@ -74,14 +67,12 @@ struct TableStore {
       }
     }
     view.v1_list = v1_list.data();
-    for (int kinds = 0; kinds < 64; ++kinds) {
+    for (int kinds = 0; kinds < 64; ++kinds) {  // the v1_perm kind bits 15..20
       for (int j = 0; j < 3; ++j) {
-        const int kind = (kinds >> (2 * j)) & 3;
-        if (kind == 1) v1_slot_masks[8 * kinds + j] = -1;
-        if (kind == 2) v1_slot_masks[8 * kinds + 4 + j] = -1;
+        if ((kinds >> j) & 1) v1_slot_masks[8 * kinds + j] = -1;
+        if ((kinds >> (3 + j)) & 1) v1_slot_masks[8 * kinds + 4 + j] = -1;
       }
     }
-    view.v1_slots = v1_slots.data();
     view.v1_slot_masks = v1_slot_masks.data();
     view.v1_perm = v1_perm.data();
     view.p5_list = p5_list.data();
