@@ -889,28 +889,31 @@ py::dict compress_checkpoint(const std::filesystem::path& checkpoint, const std:
   opt.blocksize = blocksize;
   opt.actorder = actorder;
   opt.check_disk = check_disk;
-  // The pipeline calls progress and note from the calling thread, and may not unwind safely from
-  // an exception thrown inside them: a Python exception there is kept, the callbacks are not
-  // called again, and the exception is raised once the run has finished.
+  // The pipeline calls progress and note from the calling thread. A Python exception in progress,
+  // or a pending signal (Ctrl-C) seen there, stops the run: the C++ side gets StopRun (no new
+  // matrix starts, finished ones stay in the work directory for resume=True) and the Python
+  // exception is raised here. An exception in note is kept and raised when the run is over.
+  struct StopRun {};
   std::optional<py::error_already_set> pending;
-  if (!progress.is_none()) {
-    opt.progress = [&progress, &pending](const sw::CompressProgress& p) {
-      py::gil_scoped_acquire gil;
-      if (pending) return;
-      try {
-        py::dict d;
-        d["done"] = p.done;
-        d["total"] = p.total;
-        d["resumed"] = p.resumed;
-        d["seconds"] = p.seconds;
-        d["current"] = p.current;
-        d["phase"] = p.phase;
-        progress(d);
-      } catch (py::error_already_set& e) {
-        pending.emplace(std::move(e));
-      }
-    };
-  }
+  opt.progress = [&progress, &pending](const sw::CompressProgress& p) {
+    py::gil_scoped_acquire gil;
+    if (pending) throw StopRun{};
+    try {
+      if (PyErr_CheckSignals() != 0) throw py::error_already_set();
+      if (progress.is_none()) return;
+      py::dict d;
+      d["done"] = p.done;
+      d["total"] = p.total;
+      d["resumed"] = p.resumed;
+      d["seconds"] = p.seconds;
+      d["current"] = p.current;
+      d["phase"] = p.phase;
+      progress(d);
+    } catch (py::error_already_set& e) {
+      pending.emplace(std::move(e));
+      throw StopRun{};
+    }
+  };
   if (!note.is_none()) {
     opt.note = [&note, &pending](const std::string& text) {
       py::gil_scoped_acquire gil;
@@ -923,7 +926,7 @@ py::dict compress_checkpoint(const std::filesystem::path& checkpoint, const std:
     };
   }
   sw::CompressSummary s;
-  {
+  try {
     py::gil_scoped_release nogil;
     std::unique_ptr<sw::HessianProvider> provider;
     if (hessians) {
@@ -931,6 +934,8 @@ py::dict compress_checkpoint(const std::filesystem::path& checkpoint, const std:
       opt.hessians = provider.get();
     }
     s = sw::compress_checkpoint(checkpoint, output, opt);
+  } catch (const StopRun&) {
+    throw std::move(*pending);
   }
   if (pending) throw std::move(*pending);
   py::dict d;
@@ -1358,9 +1363,11 @@ interrupted run from "<output>.qmoe-work". cast_bf16: store non-expert F32/F16 t
 codec: "auto" (the smaller per matrix), "qmoe-v1" or "qmoe-p5". percdamp, blocksize, actorder:
 GPTQ settings as for gptq(). check_disk: refuse to start without enough free disk space.
 progress: called with a dict (done, total, resumed, seconds, current, phase) a few times a
-second. note: called with one-line notes (resumed work, cleaned-up leftovers). The pipeline
-cannot be interrupted from these callbacks: an exception raised in one stops further callbacks
-and is raised when the run has finished; Ctrl-C takes effect when the call returns.
+second. note: called with one-line notes (resumed work, cleaned-up leftovers). Ctrl-C, or an
+exception raised in progress, stops the run within a fraction of a second plus the time of the
+matrices in flight: nothing is written to `output`, the finished matrices stay in the work
+directory for resume=True, and the exception is raised. An exception raised in note is raised
+when the run has finished.
 Returns a summary dict (files, quantizer, sizes, matrix counts, bits_per_expert_weight, timings,
 per-block statistics under "blocks").
 Raises qmoe.FormatError for a missing or malformed checkpoint or Hessian file, ValueError for bad

@@ -544,9 +544,22 @@ struct Pool {
       std::unique_lock lk(mu);
       while (active > 0) {
         progress_cv.wait_for(lk, std::chrono::milliseconds(200));
+        if (!tick || stop) continue;
         lk.unlock();
-        if (tick) tick();
+        // A progress callback that throws stops the run: no new matrix starts, the ones in
+        // flight finish (their work files stay for a resumed run), then the exception goes on.
+        std::exception_ptr thrown;
+        try {
+          tick();
+        } catch (...) {
+          thrown = std::current_exception();
+        }
         lk.lock();
+        if (thrown) {
+          if (!error) error = thrown;
+          stop = true;
+          cv.notify_all();
+        }
       }
     }
     for (auto& t : pool) t.join();
@@ -947,6 +960,7 @@ CompressSummary compress_checkpoint(const fs::path& checkpoint, const fs::path& 
       tick("assemble", name);
     }
   }
+  tick("assemble", "finish");  // the last call before the output is committed
   sum.files = writer.finish();
   // Shards of an earlier, differently sharded output in the same directory would confuse readers.
   if (opt.shard_size > 0) {

@@ -146,6 +146,43 @@ TEST(Pipeline, SameBytesForAnyThreadsAndMemoryCap) {
   EXPECT_EQ(read_file(t / "a.safetensors"), read_file(t / "b.safetensors"));
 }
 
+// A progress callback that throws stops the run: the exception comes out of compress_checkpoint,
+// nothing is under the output name, no temporary file is left, and a resumed run writes the same
+// bytes as an uninterrupted one.
+TEST(Pipeline, ProgressThatThrowsStopsTheRun) {
+  TempDir t("stop");
+  auto o = tiny();
+  o.num_experts = 8;
+  sw::generate_checkpoint(t / "ckpt", o);
+  sw::CompressOptions ref;
+  ref.threads = 2;
+  sw::compress_checkpoint(t / "ckpt", t / "ref.safetensors", ref);
+  const auto want = container_bytes(t / "ref.safetensors");
+  for (const char* phase : {"compress", "assemble"}) {
+    SCOPED_TRACE(phase);
+    const fs::path out = t / (std::string(phase) + ".safetensors");
+    struct Stop {};
+    int calls = 0;
+    sw::CompressOptions opt;
+    opt.threads = 2;
+    opt.progress = [&](const sw::CompressProgress& p) {
+      if (p.phase != phase) return;
+      ++calls;
+      throw Stop{};
+    };
+    EXPECT_THROW(sw::compress_checkpoint(t / "ckpt", out, opt), Stop);
+    EXPECT_EQ(calls, 1);
+    EXPECT_FALSE(fs::exists(out));
+    for (const auto& e : fs::directory_iterator(t.path))
+      EXPECT_EQ(e.path().filename().string().find(".tmp."), std::string::npos) << e.path();
+    sw::CompressOptions again;
+    again.resume = true;
+    sw::compress_checkpoint(t / "ckpt", out, again);
+    EXPECT_EQ(diff(container_bytes(out), want), "");
+    EXPECT_FALSE(fs::exists(sw::work_dir_for(out)));
+  }
+}
+
 TEST(Pipeline, CastBf16AndForcedCodec) {
   TempDir t("cast");
   sw::generate_checkpoint(t / "ckpt", tiny());

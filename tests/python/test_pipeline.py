@@ -98,10 +98,19 @@ def test_errors(checkpoint, tmp_path):
         calls.append(p)
         raise Stop()
 
-    # The exception surfaces when the run ends; the callback is not called again after it.
+    # The exception stops the run: it is raised, the callback is not called again, nothing is
+    # written to the output, and a resumed run produces the same bytes as an uninterrupted one.
+    ref = tmp_path / "ref.safetensors"
+    qmoe.compress_checkpoint(checkpoint, ref, threads=2, check_disk=False)
+    stopped = tmp_path / "stopped.safetensors"
     with pytest.raises(Stop):
-        qmoe.compress_checkpoint(checkpoint, tmp_path / "stopped.safetensors", progress=stop, check_disk=False)
+        qmoe.compress_checkpoint(checkpoint, stopped, threads=2, progress=stop, check_disk=False)
     assert len(calls) == 1
+    assert not stopped.exists()
+    assert not [p for p in tmp_path.iterdir() if ".tmp." in p.name]
+    qmoe.compress_checkpoint(checkpoint, stopped, threads=2, resume=True, check_disk=False)
+    assert stopped.read_bytes() == ref.read_bytes()
+    assert not (tmp_path / "stopped.safetensors.qmoe-work").exists()
 
 def test_missing_hessian_file(checkpoint, tmp_path):
     with pytest.raises(qmoe.FormatError, match="none.safetensors"):

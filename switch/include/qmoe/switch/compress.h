@@ -107,6 +107,10 @@ struct CompressOptions {
   int64_t blocksize = 128;
   bool actorder = false;
   // Called from the calling thread about 5 times a second and once at the end of each phase.
+  // It may throw to stop the run (e.g. on a user's interrupt): no new matrix starts, those in
+  // flight finish, nothing is written to the output, the work directory is kept for `resume`,
+  // and compress_checkpoint rethrows the exception. Only the final call (phase "assemble",
+  // current "done") comes after the output is complete.
   std::function<void(const CompressProgress&)> progress;
   // Called with one-line notes (resumed work, cleaned-up leftovers).
   std::function<void(const std::string&)> note;
