@@ -889,10 +889,10 @@ py::dict compress_checkpoint(const std::filesystem::path& checkpoint, const std:
   opt.blocksize = blocksize;
   opt.actorder = actorder;
   opt.check_disk = check_disk;
-  // The pipeline calls progress and note from the calling thread. A Python exception in progress,
-  // or a pending signal (Ctrl-C) seen there, stops the run: the C++ side gets StopRun (no new
-  // matrix starts, finished ones stay in the work directory for resume=True) and the Python
-  // exception is raised here. An exception in note is kept and raised when the run is over.
+  // The pipeline calls progress and note from the calling thread. A Python exception in either,
+  // or a pending signal (Ctrl-C), stops the run at the next progress call: the C++ side gets
+  // StopRun (no new matrix starts, finished ones stay in the work directory for resume=True) and
+  // the Python exception is raised here. note itself never throws into the pipeline.
   struct StopRun {};
   std::optional<py::error_already_set> pending;
   opt.progress = [&progress, &pending](const sw::CompressProgress& p) {
@@ -1364,10 +1364,9 @@ codec: "auto" (the smaller per matrix), "qmoe-v1" or "qmoe-p5". percdamp, blocks
 GPTQ settings as for gptq(). check_disk: refuse to start without enough free disk space.
 progress: called with a dict (done, total, resumed, seconds, current, phase) a few times a
 second. note: called with one-line notes (resumed work, cleaned-up leftovers). Ctrl-C, or an
-exception raised in progress, stops the run within a fraction of a second plus the time of the
-matrices in flight: nothing is written to `output`, the finished matrices stay in the work
-directory for resume=True, and the exception is raised. An exception raised in note is raised
-when the run has finished.
+exception raised in progress or note, stops the run within a fraction of a second plus the time of
+the matrices in flight: nothing is written to `output`, the finished matrices stay in the work
+directory for resume=True, and the exception is raised.
 Returns a summary dict (files, quantizer, sizes, matrix counts, bits_per_expert_weight, timings,
 per-block statistics under "blocks").
 Raises qmoe.FormatError for a missing or malformed checkpoint or Hessian file, ValueError for bad

@@ -11,6 +11,7 @@
 
 #include "qmoe/format/bf16.h"
 #include "qmoe/format/error.h"
+#include "text_file.h"
 
 namespace qmoe::sw {
 namespace fs = std::filesystem;
@@ -18,13 +19,7 @@ using nlohmann::json;
 
 namespace {
 
-std::string read_text(const fs::path& p) {
-  std::ifstream in(p, std::ios::binary);
-  if (!in) throw FormatError(error_context(p.string(), "", "cannot open file"));
-  std::ostringstream ss;
-  ss << in.rdbuf();
-  return ss.str();
-}
+using internal::read_text;
 
 std::string shape_str(const std::vector<int64_t>& s) {
   std::string r = "[";

@@ -33,6 +33,7 @@
 #include "qmoe/format/error.h"
 #include "qmoe/format/safetensors.h"
 #include "qmoe/switch/checkpoint.h"
+#include "text_file.h"
 #if defined(QMOE_SWITCH_HAVE_GPTQ)
 #include "qmoe/gptq/gptq.h"
 #endif
@@ -46,13 +47,7 @@ namespace {
 constexpr int kWorkVersion = 1;
 constexpr const char* kRunFile = "run.json";
 
-std::string read_text(const fs::path& p) {
-  std::ifstream in(p, std::ios::binary);
-  if (!in) throw FormatError(error_context(p.string(), "", "cannot open file"));
-  std::ostringstream ss;
-  ss << in.rdbuf();
-  return ss.str();
-}
+using internal::read_text;
 
 void write_text_atomic(const fs::path& p, const std::string& text) {
   const fs::path tmp = p.string() + ".tmp." + std::to_string(::getpid());
