@@ -36,6 +36,13 @@ def test_torch_moe_hessians_runs_or_skips_cleanly():
     assert float(gptq.group(1)) < float(rtn.group(1)), out
 
 
+def test_moe_layer_matches_numpy():
+    out = run("examples/moe_layer.py", "--experts", "4", "--d-model", "96", "--d-ff", "160", "--tokens", "40")
+    diff = re.search(r"max relative difference to numpy on the decoded weights: ([0-9.e+-]+)", out)
+    assert diff and float(diff.group(1)) < 1e-5, out
+    assert re.search(r"4 experts of 160x96 \+ 96x160: [0-9.]+ bits per weight", out), out
+
+
 def test_python_overhead_bench_runs():
     out = run("bench/python_overhead.py", "--experts", "2", "--calls", "20", "--repetitions", "2",
               "--tokens", "1,3", "--bench", str(ROOT / "no-such-binary"))
