@@ -6,30 +6,14 @@
 #include <omp.h>
 
 #include <cmath>
-#include <random>
 #include <vector>
 
 #include "qmoe/encoder/encode.h"
-#include "qmoe/format/bf16.h"
 #include "qmoe/format/reference.h"
+#include "random_ternary.h"  // tests/common: i.i.d. symbols (levels do not change the size)
 
 namespace qmoe {
 namespace {
-
-TernaryMatrix make(int64_t rows, int64_t cols, double p_zero, uint64_t seed) {
-  std::mt19937_64 rng(seed);
-  std::uniform_real_distribution<double> u(0.0, 1.0);
-  TernaryMatrix t(rows, cols);
-  for (auto& s : t.symbols) {
-    const double x = u(rng);
-    s = x < p_zero ? 0 : (x < p_zero + (1 - p_zero) / 2 ? 1 : 2);
-  }
-  for (int64_t r = 0; r < rows; ++r) {
-    t.levels[2 * r] = float_to_bf16(-0.05f);
-    t.levels[2 * r + 1] = float_to_bf16(0.05f);
-  }
-  return t;
-}
 
 double entropy_bits(double p_zero) {
   const double q = (1 - p_zero) / 2;
@@ -40,14 +24,15 @@ double entropy_bits(double p_zero) {
 void BM_EncodeV1(benchmark::State& state) {
   const double p_zero = static_cast<double>(state.range(0)) / 1000.0;
   const int threads = static_cast<int>(state.range(1));
-  const auto t = make(768, 3072, p_zero, 1);
+  const auto t = test::random_ternary(768, 3072, p_zero, 1);
   CompressedMatrix m;
   for (auto _ : state) {
     m = encode(t, {.codec = Codec::kV1, .threads = threads});
     benchmark::DoNotOptimize(m.codes.data());
   }
   const double weights = static_cast<double>(t.rows * t.cols);
-  state.counters["weights/s"] = benchmark::Counter(weights, benchmark::Counter::kIsIterationInvariantRate);
+  state.counters["weights/s"] =
+      benchmark::Counter(weights, benchmark::Counter::kIsIterationInvariantRate);
   state.counters["weights/s/thread"] =
       benchmark::Counter(weights / threads, benchmark::Counter::kIsIterationInvariantRate);
   state.counters["bits_per_weight"] = m.view().bits_per_weight(false);
@@ -60,7 +45,7 @@ void BM_EncodeV1(benchmark::State& state) {
 void BM_DecodeRef(benchmark::State& state) {
   const double p_zero = static_cast<double>(state.range(0)) / 1000.0;
   const int threads = static_cast<int>(state.range(1));
-  const auto t = make(768, 3072, p_zero, 2);
+  const auto t = test::random_ternary(768, 3072, p_zero, 2);
   const auto m = encode(t, {.codec = Codec::kV1});
   const auto v = m.view();
   std::vector<float> out(static_cast<size_t>(t.rows * t.cols));
@@ -69,20 +54,23 @@ void BM_DecodeRef(benchmark::State& state) {
   for (auto _ : state) {
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int i = 0; i < threads; ++i) {
-      const int64_t r0 = std::min<int64_t>(v.rows, i * rows_per), r1 = std::min<int64_t>(v.rows, r0 + rows_per);
+      const int64_t r0 = std::min<int64_t>(v.rows, i * rows_per),
+                    r1 = std::min<int64_t>(v.rows, r0 + rows_per);
       CompressedView s = v;
       s.rows = r1 - r0;
       s.levels = v.levels.subspan(static_cast<size_t>(2 * r0), static_cast<size_t>(2 * s.rows));
       std::vector<int32_t> offs(v.row_offsets.begin() + r0, v.row_offsets.begin() + r1 + 1);
       for (auto& o : offs) o -= v.row_offsets[r0];
       s.row_offsets = offs;
-      s.codes = v.codes.subspan(static_cast<size_t>(v.row_offsets[r0]), static_cast<size_t>(v.row_offsets[r1] - v.row_offsets[r0]));
+      s.codes = v.codes.subspan(static_cast<size_t>(v.row_offsets[r0]),
+                                static_cast<size_t>(v.row_offsets[r1] - v.row_offsets[r0]));
       decode_ref(s, out.data() + r0 * v.cols);
     }
     benchmark::DoNotOptimize(out.data());
   }
   const double weights = static_cast<double>(t.rows * t.cols);
-  state.counters["weights/s"] = benchmark::Counter(weights, benchmark::Counter::kIsIterationInvariantRate);
+  state.counters["weights/s"] =
+      benchmark::Counter(weights, benchmark::Counter::kIsIterationInvariantRate);
   state.counters["weights/s/thread"] =
       benchmark::Counter(weights / threads, benchmark::Counter::kIsIterationInvariantRate);
   state.counters["bytes/s"] = benchmark::Counter(static_cast<double>(v.compressed_bytes()),
@@ -91,14 +79,14 @@ void BM_DecodeRef(benchmark::State& state) {
 }
 
 void BM_EncodeP5(benchmark::State& state) {
-  const auto t = make(768, 3072, 0.5, 3);
+  const auto t = test::random_ternary(768, 3072, 0.5, 3);
   CompressedMatrix m;
   for (auto _ : state) {
     m = encode(t, {.codec = Codec::kP5, .threads = 1});
     benchmark::DoNotOptimize(m.packed.data());
   }
-  state.counters["weights/s"] =
-      benchmark::Counter(static_cast<double>(t.rows * t.cols), benchmark::Counter::kIsIterationInvariantRate);
+  state.counters["weights/s"] = benchmark::Counter(static_cast<double>(t.rows * t.cols),
+                                                   benchmark::Counter::kIsIterationInvariantRate);
   state.counters["bits_per_weight"] = m.view().bits_per_weight(false);
 }
 
