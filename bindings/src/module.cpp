@@ -263,11 +263,10 @@ py::array grouped_matmul(const std::vector<PyCompressed>& weights, const py::han
     }
   }
   auto per_expert = [&](const py::object& obj, const char* what) {
-    py::sequence seq = py::reinterpret_borrow<py::sequence>(obj);
-    if (!py::isinstance<py::sequence>(obj) || py::len(seq) != E) {
+    if (!py::isinstance<py::sequence>(obj) || py::len(obj) != E) {
       bad_arg(std::string(what) + ": expected a sequence with one entry per matrix (" + std::to_string(E) + ")");
     }
-    return seq;
+    return py::reinterpret_borrow<py::sequence>(obj);
   };
   per_expert(tokens, "tokens");
   // The output: `out` as given, or zeros with as many rows as X (or as the largest out_rows entry

@@ -361,14 +361,7 @@ void rows_lists(const Work& w, const Tables& tb, int64_t r0, int64_t r1, int32_t
   for (int q = 0; q < w.num_passes; ++q) {
     const Pass& p = w.passes[q];
     for (int t = 0; t < p.n; ++t) {
-      const float s = p.scale != nullptr ? p.scale[t] : 1.0f;
-      float* dst = p.y[t];
-      // The same two roundings as put(): the product, then the sum.
-      for (int64_t r = r0; r < r1; ++r) {
-        float v = staged(q, r)[t];
-        if (p.scale != nullptr) v *= s;
-        dst[r] = w.accumulate ? dst[r] + v : v;
-      }
+      for (int64_t r = r0; r < r1; ++r) put(w, p, r, t, staged(q, r)[t]);
     }
   }
 }
