@@ -172,7 +172,9 @@ void run(std::span<const Item> items, bool accumulate, const MatmulOptions& opt)
     m.packed = w.packed.data();
     m.levels = w.levels.data();
     int64_t capacity = 0;
-    if (w.codec == Codec::kV1) {
+    if (w.codec == Codec::kV1 && it.n == 1) {
+      // One token of qmoe-v1 takes the slot kernels, which use no lists (rows() in kernels_impl.h).
+    } else if (w.codec == Codec::kV1) {
       int64_t max_codes = 0;
       for (int64_t r = 0; r < w.rows; ++r)
         max_codes = std::max<int64_t>(max_codes, w.row_offsets[r + 1] - w.row_offsets[r]);
