@@ -215,8 +215,10 @@ inline void slot_row_finish(SlotRow& s, const Work& w, const Tables& tb, const i
 // (low sum) and 4..6 (high sum) of the accumulator; the permute's zero mask drops absent slots
 // and the other level. Index, mask and width all come from the codeword's 32-bit v1_perm word,
 // broadcast to every lane: a variable shift gives the lane's slot column (the permute reads the
-// low 5 bits only), a bit test the lane's mask. ~11 instructions per codeword, no branches; the
-// 256 KiB table stays in L2. Lanes 8..15 stay 0.
+// low 5 bits only), a bit test the lane's mask. ~10 instructions per codeword, no branches; the
+// 256 KiB table stays in L2. Lanes 8..15 stay 0. Codes are read four at a time (one 8-byte load
+// instead of four 2-byte ones) and the input pointer itself advances by the codeword width, which
+// together took about 5% off the time per codeword (wo 768x3072, one thread: 149 -> 142 us).
 typedef uint32_t v16u __attribute__((vector_size(64)));
 // A codeword starts at column <= cols (a row of odd width ends with a half pair) and its window
 // is 32 floats wide.
@@ -225,33 +227,44 @@ static_assert(kColPad >= 33);
 struct PermRow {
   const uint16_t* c;
   const uint16_t* end;
-  int64_t pos;
-  __m512 a, b;  // even / odd codewords
+  const float* xp;  // the input at the next codeword's first column
+  __m512 a, b;      // even / odd codewords
 };
 
-inline void v1_perm_step(const uint16_t*& c, int64_t& pos, const uint32_t* tab, const float* x,
-                         __m512& acc) {
-  const uint32_t e = tab[*c++];
+inline void v1_perm_code(uint32_t code, const float*& xp, const uint32_t* tab, __m512& acc) {
+  const uint32_t e = tab[code];
   const v16u shift = {0, 5, 10, 0, 0, 5, 10, 0, 0, 0, 0, 0, 0, 0, 0, 0};
   const v16u kind = {1u << 15, 1u << 16, 1u << 17, 0, 1u << 18, 1u << 19, 1u << 20, 0,
                      0,        0,        0,        0, 0,        0,        0,        0};
   const v16u word = v16u{} + e;  // broadcast
   const __mmask16 k =
       _mm512_test_epi32_mask(reinterpret_cast<__m512i>(word), reinterpret_cast<__m512i>(kind));
-  const float* xp = x + pos;
   const __m512 v = _mm512_maskz_permutex2var_ps(
       k, _mm512_loadu_ps(xp), reinterpret_cast<__m512i>(word >> shift), _mm512_loadu_ps(xp + 16));
   acc = _mm512_add_ps(acc, v);
-  pos += e >> 27;
+  xp += e >> 27;
+}
+
+inline void v1_perm_step(const uint16_t*& c, const float*& xp, const uint32_t* tab, __m512& acc) {
+  v1_perm_code(*c++, xp, tab, acc);
 }
 
 inline void perm_row_finish(PermRow& s, const Work& w, const uint32_t* tab, int64_t r) {
   const Pass& p = w.passes[0];
-  while (s.end - s.c >= 2) {
-    v1_perm_step(s.c, s.pos, tab, p.xt, s.a);
-    v1_perm_step(s.c, s.pos, tab, p.xt, s.b);
+  while (s.end - s.c >= 4) {
+    uint64_t cs;
+    std::memcpy(&cs, s.c, 8);
+    s.c += 4;
+    v1_perm_code(cs & 0xffff, s.xp, tab, s.a);
+    v1_perm_code((cs >> 16) & 0xffff, s.xp, tab, s.b);
+    v1_perm_code((cs >> 32) & 0xffff, s.xp, tab, s.a);
+    v1_perm_code(cs >> 48, s.xp, tab, s.b);
   }
-  if (s.c != s.end) v1_perm_step(s.c, s.pos, tab, p.xt, s.a);
+  while (s.end - s.c >= 2) {
+    v1_perm_step(s.c, s.xp, tab, s.a);
+    v1_perm_step(s.c, s.xp, tab, s.b);
+  }
+  if (s.c != s.end) v1_perm_step(s.c, s.xp, tab, s.a);
   alignas(64) float t[16];
   _mm512_store_ps(t, _mm512_add_ps(s.a, s.b));
   const float lo_level = bf16_bits_to_float(w.m.levels[2 * r]);
@@ -265,7 +278,7 @@ void rows_v1_perm(const Work& w, const Tables& tb, int64_t r0, int64_t r1) {
   const float* x = w.passes[0].xt;
   const Matrix& m = w.m;
   auto row = [&](int64_t r) {
-    return PermRow{m.codes + m.row_offsets[r], m.codes + m.row_offsets[r + 1], 0,
+    return PermRow{m.codes + m.row_offsets[r], m.codes + m.row_offsets[r + 1], x,
                    _mm512_setzero_ps(), _mm512_setzero_ps()};
   };
   int64_t r = r0;
@@ -273,12 +286,23 @@ void rows_v1_perm(const Work& w, const Tables& tb, int64_t r0, int64_t r1) {
   for (; r + 2 <= r1; r += 2) {
     PermRow s = row(r), t = row(r + 1);
     const int64_t ls = s.end - s.c, lt = t.end - t.c;
-    const int64_t common = (ls < lt ? ls : lt) / 2;
+    // Four codes of each row per 8-byte load; codeword k of a row goes to accumulator a (k even)
+    // or b (k odd), as in perm_row_finish.
+    const int64_t common = (ls < lt ? ls : lt) / 4;
     for (int64_t i = 0; i < common; ++i) {
-      v1_perm_step(s.c, s.pos, tab, x, s.a);
-      v1_perm_step(t.c, t.pos, tab, x, t.a);
-      v1_perm_step(s.c, s.pos, tab, x, s.b);
-      v1_perm_step(t.c, t.pos, tab, x, t.b);
+      uint64_t cs, ct;
+      std::memcpy(&cs, s.c, 8);
+      std::memcpy(&ct, t.c, 8);
+      s.c += 4;
+      t.c += 4;
+      v1_perm_code(cs & 0xffff, s.xp, tab, s.a);
+      v1_perm_code(ct & 0xffff, t.xp, tab, t.a);
+      v1_perm_code((cs >> 16) & 0xffff, s.xp, tab, s.b);
+      v1_perm_code((ct >> 16) & 0xffff, t.xp, tab, t.b);
+      v1_perm_code((cs >> 32) & 0xffff, s.xp, tab, s.a);
+      v1_perm_code((ct >> 32) & 0xffff, t.xp, tab, t.a);
+      v1_perm_code(cs >> 48, s.xp, tab, s.b);
+      v1_perm_code(ct >> 48, t.xp, tab, t.b);
     }
     perm_row_finish(s, w, tab, r);
     perm_row_finish(t, w, tab, r + 1);
