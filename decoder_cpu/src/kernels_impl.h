@@ -8,7 +8,7 @@
 //    codeword's inputs are one 4-float vector of its slot columns, split into low and high sums
 //    by two AND masks. One pass, no stores, a handful of operations per codeword. With AVX-512
 //    the same slots are picked by one two-source permute from the codeword's 32-column window
-//    (rows_v1_perm), which takes about a quarter less time per codeword.
+//    (PermKernel), which takes about a quarter less time per codeword.
 //  * lists (both codecs, any pass, the batch path): decode the row's codes once into the
 //    ascending columns of its low-level and high-level symbols (at most 3 per v1 codeword, 5 per
 //    p5 byte), then, for every pass of tokens, sum the inputs at those columns. With column-major
@@ -19,6 +19,7 @@
 // interleaved with or on the thread that runs it; that makes results thread-count independent.
 #pragma once
 
+#include <bit>
 #include <cstdint>
 #include <cstring>
 
@@ -156,57 +157,112 @@ inline void finish_cols(const Pass& p, const int32_t* lo, int64_t n_lo, const in
   for (int t = 0; t < 8 * NV; ++t) out[t] = lo_level * sa[t] + hi_level * sb[t];
 }
 
-// ---- one token, qmoe-v1: three slots per codeword -----------------------------------------
-// Every codeword has at most 3 non-zero symbols, so its inputs fit one 4-float vector: load the
-// three slot columns (an absent slot reads the codeword's first column), then AND with the slot
-// masks of the codeword's kinds, which zero absent slots exactly (whatever the input) and split
-// low from high. No lists, no second pass. Two accumulator pairs (even / odd codewords) halve the
-// add chain.
 typedef float v4f __attribute__((vector_size(16)));
 typedef int32_t v4i __attribute__((vector_size(16)));
 
-inline void v1_slots_step(const uint16_t*& c, int32_t& pos, const uint32_t* perm,
-                          const int32_t* masks, const float* x, v4f& lo, v4f& hi) {
-  // The codeword's v1_perm word (256 KiB table): 5-bit columns, 6 kind bits, the width.
-  const uint32_t e = perm[*c++];
-  const float* xp = x + pos;
-  const v4f v = {xp[e & 31], xp[(e >> 5) & 31], xp[(e >> 10) & 31], 0.0f};
-  const v4i* m = reinterpret_cast<const v4i*>(masks + 8 * ((e >> 15) & 63));
-  lo += reinterpret_cast<v4f>(reinterpret_cast<v4i>(v) & m[0]);
-  hi += reinterpret_cast<v4f>(reinterpret_cast<v4i>(v) & m[1]);
-  pos += static_cast<int32_t>(e >> 27);
+// ---- one token, qmoe-v1: the row driver ---------------------------------------------------
+// Both single-token kernels below walk rows the same way; a kernel K supplies
+//   K::Row                      a row in flight: c and end (its codes), plus its accumulators,
+//   K::row(r)                   a fresh row,
+//   K::code(row, code, odd)     one codeword into accumulator set `odd` (codeword index parity),
+//   K::store(row, r)            the row's result.
+// Rows go two at a time, their codeword chains interleaved so the core overlaps them; codes are
+// read four per 8-byte load. Codeword k of a row always goes to accumulator set k % 2 and the sets
+// are combined in a fixed order, so a row's result does not depend on the row it was paired with
+// or on how its codes were loaded.
+static_assert(std::endian::native == std::endian::little, "codes are read four per 64-bit load");
+
+inline uint64_t load4(const uint16_t*& c) {
+  uint64_t v;
+  std::memcpy(&v, c, 8);
+  c += 4;
+  return v;
+}
+
+template <class K>
+inline void finish_row(const K& k, typename K::Row& s, int64_t r) {
+  while (s.end - s.c >= 4) {
+    const uint64_t cs = load4(s.c);
+    k.code(s, cs & 0xffff, 0);
+    k.code(s, (cs >> 16) & 0xffff, 1);
+    k.code(s, (cs >> 32) & 0xffff, 0);
+    k.code(s, cs >> 48, 1);
+  }
+  for (int odd = 0; s.c != s.end; odd ^= 1) k.code(s, *s.c++, odd);
+  k.store(s, r);
+}
+
+template <class K>
+void rows_paired(const K& k, int64_t r0, int64_t r1) {
+  int64_t r = r0;
+  for (; r + 2 <= r1; r += 2) {
+    typename K::Row s = k.row(r), t = k.row(r + 1);
+    const int64_t ls = s.end - s.c, lt = t.end - t.c;
+    const int64_t common = (ls < lt ? ls : lt) / 4;
+    for (int64_t i = 0; i < common; ++i) {
+      const uint64_t cs = load4(s.c), ct = load4(t.c);
+      k.code(s, cs & 0xffff, 0);
+      k.code(t, ct & 0xffff, 0);
+      k.code(s, (cs >> 16) & 0xffff, 1);
+      k.code(t, (ct >> 16) & 0xffff, 1);
+      k.code(s, (cs >> 32) & 0xffff, 0);
+      k.code(t, (ct >> 32) & 0xffff, 0);
+      k.code(s, cs >> 48, 1);
+      k.code(t, ct >> 48, 1);
+    }
+    finish_row(k, s, r);
+    finish_row(k, t, r + 1);
+  }
+  if (r < r1) {
+    typename K::Row s = k.row(r);
+    finish_row(k, s, r);
+  }
 }
 
 inline float hsum4(v4f v) {
   return (v[0] + v[1]) + (v[2] + v[3]);
 }
 
-struct SlotRow {
-  const uint16_t* c;
-  const uint16_t* end;
-  int32_t pos;
-  v4f lo_a, hi_a, lo_b, hi_b;  // even / odd codewords
-};
+// ---- one token, qmoe-v1: three slots per codeword -----------------------------------------
+// Every codeword has at most 3 non-zero symbols, so its inputs fit one 4-float vector: load the
+// three slot columns (an absent slot reads the codeword's first column), then AND with the slot
+// masks of the codeword's kinds, which zero absent slots exactly (whatever the input) and split
+// low from high. No lists, no second pass. The codeword's v1_perm word (256 KiB table) gives the
+// 5-bit columns, the 6 kind bits and the width.
+struct SlotKernel {
+  struct Row {
+    const uint16_t* c;
+    const uint16_t* end;
+    const float* xp;   // the input at the next codeword's first column
+    v4f lo[2], hi[2];  // even / odd codewords
+  };
+  const Work& w;
+  const uint32_t* perm;
+  const int32_t* masks;
 
-inline SlotRow slot_row(const Matrix& m, int64_t r) {
-  return {
-      m.codes + m.row_offsets[r], m.codes + m.row_offsets[r + 1], 0, v4f{}, v4f{}, v4f{}, v4f{}};
-}
-
-// Runs a row to its end and stores its result; the same sequence of operations whether or not
-// part of the row ran interleaved with another one.
-inline void slot_row_finish(SlotRow& s, const Work& w, const Tables& tb, const int32_t* masks,
-                            int64_t r) {
-  const Pass& p = w.passes[0];
-  while (s.end - s.c >= 2) {
-    v1_slots_step(s.c, s.pos, tb.v1_perm, masks, p.xt, s.lo_a, s.hi_a);
-    v1_slots_step(s.c, s.pos, tb.v1_perm, masks, p.xt, s.lo_b, s.hi_b);
+  Row row(int64_t r) const {
+    return {w.m.codes + w.m.row_offsets[r],
+            w.m.codes + w.m.row_offsets[r + 1],
+            w.passes[0].xt,
+            {v4f{}, v4f{}},
+            {v4f{}, v4f{}}};
   }
-  if (s.c != s.end) v1_slots_step(s.c, s.pos, tb.v1_perm, masks, p.xt, s.lo_a, s.hi_a);
-  const float lo_level = bf16_bits_to_float(w.m.levels[2 * r]);
-  const float hi_level = bf16_bits_to_float(w.m.levels[2 * r + 1]);
-  put(w, p, r, 0, lo_level * hsum4(s.lo_a + s.lo_b) + hi_level * hsum4(s.hi_a + s.hi_b));
-}
+  void code(Row& s, uint32_t code, int odd) const {
+    const uint32_t e = perm[code];
+    const float* xp = s.xp;
+    const v4f v = {xp[e & 31], xp[(e >> 5) & 31], xp[(e >> 10) & 31], 0.0f};
+    const v4i* m = reinterpret_cast<const v4i*>(masks + 8 * ((e >> 15) & 63));
+    s.lo[odd] += reinterpret_cast<v4f>(reinterpret_cast<v4i>(v) & m[0]);
+    s.hi[odd] += reinterpret_cast<v4f>(reinterpret_cast<v4i>(v) & m[1]);
+    s.xp += e >> 27;
+  }
+  void store(const Row& s, int64_t r) const {
+    const float lo_level = bf16_bits_to_float(w.m.levels[2 * r]);
+    const float hi_level = bf16_bits_to_float(w.m.levels[2 * r + 1]);
+    put(w, w.passes[0], r, 0,
+        lo_level * hsum4(s.lo[0] + s.lo[1]) + hi_level * hsum4(s.hi[0] + s.hi[1]));
+  }
+};
 
 #if defined(__AVX512F__)
 // ---- one token, qmoe-v1, AVX-512: slots by permute ----------------------------------------
@@ -216,128 +272,53 @@ inline void slot_row_finish(SlotRow& s, const Work& w, const Tables& tb, const i
 // and the other level. Index, mask and width all come from the codeword's 32-bit v1_perm word,
 // broadcast to every lane: a variable shift gives the lane's slot column (the permute reads the
 // low 5 bits only), a bit test the lane's mask. ~10 instructions per codeword, no branches; the
-// 256 KiB table stays in L2. Lanes 8..15 stay 0. Codes are read four at a time (one 8-byte load
-// instead of four 2-byte ones) and the input pointer itself advances by the codeword width, which
-// together took about 5% off the time per codeword (wo 768x3072, one thread: 149 -> 142 us).
+// 256 KiB table stays in L2. Lanes 8..15 stay 0. Reading the codes four per load and advancing
+// an input pointer by the codeword width took about 5% off the time per codeword (wo 768x3072,
+// one thread: 149 -> 142 us).
 typedef uint32_t v16u __attribute__((vector_size(64)));
 // A codeword starts at column <= cols (a row of odd width ends with a half pair) and its window
 // is 32 floats wide.
 static_assert(kColPad >= 33);
 
-struct PermRow {
-  const uint16_t* c;
-  const uint16_t* end;
-  const float* xp;  // the input at the next codeword's first column
-  __m512 a, b;      // even / odd codewords
-};
-
-inline void v1_perm_code(uint32_t code, const float*& xp, const uint32_t* tab, __m512& acc) {
-  const uint32_t e = tab[code];
-  const v16u shift = {0, 5, 10, 0, 0, 5, 10, 0, 0, 0, 0, 0, 0, 0, 0, 0};
-  const v16u kind = {1u << 15, 1u << 16, 1u << 17, 0, 1u << 18, 1u << 19, 1u << 20, 0,
-                     0,        0,        0,        0, 0,        0,        0,        0};
-  const v16u word = v16u{} + e;  // broadcast
-  const __mmask16 k =
-      _mm512_test_epi32_mask(reinterpret_cast<__m512i>(word), reinterpret_cast<__m512i>(kind));
-  const __m512 v = _mm512_maskz_permutex2var_ps(
-      k, _mm512_loadu_ps(xp), reinterpret_cast<__m512i>(word >> shift), _mm512_loadu_ps(xp + 16));
-  acc = _mm512_add_ps(acc, v);
-  xp += e >> 27;
-}
-
-inline void v1_perm_step(const uint16_t*& c, const float*& xp, const uint32_t* tab, __m512& acc) {
-  v1_perm_code(*c++, xp, tab, acc);
-}
-
-inline void perm_row_finish(PermRow& s, const Work& w, const uint32_t* tab, int64_t r) {
-  const Pass& p = w.passes[0];
-  while (s.end - s.c >= 4) {
-    uint64_t cs;
-    std::memcpy(&cs, s.c, 8);
-    s.c += 4;
-    v1_perm_code(cs & 0xffff, s.xp, tab, s.a);
-    v1_perm_code((cs >> 16) & 0xffff, s.xp, tab, s.b);
-    v1_perm_code((cs >> 32) & 0xffff, s.xp, tab, s.a);
-    v1_perm_code(cs >> 48, s.xp, tab, s.b);
-  }
-  while (s.end - s.c >= 2) {
-    v1_perm_step(s.c, s.xp, tab, s.a);
-    v1_perm_step(s.c, s.xp, tab, s.b);
-  }
-  if (s.c != s.end) v1_perm_step(s.c, s.xp, tab, s.a);
-  alignas(64) float t[16];
-  _mm512_store_ps(t, _mm512_add_ps(s.a, s.b));
-  const float lo_level = bf16_bits_to_float(w.m.levels[2 * r]);
-  const float hi_level = bf16_bits_to_float(w.m.levels[2 * r + 1]);
-  put(w, p, r, 0,
-      lo_level * ((t[0] + t[1]) + (t[2] + t[3])) + hi_level * ((t[4] + t[5]) + (t[6] + t[7])));
-}
-
-void rows_v1_perm(const Work& w, const Tables& tb, int64_t r0, int64_t r1) {
-  const uint32_t* tab = tb.v1_perm;
-  const float* x = w.passes[0].xt;
-  const Matrix& m = w.m;
-  auto row = [&](int64_t r) {
-    return PermRow{m.codes + m.row_offsets[r], m.codes + m.row_offsets[r + 1], x,
-                   _mm512_setzero_ps(), _mm512_setzero_ps()};
+struct PermKernel {
+  struct Row {
+    const uint16_t* c;
+    const uint16_t* end;
+    const float* xp;  // the input at the next codeword's first column
+    __m512 acc[2];    // even / odd codewords
   };
-  int64_t r = r0;
-  // Two rows at a time, as in rows_v1_slots: the same operations per row either way.
-  for (; r + 2 <= r1; r += 2) {
-    PermRow s = row(r), t = row(r + 1);
-    const int64_t ls = s.end - s.c, lt = t.end - t.c;
-    // Four codes of each row per 8-byte load; codeword k of a row goes to accumulator a (k even)
-    // or b (k odd), as in perm_row_finish.
-    const int64_t common = (ls < lt ? ls : lt) / 4;
-    for (int64_t i = 0; i < common; ++i) {
-      uint64_t cs, ct;
-      std::memcpy(&cs, s.c, 8);
-      std::memcpy(&ct, t.c, 8);
-      s.c += 4;
-      t.c += 4;
-      v1_perm_code(cs & 0xffff, s.xp, tab, s.a);
-      v1_perm_code(ct & 0xffff, t.xp, tab, t.a);
-      v1_perm_code((cs >> 16) & 0xffff, s.xp, tab, s.b);
-      v1_perm_code((ct >> 16) & 0xffff, t.xp, tab, t.b);
-      v1_perm_code((cs >> 32) & 0xffff, s.xp, tab, s.a);
-      v1_perm_code((ct >> 32) & 0xffff, t.xp, tab, t.a);
-      v1_perm_code(cs >> 48, s.xp, tab, s.b);
-      v1_perm_code(ct >> 48, t.xp, tab, t.b);
-    }
-    perm_row_finish(s, w, tab, r);
-    perm_row_finish(t, w, tab, r + 1);
-  }
-  if (r < r1) {
-    PermRow s = row(r);
-    perm_row_finish(s, w, tab, r);
-  }
-}
-#endif
+  const Work& w;
+  const uint32_t* perm;
 
-#if !defined(__AVX512F__)  // AVX-512 takes rows_v1_perm
-void rows_v1_slots(const Work& w, const Tables& tb, int64_t r0, int64_t r1) {
-  const int32_t* masks = tb.v1_slot_masks;
-  const float* x = w.passes[0].xt;
-  int64_t r = r0;
-  // Two rows at a time: their codeword chains are independent, so the core overlaps them.
-  for (; r + 2 <= r1; r += 2) {
-    SlotRow s = slot_row(w.m, r), t = slot_row(w.m, r + 1);
-    const int64_t ls = s.end - s.c, lt = t.end - t.c;
-    const int64_t common = (ls < lt ? ls : lt) / 2;
-    for (int64_t i = 0; i < common; ++i) {
-      v1_slots_step(s.c, s.pos, tb.v1_perm, masks, x, s.lo_a, s.hi_a);
-      v1_slots_step(t.c, t.pos, tb.v1_perm, masks, x, t.lo_a, t.hi_a);
-      v1_slots_step(s.c, s.pos, tb.v1_perm, masks, x, s.lo_b, s.hi_b);
-      v1_slots_step(t.c, t.pos, tb.v1_perm, masks, x, t.lo_b, t.hi_b);
-    }
-    slot_row_finish(s, w, tb, masks, r);
-    slot_row_finish(t, w, tb, masks, r + 1);
+  Row row(int64_t r) const {
+    return {w.m.codes + w.m.row_offsets[r],
+            w.m.codes + w.m.row_offsets[r + 1],
+            w.passes[0].xt,
+            {_mm512_setzero_ps(), _mm512_setzero_ps()}};
   }
-  if (r < r1) {
-    SlotRow s = slot_row(w.m, r);
-    slot_row_finish(s, w, tb, masks, r);
+  void code(Row& s, uint32_t code, int odd) const {
+    const uint32_t e = perm[code];
+    const v16u shift = {0, 5, 10, 0, 0, 5, 10, 0, 0, 0, 0, 0, 0, 0, 0, 0};
+    const v16u kind = {1u << 15, 1u << 16, 1u << 17, 0, 1u << 18, 1u << 19, 1u << 20, 0,
+                       0,        0,        0,        0, 0,        0,        0,        0};
+    const v16u word = v16u{} + e;  // broadcast
+    const __mmask16 k =
+        _mm512_test_epi32_mask(reinterpret_cast<__m512i>(word), reinterpret_cast<__m512i>(kind));
+    const __m512 v = _mm512_maskz_permutex2var_ps(k, _mm512_loadu_ps(s.xp),
+                                                  reinterpret_cast<__m512i>(word >> shift),
+                                                  _mm512_loadu_ps(s.xp + 16));
+    s.acc[odd] = _mm512_add_ps(s.acc[odd], v);
+    s.xp += e >> 27;
   }
-}
+  void store(const Row& s, int64_t r) const {
+    alignas(64) float t[16];
+    _mm512_store_ps(t, _mm512_add_ps(s.acc[0], s.acc[1]));
+    const float lo_level = bf16_bits_to_float(w.m.levels[2 * r]);
+    const float hi_level = bf16_bits_to_float(w.m.levels[2 * r + 1]);
+    put(w, w.passes[0], r, 0,
+        lo_level * ((t[0] + t[1]) + (t[2] + t[3])) + hi_level * ((t[4] + t[5]) + (t[6] + t[7])));
+  }
+};
 #endif
 
 // Results are staged per row block (scratch after the lists, kStageFloats floats) and written out
@@ -393,9 +374,9 @@ void rows_lists(const Work& w, const Tables& tb, int64_t r0, int64_t r1, int32_t
 void rows(const Work& w, const Tables& tb, int64_t r0, int64_t r1, int32_t* scratch) {
   if (w.m.codec == 0 && w.num_passes == 1 && w.passes[0].bp == 1) {
 #if defined(__AVX512F__)
-    rows_v1_perm(w, tb, r0, r1);
+    rows_paired(PermKernel{w, tb.v1_perm}, r0, r1);
 #else
-    rows_v1_slots(w, tb, r0, r1);
+    rows_paired(SlotKernel{w, tb.v1_perm, tb.v1_slot_masks}, r0, r1);
 #endif
     return;
   }
