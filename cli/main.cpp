@@ -3,8 +3,12 @@
 #include <exception>
 #include <functional>
 #include <map>
+#include <string>
+
+#include <omp.h>
 
 #include "command.h"
+#include "qmoe/decoder_cpu/matmul.h"
 #include "qmoe/format/error.h"
 
 namespace qmoe::cli {
@@ -12,12 +16,44 @@ std::vector<Command>& registry() {
   static std::vector<Command> r;
   return r;
 }
+
+namespace {
+
+// `qmoe --version`: the version and what this build and this machine run.
+std::string version_text() {
+  namespace cpu = qmoe::cpu;
+  std::string levels;
+  for (cpu::SimdLevel l : {cpu::SimdLevel::kScalar, cpu::SimdLevel::kAvx2, cpu::SimdLevel::kAvx512}) {
+    if (!cpu::simd_level_supported(l)) continue;
+    levels += (levels.empty() ? "" : ", ") + std::string(cpu::simd_level_name(l));
+  }
+  std::string level;
+  try {
+    level = std::string(cpu::simd_level_name(cpu::simd_level()));
+  } catch (const qmoe::Error& e) {
+    level = std::string("none (") + e.what() + ")";
+  }
+  std::string t = "qmoe " QMOE_VERSION "\n";
+#if defined(QMOE_NATIVE_BUILD)
+  t += "build: native (-march=native; runs only on CPUs like the one that built it)\n";
+#else
+  t += "build: portable (the platform's baseline instruction set)\n";
+#endif
+  t += "CPU decode kernels: " + level + " (this CPU: " + levels +
+       "; QMOE_CPU_SIMD=scalar|avx2|avx512 overrides)\n";
+  t += "OpenMP threads: " + std::to_string(omp_get_max_threads());
+  return t;
+}
+
+}  // namespace
 }  // namespace qmoe::cli
 
 int main(int argc, char** argv) {
   using namespace qmoe::cli;
   CLI::App app{"qmoe: sub-1-bit compression of Mixture-of-Experts weights"};
   app.require_subcommand(1);
+  app.set_version_flag("--version", version_text,
+                       "Print the version, the build and the CPU kernels in use, and exit");
   auto& cmds = registry();
   std::sort(cmds.begin(), cmds.end(), [](const Command& a, const Command& b) { return a.name < b.name; });
   std::map<CLI::App*, std::function<int()>> runners;

@@ -24,6 +24,8 @@
 #include <utility>
 #include <vector>
 
+#include <omp.h>
+
 #include "qmoe/decoder_cpu/matmul.h"
 #include "qmoe/encoder/encode.h"
 #include "qmoe/format/bf16.h"
@@ -604,6 +606,25 @@ py::object compress_matrix(const py::handle& w_obj, const py::handle& h_obj, con
 // A CompressedMatrix copied to a GPU (qmoe::cuda::DeviceMatrix), used from host numpy arrays:
 // inputs are uploaded, outputs downloaded. Present in every build; without the CUDA kernels (no
 // nvcc at build time) or without a device, creating one raises RuntimeError.
+
+// ---- CPU kernels ------------------------------------------------------------------------------
+std::string cpu_simd_level() {
+  return std::string(qmoe::cpu::simd_level_name(qmoe::cpu::simd_level()));
+}
+
+void set_cpu_simd_level(const std::string& name) {
+  const auto l = qmoe::cpu::simd_level_from_name(name);
+  if (!l) throw qmoe::InvalidArgument("unknown SIMD level '" + name + "' (scalar, avx2 or avx512)");
+  qmoe::cpu::set_simd_level(*l);
+}
+
+std::vector<std::string> cpu_simd_levels() {
+  std::vector<std::string> out;
+  for (auto l : {qmoe::cpu::SimdLevel::kScalar, qmoe::cpu::SimdLevel::kAvx2, qmoe::cpu::SimdLevel::kAvx512}) {
+    if (qmoe::cpu::simd_level_supported(l)) out.emplace_back(qmoe::cpu::simd_level_name(l));
+  }
+  return out;
+}
 
 int cuda_device_count() {
 #ifdef QMOE_PY_CUDA
@@ -1383,6 +1404,49 @@ it was installed), when there is no driver, or no device. Never raises.
 #else
       false;
 #endif
+
+  // ---- CPU kernels and the build ----------------------------------------------------------
+  m.def("cpu_simd_level", &cpu_simd_level, R"doc(
+The SIMD level the CPU kernels (matvec, matmul, grouped_matmul) use: 'avx512', 'avx2' or 'scalar'.
+The best one this CPU runs unless the environment variable QMOE_CPU_SIMD (read on first use) or
+set_cpu_simd_level() chose another. Raises ValueError if QMOE_CPU_SIMD names an unknown or
+unsupported level.
+)doc");
+  m.def("set_cpu_simd_level", &set_cpu_simd_level, py::arg("level"), R"doc(
+Sets the SIMD level of the CPU kernels for the whole process: 'scalar', 'avx2' or 'avx512'.
+Raises ValueError for an unknown level or one this CPU (or build) does not run. Results differ
+between levels by fp32 rounding only.
+)doc");
+  m.def("cpu_simd_levels", &cpu_simd_levels, R"doc(
+The SIMD levels of the CPU kernels that this CPU and build run, lowest first.
+)doc");
+  m.def(
+      "build_info",
+      [] {
+        py::dict d;
+        d["version"] = QMOE_VERSION;
+#if defined(QMOE_NATIVE_BUILD)
+        d["native"] = true;
+#else
+        d["native"] = false;
+#endif
+#ifdef QMOE_PY_CUDA
+        d["cuda_kernels"] = true;
+#else
+        d["cuda_kernels"] = false;
+#endif
+        d["cuda_devices"] = cuda_device_count();
+        d["cpu_simd_level"] = cpu_simd_level();
+        d["cpu_simd_levels"] = cpu_simd_levels();
+        d["openmp_threads"] = omp_get_max_threads();
+        return d;
+      },
+      R"doc(
+What this installation is and runs, as a dict: version, native (built with QMOE_NATIVE, so it
+runs only on CPUs like the one that built it), cuda_kernels (built with the CUDA kernels),
+cuda_devices, cpu_simd_level, cpu_simd_levels, openmp_threads. Raises ValueError like
+cpu_simd_level() when QMOE_CPU_SIMD is invalid.
+)doc");
 
   py::class_<PyCudaMatrix>(m, "CudaMatrix", R"doc(
 A compressed matrix on a GPU (CompressedMatrix.to_cuda()), multiplied by the CUDA kernels: fused
