@@ -72,7 +72,9 @@ const ExpertPair& pair_c2048() {
   return *p;
 }
 
-int all_threads() { return omp_get_max_threads(); }
+int all_threads() {
+  return omp_get_max_threads();
+}
 
 double thread_cpu_seconds() {
   timespec ts;
@@ -96,8 +98,9 @@ double gemm_gflops(int threads) {
     const double c0 = thread_cpu_seconds();
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t j = 0; j < n; j += nb) c.middleCols(j, nb).noalias() = a * b.middleCols(j, nb);
-    const double s = threads == 1 ? thread_cpu_seconds() - c0
-                                  : std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    const double s =
+        threads == 1 ? thread_cpu_seconds() - c0
+                     : std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     benchmark::DoNotOptimize(c.data());
     best = std::max(best, 2.0 * m * k * n / s * 1e-9);
   }
@@ -112,7 +115,7 @@ double gptq_flops(int64_t rows, int64_t n, int64_t bs) {
   for (int64_t i1 = 0; i1 < n; i1 += bs) {
     const int64_t i2 = std::min(i1 + bs, n);
     const double b = static_cast<double>(i2 - i1);
-    f += static_cast<double>(rows) * b * (b - 1);                  // rank-1 updates in the block
+    f += static_cast<double>(rows) * b * (b - 1);  // rank-1 updates in the block
     f += 2.0 * static_cast<double>(rows) * b * static_cast<double>(n - i2);  // lazy GEMM
   }
   return f;
@@ -139,7 +142,8 @@ double rel_output_error(const std::vector<float>& w, const std::vector<float>& q
 
 void set_rate(benchmark::State& state, double flops, int threads) {
   state.counters["FLOPs"] = flops;
-  state.counters["GFLOP/s"] = benchmark::Counter(flops * 1e-9, benchmark::Counter::kIsIterationInvariantRate);
+  state.counters["GFLOP/s"] =
+      benchmark::Counter(flops * 1e-9, benchmark::Counter::kIsIterationInvariantRate);
   state.counters["gemm_GFLOP/s"] = gemm_gflops(threads);
   state.counters["threads"] = threads;
 }
@@ -165,8 +169,8 @@ void BM_Hessian(benchmark::State& state) {
   }
   const double f = hessian_flops(d, kTokens);
   set_rate(state, f, threads);
-  state.counters["frac_of_gemm"] =
-      benchmark::Counter(f * 1e-9 / gemm_gflops(threads), benchmark::Counter::kIsIterationInvariantRate);
+  state.counters["frac_of_gemm"] = benchmark::Counter(
+      f * 1e-9 / gemm_gflops(threads), benchmark::Counter::kIsIterationInvariantRate);
 }
 
 // range(0): 0 = wi, 1 = wo; range(1): threads (0 = all); range(2): 0 = Switch-base shapes,
@@ -187,8 +191,8 @@ void BM_Gptq(benchmark::State& state) {
   }
   const double f = gptq_flops(rows, cols, opt.blocksize);
   set_rate(state, f, threads);
-  state.counters["frac_of_gemm"] =
-      benchmark::Counter(f * 1e-9 / gemm_gflops(threads), benchmark::Counter::kIsIterationInvariantRate);
+  state.counters["frac_of_gemm"] = benchmark::Counter(
+      f * 1e-9 / gemm_gflops(threads), benchmark::Counter::kIsIterationInvariantRate);
   const GptqResult rtn = rtn_quantize(w.data(), rows, cols, opt);
   const std::vector<float>& x = wo ? e.hid : e.x;
   state.counters["relerr_gptq"] = rel_output_error(w, r.ternary.to_dense(), x, rows, cols);
@@ -217,17 +221,21 @@ void BM_Batch(benchmark::State& state) {
     auto res = gptq_quantize_batch(probs, {}, bo);
     benchmark::DoNotOptimize(res.data());
   }
-  const double f = static_cast<double>(experts) * (gptq_flops(kDFF, kDModel, 128) + gptq_flops(kDModel, kDFF, 128));
+  const double f = static_cast<double>(experts) *
+                   (gptq_flops(kDFF, kDModel, 128) + gptq_flops(kDModel, kDFF, 128));
   set_rate(state, f, threads);
   state.counters["threads_per_matrix"] = per;
-  state.counters["frac_of_gemm"] =
-      benchmark::Counter(f * 1e-9 / gemm_gflops(threads), benchmark::Counter::kIsIterationInvariantRate);
+  state.counters["frac_of_gemm"] = benchmark::Counter(
+      f * 1e-9 / gemm_gflops(threads), benchmark::Counter::kIsIterationInvariantRate);
 }
 
 // One thread: rates from CPU time (robust on a shared machine). All threads: wall time.
 BENCHMARK(BM_DenseGemm)->Arg(1)->Arg(0)->Iterations(1);
 BENCHMARK(BM_Hessian)->ArgsProduct({{0, 1}, {1}, {0}})->Unit(benchmark::kMillisecond);
-BENCHMARK(BM_Hessian)->ArgsProduct({{0, 1}, {0}, {0}})->Unit(benchmark::kMillisecond)->UseRealTime();
+BENCHMARK(BM_Hessian)
+    ->ArgsProduct({{0, 1}, {0}, {0}})
+    ->Unit(benchmark::kMillisecond)
+    ->UseRealTime();
 BENCHMARK(BM_Gptq)->ArgsProduct({{0, 1}, {1}, {0}})->Unit(benchmark::kMillisecond);
 BENCHMARK(BM_Gptq)->ArgsProduct({{0, 1}, {0}, {0}})->Unit(benchmark::kMillisecond)->UseRealTime();
 // Batch: wall time; the CPU column is the process's CPU time (all threads).
@@ -238,7 +246,10 @@ BENCHMARK(BM_Batch)
     ->MeasureProcessCPUTime()
     ->Iterations(1);
 // switch-c-2048 shapes, one thread (for the extrapolation; the setup takes a while).
-BENCHMARK(BM_Hessian)->ArgsProduct({{0, 1}, {1}, {1}})->Unit(benchmark::kMillisecond)->Iterations(1);
+BENCHMARK(BM_Hessian)
+    ->ArgsProduct({{0, 1}, {1}, {1}})
+    ->Unit(benchmark::kMillisecond)
+    ->Iterations(1);
 BENCHMARK(BM_Gptq)->ArgsProduct({{0, 1}, {1}, {1}})->Unit(benchmark::kMillisecond)->Iterations(1);
 
 }  // namespace

@@ -18,7 +18,9 @@
 namespace qmoe::cli {
 namespace {
 
-bool is_float_dtype(DType t) { return t == DType::kF32 || t == DType::kF16 || t == DType::kBF16; }
+bool is_float_dtype(DType t) {
+  return t == DType::kF32 || t == DType::kF16 || t == DType::kBF16;
+}
 
 // A POSIX extended regular expression that must match a whole tensor name.
 class NameFilter {
@@ -34,7 +36,9 @@ class NameFilter {
   ~NameFilter() { regfree(&re_); }
   NameFilter(const NameFilter&) = delete;
   NameFilter& operator=(const NameFilter&) = delete;
-  bool matches(const std::string& name) const { return regexec(&re_, name.c_str(), 0, nullptr, 0) == 0; }
+  bool matches(const std::string& name) const {
+    return regexec(&re_, name.c_str(), 0, nullptr, 0) == 0;
+  }
 
  private:
   regex_t re_;
@@ -60,8 +64,10 @@ int run_encode(const EncodeArgs& a) {
   // The input's own metadata is kept, except the keys the container defines itself; a source
   // "format" (e.g. "pt") is kept as "source_format".
   for (const auto& [k, v] : in.metadata()) {
-    if (k == "format") out.set_metadata("source_format", v);
-    else if (k != "format_version" && k.rfind("qmoe.", 0) != 0) out.set_metadata(k, v);
+    if (k == "format")
+      out.set_metadata("source_format", v);
+    else if (k != "format_version" && k.rfind("qmoe.", 0) != 0)
+      out.set_metadata(k, v);
   }
   out.set_metadata("quantizer", "rtn");
   int64_t n_compressed = 0, weights = 0, in_bytes = 0, out_bytes = 0;
@@ -80,28 +86,39 @@ int run_encode(const EncodeArgs& a) {
     out_bytes += m.view().compressed_bytes();
     std::printf("%-60s %6lld x %-6lld %s  zeros %5.1f%%  %.3f bits/weight\n", t.name.c_str(),
                 static_cast<long long>(t.shape[0]), static_cast<long long>(t.shape[1]),
-                std::string(codec_name(m.codec)).c_str(), 100.0 * tern.zero_fraction(), m.view().bits_per_weight());
+                std::string(codec_name(m.codec)).c_str(), 100.0 * tern.zero_fraction(),
+                m.view().bits_per_weight());
   }
   const auto files = out.finish();
   const double secs = clock.seconds();
-  std::printf("encoded %lld matrices (%lld weights, round-to-nearest ternary): %s -> %s, %.3f bits/weight, "
-              "%.1f M weights/s; wrote %zu file(s) to %s\n",
-              static_cast<long long>(n_compressed), static_cast<long long>(weights), human_bytes(static_cast<double>(in_bytes)).c_str(),
-              human_bytes(static_cast<double>(out_bytes)).c_str(),
-              weights ? 8.0 * static_cast<double>(out_bytes) / static_cast<double>(weights) : 0.0,
-              static_cast<double>(weights) / secs / 1e6, files.size(), a.output.c_str());
+  std::printf(
+      "encoded %lld matrices (%lld weights, round-to-nearest ternary): %s -> %s, %.3f bits/weight, "
+      "%.1f M weights/s; wrote %zu file(s) to %s\n",
+      static_cast<long long>(n_compressed), static_cast<long long>(weights),
+      human_bytes(static_cast<double>(in_bytes)).c_str(),
+      human_bytes(static_cast<double>(out_bytes)).c_str(),
+      weights ? 8.0 * static_cast<double>(out_bytes) / static_cast<double>(weights) : 0.0,
+      static_cast<double>(weights) / secs / 1e6, files.size(), a.output.c_str());
   return 0;
 }
 
 Registrar encode_cmd("encode", [](CLI::App& app) -> std::function<int()> {
   auto a = std::make_shared<EncodeArgs>();
-  app.description("Ternarize (round to nearest) and encode the 2-D float tensors of a safetensors file");
-  app.add_option("input", a->input, "input .safetensors file")->required()->check(CLI::ExistingFile);
-  app.add_option("-o,--output", a->output, "output container (a directory when --shard-size is given)")->required();
-  app.add_option("--tensors", a->tensors, "POSIX extended regular expression matching the whole names of the tensors to compress (default: all 2-D float tensors)");
+  app.description(
+      "Ternarize (round to nearest) and encode the 2-D float tensors of a safetensors file");
+  app.add_option("input", a->input, "input .safetensors file")
+      ->required()
+      ->check(CLI::ExistingFile);
+  app.add_option("-o,--output", a->output,
+                 "output container (a directory when --shard-size is given)")
+      ->required();
+  app.add_option("--tensors", a->tensors,
+                 "POSIX extended regular expression matching the whole names of the tensors to "
+                 "compress (default: all 2-D float tensors)");
   app.add_option("--codec", a->codec, "qmoe-v1, qmoe-p5 or auto (the smaller per matrix)");
   app.add_option("--threads", a->threads, "threads (0 = all)");
-  app.add_option("--shard-size", a->shard_size, "shard the output at about this size (e.g. 2G); 0 = one file");
+  app.add_option("--shard-size", a->shard_size,
+                 "shard the output at about this size (e.g. 2G); 0 = one file");
   return [a] { return run_encode(*a); };
 });
 
@@ -130,13 +147,14 @@ int run_decode(const DecodeArgs& a) {
       std::memcpy(bytes.data(), dense.data(), bytes.size());
     } else {
       auto* p = reinterpret_cast<uint16_t*>(bytes.data());
-      for (size_t i = 0; i < dense.size(); ++i) p[i] = *dtype == DType::kBF16 ? float_to_bf16(dense[i]) : float_to_fp16(dense[i]);
+      for (size_t i = 0; i < dense.size(); ++i)
+        p[i] = *dtype == DType::kBF16 ? float_to_bf16(dense[i]) : float_to_fp16(dense[i]);
     }
     out.add(e.name, *dtype, {v.rows, v.cols}, bytes);
   }
   out.finish();
-  std::printf("decoded %zu compressed and %zu dense tensors to %s (%s)\n", c.compressed().size(), c.dense().size(),
-              a.output.c_str(), std::string(dtype_name(*dtype)).c_str());
+  std::printf("decoded %zu compressed and %zu dense tensors to %s (%s)\n", c.compressed().size(),
+              c.dense().size(), a.output.c_str(), std::string(dtype_name(*dtype)).c_str());
   return 0;
 }
 
@@ -156,10 +174,11 @@ int run_verify(const std::string& input) {
     const auto c = Container::open(input, {.verify_checksums = true, .validate_codes = true});
     int64_t weights = 0;
     for (const auto& e : c.compressed()) weights += e.view.rows * e.view.cols;
-    std::printf("%s: OK (%zu compressed matrices, %lld weights, %zu dense tensors, %zu file(s); checksums, "
-                "offsets, codes and levels checked in %.2f s)\n",
-                input.c_str(), c.compressed().size(), static_cast<long long>(weights), c.dense().size(),
-                c.files().size(), clock.seconds());
+    std::printf(
+        "%s: OK (%zu compressed matrices, %lld weights, %zu dense tensors, %zu file(s); checksums, "
+        "offsets, codes and levels checked in %.2f s)\n",
+        input.c_str(), c.compressed().size(), static_cast<long long>(weights), c.dense().size(),
+        c.files().size(), clock.seconds());
     return 0;
   } catch (const FormatError& e) {
     std::printf("%s: FAILED: %s\n", input.c_str(), e.what());
@@ -169,7 +188,9 @@ int run_verify(const std::string& input) {
 
 Registrar verify_cmd("verify", [](CLI::App& app) -> std::function<int()> {
   auto input = std::make_shared<std::string>();
-  app.description("Check a container completely: checksums, offsets, codes, levels (exit 0 when sound, 1 otherwise)");
+  app.description(
+      "Check a container completely: checksums, offsets, codes, levels (exit 0 when sound, 1 "
+      "otherwise)");
   app.add_option("input", *input, "container file, index JSON or directory")->required();
   return [input] { return run_verify(*input); };
 });
@@ -182,9 +203,11 @@ Registrar dictionary_cmd("dictionary", [](CLI::App& app) -> std::function<int()>
   app.add_option("--codec", *codec, "codec (only qmoe-v1 has a dictionary)");
   app.add_option("--out", *out, "output file")->required();
   return [codec, out] {
-    if (*codec != "qmoe-v1") throw InvalidArgument("codec '" + *codec + "' has no dictionary (use qmoe-v1)");
+    if (*codec != "qmoe-v1")
+      throw InvalidArgument("codec '" + *codec + "' has no dictionary (use qmoe-v1)");
     write_file_atomic(*out, v1_decode_table(), static_cast<size_t>(v1::kTableBytes));
-    std::printf("wrote the qmoe-v1 decode table (%lld bytes) to %s\n", static_cast<long long>(v1::kTableBytes), out->c_str());
+    std::printf("wrote the qmoe-v1 decode table (%lld bytes) to %s\n",
+                static_cast<long long>(v1::kTableBytes), out->c_str());
     return 0;
   };
 });

@@ -23,7 +23,8 @@ namespace {
 std::string version_text() {
   namespace cpu = qmoe::cpu;
   std::string levels;
-  for (cpu::SimdLevel l : {cpu::SimdLevel::kScalar, cpu::SimdLevel::kAvx2, cpu::SimdLevel::kAvx512}) {
+  for (cpu::SimdLevel l :
+       {cpu::SimdLevel::kScalar, cpu::SimdLevel::kAvx2, cpu::SimdLevel::kAvx512}) {
     if (!cpu::simd_level_supported(l)) continue;
     levels += (levels.empty() ? "" : ", ") + std::string(cpu::simd_level_name(l));
   }
@@ -55,7 +56,8 @@ int main(int argc, char** argv) {
   app.set_version_flag("--version", version_text,
                        "Print the version, the build and the CPU kernels in use, and exit");
   auto& cmds = registry();
-  std::sort(cmds.begin(), cmds.end(), [](const Command& a, const Command& b) { return a.name < b.name; });
+  std::sort(cmds.begin(), cmds.end(),
+            [](const Command& a, const Command& b) { return a.name < b.name; });
   std::map<CLI::App*, std::function<int()>> runners;
   for (auto& c : cmds) {
     auto* sub = app.add_subcommand(c.name);

@@ -35,16 +35,26 @@ int64_t parse_bytes(const std::string& s) {
   std::string unit = s.substr(pos);
   for (auto& c : unit) c = static_cast<char>(std::toupper(static_cast<unsigned char>(c)));
   double mul = 1;
-  if (unit.empty() || unit == "B") mul = 1;
-  else if (unit == "K" || unit == "KB") mul = 1e3;
-  else if (unit == "M" || unit == "MB") mul = 1e6;
-  else if (unit == "G" || unit == "GB") mul = 1e9;
-  else if (unit == "T" || unit == "TB") mul = 1e12;
-  else if (unit == "KIB") mul = 1024.0;
-  else if (unit == "MIB") mul = 1024.0 * 1024;
-  else if (unit == "GIB") mul = 1024.0 * 1024 * 1024;
-  else if (unit == "TIB") mul = 1024.0 * 1024 * 1024 * 1024;
-  else throw InvalidArgument("unknown size unit in '" + s + "'");
+  if (unit.empty() || unit == "B")
+    mul = 1;
+  else if (unit == "K" || unit == "KB")
+    mul = 1e3;
+  else if (unit == "M" || unit == "MB")
+    mul = 1e6;
+  else if (unit == "G" || unit == "GB")
+    mul = 1e9;
+  else if (unit == "T" || unit == "TB")
+    mul = 1e12;
+  else if (unit == "KIB")
+    mul = 1024.0;
+  else if (unit == "MIB")
+    mul = 1024.0 * 1024;
+  else if (unit == "GIB")
+    mul = 1024.0 * 1024 * 1024;
+  else if (unit == "TIB")
+    mul = 1024.0 * 1024 * 1024 * 1024;
+  else
+    throw InvalidArgument("unknown size unit in '" + s + "'");
   if (!(v >= 0) || v * mul > 9e18) throw InvalidArgument("size out of range: '" + s + "'");
   return static_cast<int64_t>(v * mul);
 }

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Installs what is missing, builds everything (Release with the CUDA kernels when nvcc is present,
-# plus an AddressSanitizer+UBSan build of the tests) and runs every test: C++ (CTest) and Python
-# (pytest). Build folders under build/ are reused between runs; ccache shares objects between
+# Installs what is missing, checks that the C++ sources are clang-formatted, builds everything
+# (Release with the CUDA kernels when nvcc is present, plus an AddressSanitizer+UBSan build of the
+# tests) and runs every test: C++ (CTest) and Python (pytest). Build folders under build/ are reused between runs; ccache shares objects between
 # clones on the same machine.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
@@ -15,6 +15,9 @@ export CCACHE_MAXSIZE=${CCACHE_MAXSIZE:-10G}
 launch=(-DCMAKE_C_COMPILER_LAUNCHER=ccache -DCMAKE_CXX_COMPILER_LAUNCHER=ccache -DCMAKE_CUDA_COMPILER_LAUNCHER=ccache)
 
 step() { printf '\n==== %s ====\n' "$*"; }
+
+step "Format check"
+./scripts/format.sh --check
 
 step "Release build"
 cmake -S . -B build/release -G Ninja -DCMAKE_BUILD_TYPE=Release "${launch[@]}" >/dev/null

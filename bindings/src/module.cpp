@@ -53,15 +53,25 @@ using qmoe::DType;
 
 // ---- numpy <-> C++ ---------------------------------------------------------------------------
 
-[[noreturn]] void bad_arg(const std::string& msg) { throw py::value_error(msg); }
+[[noreturn]] void bad_arg(const std::string& msg) {
+  throw py::value_error(msg);
+}
 
-std::string dtype_str(const py::dtype& dt) { return py::str(py::handle(dt)).cast<std::string>(); }
+std::string dtype_str(const py::dtype& dt) {
+  return py::str(py::handle(dt)).cast<std::string>();
+}
 
 // Element size and kind through the Python attributes: pybind11 before 2.12 reads them from the
 // descriptor struct with NumPy 1's layout, which NumPy 2 changed (Debian 12's pybind11 is 2.10).
-py::ssize_t itemsize_of(const py::dtype& dt) { return dt.attr("itemsize").cast<py::ssize_t>(); }
-char kind_of(const py::dtype& dt) { return dt.attr("kind").cast<std::string>().at(0); }
-size_t nbytes_of(const py::array& a) { return static_cast<size_t>(a.size() * itemsize_of(a.dtype())); }
+py::ssize_t itemsize_of(const py::dtype& dt) {
+  return dt.attr("itemsize").cast<py::ssize_t>();
+}
+char kind_of(const py::dtype& dt) {
+  return dt.attr("kind").cast<std::string>().at(0);
+}
+size_t nbytes_of(const py::array& a) {
+  return static_cast<size_t>(a.size() * itemsize_of(a.dtype()));
+}
 
 bool is_ml_bfloat16(const py::dtype& dt) {
   return itemsize_of(dt) == 2 && dt.attr("name").cast<std::string>() == "bfloat16";
@@ -73,13 +83,16 @@ DType float_dtype(const py::array& a, const char* what, bool bf16) {
   const py::dtype dt = a.dtype();
   if (bf16) {
     if (dt.is(py::dtype::of<uint16_t>()) || is_ml_bfloat16(dt)) return DType::kBF16;
-    bad_arg(std::string(what) + ": bf16=True expects uint16 bfloat16 bit patterns (got " + dtype_str(dt) + ")");
+    bad_arg(std::string(what) + ": bf16=True expects uint16 bfloat16 bit patterns (got " +
+            dtype_str(dt) + ")");
   }
   if (dt.is(py::dtype::of<float>())) return DType::kF32;
   if (dt.is(py::dtype("float16"))) return DType::kF16;
   if (is_ml_bfloat16(dt)) return DType::kBF16;
-  bad_arg(std::string(what) + ": expected float32, float16 or bfloat16 (ml_dtypes.bfloat16, or uint16 with "
-          "bf16=True), got " + dtype_str(dt));
+  bad_arg(std::string(what) +
+          ": expected float32, float16 or bfloat16 (ml_dtypes.bfloat16, or uint16 with "
+          "bf16=True), got " +
+          dtype_str(dt));
 }
 
 // Converts anything numpy accepts (arrays, tensors with __array__, lists) to an array.
@@ -166,7 +179,8 @@ py::array readonly_view(const T* data, std::vector<py::ssize_t> shape, py::handl
 std::optional<qmoe::Codec> parse_codec(const std::string& name, bool allow_auto) {
   if (allow_auto && name == "auto") return std::nullopt;
   if (auto c = qmoe::codec_from_name(name)) return c;
-  bad_arg("unknown codec '" + name + "' (expected 'qmoe-v1', 'qmoe-p5'" + (allow_auto ? ", or 'auto')" : ")"));
+  bad_arg("unknown codec '" + name + "' (expected 'qmoe-v1', 'qmoe-p5'" +
+          (allow_auto ? ", or 'auto')" : ")"));
 }
 
 DType parse_dtype_name(const std::string& name) {
@@ -195,8 +209,8 @@ struct PyCompressed {
 py::array_t<float> matvec(const PyCompressed& m, const py::handle& x_obj, bool bf16, int threads) {
   FloatArg x = float_arg(x_obj, "x", 1, bf16);
   if (x.dim(0) != m.view.cols) {
-    bad_arg("x: expected " + std::to_string(m.view.cols) + " elements (the matrix's columns), got " +
-            std::to_string(x.dim(0)));
+    bad_arg("x: expected " + std::to_string(m.view.cols) +
+            " elements (the matrix's columns), got " + std::to_string(x.dim(0)));
   }
   std::vector<float> y(static_cast<size_t>(m.view.rows));
   {
@@ -213,8 +227,8 @@ py::array_t<float> matvec(const PyCompressed& m, const py::handle& x_obj, bool b
 py::array_t<float> matmul(const PyCompressed& m, const py::handle& x_obj, bool bf16, int threads) {
   FloatArg x = float_arg(x_obj, "X", 2, bf16);
   if (x.dim(1) != m.view.cols) {
-    bad_arg("X: expected shape (n, " + std::to_string(m.view.cols) + "), got (" + std::to_string(x.dim(0)) +
-            ", " + std::to_string(x.dim(1)) + ")");
+    bad_arg("X: expected shape (n, " + std::to_string(m.view.cols) + "), got (" +
+            std::to_string(x.dim(0)) + ", " + std::to_string(x.dim(1)) + ")");
   }
   const int64_t n = x.dim(0);
   std::vector<float> y(static_cast<size_t>(n * m.view.rows));
@@ -225,7 +239,8 @@ py::array_t<float> matmul(const PyCompressed& m, const py::handle& x_obj, bool b
     opt.threads = threads;
     qmoe::cpu::matmul(m.view, n, xf.get(), m.view.cols, y.data(), m.view.rows, opt);
   }
-  return to_numpy(std::move(y), {static_cast<py::ssize_t>(n), static_cast<py::ssize_t>(m.view.rows)});
+  return to_numpy(std::move(y),
+                  {static_cast<py::ssize_t>(n), static_cast<py::ssize_t>(m.view.rows)});
 }
 
 // ---- one MoE layer ---------------------------------------------------------------------------
@@ -235,13 +250,15 @@ std::vector<int32_t> index_list(const py::handle& obj, const std::string& what, 
   py::array a = as_array(obj, what.c_str());
   check_ndim(a, what.c_str(), 1);
   const char k = kind_of(a.dtype());
-  if (k != 'i' && k != 'u' && a.size() > 0) bad_arg(what + ": expected integers, got " + dtype_str(a.dtype()));
+  if (k != 'i' && k != 'u' && a.size() > 0)
+    bad_arg(what + ": expected integers, got " + dtype_str(a.dtype()));
   const auto v = py::array_t<int64_t, py::array::c_style | py::array::forcecast>::ensure(a);
   std::vector<int32_t> out(static_cast<size_t>(v.size()));
   for (py::ssize_t i = 0; i < v.size(); ++i) {
     const int64_t r = v.data()[i];
     if (r < 0 || r >= limit) {
-      bad_arg(what + "[" + std::to_string(i) + "] = " + std::to_string(r) + " is outside 0.." + std::to_string(limit - 1));
+      bad_arg(what + "[" + std::to_string(i) + "] = " + std::to_string(r) + " is outside 0.." +
+              std::to_string(limit - 1));
     }
     out[static_cast<size_t>(i)] = static_cast<int32_t>(r);
   }
@@ -250,8 +267,9 @@ std::vector<int32_t> index_list(const py::handle& obj, const std::string& what, 
 
 // Y[out_rows[e][i]] (+)= scales[e][i] * W_e X[tokens[e][i]] for every expert e, in one call.
 py::array grouped_matmul(const std::vector<PyCompressed>& weights, const py::handle& x_obj,
-                         const py::sequence& tokens, const py::object& scales_obj, const py::object& out_rows_obj,
-                         const py::object& out_obj, bool accumulate, bool bf16, int threads) {
+                         const py::sequence& tokens, const py::object& scales_obj,
+                         const py::object& out_rows_obj, const py::object& out_obj, bool accumulate,
+                         bool bf16, int threads) {
   FloatArg x = float_arg(x_obj, "X", 2, bf16);
   const int64_t n = x.dim(0), d_in = x.dim(1);
   const size_t E = weights.size();
@@ -259,14 +277,16 @@ py::array grouped_matmul(const std::vector<PyCompressed>& weights, const py::han
   const int64_t d_out = weights[0].view.rows;
   for (size_t e = 0; e < E; ++e) {
     if (weights[e].view.rows != d_out || weights[e].view.cols != d_in) {
-      bad_arg("weights[" + std::to_string(e) + "]: shape (" + std::to_string(weights[e].view.rows) + ", " +
-              std::to_string(weights[e].view.cols) + ") differs from (" + std::to_string(d_out) + ", " +
-              std::to_string(d_in) + "), the shape every expert must have (rows of weights[0], columns of X)");
+      bad_arg("weights[" + std::to_string(e) + "]: shape (" + std::to_string(weights[e].view.rows) +
+              ", " + std::to_string(weights[e].view.cols) + ") differs from (" +
+              std::to_string(d_out) + ", " + std::to_string(d_in) +
+              "), the shape every expert must have (rows of weights[0], columns of X)");
     }
   }
   auto per_expert = [&](const py::object& obj, const char* what) {
     if (!py::isinstance<py::sequence>(obj) || py::len(obj) != E) {
-      bad_arg(std::string(what) + ": expected a sequence with one entry per matrix (" + std::to_string(E) + ")");
+      bad_arg(std::string(what) + ": expected a sequence with one entry per matrix (" +
+              std::to_string(E) + ")");
     }
     return py::reinterpret_borrow<py::sequence>(obj);
   };
@@ -277,20 +297,22 @@ py::array grouped_matmul(const std::vector<PyCompressed>& weights, const py::han
   int64_t out_limit = std::numeric_limits<int32_t>::max();
   if (!out_obj.is_none()) {
     py::array o = as_array(out_obj, "out");
-    if (!o.dtype().is(py::dtype::of<float>())) bad_arg("out: expected float32, got " + dtype_str(o.dtype()));
+    if (!o.dtype().is(py::dtype::of<float>()))
+      bad_arg("out: expected float32, got " + dtype_str(o.dtype()));
     check_ndim(o, "out", 2);
     check_c_contiguous(o, "out");
     if (!o.writeable()) bad_arg("out: the array is read-only");
     if (o.shape(1) != d_out) {
-      bad_arg("out: expected " + std::to_string(d_out) + " columns (the rows of the matrices), got " +
-              std::to_string(o.shape(1)));
+      bad_arg("out: expected " + std::to_string(d_out) +
+              " columns (the rows of the matrices), got " + std::to_string(o.shape(1)));
     }
     y = py::reinterpret_borrow<py::array_t<float>>(o);
     out_limit = o.shape(0);
   }
   std::vector<std::vector<int32_t>> in_rows(E), out_rows(E);
   std::vector<std::vector<float>> scales(E);
-  for (size_t e = 0; e < E; ++e) in_rows[e] = index_list(tokens[e], "tokens[" + std::to_string(e) + "]", n);
+  for (size_t e = 0; e < E; ++e)
+    in_rows[e] = index_list(tokens[e], "tokens[" + std::to_string(e) + "]", n);
   int64_t y_rows = n;
   if (!out_rows_obj.is_none()) {
     py::sequence seq = per_expert(out_rows_obj, "out_rows");
@@ -298,7 +320,8 @@ py::array grouped_matmul(const std::vector<PyCompressed>& weights, const py::han
     for (size_t e = 0; e < E; ++e) {
       const std::string what = "out_rows[" + std::to_string(e) + "]";
       out_rows[e] = index_list(seq[e], what, out_limit);
-      if (out_rows[e].size() != in_rows[e].size()) bad_arg(what + ": length differs from tokens[" + std::to_string(e) + "]");
+      if (out_rows[e].size() != in_rows[e].size())
+        bad_arg(what + ": length differs from tokens[" + std::to_string(e) + "]");
       for (int32_t r : out_rows[e]) y_rows = std::max<int64_t>(y_rows, int64_t{r} + 1);
     }
   } else if (!out_obj.is_none() && out_limit < n) {
@@ -325,7 +348,8 @@ py::array grouped_matmul(const std::vector<PyCompressed>& weights, const py::han
   }
   if (out_obj.is_none()) {
     y = py::array_t<float>({static_cast<py::ssize_t>(y_rows), static_cast<py::ssize_t>(d_out)});
-    if (y.size() > 0) std::memset(y.mutable_data(), 0, static_cast<size_t>(y.size()) * sizeof(float));
+    if (y.size() > 0)
+      std::memset(y.mutable_data(), 0, static_cast<size_t>(y.size()) * sizeof(float));
   } else {
     y_rows = out_limit;
   }
@@ -353,24 +377,27 @@ py::tuple ternarize_rtn(const py::handle& w_obj, bool bf16) {
   }
   const auto rows = static_cast<py::ssize_t>(t.rows);
   const auto cols = static_cast<py::ssize_t>(t.cols);
-  return py::make_tuple(to_numpy(std::move(t.symbols), {rows, cols}), to_numpy(std::move(t.levels), {rows, 2}));
+  return py::make_tuple(to_numpy(std::move(t.symbols), {rows, cols}),
+                        to_numpy(std::move(t.levels), {rows, 2}));
 }
 
 // symbols (rows, cols) uint8 and levels (rows, 2) bf16 bits -> TernaryMatrix (copies).
 qmoe::TernaryMatrix ternary_from(const py::handle& s_obj, const py::handle& l_obj) {
   py::array s = as_array(s_obj, "symbols");
-  if (!s.dtype().is(py::dtype::of<uint8_t>())) bad_arg("symbols: expected uint8, got " + dtype_str(s.dtype()));
+  if (!s.dtype().is(py::dtype::of<uint8_t>()))
+    bad_arg("symbols: expected uint8, got " + dtype_str(s.dtype()));
   check_ndim(s, "symbols", 2);
   check_c_contiguous(s, "symbols");
   py::array l = as_array(l_obj, "levels");
   if (!l.dtype().is(py::dtype::of<uint16_t>()) && !is_ml_bfloat16(l.dtype())) {
-    bad_arg("levels: expected bfloat16 bit patterns as uint16 or ml_dtypes.bfloat16, got " + dtype_str(l.dtype()));
+    bad_arg("levels: expected bfloat16 bit patterns as uint16 or ml_dtypes.bfloat16, got " +
+            dtype_str(l.dtype()));
   }
   check_ndim(l, "levels", 2);
   check_c_contiguous(l, "levels");
   if (l.shape(0) != s.shape(0) || l.shape(1) != 2) {
-    bad_arg("levels: expected shape (" + std::to_string(s.shape(0)) + ", 2), got (" + std::to_string(l.shape(0)) +
-            ", " + std::to_string(l.shape(1)) + ")");
+    bad_arg("levels: expected shape (" + std::to_string(s.shape(0)) + ", 2), got (" +
+            std::to_string(l.shape(0)) + ", " + std::to_string(l.shape(1)) + ")");
   }
   qmoe::TernaryMatrix t(static_cast<int64_t>(s.shape(0)), static_cast<int64_t>(s.shape(1)));
   if (!t.symbols.empty()) std::memcpy(t.symbols.data(), s.data(), t.symbols.size());
@@ -406,7 +433,9 @@ PyCompressed from_tensors(const std::string& codec_name, std::pair<int64_t, int6
   const DType orig = parse_dtype_name(original_dtype);
   auto copy_1d = [](const py::handle& obj, const char* what, const py::dtype& want, auto& out) {
     py::array a = as_array(obj, what);
-    if (!a.dtype().is(want)) bad_arg(std::string(what) + ": expected " + dtype_str(want) + ", got " + dtype_str(a.dtype()));
+    if (!a.dtype().is(want))
+      bad_arg(std::string(what) + ": expected " + dtype_str(want) + ", got " +
+              dtype_str(a.dtype()));
     check_c_contiguous(a, what);
     out.resize(static_cast<size_t>(a.size()));
     if (a.size() > 0) std::memcpy(out.data(), a.data(), nbytes_of(a));
@@ -415,13 +444,15 @@ PyCompressed from_tensors(const std::string& codec_name, std::pair<int64_t, int6
   if (is_ml_bfloat16(lv.dtype())) lv = lv.attr("view")(py::dtype::of<uint16_t>());
   copy_1d(lv, "levels", py::dtype::of<uint16_t>(), m.levels);
   if (m.codec == qmoe::Codec::kV1) {
-    if (codes_obj.is_none() || row_offsets_obj.is_none()) bad_arg("qmoe-v1 needs codes and row_offsets");
+    if (codes_obj.is_none() || row_offsets_obj.is_none())
+      bad_arg("qmoe-v1 needs codes and row_offsets");
     if (!packed_obj.is_none()) bad_arg("packed: only for qmoe-p5");
     copy_1d(codes_obj, "codes", py::dtype::of<uint16_t>(), m.codes);
     copy_1d(row_offsets_obj, "row_offsets", py::dtype::of<int32_t>(), m.row_offsets);
   } else {
     if (packed_obj.is_none()) bad_arg("qmoe-p5 needs packed");
-    if (!codes_obj.is_none() || !row_offsets_obj.is_none()) bad_arg("codes, row_offsets: only for qmoe-v1");
+    if (!codes_obj.is_none() || !row_offsets_obj.is_none())
+      bad_arg("codes, row_offsets: only for qmoe-v1");
     copy_1d(packed_obj, "packed", py::dtype::of<uint8_t>(), m.packed);
   }
   {
@@ -447,10 +478,13 @@ struct PyHessian {
 int64_t hessian_add(PyHessian& h, const py::handle& x_obj, bool bf16, int threads) {
   py::array x = as_array(x_obj, "x");
   const DType dt = float_dtype(x, "x", bf16);
-  if (x.ndim() < 2) bad_arg("x: expected shape (tokens, columns), got " + std::to_string(x.ndim()) + " dimension(s)");
+  if (x.ndim() < 2)
+    bad_arg("x: expected shape (tokens, columns), got " + std::to_string(x.ndim()) +
+            " dimension(s)");
   const int64_t cols = static_cast<int64_t>(x.shape(x.ndim() - 1));
   if (cols != h.acc.dim()) {
-    bad_arg("x: expected " + std::to_string(h.acc.dim()) + " columns (the accumulator's), got " + std::to_string(cols));
+    bad_arg("x: expected " + std::to_string(h.acc.dim()) + " columns (the accumulator's), got " +
+            std::to_string(cols));
   }
   int64_t n = 1;
   for (py::ssize_t i = 0; i + 1 < x.ndim(); ++i) n *= static_cast<int64_t>(x.shape(i));
@@ -461,7 +495,8 @@ int64_t hessian_add(PyHessian& h, const py::handle& x_obj, bool bf16, int thread
       x.strides(0) / item >= cols) {
     ld = static_cast<int64_t>(x.strides(0) / item);
   } else if (n > 0 && !(x.flags() & py::array::c_style)) {
-    bad_arg("x: rows must be contiguous float32 with a positive row stride, or the array C-contiguous");
+    bad_arg(
+        "x: rows must be contiguous float32 with a positive row stride, or the array C-contiguous");
   }
   py::gil_scoped_release nogil;
   Float32 xf(x.data(), dt, dt == DType::kF32 ? 0 : n * cols);
@@ -482,11 +517,12 @@ py::object hessian_matrix(const PyHessian& h) {
 }
 
 qmoe::GptqGrid parse_grid(const std::string& name) {
-  for (auto g : {qmoe::GptqGrid::kTernary, qmoe::GptqGrid::kTernarySymmetric, qmoe::GptqGrid::kUniform2,
-                 qmoe::GptqGrid::kUniform3, qmoe::GptqGrid::kUniform4}) {
+  for (auto g : {qmoe::GptqGrid::kTernary, qmoe::GptqGrid::kTernarySymmetric,
+                 qmoe::GptqGrid::kUniform2, qmoe::GptqGrid::kUniform3, qmoe::GptqGrid::kUniform4}) {
     if (qmoe::gptq_grid_name(g) == name) return g;
   }
-  bad_arg("unknown grid '" + name + "' (expected 'ternary', 'ternary-sym', 'uniform2', 'uniform3' or 'uniform4')");
+  bad_arg("unknown grid '" + name +
+          "' (expected 'ternary', 'ternary-sym', 'uniform2', 'uniform3' or 'uniform4')");
 }
 
 struct PyGptqResult {
@@ -504,9 +540,12 @@ struct PyGptqResult {
 
 const char* status_name(qmoe::GptqStatus s) {
   switch (s) {
-    case qmoe::GptqStatus::kOk: return "ok";
-    case qmoe::GptqStatus::kFallbackRtn: return "fallback-rtn";
-    case qmoe::GptqStatus::kFailed: return "failed";
+    case qmoe::GptqStatus::kOk:
+      return "ok";
+    case qmoe::GptqStatus::kFallbackRtn:
+      return "fallback-rtn";
+    case qmoe::GptqStatus::kFailed:
+      return "failed";
   }
   return "unknown";
 }
@@ -523,16 +562,16 @@ GptqInputs gptq_inputs(const py::handle& w_obj, const py::handle& h_obj, bool bf
     in.h = float_arg(h_obj, "h", 2, bf16);
     const int64_t cols = in.w.dim(1);
     if (in.h->dim(0) != cols || in.h->dim(1) != cols) {
-      bad_arg("h: expected shape (" + std::to_string(cols) + ", " + std::to_string(cols) + ") for w with " +
-              std::to_string(cols) + " columns, got (" + std::to_string(in.h->dim(0)) + ", " +
-              std::to_string(in.h->dim(1)) + ")");
+      bad_arg("h: expected shape (" + std::to_string(cols) + ", " + std::to_string(cols) +
+              ") for w with " + std::to_string(cols) + " columns, got (" +
+              std::to_string(in.h->dim(0)) + ", " + std::to_string(in.h->dim(1)) + ")");
     }
   }
   return in;
 }
 
-qmoe::GptqOptions gptq_options(const std::string& grid, double percdamp, int64_t blocksize, bool actorder,
-                               bool double_precision, int threads) {
+qmoe::GptqOptions gptq_options(const std::string& grid, double percdamp, int64_t blocksize,
+                               bool actorder, bool double_precision, int threads) {
   qmoe::GptqOptions opt;
   opt.grid = parse_grid(grid);
   opt.percdamp = percdamp;
@@ -543,9 +582,11 @@ qmoe::GptqOptions gptq_options(const std::string& grid, double percdamp, int64_t
   return opt;
 }
 
-PyGptqResult gptq(const py::handle& w_obj, const py::handle& h_obj, const std::string& grid, double percdamp,
-                  int64_t blocksize, bool actorder, bool double_precision, int threads, bool bf16) {
-  const qmoe::GptqOptions opt = gptq_options(grid, percdamp, blocksize, actorder, double_precision, threads);
+PyGptqResult gptq(const py::handle& w_obj, const py::handle& h_obj, const std::string& grid,
+                  double percdamp, int64_t blocksize, bool actorder, bool double_precision,
+                  int threads, bool bf16) {
+  const qmoe::GptqOptions opt =
+      gptq_options(grid, percdamp, blocksize, actorder, double_precision, threads);
   GptqInputs in = gptq_inputs(w_obj, h_obj, bf16);
   const int64_t rows = in.w.dim(0), cols = in.w.dim(1);
   qmoe::GptqResult r;
@@ -574,9 +615,10 @@ PyGptqResult gptq(const py::handle& w_obj, const py::handle& h_obj, const std::s
   return out;
 }
 
-py::object compress_matrix(const py::handle& w_obj, const py::handle& h_obj, const std::string& grid,
-                           double percdamp, int64_t blocksize, bool actorder, const std::string& codec,
-                           int threads, bool bf16, bool with_stats) {
+py::object compress_matrix(const py::handle& w_obj, const py::handle& h_obj,
+                           const std::string& grid, double percdamp, int64_t blocksize,
+                           bool actorder, const std::string& codec, int threads, bool bf16,
+                           bool with_stats) {
   const qmoe::GptqOptions opt = gptq_options(grid, percdamp, blocksize, actorder, false, threads);
   qmoe::EncodeOptions enc;
   enc.codec = parse_codec(codec, true);
@@ -620,7 +662,8 @@ void set_cpu_simd_level(const std::string& name) {
 
 std::vector<std::string> cpu_simd_levels() {
   std::vector<std::string> out;
-  for (auto l : {qmoe::cpu::SimdLevel::kScalar, qmoe::cpu::SimdLevel::kAvx2, qmoe::cpu::SimdLevel::kAvx512}) {
+  for (auto l : {qmoe::cpu::SimdLevel::kScalar, qmoe::cpu::SimdLevel::kAvx2,
+                 qmoe::cpu::SimdLevel::kAvx512}) {
     if (qmoe::cpu::simd_level_supported(l)) out.emplace_back(qmoe::cpu::simd_level_name(l));
   }
   return out;
@@ -636,7 +679,8 @@ int cuda_device_count() {
 
 #ifdef QMOE_PY_CUDA
 void cuda_check(cudaError_t e, const char* what) {
-  if (e != cudaSuccess) throw qmoe::CudaError(std::string(what) + " failed: " + cudaGetErrorString(e));
+  if (e != cudaSuccess)
+    throw qmoe::CudaError(std::string(what) + " failed: " + cudaGetErrorString(e));
 }
 
 // Device memory freed on scope exit.
@@ -673,7 +717,8 @@ std::unique_ptr<PyCudaMatrix> to_cuda(const PyCompressed& m, int device) {
   const int n = qmoe::cuda::device_count();
   if (n == 0) throw qmoe::Error("to_cuda: no CUDA device is available");
   if (device < 0 || device >= n) {
-    bad_arg("to_cuda: device " + std::to_string(device) + " does not exist (" + std::to_string(n) + " device(s))");
+    bad_arg("to_cuda: device " + std::to_string(device) + " does not exist (" + std::to_string(n) +
+            " device(s))");
   }
   auto out = std::make_unique<PyCudaMatrix>();
   out->rows = m.view.rows;
@@ -687,18 +732,20 @@ std::unique_ptr<PyCudaMatrix> to_cuda(const PyCompressed& m, int device) {
 #else
   (void)m;
   (void)device;
-  throw qmoe::Error("to_cuda: this qmoe was built without the CUDA kernels (no nvcc when it was installed)");
+  throw qmoe::Error(
+      "to_cuda: this qmoe was built without the CUDA kernels (no nvcc when it was installed)");
 #endif
 }
 
 // Y (n, rows) = X W^T on the GPU for X (n, cols) on the host; fp32 accumulation.
-py::array_t<float> cuda_matmul(const PyCudaMatrix& m, const py::handle& x_obj, bool bf16, bool vector) {
+py::array_t<float> cuda_matmul(const PyCudaMatrix& m, const py::handle& x_obj, bool bf16,
+                               bool vector) {
   FloatArg x = float_arg(x_obj, vector ? "x" : "X", vector ? 1 : 2, bf16);
   const int64_t n = vector ? 1 : x.dim(0);
   const int64_t cols = x.dim(vector ? 0 : 1);
   if (cols != m.cols) {
-    bad_arg(std::string(vector ? "x" : "X") + ": expected " + std::to_string(m.cols) + " columns, got " +
-            std::to_string(cols));
+    bad_arg(std::string(vector ? "x" : "X") + ": expected " + std::to_string(m.cols) +
+            " columns, got " + std::to_string(cols));
   }
   std::vector<float> y(static_cast<size_t>(n * m.rows));
 #ifdef QMOE_PY_CUDA
@@ -710,10 +757,12 @@ py::array_t<float> cuda_matmul(const PyCudaMatrix& m, const py::handle& x_obj, b
     DeviceBuffer xd(static_cast<size_t>(n * cols) * sizeof(float));
     DeviceBuffer yd(y.size() * sizeof(float));
     if (n > 0) {
-      cuda_check(cudaMemcpy(xd.get(), xf.get(), static_cast<size_t>(n * cols) * sizeof(float), cudaMemcpyHostToDevice),
+      cuda_check(cudaMemcpy(xd.get(), xf.get(), static_cast<size_t>(n * cols) * sizeof(float),
+                            cudaMemcpyHostToDevice),
                  "cudaMemcpy (input)");
       m.dm->forward(DType::kF32, xd.get(), cols, yd.get(), m.rows, n, false, nullptr);
-      cuda_check(cudaMemcpy(y.data(), yd.get(), y.size() * sizeof(float), cudaMemcpyDeviceToHost), "cudaMemcpy (output)");
+      cuda_check(cudaMemcpy(y.data(), yd.get(), y.size() * sizeof(float), cudaMemcpyDeviceToHost),
+                 "cudaMemcpy (output)");
     }
   }
 #endif
@@ -731,11 +780,14 @@ py::array_t<float> cuda_decode(const PyCudaMatrix& m) {
     DeviceBuffer d(out.size() * sizeof(float));
     if (!out.empty()) {
       m.dm->decode_dense(DType::kF32, d.get(), m.cols, 0, m.rows, nullptr);
-      cuda_check(cudaMemcpy(out.data(), d.get(), out.size() * sizeof(float), cudaMemcpyDeviceToHost), "cudaMemcpy");
+      cuda_check(
+          cudaMemcpy(out.data(), d.get(), out.size() * sizeof(float), cudaMemcpyDeviceToHost),
+          "cudaMemcpy");
     }
   }
 #endif
-  return to_numpy(std::move(out), {static_cast<py::ssize_t>(m.rows), static_cast<py::ssize_t>(m.cols)});
+  return to_numpy(std::move(out),
+                  {static_cast<py::ssize_t>(m.rows), static_cast<py::ssize_t>(m.cols)});
 }
 
 // ---- containers ------------------------------------------------------------------------------
@@ -751,19 +803,28 @@ DType dense_dtype(const py::dtype& dt, const std::string& name) {
   if (kind == 'u' || kind == 'i') {
     const bool u = kind == 'u';
     switch (size) {
-      case 1: return u ? DType::kU8 : DType::kI8;
-      case 2: return u ? DType::kU16 : DType::kI16;
-      case 4: return u ? DType::kU32 : DType::kI32;
-      case 8: return u ? DType::kU64 : DType::kI64;
-      default: break;
+      case 1:
+        return u ? DType::kU8 : DType::kI8;
+      case 2:
+        return u ? DType::kU16 : DType::kI16;
+      case 4:
+        return u ? DType::kU32 : DType::kI32;
+      case 8:
+        return u ? DType::kU64 : DType::kI64;
+      default:
+        break;
     }
   }
   if (kind == 'f') {
     switch (size) {
-      case 2: return DType::kF16;
-      case 4: return DType::kF32;
-      case 8: return DType::kF64;
-      default: break;
+      case 2:
+        return DType::kF16;
+      case 4:
+        return DType::kF32;
+      case 8:
+        return DType::kF64;
+      default:
+        break;
     }
   }
   bad_arg("tensor '" + name + "': dtype " + dtype_str(dt) + " cannot be stored");
@@ -773,12 +834,18 @@ DType dense_dtype(const py::dtype& dt, const std::string& name) {
 // missing, then uint16 bit patterns).
 py::dtype numpy_dtype(DType t, bool raw_bf16) {
   switch (t) {
-    case DType::kBool: return py::dtype("bool");
-    case DType::kU8: return py::dtype("uint8");
-    case DType::kI8: return py::dtype("int8");
-    case DType::kU16: return py::dtype("uint16");
-    case DType::kI16: return py::dtype("int16");
-    case DType::kF16: return py::dtype("float16");
+    case DType::kBool:
+      return py::dtype("bool");
+    case DType::kU8:
+      return py::dtype("uint8");
+    case DType::kI8:
+      return py::dtype("int8");
+    case DType::kU16:
+      return py::dtype("uint16");
+    case DType::kI16:
+      return py::dtype("int16");
+    case DType::kF16:
+      return py::dtype("float16");
     case DType::kBF16:
       if (!raw_bf16) {
         try {
@@ -788,19 +855,25 @@ py::dtype numpy_dtype(DType t, bool raw_bf16) {
         }
       }
       return py::dtype("uint16");
-    case DType::kU32: return py::dtype("uint32");
-    case DType::kI32: return py::dtype("int32");
-    case DType::kF32: return py::dtype("float32");
-    case DType::kU64: return py::dtype("uint64");
-    case DType::kI64: return py::dtype("int64");
-    case DType::kF64: return py::dtype("float64");
+    case DType::kU32:
+      return py::dtype("uint32");
+    case DType::kI32:
+      return py::dtype("int32");
+    case DType::kF32:
+      return py::dtype("float32");
+    case DType::kU64:
+      return py::dtype("uint64");
+    case DType::kI64:
+      return py::dtype("int64");
+    case DType::kF64:
+      return py::dtype("float64");
   }
   throw std::logic_error("numpy_dtype: unknown DType");
 }
 
-std::vector<std::filesystem::path> save(const std::filesystem::path& path, const py::dict& tensors,
-                                        const std::optional<std::map<std::string, std::string>>& metadata,
-                                        int64_t shard_size) {
+std::vector<std::filesystem::path> save(
+    const std::filesystem::path& path, const py::dict& tensors,
+    const std::optional<std::map<std::string, std::string>>& metadata, int64_t shard_size) {
   // Collect and check everything with the GIL held; write without it. `keep` holds the arrays
   // (and matrices) whose memory the spans point into.
   struct Dense {
@@ -849,7 +922,8 @@ std::vector<std::filesystem::path> save(const std::filesystem::path& path, const
   return w.finish();
 }
 
-std::shared_ptr<const qmoe::Container> open_container(const std::filesystem::path& path, bool verify_checksums) {
+std::shared_ptr<const qmoe::Container> open_container(const std::filesystem::path& path,
+                                                      bool verify_checksums) {
   qmoe::ContainerOpenOptions opt;
   opt.verify_checksums = verify_checksums;
   py::gil_scoped_release nogil;
@@ -860,7 +934,8 @@ py::dict load(const std::filesystem::path& path, bool verify_checksums, bool raw
   std::shared_ptr<const qmoe::Container> c = open_container(path, verify_checksums);
   // One capsule keeps the mapping alive for every dense array.
   auto* held = new std::shared_ptr<const qmoe::Container>(c);
-  py::capsule base(held, [](void* p) { delete static_cast<std::shared_ptr<const qmoe::Container>*>(p); });
+  py::capsule base(held,
+                   [](void* p) { delete static_cast<std::shared_ptr<const qmoe::Container>*>(p); });
   py::dict out;
   for (const std::string& name : c->names()) {
     if (const qmoe::CompressedEntry* e = c->find_compressed(name)) {
@@ -878,7 +953,8 @@ py::dict load(const std::filesystem::path& path, bool verify_checksums, bool raw
         strides[i] = stride;
         stride *= shape[i];
       }
-      py::array a(numpy_dtype(d->dtype, raw_bf16), std::move(shape), std::move(strides), d->bytes.data(), base);
+      py::array a(numpy_dtype(d->dtype, raw_bf16), std::move(shape), std::move(strides),
+                  d->bytes.data(), base);
       a.attr("setflags")(py::arg("write") = false);
       out[py::str(name)] = std::move(a);
     }
@@ -892,11 +968,13 @@ std::map<std::string, std::string> load_metadata(const std::filesystem::path& pa
 
 // ---- checkpoint pipeline -----------------------------------------------------------------------
 
-py::dict compress_checkpoint(const std::filesystem::path& checkpoint, const std::filesystem::path& output,
-                             const std::optional<std::filesystem::path>& hessians, int threads, int64_t max_memory,
-                             int64_t shard_size, bool resume, bool cast_bf16, const std::string& codec,
-                             double percdamp, int64_t blocksize, bool actorder, bool check_disk,
-                             const py::object& progress, const py::object& note) {
+py::dict compress_checkpoint(const std::filesystem::path& checkpoint,
+                             const std::filesystem::path& output,
+                             const std::optional<std::filesystem::path>& hessians, int threads,
+                             int64_t max_memory, int64_t shard_size, bool resume, bool cast_bf16,
+                             const std::string& codec, double percdamp, int64_t blocksize,
+                             bool actorder, bool check_disk, const py::object& progress,
+                             const py::object& note) {
   namespace sw = qmoe::sw;
   sw::CompressOptions opt;
   opt.threads = threads;
@@ -1002,11 +1080,12 @@ PYBIND11_MODULE(_qmoe, m) {
   // FormatError derives from RuntimeError, as qmoe::FormatError derives from qmoe::Error. The
   // class object is deliberately never released: the translator may run until the interpreter
   // shuts down.
-  static PyObject* format_error = PyErr_NewExceptionWithDoc(
-      "qmoe.FormatError",
-      "A file or encoded stream that is malformed, truncated or inconsistent. The message names the "
-      "file and tensor.",
-      PyExc_RuntimeError, nullptr);
+  static PyObject* format_error =
+      PyErr_NewExceptionWithDoc("qmoe.FormatError",
+                                "A file or encoded stream that is malformed, truncated or "
+                                "inconsistent. The message names the "
+                                "file and tensor.",
+                                PyExc_RuntimeError, nullptr);
   if (format_error == nullptr) throw py::error_already_set();
   m.attr("FormatError") = py::handle(format_error);
   py::register_exception_translator([](std::exception_ptr p) {
@@ -1028,8 +1107,9 @@ CompressedMatrix.from_tensors(); immutable. Matrices returned by load() are zero
 the memory-mapped file, which stays mapped while any of them (or their raw tensors) is alive.
 )doc")
       .def_static("from_tensors", &from_tensors, py::arg("codec"), py::arg("shape"), py::kw_only(),
-                  py::arg("levels"), py::arg("codes") = py::none(), py::arg("row_offsets") = py::none(),
-                  py::arg("packed") = py::none(), py::arg("original_dtype") = "F32",
+                  py::arg("levels"), py::arg("codes") = py::none(),
+                  py::arg("row_offsets") = py::none(), py::arg("packed") = py::none(),
+                  py::arg("original_dtype") = "F32",
                   R"doc(
 Builds a matrix from its raw tensors (copied), as stored in a container (format/SPEC.md).
 
@@ -1038,27 +1118,38 @@ codec: "qmoe-v1" (needs codes uint16 and row_offsets int32 of rows+1 entries) or
 ml_dtypes.bfloat16, any shape), (lo, hi) per row. The whole stream is validated.
 Raises ValueError for wrong dtypes or a missing tensor, qmoe.FormatError for a malformed stream.
 )doc")
-      .def_property_readonly("shape", [](const PyCompressed& p) { return py::make_tuple(p.view.rows, p.view.cols); },
-                             "(rows, cols) of the matrix.")
-      .def_property_readonly("rows", [](const PyCompressed& p) { return p.view.rows; }, "Number of rows.")
-      .def_property_readonly("cols", [](const PyCompressed& p) { return p.view.cols; }, "Number of columns.")
-      .def_property_readonly("codec", [](const PyCompressed& p) { return std::string(qmoe::codec_name(p.view.codec)); },
-                             "Codec name: 'qmoe-v1' or 'qmoe-p5'.")
-      .def_property_readonly("original_dtype",
-                             [](const PyCompressed& p) { return std::string(qmoe::dtype_name(p.original_dtype)); },
-                             "dtype of the weights before compression, safetensors spelling ('F32', 'BF16', ...).")
-      .def_property_readonly("nbytes", [](const PyCompressed& p) { return p.view.compressed_bytes(); },
-                             "Bytes of codes (or packed data), row offsets and levels together.")
-      .def_property_readonly("bits_per_weight", [](const PyCompressed& p) { return p.view.bits_per_weight(false); },
-                             "nbytes * 8 / (rows * cols); 0 for an empty matrix.")
-      .def_property_readonly("code_bits_per_weight", [](const PyCompressed& p) { return p.view.bits_per_weight(true); },
-                             "Bits per weight of the codes (or packed data) alone.")
+      .def_property_readonly(
+          "shape", [](const PyCompressed& p) { return py::make_tuple(p.view.rows, p.view.cols); },
+          "(rows, cols) of the matrix.")
+      .def_property_readonly(
+          "rows", [](const PyCompressed& p) { return p.view.rows; }, "Number of rows.")
+      .def_property_readonly(
+          "cols", [](const PyCompressed& p) { return p.view.cols; }, "Number of columns.")
+      .def_property_readonly(
+          "codec",
+          [](const PyCompressed& p) { return std::string(qmoe::codec_name(p.view.codec)); },
+          "Codec name: 'qmoe-v1' or 'qmoe-p5'.")
+      .def_property_readonly(
+          "original_dtype",
+          [](const PyCompressed& p) { return std::string(qmoe::dtype_name(p.original_dtype)); },
+          "dtype of the weights before compression, safetensors spelling ('F32', 'BF16', ...).")
+      .def_property_readonly(
+          "nbytes", [](const PyCompressed& p) { return p.view.compressed_bytes(); },
+          "Bytes of codes (or packed data), row offsets and levels together.")
+      .def_property_readonly(
+          "bits_per_weight", [](const PyCompressed& p) { return p.view.bits_per_weight(false); },
+          "nbytes * 8 / (rows * cols); 0 for an empty matrix.")
+      .def_property_readonly(
+          "code_bits_per_weight",
+          [](const PyCompressed& p) { return p.view.bits_per_weight(true); },
+          "Bits per weight of the codes (or packed data) alone.")
       .def_property_readonly(
           "codes",
           [](py::object self) -> py::object {
             const auto& p = self.cast<const PyCompressed&>();
             if (p.view.codec != qmoe::Codec::kV1) return py::none();
-            return readonly_view(p.view.codes.data(), {static_cast<py::ssize_t>(p.view.codes.size())}, self);
+            return readonly_view(p.view.codes.data(),
+                                 {static_cast<py::ssize_t>(p.view.codes.size())}, self);
           },
           "qmoe-v1 codewords, uint16 (read-only view); None for qmoe-p5.")
       .def_property_readonly(
@@ -1066,25 +1157,30 @@ Raises ValueError for wrong dtypes or a missing tensor, qmoe.FormatError for a m
           [](py::object self) -> py::object {
             const auto& p = self.cast<const PyCompressed&>();
             if (p.view.codec != qmoe::Codec::kV1) return py::none();
-            return readonly_view(p.view.row_offsets.data(), {static_cast<py::ssize_t>(p.view.row_offsets.size())},
-                                 self);
+            return readonly_view(p.view.row_offsets.data(),
+                                 {static_cast<py::ssize_t>(p.view.row_offsets.size())}, self);
           },
-          "qmoe-v1 row offsets into codes, int32, rows+1 entries (read-only view); None for qmoe-p5.")
+          "qmoe-v1 row offsets into codes, int32, rows+1 entries (read-only view); None for "
+          "qmoe-p5.")
       .def_property_readonly(
           "packed",
           [](py::object self) -> py::object {
             const auto& p = self.cast<const PyCompressed&>();
             if (p.view.codec != qmoe::Codec::kP5) return py::none();
-            return readonly_view(p.view.packed.data(), {static_cast<py::ssize_t>(p.view.packed.size())}, self);
+            return readonly_view(p.view.packed.data(),
+                                 {static_cast<py::ssize_t>(p.view.packed.size())}, self);
           },
-          "qmoe-p5 base-3 packed bytes, uint8, rows*ceil(cols/5) (read-only view); None for qmoe-v1.")
+          "qmoe-p5 base-3 packed bytes, uint8, rows*ceil(cols/5) (read-only view); None for "
+          "qmoe-v1.")
       .def_property_readonly(
           "levels",
           [](py::object self) {
             const auto& p = self.cast<const PyCompressed&>();
-            return readonly_view(p.view.levels.data(), {static_cast<py::ssize_t>(p.view.rows), 2}, self);
+            return readonly_view(p.view.levels.data(), {static_cast<py::ssize_t>(p.view.rows), 2},
+                                 self);
           },
-          "Per-row (lo, hi) levels as bfloat16 bit patterns, uint16 of shape (rows, 2) (read-only view).")
+          "Per-row (lo, hi) levels as bfloat16 bit patterns, uint16 of shape (rows, 2) (read-only "
+          "view).")
       .def(
           "decode",
           [](const PyCompressed& p) {
@@ -1093,7 +1189,8 @@ Raises ValueError for wrong dtypes or a missing tensor, qmoe.FormatError for a m
               py::gil_scoped_release nogil;
               qmoe::decode_ref(p.view, out.data());
             }
-            return to_numpy(std::move(out), {static_cast<py::ssize_t>(p.view.rows), static_cast<py::ssize_t>(p.view.cols)});
+            return to_numpy(std::move(out), {static_cast<py::ssize_t>(p.view.rows),
+                                             static_cast<py::ssize_t>(p.view.cols)});
           },
           "Decodes to dense float32 of shape (rows, cols): each weight is its row's lo, 0 or hi.")
       .def(
@@ -1104,16 +1201,19 @@ Raises ValueError for wrong dtypes or a missing tensor, qmoe.FormatError for a m
               py::gil_scoped_release nogil;
               qmoe::decode_symbols_ref(p.view, out.data());
             }
-            return to_numpy(std::move(out), {static_cast<py::ssize_t>(p.view.rows), static_cast<py::ssize_t>(p.view.cols)});
+            return to_numpy(std::move(out), {static_cast<py::ssize_t>(p.view.rows),
+                                             static_cast<py::ssize_t>(p.view.cols)});
           },
           "Decodes to ternary symbols, uint8 of shape (rows, cols): 0 = zero, 1 = lo, 2 = hi.")
-      .def("matvec", &matvec, py::arg("x"), py::kw_only(), py::arg("bf16") = false, py::arg("threads") = 0, R"doc(
+      .def("matvec", &matvec, py::arg("x"), py::kw_only(), py::arg("bf16") = false,
+           py::arg("threads") = 0, R"doc(
 y = W x straight from the codes (the CPU kernels; fp32 sums). x: 1-D float32, float16 or bfloat16
 (uint16 bit patterns with bf16=True) of cols elements, C-contiguous. threads: OpenMP threads
 (0 = default); the result does not depend on it. Returns float32 of rows elements.
 Raises ValueError for a wrong dtype, shape or layout.
 )doc")
-      .def("matmul", &matmul, py::arg("X"), py::kw_only(), py::arg("bf16") = false, py::arg("threads") = 0, R"doc(
+      .def("matmul", &matmul, py::arg("X"), py::kw_only(), py::arg("bf16") = false,
+           py::arg("threads") = 0, R"doc(
 Y = X W^T for a batch of n tokens (the way a linear layer applies W), straight from the codes:
 each code is decoded once per pass of up to 32 tokens. X: float32, float16 or bfloat16 of shape
 (n, cols), C-contiguous. threads as for matvec(). Returns float32 of shape (n, rows).
@@ -1125,15 +1225,17 @@ built without the CUDA kernels or no CUDA device is available (see cuda_device_c
 ValueError for a device that does not exist.
 )doc")
       .def("__repr__", [](const PyCompressed& p) {
-        return "CompressedMatrix(shape=(" + std::to_string(p.view.rows) + ", " + std::to_string(p.view.cols) +
-               "), codec='" + std::string(qmoe::codec_name(p.view.codec)) +
+        return "CompressedMatrix(shape=(" + std::to_string(p.view.rows) + ", " +
+               std::to_string(p.view.cols) + "), codec='" +
+               std::string(qmoe::codec_name(p.view.codec)) +
                "', bits_per_weight=" + std::to_string(p.view.bits_per_weight(false)) + ")";
       });
 
   // ---- functions ---------------------------------------------------------------------------
-  m.def("grouped_matmul", &grouped_matmul, py::arg("weights"), py::arg("X"), py::arg("tokens"), py::kw_only(),
-        py::arg("scales") = py::none(), py::arg("out_rows") = py::none(), py::arg("out") = py::none(),
-        py::arg("accumulate") = false, py::arg("bf16") = false, py::arg("threads") = 0, R"doc(
+  m.def("grouped_matmul", &grouped_matmul, py::arg("weights"), py::arg("X"), py::arg("tokens"),
+        py::kw_only(), py::arg("scales") = py::none(), py::arg("out_rows") = py::none(),
+        py::arg("out") = py::none(), py::arg("accumulate") = false, py::arg("bf16") = false,
+        py::arg("threads") = 0, R"doc(
 One MoE layer's experts on the CPU in one call, straight from the codes: for every matrix e and
 every i, Y[out_rows[e][i]] = scales[e][i] * (W_e @ X[tokens[e][i]]) (+= with accumulate=True,
 e.g. summing a token's top-k down projections). Experts are applied in order, so the result is
@@ -1147,7 +1249,8 @@ tokens. out: None (a new zero-filled float32 array of shape (n, rows), or (1 + t
 entry, rows)), or a writable C-contiguous float32 array of shape (m, rows) to write into and return.
 Raises ValueError for a wrong shape, dtype, length or an index out of range, before writing.
 )doc");
-  m.def("ternarize_rtn", &ternarize_rtn, py::arg("w"), py::kw_only(), py::arg("bf16") = false, R"doc(
+  m.def("ternarize_rtn", &ternarize_rtn, py::arg("w"), py::kw_only(), py::arg("bf16") = false,
+        R"doc(
 Round-to-nearest ternarization, per row: lo = bf16(min(row, 0)), hi = bf16(max(row, 0)) (a zero
 row gets (-1, +1)); a weight becomes hi if w > hi/2, lo if w < lo/2, else 0.
 
@@ -1157,8 +1260,9 @@ uint16 (rows, 2) holding the bfloat16 bit patterns of (lo, hi).
 Raises ValueError for a wrong dtype, shape or layout, or a non-finite weight.
 )doc");
 
-  m.def("encode", &encode, py::arg("symbols"), py::arg("levels"), py::kw_only(), py::arg("codec") = "qmoe-v1",
-        py::arg("original_dtype") = "F32", py::arg("threads") = 0, R"doc(
+  m.def("encode", &encode, py::arg("symbols"), py::arg("levels"), py::kw_only(),
+        py::arg("codec") = "qmoe-v1", py::arg("original_dtype") = "F32", py::arg("threads") = 0,
+        R"doc(
 Encodes a ternary matrix. symbols: uint8 (rows, cols), each 0, 1 or 2; levels: (rows, 2)
 bfloat16 bit patterns (uint16 or ml_dtypes.bfloat16), as returned by ternarize_rtn() or gptq().
 codec: "qmoe-v1" (dictionary codes), "qmoe-p5" (base-3 packing) or "auto" (the smaller one).
@@ -1167,8 +1271,8 @@ threads: OpenMP threads (0 = default); the output is identical for any value.
 Raises ValueError for wrong dtypes or shapes, a symbol outside 0..2, or an unknown codec.
 )doc");
 
-  m.def("save", &save, py::arg("path"), py::arg("tensors"), py::kw_only(), py::arg("metadata") = py::none(),
-        py::arg("shard_size") = 0, R"doc(
+  m.def("save", &save, py::arg("path"), py::arg("tensors"), py::kw_only(),
+        py::arg("metadata") = py::none(), py::arg("shard_size") = 0, R"doc(
 Writes a qmoe container (format/SPEC.md): a safetensors file any safetensors reader opens.
 
 tensors: dict of name -> CompressedMatrix (stored as its tensor group, e.g. "<name>.qmoe_codes")
@@ -1212,13 +1316,27 @@ columns: input features of the layer (the Hessian is columns x columns). token_c
 most this many tokens in all (0 = unlimited); later ones are only counted in `dropped`.
 Raises ValueError for negative arguments.
 )doc")
-      .def_property_readonly("columns", [](const PyHessian& h) { return h.acc.dim(); }, "Input features (the Hessian's size).")
-      .def_property_readonly("count", [](const PyHessian& h) { std::lock_guard l(h.mu); return h.acc.tokens(); },
-                             "Tokens accumulated so far.")
-      .def_property_readonly("dropped", [](const PyHessian& h) { std::lock_guard l(h.mu); return h.acc.dropped(); },
-                             "Tokens refused because of token_cap.")
-      .def_property_readonly("token_cap", [](const PyHessian& h) { return h.acc.token_cap(); }, "The cap (0 = none).")
-      .def("add", &hessian_add, py::arg("x"), py::kw_only(), py::arg("bf16") = false, py::arg("threads") = 0, R"doc(
+      .def_property_readonly(
+          "columns", [](const PyHessian& h) { return h.acc.dim(); },
+          "Input features (the Hessian's size).")
+      .def_property_readonly(
+          "count",
+          [](const PyHessian& h) {
+            std::lock_guard l(h.mu);
+            return h.acc.tokens();
+          },
+          "Tokens accumulated so far.")
+      .def_property_readonly(
+          "dropped",
+          [](const PyHessian& h) {
+            std::lock_guard l(h.mu);
+            return h.acc.dropped();
+          },
+          "Tokens refused because of token_cap.")
+      .def_property_readonly(
+          "token_cap", [](const PyHessian& h) { return h.acc.token_cap(); }, "The cap (0 = none).")
+      .def("add", &hessian_add, py::arg("x"), py::kw_only(), py::arg("bf16") = false,
+           py::arg("threads") = 0, R"doc(
 Adds tokens. x: (tokens, columns) float32 whose rows are contiguous (any row stride: a slice of a
 larger batch is read in place, without a copy), or float16/bfloat16 (widened to float32); with
 more than 2 dimensions (e.g. (batch, seq, columns)) all but the last count as tokens and x must
@@ -1260,8 +1378,8 @@ GPTQ's H = (2 / count) * sum(x x^T) as float32 (columns, columns), or None befor
           "The raw sum of x x^T, float64 (columns, columns) (a copy).")
       .def("__repr__", [](const PyHessian& h) {
         std::lock_guard l(h.mu);
-        return "HessianAccumulator(columns=" + std::to_string(h.acc.dim()) + ", count=" + std::to_string(h.acc.tokens()) +
-               ")";
+        return "HessianAccumulator(columns=" + std::to_string(h.acc.dim()) +
+               ", count=" + std::to_string(h.acc.tokens()) + ")";
       });
 
   m.def(
@@ -1291,7 +1409,8 @@ atomically. Raises ValueError for bad names (empty, or ending in ".xtx", ".token
           accs = qmoe::read_hessians(path);
         }
         py::dict out;
-        for (auto& [name, a] : accs) out[py::str(name)] = py::cast(std::make_unique<PyHessian>(std::move(a)));
+        for (auto& [name, a] : accs)
+          out[py::str(name)] = py::cast(std::make_unique<PyHessian>(std::move(a)));
         return out;
       },
       py::arg("path"), R"doc(
@@ -1299,8 +1418,8 @@ Reads every accumulator of a Hessian file: dict of name -> HessianAccumulator.
 Raises qmoe.FormatError for a file that is missing or not a valid Hessian file.
 )doc");
 
-  m.def("expert_token_cap", &qmoe::expert_token_cap, py::arg("total_tokens"), py::arg("num_experts"),
-        py::arg("multiplier") = 4.0, R"doc(
+  m.def("expert_token_cap", &qmoe::expert_token_cap, py::arg("total_tokens"),
+        py::arg("num_experts"), py::arg("multiplier") = 4.0, R"doc(
 QMoE's cap on the tokens used per expert: floor(multiplier * total_tokens / num_experts), at
 least 1 (for HessianAccumulator(token_cap=...)). Raises ValueError for num_experts <= 0,
 total_tokens < 0 or multiplier <= 0.
@@ -1309,34 +1428,44 @@ total_tokens < 0 or multiplier <= 0.
   py::class_<PyGptqResult>(m, "GptqResult", R"doc(
 The result of gptq(). Unpacks as (symbols, levels, loss).
 )doc")
-      .def_readonly("symbols", &PyGptqResult::symbols,
-                    "Ternary grids: uint8 (rows, cols), 0 = zero, 1 = lo, 2 = hi. Uniform grids: None.")
+      .def_readonly(
+          "symbols", &PyGptqResult::symbols,
+          "Ternary grids: uint8 (rows, cols), 0 = zero, 1 = lo, 2 = hi. Uniform grids: None.")
       .def_readonly("levels", &PyGptqResult::levels,
-                    "Ternary grids: uint16 (rows, 2), bfloat16 bit patterns of (lo, hi). Uniform grids: None.")
-      .def_readonly("dequantized", &PyGptqResult::dequantized,
-                    "Uniform grids: the quantized weights as float32 (rows, cols). Ternary grids: None.")
+                    "Ternary grids: uint16 (rows, 2), bfloat16 bit patterns of (lo, hi). Uniform "
+                    "grids: None.")
+      .def_readonly(
+          "dequantized", &PyGptqResult::dequantized,
+          "Uniform grids: the quantized weights as float32 (rows, cols). Ternary grids: None.")
       .def_readonly("grid", &PyGptqResult::grid, "The grid used.")
-      .def_readonly("status", &PyGptqResult::status,
-                    "'ok', or 'fallback-rtn' when round-to-nearest was used (no, empty or singular Hessian).")
+      .def_readonly(
+          "status", &PyGptqResult::status,
+          "'ok', or 'fallback-rtn' when round-to-nearest was used (no, empty or singular Hessian).")
       .def_readonly("reason", &PyGptqResult::reason, "Why the fallback was taken ('' for 'ok').")
-      .def_property_readonly("fallback", [](const PyGptqResult& r) { return r.status == "fallback-rtn"; },
-                             "True when round-to-nearest was used instead of GPTQ.")
-      .def_readonly("loss", &PyGptqResult::loss,
-                    "GPTQ's layer loss 0.5 * tr((W - Q) Hd (W - Q)^T), Hd the dampened Hessian used.")
+      .def_property_readonly(
+          "fallback", [](const PyGptqResult& r) { return r.status == "fallback-rtn"; },
+          "True when round-to-nearest was used instead of GPTQ.")
+      .def_readonly(
+          "loss", &PyGptqResult::loss,
+          "GPTQ's layer loss 0.5 * tr((W - Q) Hd (W - Q)^T), Hd the dampened Hessian used.")
       .def_readonly("output_loss", &PyGptqResult::output_loss,
                     "loss without the dampening term: ||(W - Q) X^T||^2 / n for H = (2/n) X^T X.")
       .def_readonly("lambda_", &PyGptqResult::lambda, "Dampening added to diag(H).")
-      .def_readonly("dead_inputs", &PyGptqResult::dead_inputs, "Inputs with H_ii = 0 (their weights were zeroed).")
-      .def("__iter__", [](const PyGptqResult& r) {
-        return py::iter(py::make_tuple(r.symbols, r.levels, r.loss));
-      })
+      .def_readonly("dead_inputs", &PyGptqResult::dead_inputs,
+                    "Inputs with H_ii = 0 (their weights were zeroed).")
+      .def("__iter__",
+           [](const PyGptqResult& r) {
+             return py::iter(py::make_tuple(r.symbols, r.levels, r.loss));
+           })
       .def("__repr__", [](const PyGptqResult& r) {
-        return "GptqResult(grid='" + r.grid + "', status='" + r.status + "', loss=" + std::to_string(r.loss) + ")";
+        return "GptqResult(grid='" + r.grid + "', status='" + r.status +
+               "', loss=" + std::to_string(r.loss) + ")";
       });
 
-  m.def("gptq", &gptq, py::arg("w"), py::arg("h") = py::none(), py::kw_only(), py::arg("grid") = "ternary",
-        py::arg("percdamp") = 0.1, py::arg("blocksize") = 128, py::arg("actorder") = false,
-        py::arg("double_precision") = false, py::arg("threads") = 0, py::arg("bf16") = false, R"doc(
+  m.def("gptq", &gptq, py::arg("w"), py::arg("h") = py::none(), py::kw_only(),
+        py::arg("grid") = "ternary", py::arg("percdamp") = 0.1, py::arg("blocksize") = 128,
+        py::arg("actorder") = false, py::arg("double_precision") = false, py::arg("threads") = 0,
+        py::arg("bf16") = false, R"doc(
 GPTQ of one matrix (QMoE's ternary grid by default).
 
 w: (rows, cols) float32, float16 or bfloat16 (uint16 bit patterns with bf16=True), C-contiguous,
@@ -1353,8 +1482,8 @@ Raises ValueError for a wrong dtype, shape or layout, non-finite weights or inva
 
   m.def("compress_matrix", &compress_matrix, py::arg("w"), py::arg("h") = py::none(), py::kw_only(),
         py::arg("grid") = "ternary", py::arg("percdamp") = 0.1, py::arg("blocksize") = 128,
-        py::arg("actorder") = false, py::arg("codec") = "auto", py::arg("threads") = 0, py::arg("bf16") = false,
-        py::arg("with_stats") = false, R"doc(
+        py::arg("actorder") = false, py::arg("codec") = "auto", py::arg("threads") = 0,
+        py::arg("bf16") = false, py::arg("with_stats") = false, R"doc(
 GPTQ (ternary grid) then encode: (W, H) -> CompressedMatrix, in one call.
 
 w, h, percdamp, blocksize, actorder, threads, bf16 as for gptq(); grid must be "ternary" or
@@ -1364,12 +1493,12 @@ The matrix records w's dtype as its original dtype. with_stats=True returns
 Raises ValueError as gptq() and encode() do, and for a non-ternary grid.
 )doc");
 
-  m.def("compress_checkpoint", &compress_checkpoint, py::arg("checkpoint"), py::arg("output"), py::kw_only(),
-        py::arg("hessians") = py::none(), py::arg("threads") = 0, py::arg("max_memory") = 0,
-        py::arg("shard_size") = 0, py::arg("resume") = false, py::arg("cast_bf16") = false,
-        py::arg("codec") = "auto", py::arg("percdamp") = 0.1, py::arg("blocksize") = 128,
-        py::arg("actorder") = false, py::arg("check_disk") = true, py::arg("progress") = py::none(),
-        py::arg("note") = py::none(), R"doc(
+  m.def("compress_checkpoint", &compress_checkpoint, py::arg("checkpoint"), py::arg("output"),
+        py::kw_only(), py::arg("hessians") = py::none(), py::arg("threads") = 0,
+        py::arg("max_memory") = 0, py::arg("shard_size") = 0, py::arg("resume") = false,
+        py::arg("cast_bf16") = false, py::arg("codec") = "auto", py::arg("percdamp") = 0.1,
+        py::arg("blocksize") = 128, py::arg("actorder") = false, py::arg("check_disk") = true,
+        py::arg("progress") = py::none(), py::arg("note") = py::none(), R"doc(
 Compresses a Switch Transformers checkpoint into a qmoe container, as `qmoe compress` does: every
 expert matrix ternarized (GPTQ with Hessians from the file `hessians`, e.g. written by
 save_hessians() with one accumulator per expert matrix, named as its tensor without ".weight"
@@ -1454,20 +1583,29 @@ decode x activations for few tokens, decode-to-dense + cuBLAS for many. Its meth
 return host numpy arrays (inputs are uploaded, outputs downloaded); calls on one object are
 serialised.
 )doc")
-      .def_property_readonly("shape", [](const PyCudaMatrix& c) { return py::make_tuple(c.rows, c.cols); },
-                             "(rows, cols) of the matrix.")
-      .def_property_readonly("codec", [](const PyCudaMatrix& c) { return std::string(qmoe::codec_name(c.codec)); },
-                             "Codec name: 'qmoe-v1' or 'qmoe-p5'.")
-      .def_property_readonly("device", [](const PyCudaMatrix& c) { return c.device; }, "CUDA device index.")
+      .def_property_readonly(
+          "shape", [](const PyCudaMatrix& c) { return py::make_tuple(c.rows, c.cols); },
+          "(rows, cols) of the matrix.")
+      .def_property_readonly(
+          "codec", [](const PyCudaMatrix& c) { return std::string(qmoe::codec_name(c.codec)); },
+          "Codec name: 'qmoe-v1' or 'qmoe-p5'.")
+      .def_property_readonly(
+          "device", [](const PyCudaMatrix& c) { return c.device; }, "CUDA device index.")
       .def(
-          "matvec", [](const PyCudaMatrix& c, const py::handle& x, bool bf16) { return cuda_matmul(c, x, bf16, true); },
+          "matvec",
+          [](const PyCudaMatrix& c, const py::handle& x, bool bf16) {
+            return cuda_matmul(c, x, bf16, true);
+          },
           py::arg("x"), py::kw_only(), py::arg("bf16") = false, R"doc(
 y = W x on the GPU. x: 1-D float32, float16 or bfloat16 of cols elements (host memory).
 Returns float32 of rows elements. Raises ValueError for a wrong dtype, shape or layout,
 RuntimeError for a CUDA failure.
 )doc")
       .def(
-          "matmul", [](const PyCudaMatrix& c, const py::handle& x, bool bf16) { return cuda_matmul(c, x, bf16, false); },
+          "matmul",
+          [](const PyCudaMatrix& c, const py::handle& x, bool bf16) {
+            return cuda_matmul(c, x, bf16, false);
+          },
           py::arg("X"), py::kw_only(), py::arg("bf16") = false, R"doc(
 Y = X W^T on the GPU for X of shape (n, cols) (host memory; float32, float16 or bfloat16).
 Returns float32 of shape (n, rows). Errors as matvec().

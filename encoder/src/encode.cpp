@@ -33,7 +33,8 @@ struct V1Trie {
     std::vector<int32_t> links(static_cast<size_t>(v1::kEntries + 1) * 9, -1);
     const int32_t* table = v1_decode_table();
     for (uint32_t e = 0; e < v1::kEntries; ++e) {
-      const uint32_t w[2] = {static_cast<uint32_t>(table[2 * e]), static_cast<uint32_t>(table[2 * e + 1])};
+      const uint32_t w[2] = {static_cast<uint32_t>(table[2 * e]),
+                             static_cast<uint32_t>(table[2 * e + 1])};
       const int n = v1::entry_pairs(w[0]);
       int32_t node = kRoot;
       for (int k = 0; k < n && node >= 0; ++k) {
@@ -52,7 +53,8 @@ struct V1Trie {
     for (size_t i = 0; i < links.size(); ++i) {
       const bool root = i >= static_cast<size_t>(kRoot) * 9;
       if (root && links[i] < 0) throw Error("qmoe-v1 dictionary lacks a single pair");
-      if (!root && links[i] == 0) throw Error("qmoe-v1 dictionary: entry 0 is not the root's (0,0)");
+      if (!root && links[i] == 0)
+        throw Error("qmoe-v1 dictionary: entry 0 is not the root's (0,0)");
       child[i] = links[i] < 0 ? kNone : static_cast<uint16_t>(links[i]);
     }
   }
@@ -129,7 +131,8 @@ CompressedMatrix encode_v1(const TernaryMatrix& t, int threads) {
       out.reserve(static_cast<size_t>((r1 - r0) * (t.cols / 16 + 2)));
       for (int64_t r = r0; r < r1; ++r) {
         const size_t before = out.size();
-        encode_row_v1(trie, t.symbols.data() + r * t.cols, t.cols, [&](uint16_t c) { out.push_back(c); });
+        encode_row_v1(trie, t.symbols.data() + r * t.cols, t.cols,
+                      [&](uint16_t c) { out.push_back(c); });
         row_counts[r] = static_cast<int64_t>(out.size() - before);
       }
     }

@@ -49,7 +49,9 @@ void ternarize_rows(TernaryMatrix& t, int64_t ld, Load&& load) {
       out[c] = w > hi_t ? 2 : (w < lo_t ? 1 : 0);
     }
   }
-  if (bad) throw InvalidArgument("ternarize: row " + std::to_string(bad_row) + " holds a non-finite weight");
+  if (bad)
+    throw InvalidArgument("ternarize: row " + std::to_string(bad_row) +
+                          " holds a non-finite weight");
 }
 
 }  // namespace

@@ -8,8 +8,10 @@ namespace qmoe {
 
 std::string_view codec_name(Codec c) {
   switch (c) {
-    case Codec::kV1: return "qmoe-v1";
-    case Codec::kP5: return "qmoe-p5";
+    case Codec::kV1:
+      return "qmoe-v1";
+    case Codec::kP5:
+      return "qmoe-p5";
   }
   return "unknown";
 }
@@ -25,7 +27,8 @@ std::vector<float> TernaryMatrix::to_dense() const {
   for (int64_t r = 0; r < rows; ++r) {
     const float lo = bf16_to_float(levels[2 * r]);
     const float hi = bf16_to_float(levels[2 * r + 1]);
-    for (int64_t c = 0; c < cols; ++c) out[r * cols + c] = symbol_value(symbols[r * cols + c], lo, hi);
+    for (int64_t c = 0; c < cols; ++c)
+      out[r * cols + c] = symbol_value(symbols[r * cols + c], lo, hi);
   }
   return out;
 }
@@ -48,7 +51,8 @@ int64_t CompressedView::compressed_bytes() const {
 double CompressedView::bits_per_weight(bool codes_only) const {
   const double weights = static_cast<double>(rows) * static_cast<double>(cols);
   if (weights == 0) return 0.0;
-  const double bytes = codes_only ? static_cast<double>(codec == Codec::kV1 ? codes.size_bytes() : packed.size_bytes())
+  const double bytes = codes_only ? static_cast<double>(codec == Codec::kV1 ? codes.size_bytes()
+                                                                            : packed.size_bytes())
                                   : static_cast<double>(compressed_bytes());
   return bytes * 8.0 / weights;
 }

@@ -19,19 +19,21 @@ namespace {
 void check_sizes(const CompressedView& m, std::string_view what) {
   if (m.rows < 0 || m.cols < 0) fail(what, "negative shape");
   if (m.levels.size() != static_cast<size_t>(2 * m.rows)) {
-    fail(what, "levels hold " + std::to_string(m.levels.size()) + " values, expected 2*rows = " +
-                   std::to_string(2 * m.rows));
+    fail(what, "levels hold " + std::to_string(m.levels.size()) +
+                   " values, expected 2*rows = " + std::to_string(2 * m.rows));
   }
   if (m.codec == Codec::kV1) {
     if (m.row_offsets.size() != static_cast<size_t>(m.rows + 1)) {
       fail(what, "row_offsets hold " + std::to_string(m.row_offsets.size()) +
                      " values, expected rows+1 = " + std::to_string(m.rows + 1));
     }
-    if (m.row_offsets[0] != 0) fail(what, "row_offsets[0] is " + std::to_string(m.row_offsets[0]) + ", not 0");
+    if (m.row_offsets[0] != 0)
+      fail(what, "row_offsets[0] is " + std::to_string(m.row_offsets[0]) + ", not 0");
     for (int64_t r = 0; r < m.rows; ++r) {
       if (m.row_offsets[r + 1] < m.row_offsets[r]) {
         fail(what, "row_offsets decrease at row " + std::to_string(r) + " (" +
-                       std::to_string(m.row_offsets[r]) + " > " + std::to_string(m.row_offsets[r + 1]) + ")");
+                       std::to_string(m.row_offsets[r]) + " > " +
+                       std::to_string(m.row_offsets[r + 1]) + ")");
       }
     }
     if (static_cast<uint64_t>(m.row_offsets[m.rows]) != m.codes.size()) {
@@ -39,9 +41,11 @@ void check_sizes(const CompressedView& m, std::string_view what) {
                      std::to_string(m.codes.size()) + " codes");
     }
   } else {
-    const uint64_t want = static_cast<uint64_t>(m.rows) * static_cast<uint64_t>(p5::row_bytes(m.cols));
+    const uint64_t want =
+        static_cast<uint64_t>(m.rows) * static_cast<uint64_t>(p5::row_bytes(m.cols));
     if (m.packed.size() != want) {
-      fail(what, "packed data holds " + std::to_string(m.packed.size()) + " bytes, expected " + std::to_string(want));
+      fail(what, "packed data holds " + std::to_string(m.packed.size()) + " bytes, expected " +
+                     std::to_string(want));
     }
   }
 }
@@ -56,10 +60,12 @@ void decode_row(const CompressedView& m, int64_t r, std::string_view what, Emit&
     int64_t pair = 0;
     for (int32_t i = m.row_offsets[r]; i < m.row_offsets[r + 1]; ++i) {
       const uint16_t code = m.codes[i];
-      const uint32_t w[2] = {static_cast<uint32_t>(table[2 * code]), static_cast<uint32_t>(table[2 * code + 1])};
+      const uint32_t w[2] = {static_cast<uint32_t>(table[2 * code]),
+                             static_cast<uint32_t>(table[2 * code + 1])};
       const int n = v1::entry_pairs(w[0]);
       if (pair + n > pairs_needed) {
-        fail(what, "row " + std::to_string(r) + " decodes to more than its " + std::to_string(m.cols) + " columns");
+        fail(what, "row " + std::to_string(r) + " decodes to more than its " +
+                       std::to_string(m.cols) + " columns");
       }
       for (int k = 0; k < n; ++k) {
         const uint32_t word = w[k / v1::kPairsPerWord];
@@ -76,15 +82,17 @@ void decode_row(const CompressedView& m, int64_t r, std::string_view what, Emit&
       pair += n;
     }
     if (pair != pairs_needed) {
-      fail(what, "row " + std::to_string(r) + " decodes to " + std::to_string(std::min<int64_t>(2 * pair, m.cols)) +
-                     " of its " + std::to_string(m.cols) + " columns");
+      fail(what, "row " + std::to_string(r) + " decodes to " +
+                     std::to_string(std::min<int64_t>(2 * pair, m.cols)) + " of its " +
+                     std::to_string(m.cols) + " columns");
     }
   } else {
     const int64_t nb = p5::row_bytes(m.cols);
     const uint8_t* row = m.packed.data() + r * nb;
     for (int64_t b = 0; b < nb; ++b) {
       int v = row[b];
-      if (v > p5::kMaxByte) fail(what, "row " + std::to_string(r) + " has packed byte " + std::to_string(v) + " > 242");
+      if (v > p5::kMaxByte)
+        fail(what, "row " + std::to_string(r) + " has packed byte " + std::to_string(v) + " > 242");
       for (int i = 0; i < p5::kSymbolsPerByte; ++i, v /= 3) {
         const int64_t col = 5 * b + i;
         if (col < m.cols) {
@@ -105,8 +113,8 @@ void validate(const CompressedView& m, std::string_view what) {
     const float lo = bf16_to_float(m.levels[2 * r]);
     const float hi = bf16_to_float(m.levels[2 * r + 1]);
     if (!std::isfinite(lo) || !std::isfinite(hi) || lo > 0.0f || hi < 0.0f) {
-      fail(what, "row " + std::to_string(r) + " has invalid levels (lo " + std::to_string(lo) + ", hi " +
-                     std::to_string(hi) + "; need finite lo <= 0 <= hi)");
+      fail(what, "row " + std::to_string(r) + " has invalid levels (lo " + std::to_string(lo) +
+                     ", hi " + std::to_string(hi) + "; need finite lo <= 0 <= hi)");
     }
     decode_row(m, r, what, [](int64_t, int) {});
   }
@@ -123,8 +131,10 @@ void decode_symbols_ref(const CompressedView& m, uint8_t* symbols) {
 void decode_ref(const CompressedView& m, float* out) {
   check_sizes(m, {});
   for (int64_t r = 0; r < m.rows; ++r) {
-    // Value of each symbol (codec_layout.h symbol_value()), as a table to keep the loop branch-free.
-    const float value[3] = {0.0f, bf16_to_float(m.levels[2 * r]), bf16_to_float(m.levels[2 * r + 1])};
+    // Value of each symbol (codec_layout.h symbol_value()), as a table to keep the loop
+    // branch-free.
+    const float value[3] = {0.0f, bf16_to_float(m.levels[2 * r]),
+                            bf16_to_float(m.levels[2 * r + 1])};
     float* row = out + r * m.cols;
     decode_row(m, r, {}, [&](int64_t c, int s) { row[c] = value[s]; });
   }

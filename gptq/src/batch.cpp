@@ -34,8 +34,8 @@ std::vector<GptqResult> gptq_quantize_batch(std::span<const GptqProblem> problem
 
   std::mutex mu;
   std::condition_variable cv;
-  int64_t next = 0;       // next problem to start (problems start in order)
-  int64_t in_use = 0;     // workspace bytes of the matrices in flight
+  int64_t next = 0;    // next problem to start (problems start in order)
+  int64_t in_use = 0;  // workspace bytes of the matrices in flight
   int64_t in_flight = 0;
   auto worker = [&] {
     for (;;) {

@@ -8,9 +8,9 @@
 #include <numeric>
 #include <string>
 
+#include <omp.h>
 #include <Eigen/Cholesky>
 #include <Eigen/Core>
-#include <omp.h>
 
 #include "qmoe/format/bf16.h"
 #include "qmoe/format/error.h"
@@ -29,16 +29,24 @@ constexpr int64_t kSubBlock = 16;
 template <class T>
 using Mat = Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic>;  // column-major
 
-int resolve_threads(int threads) { return threads > 0 ? threads : omp_get_max_threads(); }
+int resolve_threads(int threads) {
+  return threads > 0 ? threads : omp_get_max_threads();
+}
 
-bool is_ternary(GptqGrid g) { return g == GptqGrid::kTernary || g == GptqGrid::kTernarySymmetric; }
+bool is_ternary(GptqGrid g) {
+  return g == GptqGrid::kTernary || g == GptqGrid::kTernarySymmetric;
+}
 
 int uniform_bits(GptqGrid g) {
   switch (g) {
-    case GptqGrid::kUniform2: return 2;
-    case GptqGrid::kUniform3: return 3;
-    case GptqGrid::kUniform4: return 4;
-    default: return 0;
+    case GptqGrid::kUniform2:
+      return 2;
+    case GptqGrid::kUniform3:
+      return 3;
+    case GptqGrid::kUniform4:
+      return 4;
+    default:
+      return 0;
   }
 }
 
@@ -49,7 +57,8 @@ void validate(const float* w, int64_t rows, int64_t cols, const GptqOptions& opt
     throw InvalidArgument("gptq: percdamp must be finite and >= 0");
   }
   if (opt.blocksize < 1) throw InvalidArgument("gptq: blocksize must be >= 1");
-  if (!is_ternary(opt.grid) && uniform_bits(opt.grid) == 0) throw InvalidArgument("gptq: unknown grid");
+  if (!is_ternary(opt.grid) && uniform_bits(opt.grid) == 0)
+    throw InvalidArgument("gptq: unknown grid");
 }
 
 // ---- per-row grids ---------------------------------------------------------------------------
@@ -216,8 +225,9 @@ bool cholesky_tiled(Mat<T>& a, int threads) {
       const int64_t i0 = k0 + kb + t * kCholTile;
       const int64_t ni = std::min(kCholTile, n - i0);
       auto panel = a.block(i0, k0, ni, kb);
-      l.template triangularView<Eigen::Lower>().transpose().template solveInPlace<Eigen::OnTheRight>(
-          panel);
+      l.template triangularView<Eigen::Lower>()
+          .transpose()
+          .template solveInPlace<Eigen::OnTheRight>(panel);
     }
     // Trailing update: A22 <- A22 - A21 A21^T, lower tiles only.
     const int64_t ntiles = nt * (nt + 1) / 2;
@@ -242,7 +252,8 @@ GptqResult gptq_impl(const float* w, int64_t rows, int64_t cols, const float* h,
                      const GptqOptions& opt) {
   const Grids<T> g = make_grids<T>(w, rows, cols, opt.grid);
   if (rows == 0 || cols == 0) return rtn_impl<T>(w, rows, cols, opt, g);
-  if (h == nullptr) return fallback<T>(w, rows, cols, opt, g, "no Hessian (the expert saw no tokens)");
+  if (h == nullptr)
+    return fallback<T>(w, rows, cols, opt, g, "no Hessian (the expert saw no tokens)");
   const int threads = resolve_threads(opt.threads);
   const int64_t n = cols;
 
@@ -252,20 +263,23 @@ GptqResult gptq_impl(const float* w, int64_t rows, int64_t cols, const float* h,
   int64_t ndead = 0;
   for (int64_t i = 0; i < n; ++i) {
     diag[i] = h[i * n + i];
-    if (!std::isfinite(diag[i])) return fallback<T>(w, rows, cols, opt, g, "Hessian holds non-finite entries");
+    if (!std::isfinite(diag[i]))
+      return fallback<T>(w, rows, cols, opt, g, "Hessian holds non-finite entries");
     if (diag[i] == 0) {
       dead[i] = 1;
       diag[i] = 1;
       ++ndead;
     }
   }
-  if (ndead == n) return fallback<T>(w, rows, cols, opt, g, "all-zero Hessian (the expert saw no tokens)");
+  if (ndead == n)
+    return fallback<T>(w, rows, cols, opt, g, "all-zero Hessian (the expert saw no tokens)");
   const double mean = std::accumulate(diag.begin(), diag.end(), 0.0) / static_cast<double>(n);
   const double lambda = std::max(opt.percdamp * mean, 1e-6);
   std::vector<int64_t> perm(static_cast<size_t>(n));
   std::iota(perm.begin(), perm.end(), int64_t{0});
   if (opt.actorder) {
-    std::stable_sort(perm.begin(), perm.end(), [&](int64_t x, int64_t y) { return diag[x] > diag[y]; });
+    std::stable_sort(perm.begin(), perm.end(),
+                     [&](int64_t x, int64_t y) { return diag[x] > diag[y]; });
   }
 
   // R = J P Hd P^T J (J reverses the order), lower triangle. Its Cholesky factor L gives
@@ -305,8 +319,10 @@ GptqResult gptq_impl(const float* w, int64_t rows, int64_t cols, const float* h,
 
   const int64_t nchunks = (rows + kRowChunk - 1) / kRowChunk;
   const int64_t bs = std::min<int64_t>(opt.blocksize, n);
-  std::vector<double> chunk_loss(static_cast<size_t>(nchunks)), chunk_dd(static_cast<size_t>(nchunks));
-#pragma omp parallel for schedule(dynamic, 1) num_threads(static_cast<int>(std::min<int64_t>(threads, nchunks)))
+  std::vector<double> chunk_loss(static_cast<size_t>(nchunks)),
+      chunk_dd(static_cast<size_t>(nchunks));
+#pragma omp parallel for schedule(dynamic, 1) \
+    num_threads(static_cast <int>(std::min <int64_t>(threads, nchunks)))
   for (int64_t ch = 0; ch < nchunks; ++ch) {
     const int64_t r0 = ch * kRowChunk;
     const int64_t rc = std::min(kRowChunk, rows - r0);
@@ -315,7 +331,8 @@ GptqResult gptq_impl(const float* w, int64_t rows, int64_t cols, const float* h,
     Mat<T> w0(rc, n);
     for (int64_t k = 0; k < n; ++k) {
       const int64_t c = perm[k];
-      for (int64_t r = 0; r < rc; ++r) w0(r, k) = dead[c] ? T(0) : static_cast<T>(w[(r0 + r) * cols + c]);
+      for (int64_t r = 0; r < rc; ++r)
+        w0(r, k) = dead[c] ? T(0) : static_cast<T>(w[(r0 + r) * cols + c]);
     }
     Mat<T> wc = w0;
     Mat<T> dblk(rc, bs);
@@ -387,7 +404,8 @@ GptqResult gptq_impl(const float* w, int64_t rows, int64_t cols, const float* h,
   res.loss = 0.5 * loss;
   res.output_loss = res.loss - 0.5 * lambda * dd;
   if (!std::isfinite(res.loss)) {
-    return fallback<T>(w, rows, cols, opt, g, "GPTQ produced a non-finite loss (ill-conditioned Hessian)");
+    return fallback<T>(w, rows, cols, opt, g,
+                       "GPTQ produced a non-finite loss (ill-conditioned Hessian)");
   }
   return res;
 }
@@ -396,16 +414,23 @@ GptqResult gptq_impl(const float* w, int64_t rows, int64_t cols, const float* h,
 
 std::string_view gptq_grid_name(GptqGrid g) {
   switch (g) {
-    case GptqGrid::kTernary: return "ternary";
-    case GptqGrid::kTernarySymmetric: return "ternary-sym";
-    case GptqGrid::kUniform2: return "uniform2";
-    case GptqGrid::kUniform3: return "uniform3";
-    case GptqGrid::kUniform4: return "uniform4";
+    case GptqGrid::kTernary:
+      return "ternary";
+    case GptqGrid::kTernarySymmetric:
+      return "ternary-sym";
+    case GptqGrid::kUniform2:
+      return "uniform2";
+    case GptqGrid::kUniform3:
+      return "uniform3";
+    case GptqGrid::kUniform4:
+      return "uniform4";
   }
   return "unknown";
 }
 
-bool gptq_grid_is_ternary(GptqGrid g) { return is_ternary(g); }
+bool gptq_grid_is_ternary(GptqGrid g) {
+  return is_ternary(g);
+}
 
 GptqResult gptq_quantize(const float* w, int64_t rows, int64_t cols, const float* h,
                          const GptqOptions& opt) {
@@ -432,7 +457,8 @@ GptqResult gptq_quantize(const float* w, int64_t rows, int64_t cols, const Hessi
 
 GptqResult rtn_quantize(const float* w, int64_t rows, int64_t cols, const GptqOptions& opt) {
   validate(w, rows, cols, opt);
-  if (opt.double_precision) return rtn_impl<double>(w, rows, cols, opt, make_grids<double>(w, rows, cols, opt.grid));
+  if (opt.double_precision)
+    return rtn_impl<double>(w, rows, cols, opt, make_grids<double>(w, rows, cols, opt.grid));
   return rtn_impl<float>(w, rows, cols, opt, make_grids<float>(w, rows, cols, opt.grid));
 }
 
@@ -441,7 +467,8 @@ int64_t gptq_workspace_bytes(int64_t rows, int64_t cols, const GptqOptions& opt,
   const int64_t elem = opt.double_precision ? 8 : 4;
   const int64_t nchunks = (rows + kRowChunk - 1) / kRowChunk;
   const int64_t active = std::max<int64_t>(1, std::min<int64_t>(resolve_threads(threads), nchunks));
-  const int64_t bs = std::min<int64_t>(std::max<int64_t>(opt.blocksize, 1), std::max<int64_t>(cols, 1));
+  const int64_t bs =
+      std::min<int64_t>(std::max<int64_t>(opt.blocksize, 1), std::max<int64_t>(cols, 1));
   const int64_t factor = cols * cols * elem + 2 * kCholTile * kCholTile * elem;
   const int64_t per_chunk = (2 * cols + bs) * std::min(kRowChunk, rows) * elem;
   return factor + active * per_chunk + cols * 24 + rows * 16;

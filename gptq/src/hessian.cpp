@@ -5,8 +5,8 @@
 #include <string>
 #include <utility>
 
-#include <Eigen/Core>
 #include <omp.h>
+#include <Eigen/Core>
 
 #include "qmoe/format/error.h"
 
@@ -19,7 +19,9 @@ namespace {
 constexpr int64_t kTile = 256;
 constexpr int64_t kTokenBlock = 512;
 
-int resolve_threads(int threads) { return threads > 0 ? threads : omp_get_max_threads(); }
+int resolve_threads(int threads) {
+  return threads > 0 ? threads : omp_get_max_threads();
+}
 
 }  // namespace
 
@@ -34,7 +36,8 @@ int64_t HessianAccumulator::add(const float* x, int64_t n, int64_t ld, int threa
   if (n < 0) throw InvalidArgument("HessianAccumulator::add: negative token count");
   if (ld == 0) ld = dim_;
   if (ld < dim_) throw InvalidArgument("HessianAccumulator::add: row stride smaller than dim");
-  if (x == nullptr && n > 0 && dim_ > 0) throw InvalidArgument("HessianAccumulator::add: null data");
+  if (x == nullptr && n > 0 && dim_ > 0)
+    throw InvalidArgument("HessianAccumulator::add: null data");
   int64_t accept = n;
   if (token_cap_ > 0) accept = std::min(n, std::max<int64_t>(0, token_cap_ - tokens_));
   for (int64_t t = 0; t < accept; ++t) {
@@ -97,7 +100,8 @@ void HessianAccumulator::assign(std::vector<double> sum, int64_t tokens, int64_t
     throw InvalidArgument("HessianAccumulator::assign: sum has " + std::to_string(sum.size()) +
                           " entries, expected dim*dim = " + std::to_string(dim_ * dim_));
   }
-  if (tokens < 0 || dropped < 0) throw InvalidArgument("HessianAccumulator::assign: negative count");
+  if (tokens < 0 || dropped < 0)
+    throw InvalidArgument("HessianAccumulator::assign: negative count");
   sum_ = std::move(sum);
   tokens_ = tokens;
   dropped_ = dropped;
@@ -117,8 +121,8 @@ int64_t expert_token_cap(int64_t total_tokens, int64_t num_experts, double multi
   if (!(multiplier > 0) || !std::isfinite(multiplier)) {
     throw InvalidArgument("expert_token_cap: multiplier must be positive and finite");
   }
-  const double cap = std::floor(multiplier * static_cast<double>(total_tokens) /
-                                static_cast<double>(num_experts));
+  const double cap =
+      std::floor(multiplier * static_cast<double>(total_tokens) / static_cast<double>(num_experts));
   return std::max<int64_t>(1, static_cast<int64_t>(cap));
 }
 

@@ -69,7 +69,8 @@ std::map<std::string, HessianAccumulator> read_hessians(const std::filesystem::p
   const auto& meta = f.metadata();
   const auto fmt = meta.find(std::string(kFormatKey));
   if (fmt == meta.end() || fmt->second != kFormatValue) {
-    throw FormatError(error_context(file, "", "not a Hessian file (metadata format != qmoe-hessian)"));
+    throw FormatError(
+        error_context(file, "", "not a Hessian file (metadata format != qmoe-hessian)"));
   }
   const auto ver = meta.find(std::string(kVersionKey));
   if (ver == meta.end() || ver->second != kVersionValue) {
@@ -78,7 +79,8 @@ std::map<std::string, HessianAccumulator> read_hessians(const std::filesystem::p
   std::map<std::string, HessianAccumulator> out;
   for (const TensorInfo& t : f.tensors()) {
     if (ends_with(t.name, kTokensSuffix) || ends_with(t.name, kDroppedSuffix)) {
-      const std::string_view suffix = ends_with(t.name, kTokensSuffix) ? kTokensSuffix : kDroppedSuffix;
+      const std::string_view suffix =
+          ends_with(t.name, kTokensSuffix) ? kTokensSuffix : kDroppedSuffix;
       const std::string base = t.name.substr(0, t.name.size() - suffix.size());
       if (f.find(base + std::string(kSumSuffix)) == nullptr) {
         throw FormatError(error_context(file, t.name, "count without a matching .xtx tensor"));
@@ -112,7 +114,8 @@ std::map<std::string, HessianAccumulator> read_hessians(const std::filesystem::p
         if (!std::isfinite(a)) throw FormatError(error_context(file, t.name, "non-finite entry"));
         sum[j * d + i] = a;
       }
-      if (sum[i * d + i] < 0) throw FormatError(error_context(file, t.name, "negative diagonal entry"));
+      if (sum[i * d + i] < 0)
+        throw FormatError(error_context(file, t.name, "negative diagonal entry"));
     }
     const int64_t tokens = read_count(f, name + std::string(kTokensSuffix), true);
     const int64_t dropped = read_count(f, name + std::string(kDroppedSuffix), false);

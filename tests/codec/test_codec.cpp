@@ -63,7 +63,8 @@ TEST(EncodeV1, EqualsPlainGreedyEncoding) {
       ASSERT_EQ(m.row_offsets.size(), 8u);
       for (int64_t r = 0; r < t.rows; ++r) {
         const auto want = reference.encode_row(t.symbols.data() + r * cols, cols);
-        const std::vector<uint16_t> got(m.codes.begin() + m.row_offsets[r], m.codes.begin() + m.row_offsets[r + 1]);
+        const std::vector<uint16_t> got(m.codes.begin() + m.row_offsets[r],
+                                        m.codes.begin() + m.row_offsets[r + 1]);
         ASSERT_EQ(got, want) << "pz " << pz << " cols " << cols << " row " << r;
       }
     }
@@ -83,13 +84,15 @@ void expect_round_trip(const TernaryMatrix& t, std::optional<Codec> codec) {
 }
 
 TEST(RoundTrip, ManyShapesAndSparsities) {
-  const std::pair<int64_t, int64_t> shapes[] = {{1, 1}, {1, 2}, {2, 1}, {1, 3}, {3, 5}, {17, 29}, {64, 768},
-                                                 {5, 3071}, {1, 100000}, {100, 1}};
+  const std::pair<int64_t, int64_t> shapes[] = {{1, 1},      {1, 2},   {2, 1},    {1, 3},
+                                                {3, 5},      {17, 29}, {64, 768}, {5, 3071},
+                                                {1, 100000}, {100, 1}};
   uint64_t seed = 1;
   for (auto [r, c] : shapes) {
     for (double pz : {0.5, 0.8, 0.885, 0.92, 0.95, 0.99, 1.0, 0.0}) {
       const auto t = random_ternary(r, c, pz, seed++);
-      for (auto codec : {std::optional<Codec>{}, std::optional<Codec>{Codec::kV1}, std::optional<Codec>{Codec::kP5}}) {
+      for (auto codec : {std::optional<Codec>{}, std::optional<Codec>{Codec::kV1},
+                         std::optional<Codec>{Codec::kP5}}) {
         SCOPED_TRACE(testing::Message() << r << "x" << c << " pz " << pz);
         expect_round_trip(t, codec);
       }
@@ -135,7 +138,9 @@ TEST(Encode, AutomaticCodecChoice) {
   const auto dense = encode(random_ternary(64, 768, 0.5, 4));
   EXPECT_EQ(dense.codec, Codec::kP5);
   EXPECT_NEAR(dense.view().bits_per_weight(true), 1.6, 0.01);
-  EXPECT_GT(encode(random_ternary(64, 768, 0.5, 4), {.codec = Codec::kV1}).view().bits_per_weight(true), 2.5);
+  EXPECT_GT(
+      encode(random_ternary(64, 768, 0.5, 4), {.codec = Codec::kV1}).view().bits_per_weight(true),
+      2.5);
 }
 
 TEST(Encode, BitsPerWeightAtSwitchSparsity) {
@@ -158,9 +163,13 @@ TEST(Encode, RejectsBadSymbols) {
 
 // ---- validation of malformed streams ----------------------------------------------------------
 
-CompressedMatrix sample_v1() { return encode(random_ternary(4, 61, 0.885, 5), {.codec = Codec::kV1}); }
+CompressedMatrix sample_v1() {
+  return encode(random_ternary(4, 61, 0.885, 5), {.codec = Codec::kV1});
+}
 
-TEST(Validate, AcceptsEncoderOutput) { EXPECT_NO_THROW(validate(sample_v1().view(), "x")); }
+TEST(Validate, AcceptsEncoderOutput) {
+  EXPECT_NO_THROW(validate(sample_v1().view(), "x"));
+}
 
 TEST(Validate, RowDecodingToMoreColumns) {
   auto m = sample_v1();
@@ -178,7 +187,8 @@ TEST(Validate, RowDecodingToFewerColumns) {
     validate(m.view(), "f.safetensors: tensor 'w'");
     FAIL() << "no error";
   } catch (const FormatError& e) {
-    EXPECT_NE(std::string(e.what()).find("f.safetensors: tensor 'w'"), std::string::npos) << e.what();
+    EXPECT_NE(std::string(e.what()).find("f.safetensors: tensor 'w'"), std::string::npos)
+        << e.what();
     EXPECT_NE(std::string(e.what()).find("row 0"), std::string::npos) << e.what();
   }
 }

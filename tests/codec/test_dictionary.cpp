@@ -19,7 +19,8 @@ namespace {
 constexpr uint64_t kReferenceTableXxh3 = 0x19f839bbd9f45b7eull;
 
 TEST(Dictionary, EqualsReferenceFileByteForByte) {
-  const std::filesystem::path ref = std::filesystem::path(QMOE_SHARED_DIR) / "reference" / "qmoe_v1_dec_table.i32le.bin";
+  const std::filesystem::path ref =
+      std::filesystem::path(QMOE_SHARED_DIR) / "reference" / "qmoe_v1_dec_table.i32le.bin";
   if (!std::filesystem::exists(ref)) GTEST_SKIP() << "reference table not found at " << ref;
   std::ifstream f(ref, std::ios::binary);
   std::vector<char> bytes(static_cast<size_t>(v1::kTableBytes));
@@ -32,7 +33,8 @@ TEST(Dictionary, EqualsReferenceFileByteForByte) {
 }
 
 TEST(Dictionary, HashMatchesReference) {
-  EXPECT_EQ(XXH3_64bits(v1_decode_table(), static_cast<size_t>(v1::kTableBytes)), kReferenceTableXxh3);
+  EXPECT_EQ(XXH3_64bits(v1_decode_table(), static_cast<size_t>(v1::kTableBytes)),
+            kReferenceTableXxh3);
 }
 
 TEST(Dictionary, DocumentedEntries) {

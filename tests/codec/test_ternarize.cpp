@@ -91,7 +91,8 @@ TEST(Bf16, ConversionsRoundToNearestEven) {
   EXPECT_EQ(fp16_to_float(0x3555), 0.333251953125f);
   EXPECT_EQ(fp16_to_float(0x0001), std::ldexp(1.0f, -24));
   EXPECT_EQ(float_to_fp16(65520.0f), 0x7c00);  // overflows to inf
-  for (uint32_t h = 0; h < 0x7c00; ++h) EXPECT_EQ(float_to_fp16(fp16_to_float(static_cast<uint16_t>(h))), h);
+  for (uint32_t h = 0; h < 0x7c00; ++h)
+    EXPECT_EQ(float_to_fp16(fp16_to_float(static_cast<uint16_t>(h))), h);
 }
 
 }  // namespace

@@ -1,5 +1,6 @@
 // Random ternary matrices for the tests: P(0) = p_zero, low and high equally likely otherwise,
-// per-row levels of magnitude in [min_level, min_level + 1) (bf16). The same seed gives the same matrix everywhere.
+// per-row levels of magnitude in [min_level, min_level + 1) (bf16). The same seed gives the same
+// matrix everywhere.
 #pragma once
 
 #include <cstdint>

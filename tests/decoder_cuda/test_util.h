@@ -10,12 +10,12 @@
 #include <random>
 #include <vector>
 
-#include "random_ternary.h"
 #include "qmoe/encoder/encode.h"
 #include "qmoe/format/bf16.h"
 #include "qmoe/format/dtype.h"
 #include "qmoe/format/matrix.h"
 #include "qmoe/format/reference.h"
+#include "random_ternary.h"
 
 namespace qmoe::cuda::test {
 

@@ -6,8 +6,8 @@
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
-#include "random_ternary.h"
 #include <unistd.h>
+#include "random_ternary.h"
 
 #include <cstdint>
 #include <cstdlib>

@@ -34,9 +34,13 @@ Problem make_problem(int64_t rows, int64_t cols, int64_t n, uint64_t seed) {
   return p;
 }
 
-double rel(double a, double b) { return std::abs(a - b) / std::max(std::abs(b), 1e-300); }
+double rel(double a, double b) {
+  return std::abs(a - b) / std::max(std::abs(b), 1e-300);
+}
 
-bool same_bits(double a, double b) { return std::memcmp(&a, &b, sizeof a) == 0; }
+bool same_bits(double a, double b) {
+  return std::memcmp(&a, &b, sizeof a) == 0;
+}
 
 bool same_bits(const std::vector<float>& a, const std::vector<float>& b) {
   return a.size() == b.size() &&
@@ -86,7 +90,7 @@ INSTANTIATE_TEST_SUITE_P(Shapes, ReferenceTest,
 TEST(Gptq, IdentityHessianIsRoundToNearest) {
   const int64_t rows = 41, cols = 133;
   std::vector<float> w = synthetic::weights(rows, cols, 5);
-  for (int64_t c = 0; c < cols; ++c) w[3 * cols + c] = 0.0f;                 // zero row
+  for (int64_t c = 0; c < cols; ++c) w[3 * cols + c] = 0.0f;                       // zero row
   for (int64_t c = 0; c < cols; ++c) w[4 * cols + c] = std::abs(w[4 * cols + c]);  // no lo
   const TernaryMatrix rtn = ternarize_rtn(w.data(), rows, cols);
   for (const float scale : {1.0f, 3.5f}) {
@@ -110,7 +114,8 @@ TEST(Gptq, IdentityHessianIsRoundToNearest) {
   EXPECT_EQ(r2.ternary.symbols, rtn.symbols);
 }
 
-// loss = ||(W-Q) X^T||^2 / n + lambda/2 ||W-Q||^2 for H = (2/n) X^T X; output_loss is the first term.
+// loss = ||(W-Q) X^T||^2 / n + lambda/2 ||W-Q||^2 for H = (2/n) X^T X; output_loss is the first
+// term.
 TEST(Gptq, LossMatchesOutputError) {
   const Problem p = make_problem(70, 96, 400, 21);
   for (const bool dbl : {false, true}) {
@@ -122,9 +127,11 @@ TEST(Gptq, LossMatchesOutputError) {
       const GptqResult r = gptq_quantize(p.w.data(), p.rows, p.cols, p.h.data(), opt);
       ASSERT_EQ(r.status, GptqStatus::kOk);
       const std::vector<float> q = r.ternary.to_dense();
-      const double out = test::output_error(p.w, q, p.x, p.rows, p.cols, p.n) / static_cast<double>(p.n);
+      const double out =
+          test::output_error(p.w, q, p.x, p.rows, p.cols, p.n) / static_cast<double>(p.n);
       double dd = 0;
-      for (size_t i = 0; i < q.size(); ++i) dd += (static_cast<double>(p.w[i]) - q[i]) * (p.w[i] - q[i]);
+      for (size_t i = 0; i < q.size(); ++i)
+        dd += (static_cast<double>(p.w[i]) - q[i]) * (p.w[i] - q[i]);
       const double tol = dbl ? 1e-6 : 1e-3;
       EXPECT_LT(rel(r.loss, out + 0.5 * r.lambda * dd), tol) << "double " << dbl << " act " << act;
       EXPECT_LT(rel(r.output_loss, out), 10 * tol);
@@ -192,7 +199,8 @@ TEST(Gptq, FromAccumulator) {
   EXPECT_TRUE(same_bits(a.loss, b.loss));
   const GptqResult e = gptq_quantize(p.w.data(), p.rows, p.cols, HessianAccumulator(p.cols));
   EXPECT_EQ(e.status, GptqStatus::kFallbackRtn);
-  EXPECT_THROW(gptq_quantize(p.w.data(), p.rows, p.cols, HessianAccumulator(p.cols + 1)), InvalidArgument);
+  EXPECT_THROW(gptq_quantize(p.w.data(), p.rows, p.cols, HessianAccumulator(p.cols + 1)),
+               InvalidArgument);
   const CompressedExpert c = compress_matrix(p.w.data(), p.rows, p.cols, acc);
   EXPECT_EQ(c.status, GptqStatus::kOk);
   EXPECT_TRUE(same_bits(c.loss, a.loss));
@@ -280,8 +288,9 @@ TEST(Gptq, ThreadCountDeterminism) {
 TEST(Gptq, UniformGrids) {
   const Problem p = make_problem(48, 128, 600, 61);
   double prev = std::numeric_limits<double>::infinity();
-  for (const auto& [grid, bits] : {std::pair{GptqGrid::kUniform2, 2}, std::pair{GptqGrid::kUniform3, 3},
-                                  std::pair{GptqGrid::kUniform4, 4}}) {
+  for (const auto& [grid, bits] :
+       {std::pair{GptqGrid::kUniform2, 2}, std::pair{GptqGrid::kUniform3, 3},
+        std::pair{GptqGrid::kUniform4, 4}}) {
     GptqOptions opt;
     opt.grid = grid;
     const GptqResult g = gptq_quantize(p.w.data(), p.rows, p.cols, p.h.data(), opt);
@@ -294,7 +303,8 @@ TEST(Gptq, UniformGrids) {
     EXPECT_LT(eg, prev);
     prev = eg;
     for (int64_t row = 0; row < p.rows; ++row) {
-      std::set<float> values(g.dequantized.begin() + row * p.cols, g.dequantized.begin() + (row + 1) * p.cols);
+      std::set<float> values(g.dequantized.begin() + row * p.cols,
+                             g.dequantized.begin() + (row + 1) * p.cols);
       EXPECT_LE(values.size(), size_t{1} << bits);
     }
   }
@@ -307,7 +317,8 @@ TEST(Gptq, SymmetricTernary) {
   const GptqResult g = gptq_quantize(p.w.data(), p.rows, p.cols, p.h.data(), opt);
   const GptqResult r = rtn_quantize(p.w.data(), p.rows, p.cols, opt);
   for (int64_t row = 0; row < p.rows; ++row) {
-    EXPECT_EQ(bf16_to_float(g.ternary.levels[2 * row]), -bf16_to_float(g.ternary.levels[2 * row + 1]));
+    EXPECT_EQ(bf16_to_float(g.ternary.levels[2 * row]),
+              -bf16_to_float(g.ternary.levels[2 * row + 1]));
   }
   EXPECT_EQ(g.ternary.levels, r.ternary.levels);
   const double eg = test::output_error(p.w, g.ternary.to_dense(), p.x, p.rows, p.cols, p.n);
@@ -356,8 +367,8 @@ TEST(Gptq, BatchMatchesSingleCallsAndIsolatesFailures) {
   std::vector<float> nan_h = c.h;
   nan_h[1] = std::numeric_limits<float>::quiet_NaN();
   std::vector<GptqProblem> probs = {
-      {a.w.data(), a.rows, a.cols, a.h.data()}, {b.w.data(), b.rows, b.cols, b.h.data()},
-      {c.w.data(), c.rows, c.cols, nullptr},    {nullptr, 10, 10, nullptr},  // invalid
+      {a.w.data(), a.rows, a.cols, a.h.data()},   {b.w.data(), b.rows, b.cols, b.h.data()},
+      {c.w.data(), c.rows, c.cols, nullptr},      {nullptr, 10, 10, nullptr},  // invalid
       {c.w.data(), c.rows, c.cols, nan_h.data()}, {c.w.data(), c.rows, c.cols, c.h.data()},
   };
   GptqOptions opt;
@@ -440,8 +451,9 @@ TEST(Accuracy, GptqTernaryBeatsRoundToNearestTwice) {
   const double hnorm = test::output_norm(p.w, held, rows, cols, n);
   const double hg = test::output_error(p.w, qg, held, rows, cols, n) / hnorm;
   const double hr = test::output_error(p.w, qr, held, rows, cols, n) / hnorm;
-  std::printf("relative output error: GPTQ %.4f  RTN %.4f  (held out: %.4f vs %.4f); zeros %.3f vs %.3f\n",
-              eg, er, hg, hr, g.ternary.zero_fraction(), r.ternary.zero_fraction());
+  std::printf(
+      "relative output error: GPTQ %.4f  RTN %.4f  (held out: %.4f vs %.4f); zeros %.3f vs %.3f\n",
+      eg, er, hg, hr, g.ternary.zero_fraction(), r.ternary.zero_fraction());
   EXPECT_LE(2.0 * eg, er);
   EXPECT_LE(2.0 * hg, hr);
 }

@@ -1,11 +1,11 @@
 #include <gtest/gtest.h>
 
+#include <unistd.h>
 #include <cmath>
 #include <filesystem>
 #include <limits>
 #include <map>
 #include <string>
-#include <unistd.h>
 #include <vector>
 
 #include "qmoe/format/error.h"
@@ -20,7 +20,8 @@ std::vector<double> xtx_ref(const std::vector<float>& x, int64_t n, int64_t d) {
   std::vector<double> s(static_cast<size_t>(d * d), 0.0);
   for (int64_t t = 0; t < n; ++t) {
     for (int64_t i = 0; i < d; ++i) {
-      for (int64_t j = 0; j < d; ++j) s[i * d + j] += static_cast<double>(x[t * d + i]) * x[t * d + j];
+      for (int64_t j = 0; j < d; ++j)
+        s[i * d + j] += static_cast<double>(x[t * d + i]) * x[t * d + j];
     }
   }
   return s;

@@ -14,7 +14,8 @@ namespace qmoe {
 // if w > hi/2, 1 (lo) if w < lo/2, else 0. The thresholds use the bf16-rounded levels.
 // `data` is rows*cols elements of `dtype` (kF32, kF16 or kBF16), row-major with row stride
 // `ld` elements (ld = cols when 0). Throws InvalidArgument for other dtypes or non-finite weights.
-TernaryMatrix ternarize_rtn(const void* data, DType dtype, int64_t rows, int64_t cols, int64_t ld = 0);
+TernaryMatrix ternarize_rtn(const void* data, DType dtype, int64_t rows, int64_t cols,
+                            int64_t ld = 0);
 inline TernaryMatrix ternarize_rtn(const float* w, int64_t rows, int64_t cols) {
   return ternarize_rtn(w, DType::kF32, rows, cols);
 }

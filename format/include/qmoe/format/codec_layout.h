@@ -31,12 +31,20 @@ inline constexpr int64_t kTableBytes = int64_t{kTableWords} * 4;
 static_assert(kTableBytes == 524288);
 
 // Number of pairs in the entry whose first table word is w0.
-QMOE_HD int entry_pairs(uint32_t w0) { return static_cast<int>(w0 & 0xfu); }
+QMOE_HD int entry_pairs(uint32_t w0) {
+  return static_cast<int>(w0 & 0xfu);
+}
 // Symbol s0 (even column) / s1 (odd column) of pair j (0..6) of a table word.
-QMOE_HD int pair_s0(uint32_t word, int j) { return static_cast<int>((word >> (4 + 4 * j)) & 3u); }
-QMOE_HD int pair_s1(uint32_t word, int j) { return static_cast<int>((word >> (6 + 4 * j)) & 3u); }
+QMOE_HD int pair_s0(uint32_t word, int j) {
+  return static_cast<int>((word >> (4 + 4 * j)) & 3u);
+}
+QMOE_HD int pair_s1(uint32_t word, int j) {
+  return static_cast<int>((word >> (6 + 4 * j)) & 3u);
+}
 // Number of pairs a row of `cols` symbols is coded as.
-QMOE_HD int64_t row_pairs(int64_t cols) { return (cols + 1) / 2; }
+QMOE_HD int64_t row_pairs(int64_t cols) {
+  return (cols + 1) / 2;
+}
 }  // namespace v1
 
 // ---- qmoe-p5: plain base-3 packing, the fallback for dense rows ------------------------------
@@ -46,10 +54,14 @@ QMOE_HD int64_t row_pairs(int64_t cols) { return (cols + 1) / 2; }
 namespace p5 {
 inline constexpr int kSymbolsPerByte = 5;
 inline constexpr int kMaxByte = 242;
-QMOE_HD int64_t row_bytes(int64_t cols) { return (cols + 4) / 5; }
+QMOE_HD int64_t row_bytes(int64_t cols) {
+  return (cols + 4) / 5;
+}
 }  // namespace p5
 
 // Value of symbol s given the row's levels (as float).
-QMOE_HD float symbol_value(int s, float lo, float hi) { return s == 1 ? lo : (s == 2 ? hi : 0.0f); }
+QMOE_HD float symbol_value(int s, float lo, float hi) {
+  return s == 1 ? lo : (s == 2 ? hi : 0.0f);
+}
 
 }  // namespace qmoe

@@ -23,10 +23,11 @@ inline constexpr std::string_view kFormatName = "qmoe";
 inline constexpr int kFormatVersion = 1;
 
 // Stored tensor names of a compressed matrix W are W + suffix (format/SPEC.md, "Tensor groups").
-inline constexpr std::string_view kCodesSuffix = ".qmoe_codes";            // qmoe-v1: U16 [num_codes]
+inline constexpr std::string_view kCodesSuffix = ".qmoe_codes";  // qmoe-v1: U16 [num_codes]
 inline constexpr std::string_view kRowOffsetsSuffix = ".qmoe_row_offsets";  // qmoe-v1: I32 [rows+1]
-inline constexpr std::string_view kPackedSuffix = ".qmoe_packed";          // qmoe-p5: U8 [rows, ceil(cols/5)]
-inline constexpr std::string_view kLevelsSuffix = ".qmoe_levels";          // both: BF16 [rows, 2]
+inline constexpr std::string_view kPackedSuffix =
+    ".qmoe_packed";  // qmoe-p5: U8 [rows, ceil(cols/5)]
+inline constexpr std::string_view kLevelsSuffix = ".qmoe_levels";  // both: BF16 [rows, 2]
 // The qmoe-v1 decode table, I32 [65536, 2], in every file that holds a qmoe-v1 matrix.
 inline constexpr std::string_view kV1DictionaryTensor = "qmoe.dictionary.qmoe-v1";
 // Name of the index of a sharded container, and of the single file inside a directory.
@@ -39,11 +40,11 @@ std::string checksum_hex(std::span<const std::byte> bytes);
 
 // A compressed matrix of the container, with what it was before compression.
 struct CompressedEntry {
-  std::string name;             // logical name (the original tensor's name)
-  CompressedView view;          // zero-copy view into the mapping
+  std::string name;     // logical name (the original tensor's name)
+  CompressedView view;  // zero-copy view into the mapping
   DType original_dtype = DType::kF32;
   std::vector<int64_t> original_shape;  // {rows, cols}
-  std::string shard;            // file the tensor group lives in
+  std::string shard;                    // file the tensor group lives in
 };
 
 // A dense (passed-through) tensor of the container.
@@ -68,7 +69,7 @@ class Container {
   static Container open(const std::filesystem::path& path, const ContainerOpenOptions& opt = {});
 
   const std::map<std::string, std::string>& metadata() const;  // global (first shard / index)
-  std::vector<std::string> names() const;                        // logical names, sorted
+  std::vector<std::string> names() const;                      // logical names, sorted
   const CompressedEntry* find_compressed(std::string_view name) const;  // nullptr if not
   const DenseEntry* find_dense(std::string_view name) const;            // nullptr if not
   const std::vector<CompressedEntry>& compressed() const;
@@ -108,7 +109,8 @@ class ContainerWriter {
   // whose last dot-separated part starts with "qmoe_" are reserved (InvalidArgument). The data
   // is copied (into a staging file, not memory). add_compressed() validates the matrix
   // completely (validate()) and throws InvalidArgument if it is malformed.
-  void add_dense(std::string name, DType dtype, std::vector<int64_t> shape, std::span<const std::byte> data);
+  void add_dense(std::string name, DType dtype, std::vector<int64_t> shape,
+                 std::span<const std::byte> data);
   void add_compressed(std::string name, const CompressedView& m, DType original_dtype);
   std::vector<std::filesystem::path> finish();  // returns the files written
 

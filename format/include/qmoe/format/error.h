@@ -26,6 +26,7 @@ class FormatError : public Error {
 };
 
 // Builds "file: tensor 'name': what" (parts that are empty are left out).
-std::string error_context(const std::string& file, const std::string& tensor, const std::string& what);
+std::string error_context(const std::string& file, const std::string& tensor,
+                          const std::string& what);
 
 }  // namespace qmoe

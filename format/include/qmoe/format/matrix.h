@@ -28,8 +28,8 @@ struct TernaryMatrix {
   std::vector<uint16_t> levels;
 
   TernaryMatrix() = default;
-  TernaryMatrix(int64_t r, int64_t c) : rows(r), cols(c), symbols(static_cast<size_t>(r * c)),
-                                         levels(static_cast<size_t>(2 * r)) {}
+  TernaryMatrix(int64_t r, int64_t c)
+      : rows(r), cols(c), symbols(static_cast<size_t>(r * c)), levels(static_cast<size_t>(2 * r)) {}
   // Dense float value of every weight (R*C floats, row-major).
   std::vector<float> to_dense() const;
   double zero_fraction() const;

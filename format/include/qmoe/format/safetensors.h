@@ -76,7 +76,8 @@ class SafetensorsWriter {
 
   void set_metadata(std::string key, std::string value);
   // Copies the bytes (size must be numel(shape) * dtype_size(dtype)). Names must be unique.
-  void add(std::string name, DType dtype, std::vector<int64_t> shape, std::span<const std::byte> data);
+  void add(std::string name, DType dtype, std::vector<int64_t> shape,
+           std::span<const std::byte> data);
   // Total bytes the file will have.
   int64_t size_bytes() const;
   void finish();

@@ -54,11 +54,11 @@ bool gptq_grid_is_ternary(GptqGrid g);
 
 struct GptqOptions {
   GptqGrid grid = GptqGrid::kTernary;
-  double percdamp = 0.1;    // lambda = percdamp * mean(diag H); must be >= 0 and finite
-  int64_t blocksize = 128;  // columns per lazy-update block; >= 1
-  bool actorder = false;    // columns by descending diag H
+  double percdamp = 0.1;          // lambda = percdamp * mean(diag H); must be >= 0 and finite
+  int64_t blocksize = 128;        // columns per lazy-update block; >= 1
+  bool actorder = false;          // columns by descending diag H
   bool double_precision = false;  // float64 throughout (reference checks); float32 otherwise
-  int threads = 0;          // OpenMP threads for one matrix (0 = the OpenMP default)
+  int threads = 0;                // OpenMP threads for one matrix (0 = the OpenMP default)
 };
 
 enum class GptqStatus : uint8_t {
@@ -82,8 +82,8 @@ struct GptqResult {
   double loss = 0.0;
   // loss - lambda/2 ||W - Q||^2, i.e. ||(W - Q) X^T||^2 / n for H = (2/n) X^T X.
   double output_loss = 0.0;
-  double lambda = 0.0;     // dampening added to diag H
-  int64_t dead_inputs = 0; // inputs with H_ii = 0
+  double lambda = 0.0;      // dampening added to diag H
+  int64_t dead_inputs = 0;  // inputs with H_ii = 0
 
   bool fallback() const { return status == GptqStatus::kFallbackRtn; }
 };
@@ -115,7 +115,7 @@ struct GptqProblem {
 };
 
 struct GptqBatchOptions {
-  int threads = 0;             // threads in all (0 = the OpenMP default)
+  int threads = 0;  // threads in all (0 = the OpenMP default)
   // Threads inside one matrix. 0 = automatic: 1 when there are at least as many problems as
   // threads (parallelism across experts), else threads / problems.
   int threads_per_matrix = 0;

@@ -44,10 +44,10 @@ class Rng {
 };
 
 struct ActivationModel {
-  double latent_fraction = 0.25;  // k = max(1, latent_fraction * dim) shared factors
-  double noise = 0.3;             // isotropic noise added to every feature
-  double scale_sigma = 0.5;       // per-channel scale exp(N(0, scale_sigma^2))
-  double outlier_fraction = 0.01; // channels (at least 1) scaled by outlier_scale
+  double latent_fraction = 0.25;   // k = max(1, latent_fraction * dim) shared factors
+  double noise = 0.3;              // isotropic noise added to every feature
+  double scale_sigma = 0.5;        // per-channel scale exp(N(0, scale_sigma^2))
+  double outlier_fraction = 0.01;  // channels (at least 1) scaled by outlier_scale
   double outlier_scale = 20.0;
 };
 
@@ -59,13 +59,16 @@ struct ActivationModel {
 inline std::vector<float> activations(int64_t n, int64_t dim, uint64_t seed,
                                       const ActivationModel& m = {}) {
   Rng rng(seed);
-  const int64_t k = std::max<int64_t>(1, static_cast<int64_t>(m.latent_fraction * static_cast<double>(dim)));
+  const int64_t k =
+      std::max<int64_t>(1, static_cast<int64_t>(m.latent_fraction * static_cast<double>(dim)));
   std::vector<double> a(static_cast<size_t>(k * dim));
   for (auto& v : a) v = rng.gaussian() / std::sqrt(static_cast<double>(k));
   std::vector<double> s(static_cast<size_t>(dim));
   for (auto& v : s) v = std::exp(m.scale_sigma * rng.gaussian());
-  const int64_t outliers = std::max<int64_t>(1, static_cast<int64_t>(m.outlier_fraction * static_cast<double>(dim)));
-  for (int64_t i = 0; i < outliers && dim > 0; ++i) s[rng.next() % static_cast<uint64_t>(dim)] *= m.outlier_scale;
+  const int64_t outliers =
+      std::max<int64_t>(1, static_cast<int64_t>(m.outlier_fraction * static_cast<double>(dim)));
+  for (int64_t i = 0; i < outliers && dim > 0; ++i)
+    s[rng.next() % static_cast<uint64_t>(dim)] *= m.outlier_scale;
   std::vector<float> x(static_cast<size_t>(n * dim));
   std::vector<double> z(static_cast<size_t>(k)), row(static_cast<size_t>(dim));
   for (int64_t t = 0; t < n; ++t) {
