@@ -10,6 +10,7 @@
 #include "command.h"
 #include "qmoe/decoder_cpu/matmul.h"
 #include "qmoe/format/error.h"
+#include "qmoe/gptq/hessian.h"
 
 namespace qmoe::cli {
 std::vector<Command>& registry() {
@@ -42,6 +43,13 @@ std::string version_text() {
 #endif
   t += "CPU decode kernels: " + level + " (this CPU: " + levels +
        "; QMOE_CPU_SIMD=scalar|avx2|avx512 overrides)\n";
+  std::string hessian;
+  try {
+    hessian = std::string(qmoe::hessian_kernel());
+  } catch (const qmoe::Error& e) {
+    hessian = std::string("none (") + e.what() + ")";
+  }
+  t += "Hessian kernels: " + hessian + "\n";
   t += "OpenMP threads: " + std::to_string(omp_get_max_threads());
   return t;
 }

@@ -2,12 +2,14 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <string>
 #include <utility>
 
 #include <omp.h>
 #include <Eigen/Core>
 
+#include "hessian_kernels.h"
 #include "qmoe/format/error.h"
 
 namespace qmoe {
@@ -15,7 +17,9 @@ namespace {
 
 // Output tiles and token blocks are fixed so that the summation order of every entry is the
 // same for any thread count. 512 float products per block keep the float32 part of the error at
-// ~1e-6 relative; the float64 sum then carries millions of tokens without growth.
+// ~1e-6 relative; the float64 sum then carries millions of tokens without growth. With AVX2 or
+// AVX-512 each block product entry is a chain of fused multiply-adds in token order
+// (hessian_kernels.h), so the sums are the same on every CPU that has them.
 constexpr int64_t kTile = 256;
 constexpr int64_t kTokenBlock = 512;
 
@@ -23,7 +27,73 @@ int resolve_threads(int threads) {
   return threads > 0 ? threads : omp_get_max_threads();
 }
 
+using gptq_detail::BlockKernel;
+
+// The portable level: an Eigen GEMM (SSE2 on baseline x86-64, NEON elsewhere).
+void eigen_block_product(const float* xi, const float* xj, int64_t ld, int64_t nb, int64_t ni,
+                         int64_t nj, float* prod, int64_t ldp, float* /*scratch*/) {
+  using Map = Eigen::Map<const Eigen::MatrixXf, 0, Eigen::OuterStride<>>;  // column t = token t
+  using Out = Eigen::Map<Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>, 0,
+                         Eigen::OuterStride<>>;
+  Out(prod, ni, nj, Eigen::OuterStride<>(ldp)).noalias() =
+      Map(xi, ni, nb, Eigen::OuterStride<>(ld)) *
+      Map(xj, nj, nb, Eigen::OuterStride<>(ld)).transpose();
+}
+
+// The kernels this build has and this CPU runs, lowest first.
+std::vector<BlockKernel> runnable_kernels() {
+  std::vector<BlockKernel> out{{"portable", &eigen_block_product, 1, 1}};
+#if defined(QMOE_GPTQ_X86_KERNELS)
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
+    out.push_back(gptq_detail::block_kernel_avx2());
+    if (__builtin_cpu_supports("avx512f")) out.push_back(gptq_detail::block_kernel_avx512());
+  }
+#endif
+  return out;
+}
+
+// The best runnable kernel, or the one QMOE_CPU_SIMD names (scalar = portable), read once.
+const BlockKernel& kernel() {
+  static const BlockKernel k = [] {
+    const std::vector<BlockKernel> all = runnable_kernels();
+    const char* env = std::getenv("QMOE_CPU_SIMD");
+    if (env == nullptr || *env == '\0') return all.back();
+    const std::string want = std::string(env) == "scalar" ? "portable" : env;
+    for (const BlockKernel& c : all) {
+      if (want == c.name) return c;
+    }
+    throw InvalidArgument(std::string("QMOE_CPU_SIMD='") + env +
+                          "' is not a level this CPU runs (scalar, avx2, avx512)");
+  }();
+  return k;
+}
+
+int64_t round_up(int64_t n, int64_t m) {
+  return (n + m - 1) / m * m;
+}
+
+int64_t scratch_floats(const BlockKernel& k, int64_t ni, int64_t nj, int64_t nb) {
+  return (round_up(ni, k.rows) + round_up(nj, k.cols)) * nb;
+}
+
 }  // namespace
+
+std::string_view hessian_kernel() {
+  return kernel().name;
+}
+
+namespace detail {
+bool hessian_block_product(std::string_view level, const float* xi, const float* xj, int64_t ld,
+                           int64_t nb, int64_t ni, int64_t nj, float* prod) {
+  for (const BlockKernel& k : runnable_kernels()) {
+    if (level != k.name) continue;
+    std::vector<float> scratch(static_cast<size_t>(scratch_floats(k, ni, nj, nb)));
+    k.fn(xi, xj, ld, nb, ni, nj, prod, nj, scratch.data());
+    return true;
+  }
+  return false;
+}
+}  // namespace detail
 
 HessianAccumulator::HessianAccumulator(int64_t dim, int64_t token_cap)
     : dim_(dim), token_cap_(token_cap) {
@@ -49,9 +119,7 @@ int64_t HessianAccumulator::add(const float* x, int64_t n, int64_t ld, int threa
     }
   }
   if (accept > 0 && dim_ > 0) {
-    // Column t of xt is token t.
-    using Map = Eigen::Map<const Eigen::MatrixXf, 0, Eigen::OuterStride<>>;
-    const Map xt(x, dim_, accept, Eigen::OuterStride<>(ld));
+    const BlockKernel& bk = kernel();
     const int64_t nt = (dim_ + kTile - 1) / kTile;
     std::vector<std::pair<int64_t, int64_t>> tiles;  // upper triangle (ti <= tj)
     for (int64_t ti = 0; ti < nt; ++ti) {
@@ -60,29 +128,57 @@ int64_t HessianAccumulator::add(const float* x, int64_t n, int64_t ld, int threa
     const int64_t ntiles = static_cast<int64_t>(tiles.size());
     const int nth = static_cast<int>(std::min<int64_t>(resolve_threads(threads), ntiles));
     const int64_t d = dim_;
+    // Per-thread buffers, allocated here so that nothing inside the parallel region can throw.
+    const int64_t tile = std::min(kTile, d), block = std::min(kTokenBlock, accept);
+    std::vector<std::vector<float>> scratch(static_cast<size_t>(nth)), prod(scratch.size());
+    for (int i = 0; i < nth; ++i) {
+      scratch[i].resize(static_cast<size_t>(scratch_floats(bk, tile, tile, block)));
+      prod[i].resize(static_cast<size_t>(tile * tile));
+    }
     double* sum = sum_.data();
 #pragma omp parallel for schedule(dynamic, 1) num_threads(nth)
     for (int64_t k = 0; k < ntiles; ++k) {
+      const int me = omp_get_thread_num();
+      float* pr = prod[me].data();
       const int64_t i0 = tiles[k].first * kTile, j0 = tiles[k].second * kTile;
       const int64_t ni = std::min(kTile, d - i0), nj = std::min(kTile, d - j0);
-      Eigen::MatrixXf prod(ni, nj);
       for (int64_t b = 0; b < accept; b += kTokenBlock) {
         const int64_t nb = std::min(kTokenBlock, accept - b);
-        prod.noalias() = xt.block(i0, b, ni, nb) * xt.block(j0, b, nj, nb).transpose();
+        bk.fn(x + b * ld + i0, x + b * ld + j0, ld, nb, ni, nj, pr, nj, scratch[me].data());
         for (int64_t i = 0; i < ni; ++i) {
           double* row = sum + (i0 + i) * d + j0;
-          for (int64_t j = 0; j < nj; ++j) row[j] += static_cast<double>(prod(i, j));
+          for (int64_t j = 0; j < nj; ++j) row[j] += static_cast<double>(pr[i * nj + j]);
         }
       }
     }
-    // The upper triangle is the result; mirror it so that the matrix is exactly symmetric.
-    for (int64_t i = 0; i < d; ++i) {
-      for (int64_t j = 0; j < i; ++j) sum[i * d + j] = sum[j * d + i];
-    }
+    lower_stale_ = true;  // the upper triangle is the result
   }
   tokens_ += accept;
   dropped_ += n - accept;
   return accept;
+}
+
+// Copies the upper triangle onto the lower one in 64x64 blocks (a plain transpose loop would touch
+// a new cache line, and soon a new page, for every element), making the sum exactly symmetric.
+void HessianAccumulator::fill_lower() const {
+  if (!lower_stale_) return;
+  constexpr int64_t kB = 64;
+  const int64_t d = dim_;
+  double* s = sum_.data();
+  for (int64_t i0 = 0; i0 < d; i0 += kB) {
+    for (int64_t j0 = 0; j0 <= i0; j0 += kB) {
+      const int64_t i1 = std::min(d, i0 + kB), j1 = std::min(d, j0 + kB);
+      for (int64_t i = i0; i < i1; ++i) {
+        for (int64_t j = j0; j < std::min(j1, i); ++j) s[i * d + j] = s[j * d + i];
+      }
+    }
+  }
+  lower_stale_ = false;
+}
+
+const std::vector<double>& HessianAccumulator::sum() const {
+  fill_lower();
+  return sum_;
 }
 
 void HessianAccumulator::merge(const HessianAccumulator& other) {
@@ -90,6 +186,8 @@ void HessianAccumulator::merge(const HessianAccumulator& other) {
     throw InvalidArgument("HessianAccumulator::merge: dimension " + std::to_string(other.dim_) +
                           " != " + std::to_string(dim_));
   }
+  fill_lower();
+  other.fill_lower();
   for (size_t i = 0; i < sum_.size(); ++i) sum_[i] += other.sum_[i];
   tokens_ += other.tokens_;
   dropped_ += other.dropped_;
@@ -103,12 +201,14 @@ void HessianAccumulator::assign(std::vector<double> sum, int64_t tokens, int64_t
   if (tokens < 0 || dropped < 0)
     throw InvalidArgument("HessianAccumulator::assign: negative count");
   sum_ = std::move(sum);
+  lower_stale_ = false;
   tokens_ = tokens;
   dropped_ = dropped;
 }
 
 std::vector<float> HessianAccumulator::hessian() const {
   if (tokens_ == 0) return {};
+  fill_lower();
   std::vector<float> h(sum_.size());
   const double scale = 2.0 / static_cast<double>(tokens_);
   for (size_t i = 0; i < sum_.size(); ++i) h[i] = static_cast<float>(scale * sum_[i]);

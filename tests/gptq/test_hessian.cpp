@@ -2,10 +2,13 @@
 
 #include <unistd.h>
 #include <cmath>
+#include <cstdlib>
 #include <filesystem>
 #include <limits>
 #include <map>
 #include <string>
+#include <string_view>
+#include <tuple>
 #include <vector>
 
 #include "qmoe/format/error.h"
@@ -59,6 +62,60 @@ TEST(Hessian, MatchesFloat64Reference) {
   ASSERT_EQ(h.size(), static_cast<size_t>(d * d));
   EXPECT_FLOAT_EQ(h[5 * d + 7], static_cast<float>(2.0 / n * acc.sum()[5 * d + 7]));
   EXPECT_TRUE(HessianAccumulator(d).hessian().empty());
+}
+
+// The AVX2 and AVX-512 kernels compute each entry of a block product as a chain of fused
+// multiply-adds in token order: exactly what this loop computes, bit for bit. The portable level
+// (an Eigen GEMM) matches it to float32 rounding. The shapes cover partial register blocks in both
+// directions and a row stride larger than the width.
+TEST(Hessian, BlockKernelsAreExactFmaChains) {
+  const int64_t ld = 301;
+  for (const auto& [ni, nj, nb] : {std::tuple<int64_t, int64_t, int64_t>{1, 1, 1},
+                                   {13, 33, 7},
+                                   {37, 70, 129},
+                                   {256, 256, 512},
+                                   {5, 256, 3}}) {
+    SCOPED_TRACE(std::to_string(ni) + "x" + std::to_string(nj) + ", " + std::to_string(nb) +
+                 " tokens");
+    const auto x = synthetic::activations(nb, ld, 7);
+    const float* xi = x.data() + 11;
+    const float* xj = x.data() + 40;
+    std::vector<float> want(static_cast<size_t>(ni * nj));
+    for (int64_t i = 0; i < ni; ++i) {
+      for (int64_t j = 0; j < nj; ++j) {
+        float acc = 0.0f;
+        for (int64_t t = 0; t < nb; ++t) acc = std::fma(xi[t * ld + i], xj[t * ld + j], acc);
+        want[i * nj + j] = acc;
+      }
+    }
+    std::vector<float> portable(want.size(), -1.0f);
+    ASSERT_TRUE(detail::hessian_block_product("portable", xi, xj, ld, nb, ni, nj, portable.data()));
+    for (int64_t i = 0; i < ni; ++i) {
+      for (int64_t j = 0; j < nj; ++j) {
+        double scale = 0;  // sum of |products|: the size of the rounding error to expect
+        for (int64_t t = 0; t < nb; ++t) scale += std::abs(double{xi[t * ld + i]} * xj[t * ld + j]);
+        ASSERT_LE(std::abs(double{portable[i * nj + j]} - want[i * nj + j]), 1e-5 * scale + 1e-30)
+            << "portable entry " << i << "," << j;
+      }
+    }
+    for (const char* level : {"avx2", "avx512"}) {
+      std::vector<float> got(want.size(), -1.0f);
+      if (!detail::hessian_block_product(level, xi, xj, ld, nb, ni, nj, got.data())) continue;
+      for (size_t k = 0; k < want.size(); ++k) {
+        ASSERT_EQ(got[k], want[k]) << level << " entry " << k;
+      }
+    }
+  }
+  EXPECT_FALSE(detail::hessian_block_product("sse9", nullptr, nullptr, 1, 0, 0, 0, nullptr));
+  const std::string_view used = hessian_kernel();
+  EXPECT_TRUE(used == "portable" || used == "avx2" || used == "avx512") << used;
+}
+
+// With QMOE_CPU_SIMD set (the test_hessian_scalar / test_hessian_avx2 runs), add() uses that level.
+TEST(Hessian, EnvironmentPicksTheLevel) {
+  const char* env = std::getenv("QMOE_CPU_SIMD");
+  if (env == nullptr || *env == '\0') GTEST_SKIP() << "QMOE_CPU_SIMD is not set";
+  EXPECT_EQ(hessian_kernel(), std::string(env) == "scalar" ? "portable" : std::string(env));
 }
 
 TEST(Hessian, RowStride) {

@@ -6,14 +6,19 @@
 #include <filesystem>
 #include <map>
 #include <string>
+#include <string_view>
 #include <vector>
 
 namespace qmoe {
 
 // Sum of x x^T over the tokens x (rows of X, dim floats each) seen so far, kept in float64, and
-// the token count. Each add() forms products of fixed blocks of 512 tokens in float32 (an Eigen
-// GEMM) and adds them to the float64 sum, so the error does not grow with the number of tokens;
-// the result is bit-identical for any thread count (fixed 256x256 output tiles, fixed order).
+// the token count. Each add() forms products of fixed blocks of 512 tokens in float32 and adds
+// them to the float64 sum, so the error does not grow with the number of tokens. The block
+// products run on AVX-512 or AVX2 kernels picked at run time, or an Eigen GEMM on other CPUs
+// (hessian_kernel()). With fixed 256x256 output tiles and a fixed order, the result is
+// bit-identical for any thread count; the AVX2 and AVX-512 kernels compute every entry as the
+// same chain of fused multiply-adds, so they agree bit for bit too (the portable level rounds
+// differently).
 // Not thread-safe: use one accumulator per thread and merge() them in a fixed order.
 class HessianAccumulator {
  public:
@@ -37,7 +42,7 @@ class HessianAccumulator {
   void assign(std::vector<double> sum, int64_t tokens, int64_t dropped = 0);
 
   // sum of x x^T, dim*dim doubles, symmetric (row-major = column-major).
-  const std::vector<double>& sum() const { return sum_; }
+  const std::vector<double>& sum() const;
   // GPTQ's H = (2 / tokens) * sum, dim*dim floats; empty when tokens() == 0.
   std::vector<float> hessian() const;
 
@@ -46,8 +51,27 @@ class HessianAccumulator {
   int64_t token_cap_ = 0;
   int64_t tokens_ = 0;
   int64_t dropped_ = 0;
-  std::vector<double> sum_;
+  // add() and merge() update the upper triangle only; the lower one is filled in when the sum is
+  // read (sum(), hessian()), so a stream of adds does not transpose dim^2 doubles each time.
+  mutable std::vector<double> sum_;
+  mutable bool lower_stale_ = false;
+  void fill_lower() const;
 };
+
+// The Hessian kernels in use: "avx512", "avx2" or "portable", the best this CPU runs unless the
+// environment variable QMOE_CPU_SIMD (scalar | avx2 | avx512, read on first use, as for the decode
+// kernels) names a lower one. avx2 and avx512 give the same bits. Throws InvalidArgument if
+// QMOE_CPU_SIMD names an unknown level or one this CPU does not run.
+std::string_view hessian_kernel();
+
+namespace detail {
+// For tests: one block product of add() (prod[i * nj + j] = sum over t < nb of
+// xi[t * ld + i] * xj[t * ld + j]; with avx2 and avx512, fused multiply-adds in token order) by
+// the kernel `level` ("portable", "avx2", "avx512").
+// Returns false, writing nothing, when this build or CPU lacks that level.
+bool hessian_block_product(std::string_view level, const float* xi, const float* xj, int64_t ld,
+                           int64_t nb, int64_t ni, int64_t nj, float* prod);
+}  // namespace detail
 
 // QMoE's cap on the tokens used per expert: floor(multiplier * total_tokens / num_experts), at
 // least 1. Throws InvalidArgument for num_experts <= 0, total_tokens < 0 or multiplier <= 0.
