@@ -7,11 +7,14 @@
 #include <cmath>
 #include <numeric>
 #include <string>
+#include <type_traits>
+#include <vector>
 
 #include <omp.h>
 #include <Eigen/Cholesky>
 #include <Eigen/Core>
 
+#include "gemm_kernels.h"
 #include "qmoe/format/bf16.h"
 #include "qmoe/format/error.h"
 
@@ -28,6 +31,40 @@ constexpr int64_t kSubBlock = 16;
 
 template <class T>
 using Mat = Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic>;  // column-major
+
+// C (mode 1: +=, -1: -=) the m x n product A B, column-major operands given by pointer and
+// strides (gemm_kernels.h), through the run-time AVX2 / AVX-512 kernel. Returns false, doing
+// nothing, for float64 or when there is no such kernel (portable level): the caller then uses
+// Eigen. Either way the result depends only on the operands, not on the thread count.
+template <class T>
+bool kernel_gemm(int mode, int64_t m, int64_t n, int64_t k, const T* a, int64_t a_cs, const T* b,
+                 int64_t b_rs, int64_t b_cs, T* c, int64_t c_cs, std::vector<float>& scratch) {
+  if constexpr (!std::is_same_v<T, float>) {
+    return false;
+  } else {
+    const gptq_detail::GemmKernel* kernel = gptq_detail::active_gemm_kernel();
+    if (kernel == nullptr) return false;
+    const auto need = static_cast<size_t>(gptq_detail::gemm_scratch_floats(*kernel, m, n, k));
+    if (scratch.size() < need) scratch.resize(need);
+    gptq_detail::Gemm g;
+    g.m = m;
+    g.n = n;
+    g.k = k;
+    g.a = a;
+    g.a_rs = 1;
+    g.a_cs = a_cs;
+    g.b = b;
+    g.b_rs = b_rs;
+    g.b_cs = b_cs;
+    g.c = c;
+    g.c_rs = 1;
+    g.c_cs = c_cs;
+    g.mode = mode;
+    g.scratch = scratch.data();
+    kernel->fn(g);
+    return true;
+  }
+}
 
 int resolve_threads(int threads) {
   return threads > 0 ? threads : omp_get_max_threads();
@@ -238,8 +275,14 @@ bool cholesky_tiled(Mat<T>& a, int threads) {
       const int64_t tj = rem;
       const int64_t i0 = k0 + kb + ti * kCholTile, j0 = k0 + kb + tj * kCholTile;
       const int64_t ni = std::min(kCholTile, n - i0), nj = std::min(kCholTile, n - j0);
-      a.block(i0, j0, ni, nj).noalias() -=
-          a.block(i0, k0, ni, kb) * a.block(j0, k0, nj, kb).transpose();
+      std::vector<float> scratch;
+      const int64_t ld = a.outerStride();
+      T* base = a.data();
+      if (!kernel_gemm<T>(-1, ni, nj, kb, base + i0 + k0 * ld, ld, base + j0 + k0 * ld, ld, 1,
+                          base + i0 + j0 * ld, ld, scratch)) {
+        a.block(i0, j0, ni, nj).noalias() -=
+            a.block(i0, k0, ni, kb) * a.block(j0, k0, nj, kb).transpose();
+      }
     }
   }
   return true;
@@ -336,6 +379,7 @@ GptqResult gptq_impl(const float* w, int64_t rows, int64_t cols, const float* h,
     }
     Mat<T> wc = w0;
     Mat<T> dblk(rc, bs);
+    std::vector<float> scratch;  // of the run-time GEMM kernel
     double loss = 0.0, dd = 0.0;
     for (int64_t i1 = 0; i1 < n; i1 += bs) {
       const int64_t i2 = std::min(i1 + bs, n);
@@ -388,7 +432,9 @@ GptqResult gptq_impl(const float* w, int64_t rows, int64_t cols, const float* h,
         }
       }
       // Lazy update of every later column at once.
-      if (i2 < n) {
+      if (i2 < n && !kernel_gemm<T>(1, rc, n - i2, i2 - i1, dblk.data(), dblk.outerStride(),
+                                    gm.data() + i1 + i2 * gm.outerStride(), 1, gm.outerStride(),
+                                    wc.data() + i2 * wc.outerStride(), wc.outerStride(), scratch)) {
         wc.rightCols(n - i2).noalias() +=
             dblk.leftCols(i2 - i1) * gm.block(i1, i2, i2 - i1, n - i2);
       }

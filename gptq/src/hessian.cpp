@@ -9,7 +9,7 @@
 #include <omp.h>
 #include <Eigen/Core>
 
-#include "hessian_kernels.h"
+#include "gemm_kernels.h"
 #include "qmoe/format/error.h"
 
 namespace qmoe {
@@ -19,7 +19,7 @@ namespace {
 // same for any thread count. 512 float products per block keep the float32 part of the error at
 // ~1e-6 relative; the float64 sum then carries millions of tokens without growth. With AVX2 or
 // AVX-512 each block product entry is a chain of fused multiply-adds in token order
-// (hessian_kernels.h), so the sums are the same on every CPU that has them.
+// (gemm_kernels.h), so the sums are the same on every CPU that has them.
 constexpr int64_t kTile = 256;
 constexpr int64_t kTokenBlock = 512;
 
@@ -27,71 +27,60 @@ int resolve_threads(int threads) {
   return threads > 0 ? threads : omp_get_max_threads();
 }
 
-using gptq_detail::BlockKernel;
+using gptq_detail::Gemm;
+using gptq_detail::GemmKernel;
 
-// The portable level: an Eigen GEMM (SSE2 on baseline x86-64, NEON elsewhere).
-void eigen_block_product(const float* xi, const float* xj, int64_t ld, int64_t nb, int64_t ni,
-                         int64_t nj, float* prod, int64_t ldp, float* /*scratch*/) {
-  using Map = Eigen::Map<const Eigen::MatrixXf, 0, Eigen::OuterStride<>>;  // column t = token t
-  using Out = Eigen::Map<Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>, 0,
-                         Eigen::OuterStride<>>;
-  Out(prod, ni, nj, Eigen::OuterStride<>(ldp)).noalias() =
-      Map(xi, ni, nb, Eigen::OuterStride<>(ld)) *
-      Map(xj, nj, nb, Eigen::OuterStride<>(ld)).transpose();
-}
-
-// The kernels this build has and this CPU runs, lowest first.
-std::vector<BlockKernel> runnable_kernels() {
-  std::vector<BlockKernel> out{{"portable", &eigen_block_product, 1, 1}};
-#if defined(QMOE_GPTQ_X86_KERNELS)
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
-    out.push_back(gptq_detail::block_kernel_avx2());
-    if (__builtin_cpu_supports("avx512f")) out.push_back(gptq_detail::block_kernel_avx512());
+// prod[i * nj + j] = sum over t < nb of xi[t * ld + i] * xj[t * ld + j]: the run-time kernel
+// (fused multiply-adds in token order) or, with kernel == nullptr, an Eigen GEMM (SSE2 on
+// baseline x86-64, NEON elsewhere).
+void block_product(const GemmKernel* kernel, const float* xi, const float* xj, int64_t ld,
+                   int64_t nb, int64_t ni, int64_t nj, float* prod, float* scratch) {
+  if (kernel == nullptr) {
+    using Map = Eigen::Map<const Eigen::MatrixXf, 0, Eigen::OuterStride<>>;  // column t = token t
+    using Out = Eigen::Map<Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>>;
+    Out(prod, ni, nj).noalias() = Map(xi, ni, nb, Eigen::OuterStride<>(ld)) *
+                                  Map(xj, nj, nb, Eigen::OuterStride<>(ld)).transpose();
+    return;
   }
-#endif
-  return out;
+  Gemm g;
+  g.m = ni;
+  g.n = nj;
+  g.k = nb;
+  g.a = xi;
+  g.a_rs = 1;
+  g.a_cs = ld;
+  g.b = xj;
+  g.b_rs = ld;
+  g.b_cs = 1;
+  g.c = prod;
+  g.c_rs = nj;
+  g.c_cs = 1;
+  g.scratch = scratch;
+  kernel->fn(g);
 }
 
-// The best runnable kernel, or the one QMOE_CPU_SIMD names (scalar = portable), read once.
-const BlockKernel& kernel() {
-  static const BlockKernel k = [] {
-    const std::vector<BlockKernel> all = runnable_kernels();
-    const char* env = std::getenv("QMOE_CPU_SIMD");
-    if (env == nullptr || *env == '\0') return all.back();
-    const std::string want = std::string(env) == "scalar" ? "portable" : env;
-    for (const BlockKernel& c : all) {
-      if (want == c.name) return c;
-    }
-    throw InvalidArgument(std::string("QMOE_CPU_SIMD='") + env +
-                          "' is not a level this CPU runs (scalar, avx2, avx512)");
-  }();
-  return k;
-}
-
-int64_t round_up(int64_t n, int64_t m) {
-  return (n + m - 1) / m * m;
-}
-
-int64_t scratch_floats(const BlockKernel& k, int64_t ni, int64_t nj, int64_t nb) {
-  return (round_up(ni, k.rows) + round_up(nj, k.cols)) * nb;
+int64_t scratch_floats(const GemmKernel* kernel, int64_t ni, int64_t nj, int64_t nb) {
+  return kernel == nullptr ? 0 : gptq_detail::gemm_scratch_floats(*kernel, ni, nj, nb);
 }
 
 }  // namespace
 
 std::string_view hessian_kernel() {
-  return kernel().name;
+  const GemmKernel* k = gptq_detail::active_gemm_kernel();
+  return k == nullptr ? "portable" : k->name;
 }
 
 namespace detail {
 bool hessian_block_product(std::string_view level, const float* xi, const float* xj, int64_t ld,
                            int64_t nb, int64_t ni, int64_t nj, float* prod) {
-  for (const BlockKernel& k : runnable_kernels()) {
-    if (level != k.name) continue;
-    std::vector<float> scratch(static_cast<size_t>(scratch_floats(k, ni, nj, nb)));
-    k.fn(xi, xj, ld, nb, ni, nj, prod, nj, scratch.data());
-    return true;
+  const GemmKernel* k = nullptr;
+  if (level != "portable") {
+    k = gptq_detail::find_gemm_kernel(std::string(level).c_str());
+    if (k == nullptr) return false;
   }
-  return false;
+  std::vector<float> scratch(static_cast<size_t>(scratch_floats(k, ni, nj, nb)));
+  block_product(k, xi, xj, ld, nb, ni, nj, prod, scratch.data());
+  return true;
 }
 }  // namespace detail
 
@@ -119,7 +108,7 @@ int64_t HessianAccumulator::add(const float* x, int64_t n, int64_t ld, int threa
     }
   }
   if (accept > 0 && dim_ > 0) {
-    const BlockKernel& bk = kernel();
+    const GemmKernel* bk = gptq_detail::active_gemm_kernel();
     const int64_t nt = (dim_ + kTile - 1) / kTile;
     std::vector<std::pair<int64_t, int64_t>> tiles;  // upper triangle (ti <= tj)
     for (int64_t ti = 0; ti < nt; ++ti) {
@@ -144,7 +133,7 @@ int64_t HessianAccumulator::add(const float* x, int64_t n, int64_t ld, int threa
       const int64_t ni = std::min(kTile, d - i0), nj = std::min(kTile, d - j0);
       for (int64_t b = 0; b < accept; b += kTokenBlock) {
         const int64_t nb = std::min(kTokenBlock, accept - b);
-        bk.fn(x + b * ld + i0, x + b * ld + j0, ld, nb, ni, nj, pr, nj, scratch[me].data());
+        block_product(bk, x + b * ld + i0, x + b * ld + j0, ld, nb, ni, nj, pr, scratch[me].data());
         for (int64_t i = 0; i < ni; ++i) {
           double* row = sum + (i0 + i) * d + j0;
           for (int64_t j = 0; j < nj; ++j) row[j] += static_cast<double>(pr[i * nj + j]);

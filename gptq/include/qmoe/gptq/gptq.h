@@ -25,7 +25,10 @@
 // one n^3/3 factorisation instead of the three (Cholesky, inverse, Cholesky) of the reference.
 //
 // Determinism: every result is bit-identical for any thread count (work is split into fixed row
-// chunks and fixed Cholesky tiles; Eigen's own threading is disabled).
+// chunks and fixed Cholesky tiles; Eigen's own threading is disabled). In float32 the large
+// products (block updates, Cholesky trailing updates) run on AVX2 / AVX-512 kernels picked at run
+// time, which agree with each other bit for bit; CPUs without AVX2 + FMA (or QMOE_CPU_SIMD=scalar)
+// use Eigen, whose rounding differs in the last bits.
 #pragma once
 
 #include <cstdint>

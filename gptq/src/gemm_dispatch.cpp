@@ -1,0 +1,59 @@
+// Run-time choice of the matrix product kernels of qmoe_gptq (gemm_kernels.h).
+#include <algorithm>
+#include <cstdlib>
+#include <string>
+#include <vector>
+
+#include "gemm_kernels.h"
+#include "qmoe/format/error.h"
+
+namespace qmoe::gptq_detail {
+namespace {
+
+// The kernels this build has and this CPU runs, lowest first.
+std::vector<GemmKernel> runnable() {
+  std::vector<GemmKernel> out;
+#if defined(QMOE_GPTQ_X86_KERNELS)
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
+    out.push_back(gemm_kernel_avx2());
+    if (__builtin_cpu_supports("avx512f")) out.push_back(gemm_kernel_avx512());
+  }
+#endif
+  return out;
+}
+
+const std::vector<GemmKernel>& kernels() {
+  static const std::vector<GemmKernel> k = runnable();
+  return k;
+}
+
+}  // namespace
+
+const GemmKernel* find_gemm_kernel(const char* level) {
+  for (const GemmKernel& k : kernels()) {
+    if (std::string(level) == k.name) return &k;
+  }
+  return nullptr;
+}
+
+const GemmKernel* active_gemm_kernel() {
+  static const GemmKernel* const active = []() -> const GemmKernel* {
+    const char* env = std::getenv("QMOE_CPU_SIMD");
+    if (env == nullptr || *env == '\0') return kernels().empty() ? nullptr : &kernels().back();
+    if (std::string(env) == "scalar") return nullptr;
+    if (const GemmKernel* k = find_gemm_kernel(env)) return k;
+    throw InvalidArgument(std::string("QMOE_CPU_SIMD='") + env +
+                          "' is not a level this CPU runs (scalar, avx2, avx512)");
+  }();
+  return active;
+}
+
+int64_t gemm_scratch_floats(const GemmKernel& kernel, int64_t m, int64_t n, int64_t k) {
+  auto up = [](int64_t x, int64_t b) { return (x + b - 1) / b * b; };
+  // Either orientation (gemm may compute the transposed product).
+  return std::max(up(m, kernel.rows) + up(n, kernel.cols),
+                  up(n, kernel.rows) + up(m, kernel.cols)) *
+         k;
+}
+
+}  // namespace qmoe::gptq_detail
