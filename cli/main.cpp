@@ -45,11 +45,11 @@ std::string version_text() {
        "; QMOE_CPU_SIMD=scalar|avx2|avx512 overrides)\n";
   std::string hessian;
   try {
-    hessian = std::string(qmoe::hessian_kernel());
+    hessian = std::string(qmoe::gptq_kernel());
   } catch (const qmoe::Error& e) {
     hessian = std::string("none (") + e.what() + ")";
   }
-  t += "Hessian kernels: " + hessian + "\n";
+  t += "GPTQ / Hessian product kernels: " + hessian + "\n";
   t += "OpenMP threads: " + std::to_string(omp_get_max_threads());
   return t;
 }

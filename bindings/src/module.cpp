@@ -1567,14 +1567,14 @@ The SIMD levels of the CPU kernels that this CPU and build run, lowest first.
         d["cuda_devices"] = cuda_device_count();
         d["cpu_simd_level"] = cpu_simd_level();
         d["cpu_simd_levels"] = cpu_simd_levels();
-        d["hessian_kernel"] = std::string(qmoe::hessian_kernel());
+        d["gptq_kernel"] = std::string(qmoe::gptq_kernel());
         d["openmp_threads"] = omp_get_max_threads();
         return d;
       },
       R"doc(
 What this installation is and runs, as a dict: version, native (built with QMOE_NATIVE, so it
 runs only on CPUs like the one that built it), cuda_kernels (built with the CUDA kernels),
-cuda_devices, cpu_simd_level, cpu_simd_levels, hessian_kernel (the Hessian sums: 'avx512', 'avx2'
+cuda_devices, cpu_simd_level, cpu_simd_levels, gptq_kernel (the float32 products of GPTQ and the Hessian sums: 'avx512', 'avx2'
 or 'portable'), openmp_threads. Raises ValueError like
 cpu_simd_level() when QMOE_CPU_SIMD is invalid.
 )doc");

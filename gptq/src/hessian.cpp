@@ -65,7 +65,7 @@ int64_t scratch_floats(const GemmKernel* kernel, int64_t ni, int64_t nj, int64_t
 
 }  // namespace
 
-std::string_view hessian_kernel() {
+std::string_view gptq_kernel() {
   const GemmKernel* k = gptq_detail::active_gemm_kernel();
   return k == nullptr ? "portable" : k->name;
 }

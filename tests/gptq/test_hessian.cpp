@@ -107,7 +107,7 @@ TEST(Hessian, BlockKernelsAreExactFmaChains) {
     }
   }
   EXPECT_FALSE(detail::hessian_block_product("sse9", nullptr, nullptr, 1, 0, 0, 0, nullptr));
-  const std::string_view used = hessian_kernel();
+  const std::string_view used = gptq_kernel();
   EXPECT_TRUE(used == "portable" || used == "avx2" || used == "avx512") << used;
 }
 
@@ -115,7 +115,7 @@ TEST(Hessian, BlockKernelsAreExactFmaChains) {
 TEST(Hessian, EnvironmentPicksTheLevel) {
   const char* env = std::getenv("QMOE_CPU_SIMD");
   if (env == nullptr || *env == '\0') GTEST_SKIP() << "QMOE_CPU_SIMD is not set";
-  EXPECT_EQ(hessian_kernel(), std::string(env) == "scalar" ? "portable" : std::string(env));
+  EXPECT_EQ(gptq_kernel(), std::string(env) == "scalar" ? "portable" : std::string(env));
 }
 
 TEST(Hessian, RowStride) {

@@ -66,7 +66,7 @@ def test_build_info():
     assert info["cuda_devices"] == qmoe.cuda_device_count()
     assert info["cpu_simd_levels"] == qmoe.cpu_simd_levels()
     assert info["cpu_simd_level"] in info["cpu_simd_levels"]
-    assert info["hessian_kernel"] in ("portable", "avx2", "avx512")
+    assert info["gptq_kernel"] in ("portable", "avx2", "avx512")
     assert info["openmp_threads"] >= 1
 
 

@@ -15,7 +15,7 @@ namespace qmoe {
 // the token count. Each add() forms products of fixed blocks of 512 tokens in float32 and adds
 // them to the float64 sum, so the error does not grow with the number of tokens. The block
 // products run on AVX-512 or AVX2 kernels picked at run time, or an Eigen GEMM on other CPUs
-// (hessian_kernel()). With fixed 256x256 output tiles and a fixed order, the result is
+// (gptq_kernel()). With fixed 256x256 output tiles and a fixed order, the result is
 // bit-identical for any thread count; the AVX2 and AVX-512 kernels compute every entry as the
 // same chain of fused multiply-adds, so they agree bit for bit too (the portable level rounds
 // differently).
@@ -58,11 +58,12 @@ class HessianAccumulator {
   void fill_lower() const;
 };
 
-// The Hessian kernels in use: "avx512", "avx2" or "portable", the best this CPU runs unless the
-// environment variable QMOE_CPU_SIMD (scalar | avx2 | avx512, read on first use, as for the decode
-// kernels) names a lower one. avx2 and avx512 give the same bits. Throws InvalidArgument if
-// QMOE_CPU_SIMD names an unknown level or one this CPU does not run.
-std::string_view hessian_kernel();
+// The float32 product kernels of the Hessian sums and of GPTQ in use: "avx512", "avx2" or
+// "portable" (Eigen). The best this CPU runs, unless the environment variable QMOE_CPU_SIMD
+// (scalar | avx2 | avx512, read on first use, as for the decode kernels) names a lower one. avx2
+// and avx512 give the same bits. Throws InvalidArgument if QMOE_CPU_SIMD names an unknown level or
+// one this CPU does not run.
+std::string_view gptq_kernel();
 
 namespace detail {
 // For tests: one block product of add() (prod[i * nj + j] = sum over t < nb of
