@@ -4,6 +4,7 @@
 #include <string>
 #include <vector>
 
+#include "gemm.h"
 #include "gemm_kernels.h"
 #include "qmoe/format/error.h"
 
@@ -54,6 +55,29 @@ int64_t gemm_scratch_floats(const GemmKernel& kernel, int64_t m, int64_t n, int6
   return std::max(up(m, kernel.rows) + up(n, kernel.cols),
                   up(n, kernel.rows) + up(m, kernel.cols)) *
          k;
+}
+
+void run_gemm(const GemmKernel& kernel, int mode, int64_t m, int64_t n, int64_t k, const float* a,
+              int64_t a_rs, int64_t a_cs, const float* b, int64_t b_rs, int64_t b_cs, float* c,
+              int64_t c_rs, int64_t c_cs, std::vector<float>& scratch) {
+  const auto need = static_cast<size_t>(gemm_scratch_floats(kernel, m, n, k));
+  if (scratch.size() < need) scratch.resize(need);
+  Gemm g;
+  g.m = m;
+  g.n = n;
+  g.k = k;
+  g.a = a;
+  g.a_rs = a_rs;
+  g.a_cs = a_cs;
+  g.b = b;
+  g.b_rs = b_rs;
+  g.b_cs = b_cs;
+  g.c = c;
+  g.c_rs = c_rs;
+  g.c_cs = c_cs;
+  g.mode = mode;
+  g.scratch = scratch.data();
+  kernel.fn(g);
 }
 
 }  // namespace qmoe::gptq_detail

@@ -14,7 +14,7 @@
 #include <Eigen/Cholesky>
 #include <Eigen/Core>
 
-#include "gemm_kernels.h"
+#include "gemm.h"
 #include "qmoe/format/bf16.h"
 #include "qmoe/format/error.h"
 
@@ -44,24 +44,7 @@ bool kernel_gemm(int mode, int64_t m, int64_t n, int64_t k, const T* a, int64_t 
   } else {
     const gptq_detail::GemmKernel* kernel = gptq_detail::active_gemm_kernel();
     if (kernel == nullptr) return false;
-    const auto need = static_cast<size_t>(gptq_detail::gemm_scratch_floats(*kernel, m, n, k));
-    if (scratch.size() < need) scratch.resize(need);
-    gptq_detail::Gemm g;
-    g.m = m;
-    g.n = n;
-    g.k = k;
-    g.a = a;
-    g.a_rs = 1;
-    g.a_cs = a_cs;
-    g.b = b;
-    g.b_rs = b_rs;
-    g.b_cs = b_cs;
-    g.c = c;
-    g.c_rs = 1;
-    g.c_cs = c_cs;
-    g.mode = mode;
-    g.scratch = scratch.data();
-    kernel->fn(g);
+    gptq_detail::run_gemm(*kernel, mode, m, n, k, a, 1, a_cs, b, b_rs, b_cs, c, 1, c_cs, scratch);
     return true;
   }
 }

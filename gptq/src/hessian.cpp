@@ -9,7 +9,7 @@
 #include <omp.h>
 #include <Eigen/Core>
 
-#include "gemm_kernels.h"
+#include "gemm.h"
 #include "qmoe/format/error.h"
 
 namespace qmoe {
@@ -27,14 +27,13 @@ int resolve_threads(int threads) {
   return threads > 0 ? threads : omp_get_max_threads();
 }
 
-using gptq_detail::Gemm;
 using gptq_detail::GemmKernel;
 
 // prod[i * nj + j] = sum over t < nb of xi[t * ld + i] * xj[t * ld + j]: the run-time kernel
 // (fused multiply-adds in token order) or, with kernel == nullptr, an Eigen GEMM (SSE2 on
 // baseline x86-64, NEON elsewhere).
 void block_product(const GemmKernel* kernel, const float* xi, const float* xj, int64_t ld,
-                   int64_t nb, int64_t ni, int64_t nj, float* prod, float* scratch) {
+                   int64_t nb, int64_t ni, int64_t nj, float* prod, std::vector<float>& scratch) {
   if (kernel == nullptr) {
     using Map = Eigen::Map<const Eigen::MatrixXf, 0, Eigen::OuterStride<>>;  // column t = token t
     using Out = Eigen::Map<Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>>;
@@ -42,21 +41,7 @@ void block_product(const GemmKernel* kernel, const float* xi, const float* xj, i
                                   Map(xj, nj, nb, Eigen::OuterStride<>(ld)).transpose();
     return;
   }
-  Gemm g;
-  g.m = ni;
-  g.n = nj;
-  g.k = nb;
-  g.a = xi;
-  g.a_rs = 1;
-  g.a_cs = ld;
-  g.b = xj;
-  g.b_rs = ld;
-  g.b_cs = 1;
-  g.c = prod;
-  g.c_rs = nj;
-  g.c_cs = 1;
-  g.scratch = scratch;
-  kernel->fn(g);
+  gptq_detail::run_gemm(*kernel, 0, ni, nj, nb, xi, 1, ld, xj, ld, 1, prod, nj, 1, scratch);
 }
 
 int64_t scratch_floats(const GemmKernel* kernel, int64_t ni, int64_t nj, int64_t nb) {
@@ -78,8 +63,8 @@ bool hessian_block_product(std::string_view level, const float* xi, const float*
     k = gptq_detail::find_gemm_kernel(std::string(level).c_str());
     if (k == nullptr) return false;
   }
-  std::vector<float> scratch(static_cast<size_t>(scratch_floats(k, ni, nj, nb)));
-  block_product(k, xi, xj, ld, nb, ni, nj, prod, scratch.data());
+  std::vector<float> scratch;
+  block_product(k, xi, xj, ld, nb, ni, nj, prod, scratch);
   return true;
 }
 }  // namespace detail
@@ -133,7 +118,7 @@ int64_t HessianAccumulator::add(const float* x, int64_t n, int64_t ld, int threa
       const int64_t ni = std::min(kTile, d - i0), nj = std::min(kTile, d - j0);
       for (int64_t b = 0; b < accept; b += kTokenBlock) {
         const int64_t nb = std::min(kTokenBlock, accept - b);
-        block_product(bk, x + b * ld + i0, x + b * ld + j0, ld, nb, ni, nj, pr, scratch[me].data());
+        block_product(bk, x + b * ld + i0, x + b * ld + j0, ld, nb, ni, nj, pr, scratch[me]);
         for (int64_t i = 0; i < ni; ++i) {
           double* row = sum + (i0 + i) * d + j0;
           for (int64_t j = 0; j < nj; ++j) row[j] += static_cast<double>(pr[i * nj + j]);
