@@ -19,7 +19,8 @@ namespace qmoe {
 // bit-identical for any thread count; the AVX2 and AVX-512 kernels compute every entry as the
 // same chain of fused multiply-adds, so they agree bit for bit too (the portable level rounds
 // differently).
-// Not thread-safe: use one accumulator per thread and merge() them in a fixed order.
+// Not thread-safe, const calls included (sum() and hessian() complete the lower triangle on their
+// first call after an add()): use one accumulator per thread and merge() them in a fixed order.
 class HessianAccumulator {
  public:
   HessianAccumulator() = default;
