@@ -409,7 +409,11 @@ GptqResult gptq_impl(const float* w, int64_t rows, int64_t cols, const float* h,
           }
           for (int64_t j = k + 1; j < s2; ++j) wc.col(j) += gm(k, j) * dblk.col(k - i1);
         }
-        if (s2 < i2) {
+        if (s2 < i2 &&
+            !kernel_gemm<T>(1, rc, i2 - s2, s2 - s1, dblk.data() + (s1 - i1) * dblk.outerStride(),
+                            dblk.outerStride(), gm.data() + s1 + s2 * gm.outerStride(), 1,
+                            gm.outerStride(), wc.data() + s2 * wc.outerStride(), wc.outerStride(),
+                            scratch)) {
           wc.middleCols(s2, i2 - s2).noalias() +=
               dblk.middleCols(s1 - i1, s2 - s1) * gm.block(s1, s2, s2 - s1, i2 - s2);
         }
