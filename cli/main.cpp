@@ -24,17 +24,18 @@ namespace {
 std::string version_text() {
   namespace cpu = qmoe::cpu;
   std::string levels;
-  for (cpu::SimdLevel l :
-       {cpu::SimdLevel::kScalar, cpu::SimdLevel::kAvx2, cpu::SimdLevel::kAvx512}) {
-    if (!cpu::simd_level_supported(l)) continue;
+  for (cpu::SimdLevel l : cpu::supported_simd_levels()) {
     levels += (levels.empty() ? "" : ", ") + std::string(cpu::simd_level_name(l));
   }
-  std::string level;
-  try {
-    level = std::string(cpu::simd_level_name(cpu::simd_level()));
-  } catch (const qmoe::Error& e) {
-    level = std::string("none (") + e.what() + ")";
-  }
+  // A level, or why there is none (an invalid QMOE_CPU_SIMD).
+  auto level_of = [](auto&& get) {
+    try {
+      return std::string(get());
+    } catch (const qmoe::Error& e) {
+      return std::string("none (") + e.what() + ")";
+    }
+  };
+  const std::string level = level_of([] { return cpu::simd_level_name(cpu::simd_level()); });
   std::string t = "qmoe " QMOE_VERSION "\n";
 #if defined(QMOE_NATIVE_BUILD)
   t += "build: native (-march=native; runs only on CPUs like the one that built it)\n";
@@ -43,13 +44,7 @@ std::string version_text() {
 #endif
   t += "CPU decode kernels: " + level + " (this CPU: " + levels +
        "; QMOE_CPU_SIMD=scalar|avx2|avx512 overrides)\n";
-  std::string hessian;
-  try {
-    hessian = std::string(qmoe::gptq_kernel());
-  } catch (const qmoe::Error& e) {
-    hessian = std::string("none (") + e.what() + ")";
-  }
-  t += "GPTQ / Hessian product kernels: " + hessian + "\n";
+  t += "GPTQ / Hessian product kernels: " + level_of([] { return qmoe::gptq_kernel(); }) + "\n";
   t += "OpenMP threads: " + std::to_string(omp_get_max_threads());
   return t;
 }

@@ -662,10 +662,7 @@ void set_cpu_simd_level(const std::string& name) {
 
 std::vector<std::string> cpu_simd_levels() {
   std::vector<std::string> out;
-  for (auto l : {qmoe::cpu::SimdLevel::kScalar, qmoe::cpu::SimdLevel::kAvx2,
-                 qmoe::cpu::SimdLevel::kAvx512}) {
-    if (qmoe::cpu::simd_level_supported(l)) out.emplace_back(qmoe::cpu::simd_level_name(l));
-  }
+  for (auto l : qmoe::cpu::supported_simd_levels()) out.emplace_back(qmoe::cpu::simd_level_name(l));
   return out;
 }
 

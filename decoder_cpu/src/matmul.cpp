@@ -309,11 +309,16 @@ bool simd_level_supported(SimdLevel l) {
   return rows_fn(l) != nullptr && cpu_runs(l);
 }
 
-SimdLevel best_simd_level() {
-  for (SimdLevel l : {SimdLevel::kAvx512, SimdLevel::kAvx2}) {
-    if (simd_level_supported(l)) return l;
+std::vector<SimdLevel> supported_simd_levels() {
+  std::vector<SimdLevel> out;
+  for (SimdLevel l : {SimdLevel::kScalar, SimdLevel::kAvx2, SimdLevel::kAvx512}) {
+    if (simd_level_supported(l)) out.push_back(l);
   }
-  return SimdLevel::kScalar;
+  return out;
+}
+
+SimdLevel best_simd_level() {
+  return supported_simd_levels().back();
 }
 
 SimdLevel simd_level() {

@@ -1,6 +1,6 @@
 // Interface between the baseline-ISA code of qmoe_gptq (hessian.cpp, gptq.cpp) and its matrix
 // product kernels: gemm_kernels_avx2.cpp and gemm_kernels_avx512.cpp compile gemm_kernels_impl.h
-// with their own -m flags, and kernels() (in hessian.cpp) picks one at run time. Only plain
+// with their own -m flags, and gemm_dispatch.cpp picks one at run time. Only plain
 // declarations live here: nothing with vague linkage (inline functions, templates) may be compiled
 // with AVX flags, or the linker could hand an AVX-512 copy of it to code that runs on any CPU.
 #pragma once

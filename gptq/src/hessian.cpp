@@ -2,7 +2,6 @@
 
 #include <algorithm>
 #include <cmath>
-#include <cstdlib>
 #include <string>
 #include <utility>
 
@@ -160,9 +159,12 @@ void HessianAccumulator::merge(const HessianAccumulator& other) {
     throw InvalidArgument("HessianAccumulator::merge: dimension " + std::to_string(other.dim_) +
                           " != " + std::to_string(dim_));
   }
-  fill_lower();
-  other.fill_lower();
-  for (size_t i = 0; i < sum_.size(); ++i) sum_[i] += other.sum_[i];
+  // The upper triangles are always complete; the lower one is filled in when read.
+  const int64_t d = dim_;
+  for (int64_t i = 0; i < d; ++i) {
+    for (int64_t j = i; j < d; ++j) sum_[i * d + j] += other.sum_[i * d + j];
+  }
+  lower_stale_ = true;
   tokens_ += other.tokens_;
   dropped_ += other.dropped_;
 }

@@ -22,6 +22,7 @@
 #include <optional>
 #include <span>
 #include <string_view>
+#include <vector>
 
 #include "qmoe/format/matrix.h"
 
@@ -40,6 +41,8 @@ std::optional<SimdLevel> simd_level_from_name(std::string_view s);
 
 // Whether the kernels of level `l` were compiled into this library and the CPU (and OS) runs them.
 bool simd_level_supported(SimdLevel l);
+// The supported levels, lowest first (scalar always).
+std::vector<SimdLevel> supported_simd_levels();
 // The highest supported level.
 SimdLevel best_simd_level();
 // The level calls use when their options name none: the value of the environment variable
