@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "kernels.h"
+#include "qmoe/format/cpu_env.h"
 #include "qmoe/format/error.h"
 
 namespace qmoe::cpu {
@@ -327,14 +328,7 @@ SimdLevel simd_level() {
   std::lock_guard<std::mutex> lock(g_level_mutex);
   if (g_level.load(std::memory_order_relaxed) < 0) {
     SimdLevel l = best_simd_level();
-    if (const char* env = std::getenv("QMOE_CPU_SIMD"); env != nullptr && *env != '\0') {
-      const auto named = simd_level_from_name(env);
-      if (!named) {
-        throw InvalidArgument(std::string("QMOE_CPU_SIMD='") + env +
-                              "' is not one of scalar, avx2, avx512");
-      }
-      l = checked(*named);
-    }
+    if (const auto requested = requested_cpu_simd()) l = checked(*simd_level_from_name(*requested));
     g_level.store(static_cast<int>(l), std::memory_order_release);
   }
   return static_cast<SimdLevel>(g_level.load(std::memory_order_relaxed));

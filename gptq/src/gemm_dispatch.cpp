@@ -1,11 +1,11 @@
 // Run-time choice of the matrix product kernels of qmoe_gptq (gemm_kernels.h).
 #include <algorithm>
-#include <cstdlib>
 #include <string>
 #include <vector>
 
 #include "gemm.h"
 #include "gemm_kernels.h"
+#include "qmoe/format/cpu_env.h"
 #include "qmoe/format/error.h"
 
 namespace qmoe::gptq_detail {
@@ -39,12 +39,12 @@ const GemmKernel* find_gemm_kernel(const char* level) {
 
 const GemmKernel* active_gemm_kernel() {
   static const GemmKernel* const active = []() -> const GemmKernel* {
-    const char* env = std::getenv("QMOE_CPU_SIMD");
-    if (env == nullptr || *env == '\0') return kernels().empty() ? nullptr : &kernels().back();
-    if (std::string(env) == "scalar") return nullptr;
-    if (const GemmKernel* k = find_gemm_kernel(env)) return k;
-    throw InvalidArgument(std::string("QMOE_CPU_SIMD='") + env +
-                          "' is not a level this CPU runs (scalar, avx2, avx512)");
+    const auto requested = requested_cpu_simd();
+    if (!requested) return kernels().empty() ? nullptr : &kernels().back();
+    if (*requested == "scalar") return nullptr;
+    if (const GemmKernel* k = find_gemm_kernel(std::string(*requested).c_str())) return k;
+    throw InvalidArgument("QMOE_CPU_SIMD='" + std::string(*requested) +
+                          "' is not a level this CPU or build runs");
   }();
   return active;
 }
