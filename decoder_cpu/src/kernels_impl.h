@@ -33,8 +33,10 @@
 namespace qmoe::cpu::detail {
 namespace {
 
-// 8 floats; the compiler lowers it to one ymm (AVX2/AVX-512), two xmm (SSE2) or scalar code.
+// 8 and 16 floats; the compiler lowers them to whole registers where the ISA has them, else to
+// several narrower ones or scalar code.
 typedef float v8f __attribute__((vector_size(32)));
+typedef float v16f __attribute__((vector_size(64)));
 
 inline float bf16_bits_to_float(uint16_t h) {
   const uint32_t u = static_cast<uint32_t>(h) << 16;
@@ -146,7 +148,6 @@ inline void finish_cols(const Pass& p, const int32_t* lo, int64_t n_lo, const in
   alignas(64) float sb[8 * NV];
 #if defined(__AVX512F__)
   if constexpr (NV % 2 == 0) {  // whole 16-float vectors: half the instructions of 8-float ones
-    typedef float v16f __attribute__((vector_size(64)));
     sum_cols<v16f, NV / 2, U>(p.xt, lo, n_lo, sa);
     sum_cols<v16f, NV / 2, U>(p.xt, hi, n_hi, sb);
   } else
@@ -265,6 +266,38 @@ struct SlotKernel {
   }
 };
 
+#if defined(__AVX2__)
+// A row in flight for the vector single-token kernels below; V is their accumulator (v8f or v16f,
+// the plain vector types behind __m256 and __m512), lanes 0..3 for the low sums and 4..7 for the
+// high sums.
+template <class V>
+struct VecRow {
+  const uint16_t* c;
+  const uint16_t* end;
+  const float* xp;  // the input at the next codeword's first column
+  V acc[2];         // even / odd codewords
+};
+
+template <class V>
+VecRow<V> vec_row(const Work& w, int64_t r) {
+  return {w.m.codes + w.m.row_offsets[r],
+          w.m.codes + w.m.row_offsets[r + 1],
+          w.passes[0].xt,
+          {V{}, V{}}};
+}
+
+template <class V>
+void vec_store(const Work& w, const VecRow<V>& s, int64_t r) {
+  alignas(64) float t[sizeof(V) / sizeof(float)];
+  const V sum = s.acc[0] + s.acc[1];
+  std::memcpy(t, &sum, sizeof(V));
+  const float lo_level = bf16_bits_to_float(w.m.levels[2 * r]);
+  const float hi_level = bf16_bits_to_float(w.m.levels[2 * r + 1]);
+  put(w, w.passes[0], r, 0,
+      lo_level * ((t[0] + t[1]) + (t[2] + t[3])) + hi_level * ((t[4] + t[5]) + (t[6] + t[7])));
+}
+#endif
+
 #if defined(__AVX2__) && !defined(__AVX512F__)
 // ---- one token, qmoe-v1, AVX2: slots by broadcast and blend -------------------------------
 // SlotKernel's arithmetic in one 8-float vector: each slot input is broadcast straight from
@@ -273,22 +306,12 @@ struct SlotKernel {
 // 4..6. Lane by lane these are SlotKernel's sums in SlotKernel's order; it takes 8-13% less time
 // per call (wi and wo, one thread, Zen 4).
 struct BlendKernel {
-  struct Row {
-    const uint16_t* c;
-    const uint16_t* end;
-    const float* xp;  // the input at the next codeword's first column
-    __m256 acc[2];    // even / odd codewords
-  };
+  using Row = VecRow<v8f>;
   const Work& w;
   const uint32_t* perm;
   const int32_t* masks;
 
-  Row row(int64_t r) const {
-    return {w.m.codes + w.m.row_offsets[r],
-            w.m.codes + w.m.row_offsets[r + 1],
-            w.passes[0].xt,
-            {_mm256_setzero_ps(), _mm256_setzero_ps()}};
-  }
+  Row row(int64_t r) const { return vec_row<v8f>(w, r); }
   void code(Row& s, uint32_t code, int odd) const {
     const uint32_t e = perm[code];
     const float* xp = s.xp;
@@ -300,14 +323,7 @@ struct BlendKernel {
     s.acc[odd] = _mm256_add_ps(s.acc[odd], _mm256_and_ps(v, m));
     s.xp += e >> 27;
   }
-  void store(const Row& s, int64_t r) const {
-    alignas(32) float t[8];
-    _mm256_store_ps(t, _mm256_add_ps(s.acc[0], s.acc[1]));
-    const float lo_level = bf16_bits_to_float(w.m.levels[2 * r]);
-    const float hi_level = bf16_bits_to_float(w.m.levels[2 * r + 1]);
-    put(w, w.passes[0], r, 0,
-        lo_level * ((t[0] + t[1]) + (t[2] + t[3])) + hi_level * ((t[4] + t[5]) + (t[6] + t[7])));
-  }
+  void store(const Row& s, int64_t r) const { vec_store(w, s, r); }
 };
 #endif
 
@@ -328,21 +344,11 @@ typedef uint32_t v16u __attribute__((vector_size(64)));
 static_assert(kColPad >= 33);
 
 struct PermKernel {
-  struct Row {
-    const uint16_t* c;
-    const uint16_t* end;
-    const float* xp;  // the input at the next codeword's first column
-    __m512 acc[2];    // even / odd codewords
-  };
+  using Row = VecRow<v16f>;  // lanes 8..15 stay 0
   const Work& w;
   const uint32_t* perm;
 
-  Row row(int64_t r) const {
-    return {w.m.codes + w.m.row_offsets[r],
-            w.m.codes + w.m.row_offsets[r + 1],
-            w.passes[0].xt,
-            {_mm512_setzero_ps(), _mm512_setzero_ps()}};
-  }
+  Row row(int64_t r) const { return vec_row<v16f>(w, r); }
   void code(Row& s, uint32_t code, int odd) const {
     const uint32_t e = perm[code];
     const v16u shift = {0, 5, 10, 0, 0, 5, 10, 0, 0, 0, 0, 0, 0, 0, 0, 0};
@@ -357,14 +363,7 @@ struct PermKernel {
     s.acc[odd] = _mm512_add_ps(s.acc[odd], v);
     s.xp += e >> 27;
   }
-  void store(const Row& s, int64_t r) const {
-    alignas(64) float t[16];
-    _mm512_store_ps(t, _mm512_add_ps(s.acc[0], s.acc[1]));
-    const float lo_level = bf16_bits_to_float(w.m.levels[2 * r]);
-    const float hi_level = bf16_bits_to_float(w.m.levels[2 * r + 1]);
-    put(w, w.passes[0], r, 0,
-        lo_level * ((t[0] + t[1]) + (t[2] + t[3])) + hi_level * ((t[4] + t[5]) + (t[6] + t[7])));
-  }
+  void store(const Row& s, int64_t r) const { vec_store(w, s, r); }
 };
 #endif
 
