@@ -17,4 +17,4 @@ if command -v ninja >/dev/null; then args+=(-G Ninja); fi
 cmake "${args[@]}" >"$work/configure.log" || { cat "$work/configure.log" >&2; exit 1; }
 cmake --build "$work/build" >"$work/build.log" 2>&1 || { cat "$work/build.log" >&2; exit 1; }
 cd "$work"
-"$work/build/expert_matvec"
+TMPDIR="$work" "$work/build/expert_matvec"  # its container goes to the scratch folder
