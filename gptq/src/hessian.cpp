@@ -47,6 +47,17 @@ int64_t scratch_floats(const GemmKernel* kernel, int64_t ni, int64_t nj, int64_t
   return kernel == nullptr ? 0 : gptq_detail::gemm_scratch_floats(*kernel, ni, nj, nb);
 }
 
+// a + b, or InvalidArgument naming `what` when the count would pass INT64_MAX (counts read from a
+// file may be anything up to it).
+int64_t checked_count(int64_t a, int64_t b, const char* what) {
+  int64_t r = 0;
+  if (__builtin_add_overflow(a, b, &r)) {
+    throw InvalidArgument(std::string("HessianAccumulator: the ") + what + " count " +
+                          std::to_string(a) + " + " + std::to_string(b) + " overflows int64");
+  }
+  return r;
+}
+
 }  // namespace
 
 std::string_view gptq_kernel() {
@@ -83,6 +94,9 @@ int64_t HessianAccumulator::add(const float* x, int64_t n, int64_t ld, int threa
     throw InvalidArgument("HessianAccumulator::add: null data");
   int64_t accept = n;
   if (token_cap_ > 0) accept = std::min(n, std::max<int64_t>(0, token_cap_ - tokens_));
+  // Checked before anything changes.
+  const int64_t new_tokens = checked_count(tokens_, accept, "token");
+  const int64_t new_dropped = checked_count(dropped_, n - accept, "dropped-token");
   for (int64_t t = 0; t < accept; ++t) {
     for (int64_t c = 0; c < dim_; ++c) {
       if (!std::isfinite(x[t * ld + c])) {
@@ -126,8 +140,8 @@ int64_t HessianAccumulator::add(const float* x, int64_t n, int64_t ld, int threa
     }
     lower_stale_ = true;  // the upper triangle is the result
   }
-  tokens_ += accept;
-  dropped_ += n - accept;
+  tokens_ = new_tokens;
+  dropped_ = new_dropped;
   return accept;
 }
 
@@ -159,14 +173,16 @@ void HessianAccumulator::merge(const HessianAccumulator& other) {
     throw InvalidArgument("HessianAccumulator::merge: dimension " + std::to_string(other.dim_) +
                           " != " + std::to_string(dim_));
   }
+  const int64_t new_tokens = checked_count(tokens_, other.tokens_, "token");
+  const int64_t new_dropped = checked_count(dropped_, other.dropped_, "dropped-token");
   // The upper triangles are always complete; the lower one is filled in when read.
   const int64_t d = dim_;
   for (int64_t i = 0; i < d; ++i) {
     for (int64_t j = i; j < d; ++j) sum_[i * d + j] += other.sum_[i * d + j];
   }
   lower_stale_ = true;
-  tokens_ += other.tokens_;
-  dropped_ += other.dropped_;
+  tokens_ = new_tokens;
+  dropped_ = new_dropped;
 }
 
 void HessianAccumulator::assign(std::vector<double> sum, int64_t tokens, int64_t dropped) {

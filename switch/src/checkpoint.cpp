@@ -274,9 +274,12 @@ std::shared_ptr<const SwitchSource> SwitchSource::open(const fs::path& path,
                                               it->second.file->path().filename().string()));
         continue;
       }
-      const auto& f =
-          *std::find_if(src->shards_.begin(), src->shards_.end(),
-                        [&](const SafetensorsFile& s) { return s.path().filename() == shard; });
+      // The shard is one of shards_, which were opened from the weight_map's shard names.
+      // shard_file: clang 14 (the fuzz build's compiler) cannot capture a structured binding.
+      const std::string& shard_file = shard;
+      const auto& f = *std::find_if(
+          src->shards_.begin(), src->shards_.end(),
+          [&](const SafetensorsFile& s) { return s.path().filename() == shard_file; });
       std::optional<std::string> target;
       if (auto m = f.metadata().find(name); m != f.metadata().end())
         target = m->second;  // HF bot aliases

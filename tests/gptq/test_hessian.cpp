@@ -203,6 +203,26 @@ TEST(Hessian, InvalidInputs) {
   EXPECT_THROW(acc.assign(std::vector<double>(15), 1), InvalidArgument);
 }
 
+// Counts read from a file may be anything up to INT64_MAX: adding to them must fail cleanly, with
+// the accumulator left as it was.
+TEST(Hessian, CountOverflowIsAnErrorThatChangesNothing) {
+  const int64_t d = 2, big = std::numeric_limits<int64_t>::max() - 1;
+  HessianAccumulator a(d), b(d);
+  a.assign({1.0, 0.5, 0.5, 2.0}, big, 0);
+  b.assign({1.0, 0.0, 0.0, 1.0}, 5, big);
+  const std::vector<float> x = {1.0f, 2.0f, 3.0f, 4.0f};
+  EXPECT_THROW(a.add(x.data(), 2), InvalidArgument);
+  EXPECT_EQ(a.tokens(), big);
+  EXPECT_EQ(a.sum(), (std::vector<double>{1.0, 0.5, 0.5, 2.0}));
+  EXPECT_THROW(a.merge(b), InvalidArgument);
+  EXPECT_THROW(b.merge(b), InvalidArgument);  // dropped + dropped
+  EXPECT_EQ(a.tokens(), big);
+  EXPECT_EQ(a.sum(), (std::vector<double>{1.0, 0.5, 0.5, 2.0}));
+  EXPECT_EQ(b.dropped(), big);
+  a.add(x.data(), 1);  // one more token still fits
+  EXPECT_EQ(a.tokens(), big + 1);
+}
+
 TEST(HessianFile, RoundTrip) {
   std::map<std::string, HessianAccumulator> accs;
   const auto x = synthetic::activations(300, 48, 7);

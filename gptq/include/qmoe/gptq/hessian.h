@@ -35,9 +35,11 @@ class HessianAccumulator {
 
   // Adds the n tokens of x (n rows of dim floats, row stride ld floats; ld = dim when 0), up to
   // the cap. Returns the number accepted. Throws InvalidArgument for n < 0, ld < dim, a null x
-  // with n > 0 or a non-finite value (nothing is added then).
+  // with n > 0, a non-finite value, or a token count that would pass INT64_MAX (nothing is added
+  // then).
   int64_t add(const float* x, int64_t n, int64_t ld = 0, int threads = 0);
-  // Adds the sums and counts of `other` (same dim, else InvalidArgument); the cap is not applied.
+  // Adds the sums and counts of `other` (same dim, else InvalidArgument; InvalidArgument too, with
+  // nothing changed, if a count would pass INT64_MAX); the cap is not applied.
   void merge(const HessianAccumulator& other);
   // Replaces the state (for readers): sum is dim*dim doubles, symmetric.
   void assign(std::vector<double> sum, int64_t tokens, int64_t dropped = 0);
