@@ -18,3 +18,4 @@ cmake "${args[@]}" >"$work/configure.log" || { cat "$work/configure.log" >&2; ex
 cmake --build "$work/build" >"$work/build.log" 2>&1 || { cat "$work/build.log" >&2; exit 1; }
 cd "$work"
 TMPDIR="$work" "$work/build/expert_matvec"  # its container goes to the scratch folder
+"$work/build/moe_layer"
