@@ -28,6 +28,10 @@ struct Tables {
   // qmoe-p5, indexed by byte (256 entries, 16 bytes each): bytes 0..4 = columns of the low-level
   // symbols, byte 5 = n_low, bytes 8..12 = columns of the high-level symbols, byte 13 = n_high.
   const uint8_t* p5_list = nullptr;
+  // qmoe-p5, indexed by byte (256 entries, 16 int32 each), for the single-token kernels: lane i
+  // (i < 5) is all ones when symbol i of the byte is low, lane 8 + i when it is high; the other
+  // lanes and the entries of bytes > 242 are 0.
+  const int32_t* p5_lanes = nullptr;
 };
 
 // The tables, built on first use from v1_decode_table(); thread-safe, valid forever. Throws Error

@@ -181,7 +181,7 @@ void run(std::span<const Item> items, bool accumulate, const MatmulOptions& opt)
         max_codes = std::max<int64_t>(max_codes, w.row_offsets[r + 1] - w.row_offsets[r]);
       capacity = 3 * max_codes + 8;  // <= 3 symbols per codeword, 4 written per store
     } else {
-      capacity = w.cols + 8;  // 5 written per byte
+      capacity = w.cols + 8;  // up to 8 written per byte, at most 5 of them kept
     }
     capacity = (capacity + 7) / 8 * 8;  // keeps the staged results aligned
     max_capacity = std::max(max_capacity, capacity);

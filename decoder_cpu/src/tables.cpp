@@ -18,13 +18,15 @@ struct TableStore {
   std::vector<uint32_t> v1_perm;
   std::vector<int32_t> v1_slot_masks;
   std::vector<uint8_t> p5_list;
+  std::vector<int32_t> p5_lanes;
   Tables view;
 
   TableStore()
       : v1_list(v1::kEntries),
         v1_perm(v1::kEntries),
         v1_slot_masks(64 * 2 * 4, 0),
-        p5_list(256 * 16, 0) {
+        p5_list(256 * 16, 0),
+        p5_lanes(256 * 16, 0) {
     const int32_t* table = v1_decode_table();
     for (int e = 0; e < v1::kEntries; ++e) {
       const uint32_t w[2] = {static_cast<uint32_t>(table[2 * e]),
@@ -64,6 +66,7 @@ struct TableStore {
       for (int i = 0; i < p5::kSymbolsPerByte; ++i, v /= 3) {
         if (v % 3 == 1) rec[rec[5]++] = static_cast<uint8_t>(i);
         if (v % 3 == 2) rec[8 + rec[13]++] = static_cast<uint8_t>(i);
+        if (v % 3 != 0) p5_lanes[16 * b + (v % 3 == 1 ? i : 8 + i)] = -1;
       }
     }
     view.v1_list = v1_list.data();
@@ -76,6 +79,7 @@ struct TableStore {
     view.v1_slot_masks = v1_slot_masks.data();
     view.v1_perm = v1_perm.data();
     view.p5_list = p5_list.data();
+    view.p5_lanes = p5_lanes.data();
   }
 };
 
