@@ -384,12 +384,13 @@ struct PermKernel {
 #if defined(__AVX2__)
 // ---- one token, qmoe-p5 ---------------------------------------------------------------------
 // A byte holds the symbols of 5 consecutive columns, so the 8 inputs from the byte's first column
-// hold all of them: AND with the two 8-lane halves of the byte's row of p5_lanes keeps the low
-// inputs (lanes 0..4 of the first) and the high ones (of the second). Byte i of a row goes to
-// accumulator i % 4, and the four are combined in a fixed order, so the result depends only on
-// the row. No lists, no branches, one load of x per byte; the 16 KiB table stays in L1. The same
-// 256-bit code serves the AVX-512 level. The lists path took 4x the time of dense fp32 for one
-// token.
+// hold all of them: ANDed with the byte's 16-lane row of p5_lanes, the low inputs land in lanes
+// 0..4 and the high ones in lanes 8..12. With AVX-512 the 8 inputs are broadcast to both halves of
+// one vector (one AND, one add per byte); AVX2 works on the two 8-lane halves. Byte i of a row
+// goes to accumulator i % 4, and the four are combined in a fixed order, so the result depends
+// only on the row. No lists, no branches; the 16 KiB table stays in L1. wo 768x3072, one token,
+// one thread, Zen 4: 272 us with AVX-512, 359 us for the two-half form, 1584 us for the lists
+// path it replaces, 365 us for dense fp32.
 inline float p5_row(const uint8_t* b, int64_t nb, const float* x, const Tables& tb, float lo_level,
                     float hi_level) {
   constexpr int U = 4;
