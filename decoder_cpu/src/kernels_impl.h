@@ -45,6 +45,13 @@ inline float bf16_bits_to_float(uint16_t h) {
   return f;
 }
 
+// A row's result from its two sums, formed in double as the reference decoder does: with levels
+// near the float range, a float product alone can overflow where the result does not.
+inline float combine(float lo_level, float lo_sum, float hi_level, float hi_sum) {
+  return static_cast<float>(static_cast<double>(lo_level) * lo_sum +
+                            static_cast<double>(hi_level) * hi_sum);
+}
+
 // ---- phase 1: a row's codes -> columns of its low / high symbols ---------------------------
 // Writes may run up to 4 (v1) or 7 (p5) entries past the final counts: list capacity has slack.
 inline void v1_lists(const uint16_t* c, const uint16_t* end, const uint64_t* table, int32_t* lo,
@@ -170,7 +177,7 @@ inline void finish_cols(const Pass& p, const int32_t* lo, int64_t n_lo, const in
     sum_cols<v8f, NV, U>(p.xt, lo, n_lo, sa);
     sum_cols<v8f, NV, U>(p.xt, hi, n_hi, sb);
   }
-  for (int t = 0; t < 8 * NV; ++t) out[t] = lo_level * sa[t] + hi_level * sb[t];
+  for (int t = 0; t < 8 * NV; ++t) out[t] = combine(lo_level, sa[t], hi_level, sb[t]);
 }
 
 typedef float v4f __attribute__((vector_size(16)));
@@ -276,7 +283,7 @@ struct SlotKernel {
     const float lo_level = bf16_bits_to_float(w.m.levels[2 * r]);
     const float hi_level = bf16_bits_to_float(w.m.levels[2 * r + 1]);
     put(w, w.passes[0], r, 0,
-        lo_level * hsum4(s.lo[0] + s.lo[1]) + hi_level * hsum4(s.hi[0] + s.hi[1]));
+        combine(lo_level, hsum4(s.lo[0] + s.lo[1]), hi_level, hsum4(s.hi[0] + s.hi[1])));
   }
 };
 
@@ -308,7 +315,7 @@ void vec_store(const Work& w, const VecRow<V>& s, int64_t r) {
   const float lo_level = bf16_bits_to_float(w.m.levels[2 * r]);
   const float hi_level = bf16_bits_to_float(w.m.levels[2 * r + 1]);
   put(w, w.passes[0], r, 0,
-      lo_level * ((t[0] + t[1]) + (t[2] + t[3])) + hi_level * ((t[4] + t[5]) + (t[6] + t[7])));
+      combine(lo_level, (t[0] + t[1]) + (t[2] + t[3]), hi_level, (t[4] + t[5]) + (t[6] + t[7])));
 }
 #endif
 
@@ -398,10 +405,14 @@ inline float p5_row(const uint8_t* b, int64_t nb, const float* x, const Tables& 
 #if defined(__AVX512F__)
   v16f acc[U] = {};
   auto step = [&](int u, uint8_t byte, const float* xp) {
+#if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"  // GCC 12's own _mm512_undefined_ps
+#endif
     const __m512 w = _mm512_broadcast_f32x8(_mm256_loadu_ps(xp));
+#if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC diagnostic pop
+#endif
     const __m512 m = _mm512_loadu_ps(reinterpret_cast<const float*>(lanes + 16 * byte));
     acc[u] += reinterpret_cast<v16f>(_mm512_and_ps(w, m));
   };
@@ -435,7 +446,7 @@ inline float p5_row(const uint8_t* b, int64_t nb, const float* x, const Tables& 
 #endif
   const float lo = ((t[0] + t[1]) + (t[2] + t[3])) + t[4];
   const float hi = ((t[8] + t[9]) + (t[10] + t[11])) + t[12];
-  return lo_level * lo + hi_level * hi;
+  return combine(lo_level, lo, hi_level, hi);
 }
 
 void p5_rows(const Work& w, const Tables& tb, int64_t r0, int64_t r1) {
@@ -476,7 +487,7 @@ void rows_lists(const Work& w, const Tables& tb, int64_t r0, int64_t r1, int32_t
       float* out = staged(q, r);
       switch (p.bp) {
         case 1:
-          out[0] = lo_level * sum_at(p.xt, lo, n_lo) + hi_level * sum_at(p.xt, hi, n_hi);
+          out[0] = combine(lo_level, sum_at(p.xt, lo, n_lo), hi_level, sum_at(p.xt, hi, n_hi));
           break;
         case 8:
           finish_cols<1>(p, lo, n_lo, hi, n_hi, lo_level, hi_level, out);

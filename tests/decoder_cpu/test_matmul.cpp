@@ -128,6 +128,39 @@ TEST_P(Levels, MatvecMatchesReference) {
   }
 }
 
+// Levels near the float range: W x is small although level * (sum of inputs) is not a float. The
+// kernels form a row's result in double, as the reference does (found by fuzz_decoder).
+TEST_P(Levels, LevelsNearTheFloatRangeDoNotOverflow) {
+  for (Codec codec : {Codec::kV1, Codec::kP5}) {
+    SCOPED_TRACE(codec_str(codec));
+    TernaryMatrix t(2, 40);
+    for (int64_t r = 0; r < 2; ++r) {
+      t.symbols[r * 40 + 3] = 1;   // low
+      t.symbols[r * 40 + 17] = 2;  // high
+      t.levels[2 * r] = float_to_bf16(-3.0e38f);
+      t.levels[2 * r + 1] = float_to_bf16(3.0e38f);
+    }
+    EncodeOptions o;
+    o.codec = codec;
+    const CompressedMatrix m = encode(t, o);
+    std::vector<float> x(40, 0.0f);
+    x[3] = 2.0f;
+    x[17] = 2.0f;  // -3e38 * 2 + 3e38 * 2: each product overflows a float, the sum is 0
+    std::vector<float> ref(2), y(2, -1.0f);
+    matvec_ref(m.view(), x.data(), ref.data());
+    matvec(m.view(), x.data(), y.data(), opt_);
+    for (int r = 0; r < 2; ++r) {
+      ASSERT_TRUE(std::isfinite(y[r])) << "row " << r;
+      EXPECT_EQ(y[r], ref[r]) << "row " << r;
+    }
+    std::vector<float> x3(3 * 40);  // the list path, 3 tokens
+    for (int k = 0; k < 3; ++k) std::copy(x.begin(), x.end(), x3.begin() + 40 * k);
+    std::vector<float> y3(6, -1.0f);
+    matmul(m.view(), 3, x3.data(), 40, y3.data(), 2, opt_);
+    for (float v : y3) EXPECT_EQ(v, ref[0]);
+  }
+}
+
 TEST_P(Levels, MatmulMatchesReferenceForEveryBatch) {
   for (Codec codec : {Codec::kV1, Codec::kP5}) {
     const int64_t rows = 45, cols = 301;  // neither a multiple of 4 rows nor of 8/16/28 columns

@@ -1,6 +1,8 @@
 // libFuzzer target: arbitrary bytes as an encoded matrix (CompressedView). validate() must accept
 // or throw FormatError; decoding a view that validate() accepted must succeed, and the three
-// reference entry points (symbols, dense, matvec) must agree.
+// reference entry points (symbols, dense, matvec) must agree. The CPU kernels (decoder_cpu, every
+// SIMD level this machine runs; one token and the batch paths) must then agree with the reference
+// matvec within fp32 summation error: valid code streams need not be the encoder's greedy parse.
 //
 // Input layout: byte 0 bit 0 = codec (0 v1, 1 p5), bit 1 = row offsets raw (1) or built from
 // per-row code counts (0, mostly monotone, reaches deeper); byte 1 = rows (0..15); bytes 2-3 =
@@ -12,6 +14,7 @@
 #include <cstring>
 #include <vector>
 
+#include "qmoe/decoder_cpu/matmul.h"
 #include "qmoe/format/error.h"
 #include "qmoe/format/matrix.h"
 #include "qmoe/format/reference.h"
@@ -90,6 +93,39 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
       sum += want;
     }
     if (static_cast<float>(sum) != y[r]) __builtin_trap();
+  }
+
+  // The CPU kernels against the reference, for 1, 3 and 9 tokens (one-token kernels, then the
+  // list path with one and with two 8-token vectors). Per output, the allowed error is fp32
+  // summation error over the row's terms: 2^-12 * (|lo| + |hi|) * sum |x| (cols < 1024).
+  const int64_t max_n = 9;
+  std::vector<float> xs(static_cast<size_t>(max_n * v.cols));
+  for (size_t i = 0; i < xs.size(); ++i)
+    xs[i] = static_cast<float>(static_cast<int>((i * 2654435761u) % 17) - 8) / 8.0f;
+  std::vector<float> ref(static_cast<size_t>(max_n * v.rows)), got(ref.size());
+  for (int64_t t = 0; t < max_n; ++t)
+    qmoe::matvec_ref(v, xs.data() + t * v.cols, ref.data() + t * v.rows);
+  for (qmoe::cpu::SimdLevel level : qmoe::cpu::supported_simd_levels()) {
+    qmoe::cpu::MatmulOptions opt;
+    opt.threads = 1;
+    opt.simd = level;
+    for (int64_t tokens : {1, 3, 9}) {
+      std::fill(got.begin(), got.end(), 0.0f);
+      qmoe::cpu::matmul(v, tokens, xs.data(), v.cols, got.data(), v.rows, opt);
+      for (int64_t t = 0; t < tokens; ++t) {
+        double xabs = 0;
+        for (int64_t c = 0; c < v.cols; ++c)
+          xabs += std::fabs(xs[static_cast<size_t>(t * v.cols + c)]);
+        for (int64_t r = 0; r < v.rows; ++r) {
+          const double lo = qmoe::bf16_to_float(v.levels[2 * r]);
+          const double hi = qmoe::bf16_to_float(v.levels[2 * r + 1]);
+          const double bound = std::ldexp((std::fabs(lo) + std::fabs(hi)) * xabs, -12);
+          const size_t i = static_cast<size_t>(t * v.rows + r);
+          if (!std::isfinite(bound) || !std::isfinite(ref[i])) continue;  // huge levels
+          if (!(std::fabs(static_cast<double>(got[i]) - ref[i]) <= bound)) __builtin_trap();
+        }
+      }
+    }
   }
   return 0;
 }
