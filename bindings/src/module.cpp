@@ -1571,8 +1571,8 @@ The SIMD levels of the CPU kernels that this CPU and build run, lowest first.
       R"doc(
 What this installation is and runs, as a dict: version, native (built with QMOE_NATIVE, so it
 runs only on CPUs like the one that built it), cuda_kernels (built with the CUDA kernels),
-cuda_devices, cpu_simd_level, cpu_simd_levels, gptq_kernel (the float32 products of GPTQ and the Hessian sums: 'avx512', 'avx2'
-or 'portable'), openmp_threads. Raises ValueError like
+cuda_devices, cpu_simd_level, cpu_simd_levels, gptq_kernel (the float32 products of GPTQ and the
+Hessian sums: 'avx512', 'avx2' or 'portable'), openmp_threads. Raises ValueError like
 cpu_simd_level() when QMOE_CPU_SIMD is invalid.
 )doc");
 
