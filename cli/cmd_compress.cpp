@@ -78,7 +78,7 @@ int run_compress(const CompressArgs& a) {
   if (a.codec != "auto") {
     opt.codec = codec_from_name(a.codec);
     if (!opt.codec)
-      throw InvalidArgument("unknown codec '" + a.codec + "' (qmoe-v1, qmoe-p5 or auto)");
+      throw InvalidArgument("unknown codec '" + a.codec + "' (qmoe-v1, qmoe-v2, qmoe-p5 or auto)");
   }
   if (a.rtn && (!a.hessians.empty() || !a.calib_tokens.empty()))
     throw InvalidArgument("--rtn excludes --hessians and --calib-tokens");
@@ -128,11 +128,12 @@ int run_compress(const CompressArgs& a) {
     std::printf("%-24s %10lld %12lld %10.4f\n", b.block.c_str(), static_cast<long long>(b.matrices),
                 static_cast<long long>(b.weights), b.bits_per_weight());
   std::printf(
-      "experts: %lld matrices (%lld qmoe-v1, %lld qmoe-p5), %lld weights, %.2f%% zeros, %s -> %s, "
-      "%.4f bits per expert weight\n",
+      "experts: %lld matrices (%lld qmoe-v1, %lld qmoe-v2, %lld qmoe-p5), %lld weights, %.2f%% "
+      "zeros, %s -> %s, %.4f bits per expert weight\n",
       static_cast<long long>(s.expert_matrices), static_cast<long long>(s.v1_matrices),
-      static_cast<long long>(s.p5_matrices), static_cast<long long>(s.expert_weights),
-      100.0 * s.mean_zero_fraction, human_bytes(static_cast<double>(s.expert_input_bytes)).c_str(),
+      static_cast<long long>(s.v2_matrices), static_cast<long long>(s.p5_matrices),
+      static_cast<long long>(s.expert_weights), 100.0 * s.mean_zero_fraction,
+      human_bytes(static_cast<double>(s.expert_input_bytes)).c_str(),
       human_bytes(static_cast<double>(s.expert_compressed_bytes)).c_str(),
       s.bits_per_expert_weight());
   if (s.quantizer == "gptq" && s.fallback_matrices > 0)
@@ -178,10 +179,10 @@ Registrar compress_cmd("compress", [](CLI::App& app) -> std::function<int()> {
                  "output container (a directory when --shard-size is given)")
       ->required();
   app.add_option("--hessians", a->hessians,
-                 "Hessian accumulator file (format/SPEC.md section 11): GPTQ");
+                 "Hessian accumulator file (format/SPEC.md section 12): GPTQ");
   app.add_option(
       "--calib-tokens", a->calib_tokens,
-      "calibration token file (format/SPEC.md section 12): GPTQ with Hessians from QMoE's "
+      "calibration token file (format/SPEC.md section 13): GPTQ with Hessians from QMoE's "
       "sequential calibration through the forward pass");
   app.add_flag("--calib-independent", a->calib_independent,
                "with --calib-tokens: every Hessian from the original model (no recomputation with "
@@ -196,7 +197,9 @@ Registrar compress_cmd("compress", [](CLI::App& app) -> std::function<int()> {
   app.add_flag("--progress", a->progress, "progress bar on stderr even when it is not a terminal");
   app.add_flag("--cast-bf16", a->cast_bf16,
                "store the F32/F16 tensors that are not experts as BF16");
-  app.add_option("--codec", a->codec, "qmoe-v1, qmoe-p5 or auto (the smaller per matrix)");
+  app.add_option("--codec", a->codec,
+                 "qmoe-v1, qmoe-v2 (smaller; CPU decoding only), qmoe-p5 or auto (the smaller of "
+                 "qmoe-v1 and qmoe-p5 per matrix)");
   app.add_option("--percdamp", a->percdamp, "GPTQ dampening, a fraction of the mean diagonal of H");
   app.add_option("--blocksize", a->blocksize, "GPTQ lazy-update block size (columns)");
   app.add_flag("--actorder", a->actorder, "GPTQ: columns in order of decreasing Hessian diagonal");

@@ -4,6 +4,7 @@
 #include <filesystem>
 #include <map>
 #include <memory>
+#include <set>
 #include <string>
 
 #include <nlohmann/json.hpp>
@@ -117,7 +118,8 @@ int run_inspect(const InspectArgs& a) {
   std::map<std::string, Block> blocks;
   json jt = json::array();
   int64_t comp_n = 0, comp_weights = 0, comp_bytes = 0, comp_codes = 0, comp_input = 0;
-  int64_t expert_weights = 0, expert_bytes = 0, v1 = 0, p5 = 0;
+  int64_t expert_weights = 0, expert_bytes = 0, v1 = 0, v2 = 0, p5 = 0;
+  std::set<uint64_t> v2_dictionaries;  // counted once each in the totals
   int64_t dense_n = 0, dense_bytes = 0;
 
   std::vector<std::string> names = c.names();
@@ -128,15 +130,17 @@ int run_inspect(const InspectArgs& a) {
     if (const CompressedEntry* e = c.find_compressed(name)) {
       const CompressedView& v = e->view;
       const int64_t w = v.rows * v.cols;
-      const int64_t codes = v.codec == Codec::kV1 ? static_cast<int64_t>(v.codes.size())
-                                                  : static_cast<int64_t>(v.packed.size());
+      const int64_t codes = v.has_codes() ? static_cast<int64_t>(v.codes.size())
+                                          : static_cast<int64_t>(v.packed.size());
       const double bpw = v.bits_per_weight();
       ++comp_n;
       comp_weights += w;
       comp_bytes += v.compressed_bytes();
       comp_codes += codes;
       comp_input += w * dtype_size(e->original_dtype);
-      (v.codec == Codec::kV1 ? v1 : p5) += 1;
+      (v.codec == Codec::kV1 ? v1 : v.codec == Codec::kV2 ? v2 : p5) += 1;
+      if (v.codec == Codec::kV2 && v2_dictionaries.insert(v.dictionary_id).second)
+        comp_bytes += v2::kTableBytes;
       const ExpertStat* st = stat_of(name);
       std::string block;
       int64_t ex;
@@ -236,7 +240,9 @@ int run_inspect(const InspectArgs& a) {
                 {"totals",
                  {{"compressed_matrices", comp_n},
                   {"qmoe_v1", v1},
+                  {"qmoe_v2", v2},
                   {"qmoe_p5", p5},
+                  {"qmoe_v2_dictionaries", v2_dictionaries.size()},
                   {"compressed_weights", comp_weights},
                   {"compressed_bytes", comp_bytes},
                   {"codes", comp_codes},
@@ -276,11 +282,12 @@ int run_inspect(const InspectArgs& a) {
   if (!meta("quantizer").empty()) std::printf(", quantizer %s", meta("quantizer").c_str());
   std::printf("\n");
   std::printf(
-      "compressed: %lld matrices (%lld qmoe-v1, %lld qmoe-p5), %lld weights, %lld codes, %s, %.4f "
-      "bits/weight\n",
-      static_cast<long long>(comp_n), static_cast<long long>(v1), static_cast<long long>(p5),
-      static_cast<long long>(comp_weights), static_cast<long long>(comp_codes),
-      human_bytes(static_cast<double>(comp_bytes)).c_str(), bpw(comp_bytes, comp_weights));
+      "compressed: %lld matrices (%lld qmoe-v1, %lld qmoe-v2, %lld qmoe-p5), %lld weights, %lld "
+      "codes, %s, %.4f bits/weight\n",
+      static_cast<long long>(comp_n), static_cast<long long>(v1), static_cast<long long>(v2),
+      static_cast<long long>(p5), static_cast<long long>(comp_weights),
+      static_cast<long long>(comp_codes), human_bytes(static_cast<double>(comp_bytes)).c_str(),
+      bpw(comp_bytes, comp_weights));
   if (expert_weights > 0)
     std::printf("experts: %lld weights, %.4f bits per expert weight (originally %s)\n",
                 static_cast<long long>(expert_weights), bpw(expert_bytes, expert_weights),

@@ -179,7 +179,7 @@ py::array readonly_view(const T* data, std::vector<py::ssize_t> shape, py::handl
 std::optional<qmoe::Codec> parse_codec(const std::string& name, bool allow_auto) {
   if (allow_auto && name == "auto") return std::nullopt;
   if (auto c = qmoe::codec_from_name(name)) return c;
-  bad_arg("unknown codec '" + name + "' (expected 'qmoe-v1', 'qmoe-p5'" +
+  bad_arg("unknown codec '" + name + "' (expected 'qmoe-v1', 'qmoe-v2', 'qmoe-p5'" +
           (allow_auto ? ", or 'auto')" : ")"));
 }
 
@@ -406,10 +406,13 @@ qmoe::TernaryMatrix ternary_from(const py::handle& s_obj, const py::handle& l_ob
 }
 
 PyCompressed encode(const py::handle& symbols, const py::handle& levels, const std::string& codec,
-                    const std::string& original_dtype, int threads) {
+                    const std::string& original_dtype, int threads, int v2_max_width,
+                    std::optional<double> v2_p0) {
   qmoe::EncodeOptions opt;
   opt.codec = parse_codec(codec, true);
   opt.threads = threads;
+  opt.v2_max_width = v2_max_width;
+  opt.v2_p0 = v2_p0;
   const DType orig = parse_dtype_name(original_dtype);
   qmoe::TernaryMatrix t = ternary_from(symbols, levels);
   qmoe::CompressedMatrix m;
@@ -424,7 +427,7 @@ PyCompressed encode(const py::handle& symbols, const py::handle& levels, const s
 PyCompressed from_tensors(const std::string& codec_name, std::pair<int64_t, int64_t> shape,
                           const py::handle& levels_obj, const py::handle& codes_obj,
                           const py::handle& row_offsets_obj, const py::handle& packed_obj,
-                          const std::string& original_dtype) {
+                          const py::handle& dictionary_obj, const std::string& original_dtype) {
   qmoe::CompressedMatrix m;
   m.codec = *parse_codec(codec_name, false);
   m.rows = shape.first;
@@ -443,16 +446,26 @@ PyCompressed from_tensors(const std::string& codec_name, std::pair<int64_t, int6
   py::array lv = as_array(levels_obj, "levels");
   if (is_ml_bfloat16(lv.dtype())) lv = lv.attr("view")(py::dtype::of<uint16_t>());
   copy_1d(lv, "levels", py::dtype::of<uint16_t>(), m.levels);
-  if (m.codec == qmoe::Codec::kV1) {
+  if (m.has_codes()) {
+    const std::string name(qmoe::codec_name(m.codec));
     if (codes_obj.is_none() || row_offsets_obj.is_none())
-      bad_arg("qmoe-v1 needs codes and row_offsets");
+      bad_arg(name + " needs codes and row_offsets");
     if (!packed_obj.is_none()) bad_arg("packed: only for qmoe-p5");
     copy_1d(codes_obj, "codes", py::dtype::of<uint16_t>(), m.codes);
     copy_1d(row_offsets_obj, "row_offsets", py::dtype::of<int32_t>(), m.row_offsets);
+    if (m.codec == qmoe::Codec::kV2) {
+      if (dictionary_obj.is_none()) bad_arg("qmoe-v2 needs dictionary (uint32, 65536 entries)");
+      std::vector<uint32_t> words;
+      copy_1d(dictionary_obj, "dictionary", py::dtype::of<uint32_t>(), words);
+      py::gil_scoped_release nogil;
+      m.dictionary = qmoe::make_v2_dictionary(std::move(words), "CompressedMatrix.from_tensors");
+    } else if (!dictionary_obj.is_none()) {
+      bad_arg("dictionary: only for qmoe-v2");
+    }
   } else {
     if (packed_obj.is_none()) bad_arg("qmoe-p5 needs packed");
-    if (!codes_obj.is_none() || !row_offsets_obj.is_none())
-      bad_arg("codes, row_offsets: only for qmoe-v1");
+    if (!codes_obj.is_none() || !row_offsets_obj.is_none() || !dictionary_obj.is_none())
+      bad_arg("codes, row_offsets, dictionary: only for qmoe-v1 and qmoe-v2");
     copy_1d(packed_obj, "packed", py::dtype::of<uint8_t>(), m.packed);
   }
   {
@@ -1046,6 +1059,7 @@ py::dict compress_checkpoint(const std::filesystem::path& checkpoint,
   d["bits_per_expert_weight"] = s.bits_per_expert_weight();
   d["passthrough_tensors"] = s.passthrough_tensors;
   d["v1_matrices"] = s.v1_matrices;
+  d["v2_matrices"] = s.v2_matrices;
   d["p5_matrices"] = s.p5_matrices;
   d["fallback_matrices"] = s.fallback_matrices;
   d["mean_zero_fraction"] = s.mean_zero_fraction;
@@ -1106,12 +1120,13 @@ the memory-mapped file, which stays mapped while any of them (or their raw tenso
       .def_static("from_tensors", &from_tensors, py::arg("codec"), py::arg("shape"), py::kw_only(),
                   py::arg("levels"), py::arg("codes") = py::none(),
                   py::arg("row_offsets") = py::none(), py::arg("packed") = py::none(),
-                  py::arg("original_dtype") = "F32",
+                  py::arg("dictionary") = py::none(), py::arg("original_dtype") = "F32",
                   R"doc(
 Builds a matrix from its raw tensors (copied), as stored in a container (format/SPEC.md).
 
-codec: "qmoe-v1" (needs codes uint16 and row_offsets int32 of rows+1 entries) or "qmoe-p5"
-(needs packed uint8 of rows*ceil(cols/5) bytes). levels: 2*rows bfloat16 bit patterns (uint16 or
+codec: "qmoe-v1" (needs codes uint16 and row_offsets int32 of rows+1 entries), "qmoe-v2" (the
+same plus dictionary, uint32 of 65536 entry words) or "qmoe-p5" (needs packed uint8 of
+rows*ceil(cols/5) bytes). levels: 2*rows bfloat16 bit patterns (uint16 or
 ml_dtypes.bfloat16, any shape), (lo, hi) per row. The whole stream is validated.
 Raises ValueError for wrong dtypes or a missing tensor, qmoe.FormatError for a malformed stream.
 )doc")
@@ -1125,14 +1140,15 @@ Raises ValueError for wrong dtypes or a missing tensor, qmoe.FormatError for a m
       .def_property_readonly(
           "codec",
           [](const PyCompressed& p) { return std::string(qmoe::codec_name(p.view.codec)); },
-          "Codec name: 'qmoe-v1' or 'qmoe-p5'.")
+          "Codec name: 'qmoe-v1', 'qmoe-v2' or 'qmoe-p5'.")
       .def_property_readonly(
           "original_dtype",
           [](const PyCompressed& p) { return std::string(qmoe::dtype_name(p.original_dtype)); },
           "dtype of the weights before compression, safetensors spelling ('F32', 'BF16', ...).")
       .def_property_readonly(
           "nbytes", [](const PyCompressed& p) { return p.view.compressed_bytes(); },
-          "Bytes of codes (or packed data), row offsets and levels together.")
+          "Bytes of codes (or packed data), row offsets and levels together (a qmoe-v2 dictionary, "
+          "shared by the matrices of a file, is not counted).")
       .def_property_readonly(
           "bits_per_weight", [](const PyCompressed& p) { return p.view.bits_per_weight(false); },
           "nbytes * 8 / (rows * cols); 0 for an empty matrix.")
@@ -1144,21 +1160,41 @@ Raises ValueError for wrong dtypes or a missing tensor, qmoe.FormatError for a m
           "codes",
           [](py::object self) -> py::object {
             const auto& p = self.cast<const PyCompressed&>();
-            if (p.view.codec != qmoe::Codec::kV1) return py::none();
+            if (!p.view.has_codes()) return py::none();
             return readonly_view(p.view.codes.data(),
                                  {static_cast<py::ssize_t>(p.view.codes.size())}, self);
           },
-          "qmoe-v1 codewords, uint16 (read-only view); None for qmoe-p5.")
+          "qmoe-v1 / qmoe-v2 codewords, uint16 (read-only view); None for qmoe-p5.")
       .def_property_readonly(
           "row_offsets",
           [](py::object self) -> py::object {
             const auto& p = self.cast<const PyCompressed&>();
-            if (p.view.codec != qmoe::Codec::kV1) return py::none();
+            if (!p.view.has_codes()) return py::none();
             return readonly_view(p.view.row_offsets.data(),
                                  {static_cast<py::ssize_t>(p.view.row_offsets.size())}, self);
           },
-          "qmoe-v1 row offsets into codes, int32, rows+1 entries (read-only view); None for "
-          "qmoe-p5.")
+          "qmoe-v1 / qmoe-v2 row offsets into codes, int32, rows+1 entries (read-only view); None "
+          "for qmoe-p5.")
+      .def_property_readonly(
+          "dictionary",
+          [](py::object self) -> py::object {
+            const auto& p = self.cast<const PyCompressed&>();
+            if (p.view.codec != qmoe::Codec::kV2) return py::none();
+            return readonly_view(p.view.dictionary.data(),
+                                 {static_cast<py::ssize_t>(p.view.dictionary.size())}, self);
+          },
+          "qmoe-v2 dictionary: 65536 entry words, uint32 (read-only view; layout in "
+          "format/SPEC.md section 6.1); None for the other codecs.")
+      .def_property_readonly(
+          "dictionary_id",
+          [](const PyCompressed& p) -> py::object {
+            if (p.view.codec != qmoe::Codec::kV2) return py::none();
+            char buf[17];
+            std::snprintf(buf, sizeof buf, "%016llx",
+                          static_cast<unsigned long long>(p.view.dictionary_id));
+            return py::str(buf);
+          },
+          "qmoe-v2: the dictionary's id (XXH3-64 of its bytes, 16 hex digits); None otherwise.")
       .def_property_readonly(
           "packed",
           [](py::object self) -> py::object {
@@ -1168,7 +1204,7 @@ Raises ValueError for wrong dtypes or a missing tensor, qmoe.FormatError for a m
                                  {static_cast<py::ssize_t>(p.view.packed.size())}, self);
           },
           "qmoe-p5 base-3 packed bytes, uint8, rows*ceil(cols/5) (read-only view); None for "
-          "qmoe-v1.")
+          "qmoe-v1 and qmoe-v2.")
       .def_property_readonly(
           "levels",
           [](py::object self) {
@@ -1259,10 +1295,15 @@ Raises ValueError for a wrong dtype, shape or layout, or a non-finite weight.
 
   m.def("encode", &encode, py::arg("symbols"), py::arg("levels"), py::kw_only(),
         py::arg("codec") = "qmoe-v1", py::arg("original_dtype") = "F32", py::arg("threads") = 0,
+        py::arg("v2_max_width") = 63, py::arg("v2_p0") = py::none(),
         R"doc(
 Encodes a ternary matrix. symbols: uint8 (rows, cols), each 0, 1 or 2; levels: (rows, 2)
 bfloat16 bit patterns (uint16 or ml_dtypes.bfloat16), as returned by ternarize_rtn() or gptq().
-codec: "qmoe-v1" (dictionary codes), "qmoe-p5" (base-3 packing) or "auto" (the smaller one).
+codec: "qmoe-v1" (QMoE's dictionary codes), "qmoe-v2" (a dictionary fitted to the matrix, ~10%
+smaller at 88.5% zeros, much smaller at higher sparsity; decoded on the CPU only), "qmoe-p5"
+(base-3 packing) or "auto" (the smaller of qmoe-v1 and qmoe-p5).
+v2_max_width, v2_p0: qmoe-v2's longest dictionary entry (1..63 symbols) and the zero fraction its
+dictionary is fitted to (None: the matrix's own, rounded to a multiple of 1/64).
 original_dtype: the dtype the weights had, recorded when the matrix is saved ('F32', 'BF16', ...).
 threads: OpenMP threads (0 = default); the output is identical for any value.
 Raises ValueError for wrong dtypes or shapes, a symbol outside 0..2, or an unknown codec.
@@ -1392,7 +1433,7 @@ GPTQ's H = (2 / count) * sum(x x^T) as float32 (columns, columns), or None befor
         qmoe::write_hessians(path, copies);
       },
       py::arg("path"), py::arg("accumulators"), R"doc(
-Writes a dict of name -> HessianAccumulator to a Hessian file (safetensors; format/SPEC.md section 11),
+Writes a dict of name -> HessianAccumulator to a Hessian file (safetensors; format/SPEC.md section 12),
 atomically. Raises ValueError for bad names (empty, or ending in ".xtx", ".tokens" or
 ".dropped"), RuntimeError for I/O failures.
 )doc");
@@ -1499,7 +1540,7 @@ Raises ValueError as gptq() and encode() do, and for a non-ternary grid.
 Compresses a Switch Transformers checkpoint into a qmoe container, as `qmoe compress` does: every
 expert matrix ternarized (GPTQ with Hessians from the file `hessians`, e.g. written by
 save_hessians() with one accumulator per expert matrix, named as its tensor without ".weight"
-(format/SPEC.md section 11); round to nearest without) and encoded, every other tensor copied
+(format/SPEC.md section 12); round to nearest without) and encoded, every other tensor copied
 unchanged.
 
 checkpoint: Hugging Face checkpoint directory (config.json + safetensors). output: the container
@@ -1587,7 +1628,7 @@ serialised.
           "(rows, cols) of the matrix.")
       .def_property_readonly(
           "codec", [](const PyCudaMatrix& c) { return std::string(qmoe::codec_name(c.codec)); },
-          "Codec name: 'qmoe-v1' or 'qmoe-p5'.")
+          "Codec name: 'qmoe-v1', 'qmoe-v2' or 'qmoe-p5'.")
       .def_property_readonly(
           "device", [](const PyCudaMatrix& c) { return c.device; }, "CUDA device index.")
       .def(

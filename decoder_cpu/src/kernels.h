@@ -23,7 +23,8 @@ struct Tables {
   //   v1_perm, 32 bits, for the single-token kernels: the non-zero symbols as three slots in
   //            column order; bits 5j..5j+4 = column of slot j
   //            (0 when absent), bit 15 + j set when slot j is low, bit 18 + j when it is high,
-  //            bits 27..31 = columns the codeword covers.
+  //            bits 27..31 = columns the codeword covers. (A qmoe-v2 entry word has the same
+  //            fields with 6-bit columns: bits 6j.., kinds 18..23, width 26..31.)
   const uint32_t* v1_perm = nullptr;
   // qmoe-p5, indexed by byte (256 entries, 16 bytes each): bytes 0..4 = columns of the low-level
   // symbols, byte 5 = n_low, bytes 8..12 = columns of the high-level symbols, byte 13 = n_high.
@@ -38,13 +39,19 @@ struct Tables {
 // if the dictionary breaks an assumption the layout above relies on.
 const Tables& tables();
 
+// The v1_list-shaped table (see Tables) of a qmoe-v2 dictionary, built on first use per
+// dictionary id and kept (a process holds a handful of dictionaries); thread-safe.
+const uint64_t* v2_list_table(const uint32_t* dictionary, uint64_t id);
+
 // The matrix, as raw pointers (no std::span in kernel code, see above).
 struct Matrix {
-  int codec = 0;  // 0 = qmoe-v1, 1 = qmoe-p5
+  int codec = 0;  // 0 = qmoe-v1, 1 = qmoe-p5, 2 = qmoe-v2
   int64_t rows = 0;
   int64_t cols = 0;
-  const uint16_t* codes = nullptr;       // v1
-  const int32_t* row_offsets = nullptr;  // v1, rows + 1
+  const uint16_t* codes = nullptr;       // v1, v2
+  const int32_t* row_offsets = nullptr;  // v1, v2: rows + 1
+  const uint32_t* v2_entries = nullptr;  // v2: the dictionary's entry words (codec_layout.h)
+  const uint64_t* v2_list = nullptr;     // v2: v2_list_table() of the dictionary
   const uint8_t* packed = nullptr;       // p5, rows * ceil(cols / 5)
   const uint16_t* levels = nullptr;      // 2 * rows bf16 bits
 };

@@ -248,12 +248,23 @@ inline float hsum4(v4f v) {
   return (v[0] + v[1]) + (v[2] + v[3]);
 }
 
-// ---- one token, qmoe-v1: three slots per codeword -----------------------------------------
+// The slot fields of a single-token kernel's 32-bit word per codeword: v1_perm (5-bit columns,
+// tables.cpp) or a qmoe-v2 entry word, used as stored (6-bit columns, codec_layout.h). Both have
+// the low-kind bits of slots 0..2 followed by their high-kind bits, which index v1_slot_masks.
+struct V1Slots {
+  static constexpr int kColBits = 5, kKindShift = 15, kWidthShift = 27;
+};
+struct V2Slots {
+  static constexpr int kColBits = 6, kKindShift = 18, kWidthShift = 26;
+};
+
+// ---- one token, qmoe-v1 and qmoe-v2: three slots per codeword -----------------------------
 // Every codeword has at most 3 non-zero symbols, so its inputs fit one 4-float vector: load the
 // three slot columns (an absent slot reads the codeword's first column), then AND with the slot
 // masks of the codeword's kinds, which zero absent slots exactly (whatever the input) and split
-// low from high. No lists, no second pass. The codeword's v1_perm word (256 KiB table) gives the
-// 5-bit columns, the 6 kind bits and the width.
+// low from high. No lists, no second pass. The codeword's word (256 KiB table) gives the columns,
+// the 6 kind bits and the width.
+template <class L>
 struct SlotKernel {
   struct Row {
     const uint16_t* c;
@@ -273,13 +284,15 @@ struct SlotKernel {
             {v4f{}, v4f{}}};
   }
   void code(Row& s, uint32_t code, int odd) const {
+    constexpr uint32_t kCol = (1u << L::kColBits) - 1;
     const uint32_t e = perm[code];
     const float* xp = s.xp;
-    const v4f v = {xp[e & 31], xp[(e >> 5) & 31], xp[(e >> 10) & 31], 0.0f};
-    const v4i* m = reinterpret_cast<const v4i*>(masks + 8 * ((e >> 15) & 63));
+    const v4f v = {xp[e & kCol], xp[(e >> L::kColBits) & kCol], xp[(e >> (2 * L::kColBits)) & kCol],
+                   0.0f};
+    const v4i* m = reinterpret_cast<const v4i*>(masks + 8 * ((e >> L::kKindShift) & 63));
     s.lo[odd] += reinterpret_cast<v4f>(reinterpret_cast<v4i>(v) & m[0]);
     s.hi[odd] += reinterpret_cast<v4f>(reinterpret_cast<v4i>(v) & m[1]);
-    s.xp += e >> 27;
+    s.xp += e >> L::kWidthShift;
   }
   void store(const Row& s, int64_t r) const {
     const float lo_level = bf16_bits_to_float(w.m.levels[2 * r]);
@@ -321,13 +334,15 @@ void vec_store(const Work& w, const VecRow<V>& s, int64_t r) {
 }
 #endif
 
-#if defined(__AVX2__) && !defined(__AVX512F__)
-// ---- one token, qmoe-v1, AVX2: slots by broadcast and blend -------------------------------
+#if defined(__AVX2__)
+// ---- one token, AVX2 (both dictionary codecs) and AVX-512 (qmoe-v2): broadcast and blend -----
 // SlotKernel's arithmetic in one 8-float vector: each slot input is broadcast straight from
 // memory (a load, no shuffle), two immediate blends put slot j in lanes j and 4 + j, and one AND
 // with the 8-lane row of v1_slot_masks keeps the low kinds in lanes 0..2 and the high kinds in
 // 4..6. Lane by lane these are SlotKernel's sums in SlotKernel's order; it takes 8-13% less time
-// per call (wi and wo, one thread, Zen 4).
+// per call (wi and wo, one thread, Zen 4). A qmoe-v2 codeword spans up to 63 columns, more than
+// the permute kernel's 32-column window, so AVX-512 runs this kernel for qmoe-v2.
+template <class L>
 struct BlendKernel {
   using Row = VecRow<v8f>;
   const Work& w;
@@ -336,15 +351,17 @@ struct BlendKernel {
 
   Row row(int64_t r) const { return vec_row<v8f>(w, r); }
   void code(Row& s, uint32_t code, int odd) const {
+    constexpr uint32_t kCol = (1u << L::kColBits) - 1;
     const uint32_t e = perm[code];
     const float* xp = s.xp;
-    const __m256 b0 = _mm256_broadcast_ss(xp + (e & 31));
-    const __m256 b1 = _mm256_broadcast_ss(xp + ((e >> 5) & 31));
-    const __m256 b2 = _mm256_broadcast_ss(xp + ((e >> 10) & 31));
+    const __m256 b0 = _mm256_broadcast_ss(xp + (e & kCol));
+    const __m256 b1 = _mm256_broadcast_ss(xp + ((e >> L::kColBits) & kCol));
+    const __m256 b2 = _mm256_broadcast_ss(xp + ((e >> (2 * L::kColBits)) & kCol));
     const __m256 v = _mm256_blend_ps(_mm256_blend_ps(b0, b1, 0x22), b2, 0x44);
-    const __m256 m = _mm256_loadu_ps(reinterpret_cast<const float*>(masks + 8 * ((e >> 15) & 63)));
+    const __m256 m =
+        _mm256_loadu_ps(reinterpret_cast<const float*>(masks + 8 * ((e >> L::kKindShift) & 63)));
     s.acc[odd] = _mm256_add_ps(s.acc[odd], _mm256_and_ps(v, m));
-    s.xp += e >> 27;
+    s.xp += e >> L::kWidthShift;
   }
   void store(const Row& s, int64_t r) const { vec_store(w, s, r); }
 };
@@ -476,9 +493,9 @@ void rows_lists(const Work& w, const Tables& tb, int64_t r0, int64_t r1, int32_t
   const int64_t p5_bytes = (m.cols + 4) / 5;
   for (int64_t r = r0; r < r1; ++r) {
     int64_t n_lo = 0, n_hi = 0;
-    if (m.codec == 0) {
-      v1_lists(m.codes + m.row_offsets[r], m.codes + m.row_offsets[r + 1], tb.v1_list, lo, hi,
-               &n_lo, &n_hi);
+    if (m.codec != 1) {
+      v1_lists(m.codes + m.row_offsets[r], m.codes + m.row_offsets[r + 1],
+               m.codec == 0 ? tb.v1_list : m.v2_list, lo, hi, &n_lo, &n_hi);
     } else {
       p5_lists(m.packed + r * p5_bytes, p5_bytes, tb.p5_list, lo, hi, &n_lo, &n_hi);
     }
@@ -525,9 +542,17 @@ void rows(const Work& w, const Tables& tb, int64_t r0, int64_t r1, int32_t* scra
 #if defined(__AVX512F__)
     rows_paired(PermKernel{w, tb.v1_perm}, r0, r1);
 #elif defined(__AVX2__)
-    rows_paired(BlendKernel{w, tb.v1_perm, tb.v1_slot_masks}, r0, r1);
+    rows_paired(BlendKernel<V1Slots>{w, tb.v1_perm, tb.v1_slot_masks}, r0, r1);
 #else
-    rows_paired(SlotKernel{w, tb.v1_perm, tb.v1_slot_masks}, r0, r1);
+    rows_paired(SlotKernel<V1Slots>{w, tb.v1_perm, tb.v1_slot_masks}, r0, r1);
+#endif
+    return;
+  }
+  if (w.m.codec == 2 && w.num_passes == 1 && w.passes[0].bp == 1) {
+#if defined(__AVX2__)
+    rows_paired(BlendKernel<V2Slots>{w, w.m.v2_entries, tb.v1_slot_masks}, r0, r1);
+#else
+    rows_paired(SlotKernel<V2Slots>{w, w.m.v2_entries, tb.v1_slot_masks}, r0, r1);
 #endif
     return;
   }

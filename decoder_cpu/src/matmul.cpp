@@ -105,10 +105,14 @@ void check_matrix(const CompressedView& w) {
     throw InvalidArgument("matrix levels hold " + std::to_string(w.levels.size()) +
                           " values, expected " + std::to_string(2 * w.rows));
   }
-  if (w.codec == Codec::kV1) {
+  if (w.has_codes()) {
     if (w.row_offsets.size() != static_cast<size_t>(w.rows + 1) || w.row_offsets[0] != 0 ||
         static_cast<size_t>(w.row_offsets[static_cast<size_t>(w.rows)]) != w.codes.size()) {
-      throw InvalidArgument("qmoe-v1 matrix: row_offsets do not match rows and codes");
+      throw InvalidArgument(std::string(codec_name(w.codec)) +
+                            " matrix: row_offsets do not match rows and codes");
+    }
+    if (w.codec == Codec::kV2 && w.dictionary.size() != static_cast<size_t>(v2::kEntries)) {
+      throw InvalidArgument("qmoe-v2 matrix: the dictionary does not hold 65536 entries");
     }
   } else if (w.codec == Codec::kP5) {
     if (w.packed.size() != static_cast<size_t>(w.rows * p5::row_bytes(w.cols))) {
@@ -165,17 +169,22 @@ void run(std::span<const Item> items, bool accumulate, const MatmulOptions& opt)
     const CompressedView& w = *it.w;
     if (it.n <= 0 || w.rows == 0) continue;
     detail::Matrix m;
-    m.codec = w.codec == Codec::kV1 ? 0 : 1;
+    m.codec = w.codec == Codec::kV1 ? 0 : (w.codec == Codec::kP5 ? 1 : 2);
     m.rows = w.rows;
     m.cols = w.cols;
     m.codes = w.codes.data();
     m.row_offsets = w.row_offsets.data();
     m.packed = w.packed.data();
     m.levels = w.levels.data();
+    if (w.codec == Codec::kV2) {
+      m.v2_entries = w.dictionary.data();
+      if (it.n > 1) m.v2_list = detail::v2_list_table(w.dictionary.data(), w.dictionary_id);
+    }
     int64_t capacity = 0;
-    if (w.codec == Codec::kV1 && it.n == 1) {
-      // One token of qmoe-v1 takes the slot kernels, which use no lists (rows() in kernels_impl.h).
-    } else if (w.codec == Codec::kV1) {
+    if (w.has_codes() && it.n == 1) {
+      // One token of qmoe-v1 or v2 takes the slot kernels, which use no lists (rows() in
+      // kernels_impl.h).
+    } else if (w.has_codes()) {
       int64_t max_codes = 0;
       for (int64_t r = 0; r < w.rows; ++r)
         max_codes = std::max<int64_t>(max_codes, w.row_offsets[r + 1] - w.row_offsets[r]);

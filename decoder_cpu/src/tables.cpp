@@ -1,5 +1,8 @@
 // Per-dictionary tables of the CPU kernels (layout in kernels.h), derived from the decode tables.
 #include <array>
+#include <map>
+#include <memory>
+#include <mutex>
 #include <string>
 #include <vector>
 
@@ -10,6 +13,18 @@
 
 namespace qmoe::cpu::detail {
 namespace {
+
+// A list record (Tables::v1_list layout) from columns and symbols of one codeword.
+uint64_t list_record(const int* cols, const int* syms, int n, int width) {
+  uint64_t lo_cols = 0, hi_cols = 0;
+  int n_lo = 0, n_hi = 0;
+  for (int i = 0; i < n; ++i) {
+    if (syms[i] == 1) lo_cols |= static_cast<uint64_t>(cols[i]) << (8 * n_lo++);
+    if (syms[i] == 2) hi_cols |= static_cast<uint64_t>(cols[i]) << (8 * n_hi++);
+  }
+  return lo_cols | (static_cast<uint64_t>(n_lo | width << 2) << 24) | (hi_cols << 32) |
+         (static_cast<uint64_t>(n_hi) << 56);
+}
 
 // v1_perm holds columns and widths in 5-bit fields.
 static_assert(2 * v1::kMaxPairs <= 31);
@@ -30,8 +45,7 @@ struct TableStore {
       const uint32_t w[2] = {static_cast<uint32_t>(table[2 * e]),
                              static_cast<uint32_t>(table[2 * e + 1])};
       const int pairs = v1::entry_pairs(w[0]);
-      uint64_t lo_cols = 0, hi_cols = 0;  // packed column bytes
-      int n_lo = 0, n_hi = 0;
+      int cols[3], syms[3], n = 0;
       uint32_t perm = static_cast<uint32_t>(2 * pairs) << 27;
       for (int k = 0; k < pairs; ++k) {
         const uint32_t word = w[k / v1::kPairsPerWord];
@@ -40,23 +54,18 @@ struct TableStore {
         for (int h = 0; h < 2; ++h) {
           const int col = 2 * k + h;
           if (sym[h] == 0) continue;
-          if (n_lo + n_hi == 3) {
+          if (n == 3) {
             throw Error("qmoe-v1 dictionary entry " + std::to_string(e) +
                         " has more than 3 non-zero symbols; the CPU kernels assume at most 3");
           }
-          const int slot = n_lo + n_hi;
-          perm |= static_cast<uint32_t>(col) << (5 * slot);
-          perm |= uint32_t{1} << (15 + slot + (sym[h] == 2 ? 3 : 0));
-          if (sym[h] == 1) {
-            lo_cols |= static_cast<uint64_t>(col) << (8 * n_lo++);
-          } else {
-            hi_cols |= static_cast<uint64_t>(col) << (8 * n_hi++);
-          }
+          perm |= static_cast<uint32_t>(col) << (5 * n);
+          perm |= uint32_t{1} << (15 + n + (sym[h] == 2 ? 3 : 0));
+          cols[n] = col;
+          syms[n++] = sym[h];
         }
       }
       v1_perm[e] = perm;
-      v1_list[e] = lo_cols | (static_cast<uint64_t>(n_lo | (2 * pairs) << 2) << 24) |
-                   (hi_cols << 32) | (static_cast<uint64_t>(n_hi) << 56);
+      v1_list[e] = list_record(cols, syms, n, 2 * pairs);
     }
     for (int b = 0; b <= p5::kMaxByte; ++b) {
       uint8_t* rec = &p5_list[16 * b];
@@ -82,6 +91,28 @@ struct TableStore {
 };
 
 }  // namespace
+
+const uint64_t* v2_list_table(const uint32_t* dictionary, uint64_t id) {
+  static std::mutex mu;
+  static std::map<uint64_t, std::unique_ptr<std::vector<uint64_t>>> cache;
+  const std::lock_guard<std::mutex> lock(mu);
+  auto& slot = cache[id];
+  if (!slot) {
+    auto t = std::make_unique<std::vector<uint64_t>>(v2::kEntries);
+    for (int e = 0; e < v2::kEntries; ++e) {
+      const uint32_t w = dictionary[e];
+      int cols[v2::kSlots], syms[v2::kSlots], n = 0;
+      for (int j = 0; j < v2::kSlots; ++j) {
+        if (v2::slot_symbol(w, j) == 0) continue;
+        cols[n] = v2::slot_col(w, j);
+        syms[n++] = v2::slot_symbol(w, j);
+      }
+      (*t)[e] = list_record(cols, syms, n, v2::entry_width(w));
+    }
+    slot = std::move(t);
+  }
+  return slot->data();
+}
 
 const Tables& tables() {
   static const TableStore store;

@@ -149,6 +149,11 @@ struct DeviceMatrix::Impl {
 DeviceMatrix::DeviceMatrix(const CompressedView& m, ForwardOptions opt, cudaStream_t stream)
     : impl_(std::make_unique<Impl>()) {
   validate(m, "DeviceMatrix");
+  if (m.codec == Codec::kV2) {
+    throw InvalidArgument(
+        "DeviceMatrix: the CUDA decoder reads qmoe-v1 and qmoe-p5; qmoe-v2 matrices are decoded by "
+        "the CPU decoder (qmoe::cpu) only");
+  }
   if (m.rows > INT32_MAX || m.cols > INT32_MAX)
     throw InvalidArgument("DeviceMatrix: rows and cols must be < 2^31");
   Impl& d = *impl_;

@@ -1,11 +1,13 @@
-// qmoe-v1 and qmoe-p5 encoders.
+// qmoe-v1, qmoe-v2 and qmoe-p5 encoders.
 //
 // qmoe-v1 is greedy longest match through a trie of the dictionary, each row on its own: walk the
 // trie pair by pair; when the current node has no child for the next pair, emit the node's entry
 // and restart from the root with that pair; emit the last node at the end of the row. This is
-// exactly QMoE's encoding, so streams are interchangeable with it.
+// exactly QMoE's encoding, so streams are interchangeable with it. qmoe-v2 is the same walk, a
+// symbol at a time, through the trie of the matrix's dictionary (v2_codebook.cpp).
 #include <algorithm>
 #include <array>
+#include <cmath>
 #include <limits>
 #include <memory>
 #include <string>
@@ -16,6 +18,7 @@
 #include "qmoe/encoder/encode.h"
 #include "qmoe/format/error.h"
 #include "qmoe/format/reference.h"
+#include "v2_codebook.h"
 
 namespace qmoe {
 namespace {
@@ -87,6 +90,34 @@ inline void encode_row_v1(const V1Trie& trie, const uint8_t* s, int64_t cols, Si
   sink(static_cast<uint16_t>(node));
 }
 
+// Encodes one row of v2; calls sink(code) per codeword. Walks the complete tree from the root to a
+// leaf, emits it and starts again; a walk the row's end leaves inside the tree is finished with
+// zeros (SPEC 6.2: the symbols of the last codeword past the row's end are zero).
+template <class Sink>
+inline void encode_row_v2(const detail::V2Codebook& cb, const uint8_t* s, int64_t cols,
+                          Sink&& sink) {
+  const int32_t* child = cb.child.data();
+  int32_t node = 0;
+  for (int64_t c = 0; c < cols; ++c) {
+    const int32_t next = child[node * 3 + s[c]];
+    if (next < 0) {
+      sink(static_cast<uint16_t>(~next));
+      node = 0;
+    } else {
+      node = next;
+    }
+  }
+  if (node == 0) return;
+  for (;;) {
+    const int32_t next = child[node * 3];
+    if (next < 0) {
+      sink(static_cast<uint16_t>(~next));
+      return;
+    }
+    node = next;
+  }
+}
+
 void check_symbols(const TernaryMatrix& t) {
   if (t.rows < 0 || t.cols < 0) throw InvalidArgument("encode: negative shape");
   if (t.symbols.size() != static_cast<size_t>(t.rows * t.cols)) {
@@ -112,12 +143,14 @@ struct ThreadCount {
   int saved;
 };
 
-CompressedMatrix encode_v1(const TernaryMatrix& t, int threads) {
-  const V1Trie& trie = V1Trie::get();
+// A code-stream codec: encode_row(symbols, cols, sink) encodes one row.
+template <class EncodeRow>
+CompressedMatrix encode_codes(const TernaryMatrix& t, int threads, Codec codec,
+                              const EncodeRow& encode_row) {
   const int64_t nblocks = (t.rows + kRowsPerBlock - 1) / kRowsPerBlock;
   std::vector<std::vector<uint16_t>> block_codes(static_cast<size_t>(nblocks));
   CompressedMatrix m;
-  m.codec = Codec::kV1;
+  m.codec = codec;
   m.rows = t.rows;
   m.cols = t.cols;
   m.row_offsets.assign(static_cast<size_t>(t.rows + 1), 0);
@@ -131,8 +164,7 @@ CompressedMatrix encode_v1(const TernaryMatrix& t, int threads) {
       out.reserve(static_cast<size_t>((r1 - r0) * (t.cols / 16 + 2)));
       for (int64_t r = r0; r < r1; ++r) {
         const size_t before = out.size();
-        encode_row_v1(trie, t.symbols.data() + r * t.cols, t.cols,
-                      [&](uint16_t c) { out.push_back(c); });
+        encode_row(t.symbols.data() + r * t.cols, t.cols, [&](uint16_t c) { out.push_back(c); });
         row_counts[r] = static_cast<int64_t>(out.size() - before);
       }
     }
@@ -141,7 +173,8 @@ CompressedMatrix encode_v1(const TernaryMatrix& t, int threads) {
   for (int64_t r = 0; r < t.rows; ++r) {
     total += row_counts[r];
     if (total > std::numeric_limits<int32_t>::max()) {
-      throw InvalidArgument("encode: matrix needs more than 2^31-1 qmoe-v1 codes; split it");
+      throw InvalidArgument("encode: matrix needs more than 2^31-1 " +
+                            std::string(codec_name(codec)) + " codes; split it");
     }
     m.row_offsets[r + 1] = static_cast<int32_t>(total);
   }
@@ -155,6 +188,23 @@ CompressedMatrix encode_v1(const TernaryMatrix& t, int threads) {
     }
   }
   m.levels = t.levels;
+  return m;
+}
+
+CompressedMatrix encode_v1(const TernaryMatrix& t, int threads) {
+  const V1Trie& trie = V1Trie::get();
+  return encode_codes(t, threads, Codec::kV1, [&](const uint8_t* s, int64_t cols, auto&& sink) {
+    encode_row_v1(trie, s, cols, sink);
+  });
+}
+
+CompressedMatrix encode_v2(const TernaryMatrix& t, const EncodeOptions& opt) {
+  const detail::V2Codebook& cb = detail::v2_codebook(
+      opt.v2_p0 ? *opt.v2_p0 : v2_fitted_p0(t.zero_fraction()), opt.v2_max_width);
+  CompressedMatrix m = encode_codes(
+      t, opt.threads, Codec::kV2,
+      [&](const uint8_t* s, int64_t cols, auto&& sink) { encode_row_v2(cb, s, cols, sink); });
+  m.dictionary = cb.dictionary;
   return m;
 }
 
@@ -199,9 +249,19 @@ int64_t v1_code_count(const TernaryMatrix& t, int threads) {
   return total;
 }
 
+std::shared_ptr<const V2Dictionary> v2_dictionary(double p0, int max_width) {
+  return detail::v2_codebook(p0, max_width).dictionary;
+}
+
+double v2_fitted_p0(double zero_fraction) {
+  const double k = std::nearbyint(std::clamp(zero_fraction, 0.0, 1.0) * 64.0);
+  return std::clamp(k, 32.0, 63.0) / 64.0;
+}
+
 CompressedMatrix encode(const TernaryMatrix& t, const EncodeOptions& opt) {
   check_symbols(t);
   if (opt.codec == Codec::kP5) return encode_p5(t, opt.threads);
+  if (opt.codec == Codec::kV2) return encode_v2(t, opt);
   CompressedMatrix v1m = encode_v1(t, opt.threads);
   if (opt.codec == Codec::kV1) return v1m;
   const int64_t p5_bytes = t.rows * p5::row_bytes(t.cols) + 4 * t.rows;

@@ -58,11 +58,26 @@ std::string shape_str(const std::vector<int64_t>& s) {
   return out + "]";
 }
 
-std::string matrix_json(Codec codec, int64_t rows, int64_t cols, DType original) {
+std::string hex16(uint64_t h) {
+  char buf[17];
+  std::snprintf(buf, sizeof buf, "%016llx", static_cast<unsigned long long>(h));
+  return buf;
+}
+
+std::string v2_dictionary_tensor(uint64_t id) {
+  return std::string(kV2DictionaryPrefix) + hex16(id);
+}
+
+bool is_dictionary_name(std::string_view name) {
+  return name == kV1DictionaryTensor || starts_with(name, kV2DictionaryPrefix);
+}
+
+std::string matrix_json(const CompressedView& m, DType original) {
   nlohmann::ordered_json j = nlohmann::ordered_json::object();
-  j["codec"] = codec_name(codec);
-  j["shape"] = {rows, cols};
+  j["codec"] = codec_name(m.codec);
+  j["shape"] = {m.rows, m.cols};
   j["dtype"] = dtype_name(original);
+  if (m.codec == Codec::kV2) j["dictionary"] = hex16(m.dictionary_id);
   return j.dump();
 }
 
@@ -74,10 +89,7 @@ std::span<const std::byte> v1_table_bytes() {
 }  // namespace
 
 std::string checksum_hex(std::span<const std::byte> bytes) {
-  const XXH64_hash_t h = XXH3_64bits(bytes.data(), bytes.size());
-  char buf[17];
-  std::snprintf(buf, sizeof buf, "%016llx", static_cast<unsigned long long>(h));
-  return buf;
+  return hex16(XXH3_64bits(bytes.data(), bytes.size()));
 }
 
 // ---- reader ------------------------------------------------------------------------------------
@@ -109,20 +121,37 @@ struct MatrixDecl {
   int64_t rows;
   int64_t cols;
   DType dtype;
+  std::string dictionary;  // qmoe-v2: the dictionary's id, 16 lowercase hex digits
 };
+
+bool is_lower_hex16(const std::string& s) {
+  if (s.size() != 16) return false;
+  return std::all_of(s.begin(), s.end(),
+                     [](char ch) { return (ch >= '0' && ch <= '9') || (ch >= 'a' && ch <= 'f'); });
+}
 
 MatrixDecl parse_matrix_decl(const std::string& file, const std::string& name,
                              const std::string& text) {
   const std::string ctx = error_context(file, name, "qmoe.matrix metadata");
   const nlohmann::json j = internal::parse_json_checked(text, ctx);
   auto fail = [&](const std::string& what) { return FormatError(ctx + ": " + what); };
-  if (!j.is_object() || j.size() != 3 || !j.contains("codec") || !j.contains("shape") ||
-      !j.contains("dtype")) {
-    throw fail("must be an object with exactly \"codec\", \"shape\" and \"dtype\"");
+  const bool v2 = j.is_object() && j.contains("codec") && j["codec"] == "qmoe-v2";
+  if (!j.is_object() || j.size() != (v2 ? 4u : 3u) || !j.contains("codec") ||
+      !j.contains("shape") || !j.contains("dtype") || (v2 && !j.contains("dictionary"))) {
+    throw fail(v2 ? "a qmoe-v2 entry must be an object with exactly \"codec\", \"shape\", "
+                    "\"dtype\" and \"dictionary\""
+                  : "must be an object with exactly \"codec\", \"shape\" and \"dtype\"");
   }
   const auto& c = j["codec"];
   const auto codec = c.is_string() ? codec_from_name(c.get<std::string>()) : std::nullopt;
   if (!codec) throw fail("unknown codec " + c.dump());
+  std::string dictionary;
+  if (v2) {
+    const auto& d = j["dictionary"];
+    if (!d.is_string() || !is_lower_hex16(d.get<std::string>()))
+      throw fail("dictionary must be 16 lowercase hex digits, not " + d.dump());
+    dictionary = d.get<std::string>();
+  }
   const auto& s = j["shape"];
   if (!s.is_array() || s.size() != 2) throw fail("shape must be [rows, cols]");
   const auto r = internal::json_size(s[0]);
@@ -136,13 +165,7 @@ MatrixDecl parse_matrix_decl(const std::string& file, const std::string& name,
   const auto dtype = d.is_string() ? dtype_from_name(d.get<std::string>()) : std::nullopt;
   if (!dtype || !is_float_dtype(*dtype))
     throw fail("dtype must be one of F16, BF16, F32, F64, not " + d.dump());
-  return {*codec, *r, *cl, *dtype};
-}
-
-bool is_lower_hex16(const std::string& s) {
-  if (s.size() != 16) return false;
-  return std::all_of(s.begin(), s.end(),
-                     [](char ch) { return (ch >= '0' && ch <= '9') || (ch >= 'a' && ch <= 'f'); });
+  return {*codec, *r, *cl, *dtype, dictionary};
 }
 
 }  // namespace
@@ -209,6 +232,27 @@ void Container::Impl::load_shard(size_t shard_idx) {
     throw fail(dict_name, "is missing; the file holds qmoe-v1 matrices");
   }
 
+  // qmoe-v2 dictionaries: each one a matrix of the file refers to, checked once.
+  std::map<std::string, std::pair<std::span<const uint32_t>, uint64_t>> v2_dicts;
+  for (const auto& entry : matrices) {
+    if (entry.second.codec != Codec::kV2) continue;
+    const std::string dname = std::string(kV2DictionaryPrefix) + entry.second.dictionary;
+    if (v2_dicts.count(dname) != 0) continue;
+    const TensorInfo* d = f.find(dname);
+    if (d == nullptr) throw fail(entry.first, "its qmoe-v2 dictionary '" + dname + "' is missing");
+    if (d->dtype != DType::kU32 || d->shape != std::vector<int64_t>{v2::kEntries}) {
+      throw fail(dname, "must be U32 [65536], is " + std::string(dtype_name(d->dtype)) + " " +
+                            shape_str(d->shape));
+    }
+    const auto words = f.as<uint32_t>(*d, DType::kU32);
+    validate_v2_dictionary(words, error_context(file, dname, ""));
+    const uint64_t id = v2_dictionary_id(words);
+    if (hex16(id) != entry.second.dictionary) {
+      throw fail(dname, "its XXH3-64 is " + hex16(id) + ", not the id in its name");
+    }
+    v2_dicts.emplace(dname, std::make_pair(words, id));
+  }
+
   // Tensor groups.
   std::set<std::string> claimed;
   for (const auto& entry : matrices) {
@@ -240,7 +284,7 @@ void Container::Impl::load_shard(size_t shard_idx) {
     e.view.codec = decl.codec;
     e.view.rows = decl.rows;
     e.view.cols = decl.cols;
-    if (decl.codec == Codec::kV1) {
+    if (decl.codec != Codec::kP5) {
       const TensorInfo& codes = member(kCodesSuffix, DType::kU16, {});
       if (codes.shape.size() != 1)
         throw fail(codes.name, "must be 1-D, is " + shape_str(codes.shape));
@@ -250,6 +294,11 @@ void Container::Impl::load_shard(size_t shard_idx) {
       const TensorInfo& offs = member(kRowOffsetsSuffix, DType::kI32, {decl.rows + 1});
       e.view.codes = f.as<uint16_t>(codes, DType::kU16);
       e.view.row_offsets = f.as<int32_t>(offs, DType::kI32);
+      if (decl.codec == Codec::kV2) {
+        const auto& d = v2_dicts.at(std::string(kV2DictionaryPrefix) + decl.dictionary);
+        e.view.dictionary = d.first;
+        e.view.dictionary_id = d.second;
+      }
     } else {
       const TensorInfo& packed =
           member(kPackedSuffix, DType::kU8, {decl.rows, p5::row_bytes(decl.cols)});
@@ -263,7 +312,10 @@ void Container::Impl::load_shard(size_t shard_idx) {
 
   // Every stored tensor: classify, require a checksum, optionally verify it.
   for (const TensorInfo& t : f.tensors()) {
-    if (starts_with(t.name, kReservedPrefix) && t.name != dict_name) {
+    if (starts_with(t.name, kV2DictionaryPrefix) && v2_dicts.count(t.name) == 0) {
+      throw fail(t.name, "qmoe-v2 dictionary used by no matrix of its file");
+    }
+    if (starts_with(t.name, kReservedPrefix) && !is_dictionary_name(t.name)) {
       throw fail(t.name, "unknown reserved tensor name (\"qmoe.\" prefix)");
     }
     if (is_member_name(t.name) && claimed.count(t.name) == 0) {
@@ -274,7 +326,7 @@ void Container::Impl::load_shard(size_t shard_idx) {
     if (ck == checksums.end())
       throw fail(t.name, "has no checksum (qmoe.xxh3." + t.name + ") in __metadata__");
     c.stored.push_back({shard_idx, t.name, ck->second});
-    if (t.name == dict_name || claimed.count(t.name) != 0) continue;
+    if (is_dictionary_name(t.name) || claimed.count(t.name) != 0) continue;
     if (c.dense_index.count(t.name) != 0)
       throw fail(t.name, "tensor appears twice in the container");
     c.dense_index.emplace(t.name, c.dense.size());
@@ -423,7 +475,7 @@ Container Container::open(const std::filesystem::path& path, const ContainerOpen
       {
         const std::set<std::string> listed(tensors.begin(), tensors.end());
         for (const TensorInfo& t : f.tensors()) {
-          if (listed.count(t.name) == 0 && t.name != kV1DictionaryTensor) {
+          if (listed.count(t.name) == 0 && !is_dictionary_name(t.name)) {
             throw FormatError(
                 error_context(sp.string(), t.name, "is not listed in the index for this shard"));
           }
@@ -553,7 +605,7 @@ struct ContainerWriter::Impl {
   // The open file (shard).
   std::unique_ptr<SafetensorsWriter> cur;
   int64_t cur_bytes = 0;
-  bool cur_has_dictionary = false;
+  std::set<std::string> cur_dictionaries;  // dictionary tensors the open file holds
   bool cur_empty = true;
   // Sharded only: closed shards under intermediate names, renamed by finish().
   std::vector<std::filesystem::path> closed;
@@ -576,7 +628,7 @@ struct ContainerWriter::Impl {
   void open_file() {
     cur = std::make_unique<SafetensorsWriter>(sharded ? intermediate(closed.size()) : out);
     cur_bytes = 0;
-    cur_has_dictionary = false;
+    cur_dictionaries.clear();
     cur_empty = true;
   }
 
@@ -599,24 +651,26 @@ struct ContainerWriter::Impl {
     cur->set_metadata(std::string(kChecksumKeyPrefix) + t.name, checksum_hex(t.bytes));
     cur_bytes += static_cast<int64_t>(t.bytes.size());
     cur_empty = false;
-    // The dictionary may be in several shards, so it cannot have one weight_map entry; every
+    // A dictionary may be in several shards, so it cannot have one weight_map entry; every
     // shard that needs it holds it, which is all a reader has to know.
-    if (sharded && t.name != kV1DictionaryTensor) weight_map.emplace_back(t.name, closed.size());
+    if (sharded && !is_dictionary_name(t.name)) weight_map.emplace_back(t.name, closed.size());
   }
 
-  // Adds a group of tensors that must share a file (plus the dictionary where needed).
-  void add_group(const std::vector<StoredTensor>& group, bool needs_dictionary,
+  // Adds a group of tensors that must share a file, plus the dictionary it needs (if any) where
+  // the file does not hold it yet.
+  void add_group(const std::vector<StoredTensor>& group, const StoredTensor* dictionary,
                  const std::string& matrix_key, const std::string& matrix_value) {
     int64_t bytes = 0;
     for (const auto& t : group) bytes += static_cast<int64_t>(t.bytes.size());
+    auto missing = [&] { return dictionary && cur_dictionaries.count(dictionary->name) == 0; };
     if (sharded && cur && !cur_empty) {
-      const int64_t extra = needs_dictionary && !cur_has_dictionary ? v1::kTableBytes : 0;
+      const int64_t extra = missing() ? static_cast<int64_t>(dictionary->bytes.size()) : 0;
       if (cur_bytes + bytes + extra > opt.shard_size) close_shard();
     }
     if (!cur) open_file();
-    if (needs_dictionary && !cur_has_dictionary) {
-      put({std::string(kV1DictionaryTensor), DType::kI32, {v1::kEntries, 2}, v1_table_bytes()});
-      cur_has_dictionary = true;
+    if (missing()) {
+      put(*dictionary);
+      cur_dictionaries.insert(dictionary->name);
     }
     for (const auto& t : group) put(t);
     if (!matrix_key.empty()) cur->set_metadata(matrix_key, matrix_value);
@@ -670,7 +724,7 @@ void ContainerWriter::set_metadata(std::string key, std::string value) {
 void ContainerWriter::add_dense(std::string name, DType dtype, std::vector<int64_t> shape,
                                 std::span<const std::byte> data) {
   impl_->check_name(name);
-  impl_->add_group({{name, dtype, std::move(shape), data}}, false, {}, {});
+  impl_->add_group({{name, dtype, std::move(shape), data}}, nullptr, {}, {});
   impl_->names.insert(std::move(name));
 }
 
@@ -692,7 +746,7 @@ void ContainerWriter::add_compressed(std::string name, const CompressedView& m,
   }
   auto as_bytes = [](auto span) { return std::as_bytes(span); };
   std::vector<StoredTensor> group;
-  if (m.codec == Codec::kV1) {
+  if (m.has_codes()) {
     group.push_back({name + std::string(kCodesSuffix),
                      DType::kU16,
                      {static_cast<int64_t>(m.codes.size())},
@@ -709,8 +763,16 @@ void ContainerWriter::add_compressed(std::string name, const CompressedView& m,
   }
   group.push_back(
       {name + std::string(kLevelsSuffix), DType::kBF16, {m.rows, 2}, as_bytes(m.levels)});
-  w.add_group(group, m.codec == Codec::kV1, std::string(kMatrixKeyPrefix) + name,
-              matrix_json(m.codec, m.rows, m.cols, original_dtype));
+  std::optional<StoredTensor> dictionary;
+  if (m.codec == Codec::kV1) {
+    dictionary = StoredTensor{
+        std::string(kV1DictionaryTensor), DType::kI32, {v1::kEntries, 2}, v1_table_bytes()};
+  } else if (m.codec == Codec::kV2) {
+    dictionary = StoredTensor{
+        v2_dictionary_tensor(m.dictionary_id), DType::kU32, {v2::kEntries}, as_bytes(m.dictionary)};
+  }
+  w.add_group(group, dictionary ? &*dictionary : nullptr, std::string(kMatrixKeyPrefix) + name,
+              matrix_json(m, original_dtype));
   w.names.insert(std::move(name));
 }
 

@@ -12,6 +12,8 @@ std::string_view codec_name(Codec c) {
       return "qmoe-v1";
     case Codec::kP5:
       return "qmoe-p5";
+    case Codec::kV2:
+      return "qmoe-v2";
   }
   return "unknown";
 }
@@ -19,6 +21,7 @@ std::string_view codec_name(Codec c) {
 std::optional<Codec> codec_from_name(std::string_view s) {
   if (s == "qmoe-v1") return Codec::kV1;
   if (s == "qmoe-p5") return Codec::kP5;
+  if (s == "qmoe-v2") return Codec::kV2;
   return std::nullopt;
 }
 
@@ -42,7 +45,7 @@ double TernaryMatrix::zero_fraction() const {
 
 int64_t CompressedView::compressed_bytes() const {
   const int64_t level_bytes = static_cast<int64_t>(levels.size_bytes());
-  if (codec == Codec::kV1) {
+  if (has_codes()) {
     return static_cast<int64_t>(codes.size_bytes() + row_offsets.size_bytes()) + level_bytes;
   }
   return static_cast<int64_t>(packed.size_bytes()) + level_bytes;
@@ -51,9 +54,9 @@ int64_t CompressedView::compressed_bytes() const {
 double CompressedView::bits_per_weight(bool codes_only) const {
   const double weights = static_cast<double>(rows) * static_cast<double>(cols);
   if (weights == 0) return 0.0;
-  const double bytes = codes_only ? static_cast<double>(codec == Codec::kV1 ? codes.size_bytes()
-                                                                            : packed.size_bytes())
-                                  : static_cast<double>(compressed_bytes());
+  const double bytes =
+      codes_only ? static_cast<double>(has_codes() ? codes.size_bytes() : packed.size_bytes())
+                 : static_cast<double>(compressed_bytes());
   return bytes * 8.0 / weights;
 }
 
@@ -66,6 +69,10 @@ CompressedView CompressedMatrix::view() const {
   v.row_offsets = row_offsets;
   v.packed = packed;
   v.levels = levels;
+  if (dictionary) {
+    v.dictionary = dictionary->entries;
+    v.dictionary_id = dictionary->id;
+  }
   return v;
 }
 

@@ -2,7 +2,11 @@
 // the fast kernels are tested against these functions.
 #include "qmoe/format/reference.h"
 
+#include <xxhash.h>
+
+#include <algorithm>
 #include <cmath>
+#include <cstdio>
 #include <string>
 
 #include "qmoe/format/bf16.h"
@@ -22,7 +26,7 @@ void check_sizes(const CompressedView& m, std::string_view what) {
     fail(what, "levels hold " + std::to_string(m.levels.size()) +
                    " values, expected 2*rows = " + std::to_string(2 * m.rows));
   }
-  if (m.codec == Codec::kV1) {
+  if (m.has_codes()) {
     if (m.row_offsets.size() != static_cast<size_t>(m.rows + 1)) {
       fail(what, "row_offsets hold " + std::to_string(m.row_offsets.size()) +
                      " values, expected rows+1 = " + std::to_string(m.rows + 1));
@@ -39,6 +43,12 @@ void check_sizes(const CompressedView& m, std::string_view what) {
     if (static_cast<uint64_t>(m.row_offsets[m.rows]) != m.codes.size()) {
       fail(what, "row_offsets end at " + std::to_string(m.row_offsets[m.rows]) + " but there are " +
                      std::to_string(m.codes.size()) + " codes");
+    }
+    if (m.codec == Codec::kV2) {
+      if (m.dictionary.size() != static_cast<size_t>(v2::kEntries)) {
+        fail(what, "the qmoe-v2 dictionary holds " + std::to_string(m.dictionary.size()) +
+                       " entries, expected 65536");
+      }
     }
   } else {
     const uint64_t want =
@@ -86,6 +96,34 @@ void decode_row(const CompressedView& m, int64_t r, std::string_view what, Emit&
                      std::to_string(std::min<int64_t>(2 * pair, m.cols)) + " of its " +
                      std::to_string(m.cols) + " columns");
     }
+  } else if (m.codec == Codec::kV2) {
+    // The last codeword may run past the row's end, over zero symbols only.
+    int64_t pos = 0;
+    for (int32_t i = m.row_offsets[r]; i < m.row_offsets[r + 1]; ++i) {
+      if (pos >= m.cols) {
+        fail(what, "row " + std::to_string(r) + " decodes to more than its " +
+                       std::to_string(m.cols) + " columns");
+      }
+      const uint32_t e = m.dictionary[m.codes[i]];
+      const int width = v2::entry_width(e);
+      int j = 0;  // next slot
+      for (int c = 0; c < width && pos + c < m.cols; ++c) {
+        if (j < v2::kSlots && v2::slot_symbol(e, j) != 0 && v2::slot_col(e, j) == c) {
+          emit(pos + c, v2::slot_symbol(e, j));
+          ++j;
+        } else {
+          emit(pos + c, 0);
+        }
+      }
+      if (j < v2::kSlots && v2::slot_symbol(e, j) != 0) {
+        fail(what, "row " + std::to_string(r) + " has a non-zero symbol past its last column");
+      }
+      pos = std::min<int64_t>(pos + width, m.cols);
+    }
+    if (pos != m.cols) {
+      fail(what, "row " + std::to_string(r) + " decodes to " + std::to_string(pos) + " of its " +
+                     std::to_string(m.cols) + " columns");
+    }
   } else {
     const int64_t nb = p5::row_bytes(m.cols);
     const uint8_t* row = m.packed.data() + r * nb;
@@ -107,8 +145,59 @@ void decode_row(const CompressedView& m, int64_t r, std::string_view what, Emit&
 
 }  // namespace
 
+uint64_t v2_dictionary_id(std::span<const uint32_t> entries) {
+  return XXH3_64bits(entries.data(), entries.size_bytes());
+}
+
+void validate_v2_dictionary(std::span<const uint32_t> entries, std::string_view what) {
+  if (entries.size() != static_cast<size_t>(v2::kEntries)) {
+    fail(what, "a qmoe-v2 dictionary has 65536 entries, not " + std::to_string(entries.size()));
+  }
+  for (size_t i = 0; i < entries.size(); ++i) {
+    const uint32_t e = entries[i];
+    auto bad = [&](const std::string& why) {
+      char word[16];
+      std::snprintf(word, sizeof word, "%08x", e);
+      fail(what, "qmoe-v2 dictionary entry " + std::to_string(i) + " (0x" + word + "): " + why);
+    };
+    const int width = v2::entry_width(e);
+    if (width < 1) bad("width 0");
+    if ((e >> 24) & 3u) bad("reserved bits 24..25 are set");
+    int prev = -1;
+    bool unused_seen = false;
+    for (int j = 0; j < v2::kSlots; ++j) {
+      const int sym = v2::slot_symbol(e, j);
+      const int col = v2::slot_col(e, j);
+      if (sym == 3) bad("slot " + std::to_string(j) + " is both low and high");
+      if (sym == 0) {
+        if (col != 0) bad("unused slot " + std::to_string(j) + " has a column");
+        unused_seen = true;
+        continue;
+      }
+      if (unused_seen) bad("slot " + std::to_string(j) + " is used after an unused one");
+      if (col <= prev) bad("slot columns are not increasing");
+      if (col >= width) bad("slot " + std::to_string(j) + " lies past the entry's width");
+      prev = col;
+    }
+  }
+}
+
+std::shared_ptr<const V2Dictionary> make_v2_dictionary(std::vector<uint32_t> entries,
+                                                       std::string_view what) {
+  validate_v2_dictionary(entries, what);
+  auto d = std::make_shared<V2Dictionary>();
+  d->id = v2_dictionary_id(entries);
+  d->entries = std::move(entries);
+  return d;
+}
+
 void validate(const CompressedView& m, std::string_view what) {
   check_sizes(m, what);
+  if (m.codec == Codec::kV2) {
+    validate_v2_dictionary(m.dictionary, what);
+    if (v2_dictionary_id(m.dictionary) != m.dictionary_id)
+      fail(what, "dictionary_id is not the XXH3-64 of the qmoe-v2 dictionary");
+  }
   for (int64_t r = 0; r < m.rows; ++r) {
     const float lo = bf16_to_float(m.levels[2 * r]);
     const float hi = bf16_to_float(m.levels[2 * r + 1]);

@@ -267,7 +267,9 @@ int64_t bound_compressed(const ExpertMatrix& m, const std::optional<Codec>& code
   const int64_t p5b = m.rows * p5::row_bytes(m.cols) + levels;
   const int64_t v1b =
       m.rows * 2 * ((m.cols + 1) / 2) + 4 * (m.rows + 1) + levels;  // one pair per code at worst
+  const int64_t v2b = m.rows * 2 * m.cols + 4 * (m.rows + 1) + levels;  // one symbol per code
   if (codec && *codec == Codec::kV1) return v1b;
+  if (codec && *codec == Codec::kV2) return v2b;
   return p5b;
 }
 
@@ -292,10 +294,11 @@ struct Cached {
   SafetensorsFile file;
   CompressedView view;
   MatrixStats stats;
+  std::shared_ptr<const V2Dictionary> dictionary;  // qmoe-v2
 };
 
 Cached load_cached(const fs::path& p, const ExpertMatrix& m) {
-  Cached c{SafetensorsFile::open(p), {}, {}};
+  Cached c{SafetensorsFile::open(p), {}, {}, {}};
   const auto& md = c.file.metadata();
   auto get = [&](const char* k) -> const std::string& {
     auto it = md.find(k);
@@ -320,13 +323,23 @@ Cached load_cached(const fs::path& p, const ExpertMatrix& m) {
           error_context(p.string(), m.name, std::string("work file lacks tensor '") + n + "'"));
     return *t;
   };
-  if (v.codec == Codec::kV1) {
+  if (v.has_codes()) {
     v.codes = c.file.as<uint16_t>(tensor("codes"), DType::kU16);
     v.row_offsets = c.file.as<int32_t>(tensor("row_offsets"), DType::kI32);
   } else {
     v.packed = c.file.as<uint8_t>(tensor("packed"), DType::kU8);
   }
   v.levels = c.file.as<uint16_t>(tensor("levels"), DType::kU16);
+  if (v.codec == Codec::kV2) {
+    // The dictionary is rebuilt from its parameters (the construction is exact), and must be the
+    // one the codes were written with.
+    c.dictionary = v2_dictionary(std::stod(get("v2_p0")), std::stoi(get("v2_max_width")));
+    if (checksum_hex(std::as_bytes(std::span(c.dictionary->entries))) != get("v2_dictionary"))
+      throw FormatError(
+          error_context(p.string(), m.name, "work file's qmoe-v2 dictionary differs"));
+    v.dictionary = c.dictionary->entries;
+    v.dictionary_id = c.dictionary->id;
+  }
   c.stats.codec = v.codec;
   c.stats.compressed_bytes = v.compressed_bytes();
   c.stats.zero_fraction = std::stod(get("zero_fraction"));
@@ -349,7 +362,14 @@ void store_cached(const fs::path& p, const ExpertMatrix& m, const CompressedMatr
   w.set_metadata("output_loss", num(s.output_loss));
   w.set_metadata("tokens", std::to_string(s.tokens));
   w.set_metadata("fallback", s.fallback ? "1" : "0");
-  if (cm.codec == Codec::kV1) {
+  if (cm.codec == Codec::kV2) {
+    char p0[32];
+    std::snprintf(p0, sizeof p0, "%.17g", cm.dictionary->p0);
+    w.set_metadata("v2_p0", p0);
+    w.set_metadata("v2_max_width", std::to_string(cm.dictionary->max_width));
+    w.set_metadata("v2_dictionary", checksum_hex(std::as_bytes(std::span(cm.dictionary->entries))));
+  }
+  if (cm.has_codes()) {
     w.add("codes", DType::kU16, {static_cast<int64_t>(cm.codes.size())},
           std::as_bytes(std::span(cm.codes)));
     w.add("row_offsets", DType::kI32, {static_cast<int64_t>(cm.row_offsets.size())},
@@ -837,6 +857,7 @@ CompressSummary compress_checkpoint(const fs::path& checkpoint, const fs::path& 
         cm.row_offsets.assign(c.view.row_offsets.begin(), c.view.row_offsets.end());
         cm.packed.assign(c.view.packed.begin(), c.view.packed.end());
         cm.levels.assign(c.view.levels.begin(), c.view.levels.end());
+        cm.dictionary = c.dictionary;
         return cm;
       });
     }
@@ -852,6 +873,7 @@ CompressSummary compress_checkpoint(const fs::path& checkpoint, const fs::path& 
   std::map<std::string, BlockSummary> blocks;
   std::vector<std::string> block_order;
   double zf_sum = 0;
+  std::set<uint64_t> v2_dictionaries;
   for (size_t i = 0; i < experts.size(); ++i) {
     const auto& m = experts[i];
     const Cached c = load_cached(matrix_file(work, i), m);
@@ -885,7 +907,12 @@ CompressSummary compress_checkpoint(const fs::path& checkpoint, const fs::path& 
     sum.expert_weights += m.numel();
     sum.expert_input_bytes += m.numel() * dtype_size(m.dtype);
     sum.expert_compressed_bytes += c.stats.compressed_bytes;
-    (c.stats.codec == Codec::kV1 ? sum.v1_matrices : sum.p5_matrices) += 1;
+    // A qmoe-v2 dictionary is stored once per file that uses it; counted here once.
+    if (c.dictionary && v2_dictionaries.insert(c.dictionary->id).second)
+      sum.expert_compressed_bytes += v2::kTableBytes;
+    (c.stats.codec == Codec::kV1   ? sum.v1_matrices
+     : c.stats.codec == Codec::kV2 ? sum.v2_matrices
+                                   : sum.p5_matrices) += 1;
     zf_sum += c.stats.zero_fraction;
   }
   sum.mean_zero_fraction = experts.empty() ? 0 : zf_sum / static_cast<double>(experts.size());

@@ -37,7 +37,7 @@ CompressedView row_slice(const CompressedView& m, int64_t r0, int64_t r1,
   CompressedView v = m;
   v.rows = r1 - r0;
   v.levels = m.levels.subspan(static_cast<size_t>(2 * r0), static_cast<size_t>(2 * (r1 - r0)));
-  if (m.codec == Codec::kV1) {
+  if (m.has_codes()) {
     const int32_t base = m.row_offsets[static_cast<size_t>(r0)];
     offsets.resize(static_cast<size_t>(r1 - r0 + 1));
     for (int64_t r = r0; r <= r1; ++r)

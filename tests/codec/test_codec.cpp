@@ -92,7 +92,7 @@ TEST(RoundTrip, ManyShapesAndSparsities) {
     for (double pz : {0.5, 0.8, 0.885, 0.92, 0.95, 0.99, 1.0, 0.0}) {
       const auto t = random_ternary(r, c, pz, seed++);
       for (auto codec : {std::optional<Codec>{}, std::optional<Codec>{Codec::kV1},
-                         std::optional<Codec>{Codec::kP5}}) {
+                         std::optional<Codec>{Codec::kV2}, std::optional<Codec>{Codec::kP5}}) {
         SCOPED_TRACE(testing::Message() << r << "x" << c << " pz " << pz);
         expect_round_trip(t, codec);
       }
@@ -108,6 +108,7 @@ TEST(RoundTrip, EmptyMatrices) {
       t.levels[2 * i + 1] = float_to_bf16(1.0f);
     }
     expect_round_trip(t, Codec::kV1);
+    expect_round_trip(t, Codec::kV2);
     expect_round_trip(t, Codec::kP5);
   }
 }
@@ -124,6 +125,10 @@ TEST(Encode, SameBytesForAnyThreadCount) {
     const auto b = encode(t, {.codec = Codec::kV1, .threads = threads});
     EXPECT_EQ(a.codes, b.codes) << threads;
     EXPECT_EQ(a.row_offsets, b.row_offsets) << threads;
+    const auto v2a = encode(t, {.codec = Codec::kV2, .threads = 1});
+    const auto v2b = encode(t, {.codec = Codec::kV2, .threads = threads});
+    EXPECT_EQ(v2a.codes, v2b.codes) << threads;
+    EXPECT_EQ(v2a.row_offsets, v2b.row_offsets) << threads;
     const auto c = encode(t, {.codec = Codec::kP5, .threads = threads});
     EXPECT_EQ(c.packed, encode(t, {.codec = Codec::kP5, .threads = 1}).packed);
   }

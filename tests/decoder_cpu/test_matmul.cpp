@@ -94,7 +94,7 @@ const Shape kShapes[] = {
 
 TEST_P(Levels, MatvecMatchesReference) {
   uint64_t seed = 1;
-  for (Codec codec : {Codec::kV1, Codec::kP5}) {
+  for (Codec codec : {Codec::kV1, Codec::kV2, Codec::kP5}) {
     for (const Shape& s : kShapes) {
       SCOPED_TRACE(codec_str(codec) + " " + std::to_string(s.rows) + "x" + std::to_string(s.cols) +
                    " p0=" + std::to_string(s.p_zero) + " seed=" + std::to_string(seed));
@@ -131,7 +131,7 @@ TEST_P(Levels, MatvecMatchesReference) {
 // Levels near the float range: W x is small although level * (sum of inputs) is not a float. The
 // kernels form a row's result in double, as the reference does (found by fuzz_decoder).
 TEST_P(Levels, LevelsNearTheFloatRangeDoNotOverflow) {
-  for (Codec codec : {Codec::kV1, Codec::kP5}) {
+  for (Codec codec : {Codec::kV1, Codec::kV2, Codec::kP5}) {
     SCOPED_TRACE(codec_str(codec));
     TernaryMatrix t(2, 40);
     for (int64_t r = 0; r < 2; ++r) {
@@ -162,7 +162,7 @@ TEST_P(Levels, LevelsNearTheFloatRangeDoNotOverflow) {
 }
 
 TEST_P(Levels, MatmulMatchesReferenceForEveryBatch) {
-  for (Codec codec : {Codec::kV1, Codec::kP5}) {
+  for (Codec codec : {Codec::kV1, Codec::kV2, Codec::kP5}) {
     const int64_t rows = 45, cols = 301;  // neither a multiple of 4 rows nor of 8/16/28 columns
     const CompressedMatrix m = make(rows, cols, 0.885, 7, codec);
     for (int64_t n : {1, 2, 3, 7, 8, 9, 15, 16, 17, 23, 24, 25, 31, 32, 33, 64, 70}) {
@@ -196,7 +196,7 @@ TEST_P(Levels, MatmulMatchesReferenceForEveryBatch) {
 }
 
 TEST_P(Levels, BitIdenticalForAnyThreadCount) {
-  for (Codec codec : {Codec::kV1, Codec::kP5}) {
+  for (Codec codec : {Codec::kV1, Codec::kV2, Codec::kP5}) {
     const CompressedMatrix m = make(517, 1029, 0.885, 11, codec);
     for (int64_t n : {1, 5, 32, 40}) {
       SCOPED_TRACE(codec_str(codec) + " n=" + std::to_string(n));
@@ -220,16 +220,18 @@ TEST_P(Levels, BitIdenticalForAnyThreadCount) {
 
 // A decoded matrix has only the values lo, 0, hi: single-column inputs pick them out exactly.
 TEST_P(Levels, UnitVectorsPickOutColumnsExactly) {
-  const CompressedMatrix m = make(19, 61, 0.885, 21, Codec::kV1);
-  std::vector<float> dense(19 * 61);
-  decode_ref(m.view(), dense.data());
-  for (int64_t c = 0; c < 61; ++c) {
-    std::vector<float> x(61, 0.0f);
-    x[c] = 1.0f;
-    std::vector<float> y(19);
-    matvec(m.view(), x.data(), y.data(), opt_);
-    for (int64_t r = 0; r < 19; ++r)
-      ASSERT_EQ(y[r], dense[r * 61 + c]) << "row " << r << " column " << c;
+  for (Codec codec : {Codec::kV1, Codec::kV2}) {
+    const CompressedMatrix m = make(19, 61, 0.885, 21, codec);
+    std::vector<float> dense(19 * 61);
+    decode_ref(m.view(), dense.data());
+    for (int64_t c = 0; c < 61; ++c) {
+      std::vector<float> x(61, 0.0f);
+      x[c] = 1.0f;
+      std::vector<float> y(19);
+      matvec(m.view(), x.data(), y.data(), opt_);
+      for (int64_t r = 0; r < 19; ++r)
+        ASSERT_EQ(y[r], dense[r * 61 + c]) << codec_str(codec) << " row " << r << " column " << c;
+    }
   }
 }
 
@@ -239,7 +241,8 @@ TEST_P(Levels, GroupedSkewedRoutings) {
   const int64_t num_tokens = 53, d_in = 77, d_out = 39, num_experts = 9;
   std::vector<CompressedMatrix> w;
   for (int64_t e = 0; e < num_experts; ++e) {
-    w.push_back(make(d_out, d_in, 0.885, 300 + e, e % 3 == 2 ? Codec::kP5 : Codec::kV1));
+    const Codec codecs[] = {Codec::kV1, Codec::kV2, Codec::kP5};
+    w.push_back(make(d_out, d_in, 0.885, 300 + e, codecs[e % 3]));
   }
   const std::vector<float> x = random_vec(num_tokens * d_in, 5);
   std::mt19937_64 rng(99);
@@ -319,7 +322,8 @@ TEST_P(Levels, GroupedUnevenExpertsAnyThreadCount) {
   const int64_t d_out = 200;  // >= every height; lower experts leave the rest of a row alone
   std::vector<CompressedMatrix> w;
   for (size_t e = 0; e < std::size(heights); ++e) {
-    w.push_back(make(heights[e], d_in, 0.885, 500 + e, e == 3 ? Codec::kP5 : Codec::kV1));
+    w.push_back(make(heights[e], d_in, 0.885, 500 + e,
+                     e == 3 ? Codec::kP5 : (e % 2 ? Codec::kV2 : Codec::kV1)));
   }
   const std::vector<float> x = random_vec(num_tokens * d_in, 8);
   // Expert 0 takes every token (two sweeps); the others a strided subset.
@@ -423,18 +427,20 @@ TEST(DecoderCpu, InvalidArguments) {
 // Batches of several passes decode the codes once per 8 passes of 32 tokens; a long batch (and
 // a wide matrix) exercises that loop. Labelled slow when it exceeds a few seconds.
 TEST(DecoderCpu, LargeBatchAllLevels) {
-  const CompressedMatrix m = make(96, 4099, 0.885, 77, Codec::kV1);
-  const int64_t n = 300;
-  const std::vector<float> x = random_vec(n * 4099, 78);
-  const std::vector<float> ref = ref_products(m.view(), x, n, 4099);
-  for (SimdLevel l : kLevels) {
-    if (!simd_level_supported(l)) continue;
-    SCOPED_TRACE(std::string(simd_level_name(l)));
-    MatmulOptions o;
-    o.simd = l;
-    std::vector<float> y(static_cast<size_t>(n * 96));
-    matmul(m.view(), n, x.data(), 4099, y.data(), 96, o);
-    EXPECT_LE(nmse(y.data(), ref.data(), n * 96), kMaxNmse);
+  for (Codec codec : {Codec::kV1, Codec::kV2}) {
+    const CompressedMatrix m = make(96, 4099, 0.885, 77, codec);
+    const int64_t n = 300;
+    const std::vector<float> x = random_vec(n * 4099, 78);
+    const std::vector<float> ref = ref_products(m.view(), x, n, 4099);
+    for (SimdLevel l : kLevels) {
+      if (!simd_level_supported(l)) continue;
+      SCOPED_TRACE(std::string(simd_level_name(l)));
+      MatmulOptions o;
+      o.simd = l;
+      std::vector<float> y(static_cast<size_t>(n * 96));
+      matmul(m.view(), n, x.data(), 4099, y.data(), 96, o);
+      EXPECT_LE(nmse(y.data(), ref.data(), n * 96), kMaxNmse) << codec_str(codec);
+    }
   }
 }
 

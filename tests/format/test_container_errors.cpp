@@ -451,7 +451,7 @@ TEST(ContainerGolden, ValidFileDecodesToKnownMatrix) {
   EXPECT_EQ(c.metadata().at("note"), "golden");
 }
 
-// The writer reproduces the committed golden file (format/SPEC.md 9.1) byte for byte.
+// The writer reproduces the committed golden file (format/SPEC.md 10.1) byte for byte.
 TEST(ContainerGolden, WriterReproducesSpecExampleP5) {
   TempDir dir;
   TernaryMatrix t(2, 7);
@@ -467,7 +467,7 @@ TEST(ContainerGolden, WriterReproducesSpecExampleP5) {
             read_bytes(fs::path(QMOE_SOURCE_DIR) / "tests/format/golden/valid-p5.safetensors"));
 }
 
-// format/SPEC.md 9.2, checked byte for byte.
+// format/SPEC.md 10.2, checked byte for byte.
 TEST(ContainerGolden, SpecExampleV1) {
   TempDir dir;
   TernaryMatrix t(2, 5);

@@ -4,10 +4,13 @@
 // SIMD level this machine runs; one token and the batch paths) must then agree with the reference
 // matvec within fp32 summation error: valid code streams need not be the encoder's greedy parse.
 //
-// Input layout: byte 0 bit 0 = codec (0 v1, 1 p5), bit 1 = row offsets raw (1) or built from
-// per-row code counts (0, mostly monotone, reaches deeper); byte 1 = rows (0..15); bytes 2-3 =
-// cols (0..1023); then 2*rows bf16 levels; then for v1 the row offsets (rows+1 int32 raw, or
-// rows count bytes) and the codes (uint16) from the rest; for p5 the packed bytes from the rest.
+// Input layout: byte 0 bit 0 = codec (0 v1, 1 p5), bit 2 = qmoe-v2 instead of v1, bit 1 = row
+// offsets raw (1) or built from per-row code counts (0, mostly monotone, reaches deeper); byte 1 =
+// rows (0..15); bytes 2-3 = cols (0..1023); then 2*rows bf16 levels; then for v1 and v2 the row
+// offsets (rows+1 int32 raw, or rows count bytes) and the codes (uint16) from the rest; for p5 the
+// packed bytes from the rest. A v2 matrix uses a fixed dictionary of pseudo-random well-formed
+// entries (every width 1..63, 0..3 slots anywhere below the width), not the encoder's.
+#include <algorithm>
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
@@ -20,6 +23,36 @@
 #include "qmoe/format/reference.h"
 
 namespace {
+
+uint64_t splitmix64(uint64_t x) {
+  x += 0x9e3779b97f4a7c15ull;
+  x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ull;
+  x = (x ^ (x >> 27)) * 0x94d049bb133111ebull;
+  return x ^ (x >> 31);
+}
+
+const std::vector<uint32_t>& fuzz_v2_dictionary() {
+  static const std::vector<uint32_t> d = [] {
+    std::vector<uint32_t> out(qmoe::v2::kEntries);
+    for (uint32_t i = 0; i < out.size(); ++i) {
+      const uint64_t h = splitmix64(i);
+      const int width = 1 + static_cast<int>(h % qmoe::v2::kMaxWidth);
+      const int slots = std::min(width, static_cast<int>((h >> 8) % 4));
+      uint32_t e = static_cast<uint32_t>(width) << qmoe::v2::kWidthShift;
+      int col = -1;
+      for (int j = 0; j < slots; ++j) {
+        // Increasing columns, leaving room for the remaining slots.
+        const int room = width - (slots - j) - col;
+        col += 1 + static_cast<int>((h >> (16 + 8 * j)) % static_cast<uint64_t>(room));
+        e |= static_cast<uint32_t>(col) << (qmoe::v2::kColBits * j);
+        e |= 1u << (((h >> (48 + j)) & 1) ? qmoe::v2::kHighShift + j : qmoe::v2::kLowShift + j);
+      }
+      out[i] = e;
+    }
+    return out;
+  }();
+  return d;
+}
 
 struct Reader {
   const uint8_t* p;
@@ -41,14 +74,15 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   if (size < 4) return 0;
   Reader in{data + 4, size - 4};
   qmoe::CompressedView v;
-  v.codec = (data[0] & 1) ? qmoe::Codec::kP5 : qmoe::Codec::kV1;
+  v.codec =
+      (data[0] & 1) ? qmoe::Codec::kP5 : ((data[0] & 4) ? qmoe::Codec::kV2 : qmoe::Codec::kV1);
   v.rows = data[1] & 15;
   v.cols = (data[2] | (data[3] << 8)) & 1023;
   const auto levels = in.take<uint16_t>(static_cast<size_t>(2 * v.rows));
   std::vector<int32_t> offsets;
   std::vector<uint16_t> codes;
   std::vector<uint8_t> packed;
-  if (v.codec == qmoe::Codec::kV1) {
+  if (v.has_codes()) {
     if (data[0] & 2) {
       offsets = in.take<int32_t>(static_cast<size_t>(v.rows + 1));
     } else {
@@ -64,6 +98,11 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   v.row_offsets = offsets;
   v.codes = codes;
   v.packed = packed;
+  if (v.codec == qmoe::Codec::kV2) {
+    v.dictionary = fuzz_v2_dictionary();
+    static const uint64_t id = qmoe::v2_dictionary_id(fuzz_v2_dictionary());
+    v.dictionary_id = id;
+  }
 
   const size_t n = static_cast<size_t>(v.rows * v.cols);
   std::vector<float> dense(n);

@@ -205,6 +205,45 @@ TEST(Pipeline, CastBf16AndForcedCodec) {
   }
 }
 
+// qmoe-v2 through the pipeline: every expert matrix in the codec, each file holding the
+// dictionaries its matrices use; a run stopped after its matrices are done and resumed (the work
+// files rebuild their dictionaries) writes the same bytes as an uninterrupted one.
+TEST(Pipeline, QmoeV2StopAndResume) {
+  TempDir t("v2");
+  auto o = tiny();
+  o.num_experts = 8;
+  sw::generate_checkpoint(t / "ckpt", o);
+  sw::CompressOptions ref;
+  ref.codec = Codec::kV2;
+  ref.threads = 2;
+  const auto sum = sw::compress_checkpoint(t / "ckpt", t / "ref.safetensors", ref);
+  EXPECT_EQ(sum.v2_matrices, sum.expert_matrices);
+  EXPECT_EQ(sum.v1_matrices + sum.p5_matrices, 0);
+  const Container c = Container::open(t / "ref.safetensors", {.verify_checksums = true});
+  std::set<uint64_t> ids;
+  for (const auto& e : c.compressed()) {
+    EXPECT_EQ(e.view.codec, Codec::kV2) << e.name;
+    ids.insert(e.view.dictionary_id);
+  }
+  EXPECT_FALSE(ids.empty());
+  const auto want = container_bytes(t / "ref.safetensors");
+
+  struct Stop {};
+  int calls = 0;
+  sw::CompressOptions opt = ref;
+  opt.progress = [&](const sw::CompressProgress& p) {
+    if (p.phase == "assemble" && ++calls == 1) throw Stop{};  // every matrix is in a work file
+  };
+  const fs::path out = t / "out.safetensors";
+  EXPECT_THROW(sw::compress_checkpoint(t / "ckpt", out, opt), Stop);
+  EXPECT_TRUE(fs::exists(sw::work_dir_for(out)));
+  sw::CompressOptions again = ref;
+  again.resume = true;
+  const auto resumed = sw::compress_checkpoint(t / "ckpt", out, again);
+  EXPECT_EQ(resumed.resumed_matrices, resumed.expert_matrices);
+  EXPECT_EQ(diff(container_bytes(out), want), "");
+}
+
 TEST(Pipeline, CliEndToEndInspectJson) {
   TempDir t("cli");
   auto r = run_cli(

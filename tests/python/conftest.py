@@ -47,7 +47,7 @@ def nmse(got, want):
     return float(np.sum((got - want) ** 2)) / max(denom, 1e-30)
 
 
-CODECS = ["qmoe-v1", "qmoe-p5"]
+CODECS = ["qmoe-v1", "qmoe-v2", "qmoe-p5"]
 
 
 def encode_rtn(w, codec="qmoe-v1"):

@@ -124,6 +124,10 @@ def test_from_tensors_round_trip(rng, codec):
     if codec == "qmoe-v1":
         m2 = qmoe.CompressedMatrix.from_tensors(codec, m.shape, levels=m.levels, codes=m.codes,
                                                 row_offsets=m.row_offsets, original_dtype="BF16")
+    elif codec == "qmoe-v2":
+        m2 = qmoe.CompressedMatrix.from_tensors(codec, m.shape, levels=m.levels, codes=m.codes,
+                                                row_offsets=m.row_offsets, dictionary=m.dictionary)
+        assert m2.dictionary_id == m.dictionary_id
     else:
         m2 = qmoe.CompressedMatrix.from_tensors(codec, m.shape, levels=m.levels.view(ml_dtypes.bfloat16),
                                                 packed=m.packed)
@@ -223,3 +227,59 @@ def test_calls_from_several_threads(rng):
         got = list(pool.map(m.matvec, xs))
     for g, e in zip(got, want):
         np.testing.assert_array_equal(g, e)
+
+
+def order0_entropy(p0):
+    p1 = (1 - p0) / 2
+    return -(p0 * np.log2(p0) + 2 * p1 * np.log2(p1))
+
+
+@pytest.mark.parametrize("p0", [0.885, 0.95])
+def test_v2_is_smaller_than_v1_and_near_the_entropy(rng, p0):
+    u = rng.random((128, 3072))
+    s = np.where(u < p0, 0, np.where(u < p0 + (1 - p0) / 2, 1, 2)).astype(np.uint8)
+    l = np.tile(np.array([0xBF80, 0x3F80], np.uint16), (128, 1))  # (-1, +1)
+    v1 = qmoe.encode(s, l, codec="qmoe-v1")
+    v2 = qmoe.encode(s, l, codec="qmoe-v2")
+    np.testing.assert_array_equal(v2.decode_symbols(), s)
+    h = order0_entropy(p0)
+    assert h * 0.99 < v2.code_bits_per_weight < v1.code_bits_per_weight
+    if p0 == 0.885:
+        assert v2.code_bits_per_weight < 1.06 * h
+    else:
+        assert v2.code_bits_per_weight < 0.7 * v1.code_bits_per_weight
+    # The dictionary: 65536 uint32 entry words, named by the XXH3-64 of their bytes.
+    d = v2.dictionary
+    assert d.dtype == np.uint32 and d.shape == (65536,) and not d.flags.writeable
+    assert len(v2.dictionary_id) == 16 and v1.dictionary is None and v1.dictionary_id is None
+    widths = d >> 26
+    assert widths.min() >= 1 and widths.max() == 63
+
+
+def test_v2_dictionary_parameters(rng):
+    w = sparse_weights(rng, 20, 300)
+    s, l = qmoe.ternarize_rtn(w)
+    a = qmoe.encode(s, l, codec="qmoe-v2", v2_max_width=32, v2_p0=0.9)
+    assert int((a.dictionary >> 26).max()) <= 32
+    np.testing.assert_array_equal(a.decode_symbols(), s)
+    b = qmoe.encode(s, l, codec="qmoe-v2", v2_max_width=32, v2_p0=0.9)
+    assert a.dictionary_id == b.dictionary_id
+    with pytest.raises(ValueError):
+        qmoe.encode(s, l, codec="qmoe-v2", v2_max_width=64)
+    with pytest.raises(ValueError):
+        qmoe.encode(s, l, codec="qmoe-v2", v2_p0=1.0)
+
+
+def test_v2_from_tensors_rejects_a_broken_dictionary(rng):
+    m, _, _ = encode_rtn(sparse_weights(rng, 4, 70), "qmoe-v2")
+    d = m.dictionary.copy()
+    d[5] = 0  # width 0
+    with pytest.raises(qmoe.FormatError, match="entry 5"):
+        qmoe.CompressedMatrix.from_tensors("qmoe-v2", m.shape, levels=m.levels, codes=m.codes,
+                                           row_offsets=m.row_offsets, dictionary=d)
+    with pytest.raises(ValueError, match="dictionary"):
+        qmoe.CompressedMatrix.from_tensors("qmoe-v2", m.shape, levels=m.levels, codes=m.codes,
+                                           row_offsets=m.row_offsets)
+    with pytest.raises(ValueError, match="dictionary"):
+        qmoe.CompressedMatrix.from_tensors("qmoe-v1", m.shape, levels=m.levels, codes=m.codes,
+                                           row_offsets=m.row_offsets, dictionary=m.dictionary)

@@ -1,16 +1,17 @@
 """qmoe.save / qmoe.load, and what any safetensors reader sees in a container.
 
-The stored layout checked here is the one format/SPEC.md specifies (sections 4.1-4.5; section 10
+The stored layout checked here is the one format/SPEC.md specifies (sections 4.1-4.5; section 11
 for reading with the safetensors package, which needs ml_dtypes imported for BF16): a compressed
 matrix W is stored as
-  W.qmoe_codes        U16  [num_codes]          (qmoe-v1)
-  W.qmoe_row_offsets  I32  [rows + 1]           (qmoe-v1)
+  W.qmoe_codes        U16  [num_codes]          (qmoe-v1, qmoe-v2)
+  W.qmoe_row_offsets  I32  [rows + 1]           (qmoe-v1, qmoe-v2)
   W.qmoe_packed       U8   [rows, ceil(cols/5)] (qmoe-p5)
   W.qmoe_levels       BF16 [rows, 2]
 plus the qmoe-v1 decode table "qmoe.dictionary.qmoe-v1" (I32 [65536, 2]) in every file holding
-a qmoe-v1 matrix; __metadata__ holds "format": "qmoe", "format_version": "1",
-"qmoe.matrix.W": {"codec", "shape", "dtype"} and an xxh3 checksum "qmoe.xxh3.<tensor>" for every
-stored tensor. Dense tensors are stored unchanged.
+a qmoe-v1 matrix and each qmoe-v2 dictionary "qmoe.dictionary.qmoe-v2.<id>" (U32 [65536]) in every
+file holding a matrix that uses it; __metadata__ holds "format": "qmoe", "format_version": "1",
+"qmoe.matrix.W": {"codec", "shape", "dtype"} (plus "dictionary": <id> for qmoe-v2) and an xxh3
+checksum "qmoe.xxh3.<tensor>" for every stored tensor. Dense tensors are stored unchanged.
 """
 
 import gc
@@ -43,6 +44,7 @@ def sample_tensors(rng):
     tensors["experts.0.wi"], _, _ = encode_rtn(sparse_weights(rng, 16, 40), "qmoe-v1")
     tensors["experts.1.wi"], _, _ = encode_rtn(sparse_weights(rng, 7, 33), "qmoe-v1")
     tensors["experts.2.wo"], _, _ = encode_rtn(sparse_weights(rng, 5, 21, zero_fraction=0.3), "qmoe-p5")
+    tensors["experts.3.wo"], _, _ = encode_rtn(sparse_weights(rng, 6, 50), "qmoe-v2")
     return tensors
 
 
@@ -55,7 +57,8 @@ def assert_same(loaded, original):
             assert got.shape == want.shape and got.codec == want.codec
             assert got.original_dtype == want.original_dtype
             np.testing.assert_array_equal(got.levels, want.levels)
-            for attr in ("codes", "row_offsets", "packed"):
+            assert got.dictionary_id == want.dictionary_id
+            for attr in ("codes", "row_offsets", "packed", "dictionary"):
                 a, b = getattr(got, attr), getattr(want, attr)
                 assert (a is None) == (b is None)
                 if a is not None:
@@ -132,9 +135,11 @@ def expected_stored(tensors):
     for name, t in tensors.items():
         if isinstance(t, qmoe.CompressedMatrix):
             rows, cols = t.shape
-            if t.codec == "qmoe-v1":
+            if t.codec in ("qmoe-v1", "qmoe-v2"):
                 want[name + ".qmoe_codes"] = ("U16", [t.codes.size])
                 want[name + ".qmoe_row_offsets"] = ("I32", [rows + 1])
+                if t.codec == "qmoe-v2":
+                    want["qmoe.dictionary.qmoe-v2." + t.dictionary_id] = ("U32", [65536])
             else:
                 want[name + ".qmoe_packed"] = ("U8", [rows, (cols + 4) // 5])
             want[name + ".qmoe_levels"] = ("BF16", [rows, 2])
@@ -165,9 +170,12 @@ def test_safetensors_package_reads_every_tensor(rng, tmp_path):
     for name, t in tensors.items():
         if isinstance(t, qmoe.CompressedMatrix):
             np.testing.assert_array_equal(stored[name + ".qmoe_levels"].view(np.uint16), t.levels)
-            if t.codec == "qmoe-v1":
+            if t.codec in ("qmoe-v1", "qmoe-v2"):
                 np.testing.assert_array_equal(stored[name + ".qmoe_codes"], t.codes)
                 np.testing.assert_array_equal(stored[name + ".qmoe_row_offsets"], t.row_offsets)
+                if t.codec == "qmoe-v2":
+                    d = stored["qmoe.dictionary.qmoe-v2." + t.dictionary_id]
+                    np.testing.assert_array_equal(d, t.dictionary)
             else:
                 np.testing.assert_array_equal(stored[name + ".qmoe_packed"].reshape(-1), t.packed)
         else:
@@ -176,7 +184,10 @@ def test_safetensors_package_reads_every_tensor(rng, tmp_path):
     for name, t in tensors.items():
         if isinstance(t, qmoe.CompressedMatrix):
             decl = json.loads(meta["qmoe.matrix." + name])
-            assert decl == {"codec": t.codec, "shape": list(t.shape), "dtype": t.original_dtype}
+            want_decl = {"codec": t.codec, "shape": list(t.shape), "dtype": t.original_dtype}
+            if t.codec == "qmoe-v2":
+                want_decl["dictionary"] = t.dictionary_id
+            assert decl == want_decl
     for name in want:
         assert len(meta["qmoe.xxh3." + name]) == 16
 

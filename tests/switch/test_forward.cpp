@@ -155,7 +155,7 @@ TEST(Experts, CompressedExpertEqualsDenseExpertOnDecodedWeights) {
   const auto dir = fixture("every_other_f32");
   const SwitchModel m = SwitchModel::load(dir);
   const auto& dense = dynamic_cast<const DenseExpert&>(*m.encoder[1].ff.experts[2]);
-  for (Codec codec : {Codec::kV1, Codec::kP5}) {
+  for (Codec codec : {Codec::kV1, Codec::kV2, Codec::kP5}) {
     EncodeOptions eo;
     eo.codec = codec;
     CompressedMatrix wi =

@@ -12,7 +12,7 @@ __version__: str
 PathLike = Union[str, os.PathLike[str]]
 # float32, float16, ml_dtypes.bfloat16, or uint16 bfloat16 bit patterns (with bf16=True).
 FloatArray = npt.ArrayLike
-CodecName = Literal["qmoe-v1", "qmoe-p5"]
+CodecName = Literal["qmoe-v1", "qmoe-v2", "qmoe-p5"]
 GridName = Literal["ternary", "ternary-sym", "uniform2", "uniform3", "uniform4"]
 
 class FormatError(RuntimeError):
@@ -30,6 +30,7 @@ class CompressedMatrix:
         codes: Optional[npt.ArrayLike] = None,
         row_offsets: Optional[npt.ArrayLike] = None,
         packed: Optional[npt.ArrayLike] = None,
+        dictionary: Optional[npt.ArrayLike] = None,
         original_dtype: str = "F32",
     ) -> CompressedMatrix: ...
     @property
@@ -52,6 +53,10 @@ class CompressedMatrix:
     def codes(self) -> Optional[npt.NDArray[np.uint16]]: ...
     @property
     def row_offsets(self) -> Optional[npt.NDArray[np.int32]]: ...
+    @property
+    def dictionary(self) -> Optional[npt.NDArray[np.uint32]]: ...
+    @property
+    def dictionary_id(self) -> Optional[str]: ...
     @property
     def packed(self) -> Optional[npt.NDArray[np.uint8]]: ...
     @property
@@ -105,6 +110,8 @@ def encode(
     codec: Union[CodecName, Literal["auto"]] = "qmoe-v1",
     original_dtype: str = "F32",
     threads: int = 0,
+    v2_max_width: int = 63,
+    v2_p0: Optional[float] = None,
 ) -> CompressedMatrix: ...
 
 class HessianAccumulator:

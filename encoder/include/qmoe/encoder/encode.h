@@ -2,6 +2,7 @@
 #pragma once
 
 #include <cstdint>
+#include <memory>
 #include <optional>
 
 #include "qmoe/format/dtype.h"
@@ -25,12 +26,28 @@ struct EncodeOptions {
   std::optional<Codec> codec;
   // OpenMP threads (0 = the OpenMP default). The output is identical for any value.
   int threads = 0;
+  // qmoe-v2: the longest dictionary entry (24..63 symbols), and the zero fraction the dictionary
+  // is fitted to (nullopt: the matrix's own, see v2_fitted_p0()).
+  int v2_max_width = 63;
+  std::optional<double> v2_p0{};
 };
 
-// Encodes a ternary matrix. qmoe-v1 uses greedy longest match through a trie of the dictionary,
-// each row separately (bit-compatible with QMoE's encoder). Throws InvalidArgument if a symbol is
-// not 0, 1 or 2, or if a v1 matrix would need more than 2^31-1 codes.
+// Encodes a ternary matrix. qmoe-v1 and qmoe-v2 use greedy longest match through a trie of the
+// dictionary, each row separately (v1 is bit-compatible with QMoE's encoder). Throws
+// InvalidArgument if a symbol is not 0, 1 or 2, or if a matrix would need more than 2^31-1 codes.
 CompressedMatrix encode(const TernaryMatrix& t, const EncodeOptions& opt = {});
+
+// The qmoe-v2 dictionary the encoder uses for zero fraction p0 (0 < p0 < 1) and entries of at
+// most max_width symbols (format/SPEC.md section 6.3): the 65536 most probable strings of at most
+// max_width symbols with at most 3 non-zero ones, for i.i.d. symbols with P(0) = p0 and
+// P(1) = P(2). Built once per argument pair; the same arguments give the same object. Throws
+// InvalidArgument for p0 outside (0, 1) or a max_width too small to fill the dictionary (< 21).
+std::shared_ptr<const V2Dictionary> v2_dictionary(double p0, int max_width = v2::kMaxWidth);
+
+// The zero fraction qmoe-v2 fits a matrix's dictionary to: `zero_fraction` rounded to a multiple
+// of 1/64 and clamped to [32/64, 63/64], so that matrices of similar sparsity share one dictionary
+// (the fit costs under 0.2% of size at P(0) = 0.85..0.95).
+double v2_fitted_p0(double zero_fraction);
 
 // Number of v1 codes each row needs, without storing them (for choosing a codec cheaply).
 int64_t v1_code_count(const TernaryMatrix& t, int threads = 0);

@@ -3,6 +3,7 @@
 #pragma once
 
 #include <cstdint>
+#include <memory>
 #include <optional>
 #include <span>
 #include <string>
@@ -13,9 +14,9 @@
 
 namespace qmoe {
 
-enum class Codec : uint8_t { kV1, kP5 };
+enum class Codec : uint8_t { kV1, kP5, kV2 };
 
-// "qmoe-v1" / "qmoe-p5", the names stored in files.
+// "qmoe-v1" / "qmoe-p5" / "qmoe-v2", the names stored in files.
 std::string_view codec_name(Codec c);
 std::optional<Codec> codec_from_name(std::string_view s);
 
@@ -38,8 +39,11 @@ struct TernaryMatrix {
 // Non-owning view of an encoded matrix. Which members are used depends on the codec:
 //   qmoe-v1: codes (num_codes uint16), row_offsets (rows+1 int32; row r is codes
 //            [row_offsets[r], row_offsets[r+1]); row_offsets[0] = 0, row_offsets[rows] = num_codes)
+//   qmoe-v2: codes and row_offsets as for qmoe-v1, plus dictionary (v2::kEntries entry words,
+//            codec_layout.h) and dictionary_id, the XXH3-64 of the dictionary's bytes: decoders
+//            cache what they derive from a dictionary under this id
 //   qmoe-p5: packed (rows * p5::row_bytes(cols) bytes)
-//   both   : levels (2*rows bf16 bits, as in TernaryMatrix)
+//   all    : levels (2*rows bf16 bits, as in TernaryMatrix)
 // A view obtained from the container reader or the encoder has been validated (see validate()).
 struct CompressedView {
   Codec codec = Codec::kV1;
@@ -49,14 +53,28 @@ struct CompressedView {
   std::span<const int32_t> row_offsets;
   std::span<const uint8_t> packed;
   std::span<const uint16_t> levels;
+  std::span<const uint32_t> dictionary;
+  uint64_t dictionary_id = 0;
 
-  // Bytes of codes, offsets and levels together.
+  // Whether the matrix is a codeword stream (qmoe-v1 or qmoe-v2).
+  bool has_codes() const { return codec == Codec::kV1 || codec == Codec::kV2; }
+  // Bytes of codes, offsets and levels together (a qmoe-v2 dictionary is shared by the matrices
+  // of a file and not counted).
   int64_t compressed_bytes() const;
   // compressed_bytes() * 8 / (rows * cols); the codes alone with codes_only.
   double bits_per_weight(bool codes_only = false) const;
 };
 
-// Owning encoded matrix.
+// A qmoe-v2 dictionary: v2::kEntries entry words and their XXH3-64 (see CompressedView), plus
+// the parameters the encoder built it for (0 when unknown, e.g. read from a file).
+struct V2Dictionary {
+  std::vector<uint32_t> entries;
+  uint64_t id = 0;
+  double p0 = 0;
+  int max_width = 0;
+};
+
+// Owning encoded matrix; matrices encoded with the same qmoe-v2 dictionary share it.
 struct CompressedMatrix {
   Codec codec = Codec::kV1;
   int64_t rows = 0;
@@ -65,7 +83,9 @@ struct CompressedMatrix {
   std::vector<int32_t> row_offsets;
   std::vector<uint8_t> packed;
   std::vector<uint16_t> levels;
+  std::shared_ptr<const V2Dictionary> dictionary;  // qmoe-v2
 
+  bool has_codes() const { return codec == Codec::kV1 || codec == Codec::kV2; }
   CompressedView view() const;
 };
 

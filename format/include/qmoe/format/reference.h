@@ -3,7 +3,10 @@
 #pragma once
 
 #include <cstdint>
+#include <memory>
+#include <span>
 #include <string_view>
+#include <vector>
 
 #include "qmoe/format/matrix.h"
 
@@ -13,10 +16,20 @@ namespace qmoe {
 // by the dictionary construction in format/SPEC.md. Thread-safe; the pointer stays valid forever.
 const int32_t* v1_decode_table();
 
+// XXH3-64 of a qmoe-v2 dictionary's bytes (its id, CompressedView::dictionary_id).
+uint64_t v2_dictionary_id(std::span<const uint32_t> entries);
+// Checks a qmoe-v2 dictionary: 65536 entries, each well formed (codec_layout.h, SPEC section 6).
+// Throws FormatError whose message starts with `what` and names the entry.
+void validate_v2_dictionary(std::span<const uint32_t> entries, std::string_view what = {});
+// Validates `entries` and wraps them with their id.
+std::shared_ptr<const V2Dictionary> make_v2_dictionary(std::vector<uint32_t> entries,
+                                                       std::string_view what = {});
+
 // Checks a view completely: sizes of every member, row offsets start at 0, are non-decreasing and
-// end at num_codes, every row's codes decode to exactly its width (v1; an odd width's last half
-// pair has s1 = 0), p5 bytes <= 242 with zero padding, levels finite with lo <= 0 <= hi.
-// Throws FormatError whose message starts with `what` (e.g. "file.safetensors: tensor 'x'").
+// end at num_codes, every row's codes decode to exactly its width (v1 and v2; an odd width's
+// last v1 half pair has s1 = 0), a v2 dictionary well formed and matching its id, p5 bytes <= 242
+// with zero padding, levels finite with lo <= 0 <= hi. Throws FormatError whose message starts with
+// `what` (e.g. "file.safetensors: tensor 'x'").
 void validate(const CompressedView& m, std::string_view what = {});
 
 // Decodes to symbols (rows*cols bytes, row-major). Throws FormatError on a malformed stream.

@@ -27,7 +27,7 @@ struct CalibrationProviderOptions {
 };
 
 // Loads `checkpoint` (dense experts, as the forward pass needs them) and the token file
-// (format/SPEC.md section 12; ids checked against the vocabulary). FormatError naming the file for
+// (format/SPEC.md section 13; ids checked against the vocabulary). FormatError naming the file for
 // a bad checkpoint or token file. The provider must be used for one compress_checkpoint() run of
 // the same checkpoint, whose calls come in the order compress.h documents; hessian() is
 // thread-safe. Memory: the model (as stored) plus, per block, tokens x (d_model + d_ff) floats.

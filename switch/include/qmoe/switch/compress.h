@@ -48,7 +48,7 @@ struct ExpertMatrix {
   int64_t numel() const { return rows * cols; }
 };
 
-// Where the Hessians for GPTQ come from: a Hessian file (format/SPEC.md section 11) or, later,
+// Where the Hessians for GPTQ come from: a Hessian file (format/SPEC.md section 12) or, later,
 // calibration through the forward pass (sequential: block by block, each block's inputs computed
 // with the already compressed earlier blocks). With a provider the pipeline works block by block
 // and calls, in this order:
@@ -138,7 +138,7 @@ struct CompressSummary {
   int64_t expert_input_bytes = 0;  // expert tensors as stored in the checkpoint
   int64_t expert_compressed_bytes = 0;
   int64_t passthrough_tensors = 0;
-  int64_t v1_matrices = 0, p5_matrices = 0;
+  int64_t v1_matrices = 0, v2_matrices = 0, p5_matrices = 0;
   int64_t fallback_matrices = 0;  // GPTQ without tokens: rounded to nearest
   double mean_zero_fraction = 0;
   double compress_seconds = 0;  // compression phase (this run's share)

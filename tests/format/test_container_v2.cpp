@@ -1,0 +1,153 @@
+// qmoe-v2 matrices in the container: each file stores every dictionary its matrices use once,
+// under its id; readers check the dictionary against its id and reject broken references.
+#include "format_test_util.h"
+#include "qmoe/encoder/encode.h"
+
+namespace qmoe::test {
+namespace {
+
+using Header = nlohmann::ordered_json;
+using Data = std::vector<uint8_t>;
+
+struct V2Fixture {
+  // a and b have similar sparsity and share a dictionary; c is sparser and has its own.
+  TernaryMatrix ta = random_ternary(6, 300, 0.885, 1), tb = random_ternary(9, 77, 0.89, 2),
+                tc = random_ternary(5, 129, 0.96, 3);
+  CompressedMatrix a = encode(ta, {.codec = Codec::kV2, .v2_p0 = 0.890625}),
+                   b = encode(tb, {.codec = Codec::kV2, .v2_p0 = 0.890625}),
+                   c = encode(tc, {.codec = Codec::kV2});
+  void add_all(ContainerWriter& w) const {
+    w.add_compressed("a", a.view(), DType::kF32);
+    w.add_compressed("b", b.view(), DType::kBF16);
+    w.add_compressed("c", c.view(), DType::kF32);
+  }
+  fs::path write(const fs::path& dir) const {
+    const fs::path p = dir / "v2.safetensors";
+    ContainerWriter w(p);
+    add_all(w);
+    w.finish();
+    return p;
+  }
+  void check(const Container& cont) const {
+    for (const auto& [name, m, t] : {std::tuple{"a", &a, &ta}, {"b", &b, &tb}, {"c", &c, &tc}}) {
+      const CompressedEntry* e = cont.find_compressed(name);
+      ASSERT_NE(e, nullptr) << name;
+      EXPECT_EQ(e->view.codec, Codec::kV2);
+      EXPECT_EQ(e->view.dictionary_id, m->dictionary->id);
+      EXPECT_EQ(decode(e->view), t->to_dense()) << name;
+    }
+  }
+};
+
+std::string dict_name(uint64_t id) {
+  char buf[17];
+  std::snprintf(buf, sizeof buf, "%016llx", static_cast<unsigned long long>(id));
+  return std::string(kV2DictionaryPrefix) + buf;
+}
+
+TEST(ContainerV2, RoundTripStoresEachDictionaryOnce) {
+  TempDir dir;
+  V2Fixture fx;
+  ASSERT_EQ(fx.a.dictionary, fx.b.dictionary);
+  ASSERT_NE(fx.a.dictionary, fx.c.dictionary);
+  const fs::path p = fx.write(dir.path());
+  const auto c = Container::open(p, {.verify_checksums = true});
+  fx.check(c);
+  const auto f = SafetensorsFile::open(p);
+  int dictionaries = 0;
+  for (const TensorInfo& t : f.tensors()) dictionaries += t.name.rfind("qmoe.dictionary.", 0) == 0;
+  EXPECT_EQ(dictionaries, 2);
+  const TensorInfo* d = f.find(dict_name(fx.a.dictionary->id));
+  ASSERT_NE(d, nullptr);
+  EXPECT_EQ(d->dtype, DType::kU32);
+  EXPECT_EQ(d->shape, (std::vector<int64_t>{65536}));
+  EXPECT_NE(f.find(dict_name(fx.c.dictionary->id)), nullptr);
+  EXPECT_EQ(f.find("qmoe.dictionary.qmoe-v1"), nullptr);
+  const auto decl = nlohmann::json::parse(f.metadata().at("qmoe.matrix.a"));
+  EXPECT_EQ(decl["codec"], "qmoe-v2");
+  EXPECT_EQ("qmoe.dictionary.qmoe-v2." + decl["dictionary"].get<std::string>(),
+            dict_name(fx.a.dictionary->id));
+  EXPECT_TRUE(c.dense().empty());
+}
+
+TEST(ContainerV2, ShardsHoldTheDictionariesTheyUse) {
+  TempDir dir;
+  V2Fixture fx;
+  const fs::path out = dir / "sharded";
+  ContainerWriter w(out, {.shard_size = 1000});  // one group per shard
+  fx.add_all(w);
+  w.finish();
+  const auto c = Container::open(out, {.verify_checksums = true});
+  fx.check(c);
+  for (const auto& e : c.compressed()) {
+    const auto f = SafetensorsFile::open(e.shard);
+    EXPECT_NE(f.find(dict_name(e.view.dictionary_id)), nullptr) << e.name;
+    int dictionaries = 0;
+    for (const TensorInfo& t : f.tensors())
+      dictionaries += t.name.rfind("qmoe.dictionary.", 0) == 0;
+    EXPECT_EQ(dictionaries, 1) << e.shard;
+  }
+  const auto index = nlohmann::json::parse(read_bytes(out / "model.safetensors.index.json"));
+  for (const auto& [k, v] : index["weight_map"].items())
+    EXPECT_EQ(k.rfind("qmoe.dictionary.", 0), std::string::npos) << k;
+}
+
+void expect_bad_v2(const std::function<void(Header&, Data&, const V2Fixture&)>& edit,
+                   const std::vector<std::string>& parts) {
+  TempDir dir;
+  V2Fixture fx;
+  const fs::path p = fx.write(dir.path());
+  rewrite(p, [&](Header& h, Data& d) {
+    edit(h, d, fx);
+    refresh_checksums(h, d);
+  });
+  auto all = parts;
+  all.push_back(p.string());
+  expect_format_error([&] { (void)Container::open(p); }, all);
+}
+
+TEST(ContainerV2, BrokenDictionariesAndReferences) {
+  // The dictionary of c renamed to a dense tensor: c's reference dangles.
+  expect_bad_v2(
+      [](Header& h, Data&, const V2Fixture& fx) {
+        const std::string name = dict_name(fx.c.dictionary->id);
+        h["stray"] = h[name];
+        h.erase(name);
+        h["__metadata__"].erase("qmoe.xxh3." + name);
+      },
+      {"tensor 'c'", "dictionary", "is missing"});
+  // An entry changed: it no longer hashes to its name (or is malformed).
+  expect_bad_v2(
+      [](Header& h, Data& d, const V2Fixture& fx) {
+        const auto b = h[dict_name(fx.a.dictionary->id)]["data_offsets"][0].get<size_t>();
+        d[b + 4 * 100] ^= 1;  // column bit of entry 100's slot 0
+      },
+      {dict_name(0x0).substr(0, 24)});
+  // Wrong dtype.
+  expect_bad_v2([](Header& h, Data&,
+                   const V2Fixture& fx) { h[dict_name(fx.c.dictionary->id)]["dtype"] = "I32"; },
+                {"U32 [65536]"});
+  // A matrix declaration without its dictionary key, or with a malformed one.
+  expect_bad_v2(
+      [](Header& h, Data&, const V2Fixture&) {
+        h["__metadata__"]["qmoe.matrix.b"] = R"({"codec":"qmoe-v2","shape":[9,77],"dtype":"BF16"})";
+      },
+      {"tensor 'b'", "\"dictionary\""});
+  expect_bad_v2(
+      [](Header& h, Data&, const V2Fixture&) {
+        h["__metadata__"]["qmoe.matrix.b"] =
+            R"({"codec":"qmoe-v2","shape":[9,77],"dtype":"BF16","dictionary":"XYZ"})";
+      },
+      {"tensor 'b'", "16 lowercase hex digits"});
+  // A dictionary no matrix uses: c becomes a qmoe-v1 declaration... simplest, point c at a's.
+  expect_bad_v2(
+      [](Header& h, Data&, const V2Fixture& fx) {
+        auto decl = nlohmann::json::parse(h["__metadata__"]["qmoe.matrix.c"].get<std::string>());
+        decl["dictionary"] = dict_name(fx.a.dictionary->id).substr(kV2DictionaryPrefix.size());
+        h["__metadata__"]["qmoe.matrix.c"] = decl.dump();
+      },
+      {"used by no matrix"});
+}
+
+}  // namespace
+}  // namespace qmoe::test
