@@ -202,12 +202,29 @@ Registrar verify_cmd("verify", [](CLI::App& app) -> std::function<int()> {
 Registrar dictionary_cmd("dictionary", [](CLI::App& app) -> std::function<int()> {
   auto codec = std::make_shared<std::string>("qmoe-v1");
   auto out = std::make_shared<std::string>();
-  app.description("Write a codec's decode table (qmoe-v1: 65536 x 2 int32, little endian)");
-  app.add_option("--codec", *codec, "codec (only qmoe-v1 has a dictionary)");
+  auto p0 = std::make_shared<double>(0.0);
+  auto max_width = std::make_shared<int>(v2::kMaxWidth);
+  app.description(
+      "Write a dictionary: the qmoe-v1 decode table (65536 x 2 int32), or the qmoe-v2 dictionary "
+      "the encoder builds for a zero fraction (65536 uint32 entry words); little endian");
+  app.add_option("--codec", *codec, "qmoe-v1 or qmoe-v2");
+  app.add_option("--p0", *p0, "qmoe-v2: the zero fraction to fit (0 < p0 < 1)");
+  app.add_option("--max-width", *max_width, "qmoe-v2: the longest entry, in symbols (1..63)");
   app.add_option("--out", *out, "output file")->required();
-  return [codec, out] {
+  return [codec, out, p0, max_width] {
+    if (*codec == "qmoe-v2") {
+      if (*p0 == 0.0) throw InvalidArgument("qmoe-v2: --p0 is required");
+      const auto d = v2_dictionary(*p0, *max_width);
+      write_file_atomic(*out, d->entries.data(), static_cast<size_t>(v2::kTableBytes));
+      std::printf(
+          "wrote the qmoe-v2 dictionary for p0 %.17g, entries of at most %d symbols (id "
+          "%016llx, %lld bytes) to %s\n",
+          *p0, *max_width, static_cast<unsigned long long>(d->id),
+          static_cast<long long>(v2::kTableBytes), out->c_str());
+      return 0;
+    }
     if (*codec != "qmoe-v1")
-      throw InvalidArgument("codec '" + *codec + "' has no dictionary (use qmoe-v1)");
+      throw InvalidArgument("codec '" + *codec + "' has no dictionary (qmoe-v1 or qmoe-v2)");
     write_file_atomic(*out, v1_decode_table(), static_cast<size_t>(v1::kTableBytes));
     std::printf("wrote the qmoe-v1 decode table (%lld bytes) to %s\n",
                 static_cast<long long>(v1::kTableBytes), out->c_str());

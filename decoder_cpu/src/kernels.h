@@ -39,9 +39,19 @@ struct Tables {
 // if the dictionary breaks an assumption the layout above relies on.
 const Tables& tables();
 
-// The v1_list-shaped table (see Tables) of a qmoe-v2 dictionary, built on first use per
-// dictionary id and kept (a process holds a handful of dictionaries); thread-safe.
-const uint64_t* v2_list_table(const uint32_t* dictionary, uint64_t id);
+// Tables of a qmoe-v2 dictionary, built on first use per dictionary id and kept (a process holds a
+// handful of dictionaries); thread-safe.
+//   list: v1_list-shaped (see Tables).
+//   perm: for the AVX-512 single-token kernel, when every entry's non-zero symbols lie within
+//         v2::kSpan columns (the qmoe encoder's dictionaries), else null. 32 bits per codeword:
+//         bits 0..4 / 5..9 = column of slot 1 / slot 2 relative to slot 0's, bits 10..15 =
+//         slot 0's column (where the entry's 32-column input window starts), bits 16..18 = slot j
+//         low, 19..21 = slot j high, bits 26..31 = width.
+struct V2Tables {
+  const uint64_t* list = nullptr;
+  const uint32_t* perm = nullptr;
+};
+V2Tables v2_tables(const uint32_t* dictionary, uint64_t id);
 
 // The matrix, as raw pointers (no std::span in kernel code, see above).
 struct Matrix {
@@ -51,7 +61,8 @@ struct Matrix {
   const uint16_t* codes = nullptr;       // v1, v2
   const int32_t* row_offsets = nullptr;  // v1, v2: rows + 1
   const uint32_t* v2_entries = nullptr;  // v2: the dictionary's entry words (codec_layout.h)
-  const uint64_t* v2_list = nullptr;     // v2: v2_list_table() of the dictionary
+  const uint64_t* v2_list = nullptr;     // v2: v2_tables().list of the dictionary
+  const uint32_t* v2_perm = nullptr;     // v2: v2_tables().perm of the dictionary (may be null)
   const uint8_t* packed = nullptr;       // p5, rows * ceil(cols / 5)
   const uint16_t* levels = nullptr;      // 2 * rows bf16 bits
 };

@@ -407,6 +407,38 @@ struct PermKernel {
 };
 #endif
 
+#if defined(__AVX512F__)
+// ---- one token, qmoe-v2, AVX-512: slots by permute from the entry's window -------------------
+// PermKernel for qmoe-v2 entries, which span up to 63 columns: the non-zero symbols of an entry
+// of the qmoe encoder's dictionaries lie within 32 columns (v2::kSpan), so the two 16-float loads
+// start at slot 0's column (bits 10..15 of the v2 perm word, tables.cpp) instead of the entry's
+// first column, and the permute index of slot 0 is 0 (a shift by 32 gives 0), of slots 1 and 2
+// their column relative to slot 0's. One more add than PermKernel per codeword.
+struct PermKernelV2 {
+  using Row = VecRow<v16f>;  // lanes 8..15 stay 0
+  const Work& w;
+  const uint32_t* perm;
+
+  Row row(int64_t r) const { return vec_row<v16f>(w, r); }
+  void code(Row& s, uint32_t code, int odd) const {
+    const uint32_t e = perm[code];
+    const __m512i shift =
+        _mm512_setr_epi32(32, 0, 5, 32, 32, 0, 5, 32, 32, 32, 32, 32, 32, 32, 32, 32);
+    const __m512i kind = _mm512_setr_epi32(1 << 16, 1 << 17, 1 << 18, 0, 1 << 19, 1 << 20, 1 << 21,
+                                           0, 0, 0, 0, 0, 0, 0, 0, 0);
+    const __m512i word = _mm512_set1_epi32(static_cast<int>(e));
+    const __mmask16 k = _mm512_test_epi32_mask(word, kind);
+    const float* base = s.xp + ((e >> 10) & 63);
+    const __m512 v = _mm512_maskz_permutex2var_ps(k, _mm512_loadu_ps(base),
+                                                  _mm512_maskz_srlv_epi32(0xffff, word, shift),
+                                                  _mm512_loadu_ps(base + 16));
+    s.acc[odd] = _mm512_add_ps(s.acc[odd], v);
+    s.xp += e >> 26;
+  }
+  void store(const Row& s, int64_t r) const { vec_store(w, s, r); }
+};
+#endif
+
 #if defined(__AVX2__)
 // ---- one token, qmoe-p5 ---------------------------------------------------------------------
 // A byte holds the symbols of 5 consecutive columns, so the 8 inputs from the byte's first column
@@ -549,6 +581,12 @@ void rows(const Work& w, const Tables& tb, int64_t r0, int64_t r1, int32_t* scra
     return;
   }
   if (w.m.codec == 2 && w.num_passes == 1 && w.passes[0].bp == 1) {
+#if defined(__AVX512F__)
+    if (w.m.v2_perm != nullptr) {
+      rows_paired(PermKernelV2{w, w.m.v2_perm}, r0, r1);
+      return;
+    }
+#endif
 #if defined(__AVX2__)
     rows_paired(BlendKernel<V2Slots>{w, w.m.v2_entries, tb.v1_slot_masks}, r0, r1);
 #else

@@ -177,8 +177,10 @@ void run(std::span<const Item> items, bool accumulate, const MatmulOptions& opt)
     m.packed = w.packed.data();
     m.levels = w.levels.data();
     if (w.codec == Codec::kV2) {
+      const detail::V2Tables t = detail::v2_tables(w.dictionary.data(), w.dictionary_id);
       m.v2_entries = w.dictionary.data();
-      if (it.n > 1) m.v2_list = detail::v2_list_table(w.dictionary.data(), w.dictionary_id);
+      m.v2_list = t.list;
+      m.v2_perm = t.perm;
     }
     int64_t capacity = 0;
     if (w.has_codes() && it.n == 1) {

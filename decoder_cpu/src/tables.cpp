@@ -92,13 +92,20 @@ struct TableStore {
 
 }  // namespace
 
-const uint64_t* v2_list_table(const uint32_t* dictionary, uint64_t id) {
+V2Tables v2_tables(const uint32_t* dictionary, uint64_t id) {
+  struct Store {
+    std::vector<uint64_t> list;
+    std::vector<uint32_t> perm;
+  };
   static std::mutex mu;
-  static std::map<uint64_t, std::unique_ptr<std::vector<uint64_t>>> cache;
+  static std::map<uint64_t, std::unique_ptr<Store>> cache;
   const std::lock_guard<std::mutex> lock(mu);
   auto& slot = cache[id];
   if (!slot) {
-    auto t = std::make_unique<std::vector<uint64_t>>(v2::kEntries);
+    auto t = std::make_unique<Store>();
+    t->list.resize(v2::kEntries);
+    t->perm.resize(v2::kEntries);
+    bool windowed = true;
     for (int e = 0; e < v2::kEntries; ++e) {
       const uint32_t w = dictionary[e];
       int cols[v2::kSlots], syms[v2::kSlots], n = 0;
@@ -107,11 +114,21 @@ const uint64_t* v2_list_table(const uint32_t* dictionary, uint64_t id) {
         cols[n] = v2::slot_col(w, j);
         syms[n++] = v2::slot_symbol(w, j);
       }
-      (*t)[e] = list_record(cols, syms, n, v2::entry_width(w));
+      t->list[e] = list_record(cols, syms, n, v2::entry_width(w));
+      uint32_t p = static_cast<uint32_t>(v2::entry_width(w)) << 26;
+      if (n > 0) {
+        if (cols[n - 1] - cols[0] >= v2::kSpan) windowed = false;
+        p |= static_cast<uint32_t>(cols[0]) << 10;
+        for (int j = 1; j < n; ++j)
+          p |= static_cast<uint32_t>((cols[j] - cols[0]) & 31) << (5 * (j - 1));
+        for (int j = 0; j < n; ++j) p |= 1u << (16 + j + (syms[j] == 2 ? 3 : 0));
+      }
+      t->perm[e] = p;
     }
+    if (!windowed) t->perm.clear();
     slot = std::move(t);
   }
-  return slot->data();
+  return {slot->list.data(), slot->perm.empty() ? nullptr : slot->perm.data()};
 }
 
 const Tables& tables() {

@@ -54,6 +54,29 @@ if [ -f "$shared/reference/qmoe_v1_dec_table.i32le.bin" ]; then
   cmp "$work/table.bin" "$shared/reference/qmoe_v1_dec_table.i32le.bin" || fail "decode table differs from the reference"
 fi
 
+# qmoe-v2: smaller than qmoe-v1 on the same matrices, decodes to the same symbols, and inspect
+# counts each stored dictionary once in the totals.
+expect_exit 0 "$qmoe" encode "$in" -o "$work/v2.safetensors" --codec qmoe-v2 --tensors '.*\.experts\.expert_[0-9]+\.w[io]\.weight' --threads 2
+grep -q "qmoe-v2" "$work/out" || { cat "$work/out"; fail "encode did not report qmoe-v2"; }
+expect_exit 0 "$qmoe" verify "$work/v2.safetensors"
+expect_exit 0 "$qmoe" encode "$in" -o "$work/v1.safetensors" --codec qmoe-v1 --tensors '.*\.experts\.expert_[0-9]+\.w[io]\.weight' --threads 2
+expect_exit 0 "$qmoe" decode "$work/v2.safetensors" -o "$work/d2.safetensors" --dtype F32
+expect_exit 0 "$qmoe" decode "$work/v1.safetensors" -o "$work/d1.safetensors" --dtype F32
+cmp "$work/d1.safetensors" "$work/d2.safetensors" || fail "qmoe-v2 decodes to other weights than qmoe-v1"
+expect_exit 0 "$qmoe" inspect "$work/v2.safetensors" --json
+if python3 -c "import json" 2>/dev/null; then
+  python3 - "$work/out" <<'PY' || fail "inspect --json does not describe the qmoe-v2 container"
+import json, sys
+t = json.load(open(sys.argv[1]))["totals"]
+assert t["qmoe_v2"] == 32 and t["qmoe_v1"] == 0, t
+assert t["qmoe_v2_dictionaries"] >= 1, t
+PY
+fi
+expect_exit 0 "$qmoe" dictionary --codec qmoe-v2 --p0 0.890625 --out "$work/v2dict.bin"
+[ "$(stat -c %s "$work/v2dict.bin")" = 262144 ] || fail "qmoe-v2 dictionary has the wrong size"
+grep -q "id ed96d927233f97b2" "$work/out" || { cat "$work/out"; fail "qmoe-v2 dictionary id differs from format/SPEC.md 6.1"; }
+expect_exit 2 "$qmoe" dictionary --codec qmoe-v2 --out "$work/none.bin"
+
 # Errors: a clear message, a non-zero exit, nothing under the output name.
 expect_exit 2 "$qmoe" encode "$in" -o "$work/bad.safetensors" --tensors '(unclosed'
 grep -q "invalid regular expression" "$work/out" || fail "no message for a bad regex"

@@ -93,11 +93,17 @@ TEST(V2Dictionary, CodesInOrderOfProbabilityAndCached) {
     ASSERT_GE(logp(d->entries[i - 1]), logp(d->entries[i]) - 1e-9) << "code " << i;
   // SPEC section 6.1's example.
   const auto spec = v2_dictionary(57.0 / 64, 63);
-  EXPECT_EQ(spec->id, 0xc017f2f63a5f34bfull);
-  EXPECT_EQ(spec->entries[20000], 0x608d74cau);
-  EXPECT_EQ(entry_string(spec->entries[20000]), "000000000010000000010002");
-  // The most probable leaf at P(0) = 0.885 is a long run of zeros.
-  EXPECT_EQ(entry_string(d->entries[0]).find_first_not_of('0'), std::string::npos);
+  EXPECT_EQ(spec->id, 0xed96d927233f97b2ull);
+  EXPECT_EQ(spec->entries[20000], 0x60c57549u);
+  EXPECT_EQ(entry_string(spec->entries[20000]), "000000000100000000000202");
+  // The non-zero symbols of every entry lie within v2::kSpan columns.
+  for (uint32_t e : d->entries) {
+    const std::string s = entry_string(e);
+    const size_t first = s.find_first_not_of('0'), last = s.find_last_not_of('0');
+    if (first != std::string::npos) {
+      ASSERT_LT(last - first, static_cast<size_t>(v2::kSpan)) << s;
+    }
+  }
 }
 
 TEST(V2Dictionary, RejectsBadParameters) {
@@ -136,7 +142,7 @@ TEST(EncodeV2, CodesSpellTheRow) {
   }
 }
 
-// Closer to the entropy than qmoe-v1 at every sparsity; at P(0) = 0.885 within 6% of it.
+// Closer to the entropy than qmoe-v1 at every sparsity; at P(0) = 0.885 within 7% of it.
 TEST(EncodeV2, SmallerThanV1AndNearTheEntropy) {
   for (double p0 : {0.8, 0.885, 0.92, 0.95}) {
     const auto t = random_ternary(256, 3072, p0, 31);
@@ -147,7 +153,7 @@ TEST(EncodeV2, SmallerThanV1AndNearTheEntropy) {
     EXPECT_LT(v2, v1);
     EXPECT_GT(v2, h * 0.99);  // sampling noise only
     if (p0 == 0.885) {
-      EXPECT_LT(v2, 1.06 * h);
+      EXPECT_LT(v2, 1.07 * h);
       EXPECT_LT(v2, 0.91 * v1);
     }
     if (p0 == 0.95) {

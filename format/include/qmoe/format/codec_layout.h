@@ -69,6 +69,10 @@ inline constexpr int kLowShift = 18;
 inline constexpr int kHighShift = 21;
 inline constexpr int kWidthShift = 26;
 inline constexpr int64_t kTableBytes = int64_t{kEntries} * 4;
+// The qmoe encoder keeps the non-zero symbols of every entry within this many consecutive columns
+// (slot 2's column - slot 0's column < kSpan); the AVX-512 kernel relies on it where a dictionary
+// has the property. Any well-formed dictionary decodes.
+inline constexpr int kSpan = 32;
 
 QMOE_HD int entry_width(uint32_t e) {
   return static_cast<int>(e >> kWidthShift);
