@@ -368,8 +368,9 @@ struct BlendKernel {
 #endif
 
 #if defined(__AVX512F__)
-// ---- one token, qmoe-v1, AVX-512: slots by permute ----------------------------------------
-// A codeword's columns lie in [pos, pos + 28), so two unaligned 16-float loads hold all its
+// ---- one token, qmoe-v1 and qmoe-v2, AVX-512: slots by permute ----------------------------
+// A qmoe-v1 codeword's columns lie in [pos, pos + 28) (a qmoe-v2 codeword's non-zero ones in
+// [pos + c0, pos + c0 + 32), c0 = slot 0's column), so two unaligned 16-float loads hold all its
 // inputs, and one two-source permute (vpermi2ps) moves its three slot inputs into lanes 0..2
 // (low sum) and 4..6 (high sum) of the accumulator; the permute's zero mask drops absent slots
 // and the other level. Index, mask and width all come from the codeword's 32-bit v1_perm word,
@@ -378,11 +379,28 @@ struct BlendKernel {
 // 256 KiB table stays in L2. Lanes 8..15 stay 0. Reading the codes four per load and advancing
 // an input pointer by the codeword width took about 5% off the time per codeword (wo 768x3072,
 // one thread: 149 -> 142 us).
-typedef uint32_t v16u __attribute__((vector_size(64)));
-// A codeword starts at column <= cols (a row of odd width ends with a half pair) and its window
-// is 32 floats wide.
+// A codeword's window starts at a column <= cols (a qmoe-v1 row of odd width ends with a half
+// pair; a qmoe-v2 slot lies inside the row) and is 32 floats wide.
 static_assert(kColPad >= 33);
 
+// Where a permute kernel finds its fields in a codeword's 32-bit word:
+//   qmoe-v1 (v1_perm): slot columns in bits 0, 5, 10, kinds from bit 15, width from bit 27; the
+//     window starts at the codeword's first column.
+//   qmoe-v2 (V2Tables::perm): the window starts at slot 0's column (bits 10..15), so slot 0's
+//     index is 0 (a shift by 32 gives 0) and slots 1 and 2 are relative to it (bits 0, 5); kinds
+//     from bit 16, width from bit 26. A shift, a mask and an add more per codeword.
+struct V1Perm {
+  static constexpr bool kWindowed = false;
+  static constexpr int kShift[3] = {0, 5, 10};
+  static constexpr int kKind = 15, kWidthShift = 27;
+};
+struct V2Perm {
+  static constexpr bool kWindowed = true;
+  static constexpr int kShift[3] = {32, 0, 5};
+  static constexpr int kKind = 16, kWidthShift = 26;
+};
+
+template <class L>
 struct PermKernel {
   using Row = VecRow<v16f>;  // lanes 8..15 stay 0
   const Work& w;
@@ -391,49 +409,21 @@ struct PermKernel {
   Row row(int64_t r) const { return vec_row<v16f>(w, r); }
   void code(Row& s, uint32_t code, int odd) const {
     const uint32_t e = perm[code];
-    const v16u shift = {0, 5, 10, 0, 0, 5, 10, 0, 0, 0, 0, 0, 0, 0, 0, 0};
-    const v16u kind = {1u << 15, 1u << 16, 1u << 17, 0, 1u << 18, 1u << 19, 1u << 20, 0,
-                       0,        0,        0,        0, 0,        0,        0,        0};
-    const v16u word = v16u{} + e;  // broadcast
-    const __mmask16 k =
-        _mm512_test_epi32_mask(reinterpret_cast<__m512i>(word), reinterpret_cast<__m512i>(kind));
-    const __m512 v = _mm512_maskz_permutex2var_ps(k, _mm512_loadu_ps(s.xp),
-                                                  reinterpret_cast<__m512i>(word >> shift),
-                                                  _mm512_loadu_ps(s.xp + 16));
-    s.acc[odd] = _mm512_add_ps(s.acc[odd], v);
-    s.xp += e >> 27;
-  }
-  void store(const Row& s, int64_t r) const { vec_store(w, s, r); }
-};
-#endif
-
-#if defined(__AVX512F__)
-// ---- one token, qmoe-v2, AVX-512: slots by permute from the entry's window -------------------
-// PermKernel for qmoe-v2 entries, which span up to 63 columns: the non-zero symbols of an entry
-// of the qmoe encoder's dictionaries lie within 32 columns (v2::kSpan), so the two 16-float loads
-// start at slot 0's column (bits 10..15 of the v2 perm word, tables.cpp) instead of the entry's
-// first column, and the permute index of slot 0 is 0 (a shift by 32 gives 0), of slots 1 and 2
-// their column relative to slot 0's. One more add than PermKernel per codeword.
-struct PermKernelV2 {
-  using Row = VecRow<v16f>;  // lanes 8..15 stay 0
-  const Work& w;
-  const uint32_t* perm;
-
-  Row row(int64_t r) const { return vec_row<v16f>(w, r); }
-  void code(Row& s, uint32_t code, int odd) const {
-    const uint32_t e = perm[code];
     const __m512i shift =
-        _mm512_setr_epi32(32, 0, 5, 32, 32, 0, 5, 32, 32, 32, 32, 32, 32, 32, 32, 32);
-    const __m512i kind = _mm512_setr_epi32(1 << 16, 1 << 17, 1 << 18, 0, 1 << 19, 1 << 20, 1 << 21,
-                                           0, 0, 0, 0, 0, 0, 0, 0, 0);
+        _mm512_setr_epi32(L::kShift[0], L::kShift[1], L::kShift[2], 32, L::kShift[0], L::kShift[1],
+                          L::kShift[2], 32, 32, 32, 32, 32, 32, 32, 32, 32);
+    constexpr int k = L::kKind;
+    const __m512i kind = _mm512_setr_epi32(1 << k, 1 << (k + 1), 1 << (k + 2), 0, 1 << (k + 3),
+                                           1 << (k + 4), 1 << (k + 5), 0, 0, 0, 0, 0, 0, 0, 0, 0);
     const __m512i word = _mm512_set1_epi32(static_cast<int>(e));
-    const __mmask16 k = _mm512_test_epi32_mask(word, kind);
-    const float* base = s.xp + ((e >> 10) & 63);
-    const __m512 v = _mm512_maskz_permutex2var_ps(k, _mm512_loadu_ps(base),
+    const __mmask16 m = _mm512_test_epi32_mask(word, kind);
+    const float* base = L::kWindowed ? s.xp + ((e >> 10) & 63) : s.xp;
+    // maskz: GCC 12's unmasked form reads an undefined vector (-Wmaybe-uninitialized).
+    const __m512 v = _mm512_maskz_permutex2var_ps(m, _mm512_loadu_ps(base),
                                                   _mm512_maskz_srlv_epi32(0xffff, word, shift),
                                                   _mm512_loadu_ps(base + 16));
     s.acc[odd] = _mm512_add_ps(s.acc[odd], v);
-    s.xp += e >> 26;
+    s.xp += e >> L::kWidthShift;
   }
   void store(const Row& s, int64_t r) const { vec_store(w, s, r); }
 };
@@ -572,7 +562,7 @@ void rows(const Work& w, const Tables& tb, int64_t r0, int64_t r1, int32_t* scra
 #endif
   if (w.m.codec == 0 && w.num_passes == 1 && w.passes[0].bp == 1) {
 #if defined(__AVX512F__)
-    rows_paired(PermKernel{w, tb.v1_perm}, r0, r1);
+    rows_paired(PermKernel<V1Perm>{w, tb.v1_perm}, r0, r1);
 #elif defined(__AVX2__)
     rows_paired(BlendKernel<V1Slots>{w, tb.v1_perm, tb.v1_slot_masks}, r0, r1);
 #else
@@ -583,7 +573,7 @@ void rows(const Work& w, const Tables& tb, int64_t r0, int64_t r1, int32_t* scra
   if (w.m.codec == 2 && w.num_passes == 1 && w.passes[0].bp == 1) {
 #if defined(__AVX512F__)
     if (w.m.v2_perm != nullptr) {
-      rows_paired(PermKernelV2{w, w.m.v2_perm}, r0, r1);
+      rows_paired(PermKernel<V2Perm>{w, w.m.v2_perm}, r0, r1);
       return;
     }
 #endif
