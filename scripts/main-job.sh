@@ -6,7 +6,8 @@
 # original, and prints bits per weight, the reconstruction check and the throughput.
 #
 #   ./scripts/main-job.sh [--size tiny|small|base8|base8-bf16|c2048-style] [--threads N]
-#                         [--max-memory BYTES] [--shard-size BYTES] [--work DIR] [--keep]
+#                         [--codec auto|qmoe-v1|qmoe-v2|qmoe-p5] [--max-memory BYTES]
+#                         [--shard-size BYTES] [--work DIR] [--keep]
 #
 # Exits non-zero on any failure.
 set -euo pipefail
@@ -17,17 +18,19 @@ size=base8
 threads=$(nproc)
 max_memory=0
 shard_size=0
+codec=auto
 work="$root/build/main-job"
 keep=0
 while [ $# -gt 0 ]; do
   case "$1" in
     --size) size=$2; shift 2 ;;
     --threads) threads=$2; shift 2 ;;
+    --codec) codec=$2; shift 2 ;;
     --max-memory) max_memory=$2; shift 2 ;;
     --shard-size) shard_size=$2; shift 2 ;;
     --work) work=$2; shift 2 ;;
     --keep) keep=1; shift ;;
-    -h|--help) sed -n '2,12p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,13p' "$0"; exit 0 ;;
     *) echo "main-job: unknown argument $1" >&2; exit 2 ;;
   esac
 done
@@ -64,7 +67,7 @@ step "Generate a $preset checkpoint (Hugging Face layout)"
 ls -l "$ckpt"
 
 step "Compress"
-"$qmoe" compress "$ckpt" -o "$out" --threads "$threads" --max-memory "$max_memory" --shard-size "$shard_size" \
+"$qmoe" compress "$ckpt" -o "$out" --threads "$threads" --codec "$codec" --max-memory "$max_memory" --shard-size "$shard_size" \
   | tee "$work/compress.log"
 
 step "Verify"
