@@ -6,6 +6,7 @@
 
 #include "cuda_check.h"
 #include "qmoe/decoder_cuda/decoder.h"
+#include "qmoe/encoder/encode.h"
 #include "qmoe/format/reference.h"
 
 namespace qmoe::cuda {
@@ -146,14 +147,13 @@ struct DeviceMatrix::Impl {
   }
 };
 
-DeviceMatrix::DeviceMatrix(const CompressedView& m, ForwardOptions opt, cudaStream_t stream)
+DeviceMatrix::DeviceMatrix(const CompressedView& in, ForwardOptions opt, cudaStream_t stream)
     : impl_(std::make_unique<Impl>()) {
-  validate(m, "DeviceMatrix");
-  if (m.codec == Codec::kV2) {
-    throw InvalidArgument(
-        "DeviceMatrix: the CUDA decoder reads qmoe-v1 and qmoe-p5; qmoe-v2 matrices are decoded by "
-        "the CPU decoder (qmoe::cpu) only");
-  }
+  validate(in, "DeviceMatrix");
+  // The kernels read qmoe-v1 and qmoe-p5: a qmoe-v2 matrix is held on the device as qmoe-v1.
+  CompressedMatrix transcoded;
+  if (in.codec == Codec::kV2) transcoded = transcode(in, {.codec = Codec::kV1});
+  const CompressedView m = in.codec == Codec::kV2 ? transcoded.view() : in;
   if (m.rows > INT32_MAX || m.cols > INT32_MAX)
     throw InvalidArgument("DeviceMatrix: rows and cols must be < 2^31");
   Impl& d = *impl_;

@@ -258,6 +258,17 @@ double v2_fitted_p0(double zero_fraction) {
   return std::clamp(k, 32.0, 63.0) / 64.0;
 }
 
+CompressedMatrix transcode(const CompressedView& m, const EncodeOptions& opt) {
+  TernaryMatrix t(m.rows, m.cols);
+  decode_symbols_ref(m, t.symbols.data());
+  if (m.levels.size() != t.levels.size()) {
+    throw FormatError("transcode: levels hold " + std::to_string(m.levels.size()) +
+                      " values, expected " + std::to_string(t.levels.size()));
+  }
+  std::copy(m.levels.begin(), m.levels.end(), t.levels.begin());
+  return encode(t, opt);
+}
+
 CompressedMatrix encode(const TernaryMatrix& t, const EncodeOptions& opt) {
   check_symbols(t);
   if (opt.codec == Codec::kP5) return encode_p5(t, opt.threads);

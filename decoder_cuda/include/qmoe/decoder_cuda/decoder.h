@@ -33,10 +33,11 @@ struct ForwardOptions {
   int64_t dense_workspace_bytes = int64_t{64} << 20;
 };
 
-// A compressed matrix (qmoe-v1 or qmoe-p5) copied to one GPU. Owns its device buffers, a dense
-// workspace (allocated on the first dense-path call) and a cuBLAS handle (created on first use).
-// Movable, not copyable. Calls on one object must not overlap (they share the workspace); use one
-// object per concurrently used stream or serialise.
+// A compressed matrix copied to one GPU: qmoe-v1 and qmoe-p5 as they are, qmoe-v2 re-encoded as
+// qmoe-v1 (the kernels read those two codecs; codec() then says qmoe-v1). Owns its device buffers,
+// a dense workspace (allocated on the first dense-path call) and a cuBLAS handle (created on first
+// use). Movable, not copyable. Calls on one object must not overlap (they share the workspace); use
+// one object per concurrently used stream or serialise.
 class DeviceMatrix {
  public:
   // Validates `m` (qmoe::validate, FormatError on a malformed matrix) and copies it to the

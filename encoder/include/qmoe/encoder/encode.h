@@ -49,6 +49,11 @@ std::shared_ptr<const V2Dictionary> v2_dictionary(double p0, int max_width = v2:
 // (the fit costs under 0.2% of size at P(0) = 0.85..0.95).
 double v2_fitted_p0(double zero_fraction);
 
+// Re-encodes a matrix in opt.codec (nullopt: the automatic choice): its symbols, decoded by the
+// reference decoder, encoded again; levels are kept. For example, the CUDA decoder holds a
+// qmoe-v2 matrix as qmoe-v1. Throws FormatError for a malformed matrix.
+CompressedMatrix transcode(const CompressedView& m, const EncodeOptions& opt = {});
+
 // Number of v1 codes each row needs, without storing them (for choosing a codec cheaply).
 int64_t v1_code_count(const TernaryMatrix& t, int threads = 0);
 
