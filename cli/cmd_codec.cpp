@@ -1,4 +1,4 @@
-// qmoe encode | decode | verify | dictionary
+// qmoe encode | transcode | decode | verify | dictionary
 #include <regex.h>
 
 #include <cstring>
@@ -124,6 +124,65 @@ Registrar encode_cmd("encode", [](CLI::App& app) -> std::function<int()> {
   app.add_option("--shard-size", a->shard_size,
                  "shard the output at about this size (e.g. 2G); 0 = one file");
   return [a] { return run_encode(*a); };
+});
+
+// ---- transcode ----------------------------------------------------------------------------------
+struct TranscodeArgs {
+  std::string input, output, codec;
+  int threads = 0;
+  std::string shard_size = "0";
+};
+
+// Every compressed matrix of a container in another codec (the same symbols and levels), every
+// dense tensor and the user metadata copied.
+int run_transcode(const TranscodeArgs& a) {
+  Stopwatch clock;
+  std::optional<Codec> codec;
+  if (a.codec != "auto") {
+    codec = codec_from_name(a.codec);
+    if (!codec)
+      throw InvalidArgument("unknown codec '" + a.codec + "' (qmoe-v1, qmoe-v2, qmoe-p5 or auto)");
+  }
+  const auto c = Container::open(a.input);
+  ContainerWriter out(a.output, {.shard_size = parse_bytes(a.shard_size)});
+  for (const auto& [k, v] : c.metadata()) {
+    if (k.rfind("qmoe.", 0) != 0 && k != "format" && k != "format_version") out.set_metadata(k, v);
+  }
+  for (const auto& d : c.dense()) out.add_dense(d.name, d.dtype, d.shape, d.bytes);
+  int64_t in_bytes = 0, out_bytes = 0, weights = 0;
+  for (const auto& e : c.compressed()) {
+    const auto m = transcode(e.view, {.codec = codec, .threads = a.threads});
+    out.add_compressed(e.name, m.view(), e.original_dtype);
+    in_bytes += e.view.compressed_bytes();
+    out_bytes += m.view().compressed_bytes();
+    weights += e.view.rows * e.view.cols;
+  }
+  const auto files = out.finish();
+  auto bpw = [&](int64_t b) {
+    return weights ? 8.0 * static_cast<double>(b) / static_cast<double>(weights) : 0.0;
+  };
+  std::printf(
+      "transcoded %zu matrices to %s: %.4f -> %.4f bits/weight (codes, offsets and levels), "
+      "%.1f s; wrote %zu file(s) to %s\n",
+      c.compressed().size(), a.codec.c_str(), bpw(in_bytes), bpw(out_bytes), clock.seconds(),
+      files.size(), a.output.c_str());
+  return 0;
+}
+
+Registrar transcode_cmd("transcode", [](CLI::App& app) -> std::function<int()> {
+  auto a = std::make_shared<TranscodeArgs>();
+  app.description(
+      "Re-encode every compressed matrix of a container in another codec (same weights), e.g. "
+      "qmoe-v1 to the smaller qmoe-v2 or back");
+  app.add_option("input", a->input, "container file, index JSON or directory")->required();
+  app.add_option("-o,--output", a->output,
+                 "output container (a directory when --shard-size is given)")
+      ->required();
+  app.add_option("--codec", a->codec, "qmoe-v1, qmoe-v2, qmoe-p5 or auto")->required();
+  app.add_option("--threads", a->threads, "threads (0 = all)");
+  app.add_option("--shard-size", a->shard_size,
+                 "shard the output at about this size (e.g. 2G); 0 = one file");
+  return [a] { return run_transcode(*a); };
 });
 
 // ---- decode -------------------------------------------------------------------------------------

@@ -119,7 +119,7 @@ V2Codebook build_codebook(double p0, int max_width) {
       });
     }
   }
-  // Short entries may not fill the dictionary (max_width < 38): then every splittable string is
+  // Short entries may not fill the dictionary (max_width < 39): then every splittable string is
   // split, and the codes past the last leaf repeat code 0's entry.
   const int64_t n_inner = std::min<int64_t>(kInner, n_splittable);
   std::sort(classes.begin(), classes.end(), before);

@@ -72,6 +72,31 @@ assert t["qmoe_v2"] == 32 and t["qmoe_v1"] == 0, t
 assert t["qmoe_v2_dictionaries"] >= 1, t
 PY
 fi
+# transcode: qmoe-v1 -> qmoe-v2 gives the codes of encoding with qmoe-v2 directly (the tensors are
+# stored in another order), and back again the same weights.
+expect_exit 0 "$qmoe" transcode "$work/v1.safetensors" -o "$work/t2.safetensors" --codec qmoe-v2 --threads 2
+grep -q "^transcoded 32 matrices to qmoe-v2" "$work/out" || { cat "$work/out"; fail "transcode did not report 32 matrices"; }
+expect_exit 0 "$qmoe" transcode "$work/t2.safetensors" -o "$work/t1.safetensors" --codec qmoe-v1
+expect_exit 0 "$qmoe" decode "$work/t1.safetensors" -o "$work/dt1.safetensors" --dtype F32
+if python3 -c "import numpy, safetensors, ml_dtypes" 2>/dev/null; then
+  python3 - "$work" <<'PY' || fail "transcoded containers do not hold the same matrices"
+import sys
+import ml_dtypes  # noqa: F401  (BF16 levels)
+import numpy as np
+from safetensors.numpy import load_file
+w = sys.argv[1]
+a, b = load_file(w + "/t2.safetensors"), load_file(w + "/v2.safetensors")
+assert sorted(a) == sorted(b)
+for k in a:
+    assert np.array_equal(a[k], b[k]), k  # codes, offsets, levels, dictionaries, dense tensors
+d1, dt1 = load_file(w + "/d1.safetensors"), load_file(w + "/dt1.safetensors")
+assert sorted(d1) == sorted(dt1)
+for k in d1:
+    assert np.array_equal(d1[k], dt1[k]), k
+PY
+fi
+expect_exit 2 "$qmoe" transcode "$work/v1.safetensors" -o "$work/bad.safetensors" --codec qmoe-v7
+[ ! -e "$work/bad.safetensors" ] || fail "transcode wrote output for a bad codec"
 expect_exit 0 "$qmoe" dictionary --codec qmoe-v2 --p0 0.890625 --out "$work/v2dict.bin"
 [ "$(stat -c %s "$work/v2dict.bin")" = 262144 ] || fail "qmoe-v2 dictionary has the wrong size"
 grep -q "id ed96d927233f97b2" "$work/out" || { cat "$work/out"; fail "qmoe-v2 dictionary id differs from format/SPEC.md 6.1"; }

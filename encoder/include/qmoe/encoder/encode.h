@@ -26,7 +26,7 @@ struct EncodeOptions {
   std::optional<Codec> codec;
   // OpenMP threads (0 = the OpenMP default). The output is identical for any value.
   int threads = 0;
-  // qmoe-v2: the longest dictionary entry (24..63 symbols), and the zero fraction the dictionary
+  // qmoe-v2: the longest dictionary entry (1..63 symbols), and the zero fraction the dictionary
   // is fitted to (nullopt: the matrix's own, see v2_fitted_p0()).
   int v2_max_width = 63;
   std::optional<double> v2_p0{};
@@ -38,10 +38,11 @@ struct EncodeOptions {
 CompressedMatrix encode(const TernaryMatrix& t, const EncodeOptions& opt = {});
 
 // The qmoe-v2 dictionary the encoder uses for zero fraction p0 (0 < p0 < 1) and entries of at
-// most max_width symbols (format/SPEC.md section 6.3): the 65536 most probable strings of at most
-// max_width symbols with at most 3 non-zero ones, for i.i.d. symbols with P(0) = p0 and
-// P(1) = P(2). Built once per argument pair; the same arguments give the same object. Throws
-// InvalidArgument for p0 outside (0, 1) or a max_width too small to fill the dictionary (< 21).
+// most max_width symbols (format/SPEC.md section 6.3): the leaves of a Tunstall tree over single
+// symbols, i.i.d. with P(0) = p0 and P(1) = P(2) (entries with at most 3 non-zero symbols, those
+// within 32 columns). Built once per argument pair; the same arguments give the same object. Throws
+// InvalidArgument for p0 outside (0, 1) or max_width outside 1..63. Below 39, the tree has fewer
+// than 65535 leaves and the codes past them repeat code 0's entry.
 std::shared_ptr<const V2Dictionary> v2_dictionary(double p0, int max_width = v2::kMaxWidth);
 
 // The zero fraction qmoe-v2 fits a matrix's dictionary to: `zero_fraction` rounded to a multiple
