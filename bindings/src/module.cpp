@@ -423,6 +423,22 @@ PyCompressed encode(const py::handle& symbols, const py::handle& levels, const s
   return PyCompressed::owning(std::move(m), orig);
 }
 
+// The same matrix in another codec.
+PyCompressed transcode_matrix(const PyCompressed& m, const std::string& codec, int threads,
+                              int v2_max_width, std::optional<double> v2_p0) {
+  qmoe::EncodeOptions opt;
+  opt.codec = parse_codec(codec, true);
+  opt.threads = threads;
+  opt.v2_max_width = v2_max_width;
+  opt.v2_p0 = v2_p0;
+  qmoe::CompressedMatrix out;
+  {
+    py::gil_scoped_release nogil;
+    out = qmoe::transcode(m.view, opt);
+  }
+  return PyCompressed::owning(std::move(out), m.original_dtype);
+}
+
 // Raw tensors -> a validated CompressedMatrix (copies them).
 PyCompressed from_tensors(const std::string& codec_name, std::pair<int64_t, int64_t> shape,
                           const py::handle& levels_obj, const py::handle& codes_obj,
@@ -1307,6 +1323,14 @@ dictionary is fitted to (None: the matrix's own, rounded to a multiple of 1/64).
 original_dtype: the dtype the weights had, recorded when the matrix is saved ('F32', 'BF16', ...).
 threads: OpenMP threads (0 = default); the output is identical for any value.
 Raises ValueError for wrong dtypes or shapes, a symbol outside 0..2, or an unknown codec.
+)doc");
+
+  m.def("transcode", &transcode_matrix, py::arg("matrix"), py::kw_only(), py::arg("codec"),
+        py::arg("threads") = 0, py::arg("v2_max_width") = 63, py::arg("v2_p0") = py::none(),
+        R"doc(
+The same matrix (symbols and levels) encoded in another codec: e.g. a qmoe-v1 matrix of an
+existing container as qmoe-v2, or back. codec, threads, v2_max_width and v2_p0 as for encode();
+the original dtype is kept. Raises ValueError for an unknown codec.
 )doc");
 
   m.def("save", &save, py::arg("path"), py::arg("tensors"), py::kw_only(),

@@ -283,3 +283,19 @@ def test_v2_from_tensors_rejects_a_broken_dictionary(rng):
     with pytest.raises(ValueError, match="dictionary"):
         qmoe.CompressedMatrix.from_tensors("qmoe-v1", m.shape, levels=m.levels, codes=m.codes,
                                            row_offsets=m.row_offsets, dictionary=m.dictionary)
+
+
+def test_transcode_between_codecs(rng):
+    w = sparse_weights(rng, 30, 500)
+    s, l = qmoe.ternarize_rtn(w)
+    v1 = qmoe.encode(s, l, codec="qmoe-v1", original_dtype="BF16")
+    v2 = qmoe.transcode(v1, codec="qmoe-v2")
+    assert v2.codec == "qmoe-v2" and v2.original_dtype == "BF16"
+    direct = qmoe.encode(s, l, codec="qmoe-v2")
+    np.testing.assert_array_equal(v2.codes, direct.codes)
+    assert v2.dictionary_id == direct.dictionary_id
+    back = qmoe.transcode(v2, codec="qmoe-v1")
+    np.testing.assert_array_equal(back.codes, v1.codes)
+    np.testing.assert_array_equal(back.decode(), v1.decode())
+    with pytest.raises(ValueError):
+        qmoe.transcode(v1, codec="qmoe-v9")

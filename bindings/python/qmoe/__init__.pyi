@@ -113,6 +113,14 @@ def encode(
     v2_max_width: int = 63,
     v2_p0: Optional[float] = None,
 ) -> CompressedMatrix: ...
+def transcode(
+    matrix: CompressedMatrix,
+    *,
+    codec: Union[CodecName, Literal["auto"]],
+    threads: int = 0,
+    v2_max_width: int = 63,
+    v2_p0: Optional[float] = None,
+) -> CompressedMatrix: ...
 
 class HessianAccumulator:
     """Streaming sum of x x^T over calibration tokens, for GPTQ's Hessian."""
