@@ -259,13 +259,29 @@ double v2_fitted_p0(double zero_fraction) {
 }
 
 CompressedMatrix transcode(const CompressedView& m, const EncodeOptions& opt) {
+  validate_layout(m, "transcode");
+  if (m.codec == Codec::kV2) validate_v2_dictionary(m.dictionary, "transcode");
   TernaryMatrix t(m.rows, m.cols);
-  decode_symbols_ref(m, t.symbols.data());
-  if (m.levels.size() != t.levels.size()) {
-    throw FormatError("transcode: levels hold " + std::to_string(m.levels.size()) +
-                      " values, expected " + std::to_string(t.levels.size()));
-  }
   std::copy(m.levels.begin(), m.levels.end(), t.levels.begin());
+  // The reference decoder on blocks of rows in parallel; the error reported is the first block's.
+  const int64_t nblocks = (m.rows + kRowsPerBlock - 1) / kRowsPerBlock;
+  std::vector<std::string> errors(static_cast<size_t>(nblocks));
+  {
+    ThreadCount tc(opt.threads);
+#pragma omp parallel for schedule(dynamic, 1)
+    for (int64_t b = 0; b < nblocks; ++b) {
+      const int64_t r0 = b * kRowsPerBlock, r1 = std::min(m.rows, r0 + kRowsPerBlock);
+      std::vector<int32_t> offsets;
+      try {
+        decode_symbols_ref(row_slice(m, r0, r1, offsets), t.symbols.data() + r0 * m.cols);
+      } catch (const FormatError& e) {
+        errors[static_cast<size_t>(b)] =
+            "transcode: rows from " + std::to_string(r0) + ": " + e.what();
+      }
+    }
+  }
+  for (const std::string& e : errors)
+    if (!e.empty()) throw FormatError(e);
   return encode(t, opt);
 }
 

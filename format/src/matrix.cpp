@@ -60,6 +60,25 @@ double CompressedView::bits_per_weight(bool codes_only) const {
   return bytes * 8.0 / weights;
 }
 
+CompressedView row_slice(const CompressedView& m, int64_t r0, int64_t r1,
+                         std::vector<int32_t>& offsets) {
+  CompressedView v = m;
+  v.rows = r1 - r0;
+  v.levels = m.levels.subspan(static_cast<size_t>(2 * r0), static_cast<size_t>(2 * (r1 - r0)));
+  if (m.has_codes()) {
+    const int32_t base = m.row_offsets[static_cast<size_t>(r0)];
+    offsets.resize(static_cast<size_t>(r1 - r0 + 1));
+    for (int64_t r = r0; r <= r1; ++r)
+      offsets[static_cast<size_t>(r - r0)] = m.row_offsets[static_cast<size_t>(r)] - base;
+    v.row_offsets = offsets;
+    v.codes = m.codes.subspan(static_cast<size_t>(base), static_cast<size_t>(offsets.back()));
+  } else {
+    const int64_t rb = p5::row_bytes(m.cols);
+    v.packed = m.packed.subspan(static_cast<size_t>(r0 * rb), static_cast<size_t>((r1 - r0) * rb));
+  }
+  return v;
+}
+
 CompressedView CompressedMatrix::view() const {
   CompressedView v;
   v.codec = codec;

@@ -191,6 +191,10 @@ std::shared_ptr<const V2Dictionary> make_v2_dictionary(std::vector<uint32_t> ent
   return d;
 }
 
+void validate_layout(const CompressedView& m, std::string_view what) {
+  check_sizes(m, what);
+}
+
 void validate(const CompressedView& m, std::string_view what) {
   check_sizes(m, what);
   if (m.codec == Codec::kV2) {

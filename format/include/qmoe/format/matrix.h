@@ -65,6 +65,12 @@ struct CompressedView {
   double bits_per_weight(bool codes_only = false) const;
 };
 
+// A view of rows [r0, r1) of `m`, whose sizes and row offsets must be sound (validate_layout() in
+// reference.h): `offsets` receives the slice's rebased row offsets (qmoe-v1, qmoe-v2) and must
+// outlive the view.
+CompressedView row_slice(const CompressedView& m, int64_t r0, int64_t r1,
+                         std::vector<int32_t>& offsets);
+
 // A qmoe-v2 dictionary: v2::kEntries entry words and their XXH3-64 (see CompressedView), plus
 // the parameters the encoder built it for (0 when unknown, e.g. read from a file).
 struct V2Dictionary {

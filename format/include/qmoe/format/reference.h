@@ -25,6 +25,10 @@ void validate_v2_dictionary(std::span<const uint32_t> entries, std::string_view 
 std::shared_ptr<const V2Dictionary> make_v2_dictionary(std::vector<uint32_t> entries,
                                                        std::string_view what = {});
 
+// Checks what makes row_slice() safe: the sizes of every member and the row offsets (start at 0,
+// non-decreasing, end at num_codes), a qmoe-v2 dictionary's size; no decoding.
+void validate_layout(const CompressedView& m, std::string_view what = {});
+
 // Checks a view completely: sizes of every member, row offsets start at 0, are non-decreasing and
 // end at num_codes, every row's codes decode to exactly its width (v1 and v2; an odd width's
 // last v1 half pair has s1 = 0), a v2 dictionary well formed and matching its id, p5 bytes <= 242
