@@ -1,5 +1,7 @@
 // Per-dictionary tables of the CPU kernels (layout in kernels.h), derived from the decode tables.
+#include <algorithm>
 #include <array>
+#include <cstring>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -92,43 +94,61 @@ struct TableStore {
 
 }  // namespace
 
+// Tables are cached per dictionary id (XXH3-64). XXH3 is not collision-resistant against a crafted
+// input, and tables that do not match a matrix's dictionary would let its rows run past their
+// input, so an entry also keeps the dictionary it was built from: the first time a dictionary
+// address is seen for an id, its contents are compared (256 KiB, once per address), and a
+// different dictionary with the same id gets tables of its own. An address seen before is trusted
+// (comparing on every call would cost ~10% of a Switch-sized matvec): a different dictionary with
+// the same id, placed later at that very address, would not be detected.
 V2Tables v2_tables(const uint32_t* dictionary, uint64_t id) {
   struct Store {
+    std::vector<uint32_t> source;
+    std::vector<const uint32_t*> seen;  // addresses whose contents equal `source`
     std::vector<uint64_t> list;
     std::vector<uint32_t> perm;
   };
   static std::mutex mu;
-  static std::map<uint64_t, std::unique_ptr<Store>> cache;
+  static std::multimap<uint64_t, std::unique_ptr<Store>> cache;
   const std::lock_guard<std::mutex> lock(mu);
-  auto& slot = cache[id];
-  if (!slot) {
-    auto t = std::make_unique<Store>();
-    t->list.resize(v2::kEntries);
-    t->perm.resize(v2::kEntries);
-    bool windowed = true;
-    for (int e = 0; e < v2::kEntries; ++e) {
-      const uint32_t w = dictionary[e];
-      int cols[v2::kSlots], syms[v2::kSlots], n = 0;
-      for (int j = 0; j < v2::kSlots; ++j) {
-        if (v2::slot_symbol(w, j) == 0) continue;
-        cols[n] = v2::slot_col(w, j);
-        syms[n++] = v2::slot_symbol(w, j);
-      }
-      t->list[e] = list_record(cols, syms, n, v2::entry_width(w));
-      uint32_t p = static_cast<uint32_t>(v2::entry_width(w)) << 26;
-      if (n > 0) {
-        if (cols[n - 1] - cols[0] >= v2::kSpan) windowed = false;
-        p |= static_cast<uint32_t>(cols[0]) << 10;
-        for (int j = 1; j < n; ++j)
-          p |= static_cast<uint32_t>((cols[j] - cols[0]) & 31) << (5 * (j - 1));
-        for (int j = 0; j < n; ++j) p |= 1u << (16 + j + (syms[j] == 2 ? 3 : 0));
-      }
-      t->perm[e] = p;
+  const auto [lo, hi] = cache.equal_range(id);
+  for (auto it = lo; it != hi; ++it) {
+    Store& t = *it->second;
+    bool same = std::find(t.seen.begin(), t.seen.end(), dictionary) != t.seen.end();
+    if (!same && std::memcmp(t.source.data(), dictionary, v2::kTableBytes) == 0) {
+      t.seen.push_back(dictionary);
+      same = true;
     }
-    if (!windowed) t->perm.clear();
-    slot = std::move(t);
+    if (same) return {t.list.data(), t.perm.empty() ? nullptr : t.perm.data()};
   }
-  return {slot->list.data(), slot->perm.empty() ? nullptr : slot->perm.data()};
+  auto t = std::make_unique<Store>();
+  t->source.assign(dictionary, dictionary + v2::kEntries);
+  t->seen.push_back(dictionary);
+  t->list.resize(v2::kEntries);
+  t->perm.resize(v2::kEntries);
+  bool windowed = true;
+  for (int e = 0; e < v2::kEntries; ++e) {
+    const uint32_t w = dictionary[e];
+    int cols[v2::kSlots], syms[v2::kSlots], n = 0;
+    for (int j = 0; j < v2::kSlots; ++j) {
+      if (v2::slot_symbol(w, j) == 0) continue;
+      cols[n] = v2::slot_col(w, j);
+      syms[n++] = v2::slot_symbol(w, j);
+    }
+    t->list[e] = list_record(cols, syms, n, v2::entry_width(w));
+    uint32_t p = static_cast<uint32_t>(v2::entry_width(w)) << 26;
+    if (n > 0) {
+      if (cols[n - 1] - cols[0] >= v2::kSpan) windowed = false;
+      p |= static_cast<uint32_t>(cols[0]) << 10;
+      for (int j = 1; j < n; ++j)
+        p |= static_cast<uint32_t>((cols[j] - cols[0]) & 31) << (5 * (j - 1));
+      for (int j = 0; j < n; ++j) p |= 1u << (16 + j + (syms[j] == 2 ? 3 : 0));
+    }
+    t->perm[e] = p;
+  }
+  if (!windowed) t->perm.clear();
+  const Store& stored = *cache.emplace(id, std::move(t))->second;
+  return {stored.list.data(), stored.perm.empty() ? nullptr : stored.perm.data()};
 }
 
 const Tables& tables() {

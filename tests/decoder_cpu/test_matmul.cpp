@@ -424,6 +424,35 @@ TEST(DecoderCpu, InvalidArguments) {
   for (float v : y) ASSERT_EQ(v, kSentinel) << "a rejected call wrote output";
 }
 
+// The qmoe-v2 tables are cached by dictionary id; a view that carries another dictionary under an
+// id already seen (as a crafted XXH3 collision would) still gets tables of its own dictionary.
+TEST(DecoderCpu, V2DictionariesWithTheSameIdKeepTheirOwnTables) {
+  const CompressedMatrix a = make(40, 300, 0.885, 91, Codec::kV2);
+  EncodeOptions o;
+  o.codec = Codec::kV2;
+  o.v2_p0 = 0.95;
+  const CompressedMatrix b = encode(random_ternary(40, 300, 0.95, 92), o);
+  ASSERT_NE(a.dictionary->id, b.dictionary->id);
+  const std::vector<float> x = random_vec(300, 93);
+  for (SimdLevel l : kLevels) {
+    if (!simd_level_supported(l)) continue;
+    SCOPED_TRACE(std::string(simd_level_name(l)));
+    MatmulOptions opt;
+    opt.simd = l;
+    for (int64_t n : {1, 9}) {
+      std::vector<float> xs(static_cast<size_t>(n * 300));
+      for (int64_t t = 0; t < n; ++t) std::copy(x.begin(), x.end(), xs.begin() + t * 300);
+      std::vector<float> y(static_cast<size_t>(n * 40));
+      matmul(a.view(), n, xs.data(), 300, y.data(), 40, opt);  // caches a's tables under a's id
+      CompressedView forged = b.view();
+      forged.dictionary_id = a.dictionary->id;
+      matmul(forged, n, xs.data(), 300, y.data(), 40, opt);
+      const std::vector<float> ref = ref_products(b.view(), xs, n, 300);
+      EXPECT_LE(nmse(y.data(), ref.data(), n * 40), kMaxNmse) << "tokens " << n;
+    }
+  }
+}
+
 // Batches of several passes decode the codes once per 8 passes of 32 tokens; a long batch (and
 // a wide matrix) exercises that loop. Labelled slow when it exceeds a few seconds.
 TEST(DecoderCpu, LargeBatchAllLevels) {
