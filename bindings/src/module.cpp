@@ -1325,6 +1325,23 @@ threads: OpenMP threads (0 = default); the output is identical for any value.
 Raises ValueError for wrong dtypes or shapes, a symbol outside 0..2, or an unknown codec.
 )doc");
 
+  m.def(
+      "v2_dictionary",
+      [](double p0, int max_width) {
+        const auto d = qmoe::v2_dictionary(p0, max_width);
+        std::vector<uint32_t> words = d->entries;
+        char id[17];
+        std::snprintf(id, sizeof id, "%016llx", static_cast<unsigned long long>(d->id));
+        return py::make_tuple(to_numpy(std::move(words), {static_cast<py::ssize_t>(65536)}),
+                              std::string(id));
+      },
+      py::arg("p0"), py::arg("max_width") = 63, R"doc(
+The qmoe-v2 dictionary the encoder builds for zero fraction p0 (0 < p0 < 1) and entries of at
+most max_width symbols (format/SPEC.md section 6.3), as (entries, id): 65536 uint32 entry words
+(layout in section 6.1) and the 16-hex-digit XXH3-64 that names it in a container.
+Raises ValueError for p0 outside (0, 1) or max_width outside 1..63.
+)doc");
+
   m.def("transcode", &transcode_matrix, py::arg("matrix"), py::kw_only(), py::arg("codec"),
         py::arg("threads") = 0, py::arg("v2_max_width") = 63, py::arg("v2_p0") = py::none(),
         R"doc(

@@ -299,3 +299,12 @@ def test_transcode_between_codecs(rng):
     np.testing.assert_array_equal(back.decode(), v1.decode())
     with pytest.raises(ValueError):
         qmoe.transcode(v1, codec="qmoe-v9")
+
+
+def test_v2_dictionary_matches_the_spec_example():
+    d, dict_id = qmoe.v2_dictionary(57 / 64)
+    assert d.dtype == np.uint32 and d.shape == (65536,)
+    assert dict_id == "ed96d927233f97b2"  # format/SPEC.md section 6.1
+    assert int(d[20000]) == 0x60C57549
+    with pytest.raises(ValueError):
+        qmoe.v2_dictionary(1.5)

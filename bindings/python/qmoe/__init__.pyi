@@ -113,6 +113,7 @@ def encode(
     v2_max_width: int = 63,
     v2_p0: Optional[float] = None,
 ) -> CompressedMatrix: ...
+def v2_dictionary(p0: float, max_width: int = 63) -> tuple[npt.NDArray[np.uint32], str]: ...
 def transcode(
     matrix: CompressedMatrix,
     *,
