@@ -9,7 +9,9 @@
 // rows (0..15); bytes 2-3 = cols (0..1023); then 2*rows bf16 levels; then for v1 and v2 the row
 // offsets (rows+1 int32 raw, or rows count bytes) and the codes (uint16) from the rest; for p5 the
 // packed bytes from the rest. A v2 matrix uses a fixed dictionary of pseudo-random well-formed
-// entries (every width 1..63, 0..3 slots anywhere below the width), not the encoder's.
+// entries (every width 1..63, 0..3 slots below the width), not the encoder's: with byte 0 bit 3
+// set, one whose slots lie within 32 columns like the encoder's (the AVX-512 permute kernel),
+// else one with slots anywhere (the broadcast kernels).
 #include <algorithm>
 #include <cmath>
 #include <cstddef>
@@ -31,27 +33,28 @@ uint64_t splitmix64(uint64_t x) {
   return x ^ (x >> 31);
 }
 
-const std::vector<uint32_t>& fuzz_v2_dictionary() {
-  static const std::vector<uint32_t> d = [] {
-    std::vector<uint32_t> out(qmoe::v2::kEntries);
-    for (uint32_t i = 0; i < out.size(); ++i) {
-      const uint64_t h = splitmix64(i);
-      const int width = 1 + static_cast<int>(h % qmoe::v2::kMaxWidth);
-      const int slots = std::min(width, static_cast<int>((h >> 8) % 4));
-      uint32_t e = static_cast<uint32_t>(width) << qmoe::v2::kWidthShift;
-      int col = -1;
-      for (int j = 0; j < slots; ++j) {
-        // Increasing columns, leaving room for the remaining slots.
-        const int room = width - (slots - j) - col;
-        col += 1 + static_cast<int>((h >> (16 + 8 * j)) % static_cast<uint64_t>(room));
-        e |= static_cast<uint32_t>(col) << (qmoe::v2::kColBits * j);
-        e |= 1u << (((h >> (48 + j)) & 1) ? qmoe::v2::kHighShift + j : qmoe::v2::kLowShift + j);
-      }
-      out[i] = e;
+std::vector<uint32_t> make_v2_dictionary(bool windowed) {
+  std::vector<uint32_t> out(qmoe::v2::kEntries);
+  for (uint32_t i = 0; i < out.size(); ++i) {
+    const uint64_t h = splitmix64(i);
+    const int width = 1 + static_cast<int>(h % qmoe::v2::kMaxWidth);
+    // Slots go in a stretch of `span` columns starting at `start` (the whole entry, or at most
+    // v2::kSpan columns of it).
+    const int span = windowed ? std::min(width, qmoe::v2::kSpan) : width;
+    const int start = static_cast<int>((h >> 56) % static_cast<uint64_t>(width - span + 1));
+    const int slots = std::min(span, static_cast<int>((h >> 8) % 4));
+    uint32_t e = static_cast<uint32_t>(width) << qmoe::v2::kWidthShift;
+    int col = -1;
+    for (int j = 0; j < slots; ++j) {
+      // Increasing columns, leaving room for the remaining slots.
+      const int room = span - (slots - j) - col;
+      col += 1 + static_cast<int>((h >> (16 + 8 * j)) % static_cast<uint64_t>(room));
+      e |= static_cast<uint32_t>(start + col) << (qmoe::v2::kColBits * j);
+      e |= 1u << (((h >> (48 + j)) & 1) ? qmoe::v2::kHighShift + j : qmoe::v2::kLowShift + j);
     }
-    return out;
-  }();
-  return d;
+    out[i] = e;
+  }
+  return out;
 }
 
 struct Reader {
@@ -99,9 +102,13 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   v.codes = codes;
   v.packed = packed;
   if (v.codec == qmoe::Codec::kV2) {
-    v.dictionary = fuzz_v2_dictionary();
-    static const uint64_t id = qmoe::v2_dictionary_id(fuzz_v2_dictionary());
-    v.dictionary_id = id;
+    static const std::vector<uint32_t> dict[2] = {make_v2_dictionary(false),
+                                                  make_v2_dictionary(true)};
+    static const uint64_t id[2] = {qmoe::v2_dictionary_id(dict[0]),
+                                   qmoe::v2_dictionary_id(dict[1])};
+    const int which = (data[0] >> 3) & 1;
+    v.dictionary = dict[which];
+    v.dictionary_id = id[which];
   }
 
   const size_t n = static_cast<size_t>(v.rows * v.cols);
