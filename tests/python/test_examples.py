@@ -49,3 +49,12 @@ def test_python_overhead_bench_runs():
     assert re.search(r"matvec wi_3072x768 tokens:1 .* [0-9.]+", out), out
     assert "matmul wi_3072x768 tokens:3" in out
     assert "fixed cost of a call" in out
+
+
+def test_codecs_and_entropy_ranks_the_codecs():
+    out = run("examples/codecs_and_entropy.py", "--rows", "96", "--cols", "3072")
+    rows = [l.split() for l in out.splitlines() if re.match(r"^\s*0\.\d+ ", l)]
+    assert len(rows) == 4, out
+    for p0, h, v1, v2, p5 in (map(float, r) for r in rows):
+        assert h * 0.98 < v2 < v1 < p5, out
+    assert "decode to the same weights: True" in out, out
