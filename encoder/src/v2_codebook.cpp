@@ -6,9 +6,9 @@
 // while it is shorter than max_width, holds fewer than 3 non-zero symbols, and its first non-zero
 // symbol (if any) is fewer than 32 columns back, so that the non-zero symbols of every entry lie
 // within 32 consecutive columns (v2::kSpan: the AVX-512 kernel reads them with one two-register
-// permute). That costs 0.6% of size at P(0) = 0.885, 5% at 0.95. A codeword is a
-// leaf, so a parse never stops early and never looks ahead; the expected codeword length is the
-// sum of the probabilities of the inner nodes, which is what the splitting order maximises.
+// permute). That costs 0.6% of size at P(0) = 0.885, 5% at 0.95. A codeword is a leaf, so a parse
+// never stops early and never looks ahead; the expected codeword length is the sum of the
+// probabilities of the inner nodes, which is what the splitting order maximises.
 //
 // A string of n symbols with k non-zero ones has probability p0^(n-k) p1^k, so the inner nodes are
 // the 32767 most probable splittable strings (the root included): every prefix of a splittable
