@@ -143,9 +143,38 @@ void decode_row(const CompressedView& m, int64_t r, std::string_view what, Emit&
   }
 }
 
-// The checks decode_row() makes on a qmoe-v2 row, a codeword at a time instead of a symbol at a
-// time (validation of a container, ~24 symbols per codeword): every codeword starts inside the
-// row, the last one's non-zero symbols lie inside it, and the codewords cover the row exactly.
+// The checks decode_row() makes on a code row, a codeword at a time instead of a symbol at a time
+// (validation of a container, 22-24 symbols per codeword), with the same messages.
+// qmoe-v1: the entries' pairs cover the row's pairs exactly; an odd width's half pair has s1 = 0.
+void check_row_v1(const CompressedView& m, int64_t r, std::string_view what) {
+  const int32_t* table = v1_decode_table();
+  const int64_t pairs_needed = v1::row_pairs(m.cols);
+  int64_t pair = 0;
+  for (int32_t i = m.row_offsets[r]; i < m.row_offsets[r + 1]; ++i) {
+    const uint16_t code = m.codes[i];
+    const int n = v1::entry_pairs(static_cast<uint32_t>(table[2 * code]));
+    if (pair + n > pairs_needed) {
+      fail(what, "row " + std::to_string(r) + " decodes to more than its " +
+                     std::to_string(m.cols) + " columns");
+    }
+    if ((m.cols & 1) != 0 && pair + n == pairs_needed) {
+      const int k = n - 1;  // the entry's last pair is the row's half pair
+      const auto word = static_cast<uint32_t>(table[2 * code + k / v1::kPairsPerWord]);
+      if (v1::pair_s1(word, k % v1::kPairsPerWord) != 0) {
+        fail(what, "row " + std::to_string(r) + " has a non-zero symbol past its last column");
+      }
+    }
+    pair += n;
+  }
+  if (pair != pairs_needed) {
+    fail(what, "row " + std::to_string(r) + " decodes to " +
+                   std::to_string(std::min<int64_t>(2 * pair, m.cols)) + " of its " +
+                   std::to_string(m.cols) + " columns");
+  }
+}
+
+// qmoe-v2: every codeword starts inside the row, the last one's non-zero symbols lie inside it, and
+// the codewords cover the row exactly.
 void check_row_v2(const CompressedView& m, int64_t r, std::string_view what) {
   int64_t pos = 0;
   for (int32_t i = m.row_offsets[r]; i < m.row_offsets[r + 1]; ++i) {
@@ -234,7 +263,9 @@ void validate(const CompressedView& m, std::string_view what) {
       fail(what, "row " + std::to_string(r) + " has invalid levels (lo " + std::to_string(lo) +
                      ", hi " + std::to_string(hi) + "; need finite lo <= 0 <= hi)");
     }
-    if (m.codec == Codec::kV2) {
+    if (m.codec == Codec::kV1) {
+      check_row_v1(m, r, what);
+    } else if (m.codec == Codec::kV2) {
       check_row_v2(m, r, what);
     } else {
       decode_row(m, r, what, [](int64_t, int) {});

@@ -4,6 +4,7 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <random>
 #include <set>
 #include <string>
 #include <vector>
@@ -287,6 +288,52 @@ TEST(ValidateV2, BrokenDictionaries) {
   CompressedView v = o.view();
   v.dictionary_id ^= 1;
   EXPECT_THROW(validate(v), FormatError);
+}
+
+}  // namespace
+}  // namespace qmoe
+
+namespace qmoe {
+namespace {
+
+// validate() checks code rows a codeword at a time; the reference decoder walks them a symbol at a
+// time. On random code streams (mostly malformed) they must accept and reject the same rows, with
+// the same message.
+TEST(Validate, CodewordChecksAgreeWithTheDecoder) {
+  std::mt19937_64 rng(5);
+  const auto dict = v2_dictionary(0.885);
+  int accepted[2] = {0, 0};
+  for (int trial = 0; trial < 4000; ++trial) {
+    const bool v2 = trial % 2 == 1;
+    const int64_t cols = 1 + static_cast<int64_t>(rng() % 90);
+    const int n = 1 + static_cast<int>(rng() % 6);
+    CompressedMatrix m;
+    m.codec = v2 ? Codec::kV2 : Codec::kV1;
+    m.rows = 1;
+    m.cols = cols;
+    m.levels = {float_to_bf16(-1.0f), float_to_bf16(1.0f)};
+    // Codes drawn from the most frequent entries (long runs, few non-zero symbols) and from all.
+    for (int i = 0; i < n; ++i)
+      m.codes.push_back(static_cast<uint16_t>(rng() % (rng() % 2 ? 64 : 65536)));
+    m.row_offsets = {0, n};
+    if (v2) m.dictionary = dict;
+    std::string check_error, decode_error;
+    try {
+      validate(m.view(), "x");
+    } catch (const FormatError& e) {
+      check_error = e.what();
+    }
+    std::vector<uint8_t> sym(static_cast<size_t>(cols));
+    try {
+      decode_symbols_ref(m.view(), sym.data());
+    } catch (const FormatError& e) {
+      decode_error = std::string("x: ") + e.what();
+    }
+    ASSERT_EQ(check_error, decode_error) << (v2 ? "qmoe-v2" : "qmoe-v1") << " trial " << trial;
+    accepted[v2] += check_error.empty();
+  }
+  EXPECT_GT(accepted[0], 20);  // both outcomes were exercised
+  EXPECT_GT(accepted[1], 20);
 }
 
 }  // namespace
