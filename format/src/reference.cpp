@@ -105,20 +105,22 @@ void decode_row(const CompressedView& m, int64_t r, std::string_view what, Emit&
                        std::to_string(m.cols) + " columns");
       }
       const uint32_t e = m.dictionary[m.codes[i]];
-      const int width = v2::entry_width(e);
-      int j = 0;  // next slot
-      for (int c = 0; c < width && pos + c < m.cols; ++c) {
-        if (j < v2::kSlots && v2::slot_symbol(e, j) != 0 && v2::slot_col(e, j) == c) {
-          emit(pos + c, v2::slot_symbol(e, j));
-          ++j;
-        } else {
-          emit(pos + c, 0);
+      const int64_t end = std::min<int64_t>(pos + v2::entry_width(e), m.cols);
+      int64_t c = pos;
+      for (int j = 0; j < v2::kSlots && v2::slot_symbol(e, j) != 0; ++j) {
+        const int64_t col = pos + v2::slot_col(e, j);
+        if (col >= end) {
+          fail(what, "row " + std::to_string(r) + " has a non-zero symbol past its last column");
         }
+        if (col < c) {  // only an unvalidated dictionary has such an entry
+          fail(what, "row " + std::to_string(r) + ": qmoe-v2 dictionary entry " +
+                         std::to_string(m.codes[i]) + " has slot columns out of order");
+        }
+        for (; c < col; ++c) emit(c, 0);
+        emit(c++, v2::slot_symbol(e, j));
       }
-      if (j < v2::kSlots && v2::slot_symbol(e, j) != 0) {
-        fail(what, "row " + std::to_string(r) + " has a non-zero symbol past its last column");
-      }
-      pos = std::min<int64_t>(pos + width, m.cols);
+      for (; c < end; ++c) emit(c, 0);
+      pos = end;
     }
     if (pos != m.cols) {
       fail(what, "row " + std::to_string(r) + " decodes to " + std::to_string(pos) + " of its " +

@@ -259,6 +259,24 @@ TEST(ValidateV2, NonZeroSymbolPastTheRowEnd) {
   EXPECT_THROW(validate(m.view()), FormatError);
 }
 
+// The reference decoder stays inside the row even for a dictionary nobody validated: an entry
+// whose slot columns go backwards is an error, not a write past the row (ASan build in CI).
+TEST(ValidateV2, DecoderRejectsAnUnvalidatedEntryWithoutWritingPastTheRow) {
+  OwnDictionary o = own(sample_v2());
+  const uint32_t w6 = uint32_t{6} << v2::kWidthShift;
+  o.dict[0] = w6 | 5u | (3u << 6) | (1u << v2::kLowShift) | (1u << (v2::kLowShift + 1));
+  o.m.rows = 1;
+  o.m.cols = 6;
+  o.m.codes = {0};
+  o.m.row_offsets = {0, 1};
+  o.m.levels = {float_to_bf16(-1.0f), float_to_bf16(1.0f)};
+  std::vector<uint8_t> sym(6);
+  std::vector<float> dense(6);
+  EXPECT_THROW(decode_symbols_ref(o.view(), sym.data()), FormatError);
+  EXPECT_THROW(decode_ref(o.view(), dense.data()), FormatError);
+  EXPECT_THROW(validate(o.view()), FormatError);
+}
+
 TEST(ValidateV2, BrokenDictionaries) {
   auto expect_bad = [](OwnDictionary o, size_t i, uint32_t word, const char* what) {
     o.dict[i] = word;
