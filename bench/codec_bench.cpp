@@ -84,6 +84,24 @@ void BM_DecodeRef(benchmark::State& state) {
   state.counters["bits_per_weight"] = v.bits_per_weight(false);
 }
 
+// validate() (sizes, offsets, every row's codes; a qmoe-v2 dictionary too), and validate_codes(),
+// what opening a container costs per matrix (its dictionaries are checked once per file).
+template <Codec kCodec, bool kCodesOnly>
+void BM_Validate(benchmark::State& state) {
+  const double p_zero = static_cast<double>(state.range(0)) / 1000.0;
+  const auto t = test::random_ternary(768, 3072, p_zero, 4);
+  const auto m = encode(t, {.codec = kCodec});
+  for (auto _ : state) {
+    if (kCodesOnly) {
+      validate_codes(m.view(), "bench");
+    } else {
+      validate(m.view(), "bench");
+    }
+  }
+  state.counters["weights/s"] = benchmark::Counter(static_cast<double>(t.rows * t.cols),
+                                                   benchmark::Counter::kIsIterationInvariantRate);
+}
+
 void BM_EncodeP5(benchmark::State& state) {
   const auto t = test::random_ternary(768, 3072, 0.5, 3);
   CompressedMatrix m;
@@ -109,6 +127,12 @@ BENCHMARK(BM_Encode<Codec::kV1>)->Name("BM_EncodeV1")->Apply(args);
 BENCHMARK(BM_Encode<Codec::kV2>)->Name("BM_EncodeV2")->Apply(args);
 BENCHMARK(BM_DecodeRef<Codec::kV1>)->Name("BM_DecodeRefV1")->Apply(args);
 BENCHMARK(BM_DecodeRef<Codec::kV2>)->Name("BM_DecodeRefV2")->Apply(args);
+BENCHMARK(BM_Validate<Codec::kV1, false>)->Name("BM_ValidateV1")->Arg(885)->ArgName("p_zero_x1000");
+BENCHMARK(BM_Validate<Codec::kV2, false>)->Name("BM_ValidateV2")->Arg(885)->ArgName("p_zero_x1000");
+BENCHMARK(BM_Validate<Codec::kV2, true>)
+    ->Name("BM_ValidateCodesV2")
+    ->Arg(885)
+    ->ArgName("p_zero_x1000");
 BENCHMARK(BM_EncodeP5)->Unit(benchmark::kMillisecond);
 
 }  // namespace

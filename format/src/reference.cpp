@@ -258,6 +258,11 @@ void validate(const CompressedView& m, std::string_view what) {
     if (v2_dictionary_id(m.dictionary) != m.dictionary_id)
       fail(what, "dictionary_id is not the XXH3-64 of the qmoe-v2 dictionary");
   }
+  validate_codes(m, what);
+}
+
+void validate_codes(const CompressedView& m, std::string_view what) {
+  check_sizes(m, what);
   for (int64_t r = 0; r < m.rows; ++r) {
     const float lo = bf16_to_float(m.levels[2 * r]);
     const float hi = bf16_to_float(m.levels[2 * r + 1]);

@@ -36,6 +36,11 @@ void validate_layout(const CompressedView& m, std::string_view what = {});
 // `what` (e.g. "file.safetensors: tensor 'x'").
 void validate(const CompressedView& m, std::string_view what = {});
 
+// validate() without its qmoe-v2 dictionary checks (well-formed entries, id = XXH3-64), for a
+// reader that has checked each dictionary of a file once (the container reader). A dictionary that
+// was not checked this way must go through validate().
+void validate_codes(const CompressedView& m, std::string_view what = {});
+
 // Decodes to symbols (rows*cols bytes, row-major). Throws FormatError on a malformed stream.
 void decode_symbols_ref(const CompressedView& m, uint8_t* symbols);
 // Decodes to dense float (rows*cols floats, row-major): lo, 0 or hi of the row, as float.
