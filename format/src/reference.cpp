@@ -20,6 +20,19 @@ namespace {
   throw FormatError(std::string(what) + ": " + msg);
 }
 
+// Row errors, worded once: the decoder and the codeword checks of validate() report the same.
+[[noreturn]] void row_too_long(std::string_view what, int64_t r, int64_t cols) {
+  fail(what, "row " + std::to_string(r) + " decodes to more than its " + std::to_string(cols) +
+                 " columns");
+}
+[[noreturn]] void row_nonzero_past_end(std::string_view what, int64_t r) {
+  fail(what, "row " + std::to_string(r) + " has a non-zero symbol past its last column");
+}
+[[noreturn]] void row_too_short(std::string_view what, int64_t r, int64_t decoded, int64_t cols) {
+  fail(what, "row " + std::to_string(r) + " decodes to " + std::to_string(decoded) + " of its " +
+                 std::to_string(cols) + " columns");
+}
+
 void check_sizes(const CompressedView& m, std::string_view what) {
   if (m.rows < 0 || m.cols < 0) fail(what, "negative shape");
   if (m.levels.size() != static_cast<size_t>(2 * m.rows)) {
@@ -74,8 +87,7 @@ void decode_row(const CompressedView& m, int64_t r, std::string_view what, Emit&
                              static_cast<uint32_t>(table[2 * code + 1])};
       const int n = v1::entry_pairs(w[0]);
       if (pair + n > pairs_needed) {
-        fail(what, "row " + std::to_string(r) + " decodes to more than its " +
-                       std::to_string(m.cols) + " columns");
+        row_too_long(what, r, m.cols);
       }
       for (int k = 0; k < n; ++k) {
         const uint32_t word = w[k / v1::kPairsPerWord];
@@ -86,23 +98,20 @@ void decode_row(const CompressedView& m, int64_t r, std::string_view what, Emit&
         if (col + 1 < m.cols) {
           emit(col + 1, s1);
         } else if (s1 != 0) {
-          fail(what, "row " + std::to_string(r) + " has a non-zero symbol past its last column");
+          row_nonzero_past_end(what, r);
         }
       }
       pair += n;
     }
     if (pair != pairs_needed) {
-      fail(what, "row " + std::to_string(r) + " decodes to " +
-                     std::to_string(std::min<int64_t>(2 * pair, m.cols)) + " of its " +
-                     std::to_string(m.cols) + " columns");
+      row_too_short(what, r, std::min<int64_t>(2 * pair, m.cols), m.cols);
     }
   } else if (m.codec == Codec::kV2) {
     // The last codeword may run past the row's end, over zero symbols only.
     int64_t pos = 0;
     for (int32_t i = m.row_offsets[r]; i < m.row_offsets[r + 1]; ++i) {
       if (pos >= m.cols) {
-        fail(what, "row " + std::to_string(r) + " decodes to more than its " +
-                       std::to_string(m.cols) + " columns");
+        row_too_long(what, r, m.cols);
       }
       const uint32_t e = m.dictionary[m.codes[i]];
       const int64_t end = std::min<int64_t>(pos + v2::entry_width(e), m.cols);
@@ -110,7 +119,7 @@ void decode_row(const CompressedView& m, int64_t r, std::string_view what, Emit&
       for (int j = 0; j < v2::kSlots && v2::slot_symbol(e, j) != 0; ++j) {
         const int64_t col = pos + v2::slot_col(e, j);
         if (col >= end) {
-          fail(what, "row " + std::to_string(r) + " has a non-zero symbol past its last column");
+          row_nonzero_past_end(what, r);
         }
         if (col < c) {  // only an unvalidated dictionary has such an entry
           fail(what, "row " + std::to_string(r) + ": qmoe-v2 dictionary entry " +
@@ -123,8 +132,7 @@ void decode_row(const CompressedView& m, int64_t r, std::string_view what, Emit&
       pos = end;
     }
     if (pos != m.cols) {
-      fail(what, "row " + std::to_string(r) + " decodes to " + std::to_string(pos) + " of its " +
-                     std::to_string(m.cols) + " columns");
+      row_too_short(what, r, pos, m.cols);
     }
   } else {
     const int64_t nb = p5::row_bytes(m.cols);
@@ -156,22 +164,19 @@ void check_row_v1(const CompressedView& m, int64_t r, std::string_view what) {
     const uint16_t code = m.codes[i];
     const int n = v1::entry_pairs(static_cast<uint32_t>(table[2 * code]));
     if (pair + n > pairs_needed) {
-      fail(what, "row " + std::to_string(r) + " decodes to more than its " +
-                     std::to_string(m.cols) + " columns");
+      row_too_long(what, r, m.cols);
     }
     if ((m.cols & 1) != 0 && pair + n == pairs_needed) {
       const int k = n - 1;  // the entry's last pair is the row's half pair
       const auto word = static_cast<uint32_t>(table[2 * code + k / v1::kPairsPerWord]);
       if (v1::pair_s1(word, k % v1::kPairsPerWord) != 0) {
-        fail(what, "row " + std::to_string(r) + " has a non-zero symbol past its last column");
+        row_nonzero_past_end(what, r);
       }
     }
     pair += n;
   }
   if (pair != pairs_needed) {
-    fail(what, "row " + std::to_string(r) + " decodes to " +
-                   std::to_string(std::min<int64_t>(2 * pair, m.cols)) + " of its " +
-                   std::to_string(m.cols) + " columns");
+    row_too_short(what, r, std::min<int64_t>(2 * pair, m.cols), m.cols);
   }
 }
 
@@ -181,21 +186,19 @@ void check_row_v2(const CompressedView& m, int64_t r, std::string_view what) {
   int64_t pos = 0;
   for (int32_t i = m.row_offsets[r]; i < m.row_offsets[r + 1]; ++i) {
     if (pos >= m.cols) {
-      fail(what, "row " + std::to_string(r) + " decodes to more than its " +
-                     std::to_string(m.cols) + " columns");
+      row_too_long(what, r, m.cols);
     }
     const uint32_t e = m.dictionary[m.codes[i]];
     int last = -1;  // column of the entry's last non-zero symbol
     for (int j = 0; j < v2::kSlots; ++j)
       if (v2::slot_symbol(e, j) != 0) last = v2::slot_col(e, j);
     if (pos + last >= m.cols) {
-      fail(what, "row " + std::to_string(r) + " has a non-zero symbol past its last column");
+      row_nonzero_past_end(what, r);
     }
     pos = std::min<int64_t>(pos + v2::entry_width(e), m.cols);
   }
   if (pos != m.cols) {
-    fail(what, "row " + std::to_string(r) + " decodes to " + std::to_string(pos) + " of its " +
-                   std::to_string(m.cols) + " columns");
+    row_too_short(what, r, pos, m.cols);
   }
 }
 
