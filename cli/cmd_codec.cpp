@@ -126,6 +126,14 @@ Registrar encode_cmd("encode", [](CLI::App& app) -> std::function<int()> {
   return [a] { return run_encode(*a); };
 });
 
+// A container's user metadata (everything but the keys the format defines) into `out`.
+template <class Writer>
+void copy_user_metadata(const Container& c, Writer& out) {
+  for (const auto& [k, v] : c.metadata()) {
+    if (k.rfind("qmoe.", 0) != 0 && k != "format" && k != "format_version") out.set_metadata(k, v);
+  }
+}
+
 // ---- transcode ----------------------------------------------------------------------------------
 struct TranscodeArgs {
   std::string input, output, codec;
@@ -145,9 +153,7 @@ int run_transcode(const TranscodeArgs& a) {
   }
   const auto c = Container::open(a.input);
   ContainerWriter out(a.output, {.shard_size = parse_bytes(a.shard_size)});
-  for (const auto& [k, v] : c.metadata()) {
-    if (k.rfind("qmoe.", 0) != 0 && k != "format" && k != "format_version") out.set_metadata(k, v);
-  }
+  copy_user_metadata(c, out);
   for (const auto& d : c.dense()) out.add_dense(d.name, d.dtype, d.shape, d.bytes);
   int64_t in_bytes = 0, out_bytes = 0, weights = 0;
   for (const auto& e : c.compressed()) {
@@ -195,9 +201,7 @@ int run_decode(const DecodeArgs& a) {
   if (!dtype || !is_float_dtype(*dtype)) throw InvalidArgument("--dtype must be F32, F16 or BF16");
   const auto c = Container::open(a.input);
   SafetensorsWriter out(a.output);
-  for (const auto& [k, v] : c.metadata()) {
-    if (k.rfind("qmoe.", 0) != 0 && k != "format" && k != "format_version") out.set_metadata(k, v);
-  }
+  copy_user_metadata(c, out);
   for (const auto& d : c.dense()) out.add(d.name, d.dtype, d.shape, d.bytes);
   std::vector<float> dense;
   std::vector<std::byte> bytes;
@@ -277,10 +281,10 @@ Registrar dictionary_cmd("dictionary", [](CLI::App& app) -> std::function<int()>
       const auto d = v2_dictionary(*p0, *max_width);
       write_file_atomic(*out, d->entries.data(), static_cast<size_t>(v2::kTableBytes));
       std::printf(
-          "wrote the qmoe-v2 dictionary for p0 %.17g, entries of at most %d symbols (id "
-          "%016llx, %lld bytes) to %s\n",
-          *p0, *max_width, static_cast<unsigned long long>(d->id),
-          static_cast<long long>(v2::kTableBytes), out->c_str());
+          "wrote the qmoe-v2 dictionary for p0 %.17g, entries of at most %d symbols (id %s, %lld "
+          "bytes) to %s\n",
+          *p0, *max_width, hex64(d->id).c_str(), static_cast<long long>(v2::kTableBytes),
+          out->c_str());
       return 0;
     }
     if (*codec != "qmoe-v1")

@@ -1205,10 +1205,7 @@ Raises ValueError for wrong dtypes or a missing tensor, qmoe.FormatError for a m
           "dictionary_id",
           [](const PyCompressed& p) -> py::object {
             if (p.view.codec != qmoe::Codec::kV2) return py::none();
-            char buf[17];
-            std::snprintf(buf, sizeof buf, "%016llx",
-                          static_cast<unsigned long long>(p.view.dictionary_id));
-            return py::str(buf);
+            return py::str(qmoe::hex64(p.view.dictionary_id));
           },
           "qmoe-v2: the dictionary's id (XXH3-64 of its bytes, 16 hex digits); None otherwise.")
       .def_property_readonly(
@@ -1330,10 +1327,8 @@ Raises ValueError for wrong dtypes or shapes, a symbol outside 0..2, or an unkno
       [](double p0, int max_width) {
         const auto d = qmoe::v2_dictionary(p0, max_width);
         std::vector<uint32_t> words = d->entries;
-        char id[17];
-        std::snprintf(id, sizeof id, "%016llx", static_cast<unsigned long long>(d->id));
         return py::make_tuple(to_numpy(std::move(words), {static_cast<py::ssize_t>(65536)}),
-                              std::string(id));
+                              qmoe::hex64(d->id));
       },
       py::arg("p0"), py::arg("max_width") = 63, R"doc(
 The qmoe-v2 dictionary the encoder builds for zero fraction p0 (0 < p0 < 1) and entries of at

@@ -58,14 +58,8 @@ std::string shape_str(const std::vector<int64_t>& s) {
   return out + "]";
 }
 
-std::string hex16(uint64_t h) {
-  char buf[17];
-  std::snprintf(buf, sizeof buf, "%016llx", static_cast<unsigned long long>(h));
-  return buf;
-}
-
 std::string v2_dictionary_tensor(uint64_t id) {
-  return std::string(kV2DictionaryPrefix) + hex16(id);
+  return std::string(kV2DictionaryPrefix) + hex64(id);
 }
 
 bool is_dictionary_name(std::string_view name) {
@@ -77,7 +71,7 @@ std::string matrix_json(const CompressedView& m, DType original) {
   j["codec"] = codec_name(m.codec);
   j["shape"] = {m.rows, m.cols};
   j["dtype"] = dtype_name(original);
-  if (m.codec == Codec::kV2) j["dictionary"] = hex16(m.dictionary_id);
+  if (m.codec == Codec::kV2) j["dictionary"] = hex64(m.dictionary_id);
   return j.dump();
 }
 
@@ -88,8 +82,14 @@ std::span<const std::byte> v1_table_bytes() {
 
 }  // namespace
 
+std::string hex64(uint64_t h) {
+  char buf[17];
+  std::snprintf(buf, sizeof buf, "%016llx", static_cast<unsigned long long>(h));
+  return buf;
+}
+
 std::string checksum_hex(std::span<const std::byte> bytes) {
-  return hex16(XXH3_64bits(bytes.data(), bytes.size()));
+  return hex64(XXH3_64bits(bytes.data(), bytes.size()));
 }
 
 // ---- reader ------------------------------------------------------------------------------------
@@ -124,7 +124,7 @@ struct MatrixDecl {
   std::string dictionary;  // qmoe-v2: the dictionary's id, 16 lowercase hex digits
 };
 
-bool is_lower_hex16(const std::string& s) {
+bool is_lower_hex64(const std::string& s) {
   if (s.size() != 16) return false;
   return std::all_of(s.begin(), s.end(),
                      [](char ch) { return (ch >= '0' && ch <= '9') || (ch >= 'a' && ch <= 'f'); });
@@ -148,7 +148,7 @@ MatrixDecl parse_matrix_decl(const std::string& file, const std::string& name,
   std::string dictionary;
   if (v2) {
     const auto& d = j["dictionary"];
-    if (!d.is_string() || !is_lower_hex16(d.get<std::string>()))
+    if (!d.is_string() || !is_lower_hex64(d.get<std::string>()))
       throw fail("dictionary must be 16 lowercase hex digits, not " + d.dump());
     dictionary = d.get<std::string>();
   }
@@ -203,7 +203,7 @@ void Container::Impl::load_shard(size_t shard_idx) {
       const std::string name = key.substr(kChecksumKeyPrefix.size());
       if (f.find(name) == nullptr)
         throw fail(name, "has a checksum in __metadata__ but is not in the file");
-      if (!is_lower_hex16(value))
+      if (!is_lower_hex64(value))
         throw fail(name, "checksum \"" + value + "\" is not 16 lowercase hex digits");
       checksums.emplace(name, value);
     } else if (starts_with(key, kReservedPrefix)) {
@@ -247,8 +247,8 @@ void Container::Impl::load_shard(size_t shard_idx) {
     const auto words = f.as<uint32_t>(*d, DType::kU32);
     validate_v2_dictionary(words, error_context(file, dname, ""));
     const uint64_t id = v2_dictionary_id(words);
-    if (hex16(id) != entry.second.dictionary) {
-      throw fail(dname, "its XXH3-64 is " + hex16(id) + ", not the id in its name");
+    if (hex64(id) != entry.second.dictionary) {
+      throw fail(dname, "its XXH3-64 is " + hex64(id) + ", not the id in its name");
     }
     v2_dicts.emplace(dname, std::make_pair(words, id));
   }

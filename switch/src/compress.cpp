@@ -334,7 +334,7 @@ Cached load_cached(const fs::path& p, const ExpertMatrix& m) {
     // The dictionary is rebuilt from its parameters (the construction is exact), and must be the
     // one the codes were written with.
     c.dictionary = v2_dictionary(std::stod(get("v2_p0")), std::stoi(get("v2_max_width")));
-    if (checksum_hex(std::as_bytes(std::span(c.dictionary->entries))) != get("v2_dictionary"))
+    if (hex64(c.dictionary->id) != get("v2_dictionary"))
       throw FormatError(
           error_context(p.string(), m.name, "work file's qmoe-v2 dictionary differs"));
     v.dictionary = c.dictionary->entries;
@@ -367,7 +367,7 @@ void store_cached(const fs::path& p, const ExpertMatrix& m, const CompressedMatr
     std::snprintf(p0, sizeof p0, "%.17g", cm.dictionary->p0);
     w.set_metadata("v2_p0", p0);
     w.set_metadata("v2_max_width", std::to_string(cm.dictionary->max_width));
-    w.set_metadata("v2_dictionary", checksum_hex(std::as_bytes(std::span(cm.dictionary->entries))));
+    w.set_metadata("v2_dictionary", hex64(cm.dictionary->id));
   }
   if (cm.has_codes()) {
     w.add("codes", DType::kU16, {static_cast<int64_t>(cm.codes.size())},

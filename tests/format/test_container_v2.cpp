@@ -40,9 +40,7 @@ struct V2Fixture {
 };
 
 std::string dict_name(uint64_t id) {
-  char buf[17];
-  std::snprintf(buf, sizeof buf, "%016llx", static_cast<unsigned long long>(id));
-  return std::string(kV2DictionaryPrefix) + buf;
+  return std::string(kV2DictionaryPrefix) + hex64(id);
 }
 
 TEST(ContainerV2, RoundTripStoresEachDictionaryOnce) {

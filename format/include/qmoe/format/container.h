@@ -39,6 +39,9 @@ inline constexpr std::string_view kSingleFileName = "model.safetensors";
 // The checksum format of "qmoe.xxh3.<tensor>" metadata: XXH3_64bits (seed 0) of the bytes as 16
 // lowercase hex digits.
 std::string checksum_hex(std::span<const std::byte> bytes);
+// A 64-bit hash as 16 lowercase hex digits, the spelling of checksums and of qmoe-v2 dictionary
+// ids (CompressedView::dictionary_id).
+std::string hex64(uint64_t h);
 
 // A compressed matrix of the container, with what it was before compression.
 struct CompressedEntry {
