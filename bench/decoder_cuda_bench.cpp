@@ -5,7 +5,8 @@
 // Shapes: the Switch expert matrices 768x3072, 3072x768, 1024x4096, 4096x1024, 2080x6144,
 // 6144x2080 (rows x cols, y = W x) for 1, 8 and 32 tokens, bf16 activations; and a grouped MoE
 // layer of 128 experts (3072x768, i.e. Switch-base-128's wi) for 32, 128 and 512 routed tokens.
-// Ternary symbols are i.i.d. with P(0) = 0.885 (QMoE's sparsity), encoded as qmoe-v1.
+// Ternary symbols are i.i.d. with P(0) = 0.885 (QMoE's sparsity), encoded as qmoe-v1 (and, for
+// qmoe_v2_fused, as qmoe-v2 with its fitted dictionary).
 //
 // Every call uses the next copy from a pool of device copies of the matrix that together exceed
 // 256 MB, so weights come from DRAM (not L2) as in a real MoE layer. GPU time is taken with CUDA
@@ -39,7 +40,7 @@ constexpr int64_t kPoolBytes = int64_t{256} << 20;
     if (e_ != cudaSuccess) throw CudaError(std::string(#call) + ": " + cudaGetErrorString(e_)); \
   } while (0)
 
-CompressedMatrix make_matrix(int64_t rows, int64_t cols, uint64_t seed) {
+CompressedMatrix make_matrix(int64_t rows, int64_t cols, uint64_t seed, Codec codec) {
   std::mt19937_64 rng(seed);
   std::uniform_real_distribution<double> u(0.0, 1.0);
   TernaryMatrix t(rows, cols);
@@ -52,7 +53,7 @@ CompressedMatrix make_matrix(int64_t rows, int64_t cols, uint64_t seed) {
     t.levels[2 * r + 1] = float_to_bf16(0.02f);
   }
   EncodeOptions opt;
-  opt.codec = Codec::kV1;
+  opt.codec = codec;
   return encode(t, opt);
 }
 
@@ -70,21 +71,23 @@ void* dev_alloc(size_t bytes, const void* init = nullptr) {
 // A pool of device copies of one compressed matrix, and of its dense bf16 form.
 struct Pool {
   int64_t rows = 0, cols = 0;
+  Codec codec = Codec::kV1;
   double bits_per_weight = 0;
   int64_t compressed_bytes = 0;
   std::vector<std::unique_ptr<cuda::DeviceMatrix>> copies;
   std::vector<void*> dense;  // bf16 rows x cols each
 };
 
-Pool& pool(int64_t rows, int64_t cols) {
+Pool& pool(int64_t rows, int64_t cols, Codec codec = Codec::kV1) {
   static std::vector<std::unique_ptr<Pool>> pools;
   for (auto& p : pools) {
-    if (p->rows == rows && p->cols == cols) return *p;
+    if (p->rows == rows && p->cols == cols && p->codec == codec) return *p;
   }
   auto p = std::make_unique<Pool>();
   p->rows = rows;
   p->cols = cols;
-  const CompressedMatrix m = make_matrix(rows, cols, 1234 + rows);
+  p->codec = codec;
+  const CompressedMatrix m = make_matrix(rows, cols, 1234 + rows, codec);
   p->bits_per_weight = m.view().bits_per_weight();
   p->compressed_bytes = m.view().compressed_bytes();
   const int64_t n = std::max<int64_t>(2, kPoolBytes / p->compressed_bytes);
@@ -140,15 +143,14 @@ void set_counters(benchmark::State& state, double weights, double bytes, double 
       benchmark::Counter(bytes, benchmark::Counter::kIsIterationInvariantRate);
 }
 
-void BM_Fused(benchmark::State& state, int64_t rows, int64_t cols) {
+void BM_Fused(benchmark::State& state, int64_t rows, int64_t cols, Codec codec) {
   const int64_t n = state.range(0);
-  Pool& p = pool(rows, cols);
+  Pool& p = pool(rows, cols, codec);
   void* x = dev_alloc(static_cast<size_t>(n * cols * 2));
   void* y = dev_alloc(static_cast<size_t>(n * rows * 2));
   time_gpu(state, [&](int64_t i) {
     auto& m = *p.copies[i % p.copies.size()];
-    cuda::launch_v1_fused(m.v1(), cuda::v1_table_dev(), DType::kBF16, x, cols, y, rows, n, false,
-                          nullptr);
+    cuda::launch_fused(m.matrix_dev(), DType::kBF16, x, cols, y, rows, n, false, nullptr);
   });
   set_counters(state, static_cast<double>(rows * cols), static_cast<double>(p.compressed_bytes),
                p.bits_per_weight);
@@ -223,11 +225,11 @@ void BM_GroupedLayer(benchmark::State& state) {
     state.SkipWithError("pool smaller than 128 experts");
     return;
   }
-  std::vector<cuda::V1MatrixDev> views;
-  for (int e = 0; e < kExperts; ++e) views.push_back(p.copies[e]->v1());
+  std::vector<cuda::MatrixDev> views;
+  for (int e = 0; e < kExperts; ++e) views.push_back(p.copies[e]->matrix_dev());
   const Routing r = route(n, skewed);
-  auto* views_dev = static_cast<cuda::V1MatrixDev*>(
-      dev_alloc(views.size() * sizeof(cuda::V1MatrixDev), views.data()));
+  auto* views_dev = static_cast<cuda::MatrixDev*>(
+      dev_alloc(views.size() * sizeof(cuda::MatrixDev), views.data()));
   auto* off_dev = static_cast<int32_t*>(dev_alloc(r.offsets.size() * 4, r.offsets.data()));
   auto* tok_dev = static_cast<int32_t*>(dev_alloc(r.token_ids.size() * 4, r.token_ids.data()));
   void* x = dev_alloc(static_cast<size_t>(n * kLayerCols * 2));
@@ -244,9 +246,7 @@ void BM_GroupedLayer(benchmark::State& state) {
   g.ldx = kLayerCols;
   g.y_dev = y;
   g.ldy = kLayerRows;
-  time_gpu(state, [&](int64_t) {
-    cuda::launch_v1_grouped(g, cuda::v1_table_dev(), DType::kBF16, nullptr);
-  });
+  time_gpu(state, [&](int64_t) { cuda::launch_grouped(g, DType::kBF16, nullptr); });
   int active = 0;
   for (int e = 0; e < kExperts; ++e) active += r.offsets[e + 1] > r.offsets[e];
   state.counters["active_experts"] = active;
@@ -294,9 +294,17 @@ void register_all() {
                                {4096, 1024}, {2080, 6144}, {6144, 2080}};
   for (const auto& s : shapes) {
     const std::string dims = std::to_string(s[0]) + "x" + std::to_string(s[1]);
-    for (auto [name, fn] :
-         {std::pair{"qmoe_fused/", &BM_Fused}, std::pair{"qmoe_dense_gemm/", &BM_DecodeDenseGemm},
-          std::pair{"dense_bf16/", &BM_DenseBf16}}) {
+    for (auto [name, codec] :
+         {std::pair{"qmoe_fused/", Codec::kV1}, std::pair{"qmoe_v2_fused/", Codec::kV2}}) {
+      benchmark::RegisterBenchmark((name + dims).c_str(), &BM_Fused, s[0], s[1], codec)
+          ->Arg(1)
+          ->Arg(8)
+          ->Arg(32)
+          ->UseManualTime()
+          ->Unit(benchmark::kMicrosecond);
+    }
+    for (auto [name, fn] : {std::pair{"qmoe_dense_gemm/", &BM_DecodeDenseGemm},
+                            std::pair{"dense_bf16/", &BM_DenseBf16}}) {
       benchmark::RegisterBenchmark((name + dims).c_str(), fn, s[0], s[1])
           ->Arg(1)
           ->Arg(8)

@@ -116,10 +116,9 @@ Registrar encode_cmd("encode", [](CLI::App& app) -> std::function<int()> {
   app.add_option("--tensors", a->tensors,
                  "POSIX extended regular expression matching the whole names of the tensors to "
                  "compress (default: all 2-D float tensors)");
-  app.add_option(
-      "--codec", a->codec,
-      "qmoe-v1, qmoe-v2 (smaller; re-encoded as qmoe-v1 on a GPU), qmoe-p5 or auto (the smaller of "
-      "qmoe-v1 and qmoe-p5 per matrix)");
+  app.add_option("--codec", a->codec,
+                 "qmoe-v1, qmoe-v2 (smaller: a dictionary fitted to the matrix), qmoe-p5 or auto "
+                 "(the smaller of qmoe-v1 and qmoe-p5 per matrix)");
   app.add_option("--threads", a->threads, "threads (0 = all)");
   app.add_option("--shard-size", a->shard_size,
                  "shard the output at about this size (e.g. 2G); 0 = one file");

@@ -197,10 +197,9 @@ Registrar compress_cmd("compress", [](CLI::App& app) -> std::function<int()> {
   app.add_flag("--progress", a->progress, "progress bar on stderr even when it is not a terminal");
   app.add_flag("--cast-bf16", a->cast_bf16,
                "store the F32/F16 tensors that are not experts as BF16");
-  app.add_option(
-      "--codec", a->codec,
-      "qmoe-v1, qmoe-v2 (smaller; re-encoded as qmoe-v1 on a GPU), qmoe-p5 or auto (the smaller of "
-      "qmoe-v1 and qmoe-p5 per matrix)");
+  app.add_option("--codec", a->codec,
+                 "qmoe-v1, qmoe-v2 (smaller: a dictionary fitted to the matrix), qmoe-p5 or auto "
+                 "(the smaller of qmoe-v1 and qmoe-p5 per matrix)");
   app.add_option("--percdamp", a->percdamp, "GPTQ dampening, a fraction of the mean diagonal of H");
   app.add_option("--blocksize", a->blocksize, "GPTQ lazy-update block size (columns)");
   app.add_flag("--actorder", a->actorder, "GPTQ: columns in order of decreasing Hessian diagonal");

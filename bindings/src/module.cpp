@@ -1313,7 +1313,7 @@ Raises ValueError for a wrong dtype, shape or layout, or a non-finite weight.
 Encodes a ternary matrix. symbols: uint8 (rows, cols), each 0, 1 or 2; levels: (rows, 2)
 bfloat16 bit patterns (uint16 or ml_dtypes.bfloat16), as returned by ternarize_rtn() or gptq().
 codec: "qmoe-v1" (QMoE's dictionary codes), "qmoe-v2" (a dictionary fitted to the matrix, ~10%
-smaller at 88.5% zeros, much smaller at higher sparsity; to_cuda() re-encodes it as qmoe-v1),
+smaller at 88.5% zeros, much smaller at higher sparsity; the CPU and CUDA kernels read it as is),
 "qmoe-p5" (base-3 packing) or "auto" (the smaller of qmoe-v1 and qmoe-p5).
 v2_max_width, v2_p0: qmoe-v2's longest dictionary entry (1..63 symbols) and the zero fraction its
 dictionary is fitted to (None: the matrix's own, rounded to a multiple of 1/64).

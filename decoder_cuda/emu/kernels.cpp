@@ -8,11 +8,11 @@ namespace {
 struct EmuLauncher {
   template <class E, int NB>
   void fused(dim3 grid, const kern::FusedParams<typename E::S>& p) {
-    emu::launch(grid, dim3(kern::kThreads<NB>), [&] { kern::v1_fused_kernel<E, NB>(p); });
+    emu::launch(grid, dim3(kern::kThreads<NB>), [&] { kern::fused_kernel<E, NB>(p); });
   }
   template <class E>
-  void v1_dense(dim3 grid, const kern::DenseParams<typename E::S>& p) {
-    emu::launch(grid, dim3(32 * kern::kDenseWarps), [&] { kern::v1_decode_dense_kernel<E>(p); });
+  void dense(dim3 grid, const kern::DenseParams<typename E::S>& p) {
+    emu::launch(grid, dim3(32 * kern::kDenseWarps), [&] { kern::decode_dense_kernel<E>(p); });
   }
   template <class E>
   void p5_dense(dim3 grid, const uint8_t* packed, const uint16_t* levels, int32_t cols,
@@ -25,23 +25,22 @@ struct EmuLauncher {
 
 }  // namespace
 
-void v1_fused(const V1MatrixDev& m, const int32_t* table, DType act, const void* x, int64_t ldx,
-              void* y, int64_t ldy, int64_t n_tokens, bool accumulate, int tokens_per_pass,
-              Grid grid) {
+void fused(const MatrixDev& m, DType act, const void* x, int64_t ldx, void* y, int64_t ldy,
+           int64_t n_tokens, bool accumulate, int tokens_per_pass, Grid grid) {
   EmuLauncher l;
-  kern::dispatch_v1_fused(l, m, table, act, x, ldx, y, ldy, n_tokens, accumulate, tokens_per_pass,
-                          kern::GridOverride{grid.x, grid.z});
+  kern::dispatch_single_fused(l, m, act, x, ldx, y, ldy, n_tokens, accumulate, tokens_per_pass,
+                              kern::GridOverride{grid.x, grid.z});
 }
 
-void v1_grouped(const GroupedArgs& g, const int32_t* table, DType act, Grid grid) {
+void grouped(const GroupedArgs& g, DType act, Grid grid) {
   EmuLauncher l;
-  kern::dispatch_v1_grouped(l, g, table, act, kern::GridOverride{grid.x, grid.z});
+  kern::dispatch_grouped(l, g, act, kern::GridOverride{grid.x, grid.z});
 }
 
-void v1_decode_dense(const V1MatrixDev& m, const int32_t* table, int64_t row_begin, int64_t row_end,
-                     DType out, void* out_ptr, int64_t ld_out) {
+void decode_dense(const MatrixDev& m, int64_t row_begin, int64_t row_end, DType out, void* out_ptr,
+                  int64_t ld_out) {
   EmuLauncher l;
-  kern::dispatch_v1_dense(l, m, table, row_begin, row_end, out, out_ptr, ld_out);
+  kern::dispatch_dense(l, m, row_begin, row_end, out, out_ptr, ld_out);
 }
 
 void p5_decode_dense(const uint8_t* packed, const uint16_t* levels, int64_t rows, int64_t cols,

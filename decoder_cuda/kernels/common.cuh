@@ -9,8 +9,10 @@
 #include <cuda_fp16.h>
 #define QMOE_DEV __device__ __forceinline__
 #define QMOE_UNROLL _Pragma("unroll")
+#define QMOE_NO_UNROLL _Pragma("unroll 1")
 #else
 #define QMOE_UNROLL
+#define QMOE_NO_UNROLL
 #include <cmath>
 #include <cstring>
 

@@ -3,7 +3,7 @@
 // exactly: every weight is the row's lo or hi bf16 level or zero, converted to the output type.
 #pragma once
 
-#include "v1_stream.cuh"
+#include "code_stream.cuh"
 
 namespace qmoe::cuda::kern {
 
@@ -11,8 +11,7 @@ inline constexpr int kDenseWarps = 8;
 
 template <class S>
 struct DenseParams {
-  V1MatrixDev m;
-  const uint2* table;
+  MatrixDev m;
   int32_t row_begin;
   int32_t row_end;
   S* out;
@@ -20,11 +19,13 @@ struct DenseParams {
 };
 
 // Grid: x = groups of kDenseWarps rows of [row_begin, row_end).  Block: 32*kDenseWarps, a warp
-// per row. Each lane writes the pairs of its own entries: the warp covers a contiguous stretch
-// of ~21 columns per lane per chunk, so stores of a chunk stay within a few cache lines per lane.
+// per row (qmoe-v1 or qmoe-v2). Each lane writes the columns of its own entries: the warp covers
+// a contiguous stretch of ~22 columns per lane per chunk, so stores of a chunk stay within a few
+// cache lines per lane. A qmoe-v2 row's last entry may reach past the row's end (over zeros):
+// those columns are not written.
 template <class E>
 __global__ void __launch_bounds__(32 * kDenseWarps)
-    v1_decode_dense_kernel(const DenseParams<typename E::S> p) {
+    decode_dense_kernel(const DenseParams<typename E::S> p) {
   const int lane = static_cast<int>(threadIdx.x) & 31;
   const int32_t row = p.row_begin + static_cast<int32_t>(blockIdx.x) * kDenseWarps +
                       (static_cast<int32_t>(threadIdx.x) >> 5);
@@ -36,26 +37,26 @@ __global__ void __launch_bounds__(32 * kDenseWarps)
   const int32_t cols = p.m.cols;
   int32_t next = ldg(p.m.row_offsets_dev + row);
   const int32_t row_end = ldg(p.m.row_offsets_dev + row + 1);
-  int32_t pair_base = 0;
+  int32_t col_base = 0;
   uint32_t codes[kCodesPerLane];
-  v1_load_codes(p.m.codes_dev, next, row_end, lane, codes);
-  V1Chunk ch;
+  load_codes(p.m.codes_dev, next, row_end, lane, codes);
+  Chunk ch;
   while (next < row_end) {
-    v1_decode_chunk(p.table, codes, pair_base, lane, ch);
+    decode_chunk(p.m.entries_dev, codes, col_base, lane, ch);
     next += kChunkCodes;
-    v1_load_codes(p.m.codes_dev, next, row_end, lane, codes);  // prefetch the next chunk
-    pair_base = ch.end_pair;
+    load_codes(p.m.codes_dev, next, row_end, lane, codes);  // prefetch the next chunk
+    col_base = ch.end_col;
     QMOE_UNROLL
     for (int k = 0; k < kCodesPerLane; ++k) {
-      const int n = static_cast<int>(v1::entry_pairs(ch.w0[k]));
-      for (int j = 0; j < n; ++j) {
-        const uint32_t w = j < v1::kPairsPerWord ? ch.w0[k] : ch.w1[k];
-        const int jj = j < v1::kPairsPerWord ? j : j - v1::kPairsPerWord;
-        const int s0 = v1::pair_s0(w, jj);
-        const int s1 = v1::pair_s1(w, jj);
-        const int64_t col = 2 * static_cast<int64_t>(ch.first_pair[k] + j);
-        out[col] = s0 == 0 ? zero : (s0 == 1 ? lo : hi);
-        if (col + 1 < cols) out[col + 1] = s1 == 0 ? zero : (s1 == 1 ? lo : hi);
+      const uint32_t e = ch.e[k];
+      const int32_t first = ch.first_col[k];
+      const int32_t end = first + v2::entry_width(e) < cols ? first + v2::entry_width(e) : cols;
+      for (int32_t c = first; c < end; ++c) out[c] = zero;
+      QMOE_UNROLL
+      for (int j = 0; j < v2::kSlots; ++j) {  // the same thread overwrites its own zeros
+        const int sym = v2::slot_symbol(e, j);
+        const int32_t c = first + v2::slot_col(e, j);
+        if (sym != 0 && c < cols) out[c] = sym == 1 ? lo : hi;
       }
     }
   }

@@ -2,7 +2,7 @@
 // launch functions (src/*.cu) and the CPU emulation (emu/kernels.cpp), so that the emulated tests
 // exercise the same launch configurations the GPU runs. A Launcher supplies
 //   template <class E, int NB> void fused(dim3 grid, const FusedParams<typename E::S>&);
-//   template <class E> void v1_dense(dim3 grid, const DenseParams<typename E::S>&);
+//   template <class E> void dense(dim3 grid, const DenseParams<typename E::S>&);
 //   template <class E> void p5_dense(dim3 grid, const uint8_t*, const uint16_t*, int32_t cols,
 //                                    int32_t row_begin, int32_t row_end, typename E::S*, int64_t
 //                                    ld);
@@ -13,8 +13,8 @@
 #include <string>
 
 #include "decode_dense.cuh"
+#include "fused.cuh"
 #include "qmoe/format/error.h"
-#include "v1_fused.cuh"
 
 namespace qmoe::cuda::kern {
 
@@ -76,19 +76,18 @@ void launch_fused_nb(L& launcher, int nb, dim3 grid, const FusedParams<typename 
       launch_fused_typed<L, E, 32>(launcher, grid, p);
       break;
     default:
-      throw InvalidArgument("qmoe-v1 fused kernel: tokens_per_pass must be 1, 8 or 32, not " +
+      throw InvalidArgument("fused kernel: tokens_per_pass must be 1, 8 or 32, not " +
                             std::to_string(nb));
   }
 }
 
 // Common body of the single-matrix and grouped launches.
 template <class L>
-void dispatch_fused(L& launcher, const V1MatrixDev& single, const V1MatrixDev* experts,
-                    int32_t num_experts, int32_t max_rows, const int32_t* table, DType act,
-                    const void* x, int64_t ldx, void* y, int64_t ldy, int64_t max_slots,
-                    const int32_t* expert_offsets, const int32_t* token_ids, const int32_t* out_ids,
-                    const float* scales, int32_t num_tokens, bool accumulate, bool atomic, int nb,
-                    GridOverride go) {
+void dispatch_fused(L& launcher, const MatrixDev& single, const MatrixDev* experts,
+                    int32_t num_experts, int32_t max_rows, DType act, const void* x, int64_t ldx,
+                    void* y, int64_t ldy, int64_t max_slots, const int32_t* expert_offsets,
+                    const int32_t* token_ids, const int32_t* out_ids, const float* scales,
+                    int32_t num_tokens, bool accumulate, bool atomic, int nb, GridOverride go) {
   const int warps = nb == 1 ? kWarps<1> : (nb == 8 ? kWarps<8> : kWarps<32>);
   const int64_t groups = (static_cast<int64_t>(max_rows) + warps - 1) / warps;
   const int64_t passes = (max_slots + nb - 1) / nb;
@@ -102,7 +101,6 @@ void dispatch_fused(L& launcher, const V1MatrixDev& single, const V1MatrixDev* e
     FusedParams<S> p{};
     p.single = single;
     p.experts = experts;
-    p.table = reinterpret_cast<const uint2*>(table);
     p.x = static_cast<const S*>(x);
     p.ldx = ldx;
     p.y = static_cast<S*>(y);
@@ -120,10 +118,10 @@ void dispatch_fused(L& launcher, const V1MatrixDev& single, const V1MatrixDev* e
 }
 
 template <class L>
-void dispatch_v1_fused(L& launcher, const V1MatrixDev& m, const int32_t* table, DType act,
-                       const void* x, int64_t ldx, void* y, int64_t ldy, int64_t n_tokens,
-                       bool accumulate, int nb = 0, GridOverride go = {}) {
-  constexpr const char* fn = "launch_v1_fused";
+void dispatch_single_fused(L& launcher, const MatrixDev& m, DType act, const void* x, int64_t ldx,
+                           void* y, int64_t ldy, int64_t n_tokens, bool accumulate, int nb = 0,
+                           GridOverride go = {}) {
+  constexpr const char* fn = "launch_fused";
   check_act(act, fn);
   require(m.rows >= 0 && m.cols >= 0, std::string(fn) + ": negative shape");
   require(n_tokens >= 0 && n_tokens <= std::numeric_limits<int32_t>::max(),
@@ -133,20 +131,18 @@ void dispatch_v1_fused(L& launcher, const V1MatrixDev& m, const int32_t* table, 
   require(n_tokens <= 1 || ldy >= m.rows,
           std::string(fn) + ": ldy " + std::to_string(ldy) + " < rows " + std::to_string(m.rows));
   if (m.rows == 0 || n_tokens == 0) return;
-  require(table != nullptr && (m.codes_dev != nullptr || m.cols == 0) &&
+  require(m.entries_dev != nullptr && (m.codes_dev != nullptr || m.cols == 0) &&
               m.row_offsets_dev != nullptr && m.levels_dev != nullptr &&
               (x != nullptr || m.cols == 0) && y != nullptr,
           std::string(fn) + ": null pointer");
   if (nb == 0) nb = choose_tokens_per_pass(n_tokens);
-  dispatch_fused(launcher, m, nullptr, 1, m.rows, table, act, x, ldx, y, ldy, n_tokens, nullptr,
-                 nullptr, nullptr, nullptr, static_cast<int32_t>(n_tokens), accumulate, false, nb,
-                 go);
+  dispatch_fused(launcher, m, nullptr, 1, m.rows, act, x, ldx, y, ldy, n_tokens, nullptr, nullptr,
+                 nullptr, nullptr, static_cast<int32_t>(n_tokens), accumulate, false, nb, go);
 }
 
 template <class L>
-void dispatch_v1_grouped(L& launcher, const GroupedArgs& g, const int32_t* table, DType act,
-                         GridOverride go = {}) {
-  constexpr const char* fn = "launch_v1_grouped";
+void dispatch_grouped(L& launcher, const GroupedArgs& g, DType act, GridOverride go = {}) {
+  constexpr const char* fn = "launch_grouped";
   check_act(act, fn);
   require(g.num_experts >= 0 && g.num_experts <= kMaxGridYZ,
           std::string(fn) + ": num_experts out of range");
@@ -155,37 +151,35 @@ void dispatch_v1_grouped(L& launcher, const GroupedArgs& g, const int32_t* table
   require(g.ldx >= g.cols, std::string(fn) + ": ldx < cols");
   require(g.ldy >= g.max_rows, std::string(fn) + ": ldy < max_rows");
   if (g.num_experts == 0 || g.max_rows == 0 || g.total_slots == 0) return;
-  require(table != nullptr && g.experts_dev != nullptr && g.expert_offsets_dev != nullptr &&
-              g.x_dev != nullptr && g.y_dev != nullptr,
+  require(g.experts_dev != nullptr && g.expert_offsets_dev != nullptr && g.x_dev != nullptr &&
+              g.y_dev != nullptr,
           std::string(fn) + ": null pointer");
   int nb = g.tokens_per_pass;
   if (nb == 0) nb = choose_tokens_per_pass((g.total_slots + g.num_experts - 1) / g.num_experts);
-  dispatch_fused(launcher, V1MatrixDev{}, g.experts_dev, g.num_experts, g.max_rows, table, act,
-                 g.x_dev, g.ldx, g.y_dev, g.ldy, g.total_slots, g.expert_offsets_dev,
-                 g.token_ids_dev, g.out_ids_dev, g.scales_dev, 0, g.accumulate,
-                 g.accumulate && act == DType::kF32, nb, go);
+  dispatch_fused(launcher, MatrixDev{}, g.experts_dev, g.num_experts, g.max_rows, act, g.x_dev,
+                 g.ldx, g.y_dev, g.ldy, g.total_slots, g.expert_offsets_dev, g.token_ids_dev,
+                 g.out_ids_dev, g.scales_dev, 0, g.accumulate, g.accumulate && act == DType::kF32,
+                 nb, go);
 }
 
 template <class L>
-void dispatch_v1_dense(L& launcher, const V1MatrixDev& m, const int32_t* table, int64_t row_begin,
-                       int64_t row_end, DType out, void* out_ptr, int64_t ld) {
-  constexpr const char* fn = "launch_v1_decode_dense";
+void dispatch_dense(L& launcher, const MatrixDev& m, int64_t row_begin, int64_t row_end, DType out,
+                    void* out_ptr, int64_t ld) {
+  constexpr const char* fn = "launch_decode_dense";
   check_act(out, fn);
   require(0 <= row_begin && row_begin <= row_end && row_end <= m.rows,
           std::string(fn) + ": bad row range");
   require(ld >= m.cols, std::string(fn) + ": ld_out < cols");
   if (row_end == row_begin || m.cols == 0) return;
-  require(table != nullptr && out_ptr != nullptr, std::string(fn) + ": null pointer");
+  require(m.entries_dev != nullptr && m.codes_dev != nullptr && m.row_offsets_dev != nullptr &&
+              m.levels_dev != nullptr && out_ptr != nullptr,
+          std::string(fn) + ": null pointer");
   const dim3 grid(static_cast<unsigned>((row_end - row_begin + kDenseWarps - 1) / kDenseWarps));
   auto run = [&](auto elem) {
     using E = decltype(elem);
-    DenseParams<typename E::S> p{m,
-                                 reinterpret_cast<const uint2*>(table),
-                                 static_cast<int32_t>(row_begin),
-                                 static_cast<int32_t>(row_end),
-                                 static_cast<typename E::S*>(out_ptr),
-                                 ld};
-    launcher.template v1_dense<E>(grid, p);
+    DenseParams<typename E::S> p{m, static_cast<int32_t>(row_begin), static_cast<int32_t>(row_end),
+                                 static_cast<typename E::S*>(out_ptr), ld};
+    launcher.template dense<E>(grid, p);
   };
   with_element_type(out, run);
 }

@@ -11,9 +11,9 @@ struct DenseLauncher {
   template <class E, int NB>
   void fused(dim3, const kern::FusedParams<typename E::S>&) {}
   template <class E>
-  void v1_dense(dim3 grid, const kern::DenseParams<typename E::S>& p) {
-    kern::v1_decode_dense_kernel<E><<<grid, 32 * kern::kDenseWarps, 0, stream>>>(p);
-    QMOE_CUDA_CHECK_LAUNCH("v1_decode_dense_kernel<<<>>>");
+  void dense(dim3 grid, const kern::DenseParams<typename E::S>& p) {
+    kern::decode_dense_kernel<E><<<grid, 32 * kern::kDenseWarps, 0, stream>>>(p);
+    QMOE_CUDA_CHECK_LAUNCH("decode_dense_kernel<<<>>>");
   }
   template <class E>
   void p5_dense(dim3 grid, const uint8_t* packed, const uint16_t* levels, int32_t cols,
@@ -26,11 +26,10 @@ struct DenseLauncher {
 
 }  // namespace
 
-void launch_v1_decode_dense(const V1MatrixDev& m, const int32_t* table_dev, int64_t row_begin,
-                            int64_t row_end, DType out, void* out_dev, int64_t ld_out,
-                            cudaStream_t stream) {
+void launch_decode_dense(const MatrixDev& m, int64_t row_begin, int64_t row_end, DType out,
+                         void* out_dev, int64_t ld_out, cudaStream_t stream) {
   DenseLauncher l{stream};
-  kern::dispatch_v1_dense(l, m, table_dev, row_begin, row_end, out, out_dev, ld_out);
+  kern::dispatch_dense(l, m, row_begin, row_end, out, out_dev, ld_out);
 }
 
 void launch_p5_decode_dense(const uint8_t* packed_dev, const uint16_t* levels_dev, int64_t rows,

@@ -1,12 +1,14 @@
 // Host side of the CUDA decoder: device dictionary cache, cuBLAS GEMM, DeviceMatrix.
 #include <algorithm>
+#include <cstring>
+#include <map>
 #include <mutex>
 #include <string>
-#include <unordered_map>
+#include <utility>
+#include <vector>
 
 #include "cuda_check.h"
 #include "qmoe/decoder_cuda/decoder.h"
-#include "qmoe/encoder/encode.h"
 #include "qmoe/format/reference.h"
 
 namespace qmoe::cuda {
@@ -20,28 +22,63 @@ int device_count() {
   return n;
 }
 
-const int32_t* v1_table_dev(int device) {
-  if (device < 0) QMOE_CUDA_CHECK(cudaGetDevice(&device));
-  static std::mutex mu;
-  static std::unordered_map<int, int32_t*> tables;  // kept until exit: kernels may still use them
-  std::lock_guard<std::mutex> lock(mu);
-  auto it = tables.find(device);
-  if (it != tables.end()) return it->second;
-  int current = 0;
-  QMOE_CUDA_CHECK(cudaGetDevice(&current));
-  QMOE_CUDA_CHECK(cudaSetDevice(device));
-  int32_t* p = nullptr;
-  try {
-    QMOE_CUDA_CHECK(cudaMalloc(&p, v1::kTableBytes));
-    QMOE_CUDA_CHECK(cudaMemcpy(p, v1_decode_table(), v1::kTableBytes, cudaMemcpyHostToDevice));
-  } catch (...) {
-    if (p) (void)cudaFree(p);
-    (void)cudaSetDevice(current);
-    throw;
+namespace {
+
+// Entry-word tables on the devices, uploaded on first use and kept until the process exits
+// (kernels may still be reading them). Keyed by device and XXH3-64 of the words; a table also
+// keeps its host copy, and a lookup compares the words, so two tables with the same id are never
+// confused.
+struct DeviceTables {
+  struct Table {
+    std::vector<uint32_t> words;
+    uint32_t* dev = nullptr;
+  };
+  std::mutex mu;
+  std::map<std::pair<int, uint64_t>, std::vector<Table>> tables;
+
+  const uint32_t* get(std::span<const uint32_t> words, int device) {
+    if (words.size() != static_cast<size_t>(v2::kEntries)) {
+      throw InvalidArgument("entry-word table: " + std::to_string(words.size()) +
+                            " words, expected 65536");
+    }
+    if (device < 0) QMOE_CUDA_CHECK(cudaGetDevice(&device));
+    const uint64_t id = v2_dictionary_id(words);
+    std::lock_guard<std::mutex> lock(mu);
+    std::vector<Table>& same_id = tables[{device, id}];
+    for (const Table& t : same_id) {
+      if (std::memcmp(t.words.data(), words.data(), v2::kTableBytes) == 0) return t.dev;
+    }
+    int current = 0;
+    QMOE_CUDA_CHECK(cudaGetDevice(&current));
+    QMOE_CUDA_CHECK(cudaSetDevice(device));
+    uint32_t* p = nullptr;
+    try {
+      QMOE_CUDA_CHECK(cudaMalloc(&p, v2::kTableBytes));
+      QMOE_CUDA_CHECK(cudaMemcpy(p, words.data(), v2::kTableBytes, cudaMemcpyHostToDevice));
+    } catch (...) {
+      if (p) (void)cudaFree(p);
+      (void)cudaSetDevice(current);
+      throw;
+    }
+    QMOE_CUDA_CHECK(cudaSetDevice(current));
+    same_id.push_back({std::vector<uint32_t>(words.begin(), words.end()), p});
+    return p;
   }
-  QMOE_CUDA_CHECK(cudaSetDevice(current));
-  tables.emplace(device, p);
-  return p;
+};
+
+DeviceTables& device_tables() {
+  static DeviceTables t;
+  return t;
+}
+
+}  // namespace
+
+const uint32_t* v1_entries_dev(int device) {
+  return device_tables().get({v1_entry_words(), static_cast<size_t>(v1::kEntries)}, device);
+}
+
+const uint32_t* v2_dictionary_dev(std::span<const uint32_t> entries, int device) {
+  return device_tables().get(entries, device);
 }
 
 void gemm_dense(cublasHandle_t handle, DType act, const void* w_dev, int64_t ldw, int64_t rows,
@@ -83,7 +120,7 @@ struct DeviceMatrix::Impl {
   uint16_t* levels = nullptr;
   uint8_t* packed = nullptr;
   int64_t bytes = 0;
-  const int32_t* table = nullptr;
+  const uint32_t* entries = nullptr;  // v1_entries_dev() or the qmoe-v2 dictionary (shared)
   void* workspace = nullptr;
   int64_t workspace_bytes = 0;
   cublasHandle_t cublas = nullptr;
@@ -108,15 +145,15 @@ struct DeviceMatrix::Impl {
     return p;
   }
 
-  V1MatrixDev v1() const {
-    return V1MatrixDev{codes, offsets, levels, static_cast<int32_t>(rows),
-                       static_cast<int32_t>(cols)};
+  MatrixDev matrix_dev() const {
+    return MatrixDev{
+        codes, offsets, levels, entries, static_cast<int32_t>(rows), static_cast<int32_t>(cols)};
   }
 
   void decode(DType out, void* out_dev, int64_t ld, int64_t r0, int64_t r1,
               cudaStream_t stream) const {
-    if (codec == Codec::kV1) {
-      launch_v1_decode_dense(v1(), table, r0, r1, out, out_dev, ld, stream);
+    if (codec != Codec::kP5) {
+      launch_decode_dense(matrix_dev(), r0, r1, out, out_dev, ld, stream);
     } else {
       launch_p5_decode_dense(packed, levels, rows, cols, r0, r1, out, out_dev, ld, stream);
     }
@@ -147,13 +184,9 @@ struct DeviceMatrix::Impl {
   }
 };
 
-DeviceMatrix::DeviceMatrix(const CompressedView& in, ForwardOptions opt, cudaStream_t stream)
+DeviceMatrix::DeviceMatrix(const CompressedView& m, ForwardOptions opt, cudaStream_t stream)
     : impl_(std::make_unique<Impl>()) {
-  validate(in, "DeviceMatrix");
-  // The kernels read qmoe-v1 and qmoe-p5: a qmoe-v2 matrix is held on the device as qmoe-v1.
-  CompressedMatrix transcoded;
-  if (in.codec == Codec::kV2) transcoded = transcode(in, {.codec = Codec::kV1});
-  const CompressedView m = in.codec == Codec::kV2 ? transcoded.view() : in;
+  validate(m, "DeviceMatrix");
   if (m.rows > INT32_MAX || m.cols > INT32_MAX)
     throw InvalidArgument("DeviceMatrix: rows and cols must be < 2^31");
   Impl& d = *impl_;
@@ -163,10 +196,11 @@ DeviceMatrix::DeviceMatrix(const CompressedView& in, ForwardOptions opt, cudaStr
   d.opt = opt;
   QMOE_CUDA_CHECK(cudaGetDevice(&d.device));
   d.levels = d.upload(m.levels.data(), m.levels.size(), stream);
-  if (m.codec == Codec::kV1) {
+  if (m.has_codes()) {
     d.codes = d.upload(m.codes.data(), m.codes.size(), stream);
     d.offsets = d.upload(m.row_offsets.data(), m.row_offsets.size(), stream);
-    d.table = v1_table_dev(d.device);
+    d.entries = m.codec == Codec::kV1 ? v1_entries_dev(d.device)
+                                      : v2_dictionary_dev(m.dictionary, d.device);
   } else {
     d.packed = d.upload(m.packed.data(), m.packed.size(), stream);
   }
@@ -199,9 +233,11 @@ void DeviceMatrix::set_options(const ForwardOptions& opt) {
   impl_->opt = opt;
 }
 
-V1MatrixDev DeviceMatrix::v1() const {
-  if (impl_->codec != Codec::kV1) throw InvalidArgument("DeviceMatrix::v1: matrix is not qmoe-v1");
-  return impl_->v1();
+MatrixDev DeviceMatrix::matrix_dev() const {
+  if (impl_->codec == Codec::kP5) {
+    throw InvalidArgument("DeviceMatrix::matrix_dev: a qmoe-p5 matrix has no codes");
+  }
+  return impl_->matrix_dev();
 }
 
 void DeviceMatrix::forward(DType act, const void* x_dev, int64_t ldx, void* y_dev, int64_t ldy,
@@ -209,8 +245,8 @@ void DeviceMatrix::forward(DType act, const void* x_dev, int64_t ldx, void* y_de
   Impl& d = *impl_;
   if (n_tokens < 0) throw InvalidArgument("DeviceMatrix::forward: negative n_tokens");
   if (n_tokens == 0 || d.rows == 0) return;
-  if (d.codec == Codec::kV1 && n_tokens < d.opt.dense_min_tokens) {
-    launch_v1_fused(d.v1(), d.table, act, x_dev, ldx, y_dev, ldy, n_tokens, accumulate, stream);
+  if (d.codec != Codec::kP5 && n_tokens < d.opt.dense_min_tokens) {
+    launch_fused(d.matrix_dev(), act, x_dev, ldx, y_dev, ldy, n_tokens, accumulate, stream);
   } else {
     d.forward_dense(act, x_dev, ldx, y_dev, ldy, n_tokens, accumulate, stream);
   }

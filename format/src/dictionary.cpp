@@ -8,6 +8,7 @@
 #include <array>
 #include <cstring>
 #include <queue>
+#include <string>
 #include <vector>
 
 #include "qmoe/format/codec_layout.h"
@@ -87,6 +88,44 @@ std::vector<int32_t> build_v1_table() {
 const int32_t* v1_decode_table() {
   static const std::vector<int32_t> table = build_v1_table();
   return table.data();
+}
+
+namespace {
+
+std::vector<uint32_t> build_v1_entry_words() {
+  const int32_t* table = v1_decode_table();
+  std::vector<uint32_t> words(v1::kEntries);
+  for (int e = 0; e < v1::kEntries; ++e) {
+    const uint32_t w[2] = {static_cast<uint32_t>(table[2 * e]),
+                           static_cast<uint32_t>(table[2 * e + 1])};
+    const int pairs = v1::entry_pairs(w[0]);
+    uint32_t out = static_cast<uint32_t>(2 * pairs) << v2::kWidthShift;
+    int slot = 0;
+    for (int k = 0; k < pairs; ++k) {
+      const uint32_t word = w[k / v1::kPairsPerWord];
+      const int j = k % v1::kPairsPerWord;
+      const int sym[2] = {v1::pair_s0(word, j), v1::pair_s1(word, j)};
+      for (int h = 0; h < 2; ++h) {
+        if (sym[h] == 0) continue;
+        if (slot == v2::kSlots) {
+          throw Error("qmoe-v1 dictionary entry " + std::to_string(e) +
+                      " has more than 3 non-zero symbols");
+        }
+        out |= static_cast<uint32_t>(2 * k + h) << (v2::kColBits * slot);
+        out |= 1u << ((sym[h] == 2 ? v2::kHighShift : v2::kLowShift) + slot);
+        ++slot;
+      }
+    }
+    words[e] = out;
+  }
+  return words;
+}
+
+}  // namespace
+
+const uint32_t* v1_entry_words() {
+  static const std::vector<uint32_t> words = build_v1_entry_words();
+  return words.data();
 }
 
 }  // namespace qmoe

@@ -83,6 +83,36 @@ void expect_round_trip(const TernaryMatrix& t, std::optional<Codec> codec) {
   ASSERT_EQ(dense, t.to_dense());
 }
 
+TEST(V1EntryWords, SpellTheSameSymbolsAsTheDecodeTable) {
+  const int32_t* t = v1_decode_table();
+  const uint32_t* words = v1_entry_words();
+  for (int e = 0; e < v1::kEntries; ++e) {
+    std::vector<int> want;  // the entry's symbols from the pair table
+    const int n = v1::entry_pairs(static_cast<uint32_t>(t[2 * e]));
+    for (int k = 0; k < n; ++k) {
+      const uint32_t w = static_cast<uint32_t>(t[2 * e + k / 7]);
+      want.push_back(v1::pair_s0(w, k % 7));
+      want.push_back(v1::pair_s1(w, k % 7));
+    }
+    const uint32_t w = words[e];
+    std::vector<int> got(static_cast<size_t>(v2::entry_width(w)), 0);
+    int prev = -1;
+    for (int j = 0; j < v2::kSlots; ++j) {
+      const int sym = v2::slot_symbol(w, j);
+      if (sym == 0) {
+        ASSERT_EQ(v2::slot_col(w, j), 0) << "entry " << e << " slot " << j;
+        continue;
+      }
+      ASSERT_GT(v2::slot_col(w, j), prev) << "entry " << e << ": slots in column order";
+      prev = v2::slot_col(w, j);
+      ASSERT_LT(prev, static_cast<int>(got.size())) << "entry " << e;
+      got[static_cast<size_t>(prev)] = sym;
+    }
+    ASSERT_EQ(got, want) << "entry " << e;
+    ASSERT_EQ(w & (3u << 24), 0u) << "entry " << e << ": reserved bits";
+  }
+}
+
 TEST(RoundTrip, ManyShapesAndSparsities) {
   const std::pair<int64_t, int64_t> shapes[] = {{1, 1},      {1, 2},   {2, 1},    {1, 3},
                                                 {3, 5},      {17, 29}, {64, 768}, {5, 3071},

@@ -62,9 +62,9 @@ const DType kTypes[] = {DType::kBF16, DType::kF16, DType::kF32};
 // Runs DeviceMatrix::forward (fused below the crossover, dense above) and checks values/sentinels.
 void check_forward(DeviceMatrix& dm, const CompressedMatrix& m, DType t, int64_t n, bool accumulate,
                    uint64_t seed) {
-  SCOPED_TRACE(std::to_string(m.rows) + "x" + std::to_string(m.cols) + " " +
-               std::string(dtype_name(t)) + " tokens " + std::to_string(n) +
-               (accumulate ? " accumulate" : ""));
+  SCOPED_TRACE(std::string(codec_name(m.codec)) + " " + std::to_string(m.rows) + "x" +
+               std::to_string(m.cols) + " " + std::string(dtype_name(t)) + " tokens " +
+               std::to_string(n) + (accumulate ? " accumulate" : ""));
   const int64_t ldx = m.cols + 2, ldy = m.rows + 3;
   Acts x = random_acts(t, static_cast<size_t>(n * ldx + 1), seed);
   Acts y(t, static_cast<size_t>(n * ldy + 5));
@@ -99,18 +99,33 @@ void check_forward(DeviceMatrix& dm, const CompressedMatrix& m, DType t, int64_t
 
 TEST_F(Gpu, ForwardFusedAndDenseMatchReference) {
   uint64_t seed = 1;
-  for (const Shape& s : kShapes) {
-    const CompressedMatrix m = random_matrix(s.rows, s.cols, s.p_zero, 11 + s.rows + s.cols);
-    DeviceMatrix dm(m.view());
-    // The reference is a slow CPU decoder: the Switch-sized shapes get fewer combinations.
-    const bool big = s.rows * s.cols > 1000000;
-    for (DType t : kTypes) {
-      if (big && t != DType::kBF16) continue;
-      const std::vector<int64_t> counts =
-          big ? std::vector<int64_t>{1, 8, 40} : std::vector<int64_t>{1, 3, 8, 13, 32, 40, 100};
-      for (int64_t n : counts) check_forward(dm, m, t, n, n % 2 == 1, ++seed);
+  for (Codec codec : {Codec::kV1, Codec::kV2}) {
+    for (const Shape& s : kShapes) {
+      const CompressedMatrix m =
+          random_matrix(s.rows, s.cols, s.p_zero, 11 + s.rows + s.cols, codec);
+      DeviceMatrix dm(m.view());
+      ASSERT_EQ(dm.codec(), codec);  // held on the device as it is
+      // The reference is a slow CPU decoder: the Switch-sized shapes get fewer combinations.
+      const bool big = s.rows * s.cols > 1000000;
+      for (DType t : kTypes) {
+        if (big && t != DType::kBF16) continue;
+        const std::vector<int64_t> counts =
+            big ? std::vector<int64_t>{1, 8, 40} : std::vector<int64_t>{1, 3, 8, 13, 32, 40, 100};
+        for (int64_t n : counts) check_forward(dm, m, t, n, n % 2 == 1, ++seed);
+      }
     }
   }
+}
+
+TEST_F(Gpu, QmoeV2DictionaryIsSharedAndMatricesStaySmaller) {
+  const CompressedMatrix a = random_matrix(64, 512, 0.885, 31, Codec::kV2);
+  const CompressedMatrix b = random_matrix(64, 512, 0.885, 32, Codec::kV2);
+  ASSERT_EQ(a.view().dictionary_id, b.view().dictionary_id);  // same fitted sparsity
+  DeviceMatrix da(a.view()), db(b.view());
+  EXPECT_EQ(da.matrix_dev().entries_dev, db.matrix_dev().entries_dev);
+  EXPECT_NE(da.matrix_dev().entries_dev, v1_entries_dev());
+  const CompressedMatrix v1 = random_matrix(64, 512, 0.885, 31, Codec::kV1);
+  EXPECT_LT(da.device_bytes(), DeviceMatrix(v1.view()).device_bytes());
 }
 
 TEST_F(Gpu, ForwardP5TakesTheDensePath) {
@@ -130,7 +145,7 @@ TEST_F(Gpu, SmallDenseWorkspaceTilesRows) {
 }
 
 TEST_F(Gpu, DecodeDenseIsBitExact) {
-  for (Codec codec : {Codec::kV1, Codec::kP5}) {
+  for (Codec codec : {Codec::kV1, Codec::kV2, Codec::kP5}) {
     const CompressedMatrix m = random_matrix(45, 333, 0.885, 8, codec);
     DeviceMatrix dm(m.view());
     std::vector<float> ref(static_cast<size_t>(m.rows * m.cols));
@@ -162,11 +177,12 @@ TEST_F(Gpu, GroupedLayerWithSkewedRouting) {
   const int64_t max_rows = 96, cols = 160;
   std::vector<CompressedMatrix> experts;
   std::vector<std::unique_ptr<DeviceMatrix>> dms;
-  std::vector<V1MatrixDev> views;
-  for (int e = 0; e < n_experts; ++e) {
-    experts.push_back(random_matrix(e % 3 == 2 ? max_rows - 9 : max_rows, cols, 0.885, 40 + e));
+  std::vector<MatrixDev> views;
+  for (int e = 0; e < n_experts; ++e) {  // qmoe-v1 and qmoe-v2 experts mixed
+    experts.push_back(random_matrix(e % 3 == 2 ? max_rows - 9 : max_rows, cols, 0.885, 40 + e,
+                                    e % 2 == 1 ? Codec::kV2 : Codec::kV1));
     dms.push_back(std::make_unique<DeviceMatrix>(experts.back().view()));
-    views.push_back(dms.back()->v1());
+    views.push_back(dms.back()->matrix_dev());
   }
   std::vector<int> expert_of(n_tokens, 5);  // expert 5 takes almost everything
   expert_of[3] = 2;
@@ -183,7 +199,7 @@ TEST_F(Gpu, GroupedLayerWithSkewedRouting) {
     Acts x = random_acts(t, n_tokens * ldx, 77);
     Acts y(t, n_tokens * ldy);
     fill_sentinel(y);
-    DevBuf<V1MatrixDev> vd(views);
+    DevBuf<MatrixDev> vd(views);
     DevBuf<int32_t> od(offsets), td(token_ids);
     DevBuf<float> sd(scales);
     DevBuf<uint8_t> xd(x.bytes), yd(y.bytes);
@@ -200,7 +216,7 @@ TEST_F(Gpu, GroupedLayerWithSkewedRouting) {
     g.ldx = ldx;
     g.y_dev = yd.p;
     g.ldy = ldy;
-    launch_v1_grouped(g, v1_table_dev(), t, nullptr);
+    launch_grouped(g, t, nullptr);
     GPU_OK(cudaDeviceSynchronize());
     y.bytes = yd.get();
     std::vector<double> got, want;
@@ -221,7 +237,7 @@ TEST_F(Gpu, GroupedLayerWithSkewedRouting) {
 
 TEST_F(Gpu, CudaErrorsNameTheCall) {
   try {
-    (void)v1_table_dev(device_count() + 7);  // no such device
+    (void)v1_entries_dev(device_count() + 7);  // no such device
     FAIL() << "no error for an invalid device ordinal";
   } catch (const CudaError& e) {
     EXPECT_NE(std::string(e.what()).find("cudaSetDevice"), std::string::npos) << e.what();

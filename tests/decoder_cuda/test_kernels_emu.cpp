@@ -32,17 +32,26 @@ std::string name(DType t) {
   return std::string(dtype_name(t));
 }
 
-V1MatrixDev host_view(const CompressedMatrix& m) {
-  return V1MatrixDev{m.codes.data(), m.row_offsets.data(), m.levels.data(),
-                     static_cast<int32_t>(m.rows), static_cast<int32_t>(m.cols)};
+// Host pointers of a qmoe-v1 or qmoe-v2 matrix, with the entry words its codes index.
+MatrixDev host_view(const CompressedMatrix& m) {
+  const CompressedView v = m.view();
+  return MatrixDev{m.codes.data(),
+                   m.row_offsets.data(),
+                   m.levels.data(),
+                   m.codec == Codec::kV1 ? v1_entry_words() : v.dictionary.data(),
+                   static_cast<int32_t>(m.rows),
+                   static_cast<int32_t>(m.cols)};
 }
+
+const Codec kCodeCodecs[] = {Codec::kV1, Codec::kV2};
 
 // Runs the fused kernel for n tokens and checks values and sentinels.
 void check_fused(const CompressedMatrix& m, DType t, int64_t n, bool accumulate, int nb,
                  emulated::Grid grid, uint64_t seed) {
-  SCOPED_TRACE(std::to_string(m.rows) + "x" + std::to_string(m.cols) + " " + name(t) + " tokens " +
-               std::to_string(n) + " nb " + std::to_string(nb) + (accumulate ? " accumulate" : "") +
-               " grid " + std::to_string(grid.x) + "," + std::to_string(grid.z) + " seed " +
+  SCOPED_TRACE(std::string(codec_name(m.codec)) + " " + std::to_string(m.rows) + "x" +
+               std::to_string(m.cols) + " " + name(t) + " tokens " + std::to_string(n) + " nb " +
+               std::to_string(nb) + (accumulate ? " accumulate" : "") + " grid " +
+               std::to_string(grid.x) + "," + std::to_string(grid.z) + " seed " +
                std::to_string(seed));
   const int64_t ldx = m.cols + 2;
   const int64_t ldy = m.rows + 3;
@@ -55,8 +64,7 @@ void check_fused(const CompressedMatrix& m, DType t, int64_t n, bool accumulate,
       for (int64_t r = 0; r < m.rows; ++r) y.set(k * ldy + r, y0.get(k * ldy + r));
     }
   }
-  emulated::v1_fused(host_view(m), v1_decode_table(), t, x.data(), ldx, y.data(), ldy, n,
-                     accumulate, nb, grid);
+  emulated::fused(host_view(m), t, x.data(), ldx, y.data(), ldy, n, accumulate, nb, grid);
   std::vector<double> got, want;
   for (int64_t k = 0; k < n; ++k) {
     const std::vector<float> ref = ref_matvec(m, x, static_cast<size_t>(k * ldx));
@@ -83,17 +91,20 @@ class FusedEmu : public ::testing::TestWithParam<Shape> {};
 
 TEST_P(FusedEmu, MatchesReferenceForEveryTypeAndBatch) {
   const Shape s = GetParam();
-  const CompressedMatrix m = random_matrix(s.rows, s.cols, s.p_zero, 1000 + s.rows * 31 + s.cols);
-  uint64_t seed = 7;
-  for (DType t : kTypes) {
-    check_fused(m, t, 1, false, 0, {}, ++seed);
-    check_fused(m, t, 3, true, 0, {}, ++seed);    // 8-token variant, 3 live
-    check_fused(m, t, 13, false, 0, {}, ++seed);  // 32-token variant
+  for (Codec codec : kCodeCodecs) {
+    const CompressedMatrix m =
+        random_matrix(s.rows, s.cols, s.p_zero, 1000 + s.rows * 31 + s.cols, codec);
+    uint64_t seed = 7;
+    for (DType t : kTypes) {
+      check_fused(m, t, 1, false, 0, {}, ++seed);
+      check_fused(m, t, 3, true, 0, {}, ++seed);    // 8-token variant, 3 live
+      check_fused(m, t, 13, false, 0, {}, ++seed);  // 32-token variant
+    }
+    // More tokens than one pass, forced variants, forced small grids (grid-stride loops).
+    check_fused(m, DType::kF32, 40, false, 0, {}, ++seed);
+    check_fused(m, DType::kBF16, 5, false, 1, {1, 2}, ++seed);
+    check_fused(m, DType::kF32, 17, true, 8, {1, 1}, ++seed);
   }
-  // More tokens than one pass, forced variants, forced small grids (grid-stride loops).
-  check_fused(m, DType::kF32, 40, false, 0, {}, ++seed);
-  check_fused(m, DType::kBF16, 5, false, 1, {1, 2}, ++seed);
-  check_fused(m, DType::kF32, 17, true, 8, {1, 1}, ++seed);
 }
 
 INSTANTIATE_TEST_SUITE_P(Shapes, FusedEmu, ::testing::ValuesIn(kShapes), shape_name);
@@ -101,18 +112,20 @@ INSTANTIATE_TEST_SUITE_P(Shapes, FusedEmu, ::testing::ValuesIn(kShapes), shape_n
 TEST(FusedEmu, BitIdenticalForAnyGrid) {
   // Each row's summation order depends only on its code stream, never on the grid: results must
   // not change when blocks walk several row groups or token passes.
-  const CompressedMatrix m = random_matrix(37, 700, 0.885, 21);
-  for (int nb : {1, 8}) {
-    const int64_t n = 19, ldx = m.cols, ldy = m.rows;
-    Acts x = random_acts(DType::kF32, static_cast<size_t>(n * ldx), 22);
-    std::vector<Acts> outs;
-    for (emulated::Grid g : {emulated::Grid{}, emulated::Grid{1, 1}, emulated::Grid{3, 2}}) {
-      outs.emplace_back(DType::kF32, static_cast<size_t>(n * ldy));
-      emulated::v1_fused(host_view(m), v1_decode_table(), DType::kF32, x.data(), ldx,
-                         outs.back().data(), ldy, n, false, nb, g);
+  for (Codec codec : kCodeCodecs) {
+    const CompressedMatrix m = random_matrix(37, 700, 0.885, 21, codec);
+    for (int nb : {1, 8}) {
+      const int64_t n = 19, ldx = m.cols, ldy = m.rows;
+      Acts x = random_acts(DType::kF32, static_cast<size_t>(n * ldx), 22);
+      std::vector<Acts> outs;
+      for (emulated::Grid g : {emulated::Grid{}, emulated::Grid{1, 1}, emulated::Grid{3, 2}}) {
+        outs.emplace_back(DType::kF32, static_cast<size_t>(n * ldy));
+        emulated::fused(host_view(m), DType::kF32, x.data(), ldx, outs.back().data(), ldy, n, false,
+                        nb, g);
+      }
+      EXPECT_EQ(outs[0].bytes, outs[1].bytes) << codec_name(codec) << " nb " << nb;
+      EXPECT_EQ(outs[0].bytes, outs[2].bytes) << codec_name(codec) << " nb " << nb;
     }
-    EXPECT_EQ(outs[0].bytes, outs[1].bytes) << "nb " << nb;
-    EXPECT_EQ(outs[0].bytes, outs[2].bytes) << "nb " << nb;
   }
 }
 
@@ -120,33 +133,26 @@ TEST(FusedEmu, EmptyShapesAreNoOps) {
   const CompressedMatrix m = random_matrix(0, 5, 0.5, 1);
   Acts x(DType::kF32, 8), y(DType::kF32, 8);
   fill_sentinel(y);
-  emulated::v1_fused(host_view(m), v1_decode_table(), DType::kF32, x.data(), 5, y.data(), 0, 1,
-                     false);
+  emulated::fused(host_view(m), DType::kF32, x.data(), 5, y.data(), 0, 1, false);
   const CompressedMatrix m2 = random_matrix(3, 4, 0.5, 2);
-  emulated::v1_fused(host_view(m2), v1_decode_table(), DType::kF32, x.data(), 4, y.data(), 3, 0,
-                     false);
+  emulated::fused(host_view(m2), DType::kF32, x.data(), 4, y.data(), 3, 0, false);
   for (size_t i = 0; i < y.size(); ++i) EXPECT_TRUE(is_sentinel(y, i));
   // Zero columns: y = 0 (or unchanged with accumulate).
   const CompressedMatrix m3 = random_matrix(3, 0, 0.5, 3);
-  emulated::v1_fused(host_view(m3), v1_decode_table(), DType::kF32, x.data(), 0, y.data(), 3, 2,
-                     false);
+  emulated::fused(host_view(m3), DType::kF32, x.data(), 0, y.data(), 3, 2, false);
   for (size_t i = 0; i < 6; ++i) EXPECT_EQ(y.get(i), 0.0f);
 }
 
 TEST(FusedEmu, RejectsBadArguments) {
   const CompressedMatrix m = random_matrix(4, 10, 0.5, 1);
   Acts x(DType::kF32, 40), y(DType::kF32, 40);
-  EXPECT_THROW(emulated::v1_fused(host_view(m), v1_decode_table(), DType::kU8, x.data(), 10,
-                                  y.data(), 4, 1, false),
+  EXPECT_THROW(emulated::fused(host_view(m), DType::kU8, x.data(), 10, y.data(), 4, 1, false),
                InvalidArgument);
-  EXPECT_THROW(emulated::v1_fused(host_view(m), v1_decode_table(), DType::kF32, x.data(), 9,
-                                  y.data(), 4, 2, false),
+  EXPECT_THROW(emulated::fused(host_view(m), DType::kF32, x.data(), 9, y.data(), 4, 2, false),
                InvalidArgument);
-  EXPECT_THROW(emulated::v1_fused(host_view(m), v1_decode_table(), DType::kF32, x.data(), 10,
-                                  y.data(), 3, 2, false),
+  EXPECT_THROW(emulated::fused(host_view(m), DType::kF32, x.data(), 10, y.data(), 3, 2, false),
                InvalidArgument);
-  EXPECT_THROW(emulated::v1_fused(host_view(m), v1_decode_table(), DType::kF32, x.data(), 10,
-                                  y.data(), 4, 2, false, 4),
+  EXPECT_THROW(emulated::fused(host_view(m), DType::kF32, x.data(), 10, y.data(), 4, 2, false, 4),
                InvalidArgument);
 }
 
@@ -192,7 +198,7 @@ void check_grouped(const std::vector<CompressedMatrix>& experts, const Routing& 
   Acts y(t, static_cast<size_t>(n_out * ldy + 3));
   fill_sentinel(y);
   Acts y0 = random_acts(t, y.size(), seed + 1);
-  std::vector<V1MatrixDev> views;
+  std::vector<MatrixDev> views;
   for (const auto& e : experts) views.push_back(host_view(e));
   // Rows each output row receives: the expert of the slot writing it.
   std::vector<int64_t> rows_of(static_cast<size_t>(n_out), -1);
@@ -224,7 +230,7 @@ void check_grouped(const std::vector<CompressedMatrix>& experts, const Routing& 
   g.ldy = ldy;
   g.accumulate = accumulate;
   g.tokens_per_pass = nb;
-  emulated::v1_grouped(g, v1_decode_table(), t, grid);
+  emulated::grouped(g, t, grid);
   std::vector<double> got, want;
   for (int64_t s = 0; s < n_slots; ++s) {
     const CompressedMatrix& m = experts[expert_of_slot[s]];
@@ -250,7 +256,9 @@ std::vector<CompressedMatrix> make_experts(int n, int64_t max_rows, int64_t cols
   for (int e = 0; e < n; ++e) {
     const int64_t rows =
         e % 3 == 2 ? max_rows - 5 : max_rows;  // some experts shorter than max_rows
-    ex.push_back(random_matrix(rows, cols, e % 4 == 3 ? 0.5 : 0.885, seed + e));
+    // qmoe-v1 and qmoe-v2 experts mixed; the qmoe-v2 ones with dictionaries for two sparsities.
+    ex.push_back(random_matrix(rows, cols, e % 4 == 3 ? 0.5 : 0.885, seed + e,
+                               e % 2 == 1 ? Codec::kV2 : Codec::kV1));
   }
   return ex;
 }
@@ -301,7 +309,7 @@ TEST(GroupedEmu, TopTwoRoutingAccumulatesAtomicallyInFp32) {
   Acts x = random_acts(DType::kF32, n_tokens * ldx, 5);
   Acts y(DType::kF32, n_tokens * ldy);
   for (size_t i = 0; i < y.size(); ++i) y.set(i, 0.5f);
-  std::vector<V1MatrixDev> views;
+  std::vector<MatrixDev> views;
   for (const auto& e : experts) views.push_back(host_view(e));
   GroupedArgs g;
   g.experts_dev = views.data();
@@ -317,7 +325,7 @@ TEST(GroupedEmu, TopTwoRoutingAccumulatesAtomicallyInFp32) {
   g.y_dev = y.data();
   g.ldy = ldy;
   g.accumulate = true;
-  emulated::v1_grouped(g, v1_decode_table(), DType::kF32);
+  emulated::grouped(g, DType::kF32);
   std::vector<double> want(y.size(), 0.5);
   for (int e = 0; e < 4; ++e) {
     for (int32_t s = offsets[e]; s < offsets[e + 1]; ++s) {
@@ -342,8 +350,8 @@ void check_dense(const CompressedMatrix& m, DType t, int64_t r0, int64_t r1) {
   const int64_t ld = m.cols + 3;
   Acts out(t, static_cast<size_t>((r1 - r0) * ld + 4));
   fill_sentinel(out);
-  if (m.codec == Codec::kV1) {
-    emulated::v1_decode_dense(host_view(m), v1_decode_table(), r0, r1, t, out.data(), ld);
+  if (m.codec != Codec::kP5) {
+    emulated::decode_dense(host_view(m), r0, r1, t, out.data(), ld);
   } else {
     emulated::p5_decode_dense(m.packed.data(), m.levels.data(), m.rows, m.cols, r0, r1, t,
                               out.data(), ld);
@@ -364,7 +372,7 @@ void check_dense(const CompressedMatrix& m, DType t, int64_t r0, int64_t r1) {
 
 TEST_P(DenseEmu, BitExactWithReferenceForEveryType) {
   const Shape s = GetParam();
-  for (Codec codec : {Codec::kV1, Codec::kP5}) {
+  for (Codec codec : {Codec::kV1, Codec::kV2, Codec::kP5}) {
     const CompressedMatrix m =
         random_matrix(s.rows, s.cols, s.p_zero, 3000 + s.rows + s.cols, codec);
     for (DType t : kTypes) check_dense(m, t, 0, m.rows);
@@ -377,12 +385,10 @@ INSTANTIATE_TEST_SUITE_P(Shapes, DenseEmu, ::testing::ValuesIn(kShapes), shape_n
 TEST(DenseEmu, RejectsBadRowRanges) {
   const CompressedMatrix m = random_matrix(4, 10, 0.5, 1);
   Acts out(DType::kBF16, 64);
-  EXPECT_THROW(emulated::v1_decode_dense(host_view(m), v1_decode_table(), 2, 5, DType::kBF16,
-                                         out.data(), 10),
+  EXPECT_THROW(emulated::decode_dense(host_view(m), 2, 5, DType::kBF16, out.data(), 10),
                InvalidArgument);
-  EXPECT_THROW(
-      emulated::v1_decode_dense(host_view(m), v1_decode_table(), 0, 4, DType::kBF16, out.data(), 9),
-      InvalidArgument);
+  EXPECT_THROW(emulated::decode_dense(host_view(m), 0, 4, DType::kBF16, out.data(), 9),
+               InvalidArgument);
 }
 
 }  // namespace

@@ -28,22 +28,8 @@ needs_gpu = pytest.mark.skipif(qmoe.cuda_device_count() == 0,
                                reason="no CUDA device (or qmoe built without the CUDA kernels)")
 
 
-# The CUDA kernels read qmoe-v1 and qmoe-p5; a qmoe-v2 matrix is re-encoded as qmoe-v1 on upload.
-GPU_CODECS = [c for c in CODECS if c != "qmoe-v2"]
-
-
 @needs_gpu
-def test_gpu_holds_qmoe_v2_as_v1(rng):
-    m, _, _ = encode_rtn(sparse_weights(rng, 67, 301), "qmoe-v2")
-    g = m.to_cuda()
-    assert g.codec == "qmoe-v1"
-    np.testing.assert_array_equal(g.decode(), m.decode())
-    X = rng.standard_normal((5, 301)).astype(np.float32)
-    assert nmse(g.matmul(X), m.matmul(X)) < 1e-10
-
-
-@needs_gpu
-@pytest.mark.parametrize("codec", GPU_CODECS)
+@pytest.mark.parametrize("codec", CODECS)
 @pytest.mark.parametrize("n", [1, 5, 32, 33, 100])
 def test_gpu_products_match_the_cpu(rng, codec, n):
     w = sparse_weights(rng, 67, 301)

@@ -7,6 +7,7 @@
 
 #include <cstdint>
 #include <memory>
+#include <span>
 
 #include "qmoe/decoder_cuda/error.h"
 #include "qmoe/decoder_cuda/launch.h"
@@ -14,16 +15,21 @@
 
 namespace qmoe::cuda {
 
-// The qmoe-v1 decode table (v1::kTableWords int32, 512 KiB) on device `device` (-1: the current
-// device), uploaded on first use and kept until the process exits. Thread-safe.
-const int32_t* v1_table_dev(int device = -1);
+// Entry-word tables (MatrixDev::entries_dev) on device `device` (-1: the current device), 256 KiB
+// each, uploaded on first use and kept until the process exits; matrices with the same
+// dictionary share one copy. Thread-safe.
+//   v1_entries_dev: the qmoe-v1 dictionary (v1_entry_words()).
+//   v2_dictionary_dev: a qmoe-v2 dictionary (CompressedView::dictionary, 65536 words; found again
+//     by its XXH3-64 and contents, so each distinct dictionary is uploaded once per device).
+const uint32_t* v1_entries_dev(int device = -1);
+const uint32_t* v2_dictionary_dev(std::span<const uint32_t> entries, int device = -1);
 
 // Number of CUDA devices; 0 (never an exception) when there is no driver or no device.
 int device_count();
 
 struct ForwardOptions {
   // Token count from which forward() decodes to dense and calls cuBLAS instead of running the
-  // fused kernels (qmoe-v1 only; qmoe-p5 always takes the dense path). The fused kernels do
+  // fused kernels (qmoe-v1 and qmoe-v2; qmoe-p5 always takes the dense path). The fused kernels do
   // ~0.115*n FMAs and shared-memory reads per weight for n tokens, the dense path ~4 bytes of
   // DRAM traffic per weight plus the GEMM; the two meet near n = 32 on A100/H100-class GPUs by
   // the estimate in decoder_cuda/README.md. Measure with bench_decoder_cuda and adjust.
@@ -33,11 +39,11 @@ struct ForwardOptions {
   int64_t dense_workspace_bytes = int64_t{64} << 20;
 };
 
-// A compressed matrix copied to one GPU: qmoe-v1 and qmoe-p5 as they are, qmoe-v2 re-encoded as
-// qmoe-v1 (the kernels read those two codecs; codec() then says qmoe-v1). Owns its device buffers,
-// a dense workspace (allocated on the first dense-path call) and a cuBLAS handle (created on first
-// use). Movable, not copyable. Calls on one object must not overlap (they share the workspace); use
-// one object per concurrently used stream or serialise.
+// A compressed matrix copied to one GPU as it is (qmoe-v1, qmoe-v2 or qmoe-p5; a qmoe-v2
+// dictionary goes to the device once and is shared, v2_dictionary_dev()). Owns its device
+// buffers, a dense workspace (allocated on the first dense-path call) and a cuBLAS handle (created
+// on first use). Movable, not copyable. Calls on one object must not overlap (they share the
+// workspace); use one object per concurrently used stream or serialise.
 class DeviceMatrix {
  public:
   // Validates `m` (qmoe::validate, FormatError on a malformed matrix) and copies it to the
@@ -54,10 +60,12 @@ class DeviceMatrix {
   int64_t rows() const;
   int64_t cols() const;
   int device() const;
-  // Bytes of device memory holding the compressed matrix (codes, offsets, levels or packed).
+  // Bytes of device memory holding the compressed matrix (codes, offsets, levels or packed; not
+  // the shared entry-word table).
   int64_t device_bytes() const;
-  // Device pointers of a qmoe-v1 matrix for the raw launch functions (InvalidArgument for p5).
-  V1MatrixDev v1() const;
+  // Device pointers of a qmoe-v1 or qmoe-v2 matrix for the raw launch functions (InvalidArgument
+  // for qmoe-p5).
+  MatrixDev matrix_dev() const;
   const ForwardOptions& options() const;
   void set_options(const ForwardOptions& opt);
 

@@ -16,14 +16,15 @@ struct Grid {
   unsigned z = 0;
 };
 
-// launch_v1_fused on host memory; tokens_per_pass 0 = automatic, else 1, 8 or 32.
-void v1_fused(const V1MatrixDev& m, const int32_t* table, DType act, const void* x, int64_t ldx,
-              void* y, int64_t ldy, int64_t n_tokens, bool accumulate, int tokens_per_pass = 0,
-              Grid grid = {});
-// launch_v1_grouped on host memory.
-void v1_grouped(const GroupedArgs& g, const int32_t* table, DType act, Grid grid = {});
-void v1_decode_dense(const V1MatrixDev& m, const int32_t* table, int64_t row_begin, int64_t row_end,
-                     DType out, void* out_ptr, int64_t ld_out);
+// launch_fused on host memory (m.entries_dev: host entry words, e.g. v1_entry_words() or a
+// CompressedView's qmoe-v2 dictionary); tokens_per_pass 0 = automatic, else 1, 8 or 32.
+void fused(const MatrixDev& m, DType act, const void* x, int64_t ldx, void* y, int64_t ldy,
+           int64_t n_tokens, bool accumulate, int tokens_per_pass = 0, Grid grid = {});
+// launch_grouped on host memory.
+void grouped(const GroupedArgs& g, DType act, Grid grid = {});
+// launch_decode_dense on host memory.
+void decode_dense(const MatrixDev& m, int64_t row_begin, int64_t row_end, DType out, void* out_ptr,
+                  int64_t ld_out);
 void p5_decode_dense(const uint8_t* packed, const uint16_t* levels, int64_t rows, int64_t cols,
                      int64_t row_begin, int64_t row_end, DType out, void* out_ptr, int64_t ld_out);
 

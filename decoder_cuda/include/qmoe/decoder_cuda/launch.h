@@ -17,13 +17,17 @@ typedef struct cublasContext* cublasHandle_t;  // NOLINT(modernize-use-using)
 
 namespace qmoe::cuda {
 
-// Device pointers of one qmoe-v1 matrix (layout of CompressedView, format/matrix.h):
-// codes_dev: row_offsets_dev[rows] uint16 codewords; row_offsets_dev: rows+1 int32;
-// levels_dev: 2*rows bf16 bit patterns (lo, hi). rows and cols < 2^31.
-struct V1MatrixDev {
+// Device pointers of one dictionary-coded matrix, qmoe-v1 or qmoe-v2 (layout of CompressedView,
+// format/matrix.h): codes_dev: row_offsets_dev[rows] uint16 codewords; row_offsets_dev: rows+1
+// int32; levels_dev: 2*rows bf16 bit patterns (lo, hi); entries_dev: the 65536 entry words
+// (qmoe-v2 layout, format/SPEC.md section 6.2) the codes index: the matrix's qmoe-v2 dictionary
+// (v2_dictionary_dev()), or v1_entries_dev() for qmoe-v1. rows and cols < 2^31. The matrix must
+// be valid (qmoe::validate): the kernels do not check the codes.
+struct MatrixDev {
   const uint16_t* codes_dev = nullptr;
   const int32_t* row_offsets_dev = nullptr;
   const uint16_t* levels_dev = nullptr;
+  const uint32_t* entries_dev = nullptr;
   int32_t rows = 0;
   int32_t cols = 0;
 };
@@ -36,26 +40,24 @@ inline constexpr int kMaxFusedTokens = 32;
 //
 // y = W x (accumulate = false) or y += W x (accumulate = true) for n_tokens tokens:
 // token t reads x_dev[t*ldx + c] (c < cols) and writes y_dev[t*ldy + r] (r < rows).
-// table_dev: the qmoe-v1 decode table on this device (DictionaryCache::get()).
 // Requires ldx >= cols, ldy >= rows, n_tokens >= 0. Reads each codeword once per chunk of up to
 // kMaxFusedTokens tokens.
-void launch_v1_fused(const V1MatrixDev& m, const int32_t* table_dev, DType act, const void* x_dev,
-                     int64_t ldx, void* y_dev, int64_t ldy, int64_t n_tokens, bool accumulate,
-                     cudaStream_t stream);
+void launch_fused(const MatrixDev& m, DType act, const void* x_dev, int64_t ldx, void* y_dev,
+                  int64_t ldy, int64_t n_tokens, bool accumulate, cudaStream_t stream);
 
 // A grouped MoE launch: the same weight slot (e.g. wi) of many experts in one launch.
-// experts_dev: num_experts V1MatrixDev (device memory); all of them have `cols` columns and at
-// most `max_rows` rows. Expert e processes the slots [expert_offsets_dev[e],
-// expert_offsets_dev[e+1]) (num_experts+1 int32, non-decreasing, starting at 0). Slot s gathers
-// its input row token_ids_dev[s] of x (x_dev + token_ids_dev[s]*ldx) and writes output row
-// out_ids_dev[s] of y (out_ids_dev == nullptr: the same row as its input), multiplied by
-// scales_dev[s] if scales_dev is not null (the router probability):
+// experts_dev: num_experts MatrixDev (device memory; qmoe-v1 and qmoe-v2 experts may be mixed);
+// all of them have `cols` columns and at most `max_rows` rows. Expert e processes the slots
+// [expert_offsets_dev[e], expert_offsets_dev[e+1]) (num_experts+1 int32, non-decreasing, starting
+// at 0). Slot s gathers its input row token_ids_dev[s] of x (x_dev + token_ids_dev[s]*ldx) and
+// writes output row out_ids_dev[s] of y (out_ids_dev == nullptr: the same row as its input),
+// multiplied by scales_dev[s] if scales_dev is not null (the router probability):
 //   y[out] = scale * W_e x[token]   or, with accumulate, y[out] += scale * W_e x[token].
 // Output rows must be distinct across slots unless accumulate is set and act is kF32, in which
 // case additions are atomic (top-k > 1 routing into one output row). `total_slots` (host value)
 // must be >= expert_offsets_dev[num_experts]; it sizes the grid.
 struct GroupedArgs {
-  const V1MatrixDev* experts_dev = nullptr;
+  const MatrixDev* experts_dev = nullptr;
   int32_t num_experts = 0;
   int32_t max_rows = 0;
   int32_t cols = 0;
@@ -72,14 +74,13 @@ struct GroupedArgs {
   // Tokens decoded together per codeword: 1, 8 or 32 (0 = chosen from total_slots/num_experts).
   int tokens_per_pass = 0;
 };
-void launch_v1_grouped(const GroupedArgs& g, const int32_t* table_dev, DType act,
-                       cudaStream_t stream);
+void launch_grouped(const GroupedArgs& g, DType act, cudaStream_t stream);
 
-// Decodes rows [row_begin, row_end) of a qmoe-v1 matrix to dense `out` (kBF16, kF16 or kF32):
-// row r goes to out_dev + (r - row_begin)*ld_out, ld_out >= cols. Bit-exact with decode_ref().
-void launch_v1_decode_dense(const V1MatrixDev& m, const int32_t* table_dev, int64_t row_begin,
-                            int64_t row_end, DType out, void* out_dev, int64_t ld_out,
-                            cudaStream_t stream);
+// Decodes rows [row_begin, row_end) of a qmoe-v1 or qmoe-v2 matrix to dense `out` (kBF16, kF16 or
+// kF32): row r goes to out_dev + (r - row_begin)*ld_out, ld_out >= cols. Bit-exact with
+// decode_ref().
+void launch_decode_dense(const MatrixDev& m, int64_t row_begin, int64_t row_end, DType out,
+                         void* out_dev, int64_t ld_out, cudaStream_t stream);
 
 // Same for qmoe-p5: packed_dev holds rows * ceil(cols/5) bytes, levels_dev 2*rows bf16.
 void launch_p5_decode_dense(const uint8_t* packed_dev, const uint16_t* levels_dev, int64_t rows,

@@ -51,8 +51,8 @@ std::shared_ptr<const V2Dictionary> v2_dictionary(double p0, int max_width = v2:
 double v2_fitted_p0(double zero_fraction);
 
 // Re-encodes a matrix in opt.codec (nullopt: the automatic choice): its symbols, decoded by the
-// reference decoder, encoded again; levels are kept. For example, the CUDA decoder holds a
-// qmoe-v2 matrix as qmoe-v1. Throws FormatError for a malformed matrix.
+// reference decoder, encoded again; levels are kept (e.g. a QMoE-compatible qmoe-v1 file as the
+// smaller qmoe-v2). Throws FormatError for a malformed matrix.
 CompressedMatrix transcode(const CompressedView& m, const EncodeOptions& opt = {});
 
 // Number of v1 codes each row needs, without storing them (for choosing a codec cheaply).

@@ -1,6 +1,7 @@
-// Fused qmoe-v1 decode x activations: y = W x for 1..NB tokens per pass, any shape, one matrix or
-// one weight slot of many experts (grouped MoE launch). Each codeword is decoded once per pass and
-// applied to all of the pass's tokens.
+// Fused decode x activations for the dictionary codecs (qmoe-v1 and qmoe-v2): y = W x for 1..NB
+// tokens per pass, any shape, one matrix or one weight slot of many experts (grouped MoE launch;
+// experts may mix the two codecs and any qmoe-v2 dictionaries). Each codeword is decoded once per
+// pass and applied to all of the pass's tokens.
 //
 // Work split: a block of kWarps<NB> warps owns as many consecutive rows (a warp per row) of one
 // expert and one pass of up to NB tokens. For NB = 8 and 32 the tokens' activations are staged in
@@ -13,7 +14,7 @@
 // activations and NB FMAs.
 #pragma once
 
-#include "v1_stream.cuh"
+#include "code_stream.cuh"
 
 namespace qmoe::cuda::kern {
 
@@ -30,14 +31,11 @@ inline constexpr int kMinBlocksPerSm = NB >= 8 ? 1 : 2;
 inline constexpr int kSmemFloats = 8192;  // 32 KiB of staged activations
 template <int NB>
 inline constexpr int kWindowCols = kSmemFloats / NB;
-template <int NB>
-inline constexpr int kWindowPairs = kWindowCols<NB> / 2;
 
 template <class S>
 struct FusedParams {
-  V1MatrixDev single;          // used when experts == nullptr
-  const V1MatrixDev* experts;  // grouped: one per blockIdx.y
-  const uint2* table;          // qmoe-v1 decode table
+  MatrixDev single;          // used when experts == nullptr
+  const MatrixDev* experts;  // grouped: one per blockIdx.y
   const S* x;
   int64_t ldx;
   S* y;
@@ -123,49 +121,46 @@ struct DirectX {
   }
 };
 
-// Applies pairs [pa, pb) of one entry (first pair `first`) against the window starting at pair p0.
+// Applies the non-zero symbols of one entry (first column `first`) that lie in the window
+// [c0, c1).
 template <int NB, class Src>
-QMOE_DEV void v1_apply_entry(uint32_t w0, uint32_t w1, int32_t first, int32_t pa, int32_t pb,
-                             int32_t p0, float lo, float hi, const Src& src, float (&acc)[NB]) {
-  QMOE_UNROLL
-  for (int h = 0; h < 2; ++h) {
-    const int32_t base = first + v1::kPairsPerWord * h;
-    const int32_t ja = pa - base > 0 ? pa - base : 0;
-    const int32_t jb = pb - base < v1::kPairsPerWord ? pb - base : v1::kPairsPerWord;
-    if (ja >= jb) continue;
-    const uint32_t w = h == 0 ? w0 : w1;
-    uint32_t nz = v1_nonzero_symbols(w) & v1_pair_range_mask(ja, jb);
-    const int col0 = 2 * (base - p0);  // window column of the word's symbol 0 (may be < 0)
-    while (nz != 0) {
-      const int q = __ffs(static_cast<int>(nz)) - 1;  // lowest non-zero symbol field
-      nz &= nz - 1u;
-      const uint32_t sym = (w >> q) & 3u;
-      src.fma(sym == 1u ? lo : hi, col0 + ((q - 4) >> 1), acc);
-    }
+QMOE_DEV void apply_entry(uint32_t e, int32_t first, int32_t c0, int32_t c1, float lo, float hi,
+                          const Src& src, float (&acc)[NB]) {
+  auto slot = [&](int j) {
+    const int sym = v2::slot_symbol(e, j);
+    const int32_t col = first + v2::slot_col(e, j);
+    if (sym != 0 && col >= c0 && col < c1) src.fma(sym == 1 ? lo : hi, col - c0, acc);
+  };
+  if constexpr (NB >= 32) {
+    // One slot at a time: unrolled, the loads of three slots' 32 tokens would be live at once
+    // and spill (sm_90).
+    QMOE_NO_UNROLL
+    for (int j = 0; j < v2::kSlots; ++j) slot(j);
+  } else {
+    QMOE_UNROLL
+    for (int j = 0; j < v2::kSlots; ++j) slot(j);
   }
 }
 
-// Consumes the warp's row from its current chunk up to pair p1 (window [p0, p1)), decoding further
-// chunks as needed; a chunk reaching past p1 is kept for the next window.
+// Consumes the warp's row from its current chunk up to column c1 (window [c0, c1)), decoding
+// further chunks as needed; a chunk reaching past c1 is kept for the next window.
 template <int NB, class Src>
-QMOE_DEV void v1_consume_window(const uint16_t* codes_dev, const uint2* table, int lane, int32_t p0,
-                                int32_t p1, float lo, float hi, const Src& src, V1Chunk& ch,
-                                uint32_t (&codes)[kCodesPerLane], int32_t& next, int32_t row_end,
-                                float (&acc)[NB]) {
+QMOE_DEV void consume_window(const uint16_t* codes_dev, const uint32_t* entries, int lane,
+                             int32_t c0, int32_t c1, float lo, float hi, const Src& src, Chunk& ch,
+                             uint32_t (&codes)[kCodesPerLane], int32_t& next, int32_t row_end,
+                             float (&acc)[NB]) {
   for (;;) {
     QMOE_UNROLL
     for (int k = 0; k < kCodesPerLane; ++k) {
-      const int32_t first = ch.first_pair[k];
-      const int32_t last = first + v1::entry_pairs(ch.w0[k]);
-      const int32_t pa = first > p0 ? first : p0;
-      const int32_t pb = last < p1 ? last : p1;
-      if (pa < pb) v1_apply_entry<NB>(ch.w0[k], ch.w1[k], first, pa, pb, p0, lo, hi, src, acc);
+      const int32_t first = ch.first_col[k];
+      if (first < c1 && first + v2::entry_width(ch.e[k]) > c0)
+        apply_entry<NB>(ch.e[k], first, c0, c1, lo, hi, src, acc);
     }
     // Warp-uniform: the chunk reaches past this window, or the row has no more codes.
-    if (ch.end_pair > p1 || next >= row_end) break;
-    v1_decode_chunk(table, codes, ch.end_pair, lane, ch);
+    if (ch.end_col > c1 || next >= row_end) break;
+    decode_chunk(entries, codes, ch.end_col, lane, ch);
     next += kChunkCodes;
-    v1_load_codes(codes_dev, next, row_end, lane, codes);  // prefetch
+    load_codes(codes_dev, next, row_end, lane, codes);  // prefetch
   }
 }
 
@@ -173,16 +168,15 @@ QMOE_DEV void v1_consume_window(const uint16_t* codes_dev, const uint2* table, i
 //       z = passes of NB slots (grid-stride).  Block: kThreads<NB> (a warp per row).
 template <class E, int NB>
 __global__ void __launch_bounds__(kThreads<NB>, kMinBlocksPerSm<NB>)
-    v1_fused_kernel(const FusedParams<typename E::S> p) {
+    fused_kernel(const FusedParams<typename E::S> p) {
   using S = typename E::S;
-  constexpr int WP = kWindowPairs<NB>;
   constexpr int WC = kWindowCols<NB>;
   alignas(16) __shared__ float xs[kSmemFloats];
   __shared__ int64_t in_row[NB];
 
   const int lane = static_cast<int>(threadIdx.x) & 31;
   const int warp = static_cast<int>(threadIdx.x) >> 5;
-  const V1MatrixDev m = p.experts != nullptr ? p.experts[blockIdx.y] : p.single;
+  const MatrixDev m = p.experts != nullptr ? p.experts[blockIdx.y] : p.single;
   int32_t slot_begin = 0, slot_end = p.num_tokens;
   if (p.expert_offsets != nullptr) {
     slot_begin = p.expert_offsets[blockIdx.y];
@@ -190,11 +184,10 @@ __global__ void __launch_bounds__(kThreads<NB>, kMinBlocksPerSm<NB>)
   }
   const int32_t n_slots = slot_end - slot_begin;
   const int32_t groups = (m.rows + kWarps<NB> - 1) / kWarps<NB>;
-  const int32_t row_pairs = (m.cols + 1) / 2;
   // One token reads its activations from global memory in a single window over the whole row.
   constexpr bool kDirect = NB == 1;
-  const int32_t wp = kDirect ? row_pairs : WP;
-  const int32_t windows = kDirect ? (row_pairs > 0 ? 1 : 0) : (row_pairs + WP - 1) / WP;
+  const int32_t wc = kDirect ? m.cols : WC;
+  const int32_t windows = kDirect ? (m.cols > 0 ? 1 : 0) : (m.cols + WC - 1) / WC;
   // Every loop bound below is uniform over the block, so all threads meet every barrier.
   for (int32_t pass = blockIdx.z; pass * NB < n_slots; pass += gridDim.z) {
     const int32_t s0 = slot_begin + pass * NB;
@@ -210,20 +203,20 @@ __global__ void __launch_bounds__(kThreads<NB>, kMinBlocksPerSm<NB>)
       float lo = 0.0f, hi = 0.0f;
       int32_t next = 0, row_end = 0;
       uint32_t codes[kCodesPerLane];
-      V1Chunk ch{};
+      Chunk ch{};
       if (row_ok) {
         lo = bf16_to_float(ldg(m.levels_dev + 2 * row));
         hi = bf16_to_float(ldg(m.levels_dev + 2 * row + 1));
         next = ldg(m.row_offsets_dev + row);
         row_end = ldg(m.row_offsets_dev + row + 1);
-        v1_load_codes(m.codes_dev, next, row_end, lane, codes);
-        v1_decode_chunk(p.table, codes, 0, lane, ch);
+        load_codes(m.codes_dev, next, row_end, lane, codes);
+        decode_chunk(m.entries_dev, codes, 0, lane, ch);
         next += kChunkCodes;
-        v1_load_codes(m.codes_dev, next, row_end, lane, codes);  // prefetch
+        load_codes(m.codes_dev, next, row_end, lane, codes);  // prefetch
       }
       for (int32_t win = 0; win < windows; ++win) {
-        const int32_t p0 = win * wp;
-        const int32_t p1 = p0 + wp < row_pairs ? p0 + wp : row_pairs;
+        const int32_t c0 = win * wc;
+        const int32_t c1 = c0 + wc < m.cols ? c0 + wc : m.cols;
         if constexpr (!kDirect) {
           if (windows > 1 || !staged) {
             __syncthreads();  // the previous window is no longer read
@@ -246,7 +239,7 @@ __global__ void __launch_bounds__(kThreads<NB>, kMinBlocksPerSm<NB>)
                 b = 4 * (rest / (WC / 8)) + (i & 3);
                 c = 8 * (rest % (WC / 8)) + ((i >> 2) & 7);
               }
-              const int64_t col = 2 * static_cast<int64_t>(p0) + c;
+              const int64_t col = static_cast<int64_t>(c0) + c;
               float v = 0.0f;
               if (b < nb && col < m.cols) v = E::load(ldg(p.x + in_row[b] * p.ldx + col));
               xs[xs_index<NB>(c, b)] = v;
@@ -257,11 +250,11 @@ __global__ void __launch_bounds__(kThreads<NB>, kMinBlocksPerSm<NB>)
         }
         if (!row_ok) continue;
         if constexpr (kDirect) {
-          v1_consume_window<NB>(m.codes_dev, p.table, lane, p0, p1, lo, hi,
-                                DirectX<E>{p.x + in0 * p.ldx}, ch, codes, next, row_end, acc);
+          consume_window<NB>(m.codes_dev, m.entries_dev, lane, c0, c1, lo, hi,
+                             DirectX<E>{p.x + in0 * p.ldx}, ch, codes, next, row_end, acc);
         } else {
-          v1_consume_window<NB>(m.codes_dev, p.table, lane, p0, p1, lo, hi, StagedX<NB>{xs}, ch,
-                                codes, next, row_end, acc);
+          consume_window<NB>(m.codes_dev, m.entries_dev, lane, c0, c1, lo, hi, StagedX<NB>{xs}, ch,
+                             codes, next, row_end, acc);
         }
       }
       if (!row_ok) continue;
