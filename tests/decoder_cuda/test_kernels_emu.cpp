@@ -109,6 +109,81 @@ TEST_P(FusedEmu, MatchesReferenceForEveryTypeAndBatch) {
 
 INSTANTIATE_TEST_SUITE_P(Shapes, FusedEmu, ::testing::ValuesIn(kShapes), shape_name);
 
+void check_dense(const CompressedMatrix& m, DType t, int64_t r0, int64_t r1);
+
+// A well-formed qmoe-v2 dictionary unlike the encoder's: widths 1..63 at random, 0..3 non-zero
+// symbols anywhere below the width (not within v2::kSpan columns), kinds at random.
+std::shared_ptr<const V2Dictionary> arbitrary_dictionary(uint64_t seed) {
+  std::mt19937_64 rng(seed);
+  std::vector<uint32_t> words(v2::kEntries);
+  std::vector<int> cols(v2::kMaxWidth);
+  for (uint32_t& e : words) {
+    const int width = 1 + static_cast<int>(rng() % v2::kMaxWidth);
+    const int k = std::min(width, static_cast<int>(rng() % 4));
+    std::iota(cols.begin(), cols.begin() + width, 0);
+    std::shuffle(cols.begin(), cols.begin() + width, rng);
+    std::sort(cols.begin(), cols.begin() + k);
+    e = static_cast<uint32_t>(width) << v2::kWidthShift;
+    for (int j = 0; j < k; ++j) {
+      e |= static_cast<uint32_t>(cols[j]) << (v2::kColBits * j);
+      e |= 1u << ((rng() & 1) ? v2::kHighShift + j : v2::kLowShift + j);
+    }
+  }
+  return make_v2_dictionary(std::move(words), "arbitrary dictionary");
+}
+
+// Rows of random codes over `dict` that decode to exactly `cols` columns: codes at random until
+// the row is covered, the last one drawn again until its non-zero symbols lie inside the row (it
+// may reach past the row's end over zeros, as the format allows).
+CompressedMatrix arbitrary_v2_matrix(int64_t rows, int64_t cols,
+                                     std::shared_ptr<const V2Dictionary> dict, uint64_t seed) {
+  std::mt19937_64 rng(seed);
+  CompressedMatrix m;
+  m.codec = Codec::kV2;
+  m.rows = rows;
+  m.cols = cols;
+  m.row_offsets.push_back(0);
+  auto inside = [](uint32_t e, int64_t room) {
+    for (int j = 0; j < v2::kSlots; ++j) {
+      if (v2::slot_symbol(e, j) != 0 && v2::slot_col(e, j) >= room) return false;
+    }
+    return true;
+  };
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t pos = 0; pos < cols;) {
+      uint16_t c = static_cast<uint16_t>(rng());
+      while (!inside(dict->entries[c], cols - pos)) c = static_cast<uint16_t>(rng());
+      m.codes.push_back(c);
+      pos += v2::entry_width(dict->entries[c]);
+    }
+    m.row_offsets.push_back(static_cast<int32_t>(m.codes.size()));
+    const float lo = -0.01f * static_cast<float>(1 + rng() % 100);
+    const float hi = 0.01f * static_cast<float>(1 + rng() % 100);
+    m.levels.push_back(float_to_bf16(lo));
+    m.levels.push_back(float_to_bf16(hi));
+  }
+  m.dictionary = std::move(dict);
+  return m;
+}
+
+TEST(FusedEmu, ArbitraryQmoeV2DictionaryAndCodeStreams) {
+  // Code streams the encoder never writes: entries whose non-zero symbols are far apart, rows
+  // whose last entry runs past the end, 8- and 32-token windows (1024 / 256 columns) crossed.
+  const auto dict = arbitrary_dictionary(5);
+  const int64_t shapes[][2] = {{5, 1}, {7, 63}, {9, 1030}, {3, 300}, {4, 2100}};
+  uint64_t seed = 40;
+  for (const auto& s : shapes) {
+    const CompressedMatrix m = arbitrary_v2_matrix(s[0], s[1], dict, ++seed);
+    ASSERT_NO_THROW(validate(m.view(), "arbitrary qmoe-v2 matrix"));
+    for (DType t : kTypes) {
+      check_fused(m, t, 1, false, 0, {}, ++seed);
+      check_fused(m, t, 5, true, 0, {}, ++seed);
+      check_fused(m, t, 20, false, 0, {}, ++seed);
+    }
+    for (DType t : kTypes) check_dense(m, t, 0, m.rows);
+  }
+}
+
 TEST(FusedEmu, BitIdenticalForAnyGrid) {
   // Each row's summation order depends only on its code stream, never on the grid: results must
   // not change when blocks walk several row groups or token passes.
