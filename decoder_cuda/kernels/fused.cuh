@@ -21,13 +21,14 @@ namespace qmoe::cuda::kern {
 // Warps (= rows) per block. Staging costs NB elements per column per block, so for 8 and 32
 // tokens 16 rows share each staged window (half the staging work per weight); the register file
 // then holds one such block per SM (<= 128 registers per thread), the same 16 warps per SM as two
-// 8-warp blocks.
+// 8-warp blocks. One token asks for four 8-warp blocks per SM (<= 64 registers per thread; it
+// needs 60-64 without spills): 32 warps in flight hide the latency of the table lookups.
 template <int NB>
 inline constexpr int kWarps = NB >= 8 ? 16 : 8;
 template <int NB>
 inline constexpr int kThreads = 32 * kWarps<NB>;
 template <int NB>
-inline constexpr int kMinBlocksPerSm = NB >= 8 ? 1 : 2;
+inline constexpr int kMinBlocksPerSm = NB >= 8 ? 1 : 4;
 inline constexpr int kSmemFloats = 8192;  // 32 KiB of staged activations
 template <int NB>
 inline constexpr int kWindowCols = kSmemFloats / NB;
