@@ -1,8 +1,10 @@
 // libFuzzer target: arbitrary bytes as an encoded matrix (CompressedView). validate() must accept
 // or throw FormatError; decoding a view that validate() accepted must succeed, and the three
 // reference entry points (symbols, dense, matvec) must agree. The CPU kernels (decoder_cpu, every
-// SIMD level this machine runs; one token and the batch paths) must then agree with the reference
-// matvec within fp32 summation error: valid code streams need not be the encoder's greedy parse.
+// SIMD level this machine runs; one token and the batch paths) and the CUDA kernels' source under
+// the CPU emulation (fused products for 1 and 3 tokens, decode-to-dense bit-exact; qmoe-v1 and
+// qmoe-v2) must then agree with the reference within fp32 summation error: valid code streams need
+// not be the encoder's greedy parse.
 //
 // Input layout: byte 0 bit 0 = codec (0 v1, 1 p5), bit 2 = qmoe-v2 instead of v1, bit 1 = row
 // offsets raw (1) or built from per-row code counts (0, mostly monotone, reaches deeper); byte 1 =
@@ -20,6 +22,7 @@
 #include <vector>
 
 #include "qmoe/decoder_cpu/matmul.h"
+#include "qmoe/decoder_cuda/emulated.h"
 #include "qmoe/format/error.h"
 #include "qmoe/format/matrix.h"
 #include "qmoe/format/reference.h"
@@ -151,6 +154,21 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   std::vector<float> ref(static_cast<size_t>(max_n * v.rows)), got(ref.size());
   for (int64_t t = 0; t < max_n; ++t)
     qmoe::matvec_ref(v, xs.data() + t * v.cols, ref.data() + t * v.rows);
+  auto check = [&](int64_t tokens) {
+    for (int64_t t = 0; t < tokens; ++t) {
+      double xabs = 0;
+      for (int64_t c = 0; c < v.cols; ++c)
+        xabs += std::fabs(xs[static_cast<size_t>(t * v.cols + c)]);
+      for (int64_t r = 0; r < v.rows; ++r) {
+        const double lo = qmoe::bf16_to_float(v.levels[2 * r]);
+        const double hi = qmoe::bf16_to_float(v.levels[2 * r + 1]);
+        const double bound = std::ldexp((std::fabs(lo) + std::fabs(hi)) * xabs, -12);
+        const size_t i = static_cast<size_t>(t * v.rows + r);
+        if (!std::isfinite(bound) || !std::isfinite(ref[i])) continue;  // huge levels
+        if (!(std::fabs(static_cast<double>(got[i]) - ref[i]) <= bound)) __builtin_trap();
+      }
+    }
+  };
   for (qmoe::cpu::SimdLevel level : qmoe::cpu::supported_simd_levels()) {
     qmoe::cpu::MatmulOptions opt;
     opt.threads = 1;
@@ -158,20 +176,27 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
     for (int64_t tokens : {1, 3, 9}) {
       std::fill(got.begin(), got.end(), 0.0f);
       qmoe::cpu::matmul(v, tokens, xs.data(), v.cols, got.data(), v.rows, opt);
-      for (int64_t t = 0; t < tokens; ++t) {
-        double xabs = 0;
-        for (int64_t c = 0; c < v.cols; ++c)
-          xabs += std::fabs(xs[static_cast<size_t>(t * v.cols + c)]);
-        for (int64_t r = 0; r < v.rows; ++r) {
-          const double lo = qmoe::bf16_to_float(v.levels[2 * r]);
-          const double hi = qmoe::bf16_to_float(v.levels[2 * r + 1]);
-          const double bound = std::ldexp((std::fabs(lo) + std::fabs(hi)) * xabs, -12);
-          const size_t i = static_cast<size_t>(t * v.rows + r);
-          if (!std::isfinite(bound) || !std::isfinite(ref[i])) continue;  // huge levels
-          if (!(std::fabs(static_cast<double>(got[i]) - ref[i]) <= bound)) __builtin_trap();
-        }
-      }
+      check(tokens);
     }
+  }
+
+  if (!v.has_codes() || v.rows == 0) return 0;
+  const qmoe::cuda::MatrixDev md{
+      v.codes.data(),
+      v.row_offsets.data(),
+      v.levels.data(),
+      v.codec == qmoe::Codec::kV1 ? qmoe::v1_entry_words() : v.dictionary.data(),
+      static_cast<int32_t>(v.rows),
+      static_cast<int32_t>(v.cols)};
+  std::vector<float> gpu_dense(n, -1.0f);
+  qmoe::cuda::emulated::decode_dense(md, 0, v.rows, qmoe::DType::kF32, gpu_dense.data(), v.cols);
+  if (n > 0 && std::memcmp(gpu_dense.data(), dense.data(), n * sizeof(float)) != 0)
+    __builtin_trap();
+  for (int64_t tokens : {1, 3}) {
+    std::fill(got.begin(), got.end(), 0.0f);
+    qmoe::cuda::emulated::fused(md, qmoe::DType::kF32, xs.data(), v.cols, got.data(), v.rows,
+                                tokens, false);
+    check(tokens);
   }
   return 0;
 }
