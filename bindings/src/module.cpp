@@ -174,6 +174,13 @@ py::array readonly_view(const T* data, std::vector<py::ssize_t> shape, py::handl
   return a;
 }
 
+// A 1-D read-only view of a member of `self`'s matrix, or None when its codec has no such member.
+template <class T>
+py::object member_view(py::handle self, bool present, std::span<const T> member) {
+  if (!present) return py::none();
+  return readonly_view(member.data(), {static_cast<py::ssize_t>(member.size())}, self);
+}
+
 // ---- CompressedMatrix ------------------------------------------------------------------------
 
 std::optional<qmoe::Codec> parse_codec(const std::string& name, bool allow_auto) {
@@ -1174,30 +1181,24 @@ Raises ValueError for wrong dtypes or a missing tensor, qmoe.FormatError for a m
           "Bits per weight of the codes (or packed data) alone.")
       .def_property_readonly(
           "codes",
-          [](py::object self) -> py::object {
-            const auto& p = self.cast<const PyCompressed&>();
-            if (!p.view.has_codes()) return py::none();
-            return readonly_view(p.view.codes.data(),
-                                 {static_cast<py::ssize_t>(p.view.codes.size())}, self);
+          [](py::object self) {
+            const qmoe::CompressedView& v = self.cast<const PyCompressed&>().view;
+            return member_view(self, v.has_codes(), v.codes);
           },
           "qmoe-v1 / qmoe-v2 codewords, uint16 (read-only view); None for qmoe-p5.")
       .def_property_readonly(
           "row_offsets",
-          [](py::object self) -> py::object {
-            const auto& p = self.cast<const PyCompressed&>();
-            if (!p.view.has_codes()) return py::none();
-            return readonly_view(p.view.row_offsets.data(),
-                                 {static_cast<py::ssize_t>(p.view.row_offsets.size())}, self);
+          [](py::object self) {
+            const qmoe::CompressedView& v = self.cast<const PyCompressed&>().view;
+            return member_view(self, v.has_codes(), v.row_offsets);
           },
           "qmoe-v1 / qmoe-v2 row offsets into codes, int32, rows+1 entries (read-only view); None "
           "for qmoe-p5.")
       .def_property_readonly(
           "dictionary",
-          [](py::object self) -> py::object {
-            const auto& p = self.cast<const PyCompressed&>();
-            if (p.view.codec != qmoe::Codec::kV2) return py::none();
-            return readonly_view(p.view.dictionary.data(),
-                                 {static_cast<py::ssize_t>(p.view.dictionary.size())}, self);
+          [](py::object self) {
+            const qmoe::CompressedView& v = self.cast<const PyCompressed&>().view;
+            return member_view(self, v.codec == qmoe::Codec::kV2, v.dictionary);
           },
           "qmoe-v2 dictionary: 65536 entry words, uint32 (read-only view; layout in "
           "format/SPEC.md section 6.1); None for the other codecs.")
@@ -1210,11 +1211,9 @@ Raises ValueError for wrong dtypes or a missing tensor, qmoe.FormatError for a m
           "qmoe-v2: the dictionary's id (XXH3-64 of its bytes, 16 hex digits); None otherwise.")
       .def_property_readonly(
           "packed",
-          [](py::object self) -> py::object {
-            const auto& p = self.cast<const PyCompressed&>();
-            if (p.view.codec != qmoe::Codec::kP5) return py::none();
-            return readonly_view(p.view.packed.data(),
-                                 {static_cast<py::ssize_t>(p.view.packed.size())}, self);
+          [](py::object self) {
+            const qmoe::CompressedView& v = self.cast<const PyCompressed&>().view;
+            return member_view(self, v.codec == qmoe::Codec::kP5, v.packed);
           },
           "qmoe-p5 base-3 packed bytes, uint8, rows*ceil(cols/5) (read-only view); None for "
           "qmoe-v1 and qmoe-v2.")

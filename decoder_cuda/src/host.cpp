@@ -36,13 +36,13 @@ struct DeviceTables {
   std::mutex mu;
   std::map<std::pair<int, uint64_t>, std::vector<Table>> tables;
 
-  const uint32_t* get(std::span<const uint32_t> words, int device) {
+  // `id`: v2_dictionary_id(words), passed in by callers that already know it.
+  const uint32_t* get(std::span<const uint32_t> words, uint64_t id, int device) {
     if (words.size() != static_cast<size_t>(v2::kEntries)) {
       throw InvalidArgument("entry-word table: " + std::to_string(words.size()) +
                             " words, expected 65536");
     }
     if (device < 0) QMOE_CUDA_CHECK(cudaGetDevice(&device));
-    const uint64_t id = v2_dictionary_id(words);
     std::lock_guard<std::mutex> lock(mu);
     std::vector<Table>& same_id = tables[{device, id}];
     for (const Table& t : same_id) {
@@ -74,11 +74,15 @@ DeviceTables& device_tables() {
 }  // namespace
 
 const uint32_t* v1_entries_dev(int device) {
-  return device_tables().get({v1_entry_words(), static_cast<size_t>(v1::kEntries)}, device);
+  static const std::span<const uint32_t> words(v1_entry_words(), v1::kEntries);
+  static const uint64_t id = v2_dictionary_id(words);
+  return device_tables().get(words, id, device);
 }
 
 const uint32_t* v2_dictionary_dev(std::span<const uint32_t> entries, int device) {
-  return device_tables().get(entries, device);
+  const uint64_t id =
+      entries.size() == static_cast<size_t>(v2::kEntries) ? v2_dictionary_id(entries) : 0;
+  return device_tables().get(entries, id, device);
 }
 
 void gemm_dense(cublasHandle_t handle, DType act, const void* w_dev, int64_t ldw, int64_t rows,
@@ -199,8 +203,10 @@ DeviceMatrix::DeviceMatrix(const CompressedView& m, ForwardOptions opt, cudaStre
   if (m.has_codes()) {
     d.codes = d.upload(m.codes.data(), m.codes.size(), stream);
     d.offsets = d.upload(m.row_offsets.data(), m.row_offsets.size(), stream);
-    d.entries = m.codec == Codec::kV1 ? v1_entries_dev(d.device)
-                                      : v2_dictionary_dev(m.dictionary, d.device);
+    // validate() has checked that dictionary_id is the dictionary's hash: no need to hash again.
+    d.entries = m.codec == Codec::kV1
+                    ? v1_entries_dev(d.device)
+                    : device_tables().get(m.dictionary, m.dictionary_id, d.device);
   } else {
     d.packed = d.upload(m.packed.data(), m.packed.size(), stream);
   }
