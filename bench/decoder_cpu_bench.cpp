@@ -9,8 +9,9 @@
 //   wo   768 x 3072   (d_model x d_ff, Switch-base down projection)   QMOE_BENCH_EXPERTS (64)
 //   big  4096 x 14336 (a large-model down projection)                QMOE_BENCH_BIG_EXPERTS (4)
 // Ternary symbols are i.i.d. with P(0) = 0.885 (QMoE's measured sparsity), encoded as qmoe-v1
-// (qmoe_*) and, for the qmoe_v2 and qmoe_p5 rows, the same matrices in the fitted-dictionary
-// codec qmoe-v2 and in the 1.6-bit qmoe-p5 fallback codec.
+// (qmoe_*) and, for the qmoe_v2, qmoe_v3 and qmoe_p5 rows, the same matrices in the
+// fitted-dictionary codec qmoe-v2, in its row-pair form qmoe-v3 and in the 1.6-bit qmoe-p5
+// fallback codec.
 // Dense copies take 4 bytes per weight: 64 + 64 experts of 2.4M weights = 1.2 GB, and 0.94 GB per
 // 4 big experts; pools are built on first use, so a --benchmark_filter builds only what it needs.
 //
@@ -73,10 +74,12 @@ struct Pool {
   Shape shape{};
   std::vector<CompressedMatrix> comp;
   std::vector<CompressedMatrix> v2;  // the same matrices in qmoe-v2
+  std::vector<CompressedMatrix> v3;  // the same matrices in qmoe-v3
   std::vector<CompressedMatrix> p5;  // the same matrices in the qmoe-p5 fallback codec
   std::vector<std::unique_ptr<float, FreeDeleter>> dense;
   double bits_per_weight = 0;
   double v2_bits_per_weight = 0;
+  double v3_bits_per_weight = 0;
   double p5_bits_per_weight = 0;
 };
 
@@ -114,13 +117,15 @@ Pool& pool(int index) {
   Pool& p = *slot;
   p.shape = shapes()[static_cast<size_t>(index)];
   const int64_t rows = p.shape.rows, cols = p.shape.cols;
-  double bits = 0, v2_bits = 0, p5_bits = 0;
+  double bits = 0, v2_bits = 0, v3_bits = 0, p5_bits = 0;
   for (int e = 0; e < p.shape.experts; ++e) {
     const TernaryMatrix t = make_ternary(rows, cols, static_cast<uint64_t>(index * 1000 + e + 1));
     p.comp.push_back(encode(t, {.codec = Codec::kV1}));
     bits += p.comp.back().view().bits_per_weight();
     p.v2.push_back(encode(t, {.codec = Codec::kV2}));
     v2_bits += p.v2.back().view().bits_per_weight();
+    p.v3.push_back(encode(t, {.codec = Codec::kV3}));
+    v3_bits += p.v3.back().view().bits_per_weight();
     p.p5.push_back(encode(t, {.codec = Codec::kP5}));
     p5_bits += p.p5.back().view().bits_per_weight();
     float* d = static_cast<float*>(
@@ -135,18 +140,19 @@ Pool& pool(int index) {
   }
   p.bits_per_weight = bits / p.shape.experts;
   p.v2_bits_per_weight = v2_bits / p.shape.experts;
+  p.v3_bits_per_weight = v3_bits / p.shape.experts;
   p.p5_bits_per_weight = p5_bits / p.shape.experts;
   std::fprintf(
       stderr,
-      "# pool %s: %d experts, %.4f bits/weight (qmoe-v2 %.4f), %.1f MB compressed, %.1f MB "
-      "dense fp32\n",
-      p.shape.name, p.shape.experts, p.bits_per_weight, p.v2_bits_per_weight,
+      "# pool %s: %d experts, %.4f bits/weight (qmoe-v2 %.4f, qmoe-v3 %.4f), %.1f MB compressed, "
+      "%.1f MB dense fp32\n",
+      p.shape.name, p.shape.experts, p.bits_per_weight, p.v2_bits_per_weight, p.v3_bits_per_weight,
       p.bits_per_weight * rows * cols * p.shape.experts / 8e6,
       4.0 * rows * cols * p.shape.experts / 1e6);
   return p;
 }
 
-enum class Path { kQmoe, kQmoeV2, kQmoeP5, kDense, kRef };
+enum class Path { kQmoe, kQmoeV2, kQmoeV3, kQmoeP5, kDense, kRef };
 
 void set_counters(benchmark::State& state, const Pool& p, int64_t n, double bytes_per_call,
                   double bpw) {
@@ -177,9 +183,11 @@ void run_path(benchmark::State& state, int shape, int64_t n, int threads, Path p
     switch (path) {
       case Path::kQmoe:
       case Path::kQmoeV2:
+      case Path::kQmoeV3:
       case Path::kQmoeP5: {
         const CompressedView v = (path == Path::kQmoe     ? p.comp
                                   : path == Path::kQmoeV2 ? p.v2
+                                  : path == Path::kQmoeV3 ? p.v3
                                                           : p.p5)[static_cast<size_t>(e)]
                                      .view();
         cpu::matmul(v, n, x.data(), cols, y.data(), rows, opt);
@@ -207,6 +215,7 @@ void run_path(benchmark::State& state, int shape, int64_t n, int threads, Path p
                path == Path::kDense    ? 32.0
                : path == Path::kQmoeP5 ? p.p5_bits_per_weight
                : path == Path::kQmoeV2 ? p.v2_bits_per_weight
+               : path == Path::kQmoeV3 ? p.v3_bits_per_weight
                                        : p.bits_per_weight);
 }
 
@@ -304,11 +313,10 @@ class SummaryReporter : public benchmark::ConsoleReporter {
     ConsoleReporter::Finalize();
     auto& out = GetOutputStream();
     print_layers(out);
-    out << "\n| shape | tokens | threads | qmoe µs | qmoe avx2 µs | qmoe-v2 µs | qmoe-p5 µs | "
-           "dense "
-           "fp32 µs | reference µs | dense / qmoe | dense / qmoe avx2 | dense / qmoe-v2 | dense / "
-           "qmoe-p5 | qmoe µs per token |\n"
-           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n";
+    out << "\n| shape | tokens | threads | qmoe µs | qmoe avx2 µs | qmoe-v2 µs | qmoe-v3 µs | "
+           "qmoe-p5 µs | dense fp32 µs | reference µs | dense / qmoe | dense / qmoe avx2 | dense / "
+           "qmoe-v2 | dense / qmoe-v3 | dense / qmoe-p5 | qmoe µs per token |\n"
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n";
     auto get = [&](const std::string& k) {
       const auto it = times_.find(k);
       return it == times_.end() ? -1.0 : it->second;
@@ -327,13 +335,15 @@ class SummaryReporter : public benchmark::ConsoleReporter {
       const std::string tokens = rest.substr(a + 8, b - a - 8), threads = rest.substr(b + 9);
       const double avx2 = get("qmoe_avx2/" + rest), dense = get("dense/" + rest);
       const double p5 = get("qmoe_p5/" + rest), v2 = get("qmoe_v2/" + rest);
+      const double v3 = get("qmoe_v3/" + rest);
       const double ref = get("reference/" + rest);
       out << "| " << shape << " | " << tokens << " | " << threads << " | " << num(t, "%.1f")
-          << " | " << num(avx2, "%.1f") << " | " << num(v2, "%.1f") << " | " << num(p5, "%.1f")
-          << " | " << num(dense, "%.1f") << " | " << num(ref, "%.0f") << " | "
-          << (dense > 0 ? num(dense / t, "%.2fx") : "-") << " | "
+          << " | " << num(avx2, "%.1f") << " | " << num(v2, "%.1f") << " | " << num(v3, "%.1f")
+          << " | " << num(p5, "%.1f") << " | " << num(dense, "%.1f") << " | " << num(ref, "%.0f")
+          << " | " << (dense > 0 ? num(dense / t, "%.2fx") : "-") << " | "
           << (dense > 0 && avx2 > 0 ? num(dense / avx2, "%.2fx") : "-") << " | "
           << (dense > 0 && v2 > 0 ? num(dense / v2, "%.2fx") : "-") << " | "
+          << (dense > 0 && v3 > 0 ? num(dense / v3, "%.2fx") : "-") << " | "
           << (dense > 0 && p5 > 0 ? num(dense / p5, "%.2fx") : "-") << " | "
           << num(t / std::stod(tokens), "%.2f") << " |\n";
     }
@@ -390,8 +400,12 @@ void register_all() {
         };
         add("qmoe", Path::kQmoe, std::nullopt);
         add("qmoe_v2", Path::kQmoeV2, std::nullopt);
+        add("qmoe_v3", Path::kQmoeV3, std::nullopt);
         add("qmoe_p5", Path::kQmoeP5, std::nullopt);
         if (avx2 && !best_is_avx2) add("qmoe_avx2", Path::kQmoe, cpu::SimdLevel::kAvx2);
+        if (avx2 && !best_is_avx2 && n == 1) {
+          add("qmoe_v3_avx2", Path::kQmoeV3, cpu::SimdLevel::kAvx2);
+        }
         if (avx2) add("dense", Path::kDense, std::nullopt);
         if (n == 1 && threads == 1) add("reference", Path::kRef, std::nullopt);
       }

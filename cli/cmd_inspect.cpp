@@ -118,8 +118,10 @@ int run_inspect(const InspectArgs& a) {
   std::map<std::string, Block> blocks;
   json jt = json::array();
   int64_t comp_n = 0, comp_weights = 0, comp_bytes = 0, comp_codes = 0, comp_input = 0;
-  int64_t expert_weights = 0, expert_bytes = 0, v1 = 0, v2 = 0, p5 = 0;
-  std::set<uint64_t> v2_dictionaries;  // counted once each in the totals
+  int64_t expert_weights = 0, expert_bytes = 0, v1 = 0, v2 = 0, v3 = 0, p5 = 0;
+  // Dictionaries, counted once each in the totals (a v2 and a v3 dictionary never share an id:
+  // the container stores them under different names, and their entries differ).
+  std::set<uint64_t> v2_dictionaries, v3_dictionaries;
   int64_t dense_n = 0, dense_bytes = 0;
 
   std::vector<std::string> names = c.names();
@@ -138,9 +140,14 @@ int run_inspect(const InspectArgs& a) {
       comp_bytes += v.compressed_bytes();
       comp_codes += codes;
       comp_input += w * dtype_size(e->original_dtype);
-      (v.codec == Codec::kV1 ? v1 : v.codec == Codec::kV2 ? v2 : p5) += 1;
+      (v.codec == Codec::kV1   ? v1
+       : v.codec == Codec::kV2 ? v2
+       : v.codec == Codec::kV3 ? v3
+                               : p5) += 1;
       if (v.codec == Codec::kV2 && v2_dictionaries.insert(v.dictionary_id).second)
         comp_bytes += v2::kTableBytes;
+      if (v.codec == Codec::kV3 && v3_dictionaries.insert(v.dictionary_id).second)
+        comp_bytes += v3::kTableBytes;
       const ExpertStat* st = stat_of(name);
       std::string block;
       int64_t ex;
@@ -241,8 +248,10 @@ int run_inspect(const InspectArgs& a) {
                  {{"compressed_matrices", comp_n},
                   {"qmoe_v1", v1},
                   {"qmoe_v2", v2},
+                  {"qmoe_v3", v3},
                   {"qmoe_p5", p5},
                   {"qmoe_v2_dictionaries", v2_dictionaries.size()},
+                  {"qmoe_v3_dictionaries", v3_dictionaries.size()},
                   {"compressed_weights", comp_weights},
                   {"compressed_bytes", comp_bytes},
                   {"codes", comp_codes},
@@ -282,10 +291,10 @@ int run_inspect(const InspectArgs& a) {
   if (!meta("quantizer").empty()) std::printf(", quantizer %s", meta("quantizer").c_str());
   std::printf("\n");
   std::printf(
-      "compressed: %lld matrices (%lld qmoe-v1, %lld qmoe-v2, %lld qmoe-p5), %lld weights, %lld "
-      "codes, %s, %.4f bits/weight\n",
+      "compressed: %lld matrices (%lld qmoe-v1, %lld qmoe-v2, %lld qmoe-v3, %lld qmoe-p5), %lld "
+      "weights, %lld codes, %s, %.4f bits/weight\n",
       static_cast<long long>(comp_n), static_cast<long long>(v1), static_cast<long long>(v2),
-      static_cast<long long>(p5), static_cast<long long>(comp_weights),
+      static_cast<long long>(v3), static_cast<long long>(p5), static_cast<long long>(comp_weights),
       static_cast<long long>(comp_codes), human_bytes(static_cast<double>(comp_bytes)).c_str(),
       bpw(comp_bytes, comp_weights));
   if (expert_weights > 0)

@@ -24,6 +24,12 @@ std::string human_bytes(double bytes) {
   return buf;
 }
 
+std::optional<Codec> parse_codec_option(const std::string& name) {
+  if (name == "auto") return std::nullopt;
+  if (auto c = codec_from_name(name)) return c;
+  throw InvalidArgument("unknown codec '" + name + "' (" + kCodecChoices + ")");
+}
+
 int64_t parse_bytes(const std::string& s) {
   size_t pos = 0;
   double v = 0;

@@ -5,8 +5,11 @@
 #include <cstdint>
 #include <cstdio>
 #include <filesystem>
+#include <optional>
 #include <string>
 #include <vector>
+
+#include "qmoe/format/matrix.h"
 
 namespace qmoe::cli {
 
@@ -14,6 +17,11 @@ namespace qmoe::cli {
 std::string human_bytes(double bytes);
 // Parses "123", "64M", "1.5G", "2GiB" into bytes; throws InvalidArgument.
 int64_t parse_bytes(const std::string& s);
+// The value of a --codec option: a codec name, or "auto" (nullopt: the encoder's automatic
+// choice). Throws InvalidArgument naming the codecs for anything else.
+std::optional<Codec> parse_codec_option(const std::string& name);
+// The codecs --codec accepts, for help texts and messages.
+inline constexpr const char* kCodecChoices = "qmoe-v1, qmoe-v2, qmoe-v3, qmoe-p5 or auto";
 // Peak resident set size of this process in bytes (from /proc/self/status VmHWM).
 int64_t peak_rss_bytes();
 // Writes `data` to `path` atomically (temporary file in the same folder, then rename).

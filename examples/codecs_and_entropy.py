@@ -2,8 +2,8 @@
 """Bits per weight of qmoe's codecs against the entropy of the symbols, and qmoe-v2 in a container.
 
 For i.i.d. ternary matrices at several sparsities, the script encodes the same symbols as
-qmoe-v1 (QMoE's dictionary), qmoe-v2 (a dictionary fitted to the matrix) and qmoe-p5 (base-3
-packing), and prints the bits per weight of the codes next to the order-0 entropy. Then it
+qmoe-v1 (QMoE's dictionary), qmoe-v2 (a dictionary fitted to the matrix), qmoe-v3 (the same
+with rows coded in pairs; CPU only) and qmoe-p5 (base-3 packing), and prints the bits per weight of the codes next to the order-0 entropy. Then it
 transcodes a qmoe-v1 matrix to qmoe-v2, saves both in containers, and checks that the two give
 the same products.
 
@@ -38,12 +38,13 @@ def main():
     a = ap.parse_args()
     rng = np.random.default_rng(0)
 
-    print(f"{'P(0)':>6} {'entropy':>8} {'qmoe-v1':>8} {'qmoe-v2':>8} {'qmoe-p5':>8}   "
-          "(bits per weight of the codes)")
+    codecs = ("qmoe-v1", "qmoe-v2", "qmoe-v3", "qmoe-p5")
+    print(f"{'P(0)':>6} {'entropy':>8} " + " ".join(f"{c:>8}" for c in codecs) +
+          "   (bits per weight of the codes)")
     for p0 in (0.80, 0.885, 0.92, 0.95):
         s, l = ternary(rng, a.rows, a.cols, p0)
-        bits = [qmoe.encode(s, l, codec=c).code_bits_per_weight for c in ("qmoe-v1", "qmoe-v2", "qmoe-p5")]
-        print(f"{p0:6.3f} {entropy(p0):8.4f} {bits[0]:8.4f} {bits[1]:8.4f} {bits[2]:8.4f}")
+        bits = [qmoe.encode(s, l, codec=c).code_bits_per_weight for c in codecs]
+        print(f"{p0:6.3f} {entropy(p0):8.4f} " + " ".join(f"{b:8.4f}" for b in bits))
 
     s, l = ternary(rng, a.rows, a.cols, 0.885)
     v1 = qmoe.encode(s, l, codec="qmoe-v1")

@@ -6,7 +6,7 @@
 # original, and prints bits per weight, the reconstruction check and the throughput.
 #
 #   ./scripts/main-job.sh [--size tiny|small|base8|base8-bf16|c2048-style] [--threads N]
-#                         [--codec auto|qmoe-v1|qmoe-v2|qmoe-p5] [--max-memory BYTES]
+#                         [--codec auto|qmoe-v1|qmoe-v2|qmoe-v3|qmoe-p5] [--max-memory BYTES]
 #                         [--shard-size BYTES] [--work DIR] [--keep]
 #
 # Exits non-zero on any failure.

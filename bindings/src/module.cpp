@@ -41,6 +41,7 @@
 #ifdef QMOE_PY_CUDA
 #include <cuda_runtime.h>
 
+#include "qmoe/decoder_cuda/codecs.h"
 #include "qmoe/decoder_cuda/decoder.h"
 #include "qmoe/decoder_cuda/error.h"
 #endif
@@ -186,7 +187,7 @@ py::object member_view(py::handle self, bool present, std::span<const T> member)
 std::optional<qmoe::Codec> parse_codec(const std::string& name, bool allow_auto) {
   if (allow_auto && name == "auto") return std::nullopt;
   if (auto c = qmoe::codec_from_name(name)) return c;
-  bad_arg("unknown codec '" + name + "' (expected 'qmoe-v1', 'qmoe-v2', 'qmoe-p5'" +
+  bad_arg("unknown codec '" + name + "' (expected 'qmoe-v1', 'qmoe-v2', 'qmoe-v3', 'qmoe-p5'" +
           (allow_auto ? ", or 'auto')" : ")"));
 }
 
@@ -476,19 +477,22 @@ PyCompressed from_tensors(const std::string& codec_name, std::pair<int64_t, int6
     if (!packed_obj.is_none()) bad_arg("packed: only for qmoe-p5");
     copy_1d(codes_obj, "codes", py::dtype::of<uint16_t>(), m.codes);
     copy_1d(row_offsets_obj, "row_offsets", py::dtype::of<int32_t>(), m.row_offsets);
-    if (m.codec == qmoe::Codec::kV2) {
-      if (dictionary_obj.is_none()) bad_arg("qmoe-v2 needs dictionary (uint32, 65536 entries)");
+    if (m.has_dictionary()) {
+      if (dictionary_obj.is_none()) bad_arg(name + " needs dictionary (uint32, 65536 entries)");
       std::vector<uint32_t> words;
       copy_1d(dictionary_obj, "dictionary", py::dtype::of<uint32_t>(), words);
       py::gil_scoped_release nogil;
-      m.dictionary = qmoe::make_v2_dictionary(std::move(words), "CompressedMatrix.from_tensors");
+      m.dictionary =
+          m.codec == qmoe::Codec::kV3
+              ? qmoe::make_v3_dictionary(std::move(words), "CompressedMatrix.from_tensors")
+              : qmoe::make_v2_dictionary(std::move(words), "CompressedMatrix.from_tensors");
     } else if (!dictionary_obj.is_none()) {
-      bad_arg("dictionary: only for qmoe-v2");
+      bad_arg("dictionary: only for qmoe-v2 and qmoe-v3");
     }
   } else {
     if (packed_obj.is_none()) bad_arg("qmoe-p5 needs packed");
     if (!codes_obj.is_none() || !row_offsets_obj.is_none() || !dictionary_obj.is_none())
-      bad_arg("codes, row_offsets, dictionary: only for qmoe-v1 and qmoe-v2");
+      bad_arg("codes, row_offsets, dictionary: only for qmoe-v1, qmoe-v2 and qmoe-v3");
     copy_1d(packed_obj, "packed", py::dtype::of<uint8_t>(), m.packed);
   }
   {
@@ -747,6 +751,7 @@ struct PyCudaMatrix {
 
 std::unique_ptr<PyCudaMatrix> to_cuda(const PyCompressed& m, int device) {
 #ifdef QMOE_PY_CUDA
+  qmoe::cuda::require_gpu_codec(m.view, "to_cuda");  // qmoe-v3: CPU only, whatever the device
   const int n = qmoe::cuda::device_count();
   if (n == 0) throw qmoe::Error("to_cuda: no CUDA device is available");
   if (device < 0 || device >= n) {
@@ -1083,6 +1088,7 @@ py::dict compress_checkpoint(const std::filesystem::path& checkpoint,
   d["passthrough_tensors"] = s.passthrough_tensors;
   d["v1_matrices"] = s.v1_matrices;
   d["v2_matrices"] = s.v2_matrices;
+  d["v3_matrices"] = s.v3_matrices;
   d["p5_matrices"] = s.p5_matrices;
   d["fallback_matrices"] = s.fallback_matrices;
   d["mean_zero_fraction"] = s.mean_zero_fraction;
@@ -1147,9 +1153,9 @@ the memory-mapped file, which stays mapped while any of them (or their raw tenso
                   R"doc(
 Builds a matrix from its raw tensors (copied), as stored in a container (format/SPEC.md).
 
-codec: "qmoe-v1" (needs codes uint16 and row_offsets int32 of rows+1 entries), "qmoe-v2" (the
-same plus dictionary, uint32 of 65536 entry words) or "qmoe-p5" (needs packed uint8 of
-rows*ceil(cols/5) bytes). levels: 2*rows bfloat16 bit patterns (uint16 or
+codec: "qmoe-v1" (needs codes uint16 and row_offsets int32 of rows+1 entries), "qmoe-v2" or
+"qmoe-v3" (the same plus dictionary, uint32 of 65536 entry words of that codec) or "qmoe-p5"
+(needs packed uint8 of rows*ceil(cols/5) bytes). levels: 2*rows bfloat16 bit patterns (uint16 or
 ml_dtypes.bfloat16, any shape), (lo, hi) per row. The whole stream is validated.
 Raises ValueError for wrong dtypes or a missing tensor, qmoe.FormatError for a malformed stream.
 )doc")
@@ -1163,14 +1169,15 @@ Raises ValueError for wrong dtypes or a missing tensor, qmoe.FormatError for a m
       .def_property_readonly(
           "codec",
           [](const PyCompressed& p) { return std::string(qmoe::codec_name(p.view.codec)); },
-          "Codec name: 'qmoe-v1', 'qmoe-v2' or 'qmoe-p5'.")
+          "Codec name: 'qmoe-v1', 'qmoe-v2', 'qmoe-v3' or 'qmoe-p5'.")
       .def_property_readonly(
           "original_dtype",
           [](const PyCompressed& p) { return std::string(qmoe::dtype_name(p.original_dtype)); },
           "dtype of the weights before compression, safetensors spelling ('F32', 'BF16', ...).")
       .def_property_readonly(
           "nbytes", [](const PyCompressed& p) { return p.view.compressed_bytes(); },
-          "Bytes of codes (or packed data), row offsets and levels together (a qmoe-v2 dictionary, "
+          "Bytes of codes (or packed data), row offsets and levels together (a qmoe-v2 / qmoe-v3 "
+          "dictionary, "
           "shared by the matrices of a file, is not counted).")
       .def_property_readonly(
           "bits_per_weight", [](const PyCompressed& p) { return p.view.bits_per_weight(false); },
@@ -1185,30 +1192,32 @@ Raises ValueError for wrong dtypes or a missing tensor, qmoe.FormatError for a m
             const qmoe::CompressedView& v = self.cast<const PyCompressed&>().view;
             return member_view(self, v.has_codes(), v.codes);
           },
-          "qmoe-v1 / qmoe-v2 codewords, uint16 (read-only view); None for qmoe-p5.")
+          "qmoe-v1 / qmoe-v2 / qmoe-v3 codewords, uint16 (read-only view); None for qmoe-p5.")
       .def_property_readonly(
           "row_offsets",
           [](py::object self) {
             const qmoe::CompressedView& v = self.cast<const PyCompressed&>().view;
             return member_view(self, v.has_codes(), v.row_offsets);
           },
-          "qmoe-v1 / qmoe-v2 row offsets into codes, int32, rows+1 entries (read-only view); None "
-          "for qmoe-p5.")
+          "qmoe-v1 / qmoe-v2 / qmoe-v3 row offsets into codes, int32, rows+1 entries (read-only "
+          "view; qmoe-v3: a pair of rows' codes are its even row's range, odd rows' are empty); "
+          "None for qmoe-p5.")
       .def_property_readonly(
           "dictionary",
           [](py::object self) {
             const qmoe::CompressedView& v = self.cast<const PyCompressed&>().view;
-            return member_view(self, v.codec == qmoe::Codec::kV2, v.dictionary);
+            return member_view(self, v.has_dictionary(), v.dictionary);
           },
-          "qmoe-v2 dictionary: 65536 entry words, uint32 (read-only view; layout in "
-          "format/SPEC.md section 6.1); None for the other codecs.")
+          "qmoe-v2 / qmoe-v3 dictionary: 65536 entry words, uint32 (read-only view; layout in "
+          "format/SPEC.md section 6.1 for qmoe-v2, 15.1 for qmoe-v3); None for the other codecs.")
       .def_property_readonly(
           "dictionary_id",
           [](const PyCompressed& p) -> py::object {
-            if (p.view.codec != qmoe::Codec::kV2) return py::none();
+            if (!p.view.has_dictionary()) return py::none();
             return py::str(qmoe::hex64(p.view.dictionary_id));
           },
-          "qmoe-v2: the dictionary's id (XXH3-64 of its bytes, 16 hex digits); None otherwise.")
+          "qmoe-v2 / qmoe-v3: the dictionary's id (XXH3-64 of its bytes, 16 hex digits); None "
+          "otherwise.")
       .def_property_readonly(
           "packed",
           [](py::object self) {
@@ -1216,7 +1225,7 @@ Raises ValueError for wrong dtypes or a missing tensor, qmoe.FormatError for a m
             return member_view(self, v.codec == qmoe::Codec::kP5, v.packed);
           },
           "qmoe-p5 base-3 packed bytes, uint8, rows*ceil(cols/5) (read-only view); None for "
-          "qmoe-v1 and qmoe-v2.")
+          "the other codecs.")
       .def_property_readonly(
           "levels",
           [](py::object self) {
@@ -1267,7 +1276,8 @@ Raises ValueError for a wrong dtype, shape or layout.
       .def("to_cuda", &to_cuda, py::arg("device") = 0, R"doc(
 Copies the matrix to GPU `device` and returns a CudaMatrix. Raises RuntimeError when qmoe was
 built without the CUDA kernels or no CUDA device is available (see cuda_device_count()),
-ValueError for a device that does not exist.
+ValueError for a device that does not exist or a qmoe-v3 matrix (CPU only: transcode() it to
+qmoe-v2 first).
 )doc")
       .def("__repr__", [](const PyCompressed& p) {
         return "CompressedMatrix(shape=(" + std::to_string(p.view.rows) + ", " +
@@ -1313,9 +1323,12 @@ Encodes a ternary matrix. symbols: uint8 (rows, cols), each 0, 1 or 2; levels: (
 bfloat16 bit patterns (uint16 or ml_dtypes.bfloat16), as returned by ternarize_rtn() or gptq().
 codec: "qmoe-v1" (QMoE's dictionary codes), "qmoe-v2" (a dictionary fitted to the matrix, ~10%
 smaller at 88.5% zeros, much smaller at higher sparsity; the CPU and CUDA kernels read it as is),
-"qmoe-p5" (base-3 packing) or "auto" (the smaller of qmoe-v1 and qmoe-p5).
+"qmoe-v3" (qmoe-v2 with rows coded in pairs: ~3% larger than qmoe-v2 at 88.5% zeros, decoded
+faster by the CPU kernels; CPU only, transcode() it to qmoe-v2 for the GPU), "qmoe-p5" (base-3
+packing) or "auto" (the smaller of qmoe-v1 and qmoe-p5).
 v2_max_width, v2_p0: qmoe-v2's longest dictionary entry (1..63 symbols) and the zero fraction its
-dictionary is fitted to (None: the matrix's own, rounded to a multiple of 1/64).
+dictionary is fitted to (None: the matrix's own, rounded to a multiple of 1/64); qmoe-v3 uses
+v2_p0 too (its entries are always up to 63 columns wide).
 original_dtype: the dtype the weights had, recorded when the matrix is saved ('F32', 'BF16', ...).
 threads: OpenMP threads (0 = default); the output is identical for any value.
 Raises ValueError for wrong dtypes or shapes, a symbol outside 0..2, or an unknown codec.
@@ -1336,12 +1349,28 @@ most max_width symbols (format/SPEC.md section 6.3), as (entries, id): 65536 uin
 Raises ValueError for p0 outside (0, 1) or max_width outside 1..63.
 )doc");
 
+  m.def(
+      "v3_dictionary",
+      [](double p0) {
+        const auto d = qmoe::v3_dictionary(p0);
+        std::vector<uint32_t> words = d->entries;
+        return py::make_tuple(to_numpy(std::move(words), {static_cast<py::ssize_t>(65536)}),
+                              qmoe::hex64(d->id));
+      },
+      py::arg("p0"), R"doc(
+The qmoe-v3 dictionary the encoder builds for zero fraction p0 (0 < p0 < 1) (format/SPEC.md
+section 15.3: a Tunstall tree over the 9 values of a column of two rows), as (entries, id): 65536
+uint32 entry words (layout in section 15.1) and the 16-hex-digit XXH3-64 that names it in a
+container. Raises ValueError for p0 outside (0, 1).
+)doc");
+
   m.def("transcode", &transcode_matrix, py::arg("matrix"), py::kw_only(), py::arg("codec"),
         py::arg("threads") = 0, py::arg("v2_max_width") = 63, py::arg("v2_p0") = py::none(),
         R"doc(
 The same matrix (symbols and levels) encoded in another codec: e.g. a qmoe-v1 matrix of an
-existing container as qmoe-v2, or back. codec, threads, v2_max_width and v2_p0 as for encode();
-the original dtype is kept. Raises ValueError for an unknown codec.
+existing container as qmoe-v2, or back; a qmoe-v3 matrix as qmoe-v2 for the GPU. codec, threads,
+v2_max_width and v2_p0 as for encode(); the original dtype is kept. Raises ValueError for an
+unknown codec.
 )doc");
 
   m.def("save", &save, py::arg("path"), py::arg("tensors"), py::kw_only(),
@@ -1560,7 +1589,8 @@ Raises ValueError for a wrong dtype, shape or layout, non-finite weights or inva
 GPTQ (ternary grid) then encode: (W, H) -> CompressedMatrix, in one call.
 
 w, h, percdamp, blocksize, actorder, threads, bf16 as for gptq(); grid must be "ternary" or
-"ternary-sym". codec: "auto" (the smaller of qmoe-v1 and qmoe-p5), "qmoe-v1" or "qmoe-p5".
+"ternary-sym". codec: "auto" (the smaller of qmoe-v1 and qmoe-p5), "qmoe-v1", "qmoe-v2",
+"qmoe-v3" or "qmoe-p5" (as for encode()).
 The matrix records w's dtype as its original dtype. with_stats=True returns
 (matrix, {"status", "reason", "loss", "output_loss", "zero_fraction"}) instead.
 Raises ValueError as gptq() and encode() do, and for a non-ternary grid.
@@ -1582,7 +1612,8 @@ checkpoint: Hugging Face checkpoint directory (config.json + safetensors). outpu
 file, or a directory when shard_size > 0 (bytes per shard). threads: 0 = all; the output is the
 same for any value. max_memory: cap on resident memory in bytes (0 = none). resume: continue an
 interrupted run from "<output>.qmoe-work". cast_bf16: store non-expert F32/F16 tensors as BF16.
-codec: "auto" (the smaller per matrix), "qmoe-v1" or "qmoe-p5". percdamp, blocksize, actorder:
+codec: "auto" (the smaller per matrix), "qmoe-v1", "qmoe-v2", "qmoe-v3" or "qmoe-p5" (as for
+encode(), one dictionary per fitted zero fraction). percdamp, blocksize, actorder:
 GPTQ settings as for gptq(). check_disk: refuse to start without enough free disk space.
 progress: called with a dict (done, total, resumed, seconds, current, phase) a few times a
 second. note: called with one-line notes (resumed work, cleaned-up leftovers). Ctrl-C, or an

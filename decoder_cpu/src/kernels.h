@@ -33,6 +33,10 @@ struct Tables {
   // (i < 5) is all ones when symbol i of the byte is low, lane 8 + i when it is high; the other
   // lanes and the entries of bytes > 242 are 0.
   const int32_t* p5_lanes = nullptr;
+  // qmoe-v3, indexed by 8 symbol bits of a v3 entry word (two slots: bits 8..15, or one slot's 4
+  // bits), 8 int32 lane masks: lane i is all ones when bit i is set. Lanes 0..3 of a slot are
+  // (row 0 low, row 0 high, row 1 low, row 1 high).
+  const int32_t* v3_lane_masks = nullptr;
 };
 
 // The tables, built on first use from v1_decode_table(); thread-safe, valid forever. Throws Error
@@ -53,9 +57,14 @@ struct V2Tables {
 };
 V2Tables v2_tables(const uint32_t* dictionary, uint64_t id);
 
+// List records of a qmoe-v3 dictionary for the batch path, built on first use per dictionary id
+// and kept, like v2_tables(): two v1_list-shaped records per codeword, row 0's then row 1's (the
+// columns of the row's low and high symbols within the entry, the entry's width in both).
+const uint64_t* v3_list_table(const uint32_t* dictionary, uint64_t id);
+
 // The matrix, as raw pointers (no std::span in kernel code, see above).
 struct Matrix {
-  int codec = 0;  // 0 = qmoe-v1, 1 = qmoe-p5, 2 = qmoe-v2
+  int codec = 0;  // 0 = qmoe-v1, 1 = qmoe-p5, 2 = qmoe-v2, 3 = qmoe-v3
   int64_t rows = 0;
   int64_t cols = 0;
   const uint16_t* codes = nullptr;       // v1, v2
@@ -63,6 +72,8 @@ struct Matrix {
   const uint32_t* v2_entries = nullptr;  // v2: the dictionary's entry words (codec_layout.h)
   const uint64_t* v2_list = nullptr;     // v2: v2_tables().list of the dictionary
   const uint32_t* v2_perm = nullptr;     // v2: v2_tables().perm of the dictionary (may be null)
+  const uint32_t* v3_entries = nullptr;  // v3: the dictionary's entry words, read as they are
+  const uint64_t* v3_list = nullptr;     // v3: v3_list_table() of the dictionary
   const uint8_t* packed = nullptr;       // p5, rows * ceil(cols / 5)
   const uint16_t* levels = nullptr;      // 2 * rows bf16 bits
 };
@@ -84,6 +95,7 @@ inline constexpr int64_t kColPad = 64;
 // Rows per call of a RowsFn at most (the OpenMP work item; results do not depend on it), passes
 // per sweep over the codes, and tokens per pass.
 inline constexpr int64_t kRowBlock = 64;
+static_assert(kRowBlock % 2 == 0, "a qmoe-v3 pair never straddles two row blocks");
 inline constexpr int kMaxPasses = 8;
 inline constexpr int kPassTokens = 32;
 // Floats of per-thread scratch a RowsFn uses after its two lists: the results of a row block,
@@ -100,7 +112,8 @@ struct Work {
 };
 
 // Computes rows [r0, r1) of every pass, r1 - r0 <= kRowBlock. scratch: 2 * work.list_capacity
-// int32 followed by kStageFloats floats, 64-byte aligned.
+// int32 followed by kStageFloats floats, 64-byte aligned. For qmoe-v3 (rows coded in pairs) r0 is
+// even: callers start blocks at multiples of kRowBlock.
 using RowsFn = void (*)(const Work& work, const Tables& tables, int64_t r0, int64_t r1,
                         int32_t* scratch);
 

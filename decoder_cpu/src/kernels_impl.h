@@ -56,30 +56,35 @@ inline float combine(float lo_level, float lo_sum, float hi_level, float hi_sum)
 
 // ---- phase 1: a row's codes -> columns of its low / high symbols ---------------------------
 // Writes may run up to 4 (v1) or 7 (p5) entries past the final counts: list capacity has slack.
+// One list record (Tables::v1_list layout) at column pos: its low and high columns appended.
+inline void list_step(uint64_t rec, int32_t pos, int32_t* lo, int32_t* hi, int64_t& nl,
+                      int64_t& nh) {
+#if defined(__AVX2__)
+  // All six column bytes widened and offset in one go; lanes 3 and 7 carry the counts and land
+  // past the valid entries, where the next codeword overwrites them.
+  const __m256i cols = _mm256_add_epi32(
+      _mm256_cvtepu8_epi32(_mm_cvtsi64_si128(static_cast<long long>(rec))), _mm256_set1_epi32(pos));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(lo + nl), _mm256_castsi256_si128(cols));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(hi + nh), _mm256_extracti128_si256(cols, 1));
+#else
+  lo[nl] = pos + static_cast<int32_t>(rec & 0xff);
+  lo[nl + 1] = pos + static_cast<int32_t>((rec >> 8) & 0xff);
+  lo[nl + 2] = pos + static_cast<int32_t>((rec >> 16) & 0xff);
+  hi[nh] = pos + static_cast<int32_t>((rec >> 32) & 0xff);
+  hi[nh + 1] = pos + static_cast<int32_t>((rec >> 40) & 0xff);
+  hi[nh + 2] = pos + static_cast<int32_t>((rec >> 48) & 0xff);
+#endif
+  nl += static_cast<int64_t>((rec >> 24) & 3);
+  nh += static_cast<int64_t>(rec >> 56);
+}
+
 inline void v1_lists(const uint16_t* c, const uint16_t* end, const uint64_t* table, int32_t* lo,
                      int32_t* hi, int64_t* n_lo, int64_t* n_hi) {
   int32_t pos = 0;
   int64_t nl = 0, nh = 0;
   for (; c < end; ++c) {
     const uint64_t rec = table[*c];
-#if defined(__AVX2__)
-    // All six column bytes widened and offset in one go; lanes 3 and 7 carry the counts and land
-    // past the valid entries, where the next codeword overwrites them.
-    const __m256i cols =
-        _mm256_add_epi32(_mm256_cvtepu8_epi32(_mm_cvtsi64_si128(static_cast<long long>(rec))),
-                         _mm256_set1_epi32(pos));
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(lo + nl), _mm256_castsi256_si128(cols));
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(hi + nh), _mm256_extracti128_si256(cols, 1));
-#else
-    lo[nl] = pos + static_cast<int32_t>(rec & 0xff);
-    lo[nl + 1] = pos + static_cast<int32_t>((rec >> 8) & 0xff);
-    lo[nl + 2] = pos + static_cast<int32_t>((rec >> 16) & 0xff);
-    hi[nh] = pos + static_cast<int32_t>((rec >> 32) & 0xff);
-    hi[nh + 1] = pos + static_cast<int32_t>((rec >> 40) & 0xff);
-    hi[nh + 2] = pos + static_cast<int32_t>((rec >> 48) & 0xff);
-#endif
-    nl += static_cast<int64_t>((rec >> 24) & 3);
-    nh += static_cast<int64_t>(rec >> 56);
+    list_step(rec, pos, lo, hi, nl, nh);
     pos += static_cast<int32_t>((rec >> 26) & 63);
   }
   *n_lo = nl;
@@ -113,6 +118,24 @@ inline void p5_lists(const uint8_t* b, int64_t nbytes, const uint8_t* table, int
   }
   *n_lo = nl;
   *n_hi = nh;
+}
+
+// qmoe-v3: a pair's codes -> the columns of the low and high symbols of each of its two rows, from
+// two list records per codeword (V3Tables::list: row 0's, then row 1's; the width is in both).
+inline void v3_lists(const uint16_t* c, const uint16_t* end, const uint64_t* table,
+                     int32_t* const (&out)[4], int64_t (&n)[4]) {
+  int32_t pos = 0;
+  int64_t k0 = 0, k1 = 0, k2 = 0, k3 = 0;
+  for (; c < end; ++c) {
+    const uint64_t* rec = table + 2 * static_cast<size_t>(*c);
+    list_step(rec[0], pos, out[0], out[1], k0, k1);
+    list_step(rec[1], pos, out[2], out[3], k2, k3);
+    pos += static_cast<int32_t>((rec[0] >> 26) & 63);
+  }
+  n[0] = k0;
+  n[1] = k1;
+  n[2] = k2;
+  n[3] = k3;
 }
 
 // ---- phase 2: sums over the listed columns ------------------------------------------------
@@ -429,6 +452,146 @@ struct PermKernel {
 };
 #endif
 
+// ---- one token, qmoe-v3: a pair of rows per code stream --------------------------------------
+// A qmoe-v3 codeword covers columns of two rows, with at most 3 non-zero columns (slots) within 16
+// consecutive columns: its inputs lie in one 16-float window of x at slot 0's column. Each slot
+// feeds 4 lanes, (row 0 low, row 0 high, row 1 low, row 1 high), masked by the slot's 4 symbol
+// bits, so one accumulator holds both rows' low and high sums. The kernels below walk pairs with
+// rows_paired() (its "rows" are pairs: two pairs' codeword chains interleaved) and take the entry
+// words as stored, without derived tables. A codeword's window starts at most 31 columns after its
+// first column, which lies inside the row, and is 16 floats wide: 47 < kColPad.
+static_assert(kColPad >= 47);
+
+// The two rows of pair p from its 4 sums (row 0 low, row 0 high, row 1 low, row 1 high); the row
+// that completes an odd height is not written.
+inline void pair_store(const Work& w, int64_t p, const float (&sum)[4]) {
+  const int64_t r = 2 * p;
+  for (int h = 0; h < 2 && r + h < w.m.rows; ++h) {
+    put(w, w.passes[0], r + h, 0,
+        combine(bf16_bits_to_float(w.m.levels[2 * (r + h)]), sum[2 * h],
+                bf16_bits_to_float(w.m.levels[2 * (r + h) + 1]), sum[2 * h + 1]));
+  }
+}
+
+template <class Row>
+inline Row pair_row(const Work& w, int64_t p) {
+  Row s{};
+  s.c = w.m.codes + w.m.row_offsets[2 * p];
+  s.end = w.m.codes + w.m.row_offsets[2 * p + 1];
+  s.xp = w.passes[0].xt;
+  return s;
+}
+
+// Portable: one 4-lane vector per slot (the slot's input in every lane, ANDed with its bits).
+struct PairSlotKernel {
+  struct Row {
+    const uint16_t* c;
+    const uint16_t* end;
+    const float* xp;  // the input at the next codeword's first column
+    v4f acc[2];       // even / odd codewords
+  };
+  const Work& w;
+  const uint32_t* entries;
+  const int32_t* masks;
+
+  Row row(int64_t p) const { return pair_row<Row>(w, p); }
+  void code(Row& s, uint32_t code, int odd) const {
+    const uint32_t e = entries[code];
+    const float* x = s.xp + ((e >> 20) & 31);
+    const v4f x0 = {x[0], x[0], x[0], x[0]};
+    const float x1s = x[e & 15], x2s = x[(e >> 4) & 15];
+    const v4f x1 = {x1s, x1s, x1s, x1s}, x2 = {x2s, x2s, x2s, x2s};
+    const v4i* m0 = reinterpret_cast<const v4i*>(masks + 8 * ((e >> 8) & 15));
+    const v4i* m1 = reinterpret_cast<const v4i*>(masks + 8 * ((e >> 12) & 15));
+    const v4i* m2 = reinterpret_cast<const v4i*>(masks + 8 * ((e >> 16) & 15));
+    s.acc[odd] += (reinterpret_cast<v4f>(reinterpret_cast<v4i>(x0) & *m0) +
+                   reinterpret_cast<v4f>(reinterpret_cast<v4i>(x1) & *m1)) +
+                  reinterpret_cast<v4f>(reinterpret_cast<v4i>(x2) & *m2);
+    s.xp += e >> 26;
+  }
+  void store(const Row& s, int64_t p) const {
+    const v4f a = s.acc[0] + s.acc[1];
+    const float sum[4] = {a[0], a[1], a[2], a[3]};
+    pair_store(w, p, sum);
+  }
+};
+
+#if defined(__AVX2__)
+// AVX2: slots 0 and 1 broadcast and blended into one 8-lane vector, slot 2 in a 4-lane one, ANDed
+// with rows of v3_lane_masks (indexed by the symbol bits as they sit in the word).
+struct PairBlendKernel {
+  struct Row {
+    const uint16_t* c;
+    const uint16_t* end;
+    const float* xp;
+    v8f a01[2];  // slots 0 (lanes 0..3) and 1 (lanes 4..7), even / odd codewords
+    v4f a2[2];   // slot 2
+  };
+  const Work& w;
+  const uint32_t* entries;
+  const int32_t* masks;
+
+  Row row(int64_t p) const { return pair_row<Row>(w, p); }
+  void code(Row& s, uint32_t code, int odd) const {
+    const uint32_t e = entries[code];
+    const float* x = s.xp + ((e >> 20) & 31);
+    const __m256 v01 =
+        _mm256_blend_ps(_mm256_broadcast_ss(x), _mm256_broadcast_ss(x + (e & 15)), 0xf0);
+    const __m128 v2 = _mm_broadcast_ss(x + ((e >> 4) & 15));
+    const __m256 m01 = _mm256_load_ps(reinterpret_cast<const float*>(masks + 8 * ((e >> 8) & 255)));
+    const __m128 m2 = _mm_load_ps(reinterpret_cast<const float*>(masks + 8 * ((e >> 16) & 15)));
+    s.a01[odd] = reinterpret_cast<v8f>(
+        _mm256_add_ps(reinterpret_cast<__m256>(s.a01[odd]), _mm256_and_ps(v01, m01)));
+    s.a2[odd] =
+        reinterpret_cast<v4f>(_mm_add_ps(reinterpret_cast<__m128>(s.a2[odd]), _mm_and_ps(v2, m2)));
+    s.xp += e >> 26;
+  }
+  void store(const Row& s, int64_t p) const {
+    const v8f a = s.a01[0] + s.a01[1];
+    const v4f b = s.a2[0] + s.a2[1];
+    float sum[4];
+    for (int h = 0; h < 4; ++h) sum[h] = (a[h] + a[4 + h]) + b[h];
+    pair_store(w, p, sum);
+  }
+};
+#endif
+
+#if defined(__AVX512F__)
+// AVX-512: the entry word broadcast to 16 lanes; a variable shift gives each lane its slot's
+// column within the window (slot 0's is 0: a shift by 32), the permute reads the low 4 bits; one
+// bit test gives the 12 lanes' mask; one single-source permute of the 16-float window. One load
+// of x per codeword where qmoe-v1 and qmoe-v2 need two.
+struct PairPermKernel {
+  using Row = VecRow<v16f>;  // lanes 12..15 stay 0
+  const Work& w;
+  const uint32_t* entries;
+
+  Row row(int64_t p) const { return pair_row<Row>(w, p); }
+  void code(Row& s, uint32_t code, int odd) const {
+    const uint32_t e = entries[code];
+    const __m512i shift = _mm512_setr_epi32(32, 32, 32, 32, 0, 0, 0, 0, 4, 4, 4, 4, 32, 32, 32, 32);
+    const __m512i bits =
+        _mm512_setr_epi32(1 << 8, 1 << 9, 1 << 10, 1 << 11, 1 << 12, 1 << 13, 1 << 14, 1 << 15,
+                          1 << 16, 1 << 17, 1 << 18, 1 << 19, 0, 0, 0, 0);
+    const __m512i word = _mm512_set1_epi32(static_cast<int>(e));
+    const __mmask16 m = _mm512_test_epi32_mask(word, bits);
+    // maskz forms: GCC 12's unmasked ones read an undefined vector (-Wmaybe-uninitialized).
+    const __m512 v = _mm512_maskz_permutexvar_ps(m, _mm512_maskz_srlv_epi32(0xffff, word, shift),
+                                                 _mm512_loadu_ps(s.xp + ((e >> 20) & 31)));
+    s.acc[odd] = s.acc[odd] + reinterpret_cast<v16f>(v);
+    s.xp += e >> 26;
+  }
+  void store(const Row& s, int64_t p) const {
+    alignas(64) float t[16];
+    const v16f a = s.acc[0] + s.acc[1];
+    std::memcpy(t, &a, sizeof a);
+    float sum[4];
+    for (int h = 0; h < 4; ++h) sum[h] = (t[h] + t[4 + h]) + t[8 + h];
+    pair_store(w, p, sum);
+  }
+};
+#endif
+
 #if defined(__AVX2__)
 // ---- one token, qmoe-p5 ---------------------------------------------------------------------
 // A byte holds the symbols of 5 consecutive columns, so the 8 inputs from the byte's first column
@@ -506,21 +669,16 @@ static_assert(kColPad >= 3);
 // Results are staged per row block (scratch after the lists, kStageFloats floats) and written out
 // token by token, so each output row gets one contiguous run of stores instead of one store per
 // row and token.
+// qmoe-v3 rows come in pairs (r0 is even): both rows' lists from one decode of the pair's codes,
+// each list region split in two halves (list_capacity is sized for that).
 void rows_lists(const Work& w, const Tables& tb, int64_t r0, int64_t r1, int32_t* scratch) {
   const Matrix& m = w.m;
   int32_t* lo = scratch;
   int32_t* hi = scratch + w.list_capacity;
   float* stage = reinterpret_cast<float*>(scratch + 2 * w.list_capacity);
   auto staged = [&](int q, int64_t r) { return stage + (q * kRowBlock + (r - r0)) * kPassTokens; };
-  const int64_t p5_bytes = (m.cols + 4) / 5;
-  for (int64_t r = r0; r < r1; ++r) {
-    int64_t n_lo = 0, n_hi = 0;
-    if (m.codec != 1) {
-      v1_lists(m.codes + m.row_offsets[r], m.codes + m.row_offsets[r + 1],
-               m.codec == 0 ? tb.v1_list : m.v2_list, lo, hi, &n_lo, &n_hi);
-    } else {
-      p5_lists(m.packed + r * p5_bytes, p5_bytes, tb.p5_list, lo, hi, &n_lo, &n_hi);
-    }
+  // Row r's results for every pass from its lists.
+  auto finish = [&](int64_t r, const int32_t* l, int64_t n_lo, const int32_t* h, int64_t n_hi) {
     const float lo_level = bf16_bits_to_float(m.levels[2 * r]);
     const float hi_level = bf16_bits_to_float(m.levels[2 * r + 1]);
     for (int q = 0; q < w.num_passes; ++q) {
@@ -528,21 +686,43 @@ void rows_lists(const Work& w, const Tables& tb, int64_t r0, int64_t r1, int32_t
       float* out = staged(q, r);
       switch (p.bp) {
         case 1:
-          out[0] = combine(lo_level, sum_at(p.xt, lo, n_lo), hi_level, sum_at(p.xt, hi, n_hi));
+          out[0] = combine(lo_level, sum_at(p.xt, l, n_lo), hi_level, sum_at(p.xt, h, n_hi));
           break;
         case 8:
-          finish_cols<1>(p, lo, n_lo, hi, n_hi, lo_level, hi_level, out);
+          finish_cols<1>(p, l, n_lo, h, n_hi, lo_level, hi_level, out);
           break;
         case 16:
-          finish_cols<2>(p, lo, n_lo, hi, n_hi, lo_level, hi_level, out);
+          finish_cols<2>(p, l, n_lo, h, n_hi, lo_level, hi_level, out);
           break;
         case 24:
-          finish_cols<3>(p, lo, n_lo, hi, n_hi, lo_level, hi_level, out);
+          finish_cols<3>(p, l, n_lo, h, n_hi, lo_level, hi_level, out);
           break;
         default:
-          finish_cols<4>(p, lo, n_lo, hi, n_hi, lo_level, hi_level, out);
+          finish_cols<4>(p, l, n_lo, h, n_hi, lo_level, hi_level, out);
           break;
       }
+    }
+  };
+  const int64_t p5_bytes = (m.cols + 4) / 5;
+  if (m.codec == 3) {
+    const int64_t half = w.list_capacity / 2;
+    int32_t* const lists[4] = {lo, hi, lo + half, hi + half};
+    for (int64_t r = r0; r < r1; r += 2) {
+      int64_t n[4];
+      v3_lists(m.codes + m.row_offsets[r], m.codes + m.row_offsets[r + 1], m.v3_list, lists, n);
+      finish(r, lists[0], n[0], lists[1], n[1]);
+      if (r + 1 < r1) finish(r + 1, lists[2], n[2], lists[3], n[3]);
+    }
+  } else {
+    for (int64_t r = r0; r < r1; ++r) {
+      int64_t n_lo = 0, n_hi = 0;
+      if (m.codec != 1) {
+        v1_lists(m.codes + m.row_offsets[r], m.codes + m.row_offsets[r + 1],
+                 m.codec == 0 ? tb.v1_list : m.v2_list, lo, hi, &n_lo, &n_hi);
+      } else {
+        p5_lists(m.packed + r * p5_bytes, p5_bytes, tb.p5_list, lo, hi, &n_lo, &n_hi);
+      }
+      finish(r, lo, n_lo, hi, n_hi);
     }
   }
   for (int q = 0; q < w.num_passes; ++q) {
@@ -581,6 +761,16 @@ void rows(const Work& w, const Tables& tb, int64_t r0, int64_t r1, int32_t* scra
     rows_paired(BlendKernel<V2Slots>{w, w.m.v2_entries, tb.v1_slot_masks}, r0, r1);
 #else
     rows_paired(SlotKernel<V2Slots>{w, w.m.v2_entries, tb.v1_slot_masks}, r0, r1);
+#endif
+    return;
+  }
+  if (w.m.codec == 3 && w.num_passes == 1 && w.passes[0].bp == 1) {
+#if defined(__AVX512F__)
+    rows_paired(PairPermKernel{w, w.m.v3_entries}, r0 / 2, (r1 + 1) / 2);
+#elif defined(__AVX2__)
+    rows_paired(PairBlendKernel{w, w.m.v3_entries, tb.v3_lane_masks}, r0 / 2, (r1 + 1) / 2);
+#else
+    rows_paired(PairSlotKernel{w, w.m.v3_entries, tb.v3_lane_masks}, r0 / 2, (r1 + 1) / 2);
 #endif
     return;
   }

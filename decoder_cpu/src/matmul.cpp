@@ -111,8 +111,9 @@ void check_matrix(const CompressedView& w) {
       throw InvalidArgument(std::string(codec_name(w.codec)) +
                             " matrix: row_offsets do not match rows and codes");
     }
-    if (w.codec == Codec::kV2 && w.dictionary.size() != static_cast<size_t>(v2::kEntries)) {
-      throw InvalidArgument("qmoe-v2 matrix: the dictionary does not hold 65536 entries");
+    if (w.has_dictionary() && w.dictionary.size() != static_cast<size_t>(v2::kEntries)) {
+      throw InvalidArgument(std::string(codec_name(w.codec)) +
+                            " matrix: the dictionary does not hold 65536 entries");
     }
   } else if (w.codec == Codec::kP5) {
     if (w.packed.size() != static_cast<size_t>(w.rows * p5::row_bytes(w.cols))) {
@@ -169,7 +170,8 @@ void run(std::span<const Item> items, bool accumulate, const MatmulOptions& opt)
     const CompressedView& w = *it.w;
     if (it.n <= 0 || w.rows == 0) continue;
     detail::Matrix m;
-    m.codec = w.codec == Codec::kV1 ? 0 : (w.codec == Codec::kP5 ? 1 : 2);
+    m.codec =
+        w.codec == Codec::kV1 ? 0 : (w.codec == Codec::kP5 ? 1 : (w.codec == Codec::kV2 ? 2 : 3));
     m.rows = w.rows;
     m.cols = w.cols;
     m.codes = w.codes.data();
@@ -182,15 +184,21 @@ void run(std::span<const Item> items, bool accumulate, const MatmulOptions& opt)
       m.v2_list = t.list;
       m.v2_perm = t.perm;
     }
+    if (w.codec == Codec::kV3) {
+      m.v3_entries = w.dictionary.data();
+      if (it.n > 1) m.v3_list = detail::v3_list_table(w.dictionary.data(), w.dictionary_id);
+    }
     int64_t capacity = 0;
     if (w.has_codes() && it.n == 1) {
-      // One token of qmoe-v1 or v2 takes the slot kernels, which use no lists (rows() in
+      // One token of qmoe-v1, v2 or v3 takes the slot kernels, which use no lists (rows() in
       // kernels_impl.h).
     } else if (w.has_codes()) {
       int64_t max_codes = 0;
       for (int64_t r = 0; r < w.rows; ++r)
         max_codes = std::max<int64_t>(max_codes, w.row_offsets[r + 1] - w.row_offsets[r]);
       capacity = 3 * max_codes + 8;  // <= 3 symbols per codeword, 4 written per store
+      // qmoe-v3: each list region holds one list per row of a pair.
+      if (w.codec == Codec::kV3) capacity = 2 * ((capacity + 7) / 8 * 8);
     } else {
       capacity = w.cols + 8;  // up to 8 written per byte, at most 5 of them kept
     }

@@ -39,6 +39,7 @@ struct TableStore {
   alignas(64) std::array<int32_t, 64 * 2 * 4> v1_slot_masks{};
   std::vector<uint8_t> p5_list;
   alignas(64) std::array<int32_t, 256 * 16> p5_lanes{};
+  alignas(64) std::array<int32_t, 256 * 8> v3_lane_masks{};
   Tables view;
 
   TableStore() : v1_list(v1::kEntries), v1_perm(v1::kEntries), p5_list(256 * 16, 0) {
@@ -89,24 +90,27 @@ struct TableStore {
     view.v1_perm = v1_perm.data();
     view.p5_list = p5_list.data();
     view.p5_lanes = p5_lanes.data();
+    for (int b = 0; b < 256; ++b) {
+      for (int i = 0; i < 8; ++i) v3_lane_masks[8 * b + i] = ((b >> i) & 1) != 0 ? -1 : 0;
+    }
+    view.v3_lane_masks = v3_lane_masks.data();
   }
 };
 
-}  // namespace
-
-// Tables are cached per dictionary id (XXH3-64). XXH3 is not collision-resistant against a crafted
-// input, and tables that do not match a matrix's dictionary would let its rows run past their
-// input, so an entry also keeps the dictionary it was built from: the first time a dictionary
-// address is seen for an id, its contents are compared (256 KiB, once per address), and a
-// different dictionary with the same id gets tables of its own. An address seen before is trusted
-// (comparing on every call would cost ~10% of a Switch-sized matvec): a different dictionary with
-// the same id, placed later at that very address, would not be detected.
-V2Tables v2_tables(const uint32_t* dictionary, uint64_t id) {
+// Derived tables are cached per dictionary id (XXH3-64). XXH3 is not collision-resistant against
+// a crafted input, and tables that do not match a matrix's dictionary would let its rows run past
+// their input, so an entry also keeps the dictionary it was built from: the first time a
+// dictionary address is seen for an id, its contents are compared (256 KiB, once per address), and
+// a different dictionary with the same id gets tables of its own. An address seen before is
+// trusted (comparing on every call would cost ~10% of a Switch-sized matvec): a different
+// dictionary with the same id, placed later at that very address, would not be detected.
+// T is what is derived (built by T::build(dictionary)); one cache per T.
+template <class T>
+const T& cached(const uint32_t* dictionary, uint64_t id) {
   struct Store {
     std::vector<uint32_t> source;
     std::vector<const uint32_t*> seen;  // addresses whose contents equal `source`
-    std::vector<uint64_t> list;
-    std::vector<uint32_t> perm;
+    T derived;
   };
   static std::mutex mu;
   static std::multimap<uint64_t, std::unique_ptr<Store>> cache;
@@ -119,36 +123,81 @@ V2Tables v2_tables(const uint32_t* dictionary, uint64_t id) {
       t.seen.push_back(dictionary);
       same = true;
     }
-    if (same) return {t.list.data(), t.perm.empty() ? nullptr : t.perm.data()};
+    if (same) return t.derived;
   }
   auto t = std::make_unique<Store>();
   t->source.assign(dictionary, dictionary + v2::kEntries);
   t->seen.push_back(dictionary);
-  t->list.resize(v2::kEntries);
-  t->perm.resize(v2::kEntries);
-  bool windowed = true;
-  for (int e = 0; e < v2::kEntries; ++e) {
-    const uint32_t w = dictionary[e];
-    int cols[v2::kSlots], syms[v2::kSlots], n = 0;
-    for (int j = 0; j < v2::kSlots; ++j) {
-      if (v2::slot_symbol(w, j) == 0) continue;
-      cols[n] = v2::slot_col(w, j);
-      syms[n++] = v2::slot_symbol(w, j);
+  t->derived = T::build(dictionary);
+  return cache.emplace(id, std::move(t))->second->derived;
+}
+
+struct V2Derived {
+  std::vector<uint64_t> list;
+  std::vector<uint32_t> perm;  // empty unless every entry keeps within v2::kSpan columns
+
+  static V2Derived build(const uint32_t* dictionary) {
+    V2Derived t;
+    t.list.resize(v2::kEntries);
+    t.perm.resize(v2::kEntries);
+    bool windowed = true;
+    for (int e = 0; e < v2::kEntries; ++e) {
+      const uint32_t w = dictionary[e];
+      int cols[v2::kSlots], syms[v2::kSlots], n = 0;
+      for (int j = 0; j < v2::kSlots; ++j) {
+        if (v2::slot_symbol(w, j) == 0) continue;
+        cols[n] = v2::slot_col(w, j);
+        syms[n++] = v2::slot_symbol(w, j);
+      }
+      t.list[e] = list_record(cols, syms, n, v2::entry_width(w));
+      uint32_t p = static_cast<uint32_t>(v2::entry_width(w)) << 26;
+      if (n > 0) {
+        if (cols[n - 1] - cols[0] >= v2::kSpan) windowed = false;
+        p |= static_cast<uint32_t>(cols[0]) << 10;
+        for (int j = 1; j < n; ++j)
+          p |= static_cast<uint32_t>((cols[j] - cols[0]) & 31) << (5 * (j - 1));
+        for (int j = 0; j < n; ++j) p |= 1u << (16 + j + (syms[j] == 2 ? 3 : 0));
+      }
+      t.perm[e] = p;
     }
-    t->list[e] = list_record(cols, syms, n, v2::entry_width(w));
-    uint32_t p = static_cast<uint32_t>(v2::entry_width(w)) << 26;
-    if (n > 0) {
-      if (cols[n - 1] - cols[0] >= v2::kSpan) windowed = false;
-      p |= static_cast<uint32_t>(cols[0]) << 10;
-      for (int j = 1; j < n; ++j)
-        p |= static_cast<uint32_t>((cols[j] - cols[0]) & 31) << (5 * (j - 1));
-      for (int j = 0; j < n; ++j) p |= 1u << (16 + j + (syms[j] == 2 ? 3 : 0));
-    }
-    t->perm[e] = p;
+    if (!windowed) t.perm.clear();
+    return t;
   }
-  if (!windowed) t->perm.clear();
-  const Store& stored = *cache.emplace(id, std::move(t))->second;
-  return {stored.list.data(), stored.perm.empty() ? nullptr : stored.perm.data()};
+};
+
+struct V3Derived {
+  std::vector<uint64_t> list;  // 2 per codeword
+
+  static V3Derived build(const uint32_t* dictionary) {
+    V3Derived t;
+    t.list.resize(2 * static_cast<size_t>(v3::kEntries));
+    for (int e = 0; e < v3::kEntries; ++e) {
+      const uint32_t w = dictionary[e];
+      for (int row = 0; row < 2; ++row) {
+        int cols[v3::kSlots], syms[v3::kSlots], n = 0;
+        for (int j = 0; j < v3::kSlots; ++j) {
+          const int sym = v3::slot_symbol(w, j, row);
+          if (sym == 0) continue;
+          cols[n] = v3::slot_col(w, j);
+          syms[n++] = sym;
+        }
+        t.list[2 * static_cast<size_t>(e) + static_cast<size_t>(row)] =
+            list_record(cols, syms, n, v3::entry_width(w));
+      }
+    }
+    return t;
+  }
+};
+
+}  // namespace
+
+V2Tables v2_tables(const uint32_t* dictionary, uint64_t id) {
+  const V2Derived& t = cached<V2Derived>(dictionary, id);
+  return {t.list.data(), t.perm.empty() ? nullptr : t.perm.data()};
+}
+
+const uint64_t* v3_list_table(const uint32_t* dictionary, uint64_t id) {
+  return cached<V3Derived>(dictionary, id).list.data();
 }
 
 const Tables& tables() {

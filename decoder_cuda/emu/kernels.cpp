@@ -1,6 +1,7 @@
 // The decoder_cuda kernels compiled as host C++ under the CUDA emulation (emu/runtime.h).
 #include "../kernels/dispatch.cuh"
 #include "qmoe/decoder_cuda/emulated.h"
+#include "qmoe/format/reference.h"
 
 namespace qmoe::cuda::emulated {
 namespace {
@@ -24,6 +25,21 @@ struct EmuLauncher {
 };
 
 }  // namespace
+
+MatrixDev host_matrix(const CompressedView& m) {
+  require_gpu_codec(m, "emulated::host_matrix");
+  if (!m.has_codes())
+    throw InvalidArgument("emulated::host_matrix: a qmoe-p5 matrix has no codes (p5_decode_dense)");
+  if (m.rows > INT32_MAX || m.cols > INT32_MAX)
+    throw InvalidArgument("emulated::host_matrix: rows and cols must be < 2^31");
+  validate_layout(m, "emulated::host_matrix");
+  return MatrixDev{m.codes.data(),
+                   m.row_offsets.data(),
+                   m.levels.data(),
+                   m.codec == Codec::kV1 ? v1_entry_words() : m.dictionary.data(),
+                   static_cast<int32_t>(m.rows),
+                   static_cast<int32_t>(m.cols)};
+}
 
 void fused(const MatrixDev& m, DType act, const void* x, int64_t ldx, void* y, int64_t ldy,
            int64_t n_tokens, bool accumulate, int tokens_per_pass, Grid grid) {

@@ -190,6 +190,7 @@ struct DeviceMatrix::Impl {
 
 DeviceMatrix::DeviceMatrix(const CompressedView& m, ForwardOptions opt, cudaStream_t stream)
     : impl_(std::make_unique<Impl>()) {
+  require_gpu_codec(m, "DeviceMatrix");
   validate(m, "DeviceMatrix");
   if (m.rows > INT32_MAX || m.cols > INT32_MAX)
     throw InvalidArgument("DeviceMatrix: rows and cols must be < 2^31");

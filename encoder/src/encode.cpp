@@ -1,10 +1,11 @@
-// qmoe-v1, qmoe-v2 and qmoe-p5 encoders.
+// qmoe-v1, qmoe-v2, qmoe-v3 and qmoe-p5 encoders.
 //
 // qmoe-v1 is greedy longest match through a trie of the dictionary, each row on its own: walk the
 // trie pair by pair; when the current node has no child for the next pair, emit the node's entry
 // and restart from the root with that pair; emit the last node at the end of the row. This is
 // exactly QMoE's encoding, so streams are interchangeable with it. qmoe-v2 is the same walk, a
-// symbol at a time, through the trie of the matrix's dictionary (v2_codebook.cpp).
+// symbol at a time, through the trie of the matrix's dictionary (v2_codebook.cpp); qmoe-v3 walks
+// its dictionary's tree a column of two rows at a time (v3_codebook.cpp).
 #include <algorithm>
 #include <array>
 #include <cmath>
@@ -19,6 +20,7 @@
 #include "qmoe/format/error.h"
 #include "qmoe/format/reference.h"
 #include "v2_codebook.h"
+#include "v3_codebook.h"
 
 namespace qmoe {
 namespace {
@@ -118,6 +120,33 @@ inline void encode_row_v2(const detail::V2Codebook& cb, const uint8_t* s, int64_
   }
 }
 
+// One pair of rows through the tree of a qmoe-v3 dictionary, a column (s0 + 3 * s1) at a time; s1
+// is null for the zero row that completes an odd-height matrix.
+template <class Sink>
+inline void encode_pair_v3(const detail::V3Codebook& cb, const uint8_t* s0, const uint8_t* s1,
+                           int64_t cols, Sink&& sink) {
+  const int32_t* child = cb.child.data();
+  int32_t node = 0;
+  for (int64_t c = 0; c < cols; ++c) {
+    const int32_t next = child[node * 9 + s0[c] + (s1 != nullptr ? 3 * s1[c] : 0)];
+    if (next < 0) {
+      sink(static_cast<uint16_t>(~next));
+      node = 0;
+    } else {
+      node = next;
+    }
+  }
+  if (node == 0) return;
+  for (;;) {
+    const int32_t next = child[node * 9];
+    if (next < 0) {
+      sink(static_cast<uint16_t>(~next));
+      return;
+    }
+    node = next;
+  }
+}
+
 void check_symbols(const TernaryMatrix& t) {
   if (t.rows < 0 || t.cols < 0) throw InvalidArgument("encode: negative shape");
   if (t.symbols.size() != static_cast<size_t>(t.rows * t.cols)) {
@@ -143,7 +172,9 @@ struct ThreadCount {
   int saved;
 };
 
-// A code-stream codec: encode_row(symbols, cols, sink) encodes one row.
+// A code-stream codec: encode_row(r, sink) encodes row r (qmoe-v3: a pair's codes go to its
+// even row, kRowsPerBlock is even so a pair never straddles two blocks).
+static_assert(kRowsPerBlock % 2 == 0);
 template <class EncodeRow>
 CompressedMatrix encode_codes(const TernaryMatrix& t, int threads, Codec codec,
                               const EncodeRow& encode_row) {
@@ -164,7 +195,7 @@ CompressedMatrix encode_codes(const TernaryMatrix& t, int threads, Codec codec,
       out.reserve(static_cast<size_t>((r1 - r0) * (t.cols / 16 + 2)));
       for (int64_t r = r0; r < r1; ++r) {
         const size_t before = out.size();
-        encode_row(t.symbols.data() + r * t.cols, t.cols, [&](uint16_t c) { out.push_back(c); });
+        encode_row(r, [&](uint16_t c) { out.push_back(c); });
         row_counts[r] = static_cast<int64_t>(out.size() - before);
       }
     }
@@ -193,17 +224,29 @@ CompressedMatrix encode_codes(const TernaryMatrix& t, int threads, Codec codec,
 
 CompressedMatrix encode_v1(const TernaryMatrix& t, int threads) {
   const V1Trie& trie = V1Trie::get();
-  return encode_codes(t, threads, Codec::kV1, [&](const uint8_t* s, int64_t cols, auto&& sink) {
-    encode_row_v1(trie, s, cols, sink);
+  return encode_codes(t, threads, Codec::kV1, [&](int64_t r, auto&& sink) {
+    encode_row_v1(trie, t.symbols.data() + r * t.cols, t.cols, sink);
   });
 }
 
 CompressedMatrix encode_v2(const TernaryMatrix& t, const EncodeOptions& opt) {
   const detail::V2Codebook& cb = detail::v2_codebook(
       opt.v2_p0 ? *opt.v2_p0 : v2_fitted_p0(t.zero_fraction()), opt.v2_max_width);
-  CompressedMatrix m = encode_codes(
-      t, opt.threads, Codec::kV2,
-      [&](const uint8_t* s, int64_t cols, auto&& sink) { encode_row_v2(cb, s, cols, sink); });
+  CompressedMatrix m = encode_codes(t, opt.threads, Codec::kV2, [&](int64_t r, auto&& sink) {
+    encode_row_v2(cb, t.symbols.data() + r * t.cols, t.cols, sink);
+  });
+  m.dictionary = cb.dictionary;
+  return m;
+}
+
+CompressedMatrix encode_v3(const TernaryMatrix& t, const EncodeOptions& opt) {
+  const detail::V3Codebook& cb =
+      detail::v3_codebook(opt.v2_p0 ? *opt.v2_p0 : v2_fitted_p0(t.zero_fraction()));
+  CompressedMatrix m = encode_codes(t, opt.threads, Codec::kV3, [&](int64_t r, auto&& sink) {
+    if (r % 2 != 0) return;
+    const uint8_t* s0 = t.symbols.data() + r * t.cols;
+    encode_pair_v3(cb, s0, r + 1 < t.rows ? s0 + t.cols : nullptr, t.cols, sink);
+  });
   m.dictionary = cb.dictionary;
   return m;
 }
@@ -253,6 +296,10 @@ std::shared_ptr<const V2Dictionary> v2_dictionary(double p0, int max_width) {
   return detail::v2_codebook(p0, max_width).dictionary;
 }
 
+std::shared_ptr<const V2Dictionary> v3_dictionary(double p0) {
+  return detail::v3_codebook(p0).dictionary;
+}
+
 double v2_fitted_p0(double zero_fraction) {
   const double k = std::nearbyint(std::clamp(zero_fraction, 0.0, 1.0) * 64.0);
   return std::clamp(k, 32.0, 63.0) / 64.0;
@@ -260,7 +307,7 @@ double v2_fitted_p0(double zero_fraction) {
 
 CompressedMatrix transcode(const CompressedView& m, const EncodeOptions& opt) {
   validate_layout(m, "transcode");
-  if (m.codec == Codec::kV2) validate_v2_dictionary(m.dictionary, "transcode");
+  if (m.has_dictionary()) validate_dictionary(m.codec, m.dictionary, "transcode");
   TernaryMatrix t(m.rows, m.cols);
   std::copy(m.levels.begin(), m.levels.end(), t.levels.begin());
   // The reference decoder on blocks of rows in parallel; the error reported is the first block's.
@@ -289,6 +336,7 @@ CompressedMatrix encode(const TernaryMatrix& t, const EncodeOptions& opt) {
   check_symbols(t);
   if (opt.codec == Codec::kP5) return encode_p5(t, opt.threads);
   if (opt.codec == Codec::kV2) return encode_v2(t, opt);
+  if (opt.codec == Codec::kV3) return encode_v3(t, opt);
   CompressedMatrix v1m = encode_v1(t, opt.threads);
   if (opt.codec == Codec::kV1) return v1m;
   const int64_t p5_bytes = t.rows * p5::row_bytes(t.cols) + 4 * t.rows;

@@ -58,12 +58,20 @@ std::string shape_str(const std::vector<int64_t>& s) {
   return out + "]";
 }
 
-std::string v2_dictionary_tensor(uint64_t id) {
-  return std::string(kV2DictionaryPrefix) + hex64(id);
+// The tensor name of a qmoe-v2 / qmoe-v3 dictionary: the codec's prefix and the id.
+std::string_view dictionary_prefix(Codec codec) {
+  return codec == Codec::kV3 ? kV3DictionaryPrefix : kV2DictionaryPrefix;
+}
+std::string dictionary_tensor(Codec codec, const std::string& id_hex) {
+  return std::string(dictionary_prefix(codec)) + id_hex;
+}
+
+bool is_fitted_dictionary_name(std::string_view name) {
+  return starts_with(name, kV2DictionaryPrefix) || starts_with(name, kV3DictionaryPrefix);
 }
 
 bool is_dictionary_name(std::string_view name) {
-  return name == kV1DictionaryTensor || starts_with(name, kV2DictionaryPrefix);
+  return name == kV1DictionaryTensor || is_fitted_dictionary_name(name);
 }
 
 std::string matrix_json(const CompressedView& m, DType original) {
@@ -71,7 +79,7 @@ std::string matrix_json(const CompressedView& m, DType original) {
   j["codec"] = codec_name(m.codec);
   j["shape"] = {m.rows, m.cols};
   j["dtype"] = dtype_name(original);
-  if (m.codec == Codec::kV2) j["dictionary"] = hex64(m.dictionary_id);
+  if (m.has_dictionary()) j["dictionary"] = hex64(m.dictionary_id);
   return j.dump();
 }
 
@@ -121,7 +129,7 @@ struct MatrixDecl {
   int64_t rows;
   int64_t cols;
   DType dtype;
-  std::string dictionary;  // qmoe-v2: the dictionary's id, 16 lowercase hex digits
+  std::string dictionary;  // qmoe-v2, qmoe-v3: the dictionary's id, 16 lowercase hex digits
 };
 
 bool is_lower_hex64(const std::string& s) {
@@ -135,18 +143,21 @@ MatrixDecl parse_matrix_decl(const std::string& file, const std::string& name,
   const std::string ctx = error_context(file, name, "qmoe.matrix metadata");
   const nlohmann::json j = internal::parse_json_checked(text, ctx);
   auto fail = [&](const std::string& what) { return FormatError(ctx + ": " + what); };
-  const bool v2 = j.is_object() && j.contains("codec") && j["codec"] == "qmoe-v2";
-  if (!j.is_object() || j.size() != (v2 ? 4u : 3u) || !j.contains("codec") ||
-      !j.contains("shape") || !j.contains("dtype") || (v2 && !j.contains("dictionary"))) {
-    throw fail(v2 ? "a qmoe-v2 entry must be an object with exactly \"codec\", \"shape\", "
-                    "\"dtype\" and \"dictionary\""
-                  : "must be an object with exactly \"codec\", \"shape\" and \"dtype\"");
+  const bool fitted =
+      j.is_object() && j.contains("codec") && (j["codec"] == "qmoe-v2" || j["codec"] == "qmoe-v3");
+  if (!j.is_object() || j.size() != (fitted ? 4u : 3u) || !j.contains("codec") ||
+      !j.contains("shape") || !j.contains("dtype") || (fitted && !j.contains("dictionary"))) {
+    throw fail(fitted ? "a " + j["codec"].get<std::string>() +
+                            " entry must be an object with exactly \"codec\", \"shape\", "
+                            "\"dtype\" and \"dictionary\""
+                      : std::string("must be an object with exactly \"codec\", \"shape\" and "
+                                    "\"dtype\""));
   }
   const auto& c = j["codec"];
   const auto codec = c.is_string() ? codec_from_name(c.get<std::string>()) : std::nullopt;
   if (!codec) throw fail("unknown codec " + c.dump());
   std::string dictionary;
-  if (v2) {
+  if (fitted) {
     const auto& d = j["dictionary"];
     if (!d.is_string() || !is_lower_hex64(d.get<std::string>()))
       throw fail("dictionary must be 16 lowercase hex digits, not " + d.dump());
@@ -232,25 +243,28 @@ void Container::Impl::load_shard(size_t shard_idx) {
     throw fail(dict_name, "is missing; the file holds qmoe-v1 matrices");
   }
 
-  // qmoe-v2 dictionaries: each one a matrix of the file refers to, checked once.
-  std::map<std::string, std::pair<std::span<const uint32_t>, uint64_t>> v2_dicts;
+  // qmoe-v2 and qmoe-v3 dictionaries: each one a matrix of the file refers to, checked once.
+  std::map<std::string, std::pair<std::span<const uint32_t>, uint64_t>> fitted_dicts;
   for (const auto& entry : matrices) {
-    if (entry.second.codec != Codec::kV2) continue;
-    const std::string dname = std::string(kV2DictionaryPrefix) + entry.second.dictionary;
-    if (v2_dicts.count(dname) != 0) continue;
+    const Codec codec = entry.second.codec;
+    if (codec != Codec::kV2 && codec != Codec::kV3) continue;
+    const std::string dname = dictionary_tensor(codec, entry.second.dictionary);
+    if (fitted_dicts.count(dname) != 0) continue;
+    const std::string cname(codec_name(codec));
     const TensorInfo* d = f.find(dname);
-    if (d == nullptr) throw fail(entry.first, "its qmoe-v2 dictionary '" + dname + "' is missing");
+    if (d == nullptr)
+      throw fail(entry.first, "its " + cname + " dictionary '" + dname + "' is missing");
     if (d->dtype != DType::kU32 || d->shape != std::vector<int64_t>{v2::kEntries}) {
       throw fail(dname, "must be U32 [65536], is " + std::string(dtype_name(d->dtype)) + " " +
                             shape_str(d->shape));
     }
     const auto words = f.as<uint32_t>(*d, DType::kU32);
-    validate_v2_dictionary(words, error_context(file, dname, ""));
+    validate_dictionary(codec, words, error_context(file, dname, ""));
     const uint64_t id = v2_dictionary_id(words);
     if (hex64(id) != entry.second.dictionary) {
       throw fail(dname, "its XXH3-64 is " + hex64(id) + ", not the id in its name");
     }
-    v2_dicts.emplace(dname, std::make_pair(words, id));
+    fitted_dicts.emplace(dname, std::make_pair(words, id));
   }
 
   // Tensor groups.
@@ -294,8 +308,8 @@ void Container::Impl::load_shard(size_t shard_idx) {
       const TensorInfo& offs = member(kRowOffsetsSuffix, DType::kI32, {decl.rows + 1});
       e.view.codes = f.as<uint16_t>(codes, DType::kU16);
       e.view.row_offsets = f.as<int32_t>(offs, DType::kI32);
-      if (decl.codec == Codec::kV2) {
-        const auto& d = v2_dicts.at(std::string(kV2DictionaryPrefix) + decl.dictionary);
+      if (decl.codec == Codec::kV2 || decl.codec == Codec::kV3) {
+        const auto& d = fitted_dicts.at(dictionary_tensor(decl.codec, decl.dictionary));
         e.view.dictionary = d.first;
         e.view.dictionary_id = d.second;
       }
@@ -312,8 +326,10 @@ void Container::Impl::load_shard(size_t shard_idx) {
 
   // Every stored tensor: classify, require a checksum, optionally verify it.
   for (const TensorInfo& t : f.tensors()) {
-    if (starts_with(t.name, kV2DictionaryPrefix) && v2_dicts.count(t.name) == 0) {
-      throw fail(t.name, "qmoe-v2 dictionary used by no matrix of its file");
+    if (is_fitted_dictionary_name(t.name) && fitted_dicts.count(t.name) == 0) {
+      throw fail(t.name,
+                 std::string(starts_with(t.name, kV3DictionaryPrefix) ? "qmoe-v3" : "qmoe-v2") +
+                     " dictionary used by no matrix of its file");
     }
     if (starts_with(t.name, kReservedPrefix) && !is_dictionary_name(t.name)) {
       throw fail(t.name, "unknown reserved tensor name (\"qmoe.\" prefix)");
@@ -512,7 +528,7 @@ Container Container::open(const std::filesystem::path& path, const ContainerOpen
     const Impl& ci = *impl;
     const auto errors = parallel_errors(ci.compressed.size(), [&](size_t i) {
       const CompressedEntry& e = ci.compressed[i];
-      // The file's qmoe-v2 dictionaries were checked once each by load_shard().
+      // The file's qmoe-v2 and qmoe-v3 dictionaries were checked once each by load_shard().
       validate_codes(e.view, error_context(e.shard, e.name, ""));
     });
     if (!errors.empty()) throw FormatError(errors);
@@ -768,9 +784,11 @@ void ContainerWriter::add_compressed(std::string name, const CompressedView& m,
   if (m.codec == Codec::kV1) {
     dictionary = StoredTensor{
         std::string(kV1DictionaryTensor), DType::kI32, {v1::kEntries, 2}, v1_table_bytes()};
-  } else if (m.codec == Codec::kV2) {
-    dictionary = StoredTensor{
-        v2_dictionary_tensor(m.dictionary_id), DType::kU32, {v2::kEntries}, as_bytes(m.dictionary)};
+  } else if (m.has_dictionary()) {
+    dictionary = StoredTensor{dictionary_tensor(m.codec, hex64(m.dictionary_id)),
+                              DType::kU32,
+                              {v2::kEntries},
+                              as_bytes(m.dictionary)};
   }
   w.add_group(group, dictionary ? &*dictionary : nullptr, std::string(kMatrixKeyPrefix) + name,
               matrix_json(m, original_dtype));

@@ -1,8 +1,10 @@
 #include "qmoe/format/matrix.h"
 
 #include <cmath>
+#include <string>
 
 #include "qmoe/format/bf16.h"
+#include "qmoe/format/error.h"
 
 namespace qmoe {
 
@@ -14,6 +16,8 @@ std::string_view codec_name(Codec c) {
       return "qmoe-p5";
     case Codec::kV2:
       return "qmoe-v2";
+    case Codec::kV3:
+      return "qmoe-v3";
   }
   return "unknown";
 }
@@ -22,6 +26,7 @@ std::optional<Codec> codec_from_name(std::string_view s) {
   if (s == "qmoe-v1") return Codec::kV1;
   if (s == "qmoe-p5") return Codec::kP5;
   if (s == "qmoe-v2") return Codec::kV2;
+  if (s == "qmoe-v3") return Codec::kV3;
   return std::nullopt;
 }
 
@@ -62,6 +67,10 @@ double CompressedView::bits_per_weight(bool codes_only) const {
 
 CompressedView row_slice(const CompressedView& m, int64_t r0, int64_t r1,
                          std::vector<int32_t>& offsets) {
+  if (m.codec == Codec::kV3 && (r0 % 2 != 0 || (r1 % 2 != 0 && r1 != m.rows))) {
+    throw InvalidArgument("row_slice: a qmoe-v3 matrix codes rows in pairs; rows [" +
+                          std::to_string(r0) + ", " + std::to_string(r1) + ") split a pair");
+  }
   CompressedView v = m;
   v.rows = r1 - r0;
   v.levels = m.levels.subspan(static_cast<size_t>(2 * r0), static_cast<size_t>(2 * (r1 - r0)));

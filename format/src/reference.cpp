@@ -57,10 +57,18 @@ void check_sizes(const CompressedView& m, std::string_view what) {
       fail(what, "row_offsets end at " + std::to_string(m.row_offsets[m.rows]) + " but there are " +
                      std::to_string(m.codes.size()) + " codes");
     }
-    if (m.codec == Codec::kV2) {
+    if (m.has_dictionary()) {
       if (m.dictionary.size() != static_cast<size_t>(v2::kEntries)) {
-        fail(what, "the qmoe-v2 dictionary holds " + std::to_string(m.dictionary.size()) +
-                       " entries, expected 65536");
+        fail(what, "the " + std::string(codec_name(m.codec)) + " dictionary holds " +
+                       std::to_string(m.dictionary.size()) + " entries, expected 65536");
+      }
+    }
+    if (m.codec == Codec::kV3) {
+      for (int64_t r = 1; r < m.rows; r += 2) {
+        if (m.row_offsets[r] != m.row_offsets[r + 1]) {
+          fail(what, "row " + std::to_string(r) +
+                         " has codes; a qmoe-v3 pair's codes are its even row's range");
+        }
       }
     }
   } else {
@@ -134,6 +142,43 @@ void decode_row(const CompressedView& m, int64_t r, std::string_view what, Emit&
     if (pos != m.cols) {
       row_too_short(what, r, pos, m.cols);
     }
+  } else if (m.codec == Codec::kV3) {
+    // Row r is one half of pair r / 2; the pair's stream is checked whole either way, so both of
+    // its rows report the same errors. The zero row that completes an odd-height matrix's last
+    // pair must be zero.
+    const int64_t pr = r - (r & 1);
+    const bool lone = pr + 1 == m.rows;
+    const int half = static_cast<int>(r & 1);
+    int64_t pos = 0;
+    for (int32_t i = m.row_offsets[pr]; i < m.row_offsets[pr + 1]; ++i) {
+      if (pos >= m.cols) {
+        row_too_long(what, pr, m.cols);
+      }
+      const uint32_t e = m.dictionary[m.codes[i]];
+      const int64_t end = std::min<int64_t>(pos + v3::entry_width(e), m.cols);
+      int64_t c = pos;
+      for (int j = 0; j < v3::kSlots && v3::slot_bits(e, j) != 0; ++j) {
+        const int64_t col = pos + v3::slot_col(e, j);
+        if (col >= end) {
+          row_nonzero_past_end(what, pr);
+        }
+        if (col < c) {  // only an unvalidated dictionary has such an entry
+          fail(what, "row " + std::to_string(pr) + ": qmoe-v3 dictionary entry " +
+                         std::to_string(m.codes[i]) + " has slot columns out of order");
+        }
+        if (lone && v3::slot_symbol(e, j, 1) != 0) {
+          fail(what, "row " + std::to_string(pr) +
+                         " is the last of an odd height; its pair's second row must be zero");
+        }
+        for (; c < col; ++c) emit(c, 0);
+        emit(c++, v3::slot_symbol(e, j, half));
+      }
+      for (; c < end; ++c) emit(c, 0);
+      pos = end;
+    }
+    if (pos != m.cols) {
+      row_too_short(what, pr, pos, m.cols);
+    }
   } else {
     const int64_t nb = p5::row_bytes(m.cols);
     const uint8_t* row = m.packed.data() + r * nb;
@@ -202,6 +247,32 @@ void check_row_v2(const CompressedView& m, int64_t r, std::string_view what) {
   }
 }
 
+// qmoe-v3: check_row_v2 for the pair whose even row is r (the pair's codes are r's range).
+void check_pair_v3(const CompressedView& m, int64_t r, std::string_view what) {
+  const bool lone = r + 1 == m.rows;
+  int64_t pos = 0;
+  for (int32_t i = m.row_offsets[r]; i < m.row_offsets[r + 1]; ++i) {
+    if (pos >= m.cols) {
+      row_too_long(what, r, m.cols);
+    }
+    const uint32_t e = m.dictionary[m.codes[i]];
+    // Slot by slot, in the order of decode_row()'s checks, so that both report the same error.
+    for (int j = 0; j < v3::kSlots && v3::slot_bits(e, j) != 0; ++j) {
+      if (pos + v3::slot_col(e, j) >= m.cols) {
+        row_nonzero_past_end(what, r);
+      }
+      if (lone && v3::slot_symbol(e, j, 1) != 0) {
+        fail(what, "row " + std::to_string(r) +
+                       " is the last of an odd height; its pair's second row must be zero");
+      }
+    }
+    pos = std::min<int64_t>(pos + v3::entry_width(e), m.cols);
+  }
+  if (pos != m.cols) {
+    row_too_short(what, r, pos, m.cols);
+  }
+}
+
 }  // namespace
 
 uint64_t v2_dictionary_id(std::span<const uint32_t> entries) {
@@ -241,6 +312,59 @@ void validate_v2_dictionary(std::span<const uint32_t> entries, std::string_view 
   }
 }
 
+void validate_v3_dictionary(std::span<const uint32_t> entries, std::string_view what) {
+  if (entries.size() != static_cast<size_t>(v3::kEntries)) {
+    fail(what, "a qmoe-v3 dictionary has 65536 entries, not " + std::to_string(entries.size()));
+  }
+  for (size_t i = 0; i < entries.size(); ++i) {
+    const uint32_t e = entries[i];
+    auto bad = [&](const std::string& why) {
+      char word[16];
+      std::snprintf(word, sizeof word, "%08x", e);
+      fail(what, "qmoe-v3 dictionary entry " + std::to_string(i) + " (0x" + word + "): " + why);
+    };
+    const int width = v3::entry_width(e);
+    if (width < 1) bad("width 0");
+    if ((e >> 25) & 1u) bad("reserved bit 25 is set");
+    int prev = -1;
+    bool unused_seen = false;
+    for (int j = 0; j < v3::kSlots; ++j) {
+      const uint32_t bits = v3::slot_bits(e, j);
+      const uint32_t field = j == 0 ? (e >> v3::kFirstShift) & 31u : (e >> (4 * (j - 1))) & 15u;
+      if (bits == 0) {
+        if (field != 0) bad("unused slot " + std::to_string(j) + " has a column");
+        unused_seen = true;
+        continue;
+      }
+      if ((bits & 3u) == 3u || (bits & 12u) == 12u) {
+        bad("slot " + std::to_string(j) + " is both low and high in one row");
+      }
+      if (unused_seen) bad("slot " + std::to_string(j) + " is used after an unused one");
+      const int col = v3::slot_col(e, j);
+      if (col <= prev) bad("slot columns are not increasing");
+      if (col >= width) bad("slot " + std::to_string(j) + " lies past the entry's width");
+      prev = col;
+    }
+  }
+}
+
+std::shared_ptr<const V2Dictionary> make_v3_dictionary(std::vector<uint32_t> entries,
+                                                       std::string_view what) {
+  validate_v3_dictionary(entries, what);
+  auto d = std::make_shared<V2Dictionary>();
+  d->id = v2_dictionary_id(entries);
+  d->entries = std::move(entries);
+  return d;
+}
+
+void validate_dictionary(Codec codec, std::span<const uint32_t> entries, std::string_view what) {
+  if (codec == Codec::kV3) {
+    validate_v3_dictionary(entries, what);
+  } else {
+    validate_v2_dictionary(entries, what);
+  }
+}
+
 std::shared_ptr<const V2Dictionary> make_v2_dictionary(std::vector<uint32_t> entries,
                                                        std::string_view what) {
   validate_v2_dictionary(entries, what);
@@ -255,10 +379,12 @@ void validate_layout(const CompressedView& m, std::string_view what) {
 }
 
 void validate(const CompressedView& m, std::string_view what) {
-  if (m.codec == Codec::kV2) {  // sizes and rows: validate_codes()
-    validate_v2_dictionary(m.dictionary, what);
-    if (v2_dictionary_id(m.dictionary) != m.dictionary_id)
-      fail(what, "dictionary_id is not the XXH3-64 of the qmoe-v2 dictionary");
+  if (m.has_dictionary()) {  // sizes and rows: validate_codes()
+    validate_dictionary(m.codec, m.dictionary, what);
+    if (v2_dictionary_id(m.dictionary) != m.dictionary_id) {
+      fail(what, "dictionary_id is not the XXH3-64 of the " + std::string(codec_name(m.codec)) +
+                     " dictionary");
+    }
   }
   validate_codes(m, what);
 }
@@ -276,6 +402,8 @@ void validate_codes(const CompressedView& m, std::string_view what) {
       check_row_v1(m, r, what);
     } else if (m.codec == Codec::kV2) {
       check_row_v2(m, r, what);
+    } else if (m.codec == Codec::kV3) {
+      if ((r & 1) == 0) check_pair_v3(m, r, what);
     } else {
       decode_row(m, r, what, [](int64_t, int) {});
     }

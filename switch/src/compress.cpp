@@ -267,9 +267,10 @@ int64_t bound_compressed(const ExpertMatrix& m, const std::optional<Codec>& code
   const int64_t p5b = m.rows * p5::row_bytes(m.cols) + levels;
   const int64_t v1b =
       m.rows * 2 * ((m.cols + 1) / 2) + 4 * (m.rows + 1) + levels;  // one pair per code at worst
-  const int64_t v2b = m.rows * 2 * m.cols + 4 * (m.rows + 1) + levels;  // one symbol per code
+  // One symbol per code; bounds qmoe-v3 too (at worst one column of a pair of rows per code).
+  const int64_t v2b = m.rows * 2 * m.cols + 4 * (m.rows + 1) + levels;
   if (codec && *codec == Codec::kV1) return v1b;
-  if (codec && *codec == Codec::kV2) return v2b;
+  if (codec && (*codec == Codec::kV2 || *codec == Codec::kV3)) return v2b;
   return p5b;
 }
 
@@ -294,7 +295,7 @@ struct Cached {
   SafetensorsFile file;
   CompressedView view;
   MatrixStats stats;
-  std::shared_ptr<const V2Dictionary> dictionary;  // qmoe-v2
+  std::shared_ptr<const V2Dictionary> dictionary;  // qmoe-v2, qmoe-v3
 };
 
 Cached load_cached(const fs::path& p, const ExpertMatrix& m) {
@@ -330,13 +331,16 @@ Cached load_cached(const fs::path& p, const ExpertMatrix& m) {
     v.packed = c.file.as<uint8_t>(tensor("packed"), DType::kU8);
   }
   v.levels = c.file.as<uint16_t>(tensor("levels"), DType::kU16);
-  if (v.codec == Codec::kV2) {
+  if (v.has_dictionary()) {
     // The dictionary is rebuilt from its parameters (the construction is exact), and must be the
     // one the codes were written with.
-    c.dictionary = v2_dictionary(std::stod(get("v2_p0")), std::stoi(get("v2_max_width")));
-    if (hex64(c.dictionary->id) != get("v2_dictionary"))
-      throw FormatError(
-          error_context(p.string(), m.name, "work file's qmoe-v2 dictionary differs"));
+    const bool v3 = v.codec == Codec::kV3;
+    c.dictionary = v3 ? v3_dictionary(std::stod(get("v3_p0")))
+                      : v2_dictionary(std::stod(get("v2_p0")), std::stoi(get("v2_max_width")));
+    if (hex64(c.dictionary->id) != get(v3 ? "v3_dictionary" : "v2_dictionary"))
+      throw FormatError(error_context(
+          p.string(), m.name,
+          std::string("work file's ") + std::string(codec_name(v.codec)) + " dictionary differs"));
     v.dictionary = c.dictionary->entries;
     v.dictionary_id = c.dictionary->id;
   }
@@ -362,12 +366,17 @@ void store_cached(const fs::path& p, const ExpertMatrix& m, const CompressedMatr
   w.set_metadata("output_loss", num(s.output_loss));
   w.set_metadata("tokens", std::to_string(s.tokens));
   w.set_metadata("fallback", s.fallback ? "1" : "0");
-  if (cm.codec == Codec::kV2) {
+  if (cm.has_dictionary()) {
     char p0[32];
     std::snprintf(p0, sizeof p0, "%.17g", cm.dictionary->p0);
-    w.set_metadata("v2_p0", p0);
-    w.set_metadata("v2_max_width", std::to_string(cm.dictionary->max_width));
-    w.set_metadata("v2_dictionary", hex64(cm.dictionary->id));
+    if (cm.codec == Codec::kV3) {
+      w.set_metadata("v3_p0", p0);
+      w.set_metadata("v3_dictionary", hex64(cm.dictionary->id));
+    } else {
+      w.set_metadata("v2_p0", p0);
+      w.set_metadata("v2_max_width", std::to_string(cm.dictionary->max_width));
+      w.set_metadata("v2_dictionary", hex64(cm.dictionary->id));
+    }
   }
   if (cm.has_codes()) {
     w.add("codes", DType::kU16, {static_cast<int64_t>(cm.codes.size())},
@@ -873,7 +882,7 @@ CompressSummary compress_checkpoint(const fs::path& checkpoint, const fs::path& 
   std::map<std::string, BlockSummary> blocks;
   std::vector<std::string> block_order;
   double zf_sum = 0;
-  std::set<uint64_t> v2_dictionaries;
+  std::set<uint64_t> dictionaries;  // qmoe-v2 and qmoe-v3 dictionary ids
   for (size_t i = 0; i < experts.size(); ++i) {
     const auto& m = experts[i];
     const Cached c = load_cached(matrix_file(work, i), m);
@@ -907,11 +916,13 @@ CompressSummary compress_checkpoint(const fs::path& checkpoint, const fs::path& 
     sum.expert_weights += m.numel();
     sum.expert_input_bytes += m.numel() * dtype_size(m.dtype);
     sum.expert_compressed_bytes += c.stats.compressed_bytes;
-    // A qmoe-v2 dictionary is stored once per file that uses it; counted here once.
-    if (c.dictionary && v2_dictionaries.insert(c.dictionary->id).second)
+    // A qmoe-v2 / qmoe-v3 dictionary is stored once per file that uses it; counted here once.
+    static_assert(v2::kTableBytes == v3::kTableBytes);
+    if (c.dictionary && dictionaries.insert(c.dictionary->id).second)
       sum.expert_compressed_bytes += v2::kTableBytes;
     (c.stats.codec == Codec::kV1   ? sum.v1_matrices
      : c.stats.codec == Codec::kV2 ? sum.v2_matrices
+     : c.stats.codec == Codec::kV3 ? sum.v3_matrices
                                    : sum.p5_matrices) += 1;
     zf_sum += c.stats.zero_fraction;
   }

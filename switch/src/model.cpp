@@ -19,6 +19,9 @@ namespace {
 // Output features per work item. Fixed (not derived from the thread count) so that results do
 // not depend on it; 64 rows of a 768-wide matrix (192 KiB as float) stay in L2.
 constexpr int64_t kSlice = 64;
+// Even, so that every slice but the last starts and ends at an even row: row_slice() never splits
+// a qmoe-v3 pair of rows.
+static_assert(kSlice % 2 == 0);
 
 using ConstMap = Eigen::Map<const RowMatrix>;
 using OutMap = Eigen::Map<RowMatrix, 0, Eigen::OuterStride<>>;

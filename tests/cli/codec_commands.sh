@@ -102,11 +102,51 @@ expect_exit 0 "$qmoe" dictionary --codec qmoe-v2 --p0 0.890625 --out "$work/v2di
 grep -q "id ed96d927233f97b2" "$work/out" || { cat "$work/out"; fail "qmoe-v2 dictionary id differs from format/SPEC.md 6.1"; }
 expect_exit 2 "$qmoe" dictionary --codec qmoe-v2 --out "$work/none.bin"
 
+# qmoe-v3: the same weights as qmoe-v1, inspect counts its matrices and dictionaries, transcode to
+# qmoe-v2 (for the GPU) keeps the weights; its dictionary has the id of format/SPEC.md 15.1 and
+# takes no --max-width.
+expect_exit 0 "$qmoe" encode "$in" -o "$work/v3.safetensors" --codec qmoe-v3 --tensors '.*\.experts\.expert_[0-9]+\.w[io]\.weight' --threads 2
+grep -q "qmoe-v3" "$work/out" || { cat "$work/out"; fail "encode did not report qmoe-v3"; }
+expect_exit 0 "$qmoe" verify "$work/v3.safetensors"
+expect_exit 0 "$qmoe" decode "$work/v3.safetensors" -o "$work/d3.safetensors" --dtype F32
+cmp "$work/d1.safetensors" "$work/d3.safetensors" || fail "qmoe-v3 decodes to other weights than qmoe-v1"
+expect_exit 0 "$qmoe" inspect "$work/v3.safetensors"
+grep -q "compressed: 32 matrices (0 qmoe-v1, 0 qmoe-v2, 32 qmoe-v3, 0 qmoe-p5)" "$work/out" || { cat "$work/out"; fail "inspect does not count the qmoe-v3 matrices"; }
+expect_exit 0 "$qmoe" inspect "$work/v3.safetensors" --json
+if python3 -c "import json" 2>/dev/null; then
+  python3 - "$work/out" <<'PY' || fail "inspect --json does not describe the qmoe-v3 container"
+import json, sys
+j = json.load(open(sys.argv[1]))
+t = j["totals"]
+assert t["qmoe_v3"] == 32 and t["qmoe_v2"] == 0 and t["qmoe_v1"] == 0, t
+n = t["qmoe_v3_dictionaries"]
+assert n >= 1 and t["qmoe_v2_dictionaries"] == 0, t
+matrices = [x for x in j["tensors"] if x.get("codec") == "qmoe-v3"]
+assert len(matrices) == 32
+assert t["compressed_bytes"] == sum(x["bytes"] for x in matrices) + n * 262144, t
+PY
+fi
+expect_exit 0 "$qmoe" transcode "$work/v3.safetensors" -o "$work/t32.safetensors" --codec qmoe-v2 --threads 2
+grep -q "^transcoded 32 matrices to qmoe-v2" "$work/out" || { cat "$work/out"; fail "transcode qmoe-v3 -> qmoe-v2 did not report 32 matrices"; }
+expect_exit 0 "$qmoe" decode "$work/t32.safetensors" -o "$work/dt32.safetensors" --dtype F32
+cmp "$work/d1.safetensors" "$work/dt32.safetensors" || fail "qmoe-v3 transcoded to qmoe-v2 has other weights"
+expect_exit 0 "$qmoe" dictionary --codec qmoe-v3 --p0 0.890625 --out "$work/v3dict.bin"
+[ "$(stat -c %s "$work/v3dict.bin")" = 262144 ] || fail "qmoe-v3 dictionary has the wrong size"
+grep -q "qmoe-v3 dictionary .*id c982a44341657d1c" "$work/out" || { cat "$work/out"; fail "qmoe-v3 dictionary id differs from format/SPEC.md 15.1"; }
+# Entry 20000 of that dictionary is the example of SPEC 15.1 (little endian 0x300884b9).
+[ "$(od -An -tx4 -j $((4 * 20000)) -N4 "$work/v3dict.bin" | tr -d ' ')" = 300884b9 ] || fail "qmoe-v3 dictionary entry 20000 differs from format/SPEC.md 15.1"
+expect_exit 2 "$qmoe" dictionary --codec qmoe-v3 --p0 0.890625 --max-width 20 --out "$work/none.bin"
+grep -q "qmoe-v3: --max-width does not apply" "$work/out" || { cat "$work/out"; fail "no clear message for --max-width with qmoe-v3"; }
+[ ! -e "$work/none.bin" ] || fail "dictionary wrote output despite the error"
+expect_exit 2 "$qmoe" dictionary --codec qmoe-v3 --out "$work/none.bin"
+grep -q "qmoe-v3: --p0 is required" "$work/out" || { cat "$work/out"; fail "no message for qmoe-v3 without --p0"; }
+
 # Errors: a clear message, a non-zero exit, nothing under the output name.
 expect_exit 2 "$qmoe" encode "$in" -o "$work/bad.safetensors" --tensors '(unclosed'
 grep -q "invalid regular expression" "$work/out" || fail "no message for a bad regex"
 [ ! -e "$work/bad.safetensors" ] || fail "output written despite the error"
 expect_exit 2 "$qmoe" encode "$in" -o "$work/bad.safetensors" --codec qmoe-v9
+grep -q "unknown codec 'qmoe-v9' (qmoe-v1, qmoe-v2, qmoe-v3, qmoe-p5 or auto)" "$work/out" || { cat "$work/out"; fail "the unknown-codec message does not list the codecs"; }
 [ ! -e "$work/bad.safetensors" ] || fail "output written despite the error"
 head -c 1000 "$work/c.safetensors" > "$work/trunc.safetensors"
 expect_exit 1 "$qmoe" verify "$work/trunc.safetensors"

@@ -94,7 +94,7 @@ const Shape kShapes[] = {
 
 TEST_P(Levels, MatvecMatchesReference) {
   uint64_t seed = 1;
-  for (Codec codec : {Codec::kV1, Codec::kV2, Codec::kP5}) {
+  for (Codec codec : {Codec::kV1, Codec::kV2, Codec::kV3, Codec::kP5}) {
     for (const Shape& s : kShapes) {
       SCOPED_TRACE(codec_str(codec) + " " + std::to_string(s.rows) + "x" + std::to_string(s.cols) +
                    " p0=" + std::to_string(s.p_zero) + " seed=" + std::to_string(seed));
@@ -131,7 +131,7 @@ TEST_P(Levels, MatvecMatchesReference) {
 // Levels near the float range: W x is small although level * (sum of inputs) is not a float. The
 // kernels form a row's result in double, as the reference does (found by fuzz_decoder).
 TEST_P(Levels, LevelsNearTheFloatRangeDoNotOverflow) {
-  for (Codec codec : {Codec::kV1, Codec::kV2, Codec::kP5}) {
+  for (Codec codec : {Codec::kV1, Codec::kV2, Codec::kV3, Codec::kP5}) {
     SCOPED_TRACE(codec_str(codec));
     TernaryMatrix t(2, 40);
     for (int64_t r = 0; r < 2; ++r) {
@@ -162,7 +162,7 @@ TEST_P(Levels, LevelsNearTheFloatRangeDoNotOverflow) {
 }
 
 TEST_P(Levels, MatmulMatchesReferenceForEveryBatch) {
-  for (Codec codec : {Codec::kV1, Codec::kV2, Codec::kP5}) {
+  for (Codec codec : {Codec::kV1, Codec::kV2, Codec::kV3, Codec::kP5}) {
     const int64_t rows = 45, cols = 301;  // neither a multiple of 4 rows nor of 8/16/28 columns
     const CompressedMatrix m = make(rows, cols, 0.885, 7, codec);
     for (int64_t n : {1, 2, 3, 7, 8, 9, 15, 16, 17, 23, 24, 25, 31, 32, 33, 64, 70}) {
@@ -196,7 +196,7 @@ TEST_P(Levels, MatmulMatchesReferenceForEveryBatch) {
 }
 
 TEST_P(Levels, BitIdenticalForAnyThreadCount) {
-  for (Codec codec : {Codec::kV1, Codec::kV2, Codec::kP5}) {
+  for (Codec codec : {Codec::kV1, Codec::kV2, Codec::kV3, Codec::kP5}) {
     const CompressedMatrix m = make(517, 1029, 0.885, 11, codec);
     for (int64_t n : {1, 5, 32, 40}) {
       SCOPED_TRACE(codec_str(codec) + " n=" + std::to_string(n));
@@ -220,7 +220,7 @@ TEST_P(Levels, BitIdenticalForAnyThreadCount) {
 
 // A decoded matrix has only the values lo, 0, hi: single-column inputs pick them out exactly.
 TEST_P(Levels, UnitVectorsPickOutColumnsExactly) {
-  for (Codec codec : {Codec::kV1, Codec::kV2}) {
+  for (Codec codec : {Codec::kV1, Codec::kV2, Codec::kV3}) {
     const CompressedMatrix m = make(19, 61, 0.885, 21, codec);
     std::vector<float> dense(19 * 61);
     decode_ref(m.view(), dense.data());
@@ -241,8 +241,8 @@ TEST_P(Levels, GroupedSkewedRoutings) {
   const int64_t num_tokens = 53, d_in = 77, d_out = 39, num_experts = 9;
   std::vector<CompressedMatrix> w;
   for (int64_t e = 0; e < num_experts; ++e) {
-    const Codec codecs[] = {Codec::kV1, Codec::kV2, Codec::kP5};
-    w.push_back(make(d_out, d_in, 0.885, 300 + e, codecs[e % 3]));
+    const Codec codecs[] = {Codec::kV1, Codec::kV2, Codec::kV3, Codec::kP5};
+    w.push_back(make(d_out, d_in, 0.885, 300 + e, codecs[e % 4]));
   }
   const std::vector<float> x = random_vec(num_tokens * d_in, 5);
   std::mt19937_64 rng(99);
@@ -318,12 +318,13 @@ TEST_P(Levels, GroupedSkewedRoutings) {
 // thread count.
 TEST_P(Levels, GroupedUnevenExpertsAnyThreadCount) {
   const int64_t num_tokens = 300, d_in = 131;
-  const int64_t heights[] = {200, 45, 129, 64};
+  const int64_t heights[] = {200, 45, 129, 64, 67};
   const int64_t d_out = 200;  // >= every height; lower experts leave the rest of a row alone
   std::vector<CompressedMatrix> w;
   for (size_t e = 0; e < std::size(heights); ++e) {
-    w.push_back(make(heights[e], d_in, 0.885, 500 + e,
-                     e == 3 ? Codec::kP5 : (e % 2 ? Codec::kV2 : Codec::kV1)));
+    w.push_back(
+        make(heights[e], d_in, 0.885, 500 + e,
+             e == 3 ? Codec::kP5 : (e == 4 ? Codec::kV3 : (e % 2 ? Codec::kV2 : Codec::kV1))));
   }
   const std::vector<float> x = random_vec(num_tokens * d_in, 8);
   // Expert 0 takes every token (two sweeps); the others a strided subset.
@@ -336,6 +337,10 @@ TEST_P(Levels, GroupedUnevenExpertsAnyThreadCount) {
     if (t % 5 != 4) {
       tok[e].push_back(t);
       prob[e].push_back(0.25f + 0.01f * static_cast<float>(t % 11));
+    }
+    if (t % 7 == 3) {  // the qmoe-v3 expert (an odd height)
+      tok[4].push_back(t);
+      prob[4].push_back(0.75f);
     }
   }
   std::vector<float> want(static_cast<size_t>(num_tokens * d_out), 0.0f);
@@ -456,7 +461,7 @@ TEST(DecoderCpu, V2DictionariesWithTheSameIdKeepTheirOwnTables) {
 // Batches of several passes decode the codes once per 8 passes of 32 tokens; a long batch (and
 // a wide matrix) exercises that loop. Labelled slow when it exceeds a few seconds.
 TEST(DecoderCpu, LargeBatchAllLevels) {
-  for (Codec codec : {Codec::kV1, Codec::kV2}) {
+  for (Codec codec : {Codec::kV1, Codec::kV2, Codec::kV3}) {
     const CompressedMatrix m = make(96, 4099, 0.885, 77, codec);
     const int64_t n = 300;
     const std::vector<float> x = random_vec(n * 4099, 78);

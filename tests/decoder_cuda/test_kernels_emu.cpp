@@ -3,8 +3,10 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <functional>
 #include <numeric>
 #include <string>
+#include <utility>
 
 #include "emu/runtime.h"
 #include "qmoe/decoder_cuda/emulated.h"
@@ -34,13 +36,7 @@ std::string name(DType t) {
 
 // Host pointers of a qmoe-v1 or qmoe-v2 matrix, with the entry words its codes index.
 MatrixDev host_view(const CompressedMatrix& m) {
-  const CompressedView v = m.view();
-  return MatrixDev{m.codes.data(),
-                   m.row_offsets.data(),
-                   m.levels.data(),
-                   m.codec == Codec::kV1 ? v1_entry_words() : v.dictionary.data(),
-                   static_cast<int32_t>(m.rows),
-                   static_cast<int32_t>(m.cols)};
+  return emulated::host_matrix(m.view());
 }
 
 const Codec kCodeCodecs[] = {Codec::kV1, Codec::kV2};
@@ -464,6 +460,53 @@ TEST(DenseEmu, RejectsBadRowRanges) {
                InvalidArgument);
   EXPECT_THROW(emulated::decode_dense(host_view(m), 0, 4, DType::kBF16, out.data(), 9),
                InvalidArgument);
+}
+
+// ---- codecs the kernels do not read
+// -------------------------------------------------------------------------
+
+// qmoe-v3 is decoded on the CPU only: the entry points that take a CompressedView refuse it before
+// any kernel could read its (differently laid out) entry words, with a message that says how to
+// convert it; the same matrix transcoded to qmoe-v2 decodes bit-exactly.
+TEST(CodecSupport, RejectsQmoeV3WithATranscodeHint) {
+  EXPECT_TRUE(gpu_supports(Codec::kV1));
+  EXPECT_TRUE(gpu_supports(Codec::kV2));
+  EXPECT_TRUE(gpu_supports(Codec::kP5));
+  EXPECT_FALSE(gpu_supports(Codec::kV3));
+  const CompressedMatrix v3 = random_matrix(9, 70, 0.885, 11, Codec::kV3);
+  ASSERT_EQ(v3.codec, Codec::kV3);
+  // DeviceMatrix's constructor calls require_gpu_codec(m, "DeviceMatrix") first (test_gpu.cpp).
+  const std::pair<std::string, std::function<void()>> entries[] = {
+      {"emulated::host_matrix", [&] { (void)emulated::host_matrix(v3.view()); }},
+      {"DeviceMatrix", [&] { require_gpu_codec(v3.view(), "DeviceMatrix"); }}};
+  for (const auto& [what, call] : entries) {
+    SCOPED_TRACE(what);
+    try {
+      call();
+      ADD_FAILURE() << "a qmoe-v3 matrix was accepted";
+    } catch (const InvalidArgument& e) {
+      const std::string msg = e.what();
+      EXPECT_EQ(msg.rfind(what + ": ", 0), 0u) << msg;
+      EXPECT_NE(msg.find("qmoe-v3"), std::string::npos) << msg;
+      EXPECT_NE(msg.find("CPU only"), std::string::npos) << msg;
+      EXPECT_NE(msg.find("qmoe transcode --codec qmoe-v2"), std::string::npos) << msg;
+    }
+  }
+  // Supported codecs pass; qmoe-p5 has no codes for the code-stream kernels.
+  EXPECT_NO_THROW(require_gpu_codec(random_matrix(3, 10, 0.5, 1, Codec::kP5).view(), "x"));
+  EXPECT_THROW((void)emulated::host_matrix(random_matrix(3, 10, 0.5, 1, Codec::kP5).view()),
+               InvalidArgument);
+  // A malformed layout is refused before any pointer is handed out.
+  CompressedMatrix bad = random_matrix(4, 30, 0.5, 2, Codec::kV2);
+  bad.row_offsets.pop_back();
+  EXPECT_THROW((void)emulated::host_matrix(bad.view()), FormatError);
+
+  const CompressedMatrix v2 = transcode(v3.view(), {.codec = Codec::kV2});
+  ASSERT_EQ(v2.codec, Codec::kV2);
+  std::vector<float> want(static_cast<size_t>(v3.rows * v3.cols)), got(want.size(), -1.0f);
+  decode_ref(v3.view(), want.data());
+  emulated::decode_dense(host_view(v2), 0, v2.rows, DType::kF32, got.data(), v2.cols);
+  EXPECT_EQ(got, want);
 }
 
 }  // namespace

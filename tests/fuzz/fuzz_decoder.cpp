@@ -6,14 +6,17 @@
 // qmoe-v2) must then agree with the reference within fp32 summation error: valid code streams need
 // not be the encoder's greedy parse.
 //
-// Input layout: byte 0 bit 0 = codec (0 v1, 1 p5), bit 2 = qmoe-v2 instead of v1, bit 1 = row
-// offsets raw (1) or built from per-row code counts (0, mostly monotone, reaches deeper); byte 1 =
+// Input layout: byte 0 bit 0 = codec (0 v1, 1 p5), bit 2 = qmoe-v2 instead of v1, bit 4 = qmoe-v3
+// instead of v1 / v2, bit 1 = row offsets raw (1) or built from per-row code counts (0, mostly
+// monotone, reaches deeper; for qmoe-v3 the counts of odd rows are taken as 0); byte 1 =
 // rows (0..15); bytes 2-3 = cols (0..1023); then 2*rows bf16 levels; then for v1 and v2 the row
 // offsets (rows+1 int32 raw, or rows count bytes) and the codes (uint16) from the rest; for p5 the
 // packed bytes from the rest. A v2 matrix uses a fixed dictionary of pseudo-random well-formed
 // entries (every width 1..63, 0..3 slots below the width), not the encoder's: with byte 0 bit 3
 // set, one whose slots lie within 32 columns like the encoder's (the AVX-512 permute kernel),
-// else one with slots anywhere (the broadcast kernels).
+// else one with slots anywhere (the broadcast kernels). A v3 matrix likewise uses pseudo-random
+// well-formed v3 entries (widths 1..63, 0..3 slots, any symbol bits a slot may hold). The CUDA
+// kernels do not take qmoe-v3.
 #include <algorithm>
 #include <cmath>
 #include <cstddef>
@@ -60,6 +63,33 @@ std::vector<uint32_t> make_v2_dictionary(bool windowed) {
   return out;
 }
 
+std::vector<uint32_t> make_v3_dictionary() {
+  std::vector<uint32_t> out(qmoe::v3::kEntries);
+  // The 8 non-zero symbol pairs a slot may hold: (row 0, row 1) bits, at most one per row.
+  constexpr uint32_t kPairs[8] = {1, 2, 4, 8, 5, 6, 9, 10};
+  for (uint32_t i = 0; i < out.size(); ++i) {
+    const uint64_t h = splitmix64(i ^ 0x5a5a5a5aull);
+    const int width = 1 + static_cast<int>(h % qmoe::v3::kMaxWidth);
+    uint32_t e = static_cast<uint32_t>(width) << qmoe::v3::kWidthShift;
+    const int first = static_cast<int>((h >> 8) % static_cast<uint64_t>(std::min(width, 32)));
+    // Slot columns first + d, 0 = d_0 < d_1 < d_2 <= 15, all below the width.
+    const int room = std::min(width - first, qmoe::v3::kSpan);
+    const int slots = std::min(room, static_cast<int>((h >> 16) % 4));
+    int d = 0;
+    for (int j = 0; j < slots; ++j) {
+      if (j > 0) {
+        d += 1 +
+             static_cast<int>((h >> (20 + 6 * j)) % static_cast<uint64_t>(room - d - (slots - j)));
+        e |= static_cast<uint32_t>(d) << (4 * (j - 1));
+      }
+      e |= kPairs[(h >> (40 + 3 * j)) & 7] << (qmoe::v3::kSymShift + 4 * j);
+    }
+    if (slots > 0) e |= static_cast<uint32_t>(first) << qmoe::v3::kFirstShift;
+    out[i] = e;
+  }
+  return out;
+}
+
 struct Reader {
   const uint8_t* p;
   size_t n;
@@ -80,8 +110,10 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   if (size < 4) return 0;
   Reader in{data + 4, size - 4};
   qmoe::CompressedView v;
-  v.codec =
-      (data[0] & 1) ? qmoe::Codec::kP5 : ((data[0] & 4) ? qmoe::Codec::kV2 : qmoe::Codec::kV1);
+  v.codec = (data[0] & 1)    ? qmoe::Codec::kP5
+            : (data[0] & 16) ? qmoe::Codec::kV3
+            : (data[0] & 4)  ? qmoe::Codec::kV2
+                             : qmoe::Codec::kV1;
   v.rows = data[1] & 15;
   v.cols = (data[2] | (data[3] << 8)) & 1023;
   const auto levels = in.take<uint16_t>(static_cast<size_t>(2 * v.rows));
@@ -94,7 +126,10 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
     } else {
       const auto counts = in.take<uint8_t>(static_cast<size_t>(v.rows));
       offsets.push_back(0);
-      for (uint8_t c : counts) offsets.push_back(offsets.back() + c);
+      for (size_t r = 0; r < counts.size(); ++r) {
+        const bool empty = v.codec == qmoe::Codec::kV3 && r % 2 == 1;
+        offsets.push_back(offsets.back() + (empty ? 0 : counts[r]));
+      }
     }
     codes = in.take<uint16_t>(in.n / 2);
   } else {
@@ -112,6 +147,12 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
     const int which = (data[0] >> 3) & 1;
     v.dictionary = dict[which];
     v.dictionary_id = id[which];
+  }
+  if (v.codec == qmoe::Codec::kV3) {
+    static const std::vector<uint32_t> dict = make_v3_dictionary();
+    static const uint64_t id = qmoe::v2_dictionary_id(dict);
+    v.dictionary = dict;
+    v.dictionary_id = id;
   }
 
   const size_t n = static_cast<size_t>(v.rows * v.cols);
@@ -180,7 +221,7 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
     }
   }
 
-  if (!v.has_codes() || v.rows == 0) return 0;
+  if (!v.has_codes() || v.codec == qmoe::Codec::kV3 || v.rows == 0) return 0;
   const qmoe::cuda::MatrixDev md{
       v.codes.data(),
       v.row_offsets.data(),

@@ -13,6 +13,7 @@
 
 #include "pipeline_test_util.h"
 #include "qmoe/encoder/encode.h"
+#include "qmoe/format/codec_layout.h"
 #include "qmoe/format/container.h"
 #include "qmoe/format/error.h"
 #include "qmoe/format/reference.h"
@@ -205,27 +206,34 @@ TEST(Pipeline, CastBf16AndForcedCodec) {
   }
 }
 
-// qmoe-v2 through the pipeline: every expert matrix in the codec, each file holding the
-// dictionaries its matrices use; a run stopped after its matrices are done and resumed (the work
-// files rebuild their dictionaries) writes the same bytes as an uninterrupted one.
-TEST(Pipeline, QmoeV2StopAndResume) {
-  TempDir t("v2");
+// qmoe-v2 / qmoe-v3 through the pipeline: every expert matrix in the codec, each file holding the
+// dictionaries its matrices use (counted once each in the summary's bytes); a run stopped after its
+// matrices are done and resumed (the work files rebuild their dictionaries) writes the same bytes
+// as an uninterrupted one.
+void codec_stop_and_resume(Codec codec) {
+  TempDir t(std::string(codec_name(codec)));
   auto o = tiny();
   o.num_experts = 8;
   sw::generate_checkpoint(t / "ckpt", o);
   sw::CompressOptions ref;
-  ref.codec = Codec::kV2;
+  ref.codec = codec;
   ref.threads = 2;
   const auto sum = sw::compress_checkpoint(t / "ckpt", t / "ref.safetensors", ref);
-  EXPECT_EQ(sum.v2_matrices, sum.expert_matrices);
-  EXPECT_EQ(sum.v1_matrices + sum.p5_matrices, 0);
+  EXPECT_EQ(codec == Codec::kV2 ? sum.v2_matrices : sum.v3_matrices, sum.expert_matrices);
+  EXPECT_EQ(
+      sum.v1_matrices + sum.p5_matrices + (codec == Codec::kV2 ? sum.v3_matrices : sum.v2_matrices),
+      0);
   const Container c = Container::open(t / "ref.safetensors", {.verify_checksums = true});
   std::set<uint64_t> ids;
+  int64_t bytes = 0;
   for (const auto& e : c.compressed()) {
-    EXPECT_EQ(e.view.codec, Codec::kV2) << e.name;
+    EXPECT_EQ(e.view.codec, codec) << e.name;
     ids.insert(e.view.dictionary_id);
+    bytes += e.view.compressed_bytes();
   }
   EXPECT_FALSE(ids.empty());
+  EXPECT_EQ(sum.expert_compressed_bytes,
+            bytes + static_cast<int64_t>(ids.size()) * v2::kTableBytes);
   const auto want = container_bytes(t / "ref.safetensors");
 
   struct Stop {};
@@ -242,6 +250,14 @@ TEST(Pipeline, QmoeV2StopAndResume) {
   const auto resumed = sw::compress_checkpoint(t / "ckpt", out, again);
   EXPECT_EQ(resumed.resumed_matrices, resumed.expert_matrices);
   EXPECT_EQ(diff(container_bytes(out), want), "");
+}
+
+TEST(Pipeline, QmoeV2StopAndResume) {
+  codec_stop_and_resume(Codec::kV2);
+}
+
+TEST(Pipeline, QmoeV3StopAndResume) {
+  codec_stop_and_resume(Codec::kV3);
 }
 
 TEST(Pipeline, CliEndToEndInspectJson) {

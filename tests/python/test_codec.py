@@ -124,7 +124,7 @@ def test_from_tensors_round_trip(rng, codec):
     if codec == "qmoe-v1":
         m2 = qmoe.CompressedMatrix.from_tensors(codec, m.shape, levels=m.levels, codes=m.codes,
                                                 row_offsets=m.row_offsets, original_dtype="BF16")
-    elif codec == "qmoe-v2":
+    elif codec in ("qmoe-v2", "qmoe-v3"):
         m2 = qmoe.CompressedMatrix.from_tensors(codec, m.shape, levels=m.levels, codes=m.codes,
                                                 row_offsets=m.row_offsets, dictionary=m.dictionary)
         assert m2.dictionary_id == m.dictionary_id
@@ -308,3 +308,94 @@ def test_v2_dictionary_matches_the_spec_example():
     assert int(d[20000]) == 0x60C57549
     with pytest.raises(ValueError):
         qmoe.v2_dictionary(1.5)
+
+
+@pytest.mark.parametrize("shape", SHAPES + [(0, 5), (4, 0), (8, 64)])
+def test_v3_round_trip_codes_rows_in_pairs(rng, shape):
+    w = sparse_weights(rng, *shape)
+    m, s, l = encode_rtn(w, "qmoe-v3")
+    assert m.codec == "qmoe-v3" and m.shape == shape and "qmoe-v3" in repr(m)
+    np.testing.assert_array_equal(m.decode_symbols(), s)
+    np.testing.assert_array_equal(m.decode(), dense_from_ternary(s, l))
+    np.testing.assert_array_equal(m.levels, l)
+    # A pair's codes are its even row's range; every odd row's range is empty.
+    ro = m.row_offsets
+    assert ro.shape == (shape[0] + 1,) and ro[0] == 0 and ro[-1] == m.codes.size
+    odd = np.arange(1, shape[0], 2)
+    np.testing.assert_array_equal(ro[odd], ro[odd + 1])
+    assert m.packed is None
+    d = m.dictionary
+    assert d.dtype == np.uint32 and d.shape == (65536,) and not d.flags.writeable
+    assert len(m.dictionary_id) == 16
+    assert m.nbytes == m.codes.nbytes + m.row_offsets.nbytes + m.levels.nbytes
+
+
+def test_v3_size_between_v2_and_v1(rng):
+    # format/SPEC.md section 15: ~0.69 bits per weight at P(0) = 0.885 against 0.666 for qmoe-v2
+    # and 0.737 for qmoe-v1.
+    p0 = 0.885
+    u = rng.random((128, 3072))
+    s = np.where(u < p0, 0, np.where(u < p0 + (1 - p0) / 2, 1, 2)).astype(np.uint8)
+    l = np.tile(np.array([0xBF80, 0x3F80], np.uint16), (128, 1))  # (-1, +1)
+    v1, v2, v3 = (qmoe.encode(s, l, codec=c) for c in ("qmoe-v1", "qmoe-v2", "qmoe-v3"))
+    np.testing.assert_array_equal(v3.decode_symbols(), s)
+    assert v2.code_bits_per_weight < v3.code_bits_per_weight < v1.code_bits_per_weight
+    assert v3.code_bits_per_weight == pytest.approx(0.689, abs=0.01)
+
+
+def test_v3_dictionary_matches_the_spec_example(rng):
+    d, dict_id = qmoe.v3_dictionary(57 / 64)
+    assert d.dtype == np.uint32 and d.shape == (65536,)
+    assert dict_id == "c982a44341657d1c"  # format/SPEC.md section 15.1
+    assert int(d[20000]) == 0x300884B9
+    assert (d >> 26).min() >= 1 and (d >> 26).max() <= 63 and not ((d >> 25) & 1).any()
+    assert dict_id != qmoe.v2_dictionary(57 / 64)[1]
+    # The encoder uses it for that zero fraction.
+    s, l = qmoe.ternarize_rtn(sparse_weights(rng, 6, 90))
+    m = qmoe.encode(s, l, codec="qmoe-v3", v2_p0=57 / 64)
+    assert m.dictionary_id == dict_id
+    np.testing.assert_array_equal(m.dictionary, d)
+    for bad in (0.0, 1.0, 1.5):
+        with pytest.raises(ValueError):
+            qmoe.v3_dictionary(bad)
+    with pytest.raises(TypeError):
+        qmoe.v3_dictionary(0.9, 32)  # no max_width for qmoe-v3
+
+
+def test_transcode_to_and_from_v3(rng):
+    w = sparse_weights(rng, 31, 500)  # odd height: the last pair has a row of zeros
+    s, l = qmoe.ternarize_rtn(w)
+    v1 = qmoe.encode(s, l, codec="qmoe-v1", original_dtype="BF16")
+    v3 = qmoe.transcode(v1, codec="qmoe-v3")
+    assert v3.codec == "qmoe-v3" and v3.original_dtype == "BF16"
+    direct = qmoe.encode(s, l, codec="qmoe-v3")
+    np.testing.assert_array_equal(v3.codes, direct.codes)
+    np.testing.assert_array_equal(v3.row_offsets, direct.row_offsets)
+    assert v3.dictionary_id == direct.dictionary_id
+    # To qmoe-v2 (the GPU's codec): the codes of encoding with qmoe-v2 directly.
+    v2 = qmoe.transcode(v3, codec="qmoe-v2")
+    np.testing.assert_array_equal(v2.codes, qmoe.encode(s, l, codec="qmoe-v2").codes)
+    back = qmoe.transcode(v3, codec="qmoe-v1")
+    np.testing.assert_array_equal(back.codes, v1.codes)
+    np.testing.assert_array_equal(v3.decode(), v1.decode())
+
+
+def test_v3_from_tensors(rng):
+    m, s, _ = encode_rtn(sparse_weights(rng, 5, 70), "qmoe-v3")
+    kw = dict(levels=m.levels, codes=m.codes, row_offsets=m.row_offsets)
+    m2 = qmoe.CompressedMatrix.from_tensors("qmoe-v3", m.shape, dictionary=m.dictionary, **kw)
+    assert m2.codec == "qmoe-v3" and m2.dictionary_id == m.dictionary_id
+    np.testing.assert_array_equal(m2.decode_symbols(), s)
+    with pytest.raises(ValueError, match="qmoe-v3 needs dictionary"):
+        qmoe.CompressedMatrix.from_tensors("qmoe-v3", m.shape, **kw)
+    d = m.dictionary.copy()
+    d[5] |= np.uint32(1 << 25)  # the reserved bit
+    with pytest.raises(qmoe.FormatError, match="qmoe-v3 dictionary entry 5"):
+        qmoe.CompressedMatrix.from_tensors("qmoe-v3", m.shape, dictionary=d, **kw)
+    # Row 1 given the last code of pair 0.
+    ro = m.row_offsets.copy()
+    assert ro[1] > 0 and ro[1] == ro[2]
+    ro[1] -= 1
+    with pytest.raises(qmoe.FormatError, match="row 1 has codes"):
+        qmoe.CompressedMatrix.from_tensors("qmoe-v3", m.shape, dictionary=m.dictionary,
+                                           **dict(kw, row_offsets=ro))

@@ -3,14 +3,15 @@
 The stored layout checked here is the one format/SPEC.md specifies (sections 4.1-4.5; section 11
 for reading with the safetensors package, which needs ml_dtypes imported for BF16): a compressed
 matrix W is stored as
-  W.qmoe_codes        U16  [num_codes]          (qmoe-v1, qmoe-v2)
-  W.qmoe_row_offsets  I32  [rows + 1]           (qmoe-v1, qmoe-v2)
+  W.qmoe_codes        U16  [num_codes]          (qmoe-v1, qmoe-v2, qmoe-v3)
+  W.qmoe_row_offsets  I32  [rows + 1]           (qmoe-v1, qmoe-v2, qmoe-v3)
   W.qmoe_packed       U8   [rows, ceil(cols/5)] (qmoe-p5)
   W.qmoe_levels       BF16 [rows, 2]
 plus the qmoe-v1 decode table "qmoe.dictionary.qmoe-v1" (I32 [65536, 2]) in every file holding
-a qmoe-v1 matrix and each qmoe-v2 dictionary "qmoe.dictionary.qmoe-v2.<id>" (U32 [65536]) in every
-file holding a matrix that uses it; __metadata__ holds "format": "qmoe", "format_version": "1",
-"qmoe.matrix.W": {"codec", "shape", "dtype"} (plus "dictionary": <id> for qmoe-v2) and an xxh3
+a qmoe-v1 matrix and each qmoe-v2 / qmoe-v3 dictionary "qmoe.dictionary.<codec>.<id>" (U32 [65536])
+in every file holding a matrix that uses it; __metadata__ holds "format": "qmoe", "format_version":
+"1", "qmoe.matrix.W": {"codec", "shape", "dtype"} (plus "dictionary": <id> for qmoe-v2 and qmoe-v3)
+and an xxh3
 checksum "qmoe.xxh3.<tensor>" for every stored tensor. Dense tensors are stored unchanged.
 """
 
@@ -45,6 +46,7 @@ def sample_tensors(rng):
     tensors["experts.1.wi"], _, _ = encode_rtn(sparse_weights(rng, 7, 33), "qmoe-v1")
     tensors["experts.2.wo"], _, _ = encode_rtn(sparse_weights(rng, 5, 21, zero_fraction=0.3), "qmoe-p5")
     tensors["experts.3.wo"], _, _ = encode_rtn(sparse_weights(rng, 6, 50), "qmoe-v2")
+    tensors["experts.4.wo"], _, _ = encode_rtn(sparse_weights(rng, 7, 45), "qmoe-v3")  # odd height
     return tensors
 
 
@@ -135,11 +137,11 @@ def expected_stored(tensors):
     for name, t in tensors.items():
         if isinstance(t, qmoe.CompressedMatrix):
             rows, cols = t.shape
-            if t.codec in ("qmoe-v1", "qmoe-v2"):
+            if t.codec in ("qmoe-v1", "qmoe-v2", "qmoe-v3"):
                 want[name + ".qmoe_codes"] = ("U16", [t.codes.size])
                 want[name + ".qmoe_row_offsets"] = ("I32", [rows + 1])
-                if t.codec == "qmoe-v2":
-                    want["qmoe.dictionary.qmoe-v2." + t.dictionary_id] = ("U32", [65536])
+                if t.codec in ("qmoe-v2", "qmoe-v3"):
+                    want[f"qmoe.dictionary.{t.codec}." + t.dictionary_id] = ("U32", [65536])
             else:
                 want[name + ".qmoe_packed"] = ("U8", [rows, (cols + 4) // 5])
             want[name + ".qmoe_levels"] = ("BF16", [rows, 2])
@@ -170,11 +172,11 @@ def test_safetensors_package_reads_every_tensor(rng, tmp_path):
     for name, t in tensors.items():
         if isinstance(t, qmoe.CompressedMatrix):
             np.testing.assert_array_equal(stored[name + ".qmoe_levels"].view(np.uint16), t.levels)
-            if t.codec in ("qmoe-v1", "qmoe-v2"):
+            if t.codec in ("qmoe-v1", "qmoe-v2", "qmoe-v3"):
                 np.testing.assert_array_equal(stored[name + ".qmoe_codes"], t.codes)
                 np.testing.assert_array_equal(stored[name + ".qmoe_row_offsets"], t.row_offsets)
-                if t.codec == "qmoe-v2":
-                    d = stored["qmoe.dictionary.qmoe-v2." + t.dictionary_id]
+                if t.codec in ("qmoe-v2", "qmoe-v3"):
+                    d = stored[f"qmoe.dictionary.{t.codec}." + t.dictionary_id]
                     np.testing.assert_array_equal(d, t.dictionary)
             else:
                 np.testing.assert_array_equal(stored[name + ".qmoe_packed"].reshape(-1), t.packed)
@@ -185,7 +187,7 @@ def test_safetensors_package_reads_every_tensor(rng, tmp_path):
         if isinstance(t, qmoe.CompressedMatrix):
             decl = json.loads(meta["qmoe.matrix." + name])
             want_decl = {"codec": t.codec, "shape": list(t.shape), "dtype": t.original_dtype}
-            if t.codec == "qmoe-v2":
+            if t.codec in ("qmoe-v2", "qmoe-v3"):
                 want_decl["dictionary"] = t.dictionary_id
             assert decl == want_decl
     for name in want:
@@ -222,3 +224,25 @@ def test_checksums_catch_corruption(rng, tmp_path):
     assert qmoe.load(path)["x"].shape == (1000,)  # structure is intact
     with pytest.raises(qmoe.FormatError, match="checksum"):
         qmoe.load(path, verify_checksums=True)
+
+
+def test_qmoe_v3_next_to_qmoe_v2(rng, tmp_path):
+    # Fitted to the same zero fraction, a qmoe-v2 and a qmoe-v3 matrix still share nothing: each
+    # codec's dictionary is stored under its own name, once per file.
+    s, l = qmoe.ternarize_rtn(sparse_weights(rng, 9, 300))
+    tensors = {"v2": qmoe.encode(s, l, codec="qmoe-v2", v2_p0=57 / 64),
+               "v3": qmoe.encode(s, l, codec="qmoe-v3", v2_p0=57 / 64, original_dtype="BF16"),
+               "v3b": qmoe.encode(s[:4], l[:4], codec="qmoe-v3", v2_p0=57 / 64)}
+    assert tensors["v3"].dictionary_id == "c982a44341657d1c"  # format/SPEC.md section 15.1
+    assert tensors["v2"].dictionary_id != tensors["v3"].dictionary_id
+    path = tmp_path / "v3.safetensors"
+    qmoe.save(path, tensors)
+    loaded = qmoe.load(path, verify_checksums=True)
+    assert_same(loaded, tensors)
+    assert loaded["v3"].codec == "qmoe-v3" and loaded["v3"].original_dtype == "BF16"
+    np.testing.assert_array_equal(loaded["v3"].decode_symbols(), s)
+    np.testing.assert_array_equal(loaded["v3"].dictionary, qmoe.v3_dictionary(57 / 64)[0])
+    with safe_open(str(path), framework="numpy") as f:
+        dictionaries = sorted(k for k in f.keys() if k.startswith("qmoe.dictionary."))
+    assert dictionaries == ["qmoe.dictionary.qmoe-v2." + tensors["v2"].dictionary_id,
+                            "qmoe.dictionary.qmoe-v3.c982a44341657d1c"]

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 import qmoe
-from conftest import CODECS, encode_rtn, nmse, sparse_weights
+from conftest import GPU_CODECS, encode_rtn, nmse, sparse_weights
 
 
 def test_device_count_never_raises():
@@ -24,12 +24,27 @@ def test_to_cuda_without_a_device_raises_runtime_error(rng):
     assert not isinstance(info.value, qmoe.FormatError)
 
 
+def test_to_cuda_refuses_qmoe_v3(rng):
+    # qmoe-v3 is decoded on the CPU only; the message says how to convert it for the GPU.
+    m, _, _ = encode_rtn(sparse_weights(rng, 6, 40), "qmoe-v3")
+    if not qmoe.built_with_cuda:
+        with pytest.raises(RuntimeError, match="without the CUDA kernels"):
+            m.to_cuda()
+        return
+    with pytest.raises(ValueError, match=r"qmoe-v3 .*CPU only.*qmoe transcode --codec qmoe-v2") as info:
+        m.to_cuda()
+    assert str(info.value).startswith("to_cuda: ")
+    if qmoe.cuda_device_count() > 0:
+        g = qmoe.transcode(m, codec="qmoe-v2").to_cuda()
+        np.testing.assert_array_equal(g.decode(), m.decode())
+
+
 needs_gpu = pytest.mark.skipif(qmoe.cuda_device_count() == 0,
                                reason="no CUDA device (or qmoe built without the CUDA kernels)")
 
 
 @needs_gpu
-@pytest.mark.parametrize("codec", CODECS)
+@pytest.mark.parametrize("codec", GPU_CODECS)
 @pytest.mark.parametrize("n", [1, 5, 32, 33, 100])
 def test_gpu_products_match_the_cpu(rng, codec, n):
     w = sparse_weights(rng, 67, 301)

@@ -46,6 +46,11 @@ BAD_CALLS = {
     "encode levels wrong rows": (lambda: qmoe.encode(S, L[:3]), ValueError, "shape"),
     "encode levels wrong cols": (lambda: qmoe.encode(S, np.zeros((6, 3), np.uint16)), ValueError, "shape"),
     "encode unknown codec": (lambda: qmoe.encode(S, L, codec="zstd"), ValueError, "unknown codec"),
+    "encode unknown codec lists the codecs": (
+        lambda: qmoe.encode(S, L, codec="qmoe-v4"), ValueError,
+        r"unknown codec 'qmoe-v4' \(expected 'qmoe-v1', 'qmoe-v2', 'qmoe-v3', 'qmoe-p5', or 'auto'\)"),
+    "transcode unknown codec lists the codecs": (lambda: qmoe.transcode(M, codec="v3"), ValueError,
+                                                 "'qmoe-v3'"),
     "encode unknown dtype": (lambda: qmoe.encode(S, L, original_dtype="F8"), ValueError, "dtype"),
     # CompressedMatrix products
     "matvec wrong length": (lambda: M.matvec(np.ones(9, np.float32)), ValueError, "10 elements"),
@@ -57,7 +62,12 @@ BAD_CALLS = {
     "matmul Fortran order": (lambda: M.matmul(np.ones((10, 3), np.float32).T), ValueError, "C-contiguous"),
     # from_tensors
     "from_tensors unknown codec": (lambda: qmoe.CompressedMatrix.from_tensors("auto", (6, 10), levels=L), ValueError,
-                                   "unknown codec"),
+                                   r"unknown codec 'auto' \(expected 'qmoe-v1', 'qmoe-v2', 'qmoe-v3', 'qmoe-p5'\)"),
+    "from_tensors v3 without dictionary": (lambda: qmoe.CompressedMatrix.from_tensors(
+        "qmoe-v3", (6, 10), levels=L, codes=M.codes, row_offsets=M.row_offsets), ValueError, "qmoe-v3 needs dictionary"),
+    "from_tensors v1 with dictionary": (lambda: qmoe.CompressedMatrix.from_tensors(
+        "qmoe-v1", (6, 10), levels=L, codes=M.codes, row_offsets=M.row_offsets, dictionary=qmoe.v3_dictionary(0.9)[0]),
+        ValueError, "only for qmoe-v2 and qmoe-v3"),
     "from_tensors v1 without codes": (lambda: qmoe.CompressedMatrix.from_tensors("qmoe-v1", (6, 10), levels=L),
                                       ValueError, "codes"),
     "from_tensors p5 with codes": (lambda: qmoe.CompressedMatrix.from_tensors(
@@ -87,6 +97,7 @@ BAD_CALLS = {
     "gptq zero blocksize": (lambda: qmoe.gptq(W, np.eye(10, dtype=np.float32), blocksize=0), ValueError, "blocksize"),
     "compress uniform grid": (lambda: qmoe.compress_matrix(W, grid="uniform2"), ValueError, "ternary"),
     "compress unknown codec": (lambda: qmoe.compress_matrix(W, codec="qmoe-v9"), ValueError, "unknown codec"),
+    "v3_dictionary p0 out of range": (lambda: qmoe.v3_dictionary(1.0), ValueError, "p0"),
 }
 
 

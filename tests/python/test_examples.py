@@ -55,6 +55,7 @@ def test_codecs_and_entropy_ranks_the_codecs():
     out = run("examples/codecs_and_entropy.py", "--rows", "96", "--cols", "3072")
     rows = [l.split() for l in out.splitlines() if re.match(r"^\s*0\.\d+ ", l)]
     assert len(rows) == 4, out
-    for p0, h, v1, v2, p5 in (map(float, r) for r in rows):
+    for p0, h, v1, v2, v3, p5 in (map(float, r) for r in rows):
         assert h * 0.98 < v2 < v1 < p5, out
+        assert h * 0.98 < v3 < v1, out
     assert "decode to the same weights: True" in out, out

@@ -49,6 +49,22 @@ def test_round_to_nearest(checkpoint, tmp_path):
     assert qmoe.load_metadata(out)["quantizer"] == "rtn"
 
 
+def test_forced_qmoe_v3(checkpoint, tmp_path):
+    out = tmp_path / "v3.safetensors"
+    summary = qmoe.compress_checkpoint(checkpoint, out, threads=2, codec="qmoe-v3", check_disk=False)
+    experts = expert_names(checkpoint)
+    assert summary["v3_matrices"] == summary["expert_matrices"] == len(experts) > 0
+    assert summary["v1_matrices"] + summary["v2_matrices"] + summary["p5_matrices"] == 0
+    assert json.loads(qmoe.load_metadata(out)["compress.options"])["codec"] == "qmoe-v3"
+    loaded = qmoe.load(out, verify_checksums=True)
+    for name, w in experts.items():
+        m = loaded[name]
+        assert m.codec == "qmoe-v3" and m.dictionary is not None
+        s, l = qmoe.ternarize_rtn(w)
+        np.testing.assert_array_equal(m.decode_symbols(), s)
+        np.testing.assert_array_equal(m.levels, l)
+
+
 def compress_with_hessians(*args, **kwargs):
     """compress_checkpoint with a Hessian file; skips (with the library's reason) while the
     library is built without the Hessian file reader of the pipeline."""

@@ -1,8 +1,9 @@
 """qmoe: sub-1-bit compression of Mixture-of-Experts expert weights.
 
 Ternary weights (per-row levels lo <= 0 <= hi) found by round-to-nearest or GPTQ, coded with a
-65536-entry dictionary (qmoe-v1) or base-3 packing (qmoe-p5), stored in a safetensors-compatible
-container and multiplied straight from the codes.
+65536-entry dictionary (qmoe-v1; qmoe-v2 and qmoe-v3 fit their dictionary to the matrix, qmoe-v3
+coding rows in pairs) or base-3 packing (qmoe-p5), stored in a safetensors-compatible container
+and multiplied straight from the codes.
 
 Every function is implemented in C++ (the extension module ``qmoe._qmoe``); this package only
 re-exports it. Arguments are numpy arrays, or anything ``numpy.asarray`` accepts (CPU torch

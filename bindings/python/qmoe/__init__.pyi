@@ -12,7 +12,9 @@ __version__: str
 PathLike = Union[str, os.PathLike[str]]
 # float32, float16, ml_dtypes.bfloat16, or uint16 bfloat16 bit patterns (with bf16=True).
 FloatArray = npt.ArrayLike
-CodecName = Literal["qmoe-v1", "qmoe-v2", "qmoe-p5"]
+CodecName = Literal["qmoe-v1", "qmoe-v2", "qmoe-v3", "qmoe-p5"]
+# The codecs the CUDA kernels read (qmoe-v3 is decoded on the CPU only: transcode it to qmoe-v2).
+CudaCodecName = Literal["qmoe-v1", "qmoe-v2", "qmoe-p5"]
 GridName = Literal["ternary", "ternary-sym", "uniform2", "uniform3", "uniform4"]
 
 class FormatError(RuntimeError):
@@ -73,7 +75,7 @@ class CudaMatrix:
     @property
     def shape(self) -> tuple[int, int]: ...
     @property
-    def codec(self) -> CodecName: ...
+    def codec(self) -> CudaCodecName: ...
     @property
     def device(self) -> int: ...
     def matvec(self, x: FloatArray, *, bf16: bool = False) -> npt.NDArray[np.float32]: ...
@@ -114,6 +116,7 @@ def encode(
     v2_p0: Optional[float] = None,
 ) -> CompressedMatrix: ...
 def v2_dictionary(p0: float, max_width: int = 63) -> tuple[npt.NDArray[np.uint32], str]: ...
+def v3_dictionary(p0: float) -> tuple[npt.NDArray[np.uint32], str]: ...
 def transcode(
     matrix: CompressedMatrix,
     *,

@@ -9,6 +9,7 @@
 #include <memory>
 #include <span>
 
+#include "qmoe/decoder_cuda/codecs.h"
 #include "qmoe/decoder_cuda/error.h"
 #include "qmoe/decoder_cuda/launch.h"
 #include "qmoe/format/matrix.h"
@@ -40,14 +41,16 @@ struct ForwardOptions {
 };
 
 // A compressed matrix copied to one GPU as it is (qmoe-v1, qmoe-v2 or qmoe-p5; a qmoe-v2
-// dictionary goes to the device once and is shared, v2_dictionary_dev()). Owns its device
-// buffers, a dense workspace (allocated on the first dense-path call) and a cuBLAS handle (created
-// on first use). Movable, not copyable. Calls on one object must not overlap (they share the
-// workspace); use one object per concurrently used stream or serialise.
+// dictionary goes to the device once and is shared, v2_dictionary_dev()). qmoe-v3 is decoded on
+// the CPU only (codecs.h): transcode it to qmoe-v2 first. Owns its device buffers, a dense
+// workspace (allocated on the first dense-path call) and a cuBLAS handle (created on first use).
+// Movable, not copyable. Calls on one object must not overlap (they share the workspace); use one
+// object per concurrently used stream or serialise.
 class DeviceMatrix {
  public:
   // Validates `m` (qmoe::validate, FormatError on a malformed matrix) and copies it to the
   // current device; synchronises `stream` before returning so `m` may be freed afterwards.
+  // InvalidArgument for a qmoe-v3 matrix (require_gpu_codec()), before touching the device.
   explicit DeviceMatrix(const CompressedView& m, ForwardOptions opt = {},
                         cudaStream_t stream = nullptr);
   ~DeviceMatrix();
@@ -64,7 +67,7 @@ class DeviceMatrix {
   // the shared entry-word table).
   int64_t device_bytes() const;
   // Device pointers of a qmoe-v1 or qmoe-v2 matrix for the raw launch functions (InvalidArgument
-  // for qmoe-p5).
+  // for qmoe-p5; a DeviceMatrix never holds qmoe-v3, its constructor refuses it).
   MatrixDev matrix_dev() const;
   const ForwardOptions& options() const;
   void set_options(const ForwardOptions& opt);

@@ -6,9 +6,19 @@
 // the CUDA launch functions do.
 #pragma once
 
+#include "qmoe/decoder_cuda/codecs.h"
 #include "qmoe/decoder_cuda/launch.h"
+#include "qmoe/format/matrix.h"
 
 namespace qmoe::cuda::emulated {
+
+// The host pointers of a qmoe-v1 or qmoe-v2 matrix for the functions below: its codes, row
+// offsets, levels and the entry words its codes index (v1_entry_words() or its dictionary); `m`'s
+// memory must outlive the result's use. Checks sizes and offsets (validate_layout, FormatError)
+// but not the codes (validate() does). InvalidArgument for qmoe-p5 (no codes: p5_decode_dense
+// reads it) and for qmoe-v3 (CPU only, require_gpu_codec()), and for more than 2^31-1 rows or
+// columns.
+MatrixDev host_matrix(const CompressedView& m);
 
 // Grid dimensions to force (0 = the launch functions' choice), to exercise grid-stride loops.
 struct Grid {

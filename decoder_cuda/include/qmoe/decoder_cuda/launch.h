@@ -22,7 +22,9 @@ namespace qmoe::cuda {
 // int32; levels_dev: 2*rows bf16 bit patterns (lo, hi); entries_dev: the 65536 entry words
 // (qmoe-v2 layout, format/SPEC.md section 6.2) the codes index: the matrix's qmoe-v2 dictionary
 // (v2_dictionary_dev()), or v1_entries_dev() for qmoe-v1. rows and cols < 2^31. The matrix must
-// be valid (qmoe::validate): the kernels do not check the codes.
+// be valid (qmoe::validate): the kernels do not check the codes. Never a qmoe-v3 matrix: its rows
+// are coded in pairs with entry words of another layout, which the kernels do not read (MatrixDev
+// carries no codec, so this cannot be checked here; see codecs.h).
 struct MatrixDev {
   const uint16_t* codes_dev = nullptr;
   const int32_t* row_offsets_dev = nullptr;

@@ -27,13 +27,14 @@ struct EncodeOptions {
   // OpenMP threads (0 = the OpenMP default). The output is identical for any value.
   int threads = 0;
   // qmoe-v2: the longest dictionary entry (1..63 symbols), and the zero fraction the dictionary
-  // is fitted to (nullopt: the matrix's own, see v2_fitted_p0()).
+  // is fitted to (nullopt: the matrix's own, see v2_fitted_p0()). qmoe-v3 uses v2_p0 too.
   int v2_max_width = 63;
   std::optional<double> v2_p0{};
 };
 
 // Encodes a ternary matrix. qmoe-v1 and qmoe-v2 use greedy longest match through a trie of the
-// dictionary, each row separately (v1 is bit-compatible with QMoE's encoder). Throws
+// dictionary, each row separately (v1 is bit-compatible with QMoE's encoder); qmoe-v3 walks its
+// dictionary's tree a column of two rows at a time, each pair of rows separately. Throws
 // InvalidArgument if a symbol is not 0, 1 or 2, or if a matrix would need more than 2^31-1 codes.
 CompressedMatrix encode(const TernaryMatrix& t, const EncodeOptions& opt = {});
 
@@ -45,9 +46,14 @@ CompressedMatrix encode(const TernaryMatrix& t, const EncodeOptions& opt = {});
 // than 65535 leaves and the codes past them repeat code 0's entry.
 std::shared_ptr<const V2Dictionary> v2_dictionary(double p0, int max_width = v2::kMaxWidth);
 
-// The zero fraction qmoe-v2 fits a matrix's dictionary to: `zero_fraction` rounded to a multiple
-// of 1/64 and clamped to [32/64, 63/64], so that matrices of similar sparsity share one dictionary
-// (the fit costs under 0.2% of size at P(0) = 0.85..0.95).
+// The qmoe-v3 dictionary the encoder uses for zero fraction p0 (0 < p0 < 1), format/SPEC.md
+// section 15.3: the leaves of a Tunstall tree over the 9 values of a column of two rows. Built once
+// per p0; the same argument gives the same object. Throws InvalidArgument for p0 outside (0, 1).
+std::shared_ptr<const V2Dictionary> v3_dictionary(double p0);
+
+// The zero fraction qmoe-v2 and qmoe-v3 fit a matrix's dictionary to: `zero_fraction` rounded to a
+// multiple of 1/64 and clamped to [32/64, 63/64], so that matrices of similar sparsity share one
+// dictionary (the fit costs under 0.2% of size at P(0) = 0.85..0.95).
 double v2_fitted_p0(double zero_fraction);
 
 // Re-encodes a matrix in opt.codec (nullopt: the automatic choice): its symbols, decoded by the

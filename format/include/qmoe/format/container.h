@@ -32,6 +32,8 @@ inline constexpr std::string_view kLevelsSuffix = ".qmoe_levels";  // both: BF16
 inline constexpr std::string_view kV1DictionaryTensor = "qmoe.dictionary.qmoe-v1";
 // A qmoe-v2 dictionary is stored as this prefix + its id as 16 lowercase hex digits.
 inline constexpr std::string_view kV2DictionaryPrefix = "qmoe.dictionary.qmoe-v2.";
+// A qmoe-v3 dictionary likewise (format/SPEC.md section 15).
+inline constexpr std::string_view kV3DictionaryPrefix = "qmoe.dictionary.qmoe-v3.";
 // Name of the index of a sharded container, and of the single file inside a directory.
 inline constexpr std::string_view kIndexFileName = "model.safetensors.index.json";
 inline constexpr std::string_view kSingleFileName = "model.safetensors";

@@ -14,9 +14,9 @@
 
 namespace qmoe {
 
-enum class Codec : uint8_t { kV1, kP5, kV2 };
+enum class Codec : uint8_t { kV1, kP5, kV2, kV3 };
 
-// "qmoe-v1" / "qmoe-p5" / "qmoe-v2", the names stored in files.
+// "qmoe-v1" / "qmoe-p5" / "qmoe-v2" / "qmoe-v3", the names stored in files.
 std::string_view codec_name(Codec c);
 std::optional<Codec> codec_from_name(std::string_view s);
 
@@ -39,6 +39,8 @@ struct TernaryMatrix {
 // Non-owning view of an encoded matrix. Which members are used depends on the codec:
 //   qmoe-v1: codes (num_codes uint16), row_offsets (rows+1 int32; row r is codes
 //            [row_offsets[r], row_offsets[r+1]); row_offsets[0] = 0, row_offsets[rows] = num_codes)
+//   qmoe-v3: as qmoe-v2, rows coded in pairs: pair p's codes are row 2p's range, odd rows' ranges
+//            are empty (codec_layout.h, SPEC section 15); the dictionary holds v3 entry words
 //   qmoe-v2: codes and row_offsets as for qmoe-v1, plus dictionary (v2::kEntries entry words,
 //            codec_layout.h) and dictionary_id, the XXH3-64 of the dictionary's bytes: decoders
 //            cache what they derive from a dictionary under this id
@@ -56,8 +58,10 @@ struct CompressedView {
   std::span<const uint32_t> dictionary;
   uint64_t dictionary_id = 0;
 
-  // Whether the matrix is a codeword stream (qmoe-v1 or qmoe-v2).
-  bool has_codes() const { return codec == Codec::kV1 || codec == Codec::kV2; }
+  // Whether the matrix is a codeword stream (qmoe-v1, qmoe-v2 or qmoe-v3).
+  bool has_codes() const { return codec != Codec::kP5; }
+  // Whether the matrix carries its own dictionary (qmoe-v2 or qmoe-v3).
+  bool has_dictionary() const { return codec == Codec::kV2 || codec == Codec::kV3; }
   // Bytes of codes, offsets and levels together (a qmoe-v2 dictionary is shared by the matrices
   // of a file and not counted).
   int64_t compressed_bytes() const;
@@ -66,12 +70,13 @@ struct CompressedView {
 };
 
 // A view of rows [r0, r1) of `m`, whose sizes and row offsets must be sound (validate_layout() in
-// reference.h): `offsets` receives the slice's rebased row offsets (qmoe-v1, qmoe-v2) and must
-// outlive the view.
+// reference.h): `offsets` receives the slice's rebased row offsets (qmoe-v1, qmoe-v2, qmoe-v3) and
+// must outlive the view. A qmoe-v3 slice starts at an even row and ends at an even row or at the
+// end (a pair cannot be split); InvalidArgument otherwise.
 CompressedView row_slice(const CompressedView& m, int64_t r0, int64_t r1,
                          std::vector<int32_t>& offsets);
 
-// A qmoe-v2 dictionary: v2::kEntries entry words and their XXH3-64 (see CompressedView), plus
+// A qmoe-v2 or qmoe-v3 dictionary: 65536 entry words and their XXH3-64 (see CompressedView), plus
 // the parameters the encoder built it for (0 when unknown, e.g. read from a file).
 struct V2Dictionary {
   std::vector<uint32_t> entries;
@@ -80,7 +85,7 @@ struct V2Dictionary {
   int max_width = 0;
 };
 
-// Owning encoded matrix; matrices encoded with the same qmoe-v2 dictionary share it.
+// Owning encoded matrix; matrices encoded with the same qmoe-v2 / qmoe-v3 dictionary share it.
 struct CompressedMatrix {
   Codec codec = Codec::kV1;
   int64_t rows = 0;
@@ -89,9 +94,11 @@ struct CompressedMatrix {
   std::vector<int32_t> row_offsets;
   std::vector<uint8_t> packed;
   std::vector<uint16_t> levels;
-  std::shared_ptr<const V2Dictionary> dictionary;  // qmoe-v2
+  std::shared_ptr<const V2Dictionary> dictionary;  // qmoe-v2, qmoe-v3
 
-  bool has_codes() const { return codec == Codec::kV1 || codec == Codec::kV2; }
+  bool has_codes() const { return codec != Codec::kP5; }
+  // Whether the matrix carries its own dictionary (qmoe-v2 or qmoe-v3).
+  bool has_dictionary() const { return codec == Codec::kV2 || codec == Codec::kV3; }
   CompressedView view() const;
 };
 

@@ -22,7 +22,7 @@ const int32_t* v1_decode_table();
 // Thread-safe; the pointer stays valid forever.
 const uint32_t* v1_entry_words();
 
-// XXH3-64 of a qmoe-v2 dictionary's bytes (its id, CompressedView::dictionary_id).
+// XXH3-64 of a qmoe-v2 or qmoe-v3 dictionary's bytes (its id, CompressedView::dictionary_id).
 uint64_t v2_dictionary_id(std::span<const uint32_t> entries);
 // Checks a qmoe-v2 dictionary: 65536 entries, each well formed (codec_layout.h, SPEC section 6).
 // Throws FormatError whose message starts with `what` and names the entry.
@@ -30,6 +30,15 @@ void validate_v2_dictionary(std::span<const uint32_t> entries, std::string_view 
 // Validates `entries` and wraps them with their id.
 std::shared_ptr<const V2Dictionary> make_v2_dictionary(std::vector<uint32_t> entries,
                                                        std::string_view what = {});
+
+// The same for a qmoe-v3 dictionary (v3 entry words, codec_layout.h, SPEC section 15.1); its id is
+// the same hash, v2_dictionary_id().
+void validate_v3_dictionary(std::span<const uint32_t> entries, std::string_view what = {});
+std::shared_ptr<const V2Dictionary> make_v3_dictionary(std::vector<uint32_t> entries,
+                                                       std::string_view what = {});
+// validate_v2_dictionary() or validate_v3_dictionary(), by the codec that uses the dictionary.
+void validate_dictionary(Codec codec, std::span<const uint32_t> entries,
+                         std::string_view what = {});
 
 // Checks what makes row_slice() safe: the sizes of every member and the row offsets (start at 0,
 // non-decreasing, end at num_codes), a qmoe-v2 dictionary's size; no decoding.

@@ -2,8 +2,9 @@
 //
 // Every expert matrix ({encoder,decoder}.block.{b}.layer.{f}.mlp.experts.expert_{e}.{wi,wo}.weight)
 // is ternarized -- by round to nearest, or by GPTQ when a HessianProvider supplies Hessians -- and
-// encoded (qmoe-v1 or qmoe-p5, the smaller per matrix unless a codec is forced); every other stored
-// tensor is copied byte for byte (or cast to bf16 on request).
+// encoded (qmoe-v1 or qmoe-p5, the smaller per matrix, unless a codec -- qmoe-v1, qmoe-v2, qmoe-v3
+// or qmoe-p5 -- is forced); every other stored tensor is copied byte for byte (or cast to bf16 on
+// request).
 //
 // Scale: tensors are read lazily through the shards' mappings and their pages are handed back to
 // the page cache once used; expert matrices are processed by a pool of workers that admits a
@@ -138,7 +139,7 @@ struct CompressSummary {
   int64_t expert_input_bytes = 0;  // expert tensors as stored in the checkpoint
   int64_t expert_compressed_bytes = 0;
   int64_t passthrough_tensors = 0;
-  int64_t v1_matrices = 0, v2_matrices = 0, p5_matrices = 0;
+  int64_t v1_matrices = 0, v2_matrices = 0, v3_matrices = 0, p5_matrices = 0;
   int64_t fallback_matrices = 0;  // GPTQ without tokens: rounded to nearest
   double mean_zero_fraction = 0;
   double compress_seconds = 0;  // compression phase (this run's share)

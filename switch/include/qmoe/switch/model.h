@@ -1,6 +1,6 @@
 // The weights of a Switch Transformers encoder-decoder, as the CPU forward pass uses them, and the
 // expert-MLP interface through which expert layers run either from dense weights or straight from
-// compressed (ternary, qmoe-v1 / qmoe-p5) matrices.
+// compressed (ternary, any qmoe codec) matrices.
 #pragma once
 
 #include <cstdint>
