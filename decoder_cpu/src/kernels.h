@@ -18,7 +18,8 @@ struct Tables {
   const uint64_t* v1_list = nullptr;
   // 64 combinations of the v1_perm kind bits (bits 15..20 of a v1_perm word: bit j = slot j is
   // low, bit 3 + j = slot j is high) x 2 (low, high) x 4 int32 lane masks: lane j is all ones when
-  // slot j has that kind; lane 3 is 0.
+  // slot j has that kind; lane 3 is 0. A qmoe-v3 entry word's kind bits of each row (8..13,
+  // 14..19) index it the same way.
   const int32_t* v1_slot_masks = nullptr;
   //   v1_perm, 32 bits, for the single-token kernels: the non-zero symbols as three slots in
   //            column order; bits 5j..5j+4 = column of slot j
@@ -33,10 +34,6 @@ struct Tables {
   // (i < 5) is all ones when symbol i of the byte is low, lane 8 + i when it is high; the other
   // lanes and the entries of bytes > 242 are 0.
   const int32_t* p5_lanes = nullptr;
-  // qmoe-v3, indexed by 8 symbol bits of a v3 entry word (two slots: bits 8..15, or one slot's 4
-  // bits), 8 int32 lane masks: lane i is all ones when bit i is set. Lanes 0..3 of a slot are
-  // (row 0 low, row 0 high, row 1 low, row 1 high).
-  const int32_t* v3_lane_masks = nullptr;
 };
 
 // The tables, built on first use from v1_decode_table(); thread-safe, valid forever. Throws Error

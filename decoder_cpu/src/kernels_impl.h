@@ -454,12 +454,13 @@ struct PermKernel {
 
 // ---- one token, qmoe-v3: a pair of rows per code stream --------------------------------------
 // A qmoe-v3 codeword covers columns of two rows, with at most 3 non-zero columns (slots) within 16
-// consecutive columns: its inputs lie in one 16-float window of x at slot 0's column. Each slot
-// feeds 4 lanes, (row 0 low, row 0 high, row 1 low, row 1 high), masked by the slot's 4 symbol
-// bits, so one accumulator holds both rows' low and high sums. The kernels below walk pairs with
-// rows_paired() (its "rows" are pairs: two pairs' codeword chains interleaved) and take the entry
-// words as stored, without derived tables. A codeword's window starts at most 31 columns after its
-// first column, which lies inside the row, and is 16 floats wide: 47 < kColPad.
+// consecutive columns: its inputs lie in one 16-float window of x at slot 0's column. Each row's 6
+// kind bits sit in the entry word as a qmoe-v1 slot word's do (low bits of slots 0..2, then high),
+// so the broadcast kernels mask one vector of the three slot inputs with two rows of
+// v1_slot_masks, one per row. The kernels walk pairs with rows_paired() (its "rows" are pairs:
+// two pairs' codeword chains interleaved) and take the entry words as stored, without derived
+// tables. A codeword's window starts at most 31 columns after its first column, which lies inside
+// the row, and is 16 floats wide: 47 < kColPad.
 static_assert(kColPad >= 47);
 
 // The two rows of pair p from its 4 sums (row 0 low, row 0 high, row 1 low, row 1 high); the row
@@ -482,85 +483,89 @@ inline Row pair_row(const Work& w, int64_t p) {
   return s;
 }
 
-// Portable: one 4-lane vector per slot (the slot's input in every lane, ANDed with its bits).
+// Portable: the three slot inputs in one 4-float vector, split into each row's low and high sums
+// by the AND masks of its kind bits (SlotKernel's arithmetic, twice).
 struct PairSlotKernel {
   struct Row {
     const uint16_t* c;
     const uint16_t* end;
     const float* xp;  // the input at the next codeword's first column
-    v4f acc[2];       // even / odd codewords
+    // Row 0 low, row 0 high, row 1 low, row 1 high. One set, not one per codeword parity as in
+    // the other kernels: four accumulators per pair, two pairs in flight, already fill the
+    // registers (and each add waits on the previous codeword of its pair only).
+    v4f acc[4];
   };
   const Work& w;
   const uint32_t* entries;
   const int32_t* masks;
 
   Row row(int64_t p) const { return pair_row<Row>(w, p); }
-  void code(Row& s, uint32_t code, int odd) const {
+  void code(Row& s, uint32_t code, int /*odd*/) const {
     const uint32_t e = entries[code];
     const float* x = s.xp + ((e >> 20) & 31);
-    const v4f x0 = {x[0], x[0], x[0], x[0]};
-    const float x1s = x[e & 15], x2s = x[(e >> 4) & 15];
-    const v4f x1 = {x1s, x1s, x1s, x1s}, x2 = {x2s, x2s, x2s, x2s};
-    const v4i* m0 = reinterpret_cast<const v4i*>(masks + 8 * ((e >> 8) & 15));
-    const v4i* m1 = reinterpret_cast<const v4i*>(masks + 8 * ((e >> 12) & 15));
-    const v4i* m2 = reinterpret_cast<const v4i*>(masks + 8 * ((e >> 16) & 15));
-    s.acc[odd] += (reinterpret_cast<v4f>(reinterpret_cast<v4i>(x0) & *m0) +
-                   reinterpret_cast<v4f>(reinterpret_cast<v4i>(x1) & *m1)) +
-                  reinterpret_cast<v4f>(reinterpret_cast<v4i>(x2) & *m2);
+    const v4i v = reinterpret_cast<v4i>(v4f{x[0], x[e & 15], x[(e >> 4) & 15], 0.0f});
+    const v4i* m0 = reinterpret_cast<const v4i*>(masks + 8 * ((e >> 8) & 63));
+    const v4i* m1 = reinterpret_cast<const v4i*>(masks + 8 * ((e >> 14) & 63));
+    s.acc[0] += reinterpret_cast<v4f>(v & m0[0]);
+    s.acc[1] += reinterpret_cast<v4f>(v & m0[1]);
+    s.acc[2] += reinterpret_cast<v4f>(v & m1[0]);
+    s.acc[3] += reinterpret_cast<v4f>(v & m1[1]);
     s.xp += e >> 26;
   }
   void store(const Row& s, int64_t p) const {
-    const v4f a = s.acc[0] + s.acc[1];
-    const float sum[4] = {a[0], a[1], a[2], a[3]};
+    float sum[4];
+    for (int h = 0; h < 4; ++h) sum[h] = hsum4(s.acc[h]);
     pair_store(w, p, sum);
   }
 };
 
 #if defined(__AVX2__)
-// AVX2: slots 0 and 1 broadcast and blended into one 8-lane vector, slot 2 in a 4-lane one, ANDed
-// with rows of v3_lane_masks (indexed by the symbol bits as they sit in the word).
+// AVX2: BlendKernel's 8-float vector of the slot inputs (slot j in lanes j and 4 + j, broadcast
+// from memory), ANDed with the 8-lane v1_slot_masks row of each row's kind bits: one accumulator
+// per row, low sums in lanes 0..2, high sums in 4..6.
 struct PairBlendKernel {
   struct Row {
     const uint16_t* c;
     const uint16_t* end;
     const float* xp;
-    v8f a01[2];  // slots 0 (lanes 0..3) and 1 (lanes 4..7), even / odd codewords
-    v4f a2[2];   // slot 2
+    v8f acc[2];  // row 0, row 1 (one set, not one per codeword parity: see PairSlotKernel)
   };
   const Work& w;
   const uint32_t* entries;
   const int32_t* masks;
 
   Row row(int64_t p) const { return pair_row<Row>(w, p); }
-  void code(Row& s, uint32_t code, int odd) const {
+  void code(Row& s, uint32_t code, int /*odd*/) const {
     const uint32_t e = entries[code];
     const float* x = s.xp + ((e >> 20) & 31);
-    const __m256 v01 =
-        _mm256_blend_ps(_mm256_broadcast_ss(x), _mm256_broadcast_ss(x + (e & 15)), 0xf0);
-    const __m128 v2 = _mm_broadcast_ss(x + ((e >> 4) & 15));
-    const __m256 m01 = _mm256_load_ps(reinterpret_cast<const float*>(masks + 8 * ((e >> 8) & 255)));
-    const __m128 m2 = _mm_load_ps(reinterpret_cast<const float*>(masks + 8 * ((e >> 16) & 15)));
-    s.a01[odd] = reinterpret_cast<v8f>(
-        _mm256_add_ps(reinterpret_cast<__m256>(s.a01[odd]), _mm256_and_ps(v01, m01)));
-    s.a2[odd] =
-        reinterpret_cast<v4f>(_mm_add_ps(reinterpret_cast<__m128>(s.a2[odd]), _mm_and_ps(v2, m2)));
+    const __m256 b0 = _mm256_broadcast_ss(x);
+    const __m256 b1 = _mm256_broadcast_ss(x + (e & 15));
+    const __m256 b2 = _mm256_broadcast_ss(x + ((e >> 4) & 15));
+    const __m256 v = _mm256_blend_ps(_mm256_blend_ps(b0, b1, 0x22), b2, 0x44);
+    const __m256 m0 = _mm256_load_ps(reinterpret_cast<const float*>(masks + 8 * ((e >> 8) & 63)));
+    const __m256 m1 = _mm256_load_ps(reinterpret_cast<const float*>(masks + 8 * ((e >> 14) & 63)));
+    s.acc[0] += reinterpret_cast<v8f>(_mm256_and_ps(v, m0));
+    s.acc[1] += reinterpret_cast<v8f>(_mm256_and_ps(v, m1));
     s.xp += e >> 26;
   }
   void store(const Row& s, int64_t p) const {
-    const v8f a = s.a01[0] + s.a01[1];
-    const v4f b = s.a2[0] + s.a2[1];
     float sum[4];
-    for (int h = 0; h < 4; ++h) sum[h] = (a[h] + a[4 + h]) + b[h];
+    for (int h = 0; h < 2; ++h) {
+      const v8f a = s.acc[h];
+      sum[2 * h] = (a[0] + a[1]) + a[2];
+      sum[2 * h + 1] = (a[4] + a[5]) + a[6];
+    }
     pair_store(w, p, sum);
   }
 };
 #endif
 
 #if defined(__AVX512F__)
-// AVX-512: the entry word broadcast to 16 lanes; a variable shift gives each lane its slot's
-// column within the window (slot 0's is 0: a shift by 32), the permute reads the low 4 bits; one
-// bit test gives the 12 lanes' mask; one single-source permute of the 16-float window. One load
-// of x per codeword where qmoe-v1 and qmoe-v2 need two.
+// AVX-512: the entry word broadcast to 16 lanes; lane L (< 12) stands for kind bit 8 + L, i.e.
+// slot L % 3 with kind L / 3 (row 0 low, row 0 high, row 1 low, row 1 high). A variable shift
+// gives each lane its slot's column within the window (slot 0's is 0: a shift by 32; the permute
+// reads the low 4 bits), one bit test the lanes' mask, and one single-source permute of the
+// 16-float window fills them. One load of x per codeword where qmoe-v1 and qmoe-v2 need two.
 struct PairPermKernel {
   using Row = VecRow<v16f>;  // lanes 12..15 stay 0
   const Work& w;
@@ -569,7 +574,7 @@ struct PairPermKernel {
   Row row(int64_t p) const { return pair_row<Row>(w, p); }
   void code(Row& s, uint32_t code, int odd) const {
     const uint32_t e = entries[code];
-    const __m512i shift = _mm512_setr_epi32(32, 32, 32, 32, 0, 0, 0, 0, 4, 4, 4, 4, 32, 32, 32, 32);
+    const __m512i shift = _mm512_setr_epi32(32, 0, 4, 32, 0, 4, 32, 0, 4, 32, 0, 4, 32, 32, 32, 32);
     const __m512i bits =
         _mm512_setr_epi32(1 << 8, 1 << 9, 1 << 10, 1 << 11, 1 << 12, 1 << 13, 1 << 14, 1 << 15,
                           1 << 16, 1 << 17, 1 << 18, 1 << 19, 0, 0, 0, 0);
@@ -586,7 +591,7 @@ struct PairPermKernel {
     const v16f a = s.acc[0] + s.acc[1];
     std::memcpy(t, &a, sizeof a);
     float sum[4];
-    for (int h = 0; h < 4; ++h) sum[h] = (t[h] + t[4 + h]) + t[8 + h];
+    for (int k = 0; k < 4; ++k) sum[k] = (t[3 * k] + t[3 * k + 1]) + t[3 * k + 2];
     pair_store(w, p, sum);
   }
 };
@@ -768,9 +773,9 @@ void rows(const Work& w, const Tables& tb, int64_t r0, int64_t r1, int32_t* scra
 #if defined(__AVX512F__)
     rows_paired(PairPermKernel{w, w.m.v3_entries}, r0 / 2, (r1 + 1) / 2);
 #elif defined(__AVX2__)
-    rows_paired(PairBlendKernel{w, w.m.v3_entries, tb.v3_lane_masks}, r0 / 2, (r1 + 1) / 2);
+    rows_paired(PairBlendKernel{w, w.m.v3_entries, tb.v1_slot_masks}, r0 / 2, (r1 + 1) / 2);
 #else
-    rows_paired(PairSlotKernel{w, w.m.v3_entries, tb.v3_lane_masks}, r0 / 2, (r1 + 1) / 2);
+    rows_paired(PairSlotKernel{w, w.m.v3_entries, tb.v1_slot_masks}, r0 / 2, (r1 + 1) / 2);
 #endif
     return;
   }

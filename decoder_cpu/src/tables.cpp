@@ -39,7 +39,6 @@ struct TableStore {
   alignas(64) std::array<int32_t, 64 * 2 * 4> v1_slot_masks{};
   std::vector<uint8_t> p5_list;
   alignas(64) std::array<int32_t, 256 * 16> p5_lanes{};
-  alignas(64) std::array<int32_t, 256 * 8> v3_lane_masks{};
   Tables view;
 
   TableStore() : v1_list(v1::kEntries), v1_perm(v1::kEntries), p5_list(256 * 16, 0) {
@@ -90,10 +89,6 @@ struct TableStore {
     view.v1_perm = v1_perm.data();
     view.p5_list = p5_list.data();
     view.p5_lanes = p5_lanes.data();
-    for (int b = 0; b < 256; ++b) {
-      for (int i = 0; i < 8; ++i) v3_lane_masks[8 * b + i] = ((b >> i) & 1) != 0 ? -1 : 0;
-    }
-    view.v3_lane_masks = v3_lane_masks.data();
   }
 };
 

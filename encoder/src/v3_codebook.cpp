@@ -70,9 +70,9 @@ Node child_of(const Node& n, int v, double p0, double p1, int32_t id) {
     } else {
       e |= static_cast<uint32_t>(col - n.first) << (4 * (j - 1));
     }
-    const uint32_t bits =
-        (s0 == 0 ? 0u : (s0 == 1 ? 1u : 2u)) | (s1 == 0 ? 0u : (s1 == 1 ? 4u : 8u));
-    e |= bits << (v3::kSymShift + 4 * j);
+    // Row r's kind bits: low of slot j at kSymShift + 6r + j, high 3 bits above.
+    if (s0 != 0) e |= 1u << (v3::kSymShift + (s0 == 2 ? 3 : 0) + j);
+    if (s1 != 0) e |= 1u << (v3::kSymShift + 6 + (s1 == 2 ? 3 : 0) + j);
     c.nonzero_cols = j + 1;
     c.nonzero_symbols = n.nonzero_symbols + (s0 != 0) + (s1 != 0);
   }

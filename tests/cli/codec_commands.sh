@@ -132,9 +132,9 @@ expect_exit 0 "$qmoe" decode "$work/t32.safetensors" -o "$work/dt32.safetensors"
 cmp "$work/d1.safetensors" "$work/dt32.safetensors" || fail "qmoe-v3 transcoded to qmoe-v2 has other weights"
 expect_exit 0 "$qmoe" dictionary --codec qmoe-v3 --p0 0.890625 --out "$work/v3dict.bin"
 [ "$(stat -c %s "$work/v3dict.bin")" = 262144 ] || fail "qmoe-v3 dictionary has the wrong size"
-grep -q "qmoe-v3 dictionary .*id c982a44341657d1c" "$work/out" || { cat "$work/out"; fail "qmoe-v3 dictionary id differs from format/SPEC.md 15.1"; }
-# Entry 20000 of that dictionary is the example of SPEC 15.1 (little endian 0x300884b9).
-[ "$(od -An -tx4 -j $((4 * 20000)) -N4 "$work/v3dict.bin" | tr -d ' ')" = 300884b9 ] || fail "qmoe-v3 dictionary entry 20000 differs from format/SPEC.md 15.1"
+grep -q "qmoe-v3 dictionary .*id 11ccb88076bd615f" "$work/out" || { cat "$work/out"; fail "qmoe-v3 dictionary id differs from format/SPEC.md 15.1"; }
+# Entry 20000 of that dictionary is the example of SPEC 15.1 (little endian 0x300c40b9).
+[ "$(od -An -tx4 -j $((4 * 20000)) -N4 "$work/v3dict.bin" | tr -d ' ')" = 300c40b9 ] || fail "qmoe-v3 dictionary entry 20000 differs from format/SPEC.md 15.1"
 expect_exit 2 "$qmoe" dictionary --codec qmoe-v3 --p0 0.890625 --max-width 20 --out "$work/none.bin"
 grep -q "qmoe-v3: --max-width does not apply" "$work/out" || { cat "$work/out"; fail "no clear message for --max-width with qmoe-v3"; }
 [ ! -e "$work/none.bin" ] || fail "dictionary wrote output despite the error"

@@ -28,11 +28,12 @@ std::string entry_columns(uint32_t e) {
   const int first = static_cast<int>((e >> 20) & 31u);
   const int d[3] = {0, static_cast<int>(e & 15u), static_cast<int>((e >> 4) & 15u)};
   for (int j = 0; j < 3; ++j) {
-    const uint32_t bits = (e >> (8 + 4 * j)) & 15u;
-    if (bits == 0) continue;
+    // Row r's kind bits: low at 8 + 6r + j, high at 11 + 6r + j.
     const size_t col = static_cast<size_t>(first + d[j]);
-    s[2 * col] = static_cast<char>('0' + (bits & 3u));
-    s[2 * col + 1] = static_cast<char>('0' + ((bits >> 2) & 3u));
+    for (int r = 0; r < 2; ++r) {
+      const bool low = (e >> (8 + 6 * r + j)) & 1u, high = (e >> (11 + 6 * r + j)) & 1u;
+      if (low || high) s[2 * col + static_cast<size_t>(r)] = low ? '1' : '2';
+    }
   }
   return s;
 }
@@ -93,16 +94,16 @@ TEST(V3Dictionary, CodesInOrderOfProbabilityCachedAndTheSpecExample) {
     ASSERT_GE(logp(d->entries[i - 1]), logp(d->entries[i]) - 1e-9) << "code " << i;
   // SPEC section 15.1's example.
   const auto spec = v3_dictionary(57.0 / 64);
-  EXPECT_EQ(spec->id, 0xc982a44341657d1cull);
-  EXPECT_EQ(spec->entries[20000], 0x300884b9u);
+  EXPECT_EQ(spec->id, 0x11ccb88076bd615full);
+  EXPECT_EQ(spec->entries[20000], 0x300c40b9u);
   // Columns as s0 s1 pairs: row 1 reads 1 00000000 2 0 2, row 0 is all zeros.
   EXPECT_EQ(entry_columns(spec->entries[20000]), "010000000000000000020002");
-  EXPECT_EQ(v3::entry_width(0x300884b9u), 12);
-  EXPECT_EQ(v3::slot_col(0x300884b9u, 1), 9);
-  EXPECT_EQ(v3::slot_col(0x300884b9u, 2), 11);
-  EXPECT_EQ(v3::slot_symbol(0x300884b9u, 0, 1), 1);
-  EXPECT_EQ(v3::slot_symbol(0x300884b9u, 2, 1), 2);
-  EXPECT_EQ(v3::slot_symbol(0x300884b9u, 2, 0), 0);
+  EXPECT_EQ(v3::entry_width(0x300c40b9u), 12);
+  EXPECT_EQ(v3::slot_col(0x300c40b9u, 1), 9);
+  EXPECT_EQ(v3::slot_col(0x300c40b9u, 2), 11);
+  EXPECT_EQ(v3::slot_symbol(0x300c40b9u, 0, 1), 1);
+  EXPECT_EQ(v3::slot_symbol(0x300c40b9u, 2, 1), 2);
+  EXPECT_EQ(v3::slot_symbol(0x300c40b9u, 2, 0), 0);
 }
 
 TEST(V3Dictionary, RejectsBadParameters) {
@@ -284,14 +285,14 @@ TEST(ValidateV3, BrokenDictionaries) {
   const uint32_t w5 = uint32_t{5} << v3::kWidthShift;
   expect_bad(7, 0, "width 0");
   expect_bad(8, w5 | (5u << v3::kFirstShift) | (1u << 8), "slot at the width");
-  expect_bad(9, w5 | (3u << 8), "low and high in row 0");
-  expect_bad(10, w5 | (12u << 8), "low and high in row 1");
-  expect_bad(11, w5 | (1u << 8) | (1u << 12), "slot 1 at slot 0's column");
-  expect_bad(12, w5 | (1u << 12) | 2u, "slot 1 without slot 0");
+  expect_bad(9, w5 | (1u << 8) | (1u << 11), "low and high in row 0");
+  expect_bad(10, w5 | (1u << 14) | (1u << 17), "low and high in row 1");
+  expect_bad(11, w5 | (1u << 8) | (1u << 9), "slot 1 at slot 0's column");
+  expect_bad(12, w5 | (1u << 9) | 2u, "slot 1 without slot 0");
   expect_bad(13, w5 | 2u | (1u << 8), "unused slot with a column");
   expect_bad(14, w5 | (3u << v3::kFirstShift), "first column without a slot");
   expect_bad(15, w5 | (1u << 25), "reserved bit");
-  expect_bad(16, w5 | (1u << 8) | (1u << 12) | 3u | (1u << 16) | (2u << 4), "columns decrease");
+  expect_bad(16, w5 | (1u << 8) | (1u << 9) | 3u | (1u << 10) | (2u << 4), "columns decrease");
   // An id that does not match.
   CompressedView v = base.view();
   v.dictionary_id ^= 1;

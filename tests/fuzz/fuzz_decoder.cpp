@@ -65,8 +65,10 @@ std::vector<uint32_t> make_v2_dictionary(bool windowed) {
 
 std::vector<uint32_t> make_v3_dictionary() {
   std::vector<uint32_t> out(qmoe::v3::kEntries);
-  // The 8 non-zero symbol pairs a slot may hold: (row 0, row 1) bits, at most one per row.
-  constexpr uint32_t kPairs[8] = {1, 2, 4, 8, 5, 6, 9, 10};
+  // The 8 non-zero symbol pairs a slot may hold, as kind bits relative to slot j's row-0 low bit
+  // (row 0 low 0, high 3; row 1 low 6, high 9), at most one per row.
+  constexpr uint32_t kPairs[8] = {1u,           1u << 3,      1u << 6,           1u << 9,
+                                  1u | 1u << 6, 1u | 1u << 9, 1u << 3 | 1u << 6, 1u << 3 | 1u << 9};
   for (uint32_t i = 0; i < out.size(); ++i) {
     const uint64_t h = splitmix64(i ^ 0x5a5a5a5aull);
     const int width = 1 + static_cast<int>(h % qmoe::v3::kMaxWidth);
@@ -82,7 +84,7 @@ std::vector<uint32_t> make_v3_dictionary() {
              static_cast<int>((h >> (20 + 6 * j)) % static_cast<uint64_t>(room - d - (slots - j)));
         e |= static_cast<uint32_t>(d) << (4 * (j - 1));
       }
-      e |= kPairs[(h >> (40 + 3 * j)) & 7] << (qmoe::v3::kSymShift + 4 * j);
+      e |= kPairs[(h >> (40 + 3 * j)) & 7] << (qmoe::v3::kSymShift + j);
     }
     if (slots > 0) e |= static_cast<uint32_t>(first) << qmoe::v3::kFirstShift;
     out[i] = e;

@@ -233,7 +233,7 @@ def test_qmoe_v3_next_to_qmoe_v2(rng, tmp_path):
     tensors = {"v2": qmoe.encode(s, l, codec="qmoe-v2", v2_p0=57 / 64),
                "v3": qmoe.encode(s, l, codec="qmoe-v3", v2_p0=57 / 64, original_dtype="BF16"),
                "v3b": qmoe.encode(s[:4], l[:4], codec="qmoe-v3", v2_p0=57 / 64)}
-    assert tensors["v3"].dictionary_id == "c982a44341657d1c"  # format/SPEC.md section 15.1
+    assert tensors["v3"].dictionary_id == "11ccb88076bd615f"  # format/SPEC.md section 15.1
     assert tensors["v2"].dictionary_id != tensors["v3"].dictionary_id
     path = tmp_path / "v3.safetensors"
     qmoe.save(path, tensors)
@@ -245,4 +245,4 @@ def test_qmoe_v3_next_to_qmoe_v2(rng, tmp_path):
     with safe_open(str(path), framework="numpy") as f:
         dictionaries = sorted(k for k in f.keys() if k.startswith("qmoe.dictionary."))
     assert dictionaries == ["qmoe.dictionary.qmoe-v2." + tensors["v2"].dictionary_id,
-                            "qmoe.dictionary.qmoe-v3.c982a44341657d1c"]
+                            "qmoe.dictionary.qmoe-v3.11ccb88076bd615f"]

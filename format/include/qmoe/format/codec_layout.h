@@ -99,19 +99,22 @@ QMOE_HD int slot_symbol(uint32_t e, int j) {
 // Entry word (uint32), the non-zero columns as up to three slots in column order:
 //   bits 0..3                : column of slot 1 minus column of slot 0 (0 when unused)
 //   bits 4..7                : column of slot 2 minus column of slot 0 (0 when unused)
-//   bits 8 + 4j .. 11 + 4j   : symbols of slot j (j = 0..2): bit 0 = row 0 low, bit 1 = row 0
-//                              high, bit 2 = row 1 low, bit 3 = row 1 high (all 0: unused)
+//   bit 8 + 6r + j           : slot j (j = 0..2) holds a low symbol (1) in row r (r = 0, 1)
+//   bit 11 + 6r + j          : slot j holds a high symbol (2) in row r
+//                              (a slot with none of its 4 bits set is unused)
 //   bits 20..24              : column of slot 0 within the entry (0 when unused)
 //   bit 25                   : 0
 //   bits 26..31              : width, the number of columns the entry covers (1..63)
 // Used slots come first, with strictly increasing columns below the width; a used slot has a
-// non-zero symbol in at least one row and at most one of low/high per row.
+// non-zero symbol in at least one row and at most one of low/high per row. Each row's 6 kind bits
+// are laid out as a qmoe-v2 entry's (low bits of slots 0..2, then their high bits), so a kernel can
+// index one mask table with either row's bits.
 namespace v3 {
 inline constexpr int kEntries = 65536;
 inline constexpr int kMaxWidth = 63;
 inline constexpr int kSlots = 3;
-inline constexpr int kSpan = 16;  // slot 2's column - slot 0's column < kSpan (4-bit field)
-inline constexpr int kSymShift = 8;
+inline constexpr int kSpan = 16;     // slot 2's column - slot 0's column < kSpan (4-bit field)
+inline constexpr int kSymShift = 8;  // row r's kind bits: kSymShift + 6r .. + 5
 inline constexpr int kFirstShift = 20;
 inline constexpr int kWidthShift = 26;
 inline constexpr int64_t kTableBytes = int64_t{kEntries} * 4;
@@ -119,9 +122,11 @@ inline constexpr int64_t kTableBytes = int64_t{kEntries} * 4;
 QMOE_HD int entry_width(uint32_t e) {
   return static_cast<int>(e >> kWidthShift);
 }
-// The 4 symbol bits of slot j; 0 = unused.
+// The 4 kind bits of slot j: bit 0 = row 0 low, bit 1 = row 0 high, bit 2 = row 1 low, bit 3 =
+// row 1 high; 0 = unused.
 QMOE_HD uint32_t slot_bits(uint32_t e, int j) {
-  return (e >> (kSymShift + 4 * j)) & 15u;
+  const uint32_t k = e >> (kSymShift + j);
+  return (k & 1u) | ((k >> 2) & 2u) | ((k >> 4) & 4u) | ((k >> 6) & 8u);
 }
 // Column of slot j within the entry.
 QMOE_HD int slot_col(uint32_t e, int j) {
