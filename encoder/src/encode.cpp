@@ -92,16 +92,14 @@ inline void encode_row_v1(const V1Trie& trie, const uint8_t* s, int64_t cols, Si
   sink(static_cast<uint16_t>(node));
 }
 
-// Encodes one row of v2; calls sink(code) per codeword. Walks the complete tree from the root to a
-// leaf, emits it and starts again; a walk the row's end leaves inside the tree is finished with
-// zeros (SPEC 6.2: the symbols of the last codeword past the row's end are zero).
-template <class Sink>
-inline void encode_row_v2(const detail::V2Codebook& cb, const uint8_t* s, int64_t cols,
-                          Sink&& sink) {
-  const int32_t* child = cb.child.data();
+// Walks a complete tree (child[node * Arity + value]: the inner node > 0 that extends `node` by
+// `value`, or ~code of the leaf that does), one value per column; on reaching a leaf, emits its
+// code and returns to the root. A row that ends at an inner node goes on with value 0 to a leaf.
+template <int Arity, class ValueAt, class Sink>
+inline void walk_tree(const int32_t* child, int64_t cols, ValueAt&& value_at, Sink&& sink) {
   int32_t node = 0;
   for (int64_t c = 0; c < cols; ++c) {
-    const int32_t next = child[node * 3 + s[c]];
+    const int32_t next = child[node * Arity + value_at(c)];
     if (next < 0) {
       sink(static_cast<uint16_t>(~next));
       node = 0;
@@ -111,7 +109,7 @@ inline void encode_row_v2(const detail::V2Codebook& cb, const uint8_t* s, int64_
   }
   if (node == 0) return;
   for (;;) {
-    const int32_t next = child[node * 3];
+    const int32_t next = child[node * Arity];
     if (next < 0) {
       sink(static_cast<uint16_t>(~next));
       return;
@@ -120,31 +118,23 @@ inline void encode_row_v2(const detail::V2Codebook& cb, const uint8_t* s, int64_
   }
 }
 
+// Encodes one row of v2; calls sink(code) per codeword (SPEC 6.2: the symbols of the last codeword
+// past the row's end are zero).
+template <class Sink>
+inline void encode_row_v2(const detail::V2Codebook& cb, const uint8_t* s, int64_t cols,
+                          Sink&& sink) {
+  walk_tree<3>(
+      cb.child.data(), cols, [&](int64_t c) { return s[c]; }, sink);
+}
+
 // One pair of rows through the tree of a qmoe-v3 dictionary, a column (s0 + 3 * s1) at a time; s1
 // is null for the zero row that completes an odd-height matrix.
 template <class Sink>
 inline void encode_pair_v3(const detail::V3Codebook& cb, const uint8_t* s0, const uint8_t* s1,
                            int64_t cols, Sink&& sink) {
-  const int32_t* child = cb.child.data();
-  int32_t node = 0;
-  for (int64_t c = 0; c < cols; ++c) {
-    const int32_t next = child[node * 9 + s0[c] + (s1 != nullptr ? 3 * s1[c] : 0)];
-    if (next < 0) {
-      sink(static_cast<uint16_t>(~next));
-      node = 0;
-    } else {
-      node = next;
-    }
-  }
-  if (node == 0) return;
-  for (;;) {
-    const int32_t next = child[node * 9];
-    if (next < 0) {
-      sink(static_cast<uint16_t>(~next));
-      return;
-    }
-    node = next;
-  }
+  walk_tree<9>(
+      cb.child.data(), cols, [&](int64_t c) { return s0[c] + (s1 != nullptr ? 3 * s1[c] : 0); },
+      sink);
 }
 
 void check_symbols(const TernaryMatrix& t) {
