@@ -218,4 +218,23 @@ inline void expect_format_error(const std::function<void()>& fn,
   }
 }
 
+// Writes a fixture (Fixture::write(dir) returns the file), edits the file's header and data,
+// refreshes the checksums so that only the edit is wrong, and expects Container::open to raise a
+// FormatError mentioning every one of `parts` and the file.
+template <class Fixture>
+void expect_bad_file(
+    const std::function<void(nlohmann::ordered_json&, std::vector<uint8_t>&, const Fixture&)>& edit,
+    const std::vector<std::string>& parts) {
+  TempDir dir;
+  Fixture fx;
+  const fs::path p = fx.write(dir.path());
+  rewrite(p, [&](nlohmann::ordered_json& h, std::vector<uint8_t>& d) {
+    edit(h, d, fx);
+    refresh_checksums(h, d);
+  });
+  auto all = parts;
+  all.push_back(p.string());
+  expect_format_error([&] { (void)Container::open(p); }, all);
+}
+
 }  // namespace qmoe::test

@@ -92,16 +92,7 @@ TEST(ContainerV2, ShardsHoldTheDictionariesTheyUse) {
 
 void expect_bad_v2(const std::function<void(Header&, Data&, const V2Fixture&)>& edit,
                    const std::vector<std::string>& parts) {
-  TempDir dir;
-  V2Fixture fx;
-  const fs::path p = fx.write(dir.path());
-  rewrite(p, [&](Header& h, Data& d) {
-    edit(h, d, fx);
-    refresh_checksums(h, d);
-  });
-  auto all = parts;
-  all.push_back(p.string());
-  expect_format_error([&] { (void)Container::open(p); }, all);
+  expect_bad_file<V2Fixture>(edit, parts);
 }
 
 TEST(ContainerV2, BrokenDictionariesAndReferences) {

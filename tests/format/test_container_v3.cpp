@@ -120,16 +120,7 @@ TEST(ContainerV3, ShardsHoldTheDictionariesTheyUse) {
 
 void expect_bad_v3(const std::function<void(Header&, Data&, const V3Fixture&)>& edit,
                    const std::vector<std::string>& parts) {
-  TempDir dir;
-  V3Fixture fx;
-  const fs::path p = fx.write(dir.path());
-  rewrite(p, [&](Header& h, Data& d) {
-    edit(h, d, fx);
-    refresh_checksums(h, d);
-  });
-  auto all = parts;
-  all.push_back(p.string());
-  expect_format_error([&] { (void)Container::open(p); }, all);
+  expect_bad_file<V3Fixture>(edit, parts);
 }
 
 TEST(ContainerV3, MissingDictionary) {
