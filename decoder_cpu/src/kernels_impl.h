@@ -3,21 +3,25 @@
 // linkage (anonymous namespace) and uses no inline function from another header, so no symbol
 // compiled for one ISA can be merged by the linker into another level's code path.
 //
-// Three ways through a row:
-//  * slots (qmoe-v1, a single token): every dictionary entry has at most 3 non-zero symbols, so a
-//    codeword's inputs are one 4-float vector of its slot columns, split into low and high sums
-//    by two AND masks. One pass, no stores, a handful of operations per codeword. With AVX2 the
-//    slots are broadcast and blended into one 8-float vector (BlendKernel, same sums); with
-//    AVX-512 they are picked by one two-source permute from the codeword's 32-column window
-//    (PermKernel), which takes about a quarter less time per codeword.
+// Four ways through a row:
+//  * slots (qmoe-v1 and qmoe-v2, a single token): every dictionary entry has at most 3 non-zero
+//    symbols, so a codeword's inputs are one 4-float vector of its slot columns, split into low
+//    and high sums by two AND masks. One pass, no stores, a handful of operations per codeword.
+//    With AVX2 the slots are broadcast and blended into one 8-float vector (BlendKernel, same
+//    sums); with AVX-512 they are picked by one two-source permute from the codeword's 32-column
+//    window (PermKernel), which takes about a quarter less time per codeword.
+//  * slot pairs (qmoe-v3, a single token): a codeword covers columns of two rows, its slots lie in
+//    one 16-column window, and each slot feeds four sums (two rows, low and high): one load and
+//    one single-source permute per codeword with AVX-512 (PairPermKernel).
 //  * byte windows (qmoe-p5, a single token, AVX2 and AVX-512): a byte's 5 columns lie in one
 //    8-float window of the input, masked into low and high lanes by the byte's table row (p5_row).
-//  * lists (both codecs, any pass, the batch path): decode the row's codes once into the
+//  * lists (every codec, any pass, the batch path): decode the row's codes once into the
 //    ascending columns of its low-level and high-level symbols (at most 3 per v1 codeword, 5 per
-//    p5 byte), then, for every pass of tokens, sum the inputs at those columns. With column-major
-//    inputs a column is one contiguous vector of bp tokens, so each non-zero symbol costs one
-//    vector add per 8 (16 with AVX-512) tokens, whatever the batch: ~12% of the columns are
-//    visited, and the decode is shared by up to 8 passes of 32 tokens.
+//    p5 byte; a qmoe-v3 pair's two rows from one decode), then, for every pass of tokens, sum the
+//    inputs at those columns. With column-major inputs a column is one contiguous vector of bp
+//    tokens, so each non-zero symbol costs one vector add per 8 (16 with AVX-512) tokens, whatever
+//    the batch: ~12% of the columns are visited, and the decode is shared by up to 8 passes of 32
+//    tokens.
 // A row's summation order depends only on its own codes and the level, never on the rows it is
 // interleaved with or on the thread that runs it; that makes results thread-count independent.
 #pragma once

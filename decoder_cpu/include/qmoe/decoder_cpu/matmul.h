@@ -1,7 +1,7 @@
 // Fused decode x matrix products on the CPU: y = W x, Y = W X and one MoE layer's experts at once,
-// computed straight from the codes of a CompressedView (qmoe-v1 or qmoe-p5) without materialising
-// W. Multi-threaded with OpenMP over rows; SIMD kernels are picked at run time (AVX-512, AVX2 or
-// portable scalar code), so the library runs on any x86-64 (and non-x86) CPU.
+// computed straight from the codes of a CompressedView (any codec: qmoe-v1, -v2, -v3, -p5) without
+// materialising W. Multi-threaded with OpenMP over rows; SIMD kernels are picked at run time
+// (AVX-512, AVX2 or portable scalar code), so the library runs on any x86-64 (and non-x86) CPU.
 //
 // Numerics: a row's result is lo * (sum of x over its low-level columns) + hi * (sum of x over its
 // high-level columns), summed in fp32 in an order fixed by the row's data and the SIMD level. The
