@@ -33,6 +33,89 @@ namespace {
                  std::to_string(cols) + " columns");
 }
 
+// The two fitted-dictionary codecs as decode_row(), the codeword checks and the dictionary checks
+// see them: a stream of entries with at most kSlots used slots, in column order, each holding a
+// symbol of the row being decoded (`half`: qmoe-v3's row within its pair; qmoe-v2 has one).
+struct V2Layout {
+  static constexpr std::string_view kName = "qmoe-v2";
+  static constexpr int kSlots = v2::kSlots;
+  static constexpr bool kPairs = false;
+  static int width(uint32_t e) { return v2::entry_width(e); }
+  static bool used(uint32_t e, int j) { return v2::slot_symbol(e, j) != 0; }
+  static int col(uint32_t e, int j) { return v2::slot_col(e, j); }
+  static int symbol(uint32_t e, int j, int /*half*/) { return v2::slot_symbol(e, j); }
+  // The raw column field of slot j (0 when the slot is unused), a slot both low and high, and the
+  // reserved bits.
+  static uint32_t col_field(uint32_t e, int j) { return static_cast<uint32_t>(v2::slot_col(e, j)); }
+  static bool both_kinds(uint32_t e, int j) { return v2::slot_symbol(e, j) == 3; }
+  static constexpr std::string_view kBothKinds = " is both low and high";
+  static bool reserved(uint32_t e) { return ((e >> 24) & 3u) != 0; }
+  static constexpr std::string_view kReserved = "reserved bits 24..25 are set";
+};
+struct V3Layout {
+  static constexpr std::string_view kName = "qmoe-v3";
+  static constexpr int kSlots = v3::kSlots;
+  static constexpr bool kPairs = true;
+  static int width(uint32_t e) { return v3::entry_width(e); }
+  // Any of slot j's four kind bits (8 + j, 11 + j, 14 + j, 17 + j).
+  static bool used(uint32_t e, int j) { return ((e >> (v3::kSymShift + j)) & 0x249u) != 0; }
+  static int col(uint32_t e, int j) { return v3::slot_col(e, j); }
+  static int symbol(uint32_t e, int j, int half) { return v3::slot_symbol(e, j, half); }
+  static uint32_t col_field(uint32_t e, int j) {
+    return j == 0 ? (e >> v3::kFirstShift) & 31u : (e >> (4 * (j - 1))) & 15u;
+  }
+  static bool both_kinds(uint32_t e, int j) {
+    const uint32_t bits = v3::slot_bits(e, j);
+    return (bits & 3u) == 3u || (bits & 12u) == 12u;
+  }
+  static constexpr std::string_view kBothKinds = " is both low and high in one row";
+  static bool reserved(uint32_t e) { return ((e >> 25) & 1u) != 0; }
+  static constexpr std::string_view kReserved = "reserved bit 25 is set";
+};
+
+[[noreturn]] void lone_row_nonzero(std::string_view what, int64_t r) {
+  fail(what, "row " + std::to_string(r) +
+                 " is the last of an odd height; its pair's second row must be zero");
+}
+
+// Decodes the entries of one code row (qmoe-v2: row r; qmoe-v3: the pair whose even row is r,
+// emitting its row `half`). Errors name row r. `lone`: r is the last row of an odd height, whose
+// pair's second row must be zero. The last codeword may run past the row's end, over zeros only.
+template <class L, class Emit>
+void decode_fitted(const CompressedView& m, int64_t r, int half, bool lone, std::string_view what,
+                   Emit&& emit) {
+  int64_t pos = 0;
+  for (int32_t i = m.row_offsets[r]; i < m.row_offsets[r + 1]; ++i) {
+    if (pos >= m.cols) {
+      row_too_long(what, r, m.cols);
+    }
+    const uint32_t e = m.dictionary[m.codes[i]];
+    const int64_t end = std::min<int64_t>(pos + L::width(e), m.cols);
+    int64_t c = pos;
+    for (int j = 0; j < L::kSlots && L::used(e, j); ++j) {
+      const int64_t col = pos + L::col(e, j);
+      if (col >= end) {
+        row_nonzero_past_end(what, r);
+      }
+      if (col < c) {  // only an unvalidated dictionary has such an entry
+        fail(what, "row " + std::to_string(r) + ": " + std::string(L::kName) +
+                       " dictionary entry " + std::to_string(m.codes[i]) +
+                       " has slot columns out of order");
+      }
+      if (lone && L::symbol(e, j, 1) != 0) {
+        lone_row_nonzero(what, r);
+      }
+      for (; c < col; ++c) emit(c, 0);
+      emit(c++, L::symbol(e, j, half));
+    }
+    for (; c < end; ++c) emit(c, 0);
+    pos = end;
+  }
+  if (pos != m.cols) {
+    row_too_short(what, r, pos, m.cols);
+  }
+}
+
 void check_sizes(const CompressedView& m, std::string_view what) {
   if (m.rows < 0 || m.cols < 0) fail(what, "negative shape");
   if (m.levels.size() != static_cast<size_t>(2 * m.rows)) {
@@ -115,70 +198,12 @@ void decode_row(const CompressedView& m, int64_t r, std::string_view what, Emit&
       row_too_short(what, r, std::min<int64_t>(2 * pair, m.cols), m.cols);
     }
   } else if (m.codec == Codec::kV2) {
-    // The last codeword may run past the row's end, over zero symbols only.
-    int64_t pos = 0;
-    for (int32_t i = m.row_offsets[r]; i < m.row_offsets[r + 1]; ++i) {
-      if (pos >= m.cols) {
-        row_too_long(what, r, m.cols);
-      }
-      const uint32_t e = m.dictionary[m.codes[i]];
-      const int64_t end = std::min<int64_t>(pos + v2::entry_width(e), m.cols);
-      int64_t c = pos;
-      for (int j = 0; j < v2::kSlots && v2::slot_symbol(e, j) != 0; ++j) {
-        const int64_t col = pos + v2::slot_col(e, j);
-        if (col >= end) {
-          row_nonzero_past_end(what, r);
-        }
-        if (col < c) {  // only an unvalidated dictionary has such an entry
-          fail(what, "row " + std::to_string(r) + ": qmoe-v2 dictionary entry " +
-                         std::to_string(m.codes[i]) + " has slot columns out of order");
-        }
-        for (; c < col; ++c) emit(c, 0);
-        emit(c++, v2::slot_symbol(e, j));
-      }
-      for (; c < end; ++c) emit(c, 0);
-      pos = end;
-    }
-    if (pos != m.cols) {
-      row_too_short(what, r, pos, m.cols);
-    }
+    decode_fitted<V2Layout>(m, r, 0, false, what, emit);
   } else if (m.codec == Codec::kV3) {
     // Row r is one half of pair r / 2; the pair's stream is checked whole either way, so both of
-    // its rows report the same errors. The zero row that completes an odd-height matrix's last
-    // pair must be zero.
+    // its rows report the same errors.
     const int64_t pr = r - (r & 1);
-    const bool lone = pr + 1 == m.rows;
-    const int half = static_cast<int>(r & 1);
-    int64_t pos = 0;
-    for (int32_t i = m.row_offsets[pr]; i < m.row_offsets[pr + 1]; ++i) {
-      if (pos >= m.cols) {
-        row_too_long(what, pr, m.cols);
-      }
-      const uint32_t e = m.dictionary[m.codes[i]];
-      const int64_t end = std::min<int64_t>(pos + v3::entry_width(e), m.cols);
-      int64_t c = pos;
-      for (int j = 0; j < v3::kSlots && v3::slot_bits(e, j) != 0; ++j) {
-        const int64_t col = pos + v3::slot_col(e, j);
-        if (col >= end) {
-          row_nonzero_past_end(what, pr);
-        }
-        if (col < c) {  // only an unvalidated dictionary has such an entry
-          fail(what, "row " + std::to_string(pr) + ": qmoe-v3 dictionary entry " +
-                         std::to_string(m.codes[i]) + " has slot columns out of order");
-        }
-        if (lone && v3::slot_symbol(e, j, 1) != 0) {
-          fail(what, "row " + std::to_string(pr) +
-                         " is the last of an odd height; its pair's second row must be zero");
-        }
-        for (; c < col; ++c) emit(c, 0);
-        emit(c++, v3::slot_symbol(e, j, half));
-      }
-      for (; c < end; ++c) emit(c, 0);
-      pos = end;
-    }
-    if (pos != m.cols) {
-      row_too_short(what, pr, pos, m.cols);
-    }
+    decode_fitted<V3Layout>(m, pr, static_cast<int>(r & 1), pr + 1 == m.rows, what, emit);
   } else {
     const int64_t nb = p5::row_bytes(m.cols);
     const uint8_t* row = m.packed.data() + r * nb;
@@ -225,52 +250,86 @@ void check_row_v1(const CompressedView& m, int64_t r, std::string_view what) {
   }
 }
 
-// qmoe-v2: every codeword starts inside the row, the last one's non-zero symbols lie inside it, and
-// the codewords cover the row exactly.
-void check_row_v2(const CompressedView& m, int64_t r, std::string_view what) {
+// qmoe-v2 and qmoe-v3 (arguments as decode_fitted()): every codeword starts inside the row, the
+// last one's non-zero symbols lie inside it, and the codewords cover the row exactly. Where two
+// errors are possible in one entry (a lone row), slot by slot in the order of decode_fitted()'s
+// checks, so that both report the same error.
+template <class L>
+void check_fitted(const CompressedView& m, int64_t r, bool lone, std::string_view what) {
   int64_t pos = 0;
   for (int32_t i = m.row_offsets[r]; i < m.row_offsets[r + 1]; ++i) {
     if (pos >= m.cols) {
       row_too_long(what, r, m.cols);
     }
     const uint32_t e = m.dictionary[m.codes[i]];
-    int last = -1;  // column of the entry's last non-zero symbol
-    for (int j = 0; j < v2::kSlots; ++j)
-      if (v2::slot_symbol(e, j) != 0) last = v2::slot_col(e, j);
-    if (pos + last >= m.cols) {
-      row_nonzero_past_end(what, r);
+    if (lone) {  // the last pair of an odd height: both checks, slot by slot
+      for (int j = 0; j < L::kSlots && L::used(e, j); ++j) {
+        if (pos + L::col(e, j) >= m.cols) {
+          row_nonzero_past_end(what, r);
+        }
+        if (L::symbol(e, j, 1) != 0) {
+          lone_row_nonzero(what, r);
+        }
+      }
+    } else {
+      int last = -1;  // column of the entry's last non-zero symbol (used slots come first)
+      for (int j = 0; j < L::kSlots; ++j)
+        if (L::used(e, j)) last = L::col(e, j);
+      if (pos + last >= m.cols) {
+        row_nonzero_past_end(what, r);
+      }
     }
-    pos = std::min<int64_t>(pos + v2::entry_width(e), m.cols);
+    pos = std::min<int64_t>(pos + L::width(e), m.cols);
   }
   if (pos != m.cols) {
     row_too_short(what, r, pos, m.cols);
   }
 }
 
-// qmoe-v3: check_row_v2 for the pair whose even row is r (the pair's codes are r's range).
-void check_pair_v3(const CompressedView& m, int64_t r, std::string_view what) {
-  const bool lone = r + 1 == m.rows;
-  int64_t pos = 0;
-  for (int32_t i = m.row_offsets[r]; i < m.row_offsets[r + 1]; ++i) {
-    if (pos >= m.cols) {
-      row_too_long(what, r, m.cols);
-    }
-    const uint32_t e = m.dictionary[m.codes[i]];
-    // Slot by slot, in the order of decode_row()'s checks, so that both report the same error.
-    for (int j = 0; j < v3::kSlots && v3::slot_bits(e, j) != 0; ++j) {
-      if (pos + v3::slot_col(e, j) >= m.cols) {
-        row_nonzero_past_end(what, r);
-      }
-      if (lone && v3::slot_symbol(e, j, 1) != 0) {
-        fail(what, "row " + std::to_string(r) +
-                       " is the last of an odd height; its pair's second row must be zero");
-      }
-    }
-    pos = std::min<int64_t>(pos + v3::entry_width(e), m.cols);
+// Checks every entry of a fitted dictionary (codec_layout.h, SPEC 6.1 and 15.1).
+template <class L>
+void validate_entries(std::span<const uint32_t> entries, std::string_view what) {
+  const std::string name(L::kName);
+  if (entries.size() != static_cast<size_t>(v2::kEntries)) {
+    fail(what,
+         "a " + name + " dictionary has 65536 entries, not " + std::to_string(entries.size()));
   }
-  if (pos != m.cols) {
-    row_too_short(what, r, pos, m.cols);
+  for (size_t i = 0; i < entries.size(); ++i) {
+    const uint32_t e = entries[i];
+    auto bad = [&](const std::string& why) {
+      char word[16];
+      std::snprintf(word, sizeof word, "%08x", e);
+      fail(what, name + " dictionary entry " + std::to_string(i) + " (0x" + word + "): " + why);
+    };
+    const int width = L::width(e);
+    if (width < 1) bad("width 0");
+    if (L::reserved(e)) bad(std::string(L::kReserved));
+    int prev = -1;
+    bool unused_seen = false;
+    for (int j = 0; j < L::kSlots; ++j) {
+      if (!L::used(e, j)) {
+        if (L::col_field(e, j) != 0) bad("unused slot " + std::to_string(j) + " has a column");
+        unused_seen = true;
+        continue;
+      }
+      if (L::both_kinds(e, j)) bad("slot " + std::to_string(j) + std::string(L::kBothKinds));
+      if (unused_seen) bad("slot " + std::to_string(j) + " is used after an unused one");
+      const int col = L::col(e, j);
+      if (col <= prev) bad("slot columns are not increasing");
+      if (col >= width) bad("slot " + std::to_string(j) + " lies past the entry's width");
+      prev = col;
+    }
   }
+}
+
+template <class L>
+std::shared_ptr<const V2Dictionary> make_fitted_dictionary(std::vector<uint32_t> entries,
+                                                           std::string_view what) {
+  validate_entries<L>(entries, what);
+  auto d = std::make_shared<V2Dictionary>();
+  d->id = v2_dictionary_id(entries);
+  d->entries = std::move(entries);
+  return d;
 }
 
 }  // namespace
@@ -280,81 +339,11 @@ uint64_t v2_dictionary_id(std::span<const uint32_t> entries) {
 }
 
 void validate_v2_dictionary(std::span<const uint32_t> entries, std::string_view what) {
-  if (entries.size() != static_cast<size_t>(v2::kEntries)) {
-    fail(what, "a qmoe-v2 dictionary has 65536 entries, not " + std::to_string(entries.size()));
-  }
-  for (size_t i = 0; i < entries.size(); ++i) {
-    const uint32_t e = entries[i];
-    auto bad = [&](const std::string& why) {
-      char word[16];
-      std::snprintf(word, sizeof word, "%08x", e);
-      fail(what, "qmoe-v2 dictionary entry " + std::to_string(i) + " (0x" + word + "): " + why);
-    };
-    const int width = v2::entry_width(e);
-    if (width < 1) bad("width 0");
-    if ((e >> 24) & 3u) bad("reserved bits 24..25 are set");
-    int prev = -1;
-    bool unused_seen = false;
-    for (int j = 0; j < v2::kSlots; ++j) {
-      const int sym = v2::slot_symbol(e, j);
-      const int col = v2::slot_col(e, j);
-      if (sym == 3) bad("slot " + std::to_string(j) + " is both low and high");
-      if (sym == 0) {
-        if (col != 0) bad("unused slot " + std::to_string(j) + " has a column");
-        unused_seen = true;
-        continue;
-      }
-      if (unused_seen) bad("slot " + std::to_string(j) + " is used after an unused one");
-      if (col <= prev) bad("slot columns are not increasing");
-      if (col >= width) bad("slot " + std::to_string(j) + " lies past the entry's width");
-      prev = col;
-    }
-  }
+  validate_entries<V2Layout>(entries, what);
 }
 
 void validate_v3_dictionary(std::span<const uint32_t> entries, std::string_view what) {
-  if (entries.size() != static_cast<size_t>(v3::kEntries)) {
-    fail(what, "a qmoe-v3 dictionary has 65536 entries, not " + std::to_string(entries.size()));
-  }
-  for (size_t i = 0; i < entries.size(); ++i) {
-    const uint32_t e = entries[i];
-    auto bad = [&](const std::string& why) {
-      char word[16];
-      std::snprintf(word, sizeof word, "%08x", e);
-      fail(what, "qmoe-v3 dictionary entry " + std::to_string(i) + " (0x" + word + "): " + why);
-    };
-    const int width = v3::entry_width(e);
-    if (width < 1) bad("width 0");
-    if ((e >> 25) & 1u) bad("reserved bit 25 is set");
-    int prev = -1;
-    bool unused_seen = false;
-    for (int j = 0; j < v3::kSlots; ++j) {
-      const uint32_t bits = v3::slot_bits(e, j);
-      const uint32_t field = j == 0 ? (e >> v3::kFirstShift) & 31u : (e >> (4 * (j - 1))) & 15u;
-      if (bits == 0) {
-        if (field != 0) bad("unused slot " + std::to_string(j) + " has a column");
-        unused_seen = true;
-        continue;
-      }
-      if ((bits & 3u) == 3u || (bits & 12u) == 12u) {
-        bad("slot " + std::to_string(j) + " is both low and high in one row");
-      }
-      if (unused_seen) bad("slot " + std::to_string(j) + " is used after an unused one");
-      const int col = v3::slot_col(e, j);
-      if (col <= prev) bad("slot columns are not increasing");
-      if (col >= width) bad("slot " + std::to_string(j) + " lies past the entry's width");
-      prev = col;
-    }
-  }
-}
-
-std::shared_ptr<const V2Dictionary> make_v3_dictionary(std::vector<uint32_t> entries,
-                                                       std::string_view what) {
-  validate_v3_dictionary(entries, what);
-  auto d = std::make_shared<V2Dictionary>();
-  d->id = v2_dictionary_id(entries);
-  d->entries = std::move(entries);
-  return d;
+  validate_entries<V3Layout>(entries, what);
 }
 
 void validate_dictionary(Codec codec, std::span<const uint32_t> entries, std::string_view what) {
@@ -367,11 +356,12 @@ void validate_dictionary(Codec codec, std::span<const uint32_t> entries, std::st
 
 std::shared_ptr<const V2Dictionary> make_v2_dictionary(std::vector<uint32_t> entries,
                                                        std::string_view what) {
-  validate_v2_dictionary(entries, what);
-  auto d = std::make_shared<V2Dictionary>();
-  d->id = v2_dictionary_id(entries);
-  d->entries = std::move(entries);
-  return d;
+  return make_fitted_dictionary<V2Layout>(std::move(entries), what);
+}
+
+std::shared_ptr<const V2Dictionary> make_v3_dictionary(std::vector<uint32_t> entries,
+                                                       std::string_view what) {
+  return make_fitted_dictionary<V3Layout>(std::move(entries), what);
 }
 
 void validate_layout(const CompressedView& m, std::string_view what) {
@@ -401,9 +391,9 @@ void validate_codes(const CompressedView& m, std::string_view what) {
     if (m.codec == Codec::kV1) {
       check_row_v1(m, r, what);
     } else if (m.codec == Codec::kV2) {
-      check_row_v2(m, r, what);
+      check_fitted<V2Layout>(m, r, false, what);
     } else if (m.codec == Codec::kV3) {
-      if ((r & 1) == 0) check_pair_v3(m, r, what);
+      if ((r & 1) == 0) check_fitted<V3Layout>(m, r, r + 1 == m.rows, what);
     } else {
       decode_row(m, r, what, [](int64_t, int) {});
     }
