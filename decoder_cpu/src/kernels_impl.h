@@ -478,6 +478,18 @@ inline void pair_store(const Work& w, int64_t p, const float (&sum)[4]) {
   }
 }
 
+// A pair in flight for the portable and AVX2 pair kernels: its codes, the input at its next
+// codeword's first column, and N accumulators of type V. One set, not one per codeword parity as
+// in the kernels above: two pairs in flight already fill the registers, and each add waits only on
+// the previous codeword of its own pair.
+template <class V, int N>
+struct PairRow {
+  const uint16_t* c;
+  const uint16_t* end;
+  const float* xp;
+  V acc[N];
+};
+
 template <class Row>
 inline Row pair_row(const Work& w, int64_t p) {
   Row s{};
@@ -490,15 +502,7 @@ inline Row pair_row(const Work& w, int64_t p) {
 // Portable: the three slot inputs in one 4-float vector, split into each row's low and high sums
 // by the AND masks of its kind bits (SlotKernel's arithmetic, twice).
 struct PairSlotKernel {
-  struct Row {
-    const uint16_t* c;
-    const uint16_t* end;
-    const float* xp;  // the input at the next codeword's first column
-    // Row 0 low, row 0 high, row 1 low, row 1 high. One set, not one per codeword parity as in
-    // the other kernels: four accumulators per pair, two pairs in flight, already fill the
-    // registers (and each add waits on the previous codeword of its pair only).
-    v4f acc[4];
-  };
+  using Row = PairRow<v4f, 4>;  // row 0 low, row 0 high, row 1 low, row 1 high
   const Work& w;
   const uint32_t* entries;
   const int32_t* masks;
@@ -530,12 +534,7 @@ struct PairSlotKernel {
 // sums in 4..6. Broadcasting the three inputs from memory instead (as BlendKernel does) took 17-20%
 // more time per call (wi and wo, one thread, Zen 4).
 struct PairBlendKernel {
-  struct Row {
-    const uint16_t* c;
-    const uint16_t* end;
-    const float* xp;
-    v8f acc[2];  // row 0, row 1 (one set, not one per codeword parity: see PairSlotKernel)
-  };
+  using Row = PairRow<v8f, 2>;  // row 0, row 1
   const Work& w;
   const uint32_t* entries;
   const int32_t* masks;
