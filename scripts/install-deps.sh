@@ -5,7 +5,9 @@ here=$(cd "$(dirname "$0")/.." && pwd)
 
 apt_pkgs=(cmake ninja-build g++ ccache pkg-config libeigen3-dev libomp-dev libgtest-dev libgmock-dev
           libbenchmark-dev libcli11-dev nlohmann-json3-dev libxxhash-dev pybind11-dev clang
-          libclang-rt-14-dev clang-format)
+          libclang-rt-14-dev clang-format
+          libopenblas-dev                  # bench_core's reference GEMM (benchmarks only)
+          libopenmpi-dev openmpi-bin)      # qmoe compress across processes (mpirun)
 missing=()
 for p in "${apt_pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -14,7 +14,7 @@
 #include <Eigen/Cholesky>
 #include <Eigen/Core>
 
-#include "gemm.h"
+#include "qmoe/core/gemm.h"
 #include "qmoe/format/bf16.h"
 #include "qmoe/format/error.h"
 
@@ -33,18 +33,18 @@ template <class T>
 using Mat = Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic>;  // column-major
 
 // C (mode 1: +=, -1: -=) the m x n product A B, column-major operands given by pointer and
-// strides (gemm_kernels.h), through the run-time AVX2 / AVX-512 kernel. Returns false, doing
-// nothing, for float64 or when there is no such kernel (portable level): the caller then uses
-// Eigen. Either way the result depends only on the operands, not on the thread count.
+// strides, through core's gemm() (every entry one chain of fused multiply-adds in p order, at
+// every SIMD level). Returns false, doing nothing, for float64: the caller then uses Eigen. Either
+// way the result depends only on the operands, not on the thread count.
 template <class T>
 bool kernel_gemm(int mode, int64_t m, int64_t n, int64_t k, const T* a, int64_t a_cs, const T* b,
-                 int64_t b_rs, int64_t b_cs, T* c, int64_t c_cs, std::vector<float>& scratch) {
+                 int64_t b_rs, int64_t b_cs, T* c, int64_t c_cs) {
   if constexpr (!std::is_same_v<T, float>) {
     return false;
   } else {
-    const gptq_detail::GemmKernel* kernel = gptq_detail::active_gemm_kernel();
-    if (kernel == nullptr) return false;
-    gptq_detail::run_gemm(*kernel, mode, m, n, k, a, 1, a_cs, b, b_rs, b_cs, c, 1, c_cs, scratch);
+    GemmOptions o;
+    o.mode = mode > 0 ? GemmMode::kAdd : mode < 0 ? GemmMode::kSub : GemmMode::kSet;
+    gemm(m, n, k, a, 1, a_cs, b, b_rs, b_cs, c, 1, c_cs, o);
     return true;
   }
 }
@@ -258,11 +258,10 @@ bool cholesky_tiled(Mat<T>& a, int threads) {
       const int64_t tj = rem;
       const int64_t i0 = k0 + kb + ti * kCholTile, j0 = k0 + kb + tj * kCholTile;
       const int64_t ni = std::min(kCholTile, n - i0), nj = std::min(kCholTile, n - j0);
-      std::vector<float> scratch;
       const int64_t ld = a.outerStride();
       T* base = a.data();
       if (!kernel_gemm<T>(-1, ni, nj, kb, base + i0 + k0 * ld, ld, base + j0 + k0 * ld, ld, 1,
-                          base + i0 + j0 * ld, ld, scratch)) {
+                          base + i0 + j0 * ld, ld)) {
         a.block(i0, j0, ni, nj).noalias() -=
             a.block(i0, k0, ni, kb) * a.block(j0, k0, nj, kb).transpose();
       }
@@ -362,7 +361,6 @@ GptqResult gptq_impl(const float* w, int64_t rows, int64_t cols, const float* h,
     }
     Mat<T> wc = w0;
     Mat<T> dblk(rc, bs);
-    std::vector<float> scratch;  // of the run-time GEMM kernel
     double loss = 0.0, dd = 0.0;
     for (int64_t i1 = 0; i1 < n; i1 += bs) {
       const int64_t i2 = std::min(i1 + bs, n);
@@ -409,11 +407,10 @@ GptqResult gptq_impl(const float* w, int64_t rows, int64_t cols, const float* h,
           }
           for (int64_t j = k + 1; j < s2; ++j) wc.col(j) += gm(k, j) * dblk.col(k - i1);
         }
-        if (s2 < i2 &&
-            !kernel_gemm<T>(1, rc, i2 - s2, s2 - s1, dblk.data() + (s1 - i1) * dblk.outerStride(),
-                            dblk.outerStride(), gm.data() + s1 + s2 * gm.outerStride(), 1,
-                            gm.outerStride(), wc.data() + s2 * wc.outerStride(), wc.outerStride(),
-                            scratch)) {
+        if (s2 < i2 && !kernel_gemm<T>(
+                           1, rc, i2 - s2, s2 - s1, dblk.data() + (s1 - i1) * dblk.outerStride(),
+                           dblk.outerStride(), gm.data() + s1 + s2 * gm.outerStride(), 1,
+                           gm.outerStride(), wc.data() + s2 * wc.outerStride(), wc.outerStride())) {
           wc.middleCols(s2, i2 - s2).noalias() +=
               dblk.middleCols(s1 - i1, s2 - s1) * gm.block(s1, s2, s2 - s1, i2 - s2);
         }
@@ -421,7 +418,7 @@ GptqResult gptq_impl(const float* w, int64_t rows, int64_t cols, const float* h,
       // Lazy update of every later column at once.
       if (i2 < n && !kernel_gemm<T>(1, rc, n - i2, i2 - i1, dblk.data(), dblk.outerStride(),
                                     gm.data() + i1 + i2 * gm.outerStride(), 1, gm.outerStride(),
-                                    wc.data() + i2 * wc.outerStride(), wc.outerStride(), scratch)) {
+                                    wc.data() + i2 * wc.outerStride(), wc.outerStride())) {
         wc.rightCols(n - i2).noalias() +=
             dblk.leftCols(i2 - i1) * gm.block(i1, i2, i2 - i1, n - i2);
       }

@@ -8,7 +8,7 @@
 #include <omp.h>
 #include <Eigen/Core>
 
-#include "gemm.h"
+#include "qmoe/core/gemm.h"
 #include "qmoe/format/error.h"
 
 namespace qmoe {
@@ -16,9 +16,9 @@ namespace {
 
 // Output tiles and token blocks are fixed so that the summation order of every entry is the
 // same for any thread count. 512 float products per block keep the float32 part of the error at
-// ~1e-6 relative; the float64 sum then carries millions of tokens without growth. With AVX2 or
-// AVX-512 each block product entry is a chain of fused multiply-adds in token order
-// (gemm_kernels.h), so the sums are the same on every CPU that has them.
+// ~1e-6 relative; the float64 sum then carries millions of tokens without growth. Each block
+// product entry is a chain of fused multiply-adds in token order (core/gemm.h), so the sums are the
+// same on every CPU.
 constexpr int64_t kTile = 256;
 constexpr int64_t kTokenBlock = 512;
 
@@ -26,25 +26,11 @@ int resolve_threads(int threads) {
   return threads > 0 ? threads : omp_get_max_threads();
 }
 
-using gptq_detail::GemmKernel;
-
-// prod[i * nj + j] = sum over t < nb of xi[t * ld + i] * xj[t * ld + j]: the run-time kernel
-// (fused multiply-adds in token order) or, with kernel == nullptr, an Eigen GEMM (SSE2 on
-// baseline x86-64, NEON elsewhere).
-void block_product(const GemmKernel* kernel, const float* xi, const float* xj, int64_t ld,
-                   int64_t nb, int64_t ni, int64_t nj, float* prod, std::vector<float>& scratch) {
-  if (kernel == nullptr) {
-    using Map = Eigen::Map<const Eigen::MatrixXf, 0, Eigen::OuterStride<>>;  // column t = token t
-    using Out = Eigen::Map<Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>>;
-    Out(prod, ni, nj).noalias() = Map(xi, ni, nb, Eigen::OuterStride<>(ld)) *
-                                  Map(xj, nj, nb, Eigen::OuterStride<>(ld)).transpose();
-    return;
-  }
-  gptq_detail::run_gemm(*kernel, 0, ni, nj, nb, xi, 1, ld, xj, ld, 1, prod, nj, 1, scratch);
-}
-
-int64_t scratch_floats(const GemmKernel* kernel, int64_t ni, int64_t nj, int64_t nb) {
-  return kernel == nullptr ? 0 : gptq_detail::gemm_scratch_floats(*kernel, ni, nj, nb);
+// prod[i * nj + j] = sum over t < nb of xi[t * ld + i] * xj[t * ld + j]: core's gemm() (one chain
+// of fused multiply-adds in token order per entry).
+void block_product(const float* xi, const float* xj, int64_t ld, int64_t nb, int64_t ni, int64_t nj,
+                   float* prod) {
+  gemm(ni, nj, nb, xi, 1, ld, xj, ld, 1, prod, nj, 1);
 }
 
 // a + b, or InvalidArgument naming `what` when the count would pass INT64_MAX (counts read from a
@@ -61,21 +47,13 @@ int64_t checked_count(int64_t a, int64_t b, const char* what) {
 }  // namespace
 
 std::string_view gptq_kernel() {
-  const GemmKernel* k = gptq_detail::active_gemm_kernel();
-  return k == nullptr ? "portable" : k->name;
+  return gemm_level();
 }
 
 namespace detail {
 bool hessian_block_product(std::string_view level, const float* xi, const float* xj, int64_t ld,
                            int64_t nb, int64_t ni, int64_t nj, float* prod) {
-  const GemmKernel* k = nullptr;
-  if (level != "portable") {
-    k = gptq_detail::find_gemm_kernel(std::string(level).c_str());
-    if (k == nullptr) return false;
-  }
-  std::vector<float> scratch;
-  block_product(k, xi, xj, ld, nb, ni, nj, prod, scratch);
-  return true;
+  return qmoe::detail::gemm_at_level(level, ni, nj, nb, xi, 1, ld, xj, ld, 1, prod, nj, 1, {});
 }
 }  // namespace detail
 
@@ -106,7 +84,6 @@ int64_t HessianAccumulator::add(const float* x, int64_t n, int64_t ld, int threa
     }
   }
   if (accept > 0 && dim_ > 0) {
-    const GemmKernel* bk = gptq_detail::active_gemm_kernel();
     const int64_t nt = (dim_ + kTile - 1) / kTile;
     std::vector<std::pair<int64_t, int64_t>> tiles;  // upper triangle (ti <= tj)
     for (int64_t ti = 0; ti < nt; ++ti) {
@@ -116,12 +93,9 @@ int64_t HessianAccumulator::add(const float* x, int64_t n, int64_t ld, int threa
     const int nth = static_cast<int>(std::min<int64_t>(resolve_threads(threads), ntiles));
     const int64_t d = dim_;
     // Per-thread buffers, allocated here so that nothing inside the parallel region can throw.
-    const int64_t tile = std::min(kTile, d), block = std::min(kTokenBlock, accept);
-    std::vector<std::vector<float>> scratch(static_cast<size_t>(nth)), prod(scratch.size());
-    for (int i = 0; i < nth; ++i) {
-      scratch[i].resize(static_cast<size_t>(scratch_floats(bk, tile, tile, block)));
-      prod[i].resize(static_cast<size_t>(tile * tile));
-    }
+    const int64_t tile = std::min(kTile, d);
+    std::vector<std::vector<float>> prod(static_cast<size_t>(nth));
+    for (int i = 0; i < nth; ++i) prod[i].resize(static_cast<size_t>(tile * tile));
     double* sum = sum_.data();
 #pragma omp parallel for schedule(dynamic, 1) num_threads(nth)
     for (int64_t k = 0; k < ntiles; ++k) {
@@ -131,7 +105,7 @@ int64_t HessianAccumulator::add(const float* x, int64_t n, int64_t ld, int threa
       const int64_t ni = std::min(kTile, d - i0), nj = std::min(kTile, d - j0);
       for (int64_t b = 0; b < accept; b += kTokenBlock) {
         const int64_t nb = std::min(kTokenBlock, accept - b);
-        block_product(bk, x + b * ld + i0, x + b * ld + j0, ld, nb, ni, nj, pr, scratch[me]);
+        block_product(x + b * ld + i0, x + b * ld + j0, ld, nb, ni, nj, pr);
         for (int64_t i = 0; i < ni; ++i) {
           double* row = sum + (i0 + i) * d + j0;
           for (int64_t j = 0; j < nj; ++j) row[j] += static_cast<double>(pr[i * nj + j]);

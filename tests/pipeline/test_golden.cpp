@@ -42,7 +42,8 @@ sw::TokenPairs golden_tokens(int64_t vocab) {
     std::vector<int32_t> enc(40), dec(12);
     for (auto& t : enc) t = static_cast<int32_t>(rng() % static_cast<uint32_t>(vocab));
     for (size_t j = 0; j < dec.size(); ++j)
-      dec[j] = (i + j) % 10 == 9 ? -100 : static_cast<int32_t>(rng() % static_cast<uint32_t>(vocab));
+      dec[j] =
+          (i + j) % 10 == 9 ? -100 : static_cast<int32_t>(rng() % static_cast<uint32_t>(vocab));
     p.add(enc, dec);
   }
   return p;

@@ -1,4 +1,4 @@
-#include "qmoe/format/error.h"
+#include "qmoe/core/error.h"
 
 namespace qmoe {
 

@@ -1,9 +1,9 @@
-#include "qmoe/format/cpu_env.h"
+#include "qmoe/core/cpu_env.h"
 
 #include <cstdlib>
 #include <string>
 
-#include "qmoe/format/error.h"
+#include "qmoe/core/error.h"
 
 namespace qmoe {
 

@@ -1,0 +1,13 @@
+# core: gemm() against OpenBLAS (when installed: scripts/install-deps.sh installs libopenblas-dev)
+# and Eigen at the shapes of the forward pass, calibration and Hessians.
+find_package(BLAS QUIET)
+find_path(QMOE_CBLAS_INCLUDE cblas.h PATH_SUFFIXES openblas)
+qmoe_add_bench(bench_core SOURCES ${CMAKE_CURRENT_LIST_DIR}/core_bench.cpp LIBS qmoe_core)
+target_link_libraries(bench_core PRIVATE Eigen3::Eigen)
+target_compile_definitions(bench_core PRIVATE EIGEN_DONT_PARALLELIZE)
+if(BLAS_FOUND AND QMOE_CBLAS_INCLUDE AND BLAS_LIBRARIES MATCHES "openblas")
+  target_link_libraries(bench_core PRIVATE ${BLAS_LIBRARIES})
+  target_include_directories(bench_core PRIVATE ${QMOE_CBLAS_INCLUDE})
+  target_compile_definitions(bench_core PRIVATE QMOE_BENCH_OPENBLAS=1)
+  message(STATUS "qmoe: bench_core compares with OpenBLAS (${BLAS_LIBRARIES})")
+endif()
