@@ -9,7 +9,6 @@
 #include "command.h"
 #include "qmoe/format/error.h"
 #include "qmoe/format/matrix.h"
-#include "qmoe/switch/calibration_provider.h"
 #include "qmoe/switch/compress.h"
 #include "util.h"
 
@@ -85,10 +84,8 @@ int run_compress(const CompressArgs& a) {
     hess = sw::open_hessian_file(a.hessians);
     opt.hessians = hess.get();
   } else if (!a.calib_tokens.empty()) {
-    sw::CalibrationProviderOptions co;
-    co.sequential = !a.calib_independent;
-    hess = sw::open_calibration(a.checkpoint, a.calib_tokens, co);
-    opt.hessians = hess.get();
+    opt.calib_tokens = a.calib_tokens;
+    opt.sequential = !a.calib_independent;
   }
   const bool bar = a.progress || ::isatty(STDERR_FILENO);
   if (bar) opt.progress = draw_bar;
@@ -98,21 +95,29 @@ int run_compress(const CompressArgs& a) {
     std::fflush(stdout);
   };
 
-  const sw::CompressPlan plan = sw::plan_compression(a.checkpoint, a.output, opt);
-  std::printf("checkpoint %s: %zu expert matrices, %lld other tensors, %s\n", a.checkpoint.c_str(),
-              plan.experts.size(), static_cast<long long>(plan.passthrough_tensors),
-              human_bytes(static_cast<double>(plan.input_bytes)).c_str());
-  std::printf("disk: needs at most %s (work files, container, writer's staging copy), %s free\n",
-              human_bytes(static_cast<double>(plan.disk_needed)).c_str(),
-              human_bytes(static_cast<double>(plan.disk_free)).c_str());
-  if (hess) {
-    std::printf("quantizer: GPTQ ternary, Hessians from %s\n", hess->describe().c_str());
-  } else {
-    std::printf(
-        "quantizer: round-to-nearest ternary (no Hessians given; recorded as \"rtn\" in the "
-        "output)\n");
-  }
-  std::fflush(stdout);
+  opt.planned = [&](const sw::CompressPlan& plan) {
+    std::printf("checkpoint %s: %zu expert matrices, %lld other tensors, %s\n",
+                a.checkpoint.c_str(), plan.experts.size(),
+                static_cast<long long>(plan.passthrough_tensors),
+                human_bytes(static_cast<double>(plan.input_bytes)).c_str());
+    std::printf("disk: needs at most %s (work files, container, writer's staging copy), %s free\n",
+                human_bytes(static_cast<double>(plan.disk_needed)).c_str(),
+                human_bytes(static_cast<double>(plan.disk_free)).c_str());
+    if (hess) {
+      std::printf("quantizer: GPTQ ternary, Hessians from %s\n", hess->describe().c_str());
+    } else if (!a.calib_tokens.empty()) {
+      std::printf("quantizer: GPTQ ternary, Hessians from the calibration tokens %s (%s)\n",
+                  a.calib_tokens.c_str(),
+                  a.calib_independent
+                      ? "every block from the original model"
+                      : "sequential: each block after the compressed ones before it");
+    } else {
+      std::printf(
+          "quantizer: round-to-nearest ternary (no Hessians given; recorded as \"rtn\" in the "
+          "output)\n");
+    }
+    std::fflush(stdout);
+  };
 
   const sw::CompressSummary s = sw::compress_checkpoint(a.checkpoint, a.output, opt);
   if (bar) std::fprintf(stderr, "\n");

@@ -1008,11 +1008,12 @@ std::map<std::string, std::string> load_metadata(const std::filesystem::path& pa
 
 py::dict compress_checkpoint(const std::filesystem::path& checkpoint,
                              const std::filesystem::path& output,
-                             const std::optional<std::filesystem::path>& hessians, int threads,
-                             int64_t max_memory, int64_t shard_size, bool resume, bool cast_bf16,
-                             const std::string& codec, double percdamp, int64_t blocksize,
-                             bool actorder, bool check_disk, const py::object& progress,
-                             const py::object& note) {
+                             const std::optional<std::filesystem::path>& hessians,
+                             const std::optional<std::filesystem::path>& calib_tokens,
+                             bool sequential, int threads, int64_t max_memory, int64_t shard_size,
+                             bool resume, bool cast_bf16, const std::string& codec, double percdamp,
+                             int64_t blocksize, bool actorder, bool check_disk,
+                             const py::object& progress, const py::object& note) {
   namespace sw = qmoe::sw;
   sw::CompressOptions opt;
   opt.threads = threads;
@@ -1025,6 +1026,8 @@ py::dict compress_checkpoint(const std::filesystem::path& checkpoint,
   opt.blocksize = blocksize;
   opt.actorder = actorder;
   opt.check_disk = check_disk;
+  if (calib_tokens) opt.calib_tokens = *calib_tokens;
+  opt.sequential = sequential;
   // The pipeline calls progress and note from the calling thread. A Python exception in either,
   // or a pending signal (Ctrl-C), stops the run at the next progress call: the C++ side gets
   // StopRun (no new matrix starts, finished ones stay in the work directory for resume=True) and
@@ -1044,6 +1047,9 @@ py::dict compress_checkpoint(const std::filesystem::path& checkpoint,
       d["seconds"] = p.seconds;
       d["current"] = p.current;
       d["phase"] = p.phase;
+      d["step"] = p.step;
+      d["tokens"] = p.tokens;
+      d["total_tokens"] = p.total_tokens;
       progress(d);
     } catch (py::error_already_set& e) {
       pending.emplace(std::move(e));
@@ -1094,6 +1100,25 @@ py::dict compress_checkpoint(const std::filesystem::path& checkpoint,
   d["mean_zero_fraction"] = s.mean_zero_fraction;
   d["compress_seconds"] = s.compress_seconds;
   d["assemble_seconds"] = s.assemble_seconds;
+  {
+    py::dict phases;
+    auto phase = [&](const char* name, const sw::PhaseStats& p) {
+      py::dict e;
+      e["seconds"] = p.seconds;
+      e["flops"] = p.flops;
+      e["thread_seconds"] = p.thread_seconds;
+      phases[name] = e;
+    };
+    phase("load", s.loop.load);
+    phase("forward", s.loop.forward);
+    phase("hessians", s.loop.hessians);
+    phase("gptq", s.loop.gptq);
+    phase("encode", s.loop.encode);
+    phase("write", s.loop.write);
+    d["phases"] = phases;
+    d["calibration_pairs"] = s.calibration_pairs;
+    d["calibration_tokens"] = s.calibration_tokens;
+  }
   d["total_seconds"] = s.total_seconds;
   d["memory_budget"] = s.memory_budget;
   py::list blocks;
@@ -1597,15 +1622,18 @@ Raises ValueError as gptq() and encode() do, and for a non-ternary grid.
 )doc");
 
   m.def("compress_checkpoint", &compress_checkpoint, py::arg("checkpoint"), py::arg("output"),
-        py::kw_only(), py::arg("hessians") = py::none(), py::arg("threads") = 0,
-        py::arg("max_memory") = 0, py::arg("shard_size") = 0, py::arg("resume") = false,
-        py::arg("cast_bf16") = false, py::arg("codec") = "auto", py::arg("percdamp") = 0.1,
-        py::arg("blocksize") = 128, py::arg("actorder") = false, py::arg("check_disk") = true,
-        py::arg("progress") = py::none(), py::arg("note") = py::none(), R"doc(
+        py::kw_only(), py::arg("hessians") = py::none(), py::arg("calib_tokens") = py::none(),
+        py::arg("sequential") = true, py::arg("threads") = 0, py::arg("max_memory") = 0,
+        py::arg("shard_size") = 0, py::arg("resume") = false, py::arg("cast_bf16") = false,
+        py::arg("codec") = "auto", py::arg("percdamp") = 0.1, py::arg("blocksize") = 128,
+        py::arg("actorder") = false, py::arg("check_disk") = true, py::arg("progress") = py::none(),
+        py::arg("note") = py::none(), R"doc(
 Compresses a Switch Transformers checkpoint into a qmoe container, as `qmoe compress` does: every
 expert matrix ternarized (GPTQ with Hessians from the file `hessians`, e.g. written by
 save_hessians() with one accumulator per expert matrix, named as its tensor without ".weight"
-(format/SPEC.md section 12); round to nearest without) and encoded, every other tensor copied
+(format/SPEC.md section 12), or from the token file `calib_tokens` (format/SPEC.md section 13) run
+through the model block by block, each block after the compressed ones before it unless
+sequential=False; round to nearest without either) and encoded, every other tensor copied
 unchanged.
 
 checkpoint: Hugging Face checkpoint directory (config.json + safetensors). output: the container
@@ -1615,8 +1643,8 @@ interrupted run from "<output>.qmoe-work". cast_bf16: store non-expert F32/F16 t
 codec: "auto" (the smaller per matrix), "qmoe-v1", "qmoe-v2", "qmoe-v3" or "qmoe-p5" (as for
 encode(), one dictionary per fitted zero fraction). percdamp, blocksize, actorder:
 GPTQ settings as for gptq(). check_disk: refuse to start without enough free disk space.
-progress: called with a dict (done, total, resumed, seconds, current, phase) a few times a
-second. note: called with one-line notes (resumed work, cleaned-up leftovers). Ctrl-C, or an
+progress: called with a dict (done, total, resumed, seconds, current, phase, step, tokens,
+total_tokens) a few times a second. note: called with one-line notes (resumed work, cleaned-up leftovers). Ctrl-C, or an
 exception raised in progress or note, stops the run within a fraction of a second plus the time of
 the matrices in flight: nothing is written to `output`, the finished matrices stay in the work
 directory for resume=True, and the exception is raised.

@@ -504,6 +504,19 @@ int64_t gptq_workspace_bytes(int64_t rows, int64_t cols, const GptqOptions& opt,
   return factor + active * per_chunk + cols * 24 + rows * 16;
 }
 
+double gptq_flops(int64_t rows, int64_t cols, int64_t blocksize) {
+  const double r = static_cast<double>(rows), n = static_cast<double>(cols);
+  double f = n * n * n / 3.0;
+  const int64_t bs = std::max<int64_t>(1, blocksize);
+  for (int64_t i1 = 0; i1 < cols; i1 += bs) {
+    const int64_t i2 = std::min(i1 + bs, cols);
+    const double b = static_cast<double>(i2 - i1);
+    f += r * b * (b - 1);                               // feedback inside the block
+    f += 2.0 * r * b * static_cast<double>(cols - i2);  // lazy update of later columns
+  }
+  return f;
+}
+
 CompressedExpert compress_matrix(const float* w, int64_t rows, int64_t cols, const float* h,
                                  const GptqOptions& opt, const EncodeOptions& enc) {
   if (!is_ternary(opt.grid)) throw InvalidArgument("compress_matrix: the grid must be ternary");

@@ -181,6 +181,15 @@ std::vector<float> HessianAccumulator::hessian() const {
   return h;
 }
 
+double hessian_flops(int64_t dim, int64_t n) {
+  double f = 0;
+  for (int64_t i = 0; i < dim; i += kTile)
+    for (int64_t j = i; j < dim; j += kTile)
+      f += 2.0 * static_cast<double>(n) * static_cast<double>(std::min(kTile, dim - i)) *
+           static_cast<double>(std::min(kTile, dim - j));
+  return f;
+}
+
 int64_t expert_token_cap(int64_t total_tokens, int64_t num_experts, double multiplier) {
   if (num_experts <= 0) throw InvalidArgument("expert_token_cap: num_experts must be positive");
   if (total_tokens < 0) throw InvalidArgument("expert_token_cap: negative token count");

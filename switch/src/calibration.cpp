@@ -117,10 +117,17 @@ RowMatrix SequentialRunner::wo_inputs(int64_t e, const ExpertMlp* expert) const 
   return hidden;
 }
 
-void SequentialRunner::end_block() {
+std::vector<RowMatrix> SequentialRunner::gather_counted() const {
+  check_expert(0);
+  std::vector<RowMatrix> out(counted_.size());
+  for (size_t e = 0; e < counted_.size(); ++e) out[e] = wi_inputs(static_cast<int64_t>(e));
+  return out;
+}
+
+void SequentialRunner::end_block(std::span<const std::shared_ptr<const ExpertMlp>> experts) {
   if (!in_block_) throw InvalidArgument("SequentialRunner::end_block: begin_block() first");
   const FeedForward& ff = model_.blocks(stack_)[static_cast<size_t>(block_)].ff;
-  feed_forward_apply(ff, x_, ff.sparse ? &routing_ : nullptr, h_);
+  feed_forward_apply(ff, x_, ff.sparse ? &routing_ : nullptr, h_, experts);
   in_block_ = false;
   ++block_;
   if (stack_ == Stack::kEncoder && block_ >= static_cast<int64_t>(model_.encoder.size())) {

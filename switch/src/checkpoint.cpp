@@ -337,11 +337,8 @@ std::vector<std::string> SwitchSource::names() const {
   return r;
 }
 
-FloatTensor SwitchSource::dense(std::string_view name, const std::vector<int64_t>& shape) const {
-  FloatTensor t;
-  DType dt;
-  std::span<const std::byte> bytes;
-  std::string file;
+SwitchSource::Stored SwitchSource::stored(std::string_view name) const {
+  Stored st;
   if (container_) {
     const DenseEntry* d = container_->find_dense(name);
     if (!d) {
@@ -353,18 +350,28 @@ FloatTensor SwitchSource::dense(std::string_view name, const std::vector<int64_t
                                         "tensor is compressed where a dense tensor is needed"));
       throw FormatError(error_context(path_.string(), std::string(name), "missing tensor"));
     }
-    dt = d->dtype;
-    t.shape = d->shape;
-    bytes = d->bytes;
-    file = d->shard;
+    st.dtype = d->dtype;
+    st.shape = d->shape;
+    st.bytes = d->bytes;
+    st.file = d->shard;
   } else {
     auto l = locate(name);
     if (!l) throw FormatError(error_context(path_.string(), std::string(name), "missing tensor"));
-    dt = l->info->dtype;
-    t.shape = l->info->shape;
-    bytes = l->file->bytes(*l->info);
-    file = l->file->path().string();
+    st.dtype = l->info->dtype;
+    st.shape = l->info->shape;
+    st.bytes = l->file->bytes(*l->info);
+    st.file = l->file->path().string();
   }
+  return st;
+}
+
+FloatTensor SwitchSource::dense(std::string_view name, const std::vector<int64_t>& shape) const {
+  Stored st = stored(name);
+  FloatTensor t;
+  t.shape = std::move(st.shape);
+  const DType dt = st.dtype;
+  const auto bytes = st.bytes;
+  const std::string& file = st.file;
   if (!shape.empty() && t.shape != shape)
     throw FormatError(error_context(
         file, std::string(name), "shape " + shape_str(t.shape) + ", expected " + shape_str(shape)));

@@ -24,6 +24,7 @@
 #include <thread>
 
 #include <omp.h>
+#include <xxhash.h>
 #include <nlohmann/json.hpp>
 
 #include "qmoe/encoder/encode.h"
@@ -96,14 +97,6 @@ void release_pages(std::span<const std::byte> b) {
   if (e > a) ::madvise(reinterpret_cast<void*>(a), e - a, MADV_DONTNEED);
 }
 
-// Starts reading a range from disk in the background (not counted as resident until touched).
-void prefetch_pages(std::span<const std::byte> b) {
-  static const uintptr_t page = static_cast<uintptr_t>(::sysconf(_SC_PAGESIZE));
-  const uintptr_t p = reinterpret_cast<uintptr_t>(b.data()) / page * page;
-  const uintptr_t e = reinterpret_cast<uintptr_t>(b.data()) + b.size();
-  if (e > p) ::madvise(reinterpret_cast<void*>(p), e - p, MADV_WILLNEED);
-}
-
 int64_t current_rss_bytes() {
   std::ifstream f("/proc/self/statm");
   int64_t size = 0, rss = 0;
@@ -153,8 +146,7 @@ struct Stored {
 struct Checkpoint {
   fs::path dir;
   std::string config_text;
-  std::shared_ptr<const SwitchSource> src;
-  std::vector<SafetensorsFile> shards;
+  std::shared_ptr<const SwitchSource> src;  // holds the shards' mappings
   std::map<std::string, Stored> stored;  // tensors actually stored (tied aliases resolve to these)
   std::vector<fs::path> files;
   int64_t bytes = 0;
@@ -175,23 +167,12 @@ std::unique_ptr<Checkpoint> open_checkpoint(const fs::path& dir) {
                                     "is already a qmoe container, not a checkpoint to compress"));
   ck->config_text = read_text(dir / "config.json");
   ck->files.push_back(dir / "config.json");
-  std::vector<std::string> shard_names;
-  if (fs::exists(dir / "model.safetensors.index.json")) {
+  if (fs::exists(dir / "model.safetensors.index.json"))
     ck->files.push_back(dir / "model.safetensors.index.json");
-    const json idx = json::parse(read_text(dir / "model.safetensors.index.json"));
-    std::set<std::string> s;
-    for (auto& [k, v] : idx["weight_map"].items()) s.insert(v.get<std::string>());
-    shard_names.assign(s.begin(), s.end());
-  } else {
-    shard_names.push_back("model.safetensors");
-  }
-  ck->shards.reserve(shard_names.size());
-  for (const auto& s : shard_names) {
-    ck->shards.push_back(SafetensorsFile::open(dir / s));
-    ck->files.push_back(dir / s);
-  }
-  for (const auto& f : ck->shards)
+  for (const auto& f : ck->src->shards()) {
+    ck->files.push_back(f.path());
     for (const auto& t : f.tensors()) ck->stored[t.name] = Stored{&f, &t};
+  }
   for (const auto& f : ck->files) ck->bytes += static_cast<int64_t>(fs::file_size(f));
   return ck;
 }
@@ -282,24 +263,17 @@ fs::path matrix_file(const fs::path& work, size_t i) {
   return work / buf;
 }
 
-struct MatrixStats {
-  Codec codec = Codec::kV1;
-  int64_t compressed_bytes = 0;
-  double zero_fraction = 0;
-  double loss = 0, output_loss = 0;
-  int64_t tokens = 0;
-  bool fallback = false;
-};
-
 struct Cached {
   SafetensorsFile file;
   CompressedView view;
   MatrixStats stats;
+  Codec codec = Codec::kV1;
+  int64_t compressed_bytes = 0;
   std::shared_ptr<const V2Dictionary> dictionary;  // qmoe-v2, qmoe-v3
 };
 
 Cached load_cached(const fs::path& p, const ExpertMatrix& m) {
-  Cached c{SafetensorsFile::open(p), {}, {}, {}};
+  Cached c{SafetensorsFile::open(p), {}, {}, Codec::kV1, 0, {}};
   const auto& md = c.file.metadata();
   auto get = [&](const char* k) -> const std::string& {
     auto it = md.find(k);
@@ -344,8 +318,8 @@ Cached load_cached(const fs::path& p, const ExpertMatrix& m) {
     v.dictionary = c.dictionary->entries;
     v.dictionary_id = c.dictionary->id;
   }
-  c.stats.codec = v.codec;
-  c.stats.compressed_bytes = v.compressed_bytes();
+  c.codec = v.codec;
+  c.compressed_bytes = v.compressed_bytes();
   c.stats.zero_fraction = std::stod(get("zero_fraction"));
   c.stats.loss = std::stod(get("loss"));
   c.stats.output_loss = std::stod(get("output_loss"));
@@ -392,6 +366,15 @@ void store_cached(const fs::path& p, const ExpertMatrix& m, const CompressedMatr
   w.finish();
 }
 
+// What the run's Hessians come from, as compress.options names it: a provider's description, or
+// "calibration <token file> (<pairs> pairs, sequential|one pass)".
+std::string hessian_source(const CompressOptions& opt, int64_t calib_pairs) {
+  if (opt.hessians) return opt.hessians->describe();
+  return "calibration " + opt.calib_tokens.filename().string() + " (" +
+         std::to_string(calib_pairs) + " pairs, " + (opt.sequential ? "sequential" : "one pass") +
+         ")";
+}
+
 std::string fingerprint(const Checkpoint& ck, const CompressOptions& opt) {
   json files = json::array();
   for (const auto& f : ck.files) {
@@ -399,14 +382,30 @@ std::string fingerprint(const Checkpoint& ck, const CompressOptions& opt) {
     files.push_back(
         {f.filename().string(), static_cast<int64_t>(fs::file_size(f)), static_cast<int64_t>(t)});
   }
+  const bool gptq = opt.hessians || !opt.calib_tokens.empty();
   json j = {{"version", kWorkVersion},
             {"input", fs::weakly_canonical(ck.dir).string()},
             {"files", files},
-            {"quantizer", opt.hessians ? "gptq" : "rtn"},
+            {"quantizer", gptq ? "gptq" : "rtn"},
             {"codec", opt.codec ? std::string(codec_name(*opt.codec)) : "auto"},
             {"cast_bf16", opt.cast_bf16}};
-  if (opt.hessians) {
-    j["hessians"] = opt.hessians->fingerprint();
+  if (opt.hessians) j["hessians"] = opt.hessians->fingerprint();
+  if (!opt.calib_tokens.empty()) {
+    const std::string tokens = read_text(opt.calib_tokens);
+    char h[17];
+    std::snprintf(h, sizeof h, "%016llx",
+                  static_cast<unsigned long long>(XXH3_64bits(tokens.data(), tokens.size())));
+    json ids = json::array();
+    for (int32_t id : opt.calibration.excluded_ids) ids.push_back(id);
+    j["calibration"] = {{"tokens_xxh3", h},
+                        {"tokens_bytes", tokens.size()},
+                        {"sequential", opt.sequential},
+                        {"token_cap_multiplier", num(opt.token_cap_multiplier)},
+                        {"capacity", opt.calibration.forward.expert_capacity},
+                        {"excluded_ids", ids},
+                        {"exclude_ignored_targets", opt.calibration.exclude_ignored_targets}};
+  }
+  if (gptq) {
     j["percdamp"] = num(opt.percdamp);
     j["blocksize"] = opt.blocksize;
     j["actorder"] = opt.actorder;
@@ -418,177 +417,42 @@ std::string block_key(const ExpertMatrix& m) {
   return m.stack + ".block." + std::to_string(m.block);
 }
 
-// ---- one expert matrix
-// ---------------------------------------------------------------------------
-
-void compress_one(const Checkpoint& ck, const ExpertMatrix& m, const CompressOptions& opt,
-                  int threads, const fs::path& out) {
-  const Stored& st = ck.stored.at(m.name);
-  const auto bytes = st.file->bytes(*st.info);
-  CompressedMatrix cm;
-  MatrixStats s;
-  try {
-    if (opt.hessians) {
-#if defined(QMOE_SWITCH_HAVE_GPTQ)
-      std::vector<float> owned;
-      const float* w = nullptr;
-      if (m.dtype == DType::kF32 &&
-          reinterpret_cast<uintptr_t>(bytes.data()) % alignof(float) == 0) {
-        w = reinterpret_cast<const float*>(bytes.data());
-      } else {
-        owned.resize(static_cast<size_t>(m.numel()));
-        for (int64_t i = 0; i < m.numel(); ++i) {
-          float f;
-          if (m.dtype == DType::kF32) {
-            std::memcpy(&f, bytes.data() + 4 * i, 4);
-          } else {
-            uint16_t h;
-            std::memcpy(&h, bytes.data() + 2 * i, 2);
-            f = m.dtype == DType::kBF16 ? bf16_to_float(h) : fp16_to_float(h);
-          }
-          owned[static_cast<size_t>(i)] = f;
-        }
-        w = owned.data();
-      }
-      int64_t tokens = 0;
-      const std::vector<float> h = opt.hessians->hessian(m, tokens);
-      GptqOptions g;
-      g.grid = GptqGrid::kTernary;
-      g.percdamp = opt.percdamp;
-      g.blocksize = opt.blocksize;
-      g.actorder = opt.actorder;
-      g.threads = threads;
-      CompressedExpert ce = compress_matrix(w, m.rows, m.cols, h.empty() ? nullptr : h.data(), g,
-                                            EncodeOptions{.codec = opt.codec, .threads = threads});
-      release_pages(bytes);
-      cm = std::move(ce.matrix);
-      s.zero_fraction = ce.zero_fraction;
-      s.loss = ce.loss;
-      s.output_loss = ce.output_loss;
-      s.tokens = tokens;
-      s.fallback = ce.status != GptqStatus::kOk;
-#else
-      throw Error("GPTQ is not available in this build");
-#endif
-    } else {
-      const TernaryMatrix t = ternarize_rtn(bytes.data(), m.dtype, m.rows, m.cols);
-      release_pages(bytes);
-      cm = encode(t, EncodeOptions{.codec = opt.codec, .threads = threads});
-      s.zero_fraction = t.zero_fraction();
-    }
-  } catch (const FormatError&) {
-    throw;
-  } catch (const std::exception& e) {
-    throw FormatError(error_context(m.file, m.name, e.what()));
+// The block loop's results as work files, one per expert matrix (matrix_file()); a finished one is
+// one that opens and matches its matrix (a damaged one is removed and done again).
+class WorkStore final : public ExpertStore {
+ public:
+  WorkStore(fs::path work, std::span<const ExpertMatrix> experts) : work_(std::move(work)) {
+    for (size_t i = 0; i < experts.size(); ++i) index_[experts[i].name] = i;
   }
-  store_cached(out, m, cm, s);
-}
-
-// Runs matrices on `threads` workers; a matrix is admitted only while the estimated memory of the
-// matrices in flight stays within the budget (one runs alone if it needs more by itself).
-struct Pool {
-  Pool(const Checkpoint& c, const std::vector<ExpertMatrix>& e, const std::vector<int64_t>& est,
-       const CompressOptions& o, const fs::path& w, int64_t b, int t)
-      : ck(c), experts(e), estimate(est), opt(o), work(w), budget(b), threads(t) {}
-  const Checkpoint& ck;
-  const std::vector<ExpertMatrix>& experts;
-  const std::vector<int64_t>& estimate;
-  const CompressOptions& opt;
-  const fs::path& work;
-  int64_t budget;
-  int threads;
-
-  std::mutex mu;
-  std::condition_variable cv, progress_cv;
-  size_t next = 0;
-  int64_t in_use = 0;
-  int active = 0;
-  bool stop = false;
-  std::exception_ptr error;
-  std::atomic<int64_t> finished{0};
-  std::string current;
-
-  void run(const std::vector<size_t>& todo, const std::function<void()>& tick) {
-    next = 0;
-    in_use = 0;
-    stop = false;
-    const int nworkers =
-        static_cast<int>(std::min<size_t>(static_cast<size_t>(threads), todo.size()));
-    if (nworkers == 0) return;
-    // Threads inside one matrix when there are fewer matrices than threads (the bytes do not
-    // depend on it: encode and GPTQ are bit-identical for any thread count).
-    const int per_matrix = std::max(1, threads / nworkers);
-    std::vector<std::thread> pool;
-    active = nworkers;
-    for (int k = 0; k < nworkers; ++k) {
-      pool.emplace_back([&, per_matrix] {
-        for (;;) {
-          size_t i;
-          int64_t need;
-          {
-            std::unique_lock lk(mu);
-            cv.wait(lk, [&] {
-              return stop || next >= todo.size() || in_use == 0 ||
-                     in_use + estimate[todo[next]] <= budget;
-            });
-            if (stop || next >= todo.size()) break;
-            i = todo[next++];
-            need = estimate[i];
-            in_use += need;
-            current = block_key(experts[i]);
-            if (next < todo.size()) {  // start reading the next matrix from disk
-              const auto& nm = experts[todo[next]];
-              const Stored& st = ck.stored.at(nm.name);
-              prefetch_pages(st.file->bytes(*st.info));
-            }
-          }
-          try {
-            compress_one(ck, experts[i], opt, per_matrix, matrix_file(work, i));
-          } catch (...) {
-            std::lock_guard lk(mu);
-            if (!error) error = std::current_exception();
-            stop = true;
-          }
-          {
-            std::lock_guard lk(mu);
-            in_use -= need;
-          }
-          finished.fetch_add(1);
-          cv.notify_all();
-        }
-        {
-          std::lock_guard lk(mu);
-          --active;
-        }
-        progress_cv.notify_all();
-        cv.notify_all();
-      });
-    }
-    {
-      std::unique_lock lk(mu);
-      while (active > 0) {
-        progress_cv.wait_for(lk, std::chrono::milliseconds(200));
-        if (!tick || stop) continue;
-        lk.unlock();
-        // A progress callback that throws stops the run: no new matrix starts, the ones in
-        // flight finish (their work files stay for a resumed run), then the exception goes on.
-        std::exception_ptr thrown;
-        try {
-          tick();
-        } catch (...) {
-          thrown = std::current_exception();
-        }
-        lk.lock();
-        if (thrown) {
-          if (!error) error = thrown;
-          stop = true;
-          cv.notify_all();
-        }
+  bool has(const ExpertMatrix& m) override {
+    const size_t i = index_.at(m.name);
+    if (auto it = have_.find(i); it != have_.end()) return it->second;
+    const fs::path p = matrix_file(work_, i);
+    std::error_code ec;
+    bool ok = false;
+    if (fs::exists(p, ec)) {
+      try {
+        (void)load_cached(p, m);
+        ok = true;
+      } catch (const Error&) {
+        fs::remove(p, ec);  // unreadable work file: do the matrix again
       }
     }
-    for (auto& t : pool) t.join();
-    if (error) std::rethrow_exception(error);
+    return have_[i] = ok;
   }
+  StoredMatrix load(const ExpertMatrix& m) override {
+    auto c = std::make_shared<Cached>(load_cached(matrix_file(work_, index_.at(m.name)), m));
+    const CompressedView v = c->view;
+    return {v, std::move(c)};
+  }
+  void store(const ExpertMatrix& m, const CompressedMatrix& cm, const MatrixStats& s) override {
+    store_cached(matrix_file(work_, index_.at(m.name)), m, cm, s);
+  }
+
+ private:
+  fs::path work_;
+  std::map<std::string, size_t> index_;
+  std::map<size_t, bool> have_;  // what has() found (the loop's thread only)
 };
 
 // Removes the temporary files that a killed run (not a live one) left in `dir`.
@@ -617,33 +481,34 @@ fs::path work_dir_for(const fs::path& output) {
   return fs::path(o.string() + ".qmoe-work");
 }
 
-int64_t expert_memory_estimate(const ExpertMatrix& m, bool gptq) {
-  const int64_t n = m.numel();
-  // Input pages + symbols (1 byte/weight) + codes (v1 at worst ~1 byte/weight) + the work file.
-  int64_t b = n * dtype_size(m.dtype) + n + n + n / 4 + 4 * m.rows;
-  if (gptq) {
-    // float32 copy of W, the Hessian (float, plus the float64 pages of the file it is read from),
-    // and GPTQ's own scratch (its factor of H, working rows).
-    b += 4 * n + 12 * m.cols * m.cols;
-#if defined(QMOE_SWITCH_HAVE_GPTQ)
-    b += gptq_workspace_bytes(m.rows, m.cols, GptqOptions{}, 1);
-#else
-    b += 4 * n + 4 * m.cols * m.cols;
-#endif
-  }
-  return b;
-}
+namespace {
 
-CompressPlan plan_compression(const fs::path& checkpoint, const fs::path& output,
-                              const CompressOptions& opt) {
+struct Planned {
+  CompressPlan plan;
+  std::optional<TokenPairs> calibration;
+};
+
+Planned plan_for(const Checkpoint* ck, const fs::path& checkpoint, const fs::path& output,
+                 const CompressOptions& opt) {
   if (opt.threads < 0) throw InvalidArgument("compress: threads must be >= 0");
   if (opt.max_memory < 0) throw InvalidArgument("compress: max_memory must be >= 0");
   if (opt.shard_size < 0) throw InvalidArgument("compress: shard_size must be >= 0");
-  const auto ck = open_checkpoint(checkpoint);
-  CompressPlan plan;
+  if (opt.hessians && !opt.calib_tokens.empty())
+    throw InvalidArgument(
+        "compress: Hessians from a file and calibration tokens exclude each other");
+  if (!(opt.token_cap_multiplier >= 0))
+    throw InvalidArgument("compress: token_cap_multiplier must be >= 0");
+  Planned out;
+  CompressPlan& plan = out.plan;
   plan.experts = find_experts(*ck);
   plan.input_bytes = ck->bytes;
   if (opt.hessians) opt.hessians->validate(plan.experts);
+  if (!opt.calib_tokens.empty()) {
+    // FormatError naming the token file for a bad file or an id outside the vocabulary.
+    out.calibration = TokenPairs::load(opt.calib_tokens, ck->src->config().vocab_size);
+    if (out.calibration->num_pairs() == 0)
+      throw FormatError(error_context(opt.calib_tokens.string(), "", "holds no token pairs"));
+  }
 
   std::set<std::string> expert_names;
   int64_t experts_bound = 0;
@@ -708,7 +573,15 @@ CompressPlan plan_compression(const fs::path& checkpoint, const fs::path& output
                                     " bytes (work files, output and the writer's staging copy), " +
                                     std::to_string(plan.disk_free) + " are free"));
   }
-  return plan;
+  return out;
+}
+
+}  // namespace
+
+CompressPlan plan_compression(const fs::path& checkpoint, const fs::path& output,
+                              const CompressOptions& opt) {
+  const auto ck = open_checkpoint(checkpoint);
+  return plan_for(ck.get(), checkpoint, output, opt).plan;
 }
 
 CompressSummary compress_checkpoint(const fs::path& checkpoint, const fs::path& output,
@@ -725,11 +598,12 @@ CompressSummary compress_checkpoint(const fs::path& checkpoint, const fs::path& 
   ::mallopt(M_MMAP_THRESHOLD, 1 << 20);
   ::mallopt(M_TRIM_THRESHOLD, 4 << 20);
 #endif
-  const CompressPlan plan = plan_compression(checkpoint, output, opt);
-  const auto ck = open_checkpoint(checkpoint);
+  const auto ck = open_checkpoint(checkpoint);  // the only time the checkpoint is opened
+  Planned planned = plan_for(ck.get(), checkpoint, output, opt);
+  const CompressPlan& plan = planned.plan;
+  if (opt.planned) opt.planned(plan);
   const auto& experts = plan.experts;
-  const bool gptq = opt.hessians != nullptr;
-  const int threads = opt.threads > 0 ? opt.threads : omp_get_max_threads();
+  const bool gptq = opt.hessians != nullptr || planned.calibration.has_value();
 
   CompressSummary sum;
   sum.quantizer = gptq ? "gptq" : "rtn";
@@ -784,97 +658,66 @@ CompressSummary compress_checkpoint(const fs::path& checkpoint, const fs::path& 
     if (opt.shard_size > 0) cleanup_leftovers(o, "model", opt);
   }
 
-  // ---- what is left to do
-  std::vector<size_t> todo;
-  std::vector<char> have(experts.size(), 0);
-  for (size_t i = 0; i < experts.size(); ++i) {
-    const fs::path p = matrix_file(work, i);
-    if (fs::exists(p, ec)) {
-      try {
-        (void)load_cached(p, experts[i]);
-        have[i] = 1;
-        continue;
-      } catch (const Error&) {
-        fs::remove(p, ec);  // unreadable work file: do the matrix again
-      }
-    }
-    todo.push_back(i);
-  }
-  sum.resumed_matrices = static_cast<int64_t>(experts.size() - todo.size());
-  if (sum.resumed_matrices > 0 && opt.note)
-    opt.note("resuming: " + std::to_string(sum.resumed_matrices) + " of " +
-             std::to_string(experts.size()) + " expert matrices were finished by an earlier run");
-
-  // ---- memory budget for the matrices in flight
-  std::vector<int64_t> estimate(experts.size());
+  // ---- the block loop, its results in the work directory
+  WorkStore store(work, experts);
   int64_t largest = 0;
-  for (size_t i = 0; i < experts.size(); ++i) {
-    estimate[i] = expert_memory_estimate(experts[i], gptq);
-    largest = std::max(largest, estimate[i]);
-  }
-  int64_t budget = std::numeric_limits<int64_t>::max();
+  for (const auto& m : experts) largest = std::max(largest, expert_memory_estimate(m, gptq));
+  int64_t budget = 0;
   if (opt.max_memory > 0) {
     const int64_t reserve = int64_t{24} << 20;  // thread stacks, allocator slack, writer buffers
-    budget = std::max<int64_t>(opt.max_memory - current_rss_bytes() - reserve, 0);
+    budget = std::max<int64_t>(opt.max_memory - current_rss_bytes() - reserve, 1);
     if (budget < largest && opt.note)
       opt.note("the memory cap leaves " + std::to_string(budget) +
                " bytes for work, less than one expert matrix needs (" + std::to_string(largest) +
                "): matrices run one at a time and may exceed it");
     sum.memory_budget = budget;
   }
-
-  // ---- compress
+  LoopOptions lo;
+  lo.hessians = opt.hessians;
+  lo.calibration = planned.calibration ? &*planned.calibration : nullptr;
+  lo.calib = opt.calibration;
+  lo.sequential = opt.sequential;
+  lo.token_cap_multiplier = opt.token_cap_multiplier;
+  lo.percdamp = opt.percdamp;
+  lo.blocksize = opt.blocksize;
+  lo.actorder = opt.actorder;
+  lo.codec = opt.codec;
+  lo.threads = opt.threads;
+  lo.memory_budget = budget;
   const auto tc = clock::now();
-  Pool pool(*ck, experts, estimate, opt, work, budget, threads);
-  const int64_t total = static_cast<int64_t>(experts.size());
-  auto tick = [&](const std::string& phase, const std::string& cur) {
+  auto tick = [&](const std::string& phase, const std::string& step, const std::string& cur,
+                  int64_t done, int64_t resumed, int64_t tokens, int64_t total_tokens) {
     if (!opt.progress) return;
     CompressProgress p;
-    p.done = sum.resumed_matrices + pool.finished.load();
-    p.total = total;
-    p.resumed = sum.resumed_matrices;
+    p.done = done;
+    p.total = static_cast<int64_t>(experts.size());
+    p.resumed = resumed;
     p.seconds = since(tc);
-    {
-      std::lock_guard lk(pool.mu);
-      p.current = cur.empty() ? pool.current : cur;
-    }
+    p.current = cur;
     p.phase = phase;
+    p.step = step;
+    p.tokens = tokens;
+    p.total_tokens = total_tokens;
     opt.progress(p);
   };
-  if (opt.hessians) {
-    // Block by block, in order: a calibrating provider needs each block's results before the next.
-    std::map<std::pair<int, int64_t>, std::vector<size_t>> blocks;  // (stack, block) -> matrices
-    for (size_t i = 0; i < experts.size(); ++i)
-      blocks[{experts[i].stack == "encoder" ? 0 : 1, experts[i].block}].push_back(i);
-    std::map<std::string, size_t> index;
-    for (size_t i = 0; i < experts.size(); ++i) index[experts[i].name] = i;
-    for (const auto& [key, members] : blocks) {
-      const std::string stack = key.first == 0 ? "encoder" : "decoder";
-      opt.hessians->begin_block(stack, key.second);
-      std::vector<size_t> left;
-      for (size_t i : members)
-        if (!have[i]) left.push_back(i);
-      pool.run(left, [&] { tick("compress", ""); });
-      opt.hessians->end_block(stack, key.second, [&](const ExpertMatrix& m) {
-        const size_t i = index.at(m.name);
-        const Cached c = load_cached(matrix_file(work, i), experts[i]);
-        CompressedMatrix cm;
-        cm.codec = c.view.codec;
-        cm.rows = c.view.rows;
-        cm.cols = c.view.cols;
-        cm.codes.assign(c.view.codes.begin(), c.view.codes.end());
-        cm.row_offsets.assign(c.view.row_offsets.begin(), c.view.row_offsets.end());
-        cm.packed.assign(c.view.packed.begin(), c.view.packed.end());
-        cm.levels.assign(c.view.levels.begin(), c.view.levels.end());
-        cm.dictionary = c.dictionary;
-        return cm;
-      });
-    }
-  } else {
-    pool.run(todo, [&] { tick("compress", ""); });
+  lo.progress = [&](const LoopProgress& lp) {
+    tick("compress", lp.phase, lp.block, lp.done, lp.resumed, lp.tokens, lp.total_tokens);
+  };
+  if (planned.calibration) {
+    sum.calibration_pairs = planned.calibration->num_pairs();
+    sum.calibration_tokens = static_cast<int64_t>(planned.calibration->encoder_ids.size() +
+                                                  planned.calibration->decoder_targets.size());
   }
+  for (const auto& m : experts) sum.resumed_matrices += store.has(m) ? 1 : 0;
+  if (sum.resumed_matrices > 0 && opt.note)
+    opt.note("resuming: " + std::to_string(sum.resumed_matrices) + " of " +
+             std::to_string(experts.size()) + " expert matrices were finished by an earlier run");
+  sum.loop = run_block_loop(ck->src, experts, lo, store);
   sum.compress_seconds = since(tc);
-  tick("compress", "done");
+  tick("compress", "done", "done", static_cast<int64_t>(experts.size()), sum.resumed_matrices,
+       sum.loop.forward_tokens, sum.loop.forward_tokens);
+
+  const int64_t n_done = static_cast<int64_t>(experts.size());
 
   // ---- statistics, read back from the work files (a resumed run reports the same)
   const auto ta = clock::now();
@@ -912,18 +755,18 @@ CompressSummary compress_checkpoint(const fs::path& checkpoint, const fs::path& 
     auto& b = blocks[bk];
     ++b.matrices;
     b.weights += m.numel();
-    b.compressed_bytes += c.stats.compressed_bytes;
+    b.compressed_bytes += c.compressed_bytes;
     sum.expert_weights += m.numel();
     sum.expert_input_bytes += m.numel() * dtype_size(m.dtype);
-    sum.expert_compressed_bytes += c.stats.compressed_bytes;
+    sum.expert_compressed_bytes += c.compressed_bytes;
     // A qmoe-v2 / qmoe-v3 dictionary is stored once per file that uses it; counted here once.
     static_assert(v2::kTableBytes == v3::kTableBytes);
     if (c.dictionary && dictionaries.insert(c.dictionary->id).second)
       sum.expert_compressed_bytes += v2::kTableBytes;
-    (c.stats.codec == Codec::kV1   ? sum.v1_matrices
-     : c.stats.codec == Codec::kV2 ? sum.v2_matrices
-     : c.stats.codec == Codec::kV3 ? sum.v3_matrices
-                                   : sum.p5_matrices) += 1;
+    (c.codec == Codec::kV1   ? sum.v1_matrices
+     : c.codec == Codec::kV2 ? sum.v2_matrices
+     : c.codec == Codec::kV3 ? sum.v3_matrices
+                             : sum.p5_matrices) += 1;
     zf_sum += c.stats.zero_fraction;
   }
   sum.mean_zero_fraction = experts.empty() ? 0 : zf_sum / static_cast<double>(experts.size());
@@ -945,7 +788,7 @@ CompressSummary compress_checkpoint(const fs::path& checkpoint, const fs::path& 
     json o = {{"codec", opt.codec ? std::string(codec_name(*opt.codec)) : "auto"},
               {"cast_bf16", opt.cast_bf16}};
     if (gptq) {
-      o["hessians"] = opt.hessians->describe();
+      o["hessians"] = hessian_source(opt, sum.calibration_pairs);
       o["percdamp"] = opt.percdamp;
       o["blocksize"] = opt.blocksize;
       o["actorder"] = opt.actorder;
@@ -990,10 +833,11 @@ CompressSummary compress_checkpoint(const fs::path& checkpoint, const fs::path& 
     }
     if (opt.progress && since(last_tick) > 0.2) {
       last_tick = clock::now();
-      tick("assemble", name);
+      tick("assemble", "write", name, n_done, sum.resumed_matrices, 0, 0);
     }
   }
-  tick("assemble", "finish");  // the last call before the output is committed
+  // The last call before the output is committed.
+  tick("assemble", "write", "finish", n_done, sum.resumed_matrices, 0, 0);
   sum.files = writer.finish();
   // Shards of an earlier, differently sharded output in the same directory would confuse readers.
   if (opt.shard_size > 0) {
@@ -1012,7 +856,7 @@ CompressSummary compress_checkpoint(const fs::path& checkpoint, const fs::path& 
   fs::remove_all(ec ? work : doomed, ec);
   sum.assemble_seconds = since(ta);
   sum.total_seconds = since(t0);
-  tick("assemble", "done");
+  tick("assemble", "done", "done", n_done, sum.resumed_matrices, 0, 0);
   return sum;
 }
 

@@ -153,17 +153,10 @@ SwitchModel SwitchModel::load(const std::filesystem::path& path, const LoadOptio
 }
 
 SwitchModel SwitchModel::load(std::shared_ptr<const SwitchSource> src, const LoadOptions& opt) {
-  SwitchModel m;
-  m.source = src;
-  m.config = src->config();
-  m.layout = src->layout();
+  SwitchModel m = shell(std::move(src));
   const SwitchConfig& c = m.config;
-  const int64_t E = m.layout.num_experts;
-  std::string emb = "shared.weight";
-  if (!src->has(emb)) emb = "encoder.embed_tokens.weight";
-  m.shared = src->dense(emb, {c.vocab_size, c.d_model});
   if (!c.tie_word_embeddings) {
-    m.lm_head = load_linear(*src, "lm_head.weight", c.vocab_size, c.d_model);
+    m.lm_head = load_linear(*m.source, "lm_head.weight", c.vocab_size, c.d_model);
     m.scale_logits = false;
   } else {
     m.lm_head.t = m.shared;  // shares the mapping (F32) or copies the converted floats
@@ -172,74 +165,100 @@ SwitchModel SwitchModel::load(std::shared_ptr<const SwitchSource> src, const Loa
     if (!m.lm_head.t.owned.empty()) m.lm_head.t.data = m.lm_head.t.owned.data();
     m.scale_logits = true;
   }
-  for (Stack s : {Stack::kEncoder, Stack::kDecoder}) {
-    const std::string stack = stack_name(s);
-    const StackLayout& sl = s == Stack::kEncoder ? m.layout.encoder : m.layout.decoder;
-    auto& blocks = m.blocks(s);
-    blocks.resize(static_cast<size_t>(sl.num_blocks));
-    for (int64_t b = 0; b < sl.num_blocks; ++b) {
-      Block& blk = blocks[static_cast<size_t>(b)];
-      const std::string p = SwitchNames::block_prefix(stack, b);
-      blk.self_ln = src->dense(p + "layer.0.layer_norm.weight", {c.d_model});
-      blk.self_attn = load_attention(*src, p + "layer.0.SelfAttention.", c, b == 0);
-      if (s == Stack::kDecoder) {
-        blk.cross_ln = src->dense(p + "layer.1.layer_norm.weight", {c.d_model});
-        blk.cross_attn = load_attention(*src, p + "layer.1.EncDecAttention.", c, false);
-      }
-      const std::string fp = SwitchNames::ff_prefix(stack, b);
-      FeedForward& ff = blk.ff;
-      ff.layer_norm = src->dense(fp + "layer_norm.weight", {c.d_model});
-      ff.sparse = sl.sparse[static_cast<size_t>(b)];
-      if (!ff.sparse) {
-        ff.wi = load_linear(*src, fp + "mlp.wi.weight", c.d_ff, c.d_model);
-        ff.wo = load_linear(*src, fp + "mlp.wo.weight", c.d_model, c.d_ff);
-        continue;
-      }
-      ff.router = load_linear(*src, SwitchNames::router(stack, b), E, c.d_model);
-      ff.experts.resize(static_cast<size_t>(E));
-      for (int64_t e = 0; e < E; ++e) {
-        const std::string wi = SwitchNames::expert(stack, b, e, "wi");
-        const std::string wo = SwitchNames::expert(stack, b, e, "wo");
-        const CompressedView* cwi = src->compressed(wi);
-        const CompressedView* cwo = src->compressed(wo);
-        if (cwi && cwo) {
-          if (cwi->rows != c.d_ff || cwi->cols != c.d_model)
-            throw FormatError(error_context(src->path().string(), wi,
-                                            "compressed shape does not match d_ff x d_model"));
-          if (cwo->rows != c.d_model || cwo->cols != c.d_ff)
-            throw FormatError(error_context(src->path().string(), wo,
-                                            "compressed shape does not match d_model x d_ff"));
-          if (opt.compressed_experts) {
-            ff.experts[static_cast<size_t>(e)] =
-                std::make_shared<CompressedExpert>(*cwi, *cwo, src);
-          } else {
-            Linear lwi, lwo;
-            lwi.out = c.d_ff, lwi.in = c.d_model;
-            lwo.out = c.d_model, lwo.in = c.d_ff;
-            lwi.t.shape = {c.d_ff, c.d_model};
-            lwo.t.shape = {c.d_model, c.d_ff};
-            lwi.t.owned.resize(static_cast<size_t>(c.d_ff * c.d_model));
-            lwo.t.owned.resize(static_cast<size_t>(c.d_ff * c.d_model));
-            decode_ref(*cwi, lwi.t.owned.data());
-            decode_ref(*cwo, lwo.t.owned.data());
-            lwi.t.data = lwi.t.owned.data();
-            lwo.t.data = lwo.t.owned.data();
-            ff.experts[static_cast<size_t>(e)] =
-                std::make_shared<DenseExpert>(std::move(lwi), std::move(lwo));
-          }
-        } else if (cwi || cwo) {
-          throw FormatError(error_context(src->path().string(), cwi ? wo : wi,
-                                          "expert has one compressed and one dense matrix"));
-        } else {
-          ff.experts[static_cast<size_t>(e)] = std::make_shared<DenseExpert>(
-              load_linear(*src, wi, c.d_ff, c.d_model), load_linear(*src, wo, c.d_model, c.d_ff));
-        }
-      }
-    }
-  }
+  for (Stack s : {Stack::kEncoder, Stack::kDecoder})
+    for (int64_t b = 0; b < static_cast<int64_t>(m.blocks(s).size()); ++b) m.load_block(s, b, opt);
+  return m;
+}
+
+SwitchModel SwitchModel::shell(std::shared_ptr<const SwitchSource> src) {
+  SwitchModel m;
+  m.source = src;
+  m.config = src->config();
+  m.layout = src->layout();
+  const SwitchConfig& c = m.config;
+  std::string emb = "shared.weight";
+  if (!src->has(emb)) emb = "encoder.embed_tokens.weight";
+  m.shared = src->dense(emb, {c.vocab_size, c.d_model});
+  m.scale_logits = c.tie_word_embeddings;
+  m.encoder.resize(static_cast<size_t>(m.layout.encoder.num_blocks));
+  m.decoder.resize(static_cast<size_t>(m.layout.decoder.num_blocks));
   m.encoder_final_ln = src->dense("encoder.final_layer_norm.weight", {c.d_model});
   m.decoder_final_ln = src->dense("decoder.final_layer_norm.weight", {c.d_model});
   return m;
+}
+
+void SwitchModel::load_block(Stack s, int64_t b, const LoadOptions& opt) {
+  const SwitchSource& src = *source;
+  const SwitchConfig& c = config;
+  const int64_t E = layout.num_experts;
+  const std::string stack = stack_name(s);
+  const StackLayout& sl = s == Stack::kEncoder ? layout.encoder : layout.decoder;
+  if (b < 0 || b >= sl.num_blocks)
+    throw InvalidArgument("load_block: no " + stack + " block " + std::to_string(b));
+  Block& blk = blocks(s)[static_cast<size_t>(b)];
+  const std::string p = SwitchNames::block_prefix(stack, b);
+  blk.self_ln = src.dense(p + "layer.0.layer_norm.weight", {c.d_model});
+  blk.self_attn = load_attention(src, p + "layer.0.SelfAttention.", c, b == 0);
+  if (s == Stack::kDecoder) {
+    blk.cross_ln = src.dense(p + "layer.1.layer_norm.weight", {c.d_model});
+    blk.cross_attn = load_attention(src, p + "layer.1.EncDecAttention.", c, false);
+  }
+  const std::string fp = SwitchNames::ff_prefix(stack, b);
+  FeedForward& ff = blk.ff;
+  ff.layer_norm = src.dense(fp + "layer_norm.weight", {c.d_model});
+  ff.sparse = sl.sparse[static_cast<size_t>(b)];
+  if (!ff.sparse) {
+    ff.wi = load_linear(src, fp + "mlp.wi.weight", c.d_ff, c.d_model);
+    ff.wo = load_linear(src, fp + "mlp.wo.weight", c.d_model, c.d_ff);
+    return;
+  }
+  ff.router = load_linear(src, SwitchNames::router(stack, b), E, c.d_model);
+  ff.experts.assign(static_cast<size_t>(E), nullptr);
+  for (int64_t e = 0; e < E; ++e) {
+    const std::string wi = SwitchNames::expert(stack, b, e, "wi");
+    const std::string wo = SwitchNames::expert(stack, b, e, "wo");
+    const CompressedView* cwi = src.compressed(wi);
+    const CompressedView* cwo = src.compressed(wo);
+    if (cwi && cwo) {
+      if (cwi->rows != c.d_ff || cwi->cols != c.d_model)
+        throw FormatError(error_context(src.path().string(), wi,
+                                        "compressed shape does not match d_ff x d_model"));
+      if (cwo->rows != c.d_model || cwo->cols != c.d_ff)
+        throw FormatError(error_context(src.path().string(), wo,
+                                        "compressed shape does not match d_model x d_ff"));
+      if (opt.compressed_experts) {
+        ff.experts[static_cast<size_t>(e)] = std::make_shared<CompressedExpert>(*cwi, *cwo, source);
+      } else {
+        Linear lwi, lwo;
+        lwi.out = c.d_ff, lwi.in = c.d_model;
+        lwo.out = c.d_model, lwo.in = c.d_ff;
+        lwi.t.shape = {c.d_ff, c.d_model};
+        lwo.t.shape = {c.d_model, c.d_ff};
+        lwi.t.owned.resize(static_cast<size_t>(c.d_ff * c.d_model));
+        lwo.t.owned.resize(static_cast<size_t>(c.d_ff * c.d_model));
+        decode_ref(*cwi, lwi.t.owned.data());
+        decode_ref(*cwo, lwo.t.owned.data());
+        lwi.t.data = lwi.t.owned.data();
+        lwo.t.data = lwo.t.owned.data();
+        ff.experts[static_cast<size_t>(e)] =
+            std::make_shared<DenseExpert>(std::move(lwi), std::move(lwo));
+      }
+    } else if (cwi || cwo) {
+      throw FormatError(error_context(src.path().string(), cwi ? wo : wi,
+                                      "expert has one compressed and one dense matrix"));
+    } else if (opt.dense_experts) {
+      ff.experts[static_cast<size_t>(e)] = std::make_shared<DenseExpert>(
+          load_linear(src, wi, c.d_ff, c.d_model), load_linear(src, wo, c.d_model, c.d_ff));
+    }
+  }
+}
+
+void SwitchModel::release_block(Stack s, int64_t b) {
+  Block& blk = blocks(s).at(static_cast<size_t>(b));
+  // Block 0 of each stack keeps its relative position bias: every later block of the stack uses it.
+  FloatTensor bias = std::move(blk.self_attn.relative_bias);
+  blk = Block{};
+  if (b == 0) blk.self_attn.relative_bias = std::move(bias);
 }
 
 void SwitchModel::set_expert(Stack s, int64_t block, int64_t expert,

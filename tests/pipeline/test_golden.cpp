@@ -15,7 +15,6 @@
 
 #include "pipeline_test_util.h"
 #include "qmoe/format/safetensors.h"
-#include "qmoe/switch/calibration_provider.h"
 #include "qmoe/switch/compress.h"
 #include "qmoe/switch/generate.h"
 #include "qmoe/switch/tokens.h"
@@ -90,10 +89,9 @@ TEST(Golden, CalibratedGptqContainerIsByteIdenticalForAnyThreadCount) {
   for (int threads : {1, 2, 3}) {
     SCOPED_TRACE("threads " + std::to_string(threads));
     const fs::path out = tmp / ("out" + std::to_string(threads) + ".safetensors");
-    auto calib = sw::open_calibration(ckpt, tokens);
     sw::CompressOptions opt;
     opt.threads = threads;
-    opt.hessians = calib.get();
+    opt.calib_tokens = tokens;
     const sw::CompressSummary s = sw::compress_checkpoint(ckpt, out, opt);
     EXPECT_EQ(s.quantizer, "gptq");
     EXPECT_EQ(s.fallback_matrices, 0);  // every expert saw calibration tokens

@@ -296,51 +296,63 @@ TEST(CompressExperts, ContainerRunsCompressedExpertsLikeTheInMemoryModel) {
 #endif  // QMOE_SWITCH_HAVE_GPTQ
 
 #ifdef QMOE_SWITCH_HAVE_GPTQ
-#include "qmoe/switch/calibration_provider.h"
+#include "qmoe/switch/compress.h"
 
 namespace qmoe::sw::test {
 namespace {
 
-TEST(CalibrationProvider, CompressCheckpointEqualsInMemorySequentialGptq) {
+// `qmoe eval --quantize` (compress_experts, in memory) and `qmoe compress --calib-tokens` (the
+// work directory and a container) run the same block loop: the same matrices, codec for codec and
+// byte for byte, and the same loss of the compressed model.
+TEST(CalibratedCompress, CheckpointEqualsInMemorySequentialGptq) {
   const auto dir = fixture("every_other_f32");
   const TokenPairs pairs = TokenPairs::load(dir / "tokens.safetensors");
-  // In memory: compress_experts, sequential GPTQ.
   SwitchModel mem = SwitchModel::load(dir);
-  std::map<std::string, std::vector<uint16_t>> codes;
+  std::map<std::string, CompressedMatrix> got;
   compress_experts(mem, pairs, {}, [&](CompressedExpertResult& r) {
-    codes[SwitchNames::expert(stack_name(r.stack), r.block, r.expert, "wi")] = r.wi.matrix.codes;
-    codes[SwitchNames::expert(stack_name(r.stack), r.block, r.expert, "wo")] = r.wo.matrix.codes;
+    got[SwitchNames::expert(stack_name(r.stack), r.block, r.expert, "wi")] = r.wi.matrix;
+    got[SwitchNames::expert(stack_name(r.stack), r.block, r.expert, "wo")] = r.wo.matrix;
   });
-  // The pipeline with the calibration provider.
-  const auto tmp = temp_dir("calib_provider");
+  EXPECT_EQ(got.size(), 32u);  // 4 sparse blocks x 4 experts x 2
+  const auto tmp = temp_dir("calib_compress");
   const auto out = tmp / "out.safetensors";
-  auto provider = open_calibration(dir, dir / "tokens.safetensors");
-  EXPECT_NE(provider->describe().find("sequential"), std::string::npos);
   CompressOptions co;
-  co.hessians = provider.get();
+  co.calib_tokens = dir / "tokens.safetensors";
   co.check_disk = false;
-  compress_checkpoint(dir, out, co);
+  const CompressSummary s = compress_checkpoint(dir, out, co);
+  EXPECT_EQ(s.quantizer, "gptq");
+  EXPECT_EQ(s.calibration_pairs, pairs.num_pairs());
   const SwitchModel c = SwitchModel::load(out);
   ASSERT_TRUE(c.source->is_container());
-  for (const auto& [name, cd] : codes) {
+  for (const auto& [name, m] : got) {
     const CompressedView* v = c.source->compressed(name);
     ASSERT_NE(v, nullptr) << name;
-    if (v->codec == Codec::kV1) {
-      EXPECT_TRUE(std::equal(cd.begin(), cd.end(), v->codes.begin(), v->codes.end())) << name;
-    }
+    ASSERT_EQ(v->codec, m.codec) << name;
+    EXPECT_TRUE(std::equal(m.codes.begin(), m.codes.end(), v->codes.begin(), v->codes.end()))
+        << name;
+    EXPECT_TRUE(std::equal(m.packed.begin(), m.packed.end(), v->packed.begin(), v->packed.end()))
+        << name;
+    EXPECT_TRUE(std::equal(m.levels.begin(), m.levels.end(), v->levels.begin(), v->levels.end()))
+        << name;
   }
   const LossResult a = cross_entropy(mem, pairs), b = cross_entropy(c, pairs);
   EXPECT_EQ(a.nll_sum, b.nll_sum);
   std::filesystem::remove_all(tmp);
 }
 
-TEST(CalibrationProvider, Errors) {
+TEST(CalibratedCompress, BadTokenFilesFailBeforeAnyWork) {
   const auto dir = fixture("every_other_f32");
-  EXPECT_THROW(open_calibration(dir, dir / "no_tokens.safetensors"), FormatError);
+  const auto tmp = temp_dir("calib_errors");
+  CompressOptions co;
+  co.check_disk = false;
+  co.calib_tokens = dir / "no_tokens.safetensors";
+  EXPECT_THROW(compress_checkpoint(dir, tmp / "a.safetensors", co), FormatError);
   // Token ids outside the vocabulary of the model.
-  EXPECT_THROW(open_calibration(fixture("every_other_f32"),
-                                fixture("all_sparse_bf16") / "expected.safetensors"),
-               FormatError);
+  co.calib_tokens = fixture("all_sparse_bf16") / "expected.safetensors";
+  EXPECT_THROW(compress_checkpoint(dir, tmp / "b.safetensors", co), FormatError);
+  EXPECT_FALSE(std::filesystem::exists(tmp / "a.safetensors"));
+  EXPECT_FALSE(std::filesystem::exists(tmp / "b.safetensors"));
+  std::filesystem::remove_all(tmp);
 }
 
 }  // namespace

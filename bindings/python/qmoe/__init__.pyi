@@ -230,6 +230,8 @@ def compress_checkpoint(
     output: PathLike,
     *,
     hessians: Optional[PathLike] = None,
+    calib_tokens: Optional[PathLike] = None,
+    sequential: bool = True,
     threads: int = 0,
     max_memory: int = 0,
     shard_size: int = 0,

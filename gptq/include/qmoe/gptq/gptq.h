@@ -127,6 +127,11 @@ struct GptqBatchOptions {
   int64_t memory_limit_bytes = 0;
 };
 
+// Floating-point operations gptq_quantize() executes for a rows x cols matrix with a Hessian: the
+// Cholesky factorisation (cols^3 / 3 multiply-adds), the feedback inside blocks of `blocksize`
+// columns and the lazy block products.
+double gptq_flops(int64_t rows, int64_t cols, int64_t blocksize);
+
 // Scratch memory gptq_quantize() needs for one matrix with `threads` threads (H factor, per-thread
 // working rows), excluding the inputs and the result.
 int64_t gptq_workspace_bytes(int64_t rows, int64_t cols, const GptqOptions& opt, int threads);

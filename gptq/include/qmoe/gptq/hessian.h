@@ -77,6 +77,10 @@ bool hessian_block_product(std::string_view level, const float* xi, const float*
                            int64_t nb, int64_t ni, int64_t nj, float* prod);
 }  // namespace detail
 
+// Floating-point operations add() executes for n tokens of dimension dim: the block products of
+// the upper 256 x 256 output tiles, 2 * n * rows * columns each.
+double hessian_flops(int64_t dim, int64_t n);
+
 // QMoE's cap on the tokens used per expert: floor(multiplier * total_tokens / num_experts), at
 // least 1. Throws InvalidArgument for num_experts <= 0, total_tokens < 0 or multiplier <= 0.
 int64_t expert_token_cap(int64_t total_tokens, int64_t num_experts, double multiplier = 4.0);

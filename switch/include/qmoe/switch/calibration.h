@@ -75,9 +75,15 @@ class SequentialRunner {
   // wo's calibration inputs: ReLU(wi · x) for those rows, [n_e, d_ff], computed with `expert`
   // (default: the expert currently in the model, e.g. the original, or a compressed wi).
   RowMatrix wo_inputs(int64_t e, const ExpertMlp* expert = nullptr) const;
-  // Computes the FF output with the experts currently in the model, adds the residual, moves to
-  // the next block (finishing the encoder when its last block is done).
-  void end_block();
+  // Computes the FF output with the experts currently in the model (or with `experts`, one per
+  // expert of the block, when given), adds the residual, moves to the next block (finishing the
+  // encoder when its last block is done).
+  void end_block(std::span<const std::shared_ptr<const ExpertMlp>> experts = {});
+  // The counted rows of ff_input() of expert e as one matrix [n_e, d_model] (what wi_inputs(e)
+  // returns), for every expert at once: each row is copied once.
+  std::vector<RowMatrix> gather_counted() const;
+  // Tokens of the current stack (all pairs).
+  int64_t stack_tokens() const { return h_.rows(); }
 
   // Hidden states of the current stack (tokens x d_model), after the last finished layer.
   const RowMatrix& hidden() const { return h_; }

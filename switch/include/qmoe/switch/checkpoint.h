@@ -7,6 +7,7 @@
 #include <filesystem>
 #include <memory>
 #include <optional>
+#include <span>
 #include <string>
 #include <string_view>
 #include <vector>
@@ -98,10 +99,22 @@ class SwitchSource {
   // The tensor as float32, checked against `shape` (empty: any). Throws FormatError naming the
   // file and tensor when it is missing, compressed, of a non-float dtype or of another shape.
   FloatTensor dense(std::string_view name, const std::vector<int64_t>& shape = {}) const;
+  // A dense tensor as stored: its bytes (a view of the mapping), dtype, shape and file. Throws
+  // FormatError naming the file and tensor when it is missing or compressed.
+  struct Stored {
+    std::span<const std::byte> bytes;
+    DType dtype = DType::kF32;
+    std::vector<int64_t> shape;
+    std::string file;
+  };
+  Stored stored(std::string_view name) const;
   // The compressed matrix of that name (containers only), nullptr if it is not compressed.
   const CompressedView* compressed(std::string_view name) const;
   // All tensor names (dense and compressed), sorted.
   std::vector<std::string> names() const;
+  // The safetensors files of a checkpoint (empty for a container), each holding the tensors
+  // actually stored (tied aliases are index entries, not tensors).
+  const std::vector<SafetensorsFile>& shards() const { return shards_; }
 
  private:
   struct Located {

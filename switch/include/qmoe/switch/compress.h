@@ -1,16 +1,17 @@
 // Compression of a whole Switch Transformers checkpoint into a qmoe container (`qmoe compress`).
 //
 // Every expert matrix ({encoder,decoder}.block.{b}.layer.{f}.mlp.experts.expert_{e}.{wi,wo}.weight)
-// is ternarized -- by round to nearest, or by GPTQ when a HessianProvider supplies Hessians -- and
-// encoded (qmoe-v1 or qmoe-p5, the smaller per matrix, unless a codec -- qmoe-v1, qmoe-v2, qmoe-v3
-// or qmoe-p5 -- is forced); every other stored tensor is copied byte for byte (or cast to bf16 on
-// request).
+// is ternarized -- by round to nearest, or by GPTQ with Hessians from a file or from calibration
+// tokens run through the model -- and encoded (qmoe-v1 or qmoe-p5, the smaller per matrix, unless a
+// codec -- qmoe-v1, qmoe-v2, qmoe-v3 or qmoe-p5 -- is forced); every other stored tensor is copied
+// byte for byte (or cast to bf16 on request). The expert work is the block loop of block_loop.h.
 //
-// Scale: tensors are read lazily through the shards' mappings and their pages are handed back to
-// the page cache once used; expert matrices are processed by a pool of workers that admits a
-// matrix only while the estimated memory of the matrices in flight stays under the cap; each
-// result goes to its own small file in a work directory, and the container is assembled from
-// those files and the mappings at the end, shard by shard (ContainerWriter streams to disk).
+// Scale: the checkpoint is opened once; tensors are read lazily through the shards' mappings and
+// their pages are handed back to the page cache once used; expert matrices are processed by a pool
+// of workers that admits a matrix only while the estimated memory of the matrices in flight stays
+// under the cap; each result goes to its own small file in a work directory, and the container is
+// assembled from those files and the mappings at the end, shard by shard (ContainerWriter streams
+// to disk).
 //
 // Resumability: the work directory "<output>.qmoe-work" holds one file per finished expert matrix,
 // each written under a temporary name and renamed, plus run.json that identifies the run (input
@@ -32,57 +33,14 @@
 
 #include "qmoe/format/dtype.h"
 #include "qmoe/format/matrix.h"
+#include "qmoe/switch/block_loop.h"
 
 namespace qmoe::sw {
-
-// One expert matrix of a checkpoint.
-struct ExpertMatrix {
-  std::string name;   // tensor name
-  std::string stack;  // "encoder" or "decoder"
-  int64_t block = 0;
-  int64_t expert = 0;
-  std::string which;  // "wi" ([d_ff, d_model]) or "wo" ([d_model, d_ff])
-  int64_t rows = 0;
-  int64_t cols = 0;
-  DType dtype = DType::kF32;
-  std::string file;  // shard holding it
-  int64_t numel() const { return rows * cols; }
-};
-
-// Where the Hessians for GPTQ come from: a Hessian file (format/SPEC.md section 12) or, later,
-// calibration through the forward pass (sequential: block by block, each block's inputs computed
-// with the already compressed earlier blocks). With a provider the pipeline works block by block
-// and calls, in this order:
-//   validate(all expert matrices)                 -- before any work; throw FormatError naming
-//                                                    the file and tensor on any mismatch
-//   for each sparse block, encoder blocks first, then decoder blocks, ascending:
-//     begin_block(stack, block)                   -- calling thread
-//     hessian(m) for the block's matrices still to do -- from worker threads, concurrently
-//     end_block(stack, block, result)             -- calling thread; result(m) gives the
-//                                                    compressed matrix of each of the block's
-//                                                    expert matrices (also those of a resumed run)
-class HessianProvider {
- public:
-  virtual ~HessianProvider() = default;
-  // Short text for the output's metadata ("file hessians.safetensors", "calibration ...").
-  virtual std::string describe() const = 0;
-  // Identifies the Hessians (e.g. file size and a hash of its header) so that a resumed run can
-  // check that it continues with the same ones.
-  virtual std::string fingerprint() const = 0;
-  virtual void validate(std::span<const ExpertMatrix> experts) const = 0;
-  virtual void begin_block(std::string_view /*stack*/, int64_t /*block*/) {}
-  // H = (2/n) X^T X, cols x cols float32, for matrix m; empty when no calibration token reached
-  // the expert (the matrix is then rounded to nearest, and its statistics say so). Thread-safe.
-  // `tokens` receives the number of tokens behind H.
-  virtual std::vector<float> hessian(const ExpertMatrix& m, int64_t& tokens) const = 0;
-  virtual void end_block(std::string_view /*stack*/, int64_t /*block*/,
-                         const std::function<CompressedMatrix(const ExpertMatrix&)>& /*result*/) {}
-};
 
 // Hessians from an accumulator file written by write_hessians() (gptq/hessian.h): one entry per
 // expert matrix, named as the tensor. Read lazily, one matrix at a time. Throws FormatError if the
 // file is not a valid Hessian file; validate() throws for a missing entry or one whose dimension
-// is not the matrix's input width. Throws Error when this build has no GPTQ.
+// is not the matrix's input width.
 std::unique_ptr<HessianProvider> open_hessian_file(const std::filesystem::path& path);
 
 struct CompressProgress {
@@ -91,8 +49,14 @@ struct CompressProgress {
   int64_t resumed = 0;  // of `done`, finished by an earlier run
   double seconds = 0;   // since the compression phase started
   std::string current;  // block being worked on ("encoder.block.3"), or the tensor being written
-  std::string phase;    // "compress" or "assemble"
+  // "compress" (step: "load", "forward" or "experts") or "assemble"
+  std::string phase;
+  std::string step;
+  int64_t tokens = 0;        // calibration: token-blocks through the forward so far
+  int64_t total_tokens = 0;  // and in all (0 without calibration)
 };
+
+struct CompressPlan;
 
 struct CompressOptions {
   int threads = 0;             // 0 = the OpenMP default
@@ -102,7 +66,14 @@ struct CompressOptions {
   bool cast_bf16 = false;      // store passthrough F32/F16 tensors as BF16
   std::optional<Codec> codec;  // nullopt: the smaller of qmoe-v1 and qmoe-p5 per matrix
   bool check_disk = true;      // refuse to start without enough free space for the output
-  HessianProvider* hessians = nullptr;  // nullptr: round to nearest
+  // Quantizer: GPTQ with Hessians from `hessians` (e.g. open_hessian_file()), or from the token
+  // pairs of `calib_tokens` (format/SPEC.md section 13) run through the model block by block
+  // (QMoE's sequential calibration), or round to nearest when neither is given. Not both.
+  HessianProvider* hessians = nullptr;
+  std::filesystem::path calib_tokens;
+  CalibrationOptions calibration;     // which tokens count; expert capacity (0 = none)
+  bool sequential = true;             // recompute each block with its compressed experts (QMoE)
+  double token_cap_multiplier = 4.0;  // QMoE's per-expert token cap (0 = all tokens)
   // GPTQ settings (used with hessians), as in gptq/gptq.h.
   double percdamp = 0.1;
   int64_t blocksize = 128;
@@ -115,6 +86,8 @@ struct CompressOptions {
   std::function<void(const CompressProgress&)> progress;
   // Called with one-line notes (resumed work, cleaned-up leftovers).
   std::function<void(const std::string&)> note;
+  // Called once the checks are done and before any work, with what the run will do.
+  std::function<void(const CompressPlan&)> planned;
 };
 
 struct BlockSummary {
@@ -147,6 +120,9 @@ struct CompressSummary {
   double total_seconds = 0;
   int64_t memory_budget = 0;  // bytes admitted for matrices in flight (0 = no cap)
   std::vector<BlockSummary> blocks;
+  LoopReport loop;                 // the block loop's phases: time and work
+  int64_t calibration_pairs = 0;   // token pairs run through the model (0 without calibration)
+  int64_t calibration_tokens = 0;  // their encoder + decoder tokens
   double bits_per_expert_weight() const {
     return expert_weights ? 8.0 * static_cast<double>(expert_compressed_bytes) /
                                 static_cast<double>(expert_weights)
@@ -198,10 +174,6 @@ CheckSummary check_compressed(const std::filesystem::path& checkpoint,
 
 // The work directory of an output.
 std::filesystem::path work_dir_for(const std::filesystem::path& output);
-
-// Estimated peak bytes one expert matrix needs while being compressed (its input pages, symbols,
-// codes, and for GPTQ the Hessian and workspace).
-int64_t expert_memory_estimate(const ExpertMatrix& m, bool gptq);
 
 // Metadata keys the pipeline writes into the container (beside the format's own keys):
 inline constexpr std::string_view kMetaConfig = "config.json";       // the checkpoint's config.json

@@ -120,6 +120,9 @@ struct LoadOptions {
   // For containers: run compressed experts through CompressedExpert (true) or decode them once
   // into dense float experts at load time (false: faster per token, 32 bits per weight in memory).
   bool compressed_experts = true;
+  // For checkpoints: load the dense experts (false leaves ff.experts null, for callers that read
+  // the expert tensors themselves).
+  bool dense_experts = true;
 };
 
 // The whole model. Holds the source open (its tensors are viewed, not copied, when F32).
@@ -139,6 +142,14 @@ struct SwitchModel {
   // Loads every tensor, checking names and shapes (FormatError naming file and tensor).
   static SwitchModel load(std::shared_ptr<const SwitchSource> src, const LoadOptions& opt = {});
   static SwitchModel load(const std::filesystem::path& path, const LoadOptions& opt = {});
+  // The model without its blocks' weights: config, layout, embeddings, final layer norms, and
+  // empty blocks to be filled by load_block() (the block loop of compression holds one block at a
+  // time). lm_head is not loaded.
+  static SwitchModel shell(std::shared_ptr<const SwitchSource> src);
+  // Loads (or reloads) the weights of one block; release_block() drops them again (block 0 keeps
+  // the stack's relative position bias, which every block of the stack uses).
+  void load_block(Stack s, int64_t block, const LoadOptions& opt = {});
+  void release_block(Stack s, int64_t block);
 
   std::vector<Block>& blocks(Stack s) { return s == Stack::kEncoder ? encoder : decoder; }
   const std::vector<Block>& blocks(Stack s) const {
