@@ -362,7 +362,8 @@ LoopReport run_block_loop(const std::shared_ptr<const SwitchSource>& source,
     std::vector<int64_t> estimate(todo.size());
     for (size_t j = 0; j < todo.size(); ++j) {
       const ExpertMatrix& m = experts[todo[j]];
-      const int64_t n = routed.empty() ? 0 : routed[static_cast<size_t>(m.expert)].rows();
+      int64_t n = routed.empty() ? 0 : routed[static_cast<size_t>(m.expert)].rows();
+      if (cap > 0) n = std::min(n, cap);
       estimate[j] = expert_memory_estimate(m, gptq, n);
     }
     if (!todo.empty()) {
@@ -405,13 +406,13 @@ LoopReport run_block_loop(const std::shared_ptr<const SwitchSource>& source,
             } else {
               // wo's inputs: ReLU(wi x) with the original wi, for every counted token.
               const std::string wi_name = SwitchNames::expert(m.stack, m.block, m.expert, "wi");
+              // Only the tokens the cap keeps: a row's product does not depend on the others.
               const FloatTensor wi = src.dense(wi_name, {m.cols, m.rows});
-              RowMatrix hidden(x.rows(), m.cols);
-              linear_forward(Eigen::Map<const RowMatrix>(wi.data, m.cols, m.rows), x.data(),
-                             x.rows(), hidden.data());
-              float* hp = hidden.data();
-              for (int64_t q = 0; q < hidden.size(); ++q) hp[q] = std::max(hp[q], 0.0f);
-              hflops += 2.0 * static_cast<double>(x.rows()) * static_cast<double>(m.rows) *
+              const int64_t use = cap > 0 ? std::min<int64_t>(x.rows(), cap) : x.rows();
+              RowMatrix hidden(use, m.cols);
+              linear_forward(Eigen::Map<const RowMatrix>(wi.data, m.cols, m.rows), x.data(), use,
+                             hidden.data(), /*relu=*/true);
+              hflops += 2.0 * static_cast<double>(use) * static_cast<double>(m.rows) *
                         static_cast<double>(m.cols);
               a.add(hidden.data(), hidden.rows(), 0, inside);
             }

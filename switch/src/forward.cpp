@@ -7,6 +7,7 @@
 
 #include <omp.h>
 
+#include "qmoe/core/gemm.h"
 #include "qmoe/format/error.h"
 #ifdef QMOE_SWITCH_HAVE_DECODER_CPU
 #include "qmoe/decoder_cpu/matmul.h"
@@ -33,7 +34,9 @@ RowMatrix project(const Linear& w, const RowMatrix& x) {
 }
 
 // Multi-head attention of one stack layer on layer-normed queries xq and keys/values source xkv.
-// `bias_table` null: no position bias. `causal`: query q sees keys 0..q only.
+// `bias_table` null: no position bias. `causal`: query q sees keys 0..q only. Products through
+// core's gemm (one chain of fused multiply-adds per entry): a sequence's result does not depend on
+// the other sequences of the batch.
 void attention(const SwitchModel& m, const Attention& a, const RowMatrix& xq, const SeqOffsets& qs,
                const RowMatrix& xkv, const SeqOffsets& ks, const FloatTensor* bias_table,
                bool bidirectional, bool causal, RowMatrix& h) {
@@ -51,31 +54,38 @@ void attention(const SwitchModel& m, const Attention& a, const RowMatrix& xq, co
     const int64_t k0 = ks.offsets[static_cast<size_t>(s)],
                   lk = ks.offsets[static_cast<size_t>(s) + 1] - k0;
     if (lq == 0) continue;
-    RowMatrix scores = Q.block(q0, hd * D, lq, D) * K.block(k0, hd * D, lk, D).transpose();
+    thread_local std::vector<float> scores;
+    thread_local std::vector<int32_t> bucket;  // by relative position k - q + lq - 1
+    scores.resize(static_cast<size_t>(lq * lk));
+    float* sc = scores.data();
+    // scores = Q_h K_h^T
+    gemm(lq, lk, D, Q.data() + q0 * inner + hd * D, inner, 1, K.data() + k0 * inner + hd * D, 1,
+         inner, sc, lk, 1);
     if (bias_table) {
-      for (int64_t q = 0; q < lq; ++q)
-        for (int64_t k = 0; k < lk; ++k) {
-          const int64_t bucket = relative_position_bucket(k - q, bidirectional,
-                                                          m.config.relative_attention_num_buckets,
-                                                          m.config.relative_attention_max_distance);
-          scores(q, k) += bias_table->data[bucket * H + hd];
-        }
+      bucket.resize(static_cast<size_t>(lq + lk - 1));
+      for (int64_t r = 0; r < lq + lk - 1; ++r)
+        bucket[static_cast<size_t>(r)] = static_cast<int32_t>(relative_position_bucket(
+            r - (lq - 1), bidirectional, m.config.relative_attention_num_buckets,
+            m.config.relative_attention_max_distance));
+      const float* bias = bias_table->data;
+      for (int64_t q = 0; q < lq; ++q) {
+        const int32_t* bq = bucket.data() + (lq - 1 - q);  // bq[k] = bucket of k - q
+        float* row = sc + q * lk;
+        for (int64_t k = 0; k < lk; ++k) row[k] += bias[bq[k] * H + hd];
+      }
     }
     for (int64_t q = 0; q < lq; ++q) {
       const int64_t kn = causal ? std::min(lk, q + 1) : lk;
-      float mx = -std::numeric_limits<float>::infinity();
-      for (int64_t k = 0; k < kn; ++k) mx = std::max(mx, scores(q, k));
-      float sum = 0;
-      for (int64_t k = 0; k < kn; ++k) {
-        const float e = std::exp(scores(q, k) - mx);
-        scores(q, k) = e;
-        sum += e;
-      }
-      const float inv = 1.0f / sum;
-      for (int64_t k = 0; k < kn; ++k) scores(q, k) *= inv;
-      for (int64_t k = kn; k < lk; ++k) scores(q, k) = 0.0f;
+      Eigen::Map<Eigen::ArrayXf> row(sc + q * lk, kn);
+      const float mx = row.maxCoeff();
+      row = (row - mx).exp();
+      const float inv = 1.0f / row.sum();
+      row *= inv;
+      std::fill(sc + q * lk + kn, sc + (q + 1) * lk, 0.0f);
     }
-    ctx.block(q0, hd * D, lq, D).noalias() = scores * V.block(k0, hd * D, lk, D);
+    // ctx_h = P V_h
+    gemm(lq, D, lk, sc, lk, 1, V.data() + k0 * inner + hd * D, inner, 1,
+         ctx.data() + q0 * inner + hd * D, inner, 1);
   }
   const RowMatrix out = project(a.o, ctx);
   h += out;
@@ -245,8 +255,7 @@ void feed_forward_apply(const FeedForward& ff, const RowMatrix& x, const Routing
   const int64_t n = x.rows(), d = x.cols();
   if (!ff.sparse) {
     RowMatrix hid(n, ff.wi.out), y(n, d);
-    linear_forward(ff.wi.map(), x.data(), n, hid.data());
-    hid = hid.cwiseMax(0.0f);
+    linear_forward(ff.wi.map(), x.data(), n, hid.data(), /*relu=*/true);
     linear_forward(ff.wo.map(), hid.data(), n, y.data());
     h += y;
     return;
@@ -365,18 +374,25 @@ LossResult cross_entropy(const SwitchModel& m, const TokenPairs& batch, const Fo
   const RowMatrix dec = decode(m, batch, enc, opt);
   const int64_t n = dec.rows(), V = m.lm_head.out;
   std::vector<double> nll(static_cast<size_t>(n), 0.0);
-  constexpr int64_t kLogitRows = 64;  // logits of this many rows at a time: 64 x vocab floats
+  // Logits of this many rows at a time (256 x vocab floats): enough rows for the product with
+  // lm_head to run at GEMM speed, few enough to bound memory.
+  constexpr int64_t kLogitRows = 256;
   for (int64_t r0 = 0; r0 < n; r0 += kLogitRows) {
     const int64_t r1 = std::min(n, r0 + kLogitRows);
     const RowMatrix lg = logits(m, dec.middleRows(r0, r1 - r0));
     parallel_rows(r1 - r0, [&](int64_t a, int64_t b) {
+      thread_local Eigen::ArrayXf ex;
       for (int64_t i = a; i < b; ++i) {
         const int32_t t = batch.decoder_targets[static_cast<size_t>(r0 + i)];
         if (t == -100) continue;
-        const float mx = lg.row(i).maxCoeff();
+        // log-softmax: exponentials in float32 (as transformers computes it), summed in float64.
+        const Eigen::Map<const Eigen::ArrayXf> row(lg.row(i).data(), V);
+        const float mx = row.maxCoeff();
+        ex = (row - mx).exp();
         double sum = 0;
-        for (int64_t v = 0; v < V; ++v) sum += std::exp(static_cast<double>(lg(i, v)) - mx);
-        nll[static_cast<size_t>(r0 + i)] = std::log(sum) + mx - static_cast<double>(lg(i, t));
+        for (int64_t v = 0; v < V; ++v) sum += static_cast<double>(ex[v]);
+        nll[static_cast<size_t>(r0 + i)] =
+            std::log(sum) + static_cast<double>(mx) - static_cast<double>(lg(i, t));
       }
     });
   }

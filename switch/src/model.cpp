@@ -5,6 +5,7 @@
 
 #include <omp.h>
 
+#include "qmoe/core/gemm.h"
 #include "qmoe/format/error.h"
 #include "qmoe/format/reference.h"
 
@@ -23,9 +24,6 @@ constexpr int64_t kSlice = 64;
 // a qmoe-v3 pair of rows.
 static_assert(kSlice % 2 == 0);
 
-using ConstMap = Eigen::Map<const RowMatrix>;
-using OutMap = Eigen::Map<RowMatrix, 0, Eigen::OuterStride<>>;
-
 // Y[:, r0:r1] = X · W[r0:r1, :]ᵀ for every slice, in parallel.
 template <class SliceFn>
 void for_each_slice(int64_t out, SliceFn&& fn) {
@@ -40,14 +38,13 @@ const char* stack_name(Stack s) {
   return s == Stack::kEncoder ? "encoder" : "decoder";
 }
 
-void linear_forward(const Eigen::Map<const RowMatrix>& w, const float* x, int64_t n, float* y) {
+void linear_forward(const Eigen::Map<const RowMatrix>& w, const float* x, int64_t n, float* y,
+                    bool relu) {
   const int64_t out = w.rows(), in = w.cols();
   if (n == 0 || out == 0) return;
-  ConstMap X(x, n, in);
-  for_each_slice(out, [&](int64_t r0, int64_t r1) {
-    OutMap Y(y + r0, n, r1 - r0, Eigen::OuterStride<>(out));
-    Y.noalias() = X * w.middleRows(r0, r1 - r0).transpose();
-  });
+  // core's gemm: every output one chain of fused multiply-adds over `in`, so a token's result does
+  // not depend on the other tokens of the batch or on the thread count.
+  matmul_xwt(n, out, in, x, in, w.data(), y, out, {.relu = relu, .threads = 0});
 }
 
 void compressed_linear_forward(const CompressedView& w, const float* x, int64_t n, float* y) {
@@ -62,16 +59,13 @@ void compressed_linear_forward(const CompressedView& w, const float* x, int64_t 
 void compressed_linear_forward_ref(const CompressedView& w, const float* x, int64_t n, float* y) {
   const int64_t out = w.rows, in = w.cols;
   if (n == 0 || out == 0) return;
-  ConstMap X(x, n, in);
   for_each_slice(out, [&](int64_t r0, int64_t r1) {
     thread_local std::vector<float> dense;
     thread_local std::vector<int32_t> offsets;
     dense.resize(static_cast<size_t>((r1 - r0) * in));
     const CompressedView v = row_slice(w, r0, r1, offsets);
     decode_ref(v, dense.data());
-    ConstMap W(dense.data(), r1 - r0, in);
-    OutMap Y(y + r0, n, r1 - r0, Eigen::OuterStride<>(out));
-    Y.noalias() = X * W.transpose();
+    gemm(n, r1 - r0, in, x, in, 1, dense.data(), 1, in, y + r0, out, 1);
   });
 }
 
@@ -88,8 +82,7 @@ void DenseExpert::forward(const float* x, int64_t n, float* hidden, float* y) co
     scratch.resize(static_cast<size_t>(n * d_ff()));
     hidden = scratch.data();
   }
-  linear_forward(wi_.map(), x, n, hidden);
-  for (int64_t i = 0; i < n * d_ff(); ++i) hidden[i] = std::max(hidden[i], 0.0f);
+  linear_forward(wi_.map(), x, n, hidden, /*relu=*/true);
   linear_forward(wo_.map(), hidden, n, y);
 }
 

@@ -27,10 +27,12 @@ struct Linear {
   Eigen::Map<const RowMatrix> map() const { return {t.data, out, in}; }
 };
 
-// y = W x for every row x of X (Y = X Wᵀ), X [n, in], Y [n, out]. Work is split into fixed
-// 64-column slices of the output, run in parallel with OpenMP (when not already inside a parallel
-// region): the result does not depend on the number of threads.
-void linear_forward(const Eigen::Map<const RowMatrix>& w, const float* x, int64_t n, float* y);
+// y = W x for every row x of X (Y = X Wᵀ), X [n, in], Y [n, out]; with relu, y = max(W x, 0).
+// core's gemm(): every output is one chain of fused multiply-adds, so a row's result depends only
+// on that row of X (not on n, the other rows or the thread count); parallel with OpenMP when not
+// already inside a parallel region.
+void linear_forward(const Eigen::Map<const RowMatrix>& w, const float* x, int64_t n, float* y,
+                    bool relu = false);
 
 // One expert's MLP: y = wo · ReLU(wi · x). Implementations must be deterministic and give the
 // same result for any number of OpenMP threads; they may run in parallel internally.
@@ -89,7 +91,7 @@ class CompressedExpert final : public ExpertMlp {
 // Bit-identical for any thread count either way.
 void compressed_linear_forward(const CompressedView& w, const float* x, int64_t n, float* y);
 // The plain path: each fixed 64-row slice of W decoded by decode_ref() into a per-thread buffer,
-// then an Eigen GEMM with the whole batch (equal, bit for bit, to linear_forward on the decoded W).
+// then a gemm with the whole batch (equal, bit for bit, to linear_forward on the decoded W).
 void compressed_linear_forward_ref(const CompressedView& w, const float* x, int64_t n, float* y);
 
 struct Attention {
