@@ -2,8 +2,13 @@
 #include <unistd.h>
 
 #include <cmath>
+#include <filesystem>
+#include <fstream>
+#include <vector>
+
 #include <cstdio>
 #include <memory>
+#include <nlohmann/json.hpp>
 #include <string>
 
 #include "command.h"
@@ -21,7 +26,7 @@ struct CompressArgs {
   bool rtn = false, resume = false, progress = false, cast_bf16 = false, no_disk_check = false,
        actorder = false;
   int threads = 0;
-  std::string max_memory = "0", shard_size = "0";
+  std::string max_memory = "0", shard_size = "0", report;
   double percdamp = 0.1;
   int64_t blocksize = 128;
 };
@@ -37,29 +42,118 @@ std::string duration(double s) {
   return buf;
 }
 
-// One line, redrawn in place: [#####     ] 96/192 matrices (48 experts)  3.1 experts/s  ETA 0:15
-// encoder.block.5
+// One line, redrawn in place, e.g.
+//   [#####      ] 96/192 matrices  experts encoder.block.5  812 tok/s  3.1 experts/s  ETA 0:15
+// The ETA weighs the forward (token-blocks left at the forward's rate) and the experts (matrices
+// left at their rate) by what this run measured of each so far.
 void draw_bar(const sw::CompressProgress& p) {
-  const int width = 28;
+  const int width = 24;
   const double frac = p.total ? static_cast<double>(p.done) / static_cast<double>(p.total) : 1.0;
   const int fill = static_cast<int>(frac * width);
   std::string bar(static_cast<size_t>(fill), '#');
   bar.resize(width, ' ');
-  const int64_t this_run = p.done - p.resumed;
-  const double rate =
-      p.seconds > 0 ? static_cast<double>(this_run) / p.seconds : 0.0;  // matrices/s
-  const double eta = rate > 0 ? static_cast<double>(p.total - p.done) / rate : NAN;
   if (p.phase == "assemble") {
     std::fprintf(stderr, "\r[%s] %lld/%lld matrices  writing the container: %-48.48s", bar.c_str(),
                  static_cast<long long>(p.done), static_cast<long long>(p.total),
                  p.current.c_str());
+    std::fflush(stderr);
+    return;
+  }
+  const int64_t this_run = p.done - p.resumed;
+  const double mrate = p.seconds > 0 ? static_cast<double>(this_run) / p.seconds : 0.0;
+  const double trate = p.seconds > 0 ? static_cast<double>(p.tokens) / p.seconds : 0.0;
+  // Time left: the larger of the two extrapolations (they run one after the other per block, so
+  // either one alone underestimates; the larger is the honest lower bound).
+  double eta = NAN;
+  if (this_run > 0) eta = static_cast<double>(p.total - p.done) / mrate;
+  if (p.total_tokens > 0 && p.tokens > 0) {
+    const double t = static_cast<double>(p.total_tokens - p.tokens) / trate;
+    eta = std::isfinite(eta) ? std::max(eta, t) : t;
+  }
+  if (p.total_tokens > 0) {
+    std::fprintf(stderr,
+                 "\r[%s] %lld/%lld matrices  %-8s %-18s  %6.0f tok/s  %.2f experts/s  ETA %s   ",
+                 bar.c_str(), static_cast<long long>(p.done), static_cast<long long>(p.total),
+                 p.step.c_str(), p.current.c_str(), trate, mrate / 2, duration(eta).c_str());
   } else {
     std::fprintf(stderr, "\r[%s] %lld/%lld matrices (%lld experts)  %.2f experts/s  ETA %s  %-18s",
                  bar.c_str(), static_cast<long long>(p.done), static_cast<long long>(p.total),
-                 static_cast<long long>(p.done / 2), rate / 2, duration(eta).c_str(),
+                 static_cast<long long>(p.done / 2), mrate / 2, duration(eta).c_str(),
                  p.current.c_str());
   }
   std::fflush(stderr);
+}
+
+// The block loop's phases as a table and as JSON (--report).
+struct PhaseRow {
+  const char* name;
+  const sw::PhaseStats* p;
+};
+
+std::vector<PhaseRow> phase_rows(const sw::LoopReport& r) {
+  return {{"load", &r.load}, {"forward", &r.forward}, {"hessians", &r.hessians},
+          {"gptq", &r.gptq}, {"encode", &r.encode},   {"write", &r.write}};
+}
+
+// Wall-clock equivalent of a phase: thread-seconds spread over the loop's threads.
+double wall_of(const sw::PhaseStats& p, int threads) {
+  return p.thread_seconds && threads > 0 ? p.seconds / threads : p.seconds;
+}
+
+void print_phases(const sw::CompressSummary& s) {
+  const int th = s.loop.threads;
+  std::printf("%-10s %9s %9s %11s %9s %13s\n", "phase", "seconds", "cpu s", "GFLOP", "GFLOP/s",
+              "GFLOP/cpu-s");
+  for (const auto& row : phase_rows(s.loop)) {
+    const double w = wall_of(*row.p, th);
+    const double rate = w > 0 ? row.p->flops / w * 1e-9 : 0.0;
+    const double crate = row.p->cpu_seconds > 0 ? row.p->flops / row.p->cpu_seconds * 1e-9 : 0.0;
+    std::printf("%-10s %9.2f %9.2f %11.1f %9.1f %13.1f\n", row.name, w, row.p->cpu_seconds,
+                row.p->flops * 1e-9, rate, crate);
+  }
+  std::printf("%-10s %10.2f   (assembly of the container)\n", "assemble", s.assemble_seconds);
+}
+
+void write_report(const std::string& path, const sw::CompressSummary& s, const std::string& cmd) {
+  nlohmann::json j;
+  j["command"] = cmd;
+  j["threads"] = s.loop.threads;
+  j["quantizer"] = s.quantizer;
+  j["seconds"] = {{"total", s.total_seconds},
+                  {"compress", s.compress_seconds},
+                  {"assemble", s.assemble_seconds}};
+  for (const auto& row : phase_rows(s.loop)) {
+    const double w = wall_of(*row.p, s.loop.threads);
+    j["phases"][row.name] = {
+        {"seconds", w},
+        {"thread_seconds", row.p->thread_seconds ? row.p->seconds : 0.0},
+        {"cpu_seconds", row.p->cpu_seconds},
+        {"flops", row.p->flops},
+        {"gflops_per_s", w > 0 ? row.p->flops / w * 1e-9 : 0.0},
+        {"gflops_per_cpu_s",
+         row.p->cpu_seconds > 0 ? row.p->flops / row.p->cpu_seconds * 1e-9 : 0.0}};
+  }
+  j["calibration"] = {{"pairs", s.calibration_pairs},
+                      {"tokens", s.calibration_tokens},
+                      {"forward_token_blocks", s.loop.forward_tokens},
+                      {"hessian_tokens", s.loop.hessian_tokens}};
+  j["experts"] = {{"matrices", s.expert_matrices},
+                  {"compressed_this_run", s.loop.matrices},
+                  {"resumed", s.resumed_matrices},
+                  {"weights", s.expert_weights},
+                  {"bits_per_weight", s.bits_per_expert_weight()},
+                  {"zero_fraction", s.mean_zero_fraction}};
+  j["memory"] = {{"peak_rss_bytes", peak_rss_bytes()},
+                 {"budget_bytes", s.memory_budget},
+                 {"peak_in_flight_estimate_bytes", s.loop.peak_in_flight}};
+  j["bytes"] = {{"input", s.input_bytes}, {"output", s.output_bytes}};
+  const std::string tmp = path + ".tmp";
+  {
+    std::ofstream f(tmp, std::ios::trunc);
+    f << j.dump(2) << "\n";
+    if (!f) throw Error(path + ": cannot write the report");
+  }
+  std::filesystem::rename(tmp, path);
 }
 
 int run_compress(const CompressArgs& a) {
@@ -163,6 +257,15 @@ int run_compress(const CompressArgs& a) {
   if (opt.max_memory > 0)
     std::printf(" (cap %s)", human_bytes(static_cast<double>(opt.max_memory)).c_str());
   std::printf("\n");
+  if (s.calibration_pairs > 0)
+    std::printf(
+        "calibration: %lld pairs (%lld tokens), %lld token-blocks through the forward, "
+        "%lld tokens in Hessians\n",
+        static_cast<long long>(s.calibration_pairs), static_cast<long long>(s.calibration_tokens),
+        static_cast<long long>(s.loop.forward_tokens),
+        static_cast<long long>(s.loop.hessian_tokens));
+  print_phases(s);
+  if (!a.report.empty()) write_report(a.report, s, "qmoe compress " + a.checkpoint);
   (void)experts;
   return 0;
 }
@@ -195,7 +298,11 @@ Registrar compress_cmd("compress", [](CLI::App& app) -> std::function<int()> {
   app.add_option("--shard-size", a->shard_size,
                  "shard the output at about this size, e.g. 5G (0 = one file)");
   app.add_flag("--resume", a->resume, "continue an interrupted run from <output>.qmoe-work");
-  app.add_flag("--progress", a->progress, "progress bar on stderr even when it is not a terminal");
+  app.add_flag("--progress", a->progress,
+               "progress on stderr (phase, block, matrices, tokens/s, ETA) even when it is not a "
+               "terminal");
+  app.add_option("--report", a->report,
+                 "write FILE.json: per-phase times, FLOP rates, calibration, sizes, peak memory");
   app.add_flag("--cast-bf16", a->cast_bf16,
                "store the F32/F16 tensors that are not experts as BF16");
   app.add_option("--codec", a->codec,

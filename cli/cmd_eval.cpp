@@ -116,10 +116,11 @@ int run_eval(const EvalArgs& a) {
               r.loss.mean(), static_cast<long long>(r.loss.targets), std::exp(r.loss.mean()));
   std::printf(
       "speed    %.1f tokens/s (encoder + decoder), %.1f target tokens/s, %.2f s, %d threads, batch "
-      "%lld\n",
+      "%lld; %.1f GFLOP/s (%.3g GFLOP, dense-equivalent)\n",
       r.seconds > 0 ? toks / r.seconds : 0.0,
       r.seconds > 0 ? static_cast<double>(r.decoder_tokens) / r.seconds : 0.0, r.seconds,
-      omp_get_max_threads(), static_cast<long long>(a.batch));
+      omp_get_max_threads(), static_cast<long long>(a.batch),
+      r.seconds > 0 ? r.flops / r.seconds * 1e-9 : 0.0, r.flops * 1e-9);
   return 0;
 }
 

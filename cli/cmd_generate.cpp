@@ -3,6 +3,7 @@
 #include <cstdio>
 #include <memory>
 #include <string>
+#include <tuple>
 
 #include "command.h"
 #include "qmoe/format/error.h"
@@ -18,6 +19,7 @@ struct GenerateArgs {
   bool all_sparse = false, every_other = false, misleading = false;
   uint64_t seed = 1;
   int threads = 0;
+  int64_t calib_pairs = 0, eval_pairs = 0, encoder_length = 128, decoder_length = 32;
 };
 
 int run_generate(const GenerateArgs& a) {
@@ -46,7 +48,26 @@ int run_generate(const GenerateArgs& a) {
   if (!a.target_size.empty()) o.num_experts = sw::experts_for_size(o, parse_bytes(a.target_size));
   o.seed = a.seed;
   o.threads = a.threads;
+  if (a.calib_pairs < 0 || a.eval_pairs < 0)
+    throw InvalidArgument("--calib-pairs and --eval-pairs must be >= 0");
   const auto s = sw::generate_checkpoint(a.out, o);
+  // Token files beside the checkpoint: calibration and evaluation pairs from different seeds.
+  for (const auto& [pairs, file, seed] :
+       {std::tuple{a.calib_pairs, "calibration.safetensors", a.seed * 2 + 1},
+        std::tuple{a.eval_pairs, "eval.safetensors", a.seed * 2 + 2}}) {
+    if (pairs == 0) continue;
+    sw::GenerateTokensOptions t;
+    t.vocab_size = o.vocab_size;
+    t.pairs = pairs;
+    t.encoder_length = a.encoder_length;
+    t.decoder_length = a.decoder_length;
+    t.seed = seed;
+    const auto path = std::filesystem::path(a.out) / file;
+    sw::generate_tokens(t).save(path);
+    std::printf("tokens %s: %lld pairs of %lld encoder + %lld decoder tokens\n",
+                path.string().c_str(), static_cast<long long>(pairs),
+                static_cast<long long>(a.encoder_length), static_cast<long long>(a.decoder_length));
+  }
   std::printf(
       "generated %s: %lld tensors, %lld parameters (%lld expert matrices, %lld expert weights), "
       "%s, %s, "
@@ -84,6 +105,13 @@ Registrar generate_cmd("generate", [](CLI::App& app) -> std::function<int()> {
   app.add_flag("--misleading-config", a->misleading,
                "config.json understates the sparse decoder blocks, as "
                "switch-c-2048's does");
+  app.add_option("--calib-pairs", a->calib_pairs,
+                 "also write OUT/calibration.safetensors with this many token pairs (for "
+                 "qmoe compress --calib-tokens)");
+  app.add_option("--eval-pairs", a->eval_pairs,
+                 "also write OUT/eval.safetensors with this many token pairs (for qmoe eval)");
+  app.add_option("--encoder-length", a->encoder_length, "encoder tokens per pair (default 128)");
+  app.add_option("--decoder-length", a->decoder_length, "decoder tokens per pair (default 32)");
   app.add_option("--seed", a->seed, "random seed");
   app.add_option("--threads", a->threads,
                  "threads (0 = all); the bytes are the same for any value");

@@ -118,6 +118,16 @@ GemmArgs make_args(int64_t m, int64_t n, int64_t k, const float* a, int64_t a_rs
   g.c = c, g.c_rs = c_rs, g.c_cs = c_cs;
   g.mode = opt.mode == GemmMode::kSet ? 0 : opt.mode == GemmMode::kAdd ? 1 : -1;
   g.relu = opt.relu;
+  if (g.c_cs != 1 && g.c_rs == 1) {
+    // C stored by columns: compute C^T = B^T A^T instead, so that the tiles are written along C's
+    // contiguous direction. Every entry is the same chain (the products commute exactly).
+    GemmArgs t = g;
+    t.m = g.n, t.n = g.m;
+    t.a = g.b, t.a_rs = g.b_cs, t.a_cs = g.b_rs;
+    t.b = g.a, t.b_rs = g.a_cs, t.b_cs = g.a_rs;
+    t.c_rs = g.c_cs, t.c_cs = 1;
+    return t;
+  }
   return g;
 }
 

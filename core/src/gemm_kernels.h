@@ -27,10 +27,12 @@ struct GemmArgs {
 inline constexpr int64_t kTaskRows = 384;
 inline constexpr int64_t kTaskCols = 128;
 inline constexpr int64_t kDepth = 512;
-// Scratch one task needs: B panels (kDepth x kTaskCols, padded to whole panels), A rows copied
-// when A is not contiguous along p (kTaskRows x kDepth), partial sums (kTaskRows x kTaskCols).
+// Rows of the zero-padded copy of a short last register tile (at least every level's tile rows).
+inline constexpr int64_t kTailRows = 8;
+// Scratch one task needs: B panels (kDepth x kTaskCols, padded to whole panels), the short last
+// tile's rows (kTailRows x kDepth), partial sums (kTaskRows x kTaskCols, padded likewise).
 inline constexpr int64_t kTaskScratchFloats =
-    kDepth * (kTaskCols + 64) + kTaskRows * kDepth + kTaskRows * (kTaskCols + 64);
+    kDepth * (kTaskCols + 64) + kTailRows * kDepth + (kTaskRows + 8) * (kTaskCols + 64);
 
 struct GemmKernel {
   const char* name;  // "avx512", "avx2", "portable"

@@ -5,12 +5,12 @@
 // level.
 //
 // A task computes a block of C. p runs in blocks of kDepth: for each, the task's columns of B are
-// packed into panels of kNR columns ([p][kNR], zero past the last column), and, when A's rows are
-// not contiguous along p, its rows are copied so that they are. A register tile of kMR rows x kNR
-// columns keeps its sums in registers while p runs through the block: per p, kNR / width vector
-// loads of B, kMR broadcasts of A (straight from A's rows) and kMR * kNR / width fused
-// multiply-adds. Between blocks of p the sums wait in a partial-sum buffer and are reloaded, so
-// every entry is still one chain of fused multiply-adds in p order, starting from +0.
+// packed into panels of kNR columns ([p][kNR], zero past the last column). A register tile of kMR
+// rows x kNR columns keeps its sums in registers while p runs through the block: per p, kNR / width
+// vector loads of B, kMR broadcasts of A (read in place, whichever way A is stored) and
+// kMR * kNR / width fused multiply-adds. Between blocks of p the sums wait in a partial-sum buffer
+// and are reloaded, so every entry is still one chain of fused multiply-adds in p order, starting
+// from +0.
 #pragma once
 
 #include <algorithm>
@@ -41,12 +41,14 @@ constexpr int kMR = 4;
 constexpr int kNR = 8;
 #endif
 
+static_assert(kMR <= kTailRows && kTaskRows % kMR == 0 && kTaskCols % kNR == 0);
+
 // The register tile: out[r * ld_out + q] = init[r * ld_init + q] (or +0 when init is null) followed
-// by the chain over p < kc of fma(a_r[p], bp[p * kNR + q], .), for r < kMR, q < kNR. a_r = a + r *
-// lda.
+// by the chain over p < kc of fma(A(r, p), bp[p * kNR + q], .), for r < kMR, q < kNR, where
+// A(r, p) = a[r * rs + p * ps]: rows of A read in place whichever way A is stored.
 #if defined(__AVX512F__)
-inline void micro(const float* a, int64_t lda, const float* bp, int64_t kc, const float* init,
-                  int64_t ld_init, float* out, int64_t ld_out) {
+inline void micro(const float* a, int64_t rs, int64_t ps, const float* bp, int64_t kc,
+                  const float* init, int64_t ld_init, float* out, int64_t ld_out) {
   __m512 acc[kMR][4];
   if (init) {
 #pragma GCC unroll 6
@@ -59,18 +61,15 @@ inline void micro(const float* a, int64_t lda, const float* bp, int64_t kc, cons
 #pragma GCC unroll 4
       for (int v = 0; v < 4; ++v) acc[r][v] = _mm512_setzero_ps();
   }
-  const float* a0 = a;
-  const float* a3 = a + 3 * lda;
-  for (int64_t p = 0; p < kc; ++p) {
+  const int64_t off[kMR] = {0, rs, 2 * rs, 3 * rs, 4 * rs, 5 * rs};
+  const float* ap = a;
+  for (int64_t p = 0; p < kc; ++p, ap += ps) {
     const float* b = bp + p * kNR;
     const __m512 b0 = _mm512_loadu_ps(b), b1 = _mm512_loadu_ps(b + 16),
                  b2 = _mm512_loadu_ps(b + 32), b3 = _mm512_loadu_ps(b + 48);
-    // Rows 0..5 from two base pointers (a0, a3) plus multiples of lda the addressing modes reach.
-    const float* rows[kMR] = {a0 + p, a0 + lda + p, a0 + 2 * lda + p,
-                              a3 + p, a3 + lda + p, a3 + 2 * lda + p};
 #pragma GCC unroll 6
     for (int r = 0; r < kMR; ++r) {
-      const __m512 av = _mm512_set1_ps(*rows[r]);
+      const __m512 av = _mm512_set1_ps(ap[off[r]]);  // folds into the fma as a broadcast operand
       acc[r][0] = _mm512_fmadd_ps(av, b0, acc[r][0]);
       acc[r][1] = _mm512_fmadd_ps(av, b1, acc[r][1]);
       acc[r][2] = _mm512_fmadd_ps(av, b2, acc[r][2]);
@@ -83,8 +82,8 @@ inline void micro(const float* a, int64_t lda, const float* bp, int64_t kc, cons
     for (int v = 0; v < 4; ++v) _mm512_storeu_ps(out + r * ld_out + 16 * v, acc[r][v]);
 }
 #elif defined(__AVX2__)
-inline void micro(const float* a, int64_t lda, const float* bp, int64_t kc, const float* init,
-                  int64_t ld_init, float* out, int64_t ld_out) {
+inline void micro(const float* a, int64_t rs, int64_t ps, const float* bp, int64_t kc,
+                  const float* init, int64_t ld_init, float* out, int64_t ld_out) {
   __m256 acc[kMR][2];
   if (init) {
 #pragma GCC unroll 6
@@ -96,16 +95,14 @@ inline void micro(const float* a, int64_t lda, const float* bp, int64_t kc, cons
 #pragma GCC unroll 6
     for (int r = 0; r < kMR; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
   }
-  const float* a0 = a;
-  const float* a3 = a + 3 * lda;
-  for (int64_t p = 0; p < kc; ++p) {
+  const int64_t off[kMR] = {0, rs, 2 * rs, 3 * rs, 4 * rs, 5 * rs};
+  const float* ap = a;
+  for (int64_t p = 0; p < kc; ++p, ap += ps) {
     const float* b = bp + p * kNR;
     const __m256 b0 = _mm256_loadu_ps(b), b1 = _mm256_loadu_ps(b + 8);
-    const float* rows[kMR] = {a0 + p, a0 + lda + p, a0 + 2 * lda + p,
-                              a3 + p, a3 + lda + p, a3 + 2 * lda + p};
 #pragma GCC unroll 6
     for (int r = 0; r < kMR; ++r) {
-      const __m256 av = _mm256_broadcast_ss(rows[r]);
+      const __m256 av = _mm256_broadcast_ss(ap + off[r]);
       acc[r][0] = _mm256_fmadd_ps(av, b0, acc[r][0]);
       acc[r][1] = _mm256_fmadd_ps(av, b1, acc[r][1]);
     }
@@ -117,15 +114,15 @@ inline void micro(const float* a, int64_t lda, const float* bp, int64_t kc, cons
   }
 }
 #else
-inline void micro(const float* a, int64_t lda, const float* bp, int64_t kc, const float* init,
-                  int64_t ld_init, float* out, int64_t ld_out) {
+inline void micro(const float* a, int64_t rs, int64_t ps, const float* bp, int64_t kc,
+                  const float* init, int64_t ld_init, float* out, int64_t ld_out) {
   float acc[kMR][kNR];
   for (int r = 0; r < kMR; ++r)
     for (int q = 0; q < kNR; ++q) acc[r][q] = init ? init[r * ld_init + q] : 0.0f;
   for (int64_t p = 0; p < kc; ++p) {
     const float* b = bp + p * kNR;
     for (int r = 0; r < kMR; ++r) {
-      const float av = a[r * lda + p];
+      const float av = a[r * rs + p * ps];
       for (int q = 0; q < kNR; ++q) acc[r][q] = std::fma(av, b[q], acc[r][q]);
     }
   }
@@ -160,11 +157,28 @@ void pack_b(const GemmArgs& g, int64_t p0, int64_t kc, int64_t j0, int64_t j1, f
 }
 
 // C(i, j) op= s for one register tile's valid entries (rows [i, i + rows), columns [j, j + cols)).
+// gemm.cpp hands over row-major C (c_cs == 1) whenever C is stored by rows or by columns, so the
+// inner loops are unit-stride and vectorise; other strides take the general loop.
 void write_tile(const GemmArgs& g, int64_t i, int64_t j, int64_t rows, int64_t cols, const float* s,
                 int64_t ld_s) {
   for (int64_t r = 0; r < rows; ++r) {
-    float* dst = g.c + (i + r) * g.c_rs + j * g.c_cs;
     const float* src = s + r * ld_s;
+    if (g.c_cs == 1) {
+      float* dst = g.c + (i + r) * g.c_rs + j;
+      if (g.mode == 0) {
+        if (g.relu) {
+          for (int64_t q = 0; q < cols; ++q) dst[q] = std::max(src[q], 0.0f);
+        } else {
+          std::memcpy(dst, src, static_cast<size_t>(cols) * sizeof(float));
+        }
+      } else if (g.mode > 0) {
+        for (int64_t q = 0; q < cols; ++q) dst[q] += src[q];
+      } else {
+        for (int64_t q = 0; q < cols; ++q) dst[q] -= src[q];
+      }
+      continue;
+    }
+    float* dst = g.c + (i + r) * g.c_rs + j * g.c_cs;
     if (g.mode == 0) {
       if (g.relu) {
         for (int64_t q = 0; q < cols; ++q) dst[q * g.c_cs] = std::max(src[q], 0.0f);
@@ -183,11 +197,10 @@ void task(const GemmArgs& g, int64_t i0, int64_t i1, int64_t j0, int64_t j1, flo
   const int64_t mi = i1 - i0;
   const int64_t panels = (j1 - j0 + kNR - 1) / kNR;
   const int64_t ld_part = panels * kNR;
-  float* bpack = scratch;                            // [panels][kc][kNR]
-  float* arows = bpack + kDepth * (kTaskCols + 64);  // [mi][kc], when A needs copying
-  float* part = arows + kTaskRows * kDepth;          // [mi][ld_part] partial sums
+  float* bpack = scratch;                          // [panels][kc][kNR]
+  float* pad = bpack + kDepth * (kTaskCols + 64);  // [kMR][kc]: the rows of a short last tile
+  float* part = pad + kTailRows * kDepth;          // [mi][ld_part] partial sums
   float tile[kMR * kNR];
-  const bool a_direct = g.a_cs == 1;
   if (g.k == 0) {  // S = 0
     std::fill(tile, tile + kMR * kNR, 0.0f);
     for (int64_t i = i0; i < i1; i += kMR)
@@ -200,36 +213,19 @@ void task(const GemmArgs& g, int64_t i0, int64_t i1, int64_t j0, int64_t j1, flo
     const int64_t kc = std::min(kDepth, g.k - p0);
     const bool first = p0 == 0, last = p0 + kc == g.k;
     pack_b(g, p0, kc, j0, j1, bpack);
-    const float* abase;
-    int64_t lda;
-    if (a_direct) {
-      abase = g.a + i0 * g.a_rs + p0;
-      lda = g.a_rs;
-    } else {
-      for (int64_t r = 0; r < mi; ++r)
-        for (int64_t p = 0; p < kc; ++p)
-          arows[r * kc + p] = g.a[(i0 + r) * g.a_rs + (p0 + p) * g.a_cs];
-      abase = arows;
-      lda = kc;
-    }
     for (int64_t r0 = 0; r0 < mi; r0 += kMR) {
       const int64_t rows = std::min<int64_t>(kMR, mi - r0);
-      const float* a = abase + r0 * lda;
-      int64_t step = lda;
+      const float* a = g.a + (i0 + r0) * g.a_rs + p0 * g.a_cs;
+      int64_t rs = g.a_rs, ps = g.a_cs;
       if (rows < kMR) {
-        // The last, short tile: its rows copied into a tile of kMR rows padded with zeros (their
-        // sums are computed and dropped), so that every load stays inside A.
-        float* pad = a_direct ? arows : arows + r0 * kc;  // (copied already unless direct)
-        for (int64_t r = 0; r < kMR; ++r) {
-          float* dst = pad + r * kc;
-          if (r >= rows) {
-            std::fill(dst, dst + kc, 0.0f);
-          } else if (a_direct) {
-            std::memcpy(dst, a + r * lda, static_cast<size_t>(kc) * sizeof(float));
-          }
-        }
+        // The last, short tile: its rows copied into kMR rows padded with zeros (their sums are
+        // computed and dropped), so that every load stays inside A.
+        for (int64_t r = 0; r < kMR; ++r)
+          for (int64_t p = 0; p < kc; ++p)
+            pad[r * kc + p] = r < rows ? a[r * g.a_rs + p * g.a_cs] : 0.0f;
         a = pad;
-        step = kc;
+        rs = kc;
+        ps = 1;
       }
       float* part_rows = part + r0 * ld_part;
       for (int64_t t = 0; t < panels; ++t) {
@@ -237,10 +233,10 @@ void task(const GemmArgs& g, int64_t i0, int64_t i1, int64_t j0, int64_t j1, flo
         const int64_t cols = std::min<int64_t>(kNR, j1 - j);
         const float* init = first ? nullptr : part_rows + t * kNR;
         if (last) {
-          micro(a, step, bpack + t * kc * kNR, kc, init, ld_part, tile, kNR);
+          micro(a, rs, ps, bpack + t * kc * kNR, kc, init, ld_part, tile, kNR);
           write_tile(g, i0 + r0, j, rows, cols, tile, kNR);
         } else {
-          micro(a, step, bpack + t * kc * kNR, kc, init, ld_part, part_rows + t * kNR, ld_part);
+          micro(a, rs, ps, bpack + t * kc * kNR, kc, init, ld_part, part_rows + t * kNR, ld_part);
         }
       }
     }

@@ -4,6 +4,7 @@
 #include "qmoe/switch/block_loop.h"
 
 #include <sys/mman.h>
+#include <time.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -30,6 +31,20 @@ using Clock = std::chrono::steady_clock;
 
 double since(Clock::time_point t) {
   return std::chrono::duration<double>(Clock::now() - t).count();
+}
+
+double cpu_clock(clockid_t which) {
+  timespec ts{};
+  ::clock_gettime(which, &ts);
+  return static_cast<double>(ts.tv_sec) + 1e-9 * static_cast<double>(ts.tv_nsec);
+}
+// CPU time of this thread (the pool's jobs run single-threaded or in their own OpenMP teams) and
+// of the process (the forward's parallel loops use every thread; nothing else runs then).
+double thread_cpu() {
+  return cpu_clock(CLOCK_THREAD_CPUTIME_ID);
+}
+double process_cpu() {
+  return cpu_clock(CLOCK_PROCESS_CPUTIME_ID);
 }
 
 // Hands the pages of a mapped range back to the page cache: the mapping is read-only and backed by
@@ -175,43 +190,15 @@ std::string block_key(Stack s, int64_t b) {
   return std::string(stack_name(s)) + ".block." + std::to_string(b);
 }
 
-// Floating-point work of one block's forward for the calibration pairs (dense-equivalent for the
-// experts): attention projections and products, the feed-forward layer (router and experts of
-// sparse blocks, both matrices of dense ones).
-double block_forward_flops(const SwitchConfig& c, Stack s, bool sparse, const SeqOffsets& seqs,
-                           const SeqOffsets& enc_seqs) {
-  const double d = static_cast<double>(c.d_model),
-               inner = static_cast<double>(c.num_heads * c.d_kv), ff = static_cast<double>(c.d_ff);
-  const double n = static_cast<double>(seqs.num_tokens());
-  double f = 8.0 * n * d * inner;  // q, k, v, o
-  double pairs = 0;
-  for (int64_t i = 0; i < seqs.num_seqs(); ++i) {
-    const double l = static_cast<double>(seqs.offsets[i + 1] - seqs.offsets[i]);
-    pairs += l * l;
-  }
-  f += 4.0 * inner * pairs;  // scores and context
-  if (s == Stack::kDecoder) {
-    const double ne = static_cast<double>(enc_seqs.num_tokens());
-    f += 4.0 * n * d * inner + 4.0 * ne * d * inner;  // q, o; k, v over the encoder output
-    double cross = 0;
-    for (int64_t i = 0; i < seqs.num_seqs(); ++i)
-      cross += static_cast<double>(seqs.offsets[i + 1] - seqs.offsets[i]) *
-               static_cast<double>(enc_seqs.offsets[i + 1] - enc_seqs.offsets[i]);
-    f += 4.0 * inner * cross;
-  }
-  f += 4.0 * n * d * ff;  // wi and wo (of each token's expert in sparse blocks)
-  if (sparse) f += 2.0 * n * d * static_cast<double>(c.num_experts);
-  return f;
-}
-
 // Thread-safe sums of per-job phase times and work.
 struct PhaseAccumulator {
   std::mutex mu;
   LoopReport* report = nullptr;
-  void add(PhaseStats LoopReport::*phase, double seconds, double flops) {
+  void add(PhaseStats LoopReport::*phase, double seconds, double cpu, double flops) {
     std::lock_guard lk(mu);
     PhaseStats& p = report->*phase;
     p.seconds += seconds;
+    p.cpu_seconds += cpu;
     p.flops += flops;
     p.thread_seconds = true;
   }
@@ -306,14 +293,18 @@ LoopReport run_block_loop(const std::shared_ptr<const SwitchSource>& source,
   // sparse feed-forward layer.
   auto forward_block = [&](Stack s, int64_t b, const BlockWork* work) {
     const auto t0 = Clock::now();
+    const double c0 = process_cpu();
     shell->load_block(s, b, LoadOptions{.compressed_experts = true, .dense_experts = !work});
     rep.load.seconds += since(t0);
+    rep.load.cpu_seconds += process_cpu() - c0;
     const auto t1 = Clock::now();
+    const double c1 = process_cpu();
     run->begin_block();
     const bool sparse = run->sparse();
-    rep.forward.flops += block_forward_flops(src.config(), s, sparse,
+    rep.forward.flops += block_forward_flops(src.config(), s, sparse, src.layout().num_experts,
                                              s == Stack::kEncoder ? enc_seqs : dec_seqs, enc_seqs);
     rep.forward.seconds += since(t1);
+    rep.forward.cpu_seconds += process_cpu() - c1;
   };
 
   for (const BlockWork& bw : blocks) {
@@ -326,8 +317,10 @@ LoopReport run_block_loop(const std::shared_ptr<const SwitchSource>& source,
         tick("forward", block_key(s, b));
         forward_block(s, b, nullptr);
         const auto t2 = Clock::now();
+        const double c2 = process_cpu();
         run->end_block();
         rep.forward.seconds += since(t2);
+        rep.forward.cpu_seconds += process_cpu() - c2;
         rep.forward_tokens += (s == Stack::kEncoder ? enc_seqs : dec_seqs).num_tokens();
         shell->release_block(s, b);
         ++rep.blocks;
@@ -347,12 +340,13 @@ LoopReport run_block_loop(const std::shared_ptr<const SwitchSource>& source,
     int64_t cap = 0;
     if (run) {
       const auto t0 = Clock::now();
+      const double c0 = process_cpu();
       routed = run->gather_counted();
       const int64_t total = run->stack_tokens();
       cap = opt.token_cap_multiplier > 0 && total > 0
                 ? expert_token_cap(total, run->num_experts(), opt.token_cap_multiplier)
                 : 0;
-      acc.add(&LoopReport::hessians, since(t0), 0);
+      acc.add(&LoopReport::hessians, since(t0) * threads, (process_cpu() - c0), 0);
     }
 
     // The block's matrices still to do, and their memory estimates.
@@ -381,18 +375,22 @@ LoopReport run_block_loop(const std::shared_ptr<const SwitchSource>& source,
         const SwitchSource::Stored st = src.stored(m.name);
         if (!gptq) {
           auto t0 = Clock::now();
+          double c0 = thread_cpu();
           const TernaryMatrix t = ternarize_rtn(st.bytes.data(), st.dtype, m.rows, m.cols);
           release_pages(st.bytes);
-          acc.add(&LoopReport::gptq, since(t0), 0);
+          acc.add(&LoopReport::gptq, since(t0), thread_cpu() - c0, 0);
           t0 = Clock::now();
+          c0 = thread_cpu();
           cm = encode(t, EncodeOptions{.codec = opt.codec, .threads = inside});
-          acc.add(&LoopReport::encode, since(t0), 0);
+          acc.add(&LoopReport::encode, since(t0), thread_cpu() - c0, 0);
           stats.zero_fraction = t.zero_fraction();
         } else {
           auto t0 = Clock::now();
+          double c0 = thread_cpu();
           const FloatTensor w = src.dense(m.name, {m.rows, m.cols});
-          acc.add(&LoopReport::load, since(t0), 0);
+          acc.add(&LoopReport::load, since(t0), thread_cpu() - c0, 0);
           t0 = Clock::now();
+          c0 = thread_cpu();
           std::vector<float> h;
           int64_t tokens = 0;
           double hflops = 0;
@@ -420,8 +418,9 @@ LoopReport run_block_loop(const std::shared_ptr<const SwitchSource>& source,
             hflops += hessian_flops(m.cols, tokens);
             h = a.hessian();
           }
-          acc.add(&LoopReport::hessians, since(t0), hflops);
+          acc.add(&LoopReport::hessians, since(t0), thread_cpu() - c0, hflops);
           t0 = Clock::now();
+          c0 = thread_cpu();
           GptqOptions g;
           g.grid = opt.grid;
           g.percdamp = opt.percdamp;
@@ -430,11 +429,12 @@ LoopReport run_block_loop(const std::shared_ptr<const SwitchSource>& source,
           g.threads = inside;
           GptqResult r = gptq_quantize(w.data, m.rows, m.cols, h.empty() ? nullptr : h.data(), g);
           if (w.owned.empty()) release_pages(st.bytes);
-          acc.add(&LoopReport::gptq, since(t0),
+          acc.add(&LoopReport::gptq, since(t0), thread_cpu() - c0,
                   h.empty() ? 0.0 : gptq_flops(m.rows, m.cols, opt.blocksize));
           t0 = Clock::now();
+          c0 = thread_cpu();
           cm = encode(r.ternary, EncodeOptions{.codec = opt.codec, .threads = inside});
-          acc.add(&LoopReport::encode, since(t0), 0);
+          acc.add(&LoopReport::encode, since(t0), thread_cpu() - c0, 0);
           stats.zero_fraction = r.ternary.zero_fraction();
           stats.loss = r.loss;
           stats.output_loss = r.output_loss;
@@ -451,8 +451,9 @@ LoopReport run_block_loop(const std::shared_ptr<const SwitchSource>& source,
         throw FormatError(error_context(m.file, m.name, e.what()));
       }
       const auto t0 = Clock::now();
+      const double c0 = thread_cpu();
       store.store(m, cm, stats);
-      acc.add(&LoopReport::write, since(t0), 0);
+      acc.add(&LoopReport::write, since(t0), thread_cpu() - c0, 0);
       finished.fetch_add(1);
     };
     pool.run(todo.size(), estimate, job, [&] { tick("experts", key); });
@@ -466,6 +467,7 @@ LoopReport run_block_loop(const std::shared_ptr<const SwitchSource>& source,
     if (run) {
       // Recompute the block's output with its compressed experts (sequential) or its originals.
       const auto t0 = Clock::now();
+      const double c0 = process_cpu();
       const SwitchConfig& c = src.config();
       const int64_t E = run->num_experts();
       std::vector<std::shared_ptr<const ExpertMlp>> mlps(static_cast<size_t>(E));
@@ -495,6 +497,7 @@ LoopReport run_block_loop(const std::shared_ptr<const SwitchSource>& source,
       }
       run->end_block(mlps);
       rep.forward.seconds += since(t0);
+      rep.forward.cpu_seconds += process_cpu() - c0;
       rep.forward_tokens += (bw.stack == Stack::kEncoder ? enc_seqs : dec_seqs).num_tokens();
       shell->release_block(bw.stack, bw.block);
     }

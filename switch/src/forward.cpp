@@ -405,6 +405,47 @@ LossResult cross_entropy(const SwitchModel& m, const TokenPairs& batch, const Fo
   return r;
 }
 
+double block_forward_flops(const SwitchConfig& c, Stack s, bool sparse, int64_t num_experts,
+                           const SeqOffsets& seqs, const SeqOffsets& enc_seqs) {
+  const double d = static_cast<double>(c.d_model);
+  const double inner = static_cast<double>(c.num_heads * c.d_kv);
+  const double ff = static_cast<double>(c.d_ff);
+  const double n = static_cast<double>(seqs.num_tokens());
+  double f = 8.0 * n * d * inner;  // q, k, v, o
+  double sq = 0;
+  for (int64_t i = 0; i < seqs.num_seqs(); ++i) {
+    const double l = static_cast<double>(seqs.offsets[i + 1] - seqs.offsets[i]);
+    sq += l * l;
+  }
+  f += 4.0 * inner * sq;  // scores and context
+  if (s == Stack::kDecoder) {
+    const double ne = static_cast<double>(enc_seqs.num_tokens());
+    f += 4.0 * n * d * inner + 4.0 * ne * d * inner;  // q, o; k, v over the encoder output
+    double cross = 0;
+    for (int64_t i = 0; i < seqs.num_seqs() && i < enc_seqs.num_seqs(); ++i)
+      cross += static_cast<double>(seqs.offsets[i + 1] - seqs.offsets[i]) *
+               static_cast<double>(enc_seqs.offsets[i + 1] - enc_seqs.offsets[i]);
+    f += 4.0 * inner * cross;
+  }
+  f += 4.0 * n * d * ff;  // wi and wo (each token's expert in sparse blocks)
+  if (sparse) f += 2.0 * n * d * static_cast<double>(num_experts);
+  return f;
+}
+
+double forward_flops(const SwitchModel& m, const TokenPairs& batch) {
+  const SeqOffsets es = encoder_seqs(batch), ds = decoder_seqs(batch);
+  double f = 0;
+  for (Stack s : {Stack::kEncoder, Stack::kDecoder}) {
+    const StackLayout& sl = s == Stack::kEncoder ? m.layout.encoder : m.layout.decoder;
+    for (int64_t b = 0; b < sl.num_blocks; ++b)
+      f += block_forward_flops(m.config, s, sl.sparse[static_cast<size_t>(b)], m.layout.num_experts,
+                               s == Stack::kEncoder ? es : ds, es);
+  }
+  f += 2.0 * static_cast<double>(ds.num_tokens()) * static_cast<double>(m.config.d_model) *
+       static_cast<double>(m.config.vocab_size);  // logits
+  return f;
+}
+
 EvalResult evaluate(const SwitchModel& m, const TokenPairs& pairs, int64_t batch_pairs,
                     const ForwardOptions& opt, const std::function<void(int64_t)>& progress) {
   if (batch_pairs < 1) throw InvalidArgument("evaluate: batch_pairs must be >= 1");
@@ -413,6 +454,7 @@ EvalResult evaluate(const SwitchModel& m, const TokenPairs& pairs, int64_t batch
   for (int64_t p = 0; p < pairs.num_pairs(); p += batch_pairs) {
     const TokenPairs b = pairs.slice(p, std::min(pairs.num_pairs(), p + batch_pairs));
     const LossResult l = cross_entropy(m, b, opt);
+    r.flops += forward_flops(m, b);
     r.loss.nll_sum += l.nll_sum;
     r.loss.targets += l.targets;
     r.encoder_tokens += static_cast<int64_t>(b.encoder_ids.size());

@@ -10,6 +10,7 @@
 #include <cstring>
 #include <fstream>
 #include <map>
+#include <numeric>
 
 #include <omp.h>
 #include <nlohmann/json.hpp>
@@ -481,6 +482,45 @@ GenerateSummary generate_checkpoint(const fs::path& dir, const GenerateOptions& 
   sum.files.push_back(dir / "model.safetensors.index.json");
   sum.total_bytes += static_cast<int64_t>(fs::file_size(dir / "model.safetensors.index.json"));
   return sum;
+}
+
+}  // namespace qmoe::sw
+
+namespace qmoe::sw {
+
+TokenPairs generate_tokens(const GenerateTokensOptions& o) {
+  if (o.vocab_size < 2 || o.vocab_size > (int64_t{1} << 31) - 1)
+    throw InvalidArgument("generate_tokens: vocab_size must be in [2, 2^31)");
+  if (o.pairs < 0 || o.encoder_length < 1 || o.decoder_length < 1)
+    throw InvalidArgument("generate_tokens: pairs must be >= 0, encoder and decoder lengths >= 1");
+  if (!(o.zipf_exponent >= 0)) throw InvalidArgument("generate_tokens: zipf_exponent must be >= 0");
+  // Cumulative Zipf weights over ranks; rank r is token id (a * r + b) mod vocab with a odd and
+  // coprime to the vocabulary size, so that frequent tokens are spread over the id range.
+  const int64_t V = o.vocab_size;
+  std::vector<double> cdf(static_cast<size_t>(V));
+  double acc = 0;
+  for (int64_t r = 0; r < V; ++r) {
+    acc += std::pow(static_cast<double>(r + 1), -o.zipf_exponent);
+    cdf[static_cast<size_t>(r)] = acc;
+  }
+  int64_t a = (V / 2) | 1;
+  while (std::gcd(a, V) != 1) a += 2;
+  uint64_t state = o.seed * 0x9e3779b97f4a7c15ull + 12345;
+  auto draw = [&]() -> int32_t {
+    const double u = unit(state) * acc;
+    const auto it = std::lower_bound(cdf.begin(), cdf.end(), u);
+    const int64_t rank = std::min<int64_t>(V - 1, it - cdf.begin());
+    return static_cast<int32_t>((a * rank + 7) % V);
+  };
+  TokenPairs p;
+  std::vector<int32_t> enc(static_cast<size_t>(o.encoder_length)),
+      dec(static_cast<size_t>(o.decoder_length));
+  for (int64_t i = 0; i < o.pairs; ++i) {
+    for (auto& t : enc) t = draw();
+    for (auto& t : dec) t = draw();
+    p.add(enc, dec);
+  }
+  return p;
 }
 
 }  // namespace qmoe::sw

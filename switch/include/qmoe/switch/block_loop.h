@@ -107,6 +107,8 @@ class ExpertStore {
 // parallel loops use every thread).
 struct PhaseStats {
   double seconds = 0;
+  double cpu_seconds = 0;  // CPU time of the threads doing the phase (all OpenMP threads for the
+                           // forward), which a machine shared with other work does not inflate
   double flops = 0;
   bool thread_seconds = false;
 };

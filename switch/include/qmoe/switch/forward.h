@@ -113,12 +113,21 @@ struct EvalResult {
   int64_t encoder_tokens = 0;
   int64_t decoder_tokens = 0;
   double seconds = 0;
+  double flops = 0;  // forward_flops() of every batch
 };
 // cross_entropy over all pairs in batches of `batch_pairs` pairs; `progress` (optional) is called
 // after each batch with pairs done.
 EvalResult evaluate(const SwitchModel& m, const TokenPairs& pairs, int64_t batch_pairs,
                     const ForwardOptions& opt = {},
                     const std::function<void(int64_t)>& progress = {});
+
+// Floating-point operations of one block's forward for sequences `seqs` (encoder: its own; decoder:
+// with cross-attention over `enc_seqs`): attention projections and products, and the feed-forward
+// layer (the router and one expert per token for sparse blocks, counted as dense products).
+double block_forward_flops(const SwitchConfig& c, Stack s, bool sparse, int64_t num_experts,
+                           const SeqOffsets& seqs, const SeqOffsets& enc_seqs);
+// Of the whole teacher-forced forward of a batch: every block of both stacks and the logits.
+double forward_flops(const SwitchModel& m, const TokenPairs& batch);
 
 // Chunk the SeqOffsets of pairs' encoder or decoder side.
 SeqOffsets encoder_seqs(const TokenPairs& p);

@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "qmoe/format/dtype.h"
+#include "qmoe/switch/tokens.h"
 
 namespace qmoe::sw {
 
@@ -62,5 +63,20 @@ struct GenerateSummary {
 // same options give the same bytes for any thread count. Throws InvalidArgument for bad options,
 // Error for I/O failures.
 GenerateSummary generate_checkpoint(const std::filesystem::path& dir, const GenerateOptions& opt);
+
+// Synthetic calibration or evaluation token pairs: every id drawn independently from a Zipf
+// distribution over the vocabulary (rank r has weight (r + 1)^-s; ranks are spread over the ids by
+// a fixed permutation), so that some experts receive more tokens than others, as with text.
+// Deterministic for a seed.
+struct GenerateTokensOptions {
+  int64_t vocab_size = 32128;
+  int64_t pairs = 128;
+  int64_t encoder_length = 128;
+  int64_t decoder_length = 32;
+  double zipf_exponent = 1.1;
+  uint64_t seed = 1;
+};
+// Throws InvalidArgument for a vocabulary below 2 ids, negative pairs or lengths below 1.
+TokenPairs generate_tokens(const GenerateTokensOptions& opt);
 
 }  // namespace qmoe::sw
