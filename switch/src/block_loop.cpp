@@ -3,6 +3,7 @@
 // -> recompute -> release.
 #include "qmoe/switch/block_loop.h"
 
+#include <fcntl.h>
 #include <sys/mman.h>
 #include <time.h>
 #include <unistd.h>
@@ -11,6 +12,9 @@
 #include <atomic>
 #include <chrono>
 #include <condition_variable>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
 #include <limits>
 #include <map>
 #include <mutex>
@@ -28,6 +32,10 @@ namespace qmoe::sw {
 namespace {
 
 using Clock = std::chrono::steady_clock;
+
+// Resident memory kept out of the budget for the matrices in flight: thread stacks, allocator
+// slack, the writer's buffers.
+constexpr int64_t kReserve = int64_t{24} << 20;
 
 double since(Clock::time_point t) {
   return std::chrono::duration<double>(Clock::now() - t).count();
@@ -73,11 +81,12 @@ void prefetch_pages(std::span<const std::byte> b) {
 // new job starts, those in flight finish, and the first exception is rethrown.
 class Pool {
  public:
-  Pool(int threads, int64_t budget) : threads_(threads), budget_(budget) {}
+  explicit Pool(int threads) : threads_(threads) {}
 
-  // job(i, threads_inside) for i < n, each admitted with estimate[i] bytes.
-  void run(size_t n, const std::vector<int64_t>& estimate,
+  // job(i, threads_inside) for i < n, each admitted with estimate[i] bytes within `budget`.
+  void run(size_t n, const std::vector<int64_t>& estimate, int64_t budget,
            const std::function<void(size_t, int)>& job, const std::function<void()>& tick) {
+    budget_ = budget;
     next_ = 0;
     in_use_ = 0;
     stop_ = false;
@@ -154,7 +163,7 @@ class Pool {
 
  private:
   int threads_;
-  int64_t budget_;
+  int64_t budget_ = 0;
   std::mutex mu_;
   std::condition_variable cv_, done_cv_;
   size_t next_ = 0;
@@ -204,6 +213,133 @@ struct PhaseAccumulator {
   }
 };
 
+int64_t current_rss_bytes() {
+  std::ifstream f("/proc/self/statm");
+  int64_t size = 0, rss = 0;
+  f >> size >> rss;
+  return rss * ::sysconf(_SC_PAGESIZE);
+}
+
+// The counted inputs of a block's experts (at most `cap` rows each, the rows the Hessians use),
+// gathered once per block: in memory, or written to an unlinked scratch file and read back by each
+// job when they would take more than half of what the memory cap leaves. The forward pass is never
+// run again for a group of experts.
+class RoutedInputs {
+ public:
+  RoutedInputs() = default;
+  RoutedInputs(const RoutedInputs&) = delete;
+  RoutedInputs& operator=(const RoutedInputs&) = delete;
+  ~RoutedInputs() {
+    if (fd_ >= 0) ::close(fd_);
+  }
+
+  // Rows each needed expert will have (to size the decision before gathering).
+  static int64_t bytes(const SequentialRunner& run, int64_t cap, const std::vector<char>& need) {
+    int64_t b = 0;
+    for (size_t e = 0; e < need.size(); ++e)
+      if (need[e]) {
+        int64_t n = static_cast<int64_t>(run.counted_tokens(static_cast<int64_t>(e)).size());
+        if (cap > 0) n = std::min(n, cap);
+        b += n * run.ff_input().cols() * static_cast<int64_t>(sizeof(float));
+      }
+    return b;
+  }
+
+  void gather(const SequentialRunner& run, int64_t cap, const std::vector<char>& need, bool spill,
+              const std::filesystem::path& dir) {
+    const RowMatrix& x = run.ff_input();
+    const int64_t d = x.cols();
+    rows_.assign(need.size(), 0);
+    offset_.assign(need.size(), 0);
+    mem_.assign(need.size(), RowMatrix());
+    spilled_ = spill;
+    if (spill) open_scratch(dir);
+    std::vector<float> buf;
+    int64_t at = 0;
+    for (size_t e = 0; e < need.size(); ++e) {
+      if (!need[e]) continue;
+      const auto toks = run.counted_tokens(static_cast<int64_t>(e));
+      int64_t n = static_cast<int64_t>(toks.size());
+      if (cap > 0) n = std::min(n, cap);
+      rows_[e] = n;
+      if (!spill) {
+        mem_[e].resize(n, d);
+        for (int64_t i = 0; i < n; ++i) mem_[e].row(i) = x.row(toks[static_cast<size_t>(i)]);
+        continue;
+      }
+      offset_[e] = at;
+      buf.resize(static_cast<size_t>(n * d));
+      for (int64_t i = 0; i < n; ++i)
+        std::copy_n(x.row(toks[static_cast<size_t>(i)]).data(), d, buf.data() + i * d);
+      write_all(buf.data(), static_cast<int64_t>(buf.size() * sizeof(float)), at);
+      at += static_cast<int64_t>(buf.size() * sizeof(float));
+    }
+  }
+
+  bool spilled() const { return spilled_; }
+  int64_t rows(int64_t e) const { return rows_[static_cast<size_t>(e)]; }
+
+  // Frees the memory and the scratch file.
+  void release() {
+    std::vector<RowMatrix>().swap(mem_);
+    if (fd_ >= 0) ::close(fd_);
+    fd_ = -1;
+  }
+
+  // Expert e's rows (rows(e) x d floats): in memory, or read back into `buf`.
+  const float* get(int64_t e, int64_t d, std::vector<float>& buf) const {
+    if (!spilled_) return mem_[static_cast<size_t>(e)].data();
+    const int64_t n = rows(e);
+    buf.resize(static_cast<size_t>(n * d));
+    const int64_t want = n * d * static_cast<int64_t>(sizeof(float));
+    int64_t done = 0;
+    auto* p = reinterpret_cast<char*>(buf.data());
+    while (done < want) {
+      const ssize_t r = ::pread(fd_, p + done, static_cast<size_t>(want - done),
+                                offset_[static_cast<size_t>(e)] + done);
+      if (r < 0 && errno == EINTR) continue;
+      if (r <= 0)
+        throw Error("compress: cannot read back the spilled expert inputs: " +
+                    std::string(r < 0 ? std::strerror(errno) : "short read"));
+      done += r;
+    }
+    return buf.data();
+  }
+
+ private:
+  std::vector<int64_t> rows_, offset_;
+  std::vector<RowMatrix> mem_;
+  bool spilled_ = false;
+  int fd_ = -1;
+
+  void open_scratch(const std::filesystem::path& dir) {
+    const std::filesystem::path d = dir.empty() ? std::filesystem::temp_directory_path() : dir;
+    // An unlinked file: gone with the process, whatever way it ends.
+    fd_ = ::open(d.c_str(), O_TMPFILE | O_RDWR | O_CLOEXEC, 0600);
+    if (fd_ < 0) {
+      std::string tmpl = (d / "qmoe-routed.XXXXXX").string();
+      fd_ = ::mkostemp(tmpl.data(), O_CLOEXEC);
+      if (fd_ >= 0) ::unlink(tmpl.c_str());
+    }
+    if (fd_ < 0)
+      throw Error(d.string() +
+                  ": cannot create a scratch file for the expert inputs: " + std::strerror(errno));
+  }
+
+  void write_all(const float* data, int64_t bytes, int64_t at) {
+    const auto* p = reinterpret_cast<const char*>(data);
+    int64_t done = 0;
+    while (done < bytes) {
+      const ssize_t w = ::pwrite(fd_, p + done, static_cast<size_t>(bytes - done), at + done);
+      if (w < 0 && errno == EINTR) continue;
+      if (w <= 0)
+        throw Error("compress: cannot write the spilled expert inputs: " +
+                    std::string(w < 0 ? std::strerror(errno) : "no space"));
+      done += w;
+    }
+  }
+};
+
 }  // namespace
 
 int64_t expert_memory_estimate(const ExpertMatrix& m, bool gptq, int64_t calib_tokens) {
@@ -233,16 +369,13 @@ LoopReport run_block_loop(const std::shared_ptr<const SwitchSource>& source,
   const auto t_start = Clock::now();
   const bool gptq = opt.hessians || opt.calibration;
   const int threads = opt.threads > 0 ? opt.threads : omp_get_max_threads();
-  const int64_t budget =
-      opt.memory_budget > 0 ? opt.memory_budget : std::numeric_limits<int64_t>::max();
   const std::vector<BlockWork> blocks = group_by_block(experts);
 
   LoopReport rep;
   rep.threads = threads;
-  rep.memory_budget = opt.memory_budget;
   PhaseAccumulator acc;
   acc.report = &rep;
-  Pool pool(threads, budget);
+  Pool pool(threads);
 
   // What is finished already.
   std::vector<char> have(experts.size(), 0);
@@ -336,29 +469,44 @@ LoopReport run_block_loop(const std::shared_ptr<const SwitchSource>& source,
     ++rep.blocks;
 
     // Gather each expert's counted inputs once, and QMoE's per-expert token cap.
-    std::vector<RowMatrix> routed;
+    // The block's matrices still to do.
+    std::vector<size_t> todo;
+    for (size_t i : bw.matrices)
+      if (!have[i]) todo.push_back(i);
+
+    // Gather each expert's counted inputs once (only experts with work left), and QMoE's
+    // per-expert token cap.
+    RoutedInputs routed;
     int64_t cap = 0;
     if (run) {
       const auto t0 = Clock::now();
       const double c0 = process_cpu();
-      routed = run->gather_counted();
       const int64_t total = run->stack_tokens();
       cap = opt.token_cap_multiplier > 0 && total > 0
                 ? expert_token_cap(total, run->num_experts(), opt.token_cap_multiplier)
                 : 0;
+      std::vector<char> need(static_cast<size_t>(run->num_experts()), 0);
+      for (size_t i : todo) need[static_cast<size_t>(experts[i].expert)] = 1;
+      const int64_t room = opt.max_memory > 0 ? opt.max_memory - current_rss_bytes() - kReserve
+                                              : std::numeric_limits<int64_t>::max();
+      const bool spill = RoutedInputs::bytes(*run, cap, need) > room / 2;
+      routed.gather(*run, cap, need, spill, opt.scratch_dir);
+      rep.spilled_blocks += spill ? 1 : 0;
       acc.add(&LoopReport::hessians, since(t0) * threads, (process_cpu() - c0), 0);
     }
 
-    // The block's matrices still to do, and their memory estimates.
-    std::vector<size_t> todo;
-    for (size_t i : bw.matrices)
-      if (!have[i]) todo.push_back(i);
+    // Memory estimates, and the budget: what the cap leaves now (the calibration state and the
+    // routed inputs are resident already).
     std::vector<int64_t> estimate(todo.size());
     for (size_t j = 0; j < todo.size(); ++j) {
       const ExpertMatrix& m = experts[todo[j]];
-      int64_t n = routed.empty() ? 0 : routed[static_cast<size_t>(m.expert)].rows();
-      if (cap > 0) n = std::min(n, cap);
-      estimate[j] = expert_memory_estimate(m, gptq, n);
+      const int64_t n = run ? routed.rows(m.expert) : 0;
+      estimate[j] = expert_memory_estimate(m, gptq, n) + (routed.spilled() ? n * m.cols * 4 : 0);
+    }
+    int64_t budget = std::numeric_limits<int64_t>::max();
+    if (opt.max_memory > 0) {
+      budget = std::max<int64_t>(opt.max_memory - current_rss_bytes() - kReserve, 1);
+      rep.memory_budget = rep.memory_budget > 0 ? std::min(rep.memory_budget, budget) : budget;
     }
     if (!todo.empty()) {
       const auto& first = experts[todo.front()];
@@ -397,7 +545,11 @@ LoopReport run_block_loop(const std::shared_ptr<const SwitchSource>& source,
           if (opt.hessians) {
             h = opt.hessians->hessian(m, tokens);
           } else {
-            const RowMatrix& x = routed[static_cast<size_t>(m.expert)];
+            thread_local std::vector<float> readback;
+            const int64_t d_in = src.config().d_model;
+            const int64_t xn = routed.rows(m.expert);
+            const float* xp = routed.get(m.expert, d_in, readback);
+            const Eigen::Map<const RowMatrix> x(xp, xn, d_in);
             HessianAccumulator a(m.cols, cap);
             if (m.which == "wi") {
               a.add(x.data(), x.rows(), 0, inside);
@@ -456,13 +608,12 @@ LoopReport run_block_loop(const std::shared_ptr<const SwitchSource>& source,
       acc.add(&LoopReport::write, since(t0), thread_cpu() - c0, 0);
       finished.fetch_add(1);
     };
-    pool.run(todo.size(), estimate, job, [&] { tick("experts", key); });
+    pool.run(todo.size(), estimate, budget, job, [&] { tick("experts", key); });
     {
       std::lock_guard lk(acc.mu);
       rep.matrices += static_cast<int64_t>(todo.size());
     }
-    routed.clear();
-    routed.shrink_to_fit();
+    routed.release();
 
     if (run) {
       // Recompute the block's output with its compressed experts (sequential) or its originals.

@@ -66,20 +66,82 @@ bool SequentialRunner::sparse() const {
   return model_.blocks(stack_)[static_cast<size_t>(block_)].ff.sparse;
 }
 
+std::vector<std::pair<int64_t, int64_t>> SequentialRunner::chunks(const SeqOffsets& seqs) const {
+  std::vector<std::pair<int64_t, int64_t>> out;  // sequence ranges
+  const int64_t limit = std::max<int64_t>(1, opt_.chunk_tokens);
+  int64_t s0 = 0;
+  while (s0 < seqs.num_seqs()) {
+    int64_t s1 = s0 + 1;
+    while (s1 < seqs.num_seqs() &&
+           seqs.offsets[static_cast<size_t>(s1) + 1] - seqs.offsets[static_cast<size_t>(s0)] <=
+               limit)
+      ++s1;
+    out.emplace_back(s0, s1);
+    s0 = s1;
+  }
+  return out;
+}
+
+namespace {
+
+// Sequences [s0, s1) of `seqs`, their offsets starting at 0.
+SeqOffsets sub_seqs(const SeqOffsets& seqs, int64_t s0, int64_t s1) {
+  SeqOffsets r;
+  r.offsets.assign(seqs.offsets.begin() + s0, seqs.offsets.begin() + s1 + 1);
+  const int64_t base = r.offsets.front();
+  for (auto& o : r.offsets) o -= base;
+  return r;
+}
+
+}  // namespace
+
 void SequentialRunner::begin_block() {
   if (done()) throw InvalidArgument("SequentialRunner::begin_block: all blocks are done");
   if (in_block_)
     throw InvalidArgument("SequentialRunner::begin_block: end_block() of the current block first");
   const SeqOffsets& seqs = stack_ == Stack::kEncoder ? enc_seqs_ : dec_seqs_;
-  self_attention_layer(model_, stack_, block_, seqs, h_);
-  if (stack_ == Stack::kDecoder)
-    cross_attention_layer(model_, block_, dec_seqs_, enc_out_, enc_seqs_, h_);
   const FeedForward& ff = model_.blocks(stack_)[static_cast<size_t>(block_)].ff;
-  rms_norm(h_, ff.layer_norm, model_.config.layer_norm_epsilon, x_);
+  x_.resize(h_.rows(), h_.cols());
   routing_ = Routing{};
   counted_.clear();
   if (ff.sparse) {
-    routing_ = route(ff, x_, seqs, opt_.forward);
+    const size_t n = static_cast<size_t>(h_.rows());
+    routing_.expert.resize(n);
+    routing_.prob.resize(n);
+    routing_.dropped.resize(n);
+    routing_.tokens_of.assign(static_cast<size_t>(model_.layout.num_experts), {});
+  }
+  // Piece by piece (whole sequences: attention and expert capacity are per sequence; every product
+  // row depends only on its own row, so the pieces give the bits of one batch).
+  RowMatrix hc, xc, ec;
+  for (const auto& [s0, s1] : chunks(seqs)) {
+    const int64_t t0 = seqs.offsets[static_cast<size_t>(s0)],
+                  t1 = seqs.offsets[static_cast<size_t>(s1)];
+    const SeqOffsets cs = sub_seqs(seqs, s0, s1);
+    hc = h_.middleRows(t0, t1 - t0);
+    self_attention_layer(model_, stack_, block_, cs, hc);
+    if (stack_ == Stack::kDecoder) {
+      const int64_t e0 = enc_seqs_.offsets[static_cast<size_t>(s0)],
+                    e1 = enc_seqs_.offsets[static_cast<size_t>(s1)];
+      ec = enc_out_.middleRows(e0, e1 - e0);
+      cross_attention_layer(model_, block_, cs, ec, sub_seqs(enc_seqs_, s0, s1), hc);
+    }
+    h_.middleRows(t0, t1 - t0) = hc;
+    rms_norm(hc, ff.layer_norm, model_.config.layer_norm_epsilon, xc);
+    x_.middleRows(t0, t1 - t0) = xc;
+    if (ff.sparse) {
+      const Routing r = route(ff, xc, cs, opt_.forward);
+      for (int64_t i = 0; i < t1 - t0; ++i) {
+        const size_t t = static_cast<size_t>(t0 + i);
+        routing_.expert[t] = r.expert[static_cast<size_t>(i)];
+        routing_.prob[t] = r.prob[static_cast<size_t>(i)];
+        routing_.dropped[t] = r.dropped[static_cast<size_t>(i)];
+      }
+      for (size_t e = 0; e < r.tokens_of.size(); ++e)
+        for (int64_t i : r.tokens_of[e]) routing_.tokens_of[e].push_back(t0 + i);
+    }
+  }
+  if (ff.sparse) {
     counted_.resize(routing_.tokens_of.size());
     for (size_t e = 0; e < routing_.tokens_of.size(); ++e)
       for (int64_t t : routing_.tokens_of[e])
@@ -117,17 +179,52 @@ RowMatrix SequentialRunner::wo_inputs(int64_t e, const ExpertMlp* expert) const 
   return hidden;
 }
 
-std::vector<RowMatrix> SequentialRunner::gather_counted() const {
-  check_expert(0);
-  std::vector<RowMatrix> out(counted_.size());
-  for (size_t e = 0; e < counted_.size(); ++e) out[e] = wi_inputs(static_cast<int64_t>(e));
-  return out;
-}
-
 void SequentialRunner::end_block(std::span<const std::shared_ptr<const ExpertMlp>> experts) {
   if (!in_block_) throw InvalidArgument("SequentialRunner::end_block: begin_block() first");
   const FeedForward& ff = model_.blocks(stack_)[static_cast<size_t>(block_)].ff;
-  feed_forward_apply(ff, x_, ff.sparse ? &routing_ : nullptr, h_, experts);
+  const SeqOffsets& seqs = stack_ == Stack::kEncoder ? enc_seqs_ : dec_seqs_;
+  if (!ff.sparse) {
+    RowMatrix xc, hc;
+    for (const auto& [s0, s1] : chunks(seqs)) {
+      const int64_t t0 = seqs.offsets[static_cast<size_t>(s0)],
+                    t1 = seqs.offsets[static_cast<size_t>(s1)];
+      xc = x_.middleRows(t0, t1 - t0);
+      hc = h_.middleRows(t0, t1 - t0);
+      feed_forward_apply(ff, xc, nullptr, hc);
+      h_.middleRows(t0, t1 - t0) = hc;
+    }
+  } else {
+    if (experts.empty()) experts = ff.experts;
+    if (experts.size() != routing_.tokens_of.size())
+      throw InvalidArgument("SequentialRunner::end_block: " + std::to_string(experts.size()) +
+                            " experts for " + std::to_string(routing_.tokens_of.size()));
+    // Each expert on all of its tokens at once (a token's result then does not depend on how the
+    // batch is cut, or on which process runs the expert); h += prob * output. Temporaries: one
+    // expert's tokens at a time.
+    const int64_t d = x_.cols();
+    RowMatrix xin, yout;
+    for (size_t e = 0; e < experts.size(); ++e) {
+      const auto& toks = routing_.tokens_of[e];
+      if (toks.empty()) continue;
+      if (!experts[e])
+        throw InvalidArgument("SequentialRunner::end_block: expert " + std::to_string(e) +
+                              " is missing");
+      const auto k = static_cast<int64_t>(toks.size());
+      xin.resize(k, d);
+      yout.resize(k, d);
+      for (int64_t i = 0; i < k; ++i) xin.row(i) = x_.row(toks[static_cast<size_t>(i)]);
+      experts[e]->forward(xin.data(), k, nullptr, yout.data());
+      for (int64_t i = 0; i < k; ++i) {
+        const int64_t t = toks[static_cast<size_t>(i)];
+        h_.row(t) += routing_.prob[static_cast<size_t>(t)] * yout.row(i);
+      }
+    }
+    // Dropped tokens (over capacity): their layer-normed input passes through (transformers
+    // 4.46's rule), scaled by the router probability.
+    for (int64_t t = 0; t < h_.rows(); ++t)
+      if (routing_.dropped[static_cast<size_t>(t)])
+        h_.row(t) += routing_.prob[static_cast<size_t>(t)] * x_.row(t);
+  }
   in_block_ = false;
   ++block_;
   if (stack_ == Stack::kEncoder && block_ >= static_cast<int64_t>(model_.encoder.size())) {

@@ -663,15 +663,13 @@ CompressSummary compress_checkpoint(const fs::path& checkpoint, const fs::path& 
   WorkStore store(work, experts);
   int64_t largest = 0;
   for (const auto& m : experts) largest = std::max(largest, expert_memory_estimate(m, gptq));
-  int64_t budget = 0;
   if (opt.max_memory > 0) {
     const int64_t reserve = int64_t{24} << 20;  // thread stacks, allocator slack, writer buffers
-    budget = std::max<int64_t>(opt.max_memory - current_rss_bytes() - reserve, 1);
+    const int64_t budget = opt.max_memory - current_rss_bytes() - reserve;
     if (budget < largest && opt.note)
-      opt.note("the memory cap leaves " + std::to_string(budget) +
+      opt.note("the memory cap leaves " + std::to_string(std::max<int64_t>(budget, 0)) +
                " bytes for work, less than one expert matrix needs (" + std::to_string(largest) +
                "): matrices run one at a time and may exceed it");
-    sum.memory_budget = budget;
   }
   LoopOptions lo;
   lo.hessians = opt.hessians;
@@ -684,7 +682,8 @@ CompressSummary compress_checkpoint(const fs::path& checkpoint, const fs::path& 
   lo.actorder = opt.actorder;
   lo.codec = opt.codec;
   lo.threads = opt.threads;
-  lo.memory_budget = budget;
+  lo.max_memory = opt.max_memory;
+  lo.scratch_dir = work;
   const auto tc = clock::now();
   auto tick = [&](const std::string& phase, const std::string& step, const std::string& cur,
                   int64_t done, int64_t resumed, int64_t tokens, int64_t total_tokens) {
@@ -714,6 +713,7 @@ CompressSummary compress_checkpoint(const fs::path& checkpoint, const fs::path& 
     opt.note("resuming: " + std::to_string(sum.resumed_matrices) + " of " +
              std::to_string(experts.size()) + " expert matrices were finished by an earlier run");
   sum.loop = run_block_loop(ck->src, experts, lo, store);
+  sum.memory_budget = sum.loop.memory_budget;
   sum.compress_seconds = since(tc);
   tick("compress", "done", "done", static_cast<int64_t>(experts.size()), sum.resumed_matrices,
        sum.loop.forward_tokens, sum.loop.forward_tokens);

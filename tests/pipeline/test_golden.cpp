@@ -86,15 +86,22 @@ TEST(Golden, CalibratedGptqContainerIsByteIdenticalForAnyThreadCount) {
   sw::generate_checkpoint(ckpt, golden_model());
   golden_tokens(golden_model().vocab_size).save(tokens);
   bool write = std::getenv("QMOE_WRITE_GOLDEN") != nullptr;
-  for (int threads : {1, 2, 3}) {
-    SCOPED_TRACE("threads " + std::to_string(threads));
-    const fs::path out = tmp / ("out" + std::to_string(threads) + ".safetensors");
+  // Threads 1, 2, 3; then 2 threads under a memory cap so small that every block keeps its routed
+  // expert inputs in a scratch file and runs one matrix at a time.
+  for (const auto& [threads, max_memory] : {std::pair{1, int64_t{0}}, std::pair{2, int64_t{0}},
+                                            std::pair{3, int64_t{0}}, std::pair{2, int64_t{1}}}) {
+    SCOPED_TRACE("threads " + std::to_string(threads) + " max_memory " +
+                 std::to_string(max_memory));
+    const fs::path out =
+        tmp / ("out" + std::to_string(threads) + "_" + std::to_string(max_memory) + ".safetensors");
     sw::CompressOptions opt;
     opt.threads = threads;
+    opt.max_memory = max_memory;
     opt.calib_tokens = tokens;
     const sw::CompressSummary s = sw::compress_checkpoint(ckpt, out, opt);
     EXPECT_EQ(s.quantizer, "gptq");
     EXPECT_EQ(s.fallback_matrices, 0);  // every expert saw calibration tokens
+    EXPECT_EQ(s.loop.spilled_blocks, max_memory > 0 ? 4 : 0);
     const json got = fingerprint(out);
     if (write) {
       write_file(kGolden, got.dump(1) + "\n");

@@ -39,6 +39,8 @@ RowMatrix run_through(SwitchModel& m, const TokenPairs& pairs, const Calibration
   return run.hidden();
 }
 
+// The runner cuts a block's work into pieces of whole sequences (chunk_tokens): one sequence per
+// piece, a few, or all at once give the forward pass's bits.
 TEST(Calibration, RunnerWithOriginalExpertsEqualsForward) {
   const auto dir = fixture("every_other_f32");
   SwitchModel m = SwitchModel::load(dir);
@@ -46,18 +48,23 @@ TEST(Calibration, RunnerWithOriginalExpertsEqualsForward) {
   ForwardTrace tr;
   const RowMatrix enc = encode(m, pairs, {}, &tr);
   decode(m, pairs, enc, {}, &tr);
-  int sparse_blocks = 0;
-  const RowMatrix h = run_through(m, pairs, {}, [&](SequentialRunner& run) {
-    ++sparse_blocks;
-    int64_t counted = 0;
-    for (int64_t e = 0; e < run.num_experts(); ++e)
-      counted += static_cast<int64_t>(run.counted_tokens(e).size());
-    EXPECT_EQ(counted, run.ff_input().rows());  // no capacity, nothing excluded: every token counts
-  });
-  EXPECT_EQ(sparse_blocks, 4);
-  ASSERT_EQ(h.size(), tr.decoder_blocks.back().size());
-  EXPECT_EQ(0, std::memcmp(h.data(), tr.decoder_blocks.back().data(),
-                           sizeof(float) * static_cast<size_t>(h.size())));
+  for (const int64_t chunk : {int64_t{1}, int64_t{12}, int64_t{16384}}) {
+    SCOPED_TRACE("chunk_tokens " + std::to_string(chunk));
+    CalibrationOptions opt;
+    opt.chunk_tokens = chunk;
+    int sparse_blocks = 0;
+    const RowMatrix h = run_through(m, pairs, opt, [&](SequentialRunner& run) {
+      ++sparse_blocks;
+      int64_t counted = 0;
+      for (int64_t e = 0; e < run.num_experts(); ++e)
+        counted += static_cast<int64_t>(run.counted_tokens(e).size());
+      EXPECT_EQ(counted, run.ff_input().rows());  // no capacity, nothing excluded: all count
+    });
+    EXPECT_EQ(sparse_blocks, 4);
+    ASSERT_EQ(h.size(), tr.decoder_blocks.back().size());
+    EXPECT_EQ(0, std::memcmp(h.data(), tr.decoder_blocks.back().data(),
+                             sizeof(float) * static_cast<size_t>(h.size())));
+  }
 }
 
 TEST(Calibration, ExpertInputs) {

@@ -26,6 +26,7 @@
 #pragma once
 
 #include <cstdint>
+#include <filesystem>
 #include <functional>
 #include <memory>
 #include <optional>
@@ -121,7 +122,8 @@ struct LoopReport {
   int64_t forward_tokens = 0;  // token-blocks run through the forward (tokens x blocks)
   int64_t hessian_tokens = 0;  // tokens added to Hessians, over all matrices
   int threads = 0;             // threads the loop used
-  int64_t memory_budget = 0;   // bytes admitted for matrices in flight (0: no cap)
+  int64_t memory_budget = 0;   // smallest budget of matrices in flight of any block (0: no cap)
+  int64_t spilled_blocks = 0;  // blocks whose expert inputs went to the scratch file
   int64_t peak_in_flight = 0;  // most estimated bytes admitted at once
   double seconds = 0;          // wall time of the whole loop
 };
@@ -155,7 +157,12 @@ struct LoopOptions {
   bool actorder = false;
   std::optional<Codec> codec;  // nullopt: the smaller of qmoe-v1 and qmoe-p5 per matrix
   int threads = 0;             // 0: the OpenMP default
-  int64_t memory_budget = 0;   // bytes for matrices in flight; 0: no cap
+  // Cap on the process's resident memory (0: none). Before each block's expert work, what the cap
+  // leaves (it minus the resident memory then, calibration state included, minus 24 MiB) is the
+  // budget of the matrices in flight; a block whose counted expert inputs would take more than
+  // half of it keeps them in a scratch file instead of memory.
+  int64_t max_memory = 0;
+  std::filesystem::path scratch_dir;  // for that scratch file (empty: the system's temp folder)
   // Progress (optional). May throw to stop the run: no new matrix starts, those in flight finish
   // (their results reach the store), and the exception comes out of run_block_loop().
   std::function<void(const LoopProgress&)> progress;

@@ -41,6 +41,11 @@ struct CalibrationOptions {
   std::vector<int32_t> excluded_ids;
   // Decoder positions whose *target* is -100 (ignored by the loss) do not count either.
   bool exclude_ignored_targets = true;
+  // Tokens per piece of a block's work (whole sequences; at least one sequence): attention,
+  // routing and dense feed-forward layers run piece by piece, experts one at a time on their own
+  // tokens, so that temporaries stay at this many rows (or one expert's tokens) whatever the
+  // number of calibration tokens. The bits do not depend on it.
+  int64_t chunk_tokens = 16384;
 };
 
 // The ids of T5's sentinels <extra_id_0> … <extra_id_{count-1}>: the last `count` ids below
@@ -79,9 +84,6 @@ class SequentialRunner {
   // expert of the block, when given), adds the residual, moves to the next block (finishing the
   // encoder when its last block is done).
   void end_block(std::span<const std::shared_ptr<const ExpertMlp>> experts = {});
-  // The counted rows of ff_input() of expert e as one matrix [n_e, d_model] (what wi_inputs(e)
-  // returns), for every expert at once: each row is copied once.
-  std::vector<RowMatrix> gather_counted() const;
   // Tokens of the current stack (all pairs).
   int64_t stack_tokens() const { return h_.rows(); }
 
@@ -107,6 +109,8 @@ class SequentialRunner {
 
   void enter_stack(Stack s);
   void check_expert(int64_t e) const;
+  // Pieces of whole sequences of the current stack with about opt_.chunk_tokens tokens.
+  std::vector<std::pair<int64_t, int64_t>> chunks(const SeqOffsets& seqs) const;
 };
 
 }  // namespace qmoe::sw
