@@ -2,6 +2,7 @@
 
 #include <fcntl.h>
 #include <signal.h>
+#include <sys/file.h>
 #include <sys/mman.h>
 #include <sys/statvfs.h>
 #include <unistd.h>
@@ -22,6 +23,7 @@
 #include <set>
 #include <sstream>
 #include <thread>
+#include <utility>
 
 #include <omp.h>
 #include <xxhash.h>
@@ -273,9 +275,43 @@ struct Cached {
   std::shared_ptr<const V2Dictionary> dictionary;  // qmoe-v2, qmoe-v3
 };
 
+// XXH3-64 over a work file's metadata (every key and value but "xxh3", in key order) and its
+// tensors' bytes (in name order): a flipped bit anywhere in what the container will be assembled
+// from shows.
+std::string work_checksum(
+    const std::map<std::string, std::string>& metadata,
+    const std::vector<std::pair<std::string, std::span<const std::byte>>>& t) {
+  XXH3_state_t* st = XXH3_createState();
+  if (!st) throw std::bad_alloc();
+  XXH3_64bits_reset(st);
+  for (const auto& [k, v] : metadata) {
+    if (k == "xxh3") continue;
+    XXH3_64bits_update(st, k.data(), k.size() + 1);  // with the terminating NUL as separator
+    XXH3_64bits_update(st, v.data(), v.size() + 1);
+  }
+  for (const auto& [name, bytes] : t) {
+    XXH3_64bits_update(st, name.data(), name.size() + 1);
+    XXH3_64bits_update(st, bytes.data(), bytes.size());
+  }
+  const uint64_t h = XXH3_64bits_digest(st);
+  XXH3_freeState(st);
+  char buf[17];
+  std::snprintf(buf, sizeof buf, "%016llx", static_cast<unsigned long long>(h));
+  return buf;
+}
+
 Cached load_cached(const fs::path& p, const ExpertMatrix& m) {
   Cached c{SafetensorsFile::open(p), {}, {}, Codec::kV1, 0, {}};
   const auto& md = c.file.metadata();
+  {
+    std::vector<std::pair<std::string, std::span<const std::byte>>> t;
+    for (const auto& ti : c.file.tensors()) t.emplace_back(ti.name, c.file.bytes(ti));
+    std::sort(t.begin(), t.end(), [](const auto& a, const auto& b) { return a.first < b.first; });
+    const auto it = md.find("xxh3");
+    if (it == md.end() || it->second != work_checksum(md, t))
+      throw FormatError(
+          error_context(p.string(), m.name, "work file is damaged (its checksum does not match)"));
+  }
   auto get = [&](const char* k) -> const std::string& {
     auto it = md.find(k);
     if (it == md.end())
@@ -331,7 +367,22 @@ Cached load_cached(const fs::path& p, const ExpertMatrix& m) {
 
 void store_cached(const fs::path& p, const ExpertMatrix& m, const CompressedMatrix& cm,
                   const MatrixStats& s) {
-  SafetensorsWriter w(p);
+  // The metadata goes to the writer and, for the checksum, to `meta`.
+  struct Writer {
+    SafetensorsWriter w;
+    std::map<std::string, std::string>& meta;
+    void set_metadata(const std::string& k, const std::string& v) {
+      meta[k] = v;
+      w.set_metadata(k, v);
+    }
+    void add(std::string name, DType dtype, std::vector<int64_t> shape,
+             std::span<const std::byte> bytes) {
+      w.add(std::move(name), dtype, std::move(shape), bytes);
+    }
+    void finish() { w.finish(); }
+  };
+  std::map<std::string, std::string> meta;
+  Writer w{SafetensorsWriter(p), meta};
   w.set_metadata("name", m.name);
   w.set_metadata("rows", std::to_string(m.rows));
   w.set_metadata("cols", std::to_string(m.cols));
@@ -364,6 +415,16 @@ void store_cached(const fs::path& p, const ExpertMatrix& m, const CompressedMatr
   }
   w.add("levels", DType::kU16, {static_cast<int64_t>(cm.levels.size())},
         std::as_bytes(std::span(cm.levels)));
+  std::vector<std::pair<std::string, std::span<const std::byte>>> t;
+  if (cm.has_codes()) {
+    t.emplace_back("codes", std::as_bytes(std::span(cm.codes)));
+    t.emplace_back("row_offsets", std::as_bytes(std::span(cm.row_offsets)));
+  } else {
+    t.emplace_back("packed", std::as_bytes(std::span(cm.packed)));
+  }
+  t.emplace_back("levels", std::as_bytes(std::span(cm.levels)));
+  std::sort(t.begin(), t.end(), [](const auto& a, const auto& b) { return a.first < b.first; });
+  w.set_metadata("xxh3", work_checksum(meta, t));
   w.finish();
 }
 
@@ -418,11 +479,101 @@ std::string block_key(const ExpertMatrix& m) {
   return m.stack + ".block." + std::to_string(m.block);
 }
 
+// Finished matrix files in a work directory.
+int64_t work_files(const fs::path& work) {
+  std::error_code ec;
+  int64_t n = 0;
+  for (const auto& e : fs::directory_iterator(work, ec)) {
+    const std::string f = e.path().filename().string();
+    if (f.size() == 20 && f[0] == 'm' && f.ends_with(".safetensors")) ++n;
+  }
+  return n;
+}
+
+int64_t dir_bytes(const fs::path& dir) {
+  std::error_code ec;
+  int64_t n = 0;
+  for (const auto& e : fs::directory_iterator(dir, ec))
+    if (e.is_regular_file(ec)) n += static_cast<int64_t>(e.file_size(ec));
+  return n;
+}
+
+// Removes a work directory file by file, run.json last, then the directory.
+void remove_work_dir(const fs::path& work) {
+  std::error_code ec;
+  std::vector<fs::path> files;
+  for (const auto& e : fs::directory_iterator(work, ec))
+    if (e.path().filename() != kRunFile) files.push_back(e.path());
+  for (const auto& f : files) fs::remove_all(f, ec);
+  fs::remove(work / kRunFile, ec);
+  fs::remove(work, ec);
+}
+
+// An exclusive lock (flock) on a work directory, held while a run uses it; the directory's "owner"
+// file says who holds it. Two runs can then never share (or delete) one work directory.
+class WorkLock {
+ public:
+  WorkLock() = default;
+  WorkLock(const WorkLock&) = delete;
+  WorkLock& operator=(const WorkLock&) = delete;
+  WorkLock(WorkLock&& o) noexcept : fd_(std::exchange(o.fd_, -1)) {}
+  WorkLock& operator=(WorkLock&& o) noexcept {
+    if (this != &o) {
+      release();
+      fd_ = std::exchange(o.fd_, -1);
+    }
+    return *this;
+  }
+  ~WorkLock() { release(); }
+
+  // Locks `dir`; false when another process holds the lock. Throws Error when dir cannot be opened.
+  bool try_lock(const fs::path& dir) {
+    release();
+    const int fd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    if (fd < 0)
+      throw Error(dir.string() + ": cannot open the work directory: " + std::strerror(errno));
+    if (::flock(fd, LOCK_EX | LOCK_NB) != 0) {
+      const int err = errno;
+      ::close(fd);
+      if (err == EWOULDBLOCK) return false;
+      throw Error(dir.string() + ": cannot lock the work directory: " + std::strerror(err));
+    }
+    fd_ = fd;
+    return true;
+  }
+  void release() {
+    if (fd_ >= 0) ::close(fd_);  // closing the descriptor drops the lock
+    fd_ = -1;
+  }
+
+  // "pid 123 on host, since <time>", from the owner file the holder wrote.
+  static std::string holder(const fs::path& dir) {
+    std::ifstream f(dir / "owner");
+    std::string line;
+    std::getline(f, line);
+    return line.empty() ? "another process" : line;
+  }
+  static void write_owner(const fs::path& dir) {
+    char host[256] = {};
+    ::gethostname(host, sizeof host - 1);
+    const auto now = std::chrono::system_clock::to_time_t(std::chrono::system_clock::now());
+    char when[64] = {};
+    std::strftime(when, sizeof when, "%Y-%m-%d %H:%M:%S", std::localtime(&now));
+    write_text_atomic(dir / "owner", "qmoe compress, pid " + std::to_string(::getpid()) + " on " +
+                                         host + ", since " + when + "\n");
+  }
+
+ private:
+  int fd_ = -1;
+};
+
 // The block loop's results as work files, one per expert matrix (matrix_file()); a finished one is
 // one that opens and matches its matrix (a damaged one is removed and done again).
 class WorkStore final : public ExpertStore {
  public:
-  WorkStore(fs::path work, std::span<const ExpertMatrix> experts) : work_(std::move(work)) {
+  WorkStore(fs::path work, std::span<const ExpertMatrix> experts,
+            std::function<void(const std::string&)> note)
+      : work_(std::move(work)), note_(std::move(note)) {
     for (size_t i = 0; i < experts.size(); ++i) index_[experts[i].name] = i;
   }
   bool has(const ExpertMatrix& m) override {
@@ -435,8 +586,9 @@ class WorkStore final : public ExpertStore {
       try {
         (void)load_cached(p, m);
         ok = true;
-      } catch (const Error&) {
-        fs::remove(p, ec);  // unreadable work file: do the matrix again
+      } catch (const Error& e) {
+        fs::remove(p, ec);  // unreadable or damaged work file: do the matrix again
+        if (note_) note_(std::string("redoing: ") + e.what());
       }
     }
     return have_[i] = ok;
@@ -452,6 +604,7 @@ class WorkStore final : public ExpertStore {
 
  private:
   fs::path work_;
+  std::function<void(const std::string&)> note_;
   std::map<std::string, size_t> index_;
   std::map<size_t, bool> have_;  // what has() found (the loop's thread only)
 };
@@ -622,243 +775,284 @@ CompressSummary compress_checkpoint(const fs::path& checkpoint, const fs::path& 
     const fs::path parent = work.parent_path().empty() ? fs::path(".") : work.parent_path();
     cleanup_leftovers(parent, work.filename().string() + ".tmp.", opt);
   }
-  if (fs::exists(work, ec)) {
-    if (!fs::exists(work / kRunFile, ec))
-      throw Error(
-          error_context(work.string(), "", "exists and is not a qmoe work directory; remove it"));
-    if (opt.resume) {
-      if (read_text(work / kRunFile) != fp)
-        throw Error(error_context(
-            work.string(), "",
-            "was made for another input or other options (see its run.json); remove it or run "
-            "without --resume"));
-    } else {
+  // Locked before it gets its name: a run that finds the directory can always tell whether another
+  // run holds it.
+  WorkLock lock;
+  auto in_use = [&] {
+    return Error(error_context(work.string(), "",
+                               "is in use by " + WorkLock::holder(work) +
+                                   ": another qmoe compress is writing this output; wait for it "
+                                   "to finish or stop it"));
+  };
+  for (int attempt = 0;; ++attempt) {
+    if (fs::exists(work, ec)) {
+      if (!fs::exists(work / kRunFile, ec))
+        throw Error(
+            error_context(work.string(), "", "exists and is not a qmoe work directory; remove it"));
+      if (!lock.try_lock(work)) throw in_use();
+      if (opt.resume) {
+        if (read_text(work / kRunFile) != fp)
+          throw Error(error_context(
+              work.string(), "",
+              "was made for another input or other options (see its run.json); remove it or run "
+              "without --resume"));
+        WorkLock::write_owner(work);
+        break;
+      }
       if (opt.note) opt.note("starting afresh: removing the earlier work in " + work.string());
       fs::remove_all(work, ec);
       if (ec) throw Error(work.string() + ": cannot remove: " + ec.message());
-    }
-  }
-  if (!fs::exists(work, ec)) {
-    if (opt.resume && opt.note)
+      lock.release();
+    } else if (opt.resume && opt.note && attempt == 0) {
       opt.note("nothing to resume (no " + work.string() + "): starting afresh");
+    }
     const fs::path tmp = work.string() + ".tmp." + std::to_string(::getpid());
     fs::remove_all(tmp, ec);
     fs::create_directories(tmp, ec);
     if (!fs::is_directory(tmp)) throw Error(tmp.string() + ": cannot create the work directory");
+    if (!lock.try_lock(tmp)) throw Error(tmp.string() + ": cannot lock the new work directory");
     write_text_atomic(tmp / kRunFile, fp);
-    fs::rename(tmp, work, ec);
-    if (ec) throw Error(work.string() + ": cannot create the work directory: " + ec.message());
+    WorkLock::write_owner(tmp);
+    if (::rename(tmp.c_str(), work.c_str()) == 0) break;
+    const int err = errno;
+    fs::remove_all(tmp, ec);
+    lock.release();
+    // Another run made the directory between the check and the rename: look again (once).
+    if ((err != ENOTEMPTY && err != EEXIST) || attempt > 0)
+      throw Error(work.string() + ": cannot create the work directory: " + std::strerror(err));
   }
-  cleanup_leftovers(work, "", opt);
-  // Leftovers of an interrupted assembly: the writer's temporary files.
-  {
-    fs::path o = output;
-    if (!o.has_filename()) o = o.parent_path();
-    const fs::path parent = o.parent_path().empty() ? fs::path(".") : o.parent_path();
-    cleanup_leftovers(parent, o.filename().string() + ".tmp.", opt);
-    if (opt.shard_size > 0) cleanup_leftovers(o, "model", opt);
-  }
-
-  // ---- the block loop, its results in the work directory
-  WorkStore store(work, experts);
-  int64_t largest = 0;
-  for (const auto& m : experts) largest = std::max(largest, expert_memory_estimate(m, gptq));
-  if (opt.max_memory > 0) {
-    const int64_t reserve = int64_t{24} << 20;  // thread stacks, allocator slack, writer buffers
-    const int64_t budget = opt.max_memory - current_rss_bytes() - reserve;
-    if (budget < largest && opt.note)
-      opt.note("the memory cap leaves " + std::to_string(std::max<int64_t>(budget, 0)) +
-               " bytes for work, less than one expert matrix needs (" + std::to_string(largest) +
-               "): matrices run one at a time and may exceed it");
-  }
-  LoopOptions lo;
-  lo.hessians = opt.hessians;
-  lo.calibration = planned.calibration ? &*planned.calibration : nullptr;
-  lo.calib = opt.calibration;
-  lo.sequential = opt.sequential;
-  lo.token_cap_multiplier = opt.token_cap_multiplier;
-  lo.percdamp = opt.percdamp;
-  lo.blocksize = opt.blocksize;
-  lo.actorder = opt.actorder;
-  lo.codec = opt.codec;
-  lo.threads = opt.threads;
-  lo.max_memory = opt.max_memory;
-  lo.scratch_dir = work;
-  const auto tc = clock::now();
-  auto tick = [&](const std::string& phase, const std::string& step, const std::string& cur,
-                  int64_t done, int64_t resumed, int64_t tokens, int64_t total_tokens) {
-    if (!opt.progress) return;
-    CompressProgress p;
-    p.done = done;
-    p.total = static_cast<int64_t>(experts.size());
-    p.resumed = resumed;
-    p.seconds = since(tc);
-    p.current = cur;
-    p.phase = phase;
-    p.step = step;
-    p.tokens = tokens;
-    p.total_tokens = total_tokens;
-    opt.progress(p);
-  };
-  lo.progress = [&](const LoopProgress& lp) {
-    tick("compress", lp.phase, lp.block, lp.done, lp.resumed, lp.tokens, lp.total_tokens);
-  };
-  if (planned.calibration) {
-    sum.calibration_pairs = planned.calibration->num_pairs();
-    sum.calibration_tokens = static_cast<int64_t>(planned.calibration->encoder_ids.size() +
-                                                  planned.calibration->decoder_targets.size());
-  }
-  for (const auto& m : experts) sum.resumed_matrices += store.has(m) ? 1 : 0;
-  if (sum.resumed_matrices > 0 && opt.note)
-    opt.note("resuming: " + std::to_string(sum.resumed_matrices) + " of " +
-             std::to_string(experts.size()) + " expert matrices were finished by an earlier run");
-  sum.loop = run_block_loop(ck->src, experts, lo, store);
-  sum.memory_budget = sum.loop.memory_budget;
-  sum.compress_seconds = since(tc);
-  tick("compress", "done", "done", static_cast<int64_t>(experts.size()), sum.resumed_matrices,
-       sum.loop.forward_tokens, sum.loop.forward_tokens);
-
-  const int64_t n_done = static_cast<int64_t>(experts.size());
-
-  // ---- statistics, read back from the work files (a resumed run reports the same)
-  const auto ta = clock::now();
-  std::map<std::string, json> stats;  // block key -> stats JSON
-  std::map<std::string, BlockSummary> blocks;
-  std::vector<std::string> block_order;
-  double zf_sum = 0;
-  std::set<uint64_t> dictionaries;  // qmoe-v2 and qmoe-v3 dictionary ids
-  for (size_t i = 0; i < experts.size(); ++i) {
-    const auto& m = experts[i];
-    const Cached c = load_cached(matrix_file(work, i), m);
-    const std::string bk = block_key(m);
-    if (!stats.count(bk)) {
-      block_order.push_back(bk);
-      stats[bk] = {{"experts", ck->src->layout().num_experts}, {"zero_fraction", json::array()}};
-      if (gptq) {
-        stats[bk]["loss"] = json::array();
-        stats[bk]["output_loss"] = json::array();
-        stats[bk]["tokens"] = json::array();
-        stats[bk]["fallback"] = json::array();
-      }
-      blocks[bk].block = bk;
+  try {
+    cleanup_leftovers(work, "", opt);
+    // Leftovers of an interrupted assembly: the writer's temporary files.
+    {
+      fs::path o = output;
+      if (!o.has_filename()) o = o.parent_path();
+      const fs::path parent = o.parent_path().empty() ? fs::path(".") : o.parent_path();
+      cleanup_leftovers(parent, o.filename().string() + ".tmp.", opt);
+      if (opt.shard_size > 0) cleanup_leftovers(o, "model", opt);
     }
-    json& js = stats[bk];
-    js["zero_fraction"].push_back(round6(c.stats.zero_fraction));
-    if (gptq) {
-      js["loss"].push_back(round6(c.stats.loss));
-      js["output_loss"].push_back(round6(c.stats.output_loss));
-      js["tokens"].push_back(c.stats.tokens);
-      if (c.stats.fallback) {
-        js["fallback"].push_back(static_cast<int64_t>(js["zero_fraction"].size()) - 1);
-        ++sum.fallback_matrices;
-      }
-    }
-    auto& b = blocks[bk];
-    ++b.matrices;
-    b.weights += m.numel();
-    b.compressed_bytes += c.compressed_bytes;
-    sum.expert_weights += m.numel();
-    sum.expert_input_bytes += m.numel() * dtype_size(m.dtype);
-    sum.expert_compressed_bytes += c.compressed_bytes;
-    // A qmoe-v2 / qmoe-v3 dictionary is stored once per file that uses it; counted here once.
-    static_assert(v2::kTableBytes == v3::kTableBytes);
-    if (c.dictionary && dictionaries.insert(c.dictionary->id).second)
-      sum.expert_compressed_bytes += v2::kTableBytes;
-    (c.codec == Codec::kV1   ? sum.v1_matrices
-     : c.codec == Codec::kV2 ? sum.v2_matrices
-     : c.codec == Codec::kV3 ? sum.v3_matrices
-                             : sum.p5_matrices) += 1;
-    zf_sum += c.stats.zero_fraction;
-  }
-  sum.mean_zero_fraction = experts.empty() ? 0 : zf_sum / static_cast<double>(experts.size());
-  for (const auto& k : block_order) sum.blocks.push_back(blocks[k]);
 
-  // ---- assemble the container: every stored tensor, in name order
-  if (opt.shard_size > 0) {
-    // An earlier container in the output directory stops being one first: a run killed while the
-    // writer renames its shards must not leave an old index next to a mix of old and new shards.
-    fs::remove(output / std::string(kIndexFileName), ec);
-  }
-  ContainerWriter writer(output, ContainerWriteOptions{.shard_size = opt.shard_size});
-  writer.set_metadata(std::string(kMetaConfig), ck->config_text);
-  writer.set_metadata(std::string(kMetaQuantizer), sum.quantizer);
-  writer.set_metadata(std::string(kMetaInputBytes), std::to_string(plan.input_bytes));
-  writer.set_metadata(std::string(kMetaSource),
-                      fs::weakly_canonical(checkpoint).filename().string());
-  {
-    json o = {{"codec", opt.codec ? std::string(codec_name(*opt.codec)) : "auto"},
-              {"cast_bf16", opt.cast_bf16}};
-    if (gptq) {
-      o["hessians"] = hessian_source(opt, sum.calibration_pairs);
-      o["percdamp"] = opt.percdamp;
-      o["blocksize"] = opt.blocksize;
-      o["actorder"] = opt.actorder;
+    // ---- the block loop, its results in the work directory
+    WorkStore store(work, experts, opt.note);
+    int64_t largest = 0;
+    for (const auto& m : experts) largest = std::max(largest, expert_memory_estimate(m, gptq));
+    if (opt.max_memory > 0) {
+      const int64_t reserve = int64_t{24} << 20;  // thread stacks, allocator slack, writer buffers
+      const int64_t budget = opt.max_memory - current_rss_bytes() - reserve;
+      if (budget < largest && opt.note)
+        opt.note("the memory cap leaves " + std::to_string(std::max<int64_t>(budget, 0)) +
+                 " bytes for work, less than one expert matrix needs (" + std::to_string(largest) +
+                 "): matrices run one at a time and may exceed it");
     }
-    writer.set_metadata(std::string(kMetaOptions), o.dump());
-  }
-  for (const auto& k : block_order)
-    writer.set_metadata(std::string(kMetaStatsPrefix) + k, stats[k].dump());
+    LoopOptions lo;
+    lo.hessians = opt.hessians;
+    lo.calibration = planned.calibration ? &*planned.calibration : nullptr;
+    lo.calib = opt.calibration;
+    lo.sequential = opt.sequential;
+    lo.token_cap_multiplier = opt.token_cap_multiplier;
+    lo.percdamp = opt.percdamp;
+    lo.blocksize = opt.blocksize;
+    lo.actorder = opt.actorder;
+    lo.codec = opt.codec;
+    lo.threads = opt.threads;
+    lo.max_memory = opt.max_memory;
+    lo.scratch_dir = work;
+    const auto tc = clock::now();
+    auto tick = [&](const std::string& phase, const std::string& step, const std::string& cur,
+                    int64_t done, int64_t resumed, int64_t tokens, int64_t total_tokens) {
+      if (!opt.progress) return;
+      CompressProgress p;
+      p.done = done;
+      p.total = static_cast<int64_t>(experts.size());
+      p.resumed = resumed;
+      p.seconds = since(tc);
+      p.current = cur;
+      p.phase = phase;
+      p.step = step;
+      p.tokens = tokens;
+      p.total_tokens = total_tokens;
+      opt.progress(p);
+    };
+    lo.progress = [&](const LoopProgress& lp) {
+      tick("compress", lp.phase, lp.block, lp.done, lp.resumed, lp.tokens, lp.total_tokens);
+    };
+    if (planned.calibration) {
+      sum.calibration_pairs = planned.calibration->num_pairs();
+      sum.calibration_tokens = static_cast<int64_t>(planned.calibration->encoder_ids.size() +
+                                                    planned.calibration->decoder_targets.size());
+    }
+    for (const auto& m : experts) sum.resumed_matrices += store.has(m) ? 1 : 0;
+    if (sum.resumed_matrices > 0 && opt.note)
+      opt.note("resuming: " + std::to_string(sum.resumed_matrices) + " of " +
+               std::to_string(experts.size()) + " expert matrices were finished by an earlier run");
+    sum.loop = run_block_loop(ck->src, experts, lo, store);
+    sum.memory_budget = sum.loop.memory_budget;
+    sum.compress_seconds = since(tc);
+    tick("compress", "done", "done", static_cast<int64_t>(experts.size()), sum.resumed_matrices,
+         sum.loop.forward_tokens, sum.loop.forward_tokens);
 
-  std::map<std::string, size_t> expert_index;
-  for (size_t i = 0; i < experts.size(); ++i) expert_index[experts[i].name] = i;
-  auto last_tick = clock::now();
-  std::vector<std::byte> cast;
-  for (const auto& [name, st] : ck->stored) {
-    if (auto it = expert_index.find(name); it != expert_index.end()) {
-      const Cached c = load_cached(matrix_file(work, it->second), experts[it->second]);
-      writer.add_compressed(name, c.view, st.info->dtype);
-    } else {
-      const TensorInfo& t = *st.info;
-      const auto bytes = st.file->bytes(t);
-      if (opt.cast_bf16 && (t.dtype == DType::kF32 || t.dtype == DType::kF16)) {
-        const int64_t n = t.numel();
-        cast.resize(static_cast<size_t>(2 * n));
-        for (int64_t i = 0; i < n; ++i) {
-          float f;
-          if (t.dtype == DType::kF32) {
-            std::memcpy(&f, bytes.data() + 4 * i, 4);
-          } else {
-            uint16_t h;
-            std::memcpy(&h, bytes.data() + 2 * i, 2);
-            f = fp16_to_float(h);
-          }
-          const uint16_t b = float_to_bf16(f);
-          std::memcpy(cast.data() + 2 * i, &b, 2);
+    const int64_t n_done = static_cast<int64_t>(experts.size());
+
+    // ---- statistics, read back from the work files (a resumed run reports the same)
+    const auto ta = clock::now();
+    std::map<std::string, json> stats;  // block key -> stats JSON
+    std::map<std::string, BlockSummary> blocks;
+    std::vector<std::string> block_order;
+    double zf_sum = 0;
+    std::set<uint64_t> dictionaries;  // qmoe-v2 and qmoe-v3 dictionary ids
+    for (size_t i = 0; i < experts.size(); ++i) {
+      const auto& m = experts[i];
+      const Cached c = load_cached(matrix_file(work, i), m);
+      const std::string bk = block_key(m);
+      if (!stats.count(bk)) {
+        block_order.push_back(bk);
+        stats[bk] = {{"experts", ck->src->layout().num_experts}, {"zero_fraction", json::array()}};
+        if (gptq) {
+          stats[bk]["loss"] = json::array();
+          stats[bk]["output_loss"] = json::array();
+          stats[bk]["tokens"] = json::array();
+          stats[bk]["fallback"] = json::array();
         }
-        writer.add_dense(name, DType::kBF16, t.shape, cast);
-        std::vector<std::byte>().swap(cast);
-      } else {
-        writer.add_dense(name, t.dtype, t.shape, bytes);
+        blocks[bk].block = bk;
       }
-      release_pages(bytes);
+      json& js = stats[bk];
+      js["zero_fraction"].push_back(round6(c.stats.zero_fraction));
+      if (gptq) {
+        js["loss"].push_back(round6(c.stats.loss));
+        js["output_loss"].push_back(round6(c.stats.output_loss));
+        js["tokens"].push_back(c.stats.tokens);
+        if (c.stats.fallback) {
+          js["fallback"].push_back(static_cast<int64_t>(js["zero_fraction"].size()) - 1);
+          ++sum.fallback_matrices;
+        }
+      }
+      auto& b = blocks[bk];
+      ++b.matrices;
+      b.weights += m.numel();
+      b.compressed_bytes += c.compressed_bytes;
+      sum.expert_weights += m.numel();
+      sum.expert_input_bytes += m.numel() * dtype_size(m.dtype);
+      sum.expert_compressed_bytes += c.compressed_bytes;
+      // A qmoe-v2 / qmoe-v3 dictionary is stored once per file that uses it; counted here once.
+      static_assert(v2::kTableBytes == v3::kTableBytes);
+      if (c.dictionary && dictionaries.insert(c.dictionary->id).second)
+        sum.expert_compressed_bytes += v2::kTableBytes;
+      (c.codec == Codec::kV1   ? sum.v1_matrices
+       : c.codec == Codec::kV2 ? sum.v2_matrices
+       : c.codec == Codec::kV3 ? sum.v3_matrices
+                               : sum.p5_matrices) += 1;
+      zf_sum += c.stats.zero_fraction;
     }
-    if (opt.progress && since(last_tick) > 0.2) {
-      last_tick = clock::now();
-      tick("assemble", "write", name, n_done, sum.resumed_matrices, 0, 0);
+    sum.mean_zero_fraction = experts.empty() ? 0 : zf_sum / static_cast<double>(experts.size());
+    for (const auto& k : block_order) sum.blocks.push_back(blocks[k]);
+
+    // ---- assemble the container: every stored tensor, in name order
+    if (opt.shard_size > 0) {
+      // An earlier container in the output directory stops being one first: a run killed while the
+      // writer renames its shards must not leave an old index next to a mix of old and new shards.
+      fs::remove(output / std::string(kIndexFileName), ec);
+    }
+    ContainerWriter writer(output, ContainerWriteOptions{.shard_size = opt.shard_size});
+    writer.set_metadata(std::string(kMetaConfig), ck->config_text);
+    writer.set_metadata(std::string(kMetaQuantizer), sum.quantizer);
+    writer.set_metadata(std::string(kMetaInputBytes), std::to_string(plan.input_bytes));
+    writer.set_metadata(std::string(kMetaSource),
+                        fs::weakly_canonical(checkpoint).filename().string());
+    {
+      json o = {{"codec", opt.codec ? std::string(codec_name(*opt.codec)) : "auto"},
+                {"cast_bf16", opt.cast_bf16}};
+      if (gptq) {
+        o["hessians"] = hessian_source(opt, sum.calibration_pairs);
+        o["percdamp"] = opt.percdamp;
+        o["blocksize"] = opt.blocksize;
+        o["actorder"] = opt.actorder;
+      }
+      writer.set_metadata(std::string(kMetaOptions), o.dump());
+    }
+    for (const auto& k : block_order)
+      writer.set_metadata(std::string(kMetaStatsPrefix) + k, stats[k].dump());
+
+    std::map<std::string, size_t> expert_index;
+    for (size_t i = 0; i < experts.size(); ++i) expert_index[experts[i].name] = i;
+    auto last_tick = clock::now();
+    std::vector<std::byte> cast;
+    for (const auto& [name, st] : ck->stored) {
+      if (auto it = expert_index.find(name); it != expert_index.end()) {
+        const Cached c = load_cached(matrix_file(work, it->second), experts[it->second]);
+        writer.add_compressed(name, c.view, st.info->dtype);
+      } else {
+        const TensorInfo& t = *st.info;
+        const auto bytes = st.file->bytes(t);
+        if (opt.cast_bf16 && (t.dtype == DType::kF32 || t.dtype == DType::kF16)) {
+          const int64_t n = t.numel();
+          cast.resize(static_cast<size_t>(2 * n));
+          for (int64_t i = 0; i < n; ++i) {
+            float f;
+            if (t.dtype == DType::kF32) {
+              std::memcpy(&f, bytes.data() + 4 * i, 4);
+            } else {
+              uint16_t h;
+              std::memcpy(&h, bytes.data() + 2 * i, 2);
+              f = fp16_to_float(h);
+            }
+            const uint16_t b = float_to_bf16(f);
+            std::memcpy(cast.data() + 2 * i, &b, 2);
+          }
+          writer.add_dense(name, DType::kBF16, t.shape, cast);
+          std::vector<std::byte>().swap(cast);
+        } else {
+          writer.add_dense(name, t.dtype, t.shape, bytes);
+        }
+        release_pages(bytes);
+      }
+      if (opt.progress && since(last_tick) > 0.2) {
+        last_tick = clock::now();
+        tick("assemble", "write", name, n_done, sum.resumed_matrices, 0, 0);
+      }
+    }
+    // The last call before the output is committed.
+    tick("assemble", "write", "finish", n_done, sum.resumed_matrices, 0, 0);
+    sum.files = writer.finish();
+    // Shards of an earlier, differently sharded output in the same directory would confuse readers.
+    if (opt.shard_size > 0) {
+      std::set<fs::path> mine(sum.files.begin(), sum.files.end());
+      std::vector<fs::path> stale;
+      for (const auto& e : fs::directory_iterator(output, ec))
+        if (is_shard_name(e.path().filename().string()) && !mine.count(e.path()))
+          stale.push_back(e.path());
+      for (const auto& p : stale) fs::remove(p, ec);
+    }
+    for (const auto& f : sum.files) sum.output_bytes += static_cast<int64_t>(fs::file_size(f));
+    // The work directory goes file by file, run.json last: a kill on the way leaves a directory
+    // that
+    // --resume still accepts (and that the next run replaces).
+    remove_work_dir(work);
+    sum.assemble_seconds = since(ta);
+    sum.total_seconds = since(t0);
+    tick("assemble", "done", "done", n_done, sum.resumed_matrices, 0, 0);
+    return sum;
+  } catch (...) {
+    // A failed run leaves its work directory only when it holds finished matrices (then the error
+    // says where, for --resume); otherwise nothing beside the output.
+    const int64_t finished = work_files(work);
+    std::string where;
+    if (finished == 0) {
+      remove_work_dir(work);
+    } else {
+      where = "; the finished work (" + std::to_string(finished) + " expert matrices, " +
+              std::to_string(dir_bytes(work)) + " bytes) stays in " + work.string() +
+              " for --resume (delete it to start over)";
+    }
+    try {
+      throw;
+    } catch (const FormatError& e) {
+      throw FormatError(e.what() + where);
+    } catch (const InvalidArgument& e) {
+      throw InvalidArgument(e.what() + where);
+    } catch (const Error& e) {
+      throw Error(e.what() + where);
     }
   }
-  // The last call before the output is committed.
-  tick("assemble", "write", "finish", n_done, sum.resumed_matrices, 0, 0);
-  sum.files = writer.finish();
-  // Shards of an earlier, differently sharded output in the same directory would confuse readers.
-  if (opt.shard_size > 0) {
-    std::set<fs::path> mine(sum.files.begin(), sum.files.end());
-    std::vector<fs::path> stale;
-    for (const auto& e : fs::directory_iterator(output, ec))
-      if (is_shard_name(e.path().filename().string()) && !mine.count(e.path()))
-        stale.push_back(e.path());
-    for (const auto& p : stale) fs::remove(p, ec);
-  }
-  for (const auto& f : sum.files) sum.output_bytes += static_cast<int64_t>(fs::file_size(f));
-  // Renamed first, so that a kill while removing never leaves a work directory without run.json
-  // (the next run removes the renamed one).
-  const fs::path doomed = work.string() + ".tmp." + std::to_string(::getpid());
-  fs::rename(work, doomed, ec);
-  fs::remove_all(ec ? work : doomed, ec);
-  sum.assemble_seconds = since(ta);
-  sum.total_seconds = since(t0);
-  tick("assemble", "done", "done", n_done, sum.resumed_matrices, 0, 0);
-  return sum;
 }
 
 }  // namespace qmoe::sw
