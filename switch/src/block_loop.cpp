@@ -342,6 +342,29 @@ class RoutedInputs {
 
 }  // namespace
 
+StoredMatrix MemoryExpertStore::load(const ExpertMatrix& m) {
+  std::lock_guard lk(mu_);
+  const Entry& e = entries_.at(m.name);
+  return {e.matrix->view(), e.matrix};
+}
+
+void MemoryExpertStore::store(const ExpertMatrix& m, const CompressedMatrix& cm,
+                              const MatrixStats& s) {
+  auto p = std::make_shared<const CompressedMatrix>(cm);
+  std::lock_guard lk(mu_);
+  entries_[m.name] = Entry{std::move(p), s};
+}
+
+const MemoryExpertStore::Entry& MemoryExpertStore::at(const std::string& name) const {
+  std::lock_guard lk(mu_);
+  return entries_.at(name);
+}
+
+size_t MemoryExpertStore::size() const {
+  std::lock_guard lk(mu_);
+  return entries_.size();
+}
+
 int64_t expert_memory_estimate(const ExpertMatrix& m, bool gptq, int64_t calib_tokens) {
   const int64_t n = m.numel();
   // Input pages + symbols (1 byte/weight) + codes (v1 at worst ~1 byte/weight) + the work file.

@@ -24,13 +24,11 @@ CheckSummary check_compressed(const fs::path& checkpoint, const fs::path& contai
   using clock = std::chrono::steady_clock;
   const auto t0 = clock::now();
   const Container c = Container::open(container, {.verify_checksums = true});
+  // The checkpoint as compress reads it: its own shards (the index's, or model.safetensors), not
+  // whatever else lies in the folder (token files, say).
   const auto src = SwitchSource::open(checkpoint);
-  (void)src;  // validates the checkpoint the same way compress does
-  std::vector<SafetensorsFile> files;
-  for (const auto& e : fs::directory_iterator(checkpoint))
-    if (e.path().extension() == ".safetensors") files.push_back(SafetensorsFile::open(e.path()));
   std::map<std::string, std::pair<const SafetensorsFile*, const TensorInfo*>> stored;
-  for (const auto& f : files)
+  for (const auto& f : src->shards())
     for (const auto& t : f.tensors()) stored[t.name] = {&f, &t};
   auto q = c.metadata().find("quantizer");
   const bool rtn = q == c.metadata().end() || q->second == "rtn";

@@ -1,39 +1,11 @@
 #include "qmoe/switch/compress_experts.h"
 
-#include <map>
-#include <mutex>
-
 #include "qmoe/format/error.h"
 #include "qmoe/switch/block_loop.h"
 
 namespace qmoe::sw {
 
 namespace {
-
-// The block loop's results kept in memory.
-class MemoryStore final : public ExpertStore {
- public:
-  struct Entry {
-    std::shared_ptr<CompressedMatrix> matrix;
-    MatrixStats stats;
-  };
-  bool has(const ExpertMatrix&) override { return false; }
-  StoredMatrix load(const ExpertMatrix& m) override {
-    std::lock_guard lk(mu_);
-    const auto& e = entries_.at(m.name);
-    return {e.matrix->view(), e.matrix};
-  }
-  void store(const ExpertMatrix& m, const CompressedMatrix& cm, const MatrixStats& s) override {
-    auto p = std::make_shared<CompressedMatrix>(cm);
-    std::lock_guard lk(mu_);
-    entries_[m.name] = Entry{std::move(p), s};
-  }
-  const Entry& at(const std::string& name) const { return entries_.at(name); }
-
- private:
-  std::mutex mu_;
-  std::map<std::string, Entry> entries_;
-};
 
 // Every expert matrix of the model's sparse blocks, in the block loop's order.
 std::vector<ExpertMatrix> expert_matrices(const SwitchModel& model) {
@@ -70,7 +42,7 @@ void compress_experts(SwitchModel& model, const TokenPairs& calib, const ExpertC
   if (!gptq_grid_is_ternary(opt.gptq.grid))
     throw InvalidArgument("compress_experts: the GPTQ grid must be ternary");
   const std::vector<ExpertMatrix> experts = expert_matrices(model);
-  MemoryStore store;
+  MemoryExpertStore store;
   LoopOptions lo;
   lo.calibration = opt.rtn ? nullptr : &calib;
   lo.calib = opt.calibration;

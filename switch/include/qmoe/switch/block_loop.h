@@ -28,7 +28,9 @@
 #include <cstdint>
 #include <filesystem>
 #include <functional>
+#include <map>
 #include <memory>
+#include <mutex>
 #include <optional>
 #include <span>
 #include <string>
@@ -101,6 +103,26 @@ class ExpertStore {
   virtual StoredMatrix load(const ExpertMatrix& m) = 0;
   // A freshly compressed matrix. Called from worker threads, concurrently.
   virtual void store(const ExpertMatrix& m, const CompressedMatrix& cm, const MatrixStats& s) = 0;
+};
+
+// Results kept in memory (qmoe eval --quantize, benchmarks, callers that install the compressed
+// experts themselves). Nothing is finished beforehand.
+class MemoryExpertStore final : public ExpertStore {
+ public:
+  struct Entry {
+    std::shared_ptr<const CompressedMatrix> matrix;
+    MatrixStats stats;
+  };
+  bool has(const ExpertMatrix&) override { return false; }
+  StoredMatrix load(const ExpertMatrix& m) override;
+  void store(const ExpertMatrix& m, const CompressedMatrix& cm, const MatrixStats& s) override;
+  // The entry of tensor `name` (std::out_of_range when it was not stored).
+  const Entry& at(const std::string& name) const;
+  size_t size() const;
+
+ private:
+  mutable std::mutex mu_;
+  std::map<std::string, Entry> entries_;
 };
 
 // Time and floating-point work of one phase of the loop. Work done on the pool's workers is counted
