@@ -1,6 +1,9 @@
 // qmoe compress: a Switch Transformers checkpoint -> a qmoe container (switch/compress.h).
 #include <unistd.h>
 
+#include <csignal>
+#include <cstring>
+
 #include <cmath>
 #include <filesystem>
 #include <fstream>
@@ -16,6 +19,9 @@
 #include "qmoe/format/matrix.h"
 #include "qmoe/switch/compress.h"
 #include "util.h"
+#if defined(QMOE_CLI_HAVE_MPI)
+#include "qmoe/mpi/mpi_comm.h"
+#endif
 
 namespace qmoe::cli {
 namespace {
@@ -156,9 +162,38 @@ void write_report(const std::string& path, const sw::CompressSummary& s, const s
   std::filesystem::rename(tmp, path);
 }
 
+// Under MPI: the block each process is in, for the line it prints when the job is stopped from
+// outside (mpirun sends SIGTERM to every process when one of them dies).
+char g_stop_line[512] = "";
+
+extern "C" void on_sigterm(int) {
+  if (g_stop_line[0]) {
+    const ssize_t n = ::write(STDERR_FILENO, g_stop_line, std::strlen(g_stop_line));
+    (void)n;
+  }
+  std::_Exit(3);
+}
+
+void set_stop_line(const std::shared_ptr<sw::Comm>& comm, const std::string& where) {
+  std::snprintf(g_stop_line, sizeof g_stop_line,
+                "qmoe: process %d of %d stopped in %s: the job was aborted (another process "
+                "failed or was killed)\n",
+                comm->rank(), comm->size(), where.c_str());
+}
+
 int run_compress(const CompressArgs& a) {
   Stopwatch clock;
+  std::shared_ptr<sw::Comm> comm;
+#if defined(QMOE_CLI_HAVE_MPI)
+  if (mpi::launched()) {
+    comm = mpi::world();
+    set_stop_line(comm, "the checks before any work");
+    std::signal(SIGTERM, on_sigterm);
+  }
+#endif
+  const bool lead = !comm || comm->rank() == 0;
   sw::CompressOptions opt;
+  opt.comm = comm;
   opt.threads = a.threads;
   opt.max_memory = parse_bytes(a.max_memory);
   opt.shard_size = parse_bytes(a.shard_size);
@@ -181,13 +216,17 @@ int run_compress(const CompressArgs& a) {
     opt.calib_tokens = a.calib_tokens;
     opt.sequential = !a.calib_independent;
   }
-  const bool bar = a.progress || ::isatty(STDERR_FILENO);
-  if (bar) opt.progress = draw_bar;
-  opt.note = [bar](const std::string& s) {
-    if (bar) std::fprintf(stderr, "\r\033[K");
-    std::printf("note: %s\n", s.c_str());
-    std::fflush(stdout);
+  const bool bar = lead && (a.progress || ::isatty(STDERR_FILENO));
+  opt.progress = [bar, comm](const sw::CompressProgress& p) {
+    if (comm) set_stop_line(comm, p.current.empty() ? p.phase : p.current);
+    if (bar) draw_bar(p);
   };
+  if (lead)
+    opt.note = [bar](const std::string& s) {
+      if (bar) std::fprintf(stderr, "\r\033[K");
+      std::printf("note: %s\n", s.c_str());
+      std::fflush(stdout);
+    };
 
   opt.planned = [&](const sw::CompressPlan& plan) {
     std::printf("checkpoint %s: %zu expert matrices, %lld other tensors, %s\n",
@@ -213,8 +252,14 @@ int run_compress(const CompressArgs& a) {
     std::fflush(stdout);
   };
 
+  if (comm && lead)
+    std::printf(
+        "processes: %s; each runs its share of the calibration pairs and the experts it "
+        "owns\n",
+        comm->describe().c_str());
   const sw::CompressSummary s = sw::compress_checkpoint(a.checkpoint, a.output, opt);
   if (bar) std::fprintf(stderr, "\n");
+  if (!lead) return 0;
 
   const double experts = static_cast<double>(s.expert_matrices) / 2.0;
   const double fresh = static_cast<double>(s.expert_matrices - s.resumed_matrices) / 2.0;

@@ -1,4 +1,5 @@
 #include <algorithm>
+#include <csignal>
 #include <cstdio>
 #include <exception>
 #include <functional>
@@ -11,6 +12,9 @@
 #include "qmoe/decoder_cpu/matmul.h"
 #include "qmoe/format/error.h"
 #include "qmoe/gptq/hessian.h"
+#if defined(QMOE_CLI_HAVE_MPI)
+#include "qmoe/mpi/mpi_comm.h"
+#endif
 
 namespace qmoe::cli {
 std::vector<Command>& registry() {
@@ -71,14 +75,27 @@ int main(int argc, char** argv) {
   } catch (const CLI::ParseError& e) {
     return app.exit(e);
   }
+  // Under MPI, a failing process says which one it is and stops the whole job: the others may be
+  // waiting for it in a collective.
+  auto fail = [](const char* what) {
+#if defined(QMOE_CLI_HAVE_MPI)
+    if (qmoe::mpi::launched() && qmoe::mpi::started()) {
+      std::signal(SIGTERM, SIG_DFL);  // this process reports its own error, nothing more
+      const auto w = qmoe::mpi::world();
+      std::fprintf(stderr, "qmoe: error (process %d of %d): %s\n", w->rank(), w->size(), what);
+      std::fflush(stderr);
+      qmoe::mpi::abort_all(2);
+    }
+#endif
+    std::fprintf(stderr, "qmoe: error: %s\n", what);
+    return 2;
+  };
   try {
     for (auto* sub : app.get_subcommands()) return runners.at(sub)();
   } catch (const qmoe::Error& e) {
-    std::fprintf(stderr, "qmoe: error: %s\n", e.what());
-    return 2;
+    return fail(e.what());
   } catch (const std::exception& e) {
-    std::fprintf(stderr, "qmoe: error: %s\n", e.what());
-    return 2;
+    return fail(e.what());
   }
   return 0;
 }

@@ -21,11 +21,13 @@
 #include <thread>
 
 #include <omp.h>
+#include <nlohmann/json.hpp>
 
 #include "qmoe/encoder/encode.h"
 #include "qmoe/format/error.h"
 #include "qmoe/gptq/gptq.h"
 #include "qmoe/gptq/hessian.h"
+#include "qmoe/switch/comm.h"
 #include "qmoe/switch/forward.h"
 
 namespace qmoe::sw {
@@ -220,64 +222,188 @@ int64_t current_rss_bytes() {
   return rss * ::sysconf(_SC_PAGESIZE);
 }
 
-// The counted inputs of a block's experts (at most `cap` rows each, the rows the Hessians use),
-// gathered once per block: in memory, or written to an unlinked scratch file and read back by each
-// job when they would take more than half of what the memory cap leaves. The forward pass is never
-// run again for a group of experts.
-class RoutedInputs {
+// Byte buffers of the exchange.
+void put_bytes(std::vector<std::byte>& out, const void* p, size_t n) {
+  const auto* b = static_cast<const std::byte*>(p);
+  out.insert(out.end(), b, b + n);
+}
+
+// Reads from a received buffer, in the order put_bytes() wrote.
+struct Reader {
+  const std::vector<std::byte>& buf;
+  size_t at = 0;
+  void get(void* p, size_t n) {
+    if (at + n > buf.size()) throw Error("compress: a message between processes is truncated");
+    std::memcpy(p, buf.data() + at, n);
+    at += n;
+  }
+};
+
+// The kept tokens of every expert this process owns in one sparse block, from every process: their
+// layer-normed inputs in the global token order (process 0's tokens first, each process's in row
+// order), and which of them count for Hessians. Exchanged once per block in rounds of experts of
+// bounded size, kept in memory or, when they would take more than half of what the memory cap
+// leaves, in an unlinked scratch file read back per expert. The forward pass never runs twice.
+class ExpertTokens {
  public:
-  RoutedInputs() = default;
-  RoutedInputs(const RoutedInputs&) = delete;
-  RoutedInputs& operator=(const RoutedInputs&) = delete;
-  ~RoutedInputs() {
-    if (fd_ >= 0) ::close(fd_);
-  }
+  ExpertTokens() = default;
+  ExpertTokens(const ExpertTokens&) = delete;
+  ExpertTokens& operator=(const ExpertTokens&) = delete;
+  ~ExpertTokens() { release(); }
 
-  // Rows each needed expert will have (to size the decision before gathering).
-  static int64_t bytes(const SequentialRunner& run, int64_t cap, const std::vector<char>& need) {
-    int64_t b = 0;
-    for (size_t e = 0; e < need.size(); ++e)
-      if (need[e]) {
-        int64_t n = static_cast<int64_t>(run.counted_tokens(static_cast<int64_t>(e)).size());
-        if (cap > 0) n = std::min(n, cap);
-        b += n * run.ff_input().cols() * static_cast<int64_t>(sizeof(float));
-      }
-    return b;
-  }
-
-  void gather(const SequentialRunner& run, int64_t cap, const std::vector<char>& need, bool spill,
-              const std::filesystem::path& dir) {
+  // Collective. `round_bytes`: most bytes of rows moved in one round.
+  void gather(const SequentialRunner& run, const Partition& part, int64_t block_index, Comm& comm,
+              int64_t room, const std::filesystem::path& dir, int64_t round_bytes) {
     const RowMatrix& x = run.ff_input();
-    const int64_t d = x.cols();
-    rows_.assign(need.size(), 0);
-    offset_.assign(need.size(), 0);
-    mem_.assign(need.size(), RowMatrix());
-    spilled_ = spill;
-    if (spill) open_scratch(dir);
-    std::vector<float> buf;
-    int64_t at = 0;
-    for (size_t e = 0; e < need.size(); ++e) {
-      if (!need[e]) continue;
-      const auto toks = run.counted_tokens(static_cast<int64_t>(e));
-      int64_t n = static_cast<int64_t>(toks.size());
-      if (cap > 0) n = std::min(n, cap);
-      rows_[e] = n;
-      if (!spill) {
-        mem_[e].resize(n, d);
-        for (int64_t i = 0; i < n; ++i) mem_[e].row(i) = x.row(toks[static_cast<size_t>(i)]);
-        continue;
-      }
-      offset_[e] = at;
-      buf.resize(static_cast<size_t>(n * d));
-      for (int64_t i = 0; i < n; ++i)
-        std::copy_n(x.row(toks[static_cast<size_t>(i)]).data(), d, buf.data() + i * d);
-      write_all(buf.data(), static_cast<int64_t>(buf.size() * sizeof(float)), at);
-      at += static_cast<int64_t>(buf.size() * sizeof(float));
+    d_ = x.cols();
+    const int64_t E = run.num_experts();
+    const int R = comm.size(), me = comm.rank();
+    // Every process's kept count per expert.
+    std::string mine(static_cast<size_t>(E) * sizeof(int64_t), '\0');
+    for (int64_t e = 0; e < E; ++e) {
+      const int64_t n =
+          static_cast<int64_t>(run.routing().tokens_of[static_cast<size_t>(e)].size());
+      std::memcpy(mine.data() + e * sizeof(int64_t), &n, sizeof n);
     }
+    const std::vector<std::string> all = comm.allgather(mine);
+    counts_.assign(static_cast<size_t>(R), std::vector<int64_t>(static_cast<size_t>(E)));
+    for (int r = 0; r < R; ++r)
+      std::memcpy(counts_[static_cast<size_t>(r)].data(), all[static_cast<size_t>(r)].data(),
+                  static_cast<size_t>(E) * sizeof(int64_t));
+    owned_.assign(static_cast<size_t>(E), 0);
+    rows_.assign(static_cast<size_t>(E), 0);
+    counted_.assign(static_cast<size_t>(E), {});
+    mem_.assign(static_cast<size_t>(E), RowMatrix());
+    offset_.assign(static_cast<size_t>(E), 0);
+    int64_t total = 0;
+    for (int64_t e = 0; e < E; ++e) {
+      if (part.owner(block_index, e) != me) continue;
+      owned_[static_cast<size_t>(e)] = 1;
+      for (int r = 0; r < R; ++r)
+        rows_[static_cast<size_t>(e)] += counts_[static_cast<size_t>(r)][static_cast<size_t>(e)];
+      total += rows_[static_cast<size_t>(e)] * d_ * static_cast<int64_t>(sizeof(float));
+    }
+    spilled_ = total > room / 2;
+    std::exception_ptr open_failed;
+    if (spilled_) {
+      try {
+        open_scratch(dir);
+      } catch (...) {
+        open_failed = std::current_exception();
+      }
+    }
+    int64_t file_at = 0;
+    for (int64_t e = 0; e < E; ++e) {
+      if (!owned_[static_cast<size_t>(e)]) continue;
+      counted_[static_cast<size_t>(e)].reserve(static_cast<size_t>(rows_[static_cast<size_t>(e)]));
+      if (spilled_) {
+        offset_[static_cast<size_t>(e)] = file_at;
+        file_at += rows_[static_cast<size_t>(e)] * d_ * static_cast<int64_t>(sizeof(float));
+      } else {
+        mem_[static_cast<size_t>(e)].resize(rows_[static_cast<size_t>(e)], d_);
+      }
+    }
+    // Rounds of consecutive experts, the same on every process (from the global counts).
+    std::vector<int64_t> filled(static_cast<size_t>(E), 0);
+    std::exception_ptr failed = open_failed;
+    for (int64_t e0 = 0; e0 < E;) {
+      int64_t e1 = e0, bytes = 0;
+      do {
+        int64_t all_rows = 0;
+        for (int r = 0; r < R; ++r)
+          all_rows += counts_[static_cast<size_t>(r)][static_cast<size_t>(e1)];
+        bytes += all_rows * d_ * static_cast<int64_t>(sizeof(float));
+        ++e1;
+      } while (e1 < E && bytes < round_bytes);
+      std::vector<std::vector<std::byte>> send(static_cast<size_t>(R));
+      for (int64_t e = e0; e < e1; ++e) {
+        const auto& toks = run.routing().tokens_of[static_cast<size_t>(e)];
+        auto& out = send[static_cast<size_t>(part.owner(block_index, e))];
+        for (int64_t t : toks) {
+          const uint8_t c = run.counts(t) ? 1 : 0;
+          put_bytes(out, &c, 1);
+        }
+        for (int64_t t : toks)
+          put_bytes(out, x.row(t).data(), static_cast<size_t>(d_) * sizeof(float));
+      }
+      const auto recv = comm.exchange(std::move(send));
+      std::vector<float> tmp;
+      for (int r = 0; r < R; ++r) {
+        Reader in{recv[static_cast<size_t>(r)]};
+        for (int64_t e = e0; e < e1; ++e) {
+          if (!owned_[static_cast<size_t>(e)]) continue;
+          const int64_t n = counts_[static_cast<size_t>(r)][static_cast<size_t>(e)];
+          auto& flags = counted_[static_cast<size_t>(e)];
+          for (int64_t i = 0; i < n; ++i) {
+            uint8_t c = 0;
+            in.get(&c, 1);
+            flags.push_back(c);
+          }
+          const int64_t at = filled[static_cast<size_t>(e)];
+          const size_t nb = static_cast<size_t>(n * d_) * sizeof(float);
+          if (spilled_) {
+            tmp.resize(static_cast<size_t>(n * d_));
+            in.get(tmp.data(), nb);
+            // A failed write is reported after the last round (every process takes part in all).
+            try {
+              if (!failed)
+                write_all(tmp.data(), static_cast<int64_t>(nb),
+                          offset_[static_cast<size_t>(e)] +
+                              at * d_ * static_cast<int64_t>(sizeof(float)));
+            } catch (...) {
+              failed = std::current_exception();
+            }
+          } else if (n > 0) {
+            in.get(mem_[static_cast<size_t>(e)].row(at).data(), nb);
+          }
+          filled[static_cast<size_t>(e)] += n;
+        }
+      }
+      e0 = e1;
+    }
+    if (failed) std::rethrow_exception(failed);
   }
 
   bool spilled() const { return spilled_; }
+  bool owns(int64_t e) const { return owned_[static_cast<size_t>(e)] != 0; }
   int64_t rows(int64_t e) const { return rows_[static_cast<size_t>(e)]; }
+  // Of expert e's rows, the ones each process sent (in rank order).
+  int64_t rows_from(int rank, int64_t e) const {
+    return counts_[static_cast<size_t>(rank)][static_cast<size_t>(e)];
+  }
+  // Rows whose tokens count for Hessians, at most `cap` (0: all).
+  int64_t counted_rows(int64_t e, int64_t cap) const {
+    int64_t n = 0;
+    for (uint8_t c : counted_[static_cast<size_t>(e)]) n += c;
+    return cap > 0 ? std::min(n, cap) : n;
+  }
+
+  // Expert e's rows (rows(e) x d floats): in memory, or read back into `buf`.
+  const float* all(int64_t e, std::vector<float>& buf) const {
+    if (!spilled_) return mem_[static_cast<size_t>(e)].data();
+    const int64_t n = rows(e);
+    buf.resize(static_cast<size_t>(n * d_));
+    read_all(buf.data(), n * d_ * static_cast<int64_t>(sizeof(float)),
+             offset_[static_cast<size_t>(e)]);
+    return buf.data();
+  }
+  // The first min(cap, counted) counted rows of expert e, in order: a prefix of all() when no
+  // token before them is excluded, else compacted into `buf`. `n` receives their number.
+  const float* counted(int64_t e, int64_t cap, std::vector<float>& buf, int64_t& n) const {
+    const auto& flags = counted_[static_cast<size_t>(e)];
+    n = counted_rows(e, cap);
+    int64_t prefix = 0;
+    while (prefix < static_cast<int64_t>(flags.size()) && flags[static_cast<size_t>(prefix)])
+      ++prefix;
+    if (prefix >= n) return all(e, buf);
+    std::vector<float> whole;
+    const float* src = all(e, whole);
+    buf.resize(static_cast<size_t>(n * d_));
+    int64_t k = 0;
+    for (size_t i = 0; i < flags.size() && k < n; ++i)
+      if (flags[i]) std::copy_n(src + static_cast<int64_t>(i) * d_, d_, buf.data() + (k++) * d_);
+    return buf.data();
+  }
 
   // Frees the memory and the scratch file.
   void release() {
@@ -286,28 +412,12 @@ class RoutedInputs {
     fd_ = -1;
   }
 
-  // Expert e's rows (rows(e) x d floats): in memory, or read back into `buf`.
-  const float* get(int64_t e, int64_t d, std::vector<float>& buf) const {
-    if (!spilled_) return mem_[static_cast<size_t>(e)].data();
-    const int64_t n = rows(e);
-    buf.resize(static_cast<size_t>(n * d));
-    const int64_t want = n * d * static_cast<int64_t>(sizeof(float));
-    int64_t done = 0;
-    auto* p = reinterpret_cast<char*>(buf.data());
-    while (done < want) {
-      const ssize_t r = ::pread(fd_, p + done, static_cast<size_t>(want - done),
-                                offset_[static_cast<size_t>(e)] + done);
-      if (r < 0 && errno == EINTR) continue;
-      if (r <= 0)
-        throw Error("compress: cannot read back the spilled expert inputs: " +
-                    std::string(r < 0 ? std::strerror(errno) : "short read"));
-      done += r;
-    }
-    return buf.data();
-  }
-
  private:
+  int64_t d_ = 0;
+  std::vector<std::vector<int64_t>> counts_;  // [rank][expert] kept tokens
+  std::vector<char> owned_;
   std::vector<int64_t> rows_, offset_;
+  std::vector<std::vector<uint8_t>> counted_;
   std::vector<RowMatrix> mem_;
   bool spilled_ = false;
   int fd_ = -1;
@@ -338,9 +448,142 @@ class RoutedInputs {
       done += w;
     }
   }
+
+  void read_all(float* data, int64_t bytes, int64_t at) const {
+    auto* p = reinterpret_cast<char*>(data);
+    int64_t done = 0;
+    while (done < bytes) {
+      const ssize_t r = ::pread(fd_, p + done, static_cast<size_t>(bytes - done), at + done);
+      if (r < 0 && errno == EINTR) continue;
+      if (r <= 0)
+        throw Error("compress: cannot read back the spilled expert inputs: " +
+                    std::string(r < 0 ? std::strerror(errno) : "short read"));
+      done += r;
+    }
+  }
 };
 
+// The owners' expert outputs back to the processes of the tokens: y receives, for every local
+// token routed to an expert, its expert's output. Collective; the same rounds of experts as the
+// gather (outputs[e] holds rows(e) x d floats for every owned expert e, empty otherwise).
+void outputs_to_tokens(const SequentialRunner& run, const ExpertTokens& tokens,
+                       const Partition& part, int64_t block_index, Comm& comm,
+                       const std::function<void(int64_t e, RowMatrix& out)>& compute,
+                       int64_t round_bytes, RowMatrix& y) {
+  const int64_t E = run.num_experts();
+  const int R = comm.size(), me = comm.rank();
+  const int64_t d = run.ff_input().cols();
+  y.resize(run.ff_input().rows(), d);
+  std::exception_ptr failed;
+  for (int64_t e0 = 0; e0 < E;) {
+    int64_t e1 = e0, bytes = 0;
+    do {
+      int64_t all_rows = 0;
+      for (int r = 0; r < R; ++r) all_rows += tokens.rows_from(r, e1);
+      bytes += all_rows * d * static_cast<int64_t>(sizeof(float));
+      ++e1;
+    } while (e1 < E && bytes < round_bytes);
+    std::vector<std::vector<std::byte>> send(static_cast<size_t>(R));
+    RowMatrix out;
+    for (int64_t e = e0; e < e1; ++e) {
+      if (part.owner(block_index, e) != me || tokens.rows(e) == 0) continue;
+      // A failure still sends rows of the right size, so that every process gets through the
+      // exchange; the caller then stops them all together.
+      try {
+        if (!failed) compute(e, out);
+      } catch (...) {
+        failed = std::current_exception();
+      }
+      if (failed) out.setZero(tokens.rows(e), d);
+      int64_t row = 0;
+      for (int r = 0; r < R; ++r) {
+        const int64_t n = tokens.rows_from(r, e);
+        if (n > 0)
+          put_bytes(send[static_cast<size_t>(r)], out.data() + row * d,
+                    static_cast<size_t>(n * d) * sizeof(float));
+        row += n;
+      }
+    }
+    const auto recv = comm.exchange(std::move(send));
+    for (int r = 0; r < R; ++r) {
+      Reader in{recv[static_cast<size_t>(r)]};
+      for (int64_t e = e0; e < e1; ++e) {
+        if (part.owner(block_index, e) != r) continue;
+        for (int64_t t : run.routing().tokens_of[static_cast<size_t>(e)])
+          in.get(y.row(t).data(), static_cast<size_t>(d) * sizeof(float));
+      }
+    }
+    e0 = e1;
+  }
+  if (failed) std::rethrow_exception(failed);
+}
+
 }  // namespace
+
+std::vector<LoopReport> gather_reports(Comm& comm, const LoopReport& mine) {
+  auto phase = [](const PhaseStats& p) {
+    return nlohmann::json{p.seconds, p.cpu_seconds, p.flops, p.thread_seconds};
+  };
+  const nlohmann::json j = {
+      phase(mine.load),   phase(mine.forward), phase(mine.hessians), phase(mine.gptq),
+      phase(mine.encode), phase(mine.write),   mine.blocks,          mine.matrices,
+      mine.resumed,       mine.forward_tokens, mine.hessian_tokens,  mine.threads,
+      mine.memory_budget, mine.spilled_blocks, mine.peak_in_flight,  mine.seconds};
+  std::vector<LoopReport> out;
+  for (const std::string& text : comm.allgather(j.dump())) {
+    const nlohmann::json v = nlohmann::json::parse(text);
+    LoopReport r;
+    PhaseStats* phases[] = {&r.load, &r.forward, &r.hessians, &r.gptq, &r.encode, &r.write};
+    for (size_t i = 0; i < 6; ++i) {
+      phases[i]->seconds = v[i][0];
+      phases[i]->cpu_seconds = v[i][1];
+      phases[i]->flops = v[i][2];
+      phases[i]->thread_seconds = v[i][3];
+    }
+    r.blocks = v[6];
+    r.matrices = v[7];
+    r.resumed = v[8];
+    r.forward_tokens = v[9];
+    r.hessian_tokens = v[10];
+    r.threads = v[11];
+    r.memory_budget = v[12];
+    r.spilled_blocks = v[13];
+    r.peak_in_flight = v[14];
+    r.seconds = v[15];
+    out.push_back(r);
+  }
+  return out;
+}
+
+LoopReport combine(std::span<const LoopReport> reports) {
+  LoopReport c;
+  for (const LoopReport& r : reports) {
+    const std::pair<PhaseStats*, const PhaseStats*> phases[] = {
+        {&c.load, &r.load}, {&c.forward, &r.forward}, {&c.hessians, &r.hessians},
+        {&c.gptq, &r.gptq}, {&c.encode, &r.encode},   {&c.write, &r.write}};
+    for (auto [to, from] : phases) {
+      // Thread-seconds add up; wall seconds of the processes' own threads overlap.
+      to->seconds =
+          from->thread_seconds ? to->seconds + from->seconds : std::max(to->seconds, from->seconds);
+      to->cpu_seconds += from->cpu_seconds;
+      to->flops += from->flops;
+      to->thread_seconds = from->thread_seconds;
+    }
+    c.blocks = std::max(c.blocks, r.blocks);
+    c.matrices += r.matrices;
+    c.resumed += r.resumed;
+    c.forward_tokens += r.forward_tokens;
+    c.hessian_tokens += r.hessian_tokens;
+    c.threads += r.threads;
+    if (r.memory_budget > 0)
+      c.memory_budget =
+          c.memory_budget > 0 ? std::min(c.memory_budget, r.memory_budget) : r.memory_budget;
+    c.spilled_blocks += r.spilled_blocks;
+    c.peak_in_flight = std::max(c.peak_in_flight, r.peak_in_flight);
+    c.seconds = std::max(c.seconds, r.seconds);
+  }
+  return c;
+}
 
 StoredMatrix MemoryExpertStore::load(const ExpertMatrix& m) {
   std::lock_guard lk(mu_);
@@ -393,6 +636,15 @@ LoopReport run_block_loop(const std::shared_ptr<const SwitchSource>& source,
   const bool gptq = opt.hessians || opt.calibration;
   const int threads = opt.threads > 0 ? opt.threads : omp_get_max_threads();
   const std::vector<BlockWork> blocks = group_by_block(experts);
+  Comm& comm = opt.comm ? *opt.comm : *local_comm();
+  const int me = comm.rank();
+  Partition part;
+  part.ranks = comm.size();
+  part.pairs = opt.calibration ? opt.calibration->num_pairs() : 0;
+  const int64_t enc_blocks_total = src.layout().encoder.num_blocks;
+  auto block_index = [&](Stack s, int64_t b) {
+    return s == Stack::kEncoder ? b : enc_blocks_total + b;
+  };
 
   LoopReport rep;
   rep.threads = threads;
@@ -400,26 +652,36 @@ LoopReport run_block_loop(const std::shared_ptr<const SwitchSource>& source,
   acc.report = &rep;
   Pool pool(threads);
 
-  // What is finished already.
-  std::vector<char> have(experts.size(), 0);
-  for (size_t i = 0; i < experts.size(); ++i) have[i] = store.has(experts[i]) ? 1 : 0;
-  for (char h : have) rep.resumed += h;
+  // This process's matrices (its experts), and which of them are finished already.
+  std::vector<char> mine(experts.size(), 0), have(experts.size(), 0);
+  int64_t owned_total = 0;
+  for (size_t i = 0; i < experts.size(); ++i) {
+    const Stack s = experts[i].stack == "decoder" ? Stack::kDecoder : Stack::kEncoder;
+    mine[i] = part.owner(block_index(s, experts[i].block), experts[i].expert) == me ? 1 : 0;
+    if (!mine[i]) continue;
+    ++owned_total;
+    have[i] = store.has(experts[i]) ? 1 : 0;
+    rep.resumed += have[i];
+  }
   std::atomic<int64_t> finished{0};
 
-  // Calibration: the model without its blocks, and the runner over the pairs.
+  // Calibration: the model without its blocks, and the runner over this process's pairs.
   std::optional<SwitchModel> shell;
   std::unique_ptr<SequentialRunner> run;
   SeqOffsets enc_seqs, dec_seqs;
-  int64_t total_tokens = 0;
+  int64_t total_tokens = 0, enc_tokens_all = 0, dec_tokens_all = 0;
   if (opt.calibration) {
     if (src.is_container())
       throw FormatError(error_context(
           src.path().string(), "", "calibration needs the original checkpoint, not a container"));
     // The runner holds a reference to the model: it must not move after this.
     shell.emplace(SwitchModel::shell(source));
-    run = std::make_unique<SequentialRunner>(*shell, *opt.calibration, opt.calib);
-    enc_seqs = encoder_seqs(*opt.calibration);
-    dec_seqs = decoder_seqs(*opt.calibration);
+    const TokenPairs local = opt.calibration->slice(part.pair_begin(me), part.pair_end(me));
+    run = std::make_unique<SequentialRunner>(*shell, local, opt.calib);
+    enc_seqs = encoder_seqs(local);
+    dec_seqs = decoder_seqs(local);
+    enc_tokens_all = static_cast<int64_t>(opt.calibration->encoder_ids.size());
+    dec_tokens_all = static_cast<int64_t>(opt.calibration->decoder_targets.size());
     // Every block up to the last one with expert matrices.
     if (!blocks.empty()) {
       const BlockWork& last = blocks.back();
@@ -430,6 +692,8 @@ LoopReport run_block_loop(const std::shared_ptr<const SwitchSource>& source,
       total_tokens = enc_blocks * enc_seqs.num_tokens() + dec_blocks * dec_seqs.num_tokens();
     }
   }
+  // Most bytes of expert inputs moved in one round of the exchange.
+  const int64_t round_bytes = int64_t{64} << 20;
 
   auto tick = [&](const std::string& phase, const std::string& block) {
     if (!opt.progress) return;
@@ -437,7 +701,7 @@ LoopReport run_block_loop(const std::shared_ptr<const SwitchSource>& source,
     p.phase = phase;
     p.block = block;
     p.done = rep.resumed + finished.load();
-    p.total = static_cast<int64_t>(experts.size());
+    p.total = owned_total;
     p.resumed = rep.resumed;
     p.tokens = rep.forward_tokens;
     p.total_tokens = total_tokens;
@@ -445,8 +709,7 @@ LoopReport run_block_loop(const std::shared_ptr<const SwitchSource>& source,
     opt.progress(p);
   };
 
-  // Moves the runner through block (s, b) without expert work: attention and a dense or original
-  // sparse feed-forward layer.
+  // Moves the runner through block (s, b) up to its feed-forward layer's routing.
   auto forward_block = [&](Stack s, int64_t b, const BlockWork* work) {
     const auto t0 = Clock::now();
     const double c0 = process_cpu();
@@ -465,6 +728,7 @@ LoopReport run_block_loop(const std::shared_ptr<const SwitchSource>& source,
 
   for (const BlockWork& bw : blocks) {
     const std::string key = block_key(bw.stack, bw.block);
+    const int64_t bi = block_index(bw.stack, bw.block);
     // Calibration: run the blocks before this one (dense ones, or sparse ones without work here).
     if (run) {
       while (!run->done() && (run->stack() != bw.stack || run->block() < bw.block)) {
@@ -484,58 +748,57 @@ LoopReport run_block_loop(const std::shared_ptr<const SwitchSource>& source,
       if (run->done() || run->stack() != bw.stack || run->block() != bw.block)
         throw InvalidArgument("compress: " + key + " is behind the calibration runner");
       tick("forward", key);
-      forward_block(bw.stack, bw.block, &bw);
-      if (!run->sparse())
-        throw FormatError(
-            error_context(src.path().string(), "", key + " has experts but no router"));
+      std::exception_ptr err;
+      try {
+        forward_block(bw.stack, bw.block, &bw);
+        if (!run->sparse())
+          throw FormatError(
+              error_context(src.path().string(), "", key + " has experts but no router"));
+      } catch (...) {
+        err = std::current_exception();
+      }
+      agree(comm, err, key);
     }
     ++rep.blocks;
 
-    // Gather each expert's counted inputs once, and QMoE's per-expert token cap.
-    // The block's matrices still to do.
+    // This process's matrices of the block still to do.
     std::vector<size_t> todo;
     for (size_t i : bw.matrices)
-      if (!have[i]) todo.push_back(i);
+      if (mine[i] && !have[i]) todo.push_back(i);
 
-    // Gather each expert's counted inputs once (only experts with work left), and QMoE's
-    // per-expert token cap.
-    RoutedInputs routed;
+    // Each owned expert's kept tokens from every process, once; QMoE's per-expert token cap over
+    // the stack's tokens of all processes.
+    ExpertTokens tokens;
     int64_t cap = 0;
     if (run) {
       const auto t0 = Clock::now();
       const double c0 = process_cpu();
-      const int64_t total = run->stack_tokens();
+      const int64_t total = bw.stack == Stack::kEncoder ? enc_tokens_all : dec_tokens_all;
       cap = opt.token_cap_multiplier > 0 && total > 0
                 ? expert_token_cap(total, run->num_experts(), opt.token_cap_multiplier)
                 : 0;
-      std::vector<char> need(static_cast<size_t>(run->num_experts()), 0);
-      for (size_t i : todo) need[static_cast<size_t>(experts[i].expert)] = 1;
       const int64_t room = opt.max_memory > 0 ? opt.max_memory - current_rss_bytes() - kReserve
                                               : std::numeric_limits<int64_t>::max();
-      const bool spill = RoutedInputs::bytes(*run, cap, need) > room / 2;
-      routed.gather(*run, cap, need, spill, opt.scratch_dir);
-      rep.spilled_blocks += spill ? 1 : 0;
+      tokens.gather(*run, part, bi, comm, room, opt.scratch_dir, round_bytes);
+      rep.spilled_blocks += tokens.spilled() ? 1 : 0;
       acc.add(&LoopReport::hessians, since(t0) * threads, (process_cpu() - c0), 0);
     }
 
     // Memory estimates, and the budget: what the cap leaves now (the calibration state and the
-    // routed inputs are resident already).
+    // expert inputs are resident already).
     std::vector<int64_t> estimate(todo.size());
     for (size_t j = 0; j < todo.size(); ++j) {
       const ExpertMatrix& m = experts[todo[j]];
-      const int64_t n = run ? routed.rows(m.expert) : 0;
-      estimate[j] = expert_memory_estimate(m, gptq, n) + (routed.spilled() ? n * m.cols * 4 : 0);
+      const int64_t n = run ? tokens.counted_rows(m.expert, cap) : 0;
+      estimate[j] = expert_memory_estimate(m, gptq, n) +
+                    (run && tokens.spilled() ? tokens.rows(m.expert) * m.cols * 4 : 0);
     }
     int64_t budget = std::numeric_limits<int64_t>::max();
     if (opt.max_memory > 0) {
       budget = std::max<int64_t>(opt.max_memory - current_rss_bytes() - kReserve, 1);
       rep.memory_budget = rep.memory_budget > 0 ? std::min(rep.memory_budget, budget) : budget;
     }
-    if (!todo.empty()) {
-      const auto& first = experts[todo.front()];
-      const SwitchSource::Stored st = src.stored(first.name);
-      prefetch_pages(st.bytes);
-    }
+    if (!todo.empty()) prefetch_pages(src.stored(experts[todo.front()].name).bytes);
 
     auto job = [&](size_t j, int inside) {
       const ExpertMatrix& m = experts[todo[j]];
@@ -563,34 +826,32 @@ LoopReport run_block_loop(const std::shared_ptr<const SwitchSource>& source,
           t0 = Clock::now();
           c0 = thread_cpu();
           std::vector<float> h;
-          int64_t tokens = 0;
+          int64_t tokens_used = 0;
           double hflops = 0;
           if (opt.hessians) {
-            h = opt.hessians->hessian(m, tokens);
+            h = opt.hessians->hessian(m, tokens_used);
           } else {
-            thread_local std::vector<float> readback;
+            // The counted tokens (at most the cap), in the global order.
+            thread_local std::vector<float> buf;
             const int64_t d_in = src.config().d_model;
-            const int64_t xn = routed.rows(m.expert);
-            const float* xp = routed.get(m.expert, d_in, readback);
-            const Eigen::Map<const RowMatrix> x(xp, xn, d_in);
+            int64_t xn = 0;
+            const float* xp = tokens.counted(m.expert, cap, buf, xn);
             HessianAccumulator a(m.cols, cap);
             if (m.which == "wi") {
-              a.add(x.data(), x.rows(), 0, inside);
+              a.add(xp, xn, d_in, inside);
             } else {
-              // wo's inputs: ReLU(wi x) with the original wi, for every counted token.
+              // wo's inputs: ReLU(wi x) with the original wi.
               const std::string wi_name = SwitchNames::expert(m.stack, m.block, m.expert, "wi");
-              // Only the tokens the cap keeps: a row's product does not depend on the others.
               const FloatTensor wi = src.dense(wi_name, {m.cols, m.rows});
-              const int64_t use = cap > 0 ? std::min<int64_t>(x.rows(), cap) : x.rows();
-              RowMatrix hidden(use, m.cols);
-              linear_forward(Eigen::Map<const RowMatrix>(wi.data, m.cols, m.rows), x.data(), use,
+              RowMatrix hidden(xn, m.cols);
+              linear_forward(Eigen::Map<const RowMatrix>(wi.data, m.cols, m.rows), xp, xn,
                              hidden.data(), /*relu=*/true);
-              hflops += 2.0 * static_cast<double>(use) * static_cast<double>(m.rows) *
+              hflops += 2.0 * static_cast<double>(xn) * static_cast<double>(m.rows) *
                         static_cast<double>(m.cols);
               a.add(hidden.data(), hidden.rows(), 0, inside);
             }
-            tokens = a.tokens();
-            hflops += hessian_flops(m.cols, tokens);
+            tokens_used = a.tokens();
+            hflops += hessian_flops(m.cols, tokens_used);
             h = a.hessian();
           }
           acc.add(&LoopReport::hessians, since(t0), thread_cpu() - c0, hflops);
@@ -613,11 +874,11 @@ LoopReport run_block_loop(const std::shared_ptr<const SwitchSource>& source,
           stats.zero_fraction = r.ternary.zero_fraction();
           stats.loss = r.loss;
           stats.output_loss = r.output_loss;
-          stats.tokens = tokens;
+          stats.tokens = tokens_used;
           stats.fallback = r.status != GptqStatus::kOk;
           {
             std::lock_guard lk(acc.mu);
-            rep.hessian_tokens += tokens;
+            rep.hessian_tokens += tokens_used;
           }
         }
       } catch (const FormatError&) {
@@ -631,21 +892,26 @@ LoopReport run_block_loop(const std::shared_ptr<const SwitchSource>& source,
       acc.add(&LoopReport::write, since(t0), thread_cpu() - c0, 0);
       finished.fetch_add(1);
     };
-    pool.run(todo.size(), estimate, budget, job, [&] { tick("experts", key); });
+    std::exception_ptr failed;
+    try {
+      pool.run(todo.size(), estimate, budget, job, [&] { tick("experts", key); });
+    } catch (...) {
+      failed = std::current_exception();
+    }
+    // Every process stops here if one failed (its error reported by it alone).
+    agree(comm, failed, key);
     {
       std::lock_guard lk(acc.mu);
       rep.matrices += static_cast<int64_t>(todo.size());
     }
-    routed.release();
 
     if (run) {
-      // Recompute the block's output with its compressed experts (sequential) or its originals.
+      // The block's output for every kept token, from its expert's owner: the compressed expert
+      // (sequential) or the original.
       const auto t0 = Clock::now();
       const double c0 = process_cpu();
       const SwitchConfig& c = src.config();
-      const int64_t E = run->num_experts();
-      std::vector<std::shared_ptr<const ExpertMlp>> mlps(static_cast<size_t>(E));
-      for (int64_t e = 0; e < E; ++e) {
+      auto compute = [&](int64_t e, RowMatrix& out) {
         const ExpertMatrix* wi = nullptr;
         const ExpertMatrix* wo = nullptr;
         for (size_t i : bw.matrices)
@@ -653,23 +919,39 @@ LoopReport run_block_loop(const std::shared_ptr<const SwitchSource>& source,
         if (!wi || !wo)
           throw InvalidArgument("compress: " + key + " expert " + std::to_string(e) +
                                 " is not among the matrices to compress");
+        std::shared_ptr<const ExpertMlp> mlp;
         if (opt.sequential) {
           StoredMatrix a = store.load(*wi), b = store.load(*wo);
           auto owner =
               std::make_shared<std::pair<std::shared_ptr<const void>, std::shared_ptr<const void>>>(
                   std::move(a.owner), std::move(b.owner));
-          mlps[static_cast<size_t>(e)] = std::make_shared<CompressedExpert>(a.view, b.view, owner);
+          mlp = std::make_shared<CompressedExpert>(a.view, b.view, owner);
         } else {
           Linear li, lo;
           li.t = src.dense(wi->name, {c.d_ff, c.d_model});
           li.out = c.d_ff, li.in = c.d_model;
           lo.t = src.dense(wo->name, {c.d_model, c.d_ff});
           lo.out = c.d_model, lo.in = c.d_ff;
-          mlps[static_cast<size_t>(e)] =
-              std::make_shared<DenseExpert>(std::move(li), std::move(lo));
+          mlp = std::make_shared<DenseExpert>(std::move(li), std::move(lo));
         }
+        thread_local std::vector<float> buf;
+        const int64_t n = tokens.rows(e);
+        const float* xp = tokens.all(e, buf);
+        out.resize(n, c.d_model);
+        mlp->forward(xp, n, nullptr, out.data());
+      };
+      RowMatrix y;
+      std::exception_ptr err;
+      try {
+        outputs_to_tokens(*run, tokens, part, bi, comm, compute, round_bytes, y);
+      } catch (const PeerFailed&) {
+        throw;
+      } catch (...) {
+        err = std::current_exception();
       }
-      run->end_block(mlps);
+      tokens.release();
+      agree(comm, err, key);
+      run->end_block_outputs(y);
       rep.forward.seconds += since(t0);
       rep.forward.cpu_seconds += process_cpu() - c0;
       rep.forward_tokens += (bw.stack == Stack::kEncoder ? enc_seqs : dec_seqs).num_tokens();

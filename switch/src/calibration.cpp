@@ -219,6 +219,22 @@ void SequentialRunner::end_block(std::span<const std::shared_ptr<const ExpertMlp
         h_.row(t) += routing_.prob[static_cast<size_t>(t)] * yout.row(i);
       }
     }
+  }
+  finish_block();
+}
+
+void SequentialRunner::end_block_outputs(const RowMatrix& y) {
+  if (!in_block_) throw InvalidArgument("SequentialRunner::end_block_outputs: begin_block() first");
+  if (!sparse()) throw InvalidArgument("SequentialRunner::end_block_outputs: a dense block");
+  if (y.rows() != h_.rows() || y.cols() != h_.cols())
+    throw InvalidArgument("SequentialRunner::end_block_outputs: outputs of the wrong shape");
+  for (const auto& toks : routing_.tokens_of)
+    for (int64_t t : toks) h_.row(t) += routing_.prob[static_cast<size_t>(t)] * y.row(t);
+  finish_block();
+}
+
+void SequentialRunner::finish_block() {
+  if (sparse()) {
     // Dropped tokens (over capacity): their layer-normed input passes through (transformers
     // 4.46's rule), scaled by the router probability.
     for (int64_t t = 0; t < h_.rows(); ++t)

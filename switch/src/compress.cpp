@@ -637,6 +637,72 @@ fs::path work_dir_for(const fs::path& output) {
 
 namespace {
 
+// Creates, or checks and locks for --resume, the work directory of a run (compress.h), and removes
+// what killed runs left. The lock is held in `lock` for the run.
+void setup_work_dir(const Checkpoint& ck, const fs::path& output, const fs::path& work,
+                    const CompressOptions& opt, WorkLock& lock) {
+  const std::string fp = fingerprint(ck, opt);
+  std::error_code ec;
+  {
+    // A work directory appears complete with its run.json or not at all: it is made under a
+    // temporary name and renamed. Those of killed runs are removed.
+    const fs::path parent = work.parent_path().empty() ? fs::path(".") : work.parent_path();
+    cleanup_leftovers(parent, work.filename().string() + ".tmp.", opt);
+  }
+  // Locked before it gets its name: a run that finds the directory can always tell whether another
+  // run holds it.
+  auto in_use = [&] {
+    return Error(error_context(work.string(), "",
+                               "is in use by " + WorkLock::holder(work) +
+                                   ": another qmoe compress is writing this output; wait for it "
+                                   "to finish or stop it"));
+  };
+  for (int attempt = 0;; ++attempt) {
+    if (fs::exists(work, ec)) {
+      if (!fs::exists(work / kRunFile, ec))
+        throw Error(
+            error_context(work.string(), "", "exists and is not a qmoe work directory; remove it"));
+      if (!lock.try_lock(work)) throw in_use();
+      if (opt.resume) {
+        if (read_text(work / kRunFile) != fp)
+          throw Error(error_context(
+              work.string(), "",
+              "was made for another input or other options (see its run.json); remove it or run "
+              "without --resume"));
+        WorkLock::write_owner(work);
+        break;
+      }
+      if (opt.note) opt.note("starting afresh: removing the earlier work in " + work.string());
+      fs::remove_all(work, ec);
+      if (ec) throw Error(work.string() + ": cannot remove: " + ec.message());
+      lock.release();
+    } else if (opt.resume && opt.note && attempt == 0) {
+      opt.note("nothing to resume (no " + work.string() + "): starting afresh");
+    }
+    const fs::path tmp = work.string() + ".tmp." + std::to_string(::getpid());
+    fs::remove_all(tmp, ec);
+    fs::create_directories(tmp, ec);
+    if (!fs::is_directory(tmp)) throw Error(tmp.string() + ": cannot create the work directory");
+    if (!lock.try_lock(tmp)) throw Error(tmp.string() + ": cannot lock the new work directory");
+    write_text_atomic(tmp / kRunFile, fp);
+    WorkLock::write_owner(tmp);
+    if (::rename(tmp.c_str(), work.c_str()) == 0) break;
+    const int err = errno;
+    fs::remove_all(tmp, ec);
+    lock.release();
+    // Another run made the directory between the check and the rename: look again (once).
+    if ((err != ENOTEMPTY && err != EEXIST) || attempt > 0)
+      throw Error(work.string() + ": cannot create the work directory: " + std::strerror(err));
+  }
+  cleanup_leftovers(work, "", opt);
+  // Leftovers of an interrupted assembly: the writer's temporary files.
+  fs::path o = output;
+  if (!o.has_filename()) o = o.parent_path();
+  const fs::path parent = o.parent_path().empty() ? fs::path(".") : o.parent_path();
+  cleanup_leftovers(parent, o.filename().string() + ".tmp.", opt);
+  if (opt.shard_size > 0) cleanup_leftovers(o, "model", opt);
+}
+
 struct Planned {
   CompressPlan plan;
   std::optional<TokenPairs> calibration;
@@ -752,10 +818,25 @@ CompressSummary compress_checkpoint(const fs::path& checkpoint, const fs::path& 
   ::mallopt(M_MMAP_THRESHOLD, 1 << 20);
   ::mallopt(M_TRIM_THRESHOLD, 4 << 20);
 #endif
-  const auto ck = open_checkpoint(checkpoint);  // the only time the checkpoint is opened
-  Planned planned = plan_for(ck.get(), checkpoint, output, opt);
+  Comm& comm = opt.comm ? *opt.comm : *local_comm();
+  const bool lead = comm.rank() == 0;  // sets up the work directory, assembles the container
+  // Every process opens and checks the checkpoint (the only time it does); a bad input is
+  // reported once, by the lowest process that saw it, and every process stops.
+  std::unique_ptr<Checkpoint> ck;
+  std::optional<Planned> planned_opt;
+  {
+    std::exception_ptr err;
+    try {
+      ck = open_checkpoint(checkpoint);
+      planned_opt.emplace(plan_for(ck.get(), checkpoint, output, opt));
+    } catch (...) {
+      err = std::current_exception();
+    }
+    agree(comm, err, "the checks before any work");
+  }
+  Planned& planned = *planned_opt;
   const CompressPlan& plan = planned.plan;
-  if (opt.planned) opt.planned(plan);
+  if (opt.planned && lead) opt.planned(plan);
   const auto& experts = plan.experts;
   const bool gptq = opt.hessians != nullptr || planned.calibration.has_value();
 
@@ -765,81 +846,26 @@ CompressSummary compress_checkpoint(const fs::path& checkpoint, const fs::path& 
   sum.expert_matrices = static_cast<int64_t>(experts.size());
   sum.passthrough_tensors = plan.passthrough_tensors;
 
-  // ---- work directory
+  // ---- work directory (set up by the lead process; the others use it once it is there)
   const fs::path work = work_dir_for(output);
-  const std::string fp = fingerprint(*ck, opt);
   std::error_code ec;
-  {
-    // A work directory appears complete with its run.json or not at all: it is made under a
-    // temporary name and renamed. Those of killed runs are removed.
-    const fs::path parent = work.parent_path().empty() ? fs::path(".") : work.parent_path();
-    cleanup_leftovers(parent, work.filename().string() + ".tmp.", opt);
-  }
-  // Locked before it gets its name: a run that finds the directory can always tell whether another
-  // run holds it.
   WorkLock lock;
-  auto in_use = [&] {
-    return Error(error_context(work.string(), "",
-                               "is in use by " + WorkLock::holder(work) +
-                                   ": another qmoe compress is writing this output; wait for it "
-                                   "to finish or stop it"));
-  };
-  for (int attempt = 0;; ++attempt) {
-    if (fs::exists(work, ec)) {
-      if (!fs::exists(work / kRunFile, ec))
-        throw Error(
-            error_context(work.string(), "", "exists and is not a qmoe work directory; remove it"));
-      if (!lock.try_lock(work)) throw in_use();
-      if (opt.resume) {
-        if (read_text(work / kRunFile) != fp)
-          throw Error(error_context(
-              work.string(), "",
-              "was made for another input or other options (see its run.json); remove it or run "
-              "without --resume"));
-        WorkLock::write_owner(work);
-        break;
-      }
-      if (opt.note) opt.note("starting afresh: removing the earlier work in " + work.string());
-      fs::remove_all(work, ec);
-      if (ec) throw Error(work.string() + ": cannot remove: " + ec.message());
-      lock.release();
-    } else if (opt.resume && opt.note && attempt == 0) {
-      opt.note("nothing to resume (no " + work.string() + "): starting afresh");
+  std::exception_ptr setup_err;
+  if (lead) try {
+      setup_work_dir(*ck, output, work, opt, lock);
+    } catch (...) {
+      setup_err = std::current_exception();
     }
-    const fs::path tmp = work.string() + ".tmp." + std::to_string(::getpid());
-    fs::remove_all(tmp, ec);
-    fs::create_directories(tmp, ec);
-    if (!fs::is_directory(tmp)) throw Error(tmp.string() + ": cannot create the work directory");
-    if (!lock.try_lock(tmp)) throw Error(tmp.string() + ": cannot lock the new work directory");
-    write_text_atomic(tmp / kRunFile, fp);
-    WorkLock::write_owner(tmp);
-    if (::rename(tmp.c_str(), work.c_str()) == 0) break;
-    const int err = errno;
-    fs::remove_all(tmp, ec);
-    lock.release();
-    // Another run made the directory between the check and the rename: look again (once).
-    if ((err != ENOTEMPTY && err != EEXIST) || attempt > 0)
-      throw Error(work.string() + ": cannot create the work directory: " + std::strerror(err));
-  }
+  agree(comm, setup_err, "setting up " + work.string());
   try {
-    cleanup_leftovers(work, "", opt);
-    // Leftovers of an interrupted assembly: the writer's temporary files.
-    {
-      fs::path o = output;
-      if (!o.has_filename()) o = o.parent_path();
-      const fs::path parent = o.parent_path().empty() ? fs::path(".") : o.parent_path();
-      cleanup_leftovers(parent, o.filename().string() + ".tmp.", opt);
-      if (opt.shard_size > 0) cleanup_leftovers(o, "model", opt);
-    }
-
     // ---- the block loop, its results in the work directory
-    WorkStore store(work, experts, opt.note);
+    WorkStore store(work, experts, lead ? opt.note : nullptr);
     int64_t largest = 0;
     for (const auto& m : experts) largest = std::max(largest, expert_memory_estimate(m, gptq));
     if (opt.max_memory > 0) {
       const int64_t reserve = int64_t{24} << 20;  // thread stacks, allocator slack, writer buffers
       const int64_t budget = opt.max_memory - current_rss_bytes() - reserve;
-      if (budget < largest && opt.note)
+      if (budget < largest && opt.note && lead)
         opt.note("the memory cap leaves " + std::to_string(std::max<int64_t>(budget, 0)) +
                  " bytes for work, less than one expert matrix needs (" + std::to_string(largest) +
                  "): matrices run one at a time and may exceed it");
@@ -881,157 +907,190 @@ CompressSummary compress_checkpoint(const fs::path& checkpoint, const fs::path& 
       sum.calibration_tokens = static_cast<int64_t>(planned.calibration->encoder_ids.size() +
                                                     planned.calibration->decoder_targets.size());
     }
-    for (const auto& m : experts) sum.resumed_matrices += store.has(m) ? 1 : 0;
-    if (sum.resumed_matrices > 0 && opt.note)
+    lo.comm = opt.comm;
+    {
+      // Finished matrices, counted by their owners.
+      Partition part;
+      part.ranks = comm.size();
+      int64_t mine = 0;
+      const int64_t enc_blocks = ck->src->layout().encoder.num_blocks;
+      for (const auto& m : experts) {
+        const int64_t bi = m.stack == "decoder" ? enc_blocks + m.block : m.block;
+        if (part.owner(bi, m.expert) == comm.rank() && store.has(m)) ++mine;
+      }
+      for (const auto& v : comm.allgather(std::to_string(mine)))
+        sum.resumed_matrices += std::stoll(v);
+    }
+    if (sum.resumed_matrices > 0 && opt.note && lead)
       opt.note("resuming: " + std::to_string(sum.resumed_matrices) + " of " +
                std::to_string(experts.size()) + " expert matrices were finished by an earlier run");
-    sum.loop = run_block_loop(ck->src, experts, lo, store);
+    const LoopReport own = run_block_loop(ck->src, experts, lo, store);
+    sum.ranks = gather_reports(comm, own);
+    sum.loop = combine(sum.ranks);
     sum.memory_budget = sum.loop.memory_budget;
+    if (!lead) {
+      // The lead assembles the container; the others wait for its outcome.
+      agree(comm, nullptr, "assembling the container");
+      sum.compress_seconds = since(tc);
+      sum.total_seconds = since(t0);
+      return sum;
+    }
     sum.compress_seconds = since(tc);
     tick("compress", "done", "done", static_cast<int64_t>(experts.size()), sum.resumed_matrices,
          sum.loop.forward_tokens, sum.loop.forward_tokens);
 
     const int64_t n_done = static_cast<int64_t>(experts.size());
-
-    // ---- statistics, read back from the work files (a resumed run reports the same)
-    const auto ta = clock::now();
-    std::map<std::string, json> stats;  // block key -> stats JSON
-    std::map<std::string, BlockSummary> blocks;
-    std::vector<std::string> block_order;
-    double zf_sum = 0;
-    std::set<uint64_t> dictionaries;  // qmoe-v2 and qmoe-v3 dictionary ids
-    for (size_t i = 0; i < experts.size(); ++i) {
-      const auto& m = experts[i];
-      const Cached c = load_cached(matrix_file(work, i), m);
-      const std::string bk = block_key(m);
-      if (!stats.count(bk)) {
-        block_order.push_back(bk);
-        stats[bk] = {{"experts", ck->src->layout().num_experts}, {"zero_fraction", json::array()}};
-        if (gptq) {
-          stats[bk]["loss"] = json::array();
-          stats[bk]["output_loss"] = json::array();
-          stats[bk]["tokens"] = json::array();
-          stats[bk]["fallback"] = json::array();
-        }
-        blocks[bk].block = bk;
-      }
-      json& js = stats[bk];
-      js["zero_fraction"].push_back(round6(c.stats.zero_fraction));
-      if (gptq) {
-        js["loss"].push_back(round6(c.stats.loss));
-        js["output_loss"].push_back(round6(c.stats.output_loss));
-        js["tokens"].push_back(c.stats.tokens);
-        if (c.stats.fallback) {
-          js["fallback"].push_back(static_cast<int64_t>(js["zero_fraction"].size()) - 1);
-          ++sum.fallback_matrices;
-        }
-      }
-      auto& b = blocks[bk];
-      ++b.matrices;
-      b.weights += m.numel();
-      b.compressed_bytes += c.compressed_bytes;
-      sum.expert_weights += m.numel();
-      sum.expert_input_bytes += m.numel() * dtype_size(m.dtype);
-      sum.expert_compressed_bytes += c.compressed_bytes;
-      // A qmoe-v2 / qmoe-v3 dictionary is stored once per file that uses it; counted here once.
-      static_assert(v2::kTableBytes == v3::kTableBytes);
-      if (c.dictionary && dictionaries.insert(c.dictionary->id).second)
-        sum.expert_compressed_bytes += v2::kTableBytes;
-      (c.codec == Codec::kV1   ? sum.v1_matrices
-       : c.codec == Codec::kV2 ? sum.v2_matrices
-       : c.codec == Codec::kV3 ? sum.v3_matrices
-                               : sum.p5_matrices) += 1;
-      zf_sum += c.stats.zero_fraction;
-    }
-    sum.mean_zero_fraction = experts.empty() ? 0 : zf_sum / static_cast<double>(experts.size());
-    for (const auto& k : block_order) sum.blocks.push_back(blocks[k]);
-
-    // ---- assemble the container: every stored tensor, in name order
-    if (opt.shard_size > 0) {
-      // An earlier container in the output directory stops being one first: a run killed while the
-      // writer renames its shards must not leave an old index next to a mix of old and new shards.
-      fs::remove(output / std::string(kIndexFileName), ec);
-    }
-    ContainerWriter writer(output, ContainerWriteOptions{.shard_size = opt.shard_size});
-    writer.set_metadata(std::string(kMetaConfig), ck->config_text);
-    writer.set_metadata(std::string(kMetaQuantizer), sum.quantizer);
-    writer.set_metadata(std::string(kMetaInputBytes), std::to_string(plan.input_bytes));
-    writer.set_metadata(std::string(kMetaSource),
-                        fs::weakly_canonical(checkpoint).filename().string());
-    {
-      json o = {{"codec", opt.codec ? std::string(codec_name(*opt.codec)) : "auto"},
-                {"cast_bf16", opt.cast_bf16}};
-      if (gptq) {
-        o["hessians"] = hessian_source(opt, sum.calibration_pairs);
-        o["percdamp"] = opt.percdamp;
-        o["blocksize"] = opt.blocksize;
-        o["actorder"] = opt.actorder;
-      }
-      writer.set_metadata(std::string(kMetaOptions), o.dump());
-    }
-    for (const auto& k : block_order)
-      writer.set_metadata(std::string(kMetaStatsPrefix) + k, stats[k].dump());
-
-    std::map<std::string, size_t> expert_index;
-    for (size_t i = 0; i < experts.size(); ++i) expert_index[experts[i].name] = i;
-    auto last_tick = clock::now();
-    std::vector<std::byte> cast;
-    for (const auto& [name, st] : ck->stored) {
-      if (auto it = expert_index.find(name); it != expert_index.end()) {
-        const Cached c = load_cached(matrix_file(work, it->second), experts[it->second]);
-        writer.add_compressed(name, c.view, st.info->dtype);
-      } else {
-        const TensorInfo& t = *st.info;
-        const auto bytes = st.file->bytes(t);
-        if (opt.cast_bf16 && (t.dtype == DType::kF32 || t.dtype == DType::kF16)) {
-          const int64_t n = t.numel();
-          cast.resize(static_cast<size_t>(2 * n));
-          for (int64_t i = 0; i < n; ++i) {
-            float f;
-            if (t.dtype == DType::kF32) {
-              std::memcpy(&f, bytes.data() + 4 * i, 4);
-            } else {
-              uint16_t h;
-              std::memcpy(&h, bytes.data() + 2 * i, 2);
-              f = fp16_to_float(h);
-            }
-            const uint16_t b = float_to_bf16(f);
-            std::memcpy(cast.data() + 2 * i, &b, 2);
+    std::exception_ptr assemble_err;
+    try {
+      // ---- statistics, read back from the work files (a resumed run reports the same)
+      const auto ta = clock::now();
+      std::map<std::string, json> stats;  // block key -> stats JSON
+      std::map<std::string, BlockSummary> blocks;
+      std::vector<std::string> block_order;
+      double zf_sum = 0;
+      std::set<uint64_t> dictionaries;  // qmoe-v2 and qmoe-v3 dictionary ids
+      for (size_t i = 0; i < experts.size(); ++i) {
+        const auto& m = experts[i];
+        const Cached c = load_cached(matrix_file(work, i), m);
+        const std::string bk = block_key(m);
+        if (!stats.count(bk)) {
+          block_order.push_back(bk);
+          stats[bk] = {{"experts", ck->src->layout().num_experts},
+                       {"zero_fraction", json::array()}};
+          if (gptq) {
+            stats[bk]["loss"] = json::array();
+            stats[bk]["output_loss"] = json::array();
+            stats[bk]["tokens"] = json::array();
+            stats[bk]["fallback"] = json::array();
           }
-          writer.add_dense(name, DType::kBF16, t.shape, cast);
-          std::vector<std::byte>().swap(cast);
-        } else {
-          writer.add_dense(name, t.dtype, t.shape, bytes);
+          blocks[bk].block = bk;
         }
-        release_pages(bytes);
+        json& js = stats[bk];
+        js["zero_fraction"].push_back(round6(c.stats.zero_fraction));
+        if (gptq) {
+          js["loss"].push_back(round6(c.stats.loss));
+          js["output_loss"].push_back(round6(c.stats.output_loss));
+          js["tokens"].push_back(c.stats.tokens);
+          if (c.stats.fallback) {
+            js["fallback"].push_back(static_cast<int64_t>(js["zero_fraction"].size()) - 1);
+            ++sum.fallback_matrices;
+          }
+        }
+        auto& b = blocks[bk];
+        ++b.matrices;
+        b.weights += m.numel();
+        b.compressed_bytes += c.compressed_bytes;
+        sum.expert_weights += m.numel();
+        sum.expert_input_bytes += m.numel() * dtype_size(m.dtype);
+        sum.expert_compressed_bytes += c.compressed_bytes;
+        // A qmoe-v2 / qmoe-v3 dictionary is stored once per file that uses it; counted here once.
+        static_assert(v2::kTableBytes == v3::kTableBytes);
+        if (c.dictionary && dictionaries.insert(c.dictionary->id).second)
+          sum.expert_compressed_bytes += v2::kTableBytes;
+        (c.codec == Codec::kV1   ? sum.v1_matrices
+         : c.codec == Codec::kV2 ? sum.v2_matrices
+         : c.codec == Codec::kV3 ? sum.v3_matrices
+                                 : sum.p5_matrices) += 1;
+        zf_sum += c.stats.zero_fraction;
       }
-      if (opt.progress && since(last_tick) > 0.2) {
-        last_tick = clock::now();
-        tick("assemble", "write", name, n_done, sum.resumed_matrices, 0, 0);
+      sum.mean_zero_fraction = experts.empty() ? 0 : zf_sum / static_cast<double>(experts.size());
+      for (const auto& k : block_order) sum.blocks.push_back(blocks[k]);
+
+      // ---- assemble the container: every stored tensor, in name order
+      if (opt.shard_size > 0) {
+        // An earlier container in the output directory stops being one first: a run killed while
+        // the writer renames its shards must not leave an old index next to a mix of old and new
+        // shards.
+        fs::remove(output / std::string(kIndexFileName), ec);
       }
+      ContainerWriter writer(output, ContainerWriteOptions{.shard_size = opt.shard_size});
+      writer.set_metadata(std::string(kMetaConfig), ck->config_text);
+      writer.set_metadata(std::string(kMetaQuantizer), sum.quantizer);
+      writer.set_metadata(std::string(kMetaInputBytes), std::to_string(plan.input_bytes));
+      writer.set_metadata(std::string(kMetaSource),
+                          fs::weakly_canonical(checkpoint).filename().string());
+      {
+        json o = {{"codec", opt.codec ? std::string(codec_name(*opt.codec)) : "auto"},
+                  {"cast_bf16", opt.cast_bf16}};
+        if (gptq) {
+          o["hessians"] = hessian_source(opt, sum.calibration_pairs);
+          o["percdamp"] = opt.percdamp;
+          o["blocksize"] = opt.blocksize;
+          o["actorder"] = opt.actorder;
+        }
+        writer.set_metadata(std::string(kMetaOptions), o.dump());
+      }
+      for (const auto& k : block_order)
+        writer.set_metadata(std::string(kMetaStatsPrefix) + k, stats[k].dump());
+
+      std::map<std::string, size_t> expert_index;
+      for (size_t i = 0; i < experts.size(); ++i) expert_index[experts[i].name] = i;
+      auto last_tick = clock::now();
+      std::vector<std::byte> cast;
+      for (const auto& [name, st] : ck->stored) {
+        if (auto it = expert_index.find(name); it != expert_index.end()) {
+          const Cached c = load_cached(matrix_file(work, it->second), experts[it->second]);
+          writer.add_compressed(name, c.view, st.info->dtype);
+        } else {
+          const TensorInfo& t = *st.info;
+          const auto bytes = st.file->bytes(t);
+          if (opt.cast_bf16 && (t.dtype == DType::kF32 || t.dtype == DType::kF16)) {
+            const int64_t n = t.numel();
+            cast.resize(static_cast<size_t>(2 * n));
+            for (int64_t i = 0; i < n; ++i) {
+              float f;
+              if (t.dtype == DType::kF32) {
+                std::memcpy(&f, bytes.data() + 4 * i, 4);
+              } else {
+                uint16_t h;
+                std::memcpy(&h, bytes.data() + 2 * i, 2);
+                f = fp16_to_float(h);
+              }
+              const uint16_t b = float_to_bf16(f);
+              std::memcpy(cast.data() + 2 * i, &b, 2);
+            }
+            writer.add_dense(name, DType::kBF16, t.shape, cast);
+            std::vector<std::byte>().swap(cast);
+          } else {
+            writer.add_dense(name, t.dtype, t.shape, bytes);
+          }
+          release_pages(bytes);
+        }
+        if (opt.progress && since(last_tick) > 0.2) {
+          last_tick = clock::now();
+          tick("assemble", "write", name, n_done, sum.resumed_matrices, 0, 0);
+        }
+      }
+      // The last call before the output is committed.
+      tick("assemble", "write", "finish", n_done, sum.resumed_matrices, 0, 0);
+      sum.files = writer.finish();
+      // Shards of an earlier, differently sharded output in the same directory would confuse
+      // readers.
+      if (opt.shard_size > 0) {
+        std::set<fs::path> mine(sum.files.begin(), sum.files.end());
+        std::vector<fs::path> stale;
+        for (const auto& e : fs::directory_iterator(output, ec))
+          if (is_shard_name(e.path().filename().string()) && !mine.count(e.path()))
+            stale.push_back(e.path());
+        for (const auto& p : stale) fs::remove(p, ec);
+      }
+      for (const auto& f : sum.files) sum.output_bytes += static_cast<int64_t>(fs::file_size(f));
+      // The work directory goes file by file, run.json last: a kill on the way leaves a directory
+      // that
+      // --resume still accepts (and that the next run replaces).
+      remove_work_dir(work);
+      sum.assemble_seconds = since(ta);
+      sum.total_seconds = since(t0);
+    } catch (...) {
+      assemble_err = std::current_exception();
     }
-    // The last call before the output is committed.
-    tick("assemble", "write", "finish", n_done, sum.resumed_matrices, 0, 0);
-    sum.files = writer.finish();
-    // Shards of an earlier, differently sharded output in the same directory would confuse readers.
-    if (opt.shard_size > 0) {
-      std::set<fs::path> mine(sum.files.begin(), sum.files.end());
-      std::vector<fs::path> stale;
-      for (const auto& e : fs::directory_iterator(output, ec))
-        if (is_shard_name(e.path().filename().string()) && !mine.count(e.path()))
-          stale.push_back(e.path());
-      for (const auto& p : stale) fs::remove(p, ec);
-    }
-    for (const auto& f : sum.files) sum.output_bytes += static_cast<int64_t>(fs::file_size(f));
-    // The work directory goes file by file, run.json last: a kill on the way leaves a directory
-    // that
-    // --resume still accepts (and that the next run replaces).
-    remove_work_dir(work);
-    sum.assemble_seconds = since(ta);
-    sum.total_seconds = since(t0);
+    agree(comm, assemble_err, "assembling the container");
     tick("assemble", "done", "done", n_done, sum.resumed_matrices, 0, 0);
     return sum;
+  } catch (const PeerFailed&) {
+    throw;  // the process that failed reports it (and, if it is the lead, cleans up)
   } catch (...) {
+    if (!lead) throw;
     // A failed run leaves its work directory only when it holds finished matrices (then the error
     // says where, for --resume); otherwise nothing beside the output.
     const int64_t finished = work_files(work);

@@ -40,6 +40,7 @@
 #include "qmoe/gptq/gptq.h"
 #include "qmoe/switch/calibration.h"
 #include "qmoe/switch/checkpoint.h"
+#include "qmoe/switch/comm.h"
 #include "qmoe/switch/tokens.h"
 
 namespace qmoe::sw {
@@ -185,6 +186,11 @@ struct LoopOptions {
   // half of it keeps them in a scratch file instead of memory.
   int64_t max_memory = 0;
   std::filesystem::path scratch_dir;  // for that scratch file (empty: the system's temp folder)
+  // The processes of the run (comm.h; null: this one alone). Process r runs its share of the
+  // calibration pairs and compresses the experts it owns (Partition); each sparse block's expert
+  // inputs go to their owners and the outputs come back. The results do not depend on the number
+  // of processes. Every process of `comm` calls run_block_loop() with the same arguments.
+  std::shared_ptr<Comm> comm;
   // Progress (optional). May throw to stop the run: no new matrix starts, those in flight finish
   // (their results reach the store), and the exception comes out of run_block_loop().
   std::function<void(const LoopProgress&)> progress;
@@ -197,6 +203,11 @@ struct LoopOptions {
 LoopReport run_block_loop(const std::shared_ptr<const SwitchSource>& src,
                           std::span<const ExpertMatrix> experts, const LoopOptions& opt,
                           ExpertStore& store);
+
+// Every process's report, in rank order (collective), and the run's report made of them: work,
+// CPU and thread-seconds summed, wall times the longest, threads summed.
+std::vector<LoopReport> gather_reports(Comm& comm, const LoopReport& mine);
+LoopReport combine(std::span<const LoopReport> reports);
 
 // Estimated peak bytes one expert matrix needs while being compressed (its input pages, symbols,
 // codes, and for GPTQ the Hessian, its sums, the hidden activations of calibration and GPTQ's

@@ -84,6 +84,13 @@ class SequentialRunner {
   // expert of the block, when given), adds the residual, moves to the next block (finishing the
   // encoder when its last block is done).
   void end_block(std::span<const std::shared_ptr<const ExpertMlp>> experts = {});
+  // The same for a sparse block whose expert outputs were computed elsewhere (by the experts'
+  // owners): y holds, for every token routed to an expert, that expert's output (rows of other
+  // tokens are not read). InvalidArgument for a dense block or a y of the wrong shape.
+  void end_block_outputs(const RowMatrix& y);
+  const SeqOffsets& seqs() const { return stack_ == Stack::kEncoder ? enc_seqs_ : dec_seqs_; }
+  // Whether token t of the current stack counts towards Hessians (not excluded).
+  bool counts(int64_t t) const { return excluded_[static_cast<size_t>(t)] == 0; }
   // Tokens of the current stack (all pairs).
   int64_t stack_tokens() const { return h_.rows(); }
 
@@ -109,6 +116,7 @@ class SequentialRunner {
 
   void enter_stack(Stack s);
   void check_expert(int64_t e) const;
+  void finish_block();  // dropped tokens, next block, the encoder's end
   // Pieces of whole sequences of the current stack with about opt_.chunk_tokens tokens.
   std::vector<std::pair<int64_t, int64_t>> chunks(const SeqOffsets& seqs) const;
 };

@@ -88,6 +88,12 @@ struct CompressOptions {
   std::function<void(const std::string&)> note;
   // Called once the checks are done and before any work, with what the run will do.
   std::function<void(const CompressPlan&)> planned;
+  // The processes of the run (switch/comm.h; null: this one alone). Every process calls
+  // compress_checkpoint() with the same arguments; each runs its share of the calibration pairs and
+  // compresses the experts it owns into the shared work directory; process 0 sets the work
+  // directory up, writes the container and reports progress, plans and notes. The container is
+  // byte-identical for any number of processes.
+  std::shared_ptr<Comm> comm;
 };
 
 struct BlockSummary {
@@ -120,7 +126,8 @@ struct CompressSummary {
   double total_seconds = 0;
   int64_t memory_budget = 0;  // bytes admitted for matrices in flight (0 = no cap)
   std::vector<BlockSummary> blocks;
-  LoopReport loop;                 // the block loop's phases: time and work
+  LoopReport loop;                 // the block loop's phases: time and work (all processes)
+  std::vector<LoopReport> ranks;   // each process's (one entry without MPI)
   int64_t calibration_pairs = 0;   // token pairs run through the model (0 without calibration)
   int64_t calibration_tokens = 0;  // their encoder + decoder tokens
   double bits_per_expert_weight() const {
