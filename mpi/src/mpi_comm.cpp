@@ -48,7 +48,8 @@ class World final : public sw::Comm {
       throw InvalidArgument("Comm::exchange: one buffer per process");
     // Sizes first, then the bytes, point to point in pieces of at most kPiece.
     std::vector<int64_t> out_sizes(static_cast<size_t>(size_)), in_sizes(out_sizes.size());
-    for (int r = 0; r < size_; ++r) out_sizes[static_cast<size_t>(r)] = static_cast<int64_t>(send[static_cast<size_t>(r)].size());
+    for (int r = 0; r < size_; ++r)
+      out_sizes[static_cast<size_t>(r)] = static_cast<int64_t>(send[static_cast<size_t>(r)].size());
     check(MPI_Alltoall(out_sizes.data(), 1, MPI_INT64_T, in_sizes.data(), 1, MPI_INT64_T,
                        MPI_COMM_WORLD),
           "MPI_Alltoall");
@@ -60,7 +61,8 @@ class World final : public sw::Comm {
       in.resize(static_cast<size_t>(in_sizes[static_cast<size_t>(r)]));
       int tag = 0;
       for (int64_t at = 0; at < static_cast<int64_t>(in.size()); at += kPiece, ++tag) {
-        const int n = static_cast<int>(std::min<int64_t>(kPiece, static_cast<int64_t>(in.size()) - at));
+        const int n =
+            static_cast<int>(std::min<int64_t>(kPiece, static_cast<int64_t>(in.size()) - at));
         reqs.emplace_back();
         check(MPI_Irecv(in.data() + at, n, MPI_BYTE, r, tag, MPI_COMM_WORLD, &reqs.back()),
               "MPI_Irecv");
@@ -71,7 +73,8 @@ class World final : public sw::Comm {
       const auto& out = send[static_cast<size_t>(r)];
       int tag = 0;
       for (int64_t at = 0; at < static_cast<int64_t>(out.size()); at += kPiece, ++tag) {
-        const int n = static_cast<int>(std::min<int64_t>(kPiece, static_cast<int64_t>(out.size()) - at));
+        const int n =
+            static_cast<int>(std::min<int64_t>(kPiece, static_cast<int64_t>(out.size()) - at));
         reqs.emplace_back();
         check(MPI_Isend(out.data() + at, n, MPI_BYTE, r, tag, MPI_COMM_WORLD, &reqs.back()),
               "MPI_Isend");

@@ -1087,10 +1087,8 @@ CompressSummary compress_checkpoint(const fs::path& checkpoint, const fs::path& 
     agree(comm, assemble_err, "assembling the container");
     tick("assemble", "done", "done", n_done, sum.resumed_matrices, 0, 0);
     return sum;
-  } catch (const PeerFailed&) {
-    throw;  // the process that failed reports it (and, if it is the lead, cleans up)
   } catch (...) {
-    if (!lead) throw;
+    if (!lead) throw;  // the lead keeps or removes the work directory
     // A failed run leaves its work directory only when it holds finished matrices (then the error
     // says where, for --resume); otherwise nothing beside the output.
     const int64_t finished = work_files(work);
@@ -1104,6 +1102,8 @@ CompressSummary compress_checkpoint(const fs::path& checkpoint, const fs::path& 
     }
     try {
       throw;
+    } catch (const PeerFailed& e) {
+      throw PeerFailed(e.what() + where);
     } catch (const FormatError& e) {
       throw FormatError(e.what() + where);
     } catch (const InvalidArgument& e) {

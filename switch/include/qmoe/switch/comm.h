@@ -30,7 +30,8 @@ class Comm {
   virtual std::string describe() const = 0;
   // Process r receives send[r] from every process: returns, in rank order, what each process sent
   // to this one. Collective: every process calls it, in the same order.
-  virtual std::vector<std::vector<std::byte>> exchange(std::vector<std::vector<std::byte>> send) = 0;
+  virtual std::vector<std::vector<std::byte>> exchange(
+      std::vector<std::vector<std::byte>> send) = 0;
   // Every process's value, in rank order. Collective.
   virtual std::vector<std::string> allgather(const std::string& value) = 0;
 };

@@ -1,0 +1,191 @@
+// The block loop split across processes gives the bytes of one process: R ranks simulated by R
+// threads of this process, each calling compress_checkpoint() with a sw::Comm over shared memory
+// (the MPI one is tested by tests/mpi with mpirun; this one also runs under the sanitizers).
+// Calibrated GPTQ, Hessians from a file, round to nearest; uneven splits (3 ranks over 4 experts
+// and 48 pairs); a rank that fails stops them all, its error reported by it alone.
+#include <gtest/gtest.h>
+
+#include <barrier>
+#include <cmath>
+#include <limits>
+#include <mutex>
+#include <random>
+#include <thread>
+
+#include "pipeline_test_util.h"
+#include "qmoe/format/error.h"
+#include "qmoe/gptq/hessian.h"
+#include "qmoe/switch/comm.h"
+#include "qmoe/switch/compress.h"
+#include "qmoe/switch/generate.h"
+
+namespace qmoe::test {
+namespace {
+
+// Ranks as threads: every collective is a rendezvous on a barrier.
+class Shared {
+ public:
+  explicit Shared(int n) : n_(n), bar_(n), mail_(static_cast<size_t>(n * n)), gather_(static_cast<size_t>(n)) {}
+  int size() const { return n_; }
+  std::vector<std::vector<std::byte>> exchange(int me, std::vector<std::vector<std::byte>> send) {
+    for (int r = 0; r < n_; ++r) mail_[static_cast<size_t>(r * n_ + me)] = std::move(send[static_cast<size_t>(r)]);
+    bar_.arrive_and_wait();
+    std::vector<std::vector<std::byte>> recv(static_cast<size_t>(n_));
+    for (int r = 0; r < n_; ++r) recv[static_cast<size_t>(r)] = std::move(mail_[static_cast<size_t>(me * n_ + r)]);
+    bar_.arrive_and_wait();
+    return recv;
+  }
+  std::vector<std::string> allgather(int me, const std::string& v) {
+    gather_[static_cast<size_t>(me)] = v;
+    bar_.arrive_and_wait();
+    std::vector<std::string> out = gather_;
+    bar_.arrive_and_wait();
+    return out;
+  }
+
+ private:
+  int n_;
+  std::barrier<> bar_;
+  std::vector<std::vector<std::byte>> mail_;  // [to * n + from]
+  std::vector<std::string> gather_;
+};
+
+class ThreadComm final : public sw::Comm {
+ public:
+  ThreadComm(std::shared_ptr<Shared> s, int rank) : s_(std::move(s)), rank_(rank) {}
+  int rank() const override { return rank_; }
+  int size() const override { return s_->size(); }
+  std::string describe() const override { return std::to_string(size()) + " threads"; }
+  std::vector<std::vector<std::byte>> exchange(std::vector<std::vector<std::byte>> send) override {
+    return s_->exchange(rank_, std::move(send));
+  }
+  std::vector<std::string> allgather(const std::string& v) override {
+    return s_->allgather(rank_, v);
+  }
+
+ private:
+  std::shared_ptr<Shared> s_;
+  int rank_;
+};
+
+// Runs compress_checkpoint on `ranks` threads; returns each rank's error message ("" when none).
+std::vector<std::string> run_ranks(int ranks, const fs::path& ckpt, const fs::path& out,
+                                   const std::function<void(sw::CompressOptions&)>& set) {
+  auto shared = std::make_shared<Shared>(ranks);
+  std::vector<std::string> errors(static_cast<size_t>(ranks));
+  std::vector<std::thread> threads;
+  for (int r = 0; r < ranks; ++r)
+    threads.emplace_back([&, r] {
+      sw::CompressOptions opt;
+      opt.threads = 1;
+      opt.comm = std::make_shared<ThreadComm>(shared, r);
+      set(opt);
+      try {
+        sw::compress_checkpoint(ckpt, out, opt);
+      } catch (const std::exception& e) {
+        errors[static_cast<size_t>(r)] = e.what();
+      }
+    });
+  for (auto& t : threads) t.join();
+  return errors;
+}
+
+sw::GenerateOptions model() {
+  sw::GenerateOptions o = sw::generate_preset("tiny");
+  o.vocab_size = 300;
+  o.num_experts = 4;
+  return o;
+}
+
+TEST(Ranks, SameBytesForAnyNumberOfRanks) {
+  TempDir t("ranks");
+  sw::generate_checkpoint(t / "ckpt", model());
+  sw::GenerateTokensOptions to;
+  to.vocab_size = 300;
+  to.pairs = 48;
+  to.encoder_length = 40;
+  to.decoder_length = 12;
+  sw::generate_tokens(to).save(t / "calib.safetensors");
+  // Hessians from a file too (expert 3 saw nothing: rounded to nearest).
+  {
+    const auto src = sw::SwitchSource::open(t / "ckpt");
+    std::map<std::string, HessianAccumulator> acc;
+    std::mt19937_64 rng(3);
+    std::normal_distribution<float> nd;
+    for (const auto& n : src->names()) {
+      if (n.find(".mlp.experts.") == std::string::npos) continue;
+      const int64_t d = src->dense(n).shape[1];
+      const int64_t tokens = n.find("expert_3") != std::string::npos ? 0 : 3 * d;
+      std::vector<float> x(static_cast<size_t>(tokens * d));
+      for (float& v : x) v = nd(rng);
+      HessianAccumulator a(d);
+      if (tokens) a.add(x.data(), tokens);
+      acc.emplace(n.substr(0, n.size() - 7), std::move(a));
+    }
+    write_hessians(t / "h.safetensors", acc);
+  }
+  const std::vector<std::pair<std::string, std::function<void(sw::CompressOptions&)>>> modes = {
+      {"calibration", [&](sw::CompressOptions& o) { o.calib_tokens = t / "calib.safetensors"; }},
+      {"calibration, one pass",
+       [&](sw::CompressOptions& o) {
+         o.calib_tokens = t / "calib.safetensors";
+         o.sequential = false;
+       }},
+      {"hessian file", [&](sw::CompressOptions&) {}},  // provider set below
+      {"round to nearest", [](sw::CompressOptions&) {}},
+  };
+  for (const auto& [name, set] : modes) {
+    SCOPED_TRACE(name);
+    std::unique_ptr<sw::HessianProvider> prov;
+    auto with = [&](sw::CompressOptions& o) {
+      set(o);
+      if (name == "hessian file") {
+        // One provider per rank: open_hessian_file() maps the file; each rank reads its own.
+        static thread_local std::unique_ptr<sw::HessianProvider> p;
+        p = sw::open_hessian_file(t / "h.safetensors");
+        o.hessians = p.get();
+      }
+    };
+    const fs::path ref = t / ("ref_" + std::to_string(name.size()) + ".safetensors");
+    ASSERT_EQ(run_ranks(1, t / "ckpt", ref, with), std::vector<std::string>{""});
+    for (int ranks : {2, 3}) {
+      SCOPED_TRACE(std::to_string(ranks) + " ranks");
+      const fs::path out = t / ("out_" + std::to_string(ranks) + ".safetensors");
+      const auto errors = run_ranks(ranks, t / "ckpt", out, with);
+      for (const auto& e : errors) EXPECT_EQ(e, "");
+      EXPECT_EQ(diff(container_bytes(ref), container_bytes(out)), "");
+      fs::remove(out);
+    }
+  }
+}
+
+TEST(Ranks, AFailingRankStopsThemAll) {
+  TempDir t("ranks_fail");
+  sw::generate_checkpoint(t / "ckpt", model());
+  // A NaN in expert 1 of encoder block 1 (block index 1): owned by rank (1 + 1) mod 3 = 2.
+  {
+    const fs::path p = t / "ckpt" / "model.safetensors";
+    const SafetensorsFile f = SafetensorsFile::open(p);
+    const TensorInfo* ti = f.find("encoder.block.1.layer.1.mlp.experts.expert_1.wi.weight");
+    ASSERT_NE(ti, nullptr);
+    std::string bytes = read_file(p);
+    uint64_t hlen = 0;
+    std::memcpy(&hlen, bytes.data(), 8);
+    const float nan = std::numeric_limits<float>::quiet_NaN();
+    std::memcpy(bytes.data() + 8 + hlen + ti->begin, &nan, 4);
+    write_file(p, bytes);
+  }
+  const auto errors = run_ranks(3, t / "ckpt", t / "out.safetensors", [](sw::CompressOptions&) {});
+  EXPECT_NE(errors[2].find("non-finite"), std::string::npos) << errors[2];
+  for (int r : {0, 1})
+    EXPECT_NE(errors[static_cast<size_t>(r)].find("stopped: process 2 of 3 failed in encoder.block.1"),
+              std::string::npos)
+        << errors[static_cast<size_t>(r)];
+  EXPECT_FALSE(fs::exists(t / "out.safetensors"));
+  // The lead (rank 0) kept the work directory only if it holds finished matrices, and said so.
+  const bool kept = fs::exists(sw::work_dir_for(t / "out.safetensors"));
+  EXPECT_EQ(kept, errors[0].find("for --resume") != std::string::npos) << errors[0];
+}
+
+}  // namespace
+}  // namespace qmoe::test
