@@ -142,7 +142,27 @@ void write_report(const std::string& path, const sw::CompressSummary& s, const s
   j["calibration"] = {{"pairs", s.calibration_pairs},
                       {"tokens", s.calibration_tokens},
                       {"forward_token_blocks", s.loop.forward_tokens},
-                      {"hessian_tokens", s.loop.hessian_tokens}};
+                      {"hessian_tokens", s.loop.hessian_tokens},
+                      {"routed_token_blocks", s.loop.routed_tokens}};
+  j["processes"] = {{"count", s.ranks.size()},
+                    {"bytes_sent", s.loop.bytes_sent},
+                    {"bytes_sent_per_routed_token",
+                     s.loop.routed_tokens > 0 ? static_cast<double>(s.loop.bytes_sent) /
+                                                    static_cast<double>(s.loop.routed_tokens)
+                                              : 0.0}};
+  for (size_t r = 0; r < s.ranks.size(); ++r) {
+    nlohmann::json pr;
+    for (const auto& row : phase_rows(s.ranks[r]))
+      pr[row.name] = {{"seconds", row.p->seconds},
+                      {"cpu_seconds", row.p->cpu_seconds},
+                      {"flops", row.p->flops}};
+    j["processes"]["each"].push_back({{"rank", r},
+                                      {"threads", s.ranks[r].threads},
+                                      {"matrices", s.ranks[r].matrices},
+                                      {"seconds", s.ranks[r].seconds},
+                                      {"bytes_sent", s.ranks[r].bytes_sent},
+                                      {"phases", pr}});
+  }
   j["experts"] = {{"matrices", s.expert_matrices},
                   {"compressed_this_run", s.loop.matrices},
                   {"resumed", s.resumed_matrices},
@@ -309,6 +329,14 @@ int run_compress(const CompressArgs& a) {
         static_cast<long long>(s.calibration_pairs), static_cast<long long>(s.calibration_tokens),
         static_cast<long long>(s.loop.forward_tokens),
         static_cast<long long>(s.loop.hessian_tokens));
+  if (s.ranks.size() > 1)
+    std::printf(
+        "processes: %zu; %s sent between them (expert inputs and outputs), %.0f bytes per "
+        "routed token and sparse block\n",
+        s.ranks.size(), human_bytes(static_cast<double>(s.loop.bytes_sent)).c_str(),
+        s.loop.routed_tokens > 0
+            ? static_cast<double>(s.loop.bytes_sent) / static_cast<double>(s.loop.routed_tokens)
+            : 0.0);
   print_phases(s);
   if (!a.report.empty()) write_report(a.report, s, "qmoe compress " + a.checkpoint);
   (void)experts;

@@ -326,6 +326,8 @@ class ExpertTokens {
         for (int64_t t : toks)
           put_bytes(out, x.row(t).data(), static_cast<size_t>(d_) * sizeof(float));
       }
+      for (int r = 0; r < R; ++r)
+        if (r != me) bytes_sent_ += static_cast<int64_t>(send[static_cast<size_t>(r)].size());
       const auto recv = comm.exchange(std::move(send));
       std::vector<float> tmp;
       for (int r = 0; r < R; ++r) {
@@ -365,6 +367,7 @@ class ExpertTokens {
   }
 
   bool spilled() const { return spilled_; }
+  int64_t bytes_sent() const { return bytes_sent_; }
   bool owns(int64_t e) const { return owned_[static_cast<size_t>(e)] != 0; }
   int64_t rows(int64_t e) const { return rows_[static_cast<size_t>(e)]; }
   // Of expert e's rows, the ones each process sent (in rank order).
@@ -421,6 +424,7 @@ class ExpertTokens {
   std::vector<RowMatrix> mem_;
   bool spilled_ = false;
   int fd_ = -1;
+  int64_t bytes_sent_ = 0;
 
   void open_scratch(const std::filesystem::path& dir) {
     const std::filesystem::path d = dir.empty() ? std::filesystem::temp_directory_path() : dir;
@@ -466,10 +470,11 @@ class ExpertTokens {
 // The owners' expert outputs back to the processes of the tokens: y receives, for every local
 // token routed to an expert, its expert's output. Collective; the same rounds of experts as the
 // gather (outputs[e] holds rows(e) x d floats for every owned expert e, empty otherwise).
-void outputs_to_tokens(const SequentialRunner& run, const ExpertTokens& tokens,
-                       const Partition& part, int64_t block_index, Comm& comm,
-                       const std::function<void(int64_t e, RowMatrix& out)>& compute,
-                       int64_t round_bytes, RowMatrix& y) {
+int64_t outputs_to_tokens(const SequentialRunner& run, const ExpertTokens& tokens,
+                          const Partition& part, int64_t block_index, Comm& comm,
+                          const std::function<void(int64_t e, RowMatrix& out)>& compute,
+                          int64_t round_bytes, RowMatrix& y) {
+  int64_t sent = 0;
   const int64_t E = run.num_experts();
   const int R = comm.size(), me = comm.rank();
   const int64_t d = run.ff_input().cols();
@@ -504,6 +509,8 @@ void outputs_to_tokens(const SequentialRunner& run, const ExpertTokens& tokens,
         row += n;
       }
     }
+    for (int r = 0; r < R; ++r)
+      if (r != me) sent += static_cast<int64_t>(send[static_cast<size_t>(r)].size());
     const auto recv = comm.exchange(std::move(send));
     for (int r = 0; r < R; ++r) {
       Reader in{recv[static_cast<size_t>(r)]};
@@ -516,6 +523,7 @@ void outputs_to_tokens(const SequentialRunner& run, const ExpertTokens& tokens,
     e0 = e1;
   }
   if (failed) std::rethrow_exception(failed);
+  return sent;
 }
 
 }  // namespace
@@ -524,11 +532,12 @@ std::vector<LoopReport> gather_reports(Comm& comm, const LoopReport& mine) {
   auto phase = [](const PhaseStats& p) {
     return nlohmann::json{p.seconds, p.cpu_seconds, p.flops, p.thread_seconds};
   };
-  const nlohmann::json j = {
-      phase(mine.load),   phase(mine.forward), phase(mine.hessians), phase(mine.gptq),
-      phase(mine.encode), phase(mine.write),   mine.blocks,          mine.matrices,
-      mine.resumed,       mine.forward_tokens, mine.hessian_tokens,  mine.threads,
-      mine.memory_budget, mine.spilled_blocks, mine.peak_in_flight,  mine.seconds};
+  const nlohmann::json j = {phase(mine.load),    phase(mine.forward), phase(mine.hessians),
+                            phase(mine.gptq),    phase(mine.encode),  phase(mine.write),
+                            mine.blocks,         mine.matrices,       mine.resumed,
+                            mine.forward_tokens, mine.hessian_tokens, mine.threads,
+                            mine.memory_budget,  mine.spilled_blocks, mine.peak_in_flight,
+                            mine.seconds,        mine.bytes_sent,     mine.routed_tokens};
   std::vector<LoopReport> out;
   for (const std::string& text : comm.allgather(j.dump())) {
     const nlohmann::json v = nlohmann::json::parse(text);
@@ -550,6 +559,8 @@ std::vector<LoopReport> gather_reports(Comm& comm, const LoopReport& mine) {
     r.spilled_blocks = v[13];
     r.peak_in_flight = v[14];
     r.seconds = v[15];
+    r.bytes_sent = v[16];
+    r.routed_tokens = v[17];
     out.push_back(r);
   }
   return out;
@@ -581,6 +592,8 @@ LoopReport combine(std::span<const LoopReport> reports) {
     c.spilled_blocks += r.spilled_blocks;
     c.peak_in_flight = std::max(c.peak_in_flight, r.peak_in_flight);
     c.seconds = std::max(c.seconds, r.seconds);
+    c.bytes_sent += r.bytes_sent;
+    c.routed_tokens += r.routed_tokens;
   }
   return c;
 }
@@ -942,8 +955,11 @@ LoopReport run_block_loop(const std::shared_ptr<const SwitchSource>& source,
       };
       RowMatrix y;
       std::exception_ptr err;
+      rep.bytes_sent += tokens.bytes_sent();
+      for (const auto& toks : run->routing().tokens_of)
+        rep.routed_tokens += static_cast<int64_t>(toks.size());
       try {
-        outputs_to_tokens(*run, tokens, part, bi, comm, compute, round_bytes, y);
+        rep.bytes_sent += outputs_to_tokens(*run, tokens, part, bi, comm, compute, round_bytes, y);
       } catch (const PeerFailed&) {
         throw;
       } catch (...) {

@@ -25,13 +25,16 @@ namespace {
 // Ranks as threads: every collective is a rendezvous on a barrier.
 class Shared {
  public:
-  explicit Shared(int n) : n_(n), bar_(n), mail_(static_cast<size_t>(n * n)), gather_(static_cast<size_t>(n)) {}
+  explicit Shared(int n)
+      : n_(n), bar_(n), mail_(static_cast<size_t>(n * n)), gather_(static_cast<size_t>(n)) {}
   int size() const { return n_; }
   std::vector<std::vector<std::byte>> exchange(int me, std::vector<std::vector<std::byte>> send) {
-    for (int r = 0; r < n_; ++r) mail_[static_cast<size_t>(r * n_ + me)] = std::move(send[static_cast<size_t>(r)]);
+    for (int r = 0; r < n_; ++r)
+      mail_[static_cast<size_t>(r * n_ + me)] = std::move(send[static_cast<size_t>(r)]);
     bar_.arrive_and_wait();
     std::vector<std::vector<std::byte>> recv(static_cast<size_t>(n_));
-    for (int r = 0; r < n_; ++r) recv[static_cast<size_t>(r)] = std::move(mail_[static_cast<size_t>(me * n_ + r)]);
+    for (int r = 0; r < n_; ++r)
+      recv[static_cast<size_t>(r)] = std::move(mail_[static_cast<size_t>(me * n_ + r)]);
     bar_.arrive_and_wait();
     return recv;
   }
@@ -178,8 +181,9 @@ TEST(Ranks, AFailingRankStopsThemAll) {
   const auto errors = run_ranks(3, t / "ckpt", t / "out.safetensors", [](sw::CompressOptions&) {});
   EXPECT_NE(errors[2].find("non-finite"), std::string::npos) << errors[2];
   for (int r : {0, 1})
-    EXPECT_NE(errors[static_cast<size_t>(r)].find("stopped: process 2 of 3 failed in encoder.block.1"),
-              std::string::npos)
+    EXPECT_NE(
+        errors[static_cast<size_t>(r)].find("stopped: process 2 of 3 failed in encoder.block.1"),
+        std::string::npos)
         << errors[static_cast<size_t>(r)];
   EXPECT_FALSE(fs::exists(t / "out.safetensors"));
   // The lead (rank 0) kept the work directory only if it holds finished matrices, and said so.

@@ -147,6 +147,8 @@ struct LoopReport {
   int threads = 0;             // threads the loop used
   int64_t memory_budget = 0;   // smallest budget of matrices in flight of any block (0: no cap)
   int64_t spilled_blocks = 0;  // blocks whose expert inputs went to the scratch file
+  int64_t bytes_sent = 0;      // expert inputs and outputs sent to other processes
+  int64_t routed_tokens = 0;   // tokens of this process routed to an expert, over sparse blocks
   int64_t peak_in_flight = 0;  // most estimated bytes admitted at once
   double seconds = 0;          // wall time of the whole loop
 };
