@@ -3,7 +3,8 @@
 // generator for the expert input, relu(x wi^T) for the hidden activations). Every benchmark
 // reports the floating-point operations it executes (FLOPs), its rate (GFLOP/s), and the dense
 // float GEMM rate measured by this binary in the same run with the same thread count
-// (gemm_GFLOP/s, frac_of_gemm). GPTQ benchmarks also report the relative output error
+// (gemm_GFLOP/s, frac_of_gemm: core's gemm, the products the rest of qmoe runs on). GPTQ benchmarks
+// also report the relative output error
 // ||(W-Q) X^T||^2 / ||W X^T||^2 of GPTQ and of round-to-nearest, and the fraction of zeros.
 //
 //   bench_gptq --benchmark_repetitions=3 --benchmark_report_aggregates_only=true
@@ -25,6 +26,7 @@
 
 #include <Eigen/Core>
 
+#include "qmoe/core/gemm.h"
 #include "qmoe/gptq/gptq.h"
 #include "qmoe/gptq/hessian.h"
 #include "qmoe/gptq/synthetic.h"
@@ -82,22 +84,21 @@ double thread_cpu_seconds() {
   return static_cast<double>(ts.tv_sec) + 1e-9 * static_cast<double>(ts.tv_nsec);
 }
 
-// Dense float GEMM C(m x n) = A(m x k) B(k x n) with Eigen, split over fixed column blocks of C
-// for several threads (Eigen's own threading is off, as in qmoe_gptq). Returns GFLOP/s, best of
-// 5, measured once per thread count. With one thread the time is the thread's CPU time, as for
-// the single-thread benchmarks (the machine may be shared); with more, wall time.
+// The dense float GEMM rate of core's gemm() (the products every dense layer of qmoe runs on),
+// C(m x n) = A(m x k) B(k x n), at `threads`. Returns GFLOP/s, best of 5, measured once per thread
+// count. With one thread the time is the thread's CPU time, as for the single-thread benchmarks
+// (the machine may be shared); with more, wall time.
 double gemm_gflops(int threads) {
   static std::map<int, double> cache;
   if (auto it = cache.find(threads); it != cache.end()) return it->second;
-  const int64_t m = 1024, k = 1024, n = 2048, nb = 256;
+  const int64_t m = 1024, k = 1024, n = 2048;
   const Eigen::MatrixXf a = Eigen::MatrixXf::Random(m, k), b = Eigen::MatrixXf::Random(k, n);
   Eigen::MatrixXf c(m, n);
   double best = 0;
   for (int rep = 0; rep < 5; ++rep) {
     const auto t0 = std::chrono::steady_clock::now();
     const double c0 = thread_cpu_seconds();
-#pragma omp parallel for schedule(static) num_threads(threads)
-    for (int64_t j = 0; j < n; j += nb) c.middleCols(j, nb).noalias() = a * b.middleCols(j, nb);
+    gemm(m, n, k, a.data(), 1, m, b.data(), 1, k, c.data(), 1, m, {.threads = threads});
     const double s =
         threads == 1 ? thread_cpu_seconds() - c0
                      : std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
@@ -106,28 +107,6 @@ double gemm_gflops(int threads) {
   }
   cache[threads] = best;
   return best;
-}
-
-// Floating-point operations executed by gptq_quantize for a rows x cols matrix: the Cholesky
-// factorisation (n^3/3 multiply-adds), the feedback inside blocks and the lazy block GEMMs.
-double gptq_flops(int64_t rows, int64_t n, int64_t bs) {
-  double f = static_cast<double>(n) * n * n / 3.0;
-  for (int64_t i1 = 0; i1 < n; i1 += bs) {
-    const int64_t i2 = std::min(i1 + bs, n);
-    const double b = static_cast<double>(i2 - i1);
-    f += static_cast<double>(rows) * b * (b - 1);  // rank-1 updates in the block
-    f += 2.0 * static_cast<double>(rows) * b * static_cast<double>(n - i2);  // lazy GEMM
-  }
-  return f;
-}
-
-double hessian_flops(int64_t d, int64_t n) {  // upper tiles of 256, as HessianAccumulator
-  const int64_t t = 256;
-  double f = 0;
-  for (int64_t i = 0; i < d; i += t) {
-    for (int64_t j = i; j < d; j += t) f += 2.0 * n * std::min(t, d - i) * std::min(t, d - j);
-  }
-  return f;
 }
 
 double rel_output_error(const std::vector<float>& w, const std::vector<float>& q,
