@@ -131,3 +131,28 @@ def test_errors(checkpoint, tmp_path):
 def test_missing_hessian_file(checkpoint, tmp_path):
     with pytest.raises(qmoe.FormatError, match="none.safetensors"):
         compress_with_hessians(checkpoint, tmp_path / "o.safetensors", hessians=tmp_path / "none.safetensors")
+
+
+def test_calibrated_gptq(checkpoint, tmp_path):
+    """compress_checkpoint with the fixture's token pairs as calibration: GPTQ on Hessians from the
+    block loop, the same bytes for 1 and 2 threads, and the loop's phases in the summary."""
+    out1, out2 = tmp_path / "c1.safetensors", tmp_path / "c2.safetensors"
+    seen = []
+    s1 = qmoe.compress_checkpoint(checkpoint, out1, calib_tokens=checkpoint / "tokens.safetensors",
+                                  threads=1, progress=seen.append, check_disk=False)
+    s2 = qmoe.compress_checkpoint(checkpoint, out2, calib_tokens=checkpoint / "tokens.safetensors",
+                                  threads=2, check_disk=False)
+    assert s1["quantizer"] == s2["quantizer"] == "gptq"
+    assert out1.read_bytes() == out2.read_bytes()
+    assert s1["calibration_pairs"] == 3 and s1["calibration_tokens"] > 0
+    phases = s1["phases"]
+    assert set(phases) == {"load", "forward", "hessians", "gptq", "encode", "write"}
+    assert phases["forward"]["flops"] > 0 and phases["hessians"]["flops"] > 0
+    assert phases["gptq"]["flops"] > 0
+    assert {p["step"] for p in seen} >= {"forward", "experts"}
+    options = json.loads(qmoe.load_metadata(out1)["compress.options"])
+    assert options["hessians"].startswith("calibration tokens.safetensors (3 pairs, sequential)")
+    with pytest.raises(ValueError):
+        qmoe.compress_checkpoint(checkpoint, tmp_path / "x.safetensors",
+                                 calib_tokens=checkpoint / "tokens.safetensors",
+                                 hessians=checkpoint / "tokens.safetensors", check_disk=False)
