@@ -1027,7 +1027,8 @@ py::dict compress_checkpoint(const std::filesystem::path& checkpoint,
   opt.actorder = actorder;
   opt.check_disk = check_disk;
   if (calib_tokens && hessians)
-    throw qmoe::InvalidArgument("compress_checkpoint: hessians and calib_tokens exclude each other");
+    throw qmoe::InvalidArgument(
+        "compress_checkpoint: hessians and calib_tokens exclude each other");
   if (calib_tokens) opt.calib_tokens = *calib_tokens;
   opt.sequential = sequential;
   // The pipeline calls progress and note from the calling thread. A Python exception in either,

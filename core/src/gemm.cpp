@@ -73,7 +73,13 @@ void run(const GemmKernel& kernel, const GemmArgs& g, int threads) {
   const int64_t tr = core_detail::kTaskRows, tc = core_detail::kTaskCols;
   const int64_t row_tasks = (g.m + tr - 1) / tr, col_tasks = (g.n + tc - 1) / tc;
   const int64_t tasks = row_tasks * col_tasks;
-  const int nth = threads == 1 || omp_in_parallel()
+  // Products of a few million multiply-adds finish in about the time it takes to wake a thread
+  // team: they run in the calling thread.
+  constexpr double kParallelWork = 4e6;
+  const bool small = static_cast<double>(g.m) * static_cast<double>(g.n) *
+                         static_cast<double>(std::max<int64_t>(g.k, 1)) <
+                     kParallelWork;
+  const int nth = threads == 1 || small || omp_in_parallel()
                       ? 1
                       : static_cast<int>(std::min<int64_t>(
                             threads > 0 ? threads : omp_get_max_threads(), tasks));

@@ -153,6 +153,30 @@ TEST(Gemm, RowsDoNotDependOnTheRestOfTheBatch) {
     for (int64_t j = 0; j < out; ++j) ASSERT_EQ(part[r * out + j], all[(333 + r) * out + j]);
 }
 
+// A product large enough to run on several threads: the same bits for 1, 2 and 3 threads, and
+// sampled entries equal to the plain chain.
+TEST(Gemm, ThreadedProductsAreTheChainsToo) {
+  std::mt19937 rng(11);
+  std::normal_distribution<float> nd;
+  const int64_t m = 500, n = 300, k = 700;
+  std::vector<float> a(static_cast<size_t>(m * k)), b(static_cast<size_t>(k * n));
+  for (float& v : a) v = nd(rng);
+  for (float& v : b) v = nd(rng);
+  std::vector<float> c1(static_cast<size_t>(m * n)), c2(c1.size()), c3(c1.size());
+  gemm(m, n, k, a.data(), k, 1, b.data(), n, 1, c1.data(), n, 1, {.threads = 1});
+  gemm(m, n, k, a.data(), k, 1, b.data(), n, 1, c2.data(), n, 1, {.threads = 2});
+  gemm(m, n, k, a.data(), k, 1, b.data(), n, 1, c3.data(), n, 1, {.threads = 3});
+  EXPECT_EQ(c1, c2);
+  EXPECT_EQ(c1, c3);
+  std::uniform_int_distribution<int64_t> ri(0, m - 1), rj(0, n - 1);
+  for (int s = 0; s < 200; ++s) {
+    const int64_t i = ri(rng), j = rj(rng);
+    float want = 0.0f;
+    for (int64_t q = 0; q < k; ++q) want = std::fma(a[i * k + q], b[q * n + j], want);
+    ASSERT_EQ(c2[static_cast<size_t>(i * n + j)], want) << i << "," << j;
+  }
+}
+
 TEST(Gemm, ArgumentErrors) {
   float v = 1;
   EXPECT_THROW(gemm(-1, 1, 1, &v, 1, 1, &v, 1, 1, &v, 1, 1), InvalidArgument);
