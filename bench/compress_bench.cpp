@@ -159,15 +159,7 @@ void BM_C2048Block(benchmark::State& st) {
   const char* tpe = std::getenv("QMOE_BENCH_C2048_TOKENS_PER_EXPERT");
   const int64_t per_expert = tpe ? std::atoll(tpe) : 2500;
   const fs::path dir = bench_dir() / "c2048-block";
-  sw::GenerateOptions g;
-  g.d_model = 2080;
-  g.d_ff = 6144;
-  g.d_kv = 64;
-  g.num_heads = 30;
-  g.num_layers = g.num_decoder_layers = 1;
-  g.num_experts = 64;
-  g.sparse_step = 1;
-  g.dtype = DType::kBF16;
+  const sw::GenerateOptions g = sw::generate_preset("c2048-block");
   if (!fs::exists(dir / "config.json") || !fs::exists(dir / "model.safetensors"))
     sw::generate_checkpoint(dir, g);
   const int64_t enc_len = 500, pairs = (per_expert * g.num_experts + enc_len - 1) / enc_len;

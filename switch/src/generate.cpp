@@ -370,6 +370,17 @@ GenerateOptions generate_preset(const std::string& name) {
     o.vocab_size = 512;
     return o;
   }
+  if (name == "c2048-block") {  // switch-c-2048's shapes: one block per stack, 64 experts
+    o.d_model = 2080;
+    o.d_ff = 6144;
+    o.d_kv = 64;
+    o.num_heads = 30;
+    o.num_layers = o.num_decoder_layers = 1;
+    o.num_experts = 64;
+    o.sparse_step = 1;
+    o.dtype = DType::kBF16;
+    return o;
+  }
   if (name == "c2048-style") {
     o.d_model = 256;
     o.d_ff = 1024;
@@ -388,7 +399,7 @@ GenerateOptions generate_preset(const std::string& name) {
 }
 
 std::vector<std::string> generate_preset_names() {
-  return {"switch-base-8", "switch-base-8-bf16", "small", "tiny", "c2048-style"};
+  return {"switch-base-8", "switch-base-8-bf16", "small", "tiny", "c2048-style", "c2048-block"};
 }
 
 int64_t experts_for_size(const GenerateOptions& opt, int64_t bytes) {
