@@ -7,6 +7,7 @@
 #include <gtest/gtest.h>
 
 #include "qmoe/format/reference.h"
+#include "qmoe/switch/experts.h"
 #include "qmoe/switch/forward.h"
 #include "test_util.h"
 
@@ -245,6 +246,62 @@ TEST(Experts, CompressedExpertEqualsDenseExpertOnDecodedWeights) {
                 std::memcmp(y3.data(), y4.data(), sizeof(float) * static_cast<size_t>(y3.size())));
     }
   }
+}
+
+// compressed_experts_forward (the layer call of the Python bindings): each routed token's row is
+// scale * CompressedExpert::forward of its expert, bit for bit; dropped tokens (-1) get zeros.
+TEST(Experts, CompressedExpertsForwardEqualsPerExpertCalls) {
+  const SwitchModel m = SwitchModel::load(fixture("every_other_f32"));
+  const FeedForward& ff = m.encoder[1].ff;
+  std::vector<std::shared_ptr<CompressedExpert>> comp;
+  std::vector<CompressedView> wi, wo;
+  for (const auto& e : ff.experts) {
+    const auto& d = dynamic_cast<const DenseExpert&>(*e);
+    comp.push_back(
+        CompressedExpert::owning(encode(ternarize_rtn(d.wi().t.data, d.wi().out, d.wi().in)),
+                                 encode(ternarize_rtn(d.wo().t.data, d.wo().out, d.wo().in))));
+    wi.push_back(comp.back()->wi());
+    wo.push_back(comp.back()->wo());
+  }
+  const int64_t n = 37, d = m.config.d_model;
+  const RowMatrix x = RowMatrix::Random(n, d);
+  std::vector<int32_t> expert(static_cast<size_t>(n));
+  std::vector<float> scale(static_cast<size_t>(n));
+  for (int64_t t = 0; t < n; ++t) {
+    expert[static_cast<size_t>(t)] = t % 7 == 3 ? -1 : static_cast<int32_t>((t * 5) % 3);
+    scale[static_cast<size_t>(t)] = 0.25f + 0.01f * static_cast<float>(t);
+  }
+  for (int threads : {1, 2}) {
+    RowMatrix y = RowMatrix::Constant(n, d, 7.0f);
+    compressed_experts_forward(wi, wo, x.data(), n, expert, scale, y.data(), threads);
+    // Reference: each expert's forward on all of its tokens at once, in row order.
+    RowMatrix want = RowMatrix::Zero(n, d);
+    for (size_t e = 0; e < comp.size(); ++e) {
+      std::vector<int64_t> rows;
+      for (int64_t t = 0; t < n; ++t)
+        if (expert[static_cast<size_t>(t)] == static_cast<int32_t>(e)) rows.push_back(t);
+      const auto k = static_cast<int64_t>(rows.size());
+      if (k == 0) continue;
+      RowMatrix xin(k, d), out(k, d);
+      for (int64_t i = 0; i < k; ++i) xin.row(i) = x.row(rows[static_cast<size_t>(i)]);
+      comp[e]->forward(xin.data(), k, nullptr, out.data());
+      for (int64_t i = 0; i < k; ++i) {
+        const int64_t t = rows[static_cast<size_t>(i)];
+        want.row(t) = scale[static_cast<size_t>(t)] * out.row(i);
+      }
+    }
+    for (int64_t t = 0; t < n; ++t)
+      EXPECT_EQ(0, std::memcmp(y.row(t).data(), want.row(t).data(), sizeof(float) * d))
+          << "token " << t;
+  }
+  RowMatrix y(n, d);
+  expert[0] = 4;  // only experts 0..3 exist
+  EXPECT_THROW(compressed_experts_forward(wi, wo, x.data(), n, expert, scale, y.data()),
+               InvalidArgument);
+  expert[0] = 0;
+  EXPECT_THROW(compressed_experts_forward(wi, std::span<const CompressedView>(wo).first(2),
+                                          x.data(), n, expert, scale, y.data()),
+               InvalidArgument);
 }
 
 // A sparse layer whose experts are all compressed runs as two grouped calls (up, then down
