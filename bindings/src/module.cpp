@@ -1088,9 +1088,10 @@ std::vector<int32_t> expert_of_tokens(const py::handle& obj, int64_t n, int64_t 
     }
     return out;
   }
-  if (a.ndim() != 2 || a.shape(0) != n || a.shape(1) != E)
-    bad_arg("expert: expected shape (" + std::to_string(n) + ",) or (" + std::to_string(n) + ", " +
-            std::to_string(E) + ")");
+  // A mask: (n, E), or (n, 1, E) as transformers' routers return it.
+  if (a.ndim() < 2 || a.shape(0) != n || a.shape(a.ndim() - 1) != E || a.size() != n * E)
+    bad_arg("expert: expected shape (" + std::to_string(n) + ",), (" + std::to_string(n) + ", " +
+            std::to_string(E) + ") or (" + std::to_string(n) + ", 1, " + std::to_string(E) + ")");
   for (int64_t t = 0; t < n; ++t) {
     const int64_t* row = v.data() + t * E;
     for (int64_t e = 0; e < E; ++e) {
@@ -1910,8 +1911,9 @@ Raises ValueError when the counts or shapes differ.
            py::arg("bf16") = false, py::arg("threads") = 0, R"doc(
 X: (n, d_model) float32, float16 or bfloat16 (uint16 bit patterns with bf16=True), C-contiguous
 (read in place when float32). expert: (n,) integers, the expert of each token (negative: none),
-or an (n, E) mask with at most one non-zero per row (transformers' one-hot dispatch mask; an
-all-zero row is a dropped token). scales: None or n float factors (router probabilities).
+or an (n, E) or (n, 1, E) mask with at most one non-zero per token (transformers' one-hot dispatch
+mask; an all-zero row is a dropped token). scales: None or n float factors (router
+probabilities), any shape with n elements.
 out: None (a new float32 array) or a writable C-contiguous float32 (n, d_model) array to fill.
 Returns Y, float32 (n, d_model). Raises ValueError for a wrong dtype, shape, or expert index.
 )doc");

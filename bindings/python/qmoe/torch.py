@@ -105,8 +105,11 @@ class CompressedLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.in_features:
             raise ValueError(f"CompressedLinear: input has {x.shape[-1]} features, the matrix {self.in_features}")
-        lead = x.shape[:-1]
-        x2 = x.detach().reshape(-1, self.in_features)
+        if x.requires_grad:
+            x = x.detach()
+        # The common case -- (tokens, features), contiguous, float32 on the CPU -- with as few
+        # tensor operations as possible: one numpy view in, one tensor view out.
+        x2 = x if x.dim() == 2 else x.reshape(-1, self.in_features)
         if not x2.is_contiguous():
             x2 = x2.contiguous()
         if x2.is_cuda:
@@ -114,12 +117,12 @@ class CompressedLinear(nn.Module):
             y = torch.empty((x2.shape[0], self.out_features), dtype=x2.dtype, device=x2.device)
             cm.forward_device(x2.data_ptr(), y.data_ptr(), x2.shape[0], dtype=_torch_dtype_name(x2.dtype),
                               stream=torch.cuda.current_stream(x2.device).cuda_stream)
-            return y.view(*lead, self.out_features)
-        arr, bf16 = _numpy_view(x2)
-        y = torch.from_numpy(self.matrix.matmul(arr, bf16=bf16, threads=self.threads))
-        if x.dtype != torch.float32:
-            y = y.to(x.dtype)
-        return y.view(*lead, self.out_features)
+        elif x2.dtype == torch.float32:
+            y = torch.from_numpy(self.matrix.matmul(x2.numpy(), threads=self.threads))
+        else:
+            arr, bf16 = _numpy_view(x2)
+            y = torch.from_numpy(self.matrix.matmul(arr, bf16=bf16, threads=self.threads)).to(x2.dtype)
+        return y if x.dim() == 2 else y.view(*x.shape[:-1], self.out_features)
 
 
 class CompressedExpertMLP(nn.Module):
@@ -160,21 +163,24 @@ class CompressedSwitchExperts(nn.ModuleDict):
 
     def forward(self, hidden_states: torch.Tensor, selected_experts: torch.Tensor,
                 routing_weights: torch.Tensor) -> torch.Tensor:
-        n, d = hidden_states.shape
         if hidden_states.is_cuda or not self.grouped:
             return self._forward_loop(hidden_states, selected_experts, routing_weights)
-        x = hidden_states.detach()
-        if not x.is_contiguous():
-            x = x.contiguous()
+        x = hidden_states.detach() if hidden_states.requires_grad else hidden_states
+        w = routing_weights.detach() if routing_weights.requires_grad else routing_weights
+        if (x.dtype == torch.float32 and w.dtype == torch.float32 and x.is_contiguous()
+                and w.is_contiguous() and selected_experts.is_contiguous()):
+            # The common case, with as few tensor operations as possible: numpy views in (the
+            # (n, 1, E) mask and (n, 1) weights as they are), one tensor view out.
+            return torch.from_numpy(self.layer.forward(x.numpy(), selected_experts.numpy(), w.numpy(),
+                                                       threads=self.threads))
+        x = x.contiguous()
+        mask = selected_experts.contiguous()
+        w = w.float().contiguous()
+        if x.dtype == torch.float32:
+            return torch.from_numpy(self.layer.forward(x.numpy(), mask.numpy(), w.numpy(), threads=self.threads))
         arr, bf16 = _numpy_view(x)
-        mask = selected_experts.detach().reshape(n, self.num_experts)
-        if not mask.is_contiguous():
-            mask = mask.contiguous()
-        w = routing_weights.detach().reshape(n)
-        if w.dtype != torch.float32:
-            w = w.float()
-        y = torch.from_numpy(self.layer.forward(arr, mask.numpy(), w.numpy(), bf16=bf16, threads=self.threads))
-        return y if hidden_states.dtype == torch.float32 else y.to(hidden_states.dtype)
+        y = self.layer.forward(arr, mask.numpy(), w.numpy(), bf16=bf16, threads=self.threads)
+        return torch.from_numpy(y).to(hidden_states.dtype)
 
     def _forward_loop(self, hidden_states, selected_experts, routing_weights):
         """transformers' loop over the active experts, each expert a CompressedExpertMLP."""
