@@ -36,7 +36,7 @@ except ImportError:
 
 
 def rss_mb(peak=False):
-    """Current (from /proc) or peak (getrusage) resident set of this process, in MB."""
+    """Current (from /proc) or peak (getrusage) resident set of this process, in MiB."""
     if peak:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
     with open("/proc/self/status") as f:
@@ -110,8 +110,8 @@ def main():
     params, experts = model_bytes(model)
     layers = sum(isinstance(m, qt.CompressedSwitchExperts) for m in model.modules())
     print(f"model: {kind}; loaded in {load_s:.2f} s")
-    print(f"weights: {params / 1e6:.1f} MB of parameters (not experts, for a compressed model) + "
-          f"{experts / 1e6:.1f} MB of compressed experts in {layers} sparse layers")
+    print(f"weights: {params / 2**20:.1f} MiB of parameters (not experts, for a compressed model) + "
+          f"{experts / 2**20:.1f} MiB of compressed experts in {layers} sparse layers")
 
     tokenizer = None
     if args.tokenizer:
@@ -143,9 +143,9 @@ def main():
         print("output text: " + tokenizer.decode(out[0], skip_special_tokens=True))
     peak = rss_mb(peak=True)
     model_mb = (params + experts) / 2**20
-    print(f"peak RSS: {peak:.1f} MB; runtime (imports + a toy generate()): {rss_runtime:.1f} MB; "
-          f"model + generation: {peak - rss_runtime:.1f} MB = {(peak - rss_runtime) / model_mb:.2f} x the "
-          f"model's {model_mb:.1f} MB (parameters + compressed experts)")
+    print(f"peak RSS: {peak:.1f} MiB; runtime (imports + a toy generate()): {rss_runtime:.1f} MiB; "
+          f"model + generation: {peak - rss_runtime:.1f} MiB = {(peak - rss_runtime) / model_mb:.2f} x the "
+          f"model's {model_mb:.1f} MiB (parameters + compressed experts)")
     if tmp is not None:
         tmp.cleanup()
     return 0

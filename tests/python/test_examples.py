@@ -90,7 +90,7 @@ def test_torch_generate_runs_or_skips_cleanly(tmp_path):
     assert m and int(m.group(1)) == 6 and float(m.group(2)) > 0, out
     ids = re.search(r"^output ids: ([0-9,]+)$", out, re.M)
     assert ids and len(ids.group(1).split(",")) == 7, out
-    assert re.search(r"peak RSS: [0-9.]+ MB; runtime .*: [0-9.]+ MB; model \+ generation", out), out
+    assert re.search(r"peak RSS: [0-9.]+ MiB; runtime .*: [0-9.]+ MiB; model \+ generation", out), out
     assert re.search(r"in 4 sparse layers", out), out
     # The same ids through the dense model of the fixture (its experts differ: only the format).
     out = run("examples/torch_generate.py", "--dense", str(fixture), "--ids", "5,17,33,2", "--max-new-tokens", "3")

@@ -157,6 +157,8 @@ def test_from_container_equals_transformers_and_the_cxx_forward(name, containers
     assert abs(got_loss - want_loss) <= 2e-5 * want_loss
     # The C++ forward pass on the same container, compressed experts through the same kernels.
     cxx = qmoe.switch_eval(containers[name], d / "tokens.safetensors", expert_capacity=capacity, logits=True)
+    print(f"{name}: C++ forward logits relative difference {rel(cxx['logits'], want):.2g}, "
+          f"loss {cxx['loss']:.7f}")
     assert rel(cxx["logits"], want) <= 1e-5
     assert rel(cxx["logits"], got) <= 1e-5
     assert abs(cxx["loss"] - want_loss) <= 2e-5 * want_loss
@@ -178,6 +180,21 @@ def test_no_expert_is_decoded(name, containers):
         src = tensors["shared.weight" if k.endswith("embed_tokens.weight") and k not in tensors else
                       ("shared.weight" if k == "lm_head.weight" and k not in tensors else k)]
         assert p.data_ptr() == src.__array_interface__["data"][0], k
+
+
+def test_sparse_blocks_come_from_the_tensor_names(containers):
+    # A config that miscounts the sparse blocks (as switch-c-2048's does): the container's tensor
+    # names decide, as in the C++ loader.
+    name = "every_other_f32"
+    cfg = json.loads(qmoe.load_metadata(containers[name])["config.json"])
+    cfg["num_sparse_encoder_layers"] = 0
+    cfg["num_sparse_decoder_layers"] = 4
+    model = qt.from_container(containers[name], config=cfg)
+    assert [b.layer[-1].is_sparse for b in model.encoder.block] == [False, True, False, True]
+    assert [b.layer[-1].is_sparse for b in model.decoder.block] == [False, True, False, True]
+    got, _ = run_pairs(model, token_pairs(FIXTURES / name))
+    want, _ = run_pairs(qt.from_container(containers[name]), token_pairs(FIXTURES / name))
+    np.testing.assert_array_equal(got, want)
 
 
 def test_generate_equals_transformers_on_decoded_weights(containers):
