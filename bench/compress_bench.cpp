@@ -73,8 +73,7 @@ double gemm_rate(int threads) {
   for (int rep = 0; rep < 3; ++rep) {
     const auto t0 = std::chrono::steady_clock::now();
     matmul_xwt(n, n, n, x.data(), n, w.data(), y.data(), n, {.threads = threads});
-    const double s =
-        std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     best = std::max(best, 2.0 * static_cast<double>(n * n * n) / s * 1e-9);
   }
   cache[threads] = best;
@@ -135,8 +134,7 @@ void BM_Base8Calibrated(benchmark::State& st) {
   if (!fs::exists(dir / "config.json") || !fs::exists(dir / "model.safetensors"))
     sw::generate_checkpoint(dir, sw::generate_preset("switch-base-8"));
   const fs::path tokens = dir / "calibration_32x160.safetensors";
-  if (!fs::exists(tokens))
-    sw::generate_tokens(tokens_options(32128, 32, 128, 32)).save(tokens);
+  if (!fs::exists(tokens)) sw::generate_tokens(tokens_options(32128, 32, 128, 32)).save(tokens);
   gemm_rate(threads);  // measured before, not after, the compression
   sw::CompressSummary s;
   for (auto _ : st) {
@@ -197,7 +195,8 @@ void BM_C2048Block(benchmark::State& st) {
   }
   report(st, r, threads);
   st.counters["calib_tokens"] = static_cast<double>(calib.encoder_ids.size());
-  st.counters["max_memory_MB"] = static_cast<double>(env_bytes("QMOE_BENCH_MAX_MEMORY")) / 1048576.0;
+  st.counters["max_memory_MB"] =
+      static_cast<double>(env_bytes("QMOE_BENCH_MAX_MEMORY")) / 1048576.0;
 }
 
 void thread_args(benchmark::internal::Benchmark* b) {
