@@ -10,6 +10,15 @@ Runs the same configuration both ways and prints microseconds per call:
           from DRAM), median over the same number of repetitions;
 and the fixed cost of one call on a 1 x 2 matrix, where the kernel does almost nothing.
 
+With --torch (needs torch) the same calls also go through qmoe.torch: "torch f32" is a
+CompressedLinear on a float32 CPU tensor (the module's forward, the zero-copy hand-over of the
+tensor's memory, the output wrapped as a tensor), "torch bf16" the same on a bfloat16 tensor (plus
+the widening to float32 in C++ and the cast of the output back to bfloat16); its overhead column
+is the torch path's minimum minus the C++ kernel's. "layer" rows time one whole Switch expert
+layer call at one token (CompressedSwitchExperts: 8 experts of wi_3072x768 + wo_768x3072, one of
+them active) against the two C++ kernel calls it makes (wi's + wo's minima, the C++ benchmark's
+pool also of 8 experts).
+
     python bench/python_overhead.py --bench build/release/bench/bench_decoder_cpu
 
 Build the C++ benchmark with the Release build (cmake --build build/release --target
@@ -95,13 +104,23 @@ def main():
     ap.add_argument("--calls", type=int, default=400, help="calls per repetition (Python)")
     ap.add_argument("--repetitions", type=int, default=5)
     ap.add_argument("--experts", type=int, default=int(os.environ.get("QMOE_BENCH_EXPERTS", "64")))
+    ap.add_argument("--torch", action="store_true", help="also time the qmoe.torch path (needs torch)")
     args = ap.parse_args()
+    torch_rows = []
+    if args.torch:
+        import torch
+
+        import qmoe.torch as qt
+
+        torch.set_num_threads(max(1, args.threads))
 
     rows, cols = SHAPES[args.shape]
     print(f"# qmoe {qmoe.__version__}; shape {args.shape}, {args.experts} experts, {args.threads} thread(s), "
           f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}")
     pool = expert_pool(rows, cols, args.experts)
     print(f"# pool: {pool[0].bits_per_weight:.3f} bits per weight (qmoe-v1)")
+    if args.torch:
+        tpool = [qt.CompressedLinear(m, threads=args.threads) for m in pool]
     have_cxx = args.bench.is_file()
     if not have_cxx:
         print(f"# C++ benchmark {args.bench} not found: only the Python side is measured")
@@ -123,17 +142,77 @@ def main():
                 return m.matmul(v, threads=args.threads)
         py_med, py_min = time_calls(call, pool, x, args.calls, args.repetitions)
         label = f"{'matvec' if n == 1 else 'matmul'} {args.shape} tokens:{n}"
+        c_med = c_min = None
         if have_cxx:
             c_med, c_min = cxx_time(args.bench, args.shape, n, args.threads, args.repetitions, args.experts)
             print(f"{label:<34} {c_med:>9.1f} {c_min:>9.1f} {py_med:>9.1f} {py_min:>9.1f} {py_min - c_min:>9.1f}")
         else:
             print(f"{label:<34} {'-':>9} {'-':>9} {py_med:>9.1f} {py_min:>9.1f} {'-':>9}")
+        if args.torch:
+            for dt in (torch.float32, torch.bfloat16):
+                xt = torch.from_numpy(np.asarray(x)).to(dt)
+                t_med, t_min = time_calls(lambda lin, v: lin(v), tpool, xt, args.calls, args.repetitions)
+                tl = f"torch {'f32' if dt == torch.float32 else 'bf16'} {args.shape} tokens:{n}"
+                over = f"{t_min - c_min:>9.1f}" if c_min is not None else f"{'-':>9}"
+                cm = f"{c_med:>9.1f} {c_min:>9.1f}" if c_min is not None else f"{'-':>9} {'-':>9}"
+                print(f"{tl:<34} {cm} {t_med:>9.1f} {t_min:>9.1f} {over}")
+
+    if args.torch:
+        # One Switch expert layer at one token: 8 experts, one active (as in generation).
+        wi_pool = expert_pool(*SHAPES["wi_3072x768"], 8, seed=11)
+        wo_pool = expert_pool(*SHAPES["wo_768x3072"], 8, seed=12)
+        layers = [qt.CompressedSwitchExperts(wi_pool, wo_pool, threads=args.threads)]
+        x1 = torch.from_numpy(rng.standard_normal((1, 768)).astype(np.float32))
+        sel = torch.zeros((1, 1, 8), dtype=torch.int64)
+        sel[0, 0, 3] = 1
+        w = torch.full((1, 1), 0.7)
+        l_med, l_min = time_calls(lambda layer, v: layer(v, sel, w), layers, x1, args.calls, args.repetitions)
+        c = None
+        if have_cxx:
+            # A pool of 8 experts on both sides (the layer's 8 stay in cache as the C++ pool's do).
+            wi_c = cxx_time(args.bench, "wi_3072x768", 1, args.threads, args.repetitions, 8)
+            wo_c = cxx_time(args.bench, "wo_768x3072", 1, args.threads, args.repetitions, 8)
+            c = (wi_c[0] + wo_c[0], wi_c[1] + wo_c[1])
+        cm = f"{c[0]:>9.1f} {c[1]:>9.1f}" if c else f"{'-':>9} {'-':>9}"
+        over = f"{l_min - c[1]:>9.1f}" if c else f"{'-':>9}"
+        print(f"{'layer torch f32 8 experts tokens:1':<34} {cm} {l_med:>9.1f} {l_min:>9.1f} {over}")
 
     # Fixed cost: a 1 x 2 matrix, where the kernel itself takes a few nanoseconds.
+    fixed_calls = 50 * args.calls
     tiny = qmoe.encode(np.array([[2, 1]], np.uint8), np.array([[0xBF80, 0x3F80]], np.uint16))
     xt = np.ones(2, np.float32)
-    med, mn = time_calls(lambda m, v: m.matvec(v, threads=1), [tiny], xt, 20000, args.repetitions)
+    med, mn = time_calls(lambda m, v: m.matvec(v, threads=1), [tiny], xt, fixed_calls, args.repetitions)
     print(f"{'matvec 1x2 (fixed cost of a call)':<34} {'-':>9} {'-':>9} {med:>9.2f} {mn:>9.2f} {'-':>9}")
+    if args.torch:
+        # The same fixed costs through qmoe.torch, where the kernels do almost nothing: what the
+        # torch path adds to a kernel call, free of the kernel's own run-to-run noise: a 2 x 768
+        # matrix on one token of 768 features (numpy: matmul of a (1, 768) array).
+        two = expert_pool(2, 768, 1, seed=13)
+        x1 = rng.standard_normal((1, 768)).astype(np.float32)
+        med, mn = time_calls(lambda m, v: m.matmul(v, threads=1), two, x1, fixed_calls, args.repetitions)
+        print(f"{'matmul 2x768 tokens:1 (fixed cost)':<34} {'-':>9} {'-':>9} {med:>9.2f} {mn:>9.2f} {'-':>9}")
+        lin = [qt.CompressedLinear(two[0], threads=1)]
+        for dt in (torch.float32, torch.bfloat16):
+            xt = torch.from_numpy(x1).to(dt)
+            med, mn = time_calls(lambda l, v: l(v), lin, xt, fixed_calls, args.repetitions)
+            tl = f"torch {'f32' if dt == torch.float32 else 'bf16'} 2x768 tokens:1 (fixed)"
+            print(f"{tl:<34} {'-':>9} {'-':>9} {med:>9.2f} {mn:>9.2f} {'-':>9}")
+        # A layer of 8 experts of d_model = d_ff = 2 (both kernels almost free), one token on
+        # expert 5: through qmoe.CompressedExperts on numpy arrays, then through qmoe.torch.
+        small = qt.CompressedSwitchExperts(expert_pool(2, 2, 8, seed=14), expert_pool(2, 2, 8, seed=15), threads=1)
+        x2 = rng.standard_normal((1, 2)).astype(np.float32)
+        sel = torch.zeros((1, 1, 8), dtype=torch.int64)
+        sel[0, 0, 5] = 1
+        w = torch.full((1, 1), 0.7)
+        med, mn = time_calls(lambda l, v: l.forward(v, sel.numpy(), w.numpy(), threads=1), [small.layer], x2, fixed_calls,
+                             args.repetitions)
+        print(f"{'layer numpy 8x(2x2) (fixed cost)':<34} {'-':>9} {'-':>9} {med:>9.2f} {mn:>9.2f} {'-':>9}")
+        for dt in (torch.float32, torch.bfloat16):
+            xt = torch.from_numpy(x2).to(dt)
+            wt = w.to(dt)
+            med, mn = time_calls(lambda l, v: l(v, sel, wt), [small], xt, fixed_calls, args.repetitions)
+            tl = f"layer torch {'f32' if dt == torch.float32 else 'bf16'} 8x(2x2) (fixed)"
+            print(f"{tl:<34} {'-':>9} {'-':>9} {med:>9.2f} {mn:>9.2f} {'-':>9}")
     return 0
 
 

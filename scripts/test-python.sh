@@ -7,9 +7,14 @@
 # scripts/requirements-dev.txt changes), scikit-build-core keeps its CMake build folder under
 # build/python/, and ccache caches the objects.
 #
+# torch and transformers (scripts/requirements-torch.txt, pinned) are installed into the venv too,
+# once (a stamp records the file's hash), and QMOE_REQUIRE_TORCH=1 makes qmoe.torch's tests fail
+# rather than skip should they be missing.
+#
 # Environment: PYTHON (interpreter for the venv, default python3), QMOE_VENV (venv folder),
 # QMOE_JOBS (parallel build jobs), QMOE_PY_CLEAN=1 (install from a fresh clone of HEAD into a
-# brand-new venv instead, as a user would; slower).
+# brand-new venv instead, as a user would; slower), QMOE_TORCH=0 (neither install torch nor
+# require it: qmoe.torch's tests skip).
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
@@ -43,6 +48,16 @@ want=$(sha256sum "$src/scripts/requirements-dev.txt" | cut -d' ' -f1)
 if [ "$(cat "$stamp" 2>/dev/null || true)" != "$want" ]; then
   "$vpy" -m pip install -q --disable-pip-version-check -r "$src/scripts/requirements-dev.txt"
   echo "$want" >"$stamp"
+fi
+if [ "${QMOE_TORCH:-1}" = 1 ]; then
+  stamp=$venv/.qmoe-requirements-torch
+  want=$(sha256sum "$src/scripts/requirements-torch.txt" | cut -d' ' -f1)
+  if [ "$(cat "$stamp" 2>/dev/null || true)" != "$want" ]; then
+    echo "test-python: pip install -r scripts/requirements-torch.txt (torch, transformers)"
+    "$vpy" -m pip install -q --disable-pip-version-check -r "$src/scripts/requirements-torch.txt"
+    echo "$want" >"$stamp"
+  fi
+  export QMOE_REQUIRE_TORCH=1
 fi
 
 echo "test-python: pip install $src"

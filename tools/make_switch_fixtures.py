@@ -2,9 +2,11 @@
 """Builds the golden fixtures of tests/switch/: small SwitchTransformers models with random weights,
 saved in the Hugging Face hub layout, with the outputs of transformers' own forward pass.
 
-Needs torch and transformers (pinned below); the C++ test suite reads only the files written here.
+Needs torch and transformers (pinned below, as in scripts/requirements-torch.txt); the C++ test
+suite reads only the files written here, the Python tests (tests/python/test_torch.py) also run
+transformers on them.
 
-    pip install torch transformers==4.46.3 safetensors numpy
+    pip install -r scripts/requirements-torch.txt safetensors numpy
     python tools/make_switch_fixtures.py [--out tests/switch/fixtures]
 
 Per model directory <name>/:
@@ -21,11 +23,16 @@ Per model directory <name>/:
 Each pair is run on its own (batch of one), so that sequences of different lengths need no padding
 and the expert capacity applies per sequence, as in transformers.
 
-Tokens over expert capacity (transformers 4.46.3, SwitchTransformersTop1Router): a token's priority
-for its expert is its position in the sequence (cumulative count of earlier tokens routed to the same
-expert); tokens past `expert_capacity` are dropped: the sparse MLP leaves them as their layer-normed
-input, which is still multiplied by the router probability of the chosen expert, and the residual is
-added. The fixture `all_sparse_bf16` uses a small capacity so that this path is exercised.
+Tokens over expert capacity (transformers 5, SwitchTransformersTop1Router): a token's priority for
+its expert is its position in the sequence (cumulative count of earlier tokens routed to the same
+expert); tokens past `expert_capacity` are dropped: their feed-forward output is zero, so the block
+passes them on through the residual alone (as the original Switch Transformer does). The fixtures
+`dropped_f32` and `all_sparse_bf16` use a small capacity so that this path is exercised.
+
+Untied embeddings (`tie_word_embeddings: false`): transformers 5 keeps `shared`,
+`encoder.embed_tokens`, `decoder.embed_tokens` and `lm_head` as four separate matrices, saves all of
+them, and the encoder and decoder embed their tokens with their own. The fixtures `untied_f32` and
+`all_sparse_bf16` are untied, with four different random matrices.
 """
 import argparse
 import json
@@ -37,7 +44,7 @@ import transformers
 from safetensors.numpy import save_file
 from transformers import SwitchTransformersConfig, SwitchTransformersForConditionalGeneration
 
-PINNED_TRANSFORMERS = "4.46.3"
+PINNED_TRANSFORMERS = "5.25.0"
 
 
 def build(cfg_kwargs, seed, weight_std):
@@ -55,7 +62,8 @@ def build(cfg_kwargs, seed, weight_std):
                 p.copy_(torch.randn_like(p) * 1.0 / p.shape[1] ** 0.5 * 3.0)
             else:
                 fan_in = p.shape[1] if p.dim() == 2 else 1
-                scale = 1.0 if name in ("shared.weight",) else weight_std / fan_in ** 0.5
+                embedding = name in ("shared.weight", "lm_head.weight") or name.endswith("embed_tokens.weight")
+                scale = 1.0 if embedding else weight_std / fan_in ** 0.5
                 p.copy_(torch.randn_like(p) * scale)
     model.eval()
     return model
@@ -148,10 +156,14 @@ def main():
                   relative_attention_max_distance=24, dropout_rate=0.0, router_jitter_noise=0.0,
                   decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
     # switch-base layout: every other block sparse (blocks 1, 3), tied embeddings, fp32, one file.
-    make(args.out, "every_other_f32",
-         dict(common, d_ff=64, num_layers=4, num_decoder_layers=4, num_sparse_encoder_layers=2,
-              num_sparse_decoder_layers=2, num_experts=4, expert_capacity=64), seed=1, lengths=lengths)
-    # c-2048 layout: every block sparse, untied lm_head, bf16, sharded with an index, a capacity small
+    base = dict(common, d_ff=64, num_layers=4, num_decoder_layers=4, num_sparse_encoder_layers=2,
+                num_sparse_decoder_layers=2, num_experts=4, expert_capacity=64)
+    make(args.out, "every_other_f32", base, seed=1, lengths=lengths)
+    # The same layout with a capacity small enough that tokens are dropped (tied, fp32).
+    make(args.out, "dropped_f32", dict(base, expert_capacity=3), seed=3, lengths=lengths)
+    # Untied: separate encoder and decoder embeddings and lm_head (fp32, nothing dropped).
+    make(args.out, "untied_f32", dict(base, tie_word_embeddings=False), seed=4, lengths=lengths)
+    # c-2048 layout: every block sparse, untied, bf16, sharded with an index, a capacity small
     # enough that tokens are dropped.
     make(args.out, "all_sparse_bf16",
          dict(common, d_ff=48, num_layers=2, num_decoder_layers=3, num_sparse_encoder_layers=2,

@@ -36,7 +36,7 @@ void SequentialRunner::enter_stack(Stack s) {
   block_ = 0;
   const bool enc = s == Stack::kEncoder;
   const std::vector<int32_t>& ids = enc ? pairs_.encoder_ids : dec_inputs_;
-  h_ = embed(model_, ids);
+  h_ = embed(model_, s, ids);
   const std::unordered_set<int32_t> ex(opt_.excluded_ids.begin(), opt_.excluded_ids.end());
   excluded_.assign(ids.size(), 0);
   for (size_t i = 0; i < ids.size(); ++i) {
@@ -234,13 +234,8 @@ void SequentialRunner::end_block_outputs(const RowMatrix& y) {
 }
 
 void SequentialRunner::finish_block() {
-  if (sparse()) {
-    // Dropped tokens (over capacity): their layer-normed input passes through (transformers
-    // 4.46's rule), scaled by the router probability.
-    for (int64_t t = 0; t < h_.rows(); ++t)
-      if (routing_.dropped[static_cast<size_t>(t)])
-        h_.row(t) += routing_.prob[static_cast<size_t>(t)] * x_.row(t);
-  }
+  // Dropped tokens (over capacity): FF output zero, the residual alone goes on (as in
+  // feed_forward_apply and transformers 5).
   in_block_ = false;
   ++block_;
   if (stack_ == Stack::kEncoder && block_ >= static_cast<int64_t>(model_.encoder.size())) {

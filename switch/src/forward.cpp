@@ -131,16 +131,16 @@ int64_t relative_position_bucket(int64_t relative_position, bool bidirectional, 
   return bucket + std::min(large, n - 1);
 }
 
-RowMatrix embed(const SwitchModel& m, std::span<const int32_t> ids) {
+RowMatrix embed(const SwitchModel& m, Stack s, std::span<const int32_t> ids) {
   const int64_t d = m.config.d_model;
+  const float* table = m.embedding(s).data;
   RowMatrix h(static_cast<int64_t>(ids.size()), d);
   for (size_t i = 0; i < ids.size(); ++i) {
     const int32_t id = ids[i];
     if (id < 0 || id >= m.config.vocab_size)
       throw InvalidArgument("token id " + std::to_string(id) + " outside the vocabulary [0, " +
                             std::to_string(m.config.vocab_size) + ")");
-    std::copy_n(m.shared.data + static_cast<int64_t>(id) * d, d,
-                h.row(static_cast<int64_t>(i)).data());
+    std::copy_n(table + static_cast<int64_t>(id) * d, d, h.row(static_cast<int64_t>(i)).data());
   }
   return h;
 }
@@ -267,9 +267,9 @@ void feed_forward_apply(const FeedForward& ff, const RowMatrix& x, const Routing
                           " experts for " + std::to_string(routing->tokens_of.size()) +
                           " routed groups");
   RowMatrix y(n, d);
-  // Dropped tokens: their layer-normed input passes through unchanged (then scaled by the prob).
+  // Dropped tokens (over the expert capacity): FF output zero, the residual alone goes on.
   for (int64_t t = 0; t < n; ++t)
-    if (routing->dropped[static_cast<size_t>(t)]) y.row(t) = x.row(t);
+    if (routing->dropped[static_cast<size_t>(t)]) y.row(t).setZero();
   if (!grouped_experts_apply(x, *routing, experts, y)) {
     RowMatrix xin, yout;
     for (size_t e = 0; e < experts.size(); ++e) {
@@ -327,7 +327,7 @@ std::vector<int32_t> shift_right(const SwitchModel& m, std::span<const int32_t> 
 RowMatrix encode(const SwitchModel& m, const TokenPairs& batch, const ForwardOptions& opt,
                  ForwardTrace* trace) {
   const SeqOffsets seqs = encoder_seqs(batch);
-  RowMatrix h = embed(m, batch.encoder_ids);
+  RowMatrix h = embed(m, Stack::kEncoder, batch.encoder_ids);
   for (int64_t b = 0; b < static_cast<int64_t>(m.encoder.size()); ++b) {
     self_attention_layer(m, Stack::kEncoder, b, seqs, h);
     feed_forward_layer(m, Stack::kEncoder, b, seqs, h, opt);
@@ -348,7 +348,7 @@ RowMatrix decode(const SwitchModel& m, const TokenPairs& batch, const RowMatrix&
     const auto shifted = shift_right(m, batch.decoder(p));
     inputs.insert(inputs.end(), shifted.begin(), shifted.end());
   }
-  RowMatrix h = embed(m, inputs);
+  RowMatrix h = embed(m, Stack::kDecoder, inputs);
   for (int64_t b = 0; b < static_cast<int64_t>(m.decoder.size()); ++b) {
     self_attention_layer(m, Stack::kDecoder, b, seqs, h);
     cross_attention_layer(m, b, seqs, enc_out, eseqs, h);

@@ -172,6 +172,14 @@ SwitchModel SwitchModel::shell(std::shared_ptr<const SwitchSource> src) {
   std::string emb = "shared.weight";
   if (!src->has(emb)) emb = "encoder.embed_tokens.weight";
   m.shared = src->dense(emb, {c.vocab_size, c.d_model});
+  if (!c.tie_word_embeddings) {
+    // Untied: each stack embeds with its own matrix when the checkpoint stores one (as
+    // transformers 5 saves them); an index alias of shared.weight resolves to shared.weight.
+    if (src->has("encoder.embed_tokens.weight"))
+      m.encoder_embed = src->dense("encoder.embed_tokens.weight", {c.vocab_size, c.d_model});
+    if (src->has("decoder.embed_tokens.weight"))
+      m.decoder_embed = src->dense("decoder.embed_tokens.weight", {c.vocab_size, c.d_model});
+  }
   m.scale_logits = c.tie_word_embeddings;
   m.encoder.resize(static_cast<size_t>(m.layout.encoder.num_blocks));
   m.decoder.resize(static_cast<size_t>(m.layout.decoder.num_blocks));

@@ -51,6 +51,17 @@ def test_python_overhead_bench_runs():
     assert "fixed cost of a call" in out
 
 
+def test_python_overhead_bench_times_the_torch_path():
+    if importlib.util.find_spec("torch") is None:
+        return  # the --torch rows need torch; the plain rows are tested above
+    out = run("bench/python_overhead.py", "--experts", "2", "--calls", "20", "--repetitions", "2",
+              "--tokens", "1", "--torch", "--bench", str(ROOT / "no-such-binary"))
+    for row in ("torch f32 wi_3072x768 tokens:1", "torch bf16 wi_3072x768 tokens:1",
+                "layer torch f32 8 experts tokens:1", "torch f32 2x768 tokens:1 (fixed)",
+                "layer numpy 8x(2x2) (fixed cost)", "layer torch bf16 8x(2x2) (fixed)"):
+        assert re.search(re.escape(row) + r" .* [0-9.]+", out), row + "\n" + out
+
+
 def test_codecs_and_entropy_ranks_the_codecs():
     out = run("examples/codecs_and_entropy.py", "--rows", "96", "--cols", "3072")
     rows = [l.split() for l in out.splitlines() if re.match(r"^\s*0\.\d+ ", l)]
@@ -59,3 +70,28 @@ def test_codecs_and_entropy_ranks_the_codecs():
         assert h * 0.98 < v2 < v1 < p5, out
         assert h * 0.98 < v3 < v1, out
     assert "decode to the same weights: True" in out, out
+
+
+def test_torch_generate_runs_or_skips_cleanly(tmp_path):
+    fixture = ROOT / "tests" / "switch" / "fixtures" / "every_other_f32"
+    if importlib.util.find_spec("torch") is None or importlib.util.find_spec("transformers") is None:
+        out = run("examples/torch_generate.py", "--checkpoint", str(fixture))
+        assert "PyTorch or transformers is not installed" in out
+        return
+    container = tmp_path / "c.safetensors"
+    import qmoe
+
+    qmoe.compress_checkpoint(fixture, container, check_disk=False)
+    out = run("examples/torch_generate.py", "--container", str(container), "--ids", "5,17,33,2",
+              "--max-new-tokens", "6", "--min-new-tokens", "6", "--text", "hello", "--tokenizer",
+              str(tmp_path / "no-tokenizer"))
+    assert "using --ids instead" in out, out
+    m = re.search(r"generated (\d+) tokens in [0-9.]+ s: ([0-9.]+) tokens/s", out)
+    assert m and int(m.group(1)) == 6 and float(m.group(2)) > 0, out
+    ids = re.search(r"^output ids: ([0-9,]+)$", out, re.M)
+    assert ids and len(ids.group(1).split(",")) == 7, out
+    assert re.search(r"peak RSS: [0-9.]+ MiB; runtime .*: [0-9.]+ MiB; model \+ generation", out), out
+    assert re.search(r"in 4 sparse layers", out), out
+    # The same ids through the dense model of the fixture (its experts differ: only the format).
+    out = run("examples/torch_generate.py", "--dense", str(fixture), "--ids", "5,17,33,2", "--max-new-tokens", "3")
+    assert "model: dense checkpoint" in out and "0 sparse layers" in out, out

@@ -67,6 +67,30 @@ TEST(Calibration, RunnerWithOriginalExpertsEqualsForward) {
   }
 }
 
+// With an expert capacity the runner drops the tokens the forward pass drops, and passes them on
+// through the residual alone (FF output zero) as it does: same bits on the dropped-token fixture.
+TEST(Calibration, RunnerDropsTokensAsTheForwardPass) {
+  for (const char* name : {"dropped_f32", "all_sparse_bf16"}) {
+    SCOPED_TRACE(name);
+    const auto dir = fixture(name);
+    SwitchModel m = SwitchModel::load(dir);
+    const TokenPairs pairs = TokenPairs::load(dir / "tokens.safetensors");
+    CalibrationOptions opt;
+    opt.forward.expert_capacity = 3;
+    ForwardTrace tr;
+    const RowMatrix enc = encode(m, pairs, opt.forward, &tr);
+    decode(m, pairs, enc, opt.forward, &tr);
+    int64_t dropped = 0;
+    const RowMatrix h = run_through(m, pairs, opt, [&](SequentialRunner& run) {
+      for (auto d : run.routing().dropped) dropped += d;
+    });
+    EXPECT_GT(dropped, 0);
+    ASSERT_EQ(h.size(), tr.decoder_blocks.back().size());
+    EXPECT_EQ(0, std::memcmp(h.data(), tr.decoder_blocks.back().data(),
+                             sizeof(float) * static_cast<size_t>(h.size())));
+  }
+}
+
 TEST(Calibration, ExpertInputs) {
   const auto dir = fixture("every_other_f32");
   SwitchModel m = SwitchModel::load(dir);

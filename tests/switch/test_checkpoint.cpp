@@ -1,4 +1,5 @@
 // Checkpoint layout discovery, tied aliases, and the errors for bad checkpoints and token files.
+#include <cstring>
 #include <fstream>
 #include <sstream>
 
@@ -6,6 +7,7 @@
 
 #include "qmoe/format/error.h"
 #include "qmoe/switch/forward.h"
+#include "qmoe/switch/generate.h"
 #include "test_util.h"
 
 namespace qmoe::sw::test {
@@ -75,20 +77,31 @@ TEST(Checkpoint, ConfigSparsityIsIgnored) {
 }
 
 TEST(Checkpoint, TiedAliasesInIndexResolve) {
-  // Converted shards keep index entries for tied aliases pointing at the shard of shared.weight.
-  const fs::path d = copy_fixture("all_sparse_bf16");
-  std::string idx = read(d / "model.safetensors.index.json");
-  const auto pos = idx.find("\"shared.weight\": \"");
-  ASSERT_NE(pos, std::string::npos);
-  const auto q0 = pos + std::string("\"shared.weight\": \"").size();
-  const std::string shard = idx.substr(q0, idx.find('"', q0) - q0);
-  replace_in(d / "model.safetensors.index.json", "\"weight_map\": {",
-             "\"weight_map\": {\n    \"encoder.embed_tokens.weight\": \"" + shard +
-                 "\",\n    \"decoder.embed_tokens.weight\": \"" + shard + "\",");
-  const SwitchModel m = SwitchModel::load(d);
-  EXPECT_TRUE(m.source->has("decoder.embed_tokens.weight"));
-  const TokenPairs pairs = TokenPairs::load(d / "tokens.safetensors");
-  EXPECT_GT(cross_entropy(m, pairs).mean(), 0.0);
+  // Converted shards keep index entries for tied aliases (encoder/decoder.embed_tokens.weight,
+  // lm_head.weight) pointing at the shard of shared.weight, as generate_checkpoint() writes them.
+  GenerateOptions o;
+  o.vocab_size = 64, o.d_model = 16, o.d_ff = 32, o.d_kv = 4, o.num_heads = 2;
+  o.num_layers = o.num_decoder_layers = 2, o.num_experts = 2, o.shard_size = 8000;
+  const fs::path d = temp_dir("aliases");
+  generate_checkpoint(d, o);
+  ASSERT_NE(read(d / "model.safetensors.index.json").find("\"decoder.embed_tokens.weight\""),
+            std::string::npos);
+  TokenPairs pairs;
+  const std::vector<int32_t> enc{1, 2, 3}, dec{4, 5};
+  pairs.add(enc, dec);
+  {
+    const SwitchModel m = SwitchModel::load(d);
+    EXPECT_TRUE(m.source->has("decoder.embed_tokens.weight"));
+    EXPECT_EQ(m.encoder_embed.data, nullptr);  // tied: shared.weight for both stacks
+    EXPECT_GT(cross_entropy(m, pairs).mean(), 0.0);
+  }
+  // Untied with aliases only (no embedding of its own stored): the aliases are shared.weight.
+  replace_in(d / "config.json", "\"tie_word_embeddings\": true", "\"tie_word_embeddings\": false");
+  const SwitchModel u = SwitchModel::load(d);
+  ASSERT_NE(u.encoder_embed.data, nullptr);
+  EXPECT_EQ(0, std::memcmp(u.encoder_embed.data, u.shared.data,
+                           sizeof(float) * static_cast<size_t>(o.vocab_size * o.d_model)));
+  EXPECT_EQ(embed(u, Stack::kEncoder, enc), embed(u, Stack::kDecoder, enc));
   fs::remove_all(d);
 }
 

@@ -16,8 +16,18 @@ Main entry points: ``ternarize_rtn``, ``HessianAccumulator``, ``gptq``, ``encode
 ``compress_matrix`` -> ``CompressedMatrix`` (``.decode()``, ``.matvec()``, ``.matmul()`` on the
 CPU; ``.to_cuda()`` when the module was built with the CUDA kernels), ``grouped_matmul`` (one MoE
 layer's experts in one CPU call), ``save`` / ``load``
-(containers), ``save_hessians`` / ``load_hessians``, ``compress_checkpoint`` (``qmoe compress``).
+(containers), ``save_hessians`` / ``load_hessians``, ``compress_checkpoint`` (``qmoe compress``),
+``CompressedExperts`` (one MoE layer's compressed experts), ``switch_eval`` and
+``calibration_hessians`` (the C++ Switch forward pass).
+
+``qmoe.torch`` (``pip install qmoe[torch]``; imported on its own, never by ``import qmoe``) runs
+compressed experts inside PyTorch and Hugging Face transformers models.
+
+Importing qmoe imports ml_dtypes, which registers bfloat16 with numpy: the BF16 tensors of a qmoe
+container (its levels) then load with any safetensors reader, e.g. safetensors.numpy.load_file.
 """
+
+import ml_dtypes  # noqa: F401  (registers numpy's bfloat16: containers load with safetensors.numpy)
 
 from ._qmoe import *  # noqa: F401,F403
 from ._qmoe import __version__  # noqa: F401

@@ -81,6 +81,50 @@ class CudaMatrix:
     def matvec(self, x: FloatArray, *, bf16: bool = False) -> npt.NDArray[np.float32]: ...
     def matmul(self, X: FloatArray, *, bf16: bool = False) -> npt.NDArray[np.float32]: ...
     def decode(self) -> npt.NDArray[np.float32]: ...
+    def forward_device(
+        self, x_ptr: int, y_ptr: int, n: int, *, dtype: Literal["F32", "BF16", "F16"] = "F32",
+        ldx: int = 0, ldy: int = 0, stream: int = 0
+    ) -> None: ...
+
+class CompressedExperts:
+    """One top-1 MoE layer's compressed experts, run in two grouped CPU kernel calls."""
+
+    def __init__(self, wi: Sequence[CompressedMatrix], wo: Sequence[CompressedMatrix]) -> None: ...
+    @property
+    def num_experts(self) -> int: ...
+    @property
+    def d_model(self) -> int: ...
+    @property
+    def d_ff(self) -> int: ...
+    def forward(
+        self,
+        X: FloatArray,
+        expert: npt.ArrayLike,
+        scales: Optional[npt.ArrayLike] = None,
+        *,
+        out: Optional[npt.NDArray[np.float32]] = None,
+        bf16: bool = False,
+        threads: int = 0,
+    ) -> npt.NDArray[np.float32]: ...
+
+def switch_eval(
+    model: PathLike,
+    tokens: PathLike,
+    *,
+    expert_capacity: int = 0,
+    batch_pairs: int = 8,
+    dense_experts: bool = False,
+    logits: bool = False,
+) -> dict[str, Any]: ...
+def calibration_hessians(
+    checkpoint: PathLike,
+    tokens: PathLike,
+    *,
+    excluded_ids: Sequence[int] = ...,
+    token_cap_multiplier: float = 4.0,
+    expert_capacity: int = 0,
+    exclude_ignored_targets: bool = True,
+) -> dict[str, HessianAccumulator]: ...
 
 # True when this build has the CUDA kernels (nvcc was found when it was installed).
 built_with_cuda: bool

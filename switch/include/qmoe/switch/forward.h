@@ -24,10 +24,9 @@ namespace qmoe::sw {
 
 struct ForwardOptions {
   // Tokens routed to one expert, per sequence, beyond which tokens are dropped; 0 = no limit (no
-  // dropping, as QMoE's calibration does). With a limit the behaviour is that of transformers
-  // 4.46: a token's priority is its position in its sequence; a dropped token skips the expert
-  // and its FF output is its layer-normed input times its router probability (added to the
-  // residual like any other output).
+  // dropping, as QMoE's calibration does). With a limit the behaviour is that of transformers 5
+  // and of the original Switch Transformer: a token's priority is its position in its sequence;
+  // a dropped token skips the expert, its FF output is zero and the residual alone goes on.
   int64_t expert_capacity = 0;
 };
 
@@ -55,8 +54,9 @@ void rms_norm(const RowMatrix& x, const FloatTensor& w, double eps, RowMatrix& o
 // Relative position bucket of (key position - query position), as in T5/Switch.
 int64_t relative_position_bucket(int64_t relative_position, bool bidirectional, int64_t num_buckets,
                                  int64_t max_distance);
-// Embedding rows for ids (FormatError-free: ids must be in range; InvalidArgument otherwise).
-RowMatrix embed(const SwitchModel& m, std::span<const int32_t> ids);
+// Embedding rows of stack s for ids (SwitchModel::embedding(s); ids must be in range:
+// InvalidArgument otherwise).
+RowMatrix embed(const SwitchModel& m, Stack s, std::span<const int32_t> ids);
 
 // h += SelfAttention(LN(h)) of block `b` of stack `s`. The position bias comes from block 0 of the
 // stack (bidirectional in the encoder, causal in the decoder); the decoder masks future keys.

@@ -133,7 +133,12 @@ struct SwitchModel {
   std::shared_ptr<const SwitchSource> source;
   SwitchConfig config;
   SwitchLayout layout;
-  FloatTensor shared;        // [vocab, d_model]
+  FloatTensor shared;  // [vocab, d_model]
+  // Untied checkpoints (tie_word_embeddings false) saved by transformers 5 store each stack's own
+  // embedding, encoder.embed_tokens.weight and decoder.embed_tokens.weight, which the model uses;
+  // empty (data == nullptr) where a stack embeds with `shared` (tied checkpoints, or untied ones
+  // that store no embedding of their own).
+  FloatTensor encoder_embed, decoder_embed;
   Linear lm_head;            // [vocab, d_model]
   bool scale_logits = true;  // tied embeddings: multiply by d_model^-0.5 before lm_head
   std::vector<Block> encoder;
@@ -154,6 +159,11 @@ struct SwitchModel {
   void release_block(Stack s, int64_t block);
 
   std::vector<Block>& blocks(Stack s) { return s == Stack::kEncoder ? encoder : decoder; }
+  // The embedding matrix [vocab, d_model] that stack s embeds its input ids with.
+  const FloatTensor& embedding(Stack s) const {
+    const FloatTensor& own = s == Stack::kEncoder ? encoder_embed : decoder_embed;
+    return own.data != nullptr ? own : shared;
+  }
   const std::vector<Block>& blocks(Stack s) const {
     return s == Stack::kEncoder ? encoder : decoder;
   }
