@@ -102,7 +102,8 @@ void report(benchmark::State& st, const sw::LoopReport& r, int threads) {
   };
   const std::pair<const char*, const sw::PhaseStats*> phases[] = {
       {"load", &r.load}, {"forward", &r.forward}, {"hessians", &r.hessians},
-      {"gptq", &r.gptq}, {"encode", &r.encode},   {"write", &r.write}};
+      {"gptq", &r.gptq}, {"encode", &r.encode},   {"write", &r.write},
+      {"outputs", &r.outputs}};
   for (const auto& [name, p] : phases) {
     const double w = wall(*p);
     st.counters[std::string(name) + "_s"] = w;

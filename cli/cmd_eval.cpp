@@ -112,7 +112,7 @@ int run_eval(const EvalArgs& a) {
   const sw::EvalResult r = sw::evaluate(m, pairs, a.batch, fo, progress);
   if (a.progress) std::fprintf(stderr, "\n");
   const double toks = static_cast<double>(r.encoder_tokens + r.decoder_tokens);
-  std::printf("loss     %.6f nats per target token (%lld targets; perplexity %.3f)\n",
+  std::printf("loss     %.6f nats per target token (%lld targets; perplexity %.6g)\n",
               r.loss.mean(), static_cast<long long>(r.loss.targets), std::exp(r.loss.mean()));
   std::printf(
       "speed    %.1f tokens/s (encoder + decoder), %.1f target tokens/s, %.2f s, %d threads, batch "

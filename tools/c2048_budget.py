@@ -19,16 +19,20 @@ sentinel per span, 26, plus the end marker), an upper bound of the work.
 
 Work per phase (floating-point operations, the formulas the C++ code counts):
   forward   per block: 8 n d h (q, k, v, o) + 4 h sum(l^2) (scores, context) [+ cross-attention
-            in the decoder: 4 n d h + 4 n_enc d h + 4 h sum(l l_enc)] + 4 n d d_ff (each token's
-            expert) + 2 n d E (router), h = heads x d_kv, for every block of both stacks
+            in the decoder: 4 n d h + 4 n_enc d h + 4 h sum(l l_enc)] + 2 n d E (router),
+            h = heads x d_kv, for every block of both stacks
+  outputs   per block: 4 n d d_ff, each token through its expert after compression (the
+            compressed expert: dense-equivalent work, at the rate measured for it)
   hessians  per expert matrix: the upper 256 x 256 tiles of X^T X over its tokens
             (hessian_flops(dim, n)), plus ReLU(wi x) for wo: 2 n d d_ff; n = tokens / experts
   gptq      per expert matrix: gptq_flops(rows, cols, 128) (Cholesky n^3/3, in-block feedback,
             lazy block products)
   encode, write: per matrix, thread-seconds measured on the c-2048-shaped block
 Time of a phase = work / (measured per-thread rate x cores x machines x efficiency); reading the
-checkpoint = 3.2 TB / (--read-gbps x machines), writing work files and container = 2 x 160 GB /
-(--write-gbps x machines); with --machines > 1, the expert inputs and outputs each token sends to
+checkpoint = 3.2 TB / (--read-gbps x machines) (each process reads the non-expert weights and
+the experts it owns), work files = 160 GB / (--write-gbps x machines), assembling the container
+(process 0 alone reads the work files back and writes the shards) = 160 GB / --read-gbps +
+160 GB / --write-gbps; with --machines > 1, the expert inputs and outputs each token sends to
 its expert's owner: 2 x 4 d bytes per token per sparse block, at --network-gbps per machine.
 """
 import argparse
@@ -73,7 +77,7 @@ def block_flops(n, lens, decoder=False, n_enc=0, enc_lens=None):
     if decoder:
         f += 4.0 * n * D_MODEL * inner + 4.0 * n_enc * D_MODEL * inner
         f += 4.0 * inner * sum(a * b for a, b in zip(lens, enc_lens))
-    f += 4.0 * n * D_MODEL * D_FF + 2.0 * n * D_MODEL * EXPERTS
+    f += 2.0 * n * D_MODEL * EXPERTS  # the router; the experts are under "outputs"
     return f
 
 
@@ -117,7 +121,11 @@ def main():
     block, gemm = measured(a.bench_json, a.threads)
     threads = a.threads
     # Rates per thread: the benchmark's phase GFLOP/s over its thread count.
-    rate = {p: block.get(p + "_GFLOP/s", 0.0) * 1e9 / threads for p in ("forward", "hessians", "gptq")}
+    rate = {p: block.get(p + "_GFLOP/s", 0.0) * 1e9 / threads
+            for p in ("forward", "hessians", "gptq", "outputs")}
+    if not rate["outputs"]:
+        sys.exit("%s: no outputs_GFLOP/s (a bench_compress from before the outputs phase)"
+                 % a.bench_json)
     per_matrix = {p: block[p + "_s"] * threads / block["matrices"] for p in ("encode", "write", "load")}
 
     n_enc = a.samples * a.encoder_length
@@ -129,6 +137,8 @@ def main():
         + BLOCKS * block_flops(n_dec, dec_lens, True, n_enc, enc_lens),
         "hessians": 0.0,
         "gptq": BLOCKS * 2 * EXPERTS * (gptq_flops(D_FF, D_MODEL) + gptq_flops(D_MODEL, D_FF)),
+        # Every token through its (compressed) expert, dense-equivalent work.
+        "outputs": BLOCKS * 4.0 * (n_enc + n_dec) * D_MODEL * D_FF,
     }
     for n in (n_enc, n_dec):
         per = n / EXPERTS
@@ -138,7 +148,7 @@ def main():
     matrices = BLOCKS * 2 * EXPERTS * 2
     rows = []
     total = 0.0
-    for p in ("forward", "hessians", "gptq"):
+    for p in ("forward", "hessians", "gptq", "outputs"):
         t = work[p] / (rate[p] * workers)
         rows.append((p, work[p], rate[p] * 1e-9, t))
         total += t
@@ -147,10 +157,14 @@ def main():
         rows.append((p, 0.0, 0.0, t))
         total += t
     read = CHECKPOINT_BYTES / (a.read_gbps * 1e9 * a.machines)
-    write = 2 * OUTPUT_BYTES / (a.write_gbps * 1e9 * a.machines)
+    # Work files: each process writes the matrices it owns. The container: process 0 reads the
+    # work files back and writes every shard, on one machine whatever the machine count.
+    work_files = OUTPUT_BYTES / (a.write_gbps * 1e9 * a.machines)
+    assemble = OUTPUT_BYTES / (a.read_gbps * 1e9) + OUTPUT_BYTES / (a.write_gbps * 1e9)
     rows.append(("read 3.2 TB", 0.0, 0.0, read))
-    rows.append(("write", 0.0, 0.0, write))
-    total += read + write
+    rows.append(("work files", 0.0, 0.0, work_files))
+    rows.append(("assemble", 0.0, 0.0, assemble))
+    total += read + work_files + assemble
     if a.machines > 1:
         # Each token's expert input goes to the expert's owner and its output comes back, at every
         # sparse block; (R - 1) / R of the tokens cross the network. Per machine: its share.
@@ -164,10 +178,11 @@ def main():
           "tokens (%.2f M + %.2f M tokens, %.0f per expert per encoder block)"
           % (BLOCKS, BLOCKS, EXPERTS, D_MODEL, D_FF, a.samples, a.encoder_length,
              a.decoder_length, n_enc / 1e6, n_dec / 1e6, n_enc / EXPERTS))
-    print("measured (%s, %d thread%s): forward %.1f, Hessians %.1f, GPTQ %.1f GFLOP/s per thread;"
-          " dense GEMM %.1f GFLOP/s" % (a.bench_json, threads, "" if threads == 1 else "s",
-                                        rate["forward"] * 1e-9, rate["hessians"] * 1e-9,
-                                        rate["gptq"] * 1e-9, gemm_rate / threads))
+    print("measured (%s, %d thread%s): forward %.1f, Hessians %.1f, GPTQ %.1f, expert outputs %.1f"
+          " (dense-equivalent) GFLOP/s per thread; dense GEMM %.1f GFLOP/s per thread"
+          % (a.bench_json, threads, "" if threads == 1 else "s", rate["forward"] * 1e-9,
+             rate["hessians"] * 1e-9, rate["gptq"] * 1e-9, rate["outputs"] * 1e-9,
+             gemm_rate / threads))
     print("machine: %d x %d cores, efficiency %.2f, read %.1f GB/s, write %.1f GB/s%s"
           % (a.machines, a.cores, a.efficiency, a.read_gbps, a.write_gbps,
              ", network %.0f GB/s" % a.network_gbps if a.machines > 1 else ""))

@@ -1351,6 +1351,7 @@ py::dict compress_checkpoint(const std::filesystem::path& checkpoint,
     phase("gptq", s.loop.gptq);
     phase("encode", s.loop.encode);
     phase("write", s.loop.write);
+    phase("outputs", s.loop.outputs);
     d["phases"] = phases;
     d["calibration_pairs"] = s.calibration_pairs;
     d["calibration_tokens"] = s.calibration_tokens;

@@ -477,8 +477,8 @@ int64_t outputs_to_tokens(const SequentialRunner& run, const ExpertTokens& token
   int64_t sent = 0;
   const int64_t E = run.num_experts();
   const int R = comm.size(), me = comm.rank();
-  const int64_t d = run.ff_input().cols();
-  y.resize(run.ff_input().rows(), d);
+  const int64_t d = run.hidden().cols();
+  y.resize(run.stack_tokens(), d);
   std::exception_ptr failed;
   for (int64_t e0 = 0; e0 < E;) {
     int64_t e1 = e0, bytes = 0;
@@ -537,7 +537,8 @@ std::vector<LoopReport> gather_reports(Comm& comm, const LoopReport& mine) {
                             mine.blocks,         mine.matrices,       mine.resumed,
                             mine.forward_tokens, mine.hessian_tokens, mine.threads,
                             mine.memory_budget,  mine.spilled_blocks, mine.peak_in_flight,
-                            mine.seconds,        mine.bytes_sent,     mine.routed_tokens};
+                            mine.seconds,        mine.bytes_sent,     mine.routed_tokens,
+                            phase(mine.outputs)};
   std::vector<LoopReport> out;
   for (const std::string& text : comm.allgather(j.dump())) {
     const nlohmann::json v = nlohmann::json::parse(text);
@@ -561,6 +562,10 @@ std::vector<LoopReport> gather_reports(Comm& comm, const LoopReport& mine) {
     r.seconds = v[15];
     r.bytes_sent = v[16];
     r.routed_tokens = v[17];
+    r.outputs.seconds = v[18][0];
+    r.outputs.cpu_seconds = v[18][1];
+    r.outputs.flops = v[18][2];
+    r.outputs.thread_seconds = v[18][3];
     out.push_back(r);
   }
   return out;
@@ -571,7 +576,8 @@ LoopReport combine(std::span<const LoopReport> reports) {
   for (const LoopReport& r : reports) {
     const std::pair<PhaseStats*, const PhaseStats*> phases[] = {
         {&c.load, &r.load}, {&c.forward, &r.forward}, {&c.hessians, &r.hessians},
-        {&c.gptq, &r.gptq}, {&c.encode, &r.encode},   {&c.write, &r.write}};
+        {&c.gptq, &r.gptq}, {&c.encode, &r.encode},   {&c.write, &r.write},
+        {&c.outputs, &r.outputs}};
     for (auto [to, from] : phases) {
       // Thread-seconds add up; wall seconds of the processes' own threads overlap.
       to->seconds =
@@ -648,6 +654,15 @@ LoopReport run_block_loop(const std::shared_ptr<const SwitchSource>& source,
   const auto t_start = Clock::now();
   const bool gptq = opt.hessians || opt.calibration;
   const int threads = opt.threads > 0 ? opt.threads : omp_get_max_threads();
+  // The forward's parallel regions and products run on the loop's threads too (the calling
+  // thread's OpenMP setting, restored on the way out).
+  struct OmpThreads {
+    int saved = omp_get_max_threads();
+    explicit OmpThreads(int n) { omp_set_num_threads(n); }
+    OmpThreads(const OmpThreads&) = delete;
+    OmpThreads& operator=(const OmpThreads&) = delete;
+    ~OmpThreads() { omp_set_num_threads(saved); }
+  } omp_threads(threads);
   const std::vector<BlockWork> blocks = group_by_block(experts);
   Comm& comm = opt.comm ? *opt.comm : *local_comm();
   const int me = comm.rank();
@@ -733,8 +748,14 @@ LoopReport run_block_loop(const std::shared_ptr<const SwitchSource>& source,
     const double c1 = process_cpu();
     run->begin_block();
     const bool sparse = run->sparse();
-    rep.forward.flops += block_forward_flops(src.config(), s, sparse, src.layout().num_experts,
-                                             s == Stack::kEncoder ? enc_seqs : dec_seqs, enc_seqs);
+    const SeqOffsets& seqs = s == Stack::kEncoder ? enc_seqs : dec_seqs;
+    rep.forward.flops +=
+        block_forward_flops(src.config(), s, sparse, src.layout().num_experts, seqs, enc_seqs);
+    // A block with work computes its experts' outputs later, counted under outputs.
+    if (work && sparse)
+      rep.forward.flops -= 4.0 * static_cast<double>(seqs.num_tokens()) *
+                           static_cast<double>(src.config().d_model) *
+                           static_cast<double>(src.config().d_ff);
     rep.forward.seconds += since(t1);
     rep.forward.cpu_seconds += process_cpu() - c1;
   };
@@ -952,8 +973,11 @@ LoopReport run_block_loop(const std::shared_ptr<const SwitchSource>& source,
         const float* xp = tokens.all(e, buf);
         out.resize(n, c.d_model);
         mlp->forward(xp, n, nullptr, out.data());
+        rep.outputs.flops += 4.0 * static_cast<double>(n) * static_cast<double>(c.d_model) *
+                             static_cast<double>(c.d_ff);
       };
-      RowMatrix y;
+      // The expert inputs are gathered (copied) by now: the FF input's memory takes the outputs.
+      RowMatrix y = run->take_ff_input();
       std::exception_ptr err;
       rep.bytes_sent += tokens.bytes_sent();
       for (const auto& toks : run->routing().tokens_of)
@@ -968,8 +992,8 @@ LoopReport run_block_loop(const std::shared_ptr<const SwitchSource>& source,
       tokens.release();
       agree(comm, err, key);
       run->end_block_outputs(y);
-      rep.forward.seconds += since(t0);
-      rep.forward.cpu_seconds += process_cpu() - c0;
+      rep.outputs.seconds += since(t0);
+      rep.outputs.cpu_seconds += process_cpu() - c0;
       rep.forward_tokens += (bw.stack == Stack::kEncoder ? enc_seqs : dec_seqs).num_tokens();
       shell->release_block(bw.stack, bw.block);
     }

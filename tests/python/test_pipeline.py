@@ -146,9 +146,9 @@ def test_calibrated_gptq(checkpoint, tmp_path):
     assert out1.read_bytes() == out2.read_bytes()
     assert s1["calibration_pairs"] == 3 and s1["calibration_tokens"] > 0
     phases = s1["phases"]
-    assert set(phases) == {"load", "forward", "hessians", "gptq", "encode", "write"}
+    assert set(phases) == {"load", "forward", "hessians", "gptq", "encode", "write", "outputs"}
     assert phases["forward"]["flops"] > 0 and phases["hessians"]["flops"] > 0
-    assert phases["gptq"]["flops"] > 0
+    assert phases["gptq"]["flops"] > 0 and phases["outputs"]["flops"] > 0
     assert {p["step"] for p in seen} >= {"forward", "experts"}
     options = json.loads(qmoe.load_metadata(out1)["compress.options"])
     assert options["hessians"].startswith("calibration tokens.safetensors (3 pairs, sequential)")

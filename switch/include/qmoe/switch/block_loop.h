@@ -139,6 +139,13 @@ struct PhaseStats {
 
 struct LoopReport {
   PhaseStats load, forward, hessians, gptq, encode, write;
+  // The expert outputs of blocks with work, computed by the experts' owners after compression
+  // (the compressed experts in sequential calibration, else the originals) and sent back, the
+  // exchange included. Its flops are dense-equivalent (4 x tokens x d_model x d_ff): a ternary
+  // expert does far fewer operations, so its rate can exceed the dense GEMM rate. The forward
+  // phase counts the rest of every block (attention, router, dense layers, and the experts of
+  // blocks without work).
+  PhaseStats outputs;
   int64_t blocks = 0;          // blocks visited
   int64_t matrices = 0;        // expert matrices compressed by this run
   int64_t resumed = 0;         // expert matrices finished earlier

@@ -72,6 +72,10 @@ class SequentialRunner {
   bool sparse() const;
   // Layer-normed FF input of every token of the batch [tokens, d_model] (after begin_block()).
   const RowMatrix& ff_input() const { return x_; }
+  // Moves the FF input out, for a caller that has copied what it needs from it and reuses its
+  // memory (the block loop: for the expert outputs). ff_input() is empty, and wi_inputs() /
+  // wo_inputs() must not be called, until the next begin_block().
+  RowMatrix take_ff_input() { return std::move(x_); }
   const Routing& routing() const { return routing_; }
   // Rows of ff_input() routed to expert e that count for calibration (row order).
   std::span<const int64_t> counted_tokens(int64_t e) const;
