@@ -883,6 +883,9 @@ LoopReport run_block_loop(const std::shared_ptr<const SwitchSource>& source,
               hflops += 2.0 * static_cast<double>(xn) * static_cast<double>(m.rows) *
                         static_cast<double>(m.cols);
               a.add(hidden.data(), hidden.rows(), 0, inside);
+              // wi's pages were read again here: back to the page cache, or every wi of every
+              // block would stay resident (and count against --max-memory).
+              release_pages(src.stored(wi_name).bytes);
             }
             tokens_used = a.tokens();
             hflops += hessian_flops(m.cols, tokens_used);
@@ -898,7 +901,8 @@ LoopReport run_block_loop(const std::shared_ptr<const SwitchSource>& source,
           g.actorder = opt.actorder;
           g.threads = inside;
           GptqResult r = gptq_quantize(w.data, m.rows, m.cols, h.empty() ? nullptr : h.data(), g);
-          if (w.owned.empty()) release_pages(st.bytes);
+          // Read in place or widened from them: the mapped pages are done with either way.
+          release_pages(st.bytes);
           acc.add(&LoopReport::gptq, since(t0), thread_cpu() - c0,
                   h.empty() ? 0.0 : gptq_flops(m.rows, m.cols, opt.blocksize));
           t0 = Clock::now();
