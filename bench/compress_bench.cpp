@@ -101,9 +101,8 @@ void report(benchmark::State& st, const sw::LoopReport& r, int threads) {
     return p.thread_seconds ? p.seconds / std::max(1, r.threads) : p.seconds;
   };
   const std::pair<const char*, const sw::PhaseStats*> phases[] = {
-      {"load", &r.load}, {"forward", &r.forward}, {"hessians", &r.hessians},
-      {"gptq", &r.gptq}, {"encode", &r.encode},   {"write", &r.write},
-      {"outputs", &r.outputs}};
+      {"load", &r.load},     {"forward", &r.forward}, {"hessians", &r.hessians}, {"gptq", &r.gptq},
+      {"encode", &r.encode}, {"write", &r.write},     {"outputs", &r.outputs}};
   for (const auto& [name, p] : phases) {
     const double w = wall(*p);
     st.counters[std::string(name) + "_s"] = w;

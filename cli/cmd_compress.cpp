@@ -97,8 +97,8 @@ struct PhaseRow {
 };
 
 std::vector<PhaseRow> phase_rows(const sw::LoopReport& r) {
-  return {{"load", &r.load}, {"forward", &r.forward}, {"hessians", &r.hessians},
-          {"gptq", &r.gptq}, {"encode", &r.encode},   {"write", &r.write},
+  return {{"load", &r.load},      {"forward", &r.forward}, {"hessians", &r.hessians},
+          {"gptq", &r.gptq},      {"encode", &r.encode},   {"write", &r.write},
           {"outputs", &r.outputs}};
 }
 

@@ -532,13 +532,12 @@ std::vector<LoopReport> gather_reports(Comm& comm, const LoopReport& mine) {
   auto phase = [](const PhaseStats& p) {
     return nlohmann::json{p.seconds, p.cpu_seconds, p.flops, p.thread_seconds};
   };
-  const nlohmann::json j = {phase(mine.load),    phase(mine.forward), phase(mine.hessians),
-                            phase(mine.gptq),    phase(mine.encode),  phase(mine.write),
-                            mine.blocks,         mine.matrices,       mine.resumed,
-                            mine.forward_tokens, mine.hessian_tokens, mine.threads,
-                            mine.memory_budget,  mine.spilled_blocks, mine.peak_in_flight,
-                            mine.seconds,        mine.bytes_sent,     mine.routed_tokens,
-                            phase(mine.outputs)};
+  const nlohmann::json j = {
+      phase(mine.load),   phase(mine.forward), phase(mine.hessians), phase(mine.gptq),
+      phase(mine.encode), phase(mine.write),   mine.blocks,          mine.matrices,
+      mine.resumed,       mine.forward_tokens, mine.hessian_tokens,  mine.threads,
+      mine.memory_budget, mine.spilled_blocks, mine.peak_in_flight,  mine.seconds,
+      mine.bytes_sent,    mine.routed_tokens,  phase(mine.outputs)};
   std::vector<LoopReport> out;
   for (const std::string& text : comm.allgather(j.dump())) {
     const nlohmann::json v = nlohmann::json::parse(text);
@@ -575,8 +574,8 @@ LoopReport combine(std::span<const LoopReport> reports) {
   LoopReport c;
   for (const LoopReport& r : reports) {
     const std::pair<PhaseStats*, const PhaseStats*> phases[] = {
-        {&c.load, &r.load}, {&c.forward, &r.forward}, {&c.hessians, &r.hessians},
-        {&c.gptq, &r.gptq}, {&c.encode, &r.encode},   {&c.write, &r.write},
+        {&c.load, &r.load},      {&c.forward, &r.forward}, {&c.hessians, &r.hessians},
+        {&c.gptq, &r.gptq},      {&c.encode, &r.encode},   {&c.write, &r.write},
         {&c.outputs, &r.outputs}};
     for (auto [to, from] : phases) {
       // Thread-seconds add up; wall seconds of the processes' own threads overlap.
