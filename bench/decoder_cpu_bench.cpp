@@ -4,7 +4,13 @@
 //   bench_decoder_cpu --benchmark_repetitions=5 --benchmark_report_aggregates_only=true
 //
 // Each shape has a pool of experts whose dense fp32 size is many times the last-level cache, and
-// every call takes the next expert of the pool, so weights come from DRAM as in a real MoE layer:
+// every call takes the next expert of the pool, so weights come from DRAM as in a real MoE layer.
+// The compressed pools are streamed too: each codec's pool holds copies of the encoded experts
+// (distinct memory, the same contents) until it is at least QMOE_BENCH_POOL_MB megabytes, by
+// default four times the last-level cache, so that compressed weights come from DRAM as well.
+// Every timed run starts after a 50 ms pause, so that OpenMP workers left spinning by the previous
+// benchmark (another thread count, or the dense baseline) have gone to sleep and hold no core.
+// Shapes:
 //   wi   3072 x 768   (d_ff x d_model, Switch-base up projection)     QMOE_BENCH_EXPERTS (64)
 //   wo   768 x 3072   (d_model x d_ff, Switch-base down projection)   QMOE_BENCH_EXPERTS (64)
 //   big  4096 x 14336 (a large-model down projection)                QMOE_BENCH_BIG_EXPERTS (4)
@@ -23,7 +29,10 @@
 // table gives the median time of each path and its speed-up over dense fp32.
 #include <benchmark/benchmark.h>
 #include <omp.h>
+#include <unistd.h>
 
+#include <algorithm>
+#include <chrono>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
@@ -33,6 +42,7 @@
 #include <ostream>
 #include <random>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "qmoe/decoder_cpu/matmul.h"
@@ -64,6 +74,52 @@ std::vector<Shape> shapes() {
   return {{"wi_3072x768", 3072, 768, n},
           {"wo_768x3072", 768, 3072, n},
           {"big_4096x14336", 4096, 14336, env_int("QMOE_BENCH_BIG_EXPERTS", 4)}};
+}
+
+// Bytes of the last-level cache: the largest cache of cpu0 in sysfs (the kernel's view; glibc's
+// sysconf derives it from CPUID, which virtual machines may misreport: 320 MiB for a 32 MiB L3
+// here), else sysconf, else 32 MiB.
+int64_t llc_bytes() {
+  static const int64_t bytes = [] {
+    int64_t best = 0;
+    for (int i = 0; i < 8; ++i) {
+      const std::string path =
+          "/sys/devices/system/cpu/cpu0/cache/index" + std::to_string(i) + "/size";
+      std::FILE* f = std::fopen(path.c_str(), "r");
+      if (f == nullptr) continue;
+      long v = 0;
+      char unit = 0;
+      if (std::fscanf(f, "%ld%c", &v, &unit) >= 1) {
+        const int64_t b = unit == 'M' ? int64_t{v} << 20 : unit == 'K' ? int64_t{v} << 10 : v;
+        best = std::max(best, b);
+      }
+      std::fclose(f);
+    }
+#ifdef _SC_LEVEL3_CACHE_SIZE
+    if (best == 0) best = std::max<long>(0, sysconf(_SC_LEVEL3_CACHE_SIZE));
+#endif
+    return best > 0 ? best : int64_t{32} << 20;
+  }();
+  return bytes;
+}
+
+// Bytes each compressed pool must reach: QMOE_BENCH_POOL_MB, else four times the LLC.
+int64_t pool_min_bytes() {
+  const int mb = env_int("QMOE_BENCH_POOL_MB", 0);
+  return mb > 0 ? int64_t{mb} << 20 : 4 * llc_bytes();
+}
+
+// Appends copies of `v`'s matrices (new buffers, shared dictionaries) until their compressed
+// bytes reach `min_bytes`; returns the total.
+int64_t replicate(std::vector<CompressedMatrix>& v, int64_t min_bytes) {
+  int64_t total = 0;
+  for (const auto& m : v) total += m.view().compressed_bytes();
+  const size_t distinct = v.size();
+  for (size_t i = 0; total < min_bytes && distinct > 0; ++i) {
+    v.push_back(v[i % distinct]);
+    total += v.back().view().compressed_bytes();
+  }
+  return total;
 }
 
 struct FreeDeleter {
@@ -142,13 +198,19 @@ Pool& pool(int index) {
   p.v2_bits_per_weight = v2_bits / p.shape.experts;
   p.v3_bits_per_weight = v3_bits / p.shape.experts;
   p.p5_bits_per_weight = p5_bits / p.shape.experts;
-  std::fprintf(
-      stderr,
-      "# pool %s: %d experts, %.4f bits/weight (qmoe-v2 %.4f, qmoe-v3 %.4f), %.1f MB compressed, "
-      "%.1f MB dense fp32\n",
-      p.shape.name, p.shape.experts, p.bits_per_weight, p.v2_bits_per_weight, p.v3_bits_per_weight,
-      p.bits_per_weight * rows * cols * p.shape.experts / 8e6,
-      4.0 * rows * cols * p.shape.experts / 1e6);
+  const int64_t min_bytes = pool_min_bytes();
+  const int64_t b1 = replicate(p.comp, min_bytes), b2 = replicate(p.v2, min_bytes);
+  const int64_t b3 = replicate(p.v3, min_bytes), b5 = replicate(p.p5, min_bytes);
+  std::fprintf(stderr,
+               "# pool %s: %d experts, %.4f bits/weight (qmoe-v2 %.4f, qmoe-v3 %.4f); streamed "
+               "compressed pools (>= %.0f MB, %.1fx the %.0f MB last-level cache): qmoe-v1 %zu "
+               "matrices %.0f MB, qmoe-v2 %zu / %.0f MB, qmoe-v3 %zu / %.0f MB, qmoe-p5 %zu / %.0f "
+               "MB; dense fp32 %.0f MB\n",
+               p.shape.name, p.shape.experts, p.bits_per_weight, p.v2_bits_per_weight,
+               p.v3_bits_per_weight, min_bytes / 1e6,
+               static_cast<double>(min_bytes) / static_cast<double>(llc_bytes()), llc_bytes() / 1e6,
+               p.comp.size(), b1 / 1e6, p.v2.size(), b2 / 1e6, p.v3.size(), b3 / 1e6, p.p5.size(),
+               b5 / 1e6, 4.0 * rows * cols * p.shape.experts / 1e6);
   return p;
 }
 
@@ -177,30 +239,32 @@ void run_path(benchmark::State& state, int shape, int64_t n, int threads, Path p
   cpu::MatmulOptions opt;
   opt.threads = threads;
   opt.simd = level;
-  int e = 0;
+  const std::vector<CompressedMatrix>& comp = path == Path::kQmoeV2   ? p.v2
+                                              : path == Path::kQmoeV3 ? p.v3
+                                              : path == Path::kQmoeP5 ? p.p5
+                                                                      : p.comp;
+  const size_t n_items = path == Path::kDense ? p.dense.size() : comp.size();
+  size_t e = 0;
   double bytes = 0;
+  // Untimed: OpenMP workers still spinning after the previous benchmark go to sleep.
+  std::this_thread::sleep_for(std::chrono::milliseconds(50));
   for (auto _ : state) {
     switch (path) {
       case Path::kQmoe:
       case Path::kQmoeV2:
       case Path::kQmoeV3:
       case Path::kQmoeP5: {
-        const CompressedView v = (path == Path::kQmoe     ? p.comp
-                                  : path == Path::kQmoeV2 ? p.v2
-                                  : path == Path::kQmoeV3 ? p.v3
-                                                          : p.p5)[static_cast<size_t>(e)]
-                                     .view();
+        const CompressedView v = comp[e].view();
         cpu::matmul(v, n, x.data(), cols, y.data(), rows, opt);
         bytes += static_cast<double>(v.compressed_bytes());
         break;
       }
       case Path::kDense:
-        dense_matmul(p.dense[static_cast<size_t>(e)].get(), rows, cols, x.data(), n, y.data(),
-                     threads);
+        dense_matmul(p.dense[e].get(), rows, cols, x.data(), n, y.data(), threads);
         bytes += 4.0 * static_cast<double>(rows * cols);
         break;
       case Path::kRef: {
-        const CompressedView v = p.comp[static_cast<size_t>(e)].view();
+        const CompressedView v = comp[e].view();
         for (int64_t t = 0; t < n; ++t) matvec_ref(v, x.data() + t * cols, y.data() + t * rows);
         bytes += static_cast<double>(v.compressed_bytes());
         break;
@@ -208,7 +272,7 @@ void run_path(benchmark::State& state, int shape, int64_t n, int threads, Path p
     }
     benchmark::DoNotOptimize(y.data());
     benchmark::ClobberMemory();
-    e = (e + 1) % p.shape.experts;
+    e = (e + 1) % n_items;
   }
   const double calls = static_cast<double>(state.iterations());
   set_counters(state, p, n, calls > 0 ? bytes / calls : 0.0,
@@ -241,22 +305,32 @@ void run_layer(benchmark::State& state, int shape, int64_t tokens, int threads, 
     tok[e].push_back(t);
     prob[e].push_back(0.5f + static_cast<float>(rng() % 1000) / 2000.0f);
   }
-  std::vector<cpu::ExpertBatch> items;
+  // One set of items per block of `experts` consecutive matrices of the (replicated) qmoe-v1
+  // pool; each call takes the next set, so the compressed experts stream like the dense ones.
+  std::vector<std::vector<cpu::ExpertBatch>> item_sets(
+      std::max<size_t>(1, p.comp.size() / static_cast<size_t>(experts)));
   int active = 0;
-  for (int e = 0; e < experts; ++e) {
-    if (tok[static_cast<size_t>(e)].empty()) continue;
-    ++active;
-    items.push_back({p.comp[static_cast<size_t>(e)].view(),
-                     tok[static_cast<size_t>(e)],
-                     {},
-                     prob[static_cast<size_t>(e)]});
+  for (size_t b = 0; b < item_sets.size(); ++b) {
+    for (int e = 0; e < experts; ++e) {
+      if (tok[static_cast<size_t>(e)].empty()) continue;
+      if (b == 0) ++active;
+      item_sets[b].push_back(
+          {p.comp[b * static_cast<size_t>(experts) + static_cast<size_t>(e)].view(),
+           tok[static_cast<size_t>(e)],
+           {},
+           prob[static_cast<size_t>(e)]});
+    }
   }
+  size_t set = 0;
   std::vector<float> xg(static_cast<size_t>(tokens * cols)), yg(static_cast<size_t>(tokens * rows));
   cpu::MatmulOptions opt;
   opt.threads = threads;
   double bytes = 0;
+  std::this_thread::sleep_for(std::chrono::milliseconds(50));  // as in run_path
   for (auto _ : state) {
     bytes = 0;
+    const std::vector<cpu::ExpertBatch>& items = item_sets[set];
+    set = (set + 1) % item_sets.size();
     switch (path) {
       case LayerPath::kGrouped:
         cpu::grouped_matmul(items, x.data(), tokens, cols, y.data(), tokens, rows, opt);
