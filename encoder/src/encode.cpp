@@ -1,11 +1,13 @@
-// qmoe-v1, qmoe-v2, qmoe-v3 and qmoe-p5 encoders.
+// qmoe-v1, qmoe-v2, qmoe-v3, qmoe-g4 and qmoe-p5 encoders.
 //
 // qmoe-v1 is greedy longest match through a trie of the dictionary, each row on its own: walk the
 // trie pair by pair; when the current node has no child for the next pair, emit the node's entry
 // and restart from the root with that pair; emit the last node at the end of the row. This is
 // exactly QMoE's encoding, so streams are interchangeable with it. qmoe-v2 is the same walk, a
 // symbol at a time, through the trie of the matrix's dictionary (v2_codebook.cpp); qmoe-v3 walks
-// its dictionary's tree a column of two rows at a time (v3_codebook.cpp).
+// its dictionary's tree a column of two rows at a time (v3_codebook.cpp). qmoe-g4 has no
+// dictionary: each group of 4 rows is its gaps between non-zero symbols, in 4-bit tokens
+// (format/SPEC.md 16).
 #include <algorithm>
 #include <array>
 #include <cmath>
@@ -241,6 +243,69 @@ CompressedMatrix encode_v3(const TernaryMatrix& t, const EncodeOptions& opt) {
   return m;
 }
 
+// The tokens and kind bits of group g (SPEC 16.3, "Encoding"): one byte per token (0..15) and
+// per kind bit (0 = low, 1 = high).
+void encode_group_g4(const TernaryMatrix& t, int64_t g, std::vector<uint8_t>& tokens,
+                     std::vector<uint8_t>& kinds) {
+  int64_t zeros = 0;  // zero symbols since the last non-zero one
+  for (int64_t c = 0; c < t.cols; ++c) {
+    for (int j = 0; j < g4::kRows; ++j) {
+      const int64_t r = g * g4::kRows + j;
+      const uint8_t s = r < t.rows ? t.symbols[r * t.cols + c] : 0;
+      if (s == 0) {
+        ++zeros;
+        continue;
+      }
+      for (; zeros >= g4::kEscape; zeros -= g4::kEscape) tokens.push_back(g4::kEscape);
+      tokens.push_back(static_cast<uint8_t>(zeros));
+      kinds.push_back(s == 2 ? 1 : 0);
+      zeros = 0;
+    }
+  }
+}
+
+CompressedMatrix encode_g4(const TernaryMatrix& t, int threads) {
+  const int64_t groups = g4::groups(t.rows);
+  std::vector<std::vector<uint8_t>> tok(static_cast<size_t>(groups)), kind(tok.size());
+  {
+    ThreadCount tc(threads);
+#pragma omp parallel for schedule(dynamic, 16)
+    for (int64_t g = 0; g < groups; ++g) {
+      encode_group_g4(t, g, tok[static_cast<size_t>(g)], kind[static_cast<size_t>(g)]);
+    }
+  }
+  CompressedMatrix m;
+  m.codec = Codec::kG4;
+  m.rows = t.rows;
+  m.cols = t.cols;
+  m.group_offsets.assign(static_cast<size_t>(2 * (groups + 1)), 0);
+  int64_t n_tok = 0, n_kind = 0;
+  for (int64_t g = 0; g < groups; ++g) {
+    n_tok += static_cast<int64_t>(tok[static_cast<size_t>(g)].size());
+    n_kind += static_cast<int64_t>(kind[static_cast<size_t>(g)].size());
+    if (n_tok > std::numeric_limits<int32_t>::max()) {
+      throw InvalidArgument("encode: matrix needs more than 2^31-1 qmoe-g4 tokens; split it");
+    }
+    m.group_offsets[static_cast<size_t>(2 * g + 2)] = static_cast<int32_t>(n_tok);
+    m.group_offsets[static_cast<size_t>(2 * g + 3)] = static_cast<int32_t>(n_kind);
+  }
+  m.tokens.assign(static_cast<size_t>((n_tok + 1) / 2), 0);
+  m.kinds.assign(static_cast<size_t>((n_kind + 7) / 8), 0);
+  int64_t i = 0, k = 0;
+  for (int64_t g = 0; g < groups; ++g) {
+    for (uint8_t v : tok[static_cast<size_t>(g)]) {
+      m.tokens[static_cast<size_t>(i >> 1)] |= static_cast<uint8_t>(v << (4 * (i & 1)));
+      ++i;
+    }
+    for (uint8_t v : kind[static_cast<size_t>(g)]) {
+      m.kinds[static_cast<size_t>(k >> 3)] |= static_cast<uint8_t>(v << (k & 7));
+      ++k;
+    }
+  }
+  m.levels = t.levels;
+  return m;
+}
+
 CompressedMatrix encode_p5(const TernaryMatrix& t, int threads) {
   CompressedMatrix m;
   m.codec = Codec::kP5;
@@ -327,11 +392,19 @@ CompressedMatrix encode(const TernaryMatrix& t, const EncodeOptions& opt) {
   if (opt.codec == Codec::kP5) return encode_p5(t, opt.threads);
   if (opt.codec == Codec::kV2) return encode_v2(t, opt);
   if (opt.codec == Codec::kV3) return encode_v3(t, opt);
-  CompressedMatrix v1m = encode_v1(t, opt.threads);
-  if (opt.codec == Codec::kV1) return v1m;
+  if (opt.codec == Codec::kG4) return encode_g4(t, opt.threads);
+  if (opt.codec == Codec::kV1) return encode_v1(t, opt.threads);
+  // Automatic: the target's codec, or qmoe-p5 where that is smaller (a dense matrix).
+  CompressedMatrix m = opt.target == Target::kCpu   ? encode_g4(t, opt.threads)
+                       : opt.target == Target::kGpu ? encode_v2(t, opt)
+                                                    : encode_v1(t, opt.threads);
   const int64_t p5_bytes = t.rows * p5::row_bytes(t.cols) + 4 * t.rows;
-  if (p5_bytes < v1m.view().compressed_bytes()) return encode_p5(t, opt.threads);
-  return v1m;
+  if (p5_bytes < m.view().compressed_bytes()) return encode_p5(t, opt.threads);
+  return m;
+}
+
+Codec auto_codec(Target target) {
+  return target == Target::kCpu ? Codec::kG4 : target == Target::kGpu ? Codec::kV2 : Codec::kV1;
 }
 
 }  // namespace qmoe

@@ -217,6 +217,11 @@ void Container::Impl::load_shard(size_t shard_idx) {
       if (!is_lower_hex64(value))
         throw fail(name, "checksum \"" + value + "\" is not 16 lowercase hex digits");
       checksums.emplace(name, value);
+    } else if (key == kTargetKey) {
+      if (!target_from_name(value)) {
+        throw fail("", "__metadata__ \"" + key + "\" is \"" + value +
+                           "\", expected \"cpu\", \"gpu\" or \"any\"");
+      }
     } else if (starts_with(key, kReservedPrefix)) {
       throw fail("", "unknown reserved __metadata__ key \"" + key + "\"");
     }
@@ -298,7 +303,18 @@ void Container::Impl::load_shard(size_t shard_idx) {
     e.view.codec = decl.codec;
     e.view.rows = decl.rows;
     e.view.cols = decl.cols;
-    if (decl.codec != Codec::kP5) {
+    if (decl.codec == Codec::kG4) {
+      auto stream = [&](std::string_view suffix) {
+        const TensorInfo& t = member(suffix, DType::kU8, {});
+        if (t.shape.size() != 1) throw fail(t.name, "must be 1-D, is " + shape_str(t.shape));
+        return f.as<uint8_t>(t, DType::kU8);
+      };
+      e.view.tokens = stream(kTokensSuffix);
+      e.view.kinds = stream(kKindsSuffix);
+      const TensorInfo& offs =
+          member(kGroupOffsetsSuffix, DType::kI32, {g4::groups(decl.rows) + 1, 2});
+      e.view.group_offsets = f.as<int32_t>(offs, DType::kI32);
+    } else if (decl.codec != Codec::kP5) {
       const TensorInfo& codes = member(kCodesSuffix, DType::kU16, {});
       if (codes.shape.size() != 1)
         throw fail(codes.name, "must be 1-D, is " + shape_str(codes.shape));
@@ -406,6 +422,12 @@ void check_global_metadata(const std::string& file, const std::map<std::string, 
   }
   if (ver == md.end() || ver->second != std::to_string(kFormatVersion)) {
     throw FormatError(error_context(file, "", "unsupported format_version in the index"));
+  }
+  if (const auto t = md.find(std::string(kTargetKey));
+      t != md.end() && !target_from_name(t->second)) {
+    throw FormatError(error_context(file, "",
+                                    "metadata \"" + t->first + "\" is \"" + t->second +
+                                        "\", expected \"cpu\", \"gpu\" or \"any\""));
   }
 }
 
@@ -538,6 +560,11 @@ Container Container::open(const std::filesystem::path& path, const ContainerOpen
   return c;
 }
 
+std::optional<Target> Container::target() const {
+  const auto t = impl_->metadata.find(std::string(kTargetKey));
+  return t == impl_->metadata.end() ? std::nullopt : target_from_name(t->second);
+}
+
 const std::map<std::string, std::string>& Container::metadata() const {
   return impl_->metadata;
 }
@@ -617,6 +644,7 @@ struct ContainerWriter::Impl {
   bool sharded = false;
   bool finished = false;
   std::map<std::string, std::string> user_metadata;
+  std::optional<Target> target;
   std::set<std::string, std::less<>> names;  // logical names and stored names
 
   // The open file (shard).
@@ -652,6 +680,7 @@ struct ContainerWriter::Impl {
   void put_global_metadata(SafetensorsWriter& w) const {
     w.set_metadata("format", std::string(kFormatName));
     w.set_metadata("format_version", std::to_string(kFormatVersion));
+    if (target) w.set_metadata(std::string(kTargetKey), std::string(target_name(*target)));
     for (const auto& [k, v] : user_metadata) w.set_metadata(k, v);
   }
 
@@ -738,6 +767,17 @@ void ContainerWriter::set_metadata(std::string key, std::string value) {
   w.user_metadata[std::move(key)] = std::move(value);
 }
 
+void ContainerWriter::set_target(Target target) {
+  Impl& w = *impl_;
+  if (w.finished)
+    throw InvalidArgument(error_context(w.out.string(), "", "writer already finished"));
+  if (w.any_closed) {
+    throw InvalidArgument(
+        error_context(w.out.string(), "", "set_target() after the first shard was written"));
+  }
+  w.target = target;
+}
+
 void ContainerWriter::add_dense(std::string name, DType dtype, std::vector<int64_t> shape,
                                 std::span<const std::byte> data) {
   impl_->check_name(name);
@@ -772,6 +812,19 @@ void ContainerWriter::add_compressed(std::string name, const CompressedView& m,
                      DType::kI32,
                      {m.rows + 1},
                      as_bytes(m.row_offsets)});
+  } else if (m.codec == Codec::kG4) {
+    group.push_back({name + std::string(kGroupOffsetsSuffix),
+                     DType::kI32,
+                     {g4::groups(m.rows) + 1, 2},
+                     as_bytes(m.group_offsets)});
+    group.push_back({name + std::string(kTokensSuffix),
+                     DType::kU8,
+                     {static_cast<int64_t>(m.tokens.size())},
+                     as_bytes(m.tokens)});
+    group.push_back({name + std::string(kKindsSuffix),
+                     DType::kU8,
+                     {static_cast<int64_t>(m.kinds.size())},
+                     as_bytes(m.kinds)});
   } else {
     group.push_back({name + std::string(kPackedSuffix),
                      DType::kU8,
@@ -819,6 +872,7 @@ std::vector<std::filesystem::path> ContainerWriter::finish() {
   nlohmann::json md = nlohmann::json::object();
   md["format"] = kFormatName;
   md["format_version"] = std::to_string(kFormatVersion);
+  if (w.target) md[std::string(kTargetKey)] = std::string(target_name(*w.target));
   for (const auto& [k, v] : w.user_metadata) md[k] = v;
   index["metadata"] = std::move(md);
   nlohmann::json wm = nlohmann::json::object();

@@ -18,6 +18,8 @@ std::string_view codec_name(Codec c) {
       return "qmoe-v2";
     case Codec::kV3:
       return "qmoe-v3";
+    case Codec::kG4:
+      return "qmoe-g4";
   }
   return "unknown";
 }
@@ -27,6 +29,26 @@ std::optional<Codec> codec_from_name(std::string_view s) {
   if (s == "qmoe-p5") return Codec::kP5;
   if (s == "qmoe-v2") return Codec::kV2;
   if (s == "qmoe-v3") return Codec::kV3;
+  if (s == "qmoe-g4") return Codec::kG4;
+  return std::nullopt;
+}
+
+std::string_view target_name(Target t) {
+  switch (t) {
+    case Target::kAny:
+      return "any";
+    case Target::kCpu:
+      return "cpu";
+    case Target::kGpu:
+      return "gpu";
+  }
+  return "unknown";
+}
+
+std::optional<Target> target_from_name(std::string_view s) {
+  if (s == "any") return Target::kAny;
+  if (s == "cpu") return Target::kCpu;
+  if (s == "gpu") return Target::kGpu;
   return std::nullopt;
 }
 
@@ -53,15 +75,22 @@ int64_t CompressedView::compressed_bytes() const {
   if (has_codes()) {
     return static_cast<int64_t>(codes.size_bytes() + row_offsets.size_bytes()) + level_bytes;
   }
+  if (codec == Codec::kG4) {
+    return static_cast<int64_t>(tokens.size_bytes() + kinds.size_bytes() +
+                                group_offsets.size_bytes()) +
+           level_bytes;
+  }
   return static_cast<int64_t>(packed.size_bytes()) + level_bytes;
 }
 
 double CompressedView::bits_per_weight(bool codes_only) const {
   const double weights = static_cast<double>(rows) * static_cast<double>(cols);
   if (weights == 0) return 0.0;
-  const double bytes =
-      codes_only ? static_cast<double>(has_codes() ? codes.size_bytes() : packed.size_bytes())
-                 : static_cast<double>(compressed_bytes());
+  const double code_bytes =
+      static_cast<double>(has_codes()           ? codes.size_bytes()
+                          : codec == Codec::kG4 ? tokens.size_bytes() + kinds.size_bytes()
+                                                : packed.size_bytes());
+  const double bytes = codes_only ? code_bytes : static_cast<double>(compressed_bytes());
   return bytes * 8.0 / weights;
 }
 
@@ -70,6 +99,10 @@ CompressedView row_slice(const CompressedView& m, int64_t r0, int64_t r1,
   if (m.codec == Codec::kV3 && (r0 % 2 != 0 || (r1 % 2 != 0 && r1 != m.rows))) {
     throw InvalidArgument("row_slice: a qmoe-v3 matrix codes rows in pairs; rows [" +
                           std::to_string(r0) + ", " + std::to_string(r1) + ") split a pair");
+  }
+  if (m.codec == Codec::kG4 && (r0 % g4::kRows != 0 || (r1 % g4::kRows != 0 && r1 != m.rows))) {
+    throw InvalidArgument("row_slice: a qmoe-g4 matrix codes rows in groups of 4; rows [" +
+                          std::to_string(r0) + ", " + std::to_string(r1) + ") split a group");
   }
   CompressedView v = m;
   v.rows = r1 - r0;
@@ -81,6 +114,22 @@ CompressedView row_slice(const CompressedView& m, int64_t r0, int64_t r1,
       offsets[static_cast<size_t>(r - r0)] = m.row_offsets[static_cast<size_t>(r)] - base;
     v.row_offsets = offsets;
     v.codes = m.codes.subspan(static_cast<size_t>(base), static_cast<size_t>(offsets.back()));
+  } else if (m.codec == Codec::kG4) {
+    // The slice's groups, their offsets rebased to the bytes that hold their first token and
+    // first kind bit (a group may start inside a byte).
+    const int64_t g0 = r0 / g4::kRows, g1 = g4::groups(r1);
+    const int32_t* off = m.group_offsets.data();
+    const int32_t tok_base = off[2 * g0] / 2 * 2, kind_base = off[2 * g0 + 1] / 8 * 8;
+    offsets.resize(static_cast<size_t>(2 * (g1 - g0 + 1)));
+    for (int64_t g = g0; g <= g1; ++g) {
+      offsets[static_cast<size_t>(2 * (g - g0))] = off[2 * g] - tok_base;
+      offsets[static_cast<size_t>(2 * (g - g0) + 1)] = off[2 * g + 1] - kind_base;
+    }
+    v.group_offsets = offsets;
+    v.tokens = m.tokens.subspan(static_cast<size_t>(tok_base / 2),
+                                static_cast<size_t>((off[2 * g1] - tok_base + 1) / 2));
+    v.kinds = m.kinds.subspan(static_cast<size_t>(kind_base / 8),
+                              static_cast<size_t>((off[2 * g1 + 1] - kind_base + 7) / 8));
   } else {
     const int64_t rb = p5::row_bytes(m.cols);
     v.packed = m.packed.subspan(static_cast<size_t>(r0 * rb), static_cast<size_t>((r1 - r0) * rb));
@@ -97,6 +146,9 @@ CompressedView CompressedMatrix::view() const {
   v.row_offsets = row_offsets;
   v.packed = packed;
   v.levels = levels;
+  v.tokens = tokens;
+  v.kinds = kinds;
+  v.group_offsets = group_offsets;
   if (dictionary) {
     v.dictionary = dictionary->entries;
     v.dictionary_id = dictionary->id;

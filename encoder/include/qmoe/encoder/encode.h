@@ -22,8 +22,14 @@ inline TernaryMatrix ternarize_rtn(const float* w, int64_t rows, int64_t cols) {
 }
 
 struct EncodeOptions {
-  // Codec to use; nullopt picks the smaller of qmoe-v1 and qmoe-p5 (ties: qmoe-v1).
+  // Codec to use; nullopt ("auto") picks the target's codec (auto_codec()), or qmoe-p5 where that
+  // is smaller (matrices too dense for the target's codec; ties keep the target's codec).
   std::optional<Codec> codec;
+  // Where the matrix will run, for the automatic choice (format/SPEC.md 4.1): kAny (the default,
+  // QMoE-compatible qmoe-v1, read natively by the CPU and CUDA decoders), kCpu (qmoe-g4, the
+  // fastest on the CPU at one token and in batches, and the smallest; the CUDA decoder converts it
+  // to qmoe-v2 on upload) or kGpu (qmoe-v2, read natively by the CUDA kernels).
+  Target target = Target::kAny;
   // OpenMP threads (0 = the OpenMP default). The output is identical for any value.
   int threads = 0;
   // qmoe-v2: the longest dictionary entry (1..63 symbols), and the zero fraction the dictionary
@@ -32,10 +38,15 @@ struct EncodeOptions {
   std::optional<double> v2_p0{};
 };
 
+// The codec the automatic choice uses for `target` before comparing it with qmoe-p5: qmoe-v1 for
+// kAny, qmoe-g4 for kCpu, qmoe-v2 for kGpu.
+Codec auto_codec(Target target);
+
 // Encodes a ternary matrix. qmoe-v1 and qmoe-v2 use greedy longest match through a trie of the
 // dictionary, each row separately (v1 is bit-compatible with QMoE's encoder); qmoe-v3 walks its
-// dictionary's tree a column of two rows at a time, each pair of rows separately. Throws
-// InvalidArgument if a symbol is not 0, 1 or 2, or if a matrix would need more than 2^31-1 codes.
+// dictionary's tree a column of two rows at a time, each pair of rows separately; qmoe-g4 writes
+// each group of 4 rows' gaps as tokens (its only encoding, SPEC 16.3). Throws InvalidArgument if a
+// symbol is not 0, 1 or 2, or if a matrix would need more than 2^31-1 codes or qmoe-g4 tokens.
 CompressedMatrix encode(const TernaryMatrix& t, const EncodeOptions& opt = {});
 
 // The qmoe-v2 dictionary the encoder uses for zero fraction p0 (0 < p0 < 1) and entries of at

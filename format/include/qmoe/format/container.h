@@ -27,7 +27,13 @@ inline constexpr std::string_view kCodesSuffix = ".qmoe_codes";  // qmoe-v1: U16
 inline constexpr std::string_view kRowOffsetsSuffix = ".qmoe_row_offsets";  // qmoe-v1: I32 [rows+1]
 inline constexpr std::string_view kPackedSuffix =
     ".qmoe_packed";  // qmoe-p5: U8 [rows, ceil(cols/5)]
-inline constexpr std::string_view kLevelsSuffix = ".qmoe_levels";  // both: BF16 [rows, 2]
+inline constexpr std::string_view kLevelsSuffix = ".qmoe_levels";  // all: BF16 [rows, 2]
+// qmoe-g4 (format/SPEC.md section 16): U8 [ceil(T/2)], U8 [ceil(N/8)], I32 [ceil(rows/4)+1, 2].
+inline constexpr std::string_view kTokensSuffix = ".qmoe_tokens";
+inline constexpr std::string_view kKindsSuffix = ".qmoe_kinds";
+inline constexpr std::string_view kGroupOffsetsSuffix = ".qmoe_group_offsets";
+// Optional global metadata key: the device the codecs were chosen for, "cpu", "gpu" or "any".
+inline constexpr std::string_view kTargetKey = "qmoe.target";
 // The qmoe-v1 decode table, I32 [65536, 2], in every file that holds a qmoe-v1 matrix.
 inline constexpr std::string_view kV1DictionaryTensor = "qmoe.dictionary.qmoe-v1";
 // A qmoe-v2 dictionary is stored as this prefix + its id as 16 lowercase hex digits.
@@ -75,8 +81,12 @@ class Container {
  public:
   static Container open(const std::filesystem::path& path, const ContainerOpenOptions& opt = {});
 
-  const std::map<std::string, std::string>& metadata() const;  // global (first shard / index)
-  std::vector<std::string> names() const;                      // logical names, sorted
+  // Global metadata (first shard / index): user keys, "format", "format_version" and
+  // "qmoe.target" when present.
+  const std::map<std::string, std::string>& metadata() const;
+  // The "qmoe.target" key, when the file has one.
+  std::optional<Target> target() const;
+  std::vector<std::string> names() const;                               // logical names, sorted
   const CompressedEntry* find_compressed(std::string_view name) const;  // nullptr if not
   const DenseEntry* find_dense(std::string_view name) const;            // nullptr if not
   const std::vector<CompressedEntry>& compressed() const;
@@ -112,6 +122,9 @@ class ContainerWriter {
   // first shard is closed (i.e. before adding more than shard_size bytes); later calls throw
   // InvalidArgument.
   void set_metadata(std::string key, std::string value);
+  // Records the device the codecs were chosen for ("qmoe.target" in every shard and the index).
+  // Same timing rule as set_metadata().
+  void set_target(Target target);
   // Names must be unique across dense and compressed tensors; names starting with "qmoe." or
   // whose last dot-separated part starts with "qmoe_" are reserved (InvalidArgument). The data
   // is copied (into a staging file, not memory). add_compressed() validates the matrix

@@ -14,11 +14,18 @@
 
 namespace qmoe {
 
-enum class Codec : uint8_t { kV1, kP5, kV2, kV3 };
+enum class Codec : uint8_t { kV1, kP5, kV2, kV3, kG4 };
 
-// "qmoe-v1" / "qmoe-p5" / "qmoe-v2" / "qmoe-v3", the names stored in files.
+// "qmoe-v1" / "qmoe-p5" / "qmoe-v2" / "qmoe-v3" / "qmoe-g4", the names stored in files.
 std::string_view codec_name(Codec c);
 std::optional<Codec> codec_from_name(std::string_view s);
+
+// The device a file's codecs were chosen for (format/SPEC.md 4.1, "qmoe.target"): "any" (a file
+// for every device: today's default), "cpu" or "gpu". The encoder's automatic codec choice follows
+// it (encode.h).
+enum class Target : uint8_t { kAny, kCpu, kGpu };
+std::string_view target_name(Target t);
+std::optional<Target> target_from_name(std::string_view s);
 
 // R x C ternary matrix. symbols: R*C bytes, row-major, each 0, 1 or 2.
 // levels: 2*R bf16 bit patterns, (lo_r, hi_r) at [2r, 2r+1], lo_r <= 0 <= hi_r.
@@ -45,6 +52,11 @@ struct TernaryMatrix {
 //            codec_layout.h) and dictionary_id, the XXH3-64 of the dictionary's bytes: decoders
 //            cache what they derive from a dictionary under this id
 //   qmoe-p5: packed (rows * p5::row_bytes(cols) bytes)
+//   qmoe-g4: tokens (gap tokens, two per byte), kinds (one bit per non-zero symbol) and
+//            group_offsets (2 * (g4::groups(rows) + 1) int32: the first token and the first kind
+//            bit of each group of 4 rows, then the ends; codec_layout.h, SPEC section 16). In a
+//            view they index `tokens` and `kinds` from any start (a row slice keeps its groups'
+//            offsets); a whole matrix starts at (0, 0) and ends at the streams' sizes.
 //   all    : levels (2*rows bf16 bits, as in TernaryMatrix)
 // A view obtained from the container reader or the encoder has been validated (see validate()).
 struct CompressedView {
@@ -57,9 +69,14 @@ struct CompressedView {
   std::span<const uint16_t> levels;
   std::span<const uint32_t> dictionary;
   uint64_t dictionary_id = 0;
+  std::span<const uint8_t> tokens;
+  std::span<const uint8_t> kinds;
+  std::span<const int32_t> group_offsets;
 
   // Whether the matrix is a codeword stream (qmoe-v1, qmoe-v2 or qmoe-v3).
-  bool has_codes() const { return codec != Codec::kP5; }
+  bool has_codes() const {
+    return codec == Codec::kV1 || codec == Codec::kV2 || codec == Codec::kV3;
+  }
   // Whether the matrix carries its own dictionary (qmoe-v2 or qmoe-v3).
   bool has_dictionary() const { return codec == Codec::kV2 || codec == Codec::kV3; }
   // Bytes of codes, offsets and levels together (a qmoe-v2 dictionary is shared by the matrices
@@ -70,9 +87,10 @@ struct CompressedView {
 };
 
 // A view of rows [r0, r1) of `m`, whose sizes and row offsets must be sound (validate_layout() in
-// reference.h): `offsets` receives the slice's rebased row offsets (qmoe-v1, qmoe-v2, qmoe-v3) and
-// must outlive the view. A qmoe-v3 slice starts at an even row and ends at an even row or at the
-// end (a pair cannot be split); InvalidArgument otherwise.
+// reference.h): `offsets` receives the slice's rebased row offsets (qmoe-v1, qmoe-v2, qmoe-v3) or
+// group offsets (qmoe-g4) and must outlive the view. A qmoe-v3 slice starts at an even row and ends
+// at an even row or at the end (a pair cannot be split), a qmoe-g4 slice at multiples of 4 or at
+// the end (groups of 4 rows); InvalidArgument otherwise.
 CompressedView row_slice(const CompressedView& m, int64_t r0, int64_t r1,
                          std::vector<int32_t>& offsets);
 
@@ -95,8 +113,13 @@ struct CompressedMatrix {
   std::vector<uint8_t> packed;
   std::vector<uint16_t> levels;
   std::shared_ptr<const V2Dictionary> dictionary;  // qmoe-v2, qmoe-v3
+  std::vector<uint8_t> tokens;                     // qmoe-g4
+  std::vector<uint8_t> kinds;                      // qmoe-g4
+  std::vector<int32_t> group_offsets;              // qmoe-g4
 
-  bool has_codes() const { return codec != Codec::kP5; }
+  bool has_codes() const {
+    return codec == Codec::kV1 || codec == Codec::kV2 || codec == Codec::kV3;
+  }
   // Whether the matrix carries its own dictionary (qmoe-v2 or qmoe-v3).
   bool has_dictionary() const { return codec == Codec::kV2 || codec == Codec::kV3; }
   CompressedView view() const;

@@ -41,14 +41,17 @@ void validate_dictionary(Codec codec, std::span<const uint32_t> entries,
                          std::string_view what = {});
 
 // Checks what makes row_slice() safe: the sizes of every member and the row offsets (start at 0,
-// non-decreasing, end at num_codes), a qmoe-v2 dictionary's size; no decoding.
+// non-decreasing, end at num_codes), a qmoe-v2 dictionary's size, qmoe-g4 group offsets
+// (non-decreasing, inside the token and kind streams); no decoding. This is also all a view needs
+// for the decoders below, which check each row as they decode it.
 void validate_layout(const CompressedView& m, std::string_view what = {});
 
-// Checks a view completely: sizes of every member, row offsets start at 0, are non-decreasing and
-// end at num_codes, every row's codes decode to exactly its width (v1 and v2; an odd width's
-// last v1 half pair has s1 = 0), a v2 dictionary well formed and matching its id, p5 bytes <= 242
-// with zero padding, levels finite with lo <= 0 <= hi. Throws FormatError whose message starts with
-// `what` (e.g. "file.safetensors: tensor 'x'").
+// Checks a whole matrix completely: sizes of every member, row offsets start at 0, are
+// non-decreasing and end at num_codes, every row's codes decode to exactly its width (v1 and v2;
+// an odd width's last v1 half pair has s1 = 0), a v2 dictionary well formed and matching its id,
+// p5 bytes <= 242 with zero padding, qmoe-g4 offsets from (0, 0) to the streams' sizes with every
+// group decoding (SPEC 16.4), levels finite with lo <= 0 <= hi. Throws FormatError whose message
+// starts with `what` (e.g. "file.safetensors: tensor 'x'").
 void validate(const CompressedView& m, std::string_view what = {});
 
 // validate() without its qmoe-v2 dictionary checks (well-formed entries, id = XXH3-64), for a
