@@ -15,9 +15,10 @@
 //   wo   768 x 3072   (d_model x d_ff, Switch-base down projection)   QMOE_BENCH_EXPERTS (64)
 //   big  4096 x 14336 (a large-model down projection)                QMOE_BENCH_BIG_EXPERTS (4)
 // Ternary symbols are i.i.d. with P(0) = 0.885 (QMoE's measured sparsity), encoded as qmoe-v1
-// (qmoe_*) and, for the qmoe_v2, qmoe_v3 and qmoe_p5 rows, the same matrices in the
-// fitted-dictionary codec qmoe-v2, in its row-pair form qmoe-v3 and in the 1.6-bit qmoe-p5
-// fallback codec.
+// (qmoe_*) and, for the qmoe_v2, qmoe_v3, qmoe_g4 and qmoe_p5 rows, the same matrices in the
+// fitted-dictionary codec qmoe-v2, in its row-pair form qmoe-v3, in the gap-token codec qmoe-g4
+// and in the 1.6-bit qmoe-p5 fallback codec. qmoe_g4 at one token uses int8 inputs where the CPU
+// has the kernel (MatmulOptions::int8_activations); qmoe_g4_fp32 is the same with float inputs.
 // Dense copies take 4 bytes per weight: 64 + 64 experts of 2.4M weights = 1.2 GB, and 0.94 GB per
 // 4 big experts; pools are built on first use, so a --benchmark_filter builds only what it needs.
 //
@@ -132,11 +133,13 @@ struct Pool {
   std::vector<CompressedMatrix> v2;  // the same matrices in qmoe-v2
   std::vector<CompressedMatrix> v3;  // the same matrices in qmoe-v3
   std::vector<CompressedMatrix> p5;  // the same matrices in the qmoe-p5 fallback codec
+  std::vector<CompressedMatrix> g4;  // the same matrices in qmoe-g4
   std::vector<std::unique_ptr<float, FreeDeleter>> dense;
   double bits_per_weight = 0;
   double v2_bits_per_weight = 0;
   double v3_bits_per_weight = 0;
   double p5_bits_per_weight = 0;
+  double g4_bits_per_weight = 0;
 };
 
 // Ternary matrix with P(0) = 0.885, levels around +-0.05 (bf16), fast generator (the pools hold
@@ -173,7 +176,7 @@ Pool& pool(int index) {
   Pool& p = *slot;
   p.shape = shapes()[static_cast<size_t>(index)];
   const int64_t rows = p.shape.rows, cols = p.shape.cols;
-  double bits = 0, v2_bits = 0, v3_bits = 0, p5_bits = 0;
+  double bits = 0, v2_bits = 0, v3_bits = 0, p5_bits = 0, g4_bits = 0;
   for (int e = 0; e < p.shape.experts; ++e) {
     const TernaryMatrix t = make_ternary(rows, cols, static_cast<uint64_t>(index * 1000 + e + 1));
     p.comp.push_back(encode(t, {.codec = Codec::kV1}));
@@ -184,6 +187,8 @@ Pool& pool(int index) {
     v3_bits += p.v3.back().view().bits_per_weight();
     p.p5.push_back(encode(t, {.codec = Codec::kP5}));
     p5_bits += p.p5.back().view().bits_per_weight();
+    p.g4.push_back(encode(t, {.codec = Codec::kG4}));
+    g4_bits += p.g4.back().view().bits_per_weight();
     float* d = static_cast<float*>(
         std::aligned_alloc(64, static_cast<size_t>(rows * cols) * sizeof(float)));
     p.dense.emplace_back(d);
@@ -198,23 +203,28 @@ Pool& pool(int index) {
   p.v2_bits_per_weight = v2_bits / p.shape.experts;
   p.v3_bits_per_weight = v3_bits / p.shape.experts;
   p.p5_bits_per_weight = p5_bits / p.shape.experts;
+  p.g4_bits_per_weight = g4_bits / p.shape.experts;
   const int64_t min_bytes = pool_min_bytes();
-  const int64_t b1 = replicate(p.comp, min_bytes), b2 = replicate(p.v2, min_bytes);
-  const int64_t b3 = replicate(p.v3, min_bytes), b5 = replicate(p.p5, min_bytes);
   std::fprintf(stderr,
-               "# pool %s: %d experts, %.4f bits/weight (qmoe-v2 %.4f, qmoe-v3 %.4f); streamed "
-               "compressed pools (>= %.0f MB, %.1fx the %.0f MB last-level cache): qmoe-v1 %zu "
-               "matrices %.0f MB, qmoe-v2 %zu / %.0f MB, qmoe-v3 %zu / %.0f MB, qmoe-p5 %zu / %.0f "
-               "MB; dense fp32 %.0f MB\n",
+               "# pool %s: %d experts, bits/weight qmoe-v1 %.4f, qmoe-v2 %.4f, qmoe-v3 %.4f, "
+               "qmoe-g4 %.4f, qmoe-p5 %.4f; dense fp32 %.0f MB; compressed pools streamed, each "
+               ">= %.0f MB (%.1fx the %.0f MB last-level cache):",
                p.shape.name, p.shape.experts, p.bits_per_weight, p.v2_bits_per_weight,
-               p.v3_bits_per_weight, min_bytes / 1e6,
-               static_cast<double>(min_bytes) / static_cast<double>(llc_bytes()), llc_bytes() / 1e6,
-               p.comp.size(), b1 / 1e6, p.v2.size(), b2 / 1e6, p.v3.size(), b3 / 1e6, p.p5.size(),
-               b5 / 1e6, 4.0 * rows * cols * p.shape.experts / 1e6);
+               p.v3_bits_per_weight, p.g4_bits_per_weight, p.p5_bits_per_weight,
+               4.0 * rows * cols * p.shape.experts / 1e6, min_bytes / 1e6,
+               static_cast<double>(min_bytes) / static_cast<double>(llc_bytes()),
+               llc_bytes() / 1e6);
+  for (auto [name, v] :
+       {std::pair{"qmoe-v1", &p.comp}, std::pair{"qmoe-v2", &p.v2}, std::pair{"qmoe-v3", &p.v3},
+        std::pair{"qmoe-g4", &p.g4}, std::pair{"qmoe-p5", &p.p5}}) {
+    const int64_t b = replicate(*v, min_bytes);
+    std::fprintf(stderr, " %s %zu matrices %.0f MB;", name, v->size(), b / 1e6);
+  }
+  std::fprintf(stderr, "\n");
   return p;
 }
 
-enum class Path { kQmoe, kQmoeV2, kQmoeV3, kQmoeP5, kDense, kRef };
+enum class Path { kQmoe, kQmoeV2, kQmoeV3, kQmoeG4, kQmoeP5, kDense, kRef };
 
 void set_counters(benchmark::State& state, const Pool& p, int64_t n, double bytes_per_call,
                   double bpw) {
@@ -229,7 +239,7 @@ void set_counters(benchmark::State& state, const Pool& p, int64_t n, double byte
 }
 
 void run_path(benchmark::State& state, int shape, int64_t n, int threads, Path path,
-              std::optional<cpu::SimdLevel> level) {
+              std::optional<cpu::SimdLevel> level, bool int8 = true) {
   Pool& p = pool(shape);
   const int64_t rows = p.shape.rows, cols = p.shape.cols;
   std::vector<float> x(static_cast<size_t>(n * cols)), y(static_cast<size_t>(n * rows));
@@ -239,8 +249,10 @@ void run_path(benchmark::State& state, int shape, int64_t n, int threads, Path p
   cpu::MatmulOptions opt;
   opt.threads = threads;
   opt.simd = level;
+  opt.int8_activations = int8;
   const std::vector<CompressedMatrix>& comp = path == Path::kQmoeV2   ? p.v2
                                               : path == Path::kQmoeV3 ? p.v3
+                                              : path == Path::kQmoeG4 ? p.g4
                                               : path == Path::kQmoeP5 ? p.p5
                                                                       : p.comp;
   const size_t n_items = path == Path::kDense ? p.dense.size() : comp.size();
@@ -253,6 +265,7 @@ void run_path(benchmark::State& state, int shape, int64_t n, int threads, Path p
       case Path::kQmoe:
       case Path::kQmoeV2:
       case Path::kQmoeV3:
+      case Path::kQmoeG4:
       case Path::kQmoeP5: {
         const CompressedView v = comp[e].view();
         cpu::matmul(v, n, x.data(), cols, y.data(), rows, opt);
@@ -280,6 +293,7 @@ void run_path(benchmark::State& state, int shape, int64_t n, int threads, Path p
                : path == Path::kQmoeP5 ? p.p5_bits_per_weight
                : path == Path::kQmoeV2 ? p.v2_bits_per_weight
                : path == Path::kQmoeV3 ? p.v3_bits_per_weight
+               : path == Path::kQmoeG4 ? p.g4_bits_per_weight
                                        : p.bits_per_weight);
 }
 
@@ -387,10 +401,12 @@ class SummaryReporter : public benchmark::ConsoleReporter {
     ConsoleReporter::Finalize();
     auto& out = GetOutputStream();
     print_layers(out);
-    out << "\n| shape | tokens | threads | qmoe µs | qmoe avx2 µs | qmoe-v2 µs | qmoe-v3 µs | "
-           "qmoe-p5 µs | dense fp32 µs | reference µs | dense / qmoe | dense / qmoe avx2 | dense / "
-           "qmoe-v2 | dense / qmoe-v3 | dense / qmoe-p5 | qmoe µs per token |\n"
-           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n";
+    // One line per shape, token count and thread count: the time of every path (median, µs) and
+    // the speed-up of each qmoe path over dense fp32 measured in the same run.
+    static const std::pair<const char*, const char*> kPaths[] = {
+        {"qmoe", "v1"},           {"qmoe_v2", "v2"},           {"qmoe_v3", "v3"},
+        {"qmoe_g4", "g4"},        {"qmoe_g4_fp32", "g4 fp32"}, {"qmoe_p5", "p5"},
+        {"qmoe_avx2", "v1 avx2"}, {"qmoe_v3_avx2", "v3 avx2"}, {"qmoe_g4_avx2", "g4 avx2"}};
     auto get = [&](const std::string& k) {
       const auto it = times_.find(k);
       return it == times_.end() ? -1.0 : it->second;
@@ -401,25 +417,26 @@ class SummaryReporter : public benchmark::ConsoleReporter {
       std::snprintf(b, sizeof b, fmt, v);
       return std::string(b);
     };
+    out << "\n| shape | tokens | threads | dense fp32 µs";
+    for (const auto& [key, label] : kPaths) out << " | " << label << " µs";
+    for (const auto& [key, label] : kPaths) out << " | dense ÷ " << label;
+    out << " | reference µs |\n|---|---|---";
+    for (size_t i = 0; i < 2 * std::size(kPaths) + 2; ++i) out << "|---";
+    out << "|\n";
     for (const auto& [key, t] : times_) {
       if (key.rfind("qmoe/", 0) != 0) continue;
       const std::string rest = key.substr(5);  // shape/tokens:n/threads:t
       const size_t a = rest.find("/tokens:"), b = rest.find("/threads:");
-      const std::string shape = rest.substr(0, a);
-      const std::string tokens = rest.substr(a + 8, b - a - 8), threads = rest.substr(b + 9);
-      const double avx2 = get("qmoe_avx2/" + rest), dense = get("dense/" + rest);
-      const double p5 = get("qmoe_p5/" + rest), v2 = get("qmoe_v2/" + rest);
-      const double v3 = get("qmoe_v3/" + rest);
-      const double ref = get("reference/" + rest);
-      out << "| " << shape << " | " << tokens << " | " << threads << " | " << num(t, "%.1f")
-          << " | " << num(avx2, "%.1f") << " | " << num(v2, "%.1f") << " | " << num(v3, "%.1f")
-          << " | " << num(p5, "%.1f") << " | " << num(dense, "%.1f") << " | " << num(ref, "%.0f")
-          << " | " << (dense > 0 ? num(dense / t, "%.2fx") : "-") << " | "
-          << (dense > 0 && avx2 > 0 ? num(dense / avx2, "%.2fx") : "-") << " | "
-          << (dense > 0 && v2 > 0 ? num(dense / v2, "%.2fx") : "-") << " | "
-          << (dense > 0 && v3 > 0 ? num(dense / v3, "%.2fx") : "-") << " | "
-          << (dense > 0 && p5 > 0 ? num(dense / p5, "%.2fx") : "-") << " | "
-          << num(t / std::stod(tokens), "%.2f") << " |\n";
+      const double dense = get("dense/" + rest);
+      out << "| " << rest.substr(0, a) << " | " << rest.substr(a + 8, b - a - 8) << " | "
+          << rest.substr(b + 9) << " | " << num(dense, "%.1f");
+      for (const auto& [path, label] : kPaths)
+        out << " | " << num(get(path + ("/" + rest)), "%.1f");
+      for (const auto& [path, label] : kPaths) {
+        const double v = get(path + ("/" + rest));
+        out << " | " << (dense > 0 && v > 0 ? num(dense / v, "%.2fx") : "-");
+      }
+      out << " | " << num(get("reference/" + rest), "%.0f") << " |\n";
     }
   }
 
@@ -465,20 +482,24 @@ void register_all() {
         const std::string suffix = std::string(list[static_cast<size_t>(s)].name) +
                                    "/tokens:" + std::to_string(n) +
                                    "/threads:" + std::to_string(threads);
-        auto add = [&](const std::string& name, Path path, std::optional<cpu::SimdLevel> level) {
+        auto add = [&](const std::string& name, Path path, std::optional<cpu::SimdLevel> level,
+                       bool int8 = true) {
           benchmark::RegisterBenchmark(
               (name + "/" + suffix).c_str(),
-              [=](benchmark::State& st) { run_path(st, s, n, threads, path, level); })
+              [=](benchmark::State& st) { run_path(st, s, n, threads, path, level, int8); })
               ->Unit(benchmark::kMicrosecond)
               ->UseRealTime();
         };
         add("qmoe", Path::kQmoe, std::nullopt);
         add("qmoe_v2", Path::kQmoeV2, std::nullopt);
         add("qmoe_v3", Path::kQmoeV3, std::nullopt);
+        add("qmoe_g4", Path::kQmoeG4, std::nullopt);
+        if (n == 1) add("qmoe_g4_fp32", Path::kQmoeG4, std::nullopt, false);
         add("qmoe_p5", Path::kQmoeP5, std::nullopt);
         if (avx2 && !best_is_avx2) add("qmoe_avx2", Path::kQmoe, cpu::SimdLevel::kAvx2);
         if (avx2 && !best_is_avx2 && n == 1) {
           add("qmoe_v3_avx2", Path::kQmoeV3, cpu::SimdLevel::kAvx2);
+          add("qmoe_g4_avx2", Path::kQmoeG4, cpu::SimdLevel::kAvx2);
         }
         if (avx2) add("dense", Path::kDense, std::nullopt);
         if (n == 1 && threads == 1) add("reference", Path::kRef, std::nullopt);

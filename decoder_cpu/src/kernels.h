@@ -61,7 +61,7 @@ const uint64_t* v3_list_table(const uint32_t* dictionary, uint64_t id);
 
 // The matrix, as raw pointers (no std::span in kernel code, see above).
 struct Matrix {
-  int codec = 0;  // 0 = qmoe-v1, 1 = qmoe-p5, 2 = qmoe-v2, 3 = qmoe-v3
+  int codec = 0;  // 0 = qmoe-v1, 1 = qmoe-p5, 2 = qmoe-v2, 3 = qmoe-v3, 4 = qmoe-g4
   int64_t rows = 0;
   int64_t cols = 0;
   const uint16_t* codes = nullptr;       // v1, v2
@@ -73,6 +73,13 @@ struct Matrix {
   const uint64_t* v3_list = nullptr;     // v3: v3_list_table() of the dictionary
   const uint8_t* packed = nullptr;       // p5, rows * ceil(cols / 5)
   const uint16_t* levels = nullptr;      // 2 * rows bf16 bits
+  // g4: the token and kind streams (their sizes in bytes: kernels never read past them) and the
+  // group offsets, 2 * (groups + 1) int32 (CompressedView::group_offsets).
+  const uint8_t* g4_tokens = nullptr;
+  int64_t g4_token_bytes = 0;
+  const uint8_t* g4_kinds = nullptr;
+  int64_t g4_kind_bytes = 0;
+  const int32_t* g4_offsets = nullptr;
 };
 
 // Up to 32 tokens that share a pass over the codes.
@@ -84,10 +91,19 @@ struct Pass {
   int n = 1;                  // real tokens, <= bp
   float* const* y = nullptr;  // n output rows: token t's result for row r goes to y[t][r]
   const float* scale = nullptr;  // n factors, or null
+  // A single-token pass of a qmoe-g4 matrix at the AVX-512 level: the input quantized to int8
+  // (xq[c] = round(x[c] * 127 / max|x|), zero for cols <= c < cols + kG4XqPad) and the factor back
+  // (max|x| / 127). Null where the kernels use the float input (the lists path): other levels,
+  // batches, inputs with a NaN or infinity, MatmulOptions::int8_activations = false.
+  const int8_t* xq = nullptr;
+  float xq_inv = 0.0f;
 };
 
 // Zero columns after the last one, so kernels may read a full codeword's span past the row end.
 inline constexpr int64_t kColPad = 64;
+// Zero int8 columns after the last one in Pass::xq: the qmoe-g4 kernel reads 256 columns from the
+// column of a step's first token.
+inline constexpr int64_t kG4XqPad = 256;
 
 // Rows per call of a RowsFn at most (the OpenMP work item; results do not depend on it), passes
 // per sweep over the codes, and tokens per pass.
@@ -117,5 +133,7 @@ using RowsFn = void (*)(const Work& work, const Tables& tables, int64_t r0, int6
 RowsFn rows_fn_scalar();
 RowsFn rows_fn_avx2();
 RowsFn rows_fn_avx512();
+// The avx512 kernels built with VBMI, VBMI2 and VNNI too, for qmoe-g4 (kernels_g4_vnni.cpp).
+RowsFn rows_fn_g4_vnni();
 
 }  // namespace qmoe::cpu::detail

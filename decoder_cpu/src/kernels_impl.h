@@ -26,6 +26,8 @@
 // interleaved with or on the thread that runs it; that makes results thread-count independent.
 #pragma once
 
+#include <algorithm>
+#include <array>
 #include <bit>
 #include <cstdint>
 #include <cstring>
@@ -131,6 +133,7 @@ inline void v3_lists(const uint16_t* c, const uint16_t* end, const uint64_t* tab
   int32_t pos = 0;
   int64_t k0 = 0, k1 = 0, k2 = 0, k3 = 0;
   for (; c < end; ++c) {
+    __builtin_prefetch(table + 2 * static_cast<size_t>(c + 24 < end ? c[24] : 0));
     const uint64_t* rec = table + 2 * static_cast<size_t>(*c);
     list_step(rec[0], pos, out[0], out[1], k0, k1);
     list_step(rec[1], pos, out[2], out[3], k2, k3);
@@ -680,6 +683,350 @@ void p5_rows(const Work& w, const Tables& tb, int64_t r0, int64_t r1) {
 static_assert(kColPad >= 3);
 #endif
 
+// ---- qmoe-g4: gap tokens over groups of 4 rows -----------------------------------------------
+// A group's tokens cover its positions P = 4 * column + row (codec_layout.h, SPEC 16). No tables:
+// a token is decoded by arithmetic. The batch path (and, with float inputs, the single-token one)
+// lists the columns of each row's low and high symbols, 4 rows per decode; the AVX-512 single-token
+// kernel takes 64 tokens at a time with int8 inputs (below).
+
+// Up to 8 bytes of a stream from byte b, little endian; bytes at or past `size` read as 0 (never
+// touched: a group's last kind bits may end a stream).
+inline uint64_t g4_load64(const uint8_t* s, int64_t size, int64_t b) {
+  if (b + 8 <= size) {
+    uint64_t v;
+    std::memcpy(&v, s + b, 8);
+    return v;
+  }
+  uint64_t v = 0;
+  for (int64_t i = b; i < size; ++i) v |= uint64_t{s[i]} << (8 * (i - b));
+  return v;
+}
+
+// The 64 kind bits from bit k of the kind stream (bit 0 = bit k).
+inline uint64_t g4_kind_bits(const Matrix& m, int64_t k) {
+  const int64_t b = k >> 3;
+  const unsigned sh = static_cast<unsigned>(k & 7);
+  const uint64_t lo = g4_load64(m.g4_kinds, m.g4_kind_bytes, b);
+  return sh == 0 ? lo : (lo >> sh) | (g4_load64(m.g4_kinds, m.g4_kind_bytes, b + 8) << (64 - sh));
+}
+
+// Group g's non-zero symbols as lists of columns: row j's low ones in out[j], its high ones in
+// out[4 + j], ascending. Writes exactly n[c] entries to out[c]. The 8 list lengths live in two
+// registers, 16 bits each (the lengths of one kind in one word): keeping them in an array indexed
+// by the class made every load of a length wait on the store of another one (about 35 cycles a
+// token, Zen 4). Rows of more than 65535 columns use the array.
+inline void g4_lists_scalar(const Matrix& m, int64_t g, int32_t* const (&out)[8], int64_t (&n)[8]) {
+  const int64_t t0 = m.g4_offsets[2 * g], t1 = m.g4_offsets[2 * g + 2];
+  const uint8_t* tokens = m.g4_tokens;
+  const uint8_t* kinds = m.g4_kinds;
+  int64_t k = m.g4_offsets[2 * g + 1], pos = 0;
+  if (m.cols > 65535) {
+    int64_t cnt[8] = {};
+    for (int64_t i = t0; i < t1; ++i) {
+      const int t = (tokens[i >> 1] >> (4 * (i & 1))) & 15;
+      if (t == 15) {
+        pos += 15;
+        continue;
+      }
+      pos += t;
+      const int cls = static_cast<int>(pos & 3) + 4 * ((kinds[k >> 3] >> (k & 7)) & 1);
+      out[cls][cnt[cls]++] = static_cast<int32_t>(pos >> 2);
+      ++k;
+      ++pos;
+    }
+    for (int c = 0; c < 8; ++c) n[c] = cnt[c];
+    return;
+  }
+  // (lo_len >> 16 * row) & 0xffff: the length of list row (low); hi_len: of list 4 + row (high).
+  uint64_t lo_len = 0, hi_len = 0;
+  for (int64_t i = t0; i < t1; ++i) {
+    const int t = (tokens[i >> 1] >> (4 * (i & 1))) & 15;
+    if (t == 15) {
+      pos += 15;
+      continue;
+    }
+    pos += t;
+    const int row = static_cast<int>(pos & 3);
+    const uint64_t high = (kinds[k >> 3] >> (k & 7)) & 1;
+    const uint64_t lens = high ? hi_len : lo_len;
+    const unsigned sh = 16 * static_cast<unsigned>(row);
+    out[row + 4 * static_cast<int>(high)][(lens >> sh) & 0xffff] = static_cast<int32_t>(pos >> 2);
+    const uint64_t inc = uint64_t{1} << sh, mask = 0 - high;
+    lo_len += inc & ~mask;
+    hi_len += inc & mask;
+    ++k;
+    ++pos;
+  }
+  for (int j = 0; j < 4; ++j) {
+    n[j] = static_cast<int64_t>((lo_len >> (16 * j)) & 0xffff);
+    n[4 + j] = static_cast<int64_t>((hi_len >> (16 * j)) & 0xffff);
+  }
+}
+
+// One token with float inputs (where the int8 kernel does not run): each group's tokens one by
+// one, each non-zero symbol's input ANDed with the 8-lane mask of its row and kind (lane j: row j
+// low, lane 4 + j: row j high; the AND zeroes every other lane exactly, whatever the input) and
+// added to accumulator i % 4, i the token's index in the group. An escape adds a zero mask, so
+// every token has a fixed accumulator and no state is indexed by the data. The four accumulators
+// are combined in a fixed order.
+void g4_rows_float(const Work& w, int64_t r0, int64_t r1) {
+  typedef int32_t v8i __attribute__((vector_size(32)));
+  static const auto masks = [] {
+    std::array<v8i, 9> a{};  // class row + 4 * kind; 8: an escape
+    for (int c = 0; c < 8; ++c) a[static_cast<size_t>(c)][(c & 3) + 4 * (c >> 2)] = -1;
+    return a;
+  }();
+  const Matrix& m = w.m;
+  const float* x = w.passes[0].xt;
+  const uint8_t* tokens = m.g4_tokens;
+  const uint8_t* kinds = m.g4_kinds;
+  for (int64_t g = r0 / 4; 4 * g < r1; ++g) {
+    const int64_t t0 = m.g4_offsets[2 * g], t1 = m.g4_offsets[2 * g + 2];
+    const int64_t k_end = m.g4_offsets[2 * g + 3];
+    int64_t k = m.g4_offsets[2 * g + 1], pos = 0;
+    v8f acc[4] = {};
+    auto token = [&](int64_t i) -> v8f {
+      const int t = (tokens[i >> 1] >> (4 * (i & 1))) & 15;
+      const int real = t != 15;
+      const int64_t p = pos + t;
+      // Read whether used or not (no branch): k < kind_end + 1, inside the stream or its last
+      // byte... except when the stream ends at k: then the last byte is read again.
+      const int64_t kb = k < k_end ? k : k_end - 1;
+      const int cls = real ? static_cast<int>(p & 3) + 4 * ((kinds[kb >> 3] >> (kb & 7)) & 1) : 8;
+      const float v = x[p >> 2];  // an escape reads a column < cols + 4: inside the padding
+      pos = p + real;
+      k += real;
+      const v8i b = reinterpret_cast<v8i>(v8f{v, v, v, v, v, v, v, v});
+      return reinterpret_cast<v8f>(b & masks[static_cast<size_t>(cls)]);
+    };
+    int64_t i = t0;
+    for (; i + 4 <= t1; i += 4) {
+      acc[0] += token(i);
+      acc[1] += token(i + 1);
+      acc[2] += token(i + 2);
+      acc[3] += token(i + 3);
+    }
+    for (int u = 0; i < t1; ++i, ++u) acc[u] += token(i);
+    const v8f sum = (acc[0] + acc[1]) + (acc[2] + acc[3]);
+    for (int j = 0; j < 4 && 4 * g + j < r1; ++j) {
+      const int64_t r = 4 * g + j;
+      put(w, w.passes[0], r, 0,
+          combine(bf16_bits_to_float(m.levels[2 * r]), sum[j],
+                  bf16_bits_to_float(m.levels[2 * r + 1]), sum[4 + j]));
+    }
+  }
+}
+
+// The vector qmoe-g4 kernels need AVX-512 VBMI (byte permutes), VBMI2 (byte compress) and VNNI
+// (vpdpbusd) on top of the avx512 level: kernels_g4_vnni.cpp compiles this file with them, and the
+// dispatcher runs that copy for qmoe-g4 matrices on CPUs that have them (Ice Lake, Zen 4 and
+// later). Elsewhere qmoe-g4 takes the lists path with float inputs.
+#if defined(__AVX512VBMI__) && defined(__AVX512VBMI2__) && defined(__AVX512VNNI__)
+#define QMOE_G4_VNNI 1
+#endif
+
+#if defined(QMOE_G4_VNNI)
+// Up to 64 consecutive tokens of a group, decoded at once:
+//   * the tokens as bytes t (a masked load of the bytes that hold them, one permute, a nibble
+//     pick); a lane advances min(t + 1, 15) positions, an escape's lane holds no symbol;
+//   * the position of each lane's symbol: an inclusive prefix sum of the advances, within each
+//     8-lane qword by one multiplication by 0x0101..01 (sums <= 120 fit a byte), across qwords by
+//     three shifted adds of the 8 qword totals; kept as column - c0 (< 241: 64 tokens cover at most
+//     960 positions) and row, both bytes;
+//   * the kinds: the next popcount(real) kind bits deposited (pdep) on the lanes with a symbol.
+struct G4Step {
+  __m512i col;      // column of the lane's symbol, minus c0
+  __m512i row;      // its row within the group, 0..3
+  uint64_t real;    // lanes that hold a non-zero symbol
+  uint64_t hi;      // ... of high kind
+  int64_t advance;  // positions the step's tokens cover
+};
+
+struct G4Consts {
+  __m512i idx[2];    // token j of a step starting at nibble parity p: byte (p + j) / 2
+  uint64_t high[2];  // ... its high nibble when p + j is odd
+  __m512i bcast;     // byte 0 of each qword to all 8 of its bytes (in-lane vpshufb)
+  G4Consts() {
+    alignas(64) uint8_t ix[2][64], bc[64];
+    high[0] = high[1] = 0;
+    for (int p = 0; p < 2; ++p) {
+      for (int j = 0; j < 64; ++j) {
+        ix[p][j] = static_cast<uint8_t>((p + j) >> 1);
+        if ((p + j) & 1) high[p] |= uint64_t{1} << j;
+      }
+      idx[p] = _mm512_load_si512(ix[p]);
+    }
+    for (int j = 0; j < 64; ++j) bc[j] = static_cast<uint8_t>(j & 8);
+    bcast = _mm512_load_si512(bc);
+  }
+};
+
+// Tokens i .. i + n - 1 of the stream (1 <= n <= 64) from position `base` of the group (the
+// position after the previous token's), kind bits from k.
+inline G4Step g4_step(const Matrix& m, const G4Consts& cs, int64_t i, int n, int64_t k,
+                      int64_t base) {
+  const __m512i c15 = _mm512_set1_epi8(15), nib = _mm512_set1_epi8(0x0f),
+                zero = _mm512_setzero_si512();
+  const uint64_t valid = n >= 64 ? ~uint64_t{0} : (uint64_t{1} << n) - 1;
+  const int odd = static_cast<int>(i & 1);
+  const int need = (odd + n + 1) / 2;  // bytes holding the tokens (<= 33), all inside the stream
+  const __m512i src = _mm512_maskz_loadu_epi8((uint64_t{1} << need) - 1, m.g4_tokens + (i >> 1));
+  // maskz forms throughout: GCC 12's unmasked ones read an undefined vector
+  // (-Wmaybe-uninitialized).
+  constexpr uint64_t kAll = ~uint64_t{0};
+  const __m512i bytes = _mm512_maskz_permutexvar_epi8(kAll, cs.idx[odd], src);
+  const __m512i t = _mm512_maskz_mov_epi8(
+      valid, _mm512_mask_blend_epi8(cs.high[odd], _mm512_and_si512(bytes, nib),
+                                    _mm512_and_si512(_mm512_srli_epi16(bytes, 4), nib)));
+  const uint64_t esc = _mm512_mask_cmpeq_epi8_mask(valid, t, c15);
+  const __m512i a = _mm512_maskz_min_epu8(valid, _mm512_add_epi8(t, _mm512_set1_epi8(1)), c15);
+  G4Step s;
+  s.real = valid & ~esc;
+  s.hi = _pdep_u64(g4_kind_bits(m, k), s.real);
+  // In-qword inclusive prefix, qword totals, their exclusive prefix E.
+  const __m512i mq = _mm512_mullo_epi64(a, _mm512_set1_epi64(0x0101010101010101LL));
+  const __m512i tq = _mm512_maskz_srli_epi64(0xff, mq, 56);
+  __m512i e = _mm512_maskz_alignr_epi64(0xff, tq, zero, 7);
+  e = _mm512_add_epi64(e, _mm512_maskz_alignr_epi64(0xff, e, zero, 7));
+  e = _mm512_add_epi64(e, _mm512_maskz_alignr_epi64(0xff, e, zero, 6));
+  e = _mm512_add_epi64(e, _mm512_maskz_alignr_epi64(0xff, e, zero, 4));
+  // Lane k's symbol is at base + S_k - 1 (S_k the inclusive prefix), column c0 + ((s + 4) >> 2) - 1
+  // with s = r0 + 3 + S_k: split E + r0 + 3 = 4 h + l per qword, so that the per-lane part
+  // (in-qword prefix + l <= 123) stays a byte.
+  const __m512i b = _mm512_add_epi64(e, _mm512_set1_epi64((base & 3) + 3));
+  const __m512i h = _mm512_sub_epi64(_mm512_maskz_srli_epi64(0xff, b, 2), _mm512_set1_epi64(1));
+  const __m512i l = _mm512_and_si512(b, _mm512_set1_epi64(3));
+  const __m512i ml = _mm512_add_epi8(mq, _mm512_shuffle_epi8(l, cs.bcast));
+  s.col = _mm512_add_epi8(_mm512_shuffle_epi8(h, cs.bcast),
+                          _mm512_and_si512(_mm512_srli_epi16(ml, 2), _mm512_set1_epi8(0x3f)));
+  s.row = _mm512_and_si512(ml, _mm512_set1_epi8(3));
+  const __m512i total = _mm512_add_epi64(e, tq);  // qword 7: the sum of all advances
+  s.advance = _mm_extract_epi64(_mm512_maskz_extracti64x2_epi64(0xff, total, 3), 1);
+  return s;
+}
+
+// The batch path's lists of group g (as g4_lists_scalar()), a step at a time: per row and kind,
+// the step's columns compressed into consecutive bytes and widened. Writes up to 64 entries past
+// n[c] in each list.
+inline void g4_lists_avx512(const Matrix& m, const G4Consts& cs, int64_t g,
+                            int32_t* const (&out)[8], int64_t (&n)[8]) {
+  const int32_t* off = m.g4_offsets + 2 * g;
+  int64_t cnt[8] = {};
+  int64_t k = off[1], base = 0;
+  for (int64_t i = off[0]; i < off[2];) {
+    const int len = static_cast<int>(std::min<int64_t>(64, off[2] - i));
+    const G4Step s = g4_step(m, cs, i, len, k, base);
+    const __m512i c0 = _mm512_set1_epi32(static_cast<int>(base >> 2));
+    for (int j = 0; j < 4; ++j) {
+      const uint64_t in_row =
+          _mm512_cmpeq_epi8_mask(s.row, _mm512_set1_epi8(static_cast<char>(j))) & s.real;
+      for (int kind = 0; kind < 2; ++kind) {
+        const uint64_t lanes = kind ? in_row & s.hi : in_row & ~s.hi;
+        const int c = j + 4 * kind;
+        const int64_t num = std::popcount(lanes);
+        const __m512i packed = _mm512_maskz_compress_epi8(lanes, s.col);
+        int32_t* dst = out[c] + cnt[c];
+        auto put16 = [&](int32_t* at, __m128i bytes16) {
+          _mm512_storeu_si512(at,
+                              _mm512_add_epi32(_mm512_maskz_cvtepu8_epi32(0xffff, bytes16), c0));
+        };
+        put16(dst, _mm512_maskz_extracti32x4_epi32(0xf, packed, 0));
+        if (num > 16) {
+          put16(dst + 16, _mm512_maskz_extracti32x4_epi32(0xf, packed, 1));
+          if (num > 32) {
+            put16(dst + 32, _mm512_maskz_extracti32x4_epi32(0xf, packed, 2));
+            if (num > 48) put16(dst + 48, _mm512_maskz_extracti32x4_epi32(0xf, packed, 3));
+          }
+        }
+        cnt[c] += num;
+      }
+    }
+    i += len;
+    k += std::popcount(s.real);
+    base += s.advance;
+  }
+  for (int c = 0; c < 8; ++c) n[c] = cnt[c];
+}
+
+// The sum of 16 int32 lanes (each at most 2^31 / 16 in magnitude here: no overflow).
+inline int64_t g4_hsum(__m512i v) {
+  const __m256i a = _mm256_add_epi32(_mm512_maskz_extracti64x4_epi64(0xf, v, 0),
+                                     _mm512_maskz_extracti64x4_epi64(0xf, v, 1));
+  const __m128i b = _mm_add_epi32(_mm256_castsi256_si128(a), _mm256_extracti128_si256(a, 1));
+  const __m128i c = _mm_add_epi32(b, _mm_shuffle_epi32(b, 0x4e));
+  return static_cast<int64_t>(_mm_cvtsi128_si32(c)) + _mm_extract_epi32(c, 1);
+}
+
+// One token, AVX-512: 64 tokens at a time (g4_step), their int8 inputs from the 256 columns at
+// the step's first column (two two-source byte permutes and a blend), split by kind into two
+// vectors, and each row's sums by vpdpbusd with a 0/1 byte mask of the row's lanes (a vpshufb of
+// the row bytes): four rows x two kinds int32 accumulators per group, exact integer sums. The row
+// result is max|x| / 127 * (lo * low sum + hi * high sum), formed in double.
+void g4_rows_int8(const Work& w, int64_t r0, int64_t r1) {
+  static const G4Consts cs;
+  const Matrix& m = w.m;
+  const Pass& p = w.passes[0];
+  const int8_t* xq = p.xq;
+  __m512i onehot[4];  // byte 1 at lane j of each 16-byte lane: vpshufb of the row bytes
+  for (int j = 0; j < 4; ++j) {
+    alignas(64) int8_t t[64] = {};
+    for (int lane = 0; lane < 4; ++lane) t[16 * lane + j] = 1;
+    onehot[j] = _mm512_load_si512(t);
+  }
+  for (int64_t g = r0 / 4; 4 * g < r1; ++g) {
+    const int32_t* off = m.g4_offsets + 2 * g;
+    __m512i lo[4], hi[4];
+    for (int j = 0; j < 4; ++j) lo[j] = hi[j] = _mm512_setzero_si512();
+    // Software-pipelined: the next step's decode (a long dependency chain that does not depend on
+    // this step) is issued before this step's gathers and sums, whose inputs are ready by then.
+    // wo 768x3072, one thread, Zen 4: 94 -> 73 us (two steps ahead: 76 us).
+    int64_t i = off[0], k = off[1], base = 0;
+    const int64_t end = off[2];
+    if (i < end) {
+      int len = static_cast<int>(std::min<int64_t>(64, end - i));
+      G4Step s = g4_step(m, cs, i, len, k, base);
+      for (;;) {
+        const int64_t c0 = base >> 2;
+        i += len;
+        k += std::popcount(s.real);
+        base += s.advance;
+        G4Step next{};
+        const bool more = i < end;
+        if (more) {
+          len = static_cast<int>(std::min<int64_t>(64, end - i));
+          next = g4_step(m, cs, i, len, k, base);
+        }
+        const int8_t* xw = xq + c0;
+        const uint64_t upper = _mm512_movepi8_mask(s.col);  // column >= 128 of the window
+        const __m512i xv = _mm512_mask_blend_epi8(
+            upper,
+            _mm512_permutex2var_epi8(_mm512_loadu_si512(xw), s.col, _mm512_loadu_si512(xw + 64)),
+            _mm512_permutex2var_epi8(_mm512_loadu_si512(xw + 128), s.col,
+                                     _mm512_loadu_si512(xw + 192)));
+        const __m512i xl = _mm512_maskz_mov_epi8(s.real & ~s.hi, xv);
+        const __m512i xh = _mm512_maskz_mov_epi8(s.hi, xv);
+        for (int j = 0; j < 4; ++j) {
+          const __m512i in_row = _mm512_shuffle_epi8(onehot[j], s.row);
+          lo[j] = _mm512_dpbusd_epi32(lo[j], in_row, xl);
+          hi[j] = _mm512_dpbusd_epi32(hi[j], in_row, xh);
+        }
+        if (!more) break;
+        s = next;
+      }
+    }
+    for (int j = 0; j < 4 && 4 * g + j < r1; ++j) {
+      const int64_t r = 4 * g + j;
+      const int64_t lo_sum = g4_hsum(lo[j]), hi_sum = g4_hsum(hi[j]);
+      const double v =
+          static_cast<double>(bf16_bits_to_float(m.levels[2 * r])) * static_cast<double>(lo_sum) +
+          static_cast<double>(bf16_bits_to_float(m.levels[2 * r + 1])) *
+              static_cast<double>(hi_sum);
+      put(w, p, r, 0, static_cast<float>(static_cast<double>(p.xq_inv) * v));
+    }
+  }
+}
+#endif  // QMOE_G4_VNNI
+
 // Results are staged per row block (scratch after the lists, kStageFloats floats) and written out
 // token by token, so each output row gets one contiguous run of stores instead of one store per
 // row and token.
@@ -718,7 +1065,25 @@ void rows_lists(const Work& w, const Tables& tb, int64_t r0, int64_t r1, int32_t
     }
   };
   const int64_t p5_bytes = (m.cols + 4) / 5;
-  if (m.codec == 3) {
+  if (m.codec == 4) {
+    // Four rows per decode, each list region split in quarters (list_capacity is sized for it).
+    const int64_t q = w.list_capacity / 4;
+    int32_t* const lists[8] = {lo, lo + q, lo + 2 * q, lo + 3 * q,
+                               hi, hi + q, hi + 2 * q, hi + 3 * q};
+#if defined(QMOE_G4_VNNI)
+    static const G4Consts cs;
+#endif
+    for (int64_t r = r0; r < r1; r += 4) {
+      int64_t n[8];
+#if defined(QMOE_G4_VNNI)
+      g4_lists_avx512(m, cs, r / 4, lists, n);
+#else
+      g4_lists_scalar(m, r / 4, lists, n);
+#endif
+      for (int j = 0; j < 4 && r + j < r1; ++j)
+        finish(r + j, lists[j], n[j], lists[4 + j], n[4 + j]);
+    }
+  } else if (m.codec == 3) {
     const int64_t half = w.list_capacity / 2;
     int32_t* const lists[4] = {lo, hi, lo + half, hi + half};
     for (int64_t r = r0; r < r1; r += 2) {
@@ -776,6 +1141,16 @@ void rows(const Work& w, const Tables& tb, int64_t r0, int64_t r1, int32_t* scra
 #else
     rows_paired(SlotKernel<V2Slots>{w, w.m.v2_entries, tb.v1_slot_masks}, r0, r1);
 #endif
+    return;
+  }
+  if (w.m.codec == 4 && w.num_passes == 1 && w.passes[0].bp == 1) {
+#if defined(QMOE_G4_VNNI)
+    if (w.passes[0].xq != nullptr) {
+      g4_rows_int8(w, r0, r1);
+      return;
+    }
+#endif
+    g4_rows_float(w, r0, r1);
     return;
   }
   if (w.m.codec == 3 && w.num_passes == 1 && w.passes[0].bp == 1) {

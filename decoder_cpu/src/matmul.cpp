@@ -7,6 +7,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cmath>
 #include <cstdlib>
 #include <cstring>
 #include <memory>
@@ -59,6 +60,19 @@ detail::RowsFn rows_fn(SimdLevel l) {
 #endif
   }
   return nullptr;
+}
+
+// Whether the CPU runs the qmoe-g4 kernels of kernels_g4_vnni.cpp (the avx512 level's, plus
+// VBMI, VBMI2 and VNNI).
+bool cpu_runs_g4_vnni() {
+#if defined(QMOE_CPU_X86_KERNELS)
+  static const bool ok = cpu_runs(SimdLevel::kAvx512) && __builtin_cpu_supports("avx512vbmi") &&
+                         __builtin_cpu_supports("avx512vbmi2") &&
+                         __builtin_cpu_supports("avx512vnni");
+  return ok;
+#else
+  return false;
+#endif
 }
 
 // -1 = not decided yet.
@@ -119,6 +133,15 @@ void check_matrix(const CompressedView& w) {
     if (w.packed.size() != static_cast<size_t>(w.rows * p5::row_bytes(w.cols))) {
       throw InvalidArgument("qmoe-p5 matrix: packed size does not match its shape");
     }
+  } else if (w.codec == Codec::kG4) {
+    const int64_t groups = g4::groups(w.rows);
+    if (w.group_offsets.size() != static_cast<size_t>(2 * (groups + 1)) ||
+        static_cast<uint64_t>(w.group_offsets[static_cast<size_t>(2 * groups)]) >
+            2 * static_cast<uint64_t>(w.tokens.size()) ||
+        static_cast<uint64_t>(w.group_offsets[static_cast<size_t>(2 * groups + 1)]) >
+            8 * static_cast<uint64_t>(w.kinds.size())) {
+      throw InvalidArgument("qmoe-g4 matrix: group_offsets do not match rows, tokens and kinds");
+    }
   } else {
     throw InvalidArgument("unknown codec");
   }
@@ -134,6 +157,29 @@ constexpr int64_t kSerialPrepareFloats = 1 << 18;  // inputs up to 1 MiB are cop
 
 thread_local Aligned<int32_t> t_lists;
 thread_local Aligned<float> t_inputs;
+thread_local Aligned<int8_t> t_xq;
+
+// Pass::xq for a single-token pass: x rounded (half away from zero) to int8 at the scale
+// 127 / max|x|, zero past
+// `cols` (kG4XqPad bytes). False (nothing written) if x holds a NaN or an infinity, which only the
+// float path carries through as the reference decoder does.
+bool quantize_int8(const float* x, int64_t cols, int8_t* xq, float* inv) {
+  float amax = 0.0f;
+  for (int64_t c = 0; c < cols; ++c) {
+    if (!std::isfinite(x[c])) return false;
+    amax = std::max(amax, std::fabs(x[c]));
+  }
+  const float s = amax > 0.0f ? 127.0f / amax : 0.0f;
+  for (int64_t c = 0; c < cols; ++c) {
+    // Round half away from zero; |x * s| <= 127 up to rounding, hence the clamp.
+    const float v = std::min(std::fabs(x[c]) * s + 0.5f, 127.0f);
+    const int q = static_cast<int>(v);
+    xq[c] = static_cast<int8_t>(x[c] < 0.0f ? -q : q);
+  }
+  std::memset(xq + cols, 0, static_cast<size_t>(detail::kG4XqPad));
+  *inv = amax / 127.0f;
+  return true;
+}
 
 // One matrix and its tokens: for t < n, yout[t][r] (+)= scale[t] * (W xin[t])[r].
 struct Item {
@@ -146,6 +192,7 @@ struct Item {
 
 // A sweep over one matrix's codes for up to kMaxPasses passes of tokens.
 struct Job {
+  detail::RowsFn fn = nullptr;  // the level's kernels (qmoe-g4 at avx512: the VNNI copy)
   detail::Work work;
   detail::Pass passes[kMaxPasses];
   int64_t offsets[kMaxPasses];  // of each pass's inputs in the shared input buffer
@@ -161,6 +208,12 @@ struct Job {
 void run(std::span<const Item> items, bool accumulate, const MatmulOptions& opt) {
   const SimdLevel level = opt.simd ? checked(*opt.simd) : simd_level();
   const detail::RowsFn fn = rows_fn(level);
+#if defined(QMOE_CPU_X86_KERNELS)
+  const detail::RowsFn g4_fn =
+      level == SimdLevel::kAvx512 && cpu_runs_g4_vnni() ? detail::rows_fn_g4_vnni() : fn;
+#else
+  const detail::RowsFn g4_fn = fn;
+#endif
   const detail::Tables& tb = detail::tables();
 
   std::vector<Job> jobs;
@@ -170,8 +223,11 @@ void run(std::span<const Item> items, bool accumulate, const MatmulOptions& opt)
     const CompressedView& w = *it.w;
     if (it.n <= 0 || w.rows == 0) continue;
     detail::Matrix m;
-    m.codec =
-        w.codec == Codec::kV1 ? 0 : (w.codec == Codec::kP5 ? 1 : (w.codec == Codec::kV2 ? 2 : 3));
+    m.codec = w.codec == Codec::kV1   ? 0
+              : w.codec == Codec::kP5 ? 1
+              : w.codec == Codec::kV2 ? 2
+              : w.codec == Codec::kV3 ? 3
+                                      : 4;
     m.rows = w.rows;
     m.cols = w.cols;
     m.codes = w.codes.data();
@@ -188,10 +244,19 @@ void run(std::span<const Item> items, bool accumulate, const MatmulOptions& opt)
       m.v3_entries = w.dictionary.data();
       if (it.n > 1) m.v3_list = detail::v3_list_table(w.dictionary.data(), w.dictionary_id);
     }
+    if (w.codec == Codec::kG4) {
+      m.g4_tokens = w.tokens.data();
+      m.g4_token_bytes = static_cast<int64_t>(w.tokens.size());
+      m.g4_kinds = w.kinds.data();
+      m.g4_kind_bytes = static_cast<int64_t>(w.kinds.size());
+      m.g4_offsets = w.group_offsets.data();
+    }
     int64_t capacity = 0;
     if (w.has_codes() && it.n == 1) {
       // One token of qmoe-v1, v2 or v3 takes the slot kernels, which use no lists (rows() in
       // kernels_impl.h).
+    } else if (w.codec == Codec::kG4) {
+      capacity = 4 * ((w.cols + 64 + 7) / 8 * 8);  // 4 rows per region, 64 written past the end
     } else if (w.has_codes()) {
       int64_t max_codes = 0;
       for (int64_t r = 0; r < w.rows; ++r)
@@ -210,6 +275,7 @@ void run(std::span<const Item> items, bool accumulate, const MatmulOptions& opt)
     const int64_t padded_cols = w.cols + kColPad;
     for (int64_t t0 = 0; t0 < it.n; t0 += kMaxPasses * kMaxPassTokens) {
       Job& job = jobs.emplace_back();
+      job.fn = w.codec == Codec::kG4 ? g4_fn : fn;
       job.work.m = m;
       job.work.accumulate = accumulate;
       job.work.list_capacity = capacity;
@@ -231,6 +297,27 @@ void run(std::span<const Item> items, bool accumulate, const MatmulOptions& opt)
     }
   }
   if (jobs.empty()) return;
+
+  // qmoe-g4 at one token with AVX-512: int8 inputs (Pass::xq), one quantization per call and
+  // token, before the rows are split, so results do not depend on the thread count.
+  if (g4_fn != fn && opt.int8_activations) {
+    int64_t bytes = 0;
+    for (const Job& job : jobs) {
+      if (job.work.m.codec == 4 && job.passes[0].bp == 1)
+        bytes += (job.work.m.cols + detail::kG4XqPad + 63) / 64 * 64;
+    }
+    if (bytes > 0) {
+      int8_t* xq = t_xq.get(static_cast<size_t>(bytes));
+      for (Job& job : jobs) {
+        if (job.work.m.codec != 4 || job.passes[0].bp != 1) continue;
+        const int64_t cols = job.work.m.cols;
+        if (quantize_int8(job.src[0], cols, xq, &job.passes[0].xq_inv)) {
+          job.passes[0].xq = xq;
+          xq += (cols + detail::kG4XqPad + 63) / 64 * 64;
+        }
+      }
+    }
+  }
 
   float* inputs = t_inputs.get(static_cast<size_t>(std::max<int64_t>(floats, 1)));
   std::vector<int64_t> prep_start(jobs.size() + 1, 0);  // first transposition item of each job
@@ -298,7 +385,7 @@ void run(std::span<const Item> items, bool accumulate, const MatmulOptions& opt)
     for (const Job& job : jobs) {
       const int64_t rows = job.work.m.rows;
       for (int64_t b = b0; b < b1 && b * kRowBlock < rows; ++b) {
-        fn(job.work, tb, b * kRowBlock, std::min(rows, (b + 1) * kRowBlock), scratch);
+        job.fn(job.work, tb, b * kRowBlock, std::min(rows, (b + 1) * kRowBlock), scratch);
       }
     }
   }
@@ -355,6 +442,10 @@ SimdLevel simd_level() {
 
 void set_simd_level(SimdLevel l) {
   g_level.store(static_cast<int>(checked(l)), std::memory_order_release);
+}
+
+bool g4_vnni_supported() {
+  return cpu_runs_g4_vnni();
 }
 
 void matvec(const CompressedView& w, const float* x, float* y, const MatmulOptions& opt) {

@@ -64,13 +64,15 @@ TEST(G4, RoundTripsEveryShapeAndDensity) {
         ASSERT_EQ(decoded(m.view()), t.symbols);
         // matvec_ref agrees with the dense product.
         std::vector<float> x(static_cast<size_t>(cols)), y(static_cast<size_t>(rows));
-        for (int64_t c = 0; c < cols; ++c) x[static_cast<size_t>(c)] = 0.25f * static_cast<float>(c % 7) - 0.5f;
+        for (int64_t c = 0; c < cols; ++c)
+          x[static_cast<size_t>(c)] = 0.25f * static_cast<float>(c % 7) - 0.5f;
         matvec_ref(m.view(), x.data(), y.data());
         const std::vector<float> dense = t.to_dense();
         for (int64_t r = 0; r < rows; ++r) {
           double want = 0;
           for (int64_t c = 0; c < cols; ++c)
-            want += static_cast<double>(dense[static_cast<size_t>(r * cols + c)]) * x[static_cast<size_t>(c)];
+            want += static_cast<double>(dense[static_cast<size_t>(r * cols + c)]) *
+                    x[static_cast<size_t>(c)];
           ASSERT_EQ(y[static_cast<size_t>(r)], static_cast<float>(want)) << "row " << r;
         }
       }
@@ -144,7 +146,8 @@ TEST(G4, AutomaticCodecPerTarget) {
   EXPECT_EQ(encode(sparse, {.codec = std::nullopt, .target = Target::kGpu}).codec, Codec::kV2);
   const TernaryMatrix dense = random_ternary(64, 256, 0.3, 4);
   for (Target target : {Target::kAny, Target::kCpu, Target::kGpu})
-    EXPECT_EQ(encode(dense, {.codec = std::nullopt, .target = target}).codec, Codec::kP5) << target_name(target);
+    EXPECT_EQ(encode(dense, {.codec = std::nullopt, .target = target}).codec, Codec::kP5)
+        << target_name(target);
   // An explicit codec wins over the target.
   EXPECT_EQ(encode(sparse, {.codec = Codec::kV3, .target = Target::kCpu}).codec, Codec::kV3);
   // transcode() follows the target too, and keeps the symbols.
@@ -178,20 +181,12 @@ TEST(G4, RejectsMalformedStreams) {
       {"a non-zero symbol in a padding row",
        [](CompressedMatrix& m) { m.tokens[2] = 0x39; },  // group 1: 9 -> row 5 of 5
        true},
-      {"offsets not starting at 0",
-       [](CompressedMatrix& m) {
-         m.group_offsets[0] = 1;
-       },
-       false},
+      {"offsets not starting at 0", [](CompressedMatrix& m) { m.group_offsets[0] = 1; }, false},
       {"token offsets decreasing", [](CompressedMatrix& m) { m.group_offsets[2] = 7; }, true},
       {"kind offsets decreasing", [](CompressedMatrix& m) { m.group_offsets[5] = 2; }, true},
       {"tokens of the wrong size", [](CompressedMatrix& m) { m.tokens.push_back(0); }, false},
       {"kinds of the wrong size", [](CompressedMatrix& m) { m.kinds.push_back(0); }, false},
-      {"offsets past the token stream",
-       [](CompressedMatrix& m) {
-         m.group_offsets[4] = 7;
-       },
-       true},
+      {"offsets past the token stream", [](CompressedMatrix& m) { m.group_offsets[4] = 7; }, true},
       {"offsets past the kind stream", [](CompressedMatrix& m) { m.group_offsets[5] = 9; }, true},
       {"a non-zero unused kind bit", [](CompressedMatrix& m) { m.kinds[0] |= 0x80; }, false},
       {"group_offsets of the wrong size", [](CompressedMatrix& m) { m.group_offsets.resize(4); },

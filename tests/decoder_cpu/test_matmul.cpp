@@ -6,6 +6,7 @@
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <limits>
 #include <random>
 #include <string>
 #include <vector>
@@ -77,6 +78,9 @@ class Levels : public ::testing::TestWithParam<SimdLevel> {
                    << " is not supported on this CPU";
     }
     opt_.simd = GetParam();
+    // Float inputs everywhere but in the int8 tests below: the tests compare every codec with
+    // the reference at fp32 precision.
+    opt_.int8_activations = false;
   }
   MatmulOptions opt_;
 };
@@ -94,7 +98,7 @@ const Shape kShapes[] = {
 
 TEST_P(Levels, MatvecMatchesReference) {
   uint64_t seed = 1;
-  for (Codec codec : {Codec::kV1, Codec::kV2, Codec::kV3, Codec::kP5}) {
+  for (Codec codec : {Codec::kV1, Codec::kV2, Codec::kV3, Codec::kG4, Codec::kP5}) {
     for (const Shape& s : kShapes) {
       SCOPED_TRACE(codec_str(codec) + " " + std::to_string(s.rows) + "x" + std::to_string(s.cols) +
                    " p0=" + std::to_string(s.p_zero) + " seed=" + std::to_string(seed));
@@ -131,7 +135,7 @@ TEST_P(Levels, MatvecMatchesReference) {
 // Levels near the float range: W x is small although level * (sum of inputs) is not a float. The
 // kernels form a row's result in double, as the reference does (found by fuzz_decoder).
 TEST_P(Levels, LevelsNearTheFloatRangeDoNotOverflow) {
-  for (Codec codec : {Codec::kV1, Codec::kV2, Codec::kV3, Codec::kP5}) {
+  for (Codec codec : {Codec::kV1, Codec::kV2, Codec::kV3, Codec::kG4, Codec::kP5}) {
     SCOPED_TRACE(codec_str(codec));
     TernaryMatrix t(2, 40);
     for (int64_t r = 0; r < 2; ++r) {
@@ -162,7 +166,7 @@ TEST_P(Levels, LevelsNearTheFloatRangeDoNotOverflow) {
 }
 
 TEST_P(Levels, MatmulMatchesReferenceForEveryBatch) {
-  for (Codec codec : {Codec::kV1, Codec::kV2, Codec::kV3, Codec::kP5}) {
+  for (Codec codec : {Codec::kV1, Codec::kV2, Codec::kV3, Codec::kG4, Codec::kP5}) {
     const int64_t rows = 45, cols = 301;  // neither a multiple of 4 rows nor of 8/16/28 columns
     const CompressedMatrix m = make(rows, cols, 0.885, 7, codec);
     for (int64_t n : {1, 2, 3, 7, 8, 9, 15, 16, 17, 23, 24, 25, 31, 32, 33, 64, 70}) {
@@ -196,7 +200,7 @@ TEST_P(Levels, MatmulMatchesReferenceForEveryBatch) {
 }
 
 TEST_P(Levels, BitIdenticalForAnyThreadCount) {
-  for (Codec codec : {Codec::kV1, Codec::kV2, Codec::kV3, Codec::kP5}) {
+  for (Codec codec : {Codec::kV1, Codec::kV2, Codec::kV3, Codec::kG4, Codec::kP5}) {
     const CompressedMatrix m = make(517, 1029, 0.885, 11, codec);
     for (int64_t n : {1, 5, 32, 40}) {
       SCOPED_TRACE(codec_str(codec) + " n=" + std::to_string(n));
@@ -220,7 +224,7 @@ TEST_P(Levels, BitIdenticalForAnyThreadCount) {
 
 // A decoded matrix has only the values lo, 0, hi: single-column inputs pick them out exactly.
 TEST_P(Levels, UnitVectorsPickOutColumnsExactly) {
-  for (Codec codec : {Codec::kV1, Codec::kV2, Codec::kV3}) {
+  for (Codec codec : {Codec::kV1, Codec::kV2, Codec::kV3, Codec::kG4}) {
     const CompressedMatrix m = make(19, 61, 0.885, 21, codec);
     std::vector<float> dense(19 * 61);
     decode_ref(m.view(), dense.data());
@@ -241,8 +245,8 @@ TEST_P(Levels, GroupedSkewedRoutings) {
   const int64_t num_tokens = 53, d_in = 77, d_out = 39, num_experts = 9;
   std::vector<CompressedMatrix> w;
   for (int64_t e = 0; e < num_experts; ++e) {
-    const Codec codecs[] = {Codec::kV1, Codec::kV2, Codec::kV3, Codec::kP5};
-    w.push_back(make(d_out, d_in, 0.885, 300 + e, codecs[e % 4]));
+    const Codec codecs[] = {Codec::kV1, Codec::kV2, Codec::kV3, Codec::kP5, Codec::kG4};
+    w.push_back(make(d_out, d_in, 0.885, 300 + e, codecs[e % 5]));
   }
   const std::vector<float> x = random_vec(num_tokens * d_in, 5);
   std::mt19937_64 rng(99);
@@ -318,13 +322,15 @@ TEST_P(Levels, GroupedSkewedRoutings) {
 // thread count.
 TEST_P(Levels, GroupedUnevenExpertsAnyThreadCount) {
   const int64_t num_tokens = 300, d_in = 131;
-  const int64_t heights[] = {200, 45, 129, 64, 67};
+  const int64_t heights[] = {200, 45, 129, 64, 67, 131};
   const int64_t d_out = 200;  // >= every height; lower experts leave the rest of a row alone
   std::vector<CompressedMatrix> w;
   for (size_t e = 0; e < std::size(heights); ++e) {
-    w.push_back(
-        make(heights[e], d_in, 0.885, 500 + e,
-             e == 3 ? Codec::kP5 : (e == 4 ? Codec::kV3 : (e % 2 ? Codec::kV2 : Codec::kV1))));
+    w.push_back(make(heights[e], d_in, 0.885, 500 + e,
+                     e == 3   ? Codec::kP5
+                     : e == 4 ? Codec::kV3
+                     : e == 5 ? Codec::kG4
+                              : (e % 2 ? Codec::kV2 : Codec::kV1)));
   }
   const std::vector<float> x = random_vec(num_tokens * d_in, 8);
   // Expert 0 takes every token (two sweeps); the others a strided subset.
@@ -341,6 +347,10 @@ TEST_P(Levels, GroupedUnevenExpertsAnyThreadCount) {
     if (t % 7 == 3) {  // the qmoe-v3 expert (an odd height)
       tok[4].push_back(t);
       prob[4].push_back(0.75f);
+    }
+    if (t % 3 != 1) {  // the qmoe-g4 expert (not a multiple of 4 rows)
+      tok[5].push_back(t);
+      prob[5].push_back(0.5f);
     }
   }
   std::vector<float> want(static_cast<size_t>(num_tokens * d_out), 0.0f);
@@ -370,6 +380,103 @@ TEST_P(Levels, GroupedUnevenExpertsAnyThreadCount) {
       first = y;
     } else {
       ASSERT_EQ(std::memcmp(first.data(), y.data(), y.size() * sizeof(float)), 0);
+    }
+  }
+}
+
+// qmoe-g4 at one token with int8 inputs (the default at the avx512 level of a CPU with AVX-512
+// VBMI, VBMI2 and VNNI): the input is rounded to int8 at the scale 127 / max|x|, so each output is
+// within half a quantization step per weight of the reference, sum_c |W[r][c]| * max|x| / 254
+// (plus float rounding: the integer sums are exact, the levels and the scale are applied in
+// double). The test checks that bound row by row, and that the kernel did run: the outputs differ
+// from the float path's.
+TEST(DecoderCpu, G4Int8WithinHalfAQuantizationStepPerWeight) {
+  if (!simd_level_supported(SimdLevel::kAvx512) || !g4_vnni_supported())
+    GTEST_SKIP() << "no AVX-512 VBMI/VBMI2/VNNI: qmoe-g4 has no int8 kernel on this CPU";
+  MatmulOptions int8, fp32;
+  int8.simd = fp32.simd = SimdLevel::kAvx512;
+  fp32.int8_activations = false;
+  uint64_t seed = 1000;
+  int differ = 0;
+  for (const Shape& s : kShapes) {
+    for (int outlier = 0; outlier < 2; ++outlier) {
+      SCOPED_TRACE(std::to_string(s.rows) + "x" + std::to_string(s.cols) +
+                   " p0=" + std::to_string(s.p_zero) + (outlier ? " with an outlier" : ""));
+      const CompressedMatrix m = make(s.rows, s.cols, s.p_zero, seed, Codec::kG4);
+      std::vector<float> x = random_vec(s.cols, seed + 1);
+      ++seed;
+      if (outlier && s.cols > 0) x[static_cast<size_t>(s.cols / 2)] = 40.0f;
+      float amax = 0.0f;
+      for (float v : x) amax = std::max(amax, std::fabs(v));
+      std::vector<float> dense(static_cast<size_t>(s.rows * s.cols));
+      decode_ref(m.view(), dense.data());
+      const std::vector<float> ref = ref_products(m.view(), x, 1, s.cols);
+      std::vector<float> buf(static_cast<size_t>(s.rows + 32), kSentinel),
+          yf(static_cast<size_t>(s.rows));
+      float* y = buf.data() + 16;
+      matvec(m.view(), x.data(), y, int8);
+      matvec(m.view(), x.data(), yf.data(), fp32);
+      for (int64_t r = 0; r < s.rows; ++r) {
+        double w_abs = 0.0, wx_abs = 0.0;
+        for (int64_t c = 0; c < s.cols; ++c) {
+          const double w = dense[static_cast<size_t>(r * s.cols + c)];
+          w_abs += std::fabs(w);
+          wx_abs += std::fabs(w * x[static_cast<size_t>(c)]);
+        }
+        const double bound = w_abs * amax / 254.0 * (1.0 + 1e-6) + 1e-6 * wx_abs + 1e-30;
+        ASSERT_LE(std::fabs(static_cast<double>(y[r]) - ref[static_cast<size_t>(r)]), bound)
+            << "row " << r;
+        differ += y[r] != yf[static_cast<size_t>(r)];
+      }
+      for (int i = 0; i < 16; ++i) {
+        ASSERT_EQ(buf[static_cast<size_t>(i)], kSentinel) << "write before y";
+        ASSERT_EQ(buf[static_cast<size_t>(s.rows + 16 + i)], kSentinel) << "write after y";
+      }
+    }
+  }
+  EXPECT_GT(differ, 100) << "the int8 kernel did not run";
+}
+
+// The int8 path is bit-identical for any thread count, inside grouped calls too, and inputs with a
+// NaN or an infinity take the float path (propagating them as the reference does).
+TEST(DecoderCpu, G4Int8ThreadsGroupedAndNonFiniteInputs) {
+  if (!simd_level_supported(SimdLevel::kAvx512) || !g4_vnni_supported())
+    GTEST_SKIP() << "no AVX-512 VBMI/VBMI2/VNNI: qmoe-g4 has no int8 kernel on this CPU";
+  const CompressedMatrix m = make(517, 1029, 0.885, 31, Codec::kG4);
+  std::vector<float> x = random_vec(1029, 32);
+  std::vector<float> first;
+  for (int threads : {1, 2, 3, 5}) {
+    MatmulOptions o;
+    o.simd = SimdLevel::kAvx512;
+    o.threads = threads;
+    std::vector<float> y(517);
+    matvec(m.view(), x.data(), y.data(), o);
+    if (first.empty()) {
+      first = y;
+    } else {
+      ASSERT_EQ(std::memcmp(first.data(), y.data(), y.size() * sizeof(float)), 0) << threads;
+    }
+    // The same product as one item of a grouped call.
+    const int32_t row0 = 0;
+    const ExpertBatch item[] = {{m.view(), {&row0, 1}, {}, {}}};
+    std::vector<float> yg(517);
+    grouped_matmul(item, x.data(), 1, 1029, yg.data(), 1, 517, o);
+    ASSERT_EQ(std::memcmp(first.data(), yg.data(), yg.size() * sizeof(float)), 0) << threads;
+  }
+  for (float bad :
+       {std::numeric_limits<float>::quiet_NaN(), std::numeric_limits<float>::infinity()}) {
+    x[500] = bad;
+    MatmulOptions int8, fp32;
+    int8.simd = fp32.simd = SimdLevel::kAvx512;
+    fp32.int8_activations = false;
+    std::vector<float> y(517), yf(517), ref(517);
+    matvec(m.view(), x.data(), y.data(), int8);
+    matvec(m.view(), x.data(), yf.data(), fp32);
+    matvec_ref(m.view(), x.data(), ref.data());
+    for (int64_t r = 0; r < 517; ++r) {
+      ASSERT_EQ(std::isnan(y[r]), std::isnan(ref[r])) << "row " << r;
+      ASSERT_EQ(std::isinf(y[r]), std::isinf(ref[r])) << "row " << r;
+      ASSERT_EQ(std::memcmp(&y[r], &yf[r], sizeof(float)), 0) << "row " << r;
     }
   }
 }
@@ -461,7 +568,7 @@ TEST(DecoderCpu, V2DictionariesWithTheSameIdKeepTheirOwnTables) {
 // Batches of several passes decode the codes once per 8 passes of 32 tokens; a long batch (and
 // a wide matrix) exercises that loop. Labelled slow when it exceeds a few seconds.
 TEST(DecoderCpu, LargeBatchAllLevels) {
-  for (Codec codec : {Codec::kV1, Codec::kV2, Codec::kV3}) {
+  for (Codec codec : {Codec::kV1, Codec::kV2, Codec::kV3, Codec::kG4}) {
     const CompressedMatrix m = make(96, 4099, 0.885, 77, codec);
     const int64_t n = 300;
     const std::vector<float> x = random_vec(n * 4099, 78);

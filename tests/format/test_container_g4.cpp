@@ -76,7 +76,8 @@ TEST(ContainerG4, RoundTripWithOtherCodecsAndTarget) {
   EXPECT_EQ(tok->shape, (std::vector<int64_t>{static_cast<int64_t>(fx.b.tokens.size())}));
   EXPECT_NE(f.find("b.qmoe_kinds"), nullptr);
   EXPECT_EQ(f.find("b.qmoe_codes"), nullptr);
-  EXPECT_EQ(f.metadata().at("qmoe.matrix.b"), R"({"codec":"qmoe-g4","shape":[7,129],"dtype":"BF16"})");
+  EXPECT_EQ(f.metadata().at("qmoe.matrix.b"),
+            R"({"codec":"qmoe-g4","shape":[7,129],"dtype":"BF16"})");
 }
 
 TEST(ContainerG4, ShardedKeepsTheTargetInShardsAndIndex) {
@@ -120,13 +121,15 @@ void expect_bad_g4(const std::function<void(Header&, Data&, const G4Fixture&)>& 
 }
 
 TEST(ContainerG4, BadTargetValue) {
-  expect_bad_g4([](Header& h, Data&, const G4Fixture&) { h["__metadata__"]["qmoe.target"] = "tpu"; },
-                {"qmoe.target", "\"tpu\"", "\"cpu\", \"gpu\" or \"any\""});
+  expect_bad_g4(
+      [](Header& h, Data&, const G4Fixture&) { h["__metadata__"]["qmoe.target"] = "tpu"; },
+      {"qmoe.target", "\"tpu\"", "\"cpu\", \"gpu\" or \"any\""});
 }
 
 TEST(ContainerG4, BadGroupMembers) {
-  expect_bad_g4([](Header& h, Data&, const G4Fixture&) { h["a.qmoe_group_offsets"]["shape"] = {6}; },
-                {"tensor 'a.qmoe_group_offsets'", "I32 [3, 2]"});
+  expect_bad_g4(
+      [](Header& h, Data&, const G4Fixture&) { h["a.qmoe_group_offsets"]["shape"] = {6}; },
+      {"tensor 'a.qmoe_group_offsets'", "I32 [3, 2]"});
   expect_bad_g4([](Header& h, Data&, const G4Fixture&) { h["a.qmoe_tokens"]["dtype"] = "I8"; },
                 {"tensor 'a.qmoe_tokens'", "U8"});
   expect_bad_g4(

@@ -1,13 +1,15 @@
 // Fused decode x matrix products on the CPU: y = W x, Y = W X and one MoE layer's experts at once,
-// computed straight from the codes of a CompressedView (any codec: qmoe-v1, -v2, -v3, -p5) without
-// materialising W. Multi-threaded with OpenMP over rows; SIMD kernels are picked at run time
-// (AVX-512, AVX2 or portable scalar code), so the library runs on any x86-64 (and non-x86) CPU.
+// computed straight from the codes of a CompressedView (any codec: qmoe-v1, -v2, -v3, -g4, -p5)
+// without materialising W. Multi-threaded with OpenMP over rows; SIMD kernels are picked at run
+// time (AVX-512, AVX2 or portable scalar code), so the library runs on any x86-64 (and non-x86)
+// CPU.
 //
 // Numerics: a row's result is lo * (sum of x over its low-level columns) + hi * (sum of x over its
 // high-level columns), summed in fp32 in an order fixed by the row's data and the SIMD level. The
 // result of a call is bit-identical for any number of threads; it differs between SIMD levels and
-// between batch paths (1 token vs several) by fp32 rounding only. Tests bound the normalised error
-// against matvec_ref() (format/reference.h).
+// between batch paths (1 token vs several) by fp32 rounding only, except for qmoe-g4 at one token
+// with int8 inputs (MatmulOptions::int8_activations), which rounds the input to int8 first. Tests
+// bound the normalised error against matvec_ref() (format/reference.h).
 //
 // Calls are thread-safe; scratch buffers (inputs transposed per pass, per-row symbol lists) are
 // kept per thread between calls and grow when needed.
@@ -52,6 +54,10 @@ SimdLevel best_simd_level();
 SimdLevel simd_level();
 // Sets the process-wide default level. Throws InvalidArgument if it is not supported.
 void set_simd_level(SimdLevel l);
+// Whether this build and CPU run the qmoe-g4 kernels of the avx512 level that need AVX-512 VBMI,
+// VBMI2 and VNNI (Ice Lake, Zen 4 and later): the int8 single-token kernel and the vector batch
+// decode. Without them the avx512 level runs qmoe-g4 like the avx2 level does.
+bool g4_vnni_supported();
 
 // ---- products -----------------------------------------------------------------------------------
 struct MatmulOptions {
@@ -61,6 +67,13 @@ struct MatmulOptions {
   bool accumulate = false;
   // SIMD level for this call; nullopt = simd_level(). Throws InvalidArgument if unsupported.
   std::optional<SimdLevel> simd;
+  // qmoe-g4 at one token on the avx512 level of a CPU with AVX-512 VBMI, VBMI2 and VNNI (Ice Lake,
+  // Zen 4 and later): the input is rounded to int8 once per call, at the
+  // scale 127 / max|x|, and the kernel sums integers (decoder_cpu/README.md). Each output then
+  // differs from the float result by at most half a quantization step per weight,
+  // sum_c |W[r][c]| * max|x| / 254, plus float rounding. false keeps float inputs (the lists path,
+  // about half the speed). Inputs holding a NaN or an infinity always take the float path.
+  bool int8_activations = true;
 };
 
 // Tokens are processed in passes of up to kMaxPassTokens; each row is decoded once for up to 8
