@@ -9,6 +9,7 @@
 
 #include "cuda_check.h"
 #include "qmoe/decoder_cuda/decoder.h"
+#include "qmoe/encoder/encode.h"
 #include "qmoe/format/reference.h"
 
 namespace qmoe::cuda {
@@ -115,6 +116,7 @@ void gemm_dense(cublasHandle_t handle, DType act, const void* w_dev, int64_t ldw
 
 struct DeviceMatrix::Impl {
   Codec codec = Codec::kV1;
+  Codec source_codec = Codec::kV1;
   int64_t rows = 0;
   int64_t cols = 0;
   int device = 0;
@@ -188,13 +190,17 @@ struct DeviceMatrix::Impl {
   }
 };
 
-DeviceMatrix::DeviceMatrix(const CompressedView& m, ForwardOptions opt, cudaStream_t stream)
+DeviceMatrix::DeviceMatrix(const CompressedView& given, ForwardOptions opt, cudaStream_t stream)
     : impl_(std::make_unique<Impl>()) {
-  require_gpu_codec(m, "DeviceMatrix");
-  validate(m, "DeviceMatrix");
-  if (m.rows > INT32_MAX || m.cols > INT32_MAX)
+  validate(given, "DeviceMatrix");
+  if (given.rows > INT32_MAX || given.cols > INT32_MAX)
     throw InvalidArgument("DeviceMatrix: rows and cols must be < 2^31");
+  // The CPU's codecs go to the device as qmoe-v2 (codecs.h).
+  CompressedMatrix converted;
+  if (!gpu_supports(given.codec)) converted = transcode(given, {.codec = Codec::kV2});
+  const CompressedView m = gpu_supports(given.codec) ? given : converted.view();
   Impl& d = *impl_;
+  d.source_codec = given.codec;
   d.codec = m.codec;
   d.rows = m.rows;
   d.cols = m.cols;
@@ -220,6 +226,9 @@ DeviceMatrix& DeviceMatrix::operator=(DeviceMatrix&&) noexcept = default;
 
 Codec DeviceMatrix::codec() const {
   return impl_->codec;
+}
+Codec DeviceMatrix::source_codec() const {
+  return impl_->source_codec;
 }
 int64_t DeviceMatrix::rows() const {
   return impl_->rows;

@@ -128,22 +128,21 @@ TEST_F(Gpu, QmoeV2DictionaryIsSharedAndMatricesStaySmaller) {
   EXPECT_LT(da.device_bytes(), DeviceMatrix(v1.view()).device_bytes());
 }
 
-// qmoe-v3 is decoded on the CPU only: DeviceMatrix refuses it (InvalidArgument saying how to
-// convert it) and the same matrix transcoded to qmoe-v2 runs.
-TEST_F(Gpu, QmoeV3IsRefusedAndItsQmoeV2TranscodeRuns) {
-  const CompressedMatrix v3 = random_matrix(33, 300, 0.885, 12, Codec::kV3);
-  ASSERT_EQ(v3.codec, Codec::kV3);
-  try {
-    DeviceMatrix dm(v3.view());
-    FAIL() << "DeviceMatrix accepted a qmoe-v3 matrix";
-  } catch (const InvalidArgument& e) {
-    const std::string msg = e.what();
-    EXPECT_EQ(msg.rfind("DeviceMatrix: ", 0), 0u) << msg;
-    EXPECT_NE(msg.find("qmoe transcode --codec qmoe-v2"), std::string::npos) << msg;
+// The CPU's codecs run on the GPU too: DeviceMatrix converts a qmoe-v3 or qmoe-g4 matrix to
+// qmoe-v2 on upload (codec() says qmoe-v2, source_codec() the codec it was given), with the same
+// weights.
+TEST_F(Gpu, CpuCodecsAreConvertedToQmoeV2OnUpload) {
+  for (Codec codec : {Codec::kV3, Codec::kG4}) {
+    SCOPED_TRACE(std::string(codec_name(codec)));
+    const CompressedMatrix cpu = random_matrix(33, 300, 0.885, 12, codec);
+    ASSERT_EQ(cpu.codec, codec);
+    DeviceMatrix dm(cpu.view());
+    EXPECT_EQ(dm.codec(), Codec::kV2);
+    EXPECT_EQ(dm.source_codec(), codec);
+    const CompressedMatrix v2 = transcode(cpu.view(), {.codec = Codec::kV2});
+    check_forward(dm, v2, DType::kF32, 1, false, 21);
+    check_forward(dm, v2, DType::kBF16, 40, false, 22);
   }
-  const CompressedMatrix v2 = transcode(v3.view(), {.codec = Codec::kV2});
-  DeviceMatrix dm(v2.view());
-  check_forward(dm, v2, DType::kF32, 1, false, 21);
 }
 
 TEST_F(Gpu, ForwardP5TakesTheDensePath) {

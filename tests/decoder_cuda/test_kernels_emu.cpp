@@ -465,32 +465,42 @@ TEST(DenseEmu, RejectsBadRowRanges) {
 // ---- codecs the kernels do not read
 // -------------------------------------------------------------------------
 
-// qmoe-v3 is decoded on the CPU only: the entry points that take a CompressedView refuse it before
-// any kernel could read its (differently laid out) entry words, with a message that says how to
-// convert it; the same matrix transcoded to qmoe-v2 decodes bit-exactly.
-TEST(CodecSupport, RejectsQmoeV3WithATranscodeHint) {
+// The CPU's codecs (qmoe-v3, qmoe-g4) are not read by the kernels: the raw paths, which hand out
+// pointers into the caller's matrix, refuse them with a hint (DeviceMatrix converts them on
+// upload, test_gpu.cpp); the same matrix transcoded to qmoe-v2 decodes bit-exactly.
+TEST(CodecSupport, RawPathsRefuseTheCpuCodecsWithAHint) {
   EXPECT_TRUE(gpu_supports(Codec::kV1));
   EXPECT_TRUE(gpu_supports(Codec::kV2));
   EXPECT_TRUE(gpu_supports(Codec::kP5));
   EXPECT_FALSE(gpu_supports(Codec::kV3));
-  const CompressedMatrix v3 = random_matrix(9, 70, 0.885, 11, Codec::kV3);
-  ASSERT_EQ(v3.codec, Codec::kV3);
-  // DeviceMatrix's constructor calls require_gpu_codec(m, "DeviceMatrix") first (test_gpu.cpp).
-  const std::pair<std::string, std::function<void()>> entries[] = {
-      {"emulated::host_matrix", [&] { (void)emulated::host_matrix(v3.view()); }},
-      {"DeviceMatrix", [&] { require_gpu_codec(v3.view(), "DeviceMatrix"); }}};
-  for (const auto& [what, call] : entries) {
-    SCOPED_TRACE(what);
-    try {
-      call();
-      ADD_FAILURE() << "a qmoe-v3 matrix was accepted";
-    } catch (const InvalidArgument& e) {
-      const std::string msg = e.what();
-      EXPECT_EQ(msg.rfind(what + ": ", 0), 0u) << msg;
-      EXPECT_NE(msg.find("qmoe-v3"), std::string::npos) << msg;
-      EXPECT_NE(msg.find("CPU only"), std::string::npos) << msg;
-      EXPECT_NE(msg.find("qmoe transcode --codec qmoe-v2"), std::string::npos) << msg;
+  EXPECT_FALSE(gpu_supports(Codec::kG4));
+  for (Codec codec : {Codec::kV3, Codec::kG4}) {
+    const std::string name(codec_name(codec));
+    SCOPED_TRACE(name);
+    const CompressedMatrix cpu = random_matrix(9, 70, 0.885, 11, codec);
+    ASSERT_EQ(cpu.codec, codec);
+    const std::pair<std::string, std::function<void()>> entries[] = {
+        {"emulated::host_matrix", [&] { (void)emulated::host_matrix(cpu.view()); }},
+        {"launch", [&] { require_gpu_codec(cpu.view(), "launch"); }}};
+    for (const auto& [what, call] : entries) {
+      SCOPED_TRACE(what);
+      try {
+        call();
+        ADD_FAILURE() << "a " << name << " matrix was accepted";
+      } catch (const InvalidArgument& e) {
+        const std::string msg = e.what();
+        EXPECT_EQ(msg.rfind(what + ": ", 0), 0u) << msg;
+        EXPECT_NE(msg.find(name), std::string::npos) << msg;
+        EXPECT_NE(msg.find("DeviceMatrix converts it"), std::string::npos) << msg;
+        EXPECT_NE(msg.find("qmoe transcode --codec qmoe-v2"), std::string::npos) << msg;
+      }
     }
+    const CompressedMatrix v2 = transcode(cpu.view(), {.codec = Codec::kV2});
+    ASSERT_EQ(v2.codec, Codec::kV2);
+    std::vector<float> want(9 * 70), got(want.size(), -1.0f);
+    decode_ref(cpu.view(), want.data());
+    emulated::decode_dense(host_view(v2), 0, v2.rows, DType::kF32, got.data(), v2.cols);
+    EXPECT_EQ(got, want);
   }
   // Supported codecs pass; qmoe-p5 has no codes for the code-stream kernels.
   EXPECT_NO_THROW(require_gpu_codec(random_matrix(3, 10, 0.5, 1, Codec::kP5).view(), "x"));
@@ -500,13 +510,6 @@ TEST(CodecSupport, RejectsQmoeV3WithATranscodeHint) {
   CompressedMatrix bad = random_matrix(4, 30, 0.5, 2, Codec::kV2);
   bad.row_offsets.pop_back();
   EXPECT_THROW((void)emulated::host_matrix(bad.view()), FormatError);
-
-  const CompressedMatrix v2 = transcode(v3.view(), {.codec = Codec::kV2});
-  ASSERT_EQ(v2.codec, Codec::kV2);
-  std::vector<float> want(static_cast<size_t>(v3.rows * v3.cols)), got(want.size(), -1.0f);
-  decode_ref(v3.view(), want.data());
-  emulated::decode_dense(host_view(v2), 0, v2.rows, DType::kF32, got.data(), v2.cols);
-  EXPECT_EQ(got, want);
 }
 
 }  // namespace

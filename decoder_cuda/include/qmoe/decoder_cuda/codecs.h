@@ -1,11 +1,12 @@
 // Which codecs the CUDA kernels read. Host-only header (no CUDA headers).
 //
 // The kernels read entry words in the qmoe-v2 layout (format/SPEC.md section 6.2): qmoe-v1 (its
-// dictionary written in that layout), qmoe-v2 and, on the dense path only, qmoe-p5. A qmoe-v3
-// matrix codes its rows in pairs with entry words of another layout (section 15): it is decoded
-// on the CPU only, and must be transcoded to qmoe-v2 for the GPU. MatrixDev carries no codec, so
-// the raw launch functions (launch.h) cannot tell; every entry point that receives a
-// CompressedView (DeviceMatrix, emulated::host_matrix) calls require_gpu_codec() first.
+// dictionary written in that layout), qmoe-v2 and, on the dense path only, qmoe-p5. The CPU's
+// codecs, qmoe-v3 (rows coded in pairs, entry words of another layout, section 15) and qmoe-g4
+// (gap tokens, section 16), are not read by the kernels: DeviceMatrix converts them to qmoe-v2 on
+// the host when it uploads them (a container written for the CPU runs on the GPU as it is); the
+// raw paths, which hand out pointers into the caller's matrix (launch.h, emulated::host_matrix),
+// refuse them with require_gpu_codec().
 #pragma once
 
 #include <string>
@@ -16,21 +17,22 @@
 
 namespace qmoe::cuda {
 
-// Whether the CUDA kernels read matrices of codec `c` (everything but qmoe-v3).
+// Whether the CUDA kernels read matrices of codec `c` as they are (qmoe-v1, qmoe-v2, qmoe-p5).
 constexpr bool gpu_supports(Codec c) {
   return c == Codec::kV1 || c == Codec::kV2 || c == Codec::kP5;
 }
 
 // Throws InvalidArgument, whose message starts with `what`, unless the CUDA kernels read `m`'s
-// codec; for qmoe-v3 the message says how to convert the matrix.
+// codec as it is; for qmoe-v3 and qmoe-g4 the message says how to convert the matrix.
 inline void require_gpu_codec(const CompressedView& m, std::string_view what) {
   if (gpu_supports(m.codec)) return;
   const std::string prefix = what.empty() ? std::string() : std::string(what) + ": ";
-  if (m.codec == Codec::kV3) {
-    throw InvalidArgument(prefix +
-                          "a qmoe-v3 matrix is decoded on the CPU only (the CUDA kernels do not "
-                          "read qmoe-v3); transcode it to qmoe-v2 for the GPU (qmoe transcode "
-                          "--codec qmoe-v2, or qmoe.transcode(m, codec=\"qmoe-v2\"))");
+  if (m.codec == Codec::kV3 || m.codec == Codec::kG4) {
+    const std::string name(codec_name(m.codec));
+    throw InvalidArgument(prefix + "the CUDA kernels do not read " + name +
+                          " (a CPU codec); DeviceMatrix converts it to qmoe-v2 on upload, or "
+                          "transcode it first (qmoe transcode --codec qmoe-v2 or --target gpu, "
+                          "or qmoe.transcode(m, codec=\"qmoe-v2\"))");
   }
   throw InvalidArgument(prefix + "codec " + std::to_string(static_cast<int>(m.codec)) +
                         " is not read by the CUDA kernels");

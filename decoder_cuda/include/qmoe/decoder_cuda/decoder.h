@@ -40,17 +40,19 @@ struct ForwardOptions {
   int64_t dense_workspace_bytes = int64_t{64} << 20;
 };
 
-// A compressed matrix copied to one GPU as it is (qmoe-v1, qmoe-v2 or qmoe-p5; a qmoe-v2
-// dictionary goes to the device once and is shared, v2_dictionary_dev()). qmoe-v3 is decoded on
-// the CPU only (codecs.h): transcode it to qmoe-v2 first. Owns its device buffers, a dense
+// A compressed matrix copied to one GPU (qmoe-v1, qmoe-v2 or qmoe-p5 as they are; a qmoe-v2
+// dictionary goes to the device once and is shared, v2_dictionary_dev()). A matrix of the CPU's
+// codecs, qmoe-v3 or qmoe-g4 (codecs.h), is converted to qmoe-v2 on the host first (transcode() of
+// the encoder: the same weights; about as long as encoding it), so that a container written for the
+// CPU runs on the GPU as it is; codec() then says qmoe-v2. Owns its device buffers, a dense
 // workspace (allocated on the first dense-path call) and a cuBLAS handle (created on first use).
 // Movable, not copyable. Calls on one object must not overlap (they share the workspace); use one
 // object per concurrently used stream or serialise.
 class DeviceMatrix {
  public:
-  // Validates `m` (qmoe::validate, FormatError on a malformed matrix) and copies it to the
-  // current device; synchronises `stream` before returning so `m` may be freed afterwards.
-  // InvalidArgument for a qmoe-v3 matrix (require_gpu_codec()), before touching the device.
+  // Validates `m` (qmoe::validate, FormatError on a malformed matrix), converts a qmoe-v3 or
+  // qmoe-g4 matrix to qmoe-v2, and copies it to the current device; synchronises `stream` before
+  // returning so `m` may be freed afterwards.
   explicit DeviceMatrix(const CompressedView& m, ForwardOptions opt = {},
                         cudaStream_t stream = nullptr);
   ~DeviceMatrix();
@@ -59,7 +61,8 @@ class DeviceMatrix {
   DeviceMatrix(const DeviceMatrix&) = delete;
   DeviceMatrix& operator=(const DeviceMatrix&) = delete;
 
-  Codec codec() const;
+  Codec codec() const;         // the codec on the device: qmoe-v2 for a converted qmoe-v3 / qmoe-g4
+  Codec source_codec() const;  // the codec of the matrix given to the constructor
   int64_t rows() const;
   int64_t cols() const;
   int device() const;
@@ -67,7 +70,7 @@ class DeviceMatrix {
   // the shared entry-word table).
   int64_t device_bytes() const;
   // Device pointers of a qmoe-v1 or qmoe-v2 matrix for the raw launch functions (InvalidArgument
-  // for qmoe-p5; a DeviceMatrix never holds qmoe-v3, its constructor refuses it).
+  // for qmoe-p5; a DeviceMatrix never holds qmoe-v3 or qmoe-g4, its constructor converts them).
   MatrixDev matrix_dev() const;
   const ForwardOptions& options() const;
   void set_options(const ForwardOptions& opt);
