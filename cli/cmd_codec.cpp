@@ -46,7 +46,7 @@ class NameFilter {
 
 // ---- encode -------------------------------------------------------------------------------------
 struct EncodeArgs {
-  std::string input, output, tensors = ".*", codec = "auto";
+  std::string input, output, tensors = ".*", codec = "auto", target = "any";
   int threads = 0;
   std::string shard_size = "0";
 };
@@ -56,7 +56,9 @@ int run_encode(const EncodeArgs& a) {
   const auto in = SafetensorsFile::open(a.input);
   const NameFilter select(a.tensors);
   const std::optional<Codec> codec = parse_codec_option(a.codec);
+  const Target target = parse_target_option(a.target);
   ContainerWriter out(a.output, {.shard_size = parse_bytes(a.shard_size)});
+  out.set_target(target);
   // The input's own metadata is kept, except the keys the container defines itself; a source
   // "format" (e.g. "pt") is kept as "source_format".
   for (const auto& [k, v] : in.metadata()) {
@@ -74,7 +76,7 @@ int run_encode(const EncodeArgs& a) {
       continue;
     }
     const auto tern = ternarize_rtn(in.bytes(t).data(), t.dtype, t.shape[0], t.shape[1]);
-    const auto m = encode(tern, {.codec = codec, .threads = a.threads});
+    const auto m = encode(tern, {.codec = codec, .target = target, .threads = a.threads});
     out.add_compressed(t.name, m.view(), t.dtype);
     ++n_compressed;
     weights += t.numel();
@@ -111,10 +113,8 @@ Registrar encode_cmd("encode", [](CLI::App& app) -> std::function<int()> {
   app.add_option("--tensors", a->tensors,
                  "POSIX extended regular expression matching the whole names of the tensors to "
                  "compress (default: all 2-D float tensors)");
-  app.add_option("--codec", a->codec,
-                 "qmoe-v1, qmoe-v2 (smaller: a dictionary fitted to the matrix), qmoe-v3 (qmoe-v2 "
-                 "with rows coded in pairs: a little larger, faster on the CPU; CPU only), qmoe-p5 "
-                 "or auto (the smaller of qmoe-v1 and qmoe-p5 per matrix)");
+  app.add_option("--codec", a->codec, kCodecHelp);
+  app.add_option("--target", a->target, kTargetHelp);
   app.add_option("--threads", a->threads, "threads (0 = all)");
   app.add_option("--shard-size", a->shard_size,
                  "shard the output at about this size (e.g. 2G); 0 = one file");
@@ -131,7 +131,7 @@ void copy_user_metadata(const Container& c, Writer& out) {
 
 // ---- transcode ----------------------------------------------------------------------------------
 struct TranscodeArgs {
-  std::string input, output, codec;
+  std::string input, output, codec = "auto", target;
   int threads = 0;
   std::string shard_size = "0";
 };
@@ -142,12 +142,16 @@ int run_transcode(const TranscodeArgs& a) {
   Stopwatch clock;
   const std::optional<Codec> codec = parse_codec_option(a.codec);
   const auto c = Container::open(a.input);
+  // The target: --target, else the input's, else "any".
+  const Target target =
+      !a.target.empty() ? parse_target_option(a.target) : c.target().value_or(Target::kAny);
   ContainerWriter out(a.output, {.shard_size = parse_bytes(a.shard_size)});
+  out.set_target(target);
   copy_user_metadata(c, out);
   for (const auto& d : c.dense()) out.add_dense(d.name, d.dtype, d.shape, d.bytes);
   int64_t in_bytes = 0, out_bytes = 0, weights = 0;
   for (const auto& e : c.compressed()) {
-    const auto m = transcode(e.view, {.codec = codec, .threads = a.threads});
+    const auto m = transcode(e.view, {.codec = codec, .target = target, .threads = a.threads});
     out.add_compressed(e.name, m.view(), e.original_dtype);
     in_bytes += e.view.compressed_bytes();
     out_bytes += m.view().compressed_bytes();
@@ -158,10 +162,10 @@ int run_transcode(const TranscodeArgs& a) {
     return weights ? 8.0 * static_cast<double>(b) / static_cast<double>(weights) : 0.0;
   };
   std::printf(
-      "transcoded %zu matrices to %s: %.4f -> %.4f bits/weight (codes, offsets and levels), "
-      "%.1f s; wrote %zu file(s) to %s\n",
-      c.compressed().size(), a.codec.c_str(), bpw(in_bytes), bpw(out_bytes), clock.seconds(),
-      files.size(), a.output.c_str());
+      "transcoded %zu matrices to %s (target %s): %.4f -> %.4f bits/weight (codes, offsets and "
+      "levels), %.1f s; wrote %zu file(s) to %s\n",
+      c.compressed().size(), a.codec.c_str(), std::string(target_name(target)).c_str(),
+      bpw(in_bytes), bpw(out_bytes), clock.seconds(), files.size(), a.output.c_str());
   return 0;
 }
 
@@ -169,12 +173,15 @@ Registrar transcode_cmd("transcode", [](CLI::App& app) -> std::function<int()> {
   auto a = std::make_shared<TranscodeArgs>();
   app.description(
       "Re-encode every compressed matrix of a container in another codec (same weights), e.g. "
-      "qmoe-v1 to the smaller qmoe-v2 or back, or qmoe-v3 to qmoe-v2 for the GPU");
+      "qmoe-v1 to the smaller qmoe-v2 or back, or for another device: --target cpu (qmoe-g4) or "
+      "gpu (qmoe-v2)");
   app.add_option("input", a->input, "container file, index JSON or directory")->required();
   app.add_option("-o,--output", a->output,
                  "output container (a directory when --shard-size is given)")
       ->required();
-  app.add_option("--codec", a->codec, kCodecChoices)->required();
+  app.add_option("--codec", a->codec, kCodecHelp);
+  app.add_option("--target", a->target,
+                 std::string(kTargetHelp) + "; default: the input's target, else any");
   app.add_option("--threads", a->threads, "threads (0 = all)");
   app.add_option("--shard-size", a->shard_size,
                  "shard the output at about this size (e.g. 2G); 0 = one file");

@@ -27,7 +27,7 @@ namespace qmoe::cli {
 namespace {
 
 struct CompressArgs {
-  std::string checkpoint, output, hessians, calib_tokens, codec = "auto";
+  std::string checkpoint, output, hessians, calib_tokens, codec = "auto", target = "any";
   bool calib_independent = false;
   bool rtn = false, resume = false, progress = false, cast_bf16 = false, no_disk_check = false,
        actorder = false;
@@ -225,6 +225,7 @@ int run_compress(const CompressArgs& a) {
   opt.blocksize = a.blocksize;
   opt.actorder = a.actorder;
   opt.codec = parse_codec_option(a.codec);
+  opt.target = parse_target_option(a.target);
   if (a.rtn && (!a.hessians.empty() || !a.calib_tokens.empty()))
     throw InvalidArgument("--rtn excludes --hessians and --calib-tokens");
   if (!a.hessians.empty() && !a.calib_tokens.empty())
@@ -289,12 +290,13 @@ int run_compress(const CompressArgs& a) {
     std::printf("%-24s %10lld %12lld %10.4f\n", b.block.c_str(), static_cast<long long>(b.matrices),
                 static_cast<long long>(b.weights), b.bits_per_weight());
   std::printf(
-      "experts: %lld matrices (%lld qmoe-v1, %lld qmoe-v2, %lld qmoe-v3, %lld qmoe-p5), %lld "
-      "weights, %.2f%% zeros, %s -> %s, %.4f bits per expert weight\n",
+      "experts: %lld matrices (%lld qmoe-v1, %lld qmoe-v2, %lld qmoe-v3, %lld qmoe-g4, %lld "
+      "qmoe-p5), %lld weights, %.2f%% zeros, %s -> %s, %.4f bits per expert weight\n",
       static_cast<long long>(s.expert_matrices), static_cast<long long>(s.v1_matrices),
       static_cast<long long>(s.v2_matrices), static_cast<long long>(s.v3_matrices),
-      static_cast<long long>(s.p5_matrices), static_cast<long long>(s.expert_weights),
-      100.0 * s.mean_zero_fraction, human_bytes(static_cast<double>(s.expert_input_bytes)).c_str(),
+      static_cast<long long>(s.g4_matrices), static_cast<long long>(s.p5_matrices),
+      static_cast<long long>(s.expert_weights), 100.0 * s.mean_zero_fraction,
+      human_bytes(static_cast<double>(s.expert_input_bytes)).c_str(),
       human_bytes(static_cast<double>(s.expert_compressed_bytes)).c_str(),
       s.bits_per_expert_weight());
   if (s.quantizer == "gptq" && s.fallback_matrices > 0)
@@ -379,10 +381,8 @@ Registrar compress_cmd("compress", [](CLI::App& app) -> std::function<int()> {
                  "write FILE.json: per-phase times, FLOP rates, calibration, sizes, peak memory");
   app.add_flag("--cast-bf16", a->cast_bf16,
                "store the F32/F16 tensors that are not experts as BF16");
-  app.add_option("--codec", a->codec,
-                 "qmoe-v1, qmoe-v2 (smaller: a dictionary fitted to the matrix), qmoe-v3 (qmoe-v2 "
-                 "with rows coded in pairs: a little larger, faster on the CPU; CPU only), qmoe-p5 "
-                 "or auto (the smaller of qmoe-v1 and qmoe-p5 per matrix)");
+  app.add_option("--codec", a->codec, kCodecHelp);
+  app.add_option("--target", a->target, kTargetHelp);
   app.add_option("--percdamp", a->percdamp, "GPTQ dampening, a fraction of the mean diagonal of H");
   app.add_option("--blocksize", a->blocksize, "GPTQ lazy-update block size (columns)");
   app.add_flag("--actorder", a->actorder, "GPTQ: columns in order of decreasing Hessian diagonal");

@@ -118,7 +118,7 @@ int run_inspect(const InspectArgs& a) {
   std::map<std::string, Block> blocks;
   json jt = json::array();
   int64_t comp_n = 0, comp_weights = 0, comp_bytes = 0, comp_codes = 0, comp_input = 0;
-  int64_t expert_weights = 0, expert_bytes = 0, v1 = 0, v2 = 0, v3 = 0, p5 = 0;
+  int64_t expert_weights = 0, expert_bytes = 0, v1 = 0, v2 = 0, v3 = 0, g4 = 0, p5 = 0;
   // Dictionaries, counted once each in the totals (a v2 and a v3 dictionary never share an id:
   // the container stores them under different names, and their entries differ).
   std::set<uint64_t> v2_dictionaries, v3_dictionaries;
@@ -132,8 +132,11 @@ int run_inspect(const InspectArgs& a) {
     if (const CompressedEntry* e = c.find_compressed(name)) {
       const CompressedView& v = e->view;
       const int64_t w = v.rows * v.cols;
+      // Codewords; qmoe-g4: tokens; qmoe-p5: packed bytes.
       const int64_t codes = v.has_codes() ? static_cast<int64_t>(v.codes.size())
-                                          : static_cast<int64_t>(v.packed.size());
+                            : v.codec == Codec::kG4
+                                ? v.group_offsets[v.group_offsets.size() - 2] - v.group_offsets[0]
+                                : static_cast<int64_t>(v.packed.size());
       const double bpw = v.bits_per_weight();
       ++comp_n;
       comp_weights += w;
@@ -143,6 +146,7 @@ int run_inspect(const InspectArgs& a) {
       (v.codec == Codec::kV1   ? v1
        : v.codec == Codec::kV2 ? v2
        : v.codec == Codec::kV3 ? v3
+       : v.codec == Codec::kG4 ? g4
                                : p5) += 1;
       if (v.codec == Codec::kV2 && v2_dictionaries.insert(v.dictionary_id).second)
         comp_bytes += v2::kTableBytes;
@@ -249,6 +253,7 @@ int run_inspect(const InspectArgs& a) {
                   {"qmoe_v1", v1},
                   {"qmoe_v2", v2},
                   {"qmoe_v3", v3},
+                  {"qmoe_g4", g4},
                   {"qmoe_p5", p5},
                   {"qmoe_v2_dictionaries", v2_dictionaries.size()},
                   {"qmoe_v3_dictionaries", v3_dictionaries.size()},
@@ -289,14 +294,15 @@ int run_inspect(const InspectArgs& a) {
   std::printf("\ncontainer: %s, %zu file(s), %s", a.input.c_str(), c.files().size(),
               human_bytes(static_cast<double>(container_bytes)).c_str());
   if (!meta("quantizer").empty()) std::printf(", quantizer %s", meta("quantizer").c_str());
+  if (const auto t = c.target()) std::printf(", target %s", std::string(target_name(*t)).c_str());
   std::printf("\n");
   std::printf(
-      "compressed: %lld matrices (%lld qmoe-v1, %lld qmoe-v2, %lld qmoe-v3, %lld qmoe-p5), %lld "
-      "weights, %lld codes, %s, %.4f bits/weight\n",
+      "compressed: %lld matrices (%lld qmoe-v1, %lld qmoe-v2, %lld qmoe-v3, %lld qmoe-g4, %lld "
+      "qmoe-p5), %lld weights, %lld codes, %s, %.4f bits/weight\n",
       static_cast<long long>(comp_n), static_cast<long long>(v1), static_cast<long long>(v2),
-      static_cast<long long>(v3), static_cast<long long>(p5), static_cast<long long>(comp_weights),
-      static_cast<long long>(comp_codes), human_bytes(static_cast<double>(comp_bytes)).c_str(),
-      bpw(comp_bytes, comp_weights));
+      static_cast<long long>(v3), static_cast<long long>(g4), static_cast<long long>(p5),
+      static_cast<long long>(comp_weights), static_cast<long long>(comp_codes),
+      human_bytes(static_cast<double>(comp_bytes)).c_str(), bpw(comp_bytes, comp_weights));
   if (expert_weights > 0)
     std::printf("experts: %lld weights, %.4f bits per expert weight (originally %s)\n",
                 static_cast<long long>(expert_weights), bpw(expert_bytes, expert_weights),

@@ -30,6 +30,11 @@ std::optional<Codec> parse_codec_option(const std::string& name) {
   throw InvalidArgument("unknown codec '" + name + "' (" + kCodecChoices + ")");
 }
 
+Target parse_target_option(const std::string& name) {
+  if (auto t = target_from_name(name)) return *t;
+  throw InvalidArgument("unknown target '" + name + "' (any, cpu or gpu)");
+}
+
 int64_t parse_bytes(const std::string& s) {
   size_t pos = 0;
   double v = 0;

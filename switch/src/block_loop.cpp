@@ -848,7 +848,8 @@ LoopReport run_block_loop(const std::shared_ptr<const SwitchSource>& source,
           acc.add(&LoopReport::gptq, since(t0), thread_cpu() - c0, 0);
           t0 = Clock::now();
           c0 = thread_cpu();
-          cm = encode(t, EncodeOptions{.codec = opt.codec, .threads = inside});
+          cm =
+              encode(t, EncodeOptions{.codec = opt.codec, .target = opt.target, .threads = inside});
           acc.add(&LoopReport::encode, since(t0), thread_cpu() - c0, 0);
           stats.zero_fraction = t.zero_fraction();
         } else {
@@ -906,7 +907,8 @@ LoopReport run_block_loop(const std::shared_ptr<const SwitchSource>& source,
                   h.empty() ? 0.0 : gptq_flops(m.rows, m.cols, opt.blocksize));
           t0 = Clock::now();
           c0 = thread_cpu();
-          cm = encode(r.ternary, EncodeOptions{.codec = opt.codec, .threads = inside});
+          cm = encode(r.ternary,
+                      EncodeOptions{.codec = opt.codec, .target = opt.target, .threads = inside});
           acc.add(&LoopReport::encode, since(t0), thread_cpu() - c0, 0);
           stats.zero_fraction = r.ternary.zero_fraction();
           stats.loss = r.loss;

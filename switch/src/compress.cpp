@@ -253,8 +253,12 @@ int64_t bound_compressed(const ExpertMatrix& m, const std::optional<Codec>& code
       m.rows * 2 * ((m.cols + 1) / 2) + 4 * (m.rows + 1) + levels;  // one pair per code at worst
   // One symbol per code; bounds qmoe-v3 too (at worst one column of a pair of rows per code).
   const int64_t v2b = m.rows * 2 * m.cols + 4 * (m.rows + 1) + levels;
+  // qmoe-g4: one token per position at worst (4 bits), a kind bit per weight, the group offsets.
+  const int64_t g4b =
+      (m.rows * m.cols + 1) / 2 + (m.rows * m.cols + 7) / 8 + 8 * (g4::groups(m.rows) + 1) + levels;
   if (codec && *codec == Codec::kV1) return v1b;
   if (codec && (*codec == Codec::kV2 || *codec == Codec::kV3)) return v2b;
+  if (codec && *codec == Codec::kG4) return g4b;
   return p5b;
 }
 
@@ -338,6 +342,10 @@ Cached load_cached(const fs::path& p, const ExpertMatrix& m) {
   if (v.has_codes()) {
     v.codes = c.file.as<uint16_t>(tensor("codes"), DType::kU16);
     v.row_offsets = c.file.as<int32_t>(tensor("row_offsets"), DType::kI32);
+  } else if (v.codec == Codec::kG4) {
+    v.tokens = c.file.as<uint8_t>(tensor("tokens"), DType::kU8);
+    v.kinds = c.file.as<uint8_t>(tensor("kinds"), DType::kU8);
+    v.group_offsets = c.file.as<int32_t>(tensor("group_offsets"), DType::kI32);
   } else {
     v.packed = c.file.as<uint8_t>(tensor("packed"), DType::kU8);
   }
@@ -409,6 +417,13 @@ void store_cached(const fs::path& p, const ExpertMatrix& m, const CompressedMatr
           std::as_bytes(std::span(cm.codes)));
     w.add("row_offsets", DType::kI32, {static_cast<int64_t>(cm.row_offsets.size())},
           std::as_bytes(std::span(cm.row_offsets)));
+  } else if (cm.codec == Codec::kG4) {
+    w.add("tokens", DType::kU8, {static_cast<int64_t>(cm.tokens.size())},
+          std::as_bytes(std::span(cm.tokens)));
+    w.add("kinds", DType::kU8, {static_cast<int64_t>(cm.kinds.size())},
+          std::as_bytes(std::span(cm.kinds)));
+    w.add("group_offsets", DType::kI32, {static_cast<int64_t>(cm.group_offsets.size())},
+          std::as_bytes(std::span(cm.group_offsets)));
   } else {
     w.add("packed", DType::kU8, {static_cast<int64_t>(cm.packed.size())},
           std::as_bytes(std::span(cm.packed)));
@@ -419,6 +434,10 @@ void store_cached(const fs::path& p, const ExpertMatrix& m, const CompressedMatr
   if (cm.has_codes()) {
     t.emplace_back("codes", std::as_bytes(std::span(cm.codes)));
     t.emplace_back("row_offsets", std::as_bytes(std::span(cm.row_offsets)));
+  } else if (cm.codec == Codec::kG4) {
+    t.emplace_back("tokens", std::as_bytes(std::span(cm.tokens)));
+    t.emplace_back("kinds", std::as_bytes(std::span(cm.kinds)));
+    t.emplace_back("group_offsets", std::as_bytes(std::span(cm.group_offsets)));
   } else {
     t.emplace_back("packed", std::as_bytes(std::span(cm.packed)));
   }
@@ -450,6 +469,7 @@ std::string fingerprint(const Checkpoint& ck, const CompressOptions& opt) {
             {"files", files},
             {"quantizer", gptq ? "gptq" : "rtn"},
             {"codec", opt.codec ? std::string(codec_name(*opt.codec)) : "auto"},
+            {"target", std::string(target_name(opt.target))},
             {"cast_bf16", opt.cast_bf16}};
   if (opt.hessians) j["hessians"] = opt.hessians->fingerprint();
   if (!opt.calib_tokens.empty()) {
@@ -880,6 +900,7 @@ CompressSummary compress_checkpoint(const fs::path& checkpoint, const fs::path& 
     lo.blocksize = opt.blocksize;
     lo.actorder = opt.actorder;
     lo.codec = opt.codec;
+    lo.target = opt.target;
     lo.threads = opt.threads;
     lo.max_memory = opt.max_memory;
     lo.scratch_dir = work;
@@ -990,6 +1011,7 @@ CompressSummary compress_checkpoint(const fs::path& checkpoint, const fs::path& 
         (c.codec == Codec::kV1   ? sum.v1_matrices
          : c.codec == Codec::kV2 ? sum.v2_matrices
          : c.codec == Codec::kV3 ? sum.v3_matrices
+         : c.codec == Codec::kG4 ? sum.g4_matrices
                                  : sum.p5_matrices) += 1;
         zf_sum += c.stats.zero_fraction;
       }
@@ -1004,6 +1026,7 @@ CompressSummary compress_checkpoint(const fs::path& checkpoint, const fs::path& 
         fs::remove(output / std::string(kIndexFileName), ec);
       }
       ContainerWriter writer(output, ContainerWriteOptions{.shard_size = opt.shard_size});
+      writer.set_target(opt.target);
       writer.set_metadata(std::string(kMetaConfig), ck->config_text);
       writer.set_metadata(std::string(kMetaQuantizer), sum.quantizer);
       writer.set_metadata(std::string(kMetaInputBytes), std::to_string(plan.input_bytes));
@@ -1011,6 +1034,7 @@ CompressSummary compress_checkpoint(const fs::path& checkpoint, const fs::path& 
                           fs::weakly_canonical(checkpoint).filename().string());
       {
         json o = {{"codec", opt.codec ? std::string(codec_name(*opt.codec)) : "auto"},
+                  {"target", std::string(target_name(opt.target))},
                   {"cast_bf16", opt.cast_bf16}};
         if (gptq) {
           o["hessians"] = hessian_source(opt, sum.calibration_pairs);

@@ -53,6 +53,7 @@ void compress_experts(SwitchModel& model, const TokenPairs& calib, const ExpertC
   lo.blocksize = opt.gptq.blocksize;
   lo.actorder = opt.gptq.actorder;
   lo.codec = opt.encode.codec;
+  lo.target = opt.encode.target;
   lo.threads = opt.threads;
   run_block_loop(model.source, experts, lo, store);
   for (size_t i = 0; i + 1 < experts.size(); i += 2) {

@@ -111,7 +111,7 @@ expect_exit 0 "$qmoe" verify "$work/v3.safetensors"
 expect_exit 0 "$qmoe" decode "$work/v3.safetensors" -o "$work/d3.safetensors" --dtype F32
 cmp "$work/d1.safetensors" "$work/d3.safetensors" || fail "qmoe-v3 decodes to other weights than qmoe-v1"
 expect_exit 0 "$qmoe" inspect "$work/v3.safetensors"
-grep -q "compressed: 32 matrices (0 qmoe-v1, 0 qmoe-v2, 32 qmoe-v3, 0 qmoe-p5)" "$work/out" || { cat "$work/out"; fail "inspect does not count the qmoe-v3 matrices"; }
+grep -q "compressed: 32 matrices (0 qmoe-v1, 0 qmoe-v2, 32 qmoe-v3, 0 qmoe-g4, 0 qmoe-p5)" "$work/out" || { cat "$work/out"; fail "inspect does not count the qmoe-v3 matrices"; }
 expect_exit 0 "$qmoe" inspect "$work/v3.safetensors" --json
 if python3 -c "import json" 2>/dev/null; then
   python3 - "$work/out" <<'PY' || fail "inspect --json does not describe the qmoe-v3 container"
@@ -141,12 +141,38 @@ grep -q "qmoe-v3: --max-width does not apply" "$work/out" || { cat "$work/out"; 
 expect_exit 2 "$qmoe" dictionary --codec qmoe-v3 --out "$work/none.bin"
 grep -q "qmoe-v3: --p0 is required" "$work/out" || { cat "$work/out"; fail "no message for qmoe-v3 without --p0"; }
 
+# --target: encode for the CPU (qmoe-g4, recorded as qmoe.target "cpu"), then transcode for the
+# GPU (qmoe-v2; the target recorded follows), the weights unchanged throughout.
+expect_exit 0 "$qmoe" encode "$in" -o "$work/cpu.safetensors" --target cpu --tensors '.*\.experts\.expert_[0-9]+\.w[io]\.weight' --threads 2
+grep -q "qmoe-g4" "$work/out" || { cat "$work/out"; fail "encode --target cpu did not pick qmoe-g4"; }
+expect_exit 0 "$qmoe" verify "$work/cpu.safetensors"
+expect_exit 0 "$qmoe" inspect "$work/cpu.safetensors"
+# (auto for the CPU: qmoe-g4, or qmoe-p5 where smaller; this model has matrices of both kinds)
+grep -Eq "compressed: 32 matrices \(0 qmoe-v1, 0 qmoe-v2, 0 qmoe-v3, [1-9][0-9]* qmoe-g4, [0-9]+ qmoe-p5\)" "$work/out" || { cat "$work/out"; fail "inspect does not count the qmoe-g4 matrices"; }
+grep -q "target cpu" "$work/out" || { cat "$work/out"; fail "inspect does not show the target"; }
+expect_exit 0 "$qmoe" decode "$work/cpu.safetensors" -o "$work/dg4.safetensors" --dtype F32
+cmp "$work/d1.safetensors" "$work/dg4.safetensors" || fail "qmoe-g4 decodes to other weights than qmoe-v1"
+expect_exit 0 "$qmoe" transcode "$work/cpu.safetensors" -o "$work/gpu.safetensors" --target gpu --threads 2
+grep -q "^transcoded 32 matrices to auto (target gpu)" "$work/out" || { cat "$work/out"; fail "transcode --target gpu did not report 32 matrices"; }
+expect_exit 0 "$qmoe" inspect "$work/gpu.safetensors"
+# (auto for the GPU: qmoe-v2, or qmoe-p5 where smaller, which is every matrix of this small model)
+grep -Eq "compressed: 32 matrices \(0 qmoe-v1, [0-9]+ qmoe-v2, 0 qmoe-v3, 0 qmoe-g4, [0-9]+ qmoe-p5\)" "$work/out" || { cat "$work/out"; fail "transcode --target gpu left CPU codecs"; }
+grep -q "target gpu" "$work/out" || { cat "$work/out"; fail "transcode did not record the target"; }
+expect_exit 0 "$qmoe" decode "$work/gpu.safetensors" -o "$work/dgpu.safetensors" --dtype F32
+cmp "$work/d1.safetensors" "$work/dgpu.safetensors" || fail "qmoe-g4 transcoded for the GPU has other weights"
+# Without --target, transcode keeps the input's.
+expect_exit 0 "$qmoe" transcode "$work/gpu.safetensors" -o "$work/gpu2.safetensors" --codec qmoe-v1
+grep -q "(target gpu)" "$work/out" || { cat "$work/out"; fail "transcode did not keep the input's target"; }
+expect_exit 2 "$qmoe" encode "$in" -o "$work/bad.safetensors" --target tpu
+grep -q "unknown target 'tpu'" "$work/out" || { cat "$work/out"; fail "no clear message for a bad --target"; }
+[ ! -e "$work/bad.safetensors" ] || fail "encode wrote output for a bad target"
+
 # Errors: a clear message, a non-zero exit, nothing under the output name.
 expect_exit 2 "$qmoe" encode "$in" -o "$work/bad.safetensors" --tensors '(unclosed'
 grep -q "invalid regular expression" "$work/out" || fail "no message for a bad regex"
 [ ! -e "$work/bad.safetensors" ] || fail "output written despite the error"
 expect_exit 2 "$qmoe" encode "$in" -o "$work/bad.safetensors" --codec qmoe-v9
-grep -q "unknown codec 'qmoe-v9' (qmoe-v1, qmoe-v2, qmoe-v3, qmoe-p5 or auto)" "$work/out" || { cat "$work/out"; fail "the unknown-codec message does not list the codecs"; }
+grep -q "unknown codec 'qmoe-v9' (qmoe-v1, qmoe-v2, qmoe-v3, qmoe-g4, qmoe-p5 or auto)" "$work/out" || { cat "$work/out"; fail "the unknown-codec message does not list the codecs"; }
 [ ! -e "$work/bad.safetensors" ] || fail "output written despite the error"
 head -c 1000 "$work/c.safetensors" > "$work/trunc.safetensors"
 expect_exit 1 "$qmoe" verify "$work/trunc.safetensors"

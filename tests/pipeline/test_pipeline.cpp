@@ -260,6 +260,50 @@ TEST(Pipeline, QmoeV3StopAndResume) {
   codec_stop_and_resume(Codec::kV3);
 }
 
+// --target cpu through the pipeline: the automatic codec is qmoe-g4 (or qmoe-p5 where smaller;
+// the tiny model has matrices of both kinds), the target is recorded in the container, and a run
+// stopped after its matrices are done and resumed (the work files hold the qmoe-g4 streams) writes
+// the same bytes as an uninterrupted one.
+TEST(Pipeline, TargetCpuStopAndResume) {
+  TempDir t("target-cpu");
+  auto o = tiny();
+  o.num_experts = 8;
+  sw::generate_checkpoint(t / "ckpt", o);
+  sw::CompressOptions ref;
+  ref.target = Target::kCpu;
+  ref.threads = 2;
+  const auto sum = sw::compress_checkpoint(t / "ckpt", t / "ref.safetensors", ref);
+  EXPECT_GT(sum.g4_matrices, 0);
+  EXPECT_EQ(sum.g4_matrices + sum.p5_matrices, sum.expert_matrices);
+  const Container c = Container::open(t / "ref.safetensors", {.verify_checksums = true});
+  EXPECT_EQ(c.target(), Target::kCpu);
+  int64_t g4 = 0;
+  for (const auto& e : c.compressed()) g4 += e.view.codec == Codec::kG4;
+  EXPECT_EQ(g4, sum.g4_matrices);
+  const auto want = container_bytes(t / "ref.safetensors");
+
+  struct Stop {};
+  int calls = 0;
+  sw::CompressOptions opt = ref;
+  opt.progress = [&](const sw::CompressProgress& p) {
+    if (p.phase == "assemble" && ++calls == 1) throw Stop{};
+  };
+  const fs::path out = t / "out.safetensors";
+  EXPECT_THROW(sw::compress_checkpoint(t / "ckpt", out, opt), Stop);
+  sw::CompressOptions again = ref;
+  again.resume = true;
+  const auto resumed = sw::compress_checkpoint(t / "ckpt", out, again);
+  EXPECT_EQ(resumed.resumed_matrices, resumed.expert_matrices);
+  EXPECT_EQ(diff(container_bytes(out), want), "");
+  // A different target is a different run: resuming it from these work files is refused.
+  std::filesystem::remove(out);
+  calls = 0;
+  EXPECT_THROW(sw::compress_checkpoint(t / "ckpt", out, opt), Stop);
+  sw::CompressOptions gpu = again;
+  gpu.target = Target::kGpu;
+  EXPECT_THROW(sw::compress_checkpoint(t / "ckpt", out, gpu), Error);
+}
+
 TEST(Pipeline, CliEndToEndInspectJson) {
   TempDir t("cli");
   auto r = run_cli(

@@ -187,8 +187,9 @@ struct LoopOptions {
   double percdamp = 0.1;
   int64_t blocksize = 128;
   bool actorder = false;
-  std::optional<Codec> codec;  // nullopt: the smaller of qmoe-v1 and qmoe-p5 per matrix
-  int threads = 0;             // 0: the OpenMP default
+  std::optional<Codec> codec;  // nullopt: the target's codec or qmoe-p5, the smaller per matrix
+  Target target = Target::kAny;
+  int threads = 0;  // 0: the OpenMP default
   // Cap on the process's resident memory (0: none). Before each block's expert work, what the cap
   // leaves (it minus the resident memory then, calibration state included, minus 24 MiB) is the
   // budget of the matrices in flight; a block whose counted expert inputs would take more than

@@ -2,9 +2,10 @@
 //
 // Every expert matrix ({encoder,decoder}.block.{b}.layer.{f}.mlp.experts.expert_{e}.{wi,wo}.weight)
 // is ternarized -- by round to nearest, or by GPTQ with Hessians from a file or from calibration
-// tokens run through the model -- and encoded (qmoe-v1 or qmoe-p5, the smaller per matrix, unless a
-// codec -- qmoe-v1, qmoe-v2, qmoe-v3 or qmoe-p5 -- is forced); every other stored tensor is copied
-// byte for byte (or cast to bf16 on request). The expert work is the block loop of block_loop.h.
+// tokens run through the model -- and encoded (the codec of the target -- qmoe-v1 for "any",
+// qmoe-g4 for "cpu", qmoe-v2 for "gpu" -- or qmoe-p5, the smaller per matrix, unless a codec is
+// forced; encoder/encode.h); every other stored tensor is copied byte for byte (or cast to bf16 on
+// request). The expert work is the block loop of block_loop.h.
 //
 // Scale: the checkpoint is opened once; tensors are read lazily through the shards' mappings and
 // their pages are handed back to the page cache once used; expert matrices are processed by a pool
@@ -59,13 +60,14 @@ struct CompressProgress {
 struct CompressPlan;
 
 struct CompressOptions {
-  int threads = 0;             // 0 = the OpenMP default
-  int64_t max_memory = 0;      // resident memory cap in bytes (0 = none)
-  int64_t shard_size = 0;      // 0 = one file, else shards of about this size (output is a dir)
-  bool resume = false;         // continue from "<output>.qmoe-work" if it is there
-  bool cast_bf16 = false;      // store passthrough F32/F16 tensors as BF16
-  std::optional<Codec> codec;  // nullopt: the smaller of qmoe-v1 and qmoe-p5 per matrix
-  bool check_disk = true;      // refuse to start without enough free space for the output
+  int threads = 0;               // 0 = the OpenMP default
+  int64_t max_memory = 0;        // resident memory cap in bytes (0 = none)
+  int64_t shard_size = 0;        // 0 = one file, else shards of about this size (output is a dir)
+  bool resume = false;           // continue from "<output>.qmoe-work" if it is there
+  bool cast_bf16 = false;        // store passthrough F32/F16 tensors as BF16
+  std::optional<Codec> codec;    // nullopt: the target's codec or qmoe-p5, the smaller per matrix
+  Target target = Target::kAny;  // recorded as "qmoe.target"; picks the automatic codec
+  bool check_disk = true;        // refuse to start without enough free space for the output
   // Quantizer: GPTQ with Hessians from `hessians` (e.g. open_hessian_file()), or from the token
   // pairs of `calib_tokens` (format/SPEC.md section 13) run through the model block by block
   // (QMoE's sequential calibration), or round to nearest when neither is given. Not both.
@@ -118,7 +120,7 @@ struct CompressSummary {
   int64_t expert_input_bytes = 0;  // expert tensors as stored in the checkpoint
   int64_t expert_compressed_bytes = 0;
   int64_t passthrough_tensors = 0;
-  int64_t v1_matrices = 0, v2_matrices = 0, v3_matrices = 0, p5_matrices = 0;
+  int64_t v1_matrices = 0, v2_matrices = 0, v3_matrices = 0, g4_matrices = 0, p5_matrices = 0;
   int64_t fallback_matrices = 0;  // GPTQ without tokens: rounded to nearest
   double mean_zero_fraction = 0;
   double compress_seconds = 0;  // compression phase (this run's share)
