@@ -15,8 +15,13 @@
 // entries (every width 1..63, 0..3 slots below the width), not the encoder's: with byte 0 bit 3
 // set, one whose slots lie within 32 columns like the encoder's (the AVX-512 permute kernel),
 // else one with slots anywhere (the broadcast kernels). A v3 matrix likewise uses pseudo-random
-// well-formed v3 entries (widths 1..63, 0..3 slots, any symbol bits a slot may hold). The CUDA
-// kernels do not take qmoe-v3.
+// well-formed v3 entries (widths 1..63, 0..3 slots, any symbol bits a slot may hold). With byte 0
+// bit 5 set (and bit 0 clear) the matrix is qmoe-g4: after the levels, the group offsets (bit 1:
+// 2*(G+1) int32 raw; else G token-count bytes, the kind offsets then counted from the tokens,
+// which reaches deeper), the tokens (ceil(T/2) bytes, T the last token offset) and the kind bits
+// from the rest. The qmoe-g4 int8 single-token kernel is checked against its own bound (a rounding
+// of x to 127 steps of max |x| per weight) besides the float paths. The CUDA kernels do not take
+// qmoe-v3 or qmoe-g4.
 #include <algorithm>
 #include <cmath>
 #include <cstddef>
@@ -113,6 +118,7 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   Reader in{data + 4, size - 4};
   qmoe::CompressedView v;
   v.codec = (data[0] & 1)    ? qmoe::Codec::kP5
+            : (data[0] & 32) ? qmoe::Codec::kG4
             : (data[0] & 16) ? qmoe::Codec::kV3
             : (data[0] & 4)  ? qmoe::Codec::kV2
                              : qmoe::Codec::kV1;
@@ -121,8 +127,36 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   const auto levels = in.take<uint16_t>(static_cast<size_t>(2 * v.rows));
   std::vector<int32_t> offsets;
   std::vector<uint16_t> codes;
-  std::vector<uint8_t> packed;
-  if (v.has_codes()) {
+  std::vector<uint8_t> packed, toks, kind_bits;
+  std::vector<int32_t> group_offsets;
+  if (v.codec == qmoe::Codec::kG4) {
+    const int64_t groups = qmoe::g4::groups(v.rows);
+    if (data[0] & 2) {
+      group_offsets = in.take<int32_t>(static_cast<size_t>(2 * (groups + 1)));
+      // The token bytes the last offset asks for, as far as the input goes.
+      const int64_t t_total = group_offsets.size() == static_cast<size_t>(2 * (groups + 1))
+                                  ? std::max<int64_t>(group_offsets[2 * groups], 0)
+                                  : 0;
+      toks = in.take<uint8_t>(static_cast<size_t>((t_total + 1) / 2));
+    } else {
+      const auto counts = in.take<uint8_t>(static_cast<size_t>(groups));
+      int64_t t_total = 0;
+      for (uint8_t c : counts) t_total += c;
+      toks = in.take<uint8_t>(static_cast<size_t>((t_total + 1) / 2));
+      // Kind offsets: the real (non-escape) tokens of each group, as far as the tokens go.
+      int64_t t = 0, k = 0;
+      group_offsets = {0, 0};
+      for (uint8_t c : counts) {
+        for (int i = 0; i < c; ++i, ++t) {
+          const size_t b = static_cast<size_t>(t / 2);
+          if (b < toks.size()) k += ((toks[b] >> (4 * (t & 1))) & 15) != 15;
+        }
+        group_offsets.push_back(static_cast<int32_t>(t));
+        group_offsets.push_back(static_cast<int32_t>(k));
+      }
+    }
+    kind_bits = in.take<uint8_t>(in.n);
+  } else if (v.has_codes()) {
     if (data[0] & 2) {
       offsets = in.take<int32_t>(static_cast<size_t>(v.rows + 1));
     } else {
@@ -141,6 +175,9 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   v.row_offsets = offsets;
   v.codes = codes;
   v.packed = packed;
+  v.tokens = toks;
+  v.kinds = kind_bits;
+  v.group_offsets = group_offsets;
   if (v.codec == qmoe::Codec::kV2) {
     static const std::vector<uint32_t> dict[2] = {make_v2_dictionary(false),
                                                   make_v2_dictionary(true)};
@@ -212,18 +249,44 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
       }
     }
   };
+  // qmoe-g4's int8 single-token kernel: x rounded to 127 steps of max |x| (error at most half a
+  // step per weight, sum_c |w_rc| * max|x| / 254), plus fp32 summation error.
+  auto check_int8 = [&] {
+    double amax = 0;
+    for (int64_t c = 0; c < v.cols; ++c)
+      amax = std::max(amax, std::fabs(double{xs[static_cast<size_t>(c)]}));
+    for (int64_t r = 0; r < v.rows; ++r) {
+      double w_abs = 0, wx_abs = 0;
+      for (int64_t c = 0; c < v.cols; ++c) {
+        const double w = dense[static_cast<size_t>(r * v.cols + c)];
+        w_abs += std::fabs(w);
+        wx_abs += std::fabs(w * xs[static_cast<size_t>(c)]);
+      }
+      const double bound = w_abs * amax / 254.0 * (1.0 + 1e-6) + std::ldexp(wx_abs, -12);
+      const size_t i = static_cast<size_t>(r);
+      if (!std::isfinite(bound) || !std::isfinite(ref[i])) continue;  // huge levels
+      if (!(std::fabs(static_cast<double>(got[i]) - ref[i]) <= bound)) __builtin_trap();
+    }
+  };
   for (qmoe::cpu::SimdLevel level : qmoe::cpu::supported_simd_levels()) {
-    qmoe::cpu::MatmulOptions opt;
-    opt.threads = 1;
-    opt.simd = level;
-    for (int64_t tokens : {1, 3, 9}) {
-      std::fill(got.begin(), got.end(), 0.0f);
-      qmoe::cpu::matmul(v, tokens, xs.data(), v.cols, got.data(), v.rows, opt);
-      check(tokens);
+    for (bool int8 : {false, true}) {
+      if (int8 && v.codec != qmoe::Codec::kG4) continue;
+      qmoe::cpu::MatmulOptions opt;
+      opt.threads = 1;
+      opt.simd = level;
+      opt.int8_activations = int8;
+      for (int64_t tokens : {1, 3, 9}) {
+        std::fill(got.begin(), got.end(), 0.0f);
+        qmoe::cpu::matmul(v, tokens, xs.data(), v.cols, got.data(), v.rows, opt);
+        if (int8 && tokens == 1)
+          check_int8();
+        else
+          check(tokens);
+      }
     }
   }
 
-  if (!v.has_codes() || v.codec == qmoe::Codec::kV3 || v.rows == 0) return 0;
+  if (!v.has_codes() || v.codec == qmoe::Codec::kV3 || v.rows == 0) return 0;  // (and qmoe-g4)
   const qmoe::cuda::MatrixDev md{
       v.codes.data(),
       v.row_offsets.data(),
