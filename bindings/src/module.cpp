@@ -190,8 +190,14 @@ py::object member_view(py::handle self, bool present, std::span<const T> member)
 std::optional<qmoe::Codec> parse_codec(const std::string& name, bool allow_auto) {
   if (allow_auto && name == "auto") return std::nullopt;
   if (auto c = qmoe::codec_from_name(name)) return c;
-  bad_arg("unknown codec '" + name + "' (expected 'qmoe-v1', 'qmoe-v2', 'qmoe-v3', 'qmoe-p5'" +
+  bad_arg("unknown codec '" + name +
+          "' (expected 'qmoe-v1', 'qmoe-v2', 'qmoe-v3', 'qmoe-g4', 'qmoe-p5'" +
           (allow_auto ? ", or 'auto')" : ")"));
+}
+
+qmoe::Target parse_target(const std::string& name) {
+  if (auto t = qmoe::target_from_name(name)) return *t;
+  bad_arg("unknown target '" + name + "' (expected 'any', 'cpu' or 'gpu')");
 }
 
 DType parse_dtype_name(const std::string& name) {
@@ -217,7 +223,8 @@ struct PyCompressed {
 };
 
 // x (cols) -> y (rows). x: float32/float16/bfloat16.
-py::array_t<float> matvec(const PyCompressed& m, const py::handle& x_obj, bool bf16, int threads) {
+py::array_t<float> matvec(const PyCompressed& m, const py::handle& x_obj, bool bf16, int threads,
+                          bool int8_activations) {
   FloatArg x = float_arg(x_obj, "x", 1, bf16);
   if (x.dim(0) != m.view.cols) {
     bad_arg("x: expected " + std::to_string(m.view.cols) +
@@ -229,13 +236,15 @@ py::array_t<float> matvec(const PyCompressed& m, const py::handle& x_obj, bool b
     Float32 xf(x.data(), x.dtype, m.view.cols);
     qmoe::cpu::MatmulOptions opt;
     opt.threads = threads;
+    opt.int8_activations = int8_activations;
     qmoe::cpu::matvec(m.view, xf.get(), y.data(), opt);
   }
   return to_numpy(std::move(y), {static_cast<py::ssize_t>(m.view.rows)});
 }
 
 // X (n, cols) -> Y (n, rows) = X W^T, the way a linear layer applies W to a batch of tokens.
-py::array_t<float> matmul(const PyCompressed& m, const py::handle& x_obj, bool bf16, int threads) {
+py::array_t<float> matmul(const PyCompressed& m, const py::handle& x_obj, bool bf16, int threads,
+                          bool int8_activations) {
   FloatArg x = float_arg(x_obj, "X", 2, bf16);
   if (x.dim(1) != m.view.cols) {
     bad_arg("X: expected shape (n, " + std::to_string(m.view.cols) + "), got (" +
@@ -248,6 +257,7 @@ py::array_t<float> matmul(const PyCompressed& m, const py::handle& x_obj, bool b
     Float32 xf(x.data(), x.dtype, n * m.view.cols);
     qmoe::cpu::MatmulOptions opt;
     opt.threads = threads;
+    opt.int8_activations = int8_activations;
     qmoe::cpu::matmul(m.view, n, xf.get(), m.view.cols, y.data(), m.view.rows, opt);
   }
   return to_numpy(std::move(y),
@@ -280,7 +290,7 @@ std::vector<int32_t> index_list(const py::handle& obj, const std::string& what, 
 py::array grouped_matmul(const std::vector<PyCompressed>& weights, const py::handle& x_obj,
                          const py::sequence& tokens, const py::object& scales_obj,
                          const py::object& out_rows_obj, const py::object& out_obj, bool accumulate,
-                         bool bf16, int threads) {
+                         bool bf16, int threads, bool int8_activations) {
   FloatArg x = float_arg(x_obj, "X", 2, bf16);
   const int64_t n = x.dim(0), d_in = x.dim(1);
   const size_t E = weights.size();
@@ -372,6 +382,7 @@ py::array grouped_matmul(const std::vector<PyCompressed>& weights, const py::han
     qmoe::cpu::MatmulOptions opt;
     opt.threads = threads;
     opt.accumulate = accumulate;
+    opt.int8_activations = int8_activations;
     qmoe::cpu::grouped_matmul(items, xf.get(), n, d_in, y.mutable_data(), y_rows, d_out, opt);
   }
   return y;
@@ -418,9 +429,10 @@ qmoe::TernaryMatrix ternary_from(const py::handle& s_obj, const py::handle& l_ob
 
 PyCompressed encode(const py::handle& symbols, const py::handle& levels, const std::string& codec,
                     const std::string& original_dtype, int threads, int v2_max_width,
-                    std::optional<double> v2_p0) {
+                    std::optional<double> v2_p0, const std::string& target) {
   qmoe::EncodeOptions opt;
   opt.codec = parse_codec(codec, true);
+  opt.target = parse_target(target);
   opt.threads = threads;
   opt.v2_max_width = v2_max_width;
   opt.v2_p0 = v2_p0;
@@ -436,9 +448,11 @@ PyCompressed encode(const py::handle& symbols, const py::handle& levels, const s
 
 // The same matrix in another codec.
 PyCompressed transcode_matrix(const PyCompressed& m, const std::string& codec, int threads,
-                              int v2_max_width, std::optional<double> v2_p0) {
+                              int v2_max_width, std::optional<double> v2_p0,
+                              const std::string& target) {
   qmoe::EncodeOptions opt;
   opt.codec = parse_codec(codec, true);
+  opt.target = parse_target(target);
   opt.threads = threads;
   opt.v2_max_width = v2_max_width;
   opt.v2_p0 = v2_p0;
@@ -454,7 +468,9 @@ PyCompressed transcode_matrix(const PyCompressed& m, const std::string& codec, i
 PyCompressed from_tensors(const std::string& codec_name, std::pair<int64_t, int64_t> shape,
                           const py::handle& levels_obj, const py::handle& codes_obj,
                           const py::handle& row_offsets_obj, const py::handle& packed_obj,
-                          const py::handle& dictionary_obj, const std::string& original_dtype) {
+                          const py::handle& dictionary_obj, const py::handle& tokens_obj,
+                          const py::handle& kinds_obj, const py::handle& group_offsets_obj,
+                          const std::string& original_dtype) {
   qmoe::CompressedMatrix m;
   m.codec = *parse_codec(codec_name, false);
   m.rows = shape.first;
@@ -473,7 +489,19 @@ PyCompressed from_tensors(const std::string& codec_name, std::pair<int64_t, int6
   py::array lv = as_array(levels_obj, "levels");
   if (is_ml_bfloat16(lv.dtype())) lv = lv.attr("view")(py::dtype::of<uint16_t>());
   copy_1d(lv, "levels", py::dtype::of<uint16_t>(), m.levels);
-  if (m.has_codes()) {
+  const bool g4 = m.codec == qmoe::Codec::kG4;
+  if (!g4 && (!tokens_obj.is_none() || !kinds_obj.is_none() || !group_offsets_obj.is_none()))
+    bad_arg("tokens, kinds, group_offsets: only for qmoe-g4");
+  if (g4) {
+    if (tokens_obj.is_none() || kinds_obj.is_none() || group_offsets_obj.is_none())
+      bad_arg("qmoe-g4 needs tokens (uint8), kinds (uint8) and group_offsets (int32)");
+    if (!codes_obj.is_none() || !row_offsets_obj.is_none() || !dictionary_obj.is_none() ||
+        !packed_obj.is_none())
+      bad_arg("codes, row_offsets, dictionary, packed: not for qmoe-g4");
+    copy_1d(tokens_obj, "tokens", py::dtype::of<uint8_t>(), m.tokens);
+    copy_1d(kinds_obj, "kinds", py::dtype::of<uint8_t>(), m.kinds);
+    copy_1d(group_offsets_obj, "group_offsets", py::dtype::of<int32_t>(), m.group_offsets);
+  } else if (m.has_codes()) {
     const std::string name(qmoe::codec_name(m.codec));
     if (codes_obj.is_none() || row_offsets_obj.is_none())
       bad_arg(name + " needs codes and row_offsets");
@@ -754,7 +782,6 @@ struct PyCudaMatrix {
 
 std::unique_ptr<PyCudaMatrix> to_cuda(const PyCompressed& m, int device) {
 #ifdef QMOE_PY_CUDA
-  qmoe::cuda::require_gpu_codec(m.view, "to_cuda");  // qmoe-v3: CPU only, whatever the device
   const int n = qmoe::cuda::device_count();
   if (n == 0) throw qmoe::Error("to_cuda: no CUDA device is available");
   if (device < 0 || device >= n) {
@@ -1331,6 +1358,7 @@ py::dict compress_checkpoint(const std::filesystem::path& checkpoint,
   d["v1_matrices"] = s.v1_matrices;
   d["v2_matrices"] = s.v2_matrices;
   d["v3_matrices"] = s.v3_matrices;
+  d["g4_matrices"] = s.g4_matrices;
   d["p5_matrices"] = s.p5_matrices;
   d["fallback_matrices"] = s.fallback_matrices;
   d["mean_zero_fraction"] = s.mean_zero_fraction;
@@ -1411,13 +1439,16 @@ the memory-mapped file, which stays mapped while any of them (or their raw tenso
       .def_static("from_tensors", &from_tensors, py::arg("codec"), py::arg("shape"), py::kw_only(),
                   py::arg("levels"), py::arg("codes") = py::none(),
                   py::arg("row_offsets") = py::none(), py::arg("packed") = py::none(),
-                  py::arg("dictionary") = py::none(), py::arg("original_dtype") = "F32",
+                  py::arg("dictionary") = py::none(), py::arg("tokens") = py::none(),
+                  py::arg("kinds") = py::none(), py::arg("group_offsets") = py::none(),
+                  py::arg("original_dtype") = "F32",
                   R"doc(
 Builds a matrix from its raw tensors (copied), as stored in a container (format/SPEC.md).
 
 codec: "qmoe-v1" (needs codes uint16 and row_offsets int32 of rows+1 entries), "qmoe-v2" or
-"qmoe-v3" (the same plus dictionary, uint32 of 65536 entry words of that codec) or "qmoe-p5"
-(needs packed uint8 of rows*ceil(cols/5) bytes). levels: 2*rows bfloat16 bit patterns (uint16 or
+"qmoe-v3" (the same plus dictionary, uint32 of 65536 entry words of that codec), "qmoe-g4"
+(needs tokens uint8, kinds uint8 and group_offsets int32 of 2*(ceil(rows/4)+1) entries, SPEC
+section 16) or "qmoe-p5" (needs packed uint8 of rows*ceil(cols/5) bytes). levels: 2*rows bfloat16 bit patterns (uint16 or
 ml_dtypes.bfloat16, any shape), (lo, hi) per row. The whole stream is validated.
 Raises ValueError for wrong dtypes or a missing tensor, qmoe.FormatError for a malformed stream.
 )doc")
@@ -1431,7 +1462,7 @@ Raises ValueError for wrong dtypes or a missing tensor, qmoe.FormatError for a m
       .def_property_readonly(
           "codec",
           [](const PyCompressed& p) { return std::string(qmoe::codec_name(p.view.codec)); },
-          "Codec name: 'qmoe-v1', 'qmoe-v2', 'qmoe-v3' or 'qmoe-p5'.")
+          "Codec name: 'qmoe-v1', 'qmoe-v2', 'qmoe-v3', 'qmoe-g4' or 'qmoe-p5'.")
       .def_property_readonly(
           "original_dtype",
           [](const PyCompressed& p) { return std::string(qmoe::dtype_name(p.original_dtype)); },
@@ -1489,6 +1520,30 @@ Raises ValueError for wrong dtypes or a missing tensor, qmoe.FormatError for a m
           "qmoe-p5 base-3 packed bytes, uint8, rows*ceil(cols/5) (read-only view); None for "
           "the other codecs.")
       .def_property_readonly(
+          "tokens",
+          [](py::object self) {
+            const qmoe::CompressedView& v = self.cast<const PyCompressed&>().view;
+            return member_view(self, v.codec == qmoe::Codec::kG4, v.tokens);
+          },
+          "qmoe-g4 gap tokens, two per byte, uint8 (read-only view, format/SPEC.md section 16); "
+          "None for the other codecs.")
+      .def_property_readonly(
+          "kinds",
+          [](py::object self) {
+            const qmoe::CompressedView& v = self.cast<const PyCompressed&>().view;
+            return member_view(self, v.codec == qmoe::Codec::kG4, v.kinds);
+          },
+          "qmoe-g4 kind bits (1 = high), eight per byte, uint8 (read-only view); None for the "
+          "other codecs.")
+      .def_property_readonly(
+          "group_offsets",
+          [](py::object self) {
+            const qmoe::CompressedView& v = self.cast<const PyCompressed&>().view;
+            return member_view(self, v.codec == qmoe::Codec::kG4, v.group_offsets);
+          },
+          "qmoe-g4 (first token, first kind bit) of each group of 4 rows and the ends, int32, "
+          "2*(ceil(rows/4)+1) entries (read-only view); None for the other codecs.")
+      .def_property_readonly(
           "levels",
           [](py::object self) {
             const auto& p = self.cast<const PyCompressed&>();
@@ -1522,17 +1577,21 @@ Raises ValueError for wrong dtypes or a missing tensor, qmoe.FormatError for a m
           },
           "Decodes to ternary symbols, uint8 of shape (rows, cols): 0 = zero, 1 = lo, 2 = hi.")
       .def("matvec", &matvec, py::arg("x"), py::kw_only(), py::arg("bf16") = false,
-           py::arg("threads") = 0, R"doc(
+           py::arg("threads") = 0, py::arg("int8_activations") = true, R"doc(
 y = W x straight from the codes (the CPU kernels; fp32 sums). x: 1-D float32, float16 or bfloat16
 (uint16 bit patterns with bf16=True) of cols elements, C-contiguous. threads: OpenMP threads
-(0 = default); the result does not depend on it. Returns float32 of rows elements.
+(0 = default); the result does not depend on it. int8_activations: for a qmoe-g4 matrix on a CPU
+with AVX-512 VBMI/VNNI, x is rounded to int8 (scale 127 / max|x|) and summed in integers, about
+twice as fast; each output is then within sum_c |W[r, c]| * max|x| / 254 of the float result.
+Returns float32 of rows elements.
 Raises ValueError for a wrong dtype, shape or layout.
 )doc")
       .def("matmul", &matmul, py::arg("X"), py::kw_only(), py::arg("bf16") = false,
-           py::arg("threads") = 0, R"doc(
+           py::arg("threads") = 0, py::arg("int8_activations") = true, R"doc(
 Y = X W^T for a batch of n tokens (the way a linear layer applies W), straight from the codes:
 each code is decoded once per pass of up to 32 tokens. X: float32, float16 or bfloat16 of shape
-(n, cols), C-contiguous. threads as for matvec(). Returns float32 of shape (n, rows).
+(n, cols), C-contiguous. threads and int8_activations (n = 1 only) as for matvec(). Returns
+float32 of shape (n, rows).
 Raises ValueError for a wrong dtype, shape or layout.
 )doc")
       .def("to_cuda", &to_cuda, py::arg("device") = 0, R"doc(
@@ -1552,7 +1611,7 @@ qmoe-v2 first).
   m.def("grouped_matmul", &grouped_matmul, py::arg("weights"), py::arg("X"), py::arg("tokens"),
         py::kw_only(), py::arg("scales") = py::none(), py::arg("out_rows") = py::none(),
         py::arg("out") = py::none(), py::arg("accumulate") = false, py::arg("bf16") = false,
-        py::arg("threads") = 0, R"doc(
+        py::arg("threads") = 0, py::arg("int8_activations") = true, R"doc(
 One MoE layer's experts on the CPU in one call, straight from the codes: for every matrix e and
 every i, Y[out_rows[e][i]] = scales[e][i] * (W_e @ X[tokens[e][i]]) (+= with accumulate=True,
 e.g. summing a token's top-k down projections). Experts are applied in order, so the result is
@@ -1579,15 +1638,17 @@ Raises ValueError for a wrong dtype, shape or layout, or a non-finite weight.
 
   m.def("encode", &encode, py::arg("symbols"), py::arg("levels"), py::kw_only(),
         py::arg("codec") = "qmoe-v1", py::arg("original_dtype") = "F32", py::arg("threads") = 0,
-        py::arg("v2_max_width") = 63, py::arg("v2_p0") = py::none(),
+        py::arg("v2_max_width") = 63, py::arg("v2_p0") = py::none(), py::arg("target") = "any",
         R"doc(
 Encodes a ternary matrix. symbols: uint8 (rows, cols), each 0, 1 or 2; levels: (rows, 2)
 bfloat16 bit patterns (uint16 or ml_dtypes.bfloat16), as returned by ternarize_rtn() or gptq().
 codec: "qmoe-v1" (QMoE's dictionary codes), "qmoe-v2" (a dictionary fitted to the matrix, ~10%
 smaller at 88.5% zeros, much smaller at higher sparsity; the CPU and CUDA kernels read it as is),
-"qmoe-v3" (qmoe-v2 with rows coded in pairs: ~3% larger than qmoe-v2 at 88.5% zeros, decoded
-faster by the CPU kernels; CPU only, transcode() it to qmoe-v2 for the GPU), "qmoe-p5" (base-3
-packing) or "auto" (the smaller of qmoe-v1 and qmoe-p5).
+"qmoe-v3" (qmoe-v2 with rows coded in pairs: ~3% larger than qmoe-v2 at 88.5% zeros),
+"qmoe-g4" (gap tokens over groups of 4 rows: the smallest at 88.5% zeros and the fastest on CPUs
+with AVX-512 VBMI/VNNI; qmoe-v3 and qmoe-g4 are CPU codecs, converted to qmoe-v2 when uploaded to
+a GPU), "qmoe-p5" (base-3 packing) or "auto": the codec of `target` ("any": qmoe-v1, "cpu":
+qmoe-g4, "gpu": qmoe-v2), or qmoe-p5 where that is smaller.
 v2_max_width, v2_p0: qmoe-v2's longest dictionary entry (1..63 symbols) and the zero fraction its
 dictionary is fitted to (None: the matrix's own, rounded to a multiple of 1/64); qmoe-v3 uses
 v2_p0 too (its entries are always up to 63 columns wide).
@@ -1626,13 +1687,15 @@ uint32 entry words (layout in section 15.1) and the 16-hex-digit XXH3-64 that na
 container. Raises ValueError for p0 outside (0, 1).
 )doc");
 
-  m.def("transcode", &transcode_matrix, py::arg("matrix"), py::kw_only(), py::arg("codec"),
+  m.def("transcode", &transcode_matrix, py::arg("matrix"), py::kw_only(), py::arg("codec") = "auto",
         py::arg("threads") = 0, py::arg("v2_max_width") = 63, py::arg("v2_p0") = py::none(),
+        py::arg("target") = "any",
         R"doc(
 The same matrix (symbols and levels) encoded in another codec: e.g. a qmoe-v1 matrix of an
-existing container as qmoe-v2, or back; a qmoe-v3 matrix as qmoe-v2 for the GPU. codec, threads,
-v2_max_width and v2_p0 as for encode(); the original dtype is kept. Raises ValueError for an
-unknown codec.
+existing container as qmoe-v2, or back; a qmoe-v3 or qmoe-g4 matrix as qmoe-v2 for the GPU.
+codec (default "auto": the codec of target), threads, v2_max_width, v2_p0 and target as for
+encode(); the original dtype is kept.
+Raises ValueError for an unknown codec or target.
 )doc");
 
   m.def("save", &save, py::arg("path"), py::arg("tensors"), py::kw_only(),

@@ -47,9 +47,9 @@ def nmse(got, want):
     return float(np.sum((got - want) ** 2)) / max(denom, 1e-30)
 
 
-CODECS = ["qmoe-v1", "qmoe-v2", "qmoe-v3", "qmoe-p5"]
-# The codecs the CUDA kernels take (qmoe-v3 is decoded on the CPU only).
-GPU_CODECS = [c for c in CODECS if c != "qmoe-v3"]
+CODECS = ["qmoe-v1", "qmoe-v2", "qmoe-v3", "qmoe-g4", "qmoe-p5"]
+# to_cuda() takes every codec (qmoe-v3 and qmoe-g4 are converted to qmoe-v2 on upload).
+GPU_CODECS = CODECS
 
 
 def encode_rtn(w, codec="qmoe-v1"):

@@ -68,6 +68,20 @@ def test_empty_matrices_round_trip():
             assert m.matvec(np.zeros(shape[1], np.float32)).shape == (shape[0],)
 
 
+@pytest.mark.parametrize("target,codec", [("any", "qmoe-v1"), ("cpu", "qmoe-g4"), ("gpu", "qmoe-v2")])
+def test_automatic_codec_follows_the_target(rng, target, codec):
+    w = sparse_weights(rng, 16, 200)
+    s, l = qmoe.ternarize_rtn(w)
+    m = qmoe.encode(s, l, codec="auto", target=target)
+    assert m.codec == codec
+    np.testing.assert_array_equal(m.decode_symbols(), s)
+    t = qmoe.transcode(qmoe.encode(s, l), codec="auto", target=target)
+    assert t.codec == codec
+    assert qmoe.transcode(m, target=target).codec == codec  # codec defaults to "auto"
+    with pytest.raises(ValueError, match="unknown target"):
+        qmoe.encode(s, l, codec="auto", target="tpu")
+
+
 def test_encoding_is_deterministic(rng):
     w = sparse_weights(rng, 40, 300)
     a, _, _ = encode_rtn(w)
@@ -128,6 +142,11 @@ def test_from_tensors_round_trip(rng, codec):
         m2 = qmoe.CompressedMatrix.from_tensors(codec, m.shape, levels=m.levels, codes=m.codes,
                                                 row_offsets=m.row_offsets, dictionary=m.dictionary)
         assert m2.dictionary_id == m.dictionary_id
+    elif codec == "qmoe-g4":
+        assert m.codes is None and m.packed is None and m.dictionary is None
+        assert m.group_offsets.dtype == np.int32 and m.group_offsets.shape == (2 * (12 // 4 + 1),)
+        m2 = qmoe.CompressedMatrix.from_tensors(codec, m.shape, levels=m.levels, tokens=m.tokens,
+                                                kinds=m.kinds, group_offsets=m.group_offsets)
     else:
         m2 = qmoe.CompressedMatrix.from_tensors(codec, m.shape, levels=m.levels.view(ml_dtypes.bfloat16),
                                                 packed=m.packed)
@@ -142,11 +161,14 @@ def test_matvec_matches_the_decoded_matrix(rng, codec, shape):
     w = sparse_weights(rng, *shape)
     m, _, _ = encode_rtn(w, codec)
     x = rng.standard_normal(shape[1]).astype(np.float32)
-    y = m.matvec(x)
+    y = m.matvec(x, int8_activations=False)
     assert y.dtype == np.float32 and y.shape == (shape[0],)
     want = m.decode().astype(np.float64) @ x.astype(np.float64)
     assert nmse(y, want) < 1e-10
     np.testing.assert_array_equal(m.matvec(x, threads=1), m.matvec(x, threads=2))
+    # int8 inputs (qmoe-g4 on CPUs with the kernel): within half a quantization step per weight.
+    bound = np.abs(m.decode()).astype(np.float64) @ np.full(shape[1], np.abs(x).max() / 254 * (1 + 1e-6))
+    assert np.all(np.abs(m.matvec(x).astype(np.float64) - want) <= bound + 1e-6 * np.abs(want) + 1e-30)
 
 
 @pytest.mark.parametrize("codec", CODECS)
@@ -155,12 +177,12 @@ def test_matmul_matches_the_decoded_matrix(rng, codec, n):
     w = sparse_weights(rng, 19, 45)
     m, _, _ = encode_rtn(w, codec)
     X = rng.standard_normal((n, 45)).astype(np.float32)
-    Y = m.matmul(X)
+    Y = m.matmul(X, int8_activations=False)
     assert Y.dtype == np.float32 and Y.shape == (n, 19)
     want = X.astype(np.float64) @ m.decode().astype(np.float64).T
     if n:
         assert nmse(Y, want) < 1e-10
-        np.testing.assert_allclose(Y[0], m.matvec(X[0]), rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(Y[0], m.matvec(X[0], int8_activations=False), rtol=1e-5, atol=1e-5)
 
 
 def test_half_precision_inputs(rng):

@@ -48,7 +48,10 @@ BAD_CALLS = {
     "encode unknown codec": (lambda: qmoe.encode(S, L, codec="zstd"), ValueError, "unknown codec"),
     "encode unknown codec lists the codecs": (
         lambda: qmoe.encode(S, L, codec="qmoe-v4"), ValueError,
-        r"unknown codec 'qmoe-v4' \(expected 'qmoe-v1', 'qmoe-v2', 'qmoe-v3', 'qmoe-p5', or 'auto'\)"),
+        r"unknown codec 'qmoe-v4' \(expected 'qmoe-v1', 'qmoe-v2', 'qmoe-v3', 'qmoe-g4', 'qmoe-p5', or 'auto'\)"),
+    "encode unknown target": (lambda: qmoe.encode(S, L, target="tpu"), ValueError,
+                              r"unknown target 'tpu' \(expected 'any', 'cpu' or 'gpu'\)"),
+    "transcode unknown target": (lambda: qmoe.transcode(M, target="CPU"), ValueError, "unknown target 'CPU'"),
     "transcode unknown codec lists the codecs": (lambda: qmoe.transcode(M, codec="v3"), ValueError,
                                                  "'qmoe-v3'"),
     "encode unknown dtype": (lambda: qmoe.encode(S, L, original_dtype="F8"), ValueError, "dtype"),
@@ -62,7 +65,7 @@ BAD_CALLS = {
     "matmul Fortran order": (lambda: M.matmul(np.ones((10, 3), np.float32).T), ValueError, "C-contiguous"),
     # from_tensors
     "from_tensors unknown codec": (lambda: qmoe.CompressedMatrix.from_tensors("auto", (6, 10), levels=L), ValueError,
-                                   r"unknown codec 'auto' \(expected 'qmoe-v1', 'qmoe-v2', 'qmoe-v3', 'qmoe-p5'\)"),
+                                   r"unknown codec 'auto' \(expected 'qmoe-v1', 'qmoe-v2', 'qmoe-v3', 'qmoe-g4', 'qmoe-p5'\)"),
     "from_tensors v3 without dictionary": (lambda: qmoe.CompressedMatrix.from_tensors(
         "qmoe-v3", (6, 10), levels=L, codes=M.codes, row_offsets=M.row_offsets), ValueError, "qmoe-v3 needs dictionary"),
     "from_tensors v1 with dictionary": (lambda: qmoe.CompressedMatrix.from_tensors(

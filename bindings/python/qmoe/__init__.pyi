@@ -12,9 +12,10 @@ __version__: str
 PathLike = Union[str, os.PathLike[str]]
 # float32, float16, ml_dtypes.bfloat16, or uint16 bfloat16 bit patterns (with bf16=True).
 FloatArray = npt.ArrayLike
-CodecName = Literal["qmoe-v1", "qmoe-v2", "qmoe-v3", "qmoe-p5"]
-# The codecs the CUDA kernels read (qmoe-v3 is decoded on the CPU only: transcode it to qmoe-v2).
-CudaCodecName = Literal["qmoe-v1", "qmoe-v2", "qmoe-p5"]
+CodecName = Literal["qmoe-v1", "qmoe-v2", "qmoe-v3", "qmoe-g4", "qmoe-p5"]
+# to_cuda() takes every codec: qmoe-v3 and qmoe-g4 (CPU codecs) are converted to qmoe-v2 on upload.
+CudaCodecName = CodecName
+TargetName = Literal["any", "cpu", "gpu"]
 GridName = Literal["ternary", "ternary-sym", "uniform2", "uniform3", "uniform4"]
 
 class FormatError(RuntimeError):
@@ -33,6 +34,9 @@ class CompressedMatrix:
         row_offsets: Optional[npt.ArrayLike] = None,
         packed: Optional[npt.ArrayLike] = None,
         dictionary: Optional[npt.ArrayLike] = None,
+        tokens: Optional[npt.ArrayLike] = None,
+        kinds: Optional[npt.ArrayLike] = None,
+        group_offsets: Optional[npt.ArrayLike] = None,
         original_dtype: str = "F32",
     ) -> CompressedMatrix: ...
     @property
@@ -56,6 +60,12 @@ class CompressedMatrix:
     @property
     def row_offsets(self) -> Optional[npt.NDArray[np.int32]]: ...
     @property
+    def tokens(self) -> Optional[npt.NDArray[np.uint8]]: ...
+    @property
+    def kinds(self) -> Optional[npt.NDArray[np.uint8]]: ...
+    @property
+    def group_offsets(self) -> Optional[npt.NDArray[np.int32]]: ...
+    @property
     def dictionary(self) -> Optional[npt.NDArray[np.uint32]]: ...
     @property
     def dictionary_id(self) -> Optional[str]: ...
@@ -65,8 +75,12 @@ class CompressedMatrix:
     def levels(self) -> npt.NDArray[np.uint16]: ...
     def decode(self) -> npt.NDArray[np.float32]: ...
     def decode_symbols(self) -> npt.NDArray[np.uint8]: ...
-    def matvec(self, x: FloatArray, *, bf16: bool = False, threads: int = 0) -> npt.NDArray[np.float32]: ...
-    def matmul(self, X: FloatArray, *, bf16: bool = False, threads: int = 0) -> npt.NDArray[np.float32]: ...
+    def matvec(
+        self, x: FloatArray, *, bf16: bool = False, threads: int = 0, int8_activations: bool = True
+    ) -> npt.NDArray[np.float32]: ...
+    def matmul(
+        self, X: FloatArray, *, bf16: bool = False, threads: int = 0, int8_activations: bool = True
+    ) -> npt.NDArray[np.float32]: ...
     def to_cuda(self, device: int = 0) -> CudaMatrix: ...
 
 class CudaMatrix:
@@ -145,6 +159,7 @@ def grouped_matmul(
     accumulate: bool = False,
     bf16: bool = False,
     threads: int = 0,
+    int8_activations: bool = True,
 ) -> npt.NDArray[np.float32]: ...
 def ternarize_rtn(
     w: FloatArray, *, bf16: bool = False
@@ -158,16 +173,18 @@ def encode(
     threads: int = 0,
     v2_max_width: int = 63,
     v2_p0: Optional[float] = None,
+    target: TargetName = "any",
 ) -> CompressedMatrix: ...
 def v2_dictionary(p0: float, max_width: int = 63) -> tuple[npt.NDArray[np.uint32], str]: ...
 def v3_dictionary(p0: float) -> tuple[npt.NDArray[np.uint32], str]: ...
 def transcode(
     matrix: CompressedMatrix,
     *,
-    codec: Union[CodecName, Literal["auto"]],
+    codec: Union[CodecName, Literal["auto"]] = "auto",
     threads: int = 0,
     v2_max_width: int = 63,
     v2_p0: Optional[float] = None,
+    target: TargetName = "any",
 ) -> CompressedMatrix: ...
 
 class HessianAccumulator:
