@@ -12,7 +12,9 @@
 // 256 MB, so weights come from DRAM (not L2) as in a real MoE layer. GPU time is taken with CUDA
 // events around kLaunchesPerIteration launches (UseManualTime). Counters: bits_per_weight,
 // weights/s, and bytes/s of the weights read (codes + offsets + levels, or 2 bytes per weight for
-// dense bf16): the effective bandwidth to compare with the GPU's DRAM bandwidth.
+// dense bf16): the effective bandwidth to compare with the GPU's DRAM bandwidth. The run's context
+// (JSON "context") names the GPU, its compute capability and its peak DRAM bandwidth (2 x memory
+// clock x bus width), which scripts/gpu_table.py prints the table against.
 #include <benchmark/benchmark.h>
 #include <cublas_v2.h>
 #include <cuda_runtime.h>
@@ -329,6 +331,24 @@ int main(int argc, char** argv) {
   }
   benchmark::Initialize(&argc, argv);
   if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;
+  {
+    int dev = 0, major = 0, minor = 0, mem_khz = 0, bus_bits = 0;
+    cudaDeviceProp prop{};
+    if (cudaGetDevice(&dev) == cudaSuccess && cudaGetDeviceProperties(&prop, dev) == cudaSuccess &&
+        cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) == cudaSuccess &&
+        cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev) == cudaSuccess) {
+      benchmark::AddCustomContext("gpu_name", prop.name);
+      benchmark::AddCustomContext("gpu_compute_capability",
+                                  std::to_string(major) + "." + std::to_string(minor));
+      // Peak DRAM bandwidth: double data rate x memory clock x bus width.
+      if (cudaDeviceGetAttribute(&mem_khz, cudaDevAttrMemoryClockRate, dev) == cudaSuccess &&
+          cudaDeviceGetAttribute(&bus_bits, cudaDevAttrGlobalMemoryBusWidth, dev) == cudaSuccess &&
+          mem_khz > 0 && bus_bits > 0) {
+        const double gbps = 2.0 * mem_khz * 1e3 * (bus_bits / 8.0) / 1e9;
+        benchmark::AddCustomContext("gpu_peak_memory_GBps", std::to_string(gbps));
+      }
+    }
+  }
   qmoe::bench::register_all();
   benchmark::RunSpecifiedBenchmarks();
   benchmark::Shutdown();
