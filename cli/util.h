@@ -25,10 +25,10 @@ inline constexpr const char* kCodecChoices = "qmoe-v1, qmoe-v2, qmoe-v3, qmoe-g4
 // Help of --codec and --target (encode, transcode, compress).
 inline constexpr const char* kCodecHelp =
     "qmoe-v1 (QMoE's dictionary), qmoe-v2 (a dictionary fitted to the matrix: smaller), qmoe-v3 "
-    "(qmoe-v2 with rows coded in pairs), qmoe-g4 (gap tokens over groups of 4 rows: small, "
-    "and the fastest on CPUs with AVX-512 VBMI/VNNI), qmoe-p5, or auto (default): the codec of "
-    "--target, or qmoe-p5 where that is smaller (dense matrices). qmoe-v3 and qmoe-g4 are CPU "
-    "codecs: the CUDA decoder converts them to qmoe-v2 when it uploads them";
+    "(qmoe-v2 with rows coded in pairs), qmoe-g4 (gap tokens over groups of 4 rows: the smallest "
+    "at QMoE's sparsity, and the fastest on CPUs with AVX-512 VBMI/VNNI), qmoe-p5, or auto "
+    "(default): the codec of --target, or qmoe-p5 where that is smaller (dense matrices). qmoe-v3 "
+    "and qmoe-g4 are CPU codecs: the CUDA decoder converts them to qmoe-v2 when it uploads them";
 inline constexpr const char* kTargetHelp =
     "where the output will run, for --codec auto, recorded in the file (\"qmoe.target\"): any "
     "(default: qmoe-v1, QMoE-compatible and read natively by the CPU and GPU decoders), cpu "
