@@ -30,9 +30,9 @@ inline constexpr const char* kCodecHelp =
     "(default): the codec of --target, or qmoe-p5 where that is smaller (dense matrices). qmoe-v3 "
     "and qmoe-g4 are CPU codecs: the CUDA decoder converts them to qmoe-v2 when it uploads them";
 inline constexpr const char* kTargetHelp =
-    "where the output will run, for --codec auto, recorded in the file (\"qmoe.target\"): any "
-    "(default: qmoe-v1, QMoE-compatible and read natively by the CPU and GPU decoders), cpu "
-    "(qmoe-g4) or gpu (qmoe-v2)";
+    "where the output will run, for --codec auto: any (default: qmoe-v1, QMoE-compatible and read "
+    "natively by the CPU and GPU decoders), cpu (qmoe-g4) or gpu (qmoe-v2); cpu and gpu are "
+    "recorded in the file (\"qmoe.target\")";
 // The value of a --target option (InvalidArgument naming the choices for anything else).
 Target parse_target_option(const std::string& name);
 // Peak resident set size of this process in bytes (from /proc/self/status VmHWM).

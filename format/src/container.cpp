@@ -775,7 +775,12 @@ void ContainerWriter::set_target(Target target) {
     throw InvalidArgument(
         error_context(w.out.string(), "", "set_target() after the first shard was written"));
   }
-  w.target = target;
+  // "any" is the meaning of a file without the key (SPEC 4.1): not written.
+  if (target == Target::kAny) {
+    w.target.reset();
+  } else {
+    w.target = target;
+  }
 }
 
 void ContainerWriter::add_dense(std::string name, DType dtype, std::vector<int64_t> shape,

@@ -469,8 +469,8 @@ std::string fingerprint(const Checkpoint& ck, const CompressOptions& opt) {
             {"files", files},
             {"quantizer", gptq ? "gptq" : "rtn"},
             {"codec", opt.codec ? std::string(codec_name(*opt.codec)) : "auto"},
-            {"target", std::string(target_name(opt.target))},
             {"cast_bf16", opt.cast_bf16}};
+  if (opt.target != Target::kAny) j["target"] = std::string(target_name(opt.target));
   if (opt.hessians) j["hessians"] = opt.hessians->fingerprint();
   if (!opt.calib_tokens.empty()) {
     const std::string tokens = read_text(opt.calib_tokens);
@@ -1034,8 +1034,9 @@ CompressSummary compress_checkpoint(const fs::path& checkpoint, const fs::path& 
                           fs::weakly_canonical(checkpoint).filename().string());
       {
         json o = {{"codec", opt.codec ? std::string(codec_name(*opt.codec)) : "auto"},
-                  {"target", std::string(target_name(opt.target))},
                   {"cast_bf16", opt.cast_bf16}};
+        // (the default target, "any", adds nothing: the default output is unchanged)
+        if (opt.target != Target::kAny) o["target"] = std::string(target_name(opt.target));
         if (gptq) {
           o["hessians"] = hessian_source(opt, sum.calibration_pairs);
           o["percdamp"] = opt.percdamp;

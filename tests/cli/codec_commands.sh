@@ -160,6 +160,9 @@ grep -Eq "compressed: 32 matrices \(0 qmoe-v1, [0-9]+ qmoe-v2, 0 qmoe-v3, 0 qmoe
 grep -q "target gpu" "$work/out" || { cat "$work/out"; fail "transcode did not record the target"; }
 expect_exit 0 "$qmoe" decode "$work/gpu.safetensors" -o "$work/dgpu.safetensors" --dtype F32
 cmp "$work/d1.safetensors" "$work/dgpu.safetensors" || fail "qmoe-g4 transcoded for the GPU has other weights"
+# The default target (any) writes no key: the default output is unchanged.
+expect_exit 0 "$qmoe" inspect "$work/v3.safetensors"
+grep -q "^container: .*, target " "$work/out" && { cat "$work/out"; fail "a file encoded for any device names a target"; }
 # Without --target, transcode keeps the input's.
 expect_exit 0 "$qmoe" transcode "$work/gpu.safetensors" -o "$work/gpu2.safetensors" --codec qmoe-v1
 grep -q "(target gpu)" "$work/out" || { cat "$work/out"; fail "transcode did not keep the input's target"; }

@@ -103,16 +103,23 @@ TEST(ContainerG4, ShardedKeepsTheTargetInShardsAndIndex) {
       InvalidArgument);
 }
 
-TEST(ContainerG4, NoTargetKeyWithoutSetTarget) {
+// Without set_target(), or with Target::kAny (a file meant for any device, SPEC 4.1), no key is
+// written, so that the tools' default output is unchanged; kAny also drops an earlier target.
+TEST(ContainerG4, NoTargetKeyWithoutSetTargetOrForAny) {
   TempDir dir;
   G4Fixture fx;
-  const fs::path p = dir / "plain.safetensors";
-  ContainerWriter w(p);
-  w.add_compressed("a", fx.a.view(), DType::kF32);
-  w.finish();
-  const auto c = Container::open(p);
-  EXPECT_EQ(c.target(), std::nullopt);
-  EXPECT_EQ(c.metadata().count("qmoe.target"), 0u);
+  for (int how = 0; how < 3; ++how) {
+    SCOPED_TRACE(how);
+    const fs::path p = dir / ("plain" + std::to_string(how) + ".safetensors");
+    ContainerWriter w(p);
+    if (how == 2) w.set_target(Target::kGpu);
+    if (how >= 1) w.set_target(Target::kAny);
+    w.add_compressed("a", fx.a.view(), DType::kF32);
+    w.finish();
+    const auto c = Container::open(p);
+    EXPECT_EQ(c.target(), std::nullopt);
+    EXPECT_EQ(c.metadata().count("qmoe.target"), 0u);
+  }
 }
 
 void expect_bad_g4(const std::function<void(Header&, Data&, const G4Fixture&)>& edit,

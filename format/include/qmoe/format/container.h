@@ -122,8 +122,9 @@ class ContainerWriter {
   // first shard is closed (i.e. before adding more than shard_size bytes); later calls throw
   // InvalidArgument.
   void set_metadata(std::string key, std::string value);
-  // Records the device the codecs were chosen for ("qmoe.target" in every shard and the index).
-  // Same timing rule as set_metadata().
+  // Records the device the codecs were chosen for ("qmoe.target" in every shard and the index);
+  // Target::kAny writes no key (a file without it is meant for any device). Same timing rule as
+  // set_metadata().
   void set_target(Target target);
   // Names must be unique across dense and compressed tensors; names starting with "qmoe." or
   // whose last dot-separated part starts with "qmoe_" are reserved (InvalidArgument). The data

@@ -66,7 +66,7 @@ struct CompressOptions {
   bool resume = false;           // continue from "<output>.qmoe-work" if it is there
   bool cast_bf16 = false;        // store passthrough F32/F16 tensors as BF16
   std::optional<Codec> codec;    // nullopt: the target's codec or qmoe-p5, the smaller per matrix
-  Target target = Target::kAny;  // recorded as "qmoe.target"; picks the automatic codec
+  Target target = Target::kAny;  // picks the automatic codec; cpu / gpu recorded as "qmoe.target"
   bool check_disk = true;        // refuse to start without enough free space for the output
   // Quantizer: GPTQ with Hessians from `hessians` (e.g. open_hessian_file()), or from the token
   // pairs of `calib_tokens` (format/SPEC.md section 13) run through the model block by block
