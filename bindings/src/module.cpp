@@ -1271,9 +1271,10 @@ py::dict compress_checkpoint(const std::filesystem::path& checkpoint,
                              const std::optional<std::filesystem::path>& hessians,
                              const std::optional<std::filesystem::path>& calib_tokens,
                              bool sequential, int threads, int64_t max_memory, int64_t shard_size,
-                             bool resume, bool cast_bf16, const std::string& codec, double percdamp,
-                             int64_t blocksize, bool actorder, bool check_disk,
-                             const py::object& progress, const py::object& note) {
+                             bool resume, bool cast_bf16, const std::string& codec,
+                             const std::string& target, double percdamp, int64_t blocksize,
+                             bool actorder, bool check_disk, const py::object& progress,
+                             const py::object& note) {
   namespace sw = qmoe::sw;
   sw::CompressOptions opt;
   opt.threads = threads;
@@ -1282,6 +1283,7 @@ py::dict compress_checkpoint(const std::filesystem::path& checkpoint,
   opt.resume = resume;
   opt.cast_bf16 = cast_bf16;
   opt.codec = parse_codec(codec, true);
+  opt.target = parse_target(target);
   opt.percdamp = percdamp;
   opt.blocksize = blocksize;
   opt.actorder = actorder;
@@ -1925,9 +1927,9 @@ Raises ValueError as gptq() and encode() do, and for a non-ternary grid.
         py::kw_only(), py::arg("hessians") = py::none(), py::arg("calib_tokens") = py::none(),
         py::arg("sequential") = true, py::arg("threads") = 0, py::arg("max_memory") = 0,
         py::arg("shard_size") = 0, py::arg("resume") = false, py::arg("cast_bf16") = false,
-        py::arg("codec") = "auto", py::arg("percdamp") = 0.1, py::arg("blocksize") = 128,
-        py::arg("actorder") = false, py::arg("check_disk") = true, py::arg("progress") = py::none(),
-        py::arg("note") = py::none(), R"doc(
+        py::arg("codec") = "auto", py::arg("target") = "any", py::arg("percdamp") = 0.1,
+        py::arg("blocksize") = 128, py::arg("actorder") = false, py::arg("check_disk") = true,
+        py::arg("progress") = py::none(), py::arg("note") = py::none(), R"doc(
 Compresses a Switch Transformers checkpoint into a qmoe container, as `qmoe compress` does: every
 expert matrix ternarized (GPTQ with Hessians from the file `hessians`, e.g. written by
 save_hessians() with one accumulator per expert matrix, named as its tensor without ".weight"
@@ -1940,8 +1942,10 @@ checkpoint: Hugging Face checkpoint directory (config.json + safetensors). outpu
 file, or a directory when shard_size > 0 (bytes per shard). threads: 0 = all; the output is the
 same for any value. max_memory: cap on resident memory in bytes (0 = none). resume: continue an
 interrupted run from "<output>.qmoe-work". cast_bf16: store non-expert F32/F16 tensors as BF16.
-codec: "auto" (the smaller per matrix), "qmoe-v1", "qmoe-v2", "qmoe-v3" or "qmoe-p5" (as for
-encode(), one dictionary per fitted zero fraction). percdamp, blocksize, actorder:
+codec: "auto" (the codec of target or qmoe-p5, the smaller per matrix), "qmoe-v1", "qmoe-v2",
+"qmoe-v3", "qmoe-g4" or "qmoe-p5" (as for encode(), one dictionary per fitted zero fraction).
+target: "any" (default: qmoe-v1 under "auto", no key written), "cpu" (qmoe-g4) or "gpu"
+(qmoe-v2), recorded as the container's "qmoe.target" metadata unless "any". percdamp, blocksize, actorder:
 GPTQ settings as for gptq(). check_disk: refuse to start without enough free disk space.
 progress: called with a dict (done, total, resumed, seconds, current, phase, step, tokens,
 total_tokens) a few times a second. note: called with one-line notes (resumed work, cleaned-up leftovers). Ctrl-C, or an

@@ -65,6 +65,35 @@ def test_forced_qmoe_v3(checkpoint, tmp_path):
         np.testing.assert_array_equal(m.levels, l)
 
 
+
+def test_target_cpu_with_calibration(checkpoint, tmp_path):
+    # target="cpu" through the block loop's calibrated path: the automatic codec is qmoe-g4, or
+    # qmoe-p5 where that is smaller, matrix by matrix as encode() chooses; the container records
+    # the target; the weights are those of the default target's run (the codec changes no symbol).
+    tokens = checkpoint / "tokens.safetensors"
+    cpu = tmp_path / "cpu.safetensors"
+    anyt = tmp_path / "any.safetensors"
+    s = qmoe.compress_checkpoint(checkpoint, cpu, calib_tokens=tokens, target="cpu", threads=2, check_disk=False)
+    ref = qmoe.compress_checkpoint(checkpoint, anyt, calib_tokens=tokens, threads=2, check_disk=False)
+    assert s["quantizer"] == ref["quantizer"] == "gptq"
+    assert s["g4_matrices"] > 0
+    assert s["g4_matrices"] + s["p5_matrices"] == s["expert_matrices"] == ref["expert_matrices"] > 0
+    meta = qmoe.load_metadata(cpu)
+    assert meta["qmoe.target"] == "cpu"
+    assert json.loads(meta["compress.options"])["target"] == "cpu"
+    assert "qmoe.target" not in qmoe.load_metadata(anyt)
+    got, want = qmoe.load(cpu, verify_checksums=True), qmoe.load(anyt)
+    for name, m in got.items():
+        if not isinstance(m, qmoe.CompressedMatrix):
+            continue
+        w = want[name]
+        np.testing.assert_array_equal(m.decode_symbols(), w.decode_symbols())
+        np.testing.assert_array_equal(m.levels, w.levels)
+        assert m.codec == qmoe.encode(w.decode_symbols(), w.levels, codec="auto", target="cpu").codec
+    with pytest.raises(ValueError, match="unknown target 'tpu'"):
+        qmoe.compress_checkpoint(checkpoint, tmp_path / "x.safetensors", target="tpu", check_disk=False)
+    assert not (tmp_path / "x.safetensors").exists()
+
 def compress_with_hessians(*args, **kwargs):
     """compress_checkpoint with a Hessian file; skips (with the library's reason) while the
     library is built without the Hessian file reader of the pipeline."""

@@ -299,6 +299,7 @@ def compress_checkpoint(
     resume: bool = False,
     cast_bf16: bool = False,
     codec: Union[CodecName, Literal["auto"]] = "auto",
+    target: TargetName = "any",
     percdamp: float = 0.1,
     blocksize: int = 128,
     actorder: bool = False,
