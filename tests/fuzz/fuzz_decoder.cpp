@@ -16,7 +16,7 @@
 // set, one whose slots lie within 32 columns like the encoder's (the AVX-512 permute kernel),
 // else one with slots anywhere (the broadcast kernels). A v3 matrix likewise uses pseudo-random
 // well-formed v3 entries (widths 1..63, 0..3 slots, any symbol bits a slot may hold). With byte 0
-// bit 5 set (and bit 0 clear) the matrix is qmoe-g4: after the levels, the group offsets (bit 1:
+// bit 7 set (and bit 0 clear) the matrix is qmoe-g4: after the levels, the group offsets (bit 1:
 // 2*(G+1) int32 raw; else G token-count bytes, the kind offsets then counted from the tokens,
 // which reaches deeper), the tokens (ceil(T/2) bytes, T the last token offset) and the kind bits
 // from the rest. The qmoe-g4 int8 single-token kernel is checked against its own bound (a rounding
@@ -117,11 +117,11 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   if (size < 4) return 0;
   Reader in{data + 4, size - 4};
   qmoe::CompressedView v;
-  v.codec = (data[0] & 1)    ? qmoe::Codec::kP5
-            : (data[0] & 32) ? qmoe::Codec::kG4
-            : (data[0] & 16) ? qmoe::Codec::kV3
-            : (data[0] & 4)  ? qmoe::Codec::kV2
-                             : qmoe::Codec::kV1;
+  v.codec = (data[0] & 1)     ? qmoe::Codec::kP5
+            : (data[0] & 128) ? qmoe::Codec::kG4
+            : (data[0] & 16)  ? qmoe::Codec::kV3
+            : (data[0] & 4)   ? qmoe::Codec::kV2
+                              : qmoe::Codec::kV1;
   v.rows = data[1] & 15;
   v.cols = (data[2] | (data[3] << 8)) & 1023;
   const auto levels = in.take<uint16_t>(static_cast<size_t>(2 * v.rows));
