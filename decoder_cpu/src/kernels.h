@@ -133,7 +133,7 @@ using RowsFn = void (*)(const Work& work, const Tables& tables, int64_t r0, int6
 RowsFn rows_fn_scalar();
 RowsFn rows_fn_avx2();
 RowsFn rows_fn_avx512();
-// The avx512 kernels built with VBMI, VBMI2 and VNNI too, for qmoe-g4 (kernels_g4_vnni.cpp).
+// The avx512 kernels built with VBMI, VBMI2, VNNI and GFNI too, for qmoe-g4 (kernels_g4_vnni.cpp).
 RowsFn rows_fn_g4_vnni();
 
 }  // namespace qmoe::cpu::detail

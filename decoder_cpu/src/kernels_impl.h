@@ -707,6 +707,12 @@ inline uint64_t g4_load64(const uint8_t* s, int64_t size, int64_t b) {
 inline uint64_t g4_kind_bits(const Matrix& m, int64_t k) {
   const int64_t b = k >> 3;
   const unsigned sh = static_cast<unsigned>(k & 7);
+  if (__builtin_expect(b + 9 <= m.g4_kind_bytes, 1)) {  // all but the stream's last bytes
+    uint64_t lo;
+    std::memcpy(&lo, m.g4_kinds + b, 8);
+    // (two shifts: one by 64 - sh would be undefined for sh = 0)
+    return (lo >> sh) | ((uint64_t{m.g4_kinds[b + 8]} << 1) << (63 - sh));
+  }
   const uint64_t lo = g4_load64(m.g4_kinds, m.g4_kind_bytes, b);
   return sh == 0 ? lo : (lo >> sh) | (g4_load64(m.g4_kinds, m.g4_kind_bytes, b + 8) << (64 - sh));
 }
@@ -929,46 +935,59 @@ void g4_rows_float(const Work& w, int64_t r0, int64_t r1) {
   }
 }
 
-// The vector qmoe-g4 kernels need AVX-512 VBMI (byte permutes), VBMI2 (byte compress) and VNNI
-// (vpdpbusd) on top of the avx512 level: kernels_g4_vnni.cpp compiles this file with them, and the
-// dispatcher runs that copy for qmoe-g4 matrices on CPUs that have them (Ice Lake, Zen 4 and
-// later). Elsewhere qmoe-g4 takes the lists path with float inputs.
-#if defined(__AVX512VBMI__) && defined(__AVX512VBMI2__) && defined(__AVX512VNNI__)
+// The vector qmoe-g4 kernels need AVX-512 VBMI (byte permutes), VBMI2 (byte compress), VNNI
+// (vpdpbusd) and GFNI (a per-byte shift) on top of the avx512 level: kernels_g4_vnni.cpp compiles
+// this file with them, and the dispatcher runs that copy for qmoe-g4 matrices on CPUs that have
+// them (Ice Lake, Zen 4 and later). Elsewhere qmoe-g4 takes the lists path with float inputs.
+#if defined(__AVX512VBMI__) && defined(__AVX512VBMI2__) && defined(__AVX512VNNI__) && \
+    defined(__GFNI__)
 #define QMOE_G4_VNNI 1
 #endif
 
 #if defined(QMOE_G4_VNNI)
 // Up to 64 consecutive tokens of a group, decoded at once:
-//   * the tokens as bytes t (a masked load of the bytes that hold them, one permute, a nibble
-//     pick); a lane advances min(t + 1, 15) positions, an escape's lane holds no symbol;
+//   * the tokens as bytes t: a masked load of the bytes that hold them, one permute that gives
+//     qword q the 5 bytes of its 8 tokens, one multishift that moves each token's nibble to its
+//     byte (vpmultishiftqb), an AND; a lane advances min(t + 1, 15) positions (a vpshufb table),
+//     an escape's lane holds no symbol;
 //   * the position of each lane's symbol: an inclusive prefix sum of the advances, within each
 //     8-lane qword by one multiplication by 0x0101..01 (sums <= 120 fit a byte), across qwords by
-//     three shifted adds of the 8 qword totals; kept as column - c0 (< 241: 64 tokens cover at most
-//     960 positions) and row, both bytes;
+//     a masked permute of the 8 qword totals (qword q gets those of qwords < q) and one vpsadbw;
+//     kept as column - c0 (< 241: 64 tokens cover at most 960 positions) and a byte whose low two
+//     bits are the row (below 128: a vpshufb index);
 //   * the kinds: the next popcount(real) kind bits deposited (pdep) on the lanes with a symbol.
 struct G4Step {
   __m512i col;      // column of the lane's symbol, minus c0
-  __m512i row;      // its row within the group, 0..3
+  __m512i row;      // its row within the group in bits 0..1; bits 2..6 other, bit 7 clear
   uint64_t real;    // lanes that hold a non-zero symbol
   uint64_t hi;      // ... of high kind
   int64_t advance;  // positions the step's tokens cover
 };
 
 struct G4Consts {
-  __m512i idx[2];    // token j of a step starting at nibble parity p: byte (p + j) / 2
-  uint64_t high[2];  // ... its high nibble when p + j is odd
+  __m512i tok;       // qword q <- bytes 4q .. 4q + 4 of the step's token bytes
+  __m512i shift[2];  // byte j of a qword <- bits 4 (p + j) .. of it: token j at nibble parity p
+  __m512i advance;   // vpshufb table, each 16-byte lane: t -> min(t + 1, 15)
+  __m512i totals;    // byte p of each qword <- byte 8p + 7 (qword p's inclusive total)
+  uint64_t before;   // bytes p < q of qword q
   __m512i bcast;     // byte 0 of each qword to all 8 of its bytes (in-lane vpshufb)
   G4Consts() {
-    alignas(64) uint8_t ix[2][64], bc[64];
-    high[0] = high[1] = 0;
-    for (int p = 0; p < 2; ++p) {
-      for (int j = 0; j < 64; ++j) {
-        ix[p][j] = static_cast<uint8_t>((p + j) >> 1);
-        if ((p + j) & 1) high[p] |= uint64_t{1} << j;
-      }
-      idx[p] = _mm512_load_si512(ix[p]);
+    alignas(64) uint8_t tk[64], sh[2][64], adv[64], tot[64], bc[64];
+    before = 0;
+    for (int j = 0; j < 64; ++j) {
+      const int q = j >> 3, b = j & 7;
+      tk[j] = static_cast<uint8_t>(4 * q + std::min(b, 4));
+      for (int p = 0; p < 2; ++p) sh[p][j] = static_cast<uint8_t>(4 * (p + b));
+      adv[j] = static_cast<uint8_t>(std::min((j & 15) + 1, 15));
+      tot[j] = static_cast<uint8_t>(8 * b + 7);
+      if (b < q) before |= uint64_t{1} << j;
+      bc[j] = static_cast<uint8_t>(j & 8);
     }
-    for (int j = 0; j < 64; ++j) bc[j] = static_cast<uint8_t>(j & 8);
+    tok = _mm512_load_si512(tk);
+    shift[0] = _mm512_load_si512(sh[0]);
+    shift[1] = _mm512_load_si512(sh[1]);
+    advance = _mm512_load_si512(adv);
+    totals = _mm512_load_si512(tot);
     bcast = _mm512_load_si512(bc);
   }
 };
@@ -977,42 +996,45 @@ struct G4Consts {
 // position after the previous token's), kind bits from k.
 inline G4Step g4_step(const Matrix& m, const G4Consts& cs, int64_t i, int n, int64_t k,
                       int64_t base) {
-  const __m512i c15 = _mm512_set1_epi8(15), nib = _mm512_set1_epi8(0x0f),
-                zero = _mm512_setzero_si512();
+  const __m512i zero = _mm512_setzero_si512();
   const uint64_t valid = n >= 64 ? ~uint64_t{0} : (uint64_t{1} << n) - 1;
   const int odd = static_cast<int>(i & 1);
   const int need = (odd + n + 1) / 2;  // bytes holding the tokens (<= 33), all inside the stream
-  const __m512i src = _mm512_maskz_loadu_epi8((uint64_t{1} << need) - 1, m.g4_tokens + (i >> 1));
+  // (a whole vector where the stream has 64 bytes from here: the bytes past the step's tokens only
+  // reach lanes outside `valid`)
+  const __m512i src =
+      __builtin_expect((i >> 1) + 64 <= m.g4_token_bytes, 1)
+          ? _mm512_loadu_si512(m.g4_tokens + (i >> 1))
+          : _mm512_maskz_loadu_epi8((uint64_t{1} << need) - 1, m.g4_tokens + (i >> 1));
   // maskz forms throughout: GCC 12's unmasked ones read an undefined vector
   // (-Wmaybe-uninitialized).
   constexpr uint64_t kAll = ~uint64_t{0};
-  const __m512i bytes = _mm512_maskz_permutexvar_epi8(kAll, cs.idx[odd], src);
-  const __m512i t = _mm512_maskz_mov_epi8(
-      valid, _mm512_mask_blend_epi8(cs.high[odd], _mm512_and_si512(bytes, nib),
-                                    _mm512_and_si512(_mm512_srli_epi16(bytes, 4), nib)));
-  const uint64_t esc = _mm512_mask_cmpeq_epi8_mask(valid, t, c15);
-  const __m512i a = _mm512_maskz_min_epu8(valid, _mm512_add_epi8(t, _mm512_set1_epi8(1)), c15);
+  const __m512i t =
+      _mm512_and_si512(_mm512_maskz_multishift_epi64_epi8(
+                           kAll, cs.shift[odd], _mm512_maskz_permutexvar_epi8(kAll, cs.tok, src)),
+                       _mm512_set1_epi8(0x0f));
+  const uint64_t esc = _mm512_mask_cmpeq_epi8_mask(valid, t, _mm512_set1_epi8(15));
+  const __m512i a = _mm512_maskz_shuffle_epi8(valid, cs.advance, t);
   G4Step s;
   s.real = valid & ~esc;
   s.hi = _pdep_u64(g4_kind_bits(m, k), s.real);
-  // In-qword inclusive prefix, qword totals, their exclusive prefix E.
+  // In-qword inclusive prefix; E, the exclusive prefix of the qword totals, by one sum of
+  // absolute differences over the totals of the qwords before.
   const __m512i mq = _mm512_mullo_epi64(a, _mm512_set1_epi64(0x0101010101010101LL));
-  const __m512i tq = _mm512_maskz_srli_epi64(0xff, mq, 56);
-  __m512i e = _mm512_maskz_alignr_epi64(0xff, tq, zero, 7);
-  e = _mm512_add_epi64(e, _mm512_maskz_alignr_epi64(0xff, e, zero, 7));
-  e = _mm512_add_epi64(e, _mm512_maskz_alignr_epi64(0xff, e, zero, 6));
-  e = _mm512_add_epi64(e, _mm512_maskz_alignr_epi64(0xff, e, zero, 4));
+  const __m512i e = _mm512_sad_epu8(_mm512_maskz_permutexvar_epi8(cs.before, cs.totals, mq), zero);
   // Lane k's symbol is at base + S_k - 1 (S_k the inclusive prefix), column c0 + ((s + 4) >> 2) - 1
-  // with s = r0 + 3 + S_k: split E + r0 + 3 = 4 h + l per qword, so that the per-lane part
-  // (in-qword prefix + l <= 123) stays a byte.
-  const __m512i b = _mm512_add_epi64(e, _mm512_set1_epi64((base & 3) + 3));
-  const __m512i h = _mm512_sub_epi64(_mm512_maskz_srli_epi64(0xff, b, 2), _mm512_set1_epi64(1));
+  // with s = r0 + 3 + S_k: split E + r0 - 1 = 4 h + l per qword (h >= -1, arithmetic shift), so
+  // that the per-lane part (in-qword prefix + l <= 123) stays a byte.
+  const __m512i b = _mm512_add_epi64(e, _mm512_set1_epi64((base & 3) - 1));
   const __m512i l = _mm512_and_si512(b, _mm512_set1_epi64(3));
-  const __m512i ml = _mm512_add_epi8(mq, _mm512_shuffle_epi8(l, cs.bcast));
-  s.col = _mm512_add_epi8(_mm512_shuffle_epi8(h, cs.bcast),
-                          _mm512_and_si512(_mm512_srli_epi16(ml, 2), _mm512_set1_epi8(0x3f)));
-  s.row = _mm512_and_si512(ml, _mm512_set1_epi8(3));
-  const __m512i total = _mm512_add_epi64(e, tq);  // qword 7: the sum of all advances
+  s.row = _mm512_add_epi8(mq, _mm512_shuffle_epi8(l, cs.bcast));
+  // h as a byte in every byte of its qword: bits 2..9 of b (two's complement: h = -1 gives 0xff),
+  // by one multishift.
+  const __m512i h = _mm512_maskz_multishift_epi64_epi8(~uint64_t{0}, _mm512_set1_epi8(2), b);
+  // row >> 2 in each byte: one GF(2) affine transform (bit i of a byte <- its bit i + 2).
+  s.col = _mm512_add_epi8(h, _mm512_maskz_gf2p8affine_epi64_epi8(
+                                 ~uint64_t{0}, s.row, _mm512_set1_epi64(0x0408102040800000LL), 0));
+  const __m512i total = _mm512_add_epi64(e, _mm512_maskz_srli_epi64(0xff, mq, 56));  // qword 7
   s.advance = _mm_extract_epi64(_mm512_maskz_extracti64x2_epi64(0xff, total, 3), 1);
   return s;
 }
@@ -1029,9 +1051,10 @@ inline void g4_lists_avx512(const Matrix& m, const G4Consts& cs, int64_t g,
     const int len = static_cast<int>(std::min<int64_t>(64, off[2] - i));
     const G4Step s = g4_step(m, cs, i, len, k, base);
     const __m512i c0 = _mm512_set1_epi32(static_cast<int>(base >> 2));
+    const __m512i row = _mm512_and_si512(s.row, _mm512_set1_epi8(3));
     for (int j = 0; j < 4; ++j) {
       const uint64_t in_row =
-          _mm512_cmpeq_epi8_mask(s.row, _mm512_set1_epi8(static_cast<char>(j))) & s.real;
+          _mm512_cmpeq_epi8_mask(row, _mm512_set1_epi8(static_cast<char>(j))) & s.real;
       for (int kind = 0; kind < 2; ++kind) {
         const uint64_t lanes = kind ? in_row & s.hi : in_row & ~s.hi;
         const int c = j + 4 * kind;
@@ -1060,13 +1083,33 @@ inline void g4_lists_avx512(const Matrix& m, const G4Consts& cs, int64_t g,
   for (int c = 0; c < 8; ++c) n[c] = cnt[c];
 }
 
-// The sum of 16 int32 lanes (each at most 2^31 / 16 in magnitude here: no overflow).
-inline int64_t g4_hsum(__m512i v) {
-  const __m256i a = _mm256_add_epi32(_mm512_maskz_extracti64x4_epi64(0xf, v, 0),
-                                     _mm512_maskz_extracti64x4_epi64(0xf, v, 1));
-  const __m128i b = _mm_add_epi32(_mm256_castsi256_si128(a), _mm256_extracti128_si256(a, 1));
-  const __m128i c = _mm_add_epi32(b, _mm_shuffle_epi32(b, 0x4e));
-  return static_cast<int64_t>(_mm_cvtsi128_si32(c)) + _mm_extract_epi32(c, 1);
+// The sums of a group's 8 accumulators of 16 int32 lanes (each lane at most 2^31 / 16 in
+// magnitude here: no overflow): row j's low sum in lo_sum[j], its high sum in hi_sum[j]. Folded
+// together (halves, then quarters of the vectors, then pairs of lanes), the last two partial sums
+// of each added in int64.
+inline void g4_sums(const __m512i (&lo)[4], const __m512i (&hi)[4], int64_t (&lo_sum)[4],
+                    int64_t (&hi_sum)[4]) {
+  // a's 256-bit halves added into lanes 0..7, b's into lanes 8..15.
+  auto halves = [](__m512i a, __m512i b) {
+    return _mm512_add_epi32(_mm512_maskz_shuffle_i64x2(0xff, a, b, 0x44),
+                            _mm512_maskz_shuffle_i64x2(0xff, a, b, 0xee));
+  };
+  // 128-bit lane j of the result: the 4 partial sums of row j.
+  auto quarters = [](__m512i a, __m512i b) {
+    return _mm512_add_epi32(_mm512_maskz_shuffle_i64x2(0xff, a, b, 0x88),
+                            _mm512_maskz_shuffle_i64x2(0xff, a, b, 0xdd));
+  };
+  const __m512i l = quarters(halves(lo[0], lo[1]), halves(lo[2], lo[3]));
+  const __m512i h = quarters(halves(hi[0], hi[1]), halves(hi[2], hi[3]));
+  // Lane j: (low, high, low, high) partial sums of row j.
+  const __m512i u = _mm512_add_epi32(_mm512_maskz_unpacklo_epi32(0xffff, l, h),
+                                     _mm512_maskz_unpackhi_epi32(0xffff, l, h));
+  alignas(64) int32_t v[16];
+  _mm512_store_si512(v, u);
+  for (int j = 0; j < 4; ++j) {
+    lo_sum[j] = static_cast<int64_t>(v[4 * j]) + v[4 * j + 2];
+    hi_sum[j] = static_cast<int64_t>(v[4 * j + 1]) + v[4 * j + 3];
+  }
 }
 
 // One token, AVX-512: 64 tokens at a time (g4_step), their int8 inputs from the 256 columns at
@@ -1079,10 +1122,10 @@ void g4_rows_int8(const Work& w, int64_t r0, int64_t r1) {
   const Matrix& m = w.m;
   const Pass& p = w.passes[0];
   const int8_t* xq = p.xq;
-  __m512i onehot[4];  // byte 1 at lane j of each 16-byte lane: vpshufb of the row bytes
+  __m512i onehot[4];  // byte 1 at the indices i of each 16-byte lane with i % 4 == j
   for (int j = 0; j < 4; ++j) {
-    alignas(64) int8_t t[64] = {};
-    for (int lane = 0; lane < 4; ++lane) t[16 * lane + j] = 1;
+    alignas(64) int8_t t[64];
+    for (int i = 0; i < 64; ++i) t[i] = (i & 3) == j ? 1 : 0;
     onehot[j] = _mm512_load_si512(t);
   }
   for (int64_t g = r0 / 4; 4 * g < r1; ++g) {
@@ -1126,13 +1169,14 @@ void g4_rows_int8(const Work& w, int64_t r0, int64_t r1) {
         s = next;
       }
     }
+    int64_t lo_sum[4], hi_sum[4];
+    g4_sums(lo, hi, lo_sum, hi_sum);
     for (int j = 0; j < 4 && 4 * g + j < r1; ++j) {
       const int64_t r = 4 * g + j;
-      const int64_t lo_sum = g4_hsum(lo[j]), hi_sum = g4_hsum(hi[j]);
-      const double v =
-          static_cast<double>(bf16_bits_to_float(m.levels[2 * r])) * static_cast<double>(lo_sum) +
-          static_cast<double>(bf16_bits_to_float(m.levels[2 * r + 1])) *
-              static_cast<double>(hi_sum);
+      const double v = static_cast<double>(bf16_bits_to_float(m.levels[2 * r])) *
+                           static_cast<double>(lo_sum[j]) +
+                       static_cast<double>(bf16_bits_to_float(m.levels[2 * r + 1])) *
+                           static_cast<double>(hi_sum[j]);
       put(w, p, r, 0, static_cast<float>(static_cast<double>(p.xq_inv) * v));
     }
   }

@@ -63,12 +63,12 @@ detail::RowsFn rows_fn(SimdLevel l) {
 }
 
 // Whether the CPU runs the qmoe-g4 kernels of kernels_g4_vnni.cpp (the avx512 level's, plus
-// VBMI, VBMI2 and VNNI).
+// VBMI, VBMI2, VNNI and GFNI).
 bool cpu_runs_g4_vnni() {
 #if defined(QMOE_CPU_X86_KERNELS)
   static const bool ok = cpu_runs(SimdLevel::kAvx512) && __builtin_cpu_supports("avx512vbmi") &&
                          __builtin_cpu_supports("avx512vbmi2") &&
-                         __builtin_cpu_supports("avx512vnni");
+                         __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("gfni");
   return ok;
 #else
   return false;

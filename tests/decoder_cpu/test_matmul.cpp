@@ -239,6 +239,63 @@ TEST_P(Levels, UnitVectorsPickOutColumnsExactly) {
   }
 }
 
+// Integer inputs in [-127, 127] (one of them 127) and levels -1/2 and 2: every kernel computes the
+// product exactly -- the float sums of integers below 2^24, and the int8 kernel too, whose scale
+// is then 1 and whose rounding leaves the inputs as they are -- so each output must equal the
+// exact one bit for bit: a symbol decoded at a wrong column, row or kind shows. Batches of 1 (the
+// single-token kernels, int8 and float) and 5 (the lists) on the Switch shapes and odd ones.
+TEST_P(Levels, IntegerInputsGiveExactProducts) {
+  struct S {
+    int64_t rows, cols;
+    double p_zero;
+  };
+  const S shapes[] = {{768, 3072, 0.885}, {3072, 768, 0.885}, {70, 3071, 0.885}, {13, 29, 0.885},
+                      {67, 768, 0.95},    {3, 5000, 0.6},     {9, 300, 0.0},     {31, 257, 0.5}};
+  uint64_t seed = 5000;
+  for (Codec codec : {Codec::kV1, Codec::kV2, Codec::kV3, Codec::kG4, Codec::kP5}) {
+    for (const S& s : shapes) {
+      SCOPED_TRACE(codec_str(codec) + " " + std::to_string(s.rows) + "x" + std::to_string(s.cols));
+      TernaryMatrix t = test::random_ternary(s.rows, s.cols, s.p_zero, seed++);
+      for (int64_t r = 0; r < s.rows; ++r) {
+        t.levels[2 * r] = float_to_bf16(-0.5f);
+        t.levels[2 * r + 1] = float_to_bf16(2.0f);
+      }
+      EncodeOptions eo;
+      eo.codec = codec;
+      const CompressedMatrix m = encode(t, eo);
+      const int64_t n = 5;
+      std::mt19937_64 rng(seed);
+      std::vector<float> x(static_cast<size_t>(n * s.cols));
+      for (auto& v : x) v = static_cast<float>(static_cast<int>(rng() % 255) - 127);
+      for (int64_t k = 0; k < n; ++k) x[static_cast<size_t>(k * s.cols)] = 127.0f;
+      std::vector<double> want(static_cast<size_t>(n * s.rows), 0.0);
+      for (int64_t k = 0; k < n; ++k) {
+        for (int64_t r = 0; r < s.rows; ++r) {
+          double acc = 0.0;
+          for (int64_t c = 0; c < s.cols; ++c) {
+            const uint8_t sym = t.symbols[static_cast<size_t>(r * s.cols + c)];
+            if (sym != 0) acc += (sym == 1 ? -0.5 : 2.0) * x[static_cast<size_t>(k * s.cols + c)];
+          }
+          want[static_cast<size_t>(k * s.rows + r)] = acc;
+        }
+      }
+      for (bool int8 : {true, false}) {
+        MatmulOptions o = opt_;
+        o.int8_activations = int8;
+        std::vector<float> y(static_cast<size_t>(s.rows));
+        matvec(m.view(), x.data(), y.data(), o);
+        for (int64_t r = 0; r < s.rows; ++r)
+          ASSERT_EQ(y[static_cast<size_t>(r)], want[static_cast<size_t>(r)])
+              << "one token, int8 " << int8 << ", row " << r;
+        std::vector<float> yb(static_cast<size_t>(n * s.rows));
+        matmul(m.view(), n, x.data(), s.cols, yb.data(), s.rows, o);
+        for (size_t i = 0; i < yb.size(); ++i)
+          ASSERT_EQ(yb[i], want[i]) << "batch of " << n << ", int8 " << int8 << ", output " << i;
+      }
+    }
+  }
+}
+
 // One MoE layer: expert e takes tokens tok[e], outputs scaled by router probabilities and summed
 // over each token's experts (down projection), or written to per-assignment slots (up projection).
 TEST_P(Levels, GroupedSkewedRoutings) {
@@ -385,14 +442,14 @@ TEST_P(Levels, GroupedUnevenExpertsAnyThreadCount) {
 }
 
 // qmoe-g4 at one token with int8 inputs (the default at the avx512 level of a CPU with AVX-512
-// VBMI, VBMI2 and VNNI): the input is rounded to int8 at the scale 127 / max|x|, so each output is
-// within half a quantization step per weight of the reference, sum_c |W[r][c]| * max|x| / 254
-// (plus float rounding: the integer sums are exact, the levels and the scale are applied in
+// VBMI, VBMI2, VNNI and GFNI): the input is rounded to int8 at the scale 127 / max|x|, so each
+// output is within half a quantization step per weight of the reference, sum_c |W[r][c]| * max|x| /
+// 254 (plus float rounding: the integer sums are exact, the levels and the scale are applied in
 // double). The test checks that bound row by row, and that the kernel did run: the outputs differ
 // from the float path's.
 TEST(DecoderCpu, G4Int8WithinHalfAQuantizationStepPerWeight) {
   if (!simd_level_supported(SimdLevel::kAvx512) || !g4_vnni_supported())
-    GTEST_SKIP() << "no AVX-512 VBMI/VBMI2/VNNI: qmoe-g4 has no int8 kernel on this CPU";
+    GTEST_SKIP() << "no AVX-512 VBMI/VBMI2/VNNI/GFNI: qmoe-g4 has no int8 kernel on this CPU";
   MatmulOptions int8, fp32;
   int8.simd = fp32.simd = SimdLevel::kAvx512;
   fp32.int8_activations = false;
@@ -441,7 +498,7 @@ TEST(DecoderCpu, G4Int8WithinHalfAQuantizationStepPerWeight) {
 // NaN or an infinity take the float path (propagating them as the reference does).
 TEST(DecoderCpu, G4Int8ThreadsGroupedAndNonFiniteInputs) {
   if (!simd_level_supported(SimdLevel::kAvx512) || !g4_vnni_supported())
-    GTEST_SKIP() << "no AVX-512 VBMI/VBMI2/VNNI: qmoe-g4 has no int8 kernel on this CPU";
+    GTEST_SKIP() << "no AVX-512 VBMI/VBMI2/VNNI/GFNI: qmoe-g4 has no int8 kernel on this CPU";
   const CompressedMatrix m = make(517, 1029, 0.885, 31, Codec::kG4);
   std::vector<float> x = random_vec(1029, 32);
   std::vector<float> first;

@@ -55,8 +55,8 @@ SimdLevel simd_level();
 // Sets the process-wide default level. Throws InvalidArgument if it is not supported.
 void set_simd_level(SimdLevel l);
 // Whether this build and CPU run the qmoe-g4 kernels of the avx512 level that need AVX-512 VBMI,
-// VBMI2 and VNNI (Ice Lake, Zen 4 and later): the int8 single-token kernel and the vector batch
-// decode. Without them the avx512 level runs qmoe-g4 like the avx2 level does.
+// VBMI2, VNNI and GFNI (Ice Lake, Zen 4 and later): the int8 single-token kernel and the vector
+// batch decode. Without them the avx512 level runs qmoe-g4 like the avx2 level does.
 bool g4_vnni_supported();
 
 // ---- products -----------------------------------------------------------------------------------
@@ -67,8 +67,8 @@ struct MatmulOptions {
   bool accumulate = false;
   // SIMD level for this call; nullopt = simd_level(). Throws InvalidArgument if unsupported.
   std::optional<SimdLevel> simd;
-  // qmoe-g4 at one token on the avx512 level of a CPU with AVX-512 VBMI, VBMI2 and VNNI (Ice Lake,
-  // Zen 4 and later): the input is rounded to int8 once per call, at the
+  // qmoe-g4 at one token on the avx512 level of a CPU with AVX-512 VBMI, VBMI2, VNNI and GFNI (Ice
+  // Lake, Zen 4 and later): the input is rounded to int8 once per call, at the
   // scale 127 / max|x|, and the kernel sums integers (decoder_cpu/README.md). Each output then
   // differs from the float result by at most half a quantization step per weight,
   // sum_c |W[r][c]| * max|x| / 254, plus float rounding. false keeps float inputs (the lists path,
