@@ -2,6 +2,7 @@
 // checkpoint directory or a qmoe container) on a token file, and its speed.
 #include <omp.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <memory>
@@ -44,6 +45,13 @@ int run_eval(const EvalArgs& a) {
   sw::SwitchModel m = sw::SwitchModel::load(src, lo);
   sw::TokenPairs pairs = sw::TokenPairs::load(a.tokens, m.config.vocab_size);
   if (a.max_pairs > 0 && a.max_pairs < pairs.num_pairs()) pairs = pairs.slice(0, a.max_pairs);
+  // A mean over nothing is no result: refuse before any work instead of reporting "loss 0".
+  if (pairs.num_pairs() == 0)
+    throw FormatError(error_context(a.tokens, "", "holds no pairs: there is nothing to evaluate"));
+  if (std::all_of(pairs.decoder_targets.begin(), pairs.decoder_targets.end(),
+                  [](int32_t t) { return t == -100; }))
+    throw FormatError(error_context(a.tokens, "decoder_targets",
+                                    "no target to score (every pair's targets are empty or -100)"));
   const double load_s = load_clock.seconds();
 
   if (a.quantize != "none") {
@@ -111,6 +119,15 @@ int run_eval(const EvalArgs& a) {
   };
   const sw::EvalResult r = sw::evaluate(m, pairs, a.batch, fo, progress);
   if (a.progress) std::fprintf(stderr, "\n");
+  if (!std::isfinite(r.loss.mean())) {
+    // NaN or infinite weights are the usual cause: name the first one.
+    const auto bad = src->find_non_finite();
+    const std::string loss = "the loss over " + std::to_string(r.loss.targets) + " targets is " +
+                             std::to_string(r.loss.mean());
+    if (bad) throw FormatError(*bad + ", and " + loss);
+    throw Error(a.model + ": " + loss +
+                " although every stored weight is finite: the activations overflowed");
+  }
   const double toks = static_cast<double>(r.encoder_tokens + r.decoder_tokens);
   std::printf("loss     %.6f nats per target token (%lld targets; perplexity %.6g)\n",
               r.loss.mean(), static_cast<long long>(r.loss.targets), std::exp(r.loss.mean()));

@@ -24,13 +24,19 @@ def test_to_cuda_without_a_device_raises_runtime_error(rng):
     assert not isinstance(info.value, qmoe.FormatError)
 
 
+def test_to_cuda_in_a_build_without_cuda_says_so(rng):
+    if qmoe.built_with_cuda:
+        pytest.skip("qmoe was built with the CUDA kernels: the no-kernels error cannot be observed")
+    m, _, _ = encode_rtn(sparse_weights(rng, 6, 40), "qmoe-v3")
+    with pytest.raises(RuntimeError, match="without the CUDA kernels"):
+        m.to_cuda()
+
+
 def test_to_cuda_refuses_qmoe_v3(rng):
     # qmoe-v3 is decoded on the CPU only; the message says how to convert it for the GPU.
-    m, _, _ = encode_rtn(sparse_weights(rng, 6, 40), "qmoe-v3")
     if not qmoe.built_with_cuda:
-        with pytest.raises(RuntimeError, match="without the CUDA kernels"):
-            m.to_cuda()
-        return
+        pytest.skip("qmoe was built without the CUDA kernels")
+    m, _, _ = encode_rtn(sparse_weights(rng, 6, 40), "qmoe-v3")
     with pytest.raises(ValueError, match=r"qmoe-v3 .*CPU only.*qmoe transcode --codec qmoe-v2") as info:
         m.to_cuda()
     assert str(info.value).startswith("to_cuda: ")
