@@ -17,11 +17,19 @@
 // else one with slots anywhere (the broadcast kernels). A v3 matrix likewise uses pseudo-random
 // well-formed v3 entries (widths 1..63, 0..3 slots, any symbol bits a slot may hold). The CUDA
 // kernels do not take qmoe-v3.
+//
+// Malformed dictionaries: with byte 0 bit 5 set (v2 and v3), byte 4 is a count k and the next
+// 6 k bytes patch k dictionary entries (u16 entry index, u32 word, little endian) before the
+// levels; with bit 6 also set the matrix keeps the id of the unpatched dictionary. validate()
+// must refuse malformed entries and a stale id; decode_ref() without validation must not crash;
+// a patched dictionary that validate() accepts goes through every kernel like any other.
 #include <algorithm>
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
+#include <set>
+#include <utility>
 #include <vector>
 
 #include "qmoe/decoder_cpu/matmul.h"
@@ -111,6 +119,16 @@ struct Reader {
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   if (size < 4) return 0;
   Reader in{data + 4, size - 4};
+  // Dictionary patches (v2, v3), taken before the matrix.
+  std::vector<std::pair<uint16_t, uint32_t>> patches;
+  if ((data[0] & 32) != 0 && in.n > 0) {
+    const auto count = in.take<uint8_t>(1);
+    for (size_t k = 0; k < count[0] && in.n >= 6; ++k) {
+      const auto idx = in.take<uint16_t>(1);
+      const auto word = in.take<uint32_t>(1);
+      patches.emplace_back(idx[0], word[0]);
+    }
+  }
   qmoe::CompressedView v;
   v.codec = (data[0] & 1)    ? qmoe::Codec::kP5
             : (data[0] & 16) ? qmoe::Codec::kV3
@@ -141,20 +159,30 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   v.row_offsets = offsets;
   v.codes = codes;
   v.packed = packed;
+  std::vector<uint32_t> patched;  // a patched copy of the dictionary, when there are patches
+  auto use_dictionary = [&](const std::vector<uint32_t>& dict, uint64_t id) {
+    if (patches.empty()) {
+      v.dictionary = dict;
+      v.dictionary_id = id;
+      return;
+    }
+    patched = dict;
+    for (const auto& [i, word] : patches) patched[i] = word;
+    v.dictionary = patched;
+    v.dictionary_id = (data[0] & 64) != 0 ? id : qmoe::v2_dictionary_id(patched);
+  };
   if (v.codec == qmoe::Codec::kV2) {
     static const std::vector<uint32_t> dict[2] = {make_v2_dictionary(false),
                                                   make_v2_dictionary(true)};
     static const uint64_t id[2] = {qmoe::v2_dictionary_id(dict[0]),
                                    qmoe::v2_dictionary_id(dict[1])};
     const int which = (data[0] >> 3) & 1;
-    v.dictionary = dict[which];
-    v.dictionary_id = id[which];
+    use_dictionary(dict[which], id[which]);
   }
   if (v.codec == qmoe::Codec::kV3) {
     static const std::vector<uint32_t> dict = make_v3_dictionary();
     static const uint64_t id = qmoe::v2_dictionary_id(dict);
-    v.dictionary = dict;
-    v.dictionary_id = id;
+    use_dictionary(dict, id);
   }
 
   const size_t n = static_cast<size_t>(v.rows * v.cols);
@@ -185,6 +213,18 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
       sum += want;
     }
     if (static_cast<float>(sum) != y[r]) __builtin_trap();
+  }
+
+  // The kernels cache tables derived from each dictionary they see (per id, for the life of the
+  // process): distinct patched dictionaries beyond the first kMaxPatched of a run only go through
+  // the reference checks above, so that the cache stays within the fuzzer's memory limit.
+  if (!patches.empty()) {
+    constexpr size_t kMaxPatched = 64;
+    static std::set<uint64_t> seen;
+    if (seen.count(v.dictionary_id) == 0) {
+      if (seen.size() >= kMaxPatched) return 0;
+      seen.insert(v.dictionary_id);
+    }
   }
 
   // The CPU kernels against the reference, for 1, 3 and 9 tokens (one-token kernels, then the
