@@ -78,8 +78,8 @@ inline std::string serialize_files(const std::vector<File>& files) {
 inline bool plain_name(const std::string& n) {
   if (n.empty() || n == "." || n == "..") return false;
   return std::all_of(n.begin(), n.end(), [](char c) {
-    return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') ||
-           c == '.' || c == '_' || c == '-';
+    return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') || c == '.' ||
+           c == '_' || c == '-';
   });
 }
 
@@ -155,13 +155,30 @@ inline bool repair_header_checksum(const std::filesystem::path& p) {
 
 // A number from the edges of the ranges readers check.
 inline std::string interesting_number(std::minstd_rand& rng) {
-  static const char* const kNumbers[] = {
-      "0",          "1",          "2",          "3",          "7",
-      "8",          "-1",         "255",        "256",        "65535",
-      "65536",      "2147483646", "2147483647", "2147483648", "4294967295",
-      "4294967296", "9223372036854775807",      "9223372036854775808",
-      "18446744073709551615",     "18446744073709551616",     "4611686018427387912",
-      "1e308",      "1.5",        "-0"};
+  static const char* const kNumbers[] = {"0",
+                                         "1",
+                                         "2",
+                                         "3",
+                                         "7",
+                                         "8",
+                                         "-1",
+                                         "255",
+                                         "256",
+                                         "65535",
+                                         "65536",
+                                         "2147483646",
+                                         "2147483647",
+                                         "2147483648",
+                                         "4294967295",
+                                         "4294967296",
+                                         "9223372036854775807",
+                                         "9223372036854775808",
+                                         "18446744073709551615",
+                                         "18446744073709551616",
+                                         "4611686018427387912",
+                                         "1e308",
+                                         "1.5",
+                                         "-0"};
   return kNumbers[rng() % (sizeof kNumbers / sizeof kNumbers[0])];
 }
 

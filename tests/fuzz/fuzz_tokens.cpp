@@ -100,9 +100,9 @@ void write_structured(const std::filesystem::path& path, const uint8_t* data, si
     }
   };
   auto offsets = [&](const char* name, const std::vector<int64_t>& v, bool two_d) {
-    const std::vector<int64_t> shape =
-        two_d ? std::vector<int64_t>{1, static_cast<int64_t>(v.size())}
-              : std::vector<int64_t>{static_cast<int64_t>(v.size())};
+    const std::vector<int64_t> shape = two_d
+                                           ? std::vector<int64_t>{1, static_cast<int64_t>(v.size())}
+                                           : std::vector<int64_t>{static_cast<int64_t>(v.size())};
     if ((f0 & 4) != 0) {
       const std::vector<int32_t> v32(v.begin(), v.end());
       w.add(name, qmoe::DType::kI32, shape, bytes_of(v32));
@@ -114,7 +114,8 @@ void write_structured(const std::filesystem::path& path, const uint8_t* data, si
   if (skip != 1) offsets("encoder_offsets", enc_off, false);
   if (skip != 2) ids("decoder_targets", dec, false);
   if (skip != 3) offsets("decoder_offsets", dec_off, (f0 & 16) != 0);
-  if ((f0 & 128) != 0) w.add("notes", qmoe::DType::kU8, {3}, bytes_of(std::vector<uint8_t>{1, 2, 3}));
+  if ((f0 & 128) != 0)
+    w.add("notes", qmoe::DType::kU8, {3}, bytes_of(std::vector<uint8_t>{1, 2, 3}));
   w.finish();
 }
 

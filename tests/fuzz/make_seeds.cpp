@@ -137,8 +137,7 @@ int main(int argc, char** argv) {
   write(corpus / "container/valid-v2.safetensors", read(tmp / "v2.safetensors"));
   matrices(tmp / "v3.safetensors", {qmoe::Codec::kV3}, {{3, 40}, {4, 7}, {0, 5}});
   write(corpus / "container/valid-v3.safetensors", read(tmp / "v3.safetensors"));
-  matrices(tmp / "sharded", {qmoe::Codec::kP5, qmoe::Codec::kV2, qmoe::Codec::kV3}, {{3, 40}},
-           64);
+  matrices(tmp / "sharded", {qmoe::Codec::kP5, qmoe::Codec::kV2, qmoe::Codec::kV3}, {{3, 40}}, 64);
   write(corpus / "container/sharded-p5-v2-v3", folder(tmp / "sharded"));
 
   // ---- token files ----
@@ -147,7 +146,8 @@ int main(int argc, char** argv) {
                                                "\x01\x03\x09\x0a\x0b\xff"
                                                "\x02\x00\x0c\x0d",
                                                19));
-  write(corpus / "tokens/edge-ids", std::string("\x00\x00\x04\x04\x00\x01\x32\x33\x30\x31\x32\x33", 12));
+  write(corpus / "tokens/edge-ids",
+        std::string("\x00\x00\x04\x04\x00\x01\x32\x33\x30\x31\x32\x33", 12));
   write(corpus / "tokens/raw-offset", std::string("\x40\x18\x05\x00\x00\x00\x00\x00\x00\x00"
                                                   "\x02\x01\x05\x06\x07",
                                                   15));
