@@ -207,8 +207,6 @@ void check_json_text(std::string_view text, const std::string& context) {
 
 // ---- the SIGBUS handler -------------------------------------------------------------------------
 
-namespace internal {
-
 // One registration, read by the signal handler without locks. Slots are allocated once and never
 // freed (a process has as many as it ever had mappings and temporary files open at the same time)
 // and are reused through `busy`. A slot is published by storing `live` (release) after its fields;
@@ -221,6 +219,7 @@ struct FaultSlot {
   char path[4096] = {};
 };
 
+namespace internal {
 namespace {
 
 std::atomic<FaultSlot*> g_mappings{nullptr};
@@ -272,29 +271,18 @@ MappedRegion::~MappedRegion() {
   release(slot_);
 }
 
-TempFileMark::TempFileMark(const std::string& path) : slot_(claim(g_temp_files, path)) {
-  slot_->live.store(true, std::memory_order_release);
-}
-
-TempFileMark& TempFileMark::operator=(TempFileMark&& o) noexcept {
-  if (this != &o) {
-    release();
-    slot_ = o.slot_;
-    o.slot_ = nullptr;
-  }
-  return *this;
-}
-
-void TempFileMark::release() {
-  internal::release(slot_);
-  slot_ = nullptr;
-}
-
 namespace {
 
 struct sigaction g_previous {};
 std::atomic<bool> g_installed{false};
 int g_exit_code = 2;
+
+void remove_temp_files() {
+  for (const FaultSlot* s = g_temp_files.load(std::memory_order_acquire); s != nullptr;
+       s = s->next.load(std::memory_order_acquire)) {
+    if (s->live.load(std::memory_order_acquire)) ::unlink(s->path);
+  }
+}
 
 void write_str(const char* s) {
   size_t n = std::strlen(s);
@@ -337,10 +325,7 @@ void on_sigbus(int sig, siginfo_t* info, void* context) {
     ::sigaction(SIGBUS, &dfl, nullptr);
     return;
   }
-  for (const FaultSlot* s = g_temp_files.load(std::memory_order_acquire); s != nullptr;
-       s = s->next.load(std::memory_order_acquire)) {
-    if (s->live.load(std::memory_order_acquire)) ::unlink(s->path);
-  }
+  remove_temp_files();
   write_str("qmoe: error: ");
   write_str(hit->path);
   write_str(
@@ -349,8 +334,50 @@ void on_sigbus(int sig, siginfo_t* info, void* context) {
   ::_exit(g_exit_code);
 }
 
+// SIGINT, SIGTERM, SIGHUP: the temporary files go, then the signal's own action ends the process.
+void on_interrupt(int sig) {
+  remove_temp_files();
+  ::signal(sig, SIG_DFL);
+  ::raise(sig);
+}
+
+std::atomic<bool> g_interrupt_installed{false};
+
 }  // namespace
 }  // namespace internal
+
+TempFileMark::TempFileMark(const std::string& path)
+    : slot_(internal::claim(internal::g_temp_files, path)) {
+  slot_->live.store(true, std::memory_order_release);
+}
+
+TempFileMark& TempFileMark::operator=(TempFileMark&& o) noexcept {
+  if (this != &o) {
+    release();
+    slot_ = o.slot_;
+    o.slot_ = nullptr;
+  }
+  return *this;
+}
+
+void TempFileMark::release() {
+  internal::release(slot_);
+  slot_ = nullptr;
+}
+
+void install_interrupt_cleanup() {
+  if (internal::g_interrupt_installed.exchange(true)) return;
+  for (const int sig : {SIGINT, SIGTERM, SIGHUP}) {
+    struct sigaction old {};
+    ::sigaction(sig, nullptr, &old);
+    // An ignored signal stays ignored (nohup, a background job of a non-interactive shell).
+    if ((old.sa_flags & SA_SIGINFO) == 0 && old.sa_handler == SIG_IGN) continue;
+    struct sigaction sa {};
+    sa.sa_handler = internal::on_interrupt;
+    sigemptyset(&sa.sa_mask);
+    ::sigaction(sig, &sa, nullptr);
+  }
+}
 
 void install_mapped_file_fault_handler(int exit_code) {
   internal::g_exit_code = exit_code;

@@ -15,6 +15,7 @@
 
 #include "qmoe/format/bf16.h"
 #include "qmoe/format/error.h"
+#include "qmoe/format/file.h"
 #include "qmoe/switch/checkpoint.h"
 
 namespace qmoe::sw {
@@ -255,7 +256,8 @@ json config_json(const GenerateOptions& o) {
 
 // The files of one run: written under temporary names, renamed at the end. Until commit(), the
 // destructor removes every temporary file and every file already renamed, so a failed run (a
-// full disk, an I/O error) leaves nothing behind.
+// full disk, an I/O error) leaves nothing behind; the temporary files are marked for the signal
+// handlers of qmoe/format/file.h too (an interrupted run).
 class Staged {
  public:
   Staged() = default;
@@ -270,6 +272,7 @@ class Staged {
   fs::path add(const fs::path& final_path) {
     fs::path tmp = final_path.string() + ".tmp." + std::to_string(::getpid());
     files_.emplace_back(tmp, final_path);
+    marks_.emplace_back(tmp.string());
     return tmp;
   }
   // Renames every file, in the order added (so the file that makes the checkpoint complete goes
@@ -279,12 +282,14 @@ class Staged {
       if (::rename(tmp.c_str(), final_path.c_str()) != 0) io_fail(final_path, "rename failed");
       renamed_.push_back(final_path);
     }
+    marks_.clear();
     committed_ = true;
   }
 
  private:
   std::vector<std::pair<fs::path, fs::path>> files_;
   std::vector<fs::path> renamed_;
+  std::vector<TempFileMark> marks_;
   bool committed_ = false;
 };
 

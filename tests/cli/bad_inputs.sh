@@ -153,6 +153,22 @@ PY
 expect_exit 1 "$qmoe" verify "$work/flipped.safetensors"
 expect_text "header checksum mismatch"
 
+# ---- interrupted: the temporary files go with the process ---------------------------------------
+# (SIGTERM: a background job of a non-interactive shell ignores SIGINT.)
+"$qmoe" generate --preset small --experts 2 "$work/interrupted" >/dev/null 2>&1 &
+pid=$!
+for _ in $(seq 1 1000); do
+  compgen -G "$work/interrupted/*.tmp.*" >/dev/null && break
+  sleep 0.01
+done
+compgen -G "$work/interrupted/*.tmp.*" >/dev/null || fail "generate wrote no temporary file to interrupt"
+kill -TERM "$pid"
+set +e; wait "$pid"; rc=$?; set -e
+[ "$rc" = 143 ] || fail "interrupted generate exited $rc, expected 143 (SIGTERM)"
+if compgen -G "$work/interrupted/*.tmp.*" >/dev/null; then
+  ls -la "$work/interrupted" >&2; fail "an interrupted generate left temporary files"
+fi
+
 # ---- generate on a full disk: a clean error and nothing left -----------------------------------
 # A 2 MiB file system of our own (a user and mount namespace); where the kernel refuses
 # unprivileged namespaces the check cannot run here, which is reported as a skip (exit 77).

@@ -9,6 +9,8 @@
 //   raises SIGBUS. install_mapped_file_fault_handler() turns that into a message naming the file
 //   and a clean exit (no core dump), after removing the temporary files of unfinished writers.
 //   format/SPEC.md section 9 describes the rule.
+// - An interrupted run (SIGINT, SIGTERM, SIGHUP): install_interrupt_cleanup() removes the
+//   temporary files of unfinished writers before the process ends.
 #pragma once
 
 #include <cstdint>
@@ -51,6 +53,27 @@ std::string read_regular_file(const std::filesystem::path& path, int64_t max_byt
 // (space, tab, CR, LF) are allowed.
 void check_json_text(std::string_view text, const std::string& context);
 
+struct FaultSlot;  // (file.cpp)
+
+// While alive and not released, `path` is a temporary file of an unfinished write: the handlers
+// installed below remove it before the process ends. SafetensorsWriter and ContainerWriter mark
+// theirs; other writers of temporary files can too. Movable, not copyable; thread-safe.
+class TempFileMark {
+ public:
+  TempFileMark() = default;
+  explicit TempFileMark(const std::string& path);
+  ~TempFileMark() { release(); }
+  TempFileMark(const TempFileMark&) = delete;
+  TempFileMark& operator=(const TempFileMark&) = delete;
+  TempFileMark(TempFileMark&& o) noexcept : slot_(o.slot_) { o.slot_ = nullptr; }
+  TempFileMark& operator=(TempFileMark&& o) noexcept;
+  // The file was renamed or removed: nothing to clean up any more.
+  void release();
+
+ private:
+  FaultSlot* slot_ = nullptr;
+};
+
 // Installs a process-wide SIGBUS handler for faults in the mappings of SafetensorsFile objects
 // that are alive: it removes the temporary files of the process's unfinished SafetensorsWriter
 // and ContainerWriter objects, writes "qmoe: error: <file>: ..." to stderr and ends the process
@@ -59,5 +82,12 @@ void check_json_text(std::string_view text, const std::string& context);
 // decides whether to: a C++ exception cannot be raised from the fault, so the process ends either
 // way, with or without a message.
 void install_mapped_file_fault_handler(int exit_code = 2);
+
+// Installs handlers for SIGINT, SIGTERM and SIGHUP that remove the marked temporary files
+// (TempFileMark) and then end the process by the same signal, as it would have ended without
+// them (so an interrupted run leaves no partial file behind). A signal that is ignored when it is
+// called stays ignored. Idempotent; the qmoe command-line tool calls it at start. Not for
+// processes that handle these signals themselves.
+void install_interrupt_cleanup();
 
 }  // namespace qmoe
