@@ -273,8 +273,8 @@ TEST(Checkpoint, ConfigThatContradictsTheWeightsIsRefusedAtOpen) {
        {"SelfAttention.q.weight", "[32, 32]", "[64, 32]", "num_heads 8"}},
       {"untied without lm_head",
        [](const fs::path& d) {
-         replace_in(d / "config.json", "\"d_kv\": 8,",
-                    "\"d_kv\": 8, \"tie_word_embeddings\": false,");
+         replace_in(d / "config.json", "\"tie_word_embeddings\": true",
+                    "\"tie_word_embeddings\": false");
        },
        {"'lm_head.weight'", "missing", "tie_word_embeddings is false"}},
       {"shared.weight shape",
