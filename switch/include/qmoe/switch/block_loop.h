@@ -187,6 +187,10 @@ struct LoopOptions {
   double percdamp = 0.1;
   int64_t blocksize = 128;
   bool actorder = false;
+  // Ternary levels and rounding (gptq.h; round to nearest uses them too, with the identity
+  // Hessian), and a size per matrix to aim at (rate control). The defaults are QMoE's recipe.
+  TernaryOptions ternary;
+  RateControl rate;
   std::optional<Codec> codec;  // nullopt: the smaller of qmoe-v1 and qmoe-p5 per matrix
   int threads = 0;             // 0: the OpenMP default
   // Cap on the process's resident memory (0: none). Before each block's expert work, what the cap
