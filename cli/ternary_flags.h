@@ -49,8 +49,7 @@ inline void add_ternary_flags(CLI::App& app, TernaryFlags& f) {
       "rounds of GPTQ + closed-form refit of each row's levels (0 = none); the best is kept");
 }
 
-// The options the flags ask for. `actorder` is switched on by --recipe rd unless
-// `actorder_given`.
+// The options the flags ask for. --recipe rd switches `actorder` on.
 inline void apply_ternary_flags(const TernaryFlags& f, TernaryOptions& t, RateControl& rate,
                                 bool& actorder) {
   if (f.recipe != "qmoe" && f.recipe != "rd")
