@@ -202,11 +202,12 @@ def test_ternary_options_and_rate_control(rng):
     # A zero penalty trades error for zeros.
     pen = qmoe.gptq(w, h, zero_penalty=4.0)
     assert (pen.symbols == 0).mean() > (base.symbols == 0).mean()
-    # Rate control lands within its tolerance, with either knob, and says what it found.
+    # Rate control lands within its tolerance, with either knob, and says what it found (96-wide
+    # rows: qmoe-v1's codes, row offsets and levels take at least 1.33 bits per weight).
     for knob in ("threshold", "penalty"):
-        m, stats = qmoe.compress_matrix(w, h, target_bits=1.2, rate_knob=knob, rate_tolerance=0.003,
+        m, stats = qmoe.compress_matrix(w, h, target_bits=1.6, rate_knob=knob, rate_tolerance=0.003,
                                         with_stats=True, refit=1)
-        assert stats["bits_per_weight"] == pytest.approx(1.2, abs=0.003)
+        assert stats["bits_per_weight"] == pytest.approx(1.6, abs=0.003)
         assert m.bits_per_weight == pytest.approx(stats["bits_per_weight"])
         assert stats["rate_steps"] >= 1
         if knob == "penalty":
