@@ -18,6 +18,7 @@
 #include "qmoe/format/error.h"
 #include "qmoe/format/matrix.h"
 #include "qmoe/switch/compress.h"
+#include "ternary_flags.h"
 #include "util.h"
 #if defined(QMOE_CLI_HAVE_MPI)
 #include "qmoe/mpi/mpi_comm.h"
@@ -35,6 +36,7 @@ struct CompressArgs {
   std::string max_memory = "0", shard_size = "0", report;
   double percdamp = 0.1;
   int64_t blocksize = 128;
+  TernaryFlags ternary;
 };
 
 std::string duration(double s) {
@@ -224,6 +226,7 @@ int run_compress(const CompressArgs& a) {
   opt.percdamp = a.percdamp;
   opt.blocksize = a.blocksize;
   opt.actorder = a.actorder;
+  apply_ternary_flags(a.ternary, opt.ternary, opt.rate, opt.actorder);
   opt.codec = parse_codec_option(a.codec);
   opt.target = parse_target_option(a.target);
   if (a.rtn && (!a.hessians.empty() || !a.calib_tokens.empty()))
@@ -386,6 +389,7 @@ Registrar compress_cmd("compress", [](CLI::App& app) -> std::function<int()> {
   app.add_option("--percdamp", a->percdamp, "GPTQ dampening, a fraction of the mean diagonal of H");
   app.add_option("--blocksize", a->blocksize, "GPTQ lazy-update block size (columns)");
   app.add_flag("--actorder", a->actorder, "GPTQ: columns in order of decreasing Hessian diagonal");
+  add_ternary_flags(app, a->ternary);
   app.add_flag("--no-disk-check", a->no_disk_check,
                "start even if the free disk space looks too small");
   return [a] { return run_compress(*a); };

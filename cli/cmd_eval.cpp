@@ -2,6 +2,7 @@
 // checkpoint directory or a qmoe container) on a token file, and its speed.
 #include <omp.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <memory>
@@ -11,6 +12,9 @@
 #include "qmoe/format/error.h"
 #include "qmoe/switch/forward.h"
 #include "util.h"
+#ifdef QMOE_SWITCH_HAVE_GPTQ
+#include "ternary_flags.h"
+#endif
 
 #ifdef QMOE_SWITCH_HAVE_GPTQ
 #include "qmoe/switch/compress_experts.h"
@@ -30,6 +34,11 @@ struct EvalArgs {
   std::string quantize = "none";  // none | rtn | gptq
   std::string calib_tokens;
   bool no_sequential = false;
+  double percdamp = 0.1;
+  bool actorder = false;
+#ifdef QMOE_SWITCH_HAVE_GPTQ
+  TernaryFlags ternary;
+#endif
 };
 
 int run_eval(const EvalArgs& a) {
@@ -44,6 +53,13 @@ int run_eval(const EvalArgs& a) {
   sw::SwitchModel m = sw::SwitchModel::load(src, lo);
   sw::TokenPairs pairs = sw::TokenPairs::load(a.tokens, m.config.vocab_size);
   if (a.max_pairs > 0 && a.max_pairs < pairs.num_pairs()) pairs = pairs.slice(0, a.max_pairs);
+  // A mean over nothing is no result: refuse before any work instead of reporting "loss 0".
+  if (pairs.num_pairs() == 0)
+    throw FormatError(error_context(a.tokens, "", "holds no pairs: there is nothing to evaluate"));
+  if (std::all_of(pairs.decoder_targets.begin(), pairs.decoder_targets.end(),
+                  [](int32_t t) { return t == -100; }))
+    throw FormatError(error_context(a.tokens, "decoder_targets",
+                                    "no target to score (every pair's targets are empty or -100)"));
   const double load_s = load_clock.seconds();
 
   if (a.quantize != "none") {
@@ -54,6 +70,9 @@ int run_eval(const EvalArgs& a) {
     co.rtn = a.quantize == "rtn";
     co.sequential = !a.no_sequential;
     co.threads = a.threads;
+    co.gptq.percdamp = a.percdamp;
+    co.gptq.actorder = a.actorder;
+    apply_ternary_flags(a.ternary, co.gptq.ternary, co.rate, co.gptq.actorder);
     sw::TokenPairs calib;
     if (!co.rtn) {
       if (a.calib_tokens.empty())
@@ -61,21 +80,28 @@ int run_eval(const EvalArgs& a) {
       calib = sw::TokenPairs::load(a.calib_tokens, m.config.vocab_size);
     }
     Stopwatch qclock;
-    int64_t bytes = 0, weights = 0;
-    double gptq_loss = 0;
+    int64_t bytes = 0, weights = 0, zeros = 0;
+    double gptq_loss = 0, min_bits = INFINITY, max_bits = 0;
     sw::compress_experts(m, calib, co, [&](sw::CompressedExpertResult& r) {
       for (const auto* c : {&r.wi, &r.wo}) {
+        const int64_t n = c->matrix.rows * c->matrix.cols;
         bytes += c->matrix.view().compressed_bytes();
-        weights += c->matrix.rows * c->matrix.cols;
+        weights += n;
+        zeros += std::llround(c->zero_fraction * static_cast<double>(n));
         gptq_loss += c->output_loss;
+        min_bits = std::min(min_bits, c->matrix.view().bits_per_weight());
+        max_bits = std::max(max_bits, c->matrix.view().bits_per_weight());
       }
     });
-    std::printf("quantize %s%s: %.3f bits per expert weight, %.2f s", a.quantize.c_str(),
+    const double w = static_cast<double>(weights);
+    std::printf("quantize %s%s: %.4f bits per expert weight, %.2f s", a.quantize.c_str(),
                 co.rtn ? "" : (co.sequential ? " (sequential)" : " (one pass, original model)"),
-                weights ? 8.0 * static_cast<double>(bytes) / static_cast<double>(weights) : 0.0,
-                qclock.seconds());
+                weights ? 8.0 * static_cast<double>(bytes) / w : 0.0, qclock.seconds());
     if (!co.rtn) std::printf(", summed GPTQ layer output loss %.6g", gptq_loss);
     std::printf("\n");
+    if (weights)
+      std::printf("matrices %.4f to %.4f bits per weight, %.4f zeros\n", min_bits, max_bits,
+                  static_cast<double>(zeros) / w);
 #else
     throw InvalidArgument("--quantize needs qmoe built with the gptq module");
 #endif
@@ -111,6 +137,15 @@ int run_eval(const EvalArgs& a) {
   };
   const sw::EvalResult r = sw::evaluate(m, pairs, a.batch, fo, progress);
   if (a.progress) std::fprintf(stderr, "\n");
+  if (!std::isfinite(r.loss.mean())) {
+    // NaN or infinite weights are the usual cause: name the first one.
+    const auto bad = src->find_non_finite();
+    const std::string loss = "the loss over " + std::to_string(r.loss.targets) + " targets is " +
+                             std::to_string(r.loss.mean());
+    if (bad) throw FormatError(*bad + ", and " + loss);
+    throw Error(a.model + ": " + loss +
+                " although every stored weight is finite: the activations overflowed");
+  }
   const double toks = static_cast<double>(r.encoder_tokens + r.decoder_tokens);
   std::printf("loss     %.6f nats per target token (%lld targets; perplexity %.6g)\n",
               r.loss.mean(), static_cast<long long>(r.loss.targets), std::exp(r.loss.mean()));
@@ -156,6 +191,13 @@ const Registrar reg("eval", [](CLI::App& app) -> std::function<int()> {
       "--no-sequential", args->no_sequential,
       "gptq: take every Hessian from the original model instead of recomputing each block with the "
       "compressed experts of the blocks before it");
+#ifdef QMOE_SWITCH_HAVE_GPTQ
+  app.add_option("--percdamp", args->percdamp,
+                 "gptq: dampening, a fraction of the mean diagonal of H (default 0.1)");
+  app.add_flag("--actorder", args->actorder,
+               "gptq: columns in order of decreasing Hessian diagonal");
+  add_ternary_flags(app, args->ternary);
+#endif
   return [args] { return run_eval(*args); };
 });
 

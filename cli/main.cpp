@@ -11,6 +11,7 @@
 #include "command.h"
 #include "qmoe/decoder_cpu/matmul.h"
 #include "qmoe/format/error.h"
+#include "qmoe/format/file.h"
 #include "qmoe/gptq/hessian.h"
 #if defined(QMOE_CLI_HAVE_MPI)
 #include "qmoe/mpi/mpi_comm.h"
@@ -58,6 +59,11 @@ std::string version_text() {
 
 int main(int argc, char** argv) {
   using namespace qmoe::cli;
+  // A mapped input truncated by another program while in use: a message naming the file and exit
+  // code 2, as for every other error, instead of death by SIGBUS.
+  qmoe::install_mapped_file_fault_handler(2);
+  // Ctrl-C, kill: the temporary files of unfinished outputs go before the process does.
+  qmoe::install_interrupt_cleanup();
   CLI::App app{"qmoe: sub-1-bit compression of Mixture-of-Experts weights"};
   app.require_subcommand(1);
   app.set_version_flag("--version", version_text,

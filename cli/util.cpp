@@ -9,6 +9,7 @@
 #include <fstream>
 
 #include "qmoe/format/error.h"
+#include "qmoe/format/file.h"
 
 namespace qmoe::cli {
 
@@ -81,8 +82,9 @@ int64_t peak_rss_bytes() {
 
 void write_file_atomic(const std::filesystem::path& path, const void* data, size_t size) {
   const auto tmp = path.string() + ".tmp." + std::to_string(::getpid());
-  const int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
+  const int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
   if (fd < 0) throw Error(path.string() + ": cannot create: " + std::strerror(errno));
+  TempFileMark mark(tmp);  // removed if the run is interrupted
   const char* p = static_cast<const char*>(data);
   size_t left = size;
   while (left > 0) {

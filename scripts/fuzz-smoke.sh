@@ -2,7 +2,10 @@
 # Builds the libFuzzer targets (clang, ASan + UBSan) in build/fuzz and runs each one briefly from
 # the committed seed corpus. Exits non-zero on the first crash, sanitizer report or timeout.
 # Longer runs by hand: build/fuzz/tests/fuzz/fuzz_container -max_total_time=3600 WORKDIR tests/fuzz/corpus/container
-# (fuzz_inputs: Hessian files, token files and config.json; the first byte of an input picks which.)
+# Targets: container (one file, or a sharded folder), decoder (one matrix, every kernel),
+# inputs (Hessian files, token files and config.json; the first byte of an input picks which),
+# checkpoint (checkpoint folders through the forward pass), tokens (token files through the
+# forward pass). tests/fuzz/make_seeds.cpp writes the generated seeds.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
@@ -15,9 +18,10 @@ fi
 
 CC=clang CXX=clang++ cmake -S . -B build/fuzz -G Ninja -DCMAKE_BUILD_TYPE=Release -DQMOE_FUZZ=ON \
   -DQMOE_CUDA=OFF -DQMOE_BUILD_BENCH=OFF -DQMOE_BUILD_CLI=OFF -DQMOE_BUILD_PYTHON=OFF "${launch[@]}" >/dev/null
-cmake --build build/fuzz -j "$jobs" --target fuzz_container fuzz_decoder fuzz_inputs
+targets=(container decoder inputs checkpoint tokens)
+cmake --build build/fuzz -j "$jobs" --target "${targets[@]/#/fuzz_}"
 
-for t in container decoder inputs; do
+for t in "${targets[@]}"; do
   work=build/fuzz/corpus-$t  # new inputs land here; the committed corpus is read only
   mkdir -p "$work"
   echo "fuzz-smoke: fuzz_$t for ${seconds}s"

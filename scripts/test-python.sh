@@ -67,7 +67,8 @@ echo "test-python: pip install $src"
 # Run from the tests folder so that `import qmoe` finds the installed package only.
 cd "$src/tests/python"
 set +e
-"$vpy" -m pytest -q -p no:cacheprovider "$@" .
+# -rs: every skipped test is listed with its reason at the end.
+"$vpy" -m pytest -q -rs -p no:cacheprovider "$@" .
 rc=$?
 set -e
 if [ $rc -eq 5 ]; then

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Installs what is missing, checks that the C++ sources are clang-formatted, builds everything
 # (Release with the CUDA kernels when nvcc is present, plus an AddressSanitizer+UBSan build of the
-# tests) and runs every test: C++ (CTest) and Python (pytest). Build folders under build/ are
-# reused between runs; ccache shares objects between clones on the same machine.
+# tests) and runs every test: C++ (CTest, including the replay of every committed fuzz corpus in the
+# sanitizer build), Python (pytest) and a short run of every fuzz target. Build folders under build/
+# are reused between runs; ccache shares objects between clones on the same machine.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
@@ -40,12 +41,13 @@ step "C++ tests (ASan + UBSan)"
 ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
   ctest --test-dir build/asan --output-on-failure -j "$jobs" -LE slow
 
-if [ -x scripts/test-python.sh ]; then
-  step "Python"
-  ./scripts/test-python.sh
-fi
-if [ -x scripts/fuzz-smoke.sh ]; then
-  step "Fuzz smoke run"
-  ./scripts/fuzz-smoke.sh
-fi
+# Both always run: a missing script fails the run (a lost file or exec bit must not drop tests
+# silently), and they are run through bash so that the exec bit does not matter.
+for s in scripts/test-python.sh scripts/fuzz-smoke.sh; do
+  [ -f "$s" ] || { echo "test.sh: $s is missing" >&2; exit 1; }
+done
+step "Python"
+bash scripts/test-python.sh
+step "Fuzz smoke run"
+bash scripts/fuzz-smoke.sh
 step "all tests passed"

@@ -641,8 +641,36 @@ GptqInputs gptq_inputs(const py::handle& w_obj, const py::handle& h_obj, bool bf
   return in;
 }
 
+// The ternary options of gptq(), compress_matrix() and compress_checkpoint() (gptq.h).
+struct TernaryArgs {
+  std::string levels = "minmax";
+  double zero_threshold = 0.5;
+  double zero_penalty = 0.0;
+  int refit = 0;
+
+  qmoe::TernaryOptions get() const {
+    qmoe::TernaryOptions t;
+    t.levels = qmoe::ternary_levels_from_name(levels);
+    t.zero_threshold = zero_threshold;
+    t.zero_penalty = zero_penalty;
+    t.refit = refit;
+    return t;
+  }
+};
+
+qmoe::RateControl rate_control(double target_bits, const std::string& knob, double tolerance,
+                               const std::string& scope = "matrix") {
+  qmoe::RateControl r;
+  r.target_bits = target_bits;
+  r.knob = qmoe::rate_knob_from_name(knob);
+  r.tolerance = tolerance;
+  r.scope = qmoe::rate_scope_from_name(scope);
+  return r;
+}
+
 qmoe::GptqOptions gptq_options(const std::string& grid, double percdamp, int64_t blocksize,
-                               bool actorder, bool double_precision, int threads) {
+                               bool actorder, bool double_precision, int threads,
+                               const TernaryArgs& ternary) {
   qmoe::GptqOptions opt;
   opt.grid = parse_grid(grid);
   opt.percdamp = percdamp;
@@ -650,14 +678,17 @@ qmoe::GptqOptions gptq_options(const std::string& grid, double percdamp, int64_t
   opt.actorder = actorder;
   opt.double_precision = double_precision;
   opt.threads = threads;
+  opt.ternary = ternary.get();
   return opt;
 }
 
 PyGptqResult gptq(const py::handle& w_obj, const py::handle& h_obj, const std::string& grid,
                   double percdamp, int64_t blocksize, bool actorder, bool double_precision,
-                  int threads, bool bf16) {
+                  int threads, bool bf16, const std::string& levels, double zero_threshold,
+                  double zero_penalty, int refit) {
   const qmoe::GptqOptions opt =
-      gptq_options(grid, percdamp, blocksize, actorder, double_precision, threads);
+      gptq_options(grid, percdamp, blocksize, actorder, double_precision, threads,
+                   TernaryArgs{levels, zero_threshold, zero_penalty, refit});
   GptqInputs in = gptq_inputs(w_obj, h_obj, bf16);
   const int64_t rows = in.w.dim(0), cols = in.w.dim(1);
   qmoe::GptqResult r;
@@ -689,8 +720,13 @@ PyGptqResult gptq(const py::handle& w_obj, const py::handle& h_obj, const std::s
 py::object compress_matrix(const py::handle& w_obj, const py::handle& h_obj,
                            const std::string& grid, double percdamp, int64_t blocksize,
                            bool actorder, const std::string& codec, int threads, bool bf16,
-                           bool with_stats) {
-  const qmoe::GptqOptions opt = gptq_options(grid, percdamp, blocksize, actorder, false, threads);
+                           bool with_stats, const std::string& levels, double zero_threshold,
+                           double zero_penalty, int refit, double target_bits,
+                           const std::string& rate_knob, double rate_tolerance) {
+  const qmoe::GptqOptions opt =
+      gptq_options(grid, percdamp, blocksize, actorder, false, threads,
+                   TernaryArgs{levels, zero_threshold, zero_penalty, refit});
+  const qmoe::RateControl rate = rate_control(target_bits, rate_knob, rate_tolerance);
   qmoe::EncodeOptions enc;
   enc.codec = parse_codec(codec, true);
   enc.threads = threads;
@@ -702,7 +738,7 @@ py::object compress_matrix(const py::handle& w_obj, const py::handle& h_obj,
     Float32 w(in.w.data(), in.w.dtype, rows * cols);
     std::optional<Float32> h;
     if (in.h) h.emplace(in.h->data(), in.h->dtype, cols * cols);
-    e = qmoe::compress_matrix(w.get(), rows, cols, h ? h->get() : nullptr, opt, enc);
+    e = qmoe::compress_matrix(w.get(), rows, cols, h ? h->get() : nullptr, opt, enc, rate);
   }
   py::object m = py::cast(PyCompressed::owning(std::move(e.matrix), in.w.dtype));
   if (!with_stats) return m;
@@ -712,6 +748,11 @@ py::object compress_matrix(const py::handle& w_obj, const py::handle& h_obj,
   stats["loss"] = e.loss;
   stats["output_loss"] = e.output_loss;
   stats["zero_fraction"] = e.zero_fraction;
+  stats["bits_per_weight"] = e.bits_per_weight;
+  stats["zero_threshold"] = e.zero_threshold;
+  stats["zero_penalty"] = e.zero_penalty;
+  stats["rate_steps"] = e.rate_steps;
+  stats["trimmed"] = e.trimmed;
   return py::make_tuple(m, stats);
 }
 
@@ -1266,15 +1307,15 @@ py::dict calibration_hessians(const std::filesystem::path& checkpoint,
 
 // ---- checkpoint pipeline -----------------------------------------------------------------------
 
-py::dict compress_checkpoint(const std::filesystem::path& checkpoint,
-                             const std::filesystem::path& output,
-                             const std::optional<std::filesystem::path>& hessians,
-                             const std::optional<std::filesystem::path>& calib_tokens,
-                             bool sequential, int threads, int64_t max_memory, int64_t shard_size,
-                             bool resume, bool cast_bf16, const std::string& codec,
-                             const std::string& target, double percdamp, int64_t blocksize,
-                             bool actorder, bool check_disk, const py::object& progress,
-                             const py::object& note) {
+py::dict compress_checkpoint(
+    const std::filesystem::path& checkpoint, const std::filesystem::path& output,
+    const std::optional<std::filesystem::path>& hessians,
+    const std::optional<std::filesystem::path>& calib_tokens, bool sequential, int threads,
+    int64_t max_memory, int64_t shard_size, bool resume, bool cast_bf16, const std::string& codec,
+    const std::string& target, double percdamp, int64_t blocksize, bool actorder, bool check_disk,
+    const py::object& progress, const py::object& note, const std::string& levels,
+    double zero_threshold, double zero_penalty, int refit, double target_bits,
+    const std::string& rate_knob, double rate_tolerance, const std::string& rate_scope) {
   namespace sw = qmoe::sw;
   sw::CompressOptions opt;
   opt.threads = threads;
@@ -1287,6 +1328,8 @@ py::dict compress_checkpoint(const std::filesystem::path& checkpoint,
   opt.percdamp = percdamp;
   opt.blocksize = blocksize;
   opt.actorder = actorder;
+  opt.ternary = TernaryArgs{levels, zero_threshold, zero_penalty, refit}.get();
+  opt.rate = rate_control(target_bits, rate_knob, rate_tolerance, rate_scope);
   opt.check_disk = check_disk;
   if (calib_tokens && hessians)
     throw qmoe::InvalidArgument(
@@ -1894,7 +1937,8 @@ The result of gptq(). Unpacks as (symbols, levels, loss).
   m.def("gptq", &gptq, py::arg("w"), py::arg("h") = py::none(), py::kw_only(),
         py::arg("grid") = "ternary", py::arg("percdamp") = 0.1, py::arg("blocksize") = 128,
         py::arg("actorder") = false, py::arg("double_precision") = false, py::arg("threads") = 0,
-        py::arg("bf16") = false, R"doc(
+        py::arg("bf16") = false, py::arg("levels") = "minmax", py::arg("zero_threshold") = 0.5,
+        py::arg("zero_penalty") = 0.0, py::arg("refit") = 0, R"doc(
 GPTQ of one matrix (QMoE's ternary grid by default).
 
 w: (rows, cols) float32, float16 or bfloat16 (uint16 bit patterns with bf16=True), C-contiguous,
@@ -1904,6 +1948,11 @@ HessianAccumulator.hessian()), or None for round-to-nearest. grid: "ternary", "t
 blocksize: columns per lazy-update block. actorder: columns by descending diag(H).
 double_precision: float64 throughout. threads: OpenMP threads (0 = default); results are
 bit-identical for any value.
+Ternary grids (gptq/README.md, "Beyond QMoE's recipe"): levels: "minmax" (QMoE's) or "fit"
+(Lloyd iterations weighted by diag(H)); zero_threshold t: w -> hi above t*hi, lo below t*lo
+(0.5: nearest); zero_penalty mu: each symbol minimises d (w - q)^2 + mu S [q != 0] (entropy-
+constrained rounding); refit: rounds of GPTQ and closed-form refit of each row's levels (the best
+round is returned). The defaults are QMoE's recipe.
 Returns a GptqResult (unpacks as symbols, levels, loss). A missing, all-zero, non-finite or
 singular Hessian falls back to round-to-nearest (result.fallback, result.reason).
 Raises ValueError for a wrong dtype, shape or layout, non-finite weights or invalid options.
@@ -1912,14 +1961,22 @@ Raises ValueError for a wrong dtype, shape or layout, non-finite weights or inva
   m.def("compress_matrix", &compress_matrix, py::arg("w"), py::arg("h") = py::none(), py::kw_only(),
         py::arg("grid") = "ternary", py::arg("percdamp") = 0.1, py::arg("blocksize") = 128,
         py::arg("actorder") = false, py::arg("codec") = "auto", py::arg("threads") = 0,
-        py::arg("bf16") = false, py::arg("with_stats") = false, R"doc(
+        py::arg("bf16") = false, py::arg("with_stats") = false, py::arg("levels") = "minmax",
+        py::arg("zero_threshold") = 0.5, py::arg("zero_penalty") = 0.0, py::arg("refit") = 0,
+        py::arg("target_bits") = 0.0, py::arg("rate_knob") = "threshold",
+        py::arg("rate_tolerance") = 0.002, R"doc(
 GPTQ (ternary grid) then encode: (W, H) -> CompressedMatrix, in one call.
 
 w, h, percdamp, blocksize, actorder, threads, bf16 as for gptq(); grid must be "ternary" or
 "ternary-sym". codec: "auto" (the smaller of qmoe-v1 and qmoe-p5), "qmoe-v1", "qmoe-v2",
 "qmoe-v3" or "qmoe-p5" (as for encode()).
+levels, zero_threshold, zero_penalty, refit as for gptq(). target_bits > 0: rate control, the
+encoded size aimed at in bits per weight (codes, row offsets and levels counted), within
+rate_tolerance, by searching rate_knob ("threshold" or "penalty"); ValueError if it cannot be
+reached.
 The matrix records w's dtype as its original dtype. with_stats=True returns
-(matrix, {"status", "reason", "loss", "output_loss", "zero_fraction"}) instead.
+(matrix, {"status", "reason", "loss", "output_loss", "zero_fraction", "bits_per_weight",
+"zero_threshold", "zero_penalty", "rate_steps", "trimmed"}) instead.
 Raises ValueError as gptq() and encode() do, and for a non-ternary grid.
 )doc");
 
@@ -1929,7 +1986,11 @@ Raises ValueError as gptq() and encode() do, and for a non-ternary grid.
         py::arg("shard_size") = 0, py::arg("resume") = false, py::arg("cast_bf16") = false,
         py::arg("codec") = "auto", py::arg("target") = "any", py::arg("percdamp") = 0.1,
         py::arg("blocksize") = 128, py::arg("actorder") = false, py::arg("check_disk") = true,
-        py::arg("progress") = py::none(), py::arg("note") = py::none(), R"doc(
+        py::arg("progress") = py::none(), py::arg("note") = py::none(),
+        py::arg("levels") = "minmax", py::arg("zero_threshold") = 0.5,
+        py::arg("zero_penalty") = 0.0, py::arg("refit") = 0, py::arg("target_bits") = 0.0,
+        py::arg("rate_knob") = "threshold", py::arg("rate_tolerance") = 0.002,
+        py::arg("rate_scope") = "matrix", R"doc(
 Compresses a Switch Transformers checkpoint into a qmoe container, as `qmoe compress` does: every
 expert matrix ternarized (GPTQ with Hessians from the file `hessians`, e.g. written by
 save_hessians() with one accumulator per expert matrix, named as its tensor without ".weight"
@@ -1945,8 +2006,12 @@ interrupted run from "<output>.qmoe-work". cast_bf16: store non-expert F32/F16 t
 codec: "auto" (the codec of target or qmoe-p5, the smaller per matrix), "qmoe-v1", "qmoe-v2",
 "qmoe-v3", "qmoe-g4" or "qmoe-p5" (as for encode(), one dictionary per fitted zero fraction).
 target: "any" (default: qmoe-v1 under "auto", no key written), "cpu" (qmoe-g4) or "gpu"
-(qmoe-v2), recorded as the container's "qmoe.target" metadata unless "any". percdamp, blocksize, actorder:
-GPTQ settings as for gptq(). check_disk: refuse to start without enough free disk space.
+(qmoe-v2), recorded as the container's "qmoe.target" metadata unless "any". percdamp, blocksize,
+actorder: GPTQ settings as for gptq(). levels, zero_threshold, zero_penalty, refit: ternary
+options as for gptq() (round to nearest uses them too). target_bits, rate_knob, rate_tolerance:
+rate control as for compress_matrix(), per expert matrix (rate_scope="matrix") or for the mean
+over all expert matrices (rate_scope="all": every matrix spends the same bits per weight on
+codes). check_disk: refuse to start without enough free disk space.
 progress: called with a dict (done, total, resumed, seconds, current, phase, step, tokens,
 total_tokens) a few times a second. note: called with one-line notes (resumed work, cleaned-up leftovers). Ctrl-C, or an
 exception raised in progress or note, stops the run within a fraction of a second plus the time of

@@ -16,7 +16,9 @@
 #include <set>
 #include <utility>
 
+#include "file_internal.h"
 #include "qmoe/format/error.h"
+#include "qmoe/format/file.h"
 #include "qmoe/format/reference.h"
 
 namespace qmoe {
@@ -104,6 +106,7 @@ std::string checksum_hex(std::span<const std::byte> bytes) {
 
 struct Container::Impl {
   std::filesystem::path index_path;  // empty when not sharded
+  int format_version = 0;
   std::vector<SafetensorsFile> shards;
   std::map<std::string, std::string> metadata;
   std::vector<CompressedEntry> compressed;
@@ -136,6 +139,24 @@ bool is_lower_hex64(const std::string& s) {
   if (s.size() != 16) return false;
   return std::all_of(s.begin(), s.end(),
                      [](char ch) { return (ch >= '0' && ch <= '9') || (ch >= 'a' && ch <= 'f'); });
+}
+
+// The format_version of a file's (or index's) metadata: 1 or 2, or 0 when missing or another.
+int parse_format_version(const std::map<std::string, std::string>& md) {
+  const auto ver = md.find("format_version");
+  if (ver == md.end()) return 0;
+  for (int v = kMinFormatVersion; v <= kFormatVersion; ++v) {
+    if (ver->second == std::to_string(v)) return v;
+  }
+  return 0;
+}
+
+std::string supported_versions() {
+  std::string s;
+  for (int v = kMinFormatVersion; v <= kFormatVersion; ++v) {
+    s += (s.empty() ? "\"" : v == kFormatVersion ? " and \"" : ", \"") + std::to_string(v) + "\"";
+  }
+  return s;
 }
 
 MatrixDecl parse_matrix_decl(const std::string& file, const std::string& name,
@@ -196,11 +217,35 @@ void Container::Impl::load_shard(size_t shard_idx) {
                        (fmt == md.end() ? std::string("missing") : "\"" + fmt->second + "\"") +
                        ", expected \"qmoe\")");
   }
-  const auto ver = md.find("format_version");
-  if (ver == md.end() || ver->second != std::to_string(kFormatVersion)) {
+  const int version = parse_format_version(md);
+  if (version == 0) {
+    const auto ver = md.find("format_version");
     throw fail("", "unsupported format_version " +
                        (ver == md.end() ? std::string("(missing)") : "\"" + ver->second + "\"") +
-                       "; this reader reads " + std::to_string(kFormatVersion));
+                       "; this reader reads " + supported_versions());
+  }
+  if (shard_idx == 0) {
+    c.format_version = version;
+  } else if (version != c.format_version) {
+    throw fail("", "format_version \"" + std::to_string(version) + "\" differs from the " +
+                       std::to_string(c.format_version) + " of the container's other files");
+  }
+  // Version 2: the header checksum covers every metadata entry and every tensor entry, so a
+  // damaged shape, offset, declaration or checksum key is caught before anything else is used.
+  if (version >= 2) {
+    const auto hk = md.find(std::string(kHeaderChecksumKey));
+    if (hk == md.end()) {
+      throw fail("", "no header checksum (__metadata__ \"" + std::string(kHeaderChecksumKey) +
+                         "\"), which format_version 2 requires");
+    }
+    if (!is_lower_hex64(hk->second)) {
+      throw fail("", "header checksum \"" + hk->second + "\" is not 16 lowercase hex digits");
+    }
+    const std::string got = hex64(header_digest(md, f.tensors(), kHeaderChecksumKey));
+    if (got != hk->second) {
+      throw fail("", "header checksum mismatch: stored " + hk->second + ", computed " + got +
+                         " (the header's tensor entries or metadata were altered)");
+    }
   }
 
   // Metadata keys: matrix declarations and checksums; other "qmoe." keys are reserved.
@@ -217,6 +262,8 @@ void Container::Impl::load_shard(size_t shard_idx) {
       if (!is_lower_hex64(value))
         throw fail(name, "checksum \"" + value + "\" is not 16 lowercase hex digits");
       checksums.emplace(name, value);
+    } else if (version >= 2 && key == kHeaderChecksumKey) {
+      continue;  // checked above
     } else if (key == kTargetKey) {
       if (!target_from_name(value)) {
         throw fail("", "__metadata__ \"" + key + "\" is \"" + value +
@@ -368,13 +415,18 @@ void Container::Impl::load_shard(size_t shard_idx) {
 
 namespace {
 
-// Runs fn(0 .. n-1) on all threads; returns the message of the FormatError thrown for the
-// smallest index, or "" when none threw. Tensors are large and few, hence dynamic scheduling.
+// Below this many bytes of work a pass runs on the calling thread: waking a team of threads
+// costs more than hashing or checking a small file (milliseconds on a busy machine).
+constexpr int64_t kParallelBytes = int64_t{1} << 20;
+
+// Runs fn(0 .. n-1) on all threads (on one when `bytes` of work are few); returns the message of
+// the FormatError thrown for the smallest index, or "" when none threw. Tensors are large and
+// few, hence dynamic scheduling.
 template <class Fn>
-std::string parallel_errors(size_t n, const Fn& fn) {
+std::string parallel_errors(size_t n, int64_t bytes, const Fn& fn) {
   std::vector<std::string> errors(n);
   const auto count = static_cast<int64_t>(n);
-#pragma omp parallel for schedule(dynamic, 1)
+#pragma omp parallel for schedule(dynamic, 1) if (count > 1 && bytes >= kParallelBytes)
   for (int64_t i = 0; i < count; ++i) {
     try {
       fn(static_cast<size_t>(i));
@@ -388,40 +440,16 @@ std::string parallel_errors(size_t n, const Fn& fn) {
   return {};
 }
 
-std::string read_small_file(const std::filesystem::path& p, int64_t limit) {
-  const std::string file = p.string();
-  const int fd = ::open(file.c_str(), O_RDONLY | O_CLOEXEC);
-  if (fd < 0) throw FormatError(internal::io_error(file, "cannot open"));
-  std::string out;
-  char buf[65536];
-  for (;;) {
-    const ssize_t r = ::read(fd, buf, sizeof buf);
-    if (r < 0 && errno == EINTR) continue;
-    if (r < 0) {
-      const std::string msg = internal::io_error(file, "read failed");
-      ::close(fd);
-      throw FormatError(msg);
-    }
-    if (r == 0) break;
-    out.append(buf, static_cast<size_t>(r));
-    if (static_cast<int64_t>(out.size()) > limit) {
-      ::close(fd);
-      throw FormatError(error_context(file, "", "larger than " + std::to_string(limit) + " bytes"));
-    }
-  }
-  ::close(fd);
-  return out;
-}
-
 void check_global_metadata(const std::string& file, const std::map<std::string, std::string>& md) {
   const auto fmt = md.find("format");
-  const auto ver = md.find("format_version");
   if (fmt == md.end() || fmt->second != kFormatName) {
     throw FormatError(error_context(
         file, "", "not a qmoe container index (metadata \"format\" is not \"qmoe\")"));
   }
-  if (ver == md.end() || ver->second != std::to_string(kFormatVersion)) {
-    throw FormatError(error_context(file, "", "unsupported format_version in the index"));
+  if (parse_format_version(md) == 0) {
+    throw FormatError(error_context(
+        file, "",
+        "unsupported format_version in the index; this reader reads " + supported_versions()));
   }
   if (const auto t = md.find(std::string(kTargetKey));
       t != md.end() && !target_from_name(t->second)) {
@@ -429,6 +457,19 @@ void check_global_metadata(const std::string& file, const std::map<std::string, 
                                     "metadata \"" + t->first + "\" is \"" + t->second +
                                         "\", expected \"cpu\", \"gpu\" or \"any\""));
   }
+}
+
+// Shard k of n ("model-XXXXX-of-YYYYY.safetensors", 1-based) as written, or nullopt.
+std::optional<std::pair<size_t, size_t>> parse_shard_name(const std::string& s) {
+  unsigned long long k = 0, n = 0;
+  if (std::sscanf(s.c_str(), "model-%llu-of-%llu.safetensors", &k, &n) != 2 || k < 1 || k > n ||
+      n > (1ull << 32)) {
+    return std::nullopt;
+  }
+  char canonical[96];  // the spelling the writer uses, and no other
+  std::snprintf(canonical, sizeof canonical, "model-%05llu-of-%05llu.safetensors", k, n);
+  if (s != canonical) return std::nullopt;
+  return std::make_pair(static_cast<size_t>(k), static_cast<size_t>(n));
 }
 
 }  // namespace
@@ -457,13 +498,12 @@ Container Container::open(const std::filesystem::path& path, const ContainerOpen
     impl->shards.push_back(SafetensorsFile::open(single));
     impl->load_shard(0);
     for (const auto& [k, v] : impl->shards[0].metadata()) {
-      if (!starts_with(k, kMatrixKeyPrefix) && !starts_with(k, kChecksumKeyPrefix))
-        impl->metadata.emplace(k, v);
+      if (!starts_with(k, kReservedPrefix) || k == kTargetKey) impl->metadata.emplace(k, v);
     }
   } else {
     const std::string ifile = impl->index_path.string();
     const nlohmann::json idx =
-        internal::parse_json_checked(read_small_file(impl->index_path, kMaxIndexBytes), ifile);
+        internal::parse_json_checked(read_regular_file(impl->index_path, kMaxIndexBytes), ifile);
     if (!idx.is_object()) throw FormatError(error_context(ifile, "", "index is not a JSON object"));
     if (const auto m = idx.find("metadata"); m != idx.end() && !m->is_null()) {
       if (!m->is_object())
@@ -476,6 +516,10 @@ Container Container::open(const std::filesystem::path& path, const ContainerOpen
       }
     }
     check_global_metadata(ifile, impl->metadata);
+    for (const auto& [k, v] : impl->metadata) {
+      if (starts_with(k, kReservedPrefix) && k != kTargetKey)
+        throw FormatError(error_context(ifile, "", "reserved metadata key \"" + k + "\""));
+    }
     const auto wm = idx.find("weight_map");
     if (wm == idx.end() || !wm->is_object()) {
       throw FormatError(error_context(ifile, "", "missing or non-object \"weight_map\""));
@@ -494,6 +538,42 @@ Container Container::open(const std::filesystem::path& path, const ContainerOpen
       }
       by_shard[s].push_back(tensor);
     }
+    // The index is the only file without a checksum of its own; everything it says is checked
+    // against the shards' (checksummed) headers instead: the shards are exactly shards 1..n of n,
+    // each lists exactly the shard's tensors, and each shard's global and user metadata equals
+    // the index's. An index that lists nothing cannot vouch for any shard.
+    if (by_shard.empty()) {
+      throw FormatError(error_context(
+          ifile, "", "\"weight_map\" is empty: a sharded container lists at least one tensor"));
+    }
+    size_t shard_count = 0;
+    std::set<size_t> numbers;
+    for (const auto& [shard, tensors] : by_shard) {
+      const auto kn = parse_shard_name(shard);
+      if (!kn) {
+        throw FormatError(
+            error_context(ifile, tensors.front(),
+                          "shard name \"" + shard + "\" is not model-XXXXX-of-YYYYY.safetensors"));
+      }
+      if (shard_count != 0 && kn->second != shard_count) {
+        throw FormatError(error_context(ifile, tensors.front(),
+                                        "shard \"" + shard + "\" counts " +
+                                            std::to_string(kn->second) + " shards, others " +
+                                            std::to_string(shard_count)));
+      }
+      shard_count = kn->second;
+      numbers.insert(kn->first);
+    }
+    if (numbers.size() != shard_count) {
+      size_t k = 1;
+      while (numbers.count(k) != 0) ++k;
+      char name[96];
+      std::snprintf(name, sizeof name, "model-%05zu-of-%05zu.safetensors", k, shard_count);
+      throw FormatError(error_context(ifile, "",
+                                      "no tensor is listed for shard " + std::string(name) +
+                                          " (shard " + std::to_string(k) + " of " +
+                                          std::to_string(shard_count) + ")"));
+    }
     const std::filesystem::path dir = impl->index_path.parent_path();
     for (const auto& [shard, tensors] : by_shard) {
       const std::filesystem::path sp = dir / shard;
@@ -504,6 +584,21 @@ Container Container::open(const std::filesystem::path& path, const ContainerOpen
       const size_t k = impl->shards.size();
       impl->shards.push_back(SafetensorsFile::open(sp));
       const SafetensorsFile& f = impl->shards.back();
+      for (const auto& [key, value] : f.metadata()) {
+        if (starts_with(key, kReservedPrefix) && key != kTargetKey) continue;
+        const auto it = impl->metadata.find(key);
+        if (it == impl->metadata.end() || it->second != value) {
+          throw FormatError(
+              error_context(sp.string(), "",
+                            "metadata \"" + key + "\" differs from the index's (" + ifile + ")"));
+        }
+      }
+      for (const auto& [key, value] : impl->metadata) {
+        if (f.metadata().count(key) == 0) {
+          throw FormatError(error_context(
+              sp.string(), "", "metadata \"" + key + "\" of the index (" + ifile + ") is missing"));
+        }
+      }
       for (const std::string& t : tensors) {
         if (f.find(t) == nullptr) {
           throw FormatError(
@@ -534,7 +629,9 @@ Container Container::open(const std::filesystem::path& path, const ContainerOpen
   // reported is the first in container order, so the message does not depend on thread timing.
   if (opt.verify_checksums) {
     const Impl& ci = *impl;
-    const auto errors = parallel_errors(ci.stored.size(), [&](size_t i) {
+    int64_t bytes = 0;
+    for (const auto& st : ci.stored) bytes += ci.shards[st.shard].find(st.name)->nbytes();
+    const auto errors = parallel_errors(ci.stored.size(), bytes, [&](size_t i) {
       const auto& s = ci.stored[i];
       const SafetensorsFile& f = ci.shards[s.shard];
       const std::string got = checksum_hex(f.bytes(*f.find(s.name)));
@@ -548,7 +645,9 @@ Container Container::open(const std::filesystem::path& path, const ContainerOpen
   }
   if (opt.validate_codes) {
     const Impl& ci = *impl;
-    const auto errors = parallel_errors(ci.compressed.size(), [&](size_t i) {
+    int64_t bytes = 0;
+    for (const auto& e : ci.compressed) bytes += e.view.compressed_bytes();
+    const auto errors = parallel_errors(ci.compressed.size(), bytes, [&](size_t i) {
       const CompressedEntry& e = ci.compressed[i];
       // The file's qmoe-v2 and qmoe-v3 dictionaries were checked once each by load_shard().
       validate_codes(e.view, error_context(e.shard, e.name, ""));
@@ -567,6 +666,10 @@ std::optional<Target> Container::target() const {
 
 const std::map<std::string, std::string>& Container::metadata() const {
   return impl_->metadata;
+}
+
+int Container::format_version() const {
+  return impl_->format_version;
 }
 
 std::vector<std::string> Container::names() const {
@@ -606,7 +709,9 @@ std::vector<std::string> Container::mismatched_checksums() const {
   const auto& stored = impl_->stored;
   std::vector<char> mismatch(stored.size(), 0);
   const auto count = static_cast<int64_t>(stored.size());
-#pragma omp parallel for schedule(dynamic, 1)
+  int64_t bytes = 0;
+  for (const auto& s : stored) bytes += impl_->shards[s.shard].find(s.name)->nbytes();
+#pragma omp parallel for schedule(dynamic, 1) if (count > 1 && bytes >= kParallelBytes)
   for (int64_t i = 0; i < count; ++i) {
     const auto& s = stored[static_cast<size_t>(i)];
     const SafetensorsFile& f = impl_->shards[s.shard];
@@ -652,8 +757,10 @@ struct ContainerWriter::Impl {
   int64_t cur_bytes = 0;
   std::set<std::string> cur_dictionaries;  // dictionary tensors the open file holds
   bool cur_empty = true;
-  // Sharded only: closed shards under intermediate names, renamed by finish().
+  // Sharded only: closed shards under intermediate names, renamed by finish(), and their marks
+  // for the fault handler of file.h.
   std::vector<std::filesystem::path> closed;
+  std::vector<internal::TempFileMark> closed_marks;
   std::vector<std::pair<std::string, size_t>> weight_map;  // stored name -> shard number (0-based)
   bool any_closed = false;
 
@@ -672,6 +779,7 @@ struct ContainerWriter::Impl {
 
   void open_file() {
     cur = std::make_unique<SafetensorsWriter>(sharded ? intermediate(closed.size()) : out);
+    cur->set_header_checksum_key(std::string(kHeaderChecksumKey));
     cur_bytes = 0;
     cur_dictionaries.clear();
     cur_empty = true;
@@ -688,6 +796,7 @@ struct ContainerWriter::Impl {
     put_global_metadata(*cur);
     cur->finish();
     closed.push_back(intermediate(closed.size()));
+    closed_marks.emplace_back(closed.back().string());
     cur.reset();
     any_closed = true;
   }
@@ -865,10 +974,14 @@ std::vector<std::filesystem::path> ContainerWriter::finish() {
     w.finished = true;
     return {w.out};
   }
-  if (w.cur || w.closed.empty()) {
-    if (!w.cur) w.open_file();
-    w.close_shard();
+  if (w.weight_map.empty()) {
+    // A reader refuses an index that lists nothing (it could not tell which shards belong to
+    // it), so there is no empty sharded container.
+    throw InvalidArgument(error_context(
+        w.out.string(), "",
+        "a sharded container needs at least one tensor (write an empty one as a single file)"));
   }
+  if (w.cur) w.close_shard();
   const size_t n = w.closed.size();
   std::vector<std::filesystem::path> files;
   for (size_t k = 0; k < n; ++k) files.push_back(w.out / shard_name(k + 1, n));
@@ -895,6 +1008,7 @@ std::vector<std::filesystem::path> ContainerWriter::finish() {
   const std::string tmp = index_path.string() + ".tmp." + std::to_string(::getpid());
   const int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0666);
   if (fd < 0) throw Error(internal::io_error(tmp, "cannot create"));
+  internal::TempFileMark tmp_mark(tmp);
   try {
     internal::write_all(fd, text.data(), text.size(), tmp);
     if (::fsync(fd) != 0) throw Error(internal::io_error(tmp, "fsync failed"));
@@ -903,20 +1017,31 @@ std::vector<std::filesystem::path> ContainerWriter::finish() {
     ::unlink(tmp.c_str());
     throw;
   }
-  ::close(fd);
+  if (::close(fd) != 0) {
+    const std::string msg = internal::io_error(tmp, "close failed");
+    ::unlink(tmp.c_str());
+    throw Error(msg);
+  }
   // Shards first, the index last: a reader never sees an index whose shards are not all there.
+  // On failure the shards already renamed are removed again: nothing stays under a final name.
+  auto undo = [&](size_t renamed) {
+    for (size_t k = 0; k < renamed; ++k) ::unlink(files[k].c_str());
+    ::unlink(tmp.c_str());
+  };
   for (size_t k = 0; k < n; ++k) {
     if (::rename(w.closed[k].c_str(), files[k].c_str()) != 0) {
       const std::string msg = internal::io_error(files[k].string(), "rename failed");
-      ::unlink(tmp.c_str());
+      undo(k);
       throw Error(msg);
     }
   }
   if (::rename(tmp.c_str(), index_path.c_str()) != 0) {
     const std::string msg = internal::io_error(index_path.string(), "rename failed");
-    ::unlink(tmp.c_str());
+    undo(n);
     throw Error(msg);
   }
+  tmp_mark.release();
+  w.closed_marks.clear();
   w.finished = true;
   files.push_back(index_path);
   return files;

@@ -145,6 +145,11 @@ void decode_fitted(const CompressedView& m, int64_t r, int half, bool lone, std:
                        " dictionary entry " + std::to_string(m.codes[i]) +
                        " has slot columns out of order");
       }
+      if (L::both_kinds(e, j)) {  // symbol 3, which no table of values has: likewise
+        fail(what, "row " + std::to_string(r) + ": " + std::string(L::kName) +
+                       " dictionary entry " + std::to_string(m.codes[i]) + " slot " +
+                       std::to_string(j) + std::string(L::kBothKinds));
+      }
       if (lone && L::symbol(e, j, 1) != 0) {
         lone_row_nonzero(what, r);
       }

@@ -6,16 +6,21 @@
 #include <sys/mman.h>
 #include <sys/stat.h>
 #include <unistd.h>
+#include <xxhash.h>
 
 #include <algorithm>
 #include <atomic>
 #include <bit>
 #include <cerrno>
+#include <cstdio>
 #include <cstring>
 #include <limits>
 #include <nlohmann/json.hpp>
 #include <set>
 #include <utility>
+
+#include "file_internal.h"
+#include "qmoe/format/file.h"
 
 namespace qmoe {
 
@@ -28,82 +33,10 @@ namespace internal {
 // bound so that every file we accept opens there too, and so a hostile length cannot make us
 // parse gigabytes of JSON.
 inline constexpr uint64_t kMaxHeaderBytes = 100'000'000;
-// Deepest JSON nesting a safetensors header or index needs is 3; anything much deeper is hostile.
-inline constexpr int kMaxJsonDepth = 16;
-
-namespace {
-
-// SAX pass run before building the DOM: rejects duplicate keys (which nlohmann would silently
-// collapse, and which make a header ambiguous) and excessive nesting.
-class StructureCheck : public nlohmann::json_sax<nlohmann::json> {
- public:
-  std::string error;
-
-  bool null() override { return true; }
-  bool boolean(bool) override { return true; }
-  bool number_integer(number_integer_t) override { return true; }
-  bool number_unsigned(number_unsigned_t) override { return true; }
-  bool number_float(number_float_t, const string_t&) override { return true; }
-  bool string(string_t&) override { return true; }
-  bool binary(binary_t&) override { return true; }
-  bool start_object(std::size_t) override {
-    keys_.emplace_back();
-    return depth_ok();
-  }
-  bool key(string_t& k) override {
-    if (!keys_.back().insert(k).second) {
-      error = "duplicate key \"" + k + "\"";
-      return false;
-    }
-    return true;
-  }
-  bool end_object() override {
-    keys_.pop_back();
-    return true;
-  }
-  bool start_array(std::size_t) override {
-    keys_.emplace_back();  // arrays have no keys; the entry only counts depth
-    return depth_ok();
-  }
-  bool end_array() override {
-    keys_.pop_back();
-    return true;
-  }
-  bool parse_error(std::size_t pos, const std::string&,
-                   const nlohmann::detail::exception& ex) override {
-    error = "malformed JSON at byte " + std::to_string(pos) + " (" + ex.what() + ")";
-    return false;
-  }
-
- private:
-  std::vector<std::set<std::string>> keys_;
-  bool depth_ok() {
-    if (keys_.size() > static_cast<size_t>(kMaxJsonDepth)) {
-      error = "JSON nested deeper than " + std::to_string(kMaxJsonDepth) + " levels";
-      return false;
-    }
-    return true;
-  }
-};
-
-}  // namespace
-
-// Parses JSON text strictly (no duplicate keys, bounded depth, valid UTF-8); FormatError
+// Parses JSON text strictly (check_json_text() of file.h); FormatError
 // prefixed with `context` otherwise. Shared with container.cpp (index files).
 nlohmann::json parse_json_checked(std::string_view text, const std::string& context) {
-  // nlohmann's lexer takes a NUL byte for the end of input and would ignore what follows it; a
-  // NUL is never valid JSON text (raw control characters are not allowed even inside strings).
-  if (const size_t nul = text.find('\0'); nul != std::string_view::npos) {
-    throw FormatError(
-        error_context(context, "", "malformed JSON: NUL byte at byte " + std::to_string(nul)));
-  }
-  StructureCheck check;
-  const bool ok = nlohmann::json::sax_parse(text.begin(), text.end(), &check,
-                                            nlohmann::json::input_format_t::json, true, false);
-  if (!ok) {
-    throw FormatError(
-        error_context(context, "", check.error.empty() ? "malformed JSON" : check.error));
-  }
+  check_json_text(text, context);
   try {
     return nlohmann::json::parse(text.begin(), text.end());
   } catch (const nlohmann::json::exception& e) {
@@ -133,6 +66,12 @@ void write_all(int fd, const void* p, size_t n, const std::string& path) {
     const ssize_t w = ::write(fd, c, n);
     if (w < 0) {
       if (errno == EINTR) continue;
+      if (errno == EFAULT) {
+        // The source bytes are not readable: a view into a mapped input that was truncated.
+        throw Error(error_context(path, "",
+                                  "write failed: the data to write could not be read (a mapped "
+                                  "input file was truncated while in use?)"));
+      }
       throw Error(error_context(path, "", std::string("write failed: ") + std::strerror(errno)));
     }
     c += w;
@@ -148,6 +87,41 @@ std::string io_error(const std::string& path, const char* what) {
 
 using internal::kMaxHeaderBytes;
 
+uint64_t header_digest(const std::map<std::string, std::string>& metadata,
+                       const std::vector<TensorInfo>& tensors, std::string_view exclude_key) {
+  std::string h;
+  auto u64 = [&](uint64_t v) {
+    char b[8];
+    std::memcpy(b, &v, 8);  // little-endian host (static_assert above)
+    h.append(b, 8);
+  };
+  auto str = [&](std::string_view s) {
+    u64(s.size());
+    h.append(s);
+  };
+  for (const auto& [k, v] : metadata) {  // std::map: increasing byte order of the keys
+    if (k == exclude_key) continue;
+    h.push_back('\x01');
+    str(k);
+    str(v);
+  }
+  std::vector<const TensorInfo*> sorted;
+  sorted.reserve(tensors.size());
+  for (const TensorInfo& t : tensors) sorted.push_back(&t);
+  std::sort(sorted.begin(), sorted.end(),
+            [](const TensorInfo* a, const TensorInfo* b) { return a->name < b->name; });
+  for (const TensorInfo* t : sorted) {
+    h.push_back('\x02');
+    str(t->name);
+    str(dtype_name(t->dtype));
+    u64(t->shape.size());
+    for (int64_t d : t->shape) u64(static_cast<uint64_t>(d));
+    u64(static_cast<uint64_t>(t->begin));
+    u64(static_cast<uint64_t>(t->end));
+  }
+  return XXH3_64bits(h.data(), h.size());
+}
+
 int64_t TensorInfo::numel() const {
   int64_t n = 1;
   for (int64_t d : shape) n *= d;
@@ -158,14 +132,17 @@ int64_t TensorInfo::numel() const {
 
 namespace {
 
-// Owns one read-only mapping of a whole file.
+// Owns one read-only mapping of a whole file, registered with the SIGBUS handler of file.h for as
+// long as it exists.
 struct Mapping {
   const std::byte* data = nullptr;
   size_t size = 0;
+  std::unique_ptr<internal::MappedRegion> region;
   Mapping() = default;
   Mapping(const Mapping&) = delete;
   Mapping& operator=(const Mapping&) = delete;
   ~Mapping() {
+    region.reset();  // before the range can be reused by another mapping
     if (data != nullptr) ::munmap(const_cast<std::byte*>(data), size);
   }
 };
@@ -255,29 +232,18 @@ SafetensorsFile SafetensorsFile::open(const std::filesystem::path& path) {
     return FormatError(error_context(file, "", what));
   };
 
-  const int fd = ::open(file.c_str(), O_RDONLY | O_CLOEXEC);
-  if (fd < 0) throw FormatError(internal::io_error(file, "cannot open"));
-  struct stat st {};
-  if (::fstat(fd, &st) != 0) {
-    const std::string msg = internal::io_error(file, "cannot stat");
-    ::close(fd);
-    throw FormatError(msg);
-  }
-  if (!S_ISREG(st.st_mode)) {
-    ::close(fd);
-    throw fail("not a regular file");
-  }
-  const auto file_size = static_cast<uint64_t>(st.st_size);
+  // Refuses FIFOs, devices and directories before reading (a FIFO would block).
+  const RegularFile rf = RegularFile::open(path);
+  const auto file_size = static_cast<uint64_t>(rf.size());
   if (file_size < 8) {
-    ::close(fd);
     throw fail("truncated: " + std::to_string(file_size) +
                " bytes, shorter than the 8-byte header length");
   }
-  void* p = ::mmap(nullptr, file_size, PROT_READ, MAP_PRIVATE, fd, 0);
-  ::close(fd);  // the mapping keeps the file alive
+  void* p = ::mmap(nullptr, file_size, PROT_READ, MAP_PRIVATE, rf.fd(), 0);
   if (p == MAP_FAILED) throw FormatError(internal::io_error(file, "mmap failed"));
   impl->map.data = static_cast<const std::byte*>(p);
   impl->map.size = file_size;
+  impl->map.region = std::make_unique<internal::MappedRegion>(p, file_size, file);
 
   const uint64_t n = load_u64_le(impl->map.data);
   if (n > kMaxHeaderBytes) {
@@ -439,6 +405,7 @@ struct SafetensorsWriter::Impl {
   std::vector<PendingTensor> tensors;
   std::set<std::string, std::less<>> names;
   std::map<std::string, std::string> metadata;
+  std::string checksum_key;  // header checksum entry, empty for none
   bool finished = false;
 
   ~Impl() {
@@ -459,19 +426,31 @@ struct SafetensorsWriter::Impl {
 
   std::string header() const {
     nlohmann::ordered_json h = nlohmann::ordered_json::object();
-    if (!metadata.empty()) {
-      nlohmann::ordered_json m = nlohmann::ordered_json::object();
-      for (const auto& [k, v] : metadata) m[k] = v;
-      h["__metadata__"] = std::move(m);
-    }
+    std::vector<TensorInfo> layout;  // the entries below, for the header checksum
     int64_t offset = 0;
     for (size_t i : order()) {
       const PendingTensor& t = tensors[i];
+      layout.push_back(TensorInfo{t.name, t.dtype, t.shape, offset, offset + t.nbytes});
+      offset += t.nbytes;
+    }
+    std::map<std::string, std::string> md = metadata;
+    if (!checksum_key.empty()) {
+      md.erase(checksum_key);
+      char hex[17];
+      std::snprintf(hex, sizeof hex, "%016llx",
+                    static_cast<unsigned long long>(header_digest(md, layout, checksum_key)));
+      md[checksum_key] = hex;
+    }
+    if (!md.empty()) {
+      nlohmann::ordered_json m = nlohmann::ordered_json::object();
+      for (const auto& [k, v] : md) m[k] = v;
+      h["__metadata__"] = std::move(m);
+    }
+    for (const TensorInfo& t : layout) {
       nlohmann::ordered_json e = nlohmann::ordered_json::object();
       e["dtype"] = dtype_name(t.dtype);
       e["shape"] = t.shape;
-      e["data_offsets"] = {offset, offset + t.nbytes};
-      offset += t.nbytes;
+      e["data_offsets"] = {t.begin, t.end};
       h[t.name] = std::move(e);
     }
     std::string s;
@@ -507,6 +486,12 @@ void SafetensorsWriter::set_metadata(std::string key, std::string value) {
   if (impl_->finished)
     throw InvalidArgument(error_context(impl_->path.string(), "", "writer already finished"));
   impl_->metadata[std::move(key)] = std::move(value);
+}
+
+void SafetensorsWriter::set_header_checksum_key(std::string key) {
+  if (impl_->finished)
+    throw InvalidArgument(error_context(impl_->path.string(), "", "writer already finished"));
+  impl_->checksum_key = std::move(key);
 }
 
 void SafetensorsWriter::add(std::string name, DType dtype, std::vector<int64_t> shape,
@@ -551,6 +536,7 @@ void SafetensorsWriter::finish() {
   const std::string header = w.header();
   const int fd = ::open(w.tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0666);
   if (fd < 0) throw Error(internal::io_error(w.tmp, "cannot create"));
+  internal::TempFileMark mark(w.tmp);  // removed by the fault handler of file.h if it fires now
   try {
     const uint64_t n = header.size();
     internal::write_all(fd, &n, 8, w.tmp);
@@ -565,6 +551,7 @@ void SafetensorsWriter::finish() {
   if (::close(fd) != 0) throw Error(internal::io_error(w.tmp, "close failed"));
   if (::rename(w.tmp.c_str(), w.path.c_str()) != 0)
     throw Error(internal::io_error(w.path.string(), "rename failed"));
+  mark.release();
   w.finished = true;
   ::close(w.staging_fd);
   w.staging_fd = -1;

@@ -650,6 +650,21 @@ LoopReport run_block_loop(const std::shared_ptr<const SwitchSource>& source,
   if (opt.threads < 0) throw InvalidArgument("compress: threads must be >= 0");
   if (!gptq_grid_is_ternary(opt.grid))
     throw InvalidArgument("compress: the GPTQ grid must be ternary");
+  {
+    GptqOptions g;
+    g.grid = opt.grid;
+    g.percdamp = opt.percdamp;
+    g.blocksize = opt.blocksize;
+    g.ternary = opt.ternary;
+    gptq_validate_options(g, opt.rate);
+  }
+  // Rate control: each matrix's target (the same for every process: from all the matrices).
+  std::vector<double> rate_target;
+  if (opt.rate.enabled()) {
+    std::vector<std::pair<int64_t, int64_t>> shapes;
+    for (const auto& m : experts) shapes.emplace_back(m.rows, m.cols);
+    rate_target = rate_targets(shapes, opt.rate);
+  }
   const auto t_start = Clock::now();
   const bool gptq = opt.hessians || opt.calibration;
   const int threads = opt.threads > 0 ? opt.threads : omp_get_max_threads();
@@ -840,7 +855,7 @@ LoopReport run_block_loop(const std::shared_ptr<const SwitchSource>& source,
       MatrixStats stats;
       try {
         const SwitchSource::Stored st = src.stored(m.name);
-        if (!gptq) {
+        if (!gptq && opt.ternary.is_default() && !opt.rate.enabled()) {
           auto t0 = Clock::now();
           double c0 = thread_cpu();
           const TernaryMatrix t = ternarize_rtn(st.bytes.data(), st.dtype, m.rows, m.cols);
@@ -864,7 +879,7 @@ LoopReport run_block_loop(const std::shared_ptr<const SwitchSource>& source,
           double hflops = 0;
           if (opt.hessians) {
             h = opt.hessians->hessian(m, tokens_used);
-          } else {
+          } else if (gptq) {
             // The counted tokens (at most the cap), in the global order.
             thread_local std::vector<float> buf;
             const int64_t d_in = src.config().d_model;
@@ -899,22 +914,40 @@ LoopReport run_block_loop(const std::shared_ptr<const SwitchSource>& source,
           g.percdamp = opt.percdamp;
           g.blocksize = opt.blocksize;
           g.actorder = opt.actorder;
+          g.ternary = opt.ternary;
           g.threads = inside;
-          GptqResult r = gptq_quantize(w.data, m.rows, m.cols, h.empty() ? nullptr : h.data(), g);
-          // Read in place or widened from them: the mapped pages are done with either way.
-          release_pages(st.bytes);
-          acc.add(&LoopReport::gptq, since(t0), thread_cpu() - c0,
-                  h.empty() ? 0.0 : gptq_flops(m.rows, m.cols, opt.blocksize));
-          t0 = Clock::now();
-          c0 = thread_cpu();
-          cm = encode(r.ternary,
-                      EncodeOptions{.codec = opt.codec, .target = opt.target, .threads = inside});
-          acc.add(&LoopReport::encode, since(t0), thread_cpu() - c0, 0);
-          stats.zero_fraction = r.ternary.zero_fraction();
-          stats.loss = r.loss;
-          stats.output_loss = r.output_loss;
+          const EncodeOptions eo{.codec = opt.codec, .target = opt.target, .threads = inside};
+          const float* hp = h.empty() ? nullptr : h.data();
+          if (opt.rate.enabled()) {
+            // Rate control: every try is GPTQ and an encoding (counted as GPTQ).
+            RateControl rc = opt.rate;
+            rc.target_bits = rate_target[todo[j]];
+            qmoe::CompressedExpert c = compress_matrix(w.data, m.rows, m.cols, hp, g, eo, rc);
+            // Read in place or widened from them: the mapped pages are done with either way.
+            release_pages(st.bytes);
+            acc.add(&LoopReport::gptq, since(t0), thread_cpu() - c0,
+                    hp ? c.rate_steps * gptq_flops(m.rows, m.cols, opt.blocksize) : 0.0);
+            cm = std::move(c.matrix);
+            stats.zero_fraction = c.zero_fraction;
+            stats.loss = c.loss;
+            stats.output_loss = c.output_loss;
+            stats.fallback = c.status != GptqStatus::kOk;
+          } else {
+            GptqResult r = gptq_quantize(w.data, m.rows, m.cols, hp, g);
+            release_pages(st.bytes);
+            acc.add(&LoopReport::gptq, since(t0), thread_cpu() - c0,
+                    hp ? gptq_flops(m.rows, m.cols, opt.blocksize) : 0.0);
+            t0 = Clock::now();
+            c0 = thread_cpu();
+            cm = encode(r.ternary, eo);
+            acc.add(&LoopReport::encode, since(t0), thread_cpu() - c0, 0);
+            stats.zero_fraction = r.ternary.zero_fraction();
+            stats.loss = r.loss;
+            stats.output_loss = r.output_loss;
+            stats.fallback = r.status != GptqStatus::kOk;
+          }
           stats.tokens = tokens_used;
-          stats.fallback = r.status != GptqStatus::kOk;
+          if (!gptq) stats = MatrixStats{.zero_fraction = stats.zero_fraction};
           {
             std::lock_guard lk(acc.mu);
             rep.hessian_tokens += tokens_used;

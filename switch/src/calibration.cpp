@@ -69,13 +69,16 @@ bool SequentialRunner::sparse() const {
 std::vector<std::pair<int64_t, int64_t>> SequentialRunner::chunks(const SeqOffsets& seqs) const {
   std::vector<std::pair<int64_t, int64_t>> out;  // sequence ranges
   const int64_t limit = std::max<int64_t>(1, opt_.chunk_tokens);
+  // In the decoder the encoder tokens of the same pairs count too: cross-attention copies them and
+  // projects them to keys and values per piece.
+  const SeqOffsets* enc = &seqs == &dec_seqs_ ? &enc_seqs_ : nullptr;
+  auto fits = [&](const SeqOffsets& o, int64_t s0, int64_t s1) {
+    return o.offsets[static_cast<size_t>(s1)] - o.offsets[static_cast<size_t>(s0)] <= limit;
+  };
   int64_t s0 = 0;
   while (s0 < seqs.num_seqs()) {
     int64_t s1 = s0 + 1;
-    while (s1 < seqs.num_seqs() &&
-           seqs.offsets[static_cast<size_t>(s1) + 1] - seqs.offsets[static_cast<size_t>(s0)] <=
-               limit)
-      ++s1;
+    while (s1 < seqs.num_seqs() && fits(seqs, s0, s1 + 1) && (!enc || fits(*enc, s0, s1 + 1))) ++s1;
     out.emplace_back(s0, s1);
     s0 = s1;
   }

@@ -456,6 +456,26 @@ std::string hessian_source(const CompressOptions& opt, int64_t calib_pairs) {
          ")";
 }
 
+// The ternary options and rate control, only when they are not the defaults (so that default
+// runs keep their bytes): "ternary": {levels, zero_threshold, zero_penalty, refit} and "rate":
+// {target_bits, knob, tolerance, max_steps}.
+void add_ternary_options(json& j, const CompressOptions& opt) {
+  const TernaryOptions& t = opt.ternary;
+  if (!t.is_default()) {
+    j["ternary"] = {{"levels", std::string(ternary_levels_name(t.levels))},
+                    {"zero_threshold", t.zero_threshold},
+                    {"zero_penalty", t.zero_penalty},
+                    {"refit", t.refit}};
+  }
+  if (opt.rate.enabled()) {
+    j["rate"] = {{"target_bits", opt.rate.target_bits},
+                 {"knob", std::string(rate_knob_name(opt.rate.knob))},
+                 {"tolerance", opt.rate.tolerance},
+                 {"max_steps", opt.rate.max_steps},
+                 {"scope", std::string(rate_scope_name(opt.rate.scope))}};
+  }
+}
+
 std::string fingerprint(const Checkpoint& ck, const CompressOptions& opt) {
   json files = json::array();
   for (const auto& f : ck.files) {
@@ -492,6 +512,7 @@ std::string fingerprint(const Checkpoint& ck, const CompressOptions& opt) {
     j["blocksize"] = opt.blocksize;
     j["actorder"] = opt.actorder;
   }
+  add_ternary_options(j, opt);
   return j.dump(2) + "\n";
 }
 
@@ -899,6 +920,8 @@ CompressSummary compress_checkpoint(const fs::path& checkpoint, const fs::path& 
     lo.percdamp = opt.percdamp;
     lo.blocksize = opt.blocksize;
     lo.actorder = opt.actorder;
+    lo.ternary = opt.ternary;
+    lo.rate = opt.rate;
     lo.codec = opt.codec;
     lo.target = opt.target;
     lo.threads = opt.threads;
@@ -1043,6 +1066,7 @@ CompressSummary compress_checkpoint(const fs::path& checkpoint, const fs::path& 
           o["blocksize"] = opt.blocksize;
           o["actorder"] = opt.actorder;
         }
+        add_ternary_options(o, opt);
         writer.set_metadata(std::string(kMetaOptions), o.dump());
       }
       for (const auto& k : block_order)

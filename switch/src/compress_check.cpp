@@ -8,6 +8,8 @@
 #include <map>
 #include <mutex>
 
+#include <nlohmann/json.hpp>
+
 #include "qmoe/encoder/encode.h"
 #include "qmoe/format/bf16.h"
 #include "qmoe/format/container.h"
@@ -31,7 +33,12 @@ CheckSummary check_compressed(const fs::path& checkpoint, const fs::path& contai
   for (const auto& f : src->shards())
     for (const auto& t : f.tensors()) stored[t.name] = {&f, &t};
   auto q = c.metadata().find("quantizer");
-  const bool rtn = q == c.metadata().end() || q->second == "rtn";
+  bool rtn = q == c.metadata().end() || q->second == "rtn";
+  // Round to nearest with other ternary options or a target size is not ternarize_rtn().
+  if (auto o = c.metadata().find("compress.options"); rtn && o != c.metadata().end()) {
+    const auto j = nlohmann::json::parse(o->second, nullptr, false);
+    if (j.is_object() && (j.contains("ternary") || j.contains("rate"))) rtn = false;
+  }
 
   CheckSummary s;
   for (const auto& [name, ft] : stored) {

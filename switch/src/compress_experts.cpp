@@ -52,6 +52,8 @@ void compress_experts(SwitchModel& model, const TokenPairs& calib, const ExpertC
   lo.percdamp = opt.gptq.percdamp;
   lo.blocksize = opt.gptq.blocksize;
   lo.actorder = opt.gptq.actorder;
+  lo.ternary = opt.gptq.ternary;
+  lo.rate = opt.rate;
   lo.codec = opt.encode.codec;
   lo.target = opt.encode.target;
   lo.threads = opt.threads;

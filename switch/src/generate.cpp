@@ -1,14 +1,12 @@
 #include "qmoe/switch/generate.h"
 
 #include <fcntl.h>
-#include <sys/mman.h>
 #include <unistd.h>
 
 #include <algorithm>
 #include <cerrno>
 #include <cmath>
 #include <cstring>
-#include <fstream>
 #include <map>
 #include <numeric>
 
@@ -17,6 +15,7 @@
 
 #include "qmoe/format/bf16.h"
 #include "qmoe/format/error.h"
+#include "qmoe/format/file.h"
 #include "qmoe/switch/checkpoint.h"
 
 namespace qmoe::sw {
@@ -126,69 +125,82 @@ std::vector<Spec> tensor_specs(const GenerateOptions& o) {
   return v;
 }
 
-// Fills `out` (numel floats) with the values of tensor `t`.
+// The values of one tensor, generated a range of elements at a time.
 //   matrices: N(0, 1/fan_in), scaled per row (log-normal, sigma 0.25) and, for MLP matrices, per
 //   input feature (log-normal, sigma 0.05). Round-to-nearest ternarization then leaves about 88%
 //   zeros in wi ([d_ff, 768]) and 92% in wo ([768, 3072]), as in trained Switch experts, since
 //   the row maxima that set the ternary levels grow with the row width as for Gaussian rows.
 //   layer norms: around 1; embedding: large (T5's shared embedding is not scaled down).
-void fill(const Spec& t, uint64_t seed, float* out, int threads) {
-  const uint64_t ts = hash_name(t.name, seed);
-  const int64_t n = t.numel();
-  const int64_t rows = t.shape.size() == 2 ? t.shape[0] : 1;
-  const int64_t cols = t.shape.size() == 2 ? t.shape[1] : t.shape[0];
-  const bool mlp = t.kind == Kind::kExpert || t.kind == Kind::kDenseMlp;
-  double scale = 1.0;
-  switch (t.kind) {
-    case Kind::kExpert:
-    case Kind::kDenseMlp:
-    case Kind::kAttention:
-    case Kind::kHead:
-      scale = 1.0 / std::sqrt(static_cast<double>(cols));
-      break;
-    case Kind::kRouter:
-      scale = 0.1 / std::sqrt(static_cast<double>(cols));
-      break;
-    case Kind::kRelBias:
-      scale = 0.5;
-      break;
-    case Kind::kNorm:
-      scale = 0.1;
-      break;
-    case Kind::kEmbedding:
-      scale = 8.0;
-      break;
-  }
-  std::vector<float> row_scale(static_cast<size_t>(rows), 1.0f),
-      col_scale(static_cast<size_t>(cols), 1.0f);
-  if (mlp || t.kind == Kind::kAttention) {
-    normals(ts ^ 0x1111, 0, rows, row_scale.data());
-    for (auto& r : row_scale) r = static_cast<float>(std::exp(0.25 * r));
-  }
-  if (mlp) {
-    normals(ts ^ 0x2222, 0, cols, col_scale.data());
-    for (auto& c : col_scale) c = static_cast<float>(std::exp(0.05 * c));
-  }
-  constexpr int64_t kChunk = 1 << 16;
-  const int64_t chunks = (n + kChunk - 1) / kChunk;
-#pragma omp parallel for schedule(static) \
-    num_threads(threads > 0 ? threads : omp_get_max_threads()) if (chunks > 8)
-  for (int64_t c = 0; c < chunks; ++c) {
-    const int64_t b = c * kChunk, len = std::min(kChunk, n - b);
-    float* o = out + b;
-    normals(ts, b, len, o);
-    for (int64_t k = 0; k < len; ++k) {
-      const int64_t i = b + k;
-      double v = o[k] * scale;
-      if (t.kind == Kind::kNorm) {
-        v += 1.0;
-      } else if (t.kind != Kind::kEmbedding && t.kind != Kind::kRelBias) {
-        v *= row_scale[static_cast<size_t>(i / cols)] * col_scale[static_cast<size_t>(i % cols)];
-      }
-      o[k] = static_cast<float>(v);
+// Element i depends only on (tensor, seed, i), so any split into ranges gives the same values.
+class Filler {
+ public:
+  Filler(const Spec& t, uint64_t seed) : t_(t), ts_(hash_name(t.name, seed)) {
+    rows_ = t.shape.size() == 2 ? t.shape[0] : 1;
+    cols_ = t.shape.size() == 2 ? t.shape[1] : t.shape[0];
+    const bool mlp = t.kind == Kind::kExpert || t.kind == Kind::kDenseMlp;
+    switch (t.kind) {
+      case Kind::kExpert:
+      case Kind::kDenseMlp:
+      case Kind::kAttention:
+      case Kind::kHead:
+        scale_ = 1.0 / std::sqrt(static_cast<double>(cols_));
+        break;
+      case Kind::kRouter:
+        scale_ = 0.1 / std::sqrt(static_cast<double>(cols_));
+        break;
+      case Kind::kRelBias:
+        scale_ = 0.5;
+        break;
+      case Kind::kNorm:
+        scale_ = 0.1;
+        break;
+      case Kind::kEmbedding:
+        scale_ = 8.0;
+        break;
+    }
+    row_scale_.assign(static_cast<size_t>(rows_), 1.0f);
+    col_scale_.assign(static_cast<size_t>(cols_), 1.0f);
+    if (mlp || t.kind == Kind::kAttention) {
+      normals(ts_ ^ 0x1111, 0, rows_, row_scale_.data());
+      for (auto& r : row_scale_) r = static_cast<float>(std::exp(0.25 * r));
+    }
+    if (mlp) {
+      normals(ts_ ^ 0x2222, 0, cols_, col_scale_.data());
+      for (auto& c : col_scale_) c = static_cast<float>(std::exp(0.05 * c));
     }
   }
-}
+
+  // Elements [begin, begin + n) into out[0, n).
+  void fill(int64_t begin, int64_t n, float* out, int threads) const {
+    constexpr int64_t kChunk = 1 << 16;
+    const int64_t chunks = (n + kChunk - 1) / kChunk;
+#pragma omp parallel for schedule(static) \
+    num_threads(threads > 0 ? threads : omp_get_max_threads()) if (chunks > 8)
+    for (int64_t c = 0; c < chunks; ++c) {
+      const int64_t b = c * kChunk, len = std::min(kChunk, n - b);
+      float* o = out + b;
+      normals(ts_, begin + b, len, o);
+      for (int64_t k = 0; k < len; ++k) {
+        const int64_t i = begin + b + k;
+        double v = o[k] * scale_;
+        if (t_.kind == Kind::kNorm) {
+          v += 1.0;
+        } else if (t_.kind != Kind::kEmbedding && t_.kind != Kind::kRelBias) {
+          v *= row_scale_[static_cast<size_t>(i / cols_)] *
+               col_scale_[static_cast<size_t>(i % cols_)];
+        }
+        o[k] = static_cast<float>(v);
+      }
+    }
+  }
+
+ private:
+  const Spec& t_;
+  uint64_t ts_;
+  int64_t rows_ = 1, cols_ = 1;
+  double scale_ = 1.0;
+  std::vector<float> row_scale_, col_scale_;
+};
 
 json config_json(const GenerateOptions& o) {
   const int64_t n_sparse_enc = o.sparse_step == 1 ? o.num_layers : o.num_layers / o.sparse_step;
@@ -242,22 +254,91 @@ json config_json(const GenerateOptions& o) {
   throw Error(p.string() + ": " + what + ": " + std::strerror(errno));
 }
 
-void write_text_atomic(const fs::path& p, const std::string& text) {
-  const fs::path tmp = p.string() + ".tmp." + std::to_string(::getpid());
-  {
-    std::ofstream f(tmp, std::ios::binary | std::ios::trunc);
-    if (!f) io_fail(tmp, "cannot create");
-    f << text;
-    if (!f) io_fail(tmp, "write failed");
+// The files of one run: written under temporary names, renamed at the end. Until commit(), the
+// destructor removes every temporary file and every file already renamed, so a failed run (a
+// full disk, an I/O error) leaves nothing behind; the temporary files are marked for the signal
+// handlers of qmoe/format/file.h too (an interrupted run).
+class Staged {
+ public:
+  Staged() = default;
+  Staged(const Staged&) = delete;
+  Staged& operator=(const Staged&) = delete;
+  ~Staged() {
+    if (committed_) return;
+    for (const auto& [tmp, final_path] : files_) ::unlink(tmp.c_str());
+    for (const auto& f : renamed_) ::unlink(f.c_str());
   }
-  std::error_code ec;
-  fs::rename(tmp, p, ec);
-  if (ec) throw Error(p.string() + ": rename failed: " + ec.message());
+  // The temporary name for `final_path`, remembered for clean-up.
+  fs::path add(const fs::path& final_path) {
+    fs::path tmp = final_path.string() + ".tmp." + std::to_string(::getpid());
+    files_.emplace_back(tmp, final_path);
+    marks_.emplace_back(tmp.string());
+    return tmp;
+  }
+  // Renames every file, in the order added (so the file that makes the checkpoint complete goes
+  // last).
+  void commit() {
+    for (const auto& [tmp, final_path] : files_) {
+      if (::rename(tmp.c_str(), final_path.c_str()) != 0) io_fail(final_path, "rename failed");
+      renamed_.push_back(final_path);
+    }
+    marks_.clear();
+    committed_ = true;
+  }
+
+ private:
+  std::vector<std::pair<fs::path, fs::path>> files_;
+  std::vector<fs::path> renamed_;
+  std::vector<TempFileMark> marks_;
+  bool committed_ = false;
+};
+
+void write_all_at(int fd, const void* data, size_t n, int64_t offset, const fs::path& p) {
+  const char* c = static_cast<const char*>(data);
+  while (n > 0) {
+    const ssize_t w = ::pwrite(fd, c, n, static_cast<off_t>(offset));
+    if (w < 0 && errno == EINTR) continue;
+    if (w <= 0) io_fail(p, "write failed");
+    c += w;
+    n -= static_cast<size_t>(w);
+    offset += w;
+  }
 }
 
-// Writes one safetensors file holding `specs` (in that order), generated straight into a
-// mapping of the output file so that memory stays small whatever the file size.
-int64_t write_shard(const fs::path& path, const std::vector<const Spec*>& specs,
+// Opens `tmp` for writing and reserves `size` bytes: a file system without room fails here, at
+// once, instead of part-way through (where writing through a mapping of a sparse file would have
+// ended the process with SIGBUS).
+int create_sized(const fs::path& tmp, int64_t size) {
+  const int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+  if (fd < 0) io_fail(tmp, "cannot create");
+  if (size > 0) {
+    const int rc = ::posix_fallocate(fd, 0, static_cast<off_t>(size));
+    // EOPNOTSUPP / EINVAL: the file system cannot reserve space; pwrite() reports ENOSPC then.
+    if (rc != 0 && rc != EOPNOTSUPP && rc != EINVAL) {
+      ::close(fd);
+      errno = rc;
+      io_fail(tmp, "cannot reserve the file's size");
+    }
+  }
+  return fd;
+}
+
+void write_text(Staged& staged, const fs::path& p, const std::string& text) {
+  const fs::path tmp = staged.add(p);
+  const int fd = create_sized(tmp, static_cast<int64_t>(text.size()));
+  try {
+    write_all_at(fd, text.data(), text.size(), 0, tmp);
+    if (::fsync(fd) != 0) io_fail(tmp, "fsync failed");
+  } catch (...) {
+    ::close(fd);
+    throw;
+  }
+  if (::close(fd) != 0) io_fail(tmp, "close failed");
+}
+
+// Writes one safetensors file holding `specs` (in that order) under its temporary name, generated
+// and written a few MiB at a time so that memory stays small whatever the file size.
+int64_t write_shard(Staged& staged, const fs::path& path, const std::vector<const Spec*>& specs,
                     const GenerateOptions& o, const std::map<std::string, std::string>& metadata) {
   const int64_t es = dtype_size(o.dtype);
   json header = json::object();
@@ -277,50 +358,40 @@ int64_t write_shard(const fs::path& path, const std::vector<const Spec*>& specs,
   const int64_t data_start = 8 + static_cast<int64_t>(text.size());
   const int64_t total = data_start + off;
 
-  const fs::path tmp = path.string() + ".tmp." + std::to_string(::getpid());
-  const int fd = ::open(tmp.c_str(), O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
-  if (fd < 0) io_fail(tmp, "cannot create");
-  if (::ftruncate(fd, total) != 0) {
-    ::close(fd);
-    ::unlink(tmp.c_str());
-    io_fail(tmp, "cannot size the file");
-  }
-  void* map =
-      ::mmap(nullptr, static_cast<size_t>(total), PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
-  ::close(fd);
-  if (map == MAP_FAILED) {
-    ::unlink(tmp.c_str());
-    io_fail(tmp, "mmap failed");
-  }
-  auto* base = static_cast<std::byte*>(map);
-  const uint64_t n_le = text.size();
-  std::memcpy(base, &n_le, 8);
-  std::memcpy(base + 8, text.data(), text.size());
-  const int64_t page = ::sysconf(_SC_PAGESIZE);
-  std::vector<float> buf;
-  int64_t pos = data_start;
-  for (const Spec* s : specs) {
-    const int64_t n = s->numel();
-    std::byte* dst = base + pos;
-    if (o.dtype == DType::kF32) {
-      fill(*s, o.seed, reinterpret_cast<float*>(dst), o.threads);  // data_start is 8-aligned
-    } else {
-      buf.resize(static_cast<size_t>(n));
-      fill(*s, o.seed, buf.data(), o.threads);
-      for (int64_t i = 0; i < n; ++i) {
-        const uint16_t h = float_to_bf16(buf[static_cast<size_t>(i)]);
-        std::memcpy(dst + 2 * i, &h, 2);
+  const fs::path tmp = staged.add(path);
+  const int fd = create_sized(tmp, total);
+  try {
+    const uint64_t n_le = text.size();
+    write_all_at(fd, &n_le, 8, 0, tmp);
+    write_all_at(fd, text.data(), text.size(), 8, tmp);
+    constexpr int64_t kBlock = int64_t{1} << 20;  // elements generated and written at a time
+    std::vector<float> buf;
+    std::vector<uint16_t> half;
+    int64_t pos = data_start;
+    for (const Spec* s : specs) {
+      const Filler filler(*s, o.seed);
+      const int64_t n = s->numel();
+      for (int64_t b = 0; b < n; b += kBlock) {
+        const int64_t len = std::min(kBlock, n - b);
+        buf.resize(static_cast<size_t>(len));
+        filler.fill(b, len, buf.data(), o.threads);
+        if (o.dtype == DType::kF32) {
+          write_all_at(fd, buf.data(), static_cast<size_t>(len) * 4, pos, tmp);
+        } else {
+          half.resize(static_cast<size_t>(len));
+          for (int64_t i = 0; i < len; ++i)
+            half[static_cast<size_t>(i)] = float_to_bf16(buf[static_cast<size_t>(i)]);
+          write_all_at(fd, half.data(), static_cast<size_t>(len) * 2, pos, tmp);
+        }
+        pos += len * es;
       }
     }
-    // Hand the written pages to the page cache so resident memory stays small.
-    const int64_t a = (pos + page - 1) / page * page, e = (pos + n * es) / page * page;
-    if (e > a) ::madvise(base + a, static_cast<size_t>(e - a), MADV_DONTNEED);
-    pos += n * es;
+    if (::fsync(fd) != 0) io_fail(tmp, "fsync failed");
+  } catch (...) {
+    ::close(fd);
+    throw;
   }
-  if (::munmap(map, static_cast<size_t>(total)) != 0) io_fail(tmp, "munmap failed");
-  std::error_code ec;
-  fs::rename(tmp, path, ec);
-  if (ec) throw Error(path.string() + ": rename failed: " + ec.message());
+  if (::close(fd) != 0) io_fail(tmp, "close failed");
   return total;
 }
 
@@ -439,59 +510,65 @@ GenerateSummary generate_checkpoint(const fs::path& dir, const GenerateOptions& 
       sum.expert_weights += s.numel();
     }
   }
-  write_text_atomic(dir / "config.json", config_json(opt).dump(2) + "\n");
-  sum.files.push_back(dir / "config.json");
-  sum.total_bytes += static_cast<int64_t>(fs::file_size(dir / "config.json"));
-
+  // Everything is written under temporary names first and renamed at the end, the model files
+  // first and config.json last (a directory with a config.json holds a whole checkpoint); a
+  // failure removes whatever this run wrote.
+  Staged staged;
+  const std::string config_text = config_json(opt).dump(2) + "\n";
   if (opt.shard_size == 0) {
     std::vector<const Spec*> all;
     for (const auto& s : specs) all.push_back(&s);
-    sum.total_bytes += write_shard(dir / "model.safetensors", all, opt, {{"format", "pt"}});
+    sum.total_bytes += write_shard(staged, dir / "model.safetensors", all, opt, {{"format", "pt"}});
     sum.files.push_back(dir / "model.safetensors");
-    return sum;
-  }
-  std::vector<std::vector<const Spec*>> shards(1);
-  int64_t cur = 0;
-  for (const auto& s : specs) {
-    const int64_t nb = s.numel() * es;
-    if (!shards.back().empty() && cur + nb > opt.shard_size) {
-      shards.emplace_back();
-      cur = 0;
+  } else {
+    std::vector<std::vector<const Spec*>> shards(1);
+    int64_t cur = 0;
+    for (const auto& s : specs) {
+      const int64_t nb = s.numel() * es;
+      if (!shards.back().empty() && cur + nb > opt.shard_size) {
+        shards.emplace_back();
+        cur = 0;
+      }
+      shards.back().push_back(&s);
+      cur += nb;
     }
-    shards.back().push_back(&s);
-    cur += nb;
-  }
-  const size_t n = shards.size();
-  auto shard_file = [&](size_t k) {
-    char buf[64];
-    std::snprintf(buf, sizeof buf, "model-%05zu-of-%05zu.safetensors", k + 1, n);
-    return std::string(buf);
-  };
-  // The conversion bot's index names the tied aliases too, pointing at the shard that holds
-  // shared.weight; that shard's metadata maps each alias to it.
-  const char* aliases[] = {"decoder.embed_tokens.weight", "encoder.embed_tokens.weight",
-                           "lm_head.weight"};
-  json wm = json::object();
-  int64_t data_bytes = 0;
-  for (size_t k = 0; k < n; ++k) {
-    std::map<std::string, std::string> md{{"format", "pt"}};
-    for (const Spec* s : shards[k]) {
-      wm[s->name] = shard_file(k);
-      data_bytes += s->numel() * es;
-      if (s->name == "shared.weight") {
-        for (const char* a : aliases) {
-          md[a] = "shared.weight";
-          wm[a] = shard_file(k);
+    const size_t n = shards.size();
+    auto shard_file = [&](size_t k) {
+      char buf[64];
+      std::snprintf(buf, sizeof buf, "model-%05zu-of-%05zu.safetensors", k + 1, n);
+      return std::string(buf);
+    };
+    // The conversion bot's index names the tied aliases too, pointing at the shard that holds
+    // shared.weight; that shard's metadata maps each alias to it.
+    const char* aliases[] = {"decoder.embed_tokens.weight", "encoder.embed_tokens.weight",
+                             "lm_head.weight"};
+    json wm = json::object();
+    int64_t data_bytes = 0;
+    for (size_t k = 0; k < n; ++k) {
+      std::map<std::string, std::string> md{{"format", "pt"}};
+      for (const Spec* s : shards[k]) {
+        wm[s->name] = shard_file(k);
+        data_bytes += s->numel() * es;
+        if (s->name == "shared.weight") {
+          for (const char* a : aliases) {
+            md[a] = "shared.weight";
+            wm[a] = shard_file(k);
+          }
         }
       }
+      sum.total_bytes += write_shard(staged, dir / shard_file(k), shards[k], opt, md);
+      sum.files.push_back(dir / shard_file(k));
     }
-    sum.total_bytes += write_shard(dir / shard_file(k), shards[k], opt, md);
-    sum.files.push_back(dir / shard_file(k));
+    const json index = {{"metadata", {{"total_size", data_bytes}}}, {"weight_map", wm}};
+    const std::string index_text = index.dump(2) + "\n";
+    write_text(staged, dir / "model.safetensors.index.json", index_text);
+    sum.files.push_back(dir / "model.safetensors.index.json");
+    sum.total_bytes += static_cast<int64_t>(index_text.size());
   }
-  const json index = {{"metadata", {{"total_size", data_bytes}}}, {"weight_map", wm}};
-  write_text_atomic(dir / "model.safetensors.index.json", index.dump(2) + "\n");
-  sum.files.push_back(dir / "model.safetensors.index.json");
-  sum.total_bytes += static_cast<int64_t>(fs::file_size(dir / "model.safetensors.index.json"));
+  write_text(staged, dir / "config.json", config_text);
+  sum.files.insert(sum.files.begin(), dir / "config.json");
+  sum.total_bytes += static_cast<int64_t>(config_text.size());
+  staged.commit();
   return sum;
 }
 

@@ -6,6 +6,7 @@
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
+#include <sys/stat.h>
 #include <unistd.h>
 #include "random_ternary.h"
 
@@ -25,6 +26,7 @@
 #include "qmoe/format/codec_layout.h"
 #include "qmoe/format/container.h"
 #include "qmoe/format/error.h"
+#include "qmoe/format/file.h"
 #include "qmoe/format/matrix.h"
 #include "qmoe/format/reference.h"
 #include "qmoe/format/safetensors.h"
@@ -50,9 +52,10 @@ class TempDir {
   const fs::path& path() const { return path_; }
   fs::path operator/(const std::string& s) const { return path_ / s; }
   // Names of the entries of the directory, sorted.
-  std::vector<std::string> list() const {
+  std::vector<std::string> list() const { return list_of(path_); }
+  static std::vector<std::string> list_of(const fs::path& dir) {
     std::vector<std::string> out;
-    for (const auto& e : fs::directory_iterator(path_)) out.push_back(e.path().filename().string());
+    for (const auto& e : fs::directory_iterator(dir)) out.push_back(e.path().filename().string());
     std::sort(out.begin(), out.end());
     return out;
   }
@@ -92,11 +95,39 @@ inline std::pair<nlohmann::ordered_json, std::vector<uint8_t>> split_file(const 
           std::vector<uint8_t>(b.begin() + 8 + static_cast<int64_t>(n), b.end())};
 }
 
-// Rewrites a file's header (and optionally its data) in place; the header is re-padded to 8.
+// Recomputes the header checksum (format_version 2, "qmoe.header.xxh3") of a header that has one,
+// so that a test can edit the header and still reach the check it means to exercise. Headers the
+// reader refuses before that check (unknown dtypes, non-string metadata, ...) are left alone.
+inline void refresh_header_checksum(nlohmann::ordered_json& h) {
+  const std::string key(kHeaderChecksumKey);
+  if (!h.is_object() || !h.contains("__metadata__") || !h["__metadata__"].is_object() ||
+      !h["__metadata__"].contains(key))
+    return;
+  try {
+    std::map<std::string, std::string> md;
+    for (const auto& [k, v] : h["__metadata__"].items()) md[k] = v.get<std::string>();
+    std::vector<TensorInfo> tensors;
+    for (const auto& [name, e] : h.items()) {
+      if (name == "__metadata__") continue;
+      const auto dt = dtype_from_name(e.at("dtype").get<std::string>());
+      if (!dt) return;
+      tensors.push_back(TensorInfo{name, *dt, e.at("shape").get<std::vector<int64_t>>(),
+                                   e.at("data_offsets").at(0).get<int64_t>(),
+                                   e.at("data_offsets").at(1).get<int64_t>()});
+    }
+    h["__metadata__"][key] = hex64(header_digest(md, tensors, key));
+  } catch (const nlohmann::json::exception&) {
+  }
+}
+
+// Rewrites a file's header (and optionally its data) in place; the header is re-padded to 8 and,
+// unless `refresh_header` is false, its header checksum is recomputed.
 inline void rewrite(const fs::path& p,
-                    const std::function<void(nlohmann::ordered_json&, std::vector<uint8_t>&)>& fn) {
+                    const std::function<void(nlohmann::ordered_json&, std::vector<uint8_t>&)>& fn,
+                    bool refresh_header = true) {
   auto [h, d] = split_file(p);
   fn(h, d);
+  if (refresh_header) refresh_header_checksum(h);
   std::string text = h.dump();
   text.append((8 - text.size() % 8) % 8, ' ');
   write_bytes(p, raw_file(text, d));

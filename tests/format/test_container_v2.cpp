@@ -138,5 +138,28 @@ TEST(ContainerV2, BrokenDictionariesAndReferences) {
       {"used by no matrix"});
 }
 
+// The reference decoder is safe on dictionaries nobody validated (the fuzzer's path): an entry
+// whose slot is both low and high (symbol 3) is an error naming the entry, not an index past the
+// row's table of values (found by fuzz_decoder; corpus seed v2-dict-slot-low-and-high).
+TEST(ReferenceDecoder, UnvalidatedEntryBothLowAndHighIsAnError) {
+  const V2Fixture fx;
+  CompressedView v = fx.a.view();
+  std::vector<uint32_t> dict(v.dictionary.begin(), v.dictionary.end());
+  size_t i = 0;
+  while (i < v.codes.size() && v2::slot_symbol(dict[v.codes[i]], 0) == 0) ++i;
+  ASSERT_LT(i, v.codes.size());
+  const uint16_t code = v.codes[i];
+  dict[code] |= (1u << v2::kLowShift) | (1u << v2::kHighShift);
+  v.dictionary = dict;
+  const size_t n = static_cast<size_t>(v.rows * v.cols);
+  std::vector<float> dense(n), x(static_cast<size_t>(v.cols), 1.0f), y(static_cast<size_t>(v.rows));
+  std::vector<uint8_t> symbols(n);
+  const std::vector<std::string> parts = {"qmoe-v2 dictionary entry " + std::to_string(code),
+                                          "slot 0 is both low and high"};
+  expect_format_error([&] { decode_ref(v, dense.data()); }, parts);
+  expect_format_error([&] { decode_symbols_ref(v, symbols.data()); }, parts);
+  expect_format_error([&] { matvec_ref(v, x.data(), y.data()); }, parts);
+}
+
 }  // namespace
 }  // namespace qmoe::test

@@ -258,7 +258,21 @@ INSTANTIATE_TEST_SUITE_P(
                 {"trailing"}},
         BadCase{"metadata_not_strings", R"({"__metadata__":{"k":1}})", {}, {"not a string"}},
         BadCase{"metadata_array", R"({"__metadata__":[]})", {}, {"__metadata__"}},
-        BadCase{"trailing_nul", std::string("{}\0\0", 4), {}, {"malformed JSON"}}),
+        BadCase{"trailing_nul", std::string("{}\0\0", 4), {}, {"malformed JSON"}},
+        // A UTF-8 byte-order mark is not JSON whitespace (nlohmann's parser would skip it).
+        BadCase{"byte_order_mark", "\xEF\xBB\xBF{}", {}, {"byte-order mark"}},
+        BadCase{"byte_order_mark_after_space", " \xEF\xBB\xBF{}", {}, {"malformed JSON"}},
+        // U+0000 spelled as an escape: names and keys are C strings to many tools.
+        BadCase{"nul_in_tensor_name",
+                "{\"a\\u0000b\":{" + kU8 + R"("data_offsets":[0,2]}})",
+                {1, 2},
+                {"U+0000"}},
+        BadCase{"nul_in_metadata_key", R"({"__metadata__":{"k\u0000":"v"}})", {}, {"U+0000"}},
+        BadCase{"nul_in_metadata_value", R"({"__metadata__":{"k":"v\u0000"}})", {}, {"U+0000"}},
+        BadCase{"nul_in_dtype",
+                R"({"a":{"dtype":"U8\u0000","shape":[2],"data_offsets":[0,2]}})",
+                {1, 2},
+                {"U+0000"}}),
     [](const auto& param_info) { return std::string(param_info.param.name); });
 
 TEST(Safetensors, TooShortFiles) {
@@ -292,7 +306,64 @@ TEST(Safetensors, MissingFileAndDirectory) {
   TempDir dir;
   expect_format_error([&] { (void)SafetensorsFile::open(dir / "absent.safetensors"); },
                       {"absent.safetensors"});
-  expect_format_error([&] { (void)SafetensorsFile::open(dir.path()); }, {"not a regular file"});
+  expect_format_error([&] { (void)SafetensorsFile::open(dir.path()); },
+                      {"not a regular file (a directory)"});
+}
+
+// A named pipe nobody writes to: opening it for reading would block forever. It is refused
+// before it is opened (the test would hang otherwise; ctest's timeout makes that a failure).
+TEST(Safetensors, NamedPipeIsRefusedWithoutBlocking) {
+  TempDir dir;
+  const fs::path fifo = dir / "pipe.safetensors";
+  ASSERT_EQ(::mkfifo(fifo.c_str(), 0600), 0);
+  expect_format_error([&] { (void)SafetensorsFile::open(fifo); },
+                      {fifo.string(), "not a regular file (a named pipe)"});
+  expect_format_error([&] { (void)read_regular_file(fifo, 1 << 20); },
+                      {fifo.string(), "a named pipe"});
+  expect_format_error([&] { (void)SafetensorsFile::open("/dev/null"); },
+                      {"/dev/null", "a character device"});
+}
+
+TEST(Safetensors, ReadRegularFileBoundsTheSize) {
+  TempDir dir;
+  write_bytes(dir / "f.json", std::vector<uint8_t>(100, ' '));
+  EXPECT_EQ(read_regular_file(dir / "f.json", 100).size(), 100u);
+  expect_format_error([&] { (void)read_regular_file(dir / "f.json", 99); },
+                      {"f.json", "larger than the limit"});
+}
+
+// A mapped file truncated in place by another program: reading a page past the new end raises
+// SIGBUS. With the handler of file.h the process ends with a message naming the file and exit
+// code 2, and the temporary files of unfinished writers are removed first.
+TEST(SafetensorsDeathTest, TruncatedMappedFileEndsWithAMessageNamingIt) {
+  // "fast" death tests fork without exec: the child sees this test's files under the same names.
+  GTEST_FLAG_SET(death_test_style, "fast");
+  TempDir dir;
+  const fs::path p = dir / "big.safetensors";
+  const std::vector<float> data(1 << 20, 1.0f);  // 4 MiB: the tail is pages past the cut
+  {
+    SafetensorsWriter w(p);
+    w.add("x", DType::kF32, {1 << 20}, std::as_bytes(std::span(data)));
+    w.finish();
+  }
+  const fs::path out = dir / "out";
+  EXPECT_EXIT(
+      {
+        install_mapped_file_fault_handler();
+        const auto f = SafetensorsFile::open(p);
+        // A sharded writer with one shard closed under its intermediate name.
+        ContainerWriter w(out, {.shard_size = 16});
+        w.add_dense("a", DType::kF32, {1 << 10}, std::as_bytes(std::span(data).first(1 << 10)));
+        w.add_dense("b", DType::kF32, {1 << 10}, std::as_bytes(std::span(data).first(1 << 10)));
+        if (::truncate(p.c_str(), 4096) != 0) std::abort();
+        const auto bytes = f.bytes(*f.find("x"));
+        volatile float sum = 0;
+        for (size_t i = 0; i < bytes.size(); i += 4096) sum = sum + static_cast<float>(bytes[i]);
+        std::abort();  // not reached: the read past the new end faults
+      },
+      ::testing::ExitedWithCode(2), p.string() + ": the mapped file could not be read any more");
+  // The closed shard of the writer in the child was removed by the handler.
+  EXPECT_EQ(TempDir::list_of(out), std::vector<std::string>{});
 }
 
 // Every proper prefix of a valid file is rejected cleanly (no crash, no out-of-bounds read: the

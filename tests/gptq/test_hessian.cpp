@@ -1,5 +1,6 @@
 #include <gtest/gtest.h>
 
+#include <sys/stat.h>
 #include <unistd.h>
 #include <cmath>
 #include <cstdlib>
@@ -311,6 +312,21 @@ TEST(HessianFile, RejectsInvalidFiles) {
     EXPECT_THROW(read_hessians(path), FormatError) << c.name;
     std::filesystem::remove(path);
   }
+}
+
+// A named pipe given as a Hessian file is refused at once (opening it for reading blocked).
+TEST(HessianFile, NamedPipeIsRefused) {
+  const auto path = temp_path("pipe");
+  std::filesystem::remove(path);
+  ASSERT_EQ(::mkfifo(path.c_str(), 0600), 0);
+  try {
+    (void)read_hessians(path);
+    ADD_FAILURE() << "no error";
+  } catch (const FormatError& e) {
+    EXPECT_NE(std::string(e.what()).find("not a regular file (a named pipe)"), std::string::npos)
+        << e.what();
+  }
+  std::filesystem::remove(path);
 }
 
 }  // namespace

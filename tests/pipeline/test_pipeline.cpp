@@ -714,6 +714,76 @@ TEST(Pipeline, HessiansThatDoNotMatch) {
   EXPECT_NE(r.output.find("no Hessian"), std::string::npos) << r.output;
   EXPECT_FALSE(fs::exists(t / "out.safetensors"));
 }
+// Rate control through the pipeline: every expert matrix lands within the tolerance of its target
+// (scope "all": the mean over the experts lands on --target-bits), the options are recorded, the
+// bytes do not depend on the thread count; round to nearest takes a target too, and
+// check-compressed does not hold such a container to ternarize_rtn().
+TEST(Pipeline, RateControlLandsEveryMatrix) {
+  TempDir t("rate");
+  sw::generate_checkpoint(t / "ckpt", tiny());
+  const auto acc = random_hessians(t / "ckpt", 7);
+  write_hessians(t / "h.safetensors", acc);
+  auto prov = sw::open_hessian_file(t / "h.safetensors");
+  sw::CompressOptions opt;
+  opt.hessians = prov.get();
+  opt.threads = 2;
+  opt.ternary.levels = TernaryLevels::kFit;
+  opt.ternary.refit = 2;
+  opt.rate.target_bits = 1.5;
+  opt.rate.knob = RateKnob::kPenalty;
+  opt.rate.scope = RateScope::kAll;
+  const auto s = sw::compress_checkpoint(t / "ckpt", t / "out.safetensors", opt);
+  EXPECT_NEAR(s.bits_per_expert_weight(), 1.5, opt.rate.tolerance);
+  const Container c = Container::open(t / "out.safetensors");
+  const json o = json::parse(c.metadata().at("compress.options"));
+  EXPECT_EQ(o.at("ternary").at("levels"), "fit");
+  EXPECT_EQ(o.at("ternary").at("refit"), 2);
+  EXPECT_EQ(o.at("rate").at("target_bits"), 1.5);
+  EXPECT_EQ(o.at("rate").at("scope"), "all");
+  std::vector<std::pair<int64_t, int64_t>> shapes;
+  for (const auto& e : c.compressed()) shapes.emplace_back(e.view.rows, e.view.cols);
+  const std::vector<double> targets = rate_targets(shapes, opt.rate);
+  for (size_t i = 0; i < c.compressed().size(); ++i)
+    EXPECT_NEAR(c.compressed()[i].view.bits_per_weight(), targets[i], opt.rate.tolerance)
+        << c.compressed()[i].name;
+  EXPECT_EQ(targets.size(), 32u);
+  EXPECT_NE(targets.front(), targets.back());  // wi and wo differ in overhead
+  sw::CompressOptions o1 = opt;
+  o1.threads = 1;
+  sw::compress_checkpoint(t / "ckpt", t / "out1.safetensors", o1);
+  EXPECT_EQ(read_file(t / "out1.safetensors"), read_file(t / "out.safetensors"));
+
+  // Round to nearest at a size, from the command line; check-compressed accepts it.
+  auto r = run_cli({"compress", (t / "ckpt").string(), "-o", (t / "rtn.safetensors").string(),
+                    "--rtn", "--target-bits", "1.5", "--rate-scope", "all"});
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  const Container cr = Container::open(t / "rtn.safetensors");
+  EXPECT_EQ(cr.metadata().at("quantizer"), "rtn");
+  int64_t bytes = 0, weights = 0;
+  for (const auto& e : cr.compressed()) {
+    bytes += e.view.compressed_bytes();
+    weights += e.view.rows * e.view.cols;
+  }
+  EXPECT_NEAR(8.0 * static_cast<double>(bytes) / static_cast<double>(weights), 1.5, 0.002);
+  r = run_cli({"check-compressed", (t / "ckpt").string(), (t / "rtn.safetensors").string()});
+  EXPECT_EQ(r.exit_code, 0) << r.output;
+  EXPECT_EQ(r.output.find("exactly equal"), std::string::npos) << r.output;
+  // An unreachable target fails naming the tensor, and leaves no output.
+  r = run_cli({"compress", (t / "ckpt").string(), "-o", (t / "low.safetensors").string(), "--rtn",
+               "--target-bits", "0.1"});
+  EXPECT_NE(r.exit_code, 0);
+  EXPECT_NE(r.output.find("not reached"), std::string::npos) << r.output;
+  EXPECT_NE(r.output.find("tensor '"), std::string::npos) << r.output;
+  EXPECT_FALSE(fs::exists(t / "low.safetensors"));
+  // Default options record neither (their bytes stay QMoE's).
+  r = run_cli(
+      {"compress", (t / "ckpt").string(), "-o", (t / "plain.safetensors").string(), "--rtn"});
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  const json po =
+      json::parse(Container::open(t / "plain.safetensors").metadata().at("compress.options"));
+  EXPECT_FALSE(po.contains("ternary"));
+  EXPECT_FALSE(po.contains("rate"));
+}
 #else
 TEST(Pipeline, GptqFromHessianFile) {
   GTEST_SKIP() << "qmoe was built without gptq/";

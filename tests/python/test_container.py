@@ -1,6 +1,6 @@
 """qmoe.save / qmoe.load, and what any safetensors reader sees in a container.
 
-The stored layout checked here is the one format/SPEC.md specifies (sections 4.1-4.5; section 11
+The stored layout checked here is the one format/SPEC.md specifies (sections 4.1-4.6; section 11
 for reading with the safetensors package, which needs ml_dtypes imported for BF16): a compressed
 matrix W is stored as
   W.qmoe_codes        U16  [num_codes]          (qmoe-v1, qmoe-v2, qmoe-v3)
@@ -10,9 +10,9 @@ matrix W is stored as
 plus the qmoe-v1 decode table "qmoe.dictionary.qmoe-v1" (I32 [65536, 2]) in every file holding
 a qmoe-v1 matrix and each qmoe-v2 / qmoe-v3 dictionary "qmoe.dictionary.<codec>.<id>" (U32 [65536])
 in every file holding a matrix that uses it; __metadata__ holds "format": "qmoe", "format_version":
-"1", "qmoe.matrix.W": {"codec", "shape", "dtype"} (plus "dictionary": <id> for qmoe-v2 and qmoe-v3)
-and an xxh3
-checksum "qmoe.xxh3.<tensor>" for every stored tensor. Dense tensors are stored unchanged.
+"2", "qmoe.matrix.W": {"codec", "shape", "dtype"} (plus "dictionary": <id> for qmoe-v2 and qmoe-v3),
+an xxh3 checksum "qmoe.xxh3.<tensor>" for every stored tensor and the header checksum
+"qmoe.header.xxh3" (section 4.5). Dense tensors are stored unchanged.
 """
 
 import gc
@@ -83,7 +83,7 @@ def test_save_load_round_trip(rng, tmp_path):
     assert qmoe.load(str(path), verify_checksums=True).keys() == loaded.keys()
     meta = qmoe.load_metadata(path)
     assert meta["source"] == "test" and meta["note"] == "ünïcode"
-    assert meta["format"] == "qmoe" and meta["format_version"] == "1"
+    assert meta["format"] == "qmoe" and meta["format_version"] == "2"
     # A directory holding model.safetensors opens too.
     assert_same(qmoe.load(tmp_path), tensors)
 
@@ -152,6 +152,38 @@ def expected_stored(tensors):
     return want
 
 
+def header_checksum_from_spec(path):
+    """The header checksum of format/SPEC.md 4.5, computed from the text of the spec alone."""
+    import struct
+
+    import xxhash
+
+    raw = open(path, "rb").read()
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8:8 + n])
+    meta = header.pop("__metadata__")
+    out = bytearray()
+
+    def string(s):
+        b = s.encode("utf-8")
+        out.extend(struct.pack("<Q", len(b)) + b)
+
+    for k in sorted(meta, key=lambda k: k.encode("utf-8")):
+        if k != "qmoe.header.xxh3":
+            out.append(1)
+            string(k)
+            string(meta[k])
+    for name in sorted(header, key=lambda k: k.encode("utf-8")):
+        e = header[name]
+        out.append(2)
+        string(name)
+        string(e["dtype"])
+        out.extend(struct.pack("<Q", len(e["shape"])))
+        out.extend(struct.pack(f"<{len(e['shape'])}Q", *e["shape"]))
+        out.extend(struct.pack("<QQ", *e["data_offsets"]))
+    return xxhash.xxh3_64_hexdigest(bytes(out))
+
+
 def st_dtype_name(arr):
     return ST_NAMES[arr.dtype]
 
@@ -182,7 +214,8 @@ def test_safetensors_package_reads_every_tensor(rng, tmp_path):
                 np.testing.assert_array_equal(stored[name + ".qmoe_packed"].reshape(-1), t.packed)
         else:
             np.testing.assert_array_equal(stored[name], t)
-    assert meta["format"] == "qmoe" and meta["format_version"] == "1" and meta["source"] == "test"
+    assert meta["format"] == "qmoe" and meta["format_version"] == "2" and meta["source"] == "test"
+    assert meta["qmoe.header.xxh3"] == header_checksum_from_spec(path)
     for name, t in tensors.items():
         if isinstance(t, qmoe.CompressedMatrix):
             decl = json.loads(meta["qmoe.matrix." + name])
@@ -212,6 +245,10 @@ def test_safetensors_package_reads_every_shard(rng, tmp_path):
     with open(out / "model.safetensors.index.json") as f:
         index = json.load(f)
     assert index["metadata"]["format"] == "qmoe"
+    for f in files:
+        if str(f).endswith(".safetensors"):
+            with safe_open(str(f), framework="numpy") as st:
+                assert st.metadata()["qmoe.header.xxh3"] == header_checksum_from_spec(f)
     assert set(index["weight_map"]) <= set(want)
 
 

@@ -24,14 +24,20 @@ def test_to_cuda_without_a_device_raises_runtime_error(rng):
     assert not isinstance(info.value, qmoe.FormatError)
 
 
+def test_to_cuda_in_a_build_without_cuda_says_so(rng):
+    if qmoe.built_with_cuda:
+        pytest.skip("qmoe was built with the CUDA kernels: the no-kernels error cannot be observed")
+    m, _, _ = encode_rtn(sparse_weights(rng, 6, 40), "qmoe-v3")
+    with pytest.raises(RuntimeError, match="without the CUDA kernels"):
+        m.to_cuda()
+
+
 @pytest.mark.parametrize("codec", ["qmoe-v3", "qmoe-g4"])
 def test_to_cuda_converts_the_cpu_codecs(rng, codec):
     # qmoe-v3 and qmoe-g4 are CPU codecs: to_cuda() converts them to qmoe-v2 on upload.
-    m, _, _ = encode_rtn(sparse_weights(rng, 6, 40), codec)
     if not qmoe.built_with_cuda:
-        with pytest.raises(RuntimeError, match="without the CUDA kernels"):
-            m.to_cuda()
-        return
+        pytest.skip("qmoe was built without the CUDA kernels")
+    m, _, _ = encode_rtn(sparse_weights(rng, 6, 40), codec)
     if qmoe.cuda_device_count() == 0:
         with pytest.raises(RuntimeError, match="no CUDA device"):
             m.to_cuda()

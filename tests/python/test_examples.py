@@ -6,6 +6,8 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
@@ -25,11 +27,17 @@ def test_gptq_one_matrix_prints_the_error_of_both_methods():
     assert "GPTQ status ok" in out
 
 
-def test_torch_moe_hessians_runs_or_skips_cleanly():
+def test_torch_moe_hessians_without_torch_says_so():
+    if importlib.util.find_spec("torch") is not None:
+        pytest.skip("PyTorch is installed: the script's message for a missing PyTorch cannot be observed")
     out = run("examples/torch_moe_hessians.py", "--batches", "4", "--tokens", "128")
+    assert "PyTorch is not installed" in out
+
+
+def test_torch_moe_hessians_gptq_beats_rtn():
     if importlib.util.find_spec("torch") is None:
-        assert "PyTorch is not installed" in out
-        return
+        pytest.skip("PyTorch is not installed (it is not a dependency of qmoe)")
+    out = run("examples/torch_moe_hessians.py", "--batches", "4", "--tokens", "128")
     gptq = re.search(r"GPTQ \(loaded back\) experts: relative error ([0-9.]+)", out)
     rtn = re.search(r"round to nearest experts: relative error ([0-9.]+)", out)
     assert gptq and rtn, out
@@ -72,12 +80,22 @@ def test_codecs_and_entropy_ranks_the_codecs():
     assert "decode to the same weights: True" in out, out
 
 
-def test_torch_generate_runs_or_skips_cleanly(tmp_path):
+def torch_and_transformers_installed():
+    return importlib.util.find_spec("torch") is not None and importlib.util.find_spec("transformers") is not None
+
+
+def test_torch_generate_without_torch_says_so():
+    if torch_and_transformers_installed():
+        pytest.skip("PyTorch and transformers are installed: the script's message for them missing cannot be observed")
     fixture = ROOT / "tests" / "switch" / "fixtures" / "every_other_f32"
-    if importlib.util.find_spec("torch") is None or importlib.util.find_spec("transformers") is None:
-        out = run("examples/torch_generate.py", "--checkpoint", str(fixture))
-        assert "PyTorch or transformers is not installed" in out
-        return
+    out = run("examples/torch_generate.py", "--checkpoint", str(fixture))
+    assert "PyTorch or transformers is not installed" in out
+
+
+def test_torch_generate_from_a_container(tmp_path):
+    if not torch_and_transformers_installed():
+        pytest.skip("PyTorch or transformers is not installed (pip install qmoe[torch])")
+    fixture = ROOT / "tests" / "switch" / "fixtures" / "every_other_f32"
     container = tmp_path / "c.safetensors"
     import qmoe
 

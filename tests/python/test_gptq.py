@@ -186,3 +186,35 @@ def test_compress_matrix_is_gptq_then_encode(rng):
     assert half.original_dtype == "F16"
     bf = qmoe.compress_matrix(w.astype(ml_dtypes.bfloat16))
     assert bf.original_dtype == "BF16"
+
+
+def test_ternary_options_and_rate_control(rng):
+    x = calibration(rng, 800, 96)
+    w = rng.standard_normal((64, 96)).astype(np.float32)
+    acc = qmoe.HessianAccumulator(96)
+    acc.add(x)
+    h = acc.hessian()
+    base = qmoe.gptq(w, h)
+    # Refit rounds only lower GPTQ's loss; fitted levels differ from QMoE's (min, max).
+    refit = qmoe.gptq(w, h, refit=3, levels="fit")
+    assert refit.loss < base.loss
+    assert not np.array_equal(refit.levels, base.levels)
+    # A zero penalty trades error for zeros.
+    pen = qmoe.gptq(w, h, zero_penalty=4.0)
+    assert (pen.symbols == 0).mean() > (base.symbols == 0).mean()
+    # Rate control lands within its tolerance, with either knob, and says what it found (96-wide
+    # rows: qmoe-v1's codes, row offsets and levels take at least 1.33 bits per weight).
+    for knob in ("threshold", "penalty"):
+        m, stats = qmoe.compress_matrix(w, h, target_bits=1.6, rate_knob=knob, rate_tolerance=0.003,
+                                        with_stats=True, refit=1)
+        assert stats["bits_per_weight"] == pytest.approx(1.6, abs=0.003)
+        assert m.bits_per_weight == pytest.approx(stats["bits_per_weight"])
+        assert stats["rate_steps"] >= 1
+        if knob == "penalty":
+            assert stats["zero_penalty"] != 0.0 and stats["zero_threshold"] == 0.5
+    with pytest.raises(ValueError, match="not reached"):
+        qmoe.compress_matrix(w, h, target_bits=0.05)
+    with pytest.raises(ValueError):
+        qmoe.gptq(w, h, levels="median")
+    with pytest.raises(ValueError):
+        qmoe.compress_matrix(w, h, target_bits=1.0, rate_knob="zeros")

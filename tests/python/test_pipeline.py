@@ -128,6 +128,27 @@ def test_gptq_with_hessians_from_python(checkpoint, tmp_path):
     assert json.loads(meta["compress.options"])
 
 
+def test_rate_control(checkpoint, tmp_path):
+    # qmoe-v1 throughout: on the fixture's 32-wide rows the automatic codec picks qmoe-p5 for some
+    # matrices, whose size does not depend on the zeros.
+    plain = qmoe.compress_checkpoint(checkpoint, tmp_path / "rtn.safetensors", check_disk=False,
+                                     codec="qmoe-v1")
+    out = tmp_path / "rate.safetensors"
+    for delta in (0.05, -0.1):
+        target = round(plain["bits_per_expert_weight"] + delta, 3)
+        summary = qmoe.compress_checkpoint(checkpoint, out, check_disk=False, target_bits=target,
+                                           rate_scope="all", rate_knob="penalty", levels="fit",
+                                           refit=2, codec="qmoe-v1")
+        assert summary["bits_per_expert_weight"] == pytest.approx(target, abs=0.002)
+    options = json.loads(qmoe.load_metadata(out)["compress.options"])
+    assert options["rate"]["target_bits"] == target and options["rate"]["scope"] == "all"
+    assert options["ternary"] == {"levels": "fit", "zero_threshold": 0.5, "zero_penalty": 0.0, "refit": 2}
+    assert "rate" not in json.loads(qmoe.load_metadata(tmp_path / "rtn.safetensors")["compress.options"])
+    with pytest.raises(ValueError):
+        qmoe.compress_checkpoint(checkpoint, tmp_path / "bad.safetensors", check_disk=False,
+                                 target_bits=1.0, rate_scope="everything")
+
+
 def test_errors(checkpoint, tmp_path):
     with pytest.raises(qmoe.FormatError, match="no such checkpoint"):
         qmoe.compress_checkpoint(tmp_path / "missing", tmp_path / "o.safetensors")

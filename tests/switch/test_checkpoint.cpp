@@ -1,7 +1,15 @@
 // Checkpoint layout discovery, tied aliases, and the errors for bad checkpoints and token files.
+#include <sys/resource.h>
+#include <sys/stat.h>
+
+#include <csignal>
+#include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <fstream>
+#include <functional>
 #include <sstream>
+#include <tuple>
 
 #include <gtest/gtest.h>
 
@@ -147,6 +155,232 @@ TEST(Checkpoint, Errors) {
     fs::remove_all(d);
   }
   expect_format_error([&] { SwitchSource::open(fixture("no_such_model")); }, {"no_such_model"});
+}
+
+// Rewrites the checkpoint's model.safetensors with tensor `name` replaced by `shape` (float32,
+// zeros) or removed (empty shape list and remove = true).
+void replace_tensor(const fs::path& dir, const std::string& name, std::vector<int64_t> shape,
+                    bool remove = false) {
+  const fs::path p = dir / "model.safetensors";
+  const fs::path tmp = dir / "model.rewritten";
+  {
+    const auto in = SafetensorsFile::open(p);
+    SafetensorsWriter out(tmp);
+    for (const auto& [k, v] : in.metadata()) out.set_metadata(k, v);
+    for (const auto& t : in.tensors()) {
+      if (t.name != name) {
+        out.add(t.name, t.dtype, t.shape, in.bytes(t));
+      } else if (!remove) {
+        int64_t n = 1;
+        for (int64_t d : shape) n *= d;
+        const std::vector<float> zeros(static_cast<size_t>(n), 0.0f);
+        out.add(t.name, DType::kF32, shape, std::as_bytes(std::span(zeros)));
+      }
+    }
+    out.finish();
+  }
+  fs::rename(tmp, p);
+}
+
+// config.json's integers are bounded and their products checked: num_heads 4 x d_kv 2^62 + 8
+// wrapped to a plausible 32 and the forward pass read out of bounds (SIGSEGV in qmoe eval).
+TEST(Checkpoint, ConfigIntegersAreBoundedAndProductsChecked) {
+  const std::string base = read(fixture("every_other_f32") / "config.json");
+  auto with = [&](const std::string& from, const std::string& to) {
+    std::string s = base;
+    const auto pos = s.find(from);
+    EXPECT_NE(pos, std::string::npos) << from;
+    if (pos != std::string::npos) s.replace(pos, from.size(), to);
+    return s;
+  };
+  EXPECT_NO_THROW(SwitchConfig::parse(base, "c.json"));
+  const std::vector<std::tuple<std::string, std::string, std::string>> cases = {
+      {"\"d_kv\": 8", "\"d_kv\": 4611686018427387912", "'d_kv'"},
+      {"\"d_kv\": 8", "\"d_kv\": 18446744073709551615", "'d_kv'"},
+      {"\"d_kv\": 8", "\"d_kv\": 1073741824", "num_heads x d_kv"},
+      {"\"d_model\": 32", "\"d_model\": 2147483647", "'d_model'"},
+      {"\"d_model\": 32", "\"d_model\": 2147483646", "vocab_size x d_model"},
+      {"\"vocab_size\": 96", "\"vocab_size\": 2147483648", "'vocab_size'"},
+      {"\"num_experts\": 4", "\"num_experts\": -4", "'num_experts'"},
+      {"\"relative_attention_num_buckets\": 16", "\"relative_attention_num_buckets\": 2",
+       "relative_attention_num_buckets"},
+      {"\"relative_attention_num_buckets\": 16", "\"relative_attention_num_buckets\": 1000000",
+       "relative_attention_num_buckets"},
+      {"\"relative_attention_max_distance\": 24", "\"relative_attention_max_distance\": 8",
+       "half of relative_attention_num_buckets"},
+      {"\"expert_capacity\": 64", "\"expert_capacity\": 99999999999", "'expert_capacity'"},
+      {"\"decoder_start_token_id\": 0", "\"decoder_start_token_id\": 96", "vocabulary"},
+      {"\"pad_token_id\": 0", "\"pad_token_id\": 4294967296", "vocabulary"},
+      {"\"layer_norm_epsilon\": 1e-06", "\"layer_norm_epsilon\": 1e999", "1e999"},
+      {"\"layer_norm_epsilon\": 1e-06", "\"layer_norm_epsilon\": 0", "layer_norm_epsilon"},
+      {"\"d_kv\": 8", "\"d_kv\": 8.0", "'d_kv' is not an integer"},
+  };
+  for (const auto& [from, to, fragment] : cases) {
+    // The products need both factors large: vocab_size too, for vocab_size x d_model.
+    const std::string text = fragment == "vocab_size x d_model"
+                                 ? with(from, to).replace(with(from, to).find("\"vocab_size\": 96"),
+                                                          16, "\"vocab_size\": 2147483647")
+                                 : with(from, to);
+    expect_format_error([&] { SwitchConfig::parse(text, "c.json"); }, {"c.json", fragment});
+  }
+  // The checkpoint with the wrapping config is refused when it is opened: before anything runs.
+  const fs::path d = copy_fixture("every_other_f32");
+  replace_in(d / "config.json", "\"d_kv\": 8", "\"d_kv\": 4611686018427387912");
+  expect_format_error([&] { SwitchSource::open(d); }, {"config.json", "'d_kv'"});
+  fs::remove_all(d);
+}
+
+// JSON rules of format/SPEC.md section 3 for config.json and the checkpoint index.
+TEST(Checkpoint, ConfigAndIndexJsonRules) {
+  const std::string base = read(fixture("every_other_f32") / "config.json");
+  expect_format_error([&] { SwitchConfig::parse("\xEF\xBB\xBF" + base, "c.json"); },
+                      {"c.json", "byte-order mark"});
+  expect_format_error(
+      [&] { SwitchConfig::parse("{\"d_ff\": 64, " + base.substr(base.find('{') + 1), "c.json"); },
+      {"c.json", "duplicate key \"d_ff\""});
+  expect_format_error(
+      [&] {
+        SwitchConfig::parse("{\"x\\u0000\": 1, " + base.substr(base.find('{') + 1), "c.json");
+      },
+      {"c.json", "U+0000"});
+  const fs::path d = copy_fixture("all_sparse_bf16");
+  const std::string idx = read(d / "model.safetensors.index.json");
+  write(d / "model.safetensors.index.json", "\xEF\xBB\xBF" + idx);
+  expect_format_error([&] { SwitchSource::open(d); },
+                      {"model.safetensors.index.json", "byte-order mark"});
+  fs::remove_all(d);
+}
+
+// compress used to accept configs that contradict the weights (and copy them into the container,
+// which failed only at eval); the source now checks every tensor the forward pass needs against
+// the config when it is opened.
+TEST(Checkpoint, ConfigThatContradictsTheWeightsIsRefusedAtOpen) {
+  struct Case {
+    std::string what;
+    std::function<void(const fs::path&)> spoil;
+    std::vector<std::string> parts;
+  };
+  const std::vector<Case> cases = {
+      {"vocab_size",
+       [](const fs::path& d) {
+         replace_in(d / "config.json", "\"vocab_size\": 96", "\"vocab_size\": 97");
+       },
+       {"model.safetensors", "'shared.weight'", "[96, 32]", "[97, 32]", "vocab_size 97"}},
+      {"num_heads",
+       [](const fs::path& d) {
+         replace_in(d / "config.json", "\"num_heads\": 4", "\"num_heads\": 8");
+       },
+       {"SelfAttention.q.weight", "[32, 32]", "[64, 32]", "num_heads 8"}},
+      {"untied without lm_head",
+       [](const fs::path& d) {
+         replace_in(d / "config.json", "\"tie_word_embeddings\": true",
+                    "\"tie_word_embeddings\": false");
+       },
+       {"'lm_head.weight'", "missing", "tie_word_embeddings is false"}},
+      {"shared.weight shape",
+       [](const fs::path& d) {
+         replace_tensor(d, "shared.weight", {96, 31});
+       },
+       {"'shared.weight'", "[96, 31]", "[96, 32]"}},
+      {"decoder_start_token_id",
+       [](const fs::path& d) {
+         replace_in(d / "config.json", "\"decoder_start_token_id\": 0",
+                    "\"decoder_start_token_id\": 96");
+       },
+       {"config.json", "decoder_start_token_id", "vocabulary"}},
+      {"relative bias buckets",
+       [](const fs::path& d) {
+         replace_in(d / "config.json", "\"relative_attention_num_buckets\": 16",
+                    "\"relative_attention_num_buckets\": 20");
+       },
+       {"relative_attention_bias.weight", "[16, 4]", "[20, 4]"}},
+      {"final layer norm",
+       [](const fs::path& d) { replace_tensor(d, "decoder.final_layer_norm.weight", {}, true); },
+       {"'decoder.final_layer_norm.weight'", "missing"}},
+      {"expert shape",
+       [](const fs::path& d) {
+         replace_tensor(d, "encoder.block.1.layer.1.mlp.experts.expert_2.wo.weight", {32, 63});
+       },
+       {"expert_2.wo.weight", "[32, 63]", "[32, 64]"}},
+  };
+  for (const auto& c : cases) {
+    const fs::path d = copy_fixture("every_other_f32");
+    c.spoil(d);
+    try {
+      (void)SwitchSource::open(d);
+      ADD_FAILURE() << c.what << ": opened";
+    } catch (const FormatError& e) {
+      for (const auto& p : c.parts)
+        EXPECT_NE(std::string(e.what()).find(p), std::string::npos)
+            << c.what << ": " << e.what() << " lacks " << p;
+    }
+    fs::remove_all(d);
+  }
+}
+
+// Named pipes in place of any file of a checkpoint or a token file: refused at once (they used
+// to block forever; ctest's timeout would fail this test if they still did).
+TEST(Checkpoint, NamedPipesAreRefused) {
+  for (const char* file : {"config.json", "model.safetensors", "tokens.safetensors"}) {
+    const fs::path d = copy_fixture("every_other_f32");
+    fs::remove(d / file);
+    ASSERT_EQ(::mkfifo((d / file).c_str(), 0600), 0);
+    if (std::string(file) == "tokens.safetensors") {
+      expect_format_error([&] { TokenPairs::load(d / file); }, {file, "named pipe"});
+    } else {
+      expect_format_error([&] { SwitchSource::open(d); }, {file, "named pipe"});
+    }
+    fs::remove_all(d);
+  }
+  const fs::path d = copy_fixture("all_sparse_bf16");
+  fs::remove(d / "model.safetensors.index.json");
+  ASSERT_EQ(::mkfifo((d / "model.safetensors.index.json").c_str(), 0600), 0);
+  expect_format_error([&] { SwitchSource::open(d); },
+                      {"model.safetensors.index.json", "named pipe"});
+  fs::remove(d / "model.safetensors.index.json");
+  fs::copy_file(fixture("all_sparse_bf16") / "model.safetensors.index.json",
+                d / "model.safetensors.index.json");
+  fs::remove(d / "model-00002-of-00006.safetensors");
+  ASSERT_EQ(::mkfifo((d / "model-00002-of-00006.safetensors").c_str(), 0600), 0);
+  expect_format_error([&] { SwitchSource::open(d); },
+                      {"model-00002-of-00006.safetensors", "named pipe"});
+  fs::remove_all(d);
+}
+
+// A file system without room for the checkpoint: generate used to write through a mapping of a
+// sparse file and die of SIGBUS, leaving config.json and a temporary file. Here the file size
+// limit (RLIMIT_FSIZE, in a child process) stands for the full disk: every write past it fails
+// as ENOSPC would (tests/cli/bad_inputs.sh fills a real file system). The error must be a
+// qmoe::Error and nothing may be left in the directory: neither the file being written nor the
+// shards finished before it.
+// The child of the death test below: exits 0 when generate_checkpoint() failed with a qmoe::Error
+// and left the directory empty.
+[[noreturn]] void generate_without_room(const fs::path& dir, int64_t shard_size) {
+  ::signal(SIGXFSZ, SIG_IGN);  // EFBIG from the write instead of the signal
+  struct rlimit lim {};
+  lim.rlim_cur = lim.rlim_max = 100 << 10;
+  ::setrlimit(RLIMIT_FSIZE, &lim);
+  // About 4 MB; sharded at 64 KiB, the shards before the one of shared.weight (128 KiB) fit.
+  GenerateOptions o = generate_preset("tiny");
+  o.shard_size = shard_size;
+  try {
+    generate_checkpoint(dir, o);
+  } catch (const Error& e) {
+    std::fprintf(stderr, "error: %s\n", e.what());
+    std::exit(fs::is_empty(dir) ? 0 : 3);
+  }
+  std::exit(4);
+}
+
+TEST(GenerateDeathTest, NoRoomLeavesNothing) {
+  GTEST_FLAG_SET(death_test_style, "fast");
+  const fs::path d = temp_dir("generate_full");
+  for (const int64_t shard_size : {int64_t{0}, int64_t{64} << 10}) {
+    EXPECT_EXIT(generate_without_room(d / "ck", shard_size), ::testing::ExitedWithCode(0),
+                "error: .*ck/model.*File too large");
+    EXPECT_TRUE(fs::is_empty(d / "ck"));
+  }
+  fs::remove_all(d);
 }
 
 TEST(Tokens, Validation) {

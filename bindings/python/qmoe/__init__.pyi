@@ -246,6 +246,10 @@ def gptq(
     double_precision: bool = False,
     threads: int = 0,
     bf16: bool = False,
+    levels: Literal["minmax", "fit"] = "minmax",
+    zero_threshold: float = 0.5,
+    zero_penalty: float = 0.0,
+    refit: int = 0,
 ) -> GptqResult: ...
 @overload
 def compress_matrix(
@@ -260,6 +264,13 @@ def compress_matrix(
     threads: int = 0,
     bf16: bool = False,
     with_stats: Literal[False] = False,
+    levels: Literal["minmax", "fit"] = "minmax",
+    zero_threshold: float = 0.5,
+    zero_penalty: float = 0.0,
+    refit: int = 0,
+    target_bits: float = 0.0,
+    rate_knob: Literal["threshold", "penalty"] = "threshold",
+    rate_tolerance: float = 0.002,
 ) -> CompressedMatrix: ...
 @overload
 def compress_matrix(
@@ -274,6 +285,13 @@ def compress_matrix(
     threads: int = 0,
     bf16: bool = False,
     with_stats: Literal[True],
+    levels: Literal["minmax", "fit"] = "minmax",
+    zero_threshold: float = 0.5,
+    zero_penalty: float = 0.0,
+    refit: int = 0,
+    target_bits: float = 0.0,
+    rate_knob: Literal["threshold", "penalty"] = "threshold",
+    rate_tolerance: float = 0.002,
 ) -> tuple[CompressedMatrix, dict[str, Any]]: ...
 def save(
     path: PathLike,
@@ -306,4 +324,12 @@ def compress_checkpoint(
     check_disk: bool = True,
     progress: Optional[Callable[[dict[str, Any]], None]] = None,
     note: Optional[Callable[[str], None]] = None,
+    levels: Literal["minmax", "fit"] = "minmax",
+    zero_threshold: float = 0.5,
+    zero_penalty: float = 0.0,
+    refit: int = 0,
+    target_bits: float = 0.0,
+    rate_knob: Literal["threshold", "penalty"] = "threshold",
+    rate_tolerance: float = 0.002,
+    rate_scope: Literal["matrix", "all"] = "matrix",
 ) -> dict[str, Any]: ...

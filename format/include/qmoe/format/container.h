@@ -20,7 +20,13 @@
 namespace qmoe {
 
 inline constexpr std::string_view kFormatName = "qmoe";
-inline constexpr int kFormatVersion = 1;
+// The version the writer writes (format/SPEC.md section 14). Version 2 adds the header checksum.
+inline constexpr int kFormatVersion = 2;
+// The oldest version the reader reads: version 1 files (no header checksum) still open.
+inline constexpr int kMinFormatVersion = 1;
+// Metadata key of the header checksum (format_version 2): XXH3-64 of the header's canonical form,
+// header_digest() of safetensors.h, as 16 lowercase hex digits.
+inline constexpr std::string_view kHeaderChecksumKey = "qmoe.header.xxh3";
 
 // Stored tensor names of a compressed matrix W are W + suffix (format/SPEC.md, "Tensor groups").
 inline constexpr std::string_view kCodesSuffix = ".qmoe_codes";  // qmoe-v1: U16 [num_codes]
@@ -81,9 +87,11 @@ class Container {
  public:
   static Container open(const std::filesystem::path& path, const ContainerOpenOptions& opt = {});
 
-  // Global metadata (first shard / index): user keys, "format", "format_version" and
-  // "qmoe.target" when present.
+  // Global and user metadata (of the first shard, or of the index when sharded), without the
+  // "qmoe." bookkeeping entries but with "qmoe.target" when present.
   const std::map<std::string, std::string>& metadata() const;
+  // 1 or 2: the format_version of the container's files. Version 1 headers carry no checksum.
+  int format_version() const;
   // The "qmoe.target" key, when the file has one.
   std::optional<Target> target() const;
   std::vector<std::string> names() const;                               // logical names, sorted

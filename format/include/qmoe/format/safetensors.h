@@ -62,6 +62,14 @@ class SafetensorsFile {
   void check_dtype(const TensorInfo& t, DType expected) const;
 };
 
+// The XXH3-64 (seed 0) of the canonical form of a header (format/SPEC.md 4.5): every metadata
+// entry except the one keyed `exclude_key`, in increasing byte order of the keys, then every
+// tensor's name, dtype, shape and data offsets, in increasing byte order of the names; strings
+// are length-prefixed. It does not depend on how the JSON is spelled (whitespace, key order,
+// escapes), only on what a reader takes from it.
+uint64_t header_digest(const std::map<std::string, std::string>& metadata,
+                       const std::vector<TensorInfo>& tensors, std::string_view exclude_key);
+
 // Writes one safetensors file atomically: data goes to "<path>.tmp.<pid>", which is renamed to
 // `path` by finish(). Destroying the writer without finish() removes the temporary file, so an
 // interrupted run never leaves a partial file under the final name. Tensors are laid out with
@@ -75,6 +83,9 @@ class SafetensorsWriter {
   SafetensorsWriter& operator=(const SafetensorsWriter&) = delete;
 
   void set_metadata(std::string key, std::string value);
+  // finish() stores, under metadata key `key`, header_digest() of the final header (all other
+  // metadata and every tensor's entry) as 16 lowercase hex digits. Empty: no such entry.
+  void set_header_checksum_key(std::string key);
   // Copies the bytes (size must be numel(shape) * dtype_size(dtype)). Names must be unique.
   void add(std::string name, DType dtype, std::vector<int64_t> shape,
            std::span<const std::byte> data);

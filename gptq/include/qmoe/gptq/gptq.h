@@ -17,6 +17,25 @@
 //   Per-row grids are fixed from the row before quantization. Ternary: lo = bf16(min(row, 0)),
 //   hi = bf16(max(row, 0)), a zero row gets (-1, +1); a weight w becomes hi if w > hi/2, lo if
 //   w < lo/2, else 0 -- exactly encoder/ternarize_rtn(), so the identity Hessian reproduces it.
+//   These are the defaults (QMoE's recipe); TernaryOptions changes how ternary levels are chosen
+//   and how weights are rounded to them, and compress_matrix() can aim at a size (RateControl):
+//
+// Ternary options (TernaryOptions; gptq/README.md "Beyond QMoE's recipe"):
+//   - zero threshold t and zero penalty mu: column k of row r becomes hi if
+//       w > max(t hi + mu S / (2 hi d_k), 0),  lo if  w < min(t lo + mu S / (2 lo d_k), 0),  else
+//       0,
+//     where d_k = V_kk^2 / mean_j V_jj^2 is the column's weight in GPTQ's loss relative to the
+//     mean (1 without a Hessian) and S the mean square weight of the matrix. t = 1/2, mu = 0 is
+//     rounding to the nearest level. mu > 0 is entropy-constrained rounding: each symbol minimises
+//     d_k (w - q)^2 + (mu S) [q != 0], trading squared error for non-zero symbols (bits) where
+//     they buy the least.
+//   - initial levels: QMoE's (min, max), or fitted: Lloyd iterations of the rounding rule and
+//     per-row least squares, weighted by diag H.
+//   - refit: after the column sweep, each row's levels are replaced by the pair that minimises
+//     GPTQ's loss (W - Q) Hd (W - Q)^T for the row's symbols (a 2x2 linear system, closed form;
+//     bf16-rounded; kept only where it lowers the loss). With refit = k > 1, the sweep runs again
+//     on the refitted grid and is refitted again, k rounds in all; the round of least loss is
+//     returned. The Cholesky factor is computed once for all rounds.
 //
 // Numerics: the upper Cholesky factor U of H^-1 is never formed. With V = U^-1 (upper, V V^T = H,
 // obtained as one Cholesky factorisation of H with rows and columns reversed), the GPTQ update
@@ -55,6 +74,31 @@ enum class GptqGrid : uint8_t {
 std::string_view gptq_grid_name(GptqGrid g);
 bool gptq_grid_is_ternary(GptqGrid g);
 
+// Initial per-row levels of a ternary grid.
+enum class TernaryLevels : uint8_t {
+  kMinMax,  // lo = bf16(min(row, 0)), hi = bf16(max(row, 0)) (QMoE; exactly ternarize_rtn())
+  kFit,     // Lloyd: round with the rule, refit each level to the mean of its weights (weighted
+            // by diag H), 8 times from (min, max)
+};
+
+// "minmax", "fit".
+std::string_view ternary_levels_name(TernaryLevels l);
+
+// How ternary levels are chosen and weights rounded to them (see the header comment). The
+// defaults are QMoE's recipe and give exactly its bits. Ignored by the uniform grids, which
+// require the defaults.
+struct TernaryOptions {
+  TernaryLevels levels = TernaryLevels::kMinMax;
+  double zero_threshold = 0.5;  // t > 0, finite
+  double zero_penalty = 0.0;    // mu, finite (negative: fewer zeros)
+  int refit = 0;                // rounds of sweep + level refit, 0..64 (0: levels stay)
+
+  bool is_default() const {
+    return levels == TernaryLevels::kMinMax && zero_threshold == 0.5 && zero_penalty == 0.0 &&
+           refit == 0;
+  }
+};
+
 struct GptqOptions {
   GptqGrid grid = GptqGrid::kTernary;
   double percdamp = 0.1;          // lambda = percdamp * mean(diag H); must be >= 0 and finite
@@ -62,6 +106,7 @@ struct GptqOptions {
   bool actorder = false;          // columns by descending diag H
   bool double_precision = false;  // float64 throughout (reference checks); float32 otherwise
   int threads = 0;                // OpenMP threads for one matrix (0 = the OpenMP default)
+  TernaryOptions ternary;         // ternary grids only
 };
 
 enum class GptqStatus : uint8_t {
@@ -87,6 +132,7 @@ struct GptqResult {
   double output_loss = 0.0;
   double lambda = 0.0;      // dampening added to diag H
   int64_t dead_inputs = 0;  // inputs with H_ii = 0
+  int rounds = 1;           // column sweeps run (refit: the rounds; the result is the best one)
 
   bool fallback() const { return status == GptqStatus::kFallbackRtn; }
 };
@@ -146,6 +192,57 @@ std::vector<GptqResult> gptq_quantize_batch(std::span<const GptqProblem> problem
 
 // ---- (W, H) -> encoded matrix ---------------------------------------------------------------
 
+// Which rounding parameter rate control moves (TernaryOptions).
+enum class RateKnob : uint8_t {
+  kThreshold,  // zero_threshold t (searched on a log scale; the penalty stays as given)
+  kPenalty,    // zero_penalty mu (the threshold stays as given)
+};
+
+// "threshold", "penalty".
+std::string_view rate_knob_name(RateKnob k);
+
+// Where a target applies when many matrices are compressed together (rate_targets()).
+enum class RateScope : uint8_t {
+  kMatrix,  // every matrix at the target
+  kAll,     // the mean over all matrices at the target: every matrix spends the same bits per
+            // weight on codes (the target minus the mean overhead, plus its own overhead)
+};
+
+// "matrix", "all".
+std::string_view rate_scope_name(RateScope s);
+RateScope rate_scope_from_name(std::string_view s);
+
+// A size to aim at: bits per weight of the encoded matrix, everything counted (codes, row
+// offsets, levels: CompressedView::bits_per_weight()), with the codec of the EncodeOptions.
+// Bits fall as zeros rise, and zeros rise with the threshold and the penalty: the knob is searched
+// (bracketed, then bisected) until the encoded size is within `tolerance` of the target.
+struct RateControl {
+  double target_bits = 0;  // 0: off; else > 0
+  RateKnob knob = RateKnob::kThreshold;
+  double tolerance = 0.002;              // > 0
+  int max_steps = 48;                    // encodings tried at most
+  RateScope scope = RateScope::kMatrix;  // for many matrices (compress_matrix() ignores it)
+
+  bool enabled() const { return target_bits > 0; }
+};
+
+// The target of each of many matrices of the given shapes (rows, cols) under rate.scope: all
+// rate.target_bits (kMatrix), or target_bits - mean overhead + own overhead (kAll), the overhead
+// being the row offsets and levels of a codeword codec, (rows + 1) * 32 + rows * 32 bits per
+// matrix, per weight (the mean weighted by the matrices' sizes).
+std::vector<double> rate_targets(std::span<const std::pair<int64_t, int64_t>> shapes,
+                                 const RateControl& rate);
+
+// "threshold", "penalty" -> RateKnob (InvalidArgument otherwise).
+RateKnob rate_knob_from_name(std::string_view s);
+// "minmax", "fit" -> TernaryLevels (InvalidArgument otherwise).
+TernaryLevels ternary_levels_from_name(std::string_view s);
+
+// Throws InvalidArgument for options gptq_quantize() / compress_matrix() would refuse (bad
+// percdamp, blocksize, grid, ternary options, rate control), so that callers can check them
+// before any work.
+void gptq_validate_options(const GptqOptions& opt, const RateControl& rate = {});
+
 struct CompressedExpert {
   CompressedMatrix matrix;
   GptqStatus status = GptqStatus::kOk;
@@ -153,14 +250,28 @@ struct CompressedExpert {
   double loss = 0.0;
   double output_loss = 0.0;
   double zero_fraction = 0.0;
+  double bits_per_weight = 0.0;  // matrix.view().bits_per_weight()
+  // The rounding parameters used (rate control: those found) and the encodings tried (1 without
+  // rate control).
+  double zero_threshold = 0.5;
+  double zero_penalty = 0.0;
+  int rate_steps = 1;
+  // Rate control whose search ended between sizes on either side of the tolerance band: the
+  // non-zero weights set to zero after it (the cheapest by d_c q^2; loss and output_loss are then
+  // recomputed exactly). 0 otherwise.
+  int64_t trimmed = 0;
 };
 
 // GPTQ with a ternary grid (opt.grid must be kTernary or kTernarySymmetric, else InvalidArgument),
-// then encode(). h may be nullptr (round-to-nearest). Errors as gptq_quantize() and encode().
+// then encode(). h may be nullptr (round-to-nearest, with opt.ternary's rounding). With
+// rate.enabled(), the knob is searched so that the encoded size is within rate.tolerance of
+// rate.target_bits (the Hessian is factored once for all tries); InvalidArgument when the target
+// cannot be reached (the message gives the range found). Errors as gptq_quantize() and encode().
 CompressedExpert compress_matrix(const float* w, int64_t rows, int64_t cols, const float* h,
-                                 const GptqOptions& opt = {}, const EncodeOptions& enc = {});
+                                 const GptqOptions& opt = {}, const EncodeOptions& enc = {},
+                                 const RateControl& rate = {});
 CompressedExpert compress_matrix(const float* w, int64_t rows, int64_t cols,
                                  const HessianAccumulator& acc, const GptqOptions& opt = {},
-                                 const EncodeOptions& enc = {});
+                                 const EncodeOptions& enc = {}, const RateControl& rate = {});
 
 }  // namespace qmoe

@@ -187,6 +187,10 @@ struct LoopOptions {
   double percdamp = 0.1;
   int64_t blocksize = 128;
   bool actorder = false;
+  // Ternary levels and rounding (gptq.h; round to nearest uses them too, with the identity
+  // Hessian), and a size per matrix to aim at (rate control). The defaults are QMoE's recipe.
+  TernaryOptions ternary;
+  RateControl rate;
   std::optional<Codec> codec;  // nullopt: the target's codec or qmoe-p5, the smaller per matrix
   Target target = Target::kAny;
   int threads = 0;  // 0: the OpenMP default

@@ -18,6 +18,12 @@
 
 namespace qmoe::sw {
 
+// The largest matrix dimension a config may imply (d_model, d_ff, d_kv, num_heads, num_heads x
+// d_kv, num_experts): the row limit of a compressed matrix (format/SPEC.md 4.2).
+inline constexpr int64_t kMaxDimension = (int64_t{1} << 31) - 2;
+// The most relative-position buckets a config may have (T5 uses 32).
+inline constexpr int64_t kMaxRelativeBuckets = 65536;
+
 // The fields of config.json the forward pass needs. Block counts and sparsity are NOT taken from
 // here (switch-c-2048's config is wrong): see SwitchLayout.
 struct SwitchConfig {
@@ -35,9 +41,13 @@ struct SwitchConfig {
   int32_t decoder_start_token_id = 0;
   int32_t pad_token_id = 0;
 
-  // Parses config.json text. Throws FormatError naming `file` when a required field is missing,
-  // of the wrong type, or out of range, or when the model is not a Switch Transformer
-  // (model_type other than "switch_transformers", or no num_experts).
+  // Parses config.json text. Throws FormatError naming `file` when the JSON breaks the rules of
+  // format/SPEC.md section 3, a required field is missing, of the wrong type or out of range
+  // (every integer has an upper bound: sizes kMaxDimension, token ids below vocab_size,
+  // relative_attention_num_buckets in [4, kMaxRelativeBuckets] and max_distance beyond half of
+  // it), a product of sizes (num_heads x d_kv, the element count of every matrix the config
+  // implies) overflows its bound, or the model is not a Switch Transformer (model_type other
+  // than "switch_transformers", or no num_experts).
   static SwitchConfig parse(std::string_view json_text, const std::string& file);
   static SwitchConfig load(const std::filesystem::path& config_json);
   // The config.json text of this config (the fields above only).
@@ -83,9 +93,17 @@ class SwitchSource {
   // `path`: a checkpoint directory (config.json + model.safetensors or the sharded form), a qmoe
   // container (a directory or file that Container::open accepts, holding the checkpoint's tensors;
   // its config comes from the container metadata key "config.json" or from a config.json beside
-  // it; `config_json`, when given, is used instead). Validates everything up front: config, shard
-  // files, index entries; FormatError otherwise.
+  // it; `config_json`, when given, is used instead). Validates everything up front, from the
+  // headers alone (no tensor data is read): config, shard files, index entries, and every tensor
+  // the forward pass loads -- present, of a float dtype (or compressed, for experts) and of the
+  // shape the config and the layout imply (the embedding is [vocab_size, d_model], lm_head.weight
+  // exists when tie_word_embeddings is false, attention is [num_heads * d_kv, d_model], ...);
+  // FormatError naming the file and tensor otherwise.
   static std::shared_ptr<const SwitchSource> open(const std::filesystem::path& path,
+                                                  const std::filesystem::path& config_json = {});
+  // The same for a container already open (e.g. with verified checksums), found at `path`.
+  static std::shared_ptr<const SwitchSource> open(Container container,
+                                                  const std::filesystem::path& path,
                                                   const std::filesystem::path& config_json = {});
 
   const SwitchConfig& config() const { return config_; }
@@ -115,6 +133,11 @@ class SwitchSource {
   // The safetensors files of a checkpoint (empty for a container), each holding the tensors
   // actually stored (tied aliases are index entries, not tensors).
   const std::vector<SafetensorsFile>& shards() const { return shards_; }
+  // The first stored float tensor (in name order) holding a NaN or an infinity, as
+  // "<file>: tensor '<name>': element <i> is nan" (nullopt when every one is finite). Reads every
+  // dense float tensor: a diagnosis for results that came out non-finite, not a load-time check.
+  // (The levels of compressed matrices are finite by validation.)
+  std::optional<std::string> find_non_finite() const;
 
  private:
   struct Located {
@@ -132,6 +155,7 @@ class SwitchSource {
   std::optional<Container> container_;
 
   void build_layout();
+  void check_tensors() const;
 };
 
 }  // namespace qmoe::sw

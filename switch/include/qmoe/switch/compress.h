@@ -80,6 +80,10 @@ struct CompressOptions {
   double percdamp = 0.1;
   int64_t blocksize = 128;
   bool actorder = false;
+  // Ternary levels and rounding, and a size per expert matrix (gptq.h), for GPTQ and round to
+  // nearest alike. Recorded in compress.options and run.json when not the defaults.
+  TernaryOptions ternary;
+  RateControl rate;
   // Called from the calling thread about 5 times a second and once at the end of each phase.
   // It may throw to stop the run (e.g. on a user's interrupt): no new matrix starts, those in
   // flight finish, nothing is written to the output, the work directory is kept for `resume`,

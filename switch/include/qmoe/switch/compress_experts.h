@@ -21,7 +21,9 @@ struct ExpertCompressOptions {
   // block is calibrated. false: every Hessian comes from the original model.
   bool sequential = true;
   bool rtn = false;  // round-to-nearest ternary; calibration tokens are not used
-  GptqOptions gptq;  // grid must be ternary (kTernary or kTernarySymmetric)
+  GptqOptions gptq;  // grid must be ternary (kTernary or kTernarySymmetric); its ternary options
+                     // apply to round to nearest too
+  RateControl rate;  // a size per expert matrix (off by default)
   EncodeOptions encode;
   // Tokens per expert kept for its Hessians: floor(m * tokens of the stack / experts) (QMoE's
   // cap, hessian.h expert_token_cap()); 0 = all tokens.

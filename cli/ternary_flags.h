@@ -1,0 +1,75 @@
+// The ternary-rounding and rate-control flags that `qmoe compress` and `qmoe eval --quantize`
+// share (gptq.h: TernaryOptions, RateControl).
+#pragma once
+
+#include <string>
+
+#include <CLI/CLI.hpp>
+
+#include "qmoe/format/error.h"
+#include "qmoe/gptq/gptq.h"
+
+namespace qmoe::cli {
+
+struct TernaryFlags {
+  std::string recipe = "qmoe", levels = "minmax", knob, scope = "matrix";
+  double target_bits = 0, tolerance = RateControl{}.tolerance;
+  double zero_threshold = 0.5, zero_penalty = 0;
+  int refit = 0;
+  CLI::Option* levels_opt = nullptr;
+  CLI::Option* refit_opt = nullptr;
+};
+
+inline void add_ternary_flags(CLI::App& app, TernaryFlags& f) {
+  app.add_option("--recipe", f.recipe,
+                 "qmoe (default: QMoE's levels, rounding to the nearest level) or rd "
+                 "(rate-distortion: fitted levels, 4 rounds of GPTQ and level refit, act-order, "
+                 "and the zero penalty as the --target-bits knob); the flags below override it");
+  app.add_option("--target-bits", f.target_bits,
+                 "aim every expert matrix at this many bits per weight, codes, row offsets and "
+                 "levels counted (0 = off): its zero threshold or penalty is searched");
+  app.add_option("--rate-knob", f.knob,
+                 "what --target-bits moves: threshold (default with --recipe qmoe) or penalty "
+                 "(default with --recipe rd)");
+  app.add_option("--rate-scope", f.scope,
+                 "matrix (default: every expert matrix at --target-bits) or all (the mean over "
+                 "all expert matrices: every matrix spends the same bits per weight on codes)");
+  app.add_option("--rate-tolerance", f.tolerance,
+                 "bits per weight a matrix may land from --target-bits (default 0.002)");
+  app.add_option("--zero-threshold", f.zero_threshold,
+                 "ternary rounding: w -> hi above t*hi, lo below t*lo (default 0.5: nearest)");
+  app.add_option("--zero-penalty", f.zero_penalty,
+                 "ternary rounding: each weight minimises d (w - q)^2 + mu S [q != 0] (default "
+                 "0; gptq/README.md)");
+  f.levels_opt = app.add_option("--levels", f.levels,
+                                "initial ternary levels: minmax (QMoE) or fit (Lloyd, weighted "
+                                "by the Hessian diagonal)");
+  f.refit_opt = app.add_option(
+      "--refit", f.refit,
+      "rounds of GPTQ + closed-form refit of each row's levels (0 = none); the best is kept");
+}
+
+// The options the flags ask for. --recipe rd switches `actorder` on.
+inline void apply_ternary_flags(const TernaryFlags& f, TernaryOptions& t, RateControl& rate,
+                                bool& actorder) {
+  if (f.recipe != "qmoe" && f.recipe != "rd")
+    throw InvalidArgument("--recipe must be qmoe or rd (not '" + f.recipe + "')");
+  const bool rd = f.recipe == "rd";
+  t.levels = rd ? TernaryLevels::kFit : TernaryLevels::kMinMax;
+  t.refit = rd ? 4 : 0;
+  if (rd) actorder = true;
+  if (f.levels_opt && f.levels_opt->count() > 0) t.levels = ternary_levels_from_name(f.levels);
+  if (f.refit_opt && f.refit_opt->count() > 0) t.refit = f.refit;
+  t.zero_threshold = f.zero_threshold;
+  t.zero_penalty = f.zero_penalty;
+  rate.target_bits = f.target_bits;
+  rate.tolerance = f.tolerance;
+  rate.scope = rate_scope_from_name(f.scope);
+  rate.knob = f.knob.empty() ? (rd ? RateKnob::kPenalty : RateKnob::kThreshold)
+                             : rate_knob_from_name(f.knob);
+  GptqOptions g;
+  g.ternary = t;
+  gptq_validate_options(g, rate);
+}
+
+}  // namespace qmoe::cli
