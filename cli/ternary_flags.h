@@ -27,7 +27,9 @@ inline void add_ternary_flags(CLI::App& app, TernaryFlags& f) {
                  "and the zero penalty as the --target-bits knob); the flags below override it");
   app.add_option("--target-bits", f.target_bits,
                  "aim every expert matrix at this many bits per weight, codes, row offsets and "
-                 "levels counted (0 = off): its zero threshold or penalty is searched");
+                 "levels counted (0 = off): its zero threshold or penalty is searched (qmoe "
+                 "compress: a matrix none of whose roundings is that large stays at its largest, "
+                 "and the run says how many did)");
   app.add_option("--rate-knob", f.knob,
                  "what --target-bits moves: threshold (default with --recipe qmoe) or penalty "
                  "(default with --recipe rd)");

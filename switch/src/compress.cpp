@@ -362,6 +362,7 @@ Cached load_cached(const fs::path& p, const ExpertMatrix& m) {
   c.stats.output_loss = std::stod(get("output_loss"));
   c.stats.tokens = std::stoll(get("tokens"));
   c.stats.fallback = get("fallback") == "1";
+  c.stats.below_target = md.count("below_target") != 0;
   return c;
 }
 
@@ -392,6 +393,7 @@ void store_cached(const fs::path& p, const ExpertMatrix& m, const CompressedMatr
   w.set_metadata("output_loss", num(s.output_loss));
   w.set_metadata("tokens", std::to_string(s.tokens));
   w.set_metadata("fallback", s.fallback ? "1" : "0");
+  if (s.below_target) w.set_metadata("below_target", "1");
   if (cm.has_dictionary()) {
     char p0[32];
     std::snprintf(p0, sizeof p0, "%.17g", cm.dictionary->p0);
@@ -998,6 +1000,10 @@ CompressSummary compress_checkpoint(const fs::path& checkpoint, const fs::path& 
             js["fallback"].push_back(static_cast<int64_t>(js["zero_fraction"].size()) - 1);
             ++sum.fallback_matrices;
           }
+        }
+        if (c.stats.below_target) {  // written only when some matrix is
+          js["below_target"].push_back(static_cast<int64_t>(js["zero_fraction"].size()) - 1);
+          ++sum.below_target_matrices;
         }
         auto& b = blocks[bk];
         ++b.matrices;
