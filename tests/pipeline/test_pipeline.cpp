@@ -757,6 +757,19 @@ TEST(Pipeline, RateControlLandsEveryMatrix) {
       json::parse(Container::open(t / "plain.safetensors").metadata().at("compress.options"));
   EXPECT_FALSE(po.contains("ternary"));
   EXPECT_FALSE(po.contains("rate"));
+  // --recipe refit: QMoE's levels and threshold, one round of GPTQ + level refit.
+  r = run_cli({"compress", (t / "ckpt").string(), "-o", (t / "refit.safetensors").string(),
+               "--hessians", (t / "h.safetensors").string(), "--recipe", "refit"});
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  const json ro =
+      json::parse(Container::open(t / "refit.safetensors").metadata().at("compress.options"));
+  EXPECT_EQ(ro.at("ternary").at("refit"), 1);
+  EXPECT_EQ(ro.at("ternary").at("levels"), "minmax");
+  EXPECT_EQ(ro.at("actorder"), false);
+  r = run_cli({"compress", (t / "ckpt").string(), "-o", (t / "x.safetensors").string(), "--rtn",
+               "--recipe", "best"});
+  EXPECT_NE(r.exit_code, 0);
+  EXPECT_NE(r.output.find("--recipe must be qmoe, refit or rd"), std::string::npos) << r.output;
 }
 #else
 TEST(Pipeline, GptqFromHessianFile) {
