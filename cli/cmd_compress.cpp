@@ -305,6 +305,12 @@ int run_compress(const CompressArgs& a) {
   if (s.quantizer == "gptq" && s.fallback_matrices > 0)
     std::printf("gptq: %lld matrices saw no calibration token and were rounded to nearest\n",
                 static_cast<long long>(s.fallback_matrices));
+  if (s.below_target_matrices > 0)
+    std::printf(
+        "rate control: %lld matrices stayed below their size target (no rounding of theirs is "
+        "larger; `qmoe inspect --json` marks them below_size_target): the mean is below "
+        "--target-bits\n",
+        static_cast<long long>(s.below_target_matrices));
   std::printf("container: %s (%zu file%s), %s; input %s (%.1fx smaller)\n", a.output.c_str(),
               s.files.size(), s.files.size() == 1 ? "" : "s",
               human_bytes(static_cast<double>(s.output_bytes)).c_str(),

@@ -37,6 +37,7 @@ struct ExpertStat {
   double zero_fraction = -1, loss = -1, output_loss = -1;
   int64_t tokens = -1;
   bool fallback = false;
+  bool below_target = false;  // rate control: stayed below its size target
 };
 
 // "encoder.block.3.layer.1.mlp.experts.expert_5.wo.weight" -> ("encoder.block.3", 5, 1).
@@ -105,6 +106,9 @@ int run_inspect(const InspectArgs& a) {
     if (j.contains("fallback") && j["fallback"].is_array())
       for (const auto& f : j["fallback"])
         if (f.is_number_integer() && f.get<size_t>() == i) s.fallback = true;
+    if (j.contains("below_target") && j["below_target"].is_array())
+      for (const auto& f : j["below_target"])
+        if (f.is_number_integer() && f.get<size_t>() == i) s.below_target = true;
     return &s;
   };
 
@@ -187,6 +191,7 @@ int run_inspect(const InspectArgs& a) {
           if (st->output_loss >= 0) t["gptq_output_loss"] = st->output_loss;
           if (st->tokens >= 0) t["tokens"] = st->tokens;
           if (st->fallback) t["rounded_to_nearest"] = true;
+          if (st->below_target) t["below_size_target"] = true;
         }
         jt.push_back(t);
       } else if (!a.summary) {

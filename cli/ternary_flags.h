@@ -22,12 +22,17 @@ struct TernaryFlags {
 
 inline void add_ternary_flags(CLI::App& app, TernaryFlags& f) {
   app.add_option("--recipe", f.recipe,
-                 "qmoe (default: QMoE's levels, rounding to the nearest level) or rd "
-                 "(rate-distortion: fitted levels, 4 rounds of GPTQ and level refit, act-order, "
-                 "and the zero penalty as the --target-bits knob); the flags below override it");
+                 "qmoe (default: QMoE's levels, rounding to the nearest level), refit (QMoE's, "
+                 "then one more round of GPTQ after a closed-form refit of each row's levels: "
+                 "the lowest loss at a --target-bits size measured, tools/switch_accuracy/"
+                 "RESULTS.md; twice GPTQ's time) or rd (rate-distortion: fitted levels, 4 rounds "
+                 "of GPTQ and level refit, act-order, and the zero penalty as the --target-bits "
+                 "knob); the flags below override it");
   app.add_option("--target-bits", f.target_bits,
                  "aim every expert matrix at this many bits per weight, codes, row offsets and "
-                 "levels counted (0 = off): its zero threshold or penalty is searched");
+                 "levels counted (0 = off): its zero threshold or penalty is searched (qmoe "
+                 "compress: a matrix none of whose roundings is that large stays at its largest, "
+                 "and the run says how many did)");
   app.add_option("--rate-knob", f.knob,
                  "what --target-bits moves: threshold (default with --recipe qmoe) or penalty "
                  "(default with --recipe rd)");
@@ -52,11 +57,11 @@ inline void add_ternary_flags(CLI::App& app, TernaryFlags& f) {
 // The options the flags ask for. --recipe rd switches `actorder` on.
 inline void apply_ternary_flags(const TernaryFlags& f, TernaryOptions& t, RateControl& rate,
                                 bool& actorder) {
-  if (f.recipe != "qmoe" && f.recipe != "rd")
-    throw InvalidArgument("--recipe must be qmoe or rd (not '" + f.recipe + "')");
+  if (f.recipe != "qmoe" && f.recipe != "refit" && f.recipe != "rd")
+    throw InvalidArgument("--recipe must be qmoe, refit or rd (not '" + f.recipe + "')");
   const bool rd = f.recipe == "rd";
   t.levels = rd ? TernaryLevels::kFit : TernaryLevels::kMinMax;
-  t.refit = rd ? 4 : 0;
+  t.refit = rd ? 4 : f.recipe == "refit" ? 1 : 0;
   if (rd) actorder = true;
   if (f.levels_opt && f.levels_opt->count() > 0) t.levels = ternary_levels_from_name(f.levels);
   if (f.refit_opt && f.refit_opt->count() > 0) t.refit = f.refit;

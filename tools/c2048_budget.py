@@ -30,9 +30,10 @@ Work per phase (floating-point operations, the formulas the C++ code counts):
   encode, write: per matrix, thread-seconds measured on the c-2048-shaped block
 Time of a phase = work / (measured per-thread rate x cores x machines x efficiency); reading the
 checkpoint = 3.2 TB / (--read-gbps x machines) (each process reads the non-expert weights and
-the experts it owns), work files = 160 GB / (--write-gbps x machines), assembling the container
-(process 0 alone reads the work files back and writes the shards) = 160 GB / --read-gbps +
-160 GB / --write-gbps; with --machines > 1, the expert inputs and outputs each token sends to
+the experts it owns), work files = 160 GB / (--write-gbps x machines), assembling the sharded
+container (each machine reads back the work files of its shards and writes them) =
+160 GB / (--read-gbps x machines) + 160 GB / (--write-gbps x machines), or with --single-file
+(process 0 alone) 160 GB / --read-gbps + 160 GB / --write-gbps; with --machines > 1, the expert inputs and outputs each token sends to
 its expert's owner: 2 x 4 d bytes per token per sparse block, at --network-gbps per machine.
 """
 import argparse
@@ -114,6 +115,9 @@ def main():
     ap.add_argument("--read-gbps", type=float, default=2.0,
                     help="checkpoint read rate per machine, GB/s (default 2: one NVMe)")
     ap.add_argument("--write-gbps", type=float, default=1.0, help="write rate per machine, GB/s")
+    ap.add_argument("--single-file", action="store_true",
+                    help="one container file, written by process 0 alone (default: sharded, "
+                         "each machine writing its shards)")
     ap.add_argument("--network-gbps", type=float, default=25.0,
                     help="network bandwidth per machine, GB/s (with --machines > 1)")
     a = ap.parse_args()
@@ -157,10 +161,12 @@ def main():
         rows.append((p, 0.0, 0.0, t))
         total += t
     read = CHECKPOINT_BYTES / (a.read_gbps * 1e9 * a.machines)
-    # Work files: each process writes the matrices it owns. The container: process 0 reads the
-    # work files back and writes every shard, on one machine whatever the machine count.
+    # Work files: each process writes the matrices it owns. The container: sharded, shard k is
+    # written by process k mod R, which reads back the work files it holds; a single file is
+    # written by process 0 alone, on one machine whatever the machine count.
     work_files = OUTPUT_BYTES / (a.write_gbps * 1e9 * a.machines)
-    assemble = OUTPUT_BYTES / (a.read_gbps * 1e9) + OUTPUT_BYTES / (a.write_gbps * 1e9)
+    writers = 1 if a.single_file else a.machines
+    assemble = OUTPUT_BYTES / (a.read_gbps * 1e9 * writers) + OUTPUT_BYTES / (a.write_gbps * 1e9 * writers)
     rows.append(("read 3.2 TB", 0.0, 0.0, read))
     rows.append(("work files", 0.0, 0.0, work_files))
     rows.append(("assemble", 0.0, 0.0, assemble))

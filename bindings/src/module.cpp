@@ -1406,6 +1406,7 @@ py::dict compress_checkpoint(
   d["g4_matrices"] = s.g4_matrices;
   d["p5_matrices"] = s.p5_matrices;
   d["fallback_matrices"] = s.fallback_matrices;
+  d["below_target_matrices"] = s.below_target_matrices;
   d["mean_zero_fraction"] = s.mean_zero_fraction;
   d["compress_seconds"] = s.compress_seconds;
   d["assemble_seconds"] = s.assemble_seconds;

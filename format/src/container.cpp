@@ -11,6 +11,7 @@
 #include <cerrno>
 #include <cstdio>
 #include <cstring>
+#include <functional>
 #include <limits>
 #include <nlohmann/json.hpp>
 #include <set>
@@ -752,7 +753,8 @@ struct ContainerWriter::Impl {
   std::optional<Target> target;
   std::set<std::string, std::less<>> names;  // logical names and stored names
 
-  // The open file (shard).
+  // The open file (shard): `open`; `cur` is its writer when this process writes it.
+  bool open = false;
   std::unique_ptr<SafetensorsWriter> cur;
   int64_t cur_bytes = 0;
   std::set<std::string> cur_dictionaries;  // dictionary tensors the open file holds
@@ -763,23 +765,35 @@ struct ContainerWriter::Impl {
   std::vector<internal::TempFileMark> closed_marks;
   std::vector<std::pair<std::string, size_t>> weight_map;  // stored name -> shard number (0-based)
   bool any_closed = false;
+  bool part_finished = false;  // finish_part() done
+  bool kept = false;           // keep_part(): the shards are the finishing process's
 
   ~Impl() {
     cur.reset();  // removes its temporary file
-    if (!finished) {
+    if (!finished && !kept) {
+      // Partitioned: the shards of every process, as far as this one got (another process's
+      // file that does not exist is no error).
       for (const auto& p : closed) ::unlink(p.c_str());
     }
+  }
+
+  // Partitioned writing: whether this process writes shard k.
+  bool mine(size_t k) const {
+    return static_cast<int>(k % static_cast<size_t>(opt.part_count)) == opt.part_rank;
   }
 
   std::filesystem::path intermediate(size_t k) const {
     char buf[64];
     std::snprintf(buf, sizeof buf, "model-%05zu.safetensors.partial.", k + 1);
-    return out / (buf + std::to_string(::getpid()));
+    return out / (buf + (opt.part_tag.empty() ? std::to_string(::getpid()) : opt.part_tag));
   }
 
   void open_file() {
-    cur = std::make_unique<SafetensorsWriter>(sharded ? intermediate(closed.size()) : out);
-    cur->set_header_checksum_key(std::string(kHeaderChecksumKey));
+    if (!sharded || mine(closed.size())) {
+      cur = std::make_unique<SafetensorsWriter>(sharded ? intermediate(closed.size()) : out);
+      cur->set_header_checksum_key(std::string(kHeaderChecksumKey));
+    }
+    open = true;
     cur_bytes = 0;
     cur_dictionaries.clear();
     cur_empty = true;
@@ -793,17 +807,22 @@ struct ContainerWriter::Impl {
   }
 
   void close_shard() {
-    put_global_metadata(*cur);
-    cur->finish();
     closed.push_back(intermediate(closed.size()));
-    closed_marks.emplace_back(closed.back().string());
-    cur.reset();
+    if (cur) {
+      put_global_metadata(*cur);
+      cur->finish();
+      closed_marks.emplace_back(closed.back().string());
+      cur.reset();
+    }
+    open = false;
     any_closed = true;
   }
 
   void put(const StoredTensor& t) {
-    cur->add(t.name, t.dtype, t.shape, t.bytes);
-    cur->set_metadata(std::string(kChecksumKeyPrefix) + t.name, checksum_hex(t.bytes));
+    if (cur) {
+      cur->add(t.name, t.dtype, t.shape, t.bytes);
+      cur->set_metadata(std::string(kChecksumKeyPrefix) + t.name, checksum_hex(t.bytes));
+    }
     cur_bytes += static_cast<int64_t>(t.bytes.size());
     cur_empty = false;
     // A dictionary may be in several shards, so it cannot have one weight_map entry; every
@@ -812,23 +831,27 @@ struct ContainerWriter::Impl {
   }
 
   // Adds a group of tensors that must share a file, plus the dictionary it needs (if any) where
-  // the file does not hold it yet.
+  // the file does not hold it yet. `check` runs first when this process writes the group.
   void add_group(const std::vector<StoredTensor>& group, const StoredTensor* dictionary,
-                 const std::string& matrix_key, const std::string& matrix_value) {
+                 const std::string& matrix_key, const std::string& matrix_value,
+                 const std::function<void()>& check = {}) {
+    if (part_finished)
+      throw InvalidArgument(error_context(out.string(), "", "writer already finished"));
     int64_t bytes = 0;
     for (const auto& t : group) bytes += static_cast<int64_t>(t.bytes.size());
     auto missing = [&] { return dictionary && cur_dictionaries.count(dictionary->name) == 0; };
-    if (sharded && cur && !cur_empty) {
+    if (sharded && open && !cur_empty) {
       const int64_t extra = missing() ? static_cast<int64_t>(dictionary->bytes.size()) : 0;
       if (cur_bytes + bytes + extra > opt.shard_size) close_shard();
     }
-    if (!cur) open_file();
+    if (!open) open_file();
+    if (cur && check) check();
     if (missing()) {
       put(*dictionary);
       cur_dictionaries.insert(dictionary->name);
     }
     for (const auto& t : group) put(t);
-    if (!matrix_key.empty()) cur->set_metadata(matrix_key, matrix_value);
+    if (cur && !matrix_key.empty()) cur->set_metadata(matrix_key, matrix_value);
   }
 
   void check_name(const std::string& name) {
@@ -846,6 +869,10 @@ struct ContainerWriter::Impl {
 ContainerWriter::ContainerWriter(std::filesystem::path out, ContainerWriteOptions opt)
     : impl_(std::make_unique<Impl>()) {
   if (opt.shard_size < 0) throw InvalidArgument("ContainerWriter: shard_size must be >= 0");
+  if (opt.part_count < 1 || opt.part_rank < 0 || opt.part_rank >= opt.part_count)
+    throw InvalidArgument("ContainerWriter: part_rank must be in [0, part_count)");
+  if (opt.part_count > 1 && opt.shard_size == 0)
+    throw InvalidArgument("ContainerWriter: partitioned writing needs a sharded container");
   impl_->out = std::move(out);
   impl_->opt = opt;
   impl_->sharded = opt.shard_size > 0;
@@ -900,7 +927,8 @@ void ContainerWriter::add_dense(std::string name, DType dtype, std::vector<int64
 }
 
 void ContainerWriter::add_compressed(std::string name, const CompressedView& m,
-                                     DType original_dtype) {
+                                     DType original_dtype,
+                                     const std::function<void()>& check_source) {
   Impl& w = *impl_;
   w.check_name(name);
   if (!is_float_dtype(original_dtype)) {
@@ -910,11 +938,14 @@ void ContainerWriter::add_compressed(std::string name, const CompressedView& m,
   if (m.rows > std::numeric_limits<int32_t>::max() - 1) {
     throw InvalidArgument(error_context(w.out.string(), name, "too many rows"));
   }
-  try {
-    validate(m, error_context(w.out.string(), name, ""));
-  } catch (const FormatError& e) {
-    throw InvalidArgument(e.what());
-  }
+  auto check = [&] {
+    if (check_source) check_source();
+    try {
+      validate(m, error_context(w.out.string(), name, ""));
+    } catch (const FormatError& e) {
+      throw InvalidArgument(e.what());
+    }
+  };
   auto as_bytes = [](auto span) { return std::as_bytes(span); };
   std::vector<StoredTensor> group;
   if (m.has_codes()) {
@@ -958,7 +989,7 @@ void ContainerWriter::add_compressed(std::string name, const CompressedView& m,
                               as_bytes(m.dictionary)};
   }
   w.add_group(group, dictionary ? &*dictionary : nullptr, std::string(kMatrixKeyPrefix) + name,
-              matrix_json(m, original_dtype));
+              matrix_json(m, original_dtype), check);
   w.names.insert(std::move(name));
 }
 
@@ -967,7 +998,7 @@ std::vector<std::filesystem::path> ContainerWriter::finish() {
   if (w.finished)
     throw InvalidArgument(error_context(w.out.string(), "", "writer already finished"));
   if (!w.sharded) {
-    if (!w.cur) w.open_file();
+    if (!w.open) w.open_file();
     w.put_global_metadata(*w.cur);
     w.cur->finish();
     w.cur.reset();
@@ -981,7 +1012,11 @@ std::vector<std::filesystem::path> ContainerWriter::finish() {
         w.out.string(), "",
         "a sharded container needs at least one tensor (write an empty one as a single file)"));
   }
-  if (w.cur) w.close_shard();
+  if (w.opt.part_count > 1 && !w.part_finished) {
+    throw InvalidArgument(
+        error_context(w.out.string(), "", "partitioned writing: finish_part() before finish()"));
+  }
+  if (w.open) w.close_shard();
   const size_t n = w.closed.size();
   std::vector<std::filesystem::path> files;
   for (size_t k = 0; k < n; ++k) files.push_back(w.out / shard_name(k + 1, n));
@@ -1045,6 +1080,23 @@ std::vector<std::filesystem::path> ContainerWriter::finish() {
   w.finished = true;
   files.push_back(index_path);
   return files;
+}
+
+void ContainerWriter::finish_part() {
+  Impl& w = *impl_;
+  if (w.finished || w.part_finished)
+    throw InvalidArgument(error_context(w.out.string(), "", "writer already finished"));
+  if (w.opt.part_count < 2)
+    throw InvalidArgument(error_context(w.out.string(), "", "finish_part() without a partition"));
+  if (w.open) w.close_shard();
+  w.part_finished = true;
+}
+
+void ContainerWriter::keep_part() {
+  Impl& w = *impl_;
+  if (!w.part_finished)
+    throw InvalidArgument(error_context(w.out.string(), "", "keep_part() before finish_part()"));
+  w.kept = true;  // (an interrupt still removes them: the job stops anyway)
 }
 
 }  // namespace qmoe

@@ -921,6 +921,7 @@ CompressedExpert compress_at_rate(const float* w, int64_t rows, int64_t cols, co
     return std::pair{k, b};
   };
   if (best.bits > target) above = best;
+  bool at_limit = false;  // the bracket reached the knob's end without crossing the target
   if (err(best) > rate.tolerance) {
     // Bracket: more zeros (a larger knob) when the size is above the target.
     const double dir = best.bits > target ? 1.0 : -1.0;
@@ -929,7 +930,10 @@ CompressedExpert compress_at_rate(const float* w, int64_t rows, int64_t cols, co
     bool bracketed = false;
     while (steps < rate.max_steps) {
       const double k = start + dir * step;
-      if (std::abs(k) > limit) break;
+      if (std::abs(k) > limit) {
+        at_limit = true;
+        break;
+      }
       const auto [kk, b] = consider(attempt(k));
       if (err(best) <= rate.tolerance) break;
       if ((b - target) * dir <= 0) {  // crossed the target
@@ -952,8 +956,10 @@ CompressedExpert compress_at_rate(const float* w, int64_t rows, int64_t cols, co
       }
     }
   }
-  if (err(best) > rate.tolerance && above.bits > 0 && lo_bits < target) {
-    // Trim: the cheapest non-zero weights of `above` to zero, by bisection on their number.
+  if (err(best) > rate.tolerance && above.bits > 0) {
+    // Trim: the cheapest non-zero weights of `above` to zero, by bisection on their number (all
+    // of them: an all-zero matrix, below any target but its offsets and levels), also when the
+    // bracket reached the knob's end with every size seen above the target.
     std::vector<double> d(static_cast<size_t>(cols), 1.0);
     if (f.reason.empty())
       for (int64_t k = 0; k < cols; ++k) d[f.perm[k]] = 1.0 / static_cast<double>(f.invd[k]);
@@ -991,7 +997,11 @@ CompressedExpert compress_at_rate(const float* w, int64_t rows, int64_t cols, co
     if (best.out.trimmed > 0)
       exact_loss<T>(w, rows, cols, h, f, opt, best.t, best.out.loss, best.out.output_loss);
   }
-  if (err(best) > rate.tolerance) {
+  if (err(best) > rate.tolerance && rate.accept_below && at_limit && hi_bits < target) {
+    // Every size the knob reaches is below the target (a matrix whose Hessian zeroes many
+    // columns: a denser rounding of the rest codes no longer, or even shorter): the largest.
+    best.out.below_target = true;
+  } else if (err(best) > rate.tolerance) {
     char buf[256];
     std::snprintf(buf, sizeof buf,
                   "rate control: %.4f bits per weight not reached within %.4f after %d "

@@ -922,6 +922,7 @@ LoopReport run_block_loop(const std::shared_ptr<const SwitchSource>& source,
             // Rate control: every try is GPTQ and an encoding (counted as GPTQ).
             RateControl rc = opt.rate;
             rc.target_bits = rate_target[todo[j]];
+            rc.accept_below = true;
             qmoe::CompressedExpert c = compress_matrix(w.data, m.rows, m.cols, hp, g, eo, rc);
             // Read in place or widened from them: the mapped pages are done with either way.
             release_pages(st.bytes);
@@ -932,6 +933,7 @@ LoopReport run_block_loop(const std::shared_ptr<const SwitchSource>& source,
             stats.loss = c.loss;
             stats.output_loss = c.output_loss;
             stats.fallback = c.status != GptqStatus::kOk;
+            stats.below_target = c.below_target;
           } else {
             GptqResult r = gptq_quantize(w.data, m.rows, m.cols, hp, g);
             release_pages(st.bytes);
@@ -947,7 +949,9 @@ LoopReport run_block_loop(const std::shared_ptr<const SwitchSource>& source,
             stats.fallback = r.status != GptqStatus::kOk;
           }
           stats.tokens = tokens_used;
-          if (!gptq) stats = MatrixStats{.zero_fraction = stats.zero_fraction};
+          if (!gptq)
+            stats = MatrixStats{.zero_fraction = stats.zero_fraction,
+                                .below_target = stats.below_target};
           {
             std::lock_guard lk(acc.mu);
             rep.hessian_tokens += tokens_used;

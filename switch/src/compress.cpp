@@ -304,18 +304,23 @@ std::string work_checksum(
   return buf;
 }
 
-Cached load_cached(const fs::path& p, const ExpertMatrix& m) {
+// A work file's checksum covers its metadata and every tensor: this reads all of it.
+void verify_cached(const SafetensorsFile& f, const fs::path& p, const ExpertMatrix& m) {
+  const auto& md = f.metadata();
+  std::vector<std::pair<std::string, std::span<const std::byte>>> t;
+  for (const auto& ti : f.tensors()) t.emplace_back(ti.name, f.bytes(ti));
+  std::sort(t.begin(), t.end(), [](const auto& a, const auto& b) { return a.first < b.first; });
+  const auto it = md.find("xxh3");
+  if (it == md.end() || it->second != work_checksum(md, t))
+    throw FormatError(
+        error_context(p.string(), m.name, "work file is damaged (its checksum does not match)"));
+}
+
+// verify = false: the data is not read (the caller verifies it before using it).
+Cached load_cached(const fs::path& p, const ExpertMatrix& m, bool verify = true) {
   Cached c{SafetensorsFile::open(p), {}, {}, Codec::kV1, 0, {}};
   const auto& md = c.file.metadata();
-  {
-    std::vector<std::pair<std::string, std::span<const std::byte>>> t;
-    for (const auto& ti : c.file.tensors()) t.emplace_back(ti.name, c.file.bytes(ti));
-    std::sort(t.begin(), t.end(), [](const auto& a, const auto& b) { return a.first < b.first; });
-    const auto it = md.find("xxh3");
-    if (it == md.end() || it->second != work_checksum(md, t))
-      throw FormatError(
-          error_context(p.string(), m.name, "work file is damaged (its checksum does not match)"));
-  }
+  if (verify) verify_cached(c.file, p, m);
   auto get = [&](const char* k) -> const std::string& {
     auto it = md.find(k);
     if (it == md.end())
@@ -370,6 +375,7 @@ Cached load_cached(const fs::path& p, const ExpertMatrix& m) {
   c.stats.output_loss = std::stod(get("output_loss"));
   c.stats.tokens = std::stoll(get("tokens"));
   c.stats.fallback = get("fallback") == "1";
+  c.stats.below_target = md.count("below_target") != 0;
   return c;
 }
 
@@ -400,6 +406,7 @@ void store_cached(const fs::path& p, const ExpertMatrix& m, const CompressedMatr
   w.set_metadata("output_loss", num(s.output_loss));
   w.set_metadata("tokens", std::to_string(s.tokens));
   w.set_metadata("fallback", s.fallback ? "1" : "0");
+  if (s.below_target) w.set_metadata("below_target", "1");
   if (cm.has_dictionary()) {
     char p0[32];
     std::snprintf(p0, sizeof p0, "%.17g", cm.dictionary->p0);
@@ -972,7 +979,14 @@ CompressSummary compress_checkpoint(const fs::path& checkpoint, const fs::path& 
     sum.ranks = gather_reports(comm, own);
     sum.loop = combine(sum.ranks);
     sum.memory_budget = sum.loop.memory_budget;
-    if (!lead) {
+    // The container: written by the lead alone, or, sharded under several processes, shard k by
+    // process k mod R (ContainerWriteOptions::part_count), each reading the work files of the
+    // matrices in its shards; the lead renames them and writes the index. Every process places
+    // the tensors alike: same order, same sizes, same metadata (the statistics are the lead's).
+    const bool parted = opt.shard_size > 0 && comm.size() > 1;
+    std::string part_tag;
+    if (parted) part_tag = comm.allgather(std::to_string(::getpid()))[0];
+    if (!lead && !parted) {
       // The lead assembles the container; the others wait for its outcome.
       agree(comm, nullptr, "assembling the container");
       sum.compress_seconds = since(tc);
@@ -980,81 +994,109 @@ CompressSummary compress_checkpoint(const fs::path& checkpoint, const fs::path& 
       return sum;
     }
     sum.compress_seconds = since(tc);
-    tick("compress", "done", "done", static_cast<int64_t>(experts.size()), sum.resumed_matrices,
-         sum.loop.forward_tokens, sum.loop.forward_tokens);
+    if (lead)
+      tick("compress", "done", "done", static_cast<int64_t>(experts.size()), sum.resumed_matrices,
+           sum.loop.forward_tokens, sum.loop.forward_tokens);
 
     const int64_t n_done = static_cast<int64_t>(experts.size());
+    const auto ta = clock::now();
     std::exception_ptr assemble_err;
+    std::optional<ContainerWriter> writer;
     try {
       // ---- statistics, read back from the work files (a resumed run reports the same)
-      const auto ta = clock::now();
-      std::map<std::string, json> stats;  // block key -> stats JSON
-      std::map<std::string, BlockSummary> blocks;
+      json stats = json::object();  // block key -> stats JSON
       std::vector<std::string> block_order;
-      double zf_sum = 0;
-      std::set<uint64_t> dictionaries;  // qmoe-v2 and qmoe-v3 dictionary ids
-      for (size_t i = 0; i < experts.size(); ++i) {
-        const auto& m = experts[i];
-        const Cached c = load_cached(matrix_file(work, i), m);
-        const std::string bk = block_key(m);
-        if (!stats.count(bk)) {
-          block_order.push_back(bk);
-          stats[bk] = {{"experts", ck->src->layout().num_experts},
-                       {"zero_fraction", json::array()}};
+      if (lead) {
+        std::map<std::string, BlockSummary> blocks;
+        double zf_sum = 0;
+        std::set<uint64_t> dictionaries;  // qmoe-v2 and qmoe-v3 dictionary ids
+        for (size_t i = 0; i < experts.size(); ++i) {
+          const auto& m = experts[i];
+          const Cached c = load_cached(matrix_file(work, i), m);
+          const std::string bk = block_key(m);
+          if (!stats.contains(bk)) {
+            block_order.push_back(bk);
+            stats[bk] = {{"experts", ck->src->layout().num_experts},
+                         {"zero_fraction", json::array()}};
+            if (gptq) {
+              stats[bk]["loss"] = json::array();
+              stats[bk]["output_loss"] = json::array();
+              stats[bk]["tokens"] = json::array();
+              stats[bk]["fallback"] = json::array();
+            }
+            blocks[bk].block = bk;
+          }
+          json& js = stats[bk];
+          js["zero_fraction"].push_back(round6(c.stats.zero_fraction));
           if (gptq) {
-            stats[bk]["loss"] = json::array();
-            stats[bk]["output_loss"] = json::array();
-            stats[bk]["tokens"] = json::array();
-            stats[bk]["fallback"] = json::array();
+            js["loss"].push_back(round6(c.stats.loss));
+            js["output_loss"].push_back(round6(c.stats.output_loss));
+            js["tokens"].push_back(c.stats.tokens);
+            if (c.stats.fallback) {
+              js["fallback"].push_back(static_cast<int64_t>(js["zero_fraction"].size()) - 1);
+              ++sum.fallback_matrices;
+            }
           }
-          blocks[bk].block = bk;
-        }
-        json& js = stats[bk];
-        js["zero_fraction"].push_back(round6(c.stats.zero_fraction));
-        if (gptq) {
-          js["loss"].push_back(round6(c.stats.loss));
-          js["output_loss"].push_back(round6(c.stats.output_loss));
-          js["tokens"].push_back(c.stats.tokens);
-          if (c.stats.fallback) {
-            js["fallback"].push_back(static_cast<int64_t>(js["zero_fraction"].size()) - 1);
-            ++sum.fallback_matrices;
+          if (c.stats.below_target) {  // written only when some matrix is
+            js["below_target"].push_back(static_cast<int64_t>(js["zero_fraction"].size()) - 1);
+            ++sum.below_target_matrices;
           }
+          auto& b = blocks[bk];
+          ++b.matrices;
+          b.weights += m.numel();
+          b.compressed_bytes += c.compressed_bytes;
+          sum.expert_weights += m.numel();
+          sum.expert_input_bytes += m.numel() * dtype_size(m.dtype);
+          sum.expert_compressed_bytes += c.compressed_bytes;
+          // A qmoe-v2 / qmoe-v3 dictionary is stored once per file that uses it; counted here
+          // once.
+          static_assert(v2::kTableBytes == v3::kTableBytes);
+          if (c.dictionary && dictionaries.insert(c.dictionary->id).second)
+            sum.expert_compressed_bytes += v2::kTableBytes;
+          (c.codec == Codec::kV1   ? sum.v1_matrices
+           : c.codec == Codec::kV2 ? sum.v2_matrices
+           : c.codec == Codec::kV3 ? sum.v3_matrices
+           : c.codec == Codec::kG4 ? sum.g4_matrices
+                                   : sum.p5_matrices) += 1;
+          zf_sum += c.stats.zero_fraction;
         }
-        auto& b = blocks[bk];
-        ++b.matrices;
-        b.weights += m.numel();
-        b.compressed_bytes += c.compressed_bytes;
-        sum.expert_weights += m.numel();
-        sum.expert_input_bytes += m.numel() * dtype_size(m.dtype);
-        sum.expert_compressed_bytes += c.compressed_bytes;
-        // A qmoe-v2 / qmoe-v3 dictionary is stored once per file that uses it; counted here once.
-        static_assert(v2::kTableBytes == v3::kTableBytes);
-        if (c.dictionary && dictionaries.insert(c.dictionary->id).second)
-          sum.expert_compressed_bytes += v2::kTableBytes;
-        (c.codec == Codec::kV1   ? sum.v1_matrices
-         : c.codec == Codec::kV2 ? sum.v2_matrices
-         : c.codec == Codec::kV3 ? sum.v3_matrices
-         : c.codec == Codec::kG4 ? sum.g4_matrices
-                                 : sum.p5_matrices) += 1;
-        zf_sum += c.stats.zero_fraction;
+        sum.mean_zero_fraction = experts.empty() ? 0 : zf_sum / static_cast<double>(experts.size());
+        for (const auto& k : block_order) sum.blocks.push_back(blocks[k]);
       }
-      sum.mean_zero_fraction = experts.empty() ? 0 : zf_sum / static_cast<double>(experts.size());
-      for (const auto& k : block_order) sum.blocks.push_back(blocks[k]);
+      if (parted) {
+        // The lead's statistics, in block order, to every process.
+        json mine = json::array();
+        if (lead)
+          for (const auto& k : block_order) mine.push_back(json::array({k, stats[k].dump()}));
+        const json all = json::parse(comm.allgather(lead ? mine.dump() : std::string("[]"))[0]);
+        if (!lead) {
+          for (const auto& e : all) {
+            block_order.push_back(e[0].get<std::string>());
+            stats[block_order.back()] = json::parse(e[1].get<std::string>());
+          }
+        }
+      }
 
       // ---- assemble the container: every stored tensor, in name order
-      if (opt.shard_size > 0) {
+      if (opt.shard_size > 0 && lead) {
         // An earlier container in the output directory stops being one first: a run killed while
         // the writer renames its shards must not leave an old index next to a mix of old and new
         // shards.
         fs::remove(output / std::string(kIndexFileName), ec);
       }
-      ContainerWriter writer(output, ContainerWriteOptions{.shard_size = opt.shard_size});
-      writer.set_target(opt.target);
-      writer.set_metadata(std::string(kMetaConfig), ck->config_text);
-      writer.set_metadata(std::string(kMetaQuantizer), sum.quantizer);
-      writer.set_metadata(std::string(kMetaInputBytes), std::to_string(plan.input_bytes));
-      writer.set_metadata(std::string(kMetaSource),
-                          fs::weakly_canonical(checkpoint).filename().string());
+      ContainerWriteOptions wo{.shard_size = opt.shard_size};
+      if (parted) {
+        wo.part_count = comm.size();
+        wo.part_rank = comm.rank();
+        wo.part_tag = part_tag;
+      }
+      writer.emplace(output, wo);
+      writer->set_metadata(std::string(kMetaConfig), ck->config_text);
+      writer->set_metadata(std::string(kMetaQuantizer), sum.quantizer);
+      writer->set_metadata(std::string(kMetaInputBytes), std::to_string(plan.input_bytes));
+      writer->set_metadata(std::string(kMetaSource),
+                           fs::weakly_canonical(checkpoint).filename().string());
+      writer->set_target(opt.target);
       {
         json o = {{"codec", opt.codec ? std::string(codec_name(*opt.codec)) : "auto"},
                   {"cast_bf16", opt.cast_bf16}};
@@ -1067,10 +1109,10 @@ CompressSummary compress_checkpoint(const fs::path& checkpoint, const fs::path& 
           o["actorder"] = opt.actorder;
         }
         add_ternary_options(o, opt);
-        writer.set_metadata(std::string(kMetaOptions), o.dump());
+        writer->set_metadata(std::string(kMetaOptions), o.dump());
       }
       for (const auto& k : block_order)
-        writer.set_metadata(std::string(kMetaStatsPrefix) + k, stats[k].dump());
+        writer->set_metadata(std::string(kMetaStatsPrefix) + k, stats[k].dump());
 
       std::map<std::string, size_t> expert_index;
       for (size_t i = 0; i < experts.size(); ++i) expert_index[experts[i].name] = i;
@@ -1078,8 +1120,13 @@ CompressSummary compress_checkpoint(const fs::path& checkpoint, const fs::path& 
       std::vector<std::byte> cast;
       for (const auto& [name, st] : ck->stored) {
         if (auto it = expert_index.find(name); it != expert_index.end()) {
-          const Cached c = load_cached(matrix_file(work, it->second), experts[it->second]);
-          writer.add_compressed(name, c.view, st.info->dtype);
+          // Partitioned: the work file's data is read (and verified) only where it is written.
+          const fs::path wf = matrix_file(work, it->second);
+          const ExpertMatrix& m = experts[it->second];
+          const Cached c = load_cached(wf, m, /*verify=*/!parted);
+          writer->add_compressed(name, c.view, st.info->dtype, [&] {
+            if (parted) verify_cached(c.file, wf, m);
+          });
         } else {
           const TensorInfo& t = *st.info;
           const auto bytes = st.file->bytes(t);
@@ -1098,40 +1145,57 @@ CompressSummary compress_checkpoint(const fs::path& checkpoint, const fs::path& 
               const uint16_t b = float_to_bf16(f);
               std::memcpy(cast.data() + 2 * i, &b, 2);
             }
-            writer.add_dense(name, DType::kBF16, t.shape, cast);
+            writer->add_dense(name, DType::kBF16, t.shape, cast);
             std::vector<std::byte>().swap(cast);
           } else {
-            writer.add_dense(name, t.dtype, t.shape, bytes);
+            writer->add_dense(name, t.dtype, t.shape, bytes);
           }
           release_pages(bytes);
         }
-        if (opt.progress && since(last_tick) > 0.2) {
+        if (lead && opt.progress && since(last_tick) > 0.2) {
           last_tick = clock::now();
           tick("assemble", "write", name, n_done, sum.resumed_matrices, 0, 0);
         }
       }
-      // The last call before the output is committed.
-      tick("assemble", "write", "finish", n_done, sum.resumed_matrices, 0, 0);
-      sum.files = writer.finish();
-      // Shards of an earlier, differently sharded output in the same directory would confuse
-      // readers.
-      if (opt.shard_size > 0) {
-        std::set<fs::path> mine(sum.files.begin(), sum.files.end());
-        std::vector<fs::path> stale;
-        for (const auto& e : fs::directory_iterator(output, ec))
-          if (is_shard_name(e.path().filename().string()) && !mine.count(e.path()))
-            stale.push_back(e.path());
-        for (const auto& p : stale) fs::remove(p, ec);
-      }
-      for (const auto& f : sum.files) sum.output_bytes += static_cast<int64_t>(fs::file_size(f));
-      // The work directory goes file by file, run.json last: a kill on the way leaves a directory
-      // that
-      // --resume still accepts (and that the next run replaces).
-      remove_work_dir(work);
-      sum.assemble_seconds = since(ta);
-      sum.total_seconds = since(t0);
+      if (parted) writer->finish_part();
     } catch (...) {
       assemble_err = std::current_exception();
+    }
+    if (parted) {
+      // Every shard written (or the job stops here; each writer removes what it wrote).
+      agree(comm, assemble_err, "writing the container's shards");
+      if (!lead) {
+        writer->keep_part();
+        agree(comm, nullptr, "assembling the container");
+        sum.assemble_seconds = since(ta);
+        sum.total_seconds = since(t0);
+        return sum;
+      }
+    }
+    if (!assemble_err) {
+      try {
+        // The last call before the output is committed.
+        tick("assemble", "write", "finish", n_done, sum.resumed_matrices, 0, 0);
+        sum.files = writer->finish();
+        // Shards of an earlier, differently sharded output in the same directory would confuse
+        // readers.
+        if (opt.shard_size > 0) {
+          std::set<fs::path> mine(sum.files.begin(), sum.files.end());
+          std::vector<fs::path> stale;
+          for (const auto& e : fs::directory_iterator(output, ec))
+            if (is_shard_name(e.path().filename().string()) && !mine.count(e.path()))
+              stale.push_back(e.path());
+          for (const auto& p : stale) fs::remove(p, ec);
+        }
+        for (const auto& f : sum.files) sum.output_bytes += static_cast<int64_t>(fs::file_size(f));
+        // The work directory goes file by file, run.json last: a kill on the way leaves a
+        // directory that --resume still accepts (and that the next run replaces).
+        remove_work_dir(work);
+        sum.assemble_seconds = since(ta);
+        sum.total_seconds = since(t0);
+      } catch (...) {
+        assemble_err = std::current_exception();
+      }
     }
     agree(comm, assemble_err, "assembling the container");
     tick("assemble", "done", "done", n_done, sum.resumed_matrices, 0, 0);

@@ -90,6 +90,76 @@ TEST(ContainerV2, ShardsHoldTheDictionariesTheyUse) {
     EXPECT_EQ(k.rfind("qmoe.dictionary.", 0), std::string::npos) << k;
 }
 
+// Partitioned writing (several processes writing one sharded container): R writers given the
+// same tensors, writer r writing shards r, r + R, ...: after finish_part() on all, keep_part() on
+// the others and finish() on the first, the files are byte for byte those of one writer. Each
+// reads and checks only its own groups; a writer dropped without keep_part() removes its shards.
+TEST(ContainerV2, PartitionedWritingGivesTheSameFiles) {
+  TempDir dir;
+  V2Fixture fx;
+  const fs::path ref = dir / "ref";
+  {
+    ContainerWriter w(ref, {.shard_size = 1000});
+    w.set_metadata("k", "v");
+    w.add_dense("d", DType::kU8, {3}, std::as_bytes(std::span<const char>("xyz", 3)));
+    fx.add_all(w);
+    w.finish();
+  }
+  const auto files_of = [](const fs::path& d) {
+    std::map<std::string, std::vector<uint8_t>> m;
+    for (const auto& e : fs::directory_iterator(d))
+      m[e.path().filename().string()] = read_bytes(e.path());
+    return m;
+  };
+  const auto want = files_of(ref);
+  ASSERT_EQ(want.size(), 5u);  // 4 shards and the index
+  for (const int parts : {2, 3, 5}) {
+    const fs::path out = dir / ("p" + std::to_string(parts));
+    std::vector<std::unique_ptr<ContainerWriter>> ws;
+    std::vector<int> checks(static_cast<size_t>(parts), 0);
+    for (int r = 0; r < parts; ++r) {
+      ws.push_back(std::make_unique<ContainerWriter>(
+          out, ContainerWriteOptions{
+                   .shard_size = 1000, .part_count = parts, .part_rank = r, .part_tag = "t"}));
+      ContainerWriter& w = *ws.back();
+      w.set_metadata("k", "v");
+      w.add_dense("d", DType::kU8, {3}, std::as_bytes(std::span<const char>("xyz", 3)));
+      for (const auto& [name, m, dt] : {std::tuple{"a", &fx.a, DType::kF32},
+                                        {"b", &fx.b, DType::kBF16},
+                                        {"c", &fx.c, DType::kF32}})
+        w.add_compressed(name, m->view(), dt, [&checks, r] { ++checks[static_cast<size_t>(r)]; });
+    }
+    for (auto& w : ws) w->finish_part();
+    // Shard k (1-based) by writer (k - 1) % parts; "d" is shard 1, a, b, c shards 2, 3, 4.
+    for (int r = 0; r < parts; ++r) {
+      int mine = 0;
+      for (int k = 2; k <= 4; ++k) mine += (k - 1) % parts == r;
+      EXPECT_EQ(checks[static_cast<size_t>(r)], mine) << parts << " " << r;
+    }
+    for (int r = 1; r < parts; ++r) ws[static_cast<size_t>(r)]->keep_part();
+    ws[0]->finish();
+    ws.clear();
+    EXPECT_EQ(files_of(out), want) << parts << " writers";
+    Container::open(out, {.verify_checksums = true});
+  }
+  // Dropped before keep_part() (another process failed): no file is left.
+  {
+    const fs::path out = dir / "dropped";
+    {
+      ContainerWriter w(out,
+                        {.shard_size = 1000, .part_count = 2, .part_rank = 1, .part_tag = "v"});
+      w.add_dense("d", DType::kU8, {3}, std::as_bytes(std::span<const char>("xyz", 3)));
+      fx.add_all(w);
+      w.finish_part();
+      EXPECT_EQ(files_of(out).size(), 2u);  // shards 2 and 4, under intermediate names
+    }
+    EXPECT_TRUE(files_of(out).empty());
+  }
+  EXPECT_THROW(ContainerWriter(dir / "x", {.part_count = 2, .part_rank = 0}), InvalidArgument);
+  EXPECT_THROW(ContainerWriter(dir / "x", {.shard_size = 10, .part_count = 2, .part_rank = 2}),
+               InvalidArgument);
+}
+
 void expect_bad_v2(const std::function<void(Header&, Data&, const V2Fixture&)>& edit,
                    const std::vector<std::string>& parts) {
   expect_bad_file<V2Fixture>(edit, parts);

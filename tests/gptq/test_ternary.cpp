@@ -327,6 +327,41 @@ TEST(Ternary, RateControlErrors) {
   EXPECT_THROW(rate_knob_from_name("zeros"), InvalidArgument);
 }
 
+// A matrix whose inputs are mostly dead (columns whose Hessian diagonal is 0: their weights are
+// zeroed whatever the rounding) has a largest size; a target above it is an error, or with
+// accept_below that largest size, marked. A reachable target is met as before with accept_below.
+TEST(Ternary, RateControlAcceptsBelowWhenNoRoundingIsLarger) {
+  Problem p = make_problem(64, 256, 600, 14);
+  for (int64_t i = 0; i < p.n; ++i)
+    for (int64_t c = 0; c < p.cols; ++c)
+      if (c % 10 != 0) p.x[static_cast<size_t>(i * p.cols + c)] = 0.0f;  // 90% dead inputs
+  p.h = test::hessian_of(p.x, p.n, p.cols);
+  RateControl rate;
+  rate.target_bits = 1.0;  // a tenth of the columns live: 0.81 bits per weight at the most
+  EncodeOptions enc;
+  enc.codec = Codec::kV2;
+  try {
+    compress_matrix(p.w.data(), p.rows, p.cols, p.h.data(), {}, enc, rate);
+    ADD_FAILURE() << "unreachable target accepted without accept_below";
+  } catch (const InvalidArgument& e) {
+    EXPECT_NE(std::string(e.what()).find("not reached"), std::string::npos) << e.what();
+  }
+  rate.accept_below = true;
+  const CompressedExpert c = compress_matrix(p.w.data(), p.rows, p.cols, p.h.data(), {}, enc, rate);
+  EXPECT_TRUE(c.below_target);
+  EXPECT_LT(c.bits_per_weight, rate.target_bits - rate.tolerance);
+  EXPECT_EQ(c.bits_per_weight, c.matrix.view().bits_per_weight());
+  // The largest size found: at least QMoE's rounding's.
+  const CompressedExpert plain = compress_matrix(p.w.data(), p.rows, p.cols, p.h.data(), {}, enc);
+  EXPECT_GE(c.bits_per_weight, plain.bits_per_weight);
+  EXPECT_FALSE(plain.below_target);
+  // A target within reach is met, not accepted below.
+  rate.target_bits = 0.5 * (plain.bits_per_weight + c.bits_per_weight);
+  const CompressedExpert r = compress_matrix(p.w.data(), p.rows, p.cols, p.h.data(), {}, enc, rate);
+  EXPECT_FALSE(r.below_target);
+  EXPECT_NEAR(r.bits_per_weight, rate.target_bits, rate.tolerance);
+}
+
 // The layer-level goal, on the structured generator (256 x 512, 4096 calibration tokens, 4096
 // held-out tokens): at equal bits per weight, everything counted, the rate-distortion recipe
 // (fitted levels, 4 refit rounds, act-order, the zero penalty as the rate knob) has at most 0.9x

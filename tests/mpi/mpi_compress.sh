@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# qmoe compress under mpirun: the same bytes for any number of processes and threads, and clean
-# stops when a process fails or is killed. Usage: mpi_compress.sh QMOE MPIRUN
+# qmoe compress under mpirun: the same bytes for any number of processes and threads (single
+# files, and sharded containers whose shards the processes write between them), and clean stops
+# when a process fails or is killed. Usage: mpi_compress.sh QMOE MPIRUN
 set -euo pipefail
 qmoe=$1
 mpirun=$2
@@ -28,6 +29,18 @@ for r in 1 2 3 4; do
     grep -q "MPI, $r process" "c$r$t.log" || fail "$r processes: not run under MPI"
   done
 done
+echo "== sharded: every process writes its shards, the same files for 1..3 processes"
+"$qmoe" compress ck -o shref "${calib[@]}" --threads 1 --shard-size 20000 >/dev/null
+n=$(ls shref/model-*.safetensors | wc -l)
+[ "$n" -ge 4 ] || fail "the sharded reference has only $n shards"
+for r in 1 2 3; do
+  mpi "$r" "$qmoe" compress ck -o "sh$r" "${calib[@]}" --threads 1 --shard-size 20000 \
+    >"sh$r.log" 2>&1 || { cat "sh$r.log"; fail "sharded, $r processes"; }
+  diff -r shref "sh$r" >/dev/null || fail "sharded, $r processes: other files"
+done
+ls sh3 | grep -q partial && fail "intermediate shard files were left"
+"$qmoe" verify sh3 >/dev/null || fail "the 3-process sharded container does not verify"
+
 echo "== round to nearest: 3 processes"
 mpi 3 "$qmoe" compress ck -o rtn3.safetensors --threads 1 >rtn3.log 2>&1 || fail "rtn"
 cmp -s rtn.safetensors rtn3.safetensors || fail "rtn: other bytes"

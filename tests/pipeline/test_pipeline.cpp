@@ -775,6 +775,24 @@ TEST(Pipeline, RateControlLandsEveryMatrix) {
   EXPECT_NE(r.output.find("not reached"), std::string::npos) << r.output;
   EXPECT_NE(r.output.find("tensor '"), std::string::npos) << r.output;
   EXPECT_FALSE(fs::exists(t / "low.safetensors"));
+  // A target above every size a matrix's rounding reaches (all weights non-zero): each matrix
+  // stays at its largest, the run says so, and inspect marks them.
+  r = run_cli({"compress", (t / "ckpt").string(), "-o", (t / "high.safetensors").string(), "--rtn",
+               "--codec", "qmoe-v2", "--target-bits", "12"});
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  EXPECT_NE(r.output.find("32 matrices stayed below their size target"), std::string::npos)
+      << r.output;
+  r = run_cli({"inspect", (t / "high.safetensors").string(), "--json"});
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  const json hi = json::parse(r.output);
+  int below = 0;
+  for (const auto& e : hi.at("tensors"))
+    if (e.contains("below_size_target")) {
+      EXPECT_EQ(e.at("below_size_target"), true);
+      EXPECT_LT(e.at("bits_per_weight").get<double>(), 12.0);
+      ++below;
+    }
+  EXPECT_EQ(below, 32);
   // Default options record neither (their bytes stay QMoE's).
   r = run_cli(
       {"compress", (t / "ckpt").string(), "-o", (t / "plain.safetensors").string(), "--rtn"});
@@ -783,6 +801,19 @@ TEST(Pipeline, RateControlLandsEveryMatrix) {
       json::parse(Container::open(t / "plain.safetensors").metadata().at("compress.options"));
   EXPECT_FALSE(po.contains("ternary"));
   EXPECT_FALSE(po.contains("rate"));
+  // --recipe refit: QMoE's levels and threshold, one round of GPTQ + level refit.
+  r = run_cli({"compress", (t / "ckpt").string(), "-o", (t / "refit.safetensors").string(),
+               "--hessians", (t / "h.safetensors").string(), "--recipe", "refit"});
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  const json ro =
+      json::parse(Container::open(t / "refit.safetensors").metadata().at("compress.options"));
+  EXPECT_EQ(ro.at("ternary").at("refit"), 1);
+  EXPECT_EQ(ro.at("ternary").at("levels"), "minmax");
+  EXPECT_EQ(ro.at("actorder"), false);
+  r = run_cli({"compress", (t / "ckpt").string(), "-o", (t / "x.safetensors").string(), "--rtn",
+               "--recipe", "best"});
+  EXPECT_NE(r.exit_code, 0);
+  EXPECT_NE(r.output.find("--recipe must be qmoe, refit or rd"), std::string::npos) << r.output;
 }
 #else
 TEST(Pipeline, GptqFromHessianFile) {

@@ -9,8 +9,8 @@ Loss: the mean over held-out splits of qmoe eval's mean cross-entropy per target
 and +-: the standard deviation over calibration seeds of that mean (methods without calibration
 have none). "removed": the fraction of round to nearest's loss increase (at the same size) that a
 method removes, 1 - (L - L_orig) / (L_rtn - L_orig), per seed and split, mean +- standard
-deviation over the seed x split pairs. "vs qmoe@B": the paired difference of the loss from
-QMoE's recipe at the same size, per seed and split.
+deviation over the seed x split pairs. "better than qmoe@B by": the paired difference of the
+loss from QMoE's recipe at the same size, per seed and split.
 """
 import argparse
 import json
@@ -67,7 +67,7 @@ def main():
 
     targets = sorted({float(n.split("@")[1]) for n in g if n.startswith("rd@")})
     rows = ["| method | bits / expert weight (matrices) | zeros | eval loss | Δ vs original | "
-            "removed of rtn@B's increase | removed of rtn's increase | rd@B better than qmoe@B by |",
+            "removed of rtn@B's increase | removed of rtn's increase | better than qmoe@B by |",
             "|---|---|---|---|---|---|---|---|"]
 
     def row(name, base_same):
@@ -79,21 +79,25 @@ def main():
                  f"{s['loss'] - st.mean(orig):+.4f}",
                  f"{st.mean(fr):.1%} ± {sd(fr):.1%}" if fr else "—",
                  f"{st.mean(fr0):.1%} ± {sd(fr0):.1%}" if fr0 else "—"]
-        if name.startswith("rd@") and f"qmoe@{name[3:]}" in g:
-            d = diff(name, f"qmoe@{name[3:]}")
+        at = name.partition("@")[2]
+        if at and not name.startswith(("rtn@", "qmoe@")) and f"qmoe@{at}" in g:
+            d = diff(name, f"qmoe@{at}")
             cells.append(f"{st.mean(d):+.4f} ± {sd(d):.4f} (min {min(d):+.4f}, {len(d)} pairs)")
         else:
             cells.append("")
         rows.append("| " + " | ".join(cells) + " |")
 
     rows.append(f"| `original` | 32 | — | {st.mean(orig):.4f} | — | — | — | |")
-    row("rtn", None)
-    row("qmoe", None)
+    main = ("rtn", "qmoe", "refit", "rd")
+    for n in main + tuple(sorted(n for n in g if "@" not in n and n not in main + ("original",))):
+        if n in g:
+            row(n, None)
     for b in targets:
-        for m in (f"rtn@{b}", f"qmoe@{b}", f"rd@{b}"):
-            row(m, f"rtn@{b}" if m != f"rtn@{b}" else None)
+        for m in (f"{p}@{b}" for p in main):
+            if m in g:
+                row(m, f"rtn@{b}" if m != f"rtn@{b}" else None)
     for n in sorted(g):
-        if "@" in n and n.split("@")[0] not in ("rtn", "qmoe", "rd"):
+        if "@" in n and n.split("@")[0] not in main:
             row(n, f"rtn@{n.split('@')[1]}")
     splits = "; ".join(f"{x:.4f}" for x in orig)
     rows.append("")
@@ -104,9 +108,11 @@ def main():
     fig, ax = plt.subplots(figsize=(7.5, 5))
     ax.axhline(st.mean(orig), color="k", ls="--", lw=1, label=f"original (float32): {st.mean(orig):.3f}")
     styles = [("rtn", "round to nearest", "tab:gray", "s"), ("qmoe", "QMoE's recipe (GPTQ)", "tab:blue", "o"),
-              ("rd", "qmoe --recipe rd", "tab:red", "D")]
+              ("refit", "qmoe --recipe refit", "tab:green", "^"), ("rd", "qmoe --recipe rd", "tab:red", "D")]
     for prefix, label, color, marker in styles:
         pts = [summary(f"{prefix}@{b}") for b in targets if f"{prefix}@{b}" in g]
+        if not pts:
+            continue
         ax.errorbar([p["bits"] for p in pts], [p["loss"] for p in pts], yerr=[p["sd"] for p in pts],
                     color=color, marker=marker, capsize=3, label=label + " at a target size")
         if prefix in g:

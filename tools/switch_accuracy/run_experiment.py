@@ -19,9 +19,14 @@ where it stopped. Methods (all on the expert matrices only; capacity unlimited, 
   qmoe       QMoE's recipe: GPTQ (percdamp 0.1, blocks of 128, no act-order) on the levels
              min/max fixed before it, sequential calibration, its own size (codec auto)
   qmoe@B     QMoE's recipe with its zero threshold raised until the mean size is B
+  refit, refit@B
+             qmoe --recipe refit: QMoE's recipe, then one more round of GPTQ after a closed-form
+             refit of each row's two levels (the better round kept), at its own size / at B
   rd@B       qmoe --recipe rd: fitted levels, 4 rounds of GPTQ + level refit, act-order, zeros
              chosen by the rate-distortion penalty, which is searched until the mean size is B
-  (--ablation adds the steps from qmoe@B to rd@B at the first target.)
+  (--ablation adds 4 rounds of GPTQ + level refit (refit4) at its own size, and at the first
+  target the steps from qmoe@B to rd@B: refit4, + fitted levels; the penalty as the knob,
+  + 4 refit rounds, + fitted levels.)
 Sizes are bits per expert weight with codes, row offsets and levels counted (--rate-scope all:
 the mean over the expert matrices is B; each matrix spends the same bits on codes). At a target
 size every method uses --codec (qmoe-v2 by default: qmoe-v1's codewords cover at most 28 symbols,
@@ -53,18 +58,23 @@ def sh(cmd, log):
 
 def methods(targets, ablation, codec):
     """(name, flags needing calibration?, extra flags) of every compression."""
-    out = [("rtn", False, ["--rtn"]), ("qmoe", True, [])]
+    out = [("rtn", False, ["--rtn"]), ("qmoe", True, []), ("refit", True, ["--recipe", "refit"])]
+    if ablation:
+        out.append(("refit4", True, ["--refit", "4"]))
     for b in targets:
         rate = ["--target-bits", str(b), "--rate-scope", "all", "--codec", codec]
         out.append((f"rtn@{b}", False, ["--rtn"] + rate))
         out.append((f"qmoe@{b}", True, rate))
+        out.append((f"refit@{b}", True, ["--recipe", "refit"] + rate))
         out.append((f"rd@{b}", True, ["--recipe", "rd"] + rate))
     if ablation:
         b = targets[0]
         rate = ["--target-bits", str(b), "--rate-scope", "all", "--codec", codec]
+        out.append((f"refit4@{b}", True, rate + ["--refit", "4"]))
+        out.append((f"refit4+fit@{b}", True, rate + ["--refit", "4", "--levels", "fit"]))
         out.append((f"penalty@{b}", True, rate + ["--rate-knob", "penalty"]))
-        out.append((f"penalty+refit@{b}", True, rate + ["--rate-knob", "penalty", "--refit", "4"]))
-        out.append((f"penalty+refit+fit@{b}", True,
+        out.append((f"penalty+refit4@{b}", True, rate + ["--rate-knob", "penalty", "--refit", "4"]))
+        out.append((f"penalty+refit4+fit@{b}", True,
                     rate + ["--rate-knob", "penalty", "--refit", "4", "--levels", "fit"]))
     return out
 

@@ -5,6 +5,7 @@
 
 #include <cstdint>
 #include <filesystem>
+#include <functional>
 #include <map>
 #include <memory>
 #include <optional>
@@ -113,6 +114,16 @@ struct ContainerWriteOptions {
   // 0: one file. Otherwise shards of at most about this many bytes (a tensor group is never
   // split), named "model-XXXXX-of-YYYYY.safetensors", plus "model.safetensors.index.json".
   int64_t shard_size = 0;
+  // Sharded containers written by several processes together (`qmoe compress` under MPI). Every
+  // process adds every tensor, in the same order, with the same metadata, so that all of them
+  // place the tensors in the same shards; process `part_rank` of `part_count` writes shard k
+  // (0-based) when k % part_count == part_rank, and reads and validates only the tensors of its
+  // shards. The shards' intermediate names carry `part_tag` (the same on every process) instead of
+  // the process id. Each process calls finish_part(); once every one has succeeded, one of them
+  // calls finish(), which renames every shard and writes the index, and the others keep_part().
+  int part_count = 1;
+  int part_rank = 0;
+  std::string part_tag = {};
 };
 
 // Write side. `out` is a file path when unsharded, a directory when sharded. Everything is
@@ -137,11 +148,20 @@ class ContainerWriter {
   // Names must be unique across dense and compressed tensors; names starting with "qmoe." or
   // whose last dot-separated part starts with "qmoe_" are reserved (InvalidArgument). The data
   // is copied (into a staging file, not memory). add_compressed() validates the matrix
-  // completely (validate()) and throws InvalidArgument if it is malformed.
+  // completely (validate()) and throws InvalidArgument if it is malformed. `check`, when given,
+  // runs before the data is read (partitioned writing: only where this process writes it), e.g.
+  // to verify where the data comes from.
   void add_dense(std::string name, DType dtype, std::vector<int64_t> shape,
                  std::span<const std::byte> data);
-  void add_compressed(std::string name, const CompressedView& m, DType original_dtype);
+  void add_compressed(std::string name, const CompressedView& m, DType original_dtype,
+                      const std::function<void()>& check = {});
   std::vector<std::filesystem::path> finish();  // returns the files written
+  // Partitioned writing (ContainerWriteOptions::part_count): closes this process's last shard
+  // (written and synced under its intermediate name).
+  void finish_part();
+  // After finish_part() on a process that does not call finish(): its shards stay for the
+  // process that does (destroying the writer without it removes them).
+  void keep_part();
 
  private:
   struct Impl;

@@ -222,6 +222,11 @@ struct RateControl {
   double tolerance = 0.002;              // > 0
   int max_steps = 48;                    // encodings tried at most
   RateScope scope = RateScope::kMatrix;  // for many matrices (compress_matrix() ignores it)
+  // A target above every size the knob reaches (the search ran to the knob's end, |log2 t| or |mu|
+  // at its limit, and every size was below the target) gives the largest size found, marked
+  // below_target, instead of an error. Sizes seen on both sides of the target still have to
+  // meet the tolerance.
+  bool accept_below = false;
 
   bool enabled() const { return target_bits > 0; }
 };
@@ -260,6 +265,9 @@ struct CompressedExpert {
   // non-zero weights set to zero after it (the cheapest by d_c q^2; loss and output_loss are then
   // recomputed exactly). 0 otherwise.
   int64_t trimmed = 0;
+  // Rate control with accept_below: no setting of the knob reached the target; this is the
+  // largest size found.
+  bool below_target = false;
 };
 
 // GPTQ with a ternary grid (opt.grid must be kTernary or kTernarySymmetric, else InvalidArgument),

@@ -84,6 +84,7 @@ struct MatrixStats {
   double loss = 0, output_loss = 0;  // GPTQ's (gptq.h); 0 for round to nearest
   int64_t tokens = 0;                // calibration tokens behind its Hessian (after the cap)
   bool fallback = false;             // GPTQ without a Hessian: rounded to nearest
+  bool below_target = false;         // rate control: no rounding reached its size (the largest)
 };
 
 // A compressed matrix held by a store: a view and what keeps it alive (a mapping, a buffer).

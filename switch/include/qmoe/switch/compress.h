@@ -126,6 +126,9 @@ struct CompressSummary {
   int64_t passthrough_tensors = 0;
   int64_t v1_matrices = 0, v2_matrices = 0, v3_matrices = 0, g4_matrices = 0, p5_matrices = 0;
   int64_t fallback_matrices = 0;  // GPTQ without tokens: rounded to nearest
+  // Rate control (--target-bits): matrices whose every rounding is smaller than their size target
+  // (stored at the largest size found), so the mean falls short of it.
+  int64_t below_target_matrices = 0;
   double mean_zero_fraction = 0;
   double compress_seconds = 0;  // compression phase (this run's share)
   double assemble_seconds = 0;
@@ -197,7 +200,8 @@ inline constexpr std::string_view kMetaOptions =
     "compress.options";  // JSON: codec, gptq settings, hessians
 // Per sparse block, "compress.stats.<stack>.block.<b>": JSON {"experts": E, "zero_fraction":
 // [wi_0, wo_0, wi_1, ...], and with GPTQ "loss": [...], "output_loss": [...], "tokens": [...],
-// "fallback": [indices rounded to nearest]}.
+// "fallback": [indices rounded to nearest]}, and with rate control, when any, "below_target":
+// [indices of matrices that stayed below their size target].
 inline constexpr std::string_view kMetaStatsPrefix = "compress.stats.";
 
 }  // namespace qmoe::sw
