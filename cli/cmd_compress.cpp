@@ -164,6 +164,7 @@ void write_report(const std::string& path, const sw::CompressSummary& s, const s
                                       {"matrices", s.ranks[r].matrices},
                                       {"seconds", s.ranks[r].seconds},
                                       {"bytes_sent", s.ranks[r].bytes_sent},
+                                      {"peak_rss_bytes", s.ranks[r].peak_rss},
                                       {"phases", pr}});
   }
   j["experts"] = {{"matrices", s.expert_matrices},
@@ -174,6 +175,8 @@ void write_report(const std::string& path, const sw::CompressSummary& s, const s
                   {"zero_fraction", s.mean_zero_fraction}};
   j["memory"] = {{"peak_rss_bytes", peak_rss_bytes()},
                  {"budget_bytes", s.memory_budget},
+                 {"needed_bytes", s.loop.memory_needed},
+                 {"over_cap_blocks", s.loop.over_cap_blocks},
                  {"peak_in_flight_estimate_bytes", s.loop.peak_in_flight}};
   j["bytes"] = {{"input", s.input_bytes}, {"output", s.output_bytes}};
   const std::string tmp = path + ".tmp";
@@ -329,11 +332,20 @@ int run_compress(const CompressArgs& a) {
                         static_cast<double>(s.expert_matrices) / s.compress_seconds / 1e6
                   : 0.0,
               s.assemble_seconds);
-  std::printf("peak resident memory: %s",
-              human_bytes(static_cast<double>(peak_rss_bytes())).c_str());
+  std::printf(
+      "peak resident memory: %s",
+      human_bytes(static_cast<double>(std::max(peak_rss_bytes(), s.loop.peak_rss))).c_str());
+  if (s.ranks.size() > 1) std::printf(" (the most of any process)");
   if (opt.max_memory > 0)
     std::printf(" (cap %s)", human_bytes(static_cast<double>(opt.max_memory)).c_str());
   std::printf("\n");
+  if (opt.max_memory > 0 && s.loop.over_cap_blocks > 0)
+    std::printf(
+        "memory: the cap was too small for %lld block%s: what was resident (the model's pieces "
+        "and the calibration state) and the largest expert matrix alone need %s; those blocks "
+        "ran one matrix at a time above the cap\n",
+        static_cast<long long>(s.loop.over_cap_blocks), s.loop.over_cap_blocks == 1 ? "" : "s",
+        human_bytes(static_cast<double>(s.loop.memory_needed)).c_str());
   if (s.calibration_pairs > 0)
     std::printf(
         "calibration: %lld pairs (%lld tokens), %lld token-blocks through the forward, "

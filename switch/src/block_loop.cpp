@@ -222,6 +222,15 @@ int64_t current_rss_bytes() {
   return rss * ::sysconf(_SC_PAGESIZE);
 }
 
+// The process's peak resident memory so far (VmHWM), 0 where /proc does not say.
+int64_t peak_rss_so_far() {
+  std::ifstream f("/proc/self/status");
+  std::string line;
+  while (std::getline(f, line))
+    if (line.rfind("VmHWM:", 0) == 0) return std::stoll(line.substr(6)) * 1024;
+  return 0;
+}
+
 // Byte buffers of the exchange.
 void put_bytes(std::vector<std::byte>& out, const void* p, size_t n) {
   const auto* b = static_cast<const std::byte*>(p);
@@ -537,7 +546,8 @@ std::vector<LoopReport> gather_reports(Comm& comm, const LoopReport& mine) {
       phase(mine.encode), phase(mine.write),   mine.blocks,          mine.matrices,
       mine.resumed,       mine.forward_tokens, mine.hessian_tokens,  mine.threads,
       mine.memory_budget, mine.spilled_blocks, mine.peak_in_flight,  mine.seconds,
-      mine.bytes_sent,    mine.routed_tokens,  phase(mine.outputs)};
+      mine.bytes_sent,    mine.routed_tokens,  phase(mine.outputs),  mine.peak_rss,
+      mine.memory_needed, mine.over_cap_blocks};
   std::vector<LoopReport> out;
   for (const std::string& text : comm.allgather(j.dump())) {
     const nlohmann::json v = nlohmann::json::parse(text);
@@ -565,6 +575,9 @@ std::vector<LoopReport> gather_reports(Comm& comm, const LoopReport& mine) {
     r.outputs.cpu_seconds = v[18][1];
     r.outputs.flops = v[18][2];
     r.outputs.thread_seconds = v[18][3];
+    r.peak_rss = v[19];
+    r.memory_needed = v[20];
+    r.over_cap_blocks = v[21];
     out.push_back(r);
   }
   return out;
@@ -596,6 +609,9 @@ LoopReport combine(std::span<const LoopReport> reports) {
           c.memory_budget > 0 ? std::min(c.memory_budget, r.memory_budget) : r.memory_budget;
     c.spilled_blocks += r.spilled_blocks;
     c.peak_in_flight = std::max(c.peak_in_flight, r.peak_in_flight);
+    c.peak_rss = std::max(c.peak_rss, r.peak_rss);
+    c.memory_needed = std::max(c.memory_needed, r.memory_needed);
+    c.over_cap_blocks = std::max(c.over_cap_blocks, r.over_cap_blocks);
     c.seconds = std::max(c.seconds, r.seconds);
     c.bytes_sent += r.bytes_sent;
     c.routed_tokens += r.routed_tokens;
@@ -843,8 +859,14 @@ LoopReport run_block_loop(const std::shared_ptr<const SwitchSource>& source,
     }
     int64_t budget = std::numeric_limits<int64_t>::max();
     if (opt.max_memory > 0) {
-      budget = std::max<int64_t>(opt.max_memory - current_rss_bytes() - kReserve, 1);
+      const int64_t resident = current_rss_bytes();
+      budget = std::max<int64_t>(opt.max_memory - resident - kReserve, 1);
       rep.memory_budget = rep.memory_budget > 0 ? std::min(rep.memory_budget, budget) : budget;
+      // What the block needs at the least: what is resident and its largest matrix alone.
+      const int64_t largest =
+          estimate.empty() ? 0 : *std::max_element(estimate.begin(), estimate.end());
+      rep.memory_needed = std::max(rep.memory_needed, resident + kReserve + largest);
+      if (largest > budget) ++rep.over_cap_blocks;
     }
     if (!todo.empty()) prefetch_pages(src.stored(experts[todo.front()].name).bytes);
 
@@ -1043,6 +1065,7 @@ LoopReport run_block_loop(const std::shared_ptr<const SwitchSource>& source,
   }
   rep.peak_in_flight = pool.peak();
   rep.seconds = since(t_start);
+  rep.peak_rss = peak_rss_so_far();
   return rep;
 }
 

@@ -143,8 +143,14 @@ TEST(Pipeline, SameBytesForAnyThreadsAndMemoryCap) {
   sw::CompressOptions b;
   b.threads = 3;
   b.max_memory = 1;  // far below anything: one matrix at a time
-  sw::compress_checkpoint(t / "ckpt", t / "b.safetensors", b);
+  const sw::CompressSummary sb = sw::compress_checkpoint(t / "ckpt", t / "b.safetensors", b);
   EXPECT_EQ(read_file(t / "a.safetensors"), read_file(t / "b.safetensors"));
+  // The cap could not be kept: every block with work says so, with what it needed at the least
+  // (more than what was resident at the end, which the largest matrix came on top of).
+  EXPECT_EQ(sb.loop.over_cap_blocks, 4);
+  EXPECT_GT(sb.loop.memory_needed, 1);
+  EXPECT_GT(sb.loop.peak_rss, 0);
+  EXPECT_EQ(sw::compress_checkpoint(t / "ckpt", t / "c.safetensors", a).loop.over_cap_blocks, 0);
 }
 
 // A progress callback that throws stops the run: the exception comes out of compress_checkpoint,

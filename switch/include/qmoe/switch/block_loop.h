@@ -159,6 +159,13 @@ struct LoopReport {
   int64_t routed_tokens = 0;   // tokens of this process routed to an expert, over sparse blocks
   int64_t peak_in_flight = 0;  // most estimated bytes admitted at once
   double seconds = 0;          // wall time of the whole loop
+  int64_t peak_rss = 0;        // the process's peak resident memory at the loop's end (VmHWM)
+  // With a memory cap: the least cap this run could keep to (the most, over blocks, of what was
+  // resident before the expert work plus the block's largest matrix alone), and the blocks whose
+  // largest matrix alone did not fit in what the cap left (they ran one matrix at a time, above
+  // the cap).
+  int64_t memory_needed = 0;
+  int64_t over_cap_blocks = 0;
 };
 
 // Progress, from the loop's thread about 5 times a second and at the end of each block.
