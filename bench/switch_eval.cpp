@@ -17,12 +17,8 @@
 #include "qmoe/switch/calibration.h"
 #include "qmoe/switch/forward.h"
 
-#ifdef QMOE_SWITCH_HAVE_ENCODER
 #include "qmoe/encoder/encode.h"
-#endif
-#ifdef QMOE_SWITCH_HAVE_GPTQ
 #include "qmoe/gptq/hessian.h"
-#endif
 
 namespace {
 using namespace qmoe;
@@ -118,7 +114,6 @@ SwitchModel make_model(bool compressed, double* bits_per_weight) {
           seed += 2;
           continue;
         }
-#ifdef QMOE_SWITCH_HAVE_ENCODER
         auto ternary = [&](int64_t rows, int64_t cols) {
           std::mt19937_64 rng(seed++);
           std::uniform_real_distribution<double> u(0.0, 1.0);
@@ -140,7 +135,6 @@ SwitchModel make_model(bool compressed, double* bits_per_weight) {
         cbytes += wi.view().compressed_bytes() + wo.view().compressed_bytes();
         cweights += 2 * c.d_ff * c.d_model;
         blk.ff.experts.push_back(CompressedExpert::owning(std::move(wi), std::move(wo)));
-#endif
       }
     }
   }
@@ -177,9 +171,7 @@ Models& models() {
   static Models m = [] {
     Models r;
     r.dense = make_model(false, nullptr);
-#ifdef QMOE_SWITCH_HAVE_ENCODER
     r.compressed = make_model(true, &r.bits);
-#endif
     r.pairs = make_pairs(32128);
     return r;
   }();
@@ -234,14 +226,10 @@ void BM_Calibration(benchmark::State& st) {
         for (int64_t e = 0; e < run.num_experts(); ++e) {
           const RowMatrix x = run.wi_inputs(e);
           const RowMatrix a = run.wo_inputs(e);
-#ifdef QMOE_SWITCH_HAVE_GPTQ
           HessianAccumulator hi(x.cols()), ho(a.cols());
           hi.add(x.data(), x.rows());
           ho.add(a.data(), a.rows());
           benchmark::DoNotOptimize(ho.sum().data());
-#else
-          benchmark::DoNotOptimize(a.data());
-#endif
         }
       }
       run.end_block();

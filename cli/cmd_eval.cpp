@@ -11,14 +11,10 @@
 #include "command.h"
 #include "qmoe/format/error.h"
 #include "qmoe/switch/forward.h"
-#include "util.h"
-#ifdef QMOE_SWITCH_HAVE_GPTQ
 #include "ternary_flags.h"
-#endif
+#include "util.h"
 
-#ifdef QMOE_SWITCH_HAVE_GPTQ
 #include "qmoe/switch/compress_experts.h"
-#endif
 
 namespace qmoe::cli {
 namespace {
@@ -36,9 +32,7 @@ struct EvalArgs {
   bool no_sequential = false;
   double percdamp = 0.1;
   bool actorder = false;
-#ifdef QMOE_SWITCH_HAVE_GPTQ
   TernaryFlags ternary;
-#endif
 };
 
 int run_eval(const EvalArgs& a) {
@@ -63,7 +57,6 @@ int run_eval(const EvalArgs& a) {
   const double load_s = load_clock.seconds();
 
   if (a.quantize != "none") {
-#ifdef QMOE_SWITCH_HAVE_GPTQ
     if (a.quantize != "rtn" && a.quantize != "gptq")
       throw InvalidArgument("--quantize must be none, rtn or gptq (not '" + a.quantize + "')");
     sw::ExpertCompressOptions co;
@@ -102,9 +95,6 @@ int run_eval(const EvalArgs& a) {
     if (weights)
       std::printf("matrices %.4f to %.4f bits per weight, %.4f zeros\n", min_bits, max_bits,
                   static_cast<double>(zeros) / w);
-#else
-    throw InvalidArgument("--quantize needs qmoe built with the gptq module");
-#endif
   }
 
   int64_t compressed = 0, experts = 0;
@@ -191,13 +181,11 @@ const Registrar reg("eval", [](CLI::App& app) -> std::function<int()> {
       "--no-sequential", args->no_sequential,
       "gptq: take every Hessian from the original model instead of recomputing each block with the "
       "compressed experts of the blocks before it");
-#ifdef QMOE_SWITCH_HAVE_GPTQ
   app.add_option("--percdamp", args->percdamp,
                  "gptq: dampening, a fraction of the mean diagonal of H (default 0.1)");
   app.add_flag("--actorder", args->actorder,
                "gptq: columns in order of decreasing Hessian diagonal");
   add_ternary_flags(app, args->ternary);
-#endif
   return [args] { return run_eval(*args); };
 });
 

@@ -35,11 +35,9 @@
 #include "qmoe/format/container.h"
 #include "qmoe/format/error.h"
 #include "qmoe/format/safetensors.h"
+#include "qmoe/gptq/gptq.h"
 #include "qmoe/switch/checkpoint.h"
 #include "text_file.h"
-#if defined(QMOE_SWITCH_HAVE_GPTQ)
-#include "qmoe/gptq/gptq.h"
-#endif
 
 namespace qmoe::sw {
 namespace fs = std::filesystem;

@@ -146,15 +146,9 @@ class HessianFile final : public HessianProvider {
 }  // namespace
 
 std::unique_ptr<HessianProvider> open_hessian_file(const std::filesystem::path& path) {
-#if defined(QMOE_SWITCH_HAVE_GPTQ)
   if (!std::filesystem::exists(path))
     throw FormatError(error_context(path.string(), "", "no such Hessian file"));
   return std::make_unique<HessianFile>(path);
-#else
-  throw Error(
-      path.string() +
-      ": GPTQ with Hessian files is not available in this build (qmoe was built without gptq/)");
-#endif
 }
 
 }  // namespace qmoe::sw

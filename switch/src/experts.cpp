@@ -5,10 +5,8 @@
 #include <string>
 #include <vector>
 
-#include "qmoe/format/error.h"
-#ifdef QMOE_SWITCH_HAVE_DECODER_CPU
 #include "qmoe/decoder_cpu/matmul.h"
-#endif
+#include "qmoe/format/error.h"
 
 namespace qmoe::sw {
 
@@ -42,7 +40,6 @@ void compressed_experts_forward(std::span<const CompressedView> wi,
       throw InvalidArgument("compressed_experts_forward: token " + std::to_string(t) +
                             " routed to expert " + std::to_string(e) + " of " + std::to_string(E));
   }
-#ifdef QMOE_SWITCH_HAVE_DECODER_CPU
   // Token rows per expert in row order; dropped rows are zero.
   int64_t assignments = 0;
   for (int64_t t = 0; t < n; ++t) {
@@ -73,10 +70,6 @@ void compressed_experts_forward(std::span<const CompressedView> wi,
   cpu::grouped_matmul(up, x, n, d, hidden.data(), assignments, d_ff, opt);
   for (float& h : hidden) h = std::max(h, 0.0f);  // ReLU, as CompressedExpert::forward
   cpu::grouped_matmul(down, hidden.data(), assignments, d_ff, y, n, d, opt);
-#else
-  (void)x, (void)y, (void)threads, (void)tokens, (void)slots;
-  throw InvalidArgument("compressed_experts_forward: this build has no CPU kernels (decoder_cpu)");
-#endif
 }
 
 }  // namespace qmoe::sw

@@ -8,10 +8,8 @@
 #include <omp.h>
 
 #include "qmoe/core/gemm.h"
-#include "qmoe/format/error.h"
-#ifdef QMOE_SWITCH_HAVE_DECODER_CPU
 #include "qmoe/decoder_cpu/matmul.h"
-#endif
+#include "qmoe/format/error.h"
 
 namespace qmoe::sw {
 
@@ -211,7 +209,6 @@ namespace {
 bool grouped_experts_apply(const RowMatrix& x, const Routing& routing,
                            std::span<const std::shared_ptr<const ExpertMlp>> experts,
                            RowMatrix& y) {
-#ifdef QMOE_SWITCH_HAVE_DECODER_CPU
   std::vector<const CompressedExpert*> comp(experts.size(), nullptr);
   int64_t assignments = 0, d_ff = -1;
   for (size_t e = 0; e < experts.size(); ++e) {
@@ -242,10 +239,6 @@ bool grouped_experts_apply(const RowMatrix& x, const Routing& routing,
   for (int64_t i = 0; i < assignments * d_ff; ++i) hp[i] = std::max(hp[i], 0.0f);  // as forward()
   cpu::grouped_matmul(down, hidden.data(), assignments, d_ff, y.data(), n, d);
   return true;
-#else
-  (void)x, (void)routing, (void)experts, (void)y;
-  return false;
-#endif
 }
 
 }  // namespace

@@ -9,9 +9,7 @@
 #include "qmoe/format/error.h"
 #include "qmoe/format/reference.h"
 
-#ifdef QMOE_SWITCH_HAVE_DECODER_CPU
 #include "qmoe/decoder_cpu/matmul.h"
-#endif
 
 namespace qmoe::sw {
 
@@ -48,12 +46,8 @@ void linear_forward(const Eigen::Map<const RowMatrix>& w, const float* x, int64_
 }
 
 void compressed_linear_forward(const CompressedView& w, const float* x, int64_t n, float* y) {
-#ifdef QMOE_SWITCH_HAVE_DECODER_CPU
   // Fused decode x batch kernels of decoder_cpu (bit-identical for any thread count).
   if (n > 0 && w.rows > 0) cpu::matmul(w, n, x, w.cols, y, w.rows);
-#else
-  compressed_linear_forward_ref(w, x, n, y);
-#endif
 }
 
 void compressed_linear_forward_ref(const CompressedView& w, const float* x, int64_t n, float* y) {

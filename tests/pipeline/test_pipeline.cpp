@@ -18,13 +18,11 @@
 #include "qmoe/format/error.h"
 #include "qmoe/format/reference.h"
 #include "qmoe/format/safetensors.h"
+#include "qmoe/gptq/gptq.h"
+#include "qmoe/gptq/hessian.h"
 #include "qmoe/switch/checkpoint.h"
 #include "qmoe/switch/compress.h"
 #include "qmoe/switch/generate.h"
-#if defined(QMOE_SWITCH_HAVE_GPTQ)
-#include "qmoe/gptq/gptq.h"
-#include "qmoe/gptq/hessian.h"
-#endif
 
 namespace qmoe::test {
 namespace {
@@ -629,7 +627,6 @@ TEST(Pipeline, NotEnoughDisk) {
 // ---- GPTQ through a Hessian file
 // ------------------------------------------------------------------
 
-#if defined(QMOE_SWITCH_HAVE_GPTQ)
 // Accumulators from random correlated inputs for every expert matrix of `ckpt`.
 std::map<std::string, HessianAccumulator> random_hessians(const fs::path& ckpt, uint64_t seed) {
   const auto src = sw::SwitchSource::open(ckpt);
@@ -821,11 +818,6 @@ TEST(Pipeline, RateControlLandsEveryMatrix) {
   EXPECT_NE(r.exit_code, 0);
   EXPECT_NE(r.output.find("--recipe must be qmoe, refit or rd"), std::string::npos) << r.output;
 }
-#else
-TEST(Pipeline, GptqFromHessianFile) {
-  GTEST_SKIP() << "qmoe was built without gptq/";
-}
-#endif
 
 }  // namespace
 }  // namespace qmoe::test

@@ -14,9 +14,7 @@
 #include "qmoe/switch/calibration.h"
 #include "test_util.h"
 
-#ifdef QMOE_SWITCH_HAVE_ENCODER
 #include "qmoe/encoder/encode.h"
-#endif
 
 namespace qmoe::sw::test {
 namespace {
@@ -145,7 +143,6 @@ TEST(Calibration, ExcludedIdsAreNotCounted) {
   EXPECT_EQ(t5_sentinel_ids().back(), 32099);
 }
 
-#ifdef QMOE_SWITCH_HAVE_ENCODER
 std::shared_ptr<const ExpertMlp> rtn_expert(const ExpertMlp& e) {
   const auto& d = dynamic_cast<const DenseExpert&>(e);
   return CompressedExpert::owning(encode(ternarize_rtn(d.wi().t.data, d.wi().out, d.wi().in)),
@@ -184,12 +181,10 @@ TEST(Calibration, BlocksAreRecomputedWithReplacedExperts) {
   EXPECT_THROW(m.set_expert(Stack::kEncoder, 0, 99, rtn_expert(*fresh.encoder[0].ff.experts[0])),
                InvalidArgument);
 }
-#endif
 
 }  // namespace
 }  // namespace qmoe::sw::test
 
-#ifdef QMOE_SWITCH_HAVE_GPTQ
 #include "qmoe/format/container.h"
 #include "qmoe/switch/compress_experts.h"
 
@@ -324,9 +319,7 @@ TEST(CompressExperts, ContainerRunsCompressedExpertsLikeTheInMemoryModel) {
 
 }  // namespace
 }  // namespace qmoe::sw::test
-#endif  // QMOE_SWITCH_HAVE_GPTQ
 
-#ifdef QMOE_SWITCH_HAVE_GPTQ
 #include "qmoe/switch/compress.h"
 
 namespace qmoe::sw::test {
@@ -388,4 +381,3 @@ TEST(CalibratedCompress, BadTokenFilesFailBeforeAnyWork) {
 
 }  // namespace
 }  // namespace qmoe::sw::test
-#endif  // QMOE_SWITCH_HAVE_GPTQ

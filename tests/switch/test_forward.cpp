@@ -11,9 +11,7 @@
 #include "qmoe/switch/forward.h"
 #include "test_util.h"
 
-#ifdef QMOE_SWITCH_HAVE_ENCODER
 #include "qmoe/encoder/encode.h"
-#endif
 
 namespace qmoe::sw::test {
 namespace {
@@ -205,7 +203,6 @@ TEST(Forward, RelativePositionBuckets) {
   EXPECT_EQ(relative_position_bucket(-500, false, 32, 128), 31);
 }
 
-#ifdef QMOE_SWITCH_HAVE_ENCODER
 TEST(Experts, CompressedExpertEqualsDenseExpertOnDecodedWeights) {
   const auto dir = fixture("every_other_f32");
   const SwitchModel m = SwitchModel::load(dir);
@@ -369,7 +366,6 @@ TEST(Experts, GroupedLayerEqualsPerExpertCalls) {
     }
   }
 }
-#endif
 
 }  // namespace
 }  // namespace qmoe::sw::test

@@ -2,10 +2,7 @@
 // ternary grid on Hessians gathered by the sequential runner (calibration.h), or round-to-nearest.
 // The building block for `qmoe compress --calib-tokens` and for accuracy experiments; the caller
 // decides where compressed matrices go (e.g. a ContainerWriter) through the sink.
-// Available when qmoe was built with the gptq module (QMOE_SWITCH_HAVE_GPTQ).
 #pragma once
-
-#ifdef QMOE_SWITCH_HAVE_GPTQ
 
 #include <cstdint>
 #include <functional>
@@ -48,5 +45,3 @@ void compress_experts(SwitchModel& model, const TokenPairs& calib, const ExpertC
                       const std::function<void(CompressedExpertResult&)>& sink = {});
 
 }  // namespace qmoe::sw
-
-#endif  // QMOE_SWITCH_HAVE_GPTQ
