@@ -1,5 +1,5 @@
-// qmoe generate: a synthetic Switch Transformers checkpoint in the Hugging Face layout
-// (switch/generate.h), for tests, benchmarks and the main job.
+// qmoe synth (formerly generate): a synthetic Switch Transformers checkpoint in the Hugging Face
+// layout (switch/generate.h), for tests, benchmarks and the main job.
 #include <cstdio>
 #include <memory>
 #include <string>
@@ -81,13 +81,14 @@ int run_generate(const GenerateArgs& a) {
   return 0;
 }
 
-Registrar generate_cmd("generate", [](CLI::App& app) -> std::function<int()> {
+Registrar synth_cmd("synth", [](CLI::App& app) -> std::function<int()> {
   auto a = std::make_shared<GenerateArgs>();
   std::string presets;
   for (const auto& p : sw::generate_preset_names()) presets += (presets.empty() ? "" : ", ") + p;
   app.description(
-      "Write a synthetic Switch Transformers checkpoint (Hugging Face layout, realistic weight "
-      "statistics)");
+      "Write a synthetic Switch Transformers checkpoint for tests and benchmarks (Hugging Face "
+      "layout, realistic weight statistics); `generate` is its old name, kept for one release");
+  app.alias("generate");
   app.add_option("out", a->out, "output directory")->required();
   app.add_option("--preset", a->preset, "shape preset: " + presets + " (default switch-base-8)");
   app.add_option("--dtype", a->dtype, "f32 or bf16");

@@ -5,6 +5,7 @@
 #include <functional>
 #include <map>
 #include <string>
+#include <string_view>
 
 #include <omp.h>
 
@@ -81,6 +82,10 @@ int main(int argc, char** argv) {
   } catch (const CLI::ParseError& e) {
     return app.exit(e);
   }
+  if (argc > 1 && std::string_view(argv[1]) == "generate")
+    std::fprintf(stderr,
+                 "qmoe: note: `qmoe generate` is now `qmoe synth` (synthetic checkpoints); the "
+                 "old name goes in the next release\n");
   // Under MPI, a failing process says which one it is and stops the whole job: the others may be
   // waiting for it in a collective.
   auto fail = [](const char* what) {

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The main job: installs what is missing, builds qmoe (Release), generates a Switch Transformers
+# The main job: installs what is missing, builds qmoe (Release), synthesizes a Switch Transformers
 # checkpoint in the Hugging Face layout with calibration and evaluation token files, compresses it
 # with GPTQ on Hessians from the calibration tokens run through the model block by block
 # (`qmoe compress --calib-tokens`, the real path), prints the per-phase rates, verifies and
@@ -75,7 +75,7 @@ out="$work/model.qmoe"
 [ "$shard_size" != 0 ] || out="$work/model.qmoe.safetensors"
 
 step "Generate a $size checkpoint (Hugging Face layout) and token files"
-"$qmoe" generate "$ckpt" "${gen[@]}" --threads "$threads" --calib-pairs "$calib_pairs" \
+"$qmoe" synth "$ckpt" "${gen[@]}" --threads "$threads" --calib-pairs "$calib_pairs" \
   --eval-pairs "$eval_pairs"
 ls -l "$ckpt"
 

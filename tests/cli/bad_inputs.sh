@@ -155,35 +155,35 @@ expect_text "header checksum mismatch"
 
 # ---- interrupted: the temporary files go with the process ---------------------------------------
 # (SIGTERM: a background job of a non-interactive shell ignores SIGINT.)
-"$qmoe" generate --preset small --experts 2 "$work/interrupted" >/dev/null 2>&1 &
+"$qmoe" synth --preset small --experts 2 "$work/interrupted" >/dev/null 2>&1 &
 pid=$!
 for _ in $(seq 1 1000); do
   compgen -G "$work/interrupted/*.tmp.*" >/dev/null && break
   sleep 0.01
 done
-compgen -G "$work/interrupted/*.tmp.*" >/dev/null || fail "generate wrote no temporary file to interrupt"
+compgen -G "$work/interrupted/*.tmp.*" >/dev/null || fail "synth wrote no temporary file to interrupt"
 kill -TERM "$pid"
 set +e; wait "$pid"; rc=$?; set -e
-[ "$rc" = 143 ] || fail "interrupted generate exited $rc, expected 143 (SIGTERM)"
+[ "$rc" = 143 ] || fail "interrupted synth exited $rc, expected 143 (SIGTERM)"
 if compgen -G "$work/interrupted/*.tmp.*" >/dev/null; then
-  ls -la "$work/interrupted" >&2; fail "an interrupted generate left temporary files"
+  ls -la "$work/interrupted" >&2; fail "an interrupted synth left temporary files"
 fi
 
-# ---- generate on a full disk: a clean error and nothing left -----------------------------------
+# ---- synth on a full disk: a clean error and nothing left -----------------------------------
 # A 2 MiB file system of our own (a user and mount namespace); where the kernel refuses
 # unprivileged namespaces the check cannot run here, which is reported as a skip (exit 77).
 if unshare -rm true 2>/dev/null; then
   mkdir "$work/small"
   set +e
-  timeout 120 unshare -rm sh -c 'mount -t tmpfs -o size=2m none "$1" && "$2" generate --preset tiny "$1/ck"; echo "rc=$?"; ls -A "$1/ck" 2>/dev/null | sed "s/^/left: /"' \
+  timeout 120 unshare -rm sh -c 'mount -t tmpfs -o size=2m none "$1" && "$2" synth --preset tiny "$1/ck"; echo "rc=$?"; ls -A "$1/ck" 2>/dev/null | sed "s/^/left: /"' \
     sh "$work/small" "$qmoe" >"$work/out" 2>&1
   set -e
   expect_text "rc=2"
   expect_text "No space left on device"
-  if grep -q "^left: " "$work/out"; then cat "$work/out" >&2; fail "generate left files on a full disk"; fi
+  if grep -q "^left: " "$work/out"; then cat "$work/out" >&2; fail "synth left files on a full disk"; fi
   skipped=0
 else
-  echo "SKIPPED: generate on a full disk (unshare -rm is not permitted here)"
+  echo "SKIPPED: synth on a full disk (unshare -rm is not permitted here)"
   skipped=1
 fi
 echo "cli bad inputs: all checks passed"

@@ -10,7 +10,7 @@ work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 fail() { echo "FAIL: $*" >&2; exit 1; }
 
-"$qmoe" generate "$work/ck" --preset tiny --calib-pairs 6 --encoder-length 24 --decoder-length 8 \
+"$qmoe" synth "$work/ck" --preset tiny --calib-pairs 6 --encoder-length 24 --decoder-length 8 \
   > "$work/gen.out"
 "$qmoe" compress "$work/ck" -o "$work/out.safetensors" --calib-tokens "$work/ck/calibration.safetensors" \
   --threads 2 --report "$work/report.json" > "$work/compress.out" 2>&1 || { cat "$work/compress.out"; fail "compress failed"; }

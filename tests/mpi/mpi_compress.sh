@@ -14,7 +14,7 @@ export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 OMPI_MCA_rmaps_
 mpi() { "$mpirun" --oversubscribe -n "$@"; }
 fail() { echo "mpi_compress: FAIL: $*" >&2; exit 1; }
 
-"$qmoe" generate ck --preset tiny --vocab 300 --experts 4 --calib-pairs 48 --encoder-length 40 \
+"$qmoe" synth ck --preset tiny --vocab 300 --experts 4 --calib-pairs 48 --encoder-length 40 \
   --decoder-length 12 >/dev/null
 calib=(--calib-tokens ck/calibration.safetensors)
 "$qmoe" compress ck -o ref.safetensors "${calib[@]}" --threads 1 >/dev/null
@@ -75,7 +75,7 @@ fi
 [ ! -e trunc.safetensors ] || fail "an output was left"
 
 echo "== a killed process: all stop, nothing under the output name, resume with 2 processes"
-"$qmoe" generate sm --preset small --layers 2 --calib-pairs 48 --encoder-length 64 \
+"$qmoe" synth sm --preset small --layers 2 --calib-pairs 48 --encoder-length 64 \
   --decoder-length 16 >/dev/null
 "$qmoe" compress sm -o sm-ref.safetensors --calib-tokens sm/calibration.safetensors --threads 2 \
   >/dev/null

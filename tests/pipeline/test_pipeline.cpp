@@ -1,4 +1,4 @@
-// `qmoe compress` end to end: generate -> compress -> verify -> inspect -> decode -> compare with
+// `qmoe compress` end to end: synth -> compress -> verify -> inspect -> decode -> compare with
 // the ternarized originals; passthrough bytes; determinism across threads and memory caps; resume
 // after SIGKILL at random points; every bad input; Hessians (GPTQ).
 #include <gtest/gtest.h>
@@ -311,8 +311,12 @@ TEST(Pipeline, TargetCpuStopAndResume) {
 TEST(Pipeline, CliEndToEndInspectJson) {
   TempDir t("cli");
   auto r = run_cli(
-      {"generate", (t / "ckpt").string(), "--preset", "tiny", "--experts", "4", "--vocab", "300"});
+      {"synth", (t / "ckpt").string(), "--preset", "tiny", "--experts", "4", "--vocab", "300"});
   ASSERT_EQ(r.exit_code, 0) << r.output;
+  // The old name still works, and says it is going.
+  r = run_cli({"generate", (t / "old").string(), "--preset", "tiny", "--experts", "4"});
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  EXPECT_NE(r.output.find("`qmoe generate` is now `qmoe synth`"), std::string::npos) << r.output;
   r = run_cli({"compress", (t / "ckpt").string(), "-o", (t / "out.safetensors").string(),
                "--threads", "2"});
   ASSERT_EQ(r.exit_code, 0) << r.output;
