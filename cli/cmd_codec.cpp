@@ -19,7 +19,8 @@
 namespace qmoe::cli {
 namespace {
 
-bool is_float_dtype(DType t) {
+// The float types the encoder ternarizes and decode writes (F64 is not one).
+bool is_encodable_dtype(DType t) {
   return t == DType::kF32 || t == DType::kF16 || t == DType::kBF16;
 }
 
@@ -71,7 +72,7 @@ int run_encode(const EncodeArgs& a) {
   out.set_metadata("quantizer", "rtn");
   int64_t n_compressed = 0, weights = 0, in_bytes = 0, out_bytes = 0;
   for (const auto& t : in.tensors()) {
-    const bool pick = t.shape.size() == 2 && is_float_dtype(t.dtype) && select.matches(t.name);
+    const bool pick = t.shape.size() == 2 && is_encodable_dtype(t.dtype) && select.matches(t.name);
     if (!pick) {
       out.add_dense(t.name, t.dtype, t.shape, in.bytes(t));
       continue;
@@ -196,7 +197,8 @@ struct DecodeArgs {
 
 int run_decode(const DecodeArgs& a) {
   auto dtype = dtype_from_name(a.dtype);
-  if (!dtype || !is_float_dtype(*dtype)) throw InvalidArgument("--dtype must be F32, F16 or BF16");
+  if (!dtype || !is_encodable_dtype(*dtype))
+    throw InvalidArgument("--dtype must be F32, F16 or BF16");
   const auto c = Container::open(a.input);
   SafetensorsWriter out(a.output);
   copy_user_metadata(c, out);

@@ -147,12 +147,9 @@ class Float32 {
       return;
     }
     copy_.resize(static_cast<size_t>(n));
-    const auto* h = static_cast<const uint16_t*>(data);
-    if (dtype == DType::kF16) {
-      for (int64_t i = 0; i < n; ++i) copy_[i] = qmoe::fp16_to_float(h[i]);
-    } else {
-      for (int64_t i = 0; i < n; ++i) copy_[i] = qmoe::bf16_to_float(h[i]);
-    }
+    qmoe::to_float(
+        dtype, {static_cast<const std::byte*>(data), static_cast<size_t>(n * dtype_size(dtype))},
+        copy_.data());
     ptr_ = copy_.data();
   }
   const float* get() const { return ptr_; }

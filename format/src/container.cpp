@@ -51,10 +51,6 @@ bool is_member_name(std::string_view name) {
   return dot != std::string_view::npos && starts_with(name.substr(dot + 1), "qmoe_");
 }
 
-bool is_float_dtype(DType t) {
-  return t == DType::kF16 || t == DType::kBF16 || t == DType::kF32 || t == DType::kF64;
-}
-
 std::string shape_str(const std::vector<int64_t>& s) {
   std::string out = "[";
   for (size_t i = 0; i < s.size(); ++i) out += (i ? ", " : "") + std::to_string(s[i]);

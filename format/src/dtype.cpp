@@ -1,7 +1,12 @@
 #include "qmoe/format/dtype.h"
 
 #include <array>
+#include <cstring>
+#include <string>
 #include <utility>
+
+#include "qmoe/format/bf16.h"
+#include "qmoe/format/error.h"
 
 namespace qmoe {
 namespace {
@@ -37,6 +42,33 @@ std::optional<DType> dtype_from_name(std::string_view s) {
     if (name == s) return d;
   }
   return std::nullopt;
+}
+
+void to_float(DType t, std::span<const std::byte> bytes, float* out) {
+  const size_t n = bytes.size() / static_cast<size_t>(dtype_size(t));
+  const std::byte* p = bytes.data();
+  switch (t) {
+    case DType::kF32:
+      std::memcpy(out, p, 4 * n);
+      return;
+    case DType::kF16:
+    case DType::kBF16:
+      for (size_t i = 0; i < n; ++i) {
+        uint16_t h;
+        std::memcpy(&h, p + 2 * i, 2);
+        out[i] = t == DType::kBF16 ? bf16_to_float(h) : fp16_to_float(h);
+      }
+      return;
+    case DType::kF64:
+      for (size_t i = 0; i < n; ++i) {
+        double d;
+        std::memcpy(&d, p + 8 * i, 8);
+        out[i] = static_cast<float>(d);
+      }
+      return;
+    default:
+      throw InvalidArgument("to_float: " + std::string(dtype_name(t)) + " is not a float type");
+  }
 }
 
 }  // namespace qmoe

@@ -36,13 +36,8 @@ std::optional<std::string> tied_alias_target(std::string_view name) {
 }
 
 void convert_to_float(DType dt, std::span<const std::byte> bytes, std::vector<float>& out) {
-  const int64_t n = static_cast<int64_t>(bytes.size()) / dtype_size(dt);
-  out.resize(static_cast<size_t>(n));
-  for (int64_t i = 0; i < n; ++i) {
-    uint16_t h;
-    std::memcpy(&h, bytes.data() + 2 * i, 2);
-    out[static_cast<size_t>(i)] = dt == DType::kBF16 ? bf16_to_float(h) : fp16_to_float(h);
-  }
+  out.resize(bytes.size() / static_cast<size_t>(dtype_size(dt)));
+  to_float(dt, bytes, out.data());
 }
 
 }  // namespace

@@ -1129,19 +1129,17 @@ CompressSummary compress_checkpoint(const fs::path& checkpoint, const fs::path& 
           const TensorInfo& t = *st.info;
           const auto bytes = st.file->bytes(t);
           if (opt.cast_bf16 && (t.dtype == DType::kF32 || t.dtype == DType::kF16)) {
-            const int64_t n = t.numel();
+            const int64_t n = t.numel(), es = dtype_size(t.dtype);
             cast.resize(static_cast<size_t>(2 * n));
-            for (int64_t i = 0; i < n; ++i) {
-              float f;
-              if (t.dtype == DType::kF32) {
-                std::memcpy(&f, bytes.data() + 4 * i, 4);
-              } else {
-                uint16_t h;
-                std::memcpy(&h, bytes.data() + 2 * i, 2);
-                f = fp16_to_float(h);
+            float f[4096];
+            for (int64_t i0 = 0; i0 < n; i0 += 4096) {  // widened a slice at a time
+              const int64_t k = std::min<int64_t>(4096, n - i0);
+              to_float(t.dtype,
+                       bytes.subspan(static_cast<size_t>(i0 * es), static_cast<size_t>(k * es)), f);
+              for (int64_t i = 0; i < k; ++i) {
+                const uint16_t b = float_to_bf16(f[i]);
+                std::memcpy(cast.data() + 2 * (i0 + i), &b, 2);
               }
-              const uint16_t b = float_to_bf16(f);
-              std::memcpy(cast.data() + 2 * i, &b, 2);
             }
             writer->add_dense(name, DType::kBF16, t.shape, cast);
             std::vector<std::byte>().swap(cast);

@@ -95,15 +95,10 @@ CheckSummary check_compressed(const fs::path& checkpoint, const fs::path& contai
               "does not decode to the round-to-nearest ternarization of the original"));
         ++exact;
       }
+      std::vector<float> orig(static_cast<size_t>(n));
+      to_float(t.dtype, bytes.first(static_cast<size_t>(n * dtype_size(t.dtype))), orig.data());
       for (int64_t i = 0; i < n; ++i) {
-        float w;
-        if (t.dtype == DType::kF32) {
-          std::memcpy(&w, bytes.data() + 4 * i, 4);
-        } else {
-          uint16_t h;
-          std::memcpy(&h, bytes.data() + 2 * i, 2);
-          w = t.dtype == DType::kBF16 ? bf16_to_float(h) : fp16_to_float(h);
-        }
+        const float w = orig[static_cast<size_t>(i)];
         const double dlt = static_cast<double>(w) - dec[static_cast<size_t>(i)];
         err2 += dlt * dlt;
         ref2 += static_cast<double>(w) * w;

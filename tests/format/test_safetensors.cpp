@@ -41,6 +41,40 @@ TEST(Safetensors, DtypeNamesRoundTrip) {
   EXPECT_EQ(dtype_from_name("F8_E4M3"), std::nullopt);
 }
 
+// to_float(): every float type widened exactly (F64 rounded), from unaligned bytes; other types
+// refused.
+TEST(Safetensors, ToFloatWidensEveryFloatType) {
+  const float want[] = {0.0f, -1.5f, 3.140625f, -0.0f, 65504.0f, 1.0f / 1024};
+  constexpr size_t n = sizeof want / sizeof want[0];
+  std::vector<std::byte> buf(1 + 8 * n);
+  float got[n];
+  for (const DType t : {DType::kF32, DType::kF16, DType::kBF16, DType::kF64}) {
+    ASSERT_TRUE(is_float_dtype(t));
+    const int64_t es = dtype_size(t);
+    for (size_t i = 0; i < n; ++i) {
+      std::byte* p = buf.data() + 1 + es * static_cast<int64_t>(i);  // misaligned on purpose
+      if (t == DType::kF32) std::memcpy(p, &want[i], 4);
+      if (t == DType::kF64) {
+        const double d = want[i];
+        std::memcpy(p, &d, 8);
+      }
+      if (t == DType::kF16 || t == DType::kBF16) {
+        const uint16_t h = t == DType::kF16 ? float_to_fp16(want[i]) : float_to_bf16(want[i]);
+        std::memcpy(p, &h, 2);
+      }
+    }
+    to_float(t, std::span<const std::byte>(buf.data() + 1, static_cast<size_t>(es) * n), got);
+    for (size_t i = 0; i < n; ++i) {
+      // 65504 is not a bf16 value: bf16 rounds it to 65536.
+      const float w = t == DType::kBF16 ? bf16_to_float(float_to_bf16(want[i])) : want[i];
+      EXPECT_EQ(std::memcmp(&got[i], &w, 4), 0) << dtype_name(t) << " " << i << ": " << got[i];
+    }
+  }
+  EXPECT_FALSE(is_float_dtype(DType::kI32));
+  EXPECT_THROW(to_float(DType::kI32, std::span<const std::byte>(buf.data(), 8), got),
+               InvalidArgument);
+}
+
 TEST(Safetensors, ErrorContext) {
   EXPECT_EQ(error_context("f", "t", "w"), "f: tensor 't': w");
   EXPECT_EQ(error_context("f", "", "w"), "f: w");

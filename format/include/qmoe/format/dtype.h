@@ -1,8 +1,10 @@
 // Element types of stored tensors, named as in safetensors.
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
 #include <optional>
+#include <span>
 #include <string_view>
 
 namespace qmoe {
@@ -51,5 +53,15 @@ constexpr int64_t dtype_size(DType t) {
 std::string_view dtype_name(DType t);
 // Parses a safetensors dtype string; nullopt for unknown names.
 std::optional<DType> dtype_from_name(std::string_view s);
+
+// Whether to_float() takes the type: F32, F16, BF16 or F64.
+constexpr bool is_float_dtype(DType t) {
+  return t == DType::kF32 || t == DType::kF16 || t == DType::kBF16 || t == DType::kF64;
+}
+
+// The elements of `bytes` (little endian, any alignment) as float: exact for F16 and BF16, F64
+// rounded to nearest. `out` holds bytes.size() / dtype_size(t) floats. InvalidArgument for a
+// type that is not a float type.
+void to_float(DType t, std::span<const std::byte> bytes, float* out);
 
 }  // namespace qmoe
