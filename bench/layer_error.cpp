@@ -124,7 +124,7 @@ Pair make_pair(const Args& a, uint64_t seed) {
   return p;
 }
 
-double held_error(const Layer& l, const CompressedExpert& c, int64_t n) {
+double held_error(const Layer& l, const CompressResult& c, int64_t n) {
   std::vector<float> q(static_cast<size_t>(l.rows * l.cols));
   decode_ref(c.matrix.view(), q.data());
   for (size_t i = 0; i < q.size(); ++i) q[i] = l.w[i] - q[i];
@@ -228,7 +228,7 @@ int run(int argc, char** argv) {
           rate.target_bits = b;
           rate.knob = m->knob;
           rate.tolerance = 0.002;
-          const CompressedExpert c =
+          const CompressResult c =
               compress_matrix(l->w.data(), l->rows, l->cols, m->hessian ? l->h.data() : nullptr,
                               options_of(*m, a), enc, rate);
           err[m->name] += 0.5 * held_error(*l, c, a.tokens);  // mean of wi's and wo's

@@ -729,7 +729,7 @@ py::object compress_matrix(const py::handle& w_obj, const py::handle& h_obj,
   enc.threads = threads;
   GptqInputs in = gptq_inputs(w_obj, h_obj, bf16);
   const int64_t rows = in.w.dim(0), cols = in.w.dim(1);
-  qmoe::CompressedExpert e;
+  qmoe::CompressResult e;
   {
     py::gil_scoped_release nogil;
     Float32 w(in.w.data(), in.w.dtype, rows * cols);

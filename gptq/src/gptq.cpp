@@ -825,7 +825,7 @@ struct Attempt {
   double knob = 0;
   double bits = 0;
   TernaryMatrix t;
-  CompressedExpert out;
+  CompressResult out;
 };
 
 // 0.5 sum_r (w0_r - q_r) Hd (w0_r - q_r)^T and its output part (without lambda/2 ||W0 - Q||^2),
@@ -874,9 +874,9 @@ void exact_loss(const float* w, int64_t rows, int64_t cols, const float* h, cons
 // between two sizes on either side of the tolerance band: then the closest size above the target
 // is trimmed, its cheapest non-zero weights (d_c q^2, in order) set to zero, as many as it takes.
 template <class T>
-CompressedExpert compress_at_rate(const float* w, int64_t rows, int64_t cols, const float* h,
-                                  const GptqOptions& opt, const EncodeOptions& enc,
-                                  const RateControl& rate) {
+CompressResult compress_at_rate(const float* w, int64_t rows, int64_t cols, const float* h,
+                                const GptqOptions& opt, const EncodeOptions& enc,
+                                const RateControl& rate) {
   make_grids<T>(w, rows, cols, opt.grid, opt.ternary);  // checks the weights first
   const bool threshold = rate.knob == RateKnob::kThreshold;
   const Factor<T> f = factor_for<T>(h, rows, cols, opt, /*want_invd=*/true);
@@ -1162,9 +1162,9 @@ double gptq_flops(int64_t rows, int64_t cols, int64_t blocksize) {
   return f;
 }
 
-CompressedExpert compress_matrix(const float* w, int64_t rows, int64_t cols, const float* h,
-                                 const GptqOptions& opt, const EncodeOptions& enc,
-                                 const RateControl& rate) {
+CompressResult compress_matrix(const float* w, int64_t rows, int64_t cols, const float* h,
+                               const GptqOptions& opt, const EncodeOptions& enc,
+                               const RateControl& rate) {
   if (!is_ternary(opt.grid)) throw InvalidArgument("compress_matrix: the grid must be ternary");
   validate(rate);
   EncodeOptions e = enc;
@@ -1177,7 +1177,7 @@ CompressedExpert compress_matrix(const float* w, int64_t rows, int64_t cols, con
     return compress_at_rate<float>(w, rows, cols, h, opt, e, rate);
   }
   GptqResult r = gptq_quantize(w, rows, cols, h, opt);
-  CompressedExpert out;
+  CompressResult out;
   out.zero_fraction = r.ternary.zero_fraction();
   out.matrix = encode(r.ternary, e);
   out.bits_per_weight = out.matrix.view().bits_per_weight();
@@ -1190,9 +1190,9 @@ CompressedExpert compress_matrix(const float* w, int64_t rows, int64_t cols, con
   return out;
 }
 
-CompressedExpert compress_matrix(const float* w, int64_t rows, int64_t cols,
-                                 const HessianAccumulator& acc, const GptqOptions& opt,
-                                 const EncodeOptions& enc, const RateControl& rate) {
+CompressResult compress_matrix(const float* w, int64_t rows, int64_t cols,
+                               const HessianAccumulator& acc, const GptqOptions& opt,
+                               const EncodeOptions& enc, const RateControl& rate) {
   const std::vector<float> h = hessian_for(acc, cols);
   return compress_matrix(w, rows, cols, h.empty() ? nullptr : h.data(), opt, enc, rate);
 }

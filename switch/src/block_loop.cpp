@@ -945,7 +945,7 @@ LoopReport run_block_loop(const std::shared_ptr<const SwitchSource>& source,
             RateControl rc = opt.rate;
             rc.target_bits = rate_target[todo[j]];
             rc.accept_below = true;
-            qmoe::CompressedExpert c = compress_matrix(w.data, m.rows, m.cols, hp, g, eo, rc);
+            qmoe::CompressResult c = compress_matrix(w.data, m.rows, m.cols, hp, g, eo, rc);
             // Read in place or widened from them: the mapped pages are done with either way.
             release_pages(st.bytes);
             acc.add(&LoopReport::gptq, since(t0), thread_cpu() - c0,

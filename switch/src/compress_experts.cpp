@@ -67,7 +67,7 @@ void compress_experts(SwitchModel& model, const TokenPairs& calib, const ExpertC
     r.expert = wi.expert;
     for (int k = 0; k < 2; ++k) {
       const auto& e = store.at(k == 0 ? wi.name : wo.name);
-      qmoe::CompressedExpert& c = k == 0 ? r.wi : r.wo;
+      qmoe::CompressResult& c = k == 0 ? r.wi : r.wo;
       c.matrix = *e.matrix;
       c.status = opt.rtn || e.stats.fallback ? GptqStatus::kFallbackRtn : GptqStatus::kOk;
       c.loss = e.stats.loss;

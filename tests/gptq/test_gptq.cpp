@@ -201,7 +201,7 @@ TEST(Gptq, FromAccumulator) {
   EXPECT_EQ(e.status, GptqStatus::kFallbackRtn);
   EXPECT_THROW(gptq_quantize(p.w.data(), p.rows, p.cols, HessianAccumulator(p.cols + 1)),
                InvalidArgument);
-  const CompressedExpert c = compress_matrix(p.w.data(), p.rows, p.cols, acc);
+  const CompressResult c = compress_matrix(p.w.data(), p.rows, p.cols, acc);
   EXPECT_EQ(c.status, GptqStatus::kOk);
   EXPECT_TRUE(same_bits(c.loss, a.loss));
 }
@@ -417,7 +417,7 @@ TEST(Gptq, CompressMatrixDecodesToGptqResult) {
   for (const Codec codec : {Codec::kV1, Codec::kP5}) {
     EncodeOptions enc;
     enc.codec = codec;
-    const CompressedExpert ce = compress_matrix(p.w.data(), p.rows, p.cols, p.h.data(), opt, enc);
+    const CompressResult ce = compress_matrix(p.w.data(), p.rows, p.cols, p.h.data(), opt, enc);
     EXPECT_EQ(ce.status, GptqStatus::kOk);
     EXPECT_EQ(ce.matrix.codec, codec);
     validate(ce.matrix.view(), "compress_matrix");

@@ -237,16 +237,14 @@ TEST(Ternary, ThreadCountDeterminism) {
   rate.knob = RateKnob::kPenalty;
   opt.threads = 1;
   const GptqResult one = gptq_quantize(p.w.data(), p.rows, p.cols, p.h.data(), opt);
-  const CompressedExpert c1 =
-      compress_matrix(p.w.data(), p.rows, p.cols, p.h.data(), opt, {}, rate);
+  const CompressResult c1 = compress_matrix(p.w.data(), p.rows, p.cols, p.h.data(), opt, {}, rate);
   for (const int t : {2, 3}) {
     opt.threads = t;
     const GptqResult r = gptq_quantize(p.w.data(), p.rows, p.cols, p.h.data(), opt);
     EXPECT_EQ(r.ternary.symbols, one.ternary.symbols) << t << " threads";
     EXPECT_EQ(r.ternary.levels, one.ternary.levels);
     EXPECT_TRUE(same_bits(r.loss, one.loss));
-    const CompressedExpert c =
-        compress_matrix(p.w.data(), p.rows, p.cols, p.h.data(), opt, {}, rate);
+    const CompressResult c = compress_matrix(p.w.data(), p.rows, p.cols, p.h.data(), opt, {}, rate);
     EXPECT_EQ(c.matrix.codes, c1.matrix.codes);
     EXPECT_EQ(c.matrix.levels, c1.matrix.levels);
     EXPECT_TRUE(same_bits(c.zero_penalty, c1.zero_penalty));
@@ -270,8 +268,8 @@ TEST(Ternary, RateControlHitsTheTarget) {
           rate.tolerance = 0.003;
           EncodeOptions enc;
           enc.codec = codec;
-          const CompressedExpert c = compress_matrix(p.w.data(), p.rows, p.cols,
-                                                     hess ? p.h.data() : nullptr, opt, enc, rate);
+          const CompressResult c = compress_matrix(p.w.data(), p.rows, p.cols,
+                                                   hess ? p.h.data() : nullptr, opt, enc, rate);
           const std::string what = std::string(rate_knob_name(knob)) + (hess ? " gptq " : " rtn ") +
                                    (codec ? "v3 " : "auto ") + std::to_string(target);
           EXPECT_NEAR(c.bits_per_weight, target, rate.tolerance) << what;
@@ -282,7 +280,7 @@ TEST(Ternary, RateControlHitsTheTarget) {
           GptqOptions found = opt;
           found.ternary.zero_threshold = c.zero_threshold;
           found.ternary.zero_penalty = c.zero_penalty;
-          const CompressedExpert again =
+          const CompressResult again =
               compress_matrix(p.w.data(), p.rows, p.cols, hess ? p.h.data() : nullptr, found, enc);
           EXPECT_EQ(again.matrix.codes, c.matrix.codes) << what;
           EXPECT_EQ(again.matrix.levels, c.matrix.levels) << what;
@@ -347,17 +345,17 @@ TEST(Ternary, RateControlAcceptsBelowWhenNoRoundingIsLarger) {
     EXPECT_NE(std::string(e.what()).find("not reached"), std::string::npos) << e.what();
   }
   rate.accept_below = true;
-  const CompressedExpert c = compress_matrix(p.w.data(), p.rows, p.cols, p.h.data(), {}, enc, rate);
+  const CompressResult c = compress_matrix(p.w.data(), p.rows, p.cols, p.h.data(), {}, enc, rate);
   EXPECT_TRUE(c.below_target);
   EXPECT_LT(c.bits_per_weight, rate.target_bits - rate.tolerance);
   EXPECT_EQ(c.bits_per_weight, c.matrix.view().bits_per_weight());
   // The largest size found: at least QMoE's rounding's.
-  const CompressedExpert plain = compress_matrix(p.w.data(), p.rows, p.cols, p.h.data(), {}, enc);
+  const CompressResult plain = compress_matrix(p.w.data(), p.rows, p.cols, p.h.data(), {}, enc);
   EXPECT_GE(c.bits_per_weight, plain.bits_per_weight);
   EXPECT_FALSE(plain.below_target);
   // A target within reach is met, not accepted below.
   rate.target_bits = 0.5 * (plain.bits_per_weight + c.bits_per_weight);
-  const CompressedExpert r = compress_matrix(p.w.data(), p.rows, p.cols, p.h.data(), {}, enc, rate);
+  const CompressResult r = compress_matrix(p.w.data(), p.rows, p.cols, p.h.data(), {}, enc, rate);
   EXPECT_FALSE(r.below_target);
   EXPECT_NEAR(r.bits_per_weight, rate.target_bits, rate.tolerance);
 }
@@ -373,7 +371,7 @@ TEST(Accuracy, RateDistortionRecipeBeatsQmoeAtEqualBits) {
   const std::vector<float> all = synthetic::activations(2 * n, cols, 2024 + 1000);
   const std::vector<float> held(all.begin() + n * cols, all.end());
   const double hnorm = test::output_norm(p.w, held, rows, cols, n);
-  auto held_error = [&](const CompressedExpert& c) {
+  auto held_error = [&](const CompressResult& c) {
     std::vector<float> q(static_cast<size_t>(rows * cols));
     decode_ref(c.matrix.view(), q.data());
     return test::output_error(p.w, q, held, rows, cols, n) / hnorm;
@@ -382,17 +380,17 @@ TEST(Accuracy, RateDistortionRecipeBeatsQmoeAtEqualBits) {
   rd.actorder = true;
   rd.ternary.levels = TernaryLevels::kFit;
   rd.ternary.refit = 4;
-  const CompressedExpert qmoe_natural = compress_matrix(p.w.data(), rows, cols, p.h.data());
+  const CompressResult qmoe_natural = compress_matrix(p.w.data(), rows, cols, p.h.data());
   for (const double target : {qmoe_natural.bits_per_weight, 0.8}) {
     RateControl rate;
     rate.target_bits = target;
     rate.tolerance = 0.002;
-    const CompressedExpert q =
+    const CompressResult q =
         target == qmoe_natural.bits_per_weight
             ? qmoe_natural
             : compress_matrix(p.w.data(), rows, cols, p.h.data(), {}, {}, rate);
     rate.knob = RateKnob::kPenalty;
-    const CompressedExpert b = compress_matrix(p.w.data(), rows, cols, p.h.data(), rd, {}, rate);
+    const CompressResult b = compress_matrix(p.w.data(), rows, cols, p.h.data(), rd, {}, rate);
     const double eq = held_error(q), eb = held_error(b);
     std::printf(
         "%.4f bits: QMoE %.4f bits, held-out relative output error %.4f; "

@@ -248,7 +248,9 @@ TernaryLevels ternary_levels_from_name(std::string_view s);
 // before any work.
 void gptq_validate_options(const GptqOptions& opt, const RateControl& rate = {});
 
-struct CompressedExpert {
+// compress_matrix()'s result: the encoded matrix and how GPTQ went. (Not sw::CompressedExpert,
+// switch/'s pair of compressed wi and wo.)
+struct CompressResult {
   CompressedMatrix matrix;
   GptqStatus status = GptqStatus::kOk;
   std::string reason;
@@ -275,11 +277,11 @@ struct CompressedExpert {
 // rate.enabled(), the knob is searched so that the encoded size is within rate.tolerance of
 // rate.target_bits (the Hessian is factored once for all tries); InvalidArgument when the target
 // cannot be reached (the message gives the range found). Errors as gptq_quantize() and encode().
-CompressedExpert compress_matrix(const float* w, int64_t rows, int64_t cols, const float* h,
-                                 const GptqOptions& opt = {}, const EncodeOptions& enc = {},
-                                 const RateControl& rate = {});
-CompressedExpert compress_matrix(const float* w, int64_t rows, int64_t cols,
-                                 const HessianAccumulator& acc, const GptqOptions& opt = {},
-                                 const EncodeOptions& enc = {}, const RateControl& rate = {});
+CompressResult compress_matrix(const float* w, int64_t rows, int64_t cols, const float* h,
+                               const GptqOptions& opt = {}, const EncodeOptions& enc = {},
+                               const RateControl& rate = {});
+CompressResult compress_matrix(const float* w, int64_t rows, int64_t cols,
+                               const HessianAccumulator& acc, const GptqOptions& opt = {},
+                               const EncodeOptions& enc = {}, const RateControl& rate = {});
 
 }  // namespace qmoe

@@ -32,8 +32,8 @@ struct CompressedExpertResult {
   Stack stack = Stack::kEncoder;
   int64_t block = 0;
   int64_t expert = 0;
-  qmoe::CompressedExpert wi;  // gptq.h: encoded matrix + GPTQ status and losses
-  qmoe::CompressedExpert wo;
+  qmoe::CompressResult wi;  // gptq.h: encoded matrix + GPTQ status and losses
+  qmoe::CompressResult wo;
   int64_t tokens = 0;  // calibration tokens in its Hessians (after the cap)
 };
 
