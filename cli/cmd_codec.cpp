@@ -11,6 +11,7 @@
 #include "qmoe/format/bf16.h"
 #include "qmoe/format/container.h"
 #include "qmoe/format/error.h"
+#include "qmoe/format/file.h"
 #include "qmoe/format/reference.h"
 #include "qmoe/format/safetensors.h"
 #include "qmoe/switch/checkpoint.h"
@@ -301,7 +302,8 @@ Registrar dictionary_cmd("dictionary", [](CLI::App& app) -> std::function<int()>
             "columns wide; --max-width is for qmoe-v2)");
       const auto d = v3 ? v3_dictionary(*p0) : v2_dictionary(*p0, *max_width);
       static_assert(v2::kTableBytes == v3::kTableBytes);
-      write_file_atomic(*out, d->entries.data(), static_cast<size_t>(v2::kTableBytes));
+      write_file_atomic(*out, {reinterpret_cast<const char*>(d->entries.data()),
+                               static_cast<size_t>(v2::kTableBytes)});
       if (v3) {
         std::printf("wrote the qmoe-v3 dictionary for p0 %.17g (id %s, %lld bytes) to %s\n", *p0,
                     hex64(d->id).c_str(), static_cast<long long>(v3::kTableBytes), out->c_str());
@@ -317,7 +319,8 @@ Registrar dictionary_cmd("dictionary", [](CLI::App& app) -> std::function<int()>
     if (*codec != "qmoe-v1")
       throw InvalidArgument("codec '" + *codec +
                             "' has no dictionary (qmoe-v1, qmoe-v2 or qmoe-v3)");
-    write_file_atomic(*out, v1_decode_table(), static_cast<size_t>(v1::kTableBytes));
+    write_file_atomic(*out, {reinterpret_cast<const char*>(v1_decode_table()),
+                             static_cast<size_t>(v1::kTableBytes)});
     std::printf("wrote the qmoe-v1 decode table (%lld bytes) to %s\n",
                 static_cast<long long>(v1::kTableBytes), out->c_str());
     return 0;

@@ -16,6 +16,7 @@
 
 #include "command.h"
 #include "qmoe/format/error.h"
+#include "qmoe/format/file.h"
 #include "qmoe/format/matrix.h"
 #include "qmoe/switch/compress.h"
 #include "ternary_flags.h"
@@ -179,13 +180,7 @@ void write_report(const std::string& path, const sw::CompressSummary& s, const s
                  {"over_cap_blocks", s.loop.over_cap_blocks},
                  {"peak_in_flight_estimate_bytes", s.loop.peak_in_flight}};
   j["bytes"] = {{"input", s.input_bytes}, {"output", s.output_bytes}};
-  const std::string tmp = path + ".tmp";
-  {
-    std::ofstream f(tmp, std::ios::trunc);
-    f << j.dump(2) << "\n";
-    if (!f) throw Error(path + ": cannot write the report");
-  }
-  std::filesystem::rename(tmp, path);
+  write_file_atomic(path, j.dump(2) + "\n");
 }
 
 // Under MPI: the block each process is in, for the line it prints when the job is stopped from

@@ -80,30 +80,4 @@ int64_t peak_rss_bytes() {
   return 0;
 }
 
-void write_file_atomic(const std::filesystem::path& path, const void* data, size_t size) {
-  const auto tmp = path.string() + ".tmp." + std::to_string(::getpid());
-  const int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
-  if (fd < 0) throw Error(path.string() + ": cannot create: " + std::strerror(errno));
-  TempFileMark mark(tmp);  // removed if the run is interrupted
-  const char* p = static_cast<const char*>(data);
-  size_t left = size;
-  while (left > 0) {
-    const ssize_t n = ::write(fd, p, left);
-    if (n < 0) {
-      if (errno == EINTR) continue;
-      const std::string err = std::strerror(errno);
-      ::close(fd);
-      ::unlink(tmp.c_str());
-      throw Error(path.string() + ": write failed: " + err);
-    }
-    p += n;
-    left -= static_cast<size_t>(n);
-  }
-  if (::fsync(fd) != 0 || ::close(fd) != 0 || ::rename(tmp.c_str(), path.c_str()) != 0) {
-    const std::string err = std::strerror(errno);
-    ::unlink(tmp.c_str());
-    throw Error(path.string() + ": cannot finish writing: " + err);
-  }
-}
-
 }  // namespace qmoe::cli

@@ -37,8 +37,6 @@ inline constexpr const char* kTargetHelp =
 Target parse_target_option(const std::string& name);
 // Peak resident set size of this process in bytes (from /proc/self/status VmHWM).
 int64_t peak_rss_bytes();
-// Writes `data` to `path` atomically (temporary file in the same folder, then rename).
-void write_file_atomic(const std::filesystem::path& path, const void* data, size_t size);
 
 class Stopwatch {
  public:

@@ -28,8 +28,6 @@ namespace internal {
 // Defined in safetensors.cpp.
 nlohmann::json parse_json_checked(std::string_view text, const std::string& context);
 std::optional<int64_t> json_size(const nlohmann::json& j);
-void write_all(int fd, const void* p, size_t n, const std::string& path);
-std::string io_error(const std::string& path, const char* what);
 }  // namespace internal
 
 namespace {

@@ -389,4 +389,25 @@ void install_mapped_file_fault_handler(int exit_code) {
   ::sigaction(SIGBUS, &sa, &internal::g_previous);
 }
 
+void write_file_atomic(const std::filesystem::path& path, std::string_view data) {
+  const std::string tmp = path.string() + ".tmp." + std::to_string(::getpid());
+  const int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+  if (fd < 0) throw Error(internal::io_error(path.string(), "cannot create a temporary file"));
+  TempFileMark mark(tmp);  // removed if the run is interrupted
+  try {
+    internal::write_all(fd, data.data(), data.size(), tmp);
+    if (::fsync(fd) != 0) throw Error(internal::io_error(tmp, "fsync failed"));
+  } catch (...) {
+    ::close(fd);
+    ::unlink(tmp.c_str());
+    throw;
+  }
+  if (::close(fd) != 0 || ::rename(tmp.c_str(), path.c_str()) != 0) {
+    const std::string msg = internal::io_error(path.string(), "cannot finish writing");
+    ::unlink(tmp.c_str());
+    throw Error(msg);
+  }
+  mark.release();
+}
+
 }  // namespace qmoe

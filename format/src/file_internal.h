@@ -11,6 +11,11 @@ namespace qmoe::internal {
 using qmoe::FaultSlot;
 using qmoe::TempFileMark;
 
+// Defined in safetensors.cpp: writes all n bytes (retrying on EINTR), Error naming `path`
+// otherwise; "<path>: <what>: <errno text>".
+void write_all(int fd, const void* p, size_t n, const std::string& path);
+std::string io_error(const std::string& path, const char* what);
+
 // While alive, the address range [p, p + n) belongs to `path` for the fault handler.
 class MappedRegion {
  public:

@@ -34,6 +34,7 @@
 #include "qmoe/format/codec_layout.h"
 #include "qmoe/format/container.h"
 #include "qmoe/format/error.h"
+#include "qmoe/format/file.h"
 #include "qmoe/format/safetensors.h"
 #include "qmoe/gptq/gptq.h"
 #include "qmoe/switch/checkpoint.h"
@@ -50,21 +51,6 @@ constexpr int kWorkVersion = 2;
 constexpr const char* kRunFile = "run.json";
 
 using internal::read_text;
-
-void write_text_atomic(const fs::path& p, const std::string& text) {
-  const fs::path tmp = p.string() + ".tmp." + std::to_string(::getpid());
-  {
-    std::ofstream f(tmp, std::ios::binary | std::ios::trunc);
-    if (!f)
-      throw Error(p.string() + ": cannot create " + tmp.string() + ": " + std::strerror(errno));
-    f << text;
-    f.flush();
-    if (!f) throw Error(tmp.string() + ": write failed");
-  }
-  std::error_code ec;
-  fs::rename(tmp, p, ec);
-  if (ec) throw Error(p.string() + ": rename failed: " + ec.message());
-}
 
 std::string shape_str(const std::vector<int64_t>& s) {
   std::string r = "[";
@@ -605,7 +591,7 @@ class WorkLock {
     const auto now = std::chrono::system_clock::to_time_t(std::chrono::system_clock::now());
     char when[64] = {};
     std::strftime(when, sizeof when, "%Y-%m-%d %H:%M:%S", std::localtime(&now));
-    write_text_atomic(dir / "owner", "qmoe compress, pid " + std::to_string(::getpid()) + " on " +
+    write_file_atomic(dir / "owner", "qmoe compress, pid " + std::to_string(::getpid()) + " on " +
                                          host + ", since " + when + "\n");
   }
 
@@ -730,7 +716,7 @@ void setup_work_dir(const Checkpoint& ck, const fs::path& output, const fs::path
     fs::create_directories(tmp, ec);
     if (!fs::is_directory(tmp)) throw Error(tmp.string() + ": cannot create the work directory");
     if (!lock.try_lock(tmp)) throw Error(tmp.string() + ": cannot lock the new work directory");
-    write_text_atomic(tmp / kRunFile, fp);
+    write_file_atomic(tmp / kRunFile, fp);
     WorkLock::write_owner(tmp);
     if (::rename(tmp.c_str(), work.c_str()) == 0) break;
     const int err = errno;

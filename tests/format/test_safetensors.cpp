@@ -41,6 +41,25 @@ TEST(Safetensors, DtypeNamesRoundTrip) {
   EXPECT_EQ(dtype_from_name("F8_E4M3"), std::nullopt);
 }
 
+// write_file_atomic(): the content under the name, replacing what was there; a folder that is not
+// there is an error naming the file, and no temporary file is left anywhere.
+TEST(Safetensors, WriteFileAtomicReplacesOrLeavesNothing) {
+  TempDir dir;
+  const fs::path p = dir / "r.json";
+  write_file_atomic(p, "first");
+  write_file_atomic(p, std::string("sec\0nd", 6));
+  EXPECT_EQ(read_regular_file(p, 100), std::string("sec\0nd", 6));
+  try {
+    write_file_atomic(dir / "missing" / "x.json", "x");
+    ADD_FAILURE() << "wrote into a folder that does not exist";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("x.json"), std::string::npos) << e.what();
+  }
+  int files = 0;
+  for ([[maybe_unused]] const auto& e : fs::directory_iterator(dir.path())) ++files;
+  EXPECT_EQ(files, 1);
+}
+
 // to_float(): every float type widened exactly (F64 rounded), from unaligned bytes; other types
 // refused.
 TEST(Safetensors, ToFloatWidensEveryFloatType) {

@@ -42,6 +42,12 @@ class RegularFile {
   int64_t size_ = 0;
 };
 
+// Writes `data` to `path` atomically and durably: to "<path>.tmp.<pid>" (marked for removal if
+// the process is interrupted), fsync, then renamed over `path`. On failure nothing is left under
+// either name and Error names the file. Every small file qmoe writes whole (reports, run.json,
+// dictionaries) goes through it; safetensors files have SafetensorsWriter.
+void write_file_atomic(const std::filesystem::path& path, std::string_view data);
+
 // The whole content of a regular file of at most `max_bytes` bytes. FormatError naming the file
 // when it is not a regular file, cannot be read, or is larger.
 std::string read_regular_file(const std::filesystem::path& path, int64_t max_bytes);
