@@ -89,7 +89,8 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="calibration sets")
     ap.add_argument("--splits", type=int, nargs="+", default=[0, 1, 2, 3], help="held-out splits")
-    ap.add_argument("--targets", type=float, nargs="+", default=[0.8])
+    ap.add_argument("--targets", type=float, nargs="+", default=[0.8, 0.7, 0.6],
+                    help="sizes in bits per expert weight; the ablation runs at the first")
     ap.add_argument("--codec", default="qmoe-v2", help="codec of the runs at a target size")
     ap.add_argument("--ablation", action="store_true")
     args = ap.parse_args()
