@@ -23,9 +23,9 @@ using core_detail::GemmKernel;
 std::vector<GemmKernel> runnable() {
   std::vector<GemmKernel> out{core_detail::gemm_kernel_portable()};
 #if defined(QMOE_CORE_X86_KERNELS)
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
+  if (cpu_features().avx2) {
     out.push_back(core_detail::gemm_kernel_avx2());
-    if (__builtin_cpu_supports("avx512f")) out.push_back(core_detail::gemm_kernel_avx512());
+    if (cpu_features().avx512) out.push_back(core_detail::gemm_kernel_avx512());
   }
 #endif
   return out;

@@ -31,12 +31,9 @@ bool cpu_runs(SimdLevel l) {
       return true;
 #if defined(QMOE_CPU_X86_KERNELS)
     case SimdLevel::kAvx2:
-      return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-             __builtin_cpu_supports("bmi") && __builtin_cpu_supports("bmi2");
+      return cpu_features().avx2;
     case SimdLevel::kAvx512:
-      return cpu_runs(SimdLevel::kAvx2) && __builtin_cpu_supports("avx512f") &&
-             __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
-             __builtin_cpu_supports("avx512dq");
+      return cpu_features().avx512;
 #else
     default:
       return false;
@@ -66,10 +63,7 @@ detail::RowsFn rows_fn(SimdLevel l) {
 // VBMI, VBMI2, VNNI and GFNI).
 bool cpu_runs_g4_vnni() {
 #if defined(QMOE_CPU_X86_KERNELS)
-  static const bool ok = cpu_runs(SimdLevel::kAvx512) && __builtin_cpu_supports("avx512vbmi") &&
-                         __builtin_cpu_supports("avx512vbmi2") &&
-                         __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("gfni");
-  return ok;
+  return cpu_features().g4_int8;
 #else
   return false;
 #endif

@@ -13,6 +13,7 @@
 #include <string>
 #include <vector>
 
+#include "qmoe/core/cpu_env.h"
 #include "qmoe/core/error.h"
 #include "qmoe/core/gemm.h"
 
@@ -189,6 +190,13 @@ TEST(Gemm, ArgumentErrors) {
 TEST(Gemm, LevelInUse) {
   const std::string_view l = gemm_level();
   EXPECT_TRUE(l == "portable" || l == "avx2" || l == "avx512") << l;
+  // The level needs the features cpu_features() names for it (the one detector of every module).
+  const CpuFeatures& f = cpu_features();
+  EXPECT_TRUE(l != "avx2" || f.avx2);
+  EXPECT_TRUE(l != "avx512" || f.avx512);
+  EXPECT_TRUE(!f.avx512 || f.avx2);
+  EXPECT_TRUE(!f.g4_int8 || f.avx512);
+  EXPECT_EQ(&f, &cpu_features());  // detected once
 }
 
 }  // namespace

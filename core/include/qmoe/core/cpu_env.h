@@ -13,4 +13,15 @@ namespace qmoe {
 // this CPU and build run the level is for the caller to check.
 std::optional<std::string_view> requested_cpu_simd();
 
+// What this CPU runs, detected once: the instruction sets behind each SIMD level of qmoe's
+// kernels. Every module with run-time dispatch (decoder_cpu, the GEMM of core that gptq and
+// switch use) asks here, so that a level needs the same features everywhere. Whether a build
+// has the kernels of a level is the module's to say.
+struct CpuFeatures {
+  bool avx2 = false;     // AVX2, FMA, BMI1 and BMI2: the "avx2" level
+  bool avx512 = false;   // avx2 and AVX-512 F, BW, VL, DQ: the "avx512" level
+  bool g4_int8 = false;  // avx512 and VBMI, VBMI2, VNNI, GFNI: qmoe-g4's int8 kernel
+};
+const CpuFeatures& cpu_features();
+
 }  // namespace qmoe
