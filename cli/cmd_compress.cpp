@@ -15,6 +15,7 @@
 #include <string>
 
 #include "command.h"
+#include "qmoe/core/memory.h"
 #include "qmoe/format/error.h"
 #include "qmoe/format/file.h"
 #include "qmoe/format/matrix.h"
@@ -174,7 +175,7 @@ void write_report(const std::string& path, const sw::CompressSummary& s, const s
                   {"weights", s.expert_weights},
                   {"bits_per_weight", s.bits_per_expert_weight()},
                   {"zero_fraction", s.mean_zero_fraction}};
-  j["memory"] = {{"peak_rss_bytes", peak_rss_bytes()},
+  j["memory"] = {{"peak_rss_bytes", peak_resident_bytes()},
                  {"budget_bytes", s.memory_budget},
                  {"needed_bytes", s.loop.memory_needed},
                  {"over_cap_blocks", s.loop.over_cap_blocks},
@@ -329,7 +330,7 @@ int run_compress(const CompressArgs& a) {
               s.assemble_seconds);
   std::printf(
       "peak resident memory: %s",
-      human_bytes(static_cast<double>(std::max(peak_rss_bytes(), s.loop.peak_rss))).c_str());
+      human_bytes(static_cast<double>(std::max(peak_resident_bytes(), s.loop.peak_rss))).c_str());
   if (s.ranks.size() > 1) std::printf(" (the most of any process)");
   if (opt.max_memory > 0)
     std::printf(" (cap %s)", human_bytes(static_cast<double>(opt.max_memory)).c_str());

@@ -71,13 +71,4 @@ int64_t parse_bytes(const std::string& s) {
   return static_cast<int64_t>(v * mul);
 }
 
-int64_t peak_rss_bytes() {
-  std::ifstream f("/proc/self/status");
-  std::string line;
-  while (std::getline(f, line)) {
-    if (line.rfind("VmHWM:", 0) == 0) return std::stoll(line.substr(6)) * 1024;
-  }
-  return 0;
-}
-
 }  // namespace qmoe::cli

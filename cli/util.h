@@ -35,8 +35,6 @@ inline constexpr const char* kTargetHelp =
     "recorded in the file (\"qmoe.target\")";
 // The value of a --target option (InvalidArgument naming the choices for anything else).
 Target parse_target_option(const std::string& name);
-// Peak resident set size of this process in bytes (from /proc/self/status VmHWM).
-int64_t peak_rss_bytes();
 
 class Stopwatch {
  public:

@@ -23,6 +23,7 @@
 #include <omp.h>
 #include <nlohmann/json.hpp>
 
+#include "qmoe/core/memory.h"
 #include "qmoe/encoder/encode.h"
 #include "qmoe/format/error.h"
 #include "qmoe/gptq/gptq.h"
@@ -214,22 +215,6 @@ struct PhaseAccumulator {
     p.thread_seconds = true;
   }
 };
-
-int64_t current_rss_bytes() {
-  std::ifstream f("/proc/self/statm");
-  int64_t size = 0, rss = 0;
-  f >> size >> rss;
-  return rss * ::sysconf(_SC_PAGESIZE);
-}
-
-// The process's peak resident memory so far (VmHWM), 0 where /proc does not say.
-int64_t peak_rss_so_far() {
-  std::ifstream f("/proc/self/status");
-  std::string line;
-  while (std::getline(f, line))
-    if (line.rfind("VmHWM:", 0) == 0) return std::stoll(line.substr(6)) * 1024;
-  return 0;
-}
 
 // Byte buffers of the exchange.
 void put_bytes(std::vector<std::byte>& out, const void* p, size_t n) {
@@ -841,7 +826,7 @@ LoopReport run_block_loop(const std::shared_ptr<const SwitchSource>& source,
       cap = opt.token_cap_multiplier > 0 && total > 0
                 ? expert_token_cap(total, run->num_experts(), opt.token_cap_multiplier)
                 : 0;
-      const int64_t room = opt.max_memory > 0 ? opt.max_memory - current_rss_bytes() - kReserve
+      const int64_t room = opt.max_memory > 0 ? opt.max_memory - resident_bytes() - kReserve
                                               : std::numeric_limits<int64_t>::max();
       tokens.gather(*run, part, bi, comm, room, opt.scratch_dir, round_bytes);
       rep.spilled_blocks += tokens.spilled() ? 1 : 0;
@@ -859,7 +844,7 @@ LoopReport run_block_loop(const std::shared_ptr<const SwitchSource>& source,
     }
     int64_t budget = std::numeric_limits<int64_t>::max();
     if (opt.max_memory > 0) {
-      const int64_t resident = current_rss_bytes();
+      const int64_t resident = resident_bytes();
       budget = std::max<int64_t>(opt.max_memory - resident - kReserve, 1);
       rep.memory_budget = rep.memory_budget > 0 ? std::min(rep.memory_budget, budget) : budget;
       // What the block needs at the least: what is resident and its largest matrix alone.
@@ -1065,7 +1050,7 @@ LoopReport run_block_loop(const std::shared_ptr<const SwitchSource>& source,
   }
   rep.peak_in_flight = pool.peak();
   rep.seconds = since(t_start);
-  rep.peak_rss = peak_rss_so_far();
+  rep.peak_rss = peak_resident_bytes();
   return rep;
 }
 

@@ -29,6 +29,7 @@
 #include <xxhash.h>
 #include <nlohmann/json.hpp>
 
+#include "qmoe/core/memory.h"
 #include "qmoe/encoder/encode.h"
 #include "qmoe/format/bf16.h"
 #include "qmoe/format/codec_layout.h"
@@ -82,13 +83,6 @@ void release_pages(std::span<const std::byte> b) {
   const auto p = reinterpret_cast<uintptr_t>(b.data());
   const uintptr_t a = (p + page - 1) / page * page, e = (p + b.size()) / page * page;
   if (e > a) ::madvise(reinterpret_cast<void*>(a), e - a, MADV_DONTNEED);
-}
-
-int64_t current_rss_bytes() {
-  std::ifstream f("/proc/self/statm");
-  int64_t size = 0, rss = 0;
-  f >> size >> rss;
-  return rss * ::sysconf(_SC_PAGESIZE);
 }
 
 bool pid_alive(long pid) {
@@ -896,7 +890,7 @@ CompressSummary compress_checkpoint(const fs::path& checkpoint, const fs::path& 
     for (const auto& m : experts) largest = std::max(largest, expert_memory_estimate(m, gptq));
     if (opt.max_memory > 0) {
       const int64_t reserve = int64_t{24} << 20;  // thread stacks, allocator slack, writer buffers
-      const int64_t budget = opt.max_memory - current_rss_bytes() - reserve;
+      const int64_t budget = opt.max_memory - resident_bytes() - reserve;
       if (budget < largest && opt.note && lead)
         opt.note("the memory cap leaves " + std::to_string(std::max<int64_t>(budget, 0)) +
                  " bytes for work, less than one expert matrix needs (" + std::to_string(largest) +
