@@ -105,4 +105,22 @@ inline RefResult reference_gptq(const std::vector<float>& w, int64_t rows, int64
   return out;
 }
 
+// A matrix and its Hessian from the structured synthetic generator (gptq/README.md): weights,
+// n activation rows x and H = x^T x.
+struct Problem {
+  int64_t rows = 0, cols = 0, n = 0;
+  std::vector<float> w, x, h;
+};
+
+inline Problem make_problem(int64_t rows, int64_t cols, int64_t n, uint64_t seed) {
+  Problem p;
+  p.rows = rows;
+  p.cols = cols;
+  p.n = n;
+  p.w = synthetic::weights(rows, cols, seed);
+  p.x = synthetic::activations(n, cols, seed + 1000);
+  p.h = hessian_of(p.x, n, cols);
+  return p;
+}
+
 }  // namespace qmoe::test

@@ -17,22 +17,8 @@
 namespace qmoe {
 namespace {
 
-struct Problem {
-  int64_t rows = 0, cols = 0, n = 0;
-  std::vector<float> w, x, h;
-};
-
-// Weights and a Hessian from the structured synthetic generator (gptq/README.md).
-Problem make_problem(int64_t rows, int64_t cols, int64_t n, uint64_t seed) {
-  Problem p;
-  p.rows = rows;
-  p.cols = cols;
-  p.n = n;
-  p.w = synthetic::weights(rows, cols, seed);
-  p.x = synthetic::activations(n, cols, seed + 1000);
-  p.h = test::hessian_of(p.x, n, cols);
-  return p;
-}
+using test::make_problem;
+using test::Problem;
 
 double rel(double a, double b) {
   return std::abs(a - b) / std::max(std::abs(b), 1e-300);
