@@ -116,7 +116,7 @@ Registrar encode_cmd("encode", [](CLI::App& app) -> std::function<int()> {
   app.add_option("--tensors", a->tensors,
                  "POSIX extended regular expression matching the whole names of the tensors to "
                  "compress (default: all 2-D float tensors)");
-  app.add_option("--codec", a->codec, kCodecHelp);
+  app.add_option("--codec", a->codec, codec_help());
   app.add_option("--target", a->target, kTargetHelp);
   app.add_option("--threads", a->threads, "threads (0 = all)");
   app.add_option("--shard-size", a->shard_size,
@@ -182,7 +182,7 @@ Registrar transcode_cmd("transcode", [](CLI::App& app) -> std::function<int()> {
   app.add_option("-o,--output", a->output,
                  "output container (a directory when --shard-size is given)")
       ->required();
-  app.add_option("--codec", a->codec, kCodecHelp);
+  app.add_option("--codec", a->codec, codec_help());
   app.add_option("--target", a->target,
                  std::string(kTargetHelp) + "; default: the input's target, else any");
   app.add_option("--threads", a->threads, "threads (0 = all)");

@@ -292,11 +292,9 @@ int run_compress(const CompressArgs& a) {
     std::printf("%-24s %10lld %12lld %10.4f\n", b.block.c_str(), static_cast<long long>(b.matrices),
                 static_cast<long long>(b.weights), b.bits_per_weight());
   std::printf(
-      "experts: %lld matrices (%lld qmoe-v1, %lld qmoe-v2, %lld qmoe-v3, %lld qmoe-g4, %lld "
-      "qmoe-p5), %lld weights, %.2f%% zeros, %s -> %s, %.4f bits per expert weight\n",
-      static_cast<long long>(s.expert_matrices), static_cast<long long>(s.v1_matrices),
-      static_cast<long long>(s.v2_matrices), static_cast<long long>(s.v3_matrices),
-      static_cast<long long>(s.g4_matrices), static_cast<long long>(s.p5_matrices),
+      "experts: %lld matrices (%s), %lld weights, %.2f%% zeros, %s -> %s, %.4f bits per "
+      "expert weight\n",
+      static_cast<long long>(s.expert_matrices), codec_counts(s.codec_matrices).c_str(),
       static_cast<long long>(s.expert_weights), 100.0 * s.mean_zero_fraction,
       human_bytes(static_cast<double>(s.expert_input_bytes)).c_str(),
       human_bytes(static_cast<double>(s.expert_compressed_bytes)).c_str(),
@@ -398,7 +396,7 @@ Registrar compress_cmd("compress", [](CLI::App& app) -> std::function<int()> {
                  "write FILE.json: per-phase times, FLOP rates, calibration, sizes, peak memory");
   app.add_flag("--cast-bf16", a->cast_bf16,
                "store the F32/F16 tensors that are not experts as BF16");
-  app.add_option("--codec", a->codec, kCodecHelp);
+  app.add_option("--codec", a->codec, codec_help());
   app.add_option("--target", a->target, kTargetHelp);
   app.add_option("--percdamp", a->percdamp, "GPTQ dampening, a fraction of the mean diagonal of H");
   app.add_option("--blocksize", a->blocksize, "GPTQ lazy-update block size (columns)");

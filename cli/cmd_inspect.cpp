@@ -1,5 +1,6 @@
 // qmoe inspect: what a container holds -- per tensor, per block and in total.
 #include <algorithm>
+#include <array>
 #include <cstdio>
 #include <filesystem>
 #include <map>
@@ -122,10 +123,11 @@ int run_inspect(const InspectArgs& a) {
   std::map<std::string, Block> blocks;
   json jt = json::array();
   int64_t comp_n = 0, comp_weights = 0, comp_bytes = 0, comp_codes = 0, comp_input = 0;
-  int64_t expert_weights = 0, expert_bytes = 0, v1 = 0, v2 = 0, v3 = 0, g4 = 0, p5 = 0;
-  // Dictionaries, counted once each in the totals (a v2 and a v3 dictionary never share an id:
-  // the container stores them under different names, and their entries differ).
-  std::set<uint64_t> v2_dictionaries, v3_dictionaries;
+  int64_t expert_weights = 0, expert_bytes = 0;
+  std::array<int64_t, kCodecs.size()> per_codec{};  // compressed matrices of each codec
+  // Fitted dictionaries, counted once each in the totals (a v2 and a v3 dictionary never share an
+  // id: the container stores them under different names, and their entries differ).
+  std::array<std::set<uint64_t>, kCodecs.size()> dictionaries;  // by codec
   int64_t dense_n = 0, dense_bytes = 0;
 
   std::vector<std::string> names = c.names();
@@ -147,15 +149,10 @@ int run_inspect(const InspectArgs& a) {
       comp_bytes += v.compressed_bytes();
       comp_codes += codes;
       comp_input += w * dtype_size(e->original_dtype);
-      (v.codec == Codec::kV1   ? v1
-       : v.codec == Codec::kV2 ? v2
-       : v.codec == Codec::kV3 ? v3
-       : v.codec == Codec::kG4 ? g4
-                               : p5) += 1;
-      if (v.codec == Codec::kV2 && v2_dictionaries.insert(v.dictionary_id).second)
-        comp_bytes += v2::kTableBytes;
-      if (v.codec == Codec::kV3 && v3_dictionaries.insert(v.dictionary_id).second)
-        comp_bytes += v3::kTableBytes;
+      const auto ci = static_cast<size_t>(v.codec);
+      ++per_codec[ci];
+      if (v.has_dictionary() && dictionaries[ci].insert(v.dictionary_id).second)
+        comp_bytes += static_cast<int64_t>(v.dictionary.size_bytes());
       const ExpertStat* st = stat_of(name);
       std::string block;
       int64_t ex;
@@ -255,13 +252,6 @@ int run_inspect(const InspectArgs& a) {
                 {"blocks", jb},
                 {"totals",
                  {{"compressed_matrices", comp_n},
-                  {"qmoe_v1", v1},
-                  {"qmoe_v2", v2},
-                  {"qmoe_v3", v3},
-                  {"qmoe_g4", g4},
-                  {"qmoe_p5", p5},
-                  {"qmoe_v2_dictionaries", v2_dictionaries.size()},
-                  {"qmoe_v3_dictionaries", v3_dictionaries.size()},
                   {"compressed_weights", comp_weights},
                   {"compressed_bytes", comp_bytes},
                   {"codes", comp_codes},
@@ -271,6 +261,14 @@ int run_inspect(const InspectArgs& a) {
                   {"dense_tensors", dense_n},
                   {"dense_bytes", dense_bytes},
                   {"container_bytes", container_bytes}}}};
+    for (const CodecTraits& t : kCodecs) {
+      // "qmoe_v1": 3, ...; "qmoe_v2_dictionaries": 1, ... for the codecs with fitted dictionaries.
+      std::string key(t.name);
+      key[4] = '_';
+      out["totals"][key] = per_codec[static_cast<size_t>(t.codec)];
+      if (t.has_fitted_dictionary())
+        out["totals"][key + "_dictionaries"] = dictionaries[static_cast<size_t>(t.codec)].size();
+    }
     if (input_bytes > 0) {
       out["totals"]["input_bytes"] = input_bytes;
       out["totals"]["compression_ratio"] =
@@ -301,13 +299,10 @@ int run_inspect(const InspectArgs& a) {
   if (!meta("quantizer").empty()) std::printf(", quantizer %s", meta("quantizer").c_str());
   if (const auto t = c.target()) std::printf(", target %s", std::string(target_name(*t)).c_str());
   std::printf("\n");
-  std::printf(
-      "compressed: %lld matrices (%lld qmoe-v1, %lld qmoe-v2, %lld qmoe-v3, %lld qmoe-g4, %lld "
-      "qmoe-p5), %lld weights, %lld codes, %s, %.4f bits/weight\n",
-      static_cast<long long>(comp_n), static_cast<long long>(v1), static_cast<long long>(v2),
-      static_cast<long long>(v3), static_cast<long long>(g4), static_cast<long long>(p5),
-      static_cast<long long>(comp_weights), static_cast<long long>(comp_codes),
-      human_bytes(static_cast<double>(comp_bytes)).c_str(), bpw(comp_bytes, comp_weights));
+  std::printf("compressed: %lld matrices (%s), %lld weights, %lld codes, %s, %.4f bits/weight\n",
+              static_cast<long long>(comp_n), codec_counts(per_codec).c_str(),
+              static_cast<long long>(comp_weights), static_cast<long long>(comp_codes),
+              human_bytes(static_cast<double>(comp_bytes)).c_str(), bpw(comp_bytes, comp_weights));
   if (expert_weights > 0)
     std::printf("experts: %lld weights, %.4f bits per expert weight (originally %s)\n",
                 static_cast<long long>(expert_weights), bpw(expert_bytes, expert_weights),

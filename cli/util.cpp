@@ -28,7 +28,30 @@ std::string human_bytes(double bytes) {
 std::optional<Codec> parse_codec_option(const std::string& name) {
   if (name == "auto") return std::nullopt;
   if (auto c = codec_from_name(name)) return c;
-  throw InvalidArgument("unknown codec '" + name + "' (" + kCodecChoices + ")");
+  throw InvalidArgument("unknown codec '" + name + "' (" + codec_names() + " or auto)");
+}
+
+std::string codec_help() {
+  std::string help, converted;
+  for (const CodecTraits& t : kCodecs) {
+    help += std::string(t.name) + " (" + std::string(t.summary) + "), ";
+    if (!t.gpu_native)
+      converted += std::string(converted.empty() ? "" : " and ") + std::string(t.name);
+  }
+  return help +
+         "or auto (default): the codec of --target, or qmoe-p5 where that is smaller (dense "
+         "matrices). " +
+         converted +
+         " are CPU codecs: the CUDA decoder converts them to qmoe-v2 when it uploads them";
+}
+
+std::string codec_counts(std::span<const int64_t> counts) {
+  std::string out;
+  for (const CodecTraits& t : kCodecs) {
+    out += (out.empty() ? "" : ", ") + std::to_string(counts[static_cast<size_t>(t.codec)]) + " " +
+           std::string(t.name);
+  }
+  return out;
 }
 
 Target parse_target_option(const std::string& name) {

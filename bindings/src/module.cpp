@@ -1397,11 +1397,10 @@ py::dict compress_checkpoint(
   d["expert_compressed_bytes"] = s.expert_compressed_bytes;
   d["bits_per_expert_weight"] = s.bits_per_expert_weight();
   d["passthrough_tensors"] = s.passthrough_tensors;
-  d["v1_matrices"] = s.v1_matrices;
-  d["v2_matrices"] = s.v2_matrices;
-  d["v3_matrices"] = s.v3_matrices;
-  d["g4_matrices"] = s.g4_matrices;
-  d["p5_matrices"] = s.p5_matrices;
+  // "v1_matrices", "v2_matrices", ...: the expert matrices of each codec.
+  for (const qmoe::CodecTraits& t : qmoe::kCodecs) {
+    d[py::str(std::string(t.name.substr(5)) + "_matrices")] = s.matrices_of(t.codec);
+  }
   d["fallback_matrices"] = s.fallback_matrices;
   d["below_target_matrices"] = s.below_target_matrices;
   d["mean_zero_fraction"] = s.mean_zero_fraction;

@@ -6,6 +6,8 @@
 
 #include <cstdint>
 
+#include "qmoe/format/codec.h"
+
 namespace qmoe::cpu::detail {
 
 // Per-dictionary data derived once from the decode tables (tables.cpp).
@@ -61,7 +63,7 @@ const uint64_t* v3_list_table(const uint32_t* dictionary, uint64_t id);
 
 // The matrix, as raw pointers (no std::span in kernel code, see above).
 struct Matrix {
-  int codec = 0;  // 0 = qmoe-v1, 1 = qmoe-p5, 2 = qmoe-v2, 3 = qmoe-v3, 4 = qmoe-g4
+  Codec codec = Codec::kV1;
   int64_t rows = 0;
   int64_t cols = 0;
   const uint16_t* codes = nullptr;       // v1, v2

@@ -1221,7 +1221,7 @@ void rows_lists(const Work& w, const Tables& tb, int64_t r0, int64_t r1, int32_t
     }
   };
   const int64_t p5_bytes = (m.cols + 4) / 5;
-  if (m.codec == 4) {
+  if (m.codec == Codec::kG4) {
     // Four rows per decode, each list region split in quarters (list_capacity is sized for it).
     const int64_t q = w.list_capacity / 4;
     int32_t* const lists[8] = {lo, lo + q, lo + 2 * q, lo + 3 * q,
@@ -1239,7 +1239,7 @@ void rows_lists(const Work& w, const Tables& tb, int64_t r0, int64_t r1, int32_t
       for (int j = 0; j < 4 && r + j < r1; ++j)
         finish(r + j, lists[j], n[j], lists[4 + j], n[4 + j]);
     }
-  } else if (m.codec == 3) {
+  } else if (m.codec == Codec::kV3) {
     const int64_t half = w.list_capacity / 2;
     int32_t* const lists[4] = {lo, hi, lo + half, hi + half};
     for (int64_t r = r0; r < r1; r += 2) {
@@ -1251,9 +1251,9 @@ void rows_lists(const Work& w, const Tables& tb, int64_t r0, int64_t r1, int32_t
   } else {
     for (int64_t r = r0; r < r1; ++r) {
       int64_t n_lo = 0, n_hi = 0;
-      if (m.codec != 1) {
+      if (m.codec != Codec::kP5) {
         v1_lists(m.codes + m.row_offsets[r], m.codes + m.row_offsets[r + 1],
-                 m.codec == 0 ? tb.v1_list : m.v2_list, lo, hi, &n_lo, &n_hi);
+                 m.codec == Codec::kV1 ? tb.v1_list : m.v2_list, lo, hi, &n_lo, &n_hi);
       } else {
         p5_lists(m.packed + r * p5_bytes, p5_bytes, tb.p5_list, lo, hi, &n_lo, &n_hi);
       }
@@ -1270,12 +1270,12 @@ void rows_lists(const Work& w, const Tables& tb, int64_t r0, int64_t r1, int32_t
 
 void rows(const Work& w, const Tables& tb, int64_t r0, int64_t r1, int32_t* scratch) {
 #if defined(__AVX2__)
-  if (w.m.codec == 1 && w.num_passes == 1 && w.passes[0].bp == 1) {
+  if (w.m.codec == Codec::kP5 && w.num_passes == 1 && w.passes[0].bp == 1) {
     p5_rows(w, tb, r0, r1);
     return;
   }
 #endif
-  if (w.m.codec == 0 && w.num_passes == 1 && w.passes[0].bp == 1) {
+  if (w.m.codec == Codec::kV1 && w.num_passes == 1 && w.passes[0].bp == 1) {
 #if defined(__AVX512F__)
     rows_paired(PermKernel<V1Perm>{w, tb.v1_perm}, r0, r1);
 #elif defined(__AVX2__)
@@ -1285,7 +1285,7 @@ void rows(const Work& w, const Tables& tb, int64_t r0, int64_t r1, int32_t* scra
 #endif
     return;
   }
-  if (w.m.codec == 2 && w.num_passes == 1 && w.passes[0].bp == 1) {
+  if (w.m.codec == Codec::kV2 && w.num_passes == 1 && w.passes[0].bp == 1) {
 #if defined(__AVX512F__)
     if (w.m.v2_perm != nullptr) {
       rows_paired(PermKernel<V2Perm>{w, w.m.v2_perm}, r0, r1);
@@ -1299,7 +1299,7 @@ void rows(const Work& w, const Tables& tb, int64_t r0, int64_t r1, int32_t* scra
 #endif
     return;
   }
-  if (w.m.codec == 4 && w.num_passes == 1 && w.passes[0].bp == 1) {
+  if (w.m.codec == Codec::kG4 && w.num_passes == 1 && w.passes[0].bp == 1) {
 #if defined(QMOE_G4_VNNI)
     if (w.passes[0].xq != nullptr) {
       g4_rows_int8(w, r0, r1);
@@ -1309,7 +1309,7 @@ void rows(const Work& w, const Tables& tb, int64_t r0, int64_t r1, int32_t* scra
     g4_rows_float(w, r0, r1);
     return;
   }
-  if (w.m.codec == 3 && w.num_passes == 1 && w.passes[0].bp == 1) {
+  if (w.m.codec == Codec::kV3 && w.num_passes == 1 && w.passes[0].bp == 1) {
 #if defined(__AVX512F__)
     rows_paired(PairPermKernel{w, w.m.v3_entries}, r0 / 2, (r1 + 1) / 2);
 #elif defined(__AVX2__)

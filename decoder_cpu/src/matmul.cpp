@@ -217,11 +217,7 @@ void run(std::span<const Item> items, bool accumulate, const MatmulOptions& opt)
     const CompressedView& w = *it.w;
     if (it.n <= 0 || w.rows == 0) continue;
     detail::Matrix m;
-    m.codec = w.codec == Codec::kV1   ? 0
-              : w.codec == Codec::kP5 ? 1
-              : w.codec == Codec::kV2 ? 2
-              : w.codec == Codec::kV3 ? 3
-                                      : 4;
+    m.codec = w.codec;
     m.rows = w.rows;
     m.cols = w.cols;
     m.codes = w.codes.data();
@@ -297,13 +293,13 @@ void run(std::span<const Item> items, bool accumulate, const MatmulOptions& opt)
   if (g4_fn != fn && opt.int8_activations) {
     int64_t bytes = 0;
     for (const Job& job : jobs) {
-      if (job.work.m.codec == 4 && job.passes[0].bp == 1)
+      if (job.work.m.codec == Codec::kG4 && job.passes[0].bp == 1)
         bytes += (job.work.m.cols + detail::kG4XqPad + 63) / 64 * 64;
     }
     if (bytes > 0) {
       int8_t* xq = t_xq.get(static_cast<size_t>(bytes));
       for (Job& job : jobs) {
-        if (job.work.m.codec != 4 || job.passes[0].bp != 1) continue;
+        if (job.work.m.codec != Codec::kG4 || job.passes[0].bp != 1) continue;
         const int64_t cols = job.work.m.cols;
         if (quantize_int8(job.src[0], cols, xq, &job.passes[0].xq_inv)) {
           job.passes[0].xq = xq;

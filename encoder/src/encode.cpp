@@ -214,9 +214,9 @@ CompressedMatrix encode_codes(const TernaryMatrix& t, int threads, Codec codec,
   return m;
 }
 
-CompressedMatrix encode_v1(const TernaryMatrix& t, int threads) {
+CompressedMatrix encode_v1(const TernaryMatrix& t, const EncodeOptions& opt) {
   const V1Trie& trie = V1Trie::get();
-  return encode_codes(t, threads, Codec::kV1, [&](int64_t r, auto&& sink) {
+  return encode_codes(t, opt.threads, Codec::kV1, [&](int64_t r, auto&& sink) {
     encode_row_v1(trie, t.symbols.data() + r * t.cols, t.cols, sink);
   });
 }
@@ -264,11 +264,11 @@ void encode_group_g4(const TernaryMatrix& t, int64_t g, std::vector<uint8_t>& to
   }
 }
 
-CompressedMatrix encode_g4(const TernaryMatrix& t, int threads) {
+CompressedMatrix encode_g4(const TernaryMatrix& t, const EncodeOptions& opt) {
   const int64_t groups = g4::groups(t.rows);
   std::vector<std::vector<uint8_t>> tok(static_cast<size_t>(groups)), kind(tok.size());
   {
-    ThreadCount tc(threads);
+    ThreadCount tc(opt.threads);
 #pragma omp parallel for schedule(dynamic, 16)
     for (int64_t g = 0; g < groups; ++g) {
       encode_group_g4(t, g, tok[static_cast<size_t>(g)], kind[static_cast<size_t>(g)]);
@@ -306,14 +306,14 @@ CompressedMatrix encode_g4(const TernaryMatrix& t, int threads) {
   return m;
 }
 
-CompressedMatrix encode_p5(const TernaryMatrix& t, int threads) {
+CompressedMatrix encode_p5(const TernaryMatrix& t, const EncodeOptions& opt) {
   CompressedMatrix m;
   m.codec = Codec::kP5;
   m.rows = t.rows;
   m.cols = t.cols;
   const int64_t nb = p5::row_bytes(t.cols);
   m.packed.assign(static_cast<size_t>(t.rows * nb), 0);
-  ThreadCount tc(threads);
+  ThreadCount tc(opt.threads);
 #pragma omp parallel for schedule(static)
   for (int64_t r = 0; r < t.rows; ++r) {
     const uint8_t* s = t.symbols.data() + r * t.cols;
@@ -330,6 +330,11 @@ CompressedMatrix encode_p5(const TernaryMatrix& t, int threads) {
   m.levels = t.levels;
   return m;
 }
+
+// Each codec's encoder, indexed by Codec (the order of kCodecs).
+using EncodeFn = CompressedMatrix (*)(const TernaryMatrix&, const EncodeOptions&);
+constexpr std::array<EncodeFn, kCodecs.size()> kEncoders = {encode_v1, encode_v2, encode_v3,
+                                                            encode_g4, encode_p5};
 
 }  // namespace
 
@@ -389,22 +394,12 @@ CompressedMatrix transcode(const CompressedView& m, const EncodeOptions& opt) {
 
 CompressedMatrix encode(const TernaryMatrix& t, const EncodeOptions& opt) {
   check_symbols(t);
-  if (opt.codec == Codec::kP5) return encode_p5(t, opt.threads);
-  if (opt.codec == Codec::kV2) return encode_v2(t, opt);
-  if (opt.codec == Codec::kV3) return encode_v3(t, opt);
-  if (opt.codec == Codec::kG4) return encode_g4(t, opt.threads);
-  if (opt.codec == Codec::kV1) return encode_v1(t, opt.threads);
+  if (opt.codec) return kEncoders[static_cast<size_t>(*opt.codec)](t, opt);
   // Automatic: the target's codec, or qmoe-p5 where that is smaller (a dense matrix).
-  CompressedMatrix m = opt.target == Target::kCpu   ? encode_g4(t, opt.threads)
-                       : opt.target == Target::kGpu ? encode_v2(t, opt)
-                                                    : encode_v1(t, opt.threads);
+  CompressedMatrix m = kEncoders[static_cast<size_t>(auto_codec(opt.target))](t, opt);
   const int64_t p5_bytes = t.rows * p5::row_bytes(t.cols) + 4 * t.rows;
-  if (p5_bytes < m.view().compressed_bytes()) return encode_p5(t, opt.threads);
+  if (p5_bytes < m.view().compressed_bytes()) return encode_p5(t, opt);
   return m;
-}
-
-Codec auto_codec(Target target) {
-  return target == Target::kCpu ? Codec::kG4 : target == Target::kGpu ? Codec::kV2 : Codec::kV1;
 }
 
 }  // namespace qmoe

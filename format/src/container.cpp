@@ -55,20 +55,115 @@ std::string shape_str(const std::vector<int64_t>& s) {
   return out + "]";
 }
 
-// The tensor name of a qmoe-v2 / qmoe-v3 dictionary: the codec's prefix and the id.
-std::string_view dictionary_prefix(Codec codec) {
-  return codec == Codec::kV3 ? kV3DictionaryPrefix : kV2DictionaryPrefix;
-}
+// The tensor name of a fitted dictionary (qmoe-v2, qmoe-v3): the codec's prefix and the id.
 std::string dictionary_tensor(Codec codec, const std::string& id_hex) {
-  return std::string(dictionary_prefix(codec)) + id_hex;
+  return std::string(codec_traits(codec).dictionary_tensor) + id_hex;
 }
 
-bool is_fitted_dictionary_name(std::string_view name) {
-  return starts_with(name, kV2DictionaryPrefix) || starts_with(name, kV3DictionaryPrefix);
+// The codec whose fitted dictionaries `name` is named like, if any.
+std::optional<Codec> fitted_dictionary_codec(std::string_view name) {
+  for (const CodecTraits& t : kCodecs) {
+    if (t.has_fitted_dictionary() && starts_with(name, t.dictionary_tensor)) return t.codec;
+  }
+  return std::nullopt;
 }
 
 bool is_dictionary_name(std::string_view name) {
-  return name == kV1DictionaryTensor || is_fitted_dictionary_name(name);
+  for (const CodecTraits& t : kCodecs) {
+    if (t.dictionary == DictionaryKind::kBuiltin && name == t.dictionary_tensor) return true;
+  }
+  return fitted_dictionary_codec(name).has_value();
+}
+
+// A member's stored name suffix and dtype, and the shape it must have for a rows x cols matrix
+// (empty: 1-D of any length).
+struct MemberSpec {
+  std::string_view suffix;
+  DType dtype;
+};
+MemberSpec member_spec(Member m) {
+  switch (m) {
+    case Member::kCodes:
+      return {kCodesSuffix, DType::kU16};
+    case Member::kRowOffsets:
+      return {kRowOffsetsSuffix, DType::kI32};
+    case Member::kPacked:
+      return {kPackedSuffix, DType::kU8};
+    case Member::kGroupOffsets:
+      return {kGroupOffsetsSuffix, DType::kI32};
+    case Member::kTokens:
+      return {kTokensSuffix, DType::kU8};
+    case Member::kKinds:
+      return {kKindsSuffix, DType::kU8};
+    case Member::kLevels:
+      return {kLevelsSuffix, DType::kBF16};
+  }
+  return {};
+}
+std::vector<int64_t> member_shape(Member m, int64_t rows, int64_t cols) {
+  switch (m) {
+    case Member::kRowOffsets:
+      return {rows + 1};
+    case Member::kPacked:
+      return {rows, p5::row_bytes(cols)};
+    case Member::kGroupOffsets:
+      return {g4::groups(rows) + 1, 2};
+    case Member::kLevels:
+      return {rows, 2};
+    case Member::kCodes:
+    case Member::kTokens:
+    case Member::kKinds:
+      return {};
+  }
+  return {};
+}
+
+// The bytes of a member of `m`, and its stored shape.
+std::span<const std::byte> member_bytes(const CompressedView& m, Member member) {
+  switch (member) {
+    case Member::kCodes:
+      return std::as_bytes(m.codes);
+    case Member::kRowOffsets:
+      return std::as_bytes(m.row_offsets);
+    case Member::kPacked:
+      return std::as_bytes(m.packed);
+    case Member::kGroupOffsets:
+      return std::as_bytes(m.group_offsets);
+    case Member::kTokens:
+      return std::as_bytes(m.tokens);
+    case Member::kKinds:
+      return std::as_bytes(m.kinds);
+    case Member::kLevels:
+      return std::as_bytes(m.levels);
+  }
+  return {};
+}
+
+// Points the member of `v` at a stored tensor whose dtype has been checked.
+void set_member(CompressedView& v, Member member, const SafetensorsFile& f, const TensorInfo& t) {
+  switch (member) {
+    case Member::kCodes:
+      v.codes = f.as<uint16_t>(t, DType::kU16);
+      return;
+    case Member::kRowOffsets:
+      v.row_offsets = f.as<int32_t>(t, DType::kI32);
+      return;
+    case Member::kPacked:
+      v.packed = f.as<uint8_t>(t, DType::kU8);
+      return;
+    case Member::kGroupOffsets:
+      v.group_offsets = f.as<int32_t>(t, DType::kI32);
+      return;
+    case Member::kTokens:
+      v.tokens = f.as<uint8_t>(t, DType::kU8);
+      return;
+    case Member::kKinds:
+      v.kinds = f.as<uint8_t>(t, DType::kU8);
+      return;
+    case Member::kLevels:
+      v.levels = f.as<uint16_t>(t, DType::kBF16);
+      return;
+  }
 }
 
 std::string matrix_json(const CompressedView& m, DType original) {
@@ -159,8 +254,10 @@ MatrixDecl parse_matrix_decl(const std::string& file, const std::string& name,
   const std::string ctx = error_context(file, name, "qmoe.matrix metadata");
   const nlohmann::json j = internal::parse_json_checked(text, ctx);
   auto fail = [&](const std::string& what) { return FormatError(ctx + ": " + what); };
-  const bool fitted =
-      j.is_object() && j.contains("codec") && (j["codec"] == "qmoe-v2" || j["codec"] == "qmoe-v3");
+  const std::optional<Codec> named = j.is_object() && j.contains("codec") && j["codec"].is_string()
+                                         ? codec_from_name(j["codec"].get<std::string>())
+                                         : std::nullopt;
+  const bool fitted = named && codec_traits(*named).has_fitted_dictionary();
   if (!j.is_object() || j.size() != (fitted ? 4u : 3u) || !j.contains("codec") ||
       !j.contains("shape") || !j.contains("dtype") || (fitted && !j.contains("dictionary"))) {
     throw fail(fitted ? "a " + j["codec"].get<std::string>() +
@@ -294,7 +391,7 @@ void Container::Impl::load_shard(size_t shard_idx) {
   std::map<std::string, std::pair<std::span<const uint32_t>, uint64_t>> fitted_dicts;
   for (const auto& entry : matrices) {
     const Codec codec = entry.second.codec;
-    if (codec != Codec::kV2 && codec != Codec::kV3) continue;
+    if (!codec_traits(codec).has_fitted_dictionary()) continue;
     const std::string dname = dictionary_tensor(codec, entry.second.dictionary);
     if (fitted_dicts.count(dname) != 0) continue;
     const std::string cname(codec_name(codec));
@@ -345,49 +442,32 @@ void Container::Impl::load_shard(size_t shard_idx) {
     e.view.codec = decl.codec;
     e.view.rows = decl.rows;
     e.view.cols = decl.cols;
-    if (decl.codec == Codec::kG4) {
-      auto stream = [&](std::string_view suffix) {
-        const TensorInfo& t = member(suffix, DType::kU8, {});
-        if (t.shape.size() != 1) throw fail(t.name, "must be 1-D, is " + shape_str(t.shape));
-        return f.as<uint8_t>(t, DType::kU8);
-      };
-      e.view.tokens = stream(kTokensSuffix);
-      e.view.kinds = stream(kKindsSuffix);
-      const TensorInfo& offs =
-          member(kGroupOffsetsSuffix, DType::kI32, {g4::groups(decl.rows) + 1, 2});
-      e.view.group_offsets = f.as<int32_t>(offs, DType::kI32);
-    } else if (decl.codec != Codec::kP5) {
-      const TensorInfo& codes = member(kCodesSuffix, DType::kU16, {});
-      if (codes.shape.size() != 1)
-        throw fail(codes.name, "must be 1-D, is " + shape_str(codes.shape));
-      if (codes.shape[0] > std::numeric_limits<int32_t>::max()) {
-        throw fail(codes.name, "holds more codes than int32 row offsets can address");
+    for (const Member mb : codec_traits(decl.codec).members()) {
+      const MemberSpec spec = member_spec(mb);
+      const std::vector<int64_t> shape = member_shape(mb, decl.rows, decl.cols);
+      const TensorInfo& t = member(spec.suffix, spec.dtype, shape);
+      if (shape.empty() && t.shape.size() != 1)
+        throw fail(t.name, "must be 1-D, is " + shape_str(t.shape));
+      if (mb == Member::kCodes && t.shape[0] > std::numeric_limits<int32_t>::max()) {
+        throw fail(t.name, "holds more codes than int32 row offsets can address");
       }
-      const TensorInfo& offs = member(kRowOffsetsSuffix, DType::kI32, {decl.rows + 1});
-      e.view.codes = f.as<uint16_t>(codes, DType::kU16);
-      e.view.row_offsets = f.as<int32_t>(offs, DType::kI32);
-      if (decl.codec == Codec::kV2 || decl.codec == Codec::kV3) {
-        const auto& d = fitted_dicts.at(dictionary_tensor(decl.codec, decl.dictionary));
-        e.view.dictionary = d.first;
-        e.view.dictionary_id = d.second;
-      }
-    } else {
-      const TensorInfo& packed =
-          member(kPackedSuffix, DType::kU8, {decl.rows, p5::row_bytes(decl.cols)});
-      e.view.packed = f.as<uint8_t>(packed, DType::kU8);
+      set_member(e.view, mb, f, t);
     }
-    const TensorInfo& levels = member(kLevelsSuffix, DType::kBF16, {decl.rows, 2});
-    e.view.levels = f.as<uint16_t>(levels, DType::kBF16);
+    if (codec_traits(decl.codec).has_fitted_dictionary()) {
+      const auto& d = fitted_dicts.at(dictionary_tensor(decl.codec, decl.dictionary));
+      e.view.dictionary = d.first;
+      e.view.dictionary_id = d.second;
+    }
     c.compressed_index.emplace(name, c.compressed.size());
     c.compressed.push_back(std::move(e));
   }
 
   // Every stored tensor: classify, require a checksum, optionally verify it.
   for (const TensorInfo& t : f.tensors()) {
-    if (is_fitted_dictionary_name(t.name) && fitted_dicts.count(t.name) == 0) {
-      throw fail(t.name,
-                 std::string(starts_with(t.name, kV3DictionaryPrefix) ? "qmoe-v3" : "qmoe-v2") +
-                     " dictionary used by no matrix of its file");
+    const std::optional<Codec> dict_codec = fitted_dictionary_codec(t.name);
+    if (dict_codec && fitted_dicts.count(t.name) == 0) {
+      throw fail(t.name, std::string(codec_name(*dict_codec)) +
+                             " dictionary used by no matrix of its file");
     }
     if (starts_with(t.name, kReservedPrefix) && !is_dictionary_name(t.name)) {
       throw fail(t.name, "unknown reserved tensor name (\"qmoe.\" prefix)");
@@ -940,47 +1020,25 @@ void ContainerWriter::add_compressed(std::string name, const CompressedView& m,
       throw InvalidArgument(e.what());
     }
   };
-  auto as_bytes = [](auto span) { return std::as_bytes(span); };
+  const CodecTraits& traits = codec_traits(m.codec);
   std::vector<StoredTensor> group;
-  if (m.has_codes()) {
-    group.push_back({name + std::string(kCodesSuffix),
-                     DType::kU16,
-                     {static_cast<int64_t>(m.codes.size())},
-                     as_bytes(m.codes)});
-    group.push_back({name + std::string(kRowOffsetsSuffix),
-                     DType::kI32,
-                     {m.rows + 1},
-                     as_bytes(m.row_offsets)});
-  } else if (m.codec == Codec::kG4) {
-    group.push_back({name + std::string(kGroupOffsetsSuffix),
-                     DType::kI32,
-                     {g4::groups(m.rows) + 1, 2},
-                     as_bytes(m.group_offsets)});
-    group.push_back({name + std::string(kTokensSuffix),
-                     DType::kU8,
-                     {static_cast<int64_t>(m.tokens.size())},
-                     as_bytes(m.tokens)});
-    group.push_back({name + std::string(kKindsSuffix),
-                     DType::kU8,
-                     {static_cast<int64_t>(m.kinds.size())},
-                     as_bytes(m.kinds)});
-  } else {
-    group.push_back({name + std::string(kPackedSuffix),
-                     DType::kU8,
-                     {m.rows, p5::row_bytes(m.cols)},
-                     as_bytes(m.packed)});
+  for (const Member mb : traits.members()) {
+    const std::span<const std::byte> bytes = member_bytes(m, mb);
+    std::vector<int64_t> shape = member_shape(mb, m.rows, m.cols);
+    if (shape.empty())
+      shape = {static_cast<int64_t>(bytes.size() / dtype_size(member_spec(mb).dtype))};
+    group.push_back({name + std::string(member_spec(mb).suffix), member_spec(mb).dtype,
+                     std::move(shape), bytes});
   }
-  group.push_back(
-      {name + std::string(kLevelsSuffix), DType::kBF16, {m.rows, 2}, as_bytes(m.levels)});
   std::optional<StoredTensor> dictionary;
-  if (m.codec == Codec::kV1) {
+  if (traits.dictionary == DictionaryKind::kBuiltin) {
     dictionary = StoredTensor{
-        std::string(kV1DictionaryTensor), DType::kI32, {v1::kEntries, 2}, v1_table_bytes()};
-  } else if (m.has_dictionary()) {
+        std::string(traits.dictionary_tensor), DType::kI32, {v1::kEntries, 2}, v1_table_bytes()};
+  } else if (traits.has_fitted_dictionary()) {
     dictionary = StoredTensor{dictionary_tensor(m.codec, hex64(m.dictionary_id)),
                               DType::kU32,
                               {v2::kEntries},
-                              as_bytes(m.dictionary)};
+                              std::as_bytes(m.dictionary)};
   }
   w.add_group(group, dictionary ? &*dictionary : nullptr, std::string(kMatrixKeyPrefix) + name,
               matrix_json(m, original_dtype), check);

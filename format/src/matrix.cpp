@@ -8,50 +8,6 @@
 
 namespace qmoe {
 
-std::string_view codec_name(Codec c) {
-  switch (c) {
-    case Codec::kV1:
-      return "qmoe-v1";
-    case Codec::kP5:
-      return "qmoe-p5";
-    case Codec::kV2:
-      return "qmoe-v2";
-    case Codec::kV3:
-      return "qmoe-v3";
-    case Codec::kG4:
-      return "qmoe-g4";
-  }
-  return "unknown";
-}
-
-std::optional<Codec> codec_from_name(std::string_view s) {
-  if (s == "qmoe-v1") return Codec::kV1;
-  if (s == "qmoe-p5") return Codec::kP5;
-  if (s == "qmoe-v2") return Codec::kV2;
-  if (s == "qmoe-v3") return Codec::kV3;
-  if (s == "qmoe-g4") return Codec::kG4;
-  return std::nullopt;
-}
-
-std::string_view target_name(Target t) {
-  switch (t) {
-    case Target::kAny:
-      return "any";
-    case Target::kCpu:
-      return "cpu";
-    case Target::kGpu:
-      return "gpu";
-  }
-  return "unknown";
-}
-
-std::optional<Target> target_from_name(std::string_view s) {
-  if (s == "any") return Target::kAny;
-  if (s == "cpu") return Target::kCpu;
-  if (s == "gpu") return Target::kGpu;
-  return std::nullopt;
-}
-
 std::vector<float> TernaryMatrix::to_dense() const {
   std::vector<float> out(symbols.size());
   for (int64_t r = 0; r < rows; ++r) {

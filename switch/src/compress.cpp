@@ -1031,11 +1031,7 @@ CompressSummary compress_checkpoint(const fs::path& checkpoint, const fs::path& 
           static_assert(v2::kTableBytes == v3::kTableBytes);
           if (c.dictionary && dictionaries.insert(c.dictionary->id).second)
             sum.expert_compressed_bytes += v2::kTableBytes;
-          (c.codec == Codec::kV1   ? sum.v1_matrices
-           : c.codec == Codec::kV2 ? sum.v2_matrices
-           : c.codec == Codec::kV3 ? sum.v3_matrices
-           : c.codec == Codec::kG4 ? sum.g4_matrices
-                                   : sum.p5_matrices) += 1;
+          ++sum.codec_matrices[static_cast<size_t>(c.codec)];
           zf_sum += c.stats.zero_fraction;
         }
         sum.mean_zero_fraction = experts.empty() ? 0 : zf_sum / static_cast<double>(experts.size());

@@ -17,25 +17,22 @@
 
 namespace qmoe::cuda {
 
-// Whether the CUDA kernels read matrices of codec `c` as they are (qmoe-v1, qmoe-v2, qmoe-p5).
+// Whether the CUDA kernels read matrices of codec `c` as they are (CodecTraits::gpu_native:
+// qmoe-v1, qmoe-v2, qmoe-p5).
 constexpr bool gpu_supports(Codec c) {
-  return c == Codec::kV1 || c == Codec::kV2 || c == Codec::kP5;
+  return codec_traits(c).gpu_native;
 }
 
 // Throws InvalidArgument, whose message starts with `what`, unless the CUDA kernels read `m`'s
-// codec as it is; for qmoe-v3 and qmoe-g4 the message says how to convert the matrix.
+// codec as it is; the message says how to convert the matrix.
 inline void require_gpu_codec(const CompressedView& m, std::string_view what) {
   if (gpu_supports(m.codec)) return;
   const std::string prefix = what.empty() ? std::string() : std::string(what) + ": ";
-  if (m.codec == Codec::kV3 || m.codec == Codec::kG4) {
-    const std::string name(codec_name(m.codec));
-    throw InvalidArgument(prefix + "the CUDA kernels do not read " + name +
-                          " (a CPU codec); DeviceMatrix converts it to qmoe-v2 on upload, or "
-                          "transcode it first (qmoe transcode --codec qmoe-v2 or --target gpu, "
-                          "or qmoe.transcode(m, codec=\"qmoe-v2\"))");
-  }
-  throw InvalidArgument(prefix + "codec " + std::to_string(static_cast<int>(m.codec)) +
-                        " is not read by the CUDA kernels");
+  const std::string name(codec_name(m.codec));
+  throw InvalidArgument(prefix + "the CUDA kernels do not read " + name +
+                        " (a CPU codec); DeviceMatrix converts it to qmoe-v2 on upload, or "
+                        "transcode it first (qmoe transcode --codec qmoe-v2 or --target gpu, "
+                        "or qmoe.transcode(m, codec=\"qmoe-v2\"))");
 }
 
 }  // namespace qmoe::cuda

@@ -22,8 +22,9 @@ inline TernaryMatrix ternarize_rtn(const float* w, int64_t rows, int64_t cols) {
 }
 
 struct EncodeOptions {
-  // Codec to use; nullopt ("auto") picks the target's codec (auto_codec()), or qmoe-p5 where that
-  // is smaller (matrices too dense for the target's codec; ties keep the target's codec).
+  // Codec to use; nullopt ("auto") picks the target's codec (auto_codec() in
+  // qmoe/format/codec.h: qmoe-v1 for kAny, qmoe-g4 for kCpu, qmoe-v2 for kGpu), or qmoe-p5 where
+  // that is smaller (matrices too dense for the target's codec; ties keep the target's codec).
   std::optional<Codec> codec;
   // Where the matrix will run, for the automatic choice (format/SPEC.md 4.1): kAny (the default,
   // QMoE-compatible qmoe-v1, read natively by the CPU and CUDA decoders), kCpu (qmoe-g4, the
@@ -37,10 +38,6 @@ struct EncodeOptions {
   int v2_max_width = 63;
   std::optional<double> v2_p0{};
 };
-
-// The codec the automatic choice uses for `target` before comparing it with qmoe-p5: qmoe-v1 for
-// kAny, qmoe-g4 for kCpu, qmoe-v2 for kGpu.
-Codec auto_codec(Target target);
 
 // Encodes a ternary matrix. qmoe-v1 and qmoe-v2 use greedy longest match through a trie of the
 // dictionary, each row separately (v1 is bit-compatible with QMoE's encoder); qmoe-v3 walks its

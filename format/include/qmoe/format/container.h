@@ -41,12 +41,12 @@ inline constexpr std::string_view kKindsSuffix = ".qmoe_kinds";
 inline constexpr std::string_view kGroupOffsetsSuffix = ".qmoe_group_offsets";
 // Optional global metadata key: the device the codecs were chosen for, "cpu", "gpu" or "any".
 inline constexpr std::string_view kTargetKey = "qmoe.target";
-// The qmoe-v1 decode table, I32 [65536, 2], in every file that holds a qmoe-v1 matrix.
-inline constexpr std::string_view kV1DictionaryTensor = "qmoe.dictionary.qmoe-v1";
-// A qmoe-v2 dictionary is stored as this prefix + its id as 16 lowercase hex digits.
-inline constexpr std::string_view kV2DictionaryPrefix = "qmoe.dictionary.qmoe-v2.";
-// A qmoe-v3 dictionary likewise (format/SPEC.md section 15).
-inline constexpr std::string_view kV3DictionaryPrefix = "qmoe.dictionary.qmoe-v3.";
+// The dictionary tensors' names (codec.h, CodecTraits::dictionary_tensor): the qmoe-v1 decode
+// table, I32 [65536, 2], in every file that holds a qmoe-v1 matrix; a qmoe-v2 or qmoe-v3 dictionary
+// is stored as its codec's prefix + its id as 16 lowercase hex digits.
+inline constexpr std::string_view kV1DictionaryTensor = codec_traits(Codec::kV1).dictionary_tensor;
+inline constexpr std::string_view kV2DictionaryPrefix = codec_traits(Codec::kV2).dictionary_tensor;
+inline constexpr std::string_view kV3DictionaryPrefix = codec_traits(Codec::kV3).dictionary_tensor;
 // Name of the index of a sharded container, and of the single file inside a directory.
 inline constexpr std::string_view kIndexFileName = "model.safetensors.index.json";
 inline constexpr std::string_view kSingleFileName = "model.safetensors";

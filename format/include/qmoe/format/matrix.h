@@ -10,22 +10,10 @@
 #include <string_view>
 #include <vector>
 
+#include "qmoe/format/codec.h"
 #include "qmoe/format/codec_layout.h"
 
 namespace qmoe {
-
-enum class Codec : uint8_t { kV1, kP5, kV2, kV3, kG4 };
-
-// "qmoe-v1" / "qmoe-p5" / "qmoe-v2" / "qmoe-v3" / "qmoe-g4", the names stored in files.
-std::string_view codec_name(Codec c);
-std::optional<Codec> codec_from_name(std::string_view s);
-
-// The device a file's codecs were chosen for (format/SPEC.md 4.1, "qmoe.target"): "any" (a file
-// for every device: today's default), "cpu" or "gpu". The encoder's automatic codec choice follows
-// it (encode.h).
-enum class Target : uint8_t { kAny, kCpu, kGpu };
-std::string_view target_name(Target t);
-std::optional<Target> target_from_name(std::string_view s);
 
 // R x C ternary matrix. symbols: R*C bytes, row-major, each 0, 1 or 2.
 // levels: 2*R bf16 bit patterns, (lo_r, hi_r) at [2r, 2r+1], lo_r <= 0 <= hi_r.
@@ -74,11 +62,9 @@ struct CompressedView {
   std::span<const int32_t> group_offsets;
 
   // Whether the matrix is a codeword stream (qmoe-v1, qmoe-v2 or qmoe-v3).
-  bool has_codes() const {
-    return codec == Codec::kV1 || codec == Codec::kV2 || codec == Codec::kV3;
-  }
+  bool has_codes() const { return codec_traits(codec).has_codes(); }
   // Whether the matrix carries its own dictionary (qmoe-v2 or qmoe-v3).
-  bool has_dictionary() const { return codec == Codec::kV2 || codec == Codec::kV3; }
+  bool has_dictionary() const { return codec_traits(codec).has_fitted_dictionary(); }
   // Bytes of codes, offsets and levels together (a qmoe-v2 dictionary is shared by the matrices
   // of a file and not counted).
   int64_t compressed_bytes() const;
@@ -117,11 +103,9 @@ struct CompressedMatrix {
   std::vector<uint8_t> kinds;                      // qmoe-g4
   std::vector<int32_t> group_offsets;              // qmoe-g4
 
-  bool has_codes() const {
-    return codec == Codec::kV1 || codec == Codec::kV2 || codec == Codec::kV3;
-  }
+  bool has_codes() const { return codec_traits(codec).has_codes(); }
   // Whether the matrix carries its own dictionary (qmoe-v2 or qmoe-v3).
-  bool has_dictionary() const { return codec == Codec::kV2 || codec == Codec::kV3; }
+  bool has_dictionary() const { return codec_traits(codec).has_fitted_dictionary(); }
   CompressedView view() const;
 };
 

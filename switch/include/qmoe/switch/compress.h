@@ -22,6 +22,7 @@
 // The work directory is removed once the container is complete.
 #pragma once
 
+#include <array>
 #include <cstdint>
 #include <filesystem>
 #include <functional>
@@ -32,6 +33,7 @@
 #include <string_view>
 #include <vector>
 
+#include "qmoe/format/codec.h"
 #include "qmoe/format/dtype.h"
 #include "qmoe/format/matrix.h"
 #include "qmoe/switch/block_loop.h"
@@ -124,7 +126,8 @@ struct CompressSummary {
   int64_t expert_input_bytes = 0;  // expert tensors as stored in the checkpoint
   int64_t expert_compressed_bytes = 0;
   int64_t passthrough_tensors = 0;
-  int64_t v1_matrices = 0, v2_matrices = 0, v3_matrices = 0, g4_matrices = 0, p5_matrices = 0;
+  std::array<int64_t, kCodecs.size()> codec_matrices{};  // expert matrices per codec (by Codec)
+  int64_t matrices_of(Codec c) const { return codec_matrices[static_cast<size_t>(c)]; }
   int64_t fallback_matrices = 0;  // GPTQ without tokens: rounded to nearest
   // Rate control (--target-bits): matrices whose every rounding is smaller than their size target
   // (stored at the largest size found), so the mean falls short of it.
