@@ -158,7 +158,7 @@ const Registrar reg("eval", [](CLI::App& app) -> std::function<int()> {
   app.add_option("model", args->model,
                  "checkpoint directory (config.json + safetensors) or qmoe container")
       ->required();
-  app.add_option("--tokens", args->tokens, "token file (format/SPEC.md section 13)")->required();
+  app.add_option("--tokens", args->tokens, "token file (format/TOKENS.md)")->required();
   app.add_option("--config", args->config,
                  "config.json to use (default: the model's own, or beside a container)");
   app.add_option("--threads", args->threads,

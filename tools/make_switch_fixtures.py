@@ -11,7 +11,7 @@ transformers on them.
 
 Per model directory <name>/:
   config.json, model.safetensors (or model-0000k-of-0000n.safetensors + model.safetensors.index.json)
-  tokens.safetensors     the inputs, in the qmoe token-file format (format/SPEC.md section 13)
+  tokens.safetensors     the inputs, in the qmoe token-file format (format/TOKENS.md)
   expected.safetensors   what transformers computed, concatenated over the pairs in file order:
       encoder.block.{i}   [enc_tokens, d_model]  output of encoder block i
       encoder.final       [enc_tokens, d_model]  after the encoder's final layer norm

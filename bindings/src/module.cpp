@@ -1490,7 +1490,7 @@ Builds a matrix from its raw tensors (copied), as stored in a container (format/
 codec: "qmoe-v1" (needs codes uint16 and row_offsets int32 of rows+1 entries), "qmoe-v2" or
 "qmoe-v3" (the same plus dictionary, uint32 of 65536 entry words of that codec), "qmoe-g4"
 (needs tokens uint8, kinds uint8 and group_offsets int32 of 2*(ceil(rows/4)+1) entries, SPEC
-section 16) or "qmoe-p5" (needs packed uint8 of rows*ceil(cols/5) bytes). levels: 2*rows bfloat16 bit patterns (uint16 or
+section 4.5) or "qmoe-p5" (needs packed uint8 of rows*ceil(cols/5) bytes). levels: 2*rows bfloat16 bit patterns (uint16 or
 ml_dtypes.bfloat16, any shape), (lo, hi) per row. The whole stream is validated.
 Raises ValueError for wrong dtypes or a missing tensor, qmoe.FormatError for a malformed stream.
 )doc")
@@ -1544,7 +1544,7 @@ Raises ValueError for wrong dtypes or a missing tensor, qmoe.FormatError for a m
             return member_view(self, v.has_dictionary(), v.dictionary);
           },
           "qmoe-v2 / qmoe-v3 dictionary: 65536 entry words, uint32 (read-only view; layout in "
-          "format/SPEC.md section 6.1 for qmoe-v2, 15.1 for qmoe-v3); None for the other codecs.")
+          "format/SPEC.md section 4.3.2 for qmoe-v2, 4.4.2 for qmoe-v3); None for the other codecs.")
       .def_property_readonly(
           "dictionary_id",
           [](const PyCompressed& p) -> py::object {
@@ -1567,7 +1567,7 @@ Raises ValueError for wrong dtypes or a missing tensor, qmoe.FormatError for a m
             const qmoe::CompressedView& v = self.cast<const PyCompressed&>().view;
             return member_view(self, v.codec == qmoe::Codec::kG4, v.tokens);
           },
-          "qmoe-g4 gap tokens, two per byte, uint8 (read-only view, format/SPEC.md section 16); "
+          "qmoe-g4 gap tokens, two per byte, uint8 (read-only view, format/SPEC.md section 4.5); "
           "None for the other codecs.")
       .def_property_readonly(
           "kinds",
@@ -1709,8 +1709,8 @@ Raises ValueError for wrong dtypes or shapes, a symbol outside 0..2, or an unkno
       },
       py::arg("p0"), py::arg("max_width") = 63, R"doc(
 The qmoe-v2 dictionary the encoder builds for zero fraction p0 (0 < p0 < 1) and entries of at
-most max_width symbols (format/SPEC.md section 6.3), as (entries, id): 65536 uint32 entry words
-(layout in section 6.1) and the 16-hex-digit XXH3-64 that names it in a container.
+most max_width symbols (format/SPEC.md section 4.3.4), as (entries, id): 65536 uint32 entry words
+(layout in section 4.3.2) and the 16-hex-digit XXH3-64 that names it in a container.
 Raises ValueError for p0 outside (0, 1) or max_width outside 1..63.
 )doc");
 
@@ -1724,8 +1724,8 @@ Raises ValueError for p0 outside (0, 1) or max_width outside 1..63.
       },
       py::arg("p0"), R"doc(
 The qmoe-v3 dictionary the encoder builds for zero fraction p0 (0 < p0 < 1) (format/SPEC.md
-section 15.3: a Tunstall tree over the 9 values of a column of two rows), as (entries, id): 65536
-uint32 entry words (layout in section 15.1) and the 16-hex-digit XXH3-64 that names it in a
+section 4.4.4: a Tunstall tree over the 9 values of a column of two rows), as (entries, id): 65536
+uint32 entry words (layout in section 4.4.2) and the 16-hex-digit XXH3-64 that names it in a
 container. Raises ValueError for p0 outside (0, 1).
 )doc");
 
@@ -1864,7 +1864,7 @@ GPTQ's H = (2 / count) * sum(x x^T) as float32 (columns, columns), or None befor
         qmoe::write_hessians(path, copies);
       },
       py::arg("path"), py::arg("accumulators"), R"doc(
-Writes a dict of name -> HessianAccumulator to a Hessian file (safetensors; format/SPEC.md section 12),
+Writes a dict of name -> HessianAccumulator to a Hessian file (safetensors; format/HESSIANS.md),
 atomically. Raises ValueError for bad names (empty, or ending in ".xtx", ".tokens" or
 ".dropped"), RuntimeError for I/O failures.
 )doc");
@@ -1991,7 +1991,7 @@ Raises ValueError as gptq() and encode() do, and for a non-ternary grid.
 Compresses a Switch Transformers checkpoint into a qmoe container, as `qmoe compress` does: every
 expert matrix ternarized (GPTQ with Hessians from the file `hessians`, e.g. written by
 save_hessians() with one accumulator per expert matrix, named as its tensor without ".weight"
-(format/SPEC.md section 12), or from the token file `calib_tokens` (format/SPEC.md section 13) run
+(format/HESSIANS.md), or from the token file `calib_tokens` (format/TOKENS.md) run
 through the model block by block, each block after the compressed ones before it unless
 sequential=False; round to nearest without either) and encoded, every other tensor copied
 unchanged.
@@ -2055,8 +2055,8 @@ Returns Y, float32 (n, d_model). Raises ValueError for a wrong dtype, shape, or 
         py::arg("expert_capacity") = 0, py::arg("batch_pairs") = 8,
         py::arg("dense_experts") = false, py::arg("logits") = false, R"doc(
 The C++ forward pass of a Switch Transformers model (a checkpoint directory or a qmoe container,
-compressed experts run from their codes unless dense_experts) on a token file (format/SPEC.md
-section 13), as `qmoe eval` runs it: teacher-forced mean cross-entropy of the decoder targets.
+compressed experts run from their codes unless dense_experts) on a token file (format/TOKENS.md),
+as `qmoe eval` runs it: teacher-forced mean cross-entropy of the decoder targets.
 expert_capacity: tokens per expert and sequence before tokens are dropped (0: none).
 Returns {"loss", "nll_sum", "targets", "encoder_tokens", "decoder_tokens"} and, with logits=True,
 "logits": float32 (decoder tokens, vocab), the pairs' logits concatenated in file order.

@@ -685,7 +685,7 @@ static_assert(kColPad >= 3);
 #endif
 
 // ---- qmoe-g4: gap tokens over groups of 4 rows -----------------------------------------------
-// A group's tokens cover its positions P = 4 * column + row (codec_layout.h, SPEC 16). No tables:
+// A group's tokens cover its positions P = 4 * column + row (codec_layout.h, SPEC 4.5). No tables:
 // a token is decoded by arithmetic. The batch path (and, with float inputs, the single-token one)
 // lists the columns of each row's low and high symbols, 4 rows per decode; the AVX-512 single-token
 // kernel takes 64 tokens at a time with int8 inputs (below).

@@ -7,7 +7,7 @@
 // symbol at a time, through the trie of the matrix's dictionary (v2_codebook.cpp); qmoe-v3 walks
 // its dictionary's tree a column of two rows at a time (v3_codebook.cpp). qmoe-g4 has no
 // dictionary: each group of 4 rows is its gaps between non-zero symbols, in 4-bit tokens
-// (format/SPEC.md 16).
+// (format/SPEC.md 4.5).
 #include <algorithm>
 #include <array>
 #include <cmath>
@@ -120,7 +120,7 @@ inline void walk_tree(const int32_t* child, int64_t cols, ValueAt&& value_at, Si
   }
 }
 
-// Encodes one row of v2; calls sink(code) per codeword (SPEC 6.2: the symbols of the last codeword
+// Encodes one row of v2; calls sink(code) per codeword (SPEC 4.3.3: the symbols of the last codeword
 // past the row's end are zero).
 template <class Sink>
 inline void encode_row_v2(const detail::V2Codebook& cb, const uint8_t* s, int64_t cols,
@@ -243,7 +243,7 @@ CompressedMatrix encode_v3(const TernaryMatrix& t, const EncodeOptions& opt) {
   return m;
 }
 
-// The tokens and kind bits of group g (SPEC 16.3, "Encoding"): one byte per token (0..15) and
+// The tokens and kind bits of group g (SPEC 4.5.4, "Encoding"): one byte per token (0..15) and
 // per kind bit (0 = low, 1 = high).
 void encode_group_g4(const TernaryMatrix& t, int64_t g, std::vector<uint8_t>& tokens,
                      std::vector<uint8_t>& kinds) {

@@ -1,4 +1,4 @@
-// Construction of qmoe-v2 dictionaries (format/SPEC.md section 6.3) and their trees.
+// Construction of qmoe-v2 dictionaries (format/SPEC.md section 4.3.4) and their trees.
 //
 // A qmoe-v2 dictionary is the leaf set of a Tunstall tree over single symbols: with i.i.d.
 // symbols, P(0) = p0 and P(1) = P(2) = p1 = (1 - p0) / 2, grow a complete ternary tree by

@@ -1,4 +1,4 @@
-// Construction of qmoe-v3 dictionaries (format/SPEC.md section 15.3) and their trees.
+// Construction of qmoe-v3 dictionaries (format/SPEC.md section 4.4.4) and their trees.
 //
 // A qmoe-v3 dictionary is the leaf set of a Tunstall tree over the 9 values of a column of two
 // rows: with i.i.d. symbols, P(0) = p0 and P(1) = P(2) = p1 = (1 - p0) / 2, grow a complete 9-ary

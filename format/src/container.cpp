@@ -1,5 +1,5 @@
 // The qmoe container on top of safetensors: tensor groups, dictionary, checksums, shards and
-// index. format/SPEC.md, "Container", is the normative description; the reader checks every rule
+// index. format/SPEC.md section 2, "The container", is the normative description; the reader checks every rule
 // listed there under "Errors a reader must raise" before open() returns.
 #include "qmoe/format/container.h"
 
@@ -985,7 +985,7 @@ void ContainerWriter::set_target(Target target) {
     throw InvalidArgument(
         error_context(w.out.string(), "", "set_target() after the first shard was written"));
   }
-  // "any" is the meaning of a file without the key (SPEC 4.1): not written.
+  // "any" is the meaning of a file without the key (SPEC 2.2): not written.
   if (target == Target::kAny) {
     w.target.reset();
   } else {

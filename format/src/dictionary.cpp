@@ -1,4 +1,4 @@
-// Construction of the qmoe-v1 dictionary (format/SPEC.md, "qmoe-v1 dictionary").
+// Construction of the qmoe-v1 dictionary (format/SPEC.md 4.1.2).
 //
 // The entries are the 65536 most probable non-empty sequences of up to 14 symbol pairs under
 // i.i.d. symbols with P(0) = 0.885, P(1) = P(2) = (1 - 0.885)/2, in the order in which a best-first

@@ -80,7 +80,7 @@ std::string g4_group_name(const CompressedView& m, int64_t g) {
          std::to_string(r1) + ")";
 }
 
-// Decodes group g of a qmoe-g4 matrix (SPEC 16.3), calling emit(j, column, symbol) for each
+// Decodes group g of a qmoe-g4 matrix (SPEC 4.5.3), calling emit(j, column, symbol) for each
 // non-zero symbol of row 4g + j, by increasing position (so by increasing column within a row).
 // Throws FormatError, naming the group, where 16.3 requires.
 template <class Emit>
@@ -369,7 +369,7 @@ void check_fitted(const CompressedView& m, int64_t r, bool lone, std::string_vie
   }
 }
 
-// Checks every entry of a fitted dictionary (codec_layout.h, SPEC 6.1 and 15.1).
+// Checks every entry of a fitted dictionary (codec_layout.h, SPEC 4.3.2 and 4.4.2).
 template <class L>
 void validate_entries(std::span<const uint32_t> entries, std::string_view what) {
   const std::string name(L::kName);
@@ -462,7 +462,7 @@ void validate(const CompressedView& m, std::string_view what) {
   validate_codes(m, what);
 }
 
-// What a whole qmoe-g4 matrix adds to check_sizes() (SPEC 16.4): offsets from (0, 0) to the
+// What a whole qmoe-g4 matrix adds to check_sizes() (SPEC 4.5.5): offsets from (0, 0) to the
 // streams' exact sizes, whose unused nibble and bits are zero.
 void check_g4_streams(const CompressedView& m, std::string_view what) {
   const int32_t* off = m.group_offsets.data();

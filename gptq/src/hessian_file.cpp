@@ -1,4 +1,4 @@
-// Hessian files: named accumulators in a safetensors file (format/SPEC.md section 12).
+// Hessian files: named accumulators in a safetensors file (format/HESSIANS.md).
 #include <cmath>
 #include <cstring>
 #include <string>

@@ -45,7 +45,7 @@ void convert_to_float(DType dt, std::span<const std::byte> bytes, std::vector<fl
 // ---- config -------------------------------------------------------------------------------------
 
 SwitchConfig SwitchConfig::parse(std::string_view json_text, const std::string& file) {
-  // The JSON rules of format/SPEC.md section 3: no byte-order mark, no duplicate keys (which
+  // The JSON rules of format/SPEC.md section 2.1: no byte-order mark, no duplicate keys (which
   // value would count?), no U+0000.
   check_json_text(json_text, file);
   json j;

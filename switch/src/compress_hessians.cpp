@@ -1,4 +1,4 @@
-// Hessians for `qmoe compress --hessians FILE`: accumulator files as format/SPEC.md section 12
+// Hessians for `qmoe compress --hessians FILE`: accumulator files as format/HESSIANS.md
 // specifies them, read lazily through the mapping (one matrix at a time), so that a file with
 // thousands of d_ff x d_ff sums never has to fit in memory.
 #include <sys/mman.h>
@@ -103,7 +103,7 @@ class HessianFile final : public HessianProvider {
       std::memcpy(&v, raw.data() + 4 * (i * d + j), 4);
       return v;
     };
-    // H = (2/n) S; the upper triangle is authoritative (format/SPEC.md section 12).
+    // H = (2/n) S; the upper triangle is authoritative (format/HESSIANS.md).
     std::vector<float> h(static_cast<size_t>(d * d));
     const double scale = 2.0 / static_cast<double>(count);
     for (int64_t i = 0; i < d; ++i) {

@@ -108,7 +108,7 @@ expect_exit 0 "$qmoe" compress "$fixture" -o "$work/ok.safetensors" --threads 2
 expect_exit 0 "$qmoe" verify "$work/ok.safetensors"
 expect_text "its Switch config and every tensor shape the config implies checked"
 python3 - "$work/ok.safetensors" "$work/bad-config.safetensors" <<'PY'
-# Rewrites the stored config.json, with a valid header checksum (format/SPEC.md 4.5).
+# Rewrites the stored config.json, with a valid header checksum (format/SPEC.md 2.6).
 import json, struct, sys
 import xxhash
 raw = open(sys.argv[1], "rb").read()

@@ -51,9 +51,9 @@ PY
 # The dictionary subcommand writes the reference decode table.
 expect_exit 0 "$qmoe" dictionary --codec qmoe-v1 --out "$work/table.bin"
 [ "$(stat -c %s "$work/table.bin")" = 524288 ] || fail "decode table has the wrong size"
-# The table's sha256 given in format/SPEC.md 4.3 (the table QMoE's reference code builds).
+# The table's sha256 given in format/SPEC.md 2.4 (the table QMoE's reference code builds).
 [ "$(sha256sum "$work/table.bin" | cut -d' ' -f1)" = c09862c453fe122634070a475357ff81a679aff65829d84a56f806c02a54ed45 ] ||
-  fail "decode table differs from the one of format/SPEC.md 4.3"
+  fail "decode table differs from the one of format/SPEC.md 2.4"
 
 # qmoe-v2: smaller than qmoe-v1 on the same matrices, decodes to the same symbols, and inspect
 # counts each stored dictionary once in the totals.
@@ -96,11 +96,11 @@ expect_exit 2 "$qmoe" transcode "$work/v1.safetensors" -o "$work/bad.safetensors
 [ ! -e "$work/bad.safetensors" ] || fail "transcode wrote output for a bad codec"
 expect_exit 0 "$qmoe" dictionary --codec qmoe-v2 --p0 0.890625 --out "$work/v2dict.bin"
 [ "$(stat -c %s "$work/v2dict.bin")" = 262144 ] || fail "qmoe-v2 dictionary has the wrong size"
-grep -q "id ed96d927233f97b2" "$work/out" || { cat "$work/out"; fail "qmoe-v2 dictionary id differs from format/SPEC.md 6.1"; }
+grep -q "id ed96d927233f97b2" "$work/out" || { cat "$work/out"; fail "qmoe-v2 dictionary id differs from format/SPEC.md 4.3.2"; }
 expect_exit 2 "$qmoe" dictionary --codec qmoe-v2 --out "$work/none.bin"
 
 # qmoe-v3: the same weights as qmoe-v1, inspect counts its matrices and dictionaries, transcode to
-# qmoe-v2 (for the GPU) keeps the weights; its dictionary has the id of format/SPEC.md 15.1 and
+# qmoe-v2 (for the GPU) keeps the weights; its dictionary has the id of format/SPEC.md 4.4.2 and
 # takes no --max-width.
 expect_exit 0 "$qmoe" encode "$in" -o "$work/v3.safetensors" --codec qmoe-v3 --tensors '.*\.experts\.expert_[0-9]+\.w[io]\.weight' --threads 2
 grep -q "qmoe-v3" "$work/out" || { cat "$work/out"; fail "encode did not report qmoe-v3"; }
@@ -127,9 +127,9 @@ expect_exit 0 "$qmoe" decode "$work/t32.safetensors" -o "$work/dt32.safetensors"
 cmp "$work/d1.safetensors" "$work/dt32.safetensors" || fail "qmoe-v3 transcoded to qmoe-v2 has other weights"
 expect_exit 0 "$qmoe" dictionary --codec qmoe-v3 --p0 0.890625 --out "$work/v3dict.bin"
 [ "$(stat -c %s "$work/v3dict.bin")" = 262144 ] || fail "qmoe-v3 dictionary has the wrong size"
-grep -q "qmoe-v3 dictionary .*id 11ccb88076bd615f" "$work/out" || { cat "$work/out"; fail "qmoe-v3 dictionary id differs from format/SPEC.md 15.1"; }
-# Entry 20000 of that dictionary is the example of SPEC 15.1 (little endian 0x300c40b9).
-[ "$(od -An -tx4 -j $((4 * 20000)) -N4 "$work/v3dict.bin" | tr -d ' ')" = 300c40b9 ] || fail "qmoe-v3 dictionary entry 20000 differs from format/SPEC.md 15.1"
+grep -q "qmoe-v3 dictionary .*id 11ccb88076bd615f" "$work/out" || { cat "$work/out"; fail "qmoe-v3 dictionary id differs from format/SPEC.md 4.4.2"; }
+# Entry 20000 of that dictionary is the example of SPEC 4.4.2 (little endian 0x300c40b9).
+[ "$(od -An -tx4 -j $((4 * 20000)) -N4 "$work/v3dict.bin" | tr -d ' ')" = 300c40b9 ] || fail "qmoe-v3 dictionary entry 20000 differs from format/SPEC.md 4.4.2"
 expect_exit 2 "$qmoe" dictionary --codec qmoe-v3 --p0 0.890625 --max-width 20 --out "$work/none.bin"
 grep -q "qmoe-v3: --max-width does not apply" "$work/out" || { cat "$work/out"; fail "no clear message for --max-width with qmoe-v3"; }
 [ ! -e "$work/none.bin" ] || fail "dictionary wrote output despite the error"

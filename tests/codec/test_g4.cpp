@@ -1,4 +1,4 @@
-// qmoe-g4: the worked example of format/SPEC.md 16.5 byte for byte, round trips over shapes and
+// qmoe-g4: the worked example of format/SPEC.md 4.5.6 byte for byte, round trips over shapes and
 // densities (gaps of every length around the escape), its size against the other codecs, row
 // slices, the automatic codec choice per target, and validation of malformed streams.
 #include <gtest/gtest.h>
@@ -101,7 +101,7 @@ TEST(G4, GapsAroundTheEscape) {
   }
 }
 
-// At QMoE's statistics the codes take ~0.663 bits per weight (SPEC 16): fewer than qmoe-v2 and
+// At QMoE's statistics the codes take ~0.663 bits per weight (SPEC 4.5): fewer than qmoe-v2 and
 // qmoe-v3, and the group offsets 64 bits per 4 rows.
 TEST(G4, SizeAtQmoeStatistics) {
   const TernaryMatrix t = random_ternary(256, 3072, 0.885, 7);
@@ -159,7 +159,7 @@ TEST(G4, AutomaticCodecPerTarget) {
   EXPECT_EQ(target_from_name("CPU"), std::nullopt);
 }
 
-// Every check of SPEC 16.3 / 16.4 on a hand-built stream: one mutation each, all rejected by
+// Every check of SPEC 4.5.3 / 4.5.5 on a hand-built stream: one mutation each, all rejected by
 // validate() (and, for the stream checks a decoder meets, by decode_symbols_ref()).
 TEST(G4, RejectsMalformedStreams) {
   const CompressedMatrix good = encode(spec_example(), {.codec = Codec::kG4});

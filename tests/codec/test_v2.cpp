@@ -1,4 +1,4 @@
-// qmoe-v2: the dictionary construction (a complete Tunstall tree, SPEC section 6.3), the encoder's
+// qmoe-v2: the dictionary construction (a complete Tunstall tree, SPEC section 4.3.4), the encoder's
 // parse, its size against qmoe-v1 and the entropy, and validation of malformed streams and
 // dictionaries.
 #include <gtest/gtest.h>
@@ -92,7 +92,7 @@ TEST(V2Dictionary, CodesInOrderOfProbabilityAndCached) {
   };
   for (int i = 1; i < 65535; ++i)
     ASSERT_GE(logp(d->entries[i - 1]), logp(d->entries[i]) - 1e-9) << "code " << i;
-  // SPEC section 6.1's example.
+  // SPEC section 4.3.2's example.
   const auto spec = v2_dictionary(57.0 / 64, 63);
   EXPECT_EQ(spec->id, 0xed96d927233f97b2ull);
   EXPECT_EQ(spec->entries[20000], 0x60c57549u);

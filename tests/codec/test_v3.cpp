@@ -1,5 +1,5 @@
 // qmoe-v3: the dictionary construction (a complete 9-ary Tunstall tree over columns of two rows,
-// SPEC section 15.3), the encoder's parse of row pairs, its size against qmoe-v1 / qmoe-v2, and
+// SPEC section 4.4.4), the encoder's parse of row pairs, its size against qmoe-v1 / qmoe-v2, and
 // validation of malformed streams and dictionaries.
 #include <gtest/gtest.h>
 
@@ -92,7 +92,7 @@ TEST(V3Dictionary, CodesInOrderOfProbabilityCachedAndTheSpecExample) {
   };
   for (int i = 1; i < 65529; ++i)
     ASSERT_GE(logp(d->entries[i - 1]), logp(d->entries[i]) - 1e-9) << "code " << i;
-  // SPEC section 15.1's example.
+  // SPEC section 4.4.2's example.
   const auto spec = v3_dictionary(57.0 / 64);
   EXPECT_EQ(spec->id, 0x11ccb88076bd615full);
   EXPECT_EQ(spec->entries[20000], 0x300c40b9u);

@@ -60,7 +60,7 @@ inline void rename_tensor(nlohmann::ordered_json& h, const std::string& from,
   md.erase("qmoe.xxh3." + from);
 }
 
-// Writes valid-p5.safetensors (format/SPEC.md 10.1) and invalid/*.safetensors into `golden`, and
+// Writes valid-p5.safetensors (format/SPEC.md 7.1) and invalid/*.safetensors into `golden`, and
 // the container fuzzer's seeds made from them (the same files and one with a qmoe-v1 matrix)
 // into `corpus`. Deterministic.
 inline void write_format_golden(const fs::path& golden, const fs::path& corpus) {

@@ -150,7 +150,7 @@ inline void refresh_checksums(nlohmann::ordered_json& h, const std::vector<uint8
   }
 }
 
-// Greedy qmoe-v1 encoding (format/SPEC.md, "Encoding"): the dictionary is prefix-closed, so the
+// Greedy qmoe-v1 encoding (format/SPEC.md 4.1.4): the dictionary is prefix-closed, so the
 // longest match is found by extending the current run while the extension is an entry.
 class GreedyV1 {
  public:

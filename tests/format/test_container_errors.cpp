@@ -523,7 +523,7 @@ TEST(ContainerGolden, Version1FileStillReads) {
   EXPECT_TRUE(c.mismatched_checksums().empty());
 }
 
-// The writer reproduces the committed golden file (format/SPEC.md 10.1) byte for byte.
+// The writer reproduces the committed golden file (format/SPEC.md 7.1) byte for byte.
 TEST(ContainerGolden, WriterReproducesSpecExampleP5) {
   TempDir dir;
   TernaryMatrix t(2, 7);
@@ -539,7 +539,7 @@ TEST(ContainerGolden, WriterReproducesSpecExampleP5) {
             read_bytes(fs::path(QMOE_SOURCE_DIR) / "tests/format/golden/valid-p5.safetensors"));
 }
 
-// format/SPEC.md 10.2, checked byte for byte.
+// format/SPEC.md 7.2, checked byte for byte.
 TEST(ContainerGolden, SpecExampleV1) {
   TempDir dir;
   TernaryMatrix t(2, 5);

@@ -1,4 +1,4 @@
-// qmoe-g4 matrices (format/SPEC.md section 16) and the "qmoe.target" key (4.1) in the container:
+// qmoe-g4 matrices (format/SPEC.md section 4.5) and the "qmoe.target" key (2.2) in the container:
 // round trips next to other codecs, single file and sharded, and the reader's errors for broken
 // groups, streams and target values.
 #include "format_test_util.h"
@@ -103,7 +103,7 @@ TEST(ContainerG4, ShardedKeepsTheTargetInShardsAndIndex) {
       InvalidArgument);
 }
 
-// Without set_target(), or with Target::kAny (a file meant for any device, SPEC 4.1), no key is
+// Without set_target(), or with Target::kAny (a file meant for any device, SPEC 2.2), no key is
 // written, so that the tools' default output is unchanged; kAny also drops an earlier target.
 TEST(ContainerG4, NoTargetKeyWithoutSetTargetOrForAny) {
   TempDir dir;

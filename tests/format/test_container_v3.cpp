@@ -1,4 +1,4 @@
-// qmoe-v3 matrices in the container (format/SPEC.md section 15), next to qmoe-v2 ones: each file
+// qmoe-v3 matrices in the container (format/SPEC.md section 4.4), next to qmoe-v2 ones: each file
 // stores every dictionary its matrices use once, under the prefix of its codec; readers check the
 // dictionary against its id, reject broken references and a pair whose odd row has codes.
 #include "format_test_util.h"

@@ -4,7 +4,7 @@
 // and every tensor's bytes be readable. Anything else (crash, sanitizer report, other exception,
 // hang) is a finding.
 //
-// Every container file carries a header checksum (format/SPEC.md 4.5), so nearly every mutation
+// Every container file carries a header checksum (format/SPEC.md 2.6), so nearly every mutation
 // of a header is refused by it. For inputs of even size the target rewrites each file's header
 // checksum to match the mutated header first, so that those mutations reach the checks behind
 // it; odd sizes keep the checksum as mutated (and verify the tensor checksums too).

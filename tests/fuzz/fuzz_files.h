@@ -121,7 +121,7 @@ inline void write_files(const std::filesystem::path& dir, const std::vector<File
   }
 }
 
-// Rewrites the header checksum (format/SPEC.md 4.5) of a qmoe container file in place so that a
+// Rewrites the header checksum (format/SPEC.md 2.6) of a qmoe container file in place so that a
 // mutated header still reaches the checks behind it: when the file parses as safetensors and its
 // header spells the key as "qmoe.header.xxh3":"<16 characters>", those 16 characters become the
 // checksum of what the reader parsed. Returns whether it rewrote anything.

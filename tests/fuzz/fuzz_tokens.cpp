@@ -1,4 +1,4 @@
-// libFuzzer target: token files (format/SPEC.md section 13) as `qmoe eval` and calibration read
+// libFuzzer target: token files (format/TOKENS.md) as `qmoe eval` and calibration read
 // them, then run through a small Switch model. TokenPairs::load must either succeed or throw
 // qmoe::Error; pairs it accepts must run through the forward pass and the loss of a model with
 // that vocabulary without a crash, and give a finite loss (the model's weights are finite) when

@@ -142,7 +142,7 @@ int main(int argc, char** argv) {
   write(corpus / "container/valid-v3.safetensors", read(tmp / "v3.safetensors"));
   matrices(tmp / "sharded", {qmoe::Codec::kP5, qmoe::Codec::kV2, qmoe::Codec::kV3}, {{3, 40}}, 64);
   write(corpus / "container/sharded-p5-v2-v3", folder(tmp / "sharded"));
-  // A qmoe-g4 container made for the CPU: format/SPEC.md 16.5's example matrix (a group of 4 rows
+  // A qmoe-g4 container made for the CPU: format/SPEC.md 4.5.6's example matrix (a group of 4 rows
   // with an escape, a group with padding rows), target "cpu".
   {
     qmoe::TernaryMatrix t(5, 6);

@@ -326,7 +326,7 @@ def test_transcode_between_codecs(rng):
 def test_v2_dictionary_matches_the_spec_example():
     d, dict_id = qmoe.v2_dictionary(57 / 64)
     assert d.dtype == np.uint32 and d.shape == (65536,)
-    assert dict_id == "ed96d927233f97b2"  # format/SPEC.md section 6.1
+    assert dict_id == "ed96d927233f97b2"  # format/SPEC.md section 4.3.2
     assert int(d[20000]) == 0x60C57549
     with pytest.raises(ValueError):
         qmoe.v2_dictionary(1.5)
@@ -353,7 +353,7 @@ def test_v3_round_trip_codes_rows_in_pairs(rng, shape):
 
 
 def test_v3_size_between_v2_and_v1(rng):
-    # format/SPEC.md section 15: ~0.69 bits per weight at P(0) = 0.885 against 0.666 for qmoe-v2
+    # format/SPEC.md section 4.4: ~0.69 bits per weight at P(0) = 0.885 against 0.666 for qmoe-v2
     # and 0.737 for qmoe-v1.
     p0 = 0.885
     u = rng.random((128, 3072))
@@ -368,7 +368,7 @@ def test_v3_size_between_v2_and_v1(rng):
 def test_v3_dictionary_matches_the_spec_example(rng):
     d, dict_id = qmoe.v3_dictionary(57 / 64)
     assert d.dtype == np.uint32 and d.shape == (65536,)
-    assert dict_id == "11ccb88076bd615f"  # format/SPEC.md section 15.1
+    assert dict_id == "11ccb88076bd615f"  # format/SPEC.md section 4.4.2
     assert int(d[20000]) == 0x300C40B9
     assert (d >> 26).min() >= 1 and (d >> 26).max() <= 63 and not ((d >> 25) & 1).any()
     assert dict_id != qmoe.v2_dictionary(57 / 64)[1]

@@ -1,6 +1,6 @@
 """qmoe.save / qmoe.load, and what any safetensors reader sees in a container.
 
-The stored layout checked here is the one format/SPEC.md specifies (sections 4.1-4.6; section 11
+The stored layout checked here is the one format/SPEC.md specifies (sections 2.2-2.7; section 8
 for reading with the safetensors package, which needs ml_dtypes imported for BF16): a compressed
 matrix W is stored as
   W.qmoe_codes        U16  [num_codes]          (qmoe-v1, qmoe-v2, qmoe-v3)
@@ -12,7 +12,7 @@ a qmoe-v1 matrix and each qmoe-v2 / qmoe-v3 dictionary "qmoe.dictionary.<codec>.
 in every file holding a matrix that uses it; __metadata__ holds "format": "qmoe", "format_version":
 "2", "qmoe.matrix.W": {"codec", "shape", "dtype"} (plus "dictionary": <id> for qmoe-v2 and qmoe-v3),
 an xxh3 checksum "qmoe.xxh3.<tensor>" for every stored tensor and the header checksum
-"qmoe.header.xxh3" (section 4.5). Dense tensors are stored unchanged.
+"qmoe.header.xxh3" (section 2.6). Dense tensors are stored unchanged.
 """
 
 import gc
@@ -153,7 +153,7 @@ def expected_stored(tensors):
 
 
 def header_checksum_from_spec(path):
-    """The header checksum of format/SPEC.md 4.5, computed from the text of the spec alone."""
+    """The header checksum of format/SPEC.md 2.6, computed from the text of the spec alone."""
     import struct
 
     import xxhash
@@ -270,7 +270,7 @@ def test_qmoe_v3_next_to_qmoe_v2(rng, tmp_path):
     tensors = {"v2": qmoe.encode(s, l, codec="qmoe-v2", v2_p0=57 / 64),
                "v3": qmoe.encode(s, l, codec="qmoe-v3", v2_p0=57 / 64, original_dtype="BF16"),
                "v3b": qmoe.encode(s[:4], l[:4], codec="qmoe-v3", v2_p0=57 / 64)}
-    assert tensors["v3"].dictionary_id == "11ccb88076bd615f"  # format/SPEC.md section 15.1
+    assert tensors["v3"].dictionary_id == "11ccb88076bd615f"  # format/SPEC.md section 4.4.2
     assert tensors["v2"].dictionary_id != tensors["v3"].dictionary_id
     path = tmp_path / "v3.safetensors"
     qmoe.save(path, tensors)

@@ -112,7 +112,7 @@ def test_gptq_with_hessians_from_python(checkpoint, tmp_path):
     for name, w in experts.items():
         acc = qmoe.HessianAccumulator(w.shape[1])
         acc.add(rng.standard_normal((64, w.shape[1])).astype(np.float32))
-        accs[name[: -len(".weight")]] = acc  # format/SPEC.md section 12: named without ".weight"
+        accs[name[: -len(".weight")]] = acc  # format/HESSIANS.md: named without ".weight"
     hfile = tmp_path / "hessians.safetensors"
     qmoe.save_hessians(hfile, accs)
     out = tmp_path / "gptq"

@@ -230,7 +230,7 @@ TEST(Checkpoint, ConfigIntegersAreBoundedAndProductsChecked) {
   fs::remove_all(d);
 }
 
-// JSON rules of format/SPEC.md section 3 for config.json and the checkpoint index.
+// JSON rules of format/SPEC.md section 2.1 for config.json and the checkpoint index.
 TEST(Checkpoint, ConfigAndIndexJsonRules) {
   const std::string base = read(fixture("every_other_f32") / "config.json");
   expect_format_error([&] { SwitchConfig::parse("\xEF\xBB\xBF" + base, "c.json"); },

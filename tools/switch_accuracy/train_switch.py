@@ -22,7 +22,7 @@ and continued gives the same model as one that was not (with the same thread cou
 
 Writes OUT/model (config.json + model.safetensors), OUT/calib{0,1,2}.safetensors (calibration pairs
 from the training text, three seeds), OUT/eval{0..3}.safetensors (the held-out splits) in the qmoe
-token-file format (format/SPEC.md section 13), and OUT/train.log.
+token-file format (format/TOKENS.md), and OUT/train.log.
 """
 import argparse
 import hashlib

@@ -362,7 +362,7 @@ def t5_sentinel_ids(count: int = 100) -> list:
 
 
 def token_batches(path: Union[str, os.PathLike], batch_pairs: int = 8, pad_token_id: int = 0):
-    """The pairs of a qmoe token file (format/SPEC.md section 13) as transformers batches: dicts of
+    """The pairs of a qmoe token file (format/TOKENS.md) as transformers batches: dicts of
     input_ids, attention_mask, labels and decoder_attention_mask (int64 tensors, sequences padded
     on the right; padded labels are -100 and masked out), `batch_pairs` pairs each, in file order.
     """
@@ -421,7 +421,7 @@ def collect_hessians(model: nn.Module, batches: Iterable[Mapping[str, torch.Tens
 
     Returns dict of name (the weight's name without ".weight", e.g.
     "encoder.block.1.layer.1.mlp.experts.expert_0.wi") -> qmoe.HessianAccumulator, and writes them
-    to `path` (qmoe.save_hessians: format/SPEC.md section 12) when given.
+    to `path` (qmoe.save_hessians: format/HESSIANS.md) when given.
     """
     batches = list(batches)
     cfg = model.config

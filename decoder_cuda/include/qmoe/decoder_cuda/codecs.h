@@ -1,9 +1,9 @@
 // Which codecs the CUDA kernels read. Host-only header (no CUDA headers).
 //
-// The kernels read entry words in the qmoe-v2 layout (format/SPEC.md section 6.2): qmoe-v1 (its
+// The kernels read entry words in the qmoe-v2 layout (format/SPEC.md section 4.3.2): qmoe-v1 (its
 // dictionary written in that layout), qmoe-v2 and, on the dense path only, qmoe-p5. The CPU's
-// codecs, qmoe-v3 (rows coded in pairs, entry words of another layout, section 15) and qmoe-g4
-// (gap tokens, section 16), are not read by the kernels: DeviceMatrix converts them to qmoe-v2 on
+// codecs, qmoe-v3 (rows coded in pairs, entry words of another layout, section 4.4) and qmoe-g4
+// (gap tokens, section 4.5), are not read by the kernels: DeviceMatrix converts them to qmoe-v2 on
 // the host when it uploads them (a container written for the CPU runs on the GPU as it is); the
 // raw paths, which hand out pointers into the caller's matrix (launch.h, emulated::host_matrix),
 // refuse them with require_gpu_codec().

@@ -20,7 +20,7 @@ namespace qmoe::cuda {
 // Device pointers of one dictionary-coded matrix, qmoe-v1 or qmoe-v2 (layout of CompressedView,
 // format/matrix.h): codes_dev: row_offsets_dev[rows] uint16 codewords; row_offsets_dev: rows+1
 // int32; levels_dev: 2*rows bf16 bit patterns (lo, hi); entries_dev: the 65536 entry words
-// (qmoe-v2 layout, format/SPEC.md section 6.2) the codes index: the matrix's qmoe-v2 dictionary
+// (qmoe-v2 layout, format/SPEC.md section 4.3.2) the codes index: the matrix's qmoe-v2 dictionary
 // (v2_dictionary_dev()), or v1_entries_dev() for qmoe-v1. rows and cols < 2^31. The matrix must
 // be valid (qmoe::validate): the kernels do not check the codes. Never a qmoe-v3 matrix: its rows
 // are coded in pairs with entry words of another layout, which the kernels do not read (MatrixDev

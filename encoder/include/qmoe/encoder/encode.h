@@ -26,7 +26,7 @@ struct EncodeOptions {
   // qmoe/format/codec.h: qmoe-v1 for kAny, qmoe-g4 for kCpu, qmoe-v2 for kGpu), or qmoe-p5 where
   // that is smaller (matrices too dense for the target's codec; ties keep the target's codec).
   std::optional<Codec> codec;
-  // Where the matrix will run, for the automatic choice (format/SPEC.md 4.1): kAny (the default,
+  // Where the matrix will run, for the automatic choice (format/SPEC.md 2.2): kAny (the default,
   // QMoE-compatible qmoe-v1, read natively by the CPU and CUDA decoders), kCpu (qmoe-g4, the
   // fastest on the CPU at one token and in batches, and the smallest; the CUDA decoder converts it
   // to qmoe-v2 on upload) or kGpu (qmoe-v2, read natively by the CUDA kernels).
@@ -42,12 +42,12 @@ struct EncodeOptions {
 // Encodes a ternary matrix. qmoe-v1 and qmoe-v2 use greedy longest match through a trie of the
 // dictionary, each row separately (v1 is bit-compatible with QMoE's encoder); qmoe-v3 walks its
 // dictionary's tree a column of two rows at a time, each pair of rows separately; qmoe-g4 writes
-// each group of 4 rows' gaps as tokens (its only encoding, SPEC 16.3). Throws InvalidArgument if a
+// each group of 4 rows' gaps as tokens (its only encoding, SPEC 4.5.4). Throws InvalidArgument if a
 // symbol is not 0, 1 or 2, or if a matrix would need more than 2^31-1 codes or qmoe-g4 tokens.
 CompressedMatrix encode(const TernaryMatrix& t, const EncodeOptions& opt = {});
 
 // The qmoe-v2 dictionary the encoder uses for zero fraction p0 (0 < p0 < 1) and entries of at
-// most max_width symbols (format/SPEC.md section 6.3): the leaves of a Tunstall tree over single
+// most max_width symbols (format/SPEC.md section 4.3.4): the leaves of a Tunstall tree over single
 // symbols, i.i.d. with P(0) = p0 and P(1) = P(2) (entries with at most 3 non-zero symbols, those
 // within 32 columns). Built once per argument pair; the same arguments give the same object. Throws
 // InvalidArgument for p0 outside (0, 1) or max_width outside 1..63. Below 39, the tree has fewer
@@ -55,7 +55,7 @@ CompressedMatrix encode(const TernaryMatrix& t, const EncodeOptions& opt = {});
 std::shared_ptr<const V2Dictionary> v2_dictionary(double p0, int max_width = v2::kMaxWidth);
 
 // The qmoe-v3 dictionary the encoder uses for zero fraction p0 (0 < p0 < 1), format/SPEC.md
-// section 15.3: the leaves of a Tunstall tree over the 9 values of a column of two rows. Built once
+// section 4.4.4: the leaves of a Tunstall tree over the 9 values of a column of two rows. Built once
 // per p0; the same argument gives the same object. Throws InvalidArgument for p0 outside (0, 1).
 std::shared_ptr<const V2Dictionary> v3_dictionary(double p0);
 

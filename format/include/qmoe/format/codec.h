@@ -1,5 +1,5 @@
-// The codecs of a compressed matrix and their traits: the one list of codecs (format/SPEC.md,
-// "Codecs"). Code that handles every codec asks this table (names, stored members, dictionaries,
+// The codecs of a compressed matrix and their traits: the one list of codecs (format/SPEC.md
+// section 4, "Codecs"). Code that handles every codec asks this table (names, stored members, dictionaries,
 // which devices run a codec natively) instead of spelling the codecs out.
 #pragma once
 
@@ -16,7 +16,7 @@ namespace qmoe {
 // In the order codecs are listed in messages and summaries; stored by name, never by number.
 enum class Codec : uint8_t { kV1, kV2, kV3, kG4, kP5 };
 
-// The device a file's codecs were chosen for (format/SPEC.md 4.1, "qmoe.target"): "any" (a file
+// The device a file's codecs were chosen for (format/SPEC.md 2.2, "qmoe.target"): "any" (a file
 // for every device: the default), "cpu" or "gpu". The encoder's automatic codec choice follows it
 // (encode.h).
 enum class Target : uint8_t { kAny, kCpu, kGpu };

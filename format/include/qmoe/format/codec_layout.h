@@ -49,7 +49,7 @@ QMOE_HD int64_t row_pairs(int64_t cols) {
 
 // ---- qmoe-v2: a dictionary fitted to the matrix, stored in the file ---------------------------
 // Each row is an independent stream of uint16 codewords, as in qmoe-v1, but codeword c stands for
-// entry c of a 65536-entry dictionary stored with the matrix (format/SPEC.md section 6): a run of
+// entry c of a 65536-entry dictionary stored with the matrix (format/SPEC.md section 4.3): a run of
 // 1..63 *symbols* (not pairs) with at most 3 non-zero ones. The encoder builds the dictionary for
 // the matrix's share of zeros; ~0.64-0.68 bits per weight at P(0) = 0.885 (entropy 0.630).
 //
@@ -89,7 +89,7 @@ QMOE_HD int slot_symbol(uint32_t e, int j) {
 // ---- qmoe-v3: a fitted dictionary over the columns of two rows -------------------------------
 // Rows are coded in pairs (2p, 2p + 1): the stream of a pair is the sequence of its *columns*, a
 // column being the two symbols (row 2p, row 2p + 1), and each uint16 codeword stands for an entry
-// of a 65536-entry dictionary stored with the matrix (format/SPEC.md section 15): a run of 1..63
+// of a 65536-entry dictionary stored with the matrix (format/SPEC.md section 4.4): a run of 1..63
 // columns whose non-zero columns (at most 3) lie within 16 consecutive columns. A matrix of odd
 // height pairs its last row with a row of zeros. The pair's codes are the even row's range of
 // row_offsets; an odd row's range is empty. ~0.69 bits per weight at P(0) = 0.885, 1.02 at 0.80.
@@ -145,7 +145,7 @@ QMOE_HD int slot_symbol(uint32_t e, int j, int row) {
 // non-zero symbol, t = 15 for 15 zero symbols; the zeros after a group's last non-zero symbol take
 // no tokens. One kind bit per non-zero symbol: 0 = low (1), 1 = high (2). Tokens are two per byte
 // (low nibble first), kind bits eight per byte (low bit first), all groups back to back; the
-// group offsets give each group's first token and first kind bit (format/SPEC.md section 16).
+// group offsets give each group's first token and first kind bit (format/SPEC.md section 4.5).
 // ~0.66 bits per weight at P(0) = 0.885, no dictionary.
 namespace g4 {
 inline constexpr int kRows = 4;       // rows per group

@@ -21,7 +21,7 @@
 namespace qmoe {
 
 inline constexpr std::string_view kFormatName = "qmoe";
-// The version the writer writes (format/SPEC.md section 14). Version 2 adds the header checksum.
+// The version the writer writes (format/SPEC.md section 10). Version 2 adds the header checksum.
 inline constexpr int kFormatVersion = 2;
 // The oldest version the reader reads: version 1 files (no header checksum) still open.
 inline constexpr int kMinFormatVersion = 1;
@@ -35,7 +35,7 @@ inline constexpr std::string_view kRowOffsetsSuffix = ".qmoe_row_offsets";  // q
 inline constexpr std::string_view kPackedSuffix =
     ".qmoe_packed";  // qmoe-p5: U8 [rows, ceil(cols/5)]
 inline constexpr std::string_view kLevelsSuffix = ".qmoe_levels";  // all: BF16 [rows, 2]
-// qmoe-g4 (format/SPEC.md section 16): U8 [ceil(T/2)], U8 [ceil(N/8)], I32 [ceil(rows/4)+1, 2].
+// qmoe-g4 (format/SPEC.md section 4.5): U8 [ceil(T/2)], U8 [ceil(N/8)], I32 [ceil(rows/4)+1, 2].
 inline constexpr std::string_view kTokensSuffix = ".qmoe_tokens";
 inline constexpr std::string_view kKindsSuffix = ".qmoe_kinds";
 inline constexpr std::string_view kGroupOffsetsSuffix = ".qmoe_group_offsets";

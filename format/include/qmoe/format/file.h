@@ -4,11 +4,11 @@
 //   before it is opened for reading (and opened non-blocking if it becomes one in between), so a
 //   reader never blocks on a FIFO that nobody writes.
 // - Small text inputs (config.json, index files) are read whole with a size bound and checked
-//   against qmoe's strict JSON rules (format/SPEC.md section 3).
+//   against qmoe's strict JSON rules (format/SPEC.md section 2.1).
 // - Mapped files (SafetensorsFile) that shrink while in use: touching a page past the new end
 //   raises SIGBUS. install_mapped_file_fault_handler() turns that into a message naming the file
 //   and a clean exit (no core dump), after removing the temporary files of unfinished writers.
-//   format/SPEC.md section 9 describes the rule.
+//   format/SPEC.md section 6 describes the rule.
 // - An interrupted run (SIGINT, SIGTERM, SIGHUP): install_interrupt_cleanup() removes the
 //   temporary files of unfinished writers before the process ends.
 #pragma once
@@ -52,7 +52,7 @@ void write_file_atomic(const std::filesystem::path& path, std::string_view data)
 // when it is not a regular file, cannot be read, or is larger.
 std::string read_regular_file(const std::filesystem::path& path, int64_t max_bytes);
 
-// Checks JSON text against qmoe's rules (format/SPEC.md section 3): valid UTF-8 JSON with no
+// Checks JSON text against qmoe's rules (format/SPEC.md section 2.1): valid UTF-8 JSON with no
 // byte-order mark (JSON text has none) and no NUL byte, no string or object key holding U+0000
 // (written "\u0000"), no duplicate keys in any object, nesting at most 16 levels deep. Throws
 // FormatError whose message starts with `context` otherwise. Leading and trailing JSON whitespace

@@ -35,14 +35,14 @@ struct TernaryMatrix {
 //   qmoe-v1: codes (num_codes uint16), row_offsets (rows+1 int32; row r is codes
 //            [row_offsets[r], row_offsets[r+1]); row_offsets[0] = 0, row_offsets[rows] = num_codes)
 //   qmoe-v3: as qmoe-v2, rows coded in pairs: pair p's codes are row 2p's range, odd rows' ranges
-//            are empty (codec_layout.h, SPEC section 15); the dictionary holds v3 entry words
+//            are empty (codec_layout.h, SPEC section 4.4); the dictionary holds v3 entry words
 //   qmoe-v2: codes and row_offsets as for qmoe-v1, plus dictionary (v2::kEntries entry words,
 //            codec_layout.h) and dictionary_id, the XXH3-64 of the dictionary's bytes: decoders
 //            cache what they derive from a dictionary under this id
 //   qmoe-p5: packed (rows * p5::row_bytes(cols) bytes)
 //   qmoe-g4: tokens (gap tokens, two per byte), kinds (one bit per non-zero symbol) and
 //            group_offsets (2 * (g4::groups(rows) + 1) int32: the first token and the first kind
-//            bit of each group of 4 rows, then the ends; codec_layout.h, SPEC section 16). In a
+//            bit of each group of 4 rows, then the ends; codec_layout.h, SPEC section 4.5). In a
 //            view they index `tokens` and `kinds` from any start (a row slice keeps its groups'
 //            offsets); a whole matrix starts at (0, 0) and ends at the streams' sizes.
 //   all    : levels (2*rows bf16 bits, as in TernaryMatrix)

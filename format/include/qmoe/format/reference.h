@@ -17,21 +17,21 @@ namespace qmoe {
 const int32_t* v1_decode_table();
 
 // The same qmoe-v1 dictionary as v1::kEntries qmoe-v2 entry words (codec_layout.h, SPEC section
-// 6.2): every qmoe-v1 entry has 2..28 symbols, at most 3 of them non-zero, so it is a valid qmoe-v2
+// 4.3.2): every qmoe-v1 entry has 2..28 symbols, at most 3 of them non-zero, so it is a valid qmoe-v2
 // entry. Kernels that read entry words run both codecs with one code path (the CUDA kernels do).
 // Thread-safe; the pointer stays valid forever.
 const uint32_t* v1_entry_words();
 
 // XXH3-64 of a qmoe-v2 or qmoe-v3 dictionary's bytes (its id, CompressedView::dictionary_id).
 uint64_t v2_dictionary_id(std::span<const uint32_t> entries);
-// Checks a qmoe-v2 dictionary: 65536 entries, each well formed (codec_layout.h, SPEC section 6).
+// Checks a qmoe-v2 dictionary: 65536 entries, each well formed (codec_layout.h, SPEC section 4.3).
 // Throws FormatError whose message starts with `what` and names the entry.
 void validate_v2_dictionary(std::span<const uint32_t> entries, std::string_view what = {});
 // Validates `entries` and wraps them with their id.
 std::shared_ptr<const V2Dictionary> make_v2_dictionary(std::vector<uint32_t> entries,
                                                        std::string_view what = {});
 
-// The same for a qmoe-v3 dictionary (v3 entry words, codec_layout.h, SPEC section 15.1); its id is
+// The same for a qmoe-v3 dictionary (v3 entry words, codec_layout.h, SPEC section 4.4.2); its id is
 // the same hash, v2_dictionary_id().
 void validate_v3_dictionary(std::span<const uint32_t> entries, std::string_view what = {});
 std::shared_ptr<const V2Dictionary> make_v3_dictionary(std::vector<uint32_t> entries,
@@ -50,7 +50,7 @@ void validate_layout(const CompressedView& m, std::string_view what = {});
 // non-decreasing and end at num_codes, every row's codes decode to exactly its width (v1 and v2;
 // an odd width's last v1 half pair has s1 = 0), a v2 dictionary well formed and matching its id,
 // p5 bytes <= 242 with zero padding, qmoe-g4 offsets from (0, 0) to the streams' sizes with every
-// group decoding (SPEC 16.4), levels finite with lo <= 0 <= hi. Throws FormatError whose message
+// group decoding (SPEC 4.5.5), levels finite with lo <= 0 <= hi. Throws FormatError whose message
 // starts with `what` (e.g. "file.safetensors: tensor 'x'").
 void validate(const CompressedView& m, std::string_view what = {});
 

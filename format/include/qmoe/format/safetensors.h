@@ -62,7 +62,7 @@ class SafetensorsFile {
   void check_dtype(const TensorInfo& t, DType expected) const;
 };
 
-// The XXH3-64 (seed 0) of the canonical form of a header (format/SPEC.md 4.5): every metadata
+// The XXH3-64 (seed 0) of the canonical form of a header (format/SPEC.md 2.6): every metadata
 // entry except the one keyed `exclude_key`, in increasing byte order of the keys, then every
 // tensor's name, dtype, shape and data offsets, in increasing byte order of the names; strings
 // are length-prefixed. It does not depend on how the JSON is spelled (whitespace, key order,

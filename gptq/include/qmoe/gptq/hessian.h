@@ -1,5 +1,5 @@
 // Hessian accumulation for GPTQ: streaming sums of x x^T over calibration tokens, merging of
-// partial sums, and files of named accumulators (format: format/SPEC.md section 12).
+// partial sums, and files of named accumulators (format: format/HESSIANS.md).
 #pragma once
 
 #include <cstdint>
@@ -85,7 +85,7 @@ double hessian_flops(int64_t dim, int64_t n);
 // least 1. Throws InvalidArgument for num_experts <= 0, total_tokens < 0 or multiplier <= 0.
 int64_t expert_token_cap(int64_t total_tokens, int64_t num_experts, double multiplier = 4.0);
 
-// Writes accumulators to a safetensors file (atomically; format: format/SPEC.md section 12). Names
+// Writes accumulators to a safetensors file (atomically; format: format/HESSIANS.md). Names
 // must be non-empty and must not end in ".xtx", ".tokens" or ".dropped". Throws InvalidArgument
 // for bad names, Error for I/O failures.
 void write_hessians(const std::filesystem::path& path,

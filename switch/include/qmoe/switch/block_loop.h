@@ -59,7 +59,7 @@ struct ExpertMatrix {
   int64_t numel() const { return rows * cols; }
 };
 
-// Hessians for GPTQ from outside the model: a Hessian file (format/SPEC.md section 12), or a
+// Hessians for GPTQ from outside the model: a Hessian file (format/HESSIANS.md), or a
 // provider of one's own (benchmarks use synthetic ones).
 class HessianProvider {
  public:

@@ -19,7 +19,7 @@
 namespace qmoe::sw {
 
 // The largest matrix dimension a config may imply (d_model, d_ff, d_kv, num_heads, num_heads x
-// d_kv, num_experts): the row limit of a compressed matrix (format/SPEC.md 4.2).
+// d_kv, num_experts): the row limit of a compressed matrix (format/SPEC.md 2.3).
 inline constexpr int64_t kMaxDimension = (int64_t{1} << 31) - 2;
 // The most relative-position buckets a config may have (T5 uses 32).
 inline constexpr int64_t kMaxRelativeBuckets = 65536;
@@ -42,7 +42,7 @@ struct SwitchConfig {
   int32_t pad_token_id = 0;
 
   // Parses config.json text. Throws FormatError naming `file` when the JSON breaks the rules of
-  // format/SPEC.md section 3, a required field is missing, of the wrong type or out of range
+  // format/SPEC.md section 2.1, a required field is missing, of the wrong type or out of range
   // (every integer has an upper bound: sizes kMaxDimension, token ids below vocab_size,
   // relative_attention_num_buckets in [4, kMaxRelativeBuckets] and max_distance beyond half of
   // it), a product of sizes (num_heads x d_kv, the element count of every matrix the config

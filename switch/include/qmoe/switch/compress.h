@@ -71,7 +71,7 @@ struct CompressOptions {
   Target target = Target::kAny;  // picks the automatic codec; cpu / gpu recorded as "qmoe.target"
   bool check_disk = true;        // refuse to start without enough free space for the output
   // Quantizer: GPTQ with Hessians from `hessians` (e.g. open_hessian_file()), or from the token
-  // pairs of `calib_tokens` (format/SPEC.md section 13) run through the model block by block
+  // pairs of `calib_tokens` (format/TOKENS.md) run through the model block by block
   // (QMoE's sequential calibration), or round to nearest when neither is given. Not both.
   HessianProvider* hessians = nullptr;
   std::filesystem::path calib_tokens;

@@ -1,5 +1,5 @@
 // Token files: pairs of (encoder input ids, decoder target ids), the input of `qmoe eval` and of
-// calibration. format/SPEC.md section 13 specifies the file.
+// calibration. format/TOKENS.md specifies the file.
 #pragma once
 
 #include <cstdint>
