@@ -373,12 +373,10 @@ Registrar compress_cmd("compress", [](CLI::App& app) -> std::function<int()> {
   app.add_option("-o,--output", a->output,
                  "output container (a directory when --shard-size is given)")
       ->required();
-  app.add_option("--hessians", a->hessians,
-                 "Hessian accumulator file (format/HESSIANS.md): GPTQ");
-  app.add_option(
-      "--calib-tokens", a->calib_tokens,
-      "calibration token file (format/TOKENS.md): GPTQ with Hessians from QMoE's "
-      "sequential calibration through the forward pass");
+  app.add_option("--hessians", a->hessians, "Hessian accumulator file (format/HESSIANS.md): GPTQ");
+  app.add_option("--calib-tokens", a->calib_tokens,
+                 "calibration token file (format/TOKENS.md): GPTQ with Hessians from QMoE's "
+                 "sequential calibration through the forward pass");
   app.add_flag("--calib-independent", a->calib_independent,
                "with --calib-tokens: every Hessian from the original model (no recomputation with "
                "compressed blocks)");

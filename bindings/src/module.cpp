@@ -1544,7 +1544,8 @@ Raises ValueError for wrong dtypes or a missing tensor, qmoe.FormatError for a m
             return member_view(self, v.has_dictionary(), v.dictionary);
           },
           "qmoe-v2 / qmoe-v3 dictionary: 65536 entry words, uint32 (read-only view; layout in "
-          "format/SPEC.md section 4.3.2 for qmoe-v2, 4.4.2 for qmoe-v3); None for the other codecs.")
+          "format/SPEC.md section 4.3.2 for qmoe-v2, 4.4.2 for qmoe-v3); None for the other "
+          "codecs.")
       .def_property_readonly(
           "dictionary_id",
           [](const PyCompressed& p) -> py::object {

@@ -1,5 +1,7 @@
 #include "qmoe/core/cpu_env.h"
 
+#include <array>
+#include <atomic>
 #include <cstdlib>
 #include <string>
 
@@ -7,13 +9,39 @@
 
 namespace qmoe {
 
+namespace {
+constexpr std::array<std::string_view, 3> kLevels = {"scalar", "avx2", "avx512"};
+std::atomic<int> g_level{-1};  // set_cpu_simd(): an index into kLevels, -1 when unset
+}  // namespace
+
 std::optional<std::string_view> requested_cpu_simd() {
   const char* env = std::getenv("QMOE_CPU_SIMD");
   if (env == nullptr || *env == '\0') return std::nullopt;
-  for (std::string_view level : {"scalar", "avx2", "avx512"}) {
+  for (std::string_view level : kLevels) {
     if (level == env) return level;
   }
   throw InvalidArgument(std::string("QMOE_CPU_SIMD='") + env +
+                        "' is not one of scalar, avx2, avx512");
+}
+
+std::optional<std::string_view> cpu_simd() {
+  const int l = g_level.load(std::memory_order_acquire);
+  if (l >= 0) return kLevels[static_cast<size_t>(l)];
+  return requested_cpu_simd();
+}
+
+void set_cpu_simd(std::optional<std::string_view> level) {
+  if (!level) {
+    g_level.store(-1, std::memory_order_release);
+    return;
+  }
+  for (size_t i = 0; i < kLevels.size(); ++i) {
+    if (kLevels[i] == *level) {
+      g_level.store(static_cast<int>(i), std::memory_order_release);
+      return;
+    }
+  }
+  throw InvalidArgument("set_cpu_simd: '" + std::string(*level) +
                         "' is not one of scalar, avx2, avx512");
 }
 

@@ -42,16 +42,15 @@ const GemmKernel* find(std::string_view level) {
   return nullptr;
 }
 
+// The kernel of the process-wide level (cpu_simd(), looked up at each call: a few compares).
 const GemmKernel& active() {
-  static const GemmKernel* const k = []() -> const GemmKernel* {
-    const auto requested = requested_cpu_simd();
-    if (!requested) return &kernels().back();
-    const std::string_view want = *requested == "scalar" ? "portable" : *requested;
-    if (const GemmKernel* f = find(want)) return f;
-    throw InvalidArgument("QMOE_CPU_SIMD='" + std::string(*requested) +
-                          "' is not a level this CPU or build runs");
-  }();
-  return *k;
+  const auto requested = cpu_simd();
+  if (!requested) return kernels().back();
+  const std::string_view want = *requested == "scalar" ? "portable" : *requested;
+  if (const GemmKernel* f = find(want)) return *f;
+  throw InvalidArgument("CPU SIMD level '" + std::string(*requested) +
+                        "' (QMOE_CPU_SIMD or set_simd_level()) is not a level this CPU or build "
+                        "runs for the GEMM");
 }
 
 // 64-byte aligned scratch of one task, kept per thread.

@@ -432,6 +432,7 @@ SimdLevel simd_level() {
 
 void set_simd_level(SimdLevel l) {
   g_level.store(static_cast<int>(checked(l)), std::memory_order_release);
+  set_cpu_simd(simd_level_name(l));  // the GEMM of core (gptq, switch) follows it too
 }
 
 bool g4_vnni_supported() {

@@ -120,8 +120,8 @@ inline void walk_tree(const int32_t* child, int64_t cols, ValueAt&& value_at, Si
   }
 }
 
-// Encodes one row of v2; calls sink(code) per codeword (SPEC 4.3.3: the symbols of the last codeword
-// past the row's end are zero).
+// Encodes one row of v2; calls sink(code) per codeword (SPEC 4.3.3: the symbols of the last
+// codeword past the row's end are zero).
 template <class Sink>
 inline void encode_row_v2(const detail::V2Codebook& cb, const uint8_t* s, int64_t cols,
                           Sink&& sink) {

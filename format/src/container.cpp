@@ -1,6 +1,6 @@
 // The qmoe container on top of safetensors: tensor groups, dictionary, checksums, shards and
-// index. format/SPEC.md section 2, "The container", is the normative description; the reader checks every rule
-// listed there under "Errors a reader must raise" before open() returns.
+// index. format/SPEC.md section 2, "The container", is the normative description; the reader checks
+// every rule listed there under "Errors a reader must raise" before open() returns.
 #include "qmoe/format/container.h"
 
 #include <fcntl.h>

@@ -1,6 +1,6 @@
-// qmoe-v2: the dictionary construction (a complete Tunstall tree, SPEC section 4.3.4), the encoder's
-// parse, its size against qmoe-v1 and the entropy, and validation of malformed streams and
-// dictionaries.
+// qmoe-v2: the dictionary construction (a complete Tunstall tree, SPEC section 4.3.4), the
+// encoder's parse, its size against qmoe-v1 and the entropy, and validation of malformed streams
+// and dictionaries.
 #include <gtest/gtest.h>
 
 #include <cmath>

@@ -11,6 +11,8 @@
 #include <string>
 #include <vector>
 
+#include "qmoe/core/cpu_env.h"
+#include "qmoe/core/gemm.h"
 #include "qmoe/decoder_cpu/matmul.h"
 #include "qmoe/encoder/encode.h"
 #include "qmoe/format/bf16.h"
@@ -553,7 +555,15 @@ TEST(DecoderCpu, LevelsAndDefaults) {
   const SimdLevel before = simd_level();
   set_simd_level(SimdLevel::kScalar);
   EXPECT_EQ(simd_level(), SimdLevel::kScalar);
+  // The one process-wide level: the GEMM of core (gptq's Hessians and GPTQ, the forward pass)
+  // follows set_simd_level() too.
+  EXPECT_EQ(gemm_level(), "portable");
+  EXPECT_EQ(cpu_simd(), "scalar");
   set_simd_level(before);
+  EXPECT_EQ(cpu_simd(), simd_level_name(before));
+  if (before != SimdLevel::kScalar) {
+    EXPECT_EQ(gemm_level(), simd_level_name(before));
+  }
   for (SimdLevel l : kLevels) {
     if (!simd_level_supported(l)) {
       EXPECT_THROW(set_simd_level(l), InvalidArgument);

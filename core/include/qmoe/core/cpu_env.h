@@ -13,6 +13,14 @@ namespace qmoe {
 // this CPU and build run the level is for the caller to check.
 std::optional<std::string_view> requested_cpu_simd();
 
+// The level every module's kernels use when a call names none: the one set_cpu_simd() set for the
+// process, else requested_cpu_simd(), else nullopt (each module's best). Read at each call, so that
+// decoder_cpu's set_simd_level() (which calls set_cpu_simd()) reaches the GEMM of core too.
+std::optional<std::string_view> cpu_simd();
+// Sets the process-wide level ("scalar", "avx2" or "avx512"), or with nullopt goes back to
+// QMOE_CPU_SIMD. Throws InvalidArgument for another name. Thread-safe.
+void set_cpu_simd(std::optional<std::string_view> level);
+
 // What this CPU runs, detected once: the instruction sets behind each SIMD level of qmoe's
 // kernels. Every module with run-time dispatch (decoder_cpu, the GEMM of core that gptq and
 // switch use) asks here, so that a level needs the same features everywhere. Whether a build

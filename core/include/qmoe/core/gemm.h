@@ -54,8 +54,9 @@ inline void matmul_xwt(int64_t rows, int64_t out, int64_t in, const float* x, in
 }
 
 // The level gemm() runs: "avx512", "avx2" or "portable"; the best this CPU and build run, unless
-// QMOE_CPU_SIMD (core/cpu_env.h) names a lower one ("scalar" means "portable"). Read once. Throws
-// InvalidArgument when QMOE_CPU_SIMD names a level this CPU does not run.
+// cpu_simd() (core/cpu_env.h: set_cpu_simd(), which decoder_cpu's set_simd_level() calls, or
+// QMOE_CPU_SIMD) names a lower one ("scalar" means "portable"). Looked up at each call. Throws
+// InvalidArgument when that level is one this CPU does not run.
 std::string_view gemm_level();
 
 namespace detail {

@@ -52,7 +52,9 @@ SimdLevel best_simd_level();
 // set_simd_level() changed it. Throws InvalidArgument if QMOE_CPU_SIMD names an unknown or
 // unsupported level. Thread-safe.
 SimdLevel simd_level();
-// Sets the process-wide default level. Throws InvalidArgument if it is not supported.
+// Sets the process-wide default level, for decoder_cpu and for the GEMM of core (gptq's Hessians
+// and GPTQ, switch's forward pass: qmoe/core/cpu_env.h, set_cpu_simd()). Throws InvalidArgument if
+// it is not supported.
 void set_simd_level(SimdLevel l);
 // Whether this build and CPU run the qmoe-g4 kernels of the avx512 level that need AVX-512 VBMI,
 // VBMI2, VNNI and GFNI (Ice Lake, Zen 4 and later): the int8 single-token kernel and the vector

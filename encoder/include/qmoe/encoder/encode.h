@@ -55,8 +55,9 @@ CompressedMatrix encode(const TernaryMatrix& t, const EncodeOptions& opt = {});
 std::shared_ptr<const V2Dictionary> v2_dictionary(double p0, int max_width = v2::kMaxWidth);
 
 // The qmoe-v3 dictionary the encoder uses for zero fraction p0 (0 < p0 < 1), format/SPEC.md
-// section 4.4.4: the leaves of a Tunstall tree over the 9 values of a column of two rows. Built once
-// per p0; the same argument gives the same object. Throws InvalidArgument for p0 outside (0, 1).
+// section 4.4.4: the leaves of a Tunstall tree over the 9 values of a column of two rows. Built
+// once per p0; the same argument gives the same object. Throws InvalidArgument for p0 outside (0,
+// 1).
 std::shared_ptr<const V2Dictionary> v3_dictionary(double p0);
 
 // The zero fraction qmoe-v2 and qmoe-v3 fit a matrix's dictionary to: `zero_fraction` rounded to a

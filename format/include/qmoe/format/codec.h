@@ -1,6 +1,6 @@
 // The codecs of a compressed matrix and their traits: the one list of codecs (format/SPEC.md
-// section 4, "Codecs"). Code that handles every codec asks this table (names, stored members, dictionaries,
-// which devices run a codec natively) instead of spelling the codecs out.
+// section 4, "Codecs"). Code that handles every codec asks this table (names, stored members,
+// dictionaries, which devices run a codec natively) instead of spelling the codecs out.
 #pragma once
 
 #include <array>
@@ -23,7 +23,15 @@ enum class Target : uint8_t { kAny, kCpu, kGpu };
 
 // The stored members of a compressed matrix W: tensors named W + suffix (format/SPEC.md, "Tensor
 // groups"), and the CompressedView field each one fills.
-enum class Member : uint8_t { kCodes, kRowOffsets, kPacked, kGroupOffsets, kTokens, kKinds, kLevels };
+enum class Member : uint8_t {
+  kCodes,
+  kRowOffsets,
+  kPacked,
+  kGroupOffsets,
+  kTokens,
+  kKinds,
+  kLevels
+};
 
 // Where a codec's matrices find their dictionary.
 enum class DictionaryKind : uint8_t {
@@ -64,31 +72,69 @@ struct CodecTraits {
 };
 
 inline constexpr std::array<CodecTraits, 5> kCodecs = {{
-    {Codec::kV1, "qmoe-v1", "QMoE's dictionary code: 16-bit codewords over a fixed dictionary",
-     {Member::kCodes, Member::kRowOffsets, Member::kLevels}, 3, DictionaryKind::kBuiltin,
-     "qmoe.dictionary.qmoe-v1", 1, true, Target::kAny},
-    {Codec::kV2, "qmoe-v2",
+    {Codec::kV1,
+     "qmoe-v1",
+     "QMoE's dictionary code: 16-bit codewords over a fixed dictionary",
+     {Member::kCodes, Member::kRowOffsets, Member::kLevels},
+     3,
+     DictionaryKind::kBuiltin,
+     "qmoe.dictionary.qmoe-v1",
+     1,
+     true,
+     Target::kAny},
+    {Codec::kV2,
+     "qmoe-v2",
      "16-bit codewords over a dictionary fitted to the zero fraction, entries of up to 3 non-zeros",
-     {Member::kCodes, Member::kRowOffsets, Member::kLevels}, 3, DictionaryKind::kFitted,
-     "qmoe.dictionary.qmoe-v2.", 1, true, Target::kGpu},
-    {Codec::kV3, "qmoe-v3", "qmoe-v2 with rows coded in pairs over a 16-column window",
-     {Member::kCodes, Member::kRowOffsets, Member::kLevels}, 3, DictionaryKind::kFitted,
-     "qmoe.dictionary.qmoe-v3.", 2, false, std::nullopt},
-    {Codec::kG4, "qmoe-g4", "4-bit gap tokens and kind bits over groups of 4 rows, no dictionary",
-     {Member::kGroupOffsets, Member::kTokens, Member::kKinds, Member::kLevels}, 4,
-     DictionaryKind::kNone, "", 4, false, Target::kCpu},
-    {Codec::kP5, "qmoe-p5", "five symbols per byte, no dictionary (1.6 bits per weight)",
-     {Member::kPacked, Member::kLevels}, 2, DictionaryKind::kNone, "", 1, true, std::nullopt},
+     {Member::kCodes, Member::kRowOffsets, Member::kLevels},
+     3,
+     DictionaryKind::kFitted,
+     "qmoe.dictionary.qmoe-v2.",
+     1,
+     true,
+     Target::kGpu},
+    {Codec::kV3,
+     "qmoe-v3",
+     "qmoe-v2 with rows coded in pairs over a 16-column window",
+     {Member::kCodes, Member::kRowOffsets, Member::kLevels},
+     3,
+     DictionaryKind::kFitted,
+     "qmoe.dictionary.qmoe-v3.",
+     2,
+     false,
+     std::nullopt},
+    {Codec::kG4,
+     "qmoe-g4",
+     "4-bit gap tokens and kind bits over groups of 4 rows, no dictionary",
+     {Member::kGroupOffsets, Member::kTokens, Member::kKinds, Member::kLevels},
+     4,
+     DictionaryKind::kNone,
+     "",
+     4,
+     false,
+     Target::kCpu},
+    {Codec::kP5,
+     "qmoe-p5",
+     "five symbols per byte, no dictionary (1.6 bits per weight)",
+     {Member::kPacked, Member::kLevels},
+     2,
+     DictionaryKind::kNone,
+     "",
+     1,
+     true,
+     std::nullopt},
 }};
 
-static_assert([] {
-  for (size_t i = 0; i < kCodecs.size(); ++i) {
-    if (static_cast<size_t>(kCodecs[i].codec) != i) return false;
-    if (kCodecs[i].member_count == 0 || kCodecs[i].member_list[kCodecs[i].member_count - 1] != Member::kLevels)
-      return false;
-  }
-  return true;
-}(), "kCodecs is indexed by Codec, and every codec stores its levels last");
+static_assert(
+    [] {
+      for (size_t i = 0; i < kCodecs.size(); ++i) {
+        if (static_cast<size_t>(kCodecs[i].codec) != i) return false;
+        if (kCodecs[i].member_count == 0 ||
+            kCodecs[i].member_list[kCodecs[i].member_count - 1] != Member::kLevels)
+          return false;
+      }
+      return true;
+    }(),
+    "kCodecs is indexed by Codec, and every codec stores its levels last");
 
 constexpr const CodecTraits& codec_traits(Codec c) {
   return kCodecs[static_cast<size_t>(c)];

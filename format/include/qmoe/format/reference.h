@@ -17,9 +17,9 @@ namespace qmoe {
 const int32_t* v1_decode_table();
 
 // The same qmoe-v1 dictionary as v1::kEntries qmoe-v2 entry words (codec_layout.h, SPEC section
-// 4.3.2): every qmoe-v1 entry has 2..28 symbols, at most 3 of them non-zero, so it is a valid qmoe-v2
-// entry. Kernels that read entry words run both codecs with one code path (the CUDA kernels do).
-// Thread-safe; the pointer stays valid forever.
+// 4.3.2): every qmoe-v1 entry has 2..28 symbols, at most 3 of them non-zero, so it is a valid
+// qmoe-v2 entry. Kernels that read entry words run both codecs with one code path (the CUDA kernels
+// do). Thread-safe; the pointer stays valid forever.
 const uint32_t* v1_entry_words();
 
 // XXH3-64 of a qmoe-v2 or qmoe-v3 dictionary's bytes (its id, CompressedView::dictionary_id).
