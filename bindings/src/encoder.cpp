@@ -49,15 +49,25 @@ qmoe::TernaryMatrix ternary_from(const py::handle& s_obj, const py::handle& l_ob
   return t;
 }
 
+// fitted_p0, or its deprecated spelling v2_p0 (with a DeprecationWarning); not both.
+std::optional<double> fitted_p0_arg(std::optional<double> fitted_p0, std::optional<double> v2_p0) {
+  if (!v2_p0) return fitted_p0;
+  if (fitted_p0) bad_arg("fitted_p0 and v2_p0 (its deprecated spelling) given together");
+  if (PyErr_WarnEx(PyExc_DeprecationWarning, "v2_p0 is deprecated: use fitted_p0", 2) != 0)
+    throw py::error_already_set();
+  return v2_p0;
+}
+
 PyCompressed encode(const py::handle& symbols, const py::handle& levels, const std::string& codec,
                     const std::string& original_dtype, int threads, int v2_max_width,
-                    std::optional<double> v2_p0, const std::string& target) {
+                    std::optional<double> fitted_p0, const std::string& target,
+                    std::optional<double> v2_p0) {
   qmoe::EncodeOptions opt;
   opt.codec = parse_codec(codec, true);
   opt.target = parse_target(target);
   opt.threads = threads;
   opt.v2_max_width = v2_max_width;
-  opt.v2_p0 = v2_p0;
+  opt.fitted_p0 = fitted_p0_arg(fitted_p0, v2_p0);
   const DType orig = parse_dtype_name(original_dtype);
   qmoe::TernaryMatrix t = ternary_from(symbols, levels);
   qmoe::CompressedMatrix m;
@@ -70,14 +80,14 @@ PyCompressed encode(const py::handle& symbols, const py::handle& levels, const s
 
 // The same matrix in another codec.
 PyCompressed transcode_matrix(const PyCompressed& m, const std::string& codec, int threads,
-                              int v2_max_width, std::optional<double> v2_p0,
-                              const std::string& target) {
+                              int v2_max_width, std::optional<double> fitted_p0,
+                              const std::string& target, std::optional<double> v2_p0) {
   qmoe::EncodeOptions opt;
   opt.codec = parse_codec(codec, true);
   opt.target = parse_target(target);
   opt.threads = threads;
   opt.v2_max_width = v2_max_width;
-  opt.v2_p0 = v2_p0;
+  opt.fitted_p0 = fitted_p0_arg(fitted_p0, v2_p0);
   qmoe::CompressedMatrix out;
   {
     py::gil_scoped_release nogil;
@@ -102,8 +112,8 @@ Raises ValueError for a wrong dtype, shape or layout, or a non-finite weight.
 
   m.def("encode", &encode, py::arg("symbols"), py::arg("levels"), py::kw_only(),
         py::arg("codec") = "qmoe-v1", py::arg("original_dtype") = "F32", py::arg("threads") = 0,
-        py::arg("v2_max_width") = 63, py::arg("v2_p0") = py::none(), py::arg("target") = "any",
-        R"doc(
+        py::arg("v2_max_width") = 63, py::arg("fitted_p0") = py::none(), py::arg("target") = "any",
+        py::arg("v2_p0") = py::none(), R"doc(
 Encodes a ternary matrix. symbols: uint8 (rows, cols), each 0, 1 or 2; levels: (rows, 2)
 bfloat16 bit patterns (uint16 or ml_dtypes.bfloat16), as returned by ternarize_rtn() or gptq().
 codec: "qmoe-v1" (QMoE's dictionary codes), "qmoe-v2" (a dictionary fitted to the matrix, ~10%
@@ -113,9 +123,9 @@ smaller at 88.5% zeros, much smaller at higher sparsity; the CPU and CUDA kernel
 with AVX-512 VBMI/VNNI; qmoe-v3 and qmoe-g4 are CPU codecs, converted to qmoe-v2 when uploaded to
 a GPU), "qmoe-p5" (base-3 packing) or "auto": the codec of `target` ("any": qmoe-v1, "cpu":
 qmoe-g4, "gpu": qmoe-v2), or qmoe-p5 where that is smaller.
-v2_max_width, v2_p0: qmoe-v2's longest dictionary entry (1..63 symbols) and the zero fraction its
-dictionary is fitted to (None: the matrix's own, rounded to a multiple of 1/64); qmoe-v3 uses
-v2_p0 too (its entries are always up to 63 columns wide).
+v2_max_width: qmoe-v2's longest dictionary entry (1..63 symbols; qmoe-v3's entries are always up
+to 63 columns wide). fitted_p0: the zero fraction a qmoe-v2 or qmoe-v3 dictionary is fitted to
+(None: the matrix's own, rounded to a multiple of 1/64). v2_p0: the deprecated name of fitted_p0.
 original_dtype: the dtype the weights had, recorded when the matrix is saved ('F32', 'BF16', ...).
 threads: OpenMP threads (0 = default); the output is identical for any value.
 Raises ValueError for wrong dtypes or shapes, a symbol outside 0..2, or an unknown codec.
@@ -152,12 +162,12 @@ container. Raises ValueError for p0 outside (0, 1).
 )doc");
 
   m.def("transcode", &transcode_matrix, py::arg("matrix"), py::kw_only(), py::arg("codec") = "auto",
-        py::arg("threads") = 0, py::arg("v2_max_width") = 63, py::arg("v2_p0") = py::none(),
-        py::arg("target") = "any",
+        py::arg("threads") = 0, py::arg("v2_max_width") = 63, py::arg("fitted_p0") = py::none(),
+        py::arg("target") = "any", py::arg("v2_p0") = py::none(),
         R"doc(
 The same matrix (symbols and levels) encoded in another codec: e.g. a qmoe-v1 matrix of an
 existing container as qmoe-v2, or back; a qmoe-v3 or qmoe-g4 matrix as qmoe-v2 for the GPU.
-codec (default "auto": the codec of target), threads, v2_max_width, v2_p0 and target as for
+codec (default "auto": the codec of target), threads, v2_max_width, fitted_p0 and target as for
 encode(); the original dtype is kept.
 Raises ValueError for an unknown codec or target.
 )doc");

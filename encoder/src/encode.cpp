@@ -223,7 +223,7 @@ CompressedMatrix encode_v1(const TernaryMatrix& t, const EncodeOptions& opt) {
 
 CompressedMatrix encode_v2(const TernaryMatrix& t, const EncodeOptions& opt) {
   const detail::V2Codebook& cb = detail::v2_codebook(
-      opt.v2_p0 ? *opt.v2_p0 : v2_fitted_p0(t.zero_fraction()), opt.v2_max_width);
+      opt.fitted_p0 ? *opt.fitted_p0 : fitted_p0_for(t.zero_fraction()), opt.v2_max_width);
   CompressedMatrix m = encode_codes(t, opt.threads, Codec::kV2, [&](int64_t r, auto&& sink) {
     encode_row_v2(cb, t.symbols.data() + r * t.cols, t.cols, sink);
   });
@@ -233,7 +233,7 @@ CompressedMatrix encode_v2(const TernaryMatrix& t, const EncodeOptions& opt) {
 
 CompressedMatrix encode_v3(const TernaryMatrix& t, const EncodeOptions& opt) {
   const detail::V3Codebook& cb =
-      detail::v3_codebook(opt.v2_p0 ? *opt.v2_p0 : v2_fitted_p0(t.zero_fraction()));
+      detail::v3_codebook(opt.fitted_p0 ? *opt.fitted_p0 : fitted_p0_for(t.zero_fraction()));
   CompressedMatrix m = encode_codes(t, opt.threads, Codec::kV3, [&](int64_t r, auto&& sink) {
     if (r % 2 != 0) return;
     const uint8_t* s0 = t.symbols.data() + r * t.cols;
@@ -352,15 +352,15 @@ int64_t v1_code_count(const TernaryMatrix& t, int threads) {
   return total;
 }
 
-std::shared_ptr<const V2Dictionary> v2_dictionary(double p0, int max_width) {
+std::shared_ptr<const FittedDictionary> v2_dictionary(double p0, int max_width) {
   return detail::v2_codebook(p0, max_width).dictionary;
 }
 
-std::shared_ptr<const V2Dictionary> v3_dictionary(double p0) {
+std::shared_ptr<const FittedDictionary> v3_dictionary(double p0) {
   return detail::v3_codebook(p0).dictionary;
 }
 
-double v2_fitted_p0(double zero_fraction) {
+double fitted_p0_for(double zero_fraction) {
   const double k = std::nearbyint(std::clamp(zero_fraction, 0.0, 1.0) * 64.0);
   return std::clamp(k, 32.0, 63.0) / 64.0;
 }

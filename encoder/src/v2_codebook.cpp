@@ -178,7 +178,7 @@ V2Codebook build_codebook(double p0, int max_width) {
     cb.child[static_cast<size_t>(leaves[i].parent) * 3 + leaves[i].sym] = ~static_cast<int32_t>(i);
   }
   for (size_t i = leaves.size(); i < entries.size(); ++i) entries[i] = entries[0];
-  auto d = std::make_shared<V2Dictionary>(
+  auto d = std::make_shared<FittedDictionary>(
       *make_v2_dictionary(std::move(entries), "qmoe-v2 dictionary construction"));
   d->p0 = p0;
   d->max_width = max_width;

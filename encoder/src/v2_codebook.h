@@ -14,7 +14,7 @@ namespace qmoe::detail {
 // node that extends `node` by `symbol` (>= 0), or ~code of the leaf that does (< 0). Node 0 is
 // the root (the empty string).
 struct V2Codebook {
-  std::shared_ptr<const V2Dictionary> dictionary;
+  std::shared_ptr<const FittedDictionary> dictionary;
   std::vector<int32_t> child;
 };
 

@@ -139,7 +139,7 @@ V3Codebook build_codebook(double p0) {
           ci >= 0 ? ci : ~code_of[static_cast<size_t>(c)];
     }
   }
-  auto d = std::make_shared<V2Dictionary>(
+  auto d = std::make_shared<FittedDictionary>(
       *make_v3_dictionary(std::move(entries), "qmoe-v3 dictionary construction"));
   d->p0 = p0;
   d->max_width = v3::kMaxWidth;

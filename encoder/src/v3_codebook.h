@@ -14,7 +14,7 @@ namespace qmoe::detail {
 // entries are its leaves. child[node * 9 + value] is the inner node that extends `node` by
 // `value` (> 0), or ~code of the leaf that does (< 0). Node 0 is the root.
 struct V3Codebook {
-  std::shared_ptr<const V2Dictionary> dictionary;
+  std::shared_ptr<const FittedDictionary> dictionary;
   std::vector<int32_t> child;
 };
 

@@ -406,10 +406,10 @@ void validate_entries(std::span<const uint32_t> entries, std::string_view what) 
 }
 
 template <class L>
-std::shared_ptr<const V2Dictionary> make_fitted_dictionary(std::vector<uint32_t> entries,
-                                                           std::string_view what) {
+std::shared_ptr<const FittedDictionary> make_fitted_dictionary(std::vector<uint32_t> entries,
+                                                               std::string_view what) {
   validate_entries<L>(entries, what);
-  auto d = std::make_shared<V2Dictionary>();
+  auto d = std::make_shared<FittedDictionary>();
   d->id = v2_dictionary_id(entries);
   d->entries = std::move(entries);
   return d;
@@ -437,13 +437,13 @@ void validate_dictionary(Codec codec, std::span<const uint32_t> entries, std::st
   }
 }
 
-std::shared_ptr<const V2Dictionary> make_v2_dictionary(std::vector<uint32_t> entries,
-                                                       std::string_view what) {
+std::shared_ptr<const FittedDictionary> make_v2_dictionary(std::vector<uint32_t> entries,
+                                                           std::string_view what) {
   return make_fitted_dictionary<V2Layout>(std::move(entries), what);
 }
 
-std::shared_ptr<const V2Dictionary> make_v3_dictionary(std::vector<uint32_t> entries,
-                                                       std::string_view what) {
+std::shared_ptr<const FittedDictionary> make_v3_dictionary(std::vector<uint32_t> entries,
+                                                           std::string_view what) {
   return make_fitted_dictionary<V3Layout>(std::move(entries), what);
 }
 

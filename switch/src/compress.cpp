@@ -254,7 +254,7 @@ struct Cached {
   MatrixStats stats;
   Codec codec = Codec::kV1;
   int64_t compressed_bytes = 0;
-  std::shared_ptr<const V2Dictionary> dictionary;  // qmoe-v2, qmoe-v3
+  std::shared_ptr<const FittedDictionary> dictionary;  // qmoe-v2, qmoe-v3
 };
 
 // XXH3-64 over a work file's metadata (every key and value but "xxh3", in key order) and its

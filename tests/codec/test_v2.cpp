@@ -39,7 +39,7 @@ double order0_entropy(double p0) {
 
 // The leaves of a complete ternary tree: no entry is a prefix of another, and the Kraft sum
 // sum(3^-width) is exactly 1 (computed in integers, 3^63 < 2^101).
-TEST(V2Dictionary, IsTheLeafSetOfACompleteTree) {
+TEST(FittedDictionary, IsTheLeafSetOfACompleteTree) {
   for (double p0 : {0.5, 0.885, 0.95, 0.99}) {
     for (int width : {24, 40, 63}) {
       SCOPED_TRACE(testing::Message() << "p0 " << p0 << " max_width " << width);
@@ -78,7 +78,7 @@ TEST(V2Dictionary, IsTheLeafSetOfACompleteTree) {
   }
 }
 
-TEST(V2Dictionary, CodesInOrderOfProbabilityAndCached) {
+TEST(FittedDictionary, CodesInOrderOfProbabilityAndCached) {
   const double p0 = 0.885, p1 = (1 - p0) / 2;
   const auto d = v2_dictionary(p0, 63);
   EXPECT_EQ(d.get(), v2_dictionary(p0, 63).get());
@@ -107,7 +107,7 @@ TEST(V2Dictionary, CodesInOrderOfProbabilityAndCached) {
   }
 }
 
-TEST(V2Dictionary, RejectsBadParameters) {
+TEST(FittedDictionary, RejectsBadParameters) {
   EXPECT_THROW(v2_dictionary(0.0), InvalidArgument);
   EXPECT_THROW(v2_dictionary(1.0), InvalidArgument);
   EXPECT_THROW(v2_dictionary(std::nan("")), InvalidArgument);
@@ -115,11 +115,11 @@ TEST(V2Dictionary, RejectsBadParameters) {
   EXPECT_THROW(v2_dictionary(0.885, 0), InvalidArgument);
 }
 
-TEST(V2Dictionary, FittedZeroFraction) {
-  EXPECT_EQ(v2_fitted_p0(0.885), 57.0 / 64);
-  EXPECT_EQ(v2_fitted_p0(0.2), 0.5);
-  EXPECT_EQ(v2_fitted_p0(1.0), 63.0 / 64);
-  EXPECT_EQ(v2_fitted_p0(0.0), 0.5);
+TEST(FittedDictionary, FittedZeroFraction) {
+  EXPECT_EQ(fitted_p0_for(0.885), 57.0 / 64);
+  EXPECT_EQ(fitted_p0_for(0.2), 0.5);
+  EXPECT_EQ(fitted_p0_for(1.0), 63.0 / 64);
+  EXPECT_EQ(fitted_p0_for(0.0), 0.5);
 }
 
 // Independent decoder of the greedy tree parse: the codes of a row, decoded entry by entry with
@@ -165,7 +165,7 @@ TEST(EncodeV2, SmallerThanV1AndNearTheEntropy) {
 
 TEST(EncodeV2, ExplicitDictionaryParameters) {
   const auto t = random_ternary(16, 500, 0.885, 4);
-  const auto a = encode(t, {.codec = Codec::kV2, .v2_max_width = 32, .v2_p0 = 0.9});
+  const auto a = encode(t, {.codec = Codec::kV2, .v2_max_width = 32, .fitted_p0 = 0.9});
   EXPECT_EQ(a.dictionary.get(), v2_dictionary(0.9, 32).get());
   for (uint32_t e : a.dictionary->entries) ASSERT_LE(v2::entry_width(e), 32);
   std::vector<uint8_t> back(t.symbols.size());

@@ -609,7 +609,7 @@ TEST(DecoderCpu, V2DictionariesWithTheSameIdKeepTheirOwnTables) {
   const CompressedMatrix a = make(40, 300, 0.885, 91, Codec::kV2);
   EncodeOptions o;
   o.codec = Codec::kV2;
-  o.v2_p0 = 0.95;
+  o.fitted_p0 = 0.95;
   const CompressedMatrix b = encode(random_ternary(40, 300, 0.95, 92), o);
   ASSERT_NE(a.dictionary->id, b.dictionary->id);
   const std::vector<float> x = random_vec(300, 93);

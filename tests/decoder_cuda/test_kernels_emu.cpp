@@ -109,7 +109,7 @@ void check_dense(const CompressedMatrix& m, DType t, int64_t r0, int64_t r1);
 
 // A well-formed qmoe-v2 dictionary unlike the encoder's: widths 1..63 at random, 0..3 non-zero
 // symbols anywhere below the width (not within v2::kSpan columns), kinds at random.
-std::shared_ptr<const V2Dictionary> arbitrary_dictionary(uint64_t seed) {
+std::shared_ptr<const FittedDictionary> arbitrary_dictionary(uint64_t seed) {
   std::mt19937_64 rng(seed);
   std::vector<uint32_t> words(v2::kEntries);
   std::vector<int> cols(v2::kMaxWidth);
@@ -132,7 +132,7 @@ std::shared_ptr<const V2Dictionary> arbitrary_dictionary(uint64_t seed) {
 // the row is covered, the last one drawn again until its non-zero symbols lie inside the row (it
 // may reach past the row's end over zeros, as the format allows).
 CompressedMatrix arbitrary_v2_matrix(int64_t rows, int64_t cols,
-                                     std::shared_ptr<const V2Dictionary> dict, uint64_t seed) {
+                                     std::shared_ptr<const FittedDictionary> dict, uint64_t seed) {
   std::mt19937_64 rng(seed);
   CompressedMatrix m;
   m.codec = Codec::kV2;

@@ -13,8 +13,8 @@ struct V2Fixture {
   // a and b have similar sparsity and share a dictionary; c is sparser and has its own.
   TernaryMatrix ta = random_ternary(6, 300, 0.885, 1), tb = random_ternary(9, 77, 0.89, 2),
                 tc = random_ternary(5, 129, 0.96, 3);
-  CompressedMatrix a = encode(ta, {.codec = Codec::kV2, .v2_p0 = 0.890625}),
-                   b = encode(tb, {.codec = Codec::kV2, .v2_p0 = 0.890625}),
+  CompressedMatrix a = encode(ta, {.codec = Codec::kV2, .fitted_p0 = 0.890625}),
+                   b = encode(tb, {.codec = Codec::kV2, .fitted_p0 = 0.890625}),
                    c = encode(tc, {.codec = Codec::kV2});
   void add_all(ContainerWriter& w) const {
     w.add_compressed("a", a.view(), DType::kF32);

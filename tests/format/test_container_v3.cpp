@@ -17,10 +17,10 @@ struct V3Fixture {
   TernaryMatrix ta = random_ternary(6, 300, 0.885, 1), tb = random_ternary(5, 129, 0.96, 2),
                 tc = random_ternary(8, 300, 0.885, 3), td = random_ternary(7, 77, 0.89, 4),
                 te = random_ternary(4, 129, 0.96, 5);
-  CompressedMatrix a = encode(ta, {.codec = Codec::kV2, .v2_p0 = 0.890625}),
+  CompressedMatrix a = encode(ta, {.codec = Codec::kV2, .fitted_p0 = 0.890625}),
                    b = encode(tb, {.codec = Codec::kV2}),
-                   c = encode(tc, {.codec = Codec::kV3, .v2_p0 = 0.890625}),
-                   d = encode(td, {.codec = Codec::kV3, .v2_p0 = 0.890625}),
+                   c = encode(tc, {.codec = Codec::kV3, .fitted_p0 = 0.890625}),
+                   d = encode(td, {.codec = Codec::kV3, .fitted_p0 = 0.890625}),
                    e = encode(te, {.codec = Codec::kV3});
   void add_all(ContainerWriter& w) const {
     w.add_compressed("a", a.view(), DType::kF32);

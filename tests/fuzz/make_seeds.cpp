@@ -94,7 +94,7 @@ void matrices(const fs::path& to, std::vector<qmoe::Codec> codecs,
       const auto tern = qmoe::ternarize_rtn(x.data(), rows, cols);
       std::string name = "m";  // (not "m" + ...: GCC 12 warns falsely about that, -Wrestrict)
       name += std::to_string(k++);
-      w.add_compressed(name, qmoe::encode(tern, {.codec = codec, .v2_p0 = 0.890625}).view(),
+      w.add_compressed(name, qmoe::encode(tern, {.codec = codec, .fitted_p0 = 0.890625}).view(),
                        qmoe::DType::kF32);
     }
   }

@@ -281,15 +281,23 @@ def test_v2_is_smaller_than_v1_and_near_the_entropy(rng, p0):
 def test_v2_dictionary_parameters(rng):
     w = sparse_weights(rng, 20, 300)
     s, l = qmoe.ternarize_rtn(w)
-    a = qmoe.encode(s, l, codec="qmoe-v2", v2_max_width=32, v2_p0=0.9)
+    a = qmoe.encode(s, l, codec="qmoe-v2", v2_max_width=32, fitted_p0=0.9)
     assert int((a.dictionary >> 26).max()) <= 32
     np.testing.assert_array_equal(a.decode_symbols(), s)
-    b = qmoe.encode(s, l, codec="qmoe-v2", v2_max_width=32, v2_p0=0.9)
+    b = qmoe.encode(s, l, codec="qmoe-v2", v2_max_width=32, fitted_p0=0.9)
     assert a.dictionary_id == b.dictionary_id
     with pytest.raises(ValueError):
         qmoe.encode(s, l, codec="qmoe-v2", v2_max_width=64)
     with pytest.raises(ValueError):
-        qmoe.encode(s, l, codec="qmoe-v2", v2_p0=1.0)
+        qmoe.encode(s, l, codec="qmoe-v2", fitted_p0=1.0)
+    # v2_p0: the deprecated spelling of fitted_p0, the same dictionary with a warning; not both.
+    with pytest.warns(DeprecationWarning, match="fitted_p0"):
+        c = qmoe.encode(s, l, codec="qmoe-v2", v2_max_width=32, v2_p0=0.9)
+    assert c.dictionary_id == a.dictionary_id
+    with pytest.warns(DeprecationWarning):
+        assert qmoe.transcode(c, codec="qmoe-v3", v2_p0=0.9).codec == "qmoe-v3"
+    with pytest.raises(ValueError, match="together"):
+        qmoe.encode(s, l, codec="qmoe-v2", fitted_p0=0.9, v2_p0=0.9)
 
 
 def test_v2_from_tensors_rejects_a_broken_dictionary(rng):
@@ -374,7 +382,7 @@ def test_v3_dictionary_matches_the_spec_example(rng):
     assert dict_id != qmoe.v2_dictionary(57 / 64)[1]
     # The encoder uses it for that zero fraction.
     s, l = qmoe.ternarize_rtn(sparse_weights(rng, 6, 90))
-    m = qmoe.encode(s, l, codec="qmoe-v3", v2_p0=57 / 64)
+    m = qmoe.encode(s, l, codec="qmoe-v3", fitted_p0=57 / 64)
     assert m.dictionary_id == dict_id
     np.testing.assert_array_equal(m.dictionary, d)
     for bad in (0.0, 1.0, 1.5):

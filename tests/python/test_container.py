@@ -267,9 +267,9 @@ def test_qmoe_v3_next_to_qmoe_v2(rng, tmp_path):
     # Fitted to the same zero fraction, a qmoe-v2 and a qmoe-v3 matrix still share nothing: each
     # codec's dictionary is stored under its own name, once per file.
     s, l = qmoe.ternarize_rtn(sparse_weights(rng, 9, 300))
-    tensors = {"v2": qmoe.encode(s, l, codec="qmoe-v2", v2_p0=57 / 64),
-               "v3": qmoe.encode(s, l, codec="qmoe-v3", v2_p0=57 / 64, original_dtype="BF16"),
-               "v3b": qmoe.encode(s[:4], l[:4], codec="qmoe-v3", v2_p0=57 / 64)}
+    tensors = {"v2": qmoe.encode(s, l, codec="qmoe-v2", fitted_p0=57 / 64),
+               "v3": qmoe.encode(s, l, codec="qmoe-v3", fitted_p0=57 / 64, original_dtype="BF16"),
+               "v3b": qmoe.encode(s[:4], l[:4], codec="qmoe-v3", fitted_p0=57 / 64)}
     assert tensors["v3"].dictionary_id == "11ccb88076bd615f"  # format/SPEC.md section 4.4.2
     assert tensors["v2"].dictionary_id != tensors["v3"].dictionary_id
     path = tmp_path / "v3.safetensors"

@@ -172,8 +172,9 @@ def encode(
     original_dtype: str = "F32",
     threads: int = 0,
     v2_max_width: int = 63,
-    v2_p0: Optional[float] = None,
+    fitted_p0: Optional[float] = None,
     target: TargetName = "any",
+    v2_p0: Optional[float] = None,
 ) -> CompressedMatrix: ...
 def v2_dictionary(p0: float, max_width: int = 63) -> tuple[npt.NDArray[np.uint32], str]: ...
 def v3_dictionary(p0: float) -> tuple[npt.NDArray[np.uint32], str]: ...
@@ -183,8 +184,9 @@ def transcode(
     codec: Union[CodecName, Literal["auto"]] = "auto",
     threads: int = 0,
     v2_max_width: int = 63,
-    v2_p0: Optional[float] = None,
+    fitted_p0: Optional[float] = None,
     target: TargetName = "any",
+    v2_p0: Optional[float] = None,
 ) -> CompressedMatrix: ...
 
 class HessianAccumulator:

@@ -33,10 +33,10 @@ struct EncodeOptions {
   Target target = Target::kAny;
   // OpenMP threads (0 = the OpenMP default). The output is identical for any value.
   int threads = 0;
-  // qmoe-v2: the longest dictionary entry (1..63 symbols), and the zero fraction the dictionary
-  // is fitted to (nullopt: the matrix's own, see v2_fitted_p0()). qmoe-v3 uses v2_p0 too.
+  // qmoe-v2: the longest dictionary entry (1..63 symbols). qmoe-v2 and qmoe-v3: the zero fraction
+  // the fitted dictionary is built for (nullopt: the matrix's own, see fitted_p0_for()).
   int v2_max_width = 63;
-  std::optional<double> v2_p0{};
+  std::optional<double> fitted_p0{};
 };
 
 // Encodes a ternary matrix. qmoe-v1 and qmoe-v2 use greedy longest match through a trie of the
@@ -52,18 +52,18 @@ CompressedMatrix encode(const TernaryMatrix& t, const EncodeOptions& opt = {});
 // within 32 columns). Built once per argument pair; the same arguments give the same object. Throws
 // InvalidArgument for p0 outside (0, 1) or max_width outside 1..63. Below 39, the tree has fewer
 // than 65535 leaves and the codes past them repeat code 0's entry.
-std::shared_ptr<const V2Dictionary> v2_dictionary(double p0, int max_width = v2::kMaxWidth);
+std::shared_ptr<const FittedDictionary> v2_dictionary(double p0, int max_width = v2::kMaxWidth);
 
 // The qmoe-v3 dictionary the encoder uses for zero fraction p0 (0 < p0 < 1), format/SPEC.md
 // section 4.4.4: the leaves of a Tunstall tree over the 9 values of a column of two rows. Built
 // once per p0; the same argument gives the same object. Throws InvalidArgument for p0 outside (0,
 // 1).
-std::shared_ptr<const V2Dictionary> v3_dictionary(double p0);
+std::shared_ptr<const FittedDictionary> v3_dictionary(double p0);
 
 // The zero fraction qmoe-v2 and qmoe-v3 fit a matrix's dictionary to: `zero_fraction` rounded to a
 // multiple of 1/64 and clamped to [32/64, 63/64], so that matrices of similar sparsity share one
 // dictionary (the fit costs under 0.2% of size at P(0) = 0.85..0.95).
-double v2_fitted_p0(double zero_fraction);
+double fitted_p0_for(double zero_fraction);
 
 // Re-encodes a matrix in opt.codec (nullopt: the automatic choice): its symbols, decoded by the
 // reference decoder, encoded again; levels are kept (e.g. a QMoE-compatible qmoe-v1 file as the

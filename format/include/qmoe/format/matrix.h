@@ -82,7 +82,7 @@ CompressedView row_slice(const CompressedView& m, int64_t r0, int64_t r1,
 
 // A qmoe-v2 or qmoe-v3 dictionary: 65536 entry words and their XXH3-64 (see CompressedView), plus
 // the parameters the encoder built it for (0 when unknown, e.g. read from a file).
-struct V2Dictionary {
+struct FittedDictionary {
   std::vector<uint32_t> entries;
   uint64_t id = 0;
   double p0 = 0;
@@ -98,10 +98,10 @@ struct CompressedMatrix {
   std::vector<int32_t> row_offsets;
   std::vector<uint8_t> packed;
   std::vector<uint16_t> levels;
-  std::shared_ptr<const V2Dictionary> dictionary;  // qmoe-v2, qmoe-v3
-  std::vector<uint8_t> tokens;                     // qmoe-g4
-  std::vector<uint8_t> kinds;                      // qmoe-g4
-  std::vector<int32_t> group_offsets;              // qmoe-g4
+  std::shared_ptr<const FittedDictionary> dictionary;  // qmoe-v2, qmoe-v3
+  std::vector<uint8_t> tokens;                         // qmoe-g4
+  std::vector<uint8_t> kinds;                          // qmoe-g4
+  std::vector<int32_t> group_offsets;                  // qmoe-g4
 
   bool has_codes() const { return codec_traits(codec).has_codes(); }
   // Whether the matrix carries its own dictionary (qmoe-v2 or qmoe-v3).

@@ -28,14 +28,14 @@ uint64_t v2_dictionary_id(std::span<const uint32_t> entries);
 // Throws FormatError whose message starts with `what` and names the entry.
 void validate_v2_dictionary(std::span<const uint32_t> entries, std::string_view what = {});
 // Validates `entries` and wraps them with their id.
-std::shared_ptr<const V2Dictionary> make_v2_dictionary(std::vector<uint32_t> entries,
-                                                       std::string_view what = {});
+std::shared_ptr<const FittedDictionary> make_v2_dictionary(std::vector<uint32_t> entries,
+                                                           std::string_view what = {});
 
 // The same for a qmoe-v3 dictionary (v3 entry words, codec_layout.h, SPEC section 4.4.2); its id is
 // the same hash, v2_dictionary_id().
 void validate_v3_dictionary(std::span<const uint32_t> entries, std::string_view what = {});
-std::shared_ptr<const V2Dictionary> make_v3_dictionary(std::vector<uint32_t> entries,
-                                                       std::string_view what = {});
+std::shared_ptr<const FittedDictionary> make_v3_dictionary(std::vector<uint32_t> entries,
+                                                           std::string_view what = {});
 // validate_v2_dictionary() or validate_v3_dictionary(), by the codec that uses the dictionary.
 void validate_dictionary(Codec codec, std::span<const uint32_t> entries,
                          std::string_view what = {});
