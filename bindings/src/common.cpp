@@ -67,6 +67,16 @@ void check_c_contiguous(const py::array& a, const char* what) {
   }
 }
 
+py::array out_array(const py::handle& obj) {
+  py::array o = as_array(obj, "out");
+  if (!o.dtype().is(py::dtype::of<float>()))
+    bad_arg("out: expected float32, got " + dtype_str(o.dtype()));
+  check_ndim(o, "out", 2);
+  check_c_contiguous(o, "out");
+  if (!o.writeable()) bad_arg("out: the array is read-only");
+  return o;
+}
+
 FloatArg float_arg(const py::handle& obj, const char* what, py::ssize_t ndim, bool bf16) {
   FloatArg f;
   f.array = as_array(obj, what);

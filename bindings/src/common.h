@@ -49,6 +49,9 @@ py::array as_array(const py::handle& obj, const char* what);
 
 void check_ndim(const py::array& a, const char* what, py::ssize_t ndim);
 void check_c_contiguous(const py::array& a, const char* what);
+// An `out` argument: a writable, C-contiguous 2-D float32 array (its shape is the caller's to
+// check); ValueError naming "out" otherwise.
+py::array out_array(const py::handle& obj);
 
 // A validated float input: shape checked, C-contiguous, one of the three float types.
 struct FloatArg {

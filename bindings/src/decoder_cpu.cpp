@@ -108,12 +108,7 @@ py::array grouped_matmul(const std::vector<PyCompressed>& weights, const py::han
   py::array_t<float> y;
   int64_t out_limit = std::numeric_limits<int32_t>::max();
   if (!out_obj.is_none()) {
-    py::array o = as_array(out_obj, "out");
-    if (!o.dtype().is(py::dtype::of<float>()))
-      bad_arg("out: expected float32, got " + dtype_str(o.dtype()));
-    check_ndim(o, "out", 2);
-    check_c_contiguous(o, "out");
-    if (!o.writeable()) bad_arg("out: the array is read-only");
+    py::array o = out_array(out_obj);
     if (o.shape(1) != d_out) {
       bad_arg("out: expected " + std::to_string(d_out) +
               " columns (the rows of the matrices), got " + std::to_string(o.shape(1)));

@@ -49,25 +49,32 @@ qmoe::TernaryMatrix ternary_from(const py::handle& s_obj, const py::handle& l_ob
   return t;
 }
 
-// fitted_p0, or its deprecated spelling v2_p0 (with a DeprecationWarning); not both.
-std::optional<double> fitted_p0_arg(std::optional<double> fitted_p0, std::optional<double> v2_p0) {
-  if (!v2_p0) return fitted_p0;
-  if (fitted_p0) bad_arg("fitted_p0 and v2_p0 (its deprecated spelling) given together");
-  if (PyErr_WarnEx(PyExc_DeprecationWarning, "v2_p0 is deprecated: use fitted_p0", 2) != 0)
-    throw py::error_already_set();
-  return v2_p0;
+// The options of encode() and transcode(). fitted_p0 may come by its deprecated spelling v2_p0
+// (with a DeprecationWarning); not both.
+qmoe::EncodeOptions encode_options(const std::string& codec, const std::string& target, int threads,
+                                   int v2_max_width, std::optional<double> fitted_p0,
+                                   std::optional<double> v2_p0) {
+  qmoe::EncodeOptions opt;
+  opt.codec = parse_codec(codec, true);
+  opt.target = parse_target(target);
+  opt.threads = threads;
+  opt.v2_max_width = v2_max_width;
+  opt.fitted_p0 = fitted_p0;
+  if (v2_p0) {
+    if (fitted_p0) bad_arg("fitted_p0 and v2_p0 (its deprecated spelling) given together");
+    if (PyErr_WarnEx(PyExc_DeprecationWarning, "v2_p0 is deprecated: use fitted_p0", 2) != 0)
+      throw py::error_already_set();
+    opt.fitted_p0 = v2_p0;
+  }
+  return opt;
 }
 
 PyCompressed encode(const py::handle& symbols, const py::handle& levels, const std::string& codec,
                     const std::string& original_dtype, int threads, int v2_max_width,
                     std::optional<double> fitted_p0, const std::string& target,
                     std::optional<double> v2_p0) {
-  qmoe::EncodeOptions opt;
-  opt.codec = parse_codec(codec, true);
-  opt.target = parse_target(target);
-  opt.threads = threads;
-  opt.v2_max_width = v2_max_width;
-  opt.fitted_p0 = fitted_p0_arg(fitted_p0, v2_p0);
+  const qmoe::EncodeOptions opt =
+      encode_options(codec, target, threads, v2_max_width, fitted_p0, v2_p0);
   const DType orig = parse_dtype_name(original_dtype);
   qmoe::TernaryMatrix t = ternary_from(symbols, levels);
   qmoe::CompressedMatrix m;
@@ -82,12 +89,8 @@ PyCompressed encode(const py::handle& symbols, const py::handle& levels, const s
 PyCompressed transcode_matrix(const PyCompressed& m, const std::string& codec, int threads,
                               int v2_max_width, std::optional<double> fitted_p0,
                               const std::string& target, std::optional<double> v2_p0) {
-  qmoe::EncodeOptions opt;
-  opt.codec = parse_codec(codec, true);
-  opt.target = parse_target(target);
-  opt.threads = threads;
-  opt.v2_max_width = v2_max_width;
-  opt.fitted_p0 = fitted_p0_arg(fitted_p0, v2_p0);
+  const qmoe::EncodeOptions opt =
+      encode_options(codec, target, threads, v2_max_width, fitted_p0, v2_p0);
   qmoe::CompressedMatrix out;
   {
     py::gil_scoped_release nogil;

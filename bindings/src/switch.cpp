@@ -113,12 +113,7 @@ py::array experts_forward(const PyExperts& ex, const py::handle& x_obj,
   if (out_obj.is_none()) {
     y = py::array_t<float>({static_cast<py::ssize_t>(n), static_cast<py::ssize_t>(d)});
   } else {
-    py::array o = as_array(out_obj, "out");
-    if (!o.dtype().is(py::dtype::of<float>()))
-      bad_arg("out: expected float32, got " + dtype_str(o.dtype()));
-    check_ndim(o, "out", 2);
-    check_c_contiguous(o, "out");
-    if (!o.writeable()) bad_arg("out: the array is read-only");
+    py::array o = out_array(out_obj);
     if (o.shape(0) != n || o.shape(1) != d)
       bad_arg("out: expected shape (" + std::to_string(n) + ", " + std::to_string(d) + ")");
     y = py::reinterpret_borrow<py::array_t<float>>(o);
