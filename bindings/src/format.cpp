@@ -56,42 +56,69 @@ PyCompressed from_tensors(const std::string& codec_name, std::pair<int64_t, int6
   py::array lv = as_array(levels_obj, "levels");
   if (is_ml_bfloat16(lv.dtype())) lv = lv.attr("view")(py::dtype::of<uint16_t>());
   copy_1d(lv, "levels", py::dtype::of<uint16_t>(), m.levels);
-  const bool g4 = m.codec == qmoe::Codec::kG4;
-  if (!g4 && (!tokens_obj.is_none() || !kinds_obj.is_none() || !group_offsets_obj.is_none()))
-    bad_arg("tokens, kinds, group_offsets: only for qmoe-g4");
-  if (g4) {
-    if (tokens_obj.is_none() || kinds_obj.is_none() || group_offsets_obj.is_none())
-      bad_arg("qmoe-g4 needs tokens (uint8), kinds (uint8) and group_offsets (int32)");
-    if (!codes_obj.is_none() || !row_offsets_obj.is_none() || !dictionary_obj.is_none() ||
-        !packed_obj.is_none())
-      bad_arg("codes, row_offsets, dictionary, packed: not for qmoe-g4");
+  // The member arguments, each given exactly for the codecs that store it (the codec table).
+  struct Arg {
+    const char* what;
+    const py::handle& obj;
+    bool wanted;
+    std::string takers;  // the codecs that take it, for messages
+  };
+  auto takers = [](auto&& takes) {
+    std::vector<std::string_view> names;
+    for (const qmoe::CodecTraits& t : qmoe::kCodecs) {
+      if (takes(t)) names.push_back(t.name);
+    }
+    std::string out;
+    for (size_t i = 0; i < names.size(); ++i)
+      out += std::string(i == 0                  ? ""
+                         : i + 1 == names.size() ? " and "
+                                                 : ", ") +
+             std::string(names[i]);
+    return out;
+  };
+  const qmoe::CodecTraits& traits = qmoe::codec_traits(m.codec);
+  auto member = [&](const char* what, const py::handle& obj, qmoe::Member mb) {
+    return Arg{what, obj, traits.stores(mb),
+               takers([mb](const qmoe::CodecTraits& t) { return t.stores(mb); })};
+  };
+  const Arg args[] = {
+      member("codes (uint16)", codes_obj, qmoe::Member::kCodes),
+      member("row_offsets (int32)", row_offsets_obj, qmoe::Member::kRowOffsets),
+      member("packed (uint8)", packed_obj, qmoe::Member::kPacked),
+      member("tokens (uint8)", tokens_obj, qmoe::Member::kTokens),
+      member("kinds (uint8)", kinds_obj, qmoe::Member::kKinds),
+      member("group_offsets (int32)", group_offsets_obj, qmoe::Member::kGroupOffsets),
+      Arg{"dictionary (uint32, 65536 entries)", dictionary_obj, traits.has_fitted_dictionary(),
+          takers([](const qmoe::CodecTraits& t) { return t.has_fitted_dictionary(); })},
+  };
+  std::string missing;
+  for (const Arg& a : args) {
+    const std::string_view name =
+        std::string_view(a.what).substr(0, std::string_view(a.what).find(' '));
+    if (!a.wanted && !a.obj.is_none()) bad_arg(std::string(name) + ": only for " + a.takers);
+    if (a.wanted && a.obj.is_none()) missing += (missing.empty() ? "" : ", ") + std::string(a.what);
+  }
+  if (!missing.empty()) bad_arg(std::string(traits.name) + " needs " + missing);
+  if (traits.stores(qmoe::Member::kCodes)) {
+    copy_1d(codes_obj, "codes", py::dtype::of<uint16_t>(), m.codes);
+    copy_1d(row_offsets_obj, "row_offsets", py::dtype::of<int32_t>(), m.row_offsets);
+  }
+  if (traits.stores(qmoe::Member::kPacked))
+    copy_1d(packed_obj, "packed", py::dtype::of<uint8_t>(), m.packed);
+  if (traits.stores(qmoe::Member::kTokens)) {
     copy_1d(tokens_obj, "tokens", py::dtype::of<uint8_t>(), m.tokens);
     copy_1d(kinds_obj, "kinds", py::dtype::of<uint8_t>(), m.kinds);
     copy_1d(group_offsets_obj, "group_offsets", py::dtype::of<int32_t>(), m.group_offsets);
-  } else if (m.has_codes()) {
-    const std::string name(qmoe::codec_name(m.codec));
-    if (codes_obj.is_none() || row_offsets_obj.is_none())
-      bad_arg(name + " needs codes and row_offsets");
-    if (!packed_obj.is_none()) bad_arg("packed: only for qmoe-p5");
-    copy_1d(codes_obj, "codes", py::dtype::of<uint16_t>(), m.codes);
-    copy_1d(row_offsets_obj, "row_offsets", py::dtype::of<int32_t>(), m.row_offsets);
-    if (m.has_dictionary()) {
-      if (dictionary_obj.is_none()) bad_arg(name + " needs dictionary (uint32, 65536 entries)");
-      std::vector<uint32_t> words;
-      copy_1d(dictionary_obj, "dictionary", py::dtype::of<uint32_t>(), words);
-      py::gil_scoped_release nogil;
-      m.dictionary =
-          m.codec == qmoe::Codec::kV3
-              ? qmoe::make_v3_dictionary(std::move(words), "CompressedMatrix.from_tensors")
-              : qmoe::make_v2_dictionary(std::move(words), "CompressedMatrix.from_tensors");
-    } else if (!dictionary_obj.is_none()) {
-      bad_arg("dictionary: only for qmoe-v2 and qmoe-v3");
-    }
-  } else {
-    if (packed_obj.is_none()) bad_arg("qmoe-p5 needs packed");
-    if (!codes_obj.is_none() || !row_offsets_obj.is_none() || !dictionary_obj.is_none())
-      bad_arg("codes, row_offsets, dictionary: only for qmoe-v1, qmoe-v2 and qmoe-v3");
-    copy_1d(packed_obj, "packed", py::dtype::of<uint8_t>(), m.packed);
+  }
+  if (traits.has_fitted_dictionary()) {
+    std::vector<uint32_t> words;
+    copy_1d(dictionary_obj, "dictionary", py::dtype::of<uint32_t>(), words);
+    py::gil_scoped_release nogil;
+    qmoe::validate_dictionary(m.codec, words, "CompressedMatrix.from_tensors");
+    auto d = std::make_shared<qmoe::FittedDictionary>();
+    d->id = qmoe::v2_dictionary_id(words);
+    d->entries = std::move(words);
+    m.dictionary = std::move(d);
   }
   {
     py::gil_scoped_release nogil;
