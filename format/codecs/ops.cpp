@@ -67,4 +67,25 @@ void check_code_sizes(const CompressedView& m, std::string_view what) {
   }
 }
 
+void slice_codes(const CompressedView& m, int64_t r0, int64_t r1, std::vector<int32_t>& offsets,
+                 CompressedView& v) {
+  const int32_t base = m.row_offsets[static_cast<size_t>(r0)];
+  offsets.resize(static_cast<size_t>(r1 - r0 + 1));
+  for (int64_t r = r0; r <= r1; ++r)
+    offsets[static_cast<size_t>(r - r0)] = m.row_offsets[static_cast<size_t>(r)] - base;
+  v.row_offsets = offsets;
+  v.codes = m.codes.subspan(static_cast<size_t>(base), static_cast<size_t>(offsets.back()));
+}
+
+void check_slice_units(const CompressedView& m, int64_t r0, int64_t r1, std::string_view units,
+                       std::string_view unit) {
+  const int64_t n = codec_traits(m.codec).row_unit;
+  if (r0 % n != 0 || (r1 % n != 0 && r1 != m.rows)) {
+    throw InvalidArgument("row_slice: a " + std::string(codec_name(m.codec)) +
+                          " matrix codes rows in " + std::string(units) + "; rows [" +
+                          std::to_string(r0) + ", " + std::to_string(r1) + ") split a " +
+                          std::string(unit));
+  }
+}
+
 }  // namespace qmoe::internal

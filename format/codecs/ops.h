@@ -8,6 +8,7 @@
 #include <span>
 #include <string>
 #include <string_view>
+#include <vector>
 
 #include "qmoe/format/bf16.h"
 #include "qmoe/format/codec.h"
@@ -37,6 +38,10 @@ struct CodecOps {
   // The checks of a fitted dictionary's entries (validate_dictionary()); nullptr for a codec
   // without one.
   void (*check_dictionary)(std::span<const uint32_t> entries, std::string_view what);
+  // row_slice(): the members of rows [r0, r1) of m (sizes checked) into v, their offsets rebased
+  // into `offsets`; InvalidArgument first where the rows split a unit the codec codes together.
+  void (*slice)(const CompressedView& m, int64_t r0, int64_t r1, std::vector<int32_t>& offsets,
+                CompressedView& v);
 };
 
 // The operations of codec c.
@@ -68,6 +73,16 @@ inline void check_levels(const CompressedView& m, int64_t r, std::string_view wh
 // ending at the number of codes; a fitted dictionary of 65536 entries.
 void check_code_sizes(const CompressedView& m, std::string_view what);
 
+// slice of a codeword stream: the rows' codes and row offsets.
+void slice_codes(const CompressedView& m, int64_t r0, int64_t r1, std::vector<int32_t>& offsets,
+                 CompressedView& v);
+
+// InvalidArgument unless rows [r0, r1) start and end on whole units of the codec's row_unit rows
+// (codec.h) or end at the matrix's end: "row_slice: a <codec> matrix codes rows in <units>; rows
+// [r0, r1) split a <unit>".
+void check_slice_units(const CompressedView& m, int64_t r0, int64_t r1, std::string_view units,
+                       std::string_view unit);
+
 // ---- a codec as a class ------------------------------------------------------------------------
 
 // The CodecOps of a codec described by a class C of static members:
@@ -75,7 +90,7 @@ void check_code_sizes(const CompressedView& m, std::string_view what);
 //                                    row r in column order; throws where the row does not decode
 //                                    to exactly its width. The decoders call it row by row with
 //                                    emit inlined.
-//   C::check_sizes                   (required)
+//   C::check_sizes, C::slice         (required)
 //   C::check_row(m, r, what)         (optional) row r's share of check_rows; default: decode_row
 //                                    with an emit that does nothing
 //   C::check_streams, C::check_dictionary (optional; default: nullptr)
@@ -123,6 +138,7 @@ constexpr CodecOps ops_of() {
     }
   };
   if constexpr (requires { &C::check_dictionary; }) ops.check_dictionary = C::check_dictionary;
+  ops.slice = C::slice;
   return ops;
 }
 

@@ -1,6 +1,7 @@
 // qmoe-g4's reference decoding and validation (format/SPEC.md 4.5.3, 4.5.5).
 #include <algorithm>
 #include <string>
+#include <vector>
 
 #include "codecs/ops.h"
 #include "qmoe/format/codecs/g4.h"
@@ -118,6 +119,26 @@ struct G4 {
       emit(c++, sym);
     });
     for (; c < m.cols; ++c) emit(c, 0);
+  }
+
+  static void slice(const CompressedView& m, int64_t r0, int64_t r1, std::vector<int32_t>& offsets,
+                    CompressedView& v) {
+    check_slice_units(m, r0, r1, "groups of 4", "group");
+    // The slice's groups, their offsets rebased to the bytes that hold their first token and
+    // first kind bit (a group may start inside a byte).
+    const int64_t g0 = r0 / g4::kRows, g1 = g4::groups(r1);
+    const int32_t* off = m.group_offsets.data();
+    const int32_t tok_base = off[2 * g0] / 2 * 2, kind_base = off[2 * g0 + 1] / 8 * 8;
+    offsets.resize(static_cast<size_t>(2 * (g1 - g0 + 1)));
+    for (int64_t g = g0; g <= g1; ++g) {
+      offsets[static_cast<size_t>(2 * (g - g0))] = off[2 * g] - tok_base;
+      offsets[static_cast<size_t>(2 * (g - g0) + 1)] = off[2 * g + 1] - kind_base;
+    }
+    v.group_offsets = offsets;
+    v.tokens = m.tokens.subspan(static_cast<size_t>(tok_base / 2),
+                                static_cast<size_t>((off[2 * g1] - tok_base + 1) / 2));
+    v.kinds = m.kinds.subspan(static_cast<size_t>(kind_base / 8),
+                              static_cast<size_t>((off[2 * g1 + 1] - kind_base + 7) / 8));
   }
 
   // A group is checked once, at its first row.

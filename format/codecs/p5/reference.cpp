@@ -1,6 +1,7 @@
 // qmoe-p5's reference decoding and validation (format/SPEC.md 4.2.3, 4.2.5).
 #include <algorithm>
 #include <string>
+#include <vector>
 
 #include "codecs/ops.h"
 #include "qmoe/format/codecs/p5.h"
@@ -24,6 +25,12 @@ struct P5 {
       fail(what, "packed data holds " + std::to_string(m.packed.size()) + " bytes, expected " +
                      std::to_string(want));
     }
+  }
+
+  static void slice(const CompressedView& m, int64_t r0, int64_t r1, std::vector<int32_t>&,
+                    CompressedView& v) {
+    const int64_t rb = p5::row_bytes(m.cols);
+    v.packed = m.packed.subspan(static_cast<size_t>(r0 * rb), static_cast<size_t>((r1 - r0) * rb));
   }
 
   template <class Emit>

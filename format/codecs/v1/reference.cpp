@@ -10,6 +10,7 @@ namespace {
 
 struct V1 {
   static constexpr auto check_sizes = check_code_sizes;
+  static constexpr auto slice = slice_codes;
 
   template <class Emit>
   static void decode_row(const CompressedView& m, int64_t r, std::string_view what, Emit&& emit) {

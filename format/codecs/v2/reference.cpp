@@ -28,6 +28,7 @@ struct V2Layout {
 
 struct V2 {
   static constexpr auto check_sizes = check_code_sizes;
+  static constexpr auto slice = slice_codes;
   template <class Emit>
   static void decode_row(const CompressedView& m, int64_t r, std::string_view what, Emit&& emit) {
     decode_fitted<V2Layout>(m, r, 0, false, what, emit);

@@ -1,6 +1,7 @@
 // qmoe-v3's reference decoding and validation (format/SPEC.md 4.4.2, 4.4.3, 4.4.5).
 #include <string>
 #include <string_view>
+#include <vector>
 
 #include "codecs/fitted.h"
 #include "codecs/ops.h"
@@ -53,6 +54,11 @@ struct V3 {
     if ((r & 1) == 0) check_fitted<V3Layout>(m, r, r + 1 == m.rows, what);
   }
   static constexpr auto check_dictionary = validate_entries<V3Layout>;
+  static void slice(const CompressedView& m, int64_t r0, int64_t r1, std::vector<int32_t>& offsets,
+                    CompressedView& v) {
+    check_slice_units(m, r0, r1, "pairs", "pair");
+    slice_codes(m, r0, r1, offsets, v);
+  }
 };
 
 }  // namespace
