@@ -101,8 +101,7 @@ Float32::Float32(const void* data, DType dtype, int64_t n) {
 std::optional<qmoe::Codec> parse_codec(const std::string& name, bool allow_auto) {
   if (allow_auto && name == "auto") return std::nullopt;
   if (auto c = qmoe::codec_from_name(name)) return c;
-  bad_arg("unknown codec '" + name +
-          "' (expected 'qmoe-v1', 'qmoe-v2', 'qmoe-v3', 'qmoe-g4', 'qmoe-p5'" +
+  bad_arg("unknown codec '" + name + "' (expected '" + qmoe::codec_names("', '") + "'" +
           (allow_auto ? ", or 'auto')" : ")"));
 }
 

@@ -18,6 +18,7 @@
 #include <utility>
 
 #include "file_internal.h"
+#include "matrix_internal.h"
 #include "qmoe/format/error.h"
 #include "qmoe/format/file.h"
 #include "qmoe/format/reference.h"
@@ -114,27 +115,6 @@ std::vector<int64_t> member_shape(Member m, int64_t rows, int64_t cols) {
     case Member::kTokens:
     case Member::kKinds:
       return {};
-  }
-  return {};
-}
-
-// The bytes of a member of `m`, and its stored shape.
-std::span<const std::byte> member_bytes(const CompressedView& m, Member member) {
-  switch (member) {
-    case Member::kCodes:
-      return std::as_bytes(m.codes);
-    case Member::kRowOffsets:
-      return std::as_bytes(m.row_offsets);
-    case Member::kPacked:
-      return std::as_bytes(m.packed);
-    case Member::kGroupOffsets:
-      return std::as_bytes(m.group_offsets);
-    case Member::kTokens:
-      return std::as_bytes(m.tokens);
-    case Member::kKinds:
-      return std::as_bytes(m.kinds);
-    case Member::kLevels:
-      return std::as_bytes(m.levels);
   }
   return {};
 }
@@ -1023,7 +1003,7 @@ void ContainerWriter::add_compressed(std::string name, const CompressedView& m,
   const CodecTraits& traits = codec_traits(m.codec);
   std::vector<StoredTensor> group;
   for (const Member mb : traits.members()) {
-    const std::span<const std::byte> bytes = member_bytes(m, mb);
+    const std::span<const std::byte> bytes = internal::member_bytes(m, mb);
     std::vector<int64_t> shape = member_shape(mb, m.rows, m.cols);
     if (shape.empty())
       shape = {static_cast<int64_t>(bytes.size() / dtype_size(member_spec(mb).dtype))};

@@ -11,7 +11,8 @@
 #include <string>
 #include <vector>
 
-#include "qmoe/format/codec_layout.h"
+#include "qmoe/format/codecs/v1.h"
+#include "qmoe/format/codecs/v2.h"
 #include "qmoe/format/error.h"
 #include "qmoe/format/reference.h"
 

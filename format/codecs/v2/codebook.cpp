@@ -15,7 +15,7 @@
 // string is splittable, at least as probable and ordered first below, so the set is a tree. All
 // strings of one (n, k) class are equally probable; the construction orders classes, never
 // single strings, which keeps it exact and fast.
-#include "v2_codebook.h"
+#include "codebook.h"
 
 #include <algorithm>
 #include <bit>
@@ -26,6 +26,7 @@
 #include <unordered_map>
 #include <utility>
 
+#include "qmoe/format/codecs/v2.h"
 #include "qmoe/format/error.h"
 #include "qmoe/format/reference.h"
 

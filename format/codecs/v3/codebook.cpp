@@ -14,7 +14,7 @@
 // symbols (fewer first), then creation order (children in the order of their column value), all
 // exact: probabilities are products of the same double factors in the same order on every
 // machine, so every machine builds the same dictionary.
-#include "v3_codebook.h"
+#include "codebook.h"
 
 #include <algorithm>
 #include <bit>
@@ -23,7 +23,7 @@
 #include <queue>
 #include <string>
 
-#include "qmoe/format/codec_layout.h"
+#include "qmoe/format/codecs/v3.h"
 #include "qmoe/format/error.h"
 #include "qmoe/format/reference.h"
 
