@@ -42,6 +42,9 @@ struct CodecOps {
   // into `offsets`; InvalidArgument first where the rows split a unit the codec codes together.
   void (*slice)(const CompressedView& m, int64_t r0, int64_t r1, std::vector<int32_t>& offsets,
                 CompressedView& v);
+  // The most compressed_bytes() (matrix.h) a rows x cols matrix of the codec can take, whatever
+  // its symbols (max_compressed_bytes() in reference.h).
+  int64_t (*max_bytes)(int64_t rows, int64_t cols);
 };
 
 // The operations of codec c.
@@ -90,7 +93,7 @@ void check_slice_units(const CompressedView& m, int64_t r0, int64_t r1, std::str
 //                                    row r in column order; throws where the row does not decode
 //                                    to exactly its width. The decoders call it row by row with
 //                                    emit inlined.
-//   C::check_sizes, C::slice         (required)
+//   C::check_sizes, C::slice, C::max_bytes (required)
 //   C::check_row(m, r, what)         (optional) row r's share of check_rows; default: decode_row
 //                                    with an emit that does nothing
 //   C::check_streams, C::check_dictionary (optional; default: nullptr)
@@ -139,6 +142,7 @@ constexpr CodecOps ops_of() {
   };
   if constexpr (requires { &C::check_dictionary; }) ops.check_dictionary = C::check_dictionary;
   ops.slice = C::slice;
+  ops.max_bytes = C::max_bytes;
   return ops;
 }
 

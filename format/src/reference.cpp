@@ -74,6 +74,10 @@ void validate_layout(const CompressedView& m, std::string_view what) {
   check_sizes(m, what);
 }
 
+int64_t max_compressed_bytes(Codec c, int64_t rows, int64_t cols) {
+  return internal::codec_ops(c).max_bytes(rows, cols);
+}
+
 void validate(const CompressedView& m, std::string_view what) {
   if (m.has_dictionary()) {  // sizes and rows: validate_codes()
     validate_dictionary(m.codec, m.dictionary, what);

@@ -36,6 +36,7 @@
 #include "qmoe/format/container.h"
 #include "qmoe/format/error.h"
 #include "qmoe/format/file.h"
+#include "qmoe/format/reference.h"
 #include "qmoe/format/safetensors.h"
 #include "qmoe/gptq/gptq.h"
 #include "qmoe/switch/checkpoint.h"
@@ -225,19 +226,7 @@ std::vector<ExpertMatrix> find_experts(const Checkpoint& ck) {
 
 // Upper bound of an encoded matrix: auto picks the smaller codec, so qmoe-p5's size bounds it.
 int64_t bound_compressed(const ExpertMatrix& m, const std::optional<Codec>& codec) {
-  const int64_t levels = 4 * m.rows;
-  const int64_t p5b = m.rows * p5::row_bytes(m.cols) + levels;
-  const int64_t v1b =
-      m.rows * 2 * ((m.cols + 1) / 2) + 4 * (m.rows + 1) + levels;  // one pair per code at worst
-  // One symbol per code; bounds qmoe-v3 too (at worst one column of a pair of rows per code).
-  const int64_t v2b = m.rows * 2 * m.cols + 4 * (m.rows + 1) + levels;
-  // qmoe-g4: one token per position at worst (4 bits), a kind bit per weight, the group offsets.
-  const int64_t g4b =
-      (m.rows * m.cols + 1) / 2 + (m.rows * m.cols + 7) / 8 + 8 * (g4::groups(m.rows) + 1) + levels;
-  if (codec && *codec == Codec::kV1) return v1b;
-  if (codec && (*codec == Codec::kV2 || *codec == Codec::kV3)) return v2b;
-  if (codec && *codec == Codec::kG4) return g4b;
-  return p5b;
+  return max_compressed_bytes(codec ? *codec : Codec::kP5, m.rows, m.cols);
 }
 
 // ---- work directory ----------------------------------------------------------------------------

@@ -55,6 +55,10 @@ void decode_group(const CompressedView& m, int64_t g, std::string_view what, Emi
 }
 
 struct G4 {
+  // One token per position at worst (4 bits), a kind bit per weight, the group offsets, the levels.
+  static int64_t max_bytes(int64_t rows, int64_t cols) {
+    return (rows * cols + 1) / 2 + (rows * cols + 7) / 8 + 8 * (g4::groups(rows) + 1) + 4 * rows;
+  }
   static void check_sizes(const CompressedView& m, std::string_view what) {
     const int64_t groups = g4::groups(m.rows);
     if (m.group_offsets.size() != static_cast<size_t>(2 * (groups + 1))) {

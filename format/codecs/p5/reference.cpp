@@ -18,6 +18,10 @@ namespace {
 }
 
 struct P5 {
+  // The packed bytes and the levels, whatever the symbols.
+  static int64_t max_bytes(int64_t rows, int64_t cols) {
+    return rows * p5::row_bytes(cols) + 4 * rows;
+  }
   static void check_sizes(const CompressedView& m, std::string_view what) {
     const uint64_t want =
         static_cast<uint64_t>(m.rows) * static_cast<uint64_t>(p5::row_bytes(m.cols));

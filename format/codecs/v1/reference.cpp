@@ -9,6 +9,10 @@ namespace qmoe::internal {
 namespace {
 
 struct V1 {
+  // One pair of symbols per code at worst, the row offsets and the levels.
+  static int64_t max_bytes(int64_t rows, int64_t cols) {
+    return rows * 2 * ((cols + 1) / 2) + 4 * (rows + 1) + 4 * rows;
+  }
   static constexpr auto check_sizes = check_code_sizes;
   static constexpr auto slice = slice_codes;
 

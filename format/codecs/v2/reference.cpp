@@ -27,6 +27,10 @@ struct V2Layout {
 };
 
 struct V2 {
+  // One symbol per code at worst, the row offsets and the levels.
+  static int64_t max_bytes(int64_t rows, int64_t cols) {
+    return rows * 2 * cols + 4 * (rows + 1) + 4 * rows;
+  }
   static constexpr auto check_sizes = check_code_sizes;
   static constexpr auto slice = slice_codes;
   template <class Emit>

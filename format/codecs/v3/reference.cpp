@@ -33,6 +33,10 @@ struct V3Layout {
 };
 
 struct V3 {
+  // One column of a row pair per code at worst: no more than qmoe-v2's one symbol per code.
+  static int64_t max_bytes(int64_t rows, int64_t cols) {
+    return rows * 2 * cols + 4 * (rows + 1) + 4 * rows;
+  }
   static void check_sizes(const CompressedView& m, std::string_view what) {
     check_code_sizes(m, what);
     for (int64_t r = 1; r < m.rows; r += 2) {

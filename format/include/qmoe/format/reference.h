@@ -46,6 +46,10 @@ void validate_dictionary(Codec codec, std::span<const uint32_t> entries,
 // for the decoders below, which check each row as they decode it.
 void validate_layout(const CompressedView& m, std::string_view what = {});
 
+// The most bytes (CompressedView::compressed_bytes()) a rows x cols matrix takes in codec c,
+// whatever its symbols: a bound for sizing buffers and memory plans.
+int64_t max_compressed_bytes(Codec c, int64_t rows, int64_t cols);
+
 // Checks a whole matrix completely: sizes of every member, row offsets start at 0, are
 // non-decreasing and end at num_codes, every row's codes decode to exactly its width (v1 and v2;
 // an odd width's last v1 half pair has s1 = 0), a v2 dictionary well formed and matching its id,
