@@ -168,35 +168,6 @@ TEST(EncodeV3, SizeAgainstV1AndV2) {
   }
 }
 
-TEST(EncodeV3, TranscodeAndDeterminism) {
-  const auto t = random_ternary(37, 301, 0.9, 12);
-  const auto v3 = encode(t, {.codec = Codec::kV3});
-  const auto v3b = encode(t, {.codec = Codec::kV3, .threads = 1});
-  EXPECT_EQ(v3.codes, v3b.codes);
-  EXPECT_EQ(v3.row_offsets, v3b.row_offsets);
-  const auto a = transcode(v3.view(), {.codec = Codec::kV2});
-  EXPECT_EQ(a.codes, encode(t, {.codec = Codec::kV2}).codes);
-  const auto b = transcode(encode(t, {.codec = Codec::kV1}).view(), {.codec = Codec::kV3});
-  EXPECT_EQ(b.codes, v3.codes);
-  EXPECT_EQ(b.dictionary, v3.dictionary);
-  EXPECT_EQ(b.levels, t.levels);
-}
-
-TEST(RowSliceV3, PairsCannotBeSplit) {
-  const auto m = encode(random_ternary(7, 50, 0.885, 3), {.codec = Codec::kV3});
-  std::vector<int32_t> offsets;
-  const CompressedView v = row_slice(m.view(), 2, 7, offsets);
-  EXPECT_EQ(v.rows, 5);
-  EXPECT_NO_THROW(validate(v));
-  std::vector<uint8_t> all(7 * 50), part(5 * 50);
-  decode_symbols_ref(m.view(), all.data());
-  decode_symbols_ref(v, part.data());
-  EXPECT_TRUE(std::equal(part.begin(), part.end(), all.begin() + 2 * 50));
-  EXPECT_NO_THROW(row_slice(m.view(), 2, 4, offsets));
-  EXPECT_THROW(row_slice(m.view(), 1, 4, offsets), InvalidArgument);
-  EXPECT_THROW(row_slice(m.view(), 2, 5, offsets), InvalidArgument);
-}
-
 // ---- validation --------------------------------------------------------------------------------
 
 CompressedMatrix sample_v3(int64_t rows = 4) {
