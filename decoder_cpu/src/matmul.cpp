@@ -106,7 +106,27 @@ class Aligned {
 };
 
 // ---- argument checks ----------------------------------------------------------------------------
+// The codecs these kernels run. A switch over every enumerator, no default: a codec added to
+// Codec (qmoe/format/codec.h) without kernels here is a compiler warning (-Wswitch), and a matrix
+// of it is refused below rather than reaching another codec's kernels.
+constexpr bool has_kernels(Codec c) {
+  switch (c) {
+    case Codec::kV1:
+    case Codec::kV2:
+    case Codec::kV3:
+    case Codec::kG4:
+    case Codec::kP5:
+      return true;
+  }
+  return false;
+}
+
 void check_matrix(const CompressedView& w) {
+  if (!has_kernels(w.codec)) {
+    throw InvalidArgument(std::string(codec_name(w.codec)) +
+                          " matrix: no CPU kernels for this codec; transcode it (qmoe transcode "
+                          "--target cpu, or qmoe.transcode(m, target=\"cpu\"))");
+  }
   if (w.rows < 0 || w.cols < 0) throw InvalidArgument("matrix has a negative shape");
   if (w.cols > (int64_t{1} << 30)) throw InvalidArgument("matrix has more than 2^30 columns");
   if (w.levels.size() != static_cast<size_t>(2 * w.rows)) {

@@ -385,6 +385,8 @@ TEST_P(Conformance, EncodeRoundTrip) {
     ASSERT_NO_FATAL_FAILURE(validate_sharing(v, checked));
     ASSERT_EQ(decoded(v), t.symbols);
     ASSERT_EQ(m.levels, t.levels);
+    // The codec's size bound holds for every matrix it encodes.
+    ASSERT_LE(v.compressed_bytes(), max_compressed_bytes(traits.codec, c.rows, c.cols));
     std::vector<float> dense(t.symbols.size(), -1.0f);
     decode_ref(v, dense.data());
     ASSERT_EQ(dense, t.to_dense());

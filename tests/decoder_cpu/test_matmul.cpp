@@ -464,6 +464,15 @@ TEST(DecoderCpu, InvalidArguments) {
   CompressedView bad = m.view();
   bad.levels = bad.levels.subspan(1);
   EXPECT_THROW(matvec(bad, x.data(), y.data()), InvalidArgument);
+  // A codec the kernels do not know is refused, not run by another codec's kernels.
+  CompressedView unknown = m.view();
+  unknown.codec = static_cast<Codec>(kCodecs.size());
+  try {
+    matvec(unknown, x.data(), y.data());
+    ADD_FAILURE() << "a matrix of an unknown codec was run";
+  } catch (const InvalidArgument& e) {
+    EXPECT_NE(std::string(e.what()).find("no CPU kernels"), std::string::npos) << e.what();
+  }
   bad = m.view();
   bad.row_offsets = bad.row_offsets.subspan(0, 8);
   EXPECT_THROW(matvec(bad, x.data(), y.data()), InvalidArgument);

@@ -114,7 +114,7 @@ inline constexpr std::array<CodecTraits, 5> kCodecs = {{
      Target::kCpu},
     {Codec::kP5,
      "qmoe-p5",
-     "five symbols per byte, no dictionary (1.6 bits per weight)",
+     "five symbols per byte in base 3, no dictionary: 1.6 bits per weight",
      {Member::kPacked, Member::kLevels},
      2,
      DictionaryKind::kNone,
@@ -141,8 +141,9 @@ constexpr const CodecTraits& codec_traits(Codec c) {
 }
 
 // "qmoe-v1" / "qmoe-v2" / "qmoe-v3" / "qmoe-g4" / "qmoe-p5", the names stored in files.
+// "unknown" for a value outside the table.
 constexpr std::string_view codec_name(Codec c) {
-  return codec_traits(c).name;
+  return static_cast<size_t>(c) < kCodecs.size() ? codec_traits(c).name : "unknown";
 }
 std::optional<Codec> codec_from_name(std::string_view s);
 // Every codec's name, in table order, joined by `sep` (for messages and help texts).
