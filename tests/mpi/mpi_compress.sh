@@ -60,7 +60,7 @@ PY
 start=$(date +%s)
 if mpi 3 "$qmoe" compress bad -o bad.safetensors --calib-tokens bad/calibration.safetensors \
   --threads 1 >bad.log 2>&1; then fail "a NaN weight was accepted"; fi
-[ $(( $(date +%s) - start )) -lt 60 ] || fail "the failed job took more than a minute to stop"
+[ $(( $(date +%s) - start )) -lt 60 ] || { cat bad.log; fail "the failed job took more than a minute to stop"; }
 [ "$(grep -c 'holds a non-finite weight' bad.log)" = 1 ] || { cat bad.log; fail "the error is not reported exactly once"; }
 grep -q "stopped: process 0 of 3 failed in encoder.block.1" bad.log || { cat bad.log; fail "no process named the failing one"; }
 [ ! -e bad.safetensors ] || fail "a failed job left an output"
@@ -87,11 +87,11 @@ for _ in $(seq 600); do  # until the first matrix is finished
   sleep 0.1
 done
 victim=$(pgrep -f "qmoe compress sm -o k.safetensors" | tail -1)
-[ -n "$victim" ] || fail "no process to kill"
+[ -n "$victim" ] || { cat k.log; fail "no process to kill"; }
 kill -9 "$victim"
 start=$(date +%s)
-if wait "$job"; then fail "mpirun exited 0 after a process was killed"; fi
-[ $(( $(date +%s) - start )) -lt 30 ] || fail "the job took more than 30 s to stop"
+if wait "$job"; then cat k.log; fail "mpirun exited 0 after a process was killed"; fi
+[ $(( $(date +%s) - start )) -lt 30 ] || { cat k.log; fail "the job took more than 30 s to stop"; }
 grep -q "exited on signal 9" k.log || { cat k.log; fail "mpirun did not name the killed process"; }
 grep -q "stopped in " k.log || { cat k.log; fail "no process named the block it stopped in"; }
 [ ! -e k.safetensors ] || fail "a killed job left an output"
