@@ -48,9 +48,9 @@
 #include <tuple>
 #include <vector>
 
+#include "qmoe/core/bf16.h"
 #include "qmoe/decoder_cpu/matmul.h"
 #include "qmoe/encoder/encode.h"
-#include "qmoe/format/bf16.h"
 #include "qmoe/format/reference.h"
 
 namespace qmoe::bench {

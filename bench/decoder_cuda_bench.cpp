@@ -26,9 +26,9 @@
 #include <string>
 #include <vector>
 
+#include "qmoe/core/bf16.h"
 #include "qmoe/decoder_cuda/decoder.h"
 #include "qmoe/encoder/encode.h"
-#include "qmoe/format/bf16.h"
 
 namespace qmoe::bench {
 namespace {

@@ -7,8 +7,8 @@
 #include <vector>
 
 #include "command.h"
+#include "qmoe/core/bf16.h"
 #include "qmoe/encoder/encode.h"
-#include "qmoe/format/bf16.h"
 #include "qmoe/format/container.h"
 #include "qmoe/format/error.h"
 #include "qmoe/format/file.h"

@@ -16,7 +16,7 @@
 #include <utility>
 #include <vector>
 
-#include "qmoe/format/dtype.h"
+#include "qmoe/core/dtype.h"
 #include "qmoe/format/matrix.h"
 #include "qmoe/gptq/gptq.h"
 #include "qmoe/gptq/hessian.h"

@@ -5,7 +5,7 @@
 // FormatError -> qmoe.FormatError, any other qmoe::Error -> RuntimeError). No format, packing or
 // numeric logic lives here: the only data transformation is widening float16/bfloat16 inputs to
 // float32 for C++ calls that take float32 (with the library's own conversions from
-// qmoe/format/bf16.h).
+// qmoe/core/bf16.h).
 //
 // The order of the bind_* calls matters: a signature that names a class shows its Python name only
 // when the class is registered before it, so CompressedMatrix comes first.

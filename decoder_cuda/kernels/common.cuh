@@ -20,8 +20,8 @@
 #define QMOE_DEV inline
 #endif
 
+#include "qmoe/core/bf16.h"
 #include "qmoe/decoder_cuda/launch.h"
-#include "qmoe/format/bf16.h"
 #include "qmoe/format/codec_layout.h"
 
 namespace qmoe::cuda::kern {

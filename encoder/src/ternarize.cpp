@@ -1,8 +1,8 @@
 #include <cmath>
 #include <string>
 
+#include "qmoe/core/bf16.h"
 #include "qmoe/encoder/encode.h"
-#include "qmoe/format/bf16.h"
 #include "qmoe/format/error.h"
 
 namespace qmoe {

@@ -10,7 +10,7 @@
 #include <string_view>
 #include <vector>
 
-#include "qmoe/format/bf16.h"
+#include "qmoe/core/bf16.h"
 #include "qmoe/format/codec.h"
 #include "qmoe/format/matrix.h"
 

@@ -4,7 +4,7 @@
 
 #include "codecs/ops.h"
 #include "matrix_internal.h"
-#include "qmoe/format/bf16.h"
+#include "qmoe/core/bf16.h"
 
 namespace qmoe {
 

@@ -15,8 +15,8 @@
 #include <Eigen/Cholesky>
 #include <Eigen/Core>
 
+#include "qmoe/core/bf16.h"
 #include "qmoe/core/gemm.h"
-#include "qmoe/format/bf16.h"
 #include "qmoe/format/error.h"
 
 namespace qmoe {

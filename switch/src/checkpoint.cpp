@@ -9,7 +9,7 @@
 
 #include <nlohmann/json.hpp>
 
-#include "qmoe/format/bf16.h"
+#include "qmoe/core/bf16.h"
 #include "qmoe/format/error.h"
 #include "qmoe/format/file.h"
 #include "text_file.h"

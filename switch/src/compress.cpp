@@ -29,9 +29,9 @@
 #include <xxhash.h>
 #include <nlohmann/json.hpp>
 
+#include "qmoe/core/bf16.h"
 #include "qmoe/core/memory.h"
 #include "qmoe/encoder/encode.h"
-#include "qmoe/format/bf16.h"
 #include "qmoe/format/codec_layout.h"
 #include "qmoe/format/container.h"
 #include "qmoe/format/error.h"

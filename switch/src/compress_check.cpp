@@ -10,8 +10,8 @@
 
 #include <nlohmann/json.hpp>
 
+#include "qmoe/core/bf16.h"
 #include "qmoe/encoder/encode.h"
-#include "qmoe/format/bf16.h"
 #include "qmoe/format/container.h"
 #include "qmoe/format/error.h"
 #include "qmoe/format/reference.h"

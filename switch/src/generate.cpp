@@ -13,7 +13,7 @@
 #include <omp.h>
 #include <nlohmann/json.hpp>
 
-#include "qmoe/format/bf16.h"
+#include "qmoe/core/bf16.h"
 #include "qmoe/format/error.h"
 #include "qmoe/format/file.h"
 #include "qmoe/switch/checkpoint.h"

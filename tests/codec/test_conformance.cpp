@@ -44,10 +44,10 @@
 #include <stdlib.h>
 
 #include "decoder_cuda/test_util.h"
+#include "qmoe/core/bf16.h"
 #include "qmoe/decoder_cpu/matmul.h"
 #include "qmoe/decoder_cuda/emulated.h"
 #include "qmoe/encoder/encode.h"
-#include "qmoe/format/bf16.h"
 #include "qmoe/format/codec.h"
 #include "qmoe/format/container.h"
 #include "qmoe/format/error.h"

@@ -9,8 +9,8 @@
 #include <string>
 #include <vector>
 
+#include "qmoe/core/bf16.h"
 #include "qmoe/encoder/encode.h"
-#include "qmoe/format/bf16.h"
 #include "qmoe/format/error.h"
 #include "qmoe/format/reference.h"
 #include "random_ternary.h"

@@ -5,8 +5,8 @@
 #include <random>
 #include <vector>
 
+#include "qmoe/core/bf16.h"
 #include "qmoe/encoder/encode.h"
-#include "qmoe/format/bf16.h"
 #include "qmoe/format/error.h"
 
 namespace qmoe {

@@ -6,7 +6,7 @@
 #include <cstdint>
 #include <random>
 
-#include "qmoe/format/bf16.h"
+#include "qmoe/core/bf16.h"
 #include "qmoe/format/matrix.h"
 
 namespace qmoe::test {

@@ -14,11 +14,11 @@
 #include <string>
 #include <vector>
 
+#include "qmoe/core/bf16.h"
 #include "qmoe/core/cpu_env.h"
 #include "qmoe/core/gemm.h"
 #include "qmoe/decoder_cpu/matmul.h"
 #include "qmoe/encoder/encode.h"
-#include "qmoe/format/bf16.h"
 #include "qmoe/format/error.h"
 #include "qmoe/format/reference.h"
 #include "random_ternary.h"

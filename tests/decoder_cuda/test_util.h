@@ -10,9 +10,9 @@
 #include <random>
 #include <vector>
 
+#include "qmoe/core/bf16.h"
+#include "qmoe/core/dtype.h"
 #include "qmoe/encoder/encode.h"
-#include "qmoe/format/bf16.h"
-#include "qmoe/format/dtype.h"
 #include "qmoe/format/matrix.h"
 #include "qmoe/format/reference.h"
 #include "random_ternary.h"

@@ -22,7 +22,7 @@
 #include <string>
 #include <vector>
 
-#include "qmoe/format/bf16.h"
+#include "qmoe/core/bf16.h"
 #include "qmoe/format/codec_layout.h"
 #include "qmoe/format/container.h"
 #include "qmoe/format/error.h"

@@ -15,8 +15,8 @@
 #include <vector>
 
 #include "fuzz_files.h"
+#include "qmoe/core/bf16.h"
 #include "qmoe/encoder/encode.h"
-#include "qmoe/format/bf16.h"
 #include "qmoe/format/container.h"
 #include "qmoe/format/safetensors.h"
 #include "qmoe/switch/generate.h"

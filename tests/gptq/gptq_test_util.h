@@ -10,8 +10,8 @@
 #include <Eigen/Cholesky>
 #include <Eigen/Core>
 
+#include "qmoe/core/bf16.h"
 #include "qmoe/encoder/encode.h"
-#include "qmoe/format/bf16.h"
 #include "qmoe/gptq/synthetic.h"
 
 namespace qmoe::test {

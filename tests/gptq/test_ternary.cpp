@@ -11,8 +11,8 @@
 #include <Eigen/Dense>
 
 #include "gptq_test_util.h"
+#include "qmoe/core/bf16.h"
 #include "qmoe/encoder/encode.h"
-#include "qmoe/format/bf16.h"
 #include "qmoe/format/error.h"
 #include "qmoe/format/reference.h"
 #include "qmoe/gptq/gptq.h"

@@ -9,7 +9,7 @@
 
 #include <cstdint>
 
-#include "qmoe/format/dtype.h"
+#include "qmoe/core/dtype.h"
 
 // Forward declarations of the CUDA handle types, so that this header needs no CUDA headers.
 typedef struct CUstream_st* cudaStream_t;      // NOLINT(modernize-use-using)

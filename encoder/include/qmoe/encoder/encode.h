@@ -5,7 +5,7 @@
 #include <memory>
 #include <optional>
 
-#include "qmoe/format/dtype.h"
+#include "qmoe/core/dtype.h"
 #include "qmoe/format/matrix.h"
 
 namespace qmoe {

@@ -6,7 +6,7 @@
 // Symbols: 0 = zero, 1 = the row's low level (lo <= 0), 2 = the row's high level (hi >= 0).
 #pragma once
 
-#include "qmoe/format/bf16.h"
+#include "qmoe/core/bf16.h"
 #include "qmoe/format/codecs/g4.h"
 #include "qmoe/format/codecs/p5.h"
 #include "qmoe/format/codecs/v1.h"

@@ -14,7 +14,7 @@
 #include <string_view>
 #include <vector>
 
-#include "qmoe/format/dtype.h"
+#include "qmoe/core/dtype.h"
 #include "qmoe/format/matrix.h"
 #include "qmoe/format/safetensors.h"
 

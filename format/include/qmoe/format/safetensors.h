@@ -16,7 +16,7 @@
 #include <string_view>
 #include <vector>
 
-#include "qmoe/format/dtype.h"
+#include "qmoe/core/dtype.h"
 #include "qmoe/format/error.h"
 
 namespace qmoe {

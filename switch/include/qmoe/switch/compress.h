@@ -33,8 +33,8 @@
 #include <string_view>
 #include <vector>
 
+#include "qmoe/core/dtype.h"
 #include "qmoe/format/codec.h"
-#include "qmoe/format/dtype.h"
 #include "qmoe/format/matrix.h"
 #include "qmoe/switch/block_loop.h"
 

@@ -10,7 +10,7 @@
 #include <string>
 #include <vector>
 
-#include "qmoe/format/dtype.h"
+#include "qmoe/core/dtype.h"
 #include "qmoe/switch/tokens.h"
 
 namespace qmoe::sw {

@@ -13,7 +13,7 @@
 
 #include <cstdint>
 
-#include "qmoe/format/bf16.h"
+#include "qmoe/core/bf16.h"
 
 namespace qmoe::g4 {
 

@@ -18,7 +18,7 @@
 
 #include <cstdint>
 
-#include "qmoe/format/bf16.h"
+#include "qmoe/core/bf16.h"
 
 namespace qmoe::v2 {
 

@@ -1,12 +1,12 @@
-#include "qmoe/format/dtype.h"
+#include "qmoe/core/dtype.h"
 
 #include <array>
 #include <cstring>
 #include <string>
 #include <utility>
 
-#include "qmoe/format/bf16.h"
-#include "qmoe/format/error.h"
+#include "qmoe/core/bf16.h"
+#include "qmoe/core/error.h"
 
 namespace qmoe {
 namespace {
