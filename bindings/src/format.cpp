@@ -483,6 +483,41 @@ verify_checksums: also hash every tensor against its stored xxh3 checksum.
 Raises qmoe.FormatError for a missing, malformed or inconsistent file.
 )doc");
 
+  m.def(
+      "codecs",
+      [] {
+        static constexpr const char* kMember[] = {
+            "codes", "row_offsets", "packed", "group_offsets", "tokens", "kinds", "levels"};
+        static constexpr const char* kDictionary[] = {"none", "builtin", "fitted"};
+        py::list out;
+        for (const qmoe::CodecTraits& t : qmoe::kCodecs) {
+          py::list members;
+          for (const qmoe::Member mb : t.members()) members.append(kMember[static_cast<int>(mb)]);
+          py::dict d;
+          d["name"] = std::string(t.name);
+          d["summary"] = std::string(t.summary);
+          d["members"] = members;
+          d["dictionary"] = kDictionary[static_cast<int>(t.dictionary)];
+          d["row_unit"] = t.row_unit;
+          d["gpu_native"] = t.gpu_native;
+          d["auto_for"] = t.auto_for
+                              ? py::object(py::str(std::string(qmoe::target_name(*t.auto_for))))
+                              : py::object(py::none());
+          out.append(d);
+        }
+        return out;
+      },
+      R"doc(
+Every codec, from the library's one table of them (qmoe/format/codec.h), in the order messages list
+them: a list of dicts with "name" (as stored, e.g. "qmoe-v1"), "summary", "members" (the stored
+tensors' kinds, in the order a writer stores them: "codes", "row_offsets", "packed",
+"group_offsets", "tokens", "kinds", "levels"), "dictionary" ("none", "builtin": one fixed by the
+format, or "fitted": fitted to the weights and shared), "row_unit" (rows a row slice keeps
+together), "gpu_native" (the CUDA kernels read it as stored; other codecs are converted to qmoe-v2
+on upload) and "auto_for" (the target "any", "cpu" or "gpu" for which codec="auto" picks it, or
+None).
+)doc");
+
   m.def("load_metadata", &load_metadata, py::arg("path"), R"doc(
 The metadata of a qmoe container (of its index when sharded) as a dict of str -> str: what was
 given to save(), plus "format" and "format_version" (the reserved "qmoe.*" bookkeeping entries

@@ -5,6 +5,8 @@ import inspect
 import os
 import re
 
+import numpy as np
+
 import qmoe
 
 PUBLIC = sorted(n for n in dir(qmoe) if not n.startswith("_"))
@@ -434,3 +436,28 @@ def test_signature_comparison():
     assert stub_problems("f", only_required, [module("f(a, *, b=False)")]) == [
         "'b' has a default in the module, in none of the overloads"
     ]
+
+
+def test_codecs_come_from_the_library_table():
+    table = qmoe.codecs()
+    names = [c["name"] for c in table]
+    assert names == ["qmoe-v1", "qmoe-v2", "qmoe-v3", "qmoe-g4", "qmoe-p5"]
+    for c in table:
+        assert c["members"][-1] == "levels" and c["dictionary"] in ("none", "builtin", "fitted")
+        assert c["row_unit"] in (1, 2, 4) and c["summary"]
+    by_name = {c["name"]: c for c in table}
+    assert by_name["qmoe-v3"]["row_unit"] == 2 and by_name["qmoe-g4"]["row_unit"] == 4
+    assert [c["name"] for c in table if c["gpu_native"]] == ["qmoe-v1", "qmoe-v2", "qmoe-p5"]
+    assert {c["auto_for"]: c["name"] for c in table if c["auto_for"]} == {
+        "any": "qmoe-v1", "cpu": "qmoe-g4", "gpu": "qmoe-v2"}
+    # Every codec round-trips through the encoder by its table name.
+    w = np.random.default_rng(0).standard_normal((8, 40)).astype(np.float32)
+    s, l = qmoe.ternarize_rtn(w)
+    for name in names:
+        np.testing.assert_array_equal(qmoe.encode(s, l, codec=name).decode_symbols(), s)
+    # The stubs' CodecName lists the same codecs, so type checkers cannot drift from the library.
+    with open(stub_path()) as f:
+        tree = ast.parse(f.read())
+    literal = next(n.value for n in tree.body if isinstance(n, ast.Assign)
+                   and isinstance(n.targets[0], ast.Name) and n.targets[0].id == "CodecName")
+    assert [e.value for e in literal.slice.elts] == names

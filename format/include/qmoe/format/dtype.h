@@ -1,4 +1,5 @@
-// dtype.h lives in core/ (qmoe/core/dtype.h); this header keeps the format module's spelling working.
+// dtype.h lives in core/ (qmoe/core/dtype.h); this header keeps the format module's spelling
+// working.
 #pragma once
 
 #include "qmoe/core/dtype.h"
