@@ -57,46 +57,45 @@ PyCompressed from_tensors(const std::string& codec_name, std::pair<int64_t, int6
   if (is_ml_bfloat16(lv.dtype())) lv = lv.attr("view")(py::dtype::of<uint16_t>());
   copy_1d(lv, "levels", py::dtype::of<uint16_t>(), m.levels);
   // The member arguments, each given exactly for the codecs that store it (the codec table).
+  // The member arguments, each given exactly for the codecs that store it (the codec table): a
+  // member kind, or the fitted dictionary where `member` is empty.
   struct Arg {
-    const char* what;
+    const char* name;
+    const char* type;
     const py::handle& obj;
-    bool wanted;
-    std::string takers;  // the codecs that take it, for messages
-  };
-  auto takers = [](auto&& takes) {
-    std::vector<std::string_view> names;
-    for (const qmoe::CodecTraits& t : qmoe::kCodecs) {
-      if (takes(t)) names.push_back(t.name);
+    std::optional<qmoe::Member> member;
+    bool taken_by(const qmoe::CodecTraits& t) const {
+      return member ? t.stores(*member) : t.has_fitted_dictionary();
     }
-    std::string out;
-    for (size_t i = 0; i < names.size(); ++i)
-      out += std::string(i == 0                  ? ""
-                         : i + 1 == names.size() ? " and "
-                                                 : ", ") +
-             std::string(names[i]);
-    return out;
-  };
-  const qmoe::CodecTraits& traits = qmoe::codec_traits(m.codec);
-  auto member = [&](const char* what, const py::handle& obj, qmoe::Member mb) {
-    return Arg{what, obj, traits.stores(mb),
-               takers([mb](const qmoe::CodecTraits& t) { return t.stores(mb); })};
   };
   const Arg args[] = {
-      member("codes (uint16)", codes_obj, qmoe::Member::kCodes),
-      member("row_offsets (int32)", row_offsets_obj, qmoe::Member::kRowOffsets),
-      member("packed (uint8)", packed_obj, qmoe::Member::kPacked),
-      member("tokens (uint8)", tokens_obj, qmoe::Member::kTokens),
-      member("kinds (uint8)", kinds_obj, qmoe::Member::kKinds),
-      member("group_offsets (int32)", group_offsets_obj, qmoe::Member::kGroupOffsets),
-      Arg{"dictionary (uint32, 65536 entries)", dictionary_obj, traits.has_fitted_dictionary(),
-          takers([](const qmoe::CodecTraits& t) { return t.has_fitted_dictionary(); })},
+      {"codes", "uint16", codes_obj, qmoe::Member::kCodes},
+      {"row_offsets", "int32", row_offsets_obj, qmoe::Member::kRowOffsets},
+      {"packed", "uint8", packed_obj, qmoe::Member::kPacked},
+      {"tokens", "uint8", tokens_obj, qmoe::Member::kTokens},
+      {"kinds", "uint8", kinds_obj, qmoe::Member::kKinds},
+      {"group_offsets", "int32", group_offsets_obj, qmoe::Member::kGroupOffsets},
+      {"dictionary", "uint32, 65536 entries", dictionary_obj, std::nullopt},
   };
+  const qmoe::CodecTraits& traits = qmoe::codec_traits(m.codec);
   std::string missing;
   for (const Arg& a : args) {
-    const std::string_view name =
-        std::string_view(a.what).substr(0, std::string_view(a.what).find(' '));
-    if (!a.wanted && !a.obj.is_none()) bad_arg(std::string(name) + ": only for " + a.takers);
-    if (a.wanted && a.obj.is_none()) missing += (missing.empty() ? "" : ", ") + std::string(a.what);
+    const bool wanted = a.taken_by(traits);
+    if (!wanted && !a.obj.is_none()) {
+      // "codes: only for qmoe-v1, qmoe-v2 and qmoe-v3"
+      std::vector<std::string_view> takers;
+      for (const qmoe::CodecTraits& t : qmoe::kCodecs) {
+        if (a.taken_by(t)) takers.push_back(t.name);
+      }
+      std::string list;
+      for (size_t i = 0; i < takers.size(); ++i) {
+        list += (i == 0 ? "" : i + 1 == takers.size() ? " and " : ", ") + std::string(takers[i]);
+      }
+      bad_arg(std::string(a.name) + ": only for " + list);
+    }
+    if (wanted && a.obj.is_none()) {
+      missing += (missing.empty() ? "" : ", ") + std::string(a.name) + " (" + a.type + ")";
+    }
   }
   if (!missing.empty()) bad_arg(std::string(traits.name) + " needs " + missing);
   if (traits.stores(qmoe::Member::kCodes)) {

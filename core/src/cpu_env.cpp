@@ -27,7 +27,9 @@ std::optional<std::string_view> requested_cpu_simd() {
 std::optional<std::string_view> cpu_simd() {
   const int l = g_level.load(std::memory_order_acquire);
   if (l >= 0) return kLevels[static_cast<size_t>(l)];
-  return requested_cpu_simd();
+  // Read once: the GEMM asks at every call, and the environment does not change under a run.
+  static const std::optional<std::string_view> env = requested_cpu_simd();
+  return env;
 }
 
 void set_cpu_simd(std::optional<std::string_view> level) {

@@ -81,40 +81,24 @@ bool is_dictionary_name(std::string_view name) {
 struct MemberSpec {
   std::string_view suffix;
   DType dtype;
+  std::vector<int64_t> shape;
 };
-MemberSpec member_spec(Member m) {
+MemberSpec member_spec(Member m, int64_t rows, int64_t cols) {
   switch (m) {
     case Member::kCodes:
-      return {kCodesSuffix, DType::kU16};
+      return {kCodesSuffix, DType::kU16, {}};
     case Member::kRowOffsets:
-      return {kRowOffsetsSuffix, DType::kI32};
+      return {kRowOffsetsSuffix, DType::kI32, {rows + 1}};
     case Member::kPacked:
-      return {kPackedSuffix, DType::kU8};
+      return {kPackedSuffix, DType::kU8, {rows, p5::row_bytes(cols)}};
     case Member::kGroupOffsets:
-      return {kGroupOffsetsSuffix, DType::kI32};
+      return {kGroupOffsetsSuffix, DType::kI32, {g4::groups(rows) + 1, 2}};
     case Member::kTokens:
-      return {kTokensSuffix, DType::kU8};
+      return {kTokensSuffix, DType::kU8, {}};
     case Member::kKinds:
-      return {kKindsSuffix, DType::kU8};
+      return {kKindsSuffix, DType::kU8, {}};
     case Member::kLevels:
-      return {kLevelsSuffix, DType::kBF16};
-  }
-  return {};
-}
-std::vector<int64_t> member_shape(Member m, int64_t rows, int64_t cols) {
-  switch (m) {
-    case Member::kRowOffsets:
-      return {rows + 1};
-    case Member::kPacked:
-      return {rows, p5::row_bytes(cols)};
-    case Member::kGroupOffsets:
-      return {g4::groups(rows) + 1, 2};
-    case Member::kLevels:
-      return {rows, 2};
-    case Member::kCodes:
-    case Member::kTokens:
-    case Member::kKinds:
-      return {};
+      return {kLevelsSuffix, DType::kBF16, {rows, 2}};
   }
   return {};
 }
@@ -423,10 +407,9 @@ void Container::Impl::load_shard(size_t shard_idx) {
     e.view.rows = decl.rows;
     e.view.cols = decl.cols;
     for (const Member mb : codec_traits(decl.codec).members()) {
-      const MemberSpec spec = member_spec(mb);
-      const std::vector<int64_t> shape = member_shape(mb, decl.rows, decl.cols);
-      const TensorInfo& t = member(spec.suffix, spec.dtype, shape);
-      if (shape.empty() && t.shape.size() != 1)
+      const MemberSpec spec = member_spec(mb, decl.rows, decl.cols);
+      const TensorInfo& t = member(spec.suffix, spec.dtype, spec.shape);
+      if (spec.shape.empty() && t.shape.size() != 1)
         throw fail(t.name, "must be 1-D, is " + shape_str(t.shape));
       if (mb == Member::kCodes && t.shape[0] > std::numeric_limits<int32_t>::max()) {
         throw fail(t.name, "holds more codes than int32 row offsets can address");
@@ -1004,11 +987,10 @@ void ContainerWriter::add_compressed(std::string name, const CompressedView& m,
   std::vector<StoredTensor> group;
   for (const Member mb : traits.members()) {
     const std::span<const std::byte> bytes = internal::member_bytes(m, mb);
-    std::vector<int64_t> shape = member_shape(mb, m.rows, m.cols);
-    if (shape.empty())
-      shape = {static_cast<int64_t>(bytes.size() / dtype_size(member_spec(mb).dtype))};
-    group.push_back({name + std::string(member_spec(mb).suffix), member_spec(mb).dtype,
-                     std::move(shape), bytes});
+    MemberSpec spec = member_spec(mb, m.rows, m.cols);
+    if (spec.shape.empty())
+      spec.shape = {static_cast<int64_t>(bytes.size() / dtype_size(spec.dtype))};
+    group.push_back({name + std::string(spec.suffix), spec.dtype, std::move(spec.shape), bytes});
   }
   std::optional<StoredTensor> dictionary;
   if (traits.dictionary == DictionaryKind::kBuiltin) {

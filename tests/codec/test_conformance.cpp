@@ -44,6 +44,7 @@
 #include <stdlib.h>
 
 #include "decoder_cuda/test_util.h"
+#include "format/format_test_util.h"
 #include "qmoe/core/bf16.h"
 #include "qmoe/decoder_cpu/matmul.h"
 #include "qmoe/decoder_cuda/emulated.h"
@@ -65,6 +66,7 @@ namespace {
 
 namespace fs = std::filesystem;
 using cuda::test::Acts;
+using test::TempDir;
 
 // ---- cases --------------------------------------------------------------------------------------
 
@@ -319,27 +321,6 @@ std::vector<float> normal_inputs(int64_t n, uint64_t seed) {
   for (float& v : x) v = d(rng);
   return x;
 }
-
-// ---- a temporary directory ----------------------------------------------------------------------
-
-class TempDir {
- public:
-  TempDir() {
-    std::string tmpl = (fs::temp_directory_path() / "qmoe-conformance-XXXXXX").string();
-    if (::mkdtemp(tmpl.data()) == nullptr) throw std::runtime_error("mkdtemp failed");
-    path_ = tmpl;
-  }
-  ~TempDir() {
-    std::error_code ec;
-    fs::remove_all(path_, ec);
-  }
-  TempDir(const TempDir&) = delete;
-  TempDir& operator=(const TempDir&) = delete;
-  const fs::path& path() const { return path_; }
-
- private:
-  fs::path path_;
-};
 
 // ---- the suite ----------------------------------------------------------------------------------
 

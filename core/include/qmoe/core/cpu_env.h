@@ -14,8 +14,9 @@ namespace qmoe {
 std::optional<std::string_view> requested_cpu_simd();
 
 // The level every module's kernels use when a call names none: the one set_cpu_simd() set for the
-// process, else requested_cpu_simd(), else nullopt (each module's best). Read at each call, so that
-// decoder_cpu's set_simd_level() (which calls set_cpu_simd()) reaches the GEMM of core too.
+// process, else requested_cpu_simd() (read on first use), else nullopt (each module's best). Asked
+// at each call, so that decoder_cpu's set_simd_level() (which calls set_cpu_simd()) reaches the
+// GEMM of core too.
 std::optional<std::string_view> cpu_simd();
 // Sets the process-wide level ("scalar", "avx2" or "avx512"), or with nullopt goes back to
 // QMOE_CPU_SIMD. Throws InvalidArgument for another name. Thread-safe.
