@@ -789,14 +789,19 @@ inline const std::array<v8i, 16>& g4_class_masks() {
 
 #if defined(__AVX2__)
 // The 16 tokens from token i as nibbles of one word (token j: bits 4j..4j+3), zero past the stream.
+// No branch on the parity of i (it is as good as random from one step to the next).
 inline uint64_t g4_token_bits(const Matrix& m, int64_t i) {
   const int64_t b = i >> 1;
-  uint64_t bits = g4_load64(m.g4_tokens, m.g4_token_bytes, b);
-  if (i & 1) {
-    const uint64_t next = b + 8 < m.g4_token_bytes ? m.g4_tokens[b + 8] : 0;
-    bits = (bits >> 4) | (next << 60);
+  const unsigned sh = 4 * static_cast<unsigned>(i & 1);
+  if (__builtin_expect(b + 9 <= m.g4_token_bytes, 1)) {  // all but the stream's last bytes
+    uint64_t lo;
+    std::memcpy(&lo, m.g4_tokens + b, 8);
+    // (two shifts: one by 64 - sh would be undefined for sh = 0)
+    return (lo >> sh) | ((uint64_t{m.g4_tokens[b + 8]} << 1) << (63 - sh));
   }
-  return bits;
+  const uint64_t lo = g4_load64(m.g4_tokens, m.g4_token_bytes, b);
+  const uint64_t next = b + 8 < m.g4_token_bytes ? m.g4_tokens[b + 8] : 0;
+  return sh == 0 ? lo : (lo >> 4) | (next << 60);
 }
 
 // 16 consecutive tokens of a group (`bits`, from kind bit k, at position base), decoded at once:
@@ -943,6 +948,22 @@ void g4_rows_float(const Work& w, int64_t r0, int64_t r1) {
     defined(__GFNI__)
 #define QMOE_G4_VNNI 1
 #endif
+
+// The int8 kernels' results for group g (rows 4g .. 4g + 3 below r1) from its exact integer sums:
+// max|x| / 127 * (lo * low sum + hi * high sum), formed in double, so that every int8 kernel gives
+// the same bits.
+inline void g4_put_int8(const Work& w, const Pass& p, int64_t g, int64_t r1,
+                        const int64_t (&lo_sum)[4], const int64_t (&hi_sum)[4]) {
+  const Matrix& m = w.m;
+  for (int j = 0; j < 4 && 4 * g + j < r1; ++j) {
+    const int64_t r = 4 * g + j;
+    const double v =
+        static_cast<double>(bf16_bits_to_float(m.levels[2 * r])) * static_cast<double>(lo_sum[j]) +
+        static_cast<double>(bf16_bits_to_float(m.levels[2 * r + 1])) *
+            static_cast<double>(hi_sum[j]);
+    put(w, p, r, 0, static_cast<float>(static_cast<double>(p.xq_inv) * v));
+  }
+}
 
 #if defined(QMOE_G4_VNNI)
 // Up to 64 consecutive tokens of a group, decoded at once:
@@ -1171,17 +1192,213 @@ void g4_rows_int8(const Work& w, int64_t r0, int64_t r1) {
     }
     int64_t lo_sum[4], hi_sum[4];
     g4_sums(lo, hi, lo_sum, hi_sum);
-    for (int j = 0; j < 4 && 4 * g + j < r1; ++j) {
-      const int64_t r = 4 * g + j;
-      const double v = static_cast<double>(bf16_bits_to_float(m.levels[2 * r])) *
-                           static_cast<double>(lo_sum[j]) +
-                       static_cast<double>(bf16_bits_to_float(m.levels[2 * r + 1])) *
-                           static_cast<double>(hi_sum[j]);
-      put(w, p, r, 0, static_cast<float>(static_cast<double>(p.xq_inv) * v));
-    }
+    g4_put_int8(w, p, g, r1, lo_sum, hi_sum);
   }
 }
 #endif  // QMOE_G4_VNNI
+
+#if defined(__AVX2__) && !defined(QMOE_G4_VNNI)
+// The constant vectors of g4_rows_int8_avx2(), read from memory as instruction operands (16
+// registers hold the accumulators and the step's values; broadcasts rebuilt each step cost more).
+struct alignas(32) G4Avx2Consts {
+  int8_t advance[32];      // t -> min(t + 1, 15), each lane: the positions a token advances
+  int8_t kind_spread[32];  // byte i of lane L <- byte 2L + i / 8 of the step's 32 kind bits
+  int8_t bit_of[32];       // 1 << (i % 8)
+  int8_t onehot[4][32];    // byte 1 at index j of each lane
+  int8_t low4[32];         // 15
+  int8_t col_mask[32];     // 0x3f
+  int8_t row_mask[32];     // 3
+  int8_t top[32];          // 0x80
+  int8_t sat[32];          // 0x70
+  int8_t chunk[3][32];     // 16 (q + 1)
+  int16_t ones[16];        // 1
+  G4Avx2Consts() {
+    for (int i = 0; i < 32; ++i) {
+      const int j = i & 15;
+      advance[i] = static_cast<int8_t>(std::min(j + 1, 15));
+      kind_spread[i] = static_cast<int8_t>(i / 8);
+      bit_of[i] = static_cast<int8_t>(static_cast<uint8_t>(1u << (i % 8)));
+      for (int r = 0; r < 4; ++r) onehot[r][i] = j == r ? 1 : 0;
+      low4[i] = 15;
+      col_mask[i] = 0x3f;
+      row_mask[i] = 3;
+      top[i] = static_cast<int8_t>(-128);
+      sat[i] = 0x70;
+      for (int q = 0; q < 3; ++q) chunk[q][i] = static_cast<int8_t>(16 * (q + 1));
+    }
+    for (int16_t& o : ones) o = 1;
+  }
+};
+
+inline __m256i g4_c(const int8_t (&v)[32]) {
+  return _mm256_load_si256(reinterpret_cast<const __m256i*>(v));
+}
+
+// A lane of g4_rows_int8_avx2(): its group, next token, end token, next kind bit and position in
+// the group; `mask`, ORed into the step's token bits (escapes): 0, the tokens past the group's end
+// on its last step, all of them when the lane is idle; `stop`, the token from which the step
+// needs the lane's attention (its last step, or its end); `keep`, ~0 when active and 0 when idle
+// (an idle lane's token and position stay 0).
+struct G4Lane {
+  int64_t g = 0, i = 0, e = 0, k = 0, b = 0;
+  uint64_t mask = ~uint64_t{0};
+  int64_t stop = INT64_MAX;
+  int64_t keep = 0;
+  // Called when i >= stop: true when the group is done, else the mask of its last step.
+  bool last_step() {
+    const int64_t left = e - i;
+    if (left <= 0) return true;
+    mask = ~uint64_t{0} << (4 * left);
+    stop = e;
+    return false;
+  }
+};
+
+// The lane of the next group in [*g_next, g_end) with tokens, or an idle lane; groups without any
+// get their (zero) results here.
+inline G4Lane g4_next_lane(const Work& w, int64_t* g_next, int64_t g_end, int64_t r1) {
+  const int32_t* off = w.m.g4_offsets;
+  while (*g_next < g_end) {
+    const int64_t g = (*g_next)++;
+    if (off[2 * g] < off[2 * g + 2]) {
+      G4Lane l{g, off[2 * g], off[2 * g + 2],      off[2 * g + 1],
+               0, 0,          off[2 * g + 2] - 15, ~int64_t{0}};
+      if (l.i >= l.stop) l.last_step();
+      return l;
+    }
+    const int64_t zero[4] = {0, 0, 0, 0};
+    g4_put_int8(w, w.passes[0], g, r1, zero, zero);
+  }
+  return G4Lane{};
+}
+
+// Lane `lane`'s group is done: its rows' results from acc32 (class c = j: row j low, 4 + j: high;
+// the lane's partial sums in ints 4 lane .. 4 lane + 3), which are cleared.
+inline void g4_finish_lane(const Work& w, const G4Lane& l, int lane, int32_t (&acc32)[8][8],
+                           int64_t r1) {
+  int64_t lo_sum[4], hi_sum[4];
+  for (int j = 0; j < 4; ++j) {
+    int32_t* lo = acc32[j] + 4 * lane;
+    int32_t* hi = acc32[4 + j] + 4 * lane;
+    lo_sum[j] = (static_cast<int64_t>(lo[0]) + lo[1]) + (static_cast<int64_t>(lo[2]) + lo[3]);
+    hi_sum[j] = (static_cast<int64_t>(hi[0]) + hi[1]) + (static_cast<int64_t>(hi[2]) + hi[3]);
+    for (int q = 0; q < 4; ++q) lo[q] = hi[q] = 0;
+  }
+  g4_put_int8(w, w.passes[0], l.g, r1, lo_sum, hi_sum);
+}
+
+// One token, AVX2, int8 inputs: the same sums as g4_rows_int8() without its byte permutes. Two
+// groups go at a time, one per 128-bit lane, 16 tokens of each a step; a lane that finishes its
+// group takes the block's next one, so the two lanes' groups are independent chains.
+//   * tokens: two 8-byte loads (the nibbles of 16 tokens each), split into bytes by two ANDs and
+//     two unpacks; tokens past a group's end are made escapes (no symbol);
+//   * positions: the advances min(t + 1, 15) by a vpshufb table, their inclusive prefix sum S
+//     within each lane by four shift-and-adds (at most 240: a byte); a lane's symbol sits at
+//     (base & 3) + S - 1 from its lane's first column c0 = base / 4, so its column offset (<= 60)
+//     and row are that byte's bits 2..7 and 0..1;
+//   * inputs: the 64 columns from c0, four 16-byte chunks per lane, picked by four vpshufb whose
+//     index is the column minus 16q, saturated into bit 7 (zero) outside chunk q;
+//   * kinds: the lane's next kind bits deposited (pdep) on its non-escape tokens, spread to a byte
+//     mask;
+//   * sums: per row j, a 0/1 byte mask of the lanes of that row (a vpshufb of the row, escapes
+//     zeroed by bit 7), and one vpmaddubsw per kind into int16 accumulators (at most 254 a step in
+//     magnitude), folded into int32 every 128 steps and at each group's end.
+// Exact integer sums, as the VNNI kernel's, so both give the same bits.
+void g4_rows_int8_avx2(const Work& w, int64_t r0, int64_t r1) {
+  static const G4Avx2Consts k;
+  const Matrix& m = w.m;
+  const int8_t* xq = w.passes[0].xq;
+  const int64_t g_end = (r1 + 3) / 4;
+  int64_t g_next = r0 / 4;
+  alignas(32) int32_t acc32[8][8] = {};
+  // The int16 sums, one register per class (no lambda or call takes their address, so that they
+  // stay in registers).
+  __m256i acc[8];
+  for (__m256i& a : acc) a = _mm256_setzero_si256();
+  int steps = 0;  // since acc was last folded into acc32
+  G4Lane l0 = g4_next_lane(w, &g_next, g_end, r1);
+  G4Lane l1 = g4_next_lane(w, &g_next, g_end, r1);
+  while ((l0.keep | l1.keep) != 0) {
+    _mm_prefetch(reinterpret_cast<const char*>(m.g4_tokens + (l0.i >> 1)) + 384, _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(m.g4_tokens + (l1.i >> 1)) + 384, _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(m.g4_kinds + (l0.k >> 3)) + 256, _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(m.g4_kinds + (l1.k >> 3)) + 256, _MM_HINT_T0);
+    const __m128i v = _mm_set_epi64x(static_cast<long long>(g4_token_bits(m, l1.i) | l1.mask),
+                                     static_cast<long long>(g4_token_bits(m, l0.i) | l0.mask));
+    const __m128i low4 = _mm256_castsi256_si128(g4_c(k.low4));
+    const __m128i lo4 = _mm_and_si128(v, low4), hi4 = _mm_and_si128(_mm_srli_epi16(v, 4), low4);
+    const __m256i t = _mm256_inserti128_si256(_mm256_castsi128_si256(_mm_unpacklo_epi8(lo4, hi4)),
+                                              _mm_unpackhi_epi8(lo4, hi4), 1);
+    const __m256i esc = _mm256_cmpeq_epi8(t, g4_c(k.low4));
+    const __m256i adv = _mm256_shuffle_epi8(g4_c(k.advance), t);
+    __m256i s = _mm256_add_epi8(adv, _mm256_slli_si256(adv, 1));
+    s = _mm256_add_epi8(s, _mm256_slli_si256(s, 2));
+    s = _mm256_add_epi8(s, _mm256_slli_si256(s, 4));
+    s = _mm256_add_epi8(s, _mm256_slli_si256(s, 8));
+    // (base & 3) + S - 1, in [0, 242]: the symbol's position minus 4 c0.
+    const __m256i pr =
+        _mm256_add_epi8(s, _mm256_set_m128i(_mm_set1_epi8(static_cast<char>((l1.b & 3) - 1)),
+                                            _mm_set1_epi8(static_cast<char>((l0.b & 3) - 1))));
+    const __m256i col = _mm256_and_si256(_mm256_srli_epi16(pr, 2), g4_c(k.col_mask));
+    const int8_t* x0 = xq + (l0.b >> 2);
+    const int8_t* x1 = xq + (l1.b >> 2);
+    auto chunk = [&](int q) {
+      return _mm256_loadu2_m128i(reinterpret_cast<const __m128i*>(x1 + 16 * q),
+                                 reinterpret_cast<const __m128i*>(x0 + 16 * q));
+    };
+    const __m256i sat = g4_c(k.sat);
+    __m256i xv = _mm256_shuffle_epi8(chunk(0), _mm256_adds_epu8(col, sat));
+    for (int q = 1; q < 4; ++q) {
+      const __m256i idx = _mm256_adds_epu8(_mm256_sub_epi8(col, g4_c(k.chunk[q - 1])), sat);
+      xv = _mm256_or_si256(xv, _mm256_shuffle_epi8(chunk(q), idx));
+    }
+    const uint32_t real = ~static_cast<uint32_t>(_mm256_movemask_epi8(esc));
+    const uint32_t real0 = real & 0xffff, real1 = real >> 16;
+    const uint32_t high = static_cast<uint32_t>(_pdep_u64(g4_kind_bits(m, l0.k), real0)) |
+                          (static_cast<uint32_t>(_pdep_u64(g4_kind_bits(m, l1.k), real1)) << 16);
+    const __m256i hm = _mm256_cmpeq_epi8(
+        _mm256_and_si256(
+            _mm256_shuffle_epi8(_mm256_set1_epi32(static_cast<int32_t>(high)), g4_c(k.kind_spread)),
+            g4_c(k.bit_of)),
+        g4_c(k.bit_of));
+    // The row in bits 0..1, bit 7 set for an escape: a 0/1 mask per row by one vpshufb.
+    const __m256i sel =
+        _mm256_or_si256(_mm256_and_si256(pr, g4_c(k.row_mask)), _mm256_and_si256(esc, g4_c(k.top)));
+    const __m256i xh = _mm256_and_si256(hm, xv), xl = _mm256_andnot_si256(hm, xv);
+    for (int j = 0; j < 4; ++j) {
+      const __m256i in_row = _mm256_shuffle_epi8(g4_c(k.onehot[j]), sel);
+      acc[j] = _mm256_add_epi16(acc[j], _mm256_maddubs_epi16(in_row, xl));
+      acc[4 + j] = _mm256_add_epi16(acc[4 + j], _mm256_maddubs_epi16(in_row, xh));
+    }
+    // Each lane's advance is the last byte of its prefix sum (what follows a group's end is
+    // unused); an idle lane stays at token 0 and column 0.
+    l0.b = (l0.b + _mm256_extract_epi8(s, 15)) & l0.keep;
+    l1.b = (l1.b + _mm256_extract_epi8(s, 31)) & l1.keep;
+    l0.i = (l0.i + 16) & l0.keep;
+    l1.i = (l1.i + 16) & l1.keep;
+    l0.k += std::popcount(real0);
+    l1.k += std::popcount(real1);
+    if (__builtin_expect(++steps == 128 || l0.i >= l0.stop || l1.i >= l1.stop, 0)) {
+      const __m256i ones = _mm256_load_si256(reinterpret_cast<const __m256i*>(k.ones));
+      for (int c = 0; c < 8; ++c) {
+        __m256i* a32 = reinterpret_cast<__m256i*>(acc32[c]);
+        _mm256_store_si256(
+            a32, _mm256_add_epi32(_mm256_load_si256(a32), _mm256_madd_epi16(acc[c], ones)));
+        acc[c] = _mm256_setzero_si256();
+      }
+      steps = 0;
+      if (l0.i >= l0.stop && l0.last_step()) {
+        g4_finish_lane(w, l0, 0, acc32, r1);
+        l0 = g4_next_lane(w, &g_next, g_end, r1);
+      }
+      if (l1.i >= l1.stop && l1.last_step()) {
+        g4_finish_lane(w, l1, 1, acc32, r1);
+        l1 = g4_next_lane(w, &g_next, g_end, r1);
+      }
+    }
+  }
+}
+#endif  // __AVX2__ && !QMOE_G4_VNNI
 
 // Results are staged per row block (scratch after the lists, kStageFloats floats) and written out
 // token by token, so each output row gets one contiguous run of stores instead of one store per
@@ -1300,12 +1517,15 @@ void rows(const Work& w, const Tables& tb, int64_t r0, int64_t r1, int32_t* scra
     return;
   }
   if (w.m.codec == Codec::kG4 && w.num_passes == 1 && w.passes[0].bp == 1) {
-#if defined(QMOE_G4_VNNI)
     if (w.passes[0].xq != nullptr) {
+#if defined(QMOE_G4_VNNI)
       g4_rows_int8(w, r0, r1);
       return;
-    }
+#elif defined(__AVX2__)
+      g4_rows_int8_avx2(w, r0, r1);
+      return;
 #endif
+    }
     g4_rows_float(w, r0, r1);
     return;
   }

@@ -308,18 +308,22 @@ void run(std::span<const Item> items, bool accumulate, const MatmulOptions& opt)
   }
   if (jobs.empty()) return;
 
-  // qmoe-g4 at one token with AVX-512: int8 inputs (Pass::xq), one quantization per call and
-  // token, before the rows are split, so results do not depend on the thread count.
-  if (g4_fn != fn && opt.int8_activations) {
+  // qmoe-g4 at one token at the avx2 and avx512 levels: int8 inputs (Pass::xq), one quantization
+  // per call and token, before the rows are split, so results do not depend on the thread count.
+  // Up to 2^24 columns: the kernels' int32 sums of a row (at most 127 per column) cannot overflow.
+  auto g4_int8 = [&](const Job& job) {
+    return job.work.m.codec == Codec::kG4 && job.passes[0].bp == 1 &&
+           job.work.m.cols <= (int64_t{1} << 24);
+  };
+  if (level != SimdLevel::kScalar && opt.int8_activations) {
     int64_t bytes = 0;
     for (const Job& job : jobs) {
-      if (job.work.m.codec == Codec::kG4 && job.passes[0].bp == 1)
-        bytes += (job.work.m.cols + detail::kG4XqPad + 63) / 64 * 64;
+      if (g4_int8(job)) bytes += (job.work.m.cols + detail::kG4XqPad + 63) / 64 * 64;
     }
     if (bytes > 0) {
       int8_t* xq = t_xq.get(static_cast<size_t>(bytes));
       for (Job& job : jobs) {
-        if (job.work.m.codec != Codec::kG4 || job.passes[0].bp != 1) continue;
+        if (!g4_int8(job)) continue;
         const int64_t cols = job.work.m.cols;
         if (quantize_int8(job.src[0], cols, xq, &job.passes[0].xq_inv)) {
           job.passes[0].xq = xq;
@@ -457,6 +461,10 @@ void set_simd_level(SimdLevel l) {
 
 bool g4_vnni_supported() {
   return cpu_runs_g4_vnni();
+}
+
+bool g4_int8_supported(SimdLevel l) {
+  return l != SimdLevel::kScalar && simd_level_supported(l);
 }
 
 void matvec(const CompressedView& w, const float* x, float* y, const MatmulOptions& opt) {

@@ -701,14 +701,14 @@ void check_cpu_case(const Case& c, const TernaryMatrix& t, const CompressedMatri
   for (int64_t k = 0; k < nf; ++k)
     matvec_ref(m.view(), xf.data() + k * cols, reff.data() + k * rows);
   std::vector<float> dense;  // for the int8 path's bound
-  if (cpu::g4_vnni_supported()) {
+  if (cpu::g4_int8_supported(cpu::SimdLevel::kAvx2)) {
     dense.resize(t.symbols.size());
     decode_ref(m.view(), dense.data());
   }
 
   for (cpu::SimdLevel level : cpu::supported_simd_levels()) {
     for (bool int8 : {false, true}) {
-      if (int8 && !(level == cpu::SimdLevel::kAvx512 && cpu::g4_vnni_supported())) continue;
+      if (int8 && !cpu::g4_int8_supported(level)) continue;
       SCOPED_TRACE(std::string(cpu::simd_level_name(level)) + (int8 ? " int8" : ""));
       cpu::MatmulOptions o;
       o.simd = level;

@@ -319,99 +319,163 @@ TEST_P(Levels, GroupedUnevenExpertsAnyThreadCount) {
   }
 }
 
-// qmoe-g4 at one token with int8 inputs (the default at the avx512 level of a CPU with AVX-512
-// VBMI, VBMI2, VNNI and GFNI): the input is rounded to int8 at the scale 127 / max|x|, so each
-// output is within half a quantization step per weight of the reference, sum_c |W[r][c]| * max|x| /
-// 254 (plus float rounding: the integer sums are exact, the levels and the scale are applied in
-// double). The test checks that bound row by row, and that the kernel did run: the outputs differ
-// from the float path's.
+// The levels whose qmoe-g4 single-token kernels take int8 inputs on this CPU.
+std::vector<SimdLevel> g4_int8_levels() {
+  std::vector<SimdLevel> v;
+  for (SimdLevel l : kLevels) {
+    if (g4_int8_supported(l)) v.push_back(l);
+  }
+  return v;
+}
+
+// qmoe-g4 at one token with int8 inputs (the default at the avx2 and avx512 levels): the input is
+// rounded to int8 at the scale 127 / max|x|, so each output is within half a quantization step per
+// weight of the reference, sum_c |W[r][c]| * max|x| / 254 (plus float rounding: the integer sums
+// are exact, the levels and the scale are applied in double). The test checks that bound row by
+// row, that the kernel did run (the outputs differ from the float path's), and that every level's
+// int8 kernel gives the same bits (the avx2 kernel and, on CPUs with AVX-512 VBMI, VBMI2, VNNI and
+// GFNI, the avx512 one).
 TEST(DecoderCpu, G4Int8WithinHalfAQuantizationStepPerWeight) {
-  if (!simd_level_supported(SimdLevel::kAvx512) || !g4_vnni_supported())
-    GTEST_SKIP() << "no AVX-512 VBMI/VBMI2/VNNI/GFNI: qmoe-g4 has no int8 kernel on this CPU";
-  MatmulOptions int8, fp32;
-  int8.simd = fp32.simd = SimdLevel::kAvx512;
-  fp32.int8_activations = false;
-  uint64_t seed = 1000;
-  int differ = 0;
-  for (const Shape& s : kShapes) {
-    for (int outlier = 0; outlier < 2; ++outlier) {
-      SCOPED_TRACE(std::to_string(s.rows) + "x" + std::to_string(s.cols) +
-                   " p0=" + std::to_string(s.p_zero) + (outlier ? " with an outlier" : ""));
-      const CompressedMatrix m = make(s.rows, s.cols, s.p_zero, seed, Codec::kG4);
-      std::vector<float> x = random_vec(s.cols, seed + 1);
-      ++seed;
-      if (outlier && s.cols > 0) x[static_cast<size_t>(s.cols / 2)] = 40.0f;
-      float amax = 0.0f;
-      for (float v : x) amax = std::max(amax, std::fabs(v));
-      std::vector<float> dense(static_cast<size_t>(s.rows * s.cols));
-      decode_ref(m.view(), dense.data());
-      const std::vector<float> ref = ref_products(m.view(), x, 1, s.cols);
-      std::vector<float> buf(static_cast<size_t>(s.rows + 32), kSentinel),
-          yf(static_cast<size_t>(s.rows));
-      float* y = buf.data() + 16;
-      matvec(m.view(), x.data(), y, int8);
-      matvec(m.view(), x.data(), yf.data(), fp32);
-      for (int64_t r = 0; r < s.rows; ++r) {
-        double w_abs = 0.0, wx_abs = 0.0;
-        for (int64_t c = 0; c < s.cols; ++c) {
-          const double w = dense[static_cast<size_t>(r * s.cols + c)];
-          w_abs += std::fabs(w);
-          wx_abs += std::fabs(w * x[static_cast<size_t>(c)]);
+  const std::vector<SimdLevel> levels = g4_int8_levels();
+  if (levels.empty()) GTEST_SKIP() << "no AVX2: qmoe-g4 has no int8 kernel on this CPU";
+  for (SimdLevel level : levels) {
+    SCOPED_TRACE(simd_level_name(level));
+    MatmulOptions int8, fp32;
+    int8.simd = fp32.simd = level;
+    fp32.int8_activations = false;
+    uint64_t seed = 1000;
+    int differ = 0;
+    for (const Shape& s : kShapes) {
+      for (int outlier = 0; outlier < 2; ++outlier) {
+        SCOPED_TRACE(std::to_string(s.rows) + "x" + std::to_string(s.cols) +
+                     " p0=" + std::to_string(s.p_zero) + (outlier ? " with an outlier" : ""));
+        const CompressedMatrix m = make(s.rows, s.cols, s.p_zero, seed, Codec::kG4);
+        std::vector<float> x = random_vec(s.cols, seed + 1);
+        ++seed;
+        if (outlier && s.cols > 0) x[static_cast<size_t>(s.cols / 2)] = 40.0f;
+        float amax = 0.0f;
+        for (float v : x) amax = std::max(amax, std::fabs(v));
+        std::vector<float> dense(static_cast<size_t>(s.rows * s.cols));
+        decode_ref(m.view(), dense.data());
+        const std::vector<float> ref = ref_products(m.view(), x, 1, s.cols);
+        std::vector<float> buf(static_cast<size_t>(s.rows + 32), kSentinel),
+            yf(static_cast<size_t>(s.rows));
+        float* y = buf.data() + 16;
+        matvec(m.view(), x.data(), y, int8);
+        matvec(m.view(), x.data(), yf.data(), fp32);
+        if (level != levels[0]) {
+          int8.simd = levels[0];
+          std::vector<float> y0(static_cast<size_t>(s.rows));
+          matvec(m.view(), x.data(), y0.data(), int8);
+          int8.simd = level;
+          ASSERT_EQ(std::memcmp(y0.data(), y, y0.size() * sizeof(float)), 0)
+              << "the int8 kernels of " << simd_level_name(levels[0]) << " and "
+              << simd_level_name(level) << " differ";
         }
-        const double bound = w_abs * amax / 254.0 * (1.0 + 1e-6) + 1e-6 * wx_abs + 1e-30;
-        ASSERT_LE(std::fabs(static_cast<double>(y[r]) - ref[static_cast<size_t>(r)]), bound)
-            << "row " << r;
-        differ += y[r] != yf[static_cast<size_t>(r)];
+        for (int64_t r = 0; r < s.rows; ++r) {
+          double w_abs = 0.0, wx_abs = 0.0;
+          for (int64_t c = 0; c < s.cols; ++c) {
+            const double w = dense[static_cast<size_t>(r * s.cols + c)];
+            w_abs += std::fabs(w);
+            wx_abs += std::fabs(w * x[static_cast<size_t>(c)]);
+          }
+          const double bound = w_abs * amax / 254.0 * (1.0 + 1e-6) + 1e-6 * wx_abs + 1e-30;
+          ASSERT_LE(std::fabs(static_cast<double>(y[r]) - ref[static_cast<size_t>(r)]), bound)
+              << "row " << r;
+          differ += y[r] != yf[static_cast<size_t>(r)];
+        }
+        for (int i = 0; i < 16; ++i) {
+          ASSERT_EQ(buf[static_cast<size_t>(i)], kSentinel) << "write before y";
+          ASSERT_EQ(buf[static_cast<size_t>(s.rows + 16 + i)], kSentinel) << "write after y";
+        }
       }
-      for (int i = 0; i < 16; ++i) {
-        ASSERT_EQ(buf[static_cast<size_t>(i)], kSentinel) << "write before y";
-        ASSERT_EQ(buf[static_cast<size_t>(s.rows + 16 + i)], kSentinel) << "write after y";
+    }
+    EXPECT_GT(differ, 100) << "the int8 kernel did not run";
+  }
+}
+
+// The int8 kernels' integer sums at their largest: every input at max|x|, and in each row group
+// one row with every symbol non-zero and three without any, so that every token of the group is
+// a symbol of that row; rows long enough that a group takes hundreds of steps (the avx2 kernel's
+// int16 sums, up to 2 * 127 a step, are folded into int32 before they can overflow). Each row's
+// sum is exact: 127 * cols in int8 units, or 0.
+TEST(DecoderCpu, G4Int8LargestSumsAreExact) {
+  const std::vector<SimdLevel> levels = g4_int8_levels();
+  if (levels.empty()) GTEST_SKIP() << "no AVX2: qmoe-g4 has no int8 kernel on this CPU";
+  const int64_t rows = 6, cols = 6007;
+  TernaryMatrix t(rows, cols);
+  for (int64_t r = 0; r < rows; ++r) {
+    if (r % 4 == 0) {
+      for (int64_t c = 0; c < cols; ++c) t.symbols[r * cols + c] = r == 0 ? 2 : 1;
+    }
+    t.levels[2 * r] = float_to_bf16(-0.5f);
+    t.levels[2 * r + 1] = float_to_bf16(2.0f);
+  }
+  EncodeOptions eo;
+  eo.codec = Codec::kG4;
+  const CompressedMatrix m = encode(t, eo);
+  for (float sign : {1.0f, -1.0f}) {
+    const std::vector<float> x(static_cast<size_t>(cols), sign * 3.0f);
+    std::vector<float> ref(rows);
+    matvec_ref(m.view(), x.data(), ref.data());
+    for (SimdLevel level : levels) {
+      SCOPED_TRACE(simd_level_name(level));
+      MatmulOptions o;
+      o.simd = level;
+      std::vector<float> y(rows);
+      matvec(m.view(), x.data(), y.data(), o);
+      for (int64_t r = 0; r < rows; ++r) {
+        const double want = r % 4 != 0 ? 0.0 : (r == 0 ? 2.0 : -0.5) * sign * 3.0 * cols;
+        ASSERT_EQ(ref[static_cast<size_t>(r)], want) << "row " << r;
+        ASSERT_NEAR(y[static_cast<size_t>(r)], want, std::fabs(want) * 1e-6) << "row " << r;
       }
     }
   }
-  EXPECT_GT(differ, 100) << "the int8 kernel did not run";
 }
 
 // The int8 path is bit-identical for any thread count, inside grouped calls too, and inputs with a
 // NaN or an infinity take the float path (propagating them as the reference does).
 TEST(DecoderCpu, G4Int8ThreadsGroupedAndNonFiniteInputs) {
-  if (!simd_level_supported(SimdLevel::kAvx512) || !g4_vnni_supported())
-    GTEST_SKIP() << "no AVX-512 VBMI/VBMI2/VNNI/GFNI: qmoe-g4 has no int8 kernel on this CPU";
-  const CompressedMatrix m = make(517, 1029, 0.885, 31, Codec::kG4);
-  std::vector<float> x = random_vec(1029, 32);
-  std::vector<float> first;
-  for (int threads : {1, 2, 3, 5}) {
-    MatmulOptions o;
-    o.simd = SimdLevel::kAvx512;
-    o.threads = threads;
-    std::vector<float> y(517);
-    matvec(m.view(), x.data(), y.data(), o);
-    if (first.empty()) {
-      first = y;
-    } else {
-      ASSERT_EQ(std::memcmp(first.data(), y.data(), y.size() * sizeof(float)), 0) << threads;
+  const std::vector<SimdLevel> levels = g4_int8_levels();
+  if (levels.empty()) GTEST_SKIP() << "no AVX2: qmoe-g4 has no int8 kernel on this CPU";
+  for (SimdLevel level : levels) {
+    SCOPED_TRACE(simd_level_name(level));
+    const CompressedMatrix m = make(517, 1029, 0.885, 31, Codec::kG4);
+    std::vector<float> x = random_vec(1029, 32);
+    std::vector<float> first;
+    for (int threads : {1, 2, 3, 5}) {
+      MatmulOptions o;
+      o.simd = level;
+      o.threads = threads;
+      std::vector<float> y(517);
+      matvec(m.view(), x.data(), y.data(), o);
+      if (first.empty()) {
+        first = y;
+      } else {
+        ASSERT_EQ(std::memcmp(first.data(), y.data(), y.size() * sizeof(float)), 0) << threads;
+      }
+      // The same product as one item of a grouped call.
+      const int32_t row0 = 0;
+      const ExpertBatch item[] = {{m.view(), {&row0, 1}, {}, {}}};
+      std::vector<float> yg(517);
+      grouped_matmul(item, x.data(), 1, 1029, yg.data(), 1, 517, o);
+      ASSERT_EQ(std::memcmp(first.data(), yg.data(), yg.size() * sizeof(float)), 0) << threads;
     }
-    // The same product as one item of a grouped call.
-    const int32_t row0 = 0;
-    const ExpertBatch item[] = {{m.view(), {&row0, 1}, {}, {}}};
-    std::vector<float> yg(517);
-    grouped_matmul(item, x.data(), 1, 1029, yg.data(), 1, 517, o);
-    ASSERT_EQ(std::memcmp(first.data(), yg.data(), yg.size() * sizeof(float)), 0) << threads;
-  }
-  for (float bad :
-       {std::numeric_limits<float>::quiet_NaN(), std::numeric_limits<float>::infinity()}) {
-    x[500] = bad;
-    MatmulOptions int8, fp32;
-    int8.simd = fp32.simd = SimdLevel::kAvx512;
-    fp32.int8_activations = false;
-    std::vector<float> y(517), yf(517), ref(517);
-    matvec(m.view(), x.data(), y.data(), int8);
-    matvec(m.view(), x.data(), yf.data(), fp32);
-    matvec_ref(m.view(), x.data(), ref.data());
-    for (int64_t r = 0; r < 517; ++r) {
-      ASSERT_EQ(std::isnan(y[r]), std::isnan(ref[r])) << "row " << r;
-      ASSERT_EQ(std::isinf(y[r]), std::isinf(ref[r])) << "row " << r;
-      ASSERT_EQ(std::memcmp(&y[r], &yf[r], sizeof(float)), 0) << "row " << r;
+    for (float bad :
+         {std::numeric_limits<float>::quiet_NaN(), std::numeric_limits<float>::infinity()}) {
+      x[500] = bad;
+      MatmulOptions int8, fp32;
+      int8.simd = fp32.simd = level;
+      fp32.int8_activations = false;
+      std::vector<float> y(517), yf(517), ref(517);
+      matvec(m.view(), x.data(), y.data(), int8);
+      matvec(m.view(), x.data(), yf.data(), fp32);
+      matvec_ref(m.view(), x.data(), ref.data());
+      for (int64_t r = 0; r < 517; ++r) {
+        ASSERT_EQ(std::isnan(y[r]), std::isnan(ref[r])) << "row " << r;
+        ASSERT_EQ(std::isinf(y[r]), std::isinf(ref[r])) << "row " << r;
+        ASSERT_EQ(std::memcmp(&y[r], &yf[r], sizeof(float)), 0) << "row " << r;
+      }
     }
   }
 }

@@ -60,6 +60,10 @@ void set_simd_level(SimdLevel l);
 // VBMI2, VNNI and GFNI (Ice Lake, Zen 4 and later): the int8 single-token kernel and the vector
 // batch decode. Without them the avx512 level runs qmoe-g4 like the avx2 level does.
 bool g4_vnni_supported();
+// Whether qmoe-g4 single-token products at level `l` take int8 inputs when
+// MatmulOptions::int8_activations is set: the avx2 and avx512 levels, where this build and CPU run
+// them. Every level that does gives the same bits (exact integer sums, the same rounding).
+bool g4_int8_supported(SimdLevel l);
 
 // ---- products -----------------------------------------------------------------------------------
 struct MatmulOptions {
@@ -69,12 +73,12 @@ struct MatmulOptions {
   bool accumulate = false;
   // SIMD level for this call; nullopt = simd_level(). Throws InvalidArgument if unsupported.
   std::optional<SimdLevel> simd;
-  // qmoe-g4 at one token on the avx512 level of a CPU with AVX-512 VBMI, VBMI2, VNNI and GFNI (Ice
-  // Lake, Zen 4 and later): the input is rounded to int8 once per call, at the
-  // scale 127 / max|x|, and the kernel sums integers (decoder_cpu/README.md). Each output then
+  // qmoe-g4 at one token on the avx2 and avx512 levels (g4_int8_supported()), rows of up to 2^24
+  // columns: the input is rounded to int8 once per call, at the scale 127 / max|x|, and the kernel
+  // sums integers (decoder_cpu/README.md); both levels give the same bits. Each output then
   // differs from the float result by at most half a quantization step per weight,
-  // sum_c |W[r][c]| * max|x| / 254, plus float rounding. false keeps float inputs (the lists path,
-  // about half the speed). Inputs holding a NaN or an infinity always take the float path.
+  // sum_c |W[r][c]| * max|x| / 254, plus float rounding. false keeps float inputs (2-3 times
+  // slower). Inputs holding a NaN or an infinity always take the float path.
   bool int8_activations = true;
 };
 
