@@ -1209,8 +1209,6 @@ struct alignas(32) G4Avx2Consts {
   int8_t col_mask[32];     // 0x3f
   int8_t row_mask[32];     // 3
   int8_t top[32];          // 0x80
-  int8_t sat[32];          // 0x70
-  int8_t chunk[3][32];     // 16 (q + 1)
   int16_t ones[16];        // 1
   G4Avx2Consts() {
     for (int i = 0; i < 32; ++i) {
@@ -1223,8 +1221,6 @@ struct alignas(32) G4Avx2Consts {
       col_mask[i] = 0x3f;
       row_mask[i] = 3;
       top[i] = static_cast<int8_t>(-128);
-      sat[i] = 0x70;
-      for (int q = 0; q < 3; ++q) chunk[q][i] = static_cast<int8_t>(16 * (q + 1));
     }
     for (int16_t& o : ones) o = 1;
   }
@@ -1296,8 +1292,8 @@ inline void g4_finish_lane(const Work& w, const G4Lane& l, int lane, int32_t (&a
 //     within each lane by four shift-and-adds (at most 240: a byte); a lane's symbol sits at
 //     (base & 3) + S - 1 from its lane's first column c0 = base / 4, so its column offset (<= 60)
 //     and row are that byte's bits 2..7 and 0..1;
-//   * inputs: the 64 columns from c0, four 16-byte chunks per lane, picked by four vpshufb whose
-//     index is the column minus 16q, saturated into bit 7 (zero) outside chunk q;
+//   * inputs: the 64 columns from c0, four 16-byte chunks per lane, each permuted by the low 4
+//     bits of the column offset (vpshufb), the right one picked by three blends on its bits 4, 5;
 //   * kinds: the lane's next kind bits deposited (pdep) on its non-escape tokens, spread to a byte
 //     mask;
 //   * sums: per row j, a 0/1 byte mask of the lanes of that row (a vpshufb of the row, escapes
@@ -1319,10 +1315,6 @@ void g4_rows_int8_avx2(const Work& w, int64_t r0, int64_t r1) {
   G4Lane l0 = g4_next_lane(w, &g_next, g_end, r1);
   G4Lane l1 = g4_next_lane(w, &g_next, g_end, r1);
   while ((l0.keep | l1.keep) != 0) {
-    _mm_prefetch(reinterpret_cast<const char*>(m.g4_tokens + (l0.i >> 1)) + 384, _MM_HINT_T0);
-    _mm_prefetch(reinterpret_cast<const char*>(m.g4_tokens + (l1.i >> 1)) + 384, _MM_HINT_T0);
-    _mm_prefetch(reinterpret_cast<const char*>(m.g4_kinds + (l0.k >> 3)) + 256, _MM_HINT_T0);
-    _mm_prefetch(reinterpret_cast<const char*>(m.g4_kinds + (l1.k >> 3)) + 256, _MM_HINT_T0);
     const __m128i v = _mm_set_epi64x(static_cast<long long>(g4_token_bits(m, l1.i) | l1.mask),
                                      static_cast<long long>(g4_token_bits(m, l0.i) | l0.mask));
     const __m128i low4 = _mm256_castsi256_si128(g4_c(k.low4));
@@ -1346,12 +1338,15 @@ void g4_rows_int8_avx2(const Work& w, int64_t r0, int64_t r1) {
       return _mm256_loadu2_m128i(reinterpret_cast<const __m128i*>(x1 + 16 * q),
                                  reinterpret_cast<const __m128i*>(x0 + 16 * q));
     };
-    const __m256i sat = g4_c(k.sat);
-    __m256i xv = _mm256_shuffle_epi8(chunk(0), _mm256_adds_epu8(col, sat));
-    for (int q = 1; q < 4; ++q) {
-      const __m256i idx = _mm256_adds_epu8(_mm256_sub_epi8(col, g4_c(k.chunk[q - 1])), sat);
-      xv = _mm256_or_si256(xv, _mm256_shuffle_epi8(chunk(q), idx));
-    }
+    // Chunk q = col / 16 = the byte's bits 6..7 (bit 7 of pr << 1, bit 7 of pr): each chunk
+    // permuted by the column's low 4 bits, then two levels of blends.
+    const __m256i bit4 = _mm256_slli_epi16(pr, 1);
+    const __m256i xv =
+        _mm256_blendv_epi8(_mm256_blendv_epi8(_mm256_shuffle_epi8(chunk(0), col),
+                                              _mm256_shuffle_epi8(chunk(1), col), bit4),
+                           _mm256_blendv_epi8(_mm256_shuffle_epi8(chunk(2), col),
+                                              _mm256_shuffle_epi8(chunk(3), col), bit4),
+                           pr);
     const uint32_t real = ~static_cast<uint32_t>(_mm256_movemask_epi8(esc));
     const uint32_t real0 = real & 0xffff, real1 = real >> 16;
     const uint32_t high = static_cast<uint32_t>(_pdep_u64(g4_kind_bits(m, l0.k), real0)) |
