@@ -1230,6 +1230,17 @@ inline __m256i g4_c(const int8_t (&v)[32]) {
   return _mm256_load_si256(reinterpret_cast<const __m256i*>(v));
 }
 
+// At least the 16 kind bits from bit k of the kind stream (bit 0 = bit k): one load and a shift.
+inline uint64_t g4_kind_bits16(const Matrix& m, int64_t k) {
+  const int64_t b = k >> 3;
+  if (__builtin_expect(b + 8 <= m.g4_kind_bytes, 1)) {
+    uint64_t v;
+    std::memcpy(&v, m.g4_kinds + b, 8);
+    return v >> (k & 7);
+  }
+  return g4_kind_bits(m, k);
+}
+
 // A lane of g4_rows_int8_avx2(): its group, next token, end token, next kind bit and position in
 // the group; `mask`, ORed into the step's token bits (escapes): 0, the tokens past the group's end
 // on its last step, all of them when the lane is idle; `stop`, the token from which the step
@@ -1314,13 +1325,41 @@ void g4_rows_int8_avx2(const Work& w, int64_t r0, int64_t r1) {
   int steps = 0;  // since acc was last folded into acc32
   G4Lane l0 = g4_next_lane(w, &g_next, g_end, r1);
   G4Lane l1 = g4_next_lane(w, &g_next, g_end, r1);
+  // Per lane (qwords 0 and 2), what changes only with its group or its last step: the bits its
+  // tokens start at within their first byte (0 or 4; a lane's token index keeps its parity within
+  // a group), 64 minus that, and its mask of escapes.
+  __m256i tshift, tshift2, tmask;
+  auto lanes_changed = [&] {
+    const auto sh = [](const G4Lane& l) { return static_cast<long long>(4 * (l.i & 1)); };
+    tshift = _mm256_set_epi64x(0, sh(l1), 0, sh(l0));
+    tshift2 = _mm256_set_epi64x(0, 64 - sh(l1), 0, 64 - sh(l0));
+    tmask =
+        _mm256_set_epi64x(0, static_cast<long long>(l1.mask), 0, static_cast<long long>(l0.mask));
+  };
+  lanes_changed();
+  const uint8_t* tokens = m.g4_tokens;
   while ((l0.keep | l1.keep) != 0) {
-    const __m128i v = _mm_set_epi64x(static_cast<long long>(g4_token_bits(m, l1.i) | l1.mask),
-                                     static_cast<long long>(g4_token_bits(m, l0.i) | l0.mask));
-    const __m128i low4 = _mm256_castsi256_si128(g4_c(k.low4));
-    const __m128i lo4 = _mm_and_si128(v, low4), hi4 = _mm_and_si128(_mm_srli_epi16(v, 4), low4);
-    const __m256i t = _mm256_inserti128_si256(_mm256_castsi128_si256(_mm_unpacklo_epi8(lo4, hi4)),
-                                              _mm_unpackhi_epi8(lo4, hi4), 1);
+    // Each lane's 16 tokens as 64 bits in its low qword: 16 bytes from the byte of its first
+    // token, shifted right by 0 or 4 bits across the lane's two qwords (a shift by 64 gives 0).
+    const int64_t b0 = l0.i >> 1, b1 = l1.i >> 1;
+    __m256i raw;
+    if (__builtin_expect(std::max(b0, b1) + 16 <= m.g4_token_bytes, 1)) {
+      raw = _mm256_loadu2_m128i(reinterpret_cast<const __m128i*>(tokens + b1),
+                                reinterpret_cast<const __m128i*>(tokens + b0));
+    } else {  // a lane near the stream's end: zeros past it
+      alignas(32) uint8_t tail[32] = {};
+      std::memcpy(tail, tokens + b0,
+                  static_cast<size_t>(std::min<int64_t>(16, m.g4_token_bytes - b0)));
+      std::memcpy(tail + 16, tokens + b1,
+                  static_cast<size_t>(std::min<int64_t>(16, m.g4_token_bytes - b1)));
+      raw = _mm256_load_si256(reinterpret_cast<const __m256i*>(tail));
+    }
+    const __m256i v =
+        _mm256_or_si256(_mm256_or_si256(_mm256_srlv_epi64(raw, tshift),
+                                        _mm256_sllv_epi64(_mm256_srli_si256(raw, 8), tshift2)),
+                        tmask);
+    const __m256i t = _mm256_unpacklo_epi8(_mm256_and_si256(v, g4_c(k.low4)),
+                                           _mm256_and_si256(_mm256_srli_epi16(v, 4), g4_c(k.low4)));
     const __m256i esc = _mm256_cmpeq_epi8(t, g4_c(k.low4));
     const __m256i adv = _mm256_shuffle_epi8(g4_c(k.advance), t);
     __m256i s = _mm256_add_epi8(adv, _mm256_slli_si256(adv, 1));
@@ -1349,8 +1388,8 @@ void g4_rows_int8_avx2(const Work& w, int64_t r0, int64_t r1) {
                            pr);
     const uint32_t real = ~static_cast<uint32_t>(_mm256_movemask_epi8(esc));
     const uint32_t real0 = real & 0xffff, real1 = real >> 16;
-    const uint32_t high = static_cast<uint32_t>(_pdep_u64(g4_kind_bits(m, l0.k), real0)) |
-                          (static_cast<uint32_t>(_pdep_u64(g4_kind_bits(m, l1.k), real1)) << 16);
+    const uint32_t high = static_cast<uint32_t>(_pdep_u64(g4_kind_bits16(m, l0.k), real0)) |
+                          (static_cast<uint32_t>(_pdep_u64(g4_kind_bits16(m, l1.k), real1)) << 16);
     const __m256i hm = _mm256_cmpeq_epi8(
         _mm256_and_si256(
             _mm256_shuffle_epi8(_mm256_set1_epi32(static_cast<int32_t>(high)), g4_c(k.kind_spread)),
@@ -1390,6 +1429,7 @@ void g4_rows_int8_avx2(const Work& w, int64_t r0, int64_t r1) {
         g4_finish_lane(w, l1, 1, acc32, r1);
         l1 = g4_next_lane(w, &g_next, g_end, r1);
       }
+      lanes_changed();
     }
   }
 }
