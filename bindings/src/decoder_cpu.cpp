@@ -198,9 +198,10 @@ void bind_decoder_cpu(py::module_& m, py::class_<PyCompressed>& matrix) {
            py::arg("threads") = 0, py::arg("int8_activations") = true, R"doc(
 y = W x straight from the codes (the CPU kernels; fp32 sums). x: 1-D float32, float16 or bfloat16
 (uint16 bit patterns with bf16=True) of cols elements, C-contiguous. threads: OpenMP threads
-(0 = default); the result does not depend on it. int8_activations: for a qmoe-g4 matrix on a CPU
-with AVX-512 VBMI/VNNI, x is rounded to int8 (scale 127 / max|x|) and summed in integers, about
-twice as fast; each output is then within sum_c |W[r, c]| * max|x| / 254 of the float result.
+(0 = default); the result does not depend on it. int8_activations: for a qmoe-g4 matrix on an x86
+CPU (the AVX2 and AVX-512 kernels), x is rounded to int8 (scale 127 / max|x|) and summed in
+integers, 2-4 times as fast; each output is then within sum_c |W[r, c]| * max|x| / 254 of the
+float result.
 Returns float32 of rows elements.
 Raises ValueError for a wrong dtype, shape or layout.
 )doc")

@@ -122,8 +122,8 @@ bfloat16 bit patterns (uint16 or ml_dtypes.bfloat16), as returned by ternarize_r
 codec: "qmoe-v1" (QMoE's dictionary codes), "qmoe-v2" (a dictionary fitted to the matrix, ~10%
 smaller at 88.5% zeros, much smaller at higher sparsity; the CPU and CUDA kernels read it as is),
 "qmoe-v3" (qmoe-v2 with rows coded in pairs: ~3% larger than qmoe-v2 at 88.5% zeros),
-"qmoe-g4" (gap tokens over groups of 4 rows: the smallest at 88.5% zeros and the fastest on CPUs
-with AVX-512 VBMI/VNNI; qmoe-v3 and qmoe-g4 are CPU codecs, converted to qmoe-v2 when uploaded to
+"qmoe-g4" (gap tokens over groups of 4 rows: the smallest at 88.5% zeros and the fastest at one
+token on x86 CPUs; qmoe-v3 and qmoe-g4 are CPU codecs, converted to qmoe-v2 when uploaded to
 a GPU), "qmoe-p5" (base-3 packing) or "auto": the codec of `target` ("any": qmoe-v1, "cpu":
 qmoe-g4, "gpu": qmoe-v2), or qmoe-p5 where that is smaller.
 v2_max_width: qmoe-v2's longest dictionary entry (1..63 symbols; qmoe-v3's entries are always up
