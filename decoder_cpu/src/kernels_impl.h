@@ -1297,8 +1297,9 @@ inline void g4_finish_lane(const Work& w, const G4Lane& l, int lane, int32_t (&a
 // One token, AVX2, int8 inputs: the same sums as g4_rows_int8() without its byte permutes. Two
 // groups go at a time, one per 128-bit lane, 16 tokens of each a step; a lane that finishes its
 // group takes the block's next one, so the two lanes' groups are independent chains.
-//   * tokens: two 8-byte loads (the nibbles of 16 tokens each), split into bytes by two ANDs and
-//     two unpacks; tokens past a group's end are made escapes (no symbol);
+//   * tokens: one 32-byte load (16 bytes from each lane's first token), two variable shifts that
+//     align each lane's 16 nibbles, split into bytes by two ANDs and an unpack; tokens past a
+//     group's end are made escapes (no symbol);
 //   * positions: the advances min(t + 1, 15) by a vpshufb table, their inclusive prefix sum S
 //     within each lane by four shift-and-adds (at most 240: a byte); a lane's symbol sits at
 //     (base & 3) + S - 1 from its lane's first column c0 = base / 4, so its column offset (<= 60)
@@ -1318,23 +1319,29 @@ void g4_rows_int8_avx2(const Work& w, int64_t r0, int64_t r1) {
   const int64_t g_end = (r1 + 3) / 4;
   int64_t g_next = r0 / 4;
   alignas(32) int32_t acc32[8][8] = {};
-  // The int16 sums, one register per class (no lambda or call takes their address, so that they
-  // stay in registers).
-  __m256i acc[8];
-  for (__m256i& a : acc) a = _mm256_setzero_si256();
+  // The int16 sums, one variable per class (row j low: lo_j, high: hi_j), which GCC keeps in
+  // registers (an array of them it kept on the stack: a load and a store per class and step).
+  __m256i lo0 = _mm256_setzero_si256(), lo1 = lo0, lo2 = lo0, lo3 = lo0;
+  __m256i hi0 = lo0, hi1 = lo0, hi2 = lo0, hi3 = lo0;
   int steps = 0;  // since acc was last folded into acc32
   G4Lane l0 = g4_next_lane(w, &g_next, g_end, r1);
   G4Lane l1 = g4_next_lane(w, &g_next, g_end, r1);
   // Per lane (qwords 0 and 2), what changes only with its group or its last step: the bits its
   // tokens start at within their first byte (0 or 4; a lane's token index keeps its parity within
   // a group), 64 minus that, and its mask of escapes.
-  __m256i tshift, tshift2, tmask;
+  // Kept in memory and read as operands: in registers they pushed the int16 sums out to the stack.
+  alignas(32) uint64_t lane_words[3][4] = {};  // tshift, tshift2, tmask
   auto lanes_changed = [&] {
-    const auto sh = [](const G4Lane& l) { return static_cast<long long>(4 * (l.i & 1)); };
-    tshift = _mm256_set_epi64x(0, sh(l1), 0, sh(l0));
-    tshift2 = _mm256_set_epi64x(0, 64 - sh(l1), 0, 64 - sh(l0));
-    tmask =
-        _mm256_set_epi64x(0, static_cast<long long>(l1.mask), 0, static_cast<long long>(l0.mask));
+    const auto sh = [](const G4Lane& l) { return static_cast<uint64_t>(4 * (l.i & 1)); };
+    lane_words[0][0] = sh(l0);
+    lane_words[0][2] = sh(l1);
+    lane_words[1][0] = 64 - sh(l0);
+    lane_words[1][2] = 64 - sh(l1);
+    lane_words[2][0] = l0.mask;
+    lane_words[2][2] = l1.mask;
+  };
+  auto lane_vec = [&](int q) {
+    return _mm256_load_si256(reinterpret_cast<const __m256i*>(lane_words[q]));
   };
   lanes_changed();
   const uint8_t* tokens = m.g4_tokens;
@@ -1355,9 +1362,9 @@ void g4_rows_int8_avx2(const Work& w, int64_t r0, int64_t r1) {
       raw = _mm256_load_si256(reinterpret_cast<const __m256i*>(tail));
     }
     const __m256i v =
-        _mm256_or_si256(_mm256_or_si256(_mm256_srlv_epi64(raw, tshift),
-                                        _mm256_sllv_epi64(_mm256_srli_si256(raw, 8), tshift2)),
-                        tmask);
+        _mm256_or_si256(_mm256_or_si256(_mm256_srlv_epi64(raw, lane_vec(0)),
+                                        _mm256_sllv_epi64(_mm256_srli_si256(raw, 8), lane_vec(1))),
+                        lane_vec(2));
     const __m256i t = _mm256_unpacklo_epi8(_mm256_and_si256(v, g4_c(k.low4)),
                                            _mm256_and_si256(_mm256_srli_epi16(v, 4), g4_c(k.low4)));
     const __m256i esc = _mm256_cmpeq_epi8(t, g4_c(k.low4));
@@ -1399,11 +1406,15 @@ void g4_rows_int8_avx2(const Work& w, int64_t r0, int64_t r1) {
     const __m256i sel =
         _mm256_or_si256(_mm256_and_si256(pr, g4_c(k.row_mask)), _mm256_and_si256(esc, g4_c(k.top)));
     const __m256i xh = _mm256_and_si256(hm, xv), xl = _mm256_andnot_si256(hm, xv);
-    for (int j = 0; j < 4; ++j) {
+    const auto add_row = [&](int j, __m256i lo, __m256i hi, __m256i* lo_out, __m256i* hi_out) {
       const __m256i in_row = _mm256_shuffle_epi8(g4_c(k.onehot[j]), sel);
-      acc[j] = _mm256_add_epi16(acc[j], _mm256_maddubs_epi16(in_row, xl));
-      acc[4 + j] = _mm256_add_epi16(acc[4 + j], _mm256_maddubs_epi16(in_row, xh));
-    }
+      *lo_out = _mm256_add_epi16(lo, _mm256_maddubs_epi16(in_row, xl));
+      *hi_out = _mm256_add_epi16(hi, _mm256_maddubs_epi16(in_row, xh));
+    };
+    add_row(0, lo0, hi0, &lo0, &hi0);
+    add_row(1, lo1, hi1, &lo1, &hi1);
+    add_row(2, lo2, hi2, &lo2, &hi2);
+    add_row(3, lo3, hi3, &lo3, &hi3);
     // Each lane's advance is the last byte of its prefix sum (what follows a group's end is
     // unused); an idle lane stays at token 0 and column 0.
     l0.b = (l0.b + _mm256_extract_epi8(s, 15)) & l0.keep;
@@ -1414,12 +1425,20 @@ void g4_rows_int8_avx2(const Work& w, int64_t r0, int64_t r1) {
     l1.k += std::popcount(real1);
     if (__builtin_expect(++steps == 128 || l0.i >= l0.stop || l1.i >= l1.stop, 0)) {
       const __m256i ones = _mm256_load_si256(reinterpret_cast<const __m256i*>(k.ones));
-      for (int c = 0; c < 8; ++c) {
+      const auto fold = [&](int c, __m256i a) {
         __m256i* a32 = reinterpret_cast<__m256i*>(acc32[c]);
-        _mm256_store_si256(
-            a32, _mm256_add_epi32(_mm256_load_si256(a32), _mm256_madd_epi16(acc[c], ones)));
-        acc[c] = _mm256_setzero_si256();
-      }
+        _mm256_store_si256(a32,
+                           _mm256_add_epi32(_mm256_load_si256(a32), _mm256_madd_epi16(a, ones)));
+        return _mm256_setzero_si256();
+      };
+      lo0 = fold(0, lo0);
+      lo1 = fold(1, lo1);
+      lo2 = fold(2, lo2);
+      lo3 = fold(3, lo3);
+      hi0 = fold(4, hi0);
+      hi1 = fold(5, hi1);
+      hi2 = fold(6, hi2);
+      hi3 = fold(7, hi3);
       steps = 0;
       if (l0.i >= l0.stop && l0.last_step()) {
         g4_finish_lane(w, l0, 0, acc32, r1);
