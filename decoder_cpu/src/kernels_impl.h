@@ -1206,7 +1206,6 @@ struct alignas(32) G4Avx2Consts {
   int8_t bit_of[32];       // 1 << (i % 8)
   int8_t onehot[4][32];    // byte 1 at index j of each lane
   int8_t low4[32];         // 15
-  int8_t col_mask[32];     // 0x3f
   int8_t row_mask[32];     // 3
   int8_t top[32];          // 0x80
   int16_t ones[16];        // 1
@@ -1218,7 +1217,6 @@ struct alignas(32) G4Avx2Consts {
       bit_of[i] = static_cast<int8_t>(static_cast<uint8_t>(1u << (i % 8)));
       for (int r = 0; r < 4; ++r) onehot[r][i] = j == r ? 1 : 0;
       low4[i] = 15;
-      col_mask[i] = 0x3f;
       row_mask[i] = 3;
       top[i] = static_cast<int8_t>(-128);
     }
@@ -1377,7 +1375,8 @@ void g4_rows_int8_avx2(const Work& w, int64_t r0, int64_t r1) {
     const __m256i pr =
         _mm256_add_epi8(s, _mm256_set_m128i(_mm_set1_epi8(static_cast<char>((l1.b & 3) - 1)),
                                             _mm_set1_epi8(static_cast<char>((l0.b & 3) - 1))));
-    const __m256i col = _mm256_and_si256(_mm256_srli_epi16(pr, 2), g4_c(k.col_mask));
+    // The column offset's low 4 bits: all a vpshufb reads (its chunk is picked below).
+    const __m256i col = _mm256_and_si256(_mm256_srli_epi16(pr, 2), g4_c(k.low4));
     const int8_t* x0 = xq + (l0.b >> 2);
     const int8_t* x1 = xq + (l1.b >> 2);
     auto chunk = [&](int q) {
