@@ -967,10 +967,11 @@ inline void g4_put_int8(const Work& w, const Pass& p, int64_t g, int64_t r1,
 
 #if defined(QMOE_G4_VNNI)
 // Up to 64 consecutive tokens of a group, decoded at once:
-//   * the tokens as bytes t: a masked load of the bytes that hold them, one permute that gives
-//     qword q the 5 bytes of its 8 tokens, one multishift that moves each token's nibble to its
-//     byte (vpmultishiftqb), an AND; a lane advances min(t + 1, 15) positions (a vpshufb table),
-//     an escape's lane holds no symbol;
+//   * the tokens as bytes t: steps start at an even token, so the 32 bytes that hold them are
+//     one load, zero-extended to words (vpmovzxbw), whose two nibbles go to their two bytes by a
+//     shift and one ternary-logic OR-AND (a group that starts at an odd token leaves lane 0 of
+//     its first step out); a lane advances min(t + 1, 15) positions (a vpshufb table), an
+//     escape's lane holds no symbol;
 //   * the position of each lane's symbol: an inclusive prefix sum of the advances, within each
 //     8-lane qword by one multiplication by 0x0101..01 (sums <= 120 fit a byte), across qwords by
 //     a masked permute of the 8 qword totals (qword q gets those of qwords < q) and one vpsadbw;
@@ -986,54 +987,49 @@ struct G4Step {
 };
 
 struct G4Consts {
-  __m512i tok;       // qword q <- bytes 4q .. 4q + 4 of the step's token bytes
-  __m512i shift[2];  // byte j of a qword <- bits 4 (p + j) .. of it: token j at nibble parity p
-  __m512i advance;   // vpshufb table, each 16-byte lane: t -> min(t + 1, 15)
-  __m512i totals;    // byte p of each qword <- byte 8p + 7 (qword p's inclusive total)
-  uint64_t before;   // bytes p < q of qword q
-  __m512i bcast;     // byte 0 of each qword to all 8 of its bytes (in-lane vpshufb)
+  __m512i advance;  // vpshufb table, each 16-byte lane: t -> min(t + 1, 15)
+  __m512i totals;   // byte p of each qword <- byte 8p + 7 (qword p's inclusive total)
+  uint64_t before;  // bytes p < q of qword q
+  __m512i bcast;    // byte 0 of each qword to all 8 of its bytes (in-lane vpshufb)
   G4Consts() {
-    alignas(64) uint8_t tk[64], sh[2][64], adv[64], tot[64], bc[64];
+    alignas(64) uint8_t adv[64], tot[64], bc[64];
     before = 0;
     for (int j = 0; j < 64; ++j) {
       const int q = j >> 3, b = j & 7;
-      tk[j] = static_cast<uint8_t>(4 * q + std::min(b, 4));
-      for (int p = 0; p < 2; ++p) sh[p][j] = static_cast<uint8_t>(4 * (p + b));
       adv[j] = static_cast<uint8_t>(std::min((j & 15) + 1, 15));
       tot[j] = static_cast<uint8_t>(8 * b + 7);
       if (b < q) before |= uint64_t{1} << j;
       bc[j] = static_cast<uint8_t>(j & 8);
     }
-    tok = _mm512_load_si512(tk);
-    shift[0] = _mm512_load_si512(sh[0]);
-    shift[1] = _mm512_load_si512(sh[1]);
     advance = _mm512_load_si512(adv);
     totals = _mm512_load_si512(tot);
     bcast = _mm512_load_si512(bc);
   }
 };
 
-// Tokens i .. i + n - 1 of the stream (1 <= n <= 64) from position `base` of the group (the
-// position after the previous token's), kind bits from k.
-inline G4Step g4_step(const Matrix& m, const G4Consts& cs, int64_t i, int n, int64_t k,
+// Tokens i + skip .. i + n - 1 of the stream (i even, skip 0 or 1, skip < n <= 64) from position
+// `base` of the group (the position after the previous token's), kind bits from k. Lane j holds
+// token i + j; lanes below skip hold none.
+inline G4Step g4_step(const Matrix& m, const G4Consts& cs, int64_t i, int n, int skip, int64_t k,
                       int64_t base) {
   const __m512i zero = _mm512_setzero_si512();
-  const uint64_t valid = n >= 64 ? ~uint64_t{0} : (uint64_t{1} << n) - 1;
-  const int odd = static_cast<int>(i & 1);
-  const int need = (odd + n + 1) / 2;  // bytes holding the tokens (<= 33), all inside the stream
-  // (a whole vector where the stream has 64 bytes from here: the bytes past the step's tokens only
-  // reach lanes outside `valid`)
-  const __m512i src =
-      __builtin_expect((i >> 1) + 64 <= m.g4_token_bytes, 1)
-          ? _mm512_loadu_si512(m.g4_tokens + (i >> 1))
-          : _mm512_maskz_loadu_epi8((uint64_t{1} << need) - 1, m.g4_tokens + (i >> 1));
+  const uint64_t valid =
+      (n >= 64 ? ~uint64_t{0} : (uint64_t{1} << n) - 1) & ~static_cast<uint64_t>(skip);
+  // The bytes holding the tokens (a whole 32 where the stream has them: the bytes past the step's
+  // tokens only reach lanes outside `valid`).
+  const uint8_t* at = m.g4_tokens + (i >> 1);
+  const __m256i src =
+      __builtin_expect((i >> 1) + 32 <= m.g4_token_bytes, 1)
+          ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(at))
+          : _mm256_maskz_loadu_epi8(static_cast<__mmask32>((uint64_t{1} << ((n + 1) / 2)) - 1), at);
   // maskz forms throughout: GCC 12's unmasked ones read an undefined vector
   // (-Wmaybe-uninitialized).
-  constexpr uint64_t kAll = ~uint64_t{0};
-  const __m512i t =
-      _mm512_and_si512(_mm512_maskz_multishift_epi64_epi8(
-                           kAll, cs.shift[odd], _mm512_maskz_permutexvar_epi8(kAll, cs.tok, src)),
-                       _mm512_set1_epi8(0x0f));
+  // Word w = byte w = (token 2w + 1) << 4 | token 2w; (w | w << 4) & 0x0f0f puts the two tokens in
+  // its two bytes (ternary logic 0xa8: (A | B) & C).
+  const __m512i wd = _mm512_maskz_cvtepu8_epi16(~__mmask32{0}, src);
+  const __m512i t = _mm512_maskz_ternarylogic_epi32(~__mmask16{0}, wd,
+                                                    _mm512_maskz_slli_epi16(~__mmask32{0}, wd, 4),
+                                                    _mm512_set1_epi16(0x0f0f), 0xa8);
   const uint64_t esc = _mm512_mask_cmpeq_epi8_mask(valid, t, _mm512_set1_epi8(15));
   const __m512i a = _mm512_maskz_shuffle_epi8(valid, cs.advance, t);
   G4Step s;
@@ -1068,9 +1064,11 @@ inline void g4_lists_avx512(const Matrix& m, const G4Consts& cs, int64_t g,
   const int32_t* off = m.g4_offsets + 2 * g;
   int64_t cnt[8] = {};
   int64_t k = off[1], base = 0;
-  for (int64_t i = off[0]; i < off[2];) {
+  int skip = off[0] & 1;
+  for (int64_t i = off[0] - skip; i + skip < off[2];) {
     const int len = static_cast<int>(std::min<int64_t>(64, off[2] - i));
-    const G4Step s = g4_step(m, cs, i, len, k, base);
+    const G4Step s = g4_step(m, cs, i, len, skip, k, base);
+    skip = 0;
     const __m512i c0 = _mm512_set1_epi32(static_cast<int>(base >> 2));
     const __m512i row = _mm512_and_si512(s.row, _mm512_set1_epi8(3));
     for (int j = 0; j < 4; ++j) {
@@ -1104,12 +1102,14 @@ inline void g4_lists_avx512(const Matrix& m, const G4Consts& cs, int64_t g,
   for (int c = 0; c < 8; ++c) n[c] = cnt[c];
 }
 
-// The sums of a group's 8 accumulators of 16 int32 lanes (each lane at most 2^31 / 16 in
-// magnitude here: no overflow): row j's low sum in lo_sum[j], its high sum in hi_sum[j]. Folded
-// together (halves, then quarters of the vectors, then pairs of lanes), the last two partial sums
-// of each added in int64.
-inline void g4_sums(const __m512i (&lo)[4], const __m512i (&hi)[4], int64_t (&lo_sum)[4],
-                    int64_t (&hi_sum)[4]) {
+// The results of group g's four rows (g4_put_int8()) from its 8 accumulators of 16 int32 lanes,
+// in vectors: the accumulators folded together (halves, then quarters of the vectors, then pairs
+// of lanes), then the same operations as g4_put_int8() in the same order, so the same bits. A
+// row's sums stay int32: each is at most 127 * cols < 2^31 in magnitude (cols <= 2^24 here).
+// Done with scalars (the sums added in int64, then g4_put_int8()) it took about 40 cycles a group,
+// a sixth of a product with a wi 3072x768 matrix.
+inline void g4_finish_vnni(const Work& w, const Pass& p, int64_t g, int64_t r1,
+                           const __m512i (&lo)[4], const __m512i (&hi)[4]) {
   // a's 256-bit halves added into lanes 0..7, b's into lanes 8..15.
   auto halves = [](__m512i a, __m512i b) {
     return _mm512_add_epi32(_mm512_maskz_shuffle_i64x2(0xff, a, b, 0x44),
@@ -1122,15 +1122,35 @@ inline void g4_sums(const __m512i (&lo)[4], const __m512i (&hi)[4], int64_t (&lo
   };
   const __m512i l = quarters(halves(lo[0], lo[1]), halves(lo[2], lo[3]));
   const __m512i h = quarters(halves(hi[0], hi[1]), halves(hi[2], hi[3]));
-  // Lane j: (low, high, low, high) partial sums of row j.
+  // 128-bit lane j: (low, high, low, high) partial sums of row j; then (low, high) sums in its
+  // first two ints, and those of the four rows gathered: low 0, high 0, low 1, ... high 3.
   const __m512i u = _mm512_add_epi32(_mm512_maskz_unpacklo_epi32(0xffff, l, h),
                                      _mm512_maskz_unpackhi_epi32(0xffff, l, h));
-  alignas(64) int32_t v[16];
-  _mm512_store_si512(v, u);
-  for (int j = 0; j < 4; ++j) {
-    lo_sum[j] = static_cast<int64_t>(v[4 * j]) + v[4 * j + 2];
-    hi_sum[j] = static_cast<int64_t>(v[4 * j + 1]) + v[4 * j + 3];
+  const __m512i v = _mm512_add_epi32(u, _mm512_maskz_shuffle_epi32(0xffff, u, _MM_PERM_BADC));
+  const __m256i sums = _mm512_maskz_extracti64x4_epi64(
+      0xf, _mm512_maskz_permutexvar_epi64(0xff, _mm512_set_epi64(6, 4, 2, 0, 6, 4, 2, 0), v), 0);
+  const int rows = static_cast<int>(std::min<int64_t>(4, r1 - 4 * g));
+  // The rows' (low, high) levels, bf16 -> float -> double; none read past the matrix's rows.
+  const __m128i lv =
+      _mm_maskz_loadu_epi16(static_cast<__mmask8>((1u << (2 * rows)) - 1), w.m.levels + 8 * g);
+  const __m512d levels = _mm512_maskz_cvtps_pd(
+      0xff, _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(lv), 16)));
+  const __m512d prod = _mm512_mul_pd(levels, _mm512_maskz_cvtepi32_pd(0xff, sums));
+  // Element 2 j: row j's low product + high product, times max|x| / 127.
+  const __m512d row = _mm512_mul_pd(_mm512_add_pd(prod, _mm512_maskz_permute_pd(0xff, prod, 0x55)),
+                                    _mm512_set1_pd(static_cast<double>(p.xq_inv)));
+  __m128 out = _mm256_castps256_ps128(_mm256_permutevar8x32_ps(
+      _mm512_maskz_cvtpd_ps(0xff, row), _mm256_setr_epi32(0, 2, 4, 6, 0, 2, 4, 6)));
+  if (rows < 4) {
+    alignas(16) float o[4];
+    _mm_store_ps(o, out);
+    for (int j = 0; j < rows; ++j) put(w, p, 4 * g + j, 0, o[j]);
+    return;
   }
+  if (p.scale != nullptr) out = _mm_mul_ps(out, _mm_set1_ps(p.scale[0]));
+  float* dst = p.y[0] + 4 * g;
+  if (w.accumulate) out = _mm_add_ps(_mm_loadu_ps(dst), out);
+  _mm_storeu_ps(dst, out);
 }
 
 // One token, AVX-512: 64 tokens at a time (g4_step), their int8 inputs from the 256 columns at
@@ -1156,11 +1176,12 @@ void g4_rows_int8(const Work& w, int64_t r0, int64_t r1) {
     // Software-pipelined: the next step's decode (a long dependency chain that does not depend on
     // this step) is issued before this step's gathers and sums, whose inputs are ready by then.
     // wo 768x3072, one thread, Zen 4: 94 -> 73 us (two steps ahead: 76 us).
-    int64_t i = off[0], k = off[1], base = 0;
+    const int skip = off[0] & 1;
+    int64_t i = off[0] - skip, k = off[1], base = 0;
     const int64_t end = off[2];
-    if (i < end) {
+    if (off[0] < end) {
       int len = static_cast<int>(std::min<int64_t>(64, end - i));
-      G4Step s = g4_step(m, cs, i, len, k, base);
+      G4Step s = g4_step(m, cs, i, len, skip, k, base);
       for (;;) {
         const int64_t c0 = base >> 2;
         i += len;
@@ -1170,7 +1191,7 @@ void g4_rows_int8(const Work& w, int64_t r0, int64_t r1) {
         const bool more = i < end;
         if (more) {
           len = static_cast<int>(std::min<int64_t>(64, end - i));
-          next = g4_step(m, cs, i, len, k, base);
+          next = g4_step(m, cs, i, len, 0, k, base);
         }
         const int8_t* xw = xq + c0;
         const uint64_t upper = _mm512_movepi8_mask(s.col);  // column >= 128 of the window
@@ -1190,9 +1211,7 @@ void g4_rows_int8(const Work& w, int64_t r0, int64_t r1) {
         s = next;
       }
     }
-    int64_t lo_sum[4], hi_sum[4];
-    g4_sums(lo, hi, lo_sum, hi_sum);
-    g4_put_int8(w, p, g, r1, lo_sum, hi_sum);
+    g4_finish_vnni(w, p, g, r1, lo, hi);
   }
 }
 #endif  // QMOE_G4_VNNI

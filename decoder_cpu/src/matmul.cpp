@@ -7,6 +7,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <bit>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
@@ -177,18 +178,31 @@ thread_local Aligned<int8_t> t_xq;
 // 127 / max|x|, zero past
 // `cols` (kG4XqPad bytes). False (nothing written) if x holds a NaN or an infinity, which only the
 // float path carries through as the reference decoder does.
+// Compiled for AVX2 where the x86 kernels are (it runs only at the avx2 and avx512 levels): 8
+// lanes and vpmaxud, where the baseline ISA has 4 lanes and no unsigned max (about 1.5 us for
+// 3072 columns, as much as 5% of a product with a wo matrix). Exact integer and IEEE operations
+// (no contraction into FMA in ISO C++ mode), so any ISA gives the same bytes.
+#if defined(QMOE_CPU_X86_KERNELS)
+__attribute__((target("avx2")))
+#endif
 bool quantize_int8(const float* x, int64_t cols, int8_t* xq, float* inv) {
-  float amax = 0.0f;
+  // max |x| as the largest bit pattern without its sign: for finite values the patterns are ordered
+  // as the values are, and infinities and NaNs lie above every finite one. One pass with no early
+  // exit and integers only, so that the compiler vectorizes it.
+  uint32_t top = 0;
   for (int64_t c = 0; c < cols; ++c) {
-    if (!std::isfinite(x[c])) return false;
-    amax = std::max(amax, std::fabs(x[c]));
+    top = std::max(top, std::bit_cast<uint32_t>(x[c]) & 0x7fffffffu);
   }
+  if (top >= 0x7f800000u) return false;  // an infinity or a NaN
+  const float amax = std::bit_cast<float>(top);
   const float s = amax > 0.0f ? 127.0f / amax : 0.0f;
   for (int64_t c = 0; c < cols; ++c) {
-    // Round half away from zero; |x * s| <= 127 up to rounding, hence the clamp.
+    // Round half away from zero; |x * s| <= 127 up to rounding, hence the clamp. The sign is put
+    // back as (q ^ m) - m with m all ones for a negative x (-0 gives 0 either way).
     const float v = std::min(std::fabs(x[c]) * s + 0.5f, 127.0f);
-    const int q = static_cast<int>(v);
-    xq[c] = static_cast<int8_t>(x[c] < 0.0f ? -q : q);
+    const int32_t q = static_cast<int32_t>(v);
+    const int32_t m = std::bit_cast<int32_t>(x[c]) >> 31;
+    xq[c] = static_cast<int8_t>((q ^ m) - m);
   }
   std::memset(xq + cols, 0, static_cast<size_t>(detail::kG4XqPad));
   *inv = amax / 127.0f;
@@ -349,6 +363,7 @@ void run(std::span<const Item> items, bool accumulate, const MatmulOptions& opt)
     const int64_t c1 = std::min(padded_cols, c0 + kColBlock);
     const int64_t real_end = std::min(c1, cols);
     const detail::Pass& p = job.passes[q];
+    if (p.xq != nullptr) return;  // int8 inputs: the kernels read those alone
     float* xt = inputs + job.offsets[q];
     const float* const* src = job.src + q * kMaxPassTokens;
     if (p.bp == 1) {

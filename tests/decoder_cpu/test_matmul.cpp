@@ -460,6 +460,16 @@ TEST(DecoderCpu, G4Int8ThreadsGroupedAndNonFiniteInputs) {
       std::vector<float> yg(517);
       grouped_matmul(item, x.data(), 1, 1029, yg.data(), 1, 517, o);
       ASSERT_EQ(std::memcmp(first.data(), yg.data(), yg.size() * sizeof(float)), 0) << threads;
+      // Scaled and accumulated (517 rows: the last group has one row): y + s * (W x), the
+      // product scaled in float and then added, as the kernels do.
+      const float scale = 0.3f;
+      const ExpertBatch scaled[] = {{m.view(), {&row0, 1}, {}, {&scale, 1}}};
+      std::vector<float> ya = random_vec(517, 33), want = ya;
+      for (size_t r = 0; r < want.size(); ++r) want[r] += first[r] * scale;
+      MatmulOptions acc = o;
+      acc.accumulate = true;
+      grouped_matmul(scaled, x.data(), 1, 1029, ya.data(), 1, 517, acc);
+      ASSERT_EQ(std::memcmp(want.data(), ya.data(), ya.size() * sizeof(float)), 0) << threads;
     }
     for (float bad :
          {std::numeric_limits<float>::quiet_NaN(), std::numeric_limits<float>::infinity()}) {
