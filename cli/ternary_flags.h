@@ -38,7 +38,8 @@ inline void add_ternary_flags(CLI::App& app, TernaryFlags& f) {
                  "(default with --recipe rd)");
   app.add_option("--rate-scope", f.scope,
                  "matrix (default: every expert matrix at --target-bits) or all (the mean over "
-                 "all expert matrices: every matrix spends the same bits per weight on codes)");
+                 "all expert matrices: every matrix spends the same bits per weight on codes, "
+                 "and what a matrix cannot spend goes to the blocks after it)");
   app.add_option("--rate-tolerance", f.tolerance,
                  "bits per weight a matrix may land from --target-bits (default 0.002)");
   app.add_option("--zero-threshold", f.zero_threshold,

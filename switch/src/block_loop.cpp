@@ -660,12 +660,23 @@ LoopReport run_block_loop(const std::shared_ptr<const SwitchSource>& source,
     gptq_validate_options(g, opt.rate);
   }
   // Rate control: each matrix's target (the same for every process: from all the matrices).
+  // Scope "all": what matrices that cannot reach their target leave unspent (their size below it
+  // by more than the tolerance, times their weights) is spread over the weights of the blocks
+  // still to do, whose targets rise by it; every process gathers the sizes of each block's
+  // matrices, so all compute the same targets (and a resumed run, from the stored matrices).
   std::vector<double> rate_target;
+  const bool rate_carry = opt.rate.enabled() && opt.rate.scope == RateScope::kAll;
+  double rate_unspent = 0;  // bits not yet given to a later block
+  int64_t weights_left = 0;
   if (opt.rate.enabled()) {
     std::vector<std::pair<int64_t, int64_t>> shapes;
-    for (const auto& m : experts) shapes.emplace_back(m.rows, m.cols);
+    for (const auto& m : experts) {
+      shapes.emplace_back(m.rows, m.cols);
+      weights_left += m.numel();
+    }
     rate_target = rate_targets(shapes, opt.rate);
   }
+  std::vector<double> achieved(experts.size(), 0.0);  // bits per weight, for rate_carry
   const auto t_start = Clock::now();
   const bool gptq = opt.hessians || opt.calibration;
   const int threads = opt.threads > 0 ? opt.threads : omp_get_max_threads();
@@ -814,6 +825,15 @@ LoopReport run_block_loop(const std::shared_ptr<const SwitchSource>& source,
     std::vector<size_t> todo;
     for (size_t i : bw.matrices)
       if (mine[i] && !have[i]) todo.push_back(i);
+    // The block's share of what earlier blocks left unspent.
+    int64_t block_weights = 0;
+    for (size_t i : bw.matrices) block_weights += experts[i].numel();
+    if (rate_carry && rate_unspent > 0) {
+      const double raise = rate_unspent / static_cast<double>(weights_left);
+      for (size_t i : bw.matrices) rate_target[i] += raise;
+      rate_unspent -= raise * static_cast<double>(block_weights);
+    }
+    weights_left -= block_weights;
 
     // Each owned expert's kept tokens from every process, once; QMoE's per-expert token cap over
     // the stack's tokens of all processes.
@@ -936,6 +956,7 @@ LoopReport run_block_loop(const std::shared_ptr<const SwitchSource>& source,
             acc.add(&LoopReport::gptq, since(t0), thread_cpu() - c0,
                     hp ? c.rate_steps * gptq_flops(m.rows, m.cols, opt.blocksize) : 0.0);
             cm = std::move(c.matrix);
+            achieved[todo[j]] = cm.view().bits_per_weight();
             stats.zero_fraction = c.zero_fraction;
             stats.loss = c.loss;
             stats.output_loss = c.output_loss;
@@ -986,6 +1007,33 @@ LoopReport run_block_loop(const std::shared_ptr<const SwitchSource>& source,
     {
       std::lock_guard lk(acc.mu);
       rep.matrices += static_cast<int64_t>(todo.size());
+    }
+    if (rate_carry) {
+      // Every process's sizes of the block's matrices (its own: computed here, or read back when
+      // resumed), as (index, bits per weight) records; then the block's unspent bits, summed in
+      // the matrices' order.
+      std::string mine_sizes;
+      for (size_t i : bw.matrices) {
+        if (!mine[i]) continue;
+        if (have[i]) achieved[i] = store.load(experts[i]).view.bits_per_weight();
+        const uint64_t index = i;
+        mine_sizes.append(reinterpret_cast<const char*>(&index), sizeof index);
+        mine_sizes.append(reinterpret_cast<const char*>(&achieved[i]), sizeof(double));
+      }
+      for (const std::string& from : comm.allgather(mine_sizes)) {
+        for (size_t at = 0; at + 16 <= from.size(); at += 16) {
+          uint64_t index = 0;
+          std::memcpy(&index, from.data() + at, 8);
+          if (index >= achieved.size())
+            throw InvalidArgument("compress: a process sent the size of an unknown matrix");
+          std::memcpy(&achieved[index], from.data() + at + 8, 8);
+        }
+      }
+      for (size_t i : bw.matrices) {
+        const double short_by = rate_target[i] - achieved[i];
+        if (short_by > opt.rate.tolerance)
+          rate_unspent += short_by * static_cast<double>(experts[i].numel());
+      }
     }
 
     if (run) {

@@ -191,5 +191,89 @@ TEST(Ranks, AFailingRankStopsThemAll) {
   EXPECT_EQ(kept, errors[0].find("for --resume") != std::string::npos) << errors[0];
 }
 
+// Rate control over all the experts (scope "all") where a matrix of the loop's first block cannot
+// reach its share: every row of expert 0's wi in encoder block 1 holds +1e6 and -1e6, so that
+// round to nearest (levels at the row's min and max) leaves those two alone at any threshold the
+// search tries, and the matrix stays at about 1.5 bits per weight where its share is about 2.2.
+// The later blocks' targets rise by what it does not spend, so the mean lands on the target, with
+// the same bytes for any number of ranks and threads.
+TEST(Ranks, RateScopeAllSpendsWhatAMatrixCannot) {
+  TempDir t("ranks_rate");
+  sw::generate_checkpoint(t / "ckpt", model());
+  const std::string victim = "encoder.block.1.layer.1.mlp.experts.expert_0.wi.weight";
+  {
+    const fs::path p = t / "ckpt" / "model.safetensors";
+    const SafetensorsFile f = SafetensorsFile::open(p);
+    const TensorInfo* ti = f.find(victim);
+    ASSERT_NE(ti, nullptr);
+    ASSERT_EQ(ti->dtype, DType::kF32);
+    std::string bytes = read_file(p);
+    uint64_t hlen = 0;
+    std::memcpy(&hlen, bytes.data(), 8);
+    const int64_t rows = ti->shape[0], cols = ti->shape[1];
+    for (int64_t r = 0; r < rows; ++r) {
+      const float big[2] = {1e6f, -1e6f};
+      std::memcpy(bytes.data() + 8 + hlen + ti->begin + 4 * r * cols, big, sizeof big);
+    }
+    write_file(p, bytes);
+  }
+  const double target = 1.8;
+  auto with = [&](int threads) {
+    return [=](sw::CompressOptions& o) {
+      o.threads = threads;
+      o.codec = Codec::kV2;
+      o.rate.target_bits = target;
+      o.rate.scope = RateScope::kAll;
+    };
+  };
+  const fs::path ref = t / "ref.safetensors";
+  ASSERT_EQ(run_ranks(1, t / "ckpt", ref, with(1)), std::vector<std::string>{""});
+  const Container c = Container::open(ref);
+  double bits = 0, weights = 0;
+  std::map<std::string, double> size;  // bits per weight by tensor name
+  for (const auto& e : c.compressed()) {
+    const double n = static_cast<double>(e.view.rows) * static_cast<double>(e.view.cols);
+    bits += e.view.bits_per_weight() * n;
+    weights += n;
+    size[e.name] = e.view.bits_per_weight();
+  }
+  auto wi = [&](const std::string& block, int expert) {
+    const std::string name = block + ".mlp.experts.expert_" + std::to_string(expert) + ".wi.weight";
+    EXPECT_EQ(size.count(name), 1u) << name;
+    return size[name];
+  };
+  // The victim stayed far below the other wi matrices of its block (their share), and the wi
+  // matrices of the blocks after it took more than that share.
+  EXPECT_LT(wi("encoder.block.1.layer.1", 0), wi("encoder.block.1.layer.1", 1) - 0.5);
+  EXPECT_GT(wi("encoder.block.3.layer.1", 1), wi("encoder.block.1.layer.1", 1) + 0.01);
+  EXPECT_GT(wi("decoder.block.3.layer.2", 1), wi("encoder.block.1.layer.1", 1) + 0.01);
+  // Without the raise, the mean would be short by about 0.02 here.
+  EXPECT_NEAR(bits / weights, target, 2 * sw::CompressOptions{}.rate.tolerance);
+  for (int ranks : {2, 3}) {
+    SCOPED_TRACE(std::to_string(ranks) + " ranks");
+    const fs::path out = t / ("out_" + std::to_string(ranks) + ".safetensors");
+    const auto errors = run_ranks(ranks, t / "ckpt", out, with(ranks == 2 ? 2 : 1));
+    for (const auto& e : errors) EXPECT_EQ(e, "");
+    EXPECT_EQ(diff(container_bytes(ref), container_bytes(out)), "");
+  }
+  // Stopped after the first blocks and resumed: the sizes of the stored matrices give the same
+  // raise, so the same bytes.
+  struct Stop {};
+  sw::CompressOptions stop;
+  with(2)(stop);
+  stop.progress = [](const sw::CompressProgress& p) {
+    if (p.phase == "compress" && p.done >= 12) throw Stop{};
+  };
+  const fs::path out = t / "resumed.safetensors";
+  EXPECT_THROW(sw::compress_checkpoint(t / "ckpt", out, stop), Stop);
+  ASSERT_TRUE(fs::exists(sw::work_dir_for(out)));
+  sw::CompressOptions again;
+  with(1)(again);
+  again.resume = true;
+  const sw::CompressSummary r = sw::compress_checkpoint(t / "ckpt", out, again);
+  EXPECT_GE(r.loop.resumed, 8);
+  EXPECT_EQ(diff(container_bytes(ref), container_bytes(out)), "");
+}
+
 }  // namespace
 }  // namespace qmoe::test

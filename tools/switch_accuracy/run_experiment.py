@@ -86,6 +86,9 @@ def main():
     ap.add_argument("--out", default=HERE)
     ap.add_argument("--train-python", default=os.environ.get("PYTHON", sys.executable),
                     help="interpreter with torch and transformers, to train the model")
+    ap.add_argument("--train-steps", type=int, default=None,
+                    help="training steps when the model is trained here (train_switch.py --steps; "
+                         "default: its own)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="calibration sets")
     ap.add_argument("--splits", type=int, nargs="+", default=[0, 1, 2, 3], help="held-out splits")
@@ -100,7 +103,8 @@ def main():
     os.makedirs(os.path.join(work, "results"), exist_ok=True)
     log = os.path.join(work, "experiment.log")
     if not os.path.exists(os.path.join(model, "config.json")):
-        sh([args.train_python, os.path.join(HERE, "train_switch.py"), "--out", work], log)
+        steps = [] if args.train_steps is None else ["--steps", str(args.train_steps)]
+        sh([args.train_python, os.path.join(HERE, "train_switch.py"), "--out", work] + steps, log)
     threads = ["--threads", str(args.threads)]
 
     def evaluate(path):

@@ -205,7 +205,9 @@ std::string_view rate_knob_name(RateKnob k);
 enum class RateScope : uint8_t {
   kMatrix,  // every matrix at the target
   kAll,     // the mean over all matrices at the target: every matrix spends the same bits per
-            // weight on codes (the target minus the mean overhead, plus its own overhead)
+            // weight on codes (the target minus the mean overhead, plus its own overhead); the
+            // Switch block loop raises the targets of later blocks by what matrices that cannot
+            // reach theirs leave unspent
 };
 
 // "matrix", "all".
