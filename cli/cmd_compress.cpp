@@ -225,7 +225,9 @@ int run_compress(const CompressArgs& a) {
   opt.percdamp = a.percdamp;
   opt.blocksize = a.blocksize;
   opt.actorder = a.actorder;
-  apply_ternary_flags(a.ternary, opt.ternary, opt.rate, opt.actorder);
+  // GPTQ when Hessians come from a file or from calibration (else round to nearest).
+  const bool gptq = !a.rtn && (!a.hessians.empty() || !a.calib_tokens.empty());
+  apply_ternary_flags(a.ternary, gptq, opt.ternary, opt.rate, opt.actorder);
   opt.codec = parse_codec_option(a.codec);
   opt.target = parse_target_option(a.target);
   if (a.rtn && (!a.hessians.empty() || !a.calib_tokens.empty()))

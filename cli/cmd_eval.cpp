@@ -65,7 +65,7 @@ int run_eval(const EvalArgs& a) {
     co.threads = a.threads;
     co.gptq.percdamp = a.percdamp;
     co.gptq.actorder = a.actorder;
-    apply_ternary_flags(a.ternary, co.gptq.ternary, co.rate, co.gptq.actorder);
+    apply_ternary_flags(a.ternary, !co.rtn, co.gptq.ternary, co.rate, co.gptq.actorder);
     sw::TokenPairs calib;
     if (!co.rtn) {
       if (a.calib_tokens.empty())

@@ -12,7 +12,7 @@
 namespace qmoe::cli {
 
 struct TernaryFlags {
-  std::string recipe = "qmoe", levels = "minmax", knob, scope = "matrix";
+  std::string recipe, levels = "minmax", knob, scope = "matrix";  // recipe "": the default
   double target_bits = 0, tolerance = RateControl{}.tolerance;
   double zero_threshold = 0.5, zero_penalty = 0;
   int refit = 0;
@@ -22,9 +22,10 @@ struct TernaryFlags {
 
 inline void add_ternary_flags(CLI::App& app, TernaryFlags& f) {
   app.add_option("--recipe", f.recipe,
-                 "qmoe (default: QMoE's levels, rounding to the nearest level), refit (QMoE's, "
-                 "then one more round of GPTQ after a closed-form refit of each row's levels: "
-                 "the lowest loss at a --target-bits size measured, tools/switch_accuracy/"
+                 "qmoe (QMoE's levels, rounding to the nearest level: the default without "
+                 "--target-bits, and for round to nearest), refit (QMoE's, then one more round of "
+                 "GPTQ after a closed-form refit of each row's levels: the default of GPTQ with "
+                 "--target-bits, the lowest loss at a size measured, tools/switch_accuracy/"
                  "RESULTS.md; twice GPTQ's time) or rd (rate-distortion: fitted levels, 4 rounds "
                  "of GPTQ and level refit, act-order, and the zero penalty as the --target-bits "
                  "knob); the flags below override it");
@@ -55,14 +56,23 @@ inline void add_ternary_flags(CLI::App& app, TernaryFlags& f) {
       "rounds of GPTQ + closed-form refit of each row's levels (0 = none); the best is kept");
 }
 
-// The options the flags ask for. --recipe rd switches `actorder` on.
-inline void apply_ternary_flags(const TernaryFlags& f, TernaryOptions& t, RateControl& rate,
-                                bool& actorder) {
-  if (f.recipe != "qmoe" && f.recipe != "refit" && f.recipe != "rd")
-    throw InvalidArgument("--recipe must be qmoe, refit or rd (not '" + f.recipe + "')");
-  const bool rd = f.recipe == "rd";
+// The recipe when --recipe is not given: refit for GPTQ at a --target-bits size (the lowest loss
+// there in every run of tools/switch_accuracy/RESULTS.md), else QMoE's (at QMoE's own size the
+// refit buys nothing, and round to nearest means QMoE's rule).
+inline std::string default_recipe(const TernaryFlags& f, bool gptq) {
+  return gptq && f.target_bits > 0 ? "refit" : "qmoe";
+}
+
+// The options the flags ask for (gptq: the run quantizes with GPTQ, not round to nearest).
+// --recipe rd switches `actorder` on.
+inline void apply_ternary_flags(const TernaryFlags& f, bool gptq, TernaryOptions& t,
+                                RateControl& rate, bool& actorder) {
+  const std::string recipe = f.recipe.empty() ? default_recipe(f, gptq) : f.recipe;
+  if (recipe != "qmoe" && recipe != "refit" && recipe != "rd")
+    throw InvalidArgument("--recipe must be qmoe, refit or rd (not '" + recipe + "')");
+  const bool rd = recipe == "rd";
   t.levels = rd ? TernaryLevels::kFit : TernaryLevels::kMinMax;
-  t.refit = rd ? 4 : f.recipe == "refit" ? 1 : 0;
+  t.refit = rd ? 4 : recipe == "refit" ? 1 : 0;
   if (rd) actorder = true;
   if (f.levels_opt && f.levels_opt->count() > 0) t.levels = ternary_levels_from_name(f.levels);
   if (f.refit_opt && f.refit_opt->count() > 0) t.refit = f.refit;

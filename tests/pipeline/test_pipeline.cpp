@@ -814,6 +814,33 @@ TEST(Pipeline, RateControlLandsEveryMatrix) {
   EXPECT_EQ(ro.at("ternary").at("refit"), 1);
   EXPECT_EQ(ro.at("ternary").at("levels"), "minmax");
   EXPECT_EQ(ro.at("actorder"), false);
+  // The default recipe: refit for GPTQ at a size (the same bytes as --recipe refit); QMoE's for
+  // GPTQ without a size and for round to nearest at a size.
+  const std::vector<std::string> sized = {"--target-bits", "1.5", "--rate-scope", "all"};
+  auto compress = [&](const std::string& out, std::vector<std::string> args) {
+    std::vector<std::string> cmd = {"compress", (t / "ckpt").string(), "-o", (t / out).string()};
+    cmd.insert(cmd.end(), args.begin(), args.end());
+    const CliResult res = run_cli(cmd);
+    EXPECT_EQ(res.exit_code, 0) << res.output;
+    return container_bytes(t / out);
+  };
+  const std::string hf = (t / "h.safetensors").string();
+  auto with = [](std::vector<std::string> a, const std::vector<std::string>& b) {
+    a.insert(a.end(), b.begin(), b.end());
+    return a;
+  };
+  EXPECT_EQ(diff(compress("d1.safetensors", with({"--hessians", hf}, sized)),
+                 compress("d2.safetensors", with({"--hessians", hf, "--recipe", "refit"}, sized))),
+            "");
+  EXPECT_NE(diff(compress("d1.safetensors", with({"--hessians", hf}, sized)),
+                 compress("d3.safetensors", with({"--hessians", hf, "--recipe", "qmoe"}, sized))),
+            "");
+  EXPECT_EQ(diff(compress("d4.safetensors", {"--hessians", hf}),
+                 compress("d5.safetensors", {"--hessians", hf, "--recipe", "qmoe"})),
+            "");
+  EXPECT_EQ(diff(compress("d6.safetensors", with({"--rtn"}, sized)),
+                 compress("d7.safetensors", with({"--rtn", "--recipe", "qmoe"}, sized))),
+            "");
   r = run_cli({"compress", (t / "ckpt").string(), "-o", (t / "x.safetensors").string(), "--rtn",
                "--recipe", "best"});
   EXPECT_NE(r.exit_code, 0);

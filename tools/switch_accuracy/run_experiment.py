@@ -64,12 +64,13 @@ def methods(targets, ablation, codec):
     for b in targets:
         rate = ["--target-bits", str(b), "--rate-scope", "all", "--codec", codec]
         out.append((f"rtn@{b}", False, ["--rtn"] + rate))
-        out.append((f"qmoe@{b}", True, rate))
+        # (QMoE's recipe named: the default recipe of GPTQ at a size is refit)
+        out.append((f"qmoe@{b}", True, ["--recipe", "qmoe"] + rate))
         out.append((f"refit@{b}", True, ["--recipe", "refit"] + rate))
         out.append((f"rd@{b}", True, ["--recipe", "rd"] + rate))
     if ablation:
         b = targets[0]
-        rate = ["--target-bits", str(b), "--rate-scope", "all", "--codec", codec]
+        rate = ["--recipe", "qmoe", "--target-bits", str(b), "--rate-scope", "all", "--codec", codec]
         out.append((f"refit4@{b}", True, rate + ["--refit", "4"]))
         out.append((f"refit4+fit@{b}", True, rate + ["--refit", "4", "--levels", "fit"]))
         out.append((f"penalty@{b}", True, rate + ["--rate-knob", "penalty"]))
