@@ -368,7 +368,8 @@ TEST(DecoderCpu, G4Int8WithinHalfAQuantizationStepPerWeight) {
           std::vector<float> y0(static_cast<size_t>(s.rows));
           matvec(m.view(), x.data(), y0.data(), int8);
           int8.simd = level;
-          ASSERT_EQ(std::memcmp(y0.data(), y, y0.size() * sizeof(float)), 0)
+          // (no memcmp of an empty vector: its data() may be null)
+          ASSERT_TRUE(y0.empty() || std::memcmp(y0.data(), y, y0.size() * sizeof(float)) == 0)
               << "the int8 kernels of " << simd_level_name(levels[0]) << " and "
               << simd_level_name(level) << " differ";
         }
