@@ -390,7 +390,8 @@ actorder: GPTQ settings as for gptq(). levels, zero_threshold, zero_penalty, ref
 options as for gptq() (round to nearest uses them too). target_bits, rate_knob, rate_tolerance:
 rate control as for compress_matrix(), per expert matrix (rate_scope="matrix") or for the mean
 over all expert matrices (rate_scope="all": every matrix spends the same bits per weight on
-codes, and what a matrix cannot spend goes to the blocks after it). check_disk: refuse to start without enough free disk space.
+codes, and what a matrix cannot spend goes to the blocks after it). check_disk: refuse to start
+without enough free disk space.
 progress: called with a dict (done, total, resumed, seconds, current, phase, step, tokens,
 total_tokens) a few times a second. note: called with one-line notes (resumed work, cleaned-up leftovers). Ctrl-C, or an
 exception raised in progress or note, stops the run within a fraction of a second plus the time of

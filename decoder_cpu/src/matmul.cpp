@@ -175,13 +175,12 @@ thread_local Aligned<float> t_inputs;
 thread_local Aligned<int8_t> t_xq;
 
 // Pass::xq for a single-token pass: x rounded (half away from zero) to int8 at the scale
-// 127 / max|x|, zero past
-// `cols` (kG4XqPad bytes). False (nothing written) if x holds a NaN or an infinity, which only the
-// float path carries through as the reference decoder does.
+// 127 / max|x|, zero past `cols` (kG4XqPad bytes). False (nothing written) if x holds a NaN or an
+// infinity, which only the float path carries through as the reference decoder does.
 // Compiled for AVX2 where the x86 kernels are (it runs only at the avx2 and avx512 levels): 8
-// lanes and vpmaxud, where the baseline ISA has 4 lanes and no unsigned max (about 1.5 us for
-// 3072 columns, as much as 5% of a product with a wo matrix). Exact integer and IEEE operations
-// (no contraction into FMA in ISO C++ mode), so any ISA gives the same bytes.
+// lanes and vpmaxud, where the baseline ISA has 4 lanes and no unsigned max (a wo call with an
+// empty kernel, timing only: 3.1 us before, 1.2 us after, on a Zen 5). Exact integer and IEEE
+// operations (no contraction into FMA in ISO C++ mode), so any ISA gives the same bytes.
 #if defined(QMOE_CPU_X86_KERNELS)
 __attribute__((target("avx2")))
 #endif

@@ -7,6 +7,7 @@
 
 #include <barrier>
 #include <cmath>
+#include <functional>
 #include <limits>
 #include <mutex>
 #include <random>
@@ -93,6 +94,31 @@ std::vector<std::string> run_ranks(int ranks, const fs::path& ckpt, const fs::pa
   return errors;
 }
 
+// Edits float32 tensor `name` (rows x cols, row-major) of a single-file checkpoint in place.
+void edit_f32(const fs::path& ckpt, const std::string& name,
+              const std::function<void(float*, int64_t, int64_t)>& edit) {
+  const fs::path p = ckpt / "model.safetensors";
+  std::string bytes = read_file(p);
+  int64_t at = 0, rows = 0, cols = 0;
+  {
+    const SafetensorsFile f = SafetensorsFile::open(p);
+    const TensorInfo* ti = f.find(name);
+    ASSERT_NE(ti, nullptr) << name;
+    ASSERT_EQ(ti->dtype, DType::kF32) << name;
+    ASSERT_EQ(ti->shape.size(), 2u) << name;
+    uint64_t hlen = 0;
+    std::memcpy(&hlen, bytes.data(), 8);
+    at = 8 + static_cast<int64_t>(hlen) + ti->begin;
+    rows = ti->shape[0];
+    cols = ti->shape[1];
+  }
+  std::vector<float> w(static_cast<size_t>(rows * cols));
+  std::memcpy(w.data(), bytes.data() + at, w.size() * sizeof(float));
+  edit(w.data(), rows, cols);
+  std::memcpy(bytes.data() + at, w.data(), w.size() * sizeof(float));
+  write_file(p, bytes);
+}
+
 sw::GenerateOptions model() {
   sw::GenerateOptions o = sw::generate_preset("tiny");
   o.vocab_size = 300;
@@ -166,18 +192,8 @@ TEST(Ranks, AFailingRankStopsThemAll) {
   TempDir t("ranks_fail");
   sw::generate_checkpoint(t / "ckpt", model());
   // A NaN in expert 1 of encoder block 1 (block index 1): owned by rank (1 + 1) mod 3 = 2.
-  {
-    const fs::path p = t / "ckpt" / "model.safetensors";
-    const SafetensorsFile f = SafetensorsFile::open(p);
-    const TensorInfo* ti = f.find("encoder.block.1.layer.1.mlp.experts.expert_1.wi.weight");
-    ASSERT_NE(ti, nullptr);
-    std::string bytes = read_file(p);
-    uint64_t hlen = 0;
-    std::memcpy(&hlen, bytes.data(), 8);
-    const float nan = std::numeric_limits<float>::quiet_NaN();
-    std::memcpy(bytes.data() + 8 + hlen + ti->begin, &nan, 4);
-    write_file(p, bytes);
-  }
+  edit_f32(t / "ckpt", "encoder.block.1.layer.1.mlp.experts.expert_1.wi.weight",
+           [](float* w, int64_t, int64_t) { w[0] = std::numeric_limits<float>::quiet_NaN(); });
   const auto errors = run_ranks(3, t / "ckpt", t / "out.safetensors", [](sw::CompressOptions&) {});
   EXPECT_NE(errors[2].find("non-finite"), std::string::npos) << errors[2];
   for (int r : {0, 1})
@@ -200,23 +216,13 @@ TEST(Ranks, AFailingRankStopsThemAll) {
 TEST(Ranks, RateScopeAllSpendsWhatAMatrixCannot) {
   TempDir t("ranks_rate");
   sw::generate_checkpoint(t / "ckpt", model());
-  const std::string victim = "encoder.block.1.layer.1.mlp.experts.expert_0.wi.weight";
-  {
-    const fs::path p = t / "ckpt" / "model.safetensors";
-    const SafetensorsFile f = SafetensorsFile::open(p);
-    const TensorInfo* ti = f.find(victim);
-    ASSERT_NE(ti, nullptr);
-    ASSERT_EQ(ti->dtype, DType::kF32);
-    std::string bytes = read_file(p);
-    uint64_t hlen = 0;
-    std::memcpy(&hlen, bytes.data(), 8);
-    const int64_t rows = ti->shape[0], cols = ti->shape[1];
-    for (int64_t r = 0; r < rows; ++r) {
-      const float big[2] = {1e6f, -1e6f};
-      std::memcpy(bytes.data() + 8 + hlen + ti->begin + 4 * r * cols, big, sizeof big);
-    }
-    write_file(p, bytes);
-  }
+  edit_f32(t / "ckpt", "encoder.block.1.layer.1.mlp.experts.expert_0.wi.weight",
+           [](float* w, int64_t rows, int64_t cols) {
+             for (int64_t r = 0; r < rows; ++r) {
+               w[r * cols] = 1e6f;
+               w[r * cols + 1] = -1e6f;
+             }
+           });
   const double target = 1.8;
   auto with = [&](int threads) {
     return [=](sw::CompressOptions& o) {
@@ -242,7 +248,7 @@ TEST(Ranks, RateScopeAllSpendsWhatAMatrixCannot) {
     EXPECT_EQ(size.count(name), 1u) << name;
     return size[name];
   };
-  // The victim stayed far below the other wi matrices of its block (their share), and the wi
+  // The edited matrix stayed far below the other wi matrices of its block (their share), and the wi
   // matrices of the blocks after it took more than that share.
   EXPECT_LT(wi("encoder.block.1.layer.1", 0), wi("encoder.block.1.layer.1", 1) - 0.5);
   EXPECT_GT(wi("encoder.block.3.layer.1", 1), wi("encoder.block.1.layer.1", 1) + 0.01);
