@@ -846,6 +846,61 @@ inline void g4_decode16(const Matrix& m, uint64_t bits, int64_t k, int64_t base,
     f(h, _mm256_add_epi32(col0, _mm256_srli_epi32(pos, 2)), cls);
   }
 }
+
+// For each 8-bit lane mask, the indices of its set lanes in ascending order, one per byte (the
+// bytes past popcount(mask) are 0): a vpermd index vector that packs those lanes to the front.
+inline constexpr std::array<uint64_t, 256> kPackLanes = [] {
+  std::array<uint64_t, 256> t{};
+  for (unsigned mask = 0; mask < 256; ++mask) {
+    int n = 0;
+    for (unsigned lane = 0; lane < 8; ++lane) {
+      if ((mask >> lane) & 1) t[mask] |= uint64_t{lane} << (8 * n++);
+    }
+  }
+  return t;
+}();
+
+// The batch path's lists of group g (as g4_lists_scalar()), 16 tokens a step (g4_decode16): per
+// class and half step, the lanes of that class packed to the front by one vpermd and stored at the
+// list's end. No branch on the data (g4_lists_scalar() mispredicts on escapes, one token in six
+// at P(0) = 0.885). Writes up to 8 entries past n[c] in each list. wi 3072x768, 8 tokens, one
+// thread, Zen 4 at the avx2 level: 1291 -> 687 us (qmoe-v2: 336 us; the decode of 16 tokens takes
+// about 70 cycles, half of it the 16 packs).
+inline void g4_lists_avx2(const Matrix& m, int64_t g, int32_t* const (&out)[8], int64_t (&n)[8]) {
+  const int32_t* off = m.g4_offsets + 2 * g;
+  const int64_t t1 = off[2];
+  int64_t cnt[8] = {};
+  int64_t k = off[1], pos = 0;
+  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  for (int64_t i = off[0]; i < t1;) {
+    const int len = static_cast<int>(std::min<int64_t>(16, t1 - i));
+    uint64_t bits = g4_token_bits(m, i);
+    if (len < 16) bits &= (uint64_t{1} << (4 * len)) - 1;
+    g4_decode16(m, bits, k, pos, [&](int h, __m256i col, __m256i cls) {
+      // Lanes past the group's end: no class (tokens of the next group, or 0 past the stream).
+      const __m256i past = _mm256_cmpgt_epi32(lane, _mm256_set1_epi32(len - 1 - 8 * h));
+      cls = _mm256_or_si256(cls, _mm256_and_si256(past, _mm256_set1_epi32(8)));
+      for (int c = 0; c < 8; ++c) {
+        const unsigned mask = static_cast<unsigned>(
+            _mm256_movemask_ps(_mm256_castsi256_ps(_mm256_cmpeq_epi32(cls, _mm256_set1_epi32(c)))));
+        const __m256i idx =
+            _mm256_cvtepu8_epi32(_mm_cvtsi64_si128(static_cast<long long>(kPackLanes[mask])));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(out[c] + cnt[c]),
+                            _mm256_permutevar8x32_epi32(col, idx));
+        cnt[c] += std::popcount(mask);
+      }
+    });
+    const uint64_t nibbles = 0x0f0f0f0f0f0f0f0full;
+    const uint64_t bytes = (bits & nibbles) + ((bits >> 4) & nibbles);
+    const int64_t t_sum = static_cast<int64_t>((bytes * 0x0101010101010101ull) >> 56);
+    const int64_t reals =
+        len - std::popcount(bits & (bits >> 1) & (bits >> 2) & (bits >> 3) & 0x1111111111111111ull);
+    i += len;
+    pos += t_sum + reals;
+    k += reals;
+  }
+  for (int c = 0; c < 8; ++c) n[c] = cnt[c];
+}
 #endif
 
 void g4_rows_float(const Work& w, int64_t r0, int64_t r1) {
@@ -1522,6 +1577,8 @@ void rows_lists(const Work& w, const Tables& tb, int64_t r0, int64_t r1, int32_t
       int64_t n[8];
 #if defined(QMOE_G4_VNNI)
       g4_lists_avx512(m, cs, r / 4, lists, n);
+#elif defined(__AVX2__)
+      g4_lists_avx2(m, r / 4, lists, n);
 #else
       g4_lists_scalar(m, r / 4, lists, n);
 #endif

@@ -612,5 +612,38 @@ TEST(DecoderCpu, LargeBatchAllLevels) {
   }
 }
 
+// qmoe-g4's batch path decodes a group into the same lists at every level (tokens one by one,
+// 16 a step with AVX2, 64 with AVX-512 VBMI2) and sums them in the same order: the same bits.
+// Escape-heavy and escape-free matrices, groups that start at odd tokens and end mid-step, a
+// padded last group, and rows past 65535 columns (the scalar decoder's other branch).
+TEST(DecoderCpu, G4BatchSameBitsAtEveryLevel) {
+  const Shape shapes[] = {{67, 768, 0.885}, {13, 29, 0.99},  {6, 300, 1.0},
+                          {9, 97, 0.0},     {3, 70001, 0.9}, {31, 1001, 0.97}};
+  for (const Shape& s : shapes) {
+    const CompressedMatrix m = make(s.rows, s.cols, s.p_zero, 91, Codec::kG4);
+    for (int64_t n : {2, 8, 33}) {
+      SCOPED_TRACE(std::to_string(s.rows) + "x" + std::to_string(s.cols) +
+                   " p0=" + std::to_string(s.p_zero) + " n=" + std::to_string(n));
+      const std::vector<float> x = random_vec(n * s.cols, 92);
+      std::vector<float> first;
+      for (SimdLevel l : kLevels) {
+        if (!simd_level_supported(l)) continue;
+        MatmulOptions o;
+        o.simd = l;
+        std::vector<float> y(static_cast<size_t>(n * s.rows));
+        matmul(m.view(), n, x.data(), s.cols, y.data(), s.rows, o);
+        if (first.empty()) {
+          first = y;
+          const std::vector<float> ref = ref_products(m.view(), x, n, s.cols);
+          EXPECT_LE(nmse(y.data(), ref.data(), n * s.rows), kMaxNmse);
+        } else if (!y.empty()) {
+          EXPECT_EQ(std::memcmp(first.data(), y.data(), y.size() * sizeof(float)), 0)
+              << simd_level_name(l);
+        }
+      }
+    }
+  }
+}
+
 }  // namespace
 }  // namespace qmoe::cpu
