@@ -808,7 +808,7 @@ inline uint64_t g4_token_bits(const Matrix& m, int64_t i) {
 // a 16-lane prefix sum of (t + real) and, in the upper 16 bits of the same lanes, of real (the
 // rank of each non-zero symbol among the step's, for its kind bit), then each token's column and
 // class (row + 4 * kind, + 8 for an escape). Tokens past the group's end are decoded too and must
-// be ignored. The step's advance is computed apart from this (g4_rows_float), from the bits alone,
+// be ignored. The step's advance is computed apart from this (g4_advance16()), from the bits alone,
 // so that the next step does not wait for this one's vector work. f(h, col, cls) takes the tokens
 // 8h..8h+7 (each half as soon as it is decoded, which keeps fewer vectors live).
 template <class F>
@@ -845,6 +845,20 @@ inline void g4_decode16(const Matrix& m, uint64_t bits, int64_t k, int64_t base,
                          _mm256_slli_epi32(_mm256_xor_si256(real[h], one), 3));
     f(h, _mm256_add_epi32(col0, _mm256_srli_epi32(pos, 2)), cls);
   }
+}
+
+// Past a step of `len` <= 16 tokens (`bits`, as g4_token_bits(), zero past the step): the next
+// token i, position pos and kind bit k. Its positions are the sum of its tokens and its count of
+// non-escapes, computed from the bits alone, apart from the step's vector work.
+inline void g4_advance16(uint64_t bits, int len, int64_t& i, int64_t& pos, int64_t& k) {
+  const uint64_t nibbles = 0x0f0f0f0f0f0f0f0full;
+  const uint64_t bytes = (bits & nibbles) + ((bits >> 4) & nibbles);  // pairs, <= 30 each
+  const int64_t t_sum = static_cast<int64_t>((bytes * 0x0101010101010101ull) >> 56);
+  const int64_t reals =
+      len - std::popcount(bits & (bits >> 1) & (bits >> 2) & (bits >> 3) & 0x1111111111111111ull);
+  i += len;
+  pos += t_sum + reals;
+  k += reals;
 }
 
 // For each 8-bit lane mask, the indices of its set lanes in ascending order, one per byte (the
@@ -890,14 +904,7 @@ inline void g4_lists_avx2(const Matrix& m, int64_t g, int32_t* const (&out)[8], 
         cnt[c] += std::popcount(mask);
       }
     });
-    const uint64_t nibbles = 0x0f0f0f0f0f0f0f0full;
-    const uint64_t bytes = (bits & nibbles) + ((bits >> 4) & nibbles);
-    const int64_t t_sum = static_cast<int64_t>((bytes * 0x0101010101010101ull) >> 56);
-    const int64_t reals =
-        len - std::popcount(bits & (bits >> 1) & (bits >> 2) & (bits >> 3) & 0x1111111111111111ull);
-    i += len;
-    pos += t_sum + reals;
-    k += reals;
+    g4_advance16(bits, len, i, pos, k);
   }
   for (int c = 0; c < 8; ++c) n[c] = cnt[c];
 }
@@ -937,15 +944,7 @@ void g4_rows_float(const Work& w, int64_t r0, int64_t r1) {
         }
         add8(col, cls);
       });
-      // The step's advance: the sum of its tokens and its count of non-escapes.
-      const uint64_t nibbles = 0x0f0f0f0f0f0f0f0full;
-      const uint64_t bytes = (bits & nibbles) + ((bits >> 4) & nibbles);  // pairs, <= 30 each
-      const int64_t t_sum = static_cast<int64_t>((bytes * 0x0101010101010101ull) >> 56);
-      const int64_t reals = len - std::popcount(bits & (bits >> 1) & (bits >> 2) & (bits >> 3) &
-                                                0x1111111111111111ull);
-      i += len;
-      pos += t_sum + reals;
-      k += reals;
+      g4_advance16(bits, len, i, pos, k);
     }
     for (int c = 0; c < 8; ++c) {
       const __m128 q =
