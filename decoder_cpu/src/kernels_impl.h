@@ -878,8 +878,9 @@ inline constexpr std::array<uint64_t, 256> kPackLanes = [] {
 // class and half step, the lanes of that class packed to the front by one vpermd and stored at the
 // list's end. No branch on the data (g4_lists_scalar() mispredicts on escapes, one token in six
 // at P(0) = 0.885). Writes up to 8 entries past n[c] in each list. wi 3072x768, 8 tokens, one
-// thread, Zen 4 at the avx2 level: 1291 -> 687 us (qmoe-v2: 336 us; the decode of 16 tokens takes
-// about 70 cycles, half of it the 16 packs).
+// thread, Zen 4 at the avx2 level: 1291 -> 687 us (qmoe-v2: 336 us). The packs are most of the
+// rest: with two plain stores in their place (wrong lists, timing only) it took 275 us, so a
+// step's 16 packs cost about 60 cycles; a table of ready 32-byte index vectors was slower.
 inline void g4_lists_avx2(const Matrix& m, int64_t g, int32_t* const (&out)[8], int64_t (&n)[8]) {
   const int32_t* off = m.g4_offsets + 2 * g;
   const int64_t t1 = off[2];
