@@ -1020,6 +1020,23 @@ inline void g4_put_int8(const Work& w, const Pass& p, int64_t g, int64_t r1,
   }
 }
 
+#if defined(__AVX2__)
+// The results of group g's first `rows` rows (out[j]: row 4g + j), each scaled and accumulated as
+// put() does: one 16-byte store for a whole group.
+inline void g4_put4(const Work& w, const Pass& p, int64_t g, int rows, __m128 out) {
+  if (rows < 4) {
+    alignas(16) float o[4];
+    _mm_store_ps(o, out);
+    for (int j = 0; j < rows; ++j) put(w, p, 4 * g + j, 0, o[j]);
+    return;
+  }
+  if (p.scale != nullptr) out = _mm_mul_ps(out, _mm_set1_ps(p.scale[0]));
+  float* dst = p.y[0] + 4 * g;
+  if (w.accumulate) out = _mm_add_ps(_mm_loadu_ps(dst), out);
+  _mm_storeu_ps(dst, out);
+}
+#endif
+
 #if defined(QMOE_G4_VNNI)
 // Up to 64 consecutive tokens of a group, decoded at once:
 //   * the tokens as bytes t: steps start at an even token, so the 32 bytes that hold them are
@@ -1196,16 +1213,7 @@ inline void g4_finish_vnni(const Work& w, const Pass& p, int64_t g, int64_t r1,
                                     _mm512_set1_pd(static_cast<double>(p.xq_inv)));
   __m128 out = _mm256_castps256_ps128(_mm256_permutevar8x32_ps(
       _mm512_maskz_cvtpd_ps(0xff, row), _mm256_setr_epi32(0, 2, 4, 6, 0, 2, 4, 6)));
-  if (rows < 4) {
-    alignas(16) float o[4];
-    _mm_store_ps(o, out);
-    for (int j = 0; j < rows; ++j) put(w, p, 4 * g + j, 0, o[j]);
-    return;
-  }
-  if (p.scale != nullptr) out = _mm_mul_ps(out, _mm_set1_ps(p.scale[0]));
-  float* dst = p.y[0] + 4 * g;
-  if (w.accumulate) out = _mm_add_ps(_mm_loadu_ps(dst), out);
-  _mm_storeu_ps(dst, out);
+  g4_put4(w, p, g, rows, out);
 }
 
 // One token, AVX-512: 64 tokens at a time (g4_step), their int8 inputs from the 256 columns at
@@ -1391,16 +1399,7 @@ inline void g4_finish_lane(const Work& w, const G4Lane& l, int lane, int32_t (&a
   const __m256d v = _mm256_add_pd(_mm256_mul_pd(lo_level, _mm256_cvtepi32_pd(lo)),
                                   _mm256_mul_pd(hi_level, _mm256_cvtepi32_pd(hi)));
   __m128 out = _mm256_cvtpd_ps(_mm256_mul_pd(_mm256_set1_pd(static_cast<double>(p.xq_inv)), v));
-  if (rows < 4) {
-    alignas(16) float o[4];
-    _mm_store_ps(o, out);
-    for (int j = 0; j < rows; ++j) put(w, p, 4 * g + j, 0, o[j]);
-    return;
-  }
-  if (p.scale != nullptr) out = _mm_mul_ps(out, _mm_set1_ps(p.scale[0]));
-  float* dst = p.y[0] + 4 * g;
-  if (w.accumulate) out = _mm_add_ps(_mm_loadu_ps(dst), out);
-  _mm_storeu_ps(dst, out);
+  g4_put4(w, p, g, rows, out);
 }
 
 // One token, AVX2, int8 inputs: the same sums as g4_rows_int8() without its byte permutes. Two
