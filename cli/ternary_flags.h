@@ -56,11 +56,9 @@ inline void add_ternary_flags(CLI::App& app, TernaryFlags& f) {
       "rounds of GPTQ + closed-form refit of each row's levels (0 = none); the best is kept");
 }
 
-// The recipe when --recipe is not given: refit for GPTQ at a --target-bits size (the lowest loss
-// there in every run of tools/switch_accuracy/RESULTS.md), else QMoE's (at QMoE's own size the
-// refit buys nothing, and round to nearest means QMoE's rule).
+// The recipe when --recipe is not given: refit or QMoE's, as default_refit() (gptq.h) says.
 inline std::string default_recipe(const TernaryFlags& f, bool gptq) {
-  return gptq && f.target_bits > 0 ? "refit" : "qmoe";
+  return default_refit(gptq, f.target_bits) > 0 ? "refit" : "qmoe";
 }
 
 // The options the flags ask for (gptq: the run quantizes with GPTQ, not round to nearest).

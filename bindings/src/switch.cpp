@@ -225,7 +225,7 @@ py::dict compress_checkpoint(
     int64_t max_memory, int64_t shard_size, bool resume, bool cast_bf16, const std::string& codec,
     const std::string& target, double percdamp, int64_t blocksize, bool actorder, bool check_disk,
     const py::object& progress, const py::object& note, const std::string& levels,
-    double zero_threshold, double zero_penalty, int refit, double target_bits,
+    double zero_threshold, double zero_penalty, std::optional<int> refit, double target_bits,
     const std::string& rate_knob, double rate_tolerance, const std::string& rate_scope) {
   namespace sw = qmoe::sw;
   sw::CompressOptions opt;
@@ -239,7 +239,11 @@ py::dict compress_checkpoint(
   opt.percdamp = percdamp;
   opt.blocksize = blocksize;
   opt.actorder = actorder;
-  opt.ternary = TernaryArgs{levels, zero_threshold, zero_penalty, refit}.get();
+  // refit None: the default recipe's rounds, as `qmoe compress` without --recipe.
+  const bool gptq = hessians.has_value() || calib_tokens.has_value();
+  opt.ternary = TernaryArgs{levels, zero_threshold, zero_penalty,
+                            refit.value_or(qmoe::default_refit(gptq, target_bits))}
+                    .get();
   opt.rate = rate_control(target_bits, rate_knob, rate_tolerance, rate_scope);
   opt.check_disk = check_disk;
   if (calib_tokens && hessians)
@@ -367,7 +371,7 @@ void bind_switch(py::module_& m) {
         py::arg("blocksize") = 128, py::arg("actorder") = false, py::arg("check_disk") = true,
         py::arg("progress") = py::none(), py::arg("note") = py::none(),
         py::arg("levels") = "minmax", py::arg("zero_threshold") = 0.5,
-        py::arg("zero_penalty") = 0.0, py::arg("refit") = 0, py::arg("target_bits") = 0.0,
+        py::arg("zero_penalty") = 0.0, py::arg("refit") = py::none(), py::arg("target_bits") = 0.0,
         py::arg("rate_knob") = "threshold", py::arg("rate_tolerance") = 0.002,
         py::arg("rate_scope") = "matrix", R"doc(
 Compresses a Switch Transformers checkpoint into a qmoe container, as `qmoe compress` does: every
@@ -387,7 +391,9 @@ codec: "auto" (the codec of target or qmoe-p5, the smaller per matrix), "qmoe-v1
 target: "any" (default: qmoe-v1 under "auto", no key written), "cpu" (qmoe-g4) or "gpu"
 (qmoe-v2), recorded as the container's "qmoe.target" metadata unless "any". percdamp, blocksize,
 actorder: GPTQ settings as for gptq(). levels, zero_threshold, zero_penalty, refit: ternary
-options as for gptq() (round to nearest uses them too). target_bits, rate_knob, rate_tolerance:
+options as for gptq() (round to nearest uses them too); refit None: 1 with GPTQ (hessians or
+calib_tokens) and target_bits, else 0, the default recipe of `qmoe compress`. target_bits,
+rate_knob, rate_tolerance:
 rate control as for compress_matrix(), per expert matrix (rate_scope="matrix") or for the mean
 over all expert matrices (rate_scope="all": every matrix spends the same bits per weight on
 codes, and what a matrix cannot spend goes to the blocks after it). check_disk: refuse to start

@@ -128,6 +128,35 @@ def test_gptq_with_hessians_from_python(checkpoint, tmp_path):
     assert json.loads(meta["compress.options"])
 
 
+def test_default_refit_follows_the_cli(checkpoint, tmp_path):
+    # refit unset: the default recipe of `qmoe compress` (gptq.h, default_refit()): one round for
+    # GPTQ at a target size, none without a target or for round to nearest; an explicit value wins.
+    rng = np.random.default_rng(6)
+    accs = {}
+    for name, w in expert_names(checkpoint).items():
+        acc = qmoe.HessianAccumulator(w.shape[1])
+        acc.add(rng.standard_normal((64, w.shape[1])).astype(np.float32))
+        accs[name[: -len(".weight")]] = acc
+    hfile = tmp_path / "hessians.safetensors"
+    qmoe.save_hessians(hfile, accs)
+
+    def compress(name, **kwargs):
+        out = tmp_path / f"{name}.safetensors"
+        summary = compress_with_hessians(checkpoint, out, check_disk=False, codec="qmoe-v1", **kwargs)
+        options = json.loads(qmoe.load_metadata(out)["compress.options"])
+        # (QMoE's ternary options are not recorded: no "ternary" key means refit 0)
+        return summary, options.get("ternary", {"refit": 0})["refit"]
+
+    plain, refit = compress("gptq", hessians=hfile)
+    assert refit == 0
+    # A size the fixture's small matrices reach (as in test_rate_control).
+    rate = dict(target_bits=round(plain["bits_per_expert_weight"] + 0.05, 3), rate_scope="all",
+                rate_knob="penalty", levels="fit", rate_tolerance=0.02)
+    assert compress("gptq_target", hessians=hfile, **rate)[1] == 1
+    assert compress("gptq_target_named", hessians=hfile, refit=0, **rate)[1] == 0
+    assert compress("rtn_target", **rate)[1] == 0
+
+
 def test_rate_control(checkpoint, tmp_path):
     # qmoe-v1 throughout: on the fixture's 32-wide rows the automatic codec picks qmoe-p5 for some
     # matrices, whose size does not depend on the zeros.

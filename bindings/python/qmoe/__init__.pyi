@@ -330,7 +330,7 @@ def compress_checkpoint(
     levels: Literal["minmax", "fit"] = "minmax",
     zero_threshold: float = 0.5,
     zero_penalty: float = 0.0,
-    refit: int = 0,
+    refit: Optional[int] = None,
     target_bits: float = 0.0,
     rate_knob: Literal["threshold", "penalty"] = "threshold",
     rate_tolerance: float = 0.002,

@@ -99,6 +99,14 @@ struct TernaryOptions {
   }
 };
 
+// The refit rounds of the default recipe, for every way in (`qmoe compress` and `qmoe eval
+// --quantize` without --recipe, Python's compress_checkpoint() without refit): one for GPTQ at a
+// target size (the lowest loss there in every run of tools/switch_accuracy/RESULTS.md), else none
+// (QMoE's recipe: at QMoE's own size the refit buys nothing, and round to nearest is QMoE's rule).
+constexpr int default_refit(bool gptq, double target_bits) {
+  return gptq && target_bits > 0 ? 1 : 0;
+}
+
 struct GptqOptions {
   GptqGrid grid = GptqGrid::kTernary;
   double percdamp = 0.1;          // lambda = percdamp * mean(diag H); must be >= 0 and finite
